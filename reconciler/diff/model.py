@@ -1,0 +1,178 @@
+"""The planner's inputs and outputs: plain, immutable values with no I/O behind them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from reconciler.schema.manifest import DiskSpec
+from reconciler.schema.record import DiskRecord
+from reconciler.store import BadRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredDisk:
+    instance: str
+    spec: DiskSpec
+    volume: str
+    file: str
+    line: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredInstance:
+    instance: str
+    file: str
+    deleted: bool
+    disks: tuple[DesiredDisk, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedInput:
+    """A manifest that failed to load; its instance, when known, is left alone."""
+
+    file: str
+    line: int | None
+    message: str
+    instance: str | None
+
+
+@dataclass(frozen=True)
+class Desired:
+    instances: tuple[DesiredInstance, ...]
+    failed: tuple[FailedInput, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedPool:
+    """What a pool holds, by name only. `volumes` is None when the pool is unreachable.
+
+    `header_formats` maps a managed volume to the format its first bytes announce, where
+    that differs from raw; it is used for warnings only, never to decide anything.
+    """
+
+    name: str
+    volumes: frozenset[str] | None
+    error: str | None = None
+    header_formats: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observed:
+    pools: Mapping[str, ObservedPool]
+    records: tuple[DiskRecord, ...] = ()
+    bad_records: tuple[BadRecord, ...] = ()
+
+
+class ActionKind(StrEnum):
+    CREATE = "create"
+    RESIZE = "resize"
+    REPLACE = "replace"
+    UPDATE = "update"  # record-only change (deletionPolicy)
+    DELETE = "delete"
+    RELEASE = "release"  # deletionPolicy Retain: keep the volume, drop the record
+
+
+@dataclass(frozen=True, slots=True)
+class Precondition:
+    """What the plan saw; apply refuses an action whose precondition no longer holds."""
+
+    record_generation: int | None  # None: no record existed
+    volume_exists: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"record_generation": self.record_generation, "volume_exists": self.volume_exists}
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    action: ActionKind
+    instance: str
+    disk: str
+    pool: str
+    volume: str
+    reason: str
+    patch: tuple[dict[str, Any], ...]
+    destructive: bool
+    precondition: Precondition
+    spec: Mapping[str, Any] | None = None  # desired spec (None for delete/release)
+    recorded: Mapping[str, Any] | None = None  # the record's spec, when there is one
+    replaces: tuple[str, str] | None = None  # (pool, volume) removed by a replace
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "action": self.action.value,
+            "instance": self.instance,
+            "disk": self.disk,
+            "pool": self.pool,
+            "volume": self.volume,
+            "reason": self.reason,
+            "patch": list(self.patch),
+            "destructive": self.destructive,
+            "precondition": self.precondition.to_json(),
+        }
+        if self.spec is not None:
+            out["spec"] = dict(self.spec)
+        if self.replaces is not None:
+            out["replaces"] = {"pool": self.replaces[0], "volume": self.replaces[1]}
+        return out
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    severity: Severity
+    code: str
+    message: str
+    instance: str | None = None
+    disk: str | None = None
+    pool: str | None = None
+    volume: str | None = None
+    file: str | None = None
+    line: int | None = None
+
+    def sort_key(self) -> tuple[str, int, str, str, str, str, str, str]:
+        return (
+            self.file or "",
+            self.line or 0,
+            self.instance or "",
+            self.disk or "",
+            self.pool or "",
+            self.volume or "",
+            self.code,
+            self.message,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        for k in ("instance", "disk", "pool", "volume", "file", "line"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    errors: tuple[Problem, ...]
+    warnings: tuple[Problem, ...]
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.actions)
+
+    def summary(self) -> dict[str, int]:
+        counts = {k.value: 0 for k in ActionKind}
+        for a in self.actions:
+            counts[a.action.value] += 1
+        counts["destructive"] = sum(1 for a in self.actions if a.destructive)
+        counts["errors"] = len(self.errors)
+        counts["warnings"] = len(self.warnings)
+        return counts

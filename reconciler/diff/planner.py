@@ -1,0 +1,491 @@
+"""The planner: a pure function from desired and observed state to a Plan.
+
+No libvirt, no clock, no randomness: the same inputs give the same Plan, and its JSON is
+byte-identical. Everything that is not a safe action becomes an error or a warning.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jsonpatch
+
+from reconciler.diff.model import (
+    Action,
+    ActionKind,
+    DesiredDisk,
+    DesiredInstance,
+    Observed,
+    ObservedPool,
+    Plan,
+    Precondition,
+    Problem,
+    Severity,
+)
+from reconciler.diff.model import Desired as Desired
+from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.units import format_size
+
+# Fields whose change cannot be applied to an existing volume in place.
+REPLACE_FIELDS = ("backend", "pool", "format", "source")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    allow_replace: bool = False
+    prune: bool = False
+    force: bool = False
+    max_delete_percent: int = 10
+
+
+def _patch(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], ...]:
+    ops = jsonpatch.make_patch(dict(before or {}), dict(after or {})).patch
+    return tuple(ops)
+
+
+def describe_source(source: Mapping[str, Any]) -> str:
+    if "image" in source:
+        return f"image {source['image']}"
+    label = f" labelled {source['label']!r}" if source.get("label") else ""
+    return f"template {source.get('template')}{label}"
+
+
+class _Planner:
+    def __init__(self, desired: Desired, observed: Observed, options: PlanOptions) -> None:
+        self.desired = desired
+        self.observed = observed
+        self.options = options
+        self.actions: list[Action] = []
+        self.errors: list[Problem] = []
+        self.warnings: list[Problem] = []
+        self.bad = {(b.pool, b.volume): b for b in observed.bad_records}
+        self.records: dict[str, list[DiskRecord]] = defaultdict(list)
+        self.disk_records = 0
+        self.blocked: dict[str, list[str]] = defaultdict(list)
+        for r in observed.records:
+            if r.kind is RecordKind.DISK:
+                self.records[r.instance].append(r)
+                self.disk_records += 1
+
+    # -- problems ---------------------------------------------------------------------
+
+    def error(self, code: str, message: str, **where: Any) -> None:
+        self.errors.append(Problem(Severity.ERROR, code, message, **where))
+
+    def warn(self, code: str, message: str, **where: Any) -> None:
+        self.warnings.append(Problem(Severity.WARNING, code, message, **where))
+
+    def pool(self, name: str, subject: str) -> ObservedPool | None:
+        """The observed pool, or None when it cannot be used (reported once per pool)."""
+        p = self.observed.pools.get(name)
+        if p is None or p.volumes is None:
+            self.blocked[name].append(subject)
+            return None
+        return p
+
+    def blocked_pools(self) -> None:
+        for name in sorted(self.blocked):
+            p = self.observed.pools.get(name)
+            why = p.error if p is not None and p.error else "not observed"
+            disks = sorted(set(self.blocked[name]))
+            shown = ", ".join(disks[:5]) + (f" and {len(disks) - 5} more" if len(disks) > 5 else "")
+            self.error(
+                "pool-unreachable",
+                f"pool {name} cannot be used: {why}; nothing is done for "
+                f"{len(disks)} disk(s) in it ({shown})",
+                pool=name,
+            )
+
+    # -- the plan ---------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        by_instance: dict[str, list[DesiredInstance]] = defaultdict(list)
+        for inst in self.desired.instances:
+            by_instance[inst.instance].append(inst)
+        failed_instances: set[str] = set()
+        unknown_failed = 0
+        for f in self.desired.failed:
+            self.error("manifest-invalid", f.message, file=f.file, line=f.line, instance=f.instance)
+            if f.instance is None:
+                unknown_failed += 1
+            else:
+                failed_instances.add(f.instance)
+
+        for uuid, insts in by_instance.items():
+            if len(insts) > 1:
+                files = ", ".join(sorted(i.file for i in insts))
+                for i in insts:
+                    self.error(
+                        "conflict",
+                        f"instance {uuid} is claimed by several manifests ({files}); "
+                        "none of them is applied until one remains",
+                        instance=uuid,
+                        file=i.file,
+                    )
+                continue
+            if uuid in failed_instances:
+                # Another manifest for this instance failed to load: it may be the real one.
+                self.error(
+                    "conflict",
+                    f"instance {uuid} also has a manifest that failed to load; "
+                    "nothing is done for it until that is fixed",
+                    instance=uuid,
+                    file=insts[0].file,
+                )
+                continue
+            self.instance(insts[0])
+
+        for uuid in sorted(self.records.keys() - by_instance.keys() - failed_instances):
+            for rec in sorted(self.records[uuid], key=lambda r: (r.disk, r.pool)):
+                self.orphan(rec, unknown_failed)
+
+        for b in self.observed.bad_records:
+            self.error(
+                "record-unreadable",
+                f"{b.error}; work on this volume stops",
+                pool=b.pool,
+                volume=b.volume,
+            )
+        self.blocked_pools()
+        self.header_warnings()
+        self.delete_threshold()
+
+        self.actions.sort(key=lambda a: (a.instance, a.disk, a.pool, a.action.value))
+        return Plan(
+            tuple(self.actions),
+            tuple(sorted(self.errors, key=Problem.sort_key)),
+            tuple(sorted(self.warnings, key=Problem.sort_key)),
+        )
+
+    def instance(self, inst: DesiredInstance) -> None:
+        records = self.records.get(inst.instance, [])
+        if inst.deleted:
+            for rec in sorted(records, key=lambda r: (r.disk, r.pool)):
+                self.remove(rec, f"instance deleted (tombstone in {inst.file})")
+            return
+        by_disk: dict[str, list[DiskRecord]] = defaultdict(list)
+        for r in records:
+            by_disk[r.disk].append(r)
+        for d in inst.disks:
+            recs = by_disk.pop(d.spec.name, [])
+            if len(recs) > 1:
+                where = ", ".join(sorted(f"{r.pool}/{r.volume}" for r in recs))
+                self.error(
+                    "record-conflict",
+                    f"disk has several records ({where}); resolve by hand",
+                    instance=d.instance,
+                    disk=d.spec.name,
+                    file=d.file,
+                    line=d.line,
+                )
+                continue
+            self.disk(d, recs[0] if recs else None)
+        for name in sorted(by_disk):
+            for rec in by_disk[name]:
+                self.remove(rec, f"disk {name} is no longer in the manifest {inst.file}")
+
+    def disk(self, d: DesiredDisk, rec: DiskRecord | None) -> None:
+        spec = d.spec.spec_dict()
+        where: dict[str, Any] = {
+            "instance": d.instance,
+            "disk": d.spec.name,
+            "file": d.file,
+            "line": d.line,
+        }
+        subject = f"{d.instance}/{d.spec.name}"
+        pool = self.pool(d.spec.pool, subject)
+        if pool is None:
+            return
+        assert pool.volumes is not None
+        bad = self.bad.get((d.spec.pool, d.volume))
+        if bad is not None:
+            return  # reported once with the other unreadable records
+        if rec is None:
+            if d.volume in pool.volumes:
+                self.error(
+                    "unmanaged-volume",
+                    f"volume {d.volume} exists in pool {d.spec.pool} but the reconciler has "
+                    "no record of making it; it is left untouched (adopt it explicitly or "
+                    "remove it by hand)",
+                    pool=d.spec.pool,
+                    volume=d.volume,
+                    **where,
+                )
+                return
+            self.add(
+                ActionKind.CREATE,
+                d,
+                spec,
+                None,
+                f"new disk: {d.spec.format} {format_size(d.spec.size)} from "
+                f"{describe_source(spec['source'])}",
+                Precondition(None, False),
+            )
+            return
+
+        rpool = self.pool(rec.pool, subject) if rec.pool != d.spec.pool else pool
+        if rpool is None:
+            return
+        assert rpool.volumes is not None
+        exists = rec.volume in rpool.volumes
+        pre = Precondition(rec.generation, exists)
+        moved = (rec.pool, rec.volume) != (d.spec.pool, d.volume)
+        if rec.state is RecordState.CREATING:
+            self.add(
+                ActionKind.CREATE,
+                d,
+                spec,
+                rec,
+                "an interrupted create is redone (the partial volume holds no user data)",
+                pre,
+                replaces=(rec.pool, rec.volume) if moved and exists else None,
+            )
+            return
+        if rec.state is RecordState.DELETING:
+            self.warn(
+                "interrupted-delete",
+                f"volume {rec.volume} was being deleted when a run stopped; it is made "
+                "again from its source",
+                pool=rec.pool,
+                volume=rec.volume,
+                **where,
+            )
+            self.add(
+                ActionKind.CREATE,
+                d,
+                spec,
+                rec,
+                "an interrupted delete left the disk unusable; it is made again",
+                pre,
+                destructive=exists,
+                replaces=(rec.pool, rec.volume) if exists else None,
+            )
+            return
+
+        changed = [f for f in REPLACE_FIELDS if rec.spec.get(f) != spec.get(f)]
+        if changed:
+            what = "; ".join(
+                f"{f} {self._show(f, rec.spec.get(f))} -> {self._show(f, spec.get(f))}"
+                for f in changed
+            )
+            if not self.options.allow_replace:
+                self.error(
+                    "replace-required",
+                    f"{what}: this needs the disk deleted and made again, which destroys "
+                    "its data; re-run with --allow-replace to do that",
+                    pool=rec.pool,
+                    volume=rec.volume,
+                    **where,
+                )
+                return
+            self.add(
+                ActionKind.REPLACE,
+                d,
+                spec,
+                rec,
+                f"{what}: the disk is deleted and made again",
+                pre,
+                destructive=exists,
+                replaces=(rec.pool, rec.volume),
+            )
+            return
+        if not exists:
+            self.warn(
+                "drift",
+                f"volume {rec.volume} is missing from pool {rec.pool}: it was "
+                "removed outside the reconciler",
+                pool=rec.pool,
+                volume=rec.volume,
+                **where,
+            )
+            self.add(
+                ActionKind.CREATE,
+                d,
+                spec,
+                rec,
+                "the volume is missing from the pool (drift); it is made again",
+                pre,
+            )
+            return
+        target = d.spec.size
+        current = rec.virtual_size
+        interrupted = rec.state is RecordState.RESIZING
+        if interrupted and rec.pending_size is not None:
+            # The volume may already have grown before the run stopped.
+            current = max(current, rec.pending_size)
+        if target < current:
+            self.error(
+                "shrink-refused",
+                f"size {format_size(target)} is smaller than the disk's {format_size(current)}; "
+                "shrinking would cut off data and is refused",
+                pool=rec.pool,
+                volume=rec.volume,
+                **where,
+            )
+            return
+        if target > current or interrupted:
+            note = " (completing an interrupted resize)" if interrupted else ""
+            self.add(
+                ActionKind.RESIZE,
+                d,
+                spec,
+                rec,
+                f"grow {format_size(rec.virtual_size)} -> {format_size(target)}{note}",
+                pre,
+            )
+            return
+        if rec.spec != spec:
+            self.add(
+                ActionKind.UPDATE, d, spec, rec, "record-only change (no change to the volume)", pre
+            )
+
+    @staticmethod
+    def _show(field: str, value: Any) -> str:
+        if field == "source" and isinstance(value, Mapping):
+            return describe_source(value)
+        return str(value)
+
+    def add(
+        self,
+        kind: ActionKind,
+        d: DesiredDisk,
+        spec: dict[str, Any],
+        rec: DiskRecord | None,
+        reason: str,
+        pre: Precondition,
+        *,
+        destructive: bool = False,
+        replaces: tuple[str, str] | None = None,
+    ) -> None:
+        self.actions.append(
+            Action(
+                action=kind,
+                instance=d.instance,
+                disk=d.spec.name,
+                pool=d.spec.pool,
+                volume=d.volume,
+                reason=reason,
+                patch=_patch(rec.spec if rec else None, spec),
+                destructive=destructive,
+                precondition=pre,
+                spec=spec,
+                recorded=rec.spec if rec else None,
+                replaces=replaces,
+            )
+        )
+
+    def remove(self, rec: DiskRecord, why: str) -> None:
+        """Plan the removal of a recorded disk that is no longer wanted."""
+        pool = self.pool(rec.pool, f"{rec.instance}/{rec.disk}")
+        if pool is None or (rec.pool, rec.volume) in self.bad:
+            return
+        assert pool.volumes is not None
+        exists = rec.volume in pool.volumes
+        pre = Precondition(rec.generation, exists)
+        common: dict[str, Any] = {
+            "instance": rec.instance,
+            "disk": rec.disk,
+            "pool": rec.pool,
+            "volume": rec.volume,
+            "precondition": pre,
+            "recorded": rec.spec,
+        }
+        if rec.spec.get("deletionPolicy") == "Retain" and rec.state is not RecordState.DELETING:
+            self.actions.append(
+                Action(
+                    action=ActionKind.RELEASE,
+                    reason=f"{why}; deletionPolicy Retain keeps the "
+                    "volume and the reconciler forgets it",
+                    patch=_patch(rec.spec, None),
+                    destructive=False,
+                    **common,
+                )
+            )
+            return
+        if exists:
+            reason = f"{why}; the volume and its data are deleted"
+        else:
+            reason = f"{why}; the volume is already gone, the record is removed"
+        self.actions.append(
+            Action(
+                action=ActionKind.DELETE,
+                reason=reason,
+                patch=_patch(rec.spec, None),
+                destructive=exists,
+                **common,
+            )
+        )
+
+    def orphan(self, rec: DiskRecord, unknown_failed: int) -> None:
+        where: dict[str, Any] = {
+            "instance": rec.instance,
+            "disk": rec.disk,
+            "pool": rec.pool,
+            "volume": rec.volume,
+        }
+        if self.options.prune and unknown_failed == 0:
+            self.remove(rec, "orphaned: no manifest names this instance (--prune)")
+            return
+        if self.options.prune:
+            self.error(
+                "prune-refused",
+                f"not pruned: {unknown_failed} manifest(s) failed to load and may name "
+                "this instance",
+                **where,
+            )
+            return
+        self.warn(
+            "orphaned-record",
+            "no manifest names this instance; the disk is kept (use --prune to delete "
+            "orphaned disks)",
+            **where,
+        )
+
+    def header_warnings(self) -> None:
+        for rec in self.observed.records:
+            pool = self.observed.pools.get(rec.pool)
+            if pool is None:
+                continue
+            seen = pool.header_formats.get(rec.volume)
+            if seen is not None and seen != rec.format.value:
+                self.warn(
+                    "format-mismatch",
+                    f"the volume's header announces {seen} but the record says "
+                    f"{rec.format.value}; a guest may have written that header. The record "
+                    "is used; nothing is read from or through the header",
+                    instance=rec.instance,
+                    disk=rec.disk,
+                    pool=rec.pool,
+                    volume=rec.volume,
+                )
+
+    def delete_threshold(self) -> None:
+        doomed = [a for a in self.actions if a.destructive]
+        managed = self.disk_records + len(self.observed.bad_records)
+        if not doomed or self.options.force or managed == 0:
+            return
+        limit = self.options.max_delete_percent
+        if len(doomed) * 100 <= limit * managed:
+            return
+        names = ", ".join(
+            f"{a.pool}/{a.volume}" for a in sorted(doomed, key=lambda a: (a.pool, a.volume))[:10]
+        )
+        more = f" and {len(doomed) - 10} more" if len(doomed) > 10 else ""
+        self.error(
+            "delete-threshold",
+            f"the plan would destroy {len(doomed)} of {managed} managed disks, more than the "
+            f"{limit}% limit; those actions are left out ({names}{more}). Re-run with --force "
+            "if this is intended",
+        )
+        keep = set(map(id, doomed))
+        self.actions = [a for a in self.actions if id(a) not in keep]
+
+
+def plan(desired: Desired, observed: Observed, options: PlanOptions | None = None) -> Plan:
+    """Compare desired with observed state and return the ordered actions to converge."""
+    return _Planner(desired, observed, options or PlanOptions()).run()

@@ -1,0 +1,37 @@
+"""Backend drivers: everything that differs between flat, qcow2, lvm, rbd and ploop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from reconciler.diff.model import ObservedPool
+from reconciler.drivers.base import PoolDriver
+from reconciler.drivers.filepool import FilePoolDriver
+from reconciler.drivers.libvirt_conn import Connections
+from reconciler.schema.common import Backend
+from reconciler.schema.config import PoolConfig
+from reconciler.schema.record import DiskRecord
+
+FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2})
+
+
+class UnsupportedPool:
+    """A pool whose backends have no driver yet: observed as unusable, never touched."""
+
+    def __init__(self, name: str, why: str) -> None:
+        self.name = name
+        self.why = why
+
+    def observe(self, records: Sequence[DiskRecord]) -> ObservedPool:
+        return ObservedPool(self.name, None, self.why)
+
+
+def driver_for(name: str, config: PoolConfig, conns: Connections) -> PoolDriver:
+    backends = set(config.backends)
+    if backends <= FILE_BACKENDS:
+        return FilePoolDriver(name, config, conns)
+    missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS))
+    return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")
+
+
+__all__ = ["Connections", "FilePoolDriver", "PoolDriver", "driver_for"]

@@ -1,0 +1,22 @@
+"""What every backend driver provides. Nothing backend-specific lives above drivers/."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from reconciler.diff.model import ObservedPool
+from reconciler.schema.record import DiskRecord
+
+
+class PoolDriver(Protocol):
+    """A driver bound to one configured pool."""
+
+    name: str
+
+    def observe(self, records: Sequence[DiskRecord]) -> ObservedPool:
+        """List the pool's volumes (names only) and check managed volumes' headers.
+
+        Never raises for an unreachable pool: returns an ObservedPool with `error` set.
+        """
+        ...

@@ -1,0 +1,161 @@
+"""The instance manifest: one YAML file per instance describing its local disks."""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from reconciler.schema.common import (
+    BACKEND_FORMATS,
+    STRICT,
+    Backend,
+    DiskFormat,
+    Name,
+    Size,
+)
+
+
+class TemplateKind(StrEnum):
+    BLANK = "blank"
+    SWAP = "swap"
+    EXT4 = "ext4"
+    XFS = "xfs"
+    VFAT = "vfat"
+
+
+FILESYSTEMS = frozenset({TemplateKind.EXT4, TemplateKind.XFS, TemplateKind.VFAT})
+# Label limits of the Debian tools (mkfs.ext4 -L: 16 bytes, mkfs.xfs -L: 12, mkfs.vfat -n: 11).
+LABEL_LIMITS = {TemplateKind.EXT4: 16, TemplateKind.XFS: 12, TemplateKind.VFAT: 11}
+_VFAT_LABEL_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-!#$%&'()@^`{}~")
+
+
+class ImageSource(BaseModel):
+    """The disk's content comes from an image in the config's catalog."""
+
+    model_config = STRICT
+    image: Name
+
+
+class TemplateSource(BaseModel):
+    """The disk is made from a template: blank, swap, or an empty filesystem."""
+
+    model_config = STRICT
+    template: TemplateKind = Field(strict=False)
+    label: str | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, label: str | None, info: ValidationInfo) -> str | None:
+        template = info.data.get("template")
+        if label is None or template is None:
+            return label
+        if template not in FILESYSTEMS:
+            raise ValueError(f"a label only applies to filesystems, not to template {template}")
+        limit = LABEL_LIMITS[template]
+        if not label or len(label.encode()) > limit:
+            raise ValueError(f"{template} labels are 1 to {limit} bytes, got {label!r}")
+        if template == TemplateKind.VFAT:
+            if not set(label) <= _VFAT_LABEL_OK:
+                raise ValueError(f"vfat label {label!r} must be upper case ASCII")
+        elif not label.isprintable() or not label.isascii():
+            raise ValueError(f"label {label!r} must be printable ASCII")
+        return label
+
+
+def _source_tag(v: Any) -> str | None:
+    if isinstance(v, ImageSource):
+        return "image"
+    if isinstance(v, TemplateSource):
+        return "template"
+    if isinstance(v, dict):
+        if "image" in v and "template" in v:
+            return None
+        if "image" in v:
+            return "image"
+        if "template" in v:
+            return "template"
+    return None
+
+
+class DeletionPolicy(StrEnum):
+    DELETE = "Delete"
+    RETAIN = "Retain"
+
+
+class DiskSpec(BaseModel):
+    """One disk of an instance."""
+
+    model_config = STRICT
+    name: Name
+    backend: Backend = Field(strict=False)
+    pool: Name
+    format: DiskFormat = Field(strict=False)
+    size: Size
+    source: Annotated[
+        Annotated[ImageSource, Tag("image")] | Annotated[TemplateSource, Tag("template")],
+        Discriminator(
+            _source_tag,
+            custom_error_type="source",
+            custom_error_message=(
+                "source needs exactly one of 'image: <catalog id>' or 'template: <kind>'"
+            ),
+        ),
+    ]
+    deletion_policy: DeletionPolicy = Field(
+        DeletionPolicy.DELETE, alias="deletionPolicy", strict=False
+    )
+
+    @field_validator("format")
+    @classmethod
+    def _backend_format(cls, fmt: DiskFormat, info: ValidationInfo) -> DiskFormat:
+        backend = info.data.get("backend")
+        if backend is None:
+            return fmt
+        allowed = BACKEND_FORMATS[backend]
+        if fmt not in allowed:
+            want = " or ".join(sorted(allowed))
+            raise ValueError(f"backend {backend} cannot hold format {fmt}; it holds {want}")
+        return fmt
+
+    def spec_dict(self) -> dict[str, Any]:
+        """The part of the disk the record keeps and JSON patches compare."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Manifest(BaseModel):
+    """The storage manifest of one instance."""
+
+    model_config = STRICT
+    api_version: Literal["reconciler/v1"] = Field(alias="apiVersion")
+    kind: Literal["InstanceStorage"]
+    instance: str
+    deleted: bool = False
+    disks: list[DiskSpec] = Field(default_factory=list)
+
+    @field_validator("instance")
+    @classmethod
+    def _uuid(cls, v: str) -> str:
+        try:
+            u = uuid.UUID(v)
+        except ValueError:
+            raise ValueError(f"instance must be a UUID, got {v!r}") from None
+        if str(u) != v:
+            raise ValueError(f"instance UUID must be written lower case with dashes: {u}")
+        return v
+
+    @model_validator(mode="after")
+    def _live_has_disks(self) -> Manifest:
+        if not self.deleted and not self.disks:
+            raise ValueError("a manifest lists at least one disk (or sets deleted: true)")
+        return self

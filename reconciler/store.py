@@ -1,0 +1,167 @@
+"""Record stores: where the durable disk records live.
+
+The store is an interface so a backend can keep records elsewhere (Ceph will keep them in
+the cluster beside its images). The embedded default is SQLite: one file, WAL journal,
+`synchronous=FULL` so a record is on disk before the volume it describes is created.
+Writes are compare-and-set on the record's generation, so two reconcilers never silently
+overwrite each other's records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from reconciler.errors import RecordError
+from reconciler.schema.record import DiskRecord
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A record that exists but cannot be read: work on its disk stops."""
+
+    pool: str
+    volume: str
+    error: str
+
+
+class ConflictError(RecordError):
+    """The record changed under us (another reconciler got there first)."""
+
+
+class RecordStore(Protocol):
+    def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]: ...
+
+    def get(self, pool: str, volume: str) -> DiskRecord | None: ...
+
+    def put(self, record: DiskRecord, expect_generation: int | None) -> None: ...
+
+    def delete(self, pool: str, volume: str, expect_generation: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    pool TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (pool, volume)
+) WITHOUT ROWID;
+"""
+
+
+def _parse(pool: str, volume: str, data: str) -> DiskRecord:
+    try:
+        rec = DiskRecord.model_validate_json(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RecordError(
+            f"record for {pool}/{volume} is unreadable ({where}: {first['msg']})"
+        ) from None
+    if rec.pool != pool or rec.volume != volume:
+        raise RecordError(f"record stored as {pool}/{volume} describes {rec.pool}/{rec.volume}")
+    return rec
+
+
+class SqliteRecordStore:
+    """Records in one SQLite file under the state directory."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            str(path), timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]:
+        good: list[DiskRecord] = []
+        bad: list[BadRecord] = []
+        with self._lock:
+            rows = self._db.execute("SELECT pool, volume, data FROM records").fetchall()
+        for pool, volume, data in rows:
+            try:
+                good.append(_parse(pool, volume, data))
+            except RecordError as e:
+                bad.append(BadRecord(pool, volume, str(e)))
+        return good, bad
+
+    def get(self, pool: str, volume: str) -> DiskRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM records WHERE pool=? AND volume=?", (pool, volume)
+            ).fetchone()
+        return None if row is None else _parse(pool, volume, row[0])
+
+    def put(self, record: DiskRecord, expect_generation: int | None) -> None:
+        """Write `record`; `expect_generation` None means it must not exist yet."""
+        data = record.model_dump_json()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT generation FROM records WHERE pool=? AND volume=?",
+                (record.pool, record.volume),
+            ).fetchone()
+            current = None if row is None else int(row[0])
+            if current != expect_generation:
+                raise ConflictError(
+                    f"record {record.pool}/{record.volume} is at generation {current}, "
+                    f"expected {expect_generation}: another reconciler changed it"
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO records (pool, volume, generation, data) "
+                "VALUES (?, ?, ?, ?)",
+                (record.pool, record.volume, record.generation, data),
+            )
+
+    def delete(self, pool: str, volume: str, expect_generation: int) -> None:
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM records WHERE pool=? AND volume=? AND generation=?",
+                (pool, volume, expect_generation),
+            )
+            if cur.rowcount != 1:
+                raise ConflictError(
+                    f"record {pool}/{volume} is not at generation {expect_generation}"
+                )
+
+    def put_raw(self, pool: str, volume: str, generation: int, data: str) -> None:
+        """Write a record's bytes unchecked; for tests that need a damaged record."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO records (pool, volume, generation, data) "
+                "VALUES (?, ?, ?, ?)",
+                (pool, volume, generation, data),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_store(state_dir: Path) -> SqliteRecordStore:
+    return SqliteRecordStore(state_dir / "records.sqlite")
