@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
 
 from reconciler import __version__
-from reconciler.desired import build_desired
-from reconciler.diff import Plan, PlanOptions, plan
-from reconciler.drivers import Connections
+from reconciler.apply import ApplyResult
+from reconciler.diff import Action, Plan, PlanOptions
 from reconciler.errors import ReconcileError
-from reconciler.observe import observe
-from reconciler.render import to_json, to_text
+from reconciler.render import FORMAT_VERSION, to_json, to_text
 from reconciler.schema.config import Config, config_path
 from reconciler.schema.load import load_config, load_manifests
-from reconciler.store import open_store
+from reconciler.schema.write import write_atomic
+from reconciler.session import Session
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -54,7 +54,8 @@ def _plan_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reconcile",
         description="Converge VM instance disks in libvirt pools to their manifests.",
-        epilog="Other commands: 'reconcile validate PATH...', 'reconcile schema'.",
+        epilog="Other commands: 'reconcile validate PATH...', 'reconcile apply PLAN', "
+        "'reconcile schema'.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
     p.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
@@ -78,44 +79,108 @@ def _plan_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a plan that destroys more than the configured share of disks",
     )
+    p.add_argument(
+        "--plan-out", metavar="FILE", help="save the plan as JSON for 'reconcile apply FILE'"
+    )
     p.add_argument("--version", action="version", version=f"reconcile {__version__}")
     _common(p)
     return p
 
 
-def make_plan(args: argparse.Namespace, config: Config) -> tuple[Plan, dict[str, Any]]:
-    loaded, failed = load_manifests(args.paths, config)
-    desired = build_desired(loaded, failed)
-    store = open_store(config.state_dir())
-    conns = Connections()
-    try:
-        observed = observe(config, store, conns)
-    finally:
-        conns.close()
-        store.close()
-    options = PlanOptions(
+def _options(args: argparse.Namespace, config: Config) -> PlanOptions:
+    return PlanOptions(
         allow_replace=args.allow_replace,
         prune=args.prune,
         force=args.force,
         max_delete_percent=config.safety.max_delete_percent,
     )
-    return plan(desired, observed, options), {"manifests": len(loaded) + len(failed)}
+
+
+def _exit(p: Plan, failed: bool, detailed: bool) -> int:
+    if p.errors or failed:
+        return EXIT_ERROR
+    if detailed and p.has_changes:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+def _apply_summary(result: ApplyResult) -> str:
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    for o in result.outcomes:
+        counts[o.status] += 1
+    return f"Apply: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed."
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
     args = _plan_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    config = load_config(config_path(args.config))
-    p, _ = make_plan(args, config)
-    if not args.dry_run:
-        print("reconcile: applying plans is not available yet; use --dry-run", file=sys.stderr)
-        return EXIT_ERROR
-    sys.stdout.write(to_json(p) if args.output == "json" else to_text(p))
-    if p.errors:
-        return EXIT_ERROR
-    if args.detailed_exitcode and p.has_changes:
-        return EXIT_CHANGES
-    return EXIT_OK
+    cfg_path = config_path(args.config)
+    config = load_config(cfg_path)
+    with Session(config, _options(args, config)) as s:
+        s.load(args.paths)
+        p = s.plan()
+        if args.plan_out:
+            save_plan(args.plan_out, p, cfg_path, [os.path.abspath(x) for x in args.paths])
+        if args.dry_run:
+            sys.stdout.write(to_json(p) if args.output == "json" else to_text(p))
+            return _exit(p, False, args.detailed_exitcode)
+        if args.output == "json":
+            raise ReconcileError("--output json is for --dry-run; apply prints its steps")
+        sys.stdout.write(to_text(p))
+        if not p.actions:
+            return _exit(p, False, args.detailed_exitcode)
+        print(f"\nApplying {len(p.actions)} action(s)...", flush=True)
+        result = s.executor(saved=False).apply(p.actions)
+        print(_apply_summary(result))
+        return _exit(p, bool(result.failed), args.detailed_exitcode)
+
+
+def save_plan(path: str, p: Plan, cfg_path: str, paths: list[str]) -> None:
+    extra = {
+        "config": os.path.abspath(cfg_path),
+        "config_sha256": _sha256(cfg_path),
+        "paths": paths,
+    }
+    write_atomic(path, to_json(p, extra))
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def cmd_apply(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="reconcile apply",
+        description="Apply a plan saved with --dry-run --plan-out, "
+        "exactly, or refuse if the state it was made from changed.",
+    )
+    p.add_argument("plan", metavar="FILE")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        with open(args.plan) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReconcileError(f"cannot read plan {args.plan}: {e}") from None
+    if doc.get("format_version") != FORMAT_VERSION or "config" not in doc:
+        raise ReconcileError(f"{args.plan} is not a plan saved by this version of reconcile")
+    cfg_path = doc["config"]
+    if _sha256(cfg_path) != doc["config_sha256"]:
+        raise ReconcileError(
+            f"the config {cfg_path} changed since the plan was made; make a new plan"
+        )
+    config = load_config(cfg_path)
+    actions = [Action.from_json(a) for a in doc["actions"]]
+    if not actions:
+        print("The plan has no actions.")
+        return EXIT_OK
+    with Session(config) as s:
+        print(f"Applying {len(actions)} action(s) from {args.plan}...", flush=True)
+        result = s.executor(saved=True).apply(actions)
+        print(_apply_summary(result))
+    return EXIT_ERROR if result.failed else EXIT_OK
 
 
 def cmd_validate(argv: Sequence[str]) -> int:
@@ -161,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_validate(argv[1:])
         if argv and argv[0] == "schema":
             return cmd_schema(argv[1:])
+        if argv and argv[0] == "apply":
+            return cmd_apply(argv[1:])
         return cmd_plan(argv)
     except ReconcileError as e:
         print(f"reconcile: error: {e}", file=sys.stderr)

@@ -41,6 +41,8 @@ class RecordStore(Protocol):
 
     def get(self, pool: str, volume: str) -> DiskRecord | None: ...
 
+    def for_instance(self, instance: str) -> list[DiskRecord]: ...
+
     def put(self, record: DiskRecord, expect_generation: int | None) -> None: ...
 
     def delete(self, pool: str, volume: str, expect_generation: int) -> None: ...
@@ -48,14 +50,17 @@ class RecordStore(Protocol):
     def close(self) -> None: ...
 
 
+DB_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     pool TEXT NOT NULL,
     volume TEXT NOT NULL,
+    instance TEXT NOT NULL,
     generation INTEGER NOT NULL,
     data TEXT NOT NULL,
     PRIMARY KEY (pool, volume)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_instance ON records (instance);
 """
 
 
@@ -83,10 +88,23 @@ class SqliteRecordStore:
         self._db = sqlite3.connect(
             str(path), timeout=30, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, DB_VERSION):
+                raise RecordError(
+                    f"records database {path} has layout version {version}; this reconciler "
+                    f"knows version {DB_VERSION}"
+                )
+            with self._tx():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={DB_VERSION}")
+        except sqlite3.Error as e:
+            raise RecordError(f"records database {path}: {e}") from None
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -118,6 +136,13 @@ class SqliteRecordStore:
             ).fetchone()
         return None if row is None else _parse(pool, volume, row[0])
 
+    def for_instance(self, instance: str) -> list[DiskRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT pool, volume, data FROM records WHERE instance=?", (instance,)
+            ).fetchall()
+        return [_parse(pool, volume, data) for pool, volume, data in rows]
+
     def put(self, record: DiskRecord, expect_generation: int | None) -> None:
         """Write `record`; `expect_generation` None means it must not exist yet."""
         data = record.model_dump_json()
@@ -133,9 +158,9 @@ class SqliteRecordStore:
                     f"expected {expect_generation}: another reconciler changed it"
                 )
             db.execute(
-                "INSERT OR REPLACE INTO records (pool, volume, generation, data) "
-                "VALUES (?, ?, ?, ?)",
-                (record.pool, record.volume, record.generation, data),
+                "INSERT OR REPLACE INTO records (pool, volume, instance, generation, data) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (record.pool, record.volume, record.instance, record.generation, data),
             )
 
     def delete(self, pool: str, volume: str, expect_generation: int) -> None:
@@ -149,13 +174,15 @@ class SqliteRecordStore:
                     f"record {pool}/{volume} is not at generation {expect_generation}"
                 )
 
-    def put_raw(self, pool: str, volume: str, generation: int, data: str) -> None:
+    def put_raw(
+        self, pool: str, volume: str, generation: int, data: str, instance: str = ""
+    ) -> None:
         """Write a record's bytes unchecked; for tests that need a damaged record."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO records (pool, volume, generation, data) "
-                "VALUES (?, ?, ?, ?)",
-                (pool, volume, generation, data),
+                "INSERT OR REPLACE INTO records (pool, volume, instance, generation, data) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (pool, volume, instance, generation, data),
             )
 
     def close(self) -> None:

@@ -50,13 +50,19 @@ class ObservedPool:
     """What a pool holds, by name only. `volumes` is None when the pool is unreachable.
 
     `header_formats` maps a managed volume to the format its first bytes announce, where
-    that differs from raw; it is used for warnings only, never to decide anything.
+    that differs from the record; it is used for warnings only, never to decide anything.
     """
 
     name: str
     volumes: frozenset[str] | None
     error: str | None = None
     header_formats: Mapping[str, str] = field(default_factory=dict)
+    # Volume -> domains whose definition uses it, and those of them that are running.
+    attached: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    running: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # False where the connection cannot list domains: then nothing may be deleted.
+    attachments_known: bool = True
+    attachments_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,25 @@ class Action:
     spec: Mapping[str, Any] | None = None  # desired spec (None for delete/release)
     recorded: Mapping[str, Any] | None = None  # the record's spec, when there is one
     replaces: tuple[str, str] | None = None  # (pool, volume) removed by a replace
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Action:
+        """Rebuild an action from a saved plan (as written by to_json)."""
+        pre = d["precondition"]
+        rep = d.get("replaces")
+        return cls(
+            action=ActionKind(d["action"]),
+            instance=str(d["instance"]),
+            disk=str(d["disk"]),
+            pool=str(d["pool"]),
+            volume=str(d["volume"]),
+            reason=str(d["reason"]),
+            patch=tuple(d["patch"]),
+            destructive=bool(d["destructive"]),
+            precondition=Precondition(pre["record_generation"], bool(pre["volume_exists"])),
+            spec=d.get("spec"),
+            replaces=(rep["pool"], rep["volume"]) if rep else None,
+        )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

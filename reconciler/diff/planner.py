@@ -88,6 +88,40 @@ class _Planner:
             return None
         return p
 
+    def attached(
+        self,
+        pool: ObservedPool,
+        volume: str,
+        what: str,
+        *,
+        running_only: bool = False,
+        **where: Any,
+    ) -> bool:
+        """True (with an error) when `volume` must not be touched because a domain uses it."""
+        if not pool.attachments_known:
+            if running_only:
+                return False
+            self.error(
+                "attachments-unknown",
+                f"not {what}: {pool.attachments_why}",
+                pool=pool.name,
+                volume=volume,
+                **where,
+            )
+            return True
+        users = (pool.running if running_only else pool.attached).get(volume)
+        if users:
+            kind = "running domain(s)" if running_only else "domain(s)"
+            self.error(
+                "volume-in-use",
+                f"not {what}: the volume is used by {kind} {', '.join(users)}",
+                pool=pool.name,
+                volume=volume,
+                **where,
+            )
+            return True
+        return False
+
     def blocked_pools(self) -> None:
         for name in sorted(self.blocked):
             p = self.observed.pools.get(name)
@@ -247,6 +281,8 @@ class _Planner:
             )
             return
         if rec.state is RecordState.DELETING:
+            if exists and self.attached(rpool, rec.volume, "made again", **where):
+                return
             self.warn(
                 "interrupted-delete",
                 f"volume {rec.volume} was being deleted when a run stopped; it is made "
@@ -282,6 +318,8 @@ class _Planner:
                     volume=rec.volume,
                     **where,
                 )
+                return
+            if exists and self.attached(rpool, rec.volume, "replaced", **where):
                 return
             self.add(
                 ActionKind.REPLACE,
@@ -329,6 +367,8 @@ class _Planner:
             )
             return
         if target > current or interrupted:
+            if self.attached(pool, rec.volume, "resized", running_only=True, **where):
+                return
             note = " (completing an interrupted resize)" if interrupted else ""
             self.add(
                 ActionKind.RESIZE,
@@ -395,7 +435,8 @@ class _Planner:
             "precondition": pre,
             "recorded": rec.spec,
         }
-        if rec.spec.get("deletionPolicy") == "Retain" and rec.state is not RecordState.DELETING:
+        unfinished = rec.state in (RecordState.CREATING, RecordState.DELETING)
+        if rec.spec.get("deletionPolicy") == "Retain" and not unfinished:
             self.actions.append(
                 Action(
                     action=ActionKind.RELEASE,
@@ -407,16 +448,25 @@ class _Planner:
                 )
             )
             return
-        if exists:
+        destructive = exists and rec.state is not RecordState.CREATING
+        if rec.state is RecordState.CREATING:
+            reason = f"{why}; an interrupted create is rolled back (it holds no user data)"
+        elif rec.state is RecordState.DELETING:
+            reason = f"{why}; an interrupted delete is finished"
+        elif exists:
             reason = f"{why}; the volume and its data are deleted"
         else:
             reason = f"{why}; the volume is already gone, the record is removed"
+        if destructive and self.attached(
+            pool, rec.volume, "deleted", instance=rec.instance, disk=rec.disk
+        ):
+            return
         self.actions.append(
             Action(
                 action=ActionKind.DELETE,
                 reason=reason,
                 patch=_patch(rec.spec, None),
-                destructive=exists,
+                destructive=destructive,
                 **common,
             )
         )
@@ -428,6 +478,9 @@ class _Planner:
             "pool": rec.pool,
             "volume": rec.volume,
         }
+        if rec.state in (RecordState.CREATING, RecordState.DELETING):
+            self.remove(rec, "no manifest names this instance")
+            return
         if self.options.prune and unknown_failed == 0:
             self.remove(rec, "orphaned: no manifest names this instance (--prune)")
             return

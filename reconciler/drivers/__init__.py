@@ -11,6 +11,7 @@ from reconciler.drivers.libvirt_conn import Connections
 from reconciler.schema.common import Backend
 from reconciler.schema.config import PoolConfig
 from reconciler.schema.record import DiskRecord
+from reconciler.store import RecordStore
 
 FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2})
 
@@ -26,10 +27,12 @@ class UnsupportedPool:
         return ObservedPool(self.name, None, self.why)
 
 
-def driver_for(name: str, config: PoolConfig, conns: Connections) -> PoolDriver:
+def driver_for(
+    name: str, config: PoolConfig, conns: Connections, store: RecordStore | None = None
+) -> PoolDriver:
     backends = set(config.backends)
     if backends <= FILE_BACKENDS:
-        return FilePoolDriver(name, config, conns)
+        return FilePoolDriver(name, config, conns, store)
     missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS))
     return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")
 

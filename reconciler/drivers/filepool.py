@@ -1,26 +1,52 @@
-"""File pools (libvirt `dir`, `fs`, `netfs`) serving the `flat` and `qcow2` backends."""
+"""File pools (libvirt `dir`, `fs`, `netfs`) serving the `flat` and `qcow2` backends.
+
+Volumes are created through libvirt with their format stated in the volume XML, and filled
+by mkfs or `qemu-img convert` run with explicit formats on a file descriptor opened with
+O_NOFOLLOW. Nothing is ever probed: a volume's format, size and backing come from its record.
+
+Templates (swap, ext4, xfs, vfat) are made once per (kind, size, label) as a cache entry in
+the same pool. A `qcow2`-backend disk is a qcow2 overlay on the entry (`-F raw`); a `flat`
+disk is a sparse copy of it in the disk's format. Blank disks need no cache entry.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import stat
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import libvirt
+import structlog
 
+from reconciler import faults
 from reconciler.diff.model import ObservedPool
+from reconciler.drivers.domains import Attachments, attachments
 from reconciler.drivers.headers import file_header_format
 from reconciler.drivers.libvirt_conn import Connections
-from reconciler.errors import PoolError
+from reconciler.drivers.tools import NotAFile, fd_path, mkfs_argv, open_volume, run
+from reconciler.errors import PoolError, ReconcileError
+from reconciler.locks import LockDir
+from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
+from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import PoolConfig
-from reconciler.schema.record import DiskRecord
+from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.store import RecordStore
+
+log = structlog.get_logger(__name__)
 
 FILE_POOL_TYPES = ("dir", "fs", "netfs")
 # libvirt's RPC refuses to list more volumes than this in one call (REMOTE_STORAGE_VOL_LIST_MAX
 # in src/remote/remote_protocol.x); beyond it the pool directory is listed directly.
 LIBVIRT_VOL_LIST_MAX = 16384
+STATE_DIR = ".reconciler"  # inside the pool: locks shared by everyone using the pool
 
 
 @dataclass(frozen=True)
@@ -29,12 +55,35 @@ class PoolInfo:
     path: str
 
 
+def template_entry_name(kind: str, size: int, label: str | None) -> str:
+    """The cache entry a template of this kind, size and label is kept in (deterministic)."""
+    tag = hashlib.sha256(f"{kind}\0{size}\0{label or ''}".encode()).hexdigest()[:12]
+    return f"{CACHE_PREFIX}template-{kind}-{size}-{tag}"
+
+
+def _volume_xml(name: str, size: int, fmt: str, backing: str | None = None) -> str:
+    compat = "<compat>1.1</compat>" if fmt == "qcow2" else ""
+    back = ""
+    if backing is not None:
+        back = f"<backingStore><path>{escape(backing)}</path><format type='raw'/></backingStore>"
+    return (
+        f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{size}</capacity>"
+        f"<allocation unit='bytes'>0</allocation><target><format type='{fmt}'/>{compat}"
+        f"<permissions><mode>0600</mode></permissions></target>{back}</volume>"
+    )
+
+
 class FilePoolDriver:
-    def __init__(self, name: str, config: PoolConfig, conns: Connections) -> None:
+    def __init__(
+        self, name: str, config: PoolConfig, conns: Connections, store: RecordStore | None = None
+    ) -> None:
         self.name = name
         self.config = config
         self.conns = conns
+        self.store = store
         self._info: PoolInfo | None = None
+
+    # -- the pool ---------------------------------------------------------------------
 
     def _pool(self, conn: Any) -> Any:
         try:
@@ -46,6 +95,9 @@ class FilePoolDriver:
                 ) from None
             raise
 
+    def _call(self, what: str, fn: Any) -> Any:
+        return self.conns.call(self.config.uri, f"{what} (pool {self.name})", fn)
+
     def info(self) -> PoolInfo:
         if self._info is None:
 
@@ -54,11 +106,9 @@ class FilePoolDriver:
                 if not pool.isActive():
                     raise PoolError(f"libvirt pool {self.config.libvirt_pool!r} is not active")
                 root = ET.fromstring(pool.XMLDesc(0))
-                ptype = root.get("type", "")
-                path = root.findtext("target/path") or ""
-                return PoolInfo(ptype, path)
+                return PoolInfo(root.get("type", ""), root.findtext("target/path") or "")
 
-            info = self.conns.call(self.config.uri, f"pool {self.name}", get)
+            info: PoolInfo = self._call("look up pool", get)
             if info.type not in FILE_POOL_TYPES:
                 raise PoolError(
                     f"libvirt pool {self.config.libvirt_pool!r} is of type {info.type!r}; "
@@ -69,29 +119,51 @@ class FilePoolDriver:
             self._info = info
         return self._info
 
+    def path(self, volume: str) -> str:
+        return os.path.join(self.info().path, volume)
+
+    def locks(self) -> LockDir:
+        return LockDir(Path(self.info().path) / STATE_DIR / "locks")
+
+    @contextmanager
+    def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
+        with self.locks().hold(name, shared=shared):
+            yield
+
+    # -- observing --------------------------------------------------------------------
+
     def list_volumes(self) -> frozenset[str]:
         def names(conn: Any) -> frozenset[str] | None:
             pool = self._pool(conn)
-            # A refresh makes libvirt re-read the directory, so volumes created or removed
-            # behind its back are seen; busy pools are retried by Connections.call.
             if pool.numOfVolumes() > LIBVIRT_VOL_LIST_MAX:
                 return None
+            # A refresh makes libvirt re-read the directory, so volumes created or removed
+            # behind its back are seen; a busy pool is retried by Connections.call.
             pool.refresh(0)
             if pool.numOfVolumes() > LIBVIRT_VOL_LIST_MAX:
                 return None
             return frozenset(v.name() for v in pool.listAllVolumes(0))
 
-        listed = self.conns.call(self.config.uri, f"list pool {self.name}", names)
-        if listed is not None:
-            return listed
-        # Too many for libvirt's RPC: list what libvirt itself lists, the directory entries.
-        with os.scandir(self.info().path) as it:
-            return frozenset(e.name for e in it)
+        listed: frozenset[str] | None = self._call("list volumes", names)
+        if listed is None:
+            # Too many for libvirt's RPC: list what libvirt itself lists, the directory.
+            with os.scandir(self.info().path) as it:
+                listed = frozenset(e.name for e in it)
+        return listed - {STATE_DIR}
+
+    def attachments(self) -> Attachments:
+        info = self.info()
+        att: Attachments = self._call(
+            "list domains",
+            lambda conn: attachments(conn, self.config.libvirt_pool, info.path),
+        )
+        return att
 
     def observe(self, records: Sequence[DiskRecord]) -> ObservedPool:
         try:
             info = self.info()
             volumes = self.list_volumes()
+            att = self.attachments()
         except PoolError as e:
             return ObservedPool(self.name, None, str(e))
         except OSError as e:
@@ -102,4 +174,205 @@ class FilePoolDriver:
                 fmt = file_header_format(os.path.join(info.path, rec.volume))
                 if fmt != rec.format.value:
                     headers[rec.volume] = fmt
-        return ObservedPool(self.name, volumes, None, headers)
+        return ObservedPool(
+            self.name, volumes, None, headers, att.defined, att.running, att.known, att.why_unknown
+        )
+
+    def volume_exists(self, volume: str) -> bool:
+        return os.path.lexists(self.path(volume))
+
+    # -- making volumes ---------------------------------------------------------------
+
+    def backing_for(self, spec: dict[str, Any]) -> str | None:
+        """The cache entry a disk made to `spec` depends on, known before it is made."""
+        src = spec["source"]
+        if "template" not in src or src["template"] == "blank":
+            return None
+        return template_entry_name(src["template"], int(spec["size"]), src.get("label"))
+
+    def _create_xml(self, name: str, size: int, fmt: str, backing: str | None = None) -> None:
+        xml = _volume_xml(name, size, fmt, backing)
+        self._call(f"create volume {name}", lambda conn: self._pool(conn).createXML(xml, 0))
+
+    def create(self, rec: DiskRecord) -> None:
+        """Make the volume `rec` describes (its record is already written as creating)."""
+        src = rec.source
+        if "template" not in src:
+            raise ReconcileError(
+                f"{rec.volume}: creating disks from images is not supported by this version"
+            )
+        kind = src["template"]
+        fmt = rec.format.value
+        if kind == "blank":
+            self._create_xml(rec.volume, rec.virtual_size, fmt)
+            faults.point("volume.created")
+            return
+        entry = rec.backing
+        assert entry is not None, "template disks have a cache entry"
+        self.ensure_template(entry, kind, rec.virtual_size, src.get("label"))
+        # Hold the entry shared while using it, so garbage collection waits for us.
+        with self.lock(entry, shared=True):
+            if rec.backend is Backend.QCOW2:
+                self._create_xml(rec.volume, rec.virtual_size, "qcow2", self.path(entry))
+                faults.point("volume.created")
+                return
+            self._create_xml(rec.volume, rec.virtual_size, fmt)
+            faults.point("volume.created")
+            with (
+                open_volume(self.path(entry), write=False) as src_fd,
+                open_volume(self.path(rec.volume)) as dst_fd,
+            ):
+                # -n: write into the volume libvirt made; -S: keep zeros sparse.
+                run(
+                    [
+                        "qemu-img",
+                        "convert",
+                        "-n",
+                        "-f",
+                        "raw",
+                        "-O",
+                        fmt,
+                        "-S",
+                        "4k",
+                        fd_path(src_fd),
+                        fd_path(dst_fd),
+                    ],
+                    fds=(src_fd, dst_fd),
+                    what=f"copy template into {rec.volume}",
+                )
+            faults.point("volume.filled")
+
+    def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
+        """Make the template cache entry unless a ready one exists."""
+        store = self._store()
+        with self.lock(entry):
+            rec = store.get(self.name, entry)
+            exists = self.volume_exists(entry)
+            if rec is not None and rec.state is RecordState.READY and exists:
+                return
+            if exists:
+                if rec is None:
+                    raise ReconcileError(
+                        f"{entry} exists in pool {self.name} without a record; it is left "
+                        "alone and templates of that kind cannot be made until it is removed"
+                    )
+                self.delete_volume(entry)  # a partial entry from an interrupted run
+            spec: dict[str, Any] = {"template": kind, "size": size}
+            if label:
+                spec["label"] = label
+            gen = rec.generation if rec is not None else None
+            new = DiskRecord(
+                kind=RecordKind.CACHE,
+                backend=Backend.FLAT,
+                pool=self.name,
+                volume=entry,
+                instance="",
+                disk="",
+                format=DiskFormat.RAW,
+                virtual_size=size,
+                spec=spec,
+                source=dict(spec),
+                state=RecordState.CREATING,
+                generation=(gen or 0) + 1,
+            )
+            store.put(new, gen)
+            faults.point("cache.record.creating")
+            try:
+                self._create_xml(entry, size, "raw")
+                faults.point("cache.volume.created")
+                with open_volume(self.path(entry)) as fd:
+                    run(
+                        mkfs_argv(kind, label, fd_path(fd)),
+                        fds=(fd,),
+                        what=f"make {kind} template {entry}",
+                    )
+                    os.fsync(fd)
+                faults.point("cache.volume.filled")
+            except BaseException:
+                self._discard(entry, new)
+                raise
+            store.put(
+                new.model_copy(
+                    update={"state": RecordState.READY, "generation": new.generation + 1}
+                ),
+                new.generation,
+            )
+            faults.point("cache.record.ready")
+
+    def _discard(self, entry: str, rec: DiskRecord) -> None:
+        """Remove a half-made cache entry and its record after a failure."""
+        try:
+            self.delete_volume(entry)
+            self._store().delete(self.name, entry, rec.generation)
+        except Exception as e:  # keep the original error; the next run cleans up
+            log.warning("cache.discard_failed", entry=entry, error=str(e))
+
+    def _store(self) -> RecordStore:
+        if self.store is None:
+            raise AssertionError("this driver was made without a record store")
+        return self.store
+
+    # -- changing and removing volumes ------------------------------------------------
+
+    def resize(self, rec: DiskRecord, size: int) -> None:
+        """Grow a volume using the format from its record, never a probed one."""
+        with open_volume(self.path(rec.volume)) as fd:
+            if rec.format is DiskFormat.RAW:
+                if os.fstat(fd).st_size > size:
+                    raise ReconcileError(f"{rec.volume} is larger than {size} bytes; not shrunk")
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            elif rec.format is DiskFormat.QCOW2:
+                run(
+                    ["qemu-img", "resize", "-q", "-f", "qcow2", fd_path(fd), str(size)],
+                    fds=(fd,),
+                    what=f"grow {rec.volume}",
+                )
+            else:
+                raise ReconcileError(f"{rec.volume}: cannot resize format {rec.format}")
+        faults.point("volume.resized")
+
+    def delete_volume(self, volume: str) -> None:
+        """Remove a volume the caller has a record for; a missing one is fine."""
+        path = self.path(volume)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"{path} is not a regular file (symlink or other); refusing to delete")
+
+        def delete(conn: Any) -> None:
+            pool = self._pool(conn)
+            try:
+                vol = pool.storageVolLookupByName(volume)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    raise
+                pool.refresh(0)  # libvirt has not seen it yet
+                vol = pool.storageVolLookupByName(volume)
+            vol.delete(0)
+
+        self._call(f"delete volume {volume}", delete)
+        faults.point("volume.deleted")
+
+    def sweep_temp(self) -> list[str]:
+        """Remove temporary files an interrupted run left, unless their lock is held."""
+        removed: list[str] = []
+        root = self.info().path
+        with os.scandir(root) as it:
+            temps = [e.name for e in it if e.name.startswith(TEMP_PREFIX)]
+        locks = self.locks()
+        for name in temps:
+            fd = locks.try_hold(name)
+            if fd is None:
+                continue  # another reconciler is writing it right now
+            try:
+                os.unlink(os.path.join(root, name))
+                removed.append(name)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+            finally:
+                os.close(fd)
+        return removed

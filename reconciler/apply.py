@@ -1,0 +1,295 @@
+"""The executor: applies a Plan through the drivers, one recorded step at a time.
+
+Every action re-checks, under the volume's lock, that the state it was planned from still
+holds (its precondition). A saved plan whose preconditions fail is refused; a live run
+re-plans that one instance instead, which is how a second reconciler started at the same
+time finds the work already done and converges without touching anything.
+
+Each step records its intent before it changes a volume (DESIGN invariant 2):
+  create  record `creating` -> volume made -> record `ready`
+  resize  record `resizing` (target size) -> volume grown -> record `ready`
+  delete  record `deleting` -> volume removed -> record removed
+so a crash at any point leaves a record the next plan finishes or rolls back.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import structlog
+
+from reconciler import faults
+from reconciler.diff.model import Action, ActionKind
+from reconciler.drivers.filepool import FilePoolDriver
+from reconciler.errors import ReconcileError
+from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.store import RecordStore
+from reconciler.units import format_size
+
+log = structlog.get_logger(__name__)
+
+
+class StalePlan(ReconcileError):
+    """The state an action was planned from has changed."""
+
+
+# Re-plan one action's instance against fresh state: the actions for that disk.
+Replanner = Callable[[Action], list[Action]]
+
+
+@dataclass
+class Outcome:
+    action: Action
+    status: str  # "done", "skipped", "failed"
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class ApplyResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+_VERB = {
+    ActionKind.CREATE: "created",
+    ActionKind.RESIZE: "resized",
+    ActionKind.REPLACE: "replaced",
+    ActionKind.UPDATE: "updated",
+    ActionKind.DELETE: "deleted",
+    ActionKind.RELEASE: "released",
+}
+
+
+class Executor:
+    def __init__(
+        self,
+        store: RecordStore,
+        drivers: dict[str, FilePoolDriver],
+        *,
+        replan: Replanner | None,
+        out: TextIO = sys.stdout,
+    ) -> None:
+        self.store = store
+        self.drivers = drivers
+        self.replan = replan  # None: a saved plan, applied exactly or refused
+        self.out = out
+
+    def apply(self, actions: list[Action] | tuple[Action, ...]) -> ApplyResult:
+        result = ApplyResult()
+        swept: set[str] = set()
+        for a in actions:
+            if a.pool not in swept:
+                self._sweep(a.pool)
+                swept.add(a.pool)
+            start = time.monotonic()
+            if self.out.isatty():
+                self.out.write(f"... {a.action.value} {a.instance}/{a.disk}\r")
+                self.out.flush()
+            try:
+                status, msg = self._one(a)
+            except ReconcileError as e:
+                status, msg = "failed", str(e)
+            except OSError as e:
+                status, msg = "failed", f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")
+            took = time.monotonic() - start
+            result.outcomes.append(Outcome(a, status, msg, took))
+            self._report(a, status, msg, took)
+        return result
+
+    def _report(self, a: Action, status: str, msg: str, took: float) -> None:
+        subject = f"{a.instance}/{a.disk} ({a.pool}/{a.volume})"
+        if status == "done":
+            line = f"{_VERB[a.action]} {subject} in {took:.2f}s"
+        elif status == "skipped":
+            line = f"skipped {a.action.value} {subject}: {msg}"
+        else:
+            line = f"FAILED {a.action.value} {subject}: {msg}"
+        clear = "\x1b[2K" if self.out.isatty() else ""
+        print(clear + line, file=self.out, flush=True)
+        log.info(
+            "apply.step",
+            action=a.action.value,
+            volume=a.volume,
+            pool=a.pool,
+            status=status,
+            seconds=round(took, 3),
+            message=msg,
+        )
+
+    def _sweep(self, pool: str) -> None:
+        driver = self.drivers.get(pool)
+        if driver is None:
+            return
+        for name in driver.sweep_temp():
+            print(f"removed temporary file {pool}/{name} left by an interrupted run", file=self.out)
+
+    def driver(self, pool: str) -> FilePoolDriver:
+        d = self.drivers.get(pool)
+        if d is None:
+            raise ReconcileError(f"pool {pool} has no driver that can change it")
+        return d
+
+    def _one(self, a: Action) -> tuple[str, str]:
+        d = self.driver(a.pool)
+        with d.lock(a.volume):
+            rec = self.store.get(a.pool, a.volume)
+            exists = d.volume_exists(a.volume)
+            if a.replaces and a.replaces != (a.pool, a.volume):
+                # The old location is what the precondition describes.
+                old = self.driver(a.replaces[0])
+                rec_old = self.store.get(*a.replaces)
+                seen = (rec_old.generation if rec_old else None, old.volume_exists(a.replaces[1]))
+            else:
+                rec_old = None
+                seen = (rec.generation if rec else None, exists)
+            want = (a.precondition.record_generation, a.precondition.volume_exists)
+            if seen != want:
+                if self.replan is None:
+                    raise StalePlan(
+                        f"the state changed since the plan was made (record generation "
+                        f"{want[0]} -> {seen[0]}, volume exists {want[1]} -> {seen[1]}); "
+                        "make a new plan"
+                    )
+                fresh = [x for x in self.replan(a) if x.disk == a.disk]
+                if not fresh:
+                    return "skipped", "already in the desired state (another run did it)"
+                if len(fresh) == 1 and fresh[0].action == a.action and not fresh[0].destructive:
+                    log.info("apply.replanned", volume=a.volume)
+                    return self._do(fresh[0], d, self.store.get(a.pool, a.volume), None)
+                raise StalePlan("the state changed since planning; run again to re-plan")
+            return self._do(a, d, rec, rec_old)
+
+    def _do(
+        self, a: Action, d: FilePoolDriver, rec: DiskRecord | None, rec_old: DiskRecord | None
+    ) -> tuple[str, str]:
+        if a.action in (ActionKind.CREATE, ActionKind.REPLACE):
+            if a.replaces and a.replaces != (a.pool, a.volume) and rec_old is not None:
+                old = self.driver(a.replaces[0])
+                with old.lock(a.replaces[1]):
+                    self._delete(old, rec_old)
+            self._create(a, d, rec)
+            return "done", ""
+        if a.action is ActionKind.RESIZE:
+            assert rec is not None
+            self._resize(a, d, rec)
+            return "done", ""
+        if a.action is ActionKind.UPDATE:
+            assert rec is not None and a.spec is not None
+            self._put(
+                rec, rec.generation, spec=dict(a.spec), state=RecordState.READY, pending_size=None
+            )
+            return "done", ""
+        if a.action is ActionKind.DELETE:
+            assert rec is not None
+            self._delete(d, rec)
+            return "done", ""
+        if a.action is ActionKind.RELEASE:
+            assert rec is not None
+            self.store.delete(rec.pool, rec.volume, rec.generation)
+            faults.point("record.released")
+            return "done", "the volume is kept and no longer managed"
+        raise AssertionError(a.action)
+
+    def _put(self, rec: DiskRecord, expect: int | None, **changes: Any) -> DiskRecord:
+        new = rec.model_copy(update={**changes, "generation": (expect or 0) + 1})
+        self.store.put(new, expect)
+        return new
+
+    def _create(self, a: Action, d: FilePoolDriver, rec: DiskRecord | None) -> None:
+        assert a.spec is not None
+        spec = dict(a.spec)
+        gen = rec.generation if rec else None
+        if rec is not None and d.volume_exists(a.volume):
+            # A partial volume from an interrupted create, or the old disk of a replace:
+            # record the intent to remove it first, so a crash here is finished next time.
+            rec = self._put(rec, gen, state=RecordState.DELETING)
+            faults.point("record.deleting")
+            d.delete_volume(a.volume)
+            gen = rec.generation
+        new = DiskRecord(
+            kind=RecordKind.DISK,
+            backend=Backend(spec["backend"]),
+            pool=a.pool,
+            volume=a.volume,
+            instance=a.instance,
+            disk=a.disk,
+            format=DiskFormat(spec["format"]),
+            virtual_size=int(spec["size"]),
+            spec=spec,
+            source=dict(spec["source"]),
+            backing=d.backing_for(spec),
+            state=RecordState.CREATING,
+            generation=(gen or 0) + 1,
+        )
+        self.store.put(new, gen)
+        faults.point("record.creating")
+        try:
+            d.create(new)
+        except BaseException as e:
+            self._roll_back(d, new, e)
+            raise
+        self._put(new, new.generation, state=RecordState.READY)
+        faults.point("record.ready")
+
+    def _roll_back(self, d: FilePoolDriver, rec: DiskRecord, err: BaseException) -> None:
+        """Remove what a failed create left, then its record; never mask the first error."""
+        if isinstance(err, KeyboardInterrupt):
+            return  # the record stays `creating`; the next run removes the partial volume
+        try:
+            d.delete_volume(rec.volume)
+            self.store.delete(rec.pool, rec.volume, rec.generation)
+        except Exception as e:
+            log.warning("apply.rollback_failed", volume=rec.volume, error=str(e))
+
+    def _resize(self, a: Action, d: FilePoolDriver, rec: DiskRecord) -> None:
+        assert a.spec is not None
+        size = int(a.spec["size"])
+        if size < rec.virtual_size:
+            raise ReconcileError(
+                f"refusing to shrink {a.volume} from {format_size(rec.virtual_size)} to "
+                f"{format_size(size)}"
+            )
+        users = d.attachments().running.get(rec.volume)
+        if users:
+            raise ReconcileError(
+                f"not resizing {a.volume}: it is in use by running domain(s) {', '.join(users)}"
+            )
+        rec = self._put(rec, rec.generation, state=RecordState.RESIZING, pending_size=size)
+        faults.point("record.resizing")
+        d.resize(rec, size)
+        self._put(
+            rec,
+            rec.generation,
+            state=RecordState.READY,
+            pending_size=None,
+            virtual_size=size,
+            spec=dict(a.spec),
+        )
+        faults.point("record.ready")
+
+    def _delete(self, d: FilePoolDriver, rec: DiskRecord) -> None:
+        if d.volume_exists(rec.volume) and rec.state is not RecordState.CREATING:
+            att = d.attachments()
+            if not att.known:
+                raise ReconcileError(f"not deleting {rec.pool}/{rec.volume}: {att.why_unknown}")
+            users = att.defined.get(rec.volume)
+            if users:
+                raise ReconcileError(
+                    f"not deleting {rec.pool}/{rec.volume}: it is used by domain(s) "
+                    f"{', '.join(users)}"
+                )
+        if rec.state is not RecordState.DELETING:
+            rec = self._put(rec, rec.generation, state=RecordState.DELETING)
+            faults.point("record.deleting")
+        d.delete_volume(rec.volume)
+        self.store.delete(rec.pool, rec.volume, rec.generation)
+        faults.point("record.deleted")

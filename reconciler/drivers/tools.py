@@ -1,0 +1,83 @@
+"""Running qemu-img and mkfs with explicit formats, on files opened without following links."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from reconciler.errors import ReconcileError
+
+
+class ToolError(ReconcileError):
+    pass
+
+
+class NotAFile(ReconcileError):
+    """A path where a volume is expected is a symlink or not a regular file."""
+
+
+@contextmanager
+def open_volume(path: str, write: bool = True) -> Iterator[int]:
+    """Open a volume file, refusing symlinks and anything but a regular file."""
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == 40:  # ELOOP: the last component is a symlink
+            raise NotAFile(f"{path} is a symlink; refusing to touch it or its target") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAFile(f"{path} is not a regular file; refusing to touch it")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def fd_path(fd: int) -> str:
+    """A path a child process can open to reach exactly the file behind `fd`."""
+    return f"/proc/self/fd/{fd}"
+
+
+def run(argv: Sequence[str], *, fds: Sequence[int] = (), what: str) -> str:
+    """Run a tool; on failure raise ToolError with its own message."""
+    try:
+        res = subprocess.run(
+            list(argv),
+            pass_fds=tuple(fds),
+            capture_output=True,
+            text=True,
+            check=False,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+        )
+    except FileNotFoundError:
+        raise ToolError(f"{what}: {argv[0]} is not installed") from None
+    if res.returncode != 0:
+        msg = (res.stderr or res.stdout).strip().splitlines()
+        detail = msg[-1] if msg else f"exit status {res.returncode}"
+        raise ToolError(f"{what}: {argv[0]} failed: {detail}")
+    return res.stdout
+
+
+def mkfs_argv(kind: str, label: str | None, target: str) -> list[str]:
+    """The mkfs command for a template; explicit arguments, forced onto a plain file."""
+    if kind == "swap":
+        return ["mkswap", "-f", target]
+    if kind == "ext4":
+        return [
+            "mkfs.ext4",
+            "-F",
+            "-q",
+            "-E",
+            "nodiscard",
+            *(["-L", label] if label else []),
+            target,
+        ]
+    if kind == "xfs":
+        return ["mkfs.xfs", "-f", "-q", "-K", *(["-L", label] if label else []), target]
+    if kind == "vfat":
+        return ["mkfs.vfat", *(["-n", label] if label else []), target]
+    raise ValueError(f"no filesystem tool for template {kind}")

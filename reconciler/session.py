@@ -1,0 +1,102 @@
+"""One reconcile: load, observe, plan; and the pieces apply needs (drivers, re-planning)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from reconciler.apply import Executor, Replanner
+from reconciler.desired import build_desired
+from reconciler.diff import Action, Desired, Observed, ObservedPool, Plan, PlanOptions, plan
+from reconciler.drivers import Connections, FilePoolDriver, driver_for
+from reconciler.schema.config import Config
+from reconciler.schema.load import load_manifests
+from reconciler.schema.record import DiskRecord
+from reconciler.store import SqliteRecordStore, open_store
+
+
+@dataclass
+class Session:
+    config: Config
+    options: PlanOptions = field(default_factory=PlanOptions)
+
+    def __post_init__(self) -> None:
+        self.store: SqliteRecordStore = open_store(self.config.state_dir())
+        self.conns = Connections()
+        self.drivers = {
+            name: driver_for(name, pc, self.conns, self.store)
+            for name, pc in sorted(self.config.pools.items())
+        }
+        self.desired = Desired(())
+
+    def close(self) -> None:
+        self.conns.close()
+        self.store.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def load(self, paths: Sequence[str]) -> tuple[Desired, int]:
+        loaded, failed = load_manifests(paths, self.config)
+        self.desired = build_desired(loaded, failed)
+        return self.desired, len(loaded) + len(failed)
+
+    def observe(self) -> Observed:
+        records, bad = self.store.load_all()
+        by_pool: dict[str, list[DiskRecord]] = {}
+        for r in records:
+            by_pool.setdefault(r.pool, []).append(r)
+        pools = {name: d.observe(by_pool.get(name, [])) for name, d in self.drivers.items()}
+        for name in sorted(by_pool.keys() - pools.keys()):
+            pools[name] = ObservedPool(
+                name, None, "the pool is not in the config (records name it)"
+            )
+        return Observed(pools, tuple(records), tuple(bad))
+
+    def plan(self) -> Plan:
+        return plan(self.desired, self.observe(), self.options)
+
+    def file_drivers(self) -> dict[str, FilePoolDriver]:
+        return {n: d for n, d in self.drivers.items() if isinstance(d, FilePoolDriver)}
+
+    def replanner(self) -> Replanner:
+        def replan(a: Action) -> list[Action]:
+            """Plan one instance again against its fresh records and volumes."""
+            records = self.store.for_instance(a.instance)
+            wanted = tuple(i for i in self.desired.instances if i.instance == a.instance)
+            drivers = self.file_drivers()
+            names: dict[str, set[str]] = {}
+            for r in records:
+                names.setdefault(r.pool, set()).add(r.volume)
+            for inst in wanted:
+                for d in inst.disks:
+                    names.setdefault(d.spec.pool, set()).add(d.volume)
+            pools = {}
+            for pool, vols in names.items():
+                drv = drivers.get(pool)
+                if drv is None:
+                    pools[pool] = ObservedPool(pool, None, "no driver")
+                    continue
+                att = drv.attachments()
+                pools[pool] = ObservedPool(
+                    pool,
+                    frozenset(v for v in vols if drv.volume_exists(v)),
+                    None,
+                    {},
+                    att.defined,
+                    att.running,
+                    att.known,
+                    att.why_unknown,
+                )
+            opts = PlanOptions(
+                allow_replace=self.options.allow_replace, prune=self.options.prune, force=True
+            )
+            return list(plan(Desired(wanted), Observed(pools, tuple(records)), opts).actions)
+
+        return replan
+
+    def executor(self, *, saved: bool) -> Executor:
+        return Executor(self.store, self.file_drivers(), replan=None if saved else self.replanner())

@@ -1,0 +1,154 @@
+"""Pinned plans (text and JSON) for every example manifest against several observed states."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from syrupy.assertion import SnapshotAssertion
+
+from reconciler.diff import Desired, Observed, PlanOptions, plan
+from reconciler.naming import volume_name
+from reconciler.render import to_json, to_text
+from reconciler.schema.manifest import DiskSpec
+from reconciler.schema.record import RecordState
+from tests.helpers import EXAMPLES, ROOT, converged, desired_from, example_config, observed, \
+    record_for
+from tests.snapshot_ext import JsonSnapshot, TextSnapshot
+
+POOLS = ("demo", "demo-fast")
+WEB = "0b0e7f1c-58a4-4c3e-9d27-3f2a1c6e9b01"
+DB = "5d6c2b7e-0f4a-4b8e-a1d3-7e9f00c4a2b2"
+BATCH = "9a1f3c5e-7b2d-4e6f-8a0b-1c2d3e4f5a63"
+OLD = "c3d4e5f6-a7b8-4c9d-8e0f-a1b2c3d4e5f4"
+GONE = str(uuid.UUID(int=0xFEED))
+
+
+@pytest.fixture
+def desired(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Desired:
+    monkeypatch.chdir(ROOT)  # manifest paths in the output are relative to the repo
+    config = example_config(tmp_path)
+    d = desired_from([str(EXAMPLES.relative_to(ROOT) / "manifests")], config)
+    assert not d.failed, d.failed
+    return d
+
+
+def _spec(desired: Desired, instance: str, disk: str) -> DiskSpec:
+    for inst in desired.instances:
+        for dd in inst.disks:
+            if inst.instance == instance and dd.spec.name == disk:
+                return dd.spec
+    raise KeyError((instance, disk))
+
+
+def _extra_spec(name: str, pool: str, size: int, policy: str = "Delete") -> DiskSpec:
+    return DiskSpec.model_validate({
+        "name": name, "backend": "flat", "pool": pool, "format": "raw", "size": size,
+        "source": {"template": "blank"}, "deletionPolicy": policy,
+    })
+
+
+def empty(d: Desired) -> Observed:
+    return observed([], {p: set() for p in POOLS})
+
+
+def converged_state(d: Desired) -> Observed:
+    records, volumes = converged(d, POOLS)
+    return observed(records, volumes)
+
+
+def drifted(d: Desired) -> Observed:
+    """Volume gone, size changed in the manifest, unmanaged volume, orphans, a tombstone."""
+    records, volumes = converged(d, POOLS)
+    # web-1's swap volume was removed behind the reconciler's back.
+    volumes["demo"].discard(volume_name(WEB, "disk.swap"))
+    # web-1's ephemeral disk was made at 256 MiB; the manifest now says 512 MiB.
+    eph = _spec(d, WEB, "disk.eph0")
+    records = [r for r in records if r.volume != volume_name(WEB, "disk.eph0")]
+    records.append(record_for(WEB, eph, volume_name(WEB, "disk.eph0"), size=256 << 20))
+    # batch-7's scratch volume exists but was not made by the reconciler.
+    records = [r for r in records if r.volume != volume_name(BATCH, "scratch")]
+    # An instance nobody has a manifest for any more.
+    orphan = _extra_spec("disk", "demo", 1 << 30)
+    records.append(record_for(GONE, orphan, volume_name(GONE, "disk")))
+    volumes["demo"].add(volume_name(GONE, "disk"))
+    # The deleted instance old-3 still has two disks; one is kept by its policy.
+    for spec in (_extra_spec("disk", "demo", 1 << 30),
+                 _extra_spec("data", "demo-fast", 2 << 30, "Retain")):
+        records.append(record_for(OLD, spec, volume_name(OLD, spec.name)))
+        volumes[spec.pool].add(volume_name(OLD, spec.name))
+    return observed(records, volumes)
+
+
+def refused(d: Desired) -> Observed:
+    """Changes that are not actions: a format change, a shrink, a guest-written header."""
+    records, volumes = converged(d, POOLS)
+    db_disk = _spec(d, DB, "disk")
+    db_data = _spec(d, DB, "data")
+    keep = {volume_name(DB, "disk"), volume_name(DB, "data"), volume_name(WEB, "disk.eph0")}
+    records = [r for r in records if r.volume not in keep]
+    # db-1's root was made raw; the manifest now says qcow2.
+    records.append(record_for(DB, db_disk, volume_name(DB, "disk"), fmt="raw",
+                              spec_override={"format": "raw"}))
+    # db-1's data disk is 4 GiB; the manifest says 1 GiB.
+    records.append(record_for(DB, db_data, volume_name(DB, "data"), size=4 << 30))
+    # web-1's ephemeral is recorded raw, but a guest wrote a qcow2 header into it.
+    eph = _spec(d, WEB, "disk.eph0")
+    records.append(record_for(WEB, eph, volume_name(WEB, "disk.eph0")))
+    return observed(records, volumes,
+                    headers={"demo": {volume_name(WEB, "disk.eph0"): "qcow2"}})
+
+
+def pool_down(d: Desired) -> Observed:
+    records, volumes = converged(d, POOLS)
+    volumes.pop("demo-fast")
+    return observed(records, volumes,
+                    unreachable={"demo-fast": "libvirt pool 'reconciler-demo-fast' is not active"})
+
+
+def interrupted(d: Desired) -> Observed:
+    """A run stopped mid-create, mid-resize and mid-delete."""
+    records, volumes = converged(d, POOLS)
+    by_vol = {r.volume: r for r in records}
+    web_root = by_vol[volume_name(WEB, "disk")]
+    db_cfg = by_vol[volume_name(DB, "disk.config")]
+    records = [r for r in records if r.volume not in (web_root.volume, db_cfg.volume)]
+    records.append(web_root.model_copy(update={"state": RecordState.CREATING}))
+    records.append(db_cfg.model_copy(update={"state": RecordState.RESIZING,
+                                             "virtual_size": 32 << 20,
+                                             "pending_size": 64 << 20}))
+    old = _extra_spec("disk", "demo", 1 << 30)
+    rec = record_for(OLD, old, volume_name(OLD, "disk"), state=RecordState.DELETING)
+    records.append(rec)
+    return observed(records, volumes)
+
+
+SCENARIOS: dict[str, tuple[Callable[[Desired], Observed], PlanOptions]] = {
+    "empty": (empty, PlanOptions()),
+    "converged": (converged_state, PlanOptions()),
+    "drifted": (drifted, PlanOptions()),
+    "drifted-prune": (drifted, PlanOptions(prune=True)),
+    "refused": (refused, PlanOptions()),
+    "refused-allow-replace": (refused, PlanOptions(allow_replace=True, force=True)),
+    "pool-down": (pool_down, PlanOptions()),
+    "interrupted": (interrupted, PlanOptions()),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_text_plan(scenario: str, desired: Desired, snapshot: SnapshotAssertion) -> None:
+    make, options = SCENARIOS[scenario]
+    p = plan(desired, make(desired), options)
+    assert to_text(p) == snapshot(extension_class=TextSnapshot)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_json_plan(scenario: str, desired: Desired, snapshot: SnapshotAssertion) -> None:
+    make, options = SCENARIOS[scenario]
+    obs = make(desired)
+    first = to_json(plan(desired, obs, options))
+    # Same inputs, byte-identical output.
+    assert to_json(plan(desired, obs, options)) == first
+    assert first == snapshot(extension_class=JsonSnapshot)
