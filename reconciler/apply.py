@@ -76,12 +76,16 @@ class Executor:
         drivers: dict[str, FilePoolDriver],
         *,
         replan: Replanner | None,
-        out: TextIO = sys.stdout,
+        out: TextIO | None = None,
     ) -> None:
         self.store = store
         self.drivers = drivers
         self.replan = replan  # None: a saved plan, applied exactly or refused
-        self.out = out
+        self._out = out
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
 
     def apply(self, actions: list[Action] | tuple[Action, ...]) -> ApplyResult:
         result = ApplyResult()

@@ -45,11 +45,17 @@ class Session:
         return self.desired, len(loaded) + len(failed)
 
     def observe(self) -> Observed:
+        # Volumes before records: a record is written before its volume is made, so a volume
+        # seen here always has its record below, even while another reconciler is creating.
+        pools = {name: d.observe() for name, d in self.drivers.items()}
         records, bad = self.store.load_all()
         by_pool: dict[str, list[DiskRecord]] = {}
         for r in records:
             by_pool.setdefault(r.pool, []).append(r)
-        pools = {name: d.observe(by_pool.get(name, [])) for name, d in self.drivers.items()}
+        pools = {
+            name: self.drivers[name].check_headers(p, by_pool.get(name, []))
+            for name, p in pools.items()
+        }
         for name in sorted(by_pool.keys() - pools.keys()):
             pools[name] = ObservedPool(
                 name, None, "the pool is not in the config (records name it)"

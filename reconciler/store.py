@@ -82,7 +82,8 @@ class SqliteRecordStore:
     """Records in one SQLite file under the state directory."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
@@ -98,11 +99,12 @@ class SqliteRecordStore:
                     f"records database {path} has layout version {version}; this reconciler "
                     f"knows version {DB_VERSION}"
                 )
-            with self._tx():
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={DB_VERSION}")
+            if version == 0:
+                with self._tx():
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version={DB_VERSION}")
         except sqlite3.Error as e:
             raise RecordError(f"records database {path}: {e}") from None
 

@@ -5,9 +5,9 @@
 #   scripts/libvirtd.sh stop DIR
 #   scripts/libvirtd.sh uri DIR
 #
-# The daemon runs in its own mount namespace with DIR/{etc,run,lib,cache,log} bound over
-# libvirt's system directories, so it sees none of the host's pools and the host sees
-# none of its own. Re-running `start` on a running daemon is a no-op.
+# The daemon runs in its own mount namespace (a slave of the host's, so it receives mounts
+# but never sends its own) with DIR/{etc,run,lib,cache,log} bound over libvirt's system
+# directories, so it sees none of the host's pools and the host sees none of its own. Re-running `start` on a running daemon is a no-op.
 set -euo pipefail
 
 cmd=${1:?usage: libvirtd.sh start|stop|uri DIR}
@@ -15,7 +15,8 @@ dir=${2:?usage: libvirtd.sh start|stop|uri DIR}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 sock="$dir/sock/libvirt-sock"
-uri="storage+unix:///system?socket=$sock"
+# The daemon serves storage and (for checks of what disks domains use) the qemu driver.
+uri="qemu+unix:///system?socket=$sock"
 pidfile="$dir/libvirtd.pid"
 
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
@@ -48,9 +49,16 @@ log_outputs = "3:file:$dir/log/libvirtd.log"
 max_client_requests = 32
 max_workers = 20
 CONF
+    # DIR/mnt is a shared mount: file systems that tests mount under it later (a tiny
+    # tmpfs for the disk-full test) propagate into the daemon's private mount namespace.
+    mkdir -p "$dir/mnt"
+    if ! mountpoint -q "$dir/mnt"; then
+        mount --bind "$dir/mnt" "$dir/mnt"
+        mount --make-shared "$dir/mnt"
+    fi
     # --timeout makes a forgotten daemon exit once idle (a safety net for CI).
     timeout_s=${LIBVIRTD_IDLE_TIMEOUT:-3600}
-    setsid unshare -m --propagation private bash -c '
+    setsid unshare -m --propagation slave bash -c '
         set -e
         d=$1
         for p in etc:/etc/libvirt run:/run/libvirt lib:/var/lib/libvirt cache:/var/cache/libvirt log:/var/log/libvirt; do
@@ -77,6 +85,9 @@ stop)
         kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"
+    if mountpoint -q "$dir/mnt"; then
+        umount -R "$dir/mnt" 2>/dev/null || umount -l "$dir/mnt" || true
+    fi
     ;;
 *) echo "usage: libvirtd.sh start|stop|uri DIR" >&2; exit 2 ;;
 esac

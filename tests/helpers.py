@@ -17,8 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def example_config(tmp: Path, uri: str = "test:///default", run_dir: str = "/run/reconciler-demo",
-                   template: Path = EXAMPLES / "config.yaml.in") -> Config:
+def example_config(
+    tmp: Path,
+    uri: str = "test:///default",
+    run_dir: str = "/run/reconciler-demo",
+    template: Path = EXAMPLES / "config.yaml.in",
+) -> Config:
     text = template.read_text().replace("@LIBVIRT_URI@", uri).replace("@RUN_DIR@", run_dir)
     path = tmp / "config.yaml"
     path.write_text(text)
@@ -30,10 +34,18 @@ def desired_from(paths: Iterable[str], config: Config) -> Desired:
     return build_desired(loaded, failed)
 
 
-def record_for(instance: str, spec: DiskSpec, volume: str, *, size: int | None = None,
-               state: RecordState = RecordState.READY, generation: int = 1,
-               fmt: str | None = None, spec_override: Mapping[str, object] | None = None,
-               pending_size: int | None = None) -> DiskRecord:
+def record_for(
+    instance: str,
+    spec: DiskSpec,
+    volume: str,
+    *,
+    size: int | None = None,
+    state: RecordState = RecordState.READY,
+    generation: int = 1,
+    fmt: str | None = None,
+    spec_override: Mapping[str, object] | None = None,
+    pending_size: int | None = None,
+) -> DiskRecord:
     data = spec.spec_dict()
     if spec_override:
         data.update(spec_override)
@@ -46,16 +58,18 @@ def record_for(instance: str, spec: DiskSpec, volume: str, *, size: int | None =
         instance=instance,
         disk=spec.name,
         format=DiskFormat(fmt or data["format"]),
-        virtual_size=int(data["size"]),  # type: ignore[call-overload]
+        virtual_size=int(data["size"]),
         spec=data,
-        source=dict(data["source"]),  # type: ignore[call-overload]
+        source=dict(data["source"]),
         state=state,
         pending_size=pending_size,
         generation=generation,
     )
 
 
-def converged(desired: Desired, pools: Iterable[str]) -> tuple[list[DiskRecord], dict[str, set[str]]]:
+def converged(
+    desired: Desired, pools: Iterable[str]
+) -> tuple[list[DiskRecord], dict[str, set[str]]]:
     """Records and pool contents for a state where every live desired disk exists."""
     records: list[DiskRecord] = []
     volumes: dict[str, set[str]] = {p: set() for p in pools}
@@ -68,9 +82,12 @@ def converged(desired: Desired, pools: Iterable[str]) -> tuple[list[DiskRecord],
     return records, volumes
 
 
-def observed(records: Iterable[DiskRecord], volumes: Mapping[str, Iterable[str]],
-             unreachable: Mapping[str, str] | None = None,
-             headers: Mapping[str, Mapping[str, str]] | None = None) -> Observed:
+def observed(
+    records: Iterable[DiskRecord],
+    volumes: Mapping[str, Iterable[str]],
+    unreachable: Mapping[str, str] | None = None,
+    headers: Mapping[str, Mapping[str, str]] | None = None,
+) -> Observed:
     pools = {
         name: ObservedPool(name, frozenset(vols), None, dict((headers or {}).get(name, {})))
         for name, vols in volumes.items()

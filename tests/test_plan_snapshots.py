@@ -14,8 +14,15 @@ from reconciler.naming import volume_name
 from reconciler.render import to_json, to_text
 from reconciler.schema.manifest import DiskSpec
 from reconciler.schema.record import RecordState
-from tests.helpers import EXAMPLES, ROOT, converged, desired_from, example_config, observed, \
-    record_for
+from tests.helpers import (
+    EXAMPLES,
+    ROOT,
+    converged,
+    desired_from,
+    example_config,
+    observed,
+    record_for,
+)
 from tests.snapshot_ext import JsonSnapshot, TextSnapshot
 
 POOLS = ("demo", "demo-fast")
@@ -44,10 +51,17 @@ def _spec(desired: Desired, instance: str, disk: str) -> DiskSpec:
 
 
 def _extra_spec(name: str, pool: str, size: int, policy: str = "Delete") -> DiskSpec:
-    return DiskSpec.model_validate({
-        "name": name, "backend": "flat", "pool": pool, "format": "raw", "size": size,
-        "source": {"template": "blank"}, "deletionPolicy": policy,
-    })
+    return DiskSpec.model_validate(
+        {
+            "name": name,
+            "backend": "flat",
+            "pool": pool,
+            "format": "raw",
+            "size": size,
+            "source": {"template": "blank"},
+            "deletionPolicy": policy,
+        }
+    )
 
 
 def empty(d: Desired) -> Observed:
@@ -75,8 +89,10 @@ def drifted(d: Desired) -> Observed:
     records.append(record_for(GONE, orphan, volume_name(GONE, "disk")))
     volumes["demo"].add(volume_name(GONE, "disk"))
     # The deleted instance old-3 still has two disks; one is kept by its policy.
-    for spec in (_extra_spec("disk", "demo", 1 << 30),
-                 _extra_spec("data", "demo-fast", 2 << 30, "Retain")):
+    for spec in (
+        _extra_spec("disk", "demo", 1 << 30),
+        _extra_spec("data", "demo-fast", 2 << 30, "Retain"),
+    ):
         records.append(record_for(OLD, spec, volume_name(OLD, spec.name)))
         volumes[spec.pool].add(volume_name(OLD, spec.name))
     return observed(records, volumes)
@@ -90,22 +106,25 @@ def refused(d: Desired) -> Observed:
     keep = {volume_name(DB, "disk"), volume_name(DB, "data"), volume_name(WEB, "disk.eph0")}
     records = [r for r in records if r.volume not in keep]
     # db-1's root was made raw; the manifest now says qcow2.
-    records.append(record_for(DB, db_disk, volume_name(DB, "disk"), fmt="raw",
-                              spec_override={"format": "raw"}))
+    records.append(
+        record_for(DB, db_disk, volume_name(DB, "disk"), fmt="raw", spec_override={"format": "raw"})
+    )
     # db-1's data disk is 4 GiB; the manifest says 1 GiB.
     records.append(record_for(DB, db_data, volume_name(DB, "data"), size=4 << 30))
     # web-1's ephemeral is recorded raw, but a guest wrote a qcow2 header into it.
     eph = _spec(d, WEB, "disk.eph0")
     records.append(record_for(WEB, eph, volume_name(WEB, "disk.eph0")))
-    return observed(records, volumes,
-                    headers={"demo": {volume_name(WEB, "disk.eph0"): "qcow2"}})
+    return observed(records, volumes, headers={"demo": {volume_name(WEB, "disk.eph0"): "qcow2"}})
 
 
 def pool_down(d: Desired) -> Observed:
     records, volumes = converged(d, POOLS)
     volumes.pop("demo-fast")
-    return observed(records, volumes,
-                    unreachable={"demo-fast": "libvirt pool 'reconciler-demo-fast' is not active"})
+    return observed(
+        records,
+        volumes,
+        unreachable={"demo-fast": "libvirt pool 'reconciler-demo-fast' is not active"},
+    )
 
 
 def interrupted(d: Desired) -> Observed:
@@ -116,9 +135,15 @@ def interrupted(d: Desired) -> Observed:
     db_cfg = by_vol[volume_name(DB, "disk.config")]
     records = [r for r in records if r.volume not in (web_root.volume, db_cfg.volume)]
     records.append(web_root.model_copy(update={"state": RecordState.CREATING}))
-    records.append(db_cfg.model_copy(update={"state": RecordState.RESIZING,
-                                             "virtual_size": 32 << 20,
-                                             "pending_size": 64 << 20}))
+    records.append(
+        db_cfg.model_copy(
+            update={
+                "state": RecordState.RESIZING,
+                "virtual_size": 32 << 20,
+                "pending_size": 64 << 20,
+            }
+        )
+    )
     old = _extra_spec("disk", "demo", 1 << 30)
     rec = record_for(OLD, old, volume_name(OLD, "disk"), state=RecordState.DELETING)
     records.append(rec)

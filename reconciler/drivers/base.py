@@ -14,9 +14,13 @@ class PoolDriver(Protocol):
 
     name: str
 
-    def observe(self, records: Sequence[DiskRecord]) -> ObservedPool:
-        """List the pool's volumes (names only) and check managed volumes' headers.
+    def observe(self) -> ObservedPool:
+        """List the pool's volumes (names only) and the domains that use them.
 
         Never raises for an unreachable pool: returns an ObservedPool with `error` set.
         """
+        ...
+
+    def check_headers(self, pool: ObservedPool, records: Sequence[DiskRecord]) -> ObservedPool:
+        """Add warnings-only header formats of managed volumes to an observed pool."""
         ...

@@ -11,6 +11,7 @@ disk is a sparse copy of it in the disk's format. Blank disks need no cache entr
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -159,24 +160,31 @@ class FilePoolDriver:
         )
         return att
 
-    def observe(self, records: Sequence[DiskRecord]) -> ObservedPool:
+    def observe(self) -> ObservedPool:
+        """The pool's volumes by name and which domains use them; never raises."""
         try:
-            info = self.info()
             volumes = self.list_volumes()
             att = self.attachments()
         except PoolError as e:
             return ObservedPool(self.name, None, str(e))
         except OSError as e:
             return ObservedPool(self.name, None, f"cannot list {e.filename}: {e.strerror}")
+        return ObservedPool(
+            self.name, volumes, None, {}, att.defined, att.running, att.known, att.why_unknown
+        )
+
+    def check_headers(self, pool: ObservedPool, records: Sequence[DiskRecord]) -> ObservedPool:
+        """Note managed volumes whose first bytes announce another format than recorded."""
+        if pool.volumes is None:
+            return pool
+        root = self.info().path
         headers: dict[str, str] = {}
         for rec in records:
-            if rec.volume in volumes:
-                fmt = file_header_format(os.path.join(info.path, rec.volume))
+            if rec.volume in pool.volumes:
+                fmt = file_header_format(os.path.join(root, rec.volume))
                 if fmt != rec.format.value:
                     headers[rec.volume] = fmt
-        return ObservedPool(
-            self.name, volumes, None, headers, att.defined, att.running, att.known, att.why_unknown
-        )
+        return dataclasses.replace(pool, header_formats=headers)
 
     def volume_exists(self, volume: str) -> bool:
         return os.path.lexists(self.path(volume))

@@ -13,7 +13,7 @@ from reconciler.units import parse_size
 API_VERSION = "reconciler/v1"
 
 # Strict models: unknown fields are errors, nothing is coerced silently.
-STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 

@@ -29,13 +29,6 @@ class PoolConfig(BaseModel):
     libvirt_pool: Name = Field(alias="libvirtPool", description="the pool's name in libvirt")
     backends: list[Annotated[Backend, Strict(False)]] = Field(min_length=1)
 
-    @field_validator("backends")
-    @classmethod
-    def _unique(cls, v: list[Backend]) -> list[Backend]:
-        if len(set(v)) != len(v):
-            raise ValueError("a backend is listed more than once")
-        return v
-
 
 class ImageConfig(BaseModel):
     """A source image in the catalog: everything about it is declared, nothing probed."""

@@ -47,6 +47,8 @@ def _field_path(doc: Document, loc: Sequence[int | str]) -> tuple[YPath, str]:
     not in the document are skipped, except a final one (a missing or unknown field).
     """
     path: list[str | int] = []
+    if loc and loc[-1] == "[key]":  # a mapping key (a pool or image name) is the problem
+        loc = loc[:-1]
     last = len(loc) - 1
     for i, part in enumerate(loc):
         if i < last and _is_tag(part, loc, i):
@@ -111,6 +113,21 @@ def load_config(path: str) -> Config:
         raise ConfigError(str(e)) from None
     except InputErrors as e:
         raise ConfigError(str(e)) from None
+    for name, pool in cfg.pools.items():
+        seen: set[str] = set()
+        for i, b in enumerate(pool.backends):
+            if b in seen:
+                where = doc.location(("pools", name, "backends", i))
+                raise ConfigError(
+                    str(
+                        InputError(
+                            f"backend {b} is listed more than once",
+                            where,
+                            f"pools.{name}.backends[{i}]",
+                        )
+                    )
+                )
+            seen.add(b)
     return cfg.with_base_dir(str(Path(path).resolve().parent))
 
 

@@ -13,7 +13,6 @@ from pydantic import (
     Tag,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from reconciler.schema.common import (
@@ -66,8 +65,17 @@ class TemplateSource(BaseModel):
         if not label or len(label.encode()) > limit:
             raise ValueError(f"{template} labels are 1 to {limit} bytes, got {label!r}")
         if template == TemplateKind.VFAT:
-            if not set(label) <= _VFAT_LABEL_OK:
-                raise ValueError(f"vfat label {label!r} must be upper case ASCII")
+            bad = sorted(set(label) - _VFAT_LABEL_OK)
+            if bad and not set(label.upper()) - _VFAT_LABEL_OK:
+                raise ValueError(
+                    f"vfat label {label!r} must be upper case ASCII: write {label.upper()!r}"
+                )
+            if bad:
+                shown = " ".join(repr(c) for c in bad)
+                raise ValueError(
+                    f"vfat label {label!r} may not contain {shown}; use upper-case letters, "
+                    "digits, space and _-!#$%&'()@^`{}~"
+                )
         elif not label.isprintable() or not label.isascii():
             raise ValueError(f"label {label!r} must be printable ASCII")
         return label
@@ -141,7 +149,7 @@ class Manifest(BaseModel):
     kind: Literal["InstanceStorage"]
     instance: str
     deleted: bool = False
-    disks: list[DiskSpec] = Field(default_factory=list)
+    disks: list[DiskSpec] = Field(default_factory=list, validate_default=True)
 
     @field_validator("instance")
     @classmethod
@@ -154,8 +162,9 @@ class Manifest(BaseModel):
             raise ValueError(f"instance UUID must be written lower case with dashes: {u}")
         return v
 
-    @model_validator(mode="after")
-    def _live_has_disks(self) -> Manifest:
-        if not self.deleted and not self.disks:
+    @field_validator("disks")
+    @classmethod
+    def _live_has_disks(cls, disks: list[DiskSpec], info: ValidationInfo) -> list[DiskSpec]:
+        if not disks and not info.data.get("deleted", False):
             raise ValueError("a manifest lists at least one disk (or sets deleted: true)")
-        return self
+        return disks

@@ -2,13 +2,16 @@
 
 Manifests are hand-edited by operators and written by a service, so the loader refuses
 everything that makes a file mean something other than what it shows: anchors, aliases,
-merge keys, explicit tags, duplicate keys, several documents. It also bounds size and
-nesting so a hostile file cannot exhaust memory. Every value's 1-based line and column is
-kept in `positions`, keyed by its path, so schema errors can name file, line and field.
+merge keys, explicit tags, duplicate keys, several documents, YAML 1.1's octal and base-60
+numbers and yes/no/on/off booleans. It also bounds size and nesting so a hostile file
+cannot exhaust memory. Every value's 1-based line and column is kept, keyed by its path
+(and, for mapping entries, the key's own position), so schema errors name file, line and
+field.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,20 +33,27 @@ _BOOL = "tag:yaml.org,2002:bool"
 _NULL = "tag:yaml.org,2002:null"
 _MERGE = "tag:yaml.org,2002:merge"
 
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+# libyaml counts these as line breaks, editors mostly do not: line numbers would drift.
+_ODD_BREAKS = {"\u2028": "U+2028", "\u2029": "U+2029", "\x85": "U+0085"}
+_CONTEXTS_AT_START = ("while scanning a", "while parsing a flow")
+
 
 @dataclass
 class Document:
-    """A loaded YAML document: its data and where each value stood."""
+    """A loaded YAML document: its data and where each value (and key) stood."""
 
     file: str
     data: Any
     positions: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    key_positions: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
     def location(self, path: Path) -> Location:
-        """The location of the value at `path`, or of its nearest located ancestor."""
+        """Where the entry at `path` is written (its key, for a mapping entry), or the
+        nearest written ancestor."""
         p = tuple(path)
         while p:
-            pos = self.positions.get(p)
+            pos = self.key_positions.get(p) or self.positions.get(p)
             if pos is not None:
                 return Location(self.file, pos[0], pos[1])
             p = p[:-1]
@@ -69,21 +79,61 @@ def load_file(path: str, display: str | None = None) -> Document:
     return load_text(text, name)
 
 
+def _line_of(text: str, index: int) -> int:
+    return text.count("\n", 0, index) + 1
+
+
 def load_text(text: str, file: str) -> Document:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise InputError(f"file is larger than {MAX_FILE_BYTES} bytes", Location(file))
-    loader = _Loader(text)
+    for ch, name in _ODD_BREAKS.items():
+        i = text.find(ch)
+        if i >= 0:
+            raise InputError(
+                f"invalid YAML: the file contains {name}, which YAML counts as a line break; "
+                "remove it",
+                Location(file, _line_of(text, i)),
+            )
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as e:  # pragma: no cover - the C reader fails lazily
+        raise InputError(f"invalid YAML: {e}", Location(file)) from e
     try:
         return _Builder(loader, file).document()
+    except yaml.reader.ReaderError as e:
+        line = _line_of(text, e.position)
+        raise InputError(
+            f"invalid YAML: control characters are not allowed (found #x{e.character:02x})",
+            Location(file, line),
+        ) from None
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
-        problem = e.problem or e.context or "malformed YAML"
-        raise InputError(f"invalid YAML: {problem}", loc) from e
+        raise _syntax_error(e, text, file) from None
     except yaml.YAMLError as e:
-        raise InputError(f"invalid YAML: {e}", Location(file)) from e
+        raise InputError(f"invalid YAML: {e}", Location(file)) from None
     finally:
         loader.dispose()
+
+
+def _syntax_error(e: yaml.MarkedYAMLError, text: str, file: str) -> InputError:
+    """Name the line an operator has to fix: for an unclosed quote or bracket, or a key
+    missing its ':', that is where it starts, not where the parser gave up."""
+    mark = e.problem_mark
+    at_start = (e.context or "").startswith(_CONTEXTS_AT_START) and "tab" not in (e.problem or "")
+    if e.context_mark is not None and at_start:
+        mark = e.context_mark
+    if mark is None:
+        mark = e.context_mark
+    problem = e.problem or e.context or "malformed YAML"
+    if mark is e.context_mark and e.context and e.problem:
+        problem = f"{e.problem} ({e.context.removeprefix('while ')} that starts here)"
+    pm = e.problem_mark
+    if pm is not None and 0 <= pm.index < len(text) and text[pm.index] == "\t":
+        problem += " (a tab: YAML indentation must be spaces)"
+    if mark is None:
+        return InputError(f"invalid YAML: {problem}", Location(file))
+    last = text.count("\n") + (0 if text.endswith("\n") else 1)
+    line = min(mark.line + 1, max(last, 1))
+    return InputError(f"invalid YAML: {problem}", Location(file, line, mark.column + 1))
 
 
 class _Builder:
@@ -91,28 +141,26 @@ class _Builder:
         self.loader = loader
         self.file = file
         self.positions: dict[Path, tuple[int, int]] = {}
-
-    def _loc(self, event: Any) -> Location:
-        m = event.start_mark
-        return Location(self.file, m.line + 1, m.column + 1)
+        self.key_positions: dict[Path, tuple[int, int]] = {}
 
     def _fail(self, message: str, event: Any, path: Path) -> InputError:
-        return InputError(message, self._loc(event), _render_path(path) or None)
+        m = event.start_mark
+        return InputError(
+            message, Location(self.file, m.line + 1, m.column + 1), render_path(path) or None
+        )
 
     def document(self) -> Document:
         get = self.loader.get_event
-        ev = get()  # StreamStart
+        get()  # StreamStart
         ev = get()
         if isinstance(ev, yaml.StreamEndEvent):
             raise InputError("file is empty", Location(self.file, 1))
-        if not isinstance(ev, yaml.DocumentStartEvent):  # pragma: no cover - parser guarantees
-            raise self._fail("expected a YAML document", ev, ())
         data = self.node((), 1)
-        ev = get()  # DocumentEnd
+        get()  # DocumentEnd
         ev = get()
         if not isinstance(ev, yaml.StreamEndEvent):
             raise self._fail("file holds more than one YAML document; write one per file", ev, ())
-        return Document(self.file, data, self.positions)
+        return Document(self.file, data, self.positions, self.key_positions)
 
     def node(self, path: Path, depth: int) -> Any:
         ev = self.loader.get_event()
@@ -120,16 +168,14 @@ class _Builder:
             raise self._fail("YAML aliases (*name) are not allowed; write the value out", ev, path)
         if ev.anchor is not None:
             raise self._fail(f"YAML anchors (&{ev.anchor}) are not allowed", ev, path)
-        if ev.tag is not None and not (
-            isinstance(ev, yaml.ScalarEvent) and ev.tag == "!" and not ev.implicit[0]
-        ):
+        if ev.tag is not None:
             raise self._fail(f"YAML tags ({ev.tag}) are not allowed", ev, path)
         if depth > MAX_DEPTH:
             raise self._fail(f"nesting deeper than {MAX_DEPTH} levels", ev, path)
         m = ev.start_mark
         self.positions[path] = (m.line + 1, m.column + 1)
         if isinstance(ev, yaml.ScalarEvent):
-            return self.scalar(ev)
+            return self.scalar(ev, path)
         if isinstance(ev, yaml.SequenceStartEvent):
             items: list[Any] = []
             while not self.loader.check_event(yaml.SequenceEndEvent):
@@ -139,47 +185,63 @@ class _Builder:
         if isinstance(ev, yaml.MappingStartEvent):
             mapping: dict[str, Any] = {}
             while not self.loader.check_event(yaml.MappingEndEvent):
-                kev = self.loader.peek_event()
+                kev = self.loader.get_event()
                 if not isinstance(kev, yaml.ScalarEvent):
                     raise self._fail("mapping keys must be plain strings", kev, path)
-                self.loader.get_event()
                 if kev.anchor is not None or kev.tag is not None:
                     raise self._fail("anchors and tags are not allowed on keys", kev, path)
-                key = self.scalar(kev, key=True)
-                if not isinstance(key, str):
-                    raise self._fail(f"mapping key {kev.value!r} must be a string", kev, path)
+                key = self.scalar(kev, path, key=True)
+                km: Any = kev.start_mark
                 if key in mapping:
                     raise self._fail(f"duplicate key {key!r}", kev, (*path, key))
+                self.key_positions[(*path, key)] = (km.line + 1, km.column + 1)
                 mapping[key] = self.node((*path, key), depth + 1)
             self.loader.get_event()
             return mapping
         raise self._fail("unexpected YAML event", ev, path)  # pragma: no cover
 
-    def scalar(self, ev: Any, key: bool = False) -> Any:
+    def scalar(self, ev: Any, path: Path, key: bool = False) -> Any:
         value: str = ev.value
         if not ev.implicit[0]:
-            # Quoted (or '!'-tagged) scalars are always strings.
-            return value
+            return value  # quoted: always a string
         tag = self.loader.resolve(yaml.ScalarNode, value, ev.implicit)
         if tag == _MERGE:
-            raise self._fail("YAML merge keys (<<) are not allowed", ev, ())
+            raise self._fail("YAML merge keys (<<) are not allowed", ev, path)
         if key or tag == _STR:
             # Keys stay text: `1: x` or `yes: x` must not turn into int or bool keys.
             return value
-        node = yaml.ScalarNode(tag, value)
         if tag == _NULL:
             return None
         if tag == _BOOL:
-            return self.loader.construct_yaml_bool(node)
+            if value.lower() not in ("true", "false"):
+                raise self._fail(
+                    f"{value!r} is read as a boolean by YAML 1.1; write true or false, or "
+                    "quote it if you meant the text",
+                    ev,
+                    path,
+                )
+            return value.lower() == "true"
         if tag == _INT:
-            return self.loader.construct_yaml_int(node)
+            if not _DECIMAL.fullmatch(value):
+                raise self._fail(
+                    f"number {value!r} is not plain decimal (YAML 1.1 reads leading zeros as "
+                    "octal, and a:b as base 60); write it in decimal or quote it",
+                    ev,
+                    path,
+                )
+            if len(value) > 30:
+                raise self._fail(f"number {value[:12]}... has {len(value)} digits", ev, path)
+            return int(value)
         if tag == _FLOAT:
-            return self.loader.construct_yaml_float(node)
+            try:
+                return float(self.loader.construct_yaml_float(yaml.ScalarNode(tag, value)))
+            except ValueError:
+                raise self._fail(f"{value!r} is not a number", ev, path) from None
         # Timestamps and other implicit types stay strings: no field here is a date.
         return value
 
 
-def _render_path(path: Path) -> str:
+def render_path(path: Path) -> str:
     out = ""
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Install what the project needs on a Debian 12 machine (as root), then the Python venv.
+#
+#   scripts/setup.sh                          # Debian packages + .venv with '.[test]'
+#   RECONCILER_WITH_CEPH=1 scripts/setup.sh   # also the Ceph packages (for rbd)
+#
+# Idempotent and quick when done: packages are checked with dpkg-query and apt runs only if
+# one is missing; pip runs only when pyproject.toml changed since the last install (its
+# sha256 is kept in .venv/.setup-stamp).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { echo "setup: $*"; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+# Debian packages: libvirtd with the dir/fs/logical storage backends, virsh, qemu-img,
+# what libvirt-python builds against, and the tools templates run (mkfs.*, mkswap).
+# qemu-system-x86 (43 MB, no recommends) lets the private libvirtd define domains, so the
+# tests can check that a disk a domain uses is never deleted; no guest is ever started.
+# Not libvirt-daemon-system: it drags in systemd-sysv, and scripts/libvirtd.sh runs its own.
+DEBIAN_PACKAGES=(
+    libvirt-daemon libvirt-clients qemu-utils libvirt-dev pkg-config gcc
+    e2fsprogs xfsprogs dosfstools util-linux qemu-system-x86
+)
+
+# ---- Ceph (future use): installed only with RECONCILER_WITH_CEPH=1 ----------------------
+# A one-node cluster for rbd tests; Python reaches it through Debian's rados/rbd modules,
+# linked into the venv below. libvirt's rbd pool backend is a separate package.
+CEPH_PACKAGES=(
+    ceph-mon ceph-osd ceph-common python3-rados python3-rbd
+    libvirt-daemon-driver-storage-rbd
+)
+WITH_CEPH=${RECONCILER_WITH_CEPH:-0}
+# ------------------------------------------------------------------------------------------
+
+command -v python3 >/dev/null || die "python3 not found on PATH (CPython 3.11 or newer is needed)"
+
+packages=("${DEBIAN_PACKAGES[@]}")
+if [ "$WITH_CEPH" = 1 ]; then packages+=("${CEPH_PACKAGES[@]}"); fi
+# Debian's own python3 needs venv and headers from packages; pyenv's python has both.
+if [[ "$(readlink -f "$(command -v python3)")" == /usr/bin/* ]]; then
+    packages+=(python3-venv python3-dev)
+fi
+
+did=0  # whether this run changed anything
+
+# ---- Debian packages --------------------------------------------------------------------
+missing=()
+for p in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}..."
+    did=1
+    [ "$(id -u)" -eq 0 ] || die "not root: install these Debian packages first: ${missing[*]}"
+    log=$(mktemp "${TMPDIR:-/tmp}/reconciler-apt.XXXXXX")
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get update -q >"$log" 2>&1; then
+        cat "$log" >&2
+        die "apt-get update failed (output above)"
+    fi
+    if ! apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=120 \
+        "${missing[@]}" </dev/null >>"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        die "apt-get install failed (full output in $log)"
+    fi
+    rm -f "$log"
+fi
+
+# ---- Python venv --------------------------------------------------------------------------
+if [ -e .venv ] && ! .venv/bin/python -c '' 2>/dev/null; then
+    did=1
+    say "recreating .venv (it does not run: was its python removed?)..."
+    rm -rf .venv
+fi
+if [ ! -e .venv ]; then
+    say "creating .venv..."
+    did=1
+    python3 -m venv .venv || die "'python3 -m venv .venv' failed"
+fi
+
+stamp=.venv/.setup-stamp
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    did=1
+    say "installing Python packages (pip install -e '.[test]')..."
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+    .venv/bin/python -m pip install -q -e '.[test]' ||
+        die "pip install -e '.[test]' failed (output above)"
+    echo "$want" >"$stamp"
+fi
+
+# Debian's rados/rbd extension modules, made importable in the venv (no usable PyPI build).
+if [ "$WITH_CEPH" = 1 ]; then
+    read -r site suffix < <(.venv/bin/python -c \
+        'import sysconfig; print(sysconfig.get_paths()["purelib"], sysconfig.get_config_var("EXT_SUFFIX"))')
+    mkdir -p .venv/debian-ceph
+    for mod in rados rbd; do
+        so=/usr/lib/python3/dist-packages/$mod$suffix
+        [ -e "$so" ] || die "$so not found: Debian's python3-$mod does not match the venv's python"
+        ln -sfn "$so" ".venv/debian-ceph/$mod$suffix"
+    done
+    echo "$PWD/.venv/debian-ceph" >"$site/debian-ceph.pth"
+fi
+
+if [ "$did" = 1 ]; then say "done"; else say "up to date"; fi

@@ -1,0 +1,104 @@
+"""Fixtures: a private libvirtd (started by the project's script) and fresh pools per test."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest_libvirtd import start_libvirtd
+from tests.env import Env, qemu_uri
+
+
+@dataclass(frozen=True)
+class DirPool:
+    name: str
+    path: Path
+    uri: str
+
+
+@pytest.fixture(scope="session")
+def libvirt_uri() -> str:
+    """The private daemon's URI: $RECONCILER_LIBVIRT_URI (set by `make test`), else the
+    daemon `make libvirtd` would use, started here."""
+    uri = os.environ.get("RECONCILER_LIBVIRT_URI")
+    if not uri:
+        try:
+            uri = start_libvirtd()
+        except RuntimeError as e:
+            pytest.fail(f"could not start the private libvirtd: {e}", pytrace=False)
+    return qemu_uri(uri)
+
+
+def daemon_dir(uri: str) -> Path:
+    """The private daemon's directory, from its socket path (DIR/sock/libvirt-sock)."""
+    sock = uri.split("socket=", 1)[1]
+    return Path(sock).parent.parent
+
+
+class Pools:
+    """Makes libvirt dir pools for one test and removes them (and their domains) after."""
+
+    def __init__(self, uri: str, tag: str) -> None:
+        import libvirt
+
+        self.uri = uri
+        self.tag = tag
+        self.conn = libvirt.open(uri)
+        self.made: list[tuple[str, Path]] = []
+
+    def make(self, path: Path) -> DirPool:
+        import libvirt
+
+        name = f"t-{self.tag}-{len(self.made)}"
+        path.mkdir(parents=True, exist_ok=True)
+        try:  # a pool left by an interrupted earlier run
+            old = self.conn.storagePoolLookupByName(name)
+            if old.isActive():
+                old.destroy()
+            old.undefine()
+        except libvirt.libvirtError:
+            pass
+        pool = self.conn.storagePoolDefineXML(
+            f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
+        )
+        pool.create(0)
+        self.made.append((name, path))
+        return DirPool(name, path, self.uri)
+
+    def close(self) -> None:
+        for dom in self.conn.listAllDomains(0):
+            xml = dom.XMLDesc(0)
+            if any(str(path) in xml for _, path in self.made):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+        for name, _ in self.made:
+            pool = self.conn.storagePoolLookupByName(name)
+            if pool.isActive():
+                pool.destroy()
+            pool.undefine()
+        self.conn.close()
+
+
+@pytest.fixture
+def pools(libvirt_uri: str, request: pytest.FixtureRequest) -> Iterator[Pools]:
+    p = Pools(libvirt_uri, hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12])
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def dir_pool(pools: Pools, tmp_path: Path) -> DirPool:
+    return pools.make(tmp_path / "pool")
+
+
+@pytest.fixture
+def env(dir_pool: DirPool, tmp_path: Path) -> Env:
+    e = Env(tmp_path / "env", dir_pool.uri, {"local": (dir_pool.name, dir_pool.path)})
+    e.write_config()
+    return e

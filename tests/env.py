@@ -1,0 +1,156 @@
+"""A reconciler environment on a real libvirt pool: config, manifests, running the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reconciler.cli import main
+from reconciler.schema.load import load_config
+from reconciler.store import SqliteRecordStore, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def qemu_uri(uri: str) -> str:
+    """The private daemon serves storage and domains; domain checks need the qemu driver."""
+    return uri.replace("storage+unix://", "qemu+unix://", 1)
+
+
+def disk(
+    name: str,
+    *,
+    backend: str = "flat",
+    fmt: str = "raw",
+    size: str | int = "64MiB",
+    template: str | None = "blank",
+    label: str | None = None,
+    image: str | None = None,
+    pool: str = "local",
+    policy: str | None = None,
+) -> dict[str, Any]:
+    source: dict[str, Any] = {"image": image} if image else {"template": template}
+    if label:
+        source["label"] = label
+    d: dict[str, Any] = {
+        "name": name,
+        "backend": backend,
+        "pool": pool,
+        "format": fmt,
+        "size": size,
+        "source": source,
+    }
+    if policy:
+        d["deletionPolicy"] = policy
+    return d
+
+
+@dataclass
+class Env:
+    root: Path
+    uri: str
+    pools: dict[str, tuple[str, Path]]  # config name -> (libvirt pool name, directory)
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
+    def write_config(self) -> None:
+        pools = {
+            name: {"uri": self.uri, "libvirtPool": lp, "backends": ["flat", "qcow2"]}
+            for name, (lp, _) in self.pools.items()
+        }
+        cfg = {
+            "apiVersion": "reconciler/v1",
+            "kind": "Config",
+            "state": {"dir": str(self.root / "state")},
+            "pools": pools,
+            "images": self.images,
+        }
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
+
+    def manifest(
+        self,
+        name: str,
+        disks: list[dict[str, Any]],
+        *,
+        instance: str | None = None,
+        deleted: bool = False,
+    ) -> str:
+        inst = instance or str(uuid.uuid5(uuid.NAMESPACE_DNS, name))
+        doc: dict[str, Any] = {
+            "apiVersion": "reconciler/v1",
+            "kind": "InstanceStorage",
+            "instance": inst,
+        }
+        if deleted:
+            doc["deleted"] = True
+        if disks:
+            doc["disks"] = disks
+        (self.manifests / f"{name}.yaml").write_text(json.dumps(doc, indent=2))
+        return inst
+
+    def remove_manifest(self, name: str) -> None:
+        (self.manifests / f"{name}.yaml").unlink()
+
+    def pool_dir(self, name: str = "local") -> Path:
+        return self.pools[name][1]
+
+    def volume(self, instance: str, disk_name: str, pool: str = "local") -> Path:
+        return self.pool_dir(pool) / f"{instance}_{disk_name}"
+
+    def store(self) -> SqliteRecordStore:
+        return open_store(load_config(str(self.config_path)).state_dir())
+
+    def run(self, *args: str) -> tuple[int, str, str]:
+        """Run `reconcile --config CFG ARGS MANIFESTS` in this process: (rc, stdout, stderr)."""
+        return self.main(["--config", str(self.config_path), *args, str(self.manifests)])
+
+    @staticmethod
+    def main(argv: list[str]) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(argv)
+        return rc, out.getvalue(), err.getvalue()
+
+    def plan_json(self, *flags: str) -> dict[str, Any]:
+        rc, out, err = self.run("--dry-run", "--output", "json", *flags)
+        assert rc in (0, 1, 2), err
+        doc: dict[str, Any] = json.loads(out)
+        return doc
+
+    def subprocess(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "reconciler",
+                "--config",
+                str(self.config_path),
+                *args,
+                str(self.manifests),
+            ],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            cwd=ROOT,
+        )

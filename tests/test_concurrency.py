@@ -1,0 +1,90 @@
+"""Two reconcilers started together on the same manifests and pool, as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from reconciler.schema.record import RecordKind, RecordState
+from tests.env import ROOT, Env, disk
+
+pytestmark = pytest.mark.libvirtd
+
+
+def test_two_processes_make_every_disk_once(env: Env) -> None:
+    for i in range(12):
+        env.manifest(
+            f"vm{i}",
+            [
+                disk(
+                    "root",
+                    backend="qcow2",
+                    fmt="qcow2",
+                    size="64MiB",
+                    template="ext4",
+                    label="root",
+                ),
+                disk("eph", size="32MiB", template="ext4", label="eph"),
+                disk("swap", size="16MiB", template="swap"),
+            ],
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "reconciler",
+        "--config",
+        str(env.config_path),
+        str(env.manifests),
+    ]
+    procs = [
+        subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ),
+        )
+        for _ in range(2)
+    ]
+    results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    for out, err, rc in results:
+        assert rc == 0, out + err
+
+    created = Counter(
+        line.split()[1]
+        for out, _, _ in results
+        for line in out.splitlines()
+        if line.startswith("created ")
+    )
+    skipped = Counter(
+        line.split()[2]
+        for out, _, _ in results
+        for line in out.splitlines()
+        if line.startswith("skipped ")
+    )
+    assert len(created) == 36 and set(created.values()) == {1}, created
+    per_process = [
+        sum(line.startswith("created ") for line in out.splitlines()) for out, _, _ in results
+    ]
+    print(f"disks created per process: {per_process}")
+    # Whatever one process made, the other found done: nothing was made twice.
+    assert set(skipped) <= set(created)
+    assert sum(created.values()) + sum(skipped.values()) == 72
+
+    store = env.store()
+    records, bad = store.load_all()
+    store.close()
+    assert not bad
+    disks = [r for r in records if r.kind is RecordKind.DISK]
+    assert len(disks) == 36
+    # generation 2 = written once as `creating`, once as `ready`: no second creation.
+    assert {(r.state, r.generation) for r in disks} == {(RecordState.READY, 2)}
+    caches = [r for r in records if r.kind is RecordKind.CACHE]
+    assert {(r.state, r.generation) for r in caches} == {(RecordState.READY, 2)}
+    assert len(caches) == 3  # one ext4 64 MiB, one ext4 32 MiB, one swap 16 MiB
+    assert env.plan_json()["actions"] == []

@@ -1,0 +1,308 @@
+"""The malformed-input corpus: every bad manifest and config fails where it should.
+
+Each file in tests/corpus/manifests and tests/corpus/configs is paired, in
+tests/corpus/expected.yaml, with the line, field and message its error must name. Entries
+with an `xfail` reason describe what the loader should do but does not yet; they are
+strict xfails, so fixing the loader turns them into failures until the mark is removed.
+Inputs too large to commit (over 1 MiB, thousands of levels deep) are generated here.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reconciler.errors import ConfigError, InputError
+from reconciler.schema.config import Config
+from reconciler.schema.load import (
+    FailedManifest,
+    LoadedManifest,
+    load_config,
+    load_manifest,
+    load_manifests,
+)
+from reconciler.schema.yamlload import MAX_DEPTH, MAX_FILE_BYTES
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(__file__).resolve().parent / "corpus"
+EXPECTED = CORPUS / "expected.yaml"
+KINDS = ("manifests", "configs")
+MIN_COUNTS = {"manifests": 100, "configs": 15}
+_FILE_RE = re.compile(r"^[0-9]{3}-[a-z0-9][a-z0-9-]*\.yaml$")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    file: str  # relative to CORPUS, e.g. "manifests/001-lvm-holds-qcow2.yaml"
+    line: int
+    field: str | None
+    message: str  # a plain substring of the error message
+    xfail: str | None = None
+
+    @property
+    def path(self) -> str:
+        return str(CORPUS / self.file)
+
+
+def _load_expected() -> dict[str, Expectation]:
+    raw: Any = yaml.safe_load(EXPECTED.read_text(encoding="utf-8"))
+    assert isinstance(raw, dict), f"{EXPECTED} must hold a mapping"
+    out: dict[str, Expectation] = {}
+    for key, entry in raw.items():
+        assert isinstance(entry, dict), f"{key}: expectation must be a mapping"
+        unknown = set(entry) - {"line", "field", "message", "xfail"}
+        assert not unknown, f"{key}: unknown keys {sorted(unknown)}"
+        line, field, message = entry.get("line"), entry.get("field"), entry.get("message")
+        xfail = entry.get("xfail")
+        assert isinstance(line, int) and line >= 1, f"{key}: line must be a positive int"
+        assert field is None or isinstance(field, str), f"{key}: field must be str or null"
+        assert isinstance(message, str) and message, f"{key}: message must be a string"
+        assert xfail is None or isinstance(xfail, str), f"{key}: xfail must be a reason"
+        out[str(key)] = Expectation(str(key), line, field, message, xfail)
+    return out
+
+
+EXPECTATIONS = _load_expected()
+
+
+def _params(kind: str) -> list[Any]:
+    params = []
+    for key, exp in EXPECTATIONS.items():
+        if not key.startswith(f"{kind}/"):
+            continue
+        marks = [pytest.mark.xfail(strict=True, reason=exp.xfail)] if exp.xfail else []
+        params.append(pytest.param(exp, id=Path(key).name, marks=marks))
+    return params
+
+
+@pytest.fixture(scope="module")
+def corpus_config() -> Config:
+    return load_config(str(CORPUS / "config.yaml"))
+
+
+def _describe(e: InputError) -> str:
+    return f"line={e.location.line} field={e.field!r} message={e.message!r}"
+
+
+def _matches(e: InputError, path: str, line: int | None, field: str | None, message: str) -> bool:
+    return (
+        e.location.file == path
+        and e.location.line == line
+        and e.field == field
+        and message in e.message
+    )
+
+
+def _assert_fails_with(
+    result: LoadedManifest | FailedManifest,
+    path: str,
+    line: int | None,
+    field: str | None,
+    message: str,
+) -> None:
+    assert isinstance(result, FailedManifest), f"{path} loaded without an error"
+    assert result.file == path
+    want = f"line={line} field={field!r} message containing {message!r}"
+    got = "\n  ".join(_describe(e) for e in result.errors)
+    assert any(_matches(e, path, line, field, message) for e in result.errors), (
+        f"{path}\nexpected: {want}\ngot:\n  {got}"
+    )
+
+
+# ---------------------------------------------------------------- the corpus itself
+
+
+def test_every_corpus_file_has_an_expectation_and_vice_versa() -> None:
+    on_disk = {
+        f"{kind}/{p.name}" for kind in KINDS for p in (CORPUS / kind).iterdir() if p.is_file()
+    }
+    expected = set(EXPECTATIONS)
+    assert sorted(on_disk - expected) == [], "corpus files without an expectation"
+    assert sorted(expected - on_disk) == [], "expectations without a corpus file"
+    for key in on_disk:
+        assert key.split("/")[0] in KINDS
+        assert _FILE_RE.match(Path(key).name), f"{key}: name it NNN-short-name.yaml"
+    for kind, minimum in MIN_COUNTS.items():
+        count = sum(1 for key in expected if key.startswith(f"{kind}/"))
+        assert count >= minimum, f"only {count} {kind} in the corpus; want {minimum}"
+
+
+def test_corpus_numbers_are_unique() -> None:
+    for kind in KINDS:
+        numbers = [p.name[:3] for p in (CORPUS / kind).iterdir()]
+        assert len(numbers) == len(set(numbers)), f"{kind}: a number is used twice"
+
+
+def test_corpus_config_is_the_documented_one(corpus_config: Config) -> None:
+    backends = {name: [b.value for b in p.backends] for name, p in corpus_config.pools.items()}
+    assert backends == {
+        "local": ["flat", "qcow2"],
+        "fast": ["flat"],
+        "ceph": ["rbd"],
+        "vg": ["lvm"],
+    }
+    images = {name: (i.format.value, i.size) for name, i in corpus_config.images.items()}
+    assert images == {"cirros": ("raw", 1 << 30), "ubuntu": ("qcow2", 629145600)}
+
+
+def test_valid_corpus_manifests_load(corpus_config: Config) -> None:
+    """Positive controls: the bad files fail for their one defect, not for the setup."""
+    loaded, failed = load_manifests([str(CORPUS / "valid")], corpus_config)
+    assert [f.errors for f in failed] == []
+    assert len(loaded) == len(list((CORPUS / "valid").iterdir()))
+
+
+@pytest.mark.parametrize("exp", _params("manifests"))
+def test_bad_manifest(exp: Expectation, corpus_config: Config) -> None:
+    result = load_manifest(exp.path, corpus_config)
+    _assert_fails_with(result, exp.path, exp.line, exp.field, exp.message)
+
+
+@pytest.mark.parametrize("exp", _params("configs"))
+def test_bad_config(exp: Expectation) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(exp.path)
+    text = str(info.value)
+    # Each error is one line: <path>:<line>[:<column>]: [<field>: ]<message>
+    line_re = re.compile(rf"^{re.escape(exp.path)}:(?P<line>[0-9]+)(?::[0-9]+)?: (?P<rest>.*)$")
+    prefix = f"{exp.field}: " if exp.field is not None else ""
+    for row in text.splitlines():
+        m = line_re.match(row)
+        if not m or int(m["line"]) != exp.line:
+            continue
+        rest = m["rest"]
+        if rest.startswith(prefix) and exp.message in rest[len(prefix) :]:
+            return
+    pytest.fail(
+        f"expected {exp.path}:{exp.line}: {prefix}...{exp.message}...\ngot:\n{text}",
+        pytrace=False,
+    )
+
+
+# ---------------------------------------------------------------- generated inputs
+
+
+def _valid_manifest() -> str:
+    return (CORPUS / "valid" / "web.yaml").read_text(encoding="utf-8")
+
+
+def test_manifest_over_one_mib_is_refused(tmp_path: Path, corpus_config: Config) -> None:
+    body = _valid_manifest()
+    path = tmp_path / "huge.yaml"
+    path.write_text(body + "#" * (MAX_FILE_BYTES - len(body.encode())) + "\n", encoding="utf-8")
+    assert path.stat().st_size == MAX_FILE_BYTES + 1
+    result = load_manifest(str(path), corpus_config)
+    assert isinstance(result, FailedManifest)
+    (err,) = result.errors
+    assert err.location.file == str(path)
+    assert err.location.line in (None, 1)
+    assert err.field is None
+    assert f"file is larger than {MAX_FILE_BYTES} bytes" in err.message
+
+
+def test_manifest_of_exactly_one_mib_loads(tmp_path: Path, corpus_config: Config) -> None:
+    body = _valid_manifest()
+    path = tmp_path / "big.yaml"
+    path.write_text(body + "#" * (MAX_FILE_BYTES - len(body.encode()) - 1) + "\n", "utf-8")
+    assert path.stat().st_size == MAX_FILE_BYTES
+    assert isinstance(load_manifest(str(path), corpus_config), LoadedManifest)
+
+
+def test_config_over_one_mib_is_refused(tmp_path: Path) -> None:
+    body = (CORPUS / "config.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "config.yaml"
+    path.write_text(body + ("# padding\n" * (MAX_FILE_BYTES // 10 + 1)), encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: file is larger than")):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    ("opener", "closer", "step"),
+    [("[", "]", "[0]"), ("{a: ", "}", ".a")],
+    ids=["flow-sequences", "flow-mappings"],
+)
+def test_hostile_nesting_is_refused_at_the_limit(
+    tmp_path: Path, corpus_config: Config, opener: str, closer: str, step: str
+) -> None:
+    """10,000 levels: refused at level 33 with its line and path, not a RecursionError."""
+    depth = 10_000
+    text = _valid_manifest() + "extra:\n  " + opener * depth + "x" + closer * depth + "\n"
+    path = tmp_path / "deep.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert path.stat().st_size < MAX_FILE_BYTES
+    line = text.count("\n", 0, text.index("extra:")) + 2
+    # The top-level mapping is level 1 and `extra`'s value level 2: level 33 is 31 steps in.
+    field = "extra" + step * (MAX_DEPTH - 1)
+    result = load_manifest(str(path), corpus_config)
+    _assert_fails_with(result, str(path), line, field, f"nesting deeper than {MAX_DEPTH} levels")
+
+
+def test_nesting_of_exactly_the_limit_is_parsed(tmp_path: Path, corpus_config: Config) -> None:
+    levels = MAX_DEPTH - 1  # plus the top-level mapping
+    text = _valid_manifest() + "extra: " + "[" * levels + "]" * levels + "\n"
+    path = tmp_path / "deep.yaml"
+    path.write_text(text, encoding="utf-8")
+    line = text.count("\n", 0, text.index("extra:")) + 1
+    result = load_manifest(str(path), corpus_config)
+    _assert_fails_with(result, str(path), line, "extra", "unknown field")
+
+
+# ---------------------------------------------------------------- directories and examples
+
+
+def _one_bad_params() -> list[Any]:
+    picks = [
+        "-lvm-holds-qcow2.yaml",  # refused by the schema
+        "-pool-unknown.yaml",  # refused by the config's references
+        "-duplicate-key-top.yaml",  # refused by the YAML loader
+        "-non-utf8-value.yaml",  # refused when decoding
+        "-size-5000-digits.yaml",  # crashes the YAML layer today
+    ]
+    params = []
+    for suffix in picks:
+        (key,) = [k for k in EXPECTATIONS if k.startswith("manifests/") and k.endswith(suffix)]
+        reason = EXPECTATIONS[key].xfail
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        params.append(pytest.param(key, id=Path(key).name, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("bad", _one_bad_params())
+def test_one_bad_manifest_among_good_ones(tmp_path: Path, corpus_config: Config, bad: str) -> None:
+    exp = EXPECTATIONS[bad]
+    good = sorted((CORPUS / "valid").iterdir())
+    for p in good:
+        shutil.copy(p, tmp_path / p.name)
+    bad_path = tmp_path / Path(bad).name
+    shutil.copy(CORPUS / bad, bad_path)
+
+    loaded, failed = load_manifests([str(tmp_path)], corpus_config)
+
+    assert sorted(Path(lm.file).name for lm in loaded) == [p.name for p in good]
+    assert [f.file for f in failed] == [str(bad_path)]
+    _assert_fails_with(failed[0], str(bad_path), exp.line, exp.field, exp.message)
+
+
+def test_examples_load_cleanly(tmp_path: Path) -> None:
+    examples = ROOT / "examples"
+    template = (examples / "config.yaml.in").read_text(encoding="utf-8")
+    text = template.replace("@LIBVIRT_URI@", "qemu:///system").replace(
+        "@RUN_DIR@", str(tmp_path / "run")
+    )
+    assert "@" not in re.sub(r"#.*", "", text), "a placeholder was left unsubstituted"
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(text, encoding="utf-8")
+    config = load_config(str(config_path))
+
+    loaded, failed = load_manifests([str(examples / "manifests")], config)
+
+    assert [str(e) for f in failed for e in f.errors] == []
+    names = sorted(p.name for p in (examples / "manifests").iterdir() if p.suffix == ".yaml")
+    assert sorted(Path(lm.file).name for lm in loaded) == names
+    assert len(names) >= 4
