@@ -24,7 +24,7 @@ class Session:
         self.store: SqliteRecordStore = open_store(self.config.state_dir())
         self.conns = Connections()
         self.drivers = {
-            name: driver_for(name, pc, self.conns, self.store)
+            name: driver_for(name, pc, self.conns, self.store, self.config.images)
             for name, pc in sorted(self.config.pools.items())
         }
         self.desired = Desired(())

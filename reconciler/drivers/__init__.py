@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers.base import PoolDriver
 from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.schema.common import Backend
-from reconciler.schema.config import PoolConfig
+from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord
 from reconciler.store import RecordStore
 
@@ -31,11 +31,15 @@ class UnsupportedPool:
 
 
 def driver_for(
-    name: str, config: PoolConfig, conns: Connections, store: RecordStore | None = None
+    name: str,
+    config: PoolConfig,
+    conns: Connections,
+    store: RecordStore | None = None,
+    images: Mapping[str, ImageConfig] | None = None,
 ) -> PoolDriver:
     backends = set(config.backends)
     if backends <= FILE_BACKENDS:
-        return FilePoolDriver(name, config, conns, store)
+        return FilePoolDriver(name, config, conns, store, images)
     missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS))
     return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")
 

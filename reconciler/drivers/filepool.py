@@ -11,13 +11,15 @@ disk is a sparse copy of it in the disk's format. Blank disks need no cache entr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import errno
 import hashlib
 import os
 import stat
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +36,11 @@ from reconciler.drivers.headers import file_header_format
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.tools import NotAFile, fd_path, mkfs_argv, open_volume, run
 from reconciler.errors import PoolError, ReconcileError
+from reconciler.images import Progress, qemu_img_agrees, run_limited, stream_into
 from reconciler.locks import LockDir
 from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
 from reconciler.schema.common import Backend, DiskFormat
-from reconciler.schema.config import PoolConfig
+from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.store import RecordStore
 
@@ -50,10 +53,19 @@ LIBVIRT_VOL_LIST_MAX = 16384
 STATE_DIR = ".reconciler"  # inside the pool: locks shared by everyone using the pool
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
 @dataclass(frozen=True)
 class PoolInfo:
     type: str
     path: str
+
+
+def image_entry_name(image_id: str, sha256: str) -> str:
+    """The cache entry holding an image (as raw) in a pool: named by id and content."""
+    return f"{CACHE_PREFIX}image-{image_id}-{sha256[:16]}"
 
 
 def template_entry_name(kind: str, size: int, label: str | None) -> str:
@@ -76,12 +88,18 @@ def _volume_xml(name: str, size: int, fmt: str, backing: str | None = None) -> s
 
 class FilePoolDriver:
     def __init__(
-        self, name: str, config: PoolConfig, conns: Connections, store: RecordStore | None = None
+        self,
+        name: str,
+        config: PoolConfig,
+        conns: Connections,
+        store: RecordStore | None = None,
+        images: Mapping[str, ImageConfig] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.conns = conns
         self.store = store
+        self.images = dict(images or {})
         self._info: PoolInfo | None = None
 
     # -- the pool ---------------------------------------------------------------------
@@ -191,12 +209,24 @@ class FilePoolDriver:
 
     # -- making volumes ---------------------------------------------------------------
 
-    def backing_for(self, spec: dict[str, Any]) -> str | None:
-        """The cache entry a disk made to `spec` depends on, known before it is made."""
+    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        """The cache entry a disk made to `spec` is made from (none for blank disks)."""
         src = spec["source"]
-        if "template" not in src or src["template"] == "blank":
+        if "image" in src:
+            image = self.images.get(src["image"])
+            if image is None:
+                raise ReconcileError(f"image {src['image']!r} is not in the config's catalog")
+            return image_entry_name(src["image"], image.sha256)
+        if src["template"] == "blank":
             return None
         return template_entry_name(src["template"], int(spec["size"]), src.get("label"))
+
+    def backing_for(self, spec: Mapping[str, Any]) -> str | None:
+        """The cache entry a disk made to `spec` will depend on (qcow2 overlays), known
+        before it is made so the record names it and the entry is never collected."""
+        if spec["backend"] != Backend.QCOW2.value:
+            return None
+        return self.entry_for(spec)
 
     def _create_xml(self, name: str, size: int, fmt: str, backing: str | None = None) -> None:
         xml = _volume_xml(name, size, fmt, backing)
@@ -205,86 +235,194 @@ class FilePoolDriver:
     def create(self, rec: DiskRecord) -> None:
         """Make the volume `rec` describes (its record is already written as creating)."""
         src = rec.source
-        if "template" not in src:
-            raise ReconcileError(
-                f"{rec.volume}: creating disks from images is not supported by this version"
-            )
-        kind = src["template"]
         fmt = rec.format.value
-        if kind == "blank":
+        entry = self.entry_for(rec.spec)
+        if entry is None:
             self._create_xml(rec.volume, rec.virtual_size, fmt)
             faults.point("volume.created")
             return
-        entry = rec.backing
-        assert entry is not None, "template disks have a cache entry"
-        self.ensure_template(entry, kind, rec.virtual_size, src.get("label"))
-        # Hold the entry shared while using it, so garbage collection waits for us.
-        with self.lock(entry, shared=True):
-            if rec.backend is Backend.QCOW2:
-                self._create_xml(rec.volume, rec.virtual_size, "qcow2", self.path(entry))
-                faults.point("volume.created")
+        for _ in range(3):
+            if "image" in src:
+                self.ensure_image(entry, src["image"], rec.virtual_size)
+            else:
+                self.ensure_template(entry, src["template"], rec.virtual_size, src.get("label"))
+            # Hold the entry shared while using it, so garbage collection waits for us; it
+            # may have been collected between the two locks, then it is made again.
+            with self.lock(entry, shared=True):
+                cached = self._store().get(self.name, entry)
+                if cached is None or cached.state is not RecordState.READY:
+                    continue
+                if not self.volume_exists(entry):
+                    continue
+                if cached.virtual_size > rec.virtual_size:
+                    raise ReconcileError(
+                        f"{entry} holds {cached.virtual_size} bytes, more than the disk's "
+                        f"{rec.virtual_size}"
+                    )
+                self._from_entry(rec, entry)
                 return
-            self._create_xml(rec.volume, rec.virtual_size, fmt)
+        raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
+
+    def _from_entry(self, rec: DiskRecord, entry: str) -> None:
+        fmt = rec.format.value
+        if rec.backend is Backend.QCOW2:
+            self._create_xml(rec.volume, rec.virtual_size, "qcow2", self.path(entry))
             faults.point("volume.created")
-            with (
-                open_volume(self.path(entry), write=False) as src_fd,
-                open_volume(self.path(rec.volume)) as dst_fd,
-            ):
-                # -n: write into the volume libvirt made; -S: keep zeros sparse.
-                run(
-                    [
-                        "qemu-img",
-                        "convert",
-                        "-n",
-                        "-f",
-                        "raw",
-                        "-O",
-                        fmt,
-                        "-S",
-                        "4k",
-                        fd_path(src_fd),
-                        fd_path(dst_fd),
-                    ],
-                    fds=(src_fd, dst_fd),
-                    what=f"copy template into {rec.volume}",
+            return
+        self._create_xml(rec.volume, rec.virtual_size, fmt)
+        faults.point("volume.created")
+        with (
+            open_volume(self.path(entry), write=False) as src_fd,
+            open_volume(self.path(rec.volume)) as dst_fd,
+        ):
+            # -n: write into the volume libvirt made at the disk's size; -S: keep zeros sparse.
+            run(
+                [
+                    "qemu-img",
+                    "convert",
+                    "-n",
+                    "-f",
+                    "raw",
+                    "-O",
+                    fmt,
+                    "-S",
+                    "4k",
+                    fd_path(src_fd),
+                    fd_path(dst_fd),
+                ],
+                fds=(src_fd, dst_fd),
+                what=f"copy {entry} into {rec.volume}",
+            )
+        faults.point("volume.filled")
+
+    def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
+        """Under the entry's lock: None if a ready entry exists, else its `creating` record
+        (written) after clearing what an interrupted run left."""
+        store = self._store()
+        rec = store.get(self.name, entry)
+        exists = self.volume_exists(entry)
+        if rec is not None and rec.state is RecordState.READY and exists:
+            return None
+        if exists:
+            if rec is None:
+                raise ReconcileError(
+                    f"{entry} exists in pool {self.name} without a record; it is left alone "
+                    "and cannot be used until it is removed"
                 )
-            faults.point("volume.filled")
+            self.delete_volume(entry)  # a partial entry from an interrupted run
+        gen = rec.generation if rec is not None else None
+        new = DiskRecord(
+            kind=RecordKind.CACHE,
+            backend=Backend.FLAT,
+            pool=self.name,
+            volume=entry,
+            instance="",
+            disk="",
+            format=DiskFormat.RAW,
+            virtual_size=size,
+            spec=spec,
+            source=dict(spec),
+            state=RecordState.CREATING,
+            generation=(gen or 0) + 1,
+        )
+        store.put(new, gen)
+        faults.point("cache.record.creating")
+        return new
+
+    def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
+        self._store().put(
+            rec.model_copy(
+                update={
+                    "state": RecordState.READY,
+                    "generation": rec.generation + 1,
+                    "virtual_size": virtual_size,
+                    "last_used": _now(),
+                }
+            ),
+            rec.generation,
+        )
+        faults.point("cache.record.ready")
+
+    def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
+        """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""
+        image = self.images[image_id]
+        spec: dict[str, Any] = {
+            "image": image_id,
+            "sha256": image.sha256,
+            "format": image.format.value,
+            "size": image.size,
+        }
+        with self.lock(entry):
+            new = self._begin_entry(entry, spec, max(image.size, 512))
+            if new is None:
+                return
+            tmp = self.path(TEMP_PREFIX + entry)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)  # left by an interrupted run (we hold the entry's lock)
+                fd = os.open(
+                    tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+                )
+                try:
+                    progress = Progress(f"fetch {image_id}", image.size)
+                    try:
+                        checked = stream_into(
+                            image_id, image, fd, max_virtual_size=disk_size, progress=progress
+                        )
+                    finally:
+                        progress.finish()
+                    faults.point("cache.image.fetched")
+                    qemu_img_agrees(fd_path(fd), image.format.value, checked, fds=(fd,))
+                    if image.format.value == "raw":
+                        os.rename(tmp, self.path(entry))  # the checked bytes are the entry
+                    else:
+                        self._create_xml(entry, checked.virtual_size, "raw")
+                        with open_volume(self.path(entry)) as out_fd:
+                            run_limited(
+                                [
+                                    "qemu-img",
+                                    "convert",
+                                    "-n",
+                                    "-f",
+                                    image.format.value,
+                                    "-O",
+                                    "raw",
+                                    "-S",
+                                    "4k",
+                                    fd_path(fd),
+                                    fd_path(out_fd),
+                                ],
+                                fds=(fd, out_fd),
+                                what=f"convert {image_id} to raw",
+                            )
+                            os.fsync(out_fd)
+                finally:
+                    os.close(fd)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                faults.point("cache.volume.filled")
+            except BaseException:
+                self._discard(entry, new)
+                raise
+            self._finish_entry(new, checked.virtual_size)
+            log.info(
+                "cache.image.stored",
+                pool=self.name,
+                entry=entry,
+                image=image_id,
+                bytes=checked.size,
+                virtual_size=checked.virtual_size,
+            )
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists."""
-        store = self._store()
+        spec: dict[str, Any] = {"template": kind, "size": size}
+        if label:
+            spec["label"] = label
         with self.lock(entry):
-            rec = store.get(self.name, entry)
-            exists = self.volume_exists(entry)
-            if rec is not None and rec.state is RecordState.READY and exists:
+            new = self._begin_entry(entry, spec, size)
+            if new is None:
                 return
-            if exists:
-                if rec is None:
-                    raise ReconcileError(
-                        f"{entry} exists in pool {self.name} without a record; it is left "
-                        "alone and templates of that kind cannot be made until it is removed"
-                    )
-                self.delete_volume(entry)  # a partial entry from an interrupted run
-            spec: dict[str, Any] = {"template": kind, "size": size}
-            if label:
-                spec["label"] = label
-            gen = rec.generation if rec is not None else None
-            new = DiskRecord(
-                kind=RecordKind.CACHE,
-                backend=Backend.FLAT,
-                pool=self.name,
-                volume=entry,
-                instance="",
-                disk="",
-                format=DiskFormat.RAW,
-                virtual_size=size,
-                spec=spec,
-                source=dict(spec),
-                state=RecordState.CREATING,
-                generation=(gen or 0) + 1,
-            )
-            store.put(new, gen)
-            faults.point("cache.record.creating")
             try:
                 self._create_xml(entry, size, "raw")
                 faults.point("cache.volume.created")
@@ -299,13 +437,7 @@ class FilePoolDriver:
             except BaseException:
                 self._discard(entry, new)
                 raise
-            store.put(
-                new.model_copy(
-                    update={"state": RecordState.READY, "generation": new.generation + 1}
-                ),
-                new.generation,
-            )
-            faults.point("cache.record.ready")
+            self._finish_entry(new, size)
 
     def _discard(self, entry: str, rec: DiskRecord) -> None:
         """Remove a half-made cache entry and its record after a failure."""

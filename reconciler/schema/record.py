@@ -51,6 +51,8 @@ class DiskRecord(BaseModel):
     state: RecordState
     pending_size: int | None = None
     generation: int = Field(ge=1)
+    # Cache entries: when a disk was last made from it (ISO 8601, UTC), for `cache gc`.
+    last_used: str | None = None
 
     def key(self) -> tuple[str, str]:
         return (self.pool, self.volume)

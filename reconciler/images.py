@@ -1,0 +1,310 @@
+"""Fetching and checking source images before they enter a pool's cache.
+
+DESIGN invariant 3: an image is streamed once, and while it streams its sha256 is computed
+and oslo.utils' format inspector reads it, so a qcow2 with a backing file or data-file,
+unknown incompatible features, a VMDK whose extents are outside itself, content that
+matches another format than the declared one (or more than one), or a virtual size larger
+than the disk it is for, is refused, the last before more than its header has been read.
+`qemu-img info` then runs with the declared format under CPU and memory limits and must
+agree. Nothing about an image is ever taken from the image: format, sha256 and size are
+declared in the catalog and only checked here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import unquote, urlparse
+
+import structlog
+from oslo_utils.imageutils import format_inspector as fi
+
+from reconciler.errors import ReconcileError
+from reconciler.schema.config import ImageConfig
+from reconciler.units import format_size
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 1 << 20
+# Limits for qemu-img on untrusted images, as Nova uses (nova/virt/images.py): 1 GiB of
+# address space and 30 s of CPU. A run over them is killed and its output removed.
+QEMU_IMG_MEMORY = 1 << 30
+QEMU_IMG_CPU_SECONDS = 30
+HTTP_ATTEMPTS = 4
+HTTP_TIMEOUT = 30.0
+
+
+class ImageRejected(ReconcileError):
+    """The image is not what the catalog declares, or is unsafe to use."""
+
+
+class FetchFailed(ReconcileError):
+    """The image could not be read from its location."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the checks established about a fetched image."""
+
+    sha256: str
+    size: int
+    format: str
+    virtual_size: int
+
+
+class Progress:
+    """Bytes and rate, on a terminal as one updating line, and in the log every 10%."""
+
+    def __init__(self, what: str, total: int, out: IO[str] | None = None) -> None:
+        self.what = what
+        self.total = total
+        self.out = out if out is not None else sys.stderr
+        self.tty = self.out.isatty()
+        self.start = time.monotonic()
+        self.done = 0
+        self._next_log = 0.1
+
+    def update(self, n: int) -> None:
+        self.done += n
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = self.done / elapsed
+        frac = self.done / self.total if self.total else 1.0
+        if self.tty:
+            self.out.write(
+                f"\r\x1b[2K{self.what}: {format_size_approx(self.done)} of "
+                f"{format_size_approx(self.total)} ({frac:.0%}) at "
+                f"{format_size_approx(int(rate))}/s"
+            )
+            self.out.flush()
+        if frac >= self._next_log:
+            log.info(
+                "image.fetch.progress",
+                image=self.what,
+                bytes=self.done,
+                total=self.total,
+                rate_bytes_per_s=int(rate),
+            )
+            while self._next_log <= frac:
+                self._next_log += 0.1
+
+    def finish(self) -> None:
+        if self.tty:
+            self.out.write("\r\x1b[2K")
+            self.out.flush()
+
+
+def format_size_approx(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+@contextmanager
+def open_location(location: str) -> Iterator[IO[bytes]]:
+    url = urlparse(location)
+    if url.scheme == "file":
+        path = unquote(url.path)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise FetchFailed(f"cannot open {path}: {e.strerror}") from None
+        try:
+            yield f
+        finally:
+            f.close()
+        return
+    req = urllib.request.Request(location, headers={"User-Agent": "reconcile"})
+    try:
+        resp = urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
+    except urllib.error.HTTPError as e:
+        raise FetchFailed(f"{location}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise FetchFailed(f"{location}: {reason}") from None
+    try:
+        yield resp
+    finally:
+        resp.close()
+
+
+def _inspector_verdict(wrapper: fi.InspectWrapper, declared: str) -> fi.FileInspector:
+    try:
+        found = wrapper.format
+    except fi.ImageFormatError as e:
+        raise ImageRejected(f"format inspection refused the image: {e}") from None
+    if found is None:  # pragma: no cover - the stream is finished, a decision exists
+        raise ImageRejected("format inspection reached no decision")
+    if declared != found.NAME:
+        raise ImageRejected(f"the image is declared {declared} but its content is {found.NAME}")
+    try:
+        found.safety_check()
+    except fi.SafetyCheckFailed as e:
+        reasons = "; ".join(f"{k}: {v}" for k, v in sorted(e.failures.items()))
+        raise ImageRejected(f"the image failed the {declared} safety checks ({reasons})") from None
+    except fi.ImageFormatError as e:
+        raise ImageRejected(f"the image cannot be checked as {declared}: {e}") from None
+    return found
+
+
+def stream_into(
+    image_id: str,
+    image: ImageConfig,
+    fd: int,
+    *,
+    max_virtual_size: int,
+    progress: Progress | None = None,
+) -> Checked:
+    """Stream the image into `fd`, checking as it goes; retried for transient failures."""
+    delay = 0.5
+    for attempt in range(1, HTTP_ATTEMPTS + 1):
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            return _stream_once(image_id, image, fd, max_virtual_size, progress)
+        except FetchFailed as e:
+            if attempt == HTTP_ATTEMPTS or image.location.startswith("file:"):
+                raise
+            log.warning(
+                "image.fetch.retry", image=image_id, error=str(e), attempt=attempt, delay=delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _stream_once(
+    image_id: str, image: ImageConfig, fd: int, max_virtual_size: int, progress: Progress | None
+) -> Checked:
+    declared = image.format.value
+    digest = hashlib.sha256()
+    total = 0
+    size_checked = False
+    with open_location(image.location) as src:
+        wrapper = fi.InspectWrapper(src, expected_format=declared)
+        # A second inspector of the declared format, to see its header as soon as it is in.
+        kind = fi.get_inspector(declared) if declared != "raw" else None
+        mine = kind() if kind is not None else None
+        while True:
+            try:
+                chunk = wrapper.read(CHUNK)
+            except fi.ImageFormatError as e:
+                raise ImageRejected(f"the image is not {declared}: {e}") from None
+            except (OSError, TimeoutError) as e:
+                raise FetchFailed(f"{image.location}: transfer failed: {e}") from None
+            except Exception as e:  # the inspector of the declared format choked on it
+                raise ImageRejected(f"the image is not a valid {declared}: {e}") from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > image.size:
+                raise ImageRejected(
+                    f"the image is larger than the {image.size} bytes the catalog declares"
+                )
+            digest.update(chunk)
+            _write_all(fd, chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+            if mine is not None and not size_checked:
+                try:
+                    mine.eat_chunk(chunk)
+                except Exception:  # judged by the wrapper's verdict below
+                    size_checked = True
+            if not size_checked and mine is not None and mine.complete and mine.format_match:
+                # The header is in: refuse an oversized image before reading the rest.
+                if declared != "raw" and mine.virtual_size > max_virtual_size:
+                    raise ImageRejected(
+                        f"the image's virtual size {format_size(mine.virtual_size)} is larger "
+                        f"than the disk ({format_size(max_virtual_size)})"
+                    )
+                size_checked = True
+        wrapper.close()
+    if total != image.size:
+        raise FetchFailed(
+            f"{image.location}: got {total} bytes, the catalog declares {image.size} "
+            "(a truncated transfer?)"
+        )
+    sha = digest.hexdigest()
+    if sha != image.sha256:
+        raise ImageRejected(f"sha256 mismatch: the catalog declares {image.sha256}, got {sha}")
+    found = _inspector_verdict(wrapper, declared)
+    virtual = total if declared == "raw" else int(found.virtual_size)
+    if virtual > max_virtual_size:
+        raise ImageRejected(
+            f"the image's virtual size {format_size(virtual)} is larger than the disk "
+            f"({format_size(max_virtual_size)})"
+        )
+    os.fsync(fd)
+    return Checked(sha, total, declared, virtual)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def limited(argv: Sequence[str]) -> list[str]:
+    """Run a command under the qemu-img CPU and address-space limits."""
+    return ["prlimit", f"--as={QEMU_IMG_MEMORY}", f"--cpu={QEMU_IMG_CPU_SECONDS}", "--", *argv]
+
+
+def run_limited(
+    argv: Sequence[str],
+    *,
+    fds: Sequence[int] = (),
+    what: str,
+    cleanup: Callable[[], None] | None = None,
+) -> str:
+    res = subprocess.run(
+        limited(argv),
+        pass_fds=tuple(fds),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+    )
+    if res.returncode != 0:
+        if cleanup is not None:
+            cleanup()
+        if res.returncode < 0:
+            raise ImageRejected(
+                f"{what}: qemu-img was killed by signal {-res.returncode} "
+                "(over its CPU or memory limit)"
+            )
+        lines = (res.stderr or res.stdout).strip().splitlines()
+        raise ImageRejected(f"{what}: {lines[-1] if lines else f'exit {res.returncode}'}")
+    return res.stdout
+
+
+def qemu_img_agrees(path: str, declared: str, checked: Checked, fds: Sequence[int] = ()) -> None:
+    """`qemu-img info -f DECLARED` must see the declared format, no backing, no data file."""
+    out = run_limited(
+        ["qemu-img", "info", "-f", declared, "--output=json", path],
+        fds=fds,
+        what="qemu-img info",
+    )
+    info: dict[str, Any] = json.loads(out)
+    if info.get("format") != declared:
+        raise ImageRejected(f"qemu-img reads the image as {info.get('format')}, not {declared}")
+    if "backing-filename" in info or "full-backing-filename" in info:
+        raise ImageRejected("qemu-img reports a backing file")
+    data = info.get("format-specific", {}).get("data", {})
+    if isinstance(data, dict) and data.get("data-file"):
+        raise ImageRejected("qemu-img reports an external data file")
+    if int(info.get("virtual-size", -1)) != checked.virtual_size:
+        raise ImageRejected(
+            f"qemu-img reports virtual size {info.get('virtual-size')}, the inspector "
+            f"{checked.virtual_size}"
+        )
