@@ -230,7 +230,9 @@ class Executor:
             virtual_size=int(spec["size"]),
             spec=spec,
             source=dict(spec["source"]),
-            backing=d.backing_for(spec),
+            # While it is made, a disk references the cache entry it is made from, so the
+            # entry cannot be collected under it; once ready, only what it depends on.
+            backing=d.entry_for(spec),
             state=RecordState.CREATING,
             generation=(gen or 0) + 1,
         )
@@ -241,7 +243,7 @@ class Executor:
         except BaseException as e:
             self._roll_back(d, new, e)
             raise
-        self._put(new, new.generation, state=RecordState.READY)
+        self._put(new, new.generation, state=RecordState.READY, backing=d.backing_for(spec))
         faults.point("record.ready")
 
     def _roll_back(self, d: FilePoolDriver, rec: DiskRecord, err: BaseException) -> None:

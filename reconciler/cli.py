@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from reconciler.schema.config import Config, config_path
 from reconciler.schema.load import load_config, load_manifests
 from reconciler.schema.write import write_atomic
 from reconciler.session import Session
+from reconciler.units import format_size
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -55,7 +57,7 @@ def _plan_parser() -> argparse.ArgumentParser:
         prog="reconcile",
         description="Converge VM instance disks in libvirt pools to their manifests.",
         epilog="Other commands: 'reconcile validate PATH...', 'reconcile apply PLAN', "
-        "'reconcile schema'.",
+        "'reconcile cache ls|gc', 'reconcile schema'.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
     p.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
@@ -219,6 +221,61 @@ def cmd_schema(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def cmd_cache(argv: Sequence[str]) -> int:
+    from reconciler import cache
+
+    p = argparse.ArgumentParser(
+        prog="reconcile cache", description="List or garbage-collect the pools' cache entries."
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    ls = sub.add_parser("ls", help="list cache entries with size, users and age")
+    _common(ls)
+    g = sub.add_parser("gc", help="remove entries no disk uses")
+    g.add_argument(
+        "--min-age",
+        default="0s",
+        metavar="DURATION",
+        help="keep entries used more recently than this (e.g. 2h, 7d)",
+    )
+    _common(g)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    config = load_config(config_path(args.config))
+    now = datetime.datetime.now(datetime.UTC)
+    with Session(config) as s:
+        if args.what == "ls":
+            rows = cache.entries(s.store)
+            print(f"{'POOL':<12} {'ENTRY':<56} {'SIZE':>10} {'USERS':>5} {'AGE':>8}  WHAT")
+            for e in rows:
+                age = cache.age_seconds(e.last_used, now)
+                shown = "-" if age == float("inf") else _human_age(age)
+                state = "" if e.state == "ready" else f" [{e.state}]"
+                print(
+                    f"{e.pool:<12} {e.volume:<56} {format_size(e.size):>10} {e.users:>5} "
+                    f"{shown:>8}  {e.what}{state}"
+                )
+            print(f"{len(rows)} cache entr{'y' if len(rows) == 1 else 'ies'}")
+            return EXIT_OK
+        try:
+            min_age = cache.parse_duration(args.min_age)
+        except ValueError as e:
+            raise ReconcileError(str(e)) from None
+        removed, kept = cache.gc(s.store, s.file_drivers(), min_age, now)
+        for entry in removed:
+            print(f"removed {entry.pool}/{entry.volume} ({entry.what}, {format_size(entry.size)})")
+        for entry, why in kept:
+            print(f"kept {entry.pool}/{entry.volume}: {why}")
+        print(f"Cache gc: {len(removed)} removed, {len(kept)} kept.")
+    return EXIT_OK
+
+
+def _human_age(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{int(seconds // n)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -228,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_schema(argv[1:])
         if argv and argv[0] == "apply":
             return cmd_apply(argv[1:])
+        if argv and argv[0] == "cache":
+            return cmd_cache(argv[1:])
         return cmd_plan(argv)
     except ReconcileError as e:
         print(f"reconcile: error: {e}", file=sys.stderr)

@@ -1,0 +1,64 @@
+"""A tiny HTTP server on 127.0.0.1 serving test images, counting requests, breaking on cue."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ImageServer:
+    root: Path
+    port: int = 0
+    gets: Counter[str] = field(default_factory=Counter)
+    # path -> how to misbehave: "404", "truncate" (send half, then close)
+    faults: dict[str, str] = field(default_factory=dict)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+
+@contextmanager
+def serve(root: Path) -> Iterator[ImageServer]:
+    state = ImageServer(root)
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            name = self.path.lstrip("/")
+            with lock:
+                state.gets[name] += 1
+            fault = state.faults.get(name)
+            path = state.root / name
+            if fault == "404" or not path.is_file():
+                self.send_error(404, "no such image")
+                return
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if fault == "truncate":
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()

@@ -1,0 +1,390 @@
+"""Disks from images on a real libvirtd: one checked fetch per pool, hostile images refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.images import ImageRejected, run_limited
+from reconciler.schema.record import RecordKind
+from tests.env import ROOT, Env, disk
+from tests.httpserver import ImageServer, serve
+
+pytestmark = pytest.mark.libvirtd
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def catalog_entry(path: Path, fmt: str, location: str | None = None) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {
+        "location": location or f"file://{path}",
+        "format": fmt,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+    }
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    d = tmp_path / "images"
+    d.mkdir()
+    # A raw image with recognisable content, and the same as qcow2.
+    raw = d / "good.raw"
+    raw.write_bytes(b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(65536)))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(d / "good.qcow2"))
+    return d
+
+
+@pytest.fixture
+def server(images: Path) -> Iterator[ImageServer]:
+    with serve(images) as s:
+        yield s
+
+
+def pool_contents(env: Env) -> list[str]:
+    return sorted(p.name for p in env.pool_dir().iterdir() if p.name != ".reconciler")
+
+
+def records(env: Env) -> list[Any]:
+    store = env.store()
+    try:
+        return store.load_all()[0]
+    finally:
+        store.close()
+
+
+def same_data(disk_path: Path, fmt: str, raw_image: Path) -> bool:
+    """qemu-img compare: the disk's content equals the image's, the rest zeros."""
+    res = subprocess.run(
+        ["qemu-img", "compare", "-f", fmt, "-F", "raw", str(disk_path), str(raw_image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return res.returncode == 0
+
+
+def test_disks_from_raw_and_qcow2_images(env: Env, images: Path) -> None:
+    env.images = {
+        "raw": catalog_entry(images / "good.raw", "raw"),
+        "q": catalog_entry(images / "good.qcow2", "qcow2"),
+    }
+    env.write_config()
+    inst = env.manifest(
+        "vm",
+        [
+            disk("a", backend="qcow2", fmt="qcow2", size="16MiB", image="raw", template=None),
+            disk("b", fmt="raw", size="16MiB", image="raw", template=None),
+            disk("c", fmt="qcow2", size="16MiB", image="q", template=None),
+            disk("d", backend="qcow2", fmt="qcow2", size="32MiB", image="q", template=None),
+        ],
+    )
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    good = images / "good.raw"
+    assert same_data(env.volume(inst, "a"), "qcow2", good)
+    assert same_data(env.volume(inst, "b"), "raw", good)
+    assert same_data(env.volume(inst, "c"), "qcow2", good)
+    assert same_data(env.volume(inst, "d"), "qcow2", good)
+    assert os.stat(env.volume(inst, "b")).st_size == 16 << 20
+    # One raw cache entry per image, each the image's bytes as raw.
+    caches = {r.volume: r for r in records(env) if r.kind is RecordKind.CACHE}
+    assert len(caches) == 2
+    for name, rec in caches.items():
+        assert rec.format.value == "raw"
+        assert same_data(env.pool_dir() / name, "raw", good)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-f", "qcow2", "--output=json", str(env.volume(inst, "d"))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert info["backing-filename-format"] == "raw"
+    assert Path(info["backing-filename"]).name.startswith("_cache_image-q-")
+    assert env.plan_json()["actions"] == []
+
+
+def test_many_disks_one_fetch(env: Env, server: ImageServer, images: Path) -> None:
+    env.images = {"img": catalog_entry(images / "good.qcow2", "qcow2", server.url("good.qcow2"))}
+    env.write_config()
+    for i in range(6):
+        env.manifest(
+            f"vm{i}",
+            [disk("root", backend="qcow2", fmt="qcow2", size="16MiB", image="img", template=None)],
+        )
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    assert server.gets["good.qcow2"] == 1
+    assert len([r for r in records(env) if r.kind is RecordKind.CACHE]) == 1
+
+
+def test_two_processes_one_fetch(env: Env, server: ImageServer, images: Path) -> None:
+    env.images = {"img": catalog_entry(images / "good.raw", "raw", server.url("good.raw"))}
+    env.write_config()
+    for i in range(8):
+        env.manifest(
+            f"vm{i}",
+            [disk("root", backend="qcow2", fmt="qcow2", size="16MiB", image="img", template=None)],
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "reconciler",
+        "--config",
+        str(env.config_path),
+        str(env.manifests),
+    ]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        for _ in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+    assert server.gets["good.raw"] == 1
+    assert env.plan_json()["actions"] == []
+
+
+def test_http_errors_are_retried_then_fail_cleanly(
+    env: Env, server: ImageServer, images: Path
+) -> None:
+    env.images = {
+        "gone": catalog_entry(images / "good.raw", "raw", server.url("gone.raw")),
+        "cut": catalog_entry(images / "good.raw", "raw", server.url("cut.raw")),
+    }
+    (images / "cut.raw").write_bytes((images / "good.raw").read_bytes())
+    server.faults["cut.raw"] = "truncate"
+    env.write_config()
+    env.manifest("a", [disk("d", size="16MiB", image="gone", template=None)])
+    env.manifest("b", [disk("d", size="16MiB", image="cut", template=None)])
+    rc, out, _ = env.run()
+    assert rc == 1
+    failures = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert len(failures) == 2
+    assert any("HTTP 404" in f for f in failures)
+    assert any("truncated" in f or "transfer failed" in f for f in failures)
+    assert server.gets["gone.raw"] == 4 and server.gets["cut.raw"] == 4  # retried
+    assert pool_contents(env) == []
+    assert records(env) == []
+
+
+def write_qcow2_header(path: Path, **fields: int) -> None:
+    """Patch big-endian fields of a qcow2 header in place (offsets from the qcow2 spec)."""
+    offsets = {"size": 24, "incompatible_features": 72}
+    with open(path, "r+b") as f:
+        for name, value in fields.items():
+            f.seek(offsets[name])
+            f.write(struct.pack(">Q", value))
+
+
+def hostile(images: Path, tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
+    """name -> (file, declared format, a phrase the refusal must contain)."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"secret\n" * 1000)
+    out: dict[str, tuple[Path, str, str]] = {}
+
+    p = images / "backing.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(p), "8M")
+    out["backing-file"] = (p, "qcow2", "backing file")
+
+    p = images / "json-backing.qcow2"
+    qemu_img(
+        "create",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        'json:{"driver":"file","filename":"' + str(secret) + '"}',
+        str(p),
+        "8M",
+    )
+    out["json-filename"] = (p, "qcow2", "backing file")
+
+    p = images / "datafile.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'ext.raw'}", str(p), "8M")
+    out["data-file"] = (p, "qcow2", "data")
+
+    p = images / "really-qcow2.raw"
+    qemu_img("create", "-f", "qcow2", str(p), "8M")
+    out["raw-declared-qcow2"] = (p, "raw", "content is qcow2")
+
+    p = images / "flat.vmdk"
+    p.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        'createType="monolithicFlat"\n\n# Extent description\n'
+        f'RW 16 FLAT "{secret}" 0\n\n# The Disk Data Base\n#DDB\n\n'
+        'ddb.virtualHWVersion = "4"\nddb.geometry.cylinders = "1"\n'
+    )
+    out["vmdk-flat-descriptor"] = (p, "raw", "vmdk")
+
+    p = images / "exabyte.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "8M")
+    write_qcow2_header(p, size=1 << 60)
+    out["exabyte-virtual-size"] = (p, "qcow2", "virtual size")
+
+    p = images / "unknown-feature.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "8M")
+    write_qcow2_header(p, incompatible_features=1 << 40)
+    out["unknown-incompatible-feature"] = (p, "qcow2", "feature")
+
+    p = images / "truncated.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "8M")
+    p.write_bytes(p.read_bytes()[:40])
+    out["truncated-header"] = (p, "qcow2", "qcow2")
+
+    zeros = tmp_path / "zeros.raw"
+    with open(zeros, "wb") as f:
+        f.truncate(64 << 20)
+    p = images / "bomb.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", str(zeros), str(p))
+    out["compressed-expands-past-disk"] = (p, "qcow2", "larger than the disk")
+    return out
+
+
+def test_hostile_images_are_refused_and_leave_nothing(
+    env: Env, images: Path, tmp_path: Path
+) -> None:
+    cases = hostile(images, tmp_path)
+    env.images = {name: catalog_entry(path, fmt) for name, (path, fmt, _) in cases.items()}
+    env.write_config()
+    for name in cases:
+        env.manifest(
+            name, [disk("d", backend="qcow2", fmt="qcow2", size="16MiB", image=name, template=None)]
+        )
+    rc, out, _ = env.run()
+    assert rc == 1
+    failures = {
+        line.split()[2].split("/")[0]: line
+        for line in out.splitlines()
+        if line.startswith("FAILED")
+    }
+    by_instance = {env_instance(env, name): name for name in cases}
+    assert {by_instance[i] for i in failures} == set(cases), out
+    for inst, line in failures.items():
+        name = by_instance[inst]
+        assert cases[name][2] in line, (name, line)
+    assert pool_contents(env) == []
+    assert records(env) == []
+    secret = (tmp_path / "host-secret").read_bytes()
+    assert secret.decode() not in out
+
+
+def env_instance(env: Env, name: str) -> str:
+    doc: dict[str, str] = json.loads((env.manifests / f"{name}.yaml").read_text())
+    return doc["instance"]
+
+
+def test_checksum_and_size_mismatches_are_refused(env: Env, images: Path) -> None:
+    bad_sha = catalog_entry(images / "good.raw", "raw")
+    bad_sha["sha256"] = "0" * 64
+    short = catalog_entry(images / "good.raw", "raw")
+    short["size"] = short["size"] - 512
+    env.images = {"bad-sha": bad_sha, "short": short}
+    env.write_config()
+    env.manifest("a", [disk("d", size="16MiB", image="bad-sha", template=None)])
+    env.manifest("b", [disk("d", size="16MiB", image="short", template=None)])
+    rc, out, _ = env.run()
+    assert rc == 1
+    assert "sha256 mismatch" in out
+    assert "larger than the" in out
+    assert pool_contents(env) == [] and records(env) == []
+
+
+def test_qemu_img_over_its_limits_is_killed_and_cleaned_up(tmp_path: Path) -> None:
+    leftover = tmp_path / "partial"
+    leftover.write_bytes(b"x")
+    hog = [sys.executable, "-c", "b = bytearray(3 << 30)"]
+    with pytest.raises(ImageRejected, match=r"over its CPU or memory limit|MemoryError"):
+        run_limited(hog, what="test", cleanup=leftover.unlink)
+    assert not leftover.exists()
+
+
+def test_cache_gc_keeps_entries_in_use_and_removes_unused(env: Env, images: Path) -> None:
+    env.images = {"img": catalog_entry(images / "good.raw", "raw")}
+    env.write_config()
+    for i in range(20):
+        env.manifest(f"keep{i}", [disk("d", size="1MiB")])
+    inst = env.manifest(
+        "vm", [disk("root", backend="qcow2", fmt="qcow2", size="16MiB", image="img", template=None)]
+    )
+    flat = env.manifest("flat", [disk("root", size="16MiB", image="img", template=None)])
+    assert env.run()[0] == 0
+    rc, out, _ = env.main(["cache", "ls", "--config", str(env.config_path)])
+    assert rc == 0 and "image img" in out and "1 cache entry" in out
+    rc, out, _ = env.main(["cache", "gc", "--config", str(env.config_path)])
+    assert "0 removed, 1 kept" in out and "used by 1 disk(s)" in out
+    # The flat copy does not depend on the entry; the overlay does. Remove the overlay.
+    env.manifest("vm", [], instance=inst, deleted=True)
+    assert env.run()[0] == 0
+    rc, out, _ = env.main(["cache", "gc", "--min-age", "1h", "--config", str(env.config_path)])
+    assert "0 removed, 1 kept" in out and "more recently" in out
+    rc, out, _ = env.main(["cache", "gc", "--config", str(env.config_path)])
+    assert "1 removed, 0 kept" in out
+    assert [r for r in records(env) if r.kind is RecordKind.CACHE] == []
+    assert not any(n.startswith("_cache_") for n in pool_contents(env))
+    assert env.volume(flat, "root").exists()
+
+
+def test_gc_running_beside_creates_never_removes_an_entry_in_use(env: Env, images: Path) -> None:
+    from reconciler import cache
+    from reconciler.schema.load import load_config
+    from reconciler.session import Session
+
+    env.images = {
+        "img": catalog_entry(images / "good.raw", "raw"),
+        "copies": catalog_entry(images / "good.qcow2", "qcow2"),
+    }
+    env.write_config()
+    for i in range(16):
+        env.manifest(
+            f"vm{i}",
+            [
+                disk(
+                    "root", backend="qcow2", fmt="qcow2", size="16MiB", image="img", template=None
+                ),
+                disk("copy", size="16MiB", image="copies", template=None),
+                disk("eph", backend="qcow2", fmt="qcow2", size="8MiB", template="ext4"),
+            ],
+        )
+    creator = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "--config", str(env.config_path), str(env.manifests)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    collections = 0
+    removed = 0
+    deadline = time.monotonic() + 240  # a bound, not a wait: the loop ends with the creator
+    with Session(load_config(str(env.config_path))) as s:
+        while creator.poll() is None and time.monotonic() < deadline:
+            gone, _ = cache.gc(s.store, s.file_drivers(), 0.0)
+            removed += len(gone)
+            collections += 1
+    out, err = creator.communicate(timeout=300)
+    assert creator.returncode == 0, out + err
+    recs = records(env)
+    entries = {r.volume for r in recs if r.kind is RecordKind.CACHE}
+    present = set(pool_contents(env))
+    for r in recs:
+        if r.backing:
+            assert r.backing in entries and r.backing in present, r.volume
+    assert env.plan_json()["actions"] == []
+    print(f"gc runs during the create: {collections}, entries removed: {removed}")
