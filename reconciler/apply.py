@@ -24,7 +24,7 @@ import structlog
 
 from reconciler import faults
 from reconciler.diff.model import Action, ActionKind
-from reconciler.drivers.filepool import FilePoolDriver
+from reconciler.drivers.filepool import FilePoolDriver, VolumeExists
 from reconciler.errors import ReconcileError
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
@@ -212,6 +212,11 @@ class Executor:
         assert a.spec is not None
         spec = dict(a.spec)
         gen = rec.generation if rec else None
+        if rec is None and d.volume_exists(a.volume):
+            raise ReconcileError(
+                f"volume {a.pool}/{a.volume} exists but the reconciler has no record of making "
+                "it; it is left untouched"
+            )
         if rec is not None and d.volume_exists(a.volume):
             # A partial volume from an interrupted create, or the old disk of a replace:
             # record the intent to remove it first, so a crash here is finished next time.
@@ -251,7 +256,8 @@ class Executor:
         if isinstance(err, KeyboardInterrupt):
             return  # the record stays `creating`; the next run removes the partial volume
         try:
-            d.delete_volume(rec.volume)
+            if not isinstance(err, VolumeExists):  # never remove a volume we did not make
+                d.delete_volume(rec.volume)
             self.store.delete(rec.pool, rec.volume, rec.generation)
         except Exception as e:
             log.warning("apply.rollback_failed", volume=rec.volume, error=str(e))

@@ -35,8 +35,7 @@ class Recorder(Backoff):
 
 
 def test_backoff_is_exponential_and_capped() -> None:
-    assert Backoff(attempts=8, first=0.05, cap=1.0).delays() == [
-        0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert Backoff(attempts=8, first=0.05, cap=1.0).delays() == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
 def test_busy_pool_is_retried_until_its_job_ends(dir_pool: DirPool) -> None:
@@ -50,15 +49,18 @@ def test_busy_pool_is_retried_until_its_job_ends(dir_pool: DirPool) -> None:
             f.write(b"\x5a" * (1 << 20))  # real data, so the copy takes a while
     pool.refresh(0)
     source = pool.storageVolLookupByName("src.raw")
-    xml = ("<volume><name>copy.raw</name><capacity unit='bytes'>805306368</capacity>"
-           "<target><format type='raw'/></target></volume>")
+    xml = (
+        "<volume><name>copy.raw</name><capacity unit='bytes'>805306368</capacity>"
+        "<target><format type='raw'/></target></volume>"
+    )
     done = threading.Event()
     errors: list[BaseException] = []
 
     def copy() -> None:
         try:
             libvirt.open(dir_pool.uri).storagePoolLookupByName(dir_pool.name).createXMLFrom(
-                xml, source, 0)
+                xml, source, 0
+            )
         except BaseException as e:  # reported by the assertion below
             errors.append(e)
         finally:
@@ -80,8 +82,9 @@ def test_busy_pool_is_retried_until_its_job_ends(dir_pool: DirPool) -> None:
     backoff = Recorder()
     conns = Connections(backoff)
     try:
-        conns.call(dir_pool.uri, "refresh",
-                   lambda c: c.storagePoolLookupByName(dir_pool.name).refresh(0))
+        conns.call(
+            dir_pool.uri, "refresh", lambda c: c.storagePoolLookupByName(dir_pool.name).refresh(0)
+        )
     finally:
         conns.close()
         t.join()
@@ -118,7 +121,6 @@ def test_permanent_errors_are_not_retried(dir_pool: DirPool) -> None:
     backoff = Recorder()
     conns = Connections(backoff)
     with pytest.raises(PoolError, match="no storage pool"):
-        conns.call(dir_pool.uri, "lookup",
-                   lambda c: c.storagePoolLookupByName("no-such-pool-here"))
+        conns.call(dir_pool.uri, "lookup", lambda c: c.storagePoolLookupByName("no-such-pool-here"))
     conns.close()
     assert backoff.slept == []

@@ -269,6 +269,19 @@ class _Planner:
         exists = rec.volume in rpool.volumes
         pre = Precondition(rec.generation, exists)
         moved = (rec.pool, rec.volume) != (d.spec.pool, d.volume)
+        # Where the disk goes is the old record's to replace, never another owner's volume.
+        if moved and d.volume in pool.volumes:
+            self.error(
+                "unmanaged-volume",
+                f"the disk moves to pool {d.spec.pool}, where volume {d.volume} exists but "
+                "the reconciler has no record of making it; it is left untouched",
+                pool=d.spec.pool,
+                volume=d.volume,
+                **where,
+            )
+            return
+        # The precondition describes the old location, so a moved action names it.
+        old = (rec.pool, rec.volume) if moved or exists else None
         if rec.state is RecordState.CREATING:
             self.add(
                 ActionKind.CREATE,
@@ -277,7 +290,7 @@ class _Planner:
                 rec,
                 "an interrupted create is redone (the partial volume holds no user data)",
                 pre,
-                replaces=(rec.pool, rec.volume) if moved and exists else None,
+                replaces=old,
             )
             return
         if rec.state is RecordState.DELETING:
@@ -299,7 +312,7 @@ class _Planner:
                 "an interrupted delete left the disk unusable; it is made again",
                 pre,
                 destructive=exists,
-                replaces=(rec.pool, rec.volume) if exists else None,
+                replaces=old,
             )
             return
 
@@ -525,9 +538,8 @@ class _Planner:
         limit = self.options.max_delete_percent
         if len(doomed) * 100 <= limit * managed:
             return
-        names = ", ".join(
-            f"{a.pool}/{a.volume}" for a in sorted(doomed, key=lambda a: (a.pool, a.volume))[:10]
-        )
+        lost = sorted(a.replaces or (a.pool, a.volume) for a in doomed)
+        names = ", ".join(f"{p}/{v}" for p, v in lost[:10])
         more = f" and {len(doomed) - 10} more" if len(doomed) > 10 else ""
         self.error(
             "delete-threshold",

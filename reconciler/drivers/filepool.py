@@ -36,7 +36,6 @@ from reconciler.drivers.headers import file_header_format
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.tools import NotAFile, fd_path, mkfs_argv, open_volume, run
 from reconciler.errors import PoolError, ReconcileError
-from reconciler.images import Progress, qemu_img_agrees, run_limited, stream_into
 from reconciler.locks import LockDir
 from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
 from reconciler.schema.common import Backend, DiskFormat
@@ -55,6 +54,10 @@ STATE_DIR = ".reconciler"  # inside the pool: locks shared by everyone using the
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+class VolumeExists(ReconcileError):
+    """A volume of the name to create already exists: someone else's, never removed."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,19 @@ class FilePoolDriver:
 
     def _create_xml(self, name: str, size: int, fmt: str, backing: str | None = None) -> None:
         xml = _volume_xml(name, size, fmt, backing)
-        self._call(f"create volume {name}", lambda conn: self._pool(conn).createXML(xml, 0))
+
+        def create(conn: Any) -> None:
+            try:
+                self._pool(conn).createXML(xml, 0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_STORAGE_VOL_EXIST:
+                    raise VolumeExists(
+                        f"volume {name} appeared in pool {self.name} from elsewhere; it is "
+                        "not ours and is left untouched"
+                    ) from None
+                raise
+
+        self._call(f"create volume {name}", create)
 
     def create(self, rec: DiskRecord) -> None:
         """Make the volume `rec` describes (its record is already written as creating)."""
@@ -345,6 +360,10 @@ class FilePoolDriver:
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""
+        # Imported here: oslo.utils takes a quarter of a second to import, which every
+        # run that fetches nothing (the common, converged case) should not pay.
+        from reconciler.images import Progress, qemu_img_agrees, run_limited, stream_into
+
         image = self.images[image_id]
         spec: dict[str, Any] = {
             "image": image_id,
