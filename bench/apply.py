@@ -35,15 +35,15 @@ SIZE = 256 << 20
 
 
 def start_daemon(d: Path) -> str:
-    out = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 
 
 def make_pool(conn: libvirt.virConnect, name: str, path: Path) -> libvirt.virStoragePool:
     path.mkdir(parents=True)
     pool = conn.storagePoolDefineXML(
-        f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>")
+        f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
+    )
     pool.create(0)
     return pool
 
@@ -52,9 +52,21 @@ def write_manifests(d: Path, n: int) -> None:
     d.mkdir(parents=True)
     for i in range(n):
         inst = str(uuid.UUID(int=i + 1))
-        doc = {"apiVersion": "reconciler/v1", "kind": "InstanceStorage", "instance": inst,
-               "disks": [{"name": "eph0", "backend": "qcow2", "pool": "bench", "format": "qcow2",
-                          "size": SIZE, "source": {"template": "ext4", "label": "eph0"}}]}
+        doc = {
+            "apiVersion": "reconciler/v1",
+            "kind": "InstanceStorage",
+            "instance": inst,
+            "disks": [
+                {
+                    "name": "eph0",
+                    "backend": "qcow2",
+                    "pool": "bench",
+                    "format": "qcow2",
+                    "size": SIZE,
+                    "source": {"template": "ext4", "label": "eph0"},
+                }
+            ],
+        }
         (d / f"vm{i:05d}.yaml").write_text(json.dumps(doc))
 
 
@@ -82,10 +94,12 @@ def main() -> None:
         bare_pool = make_pool(conn, "bench-bare", work / "bare")
 
         # --- reconciler
-        config = {"apiVersion": "reconciler/v1", "kind": "Config",
-                  "state": {"dir": str(work / "state")},
-                  "pools": {"bench": {"uri": uri, "libvirtPool": "bench-rec",
-                                      "backends": ["qcow2"]}}}
+        config = {
+            "apiVersion": "reconciler/v1",
+            "kind": "Config",
+            "state": {"dir": str(work / "state")},
+            "pools": {"bench": {"uri": uri, "libvirtPool": "bench-rec", "backends": ["qcow2"]}},
+        }
         cfg = work / "config.yaml"
         cfg.write_text(json.dumps(config))
         write_manifests(work / "manifests", n)
@@ -101,8 +115,9 @@ def main() -> None:
         entry = work / "bare" / "entry.raw"
         with open(entry, "wb") as f:
             f.truncate(SIZE)
-        subprocess.run(["mkfs.ext4", "-F", "-q", "-E", "nodiscard", "-L", "eph0", str(entry)],
-                       check=True)
+        subprocess.run(
+            ["mkfs.ext4", "-F", "-q", "-E", "nodiscard", "-L", "eph0", str(entry)], check=True
+        )
         bare_pool.refresh(0)
         t = time.perf_counter()
         for i in range(n):
@@ -110,7 +125,9 @@ def main() -> None:
                 f"<volume><name>vm{i:05d}</name><capacity unit='bytes'>{SIZE}</capacity>"
                 "<allocation>0</allocation><target><format type='qcow2'/><compat>1.1</compat>"
                 f"</target><backingStore><path>{entry}</path><format type='raw'/>"
-                "</backingStore></volume>", 0)
+                "</backingStore></volume>",
+                0,
+            )
         bare_s = time.perf_counter() - t
         conn.close()
 
@@ -118,18 +135,22 @@ def main() -> None:
         print(f"{'':<28}{'seconds':>10}{'disks/s':>10}")
         print(f"{'reconciler (end to end)':<28}{rec_s:>10.2f}{n / rec_s:>10.1f}")
         print(f"{'bare libvirt createXML':<28}{bare_s:>10.2f}{n / bare_s:>10.1f}")
-        print(f"throughput ratio reconciler/bare: {ratio:.2f} (target >= 0.80: "
-              f"{'PASS' if ratio >= 0.8 else 'FAIL'})")
-        print(f"no-op re-run over {n} disks: {noop_s:.2f} s (target < 1 s: "
-              f"{'PASS' if noop_s < 1 else 'FAIL'})")
+        print(
+            f"throughput ratio reconciler/bare: {ratio:.2f} (target >= 0.80: "
+            f"{'PASS' if ratio >= 0.8 else 'FAIL'})"
+        )
+        print(
+            f"no-op re-run over {n} disks: {noop_s:.2f} s (target < 1 s: "
+            f"{'PASS' if noop_s < 1 else 'FAIL'})"
+        )
     finally:
         if args.keep:
             print(f"kept: {work} (config {work / 'config.yaml'})")
-            return
-        subprocess.run([str(SCRIPT), "stop", str(daemon)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
-        if os.path.exists(work):
-            subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+        else:
+            subprocess.run([str(SCRIPT), "stop", str(daemon)], check=False)
+            shutil.rmtree(work, ignore_errors=True)
+            if os.path.exists(work):
+                subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class Executor:
             took = time.monotonic() - start
             result.outcomes.append(Outcome(a, status, msg, took))
             self._report(a, status, msg, took)
+        self.store.sync()
         return result
 
     def _report(self, a: Action, status: str, msg: str, took: float) -> None:
@@ -198,14 +199,17 @@ class Executor:
             return "done", ""
         if a.action is ActionKind.RELEASE:
             assert rec is not None
-            self.store.delete(rec.pool, rec.volume, rec.generation)
+            self.store.delete(rec.pool, rec.volume, rec.generation, durable=False)
             faults.point("record.released")
             return "done", "the volume is kept and no longer managed"
         raise AssertionError(a.action)
 
-    def _put(self, rec: DiskRecord, expect: int | None, **changes: Any) -> DiskRecord:
+    def _put(
+        self, rec: DiskRecord, expect: int | None, *, durable: bool = True, **changes: Any
+    ) -> DiskRecord:
+        """Write a record change; intents durably, completions lazily (see store.py)."""
         new = rec.model_copy(update={**changes, "generation": (expect or 0) + 1})
-        self.store.put(new, expect)
+        self.store.put(new, expect, durable=durable)
         return new
 
     def _create(self, a: Action, d: FilePoolDriver, rec: DiskRecord | None) -> None:
@@ -248,7 +252,9 @@ class Executor:
         except BaseException as e:
             self._roll_back(d, new, e)
             raise
-        self._put(new, new.generation, state=RecordState.READY, backing=d.backing_for(spec))
+        self._put(
+            new, new.generation, durable=False, state=RecordState.READY, backing=d.backing_for(spec)
+        )
         faults.point("record.ready")
 
     def _roll_back(self, d: FilePoolDriver, rec: DiskRecord, err: BaseException) -> None:
@@ -281,6 +287,7 @@ class Executor:
         self._put(
             rec,
             rec.generation,
+            durable=False,
             state=RecordState.READY,
             pending_size=None,
             virtual_size=size,
@@ -303,5 +310,5 @@ class Executor:
             rec = self._put(rec, rec.generation, state=RecordState.DELETING)
             faults.point("record.deleting")
         d.delete_volume(rec.volume)
-        self.store.delete(rec.pool, rec.volume, rec.generation)
+        self.store.delete(rec.pool, rec.volume, rec.generation, durable=False)
         faults.point("record.deleted")

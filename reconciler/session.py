@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from reconciler.apply import Executor, Replanner
 from reconciler.desired import build_desired
 from reconciler.diff import Action, Desired, Observed, ObservedPool, Plan, PlanOptions, plan
 from reconciler.drivers import Connections, FilePoolDriver, driver_for
@@ -13,6 +13,9 @@ from reconciler.schema.config import Config
 from reconciler.schema.load import load_manifests
 from reconciler.schema.record import DiskRecord
 from reconciler.store import SqliteRecordStore, open_store
+
+if TYPE_CHECKING:
+    from reconciler.apply import Executor, Replanner
 
 
 @dataclass
@@ -105,4 +108,6 @@ class Session:
         return replan
 
     def executor(self, *, saved: bool) -> Executor:
+        from reconciler.apply import Executor  # not needed (nor imported) by --dry-run
+
         return Executor(self.store, self.file_drivers(), replan=None if saved else self.replanner())

@@ -41,7 +41,7 @@ from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import RecordStore
+from reconciler.store import ConflictError, RecordStore
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +104,7 @@ class FilePoolDriver:
         self.store = store
         self.images = dict(images or {})
         self._info: PoolInfo | None = None
+        self._locks: LockDir | None = None
 
     # -- the pool ---------------------------------------------------------------------
 
@@ -145,7 +146,9 @@ class FilePoolDriver:
         return os.path.join(self.info().path, volume)
 
     def locks(self) -> LockDir:
-        return LockDir(Path(self.info().path) / STATE_DIR / "locks")
+        if self._locks is None:
+            self._locks = LockDir(Path(self.info().path) / STATE_DIR / "locks")
+        return self._locks
 
     @contextmanager
     def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
@@ -256,13 +259,15 @@ class FilePoolDriver:
             self._create_xml(rec.volume, rec.virtual_size, fmt)
             faults.point("volume.created")
             return
-        for _ in range(3):
-            if "image" in src:
-                self.ensure_image(entry, src["image"], rec.virtual_size)
-            else:
-                self.ensure_template(entry, src["template"], rec.virtual_size, src.get("label"))
-            # Hold the entry shared while using it, so garbage collection waits for us; it
-            # may have been collected between the two locks, then it is made again.
+        for attempt in range(4):
+            if attempt:
+                if "image" in src:
+                    self.ensure_image(entry, src["image"], rec.virtual_size)
+                else:
+                    self.ensure_template(entry, src["template"], rec.virtual_size, src.get("label"))
+            # Hold the entry shared while using it, so garbage collection waits for us. The
+            # first look is optimistic (the entry is usually there); if it is missing or
+            # unfinished it is made (exclusively) and looked at again.
             with self.lock(entry, shared=True):
                 cached = self._store().get(self.name, entry)
                 if cached is None or cached.state is not RecordState.READY:
@@ -275,6 +280,7 @@ class FilePoolDriver:
                         f"{rec.virtual_size}"
                     )
                 self._from_entry(rec, entry)
+                self._touch(cached)
                 return
         raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
 
@@ -344,8 +350,26 @@ class FilePoolDriver:
         faults.point("cache.record.creating")
         return new
 
+    def _touch(self, entry: DiskRecord) -> None:
+        """Note that an entry was used (for `cache gc --min-age`), at most once a minute."""
+        now = datetime.datetime.now(datetime.UTC)
+        if entry.last_used:
+            then = datetime.datetime.fromisoformat(entry.last_used)
+            if (now - then).total_seconds() < 60:
+                return
+        with contextlib.suppress(ConflictError):  # someone else touched it just now
+            self._store().put(
+                entry.model_copy(
+                    update={
+                        "generation": entry.generation + 1,
+                        "last_used": now.isoformat(timespec="seconds"),
+                    }
+                ),
+                entry.generation,
+            )
+
     def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
-        self._store().put(
+        self._store().put(  # a completion: lazily durable (see store.py)
             rec.model_copy(
                 update={
                     "state": RecordState.READY,
@@ -355,6 +379,7 @@ class FilePoolDriver:
                 }
             ),
             rec.generation,
+            durable=False,
         )
         faults.point("cache.record.ready")
 
@@ -523,8 +548,9 @@ class FilePoolDriver:
             temps = [e.name for e in it if e.name.startswith(TEMP_PREFIX)]
         locks = self.locks()
         for name in temps:
-            fd = locks.try_hold(name)
-            if fd is None:
+            # A temporary file is written under its cache entry's lock.
+            entry = name[len(TEMP_PREFIX) :]
+            if not locks.try_hold(entry):
                 continue  # another reconciler is writing it right now
             try:
                 os.unlink(os.path.join(root, name))
@@ -533,5 +559,5 @@ class FilePoolDriver:
                 if e.errno != errno.ENOENT:
                     raise
             finally:
-                os.close(fd)
+                locks.release(entry)
         return removed

@@ -1,0 +1,196 @@
+"""Disks from one image: fetches, pool space and time, against Nova's pattern.
+
+    .venv/bin/python bench/images.py [--instances 200] [--image-mib 1024]
+
+In one run, on one private libvirtd and a 127.0.0.1 HTTP server (both started here):
+  reconciler  `reconcile` makes 200 instances' root disks (qcow2 backend) from one 1 GiB raw
+              image served over HTTP: the image is fetched and checked once into the pool's
+              cache, then 200 overlays on it are made.
+  baseline    Nova's pattern: one download of the image per host into a base file, then
+              200 sequential `qemu-img create -f qcow2 -F raw -b BASE` calls.
+Reported: HTTP fetches (target 1), pool space used (target: one base plus 200 small
+overlays), total time of each, and the throughput ratio (target >= 0.8x the baseline).
+Figures are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import libvirt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.httpserver import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "libvirtd.sh"
+RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
+
+
+def make_image(path: Path, mib: int) -> str:
+    """A raw image: 64 MiB of varied data (an OS), the rest zeros; returns its sha256."""
+    h = hashlib.sha256()
+    block = b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(32768))  # 1 MiB
+    zero = bytes(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(mib):
+            data = block if i < 64 else zero
+            f.write(data)
+            h.update(data)
+    return h.hexdigest()
+
+
+def used_bytes(d: Path) -> tuple[int, int]:
+    total, files = 0, 0
+    for p in d.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            total += p.stat().st_blocks * 512
+            files += 1
+    return total, files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--image-mib", type=int, default=1024)
+    args = ap.parse_args()
+    n = args.instances
+    work = Path(tempfile.mkdtemp(prefix="rcl-bimg-", dir="/tmp"))
+    daemon = work / "d"
+    try:
+        images = work / "images"
+        images.mkdir()
+        sha = make_image(images / "base.raw", args.image_mib)
+        size = args.image_mib << 20
+        uri = (
+            subprocess.run(
+                [str(SCRIPT), "start", str(daemon)], capture_output=True, text=True, check=True
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        conn = libvirt.open(uri)
+        pool_dir = work / "pool"
+        pool_dir.mkdir()
+        pool = conn.storagePoolDefineXML(
+            f"<pool type='dir'><name>bench-img</name><target><path>{pool_dir}</path>"
+            "</target></pool>"
+        )
+        pool.create(0)
+        conn.close()
+        with serve(images) as server:
+            cfg = {
+                "apiVersion": "reconciler/v1",
+                "kind": "Config",
+                "state": {"dir": str(work / "state")},
+                "pools": {"local": {"uri": uri, "libvirtPool": "bench-img", "backends": ["qcow2"]}},
+                "images": {
+                    "base": {
+                        "location": server.url("base.raw"),
+                        "format": "raw",
+                        "sha256": sha,
+                        "size": size,
+                    }
+                },
+            }
+            (work / "config.yaml").write_text(json.dumps(cfg))
+            mdir = work / "manifests"
+            mdir.mkdir()
+            for i in range(n):
+                doc = {
+                    "apiVersion": "reconciler/v1",
+                    "kind": "InstanceStorage",
+                    "instance": str(uuid.UUID(int=i + 1)),
+                    "disks": [
+                        {
+                            "name": "disk",
+                            "backend": "qcow2",
+                            "pool": "local",
+                            "format": "qcow2",
+                            "size": 2 * size,
+                            "source": {"image": "base"},
+                        }
+                    ],
+                }
+                (mdir / f"vm{i:04d}.yaml").write_text(json.dumps(doc))
+            t = time.perf_counter()
+            res = subprocess.run(
+                [str(RECONCILE), "--config", str(work / "config.yaml"), str(mdir)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            rec_s = time.perf_counter() - t
+            if res.returncode != 0 or res.stdout.count("\ncreated ") != n:
+                sys.exit(f"bench: reconcile failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            fetches = server.gets["base.raw"]
+            rec_used, rec_files = used_bytes(pool_dir)
+
+            # Nova's pattern: fetch once per host into a base file, then qemu-img per disk.
+            nova = work / "nova"
+            nova.mkdir()
+            t = time.perf_counter()
+            with (
+                urllib.request.urlopen(server.url("base.raw"), timeout=60) as r,
+                open(nova / "base", "wb") as f,
+            ):
+                shutil.copyfileobj(r, f, 1 << 20)
+            for i in range(n):
+                subprocess.run(
+                    [
+                        "qemu-img",
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-F",
+                        "raw",
+                        "-b",
+                        str(nova / "base"),
+                        str(nova / f"disk{i:04d}"),
+                        str(2 * size),
+                    ],
+                    check=True,
+                )
+            nova_s = time.perf_counter() - t
+            nova_used, _ = used_bytes(nova)
+
+        mib = 1 << 20
+        print(f"instances: {n}, image: {args.image_mib} MiB raw over HTTP on 127.0.0.1")
+        print(
+            f"fetches by the reconciler: {fetches} (target 1: {'PASS' if fetches == 1 else 'FAIL'})"
+        )
+        per_overlay = (rec_used - size) / n if rec_used > size else 0
+        print(
+            f"pool space used: {rec_used / mib:.1f} MiB in {rec_files} files = one "
+            f"{size / mib:.0f} MiB base + {n} overlays of about {per_overlay / 1024:.0f} KiB"
+            f" (Nova's pattern: {nova_used / mib:.1f} MiB)"
+        )
+        print(f"{'':<32}{'seconds':>10}{'disks/s':>10}")
+        print(f"{'reconciler (fetch+check+200)':<32}{rec_s:>10.2f}{n / rec_s:>10.1f}")
+        print(f"{'nova pattern (fetch+qemu-img)':<32}{nova_s:>10.2f}{n / nova_s:>10.1f}")
+        ratio = nova_s / rec_s
+        print(
+            f"throughput ratio reconciler/nova: {ratio:.2f} (target >= 0.80: "
+            f"{'PASS' if ratio >= 0.8 else 'FAIL'})"
+        )
+    finally:
+        subprocess.run([str(SCRIPT), "stop", str(daemon)], check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+        if os.path.exists(work):
+            print(f"bench: could not remove {work}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
