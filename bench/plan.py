@@ -454,6 +454,7 @@ class Result:
     baseline: list[float]
     warnings: int
     warning_codes: dict[str, int] = field(default_factory=dict)
+    cold: float = 0.0
 
     @property
     def wall(self) -> float:
@@ -472,25 +473,36 @@ class Result:
         return statistics.median(self.baseline)
 
 
-def time_cli(s: Setup, scratch: Path) -> tuple[list[float], list[float], list[int], dict[str, Any]]:
+def time_cli(
+    s: Setup, scratch: Path
+) -> tuple[list[float], list[float], list[int], dict[str, Any], float]:
+    """The cold run (no manifest cache: every YAML file parsed and validated), then RUNS
+    warm runs (unchanged manifests come from the cache in the state directory)."""
     argv = [str(RECONCILE), *plan_argv(s)]
     walls: list[float] = []
     cpus: list[float] = []
     rss: list[int] = []
     doc: dict[str, Any] = {}
+    cold = 0.0
+    cache = load_config(str(s.config)).state_dir() / "manifest-cache.json"
     for i in range(RUNS + 1):
+        if i == 0:
+            cache.unlink(missing_ok=True)
         r = run_child(argv, scratch)
         doc = check_plan(f"reconcile run {i} (N={s.n})", r.exit_code, r.stdout, r.stderr)
-        label = "warm-up" if i == 0 else f"run {i}"
+        label = "cold run (no manifest cache)" if i == 0 else f"run {i}"
         log(
             f"N={s.n} {label}: {r.wall_s:.3f} s wall, {r.cpu_s:.3f} s CPU, "
             f"peak RSS {r.maxrss_kib / 1024:.1f} MiB"
         )
-        if i > 0:  # the first run warms the page cache and libvirtd; it is not counted
+        if i == 0:  # also warms the page cache and libvirtd
+            cold = r.wall_s
+            rss.append(r.maxrss_kib)
+        else:
             walls.append(r.wall_s)
             cpus.append(r.cpu_s)
             rss.append(r.maxrss_kib)
-    return walls, cpus, rss, doc
+    return walls, cpus, rss, doc, cold
 
 
 def time_startup(scratch: Path) -> float:
@@ -679,14 +691,17 @@ def verdict(ok: bool) -> str:
 def report(results: list[Result]) -> None:
     print()
     print(f"reconcile --dry-run --output json, converged state (empty plan), median of {RUNS}")
-    print(f"after 1 warm-up; {os.cpu_count()} CPUs; baseline = PyYAML CSafeLoader of every")
+    print(f"after 1 cold run; {os.cpu_count()} CPUs; baseline = PyYAML CSafeLoader of every")
     print("manifest + pool refresh/list (or directory listing past libvirt's limit) + SELECT")
     print("* FROM records, in-process. startup = `reconcile --version` (Python + imports).")
     print("CPU = the child's user+system time (median), a check on a busy machine's wall time.")
+    print("cold = the first run, with no manifest cache (every YAML file parsed and validated);")
+    print("the timed runs reuse the cache for the unchanged manifests, as a control loop would.")
     print(f"machine load when printed: {machine_load()} (others' work inflates wall times)")
     print()
     head = (
-        f"{'N disks':>8} {'reconcile s':>12} {'runs s':>18} {'CPU s':>7} {'peak RSS MiB':>13} "
+        f"{'N disks':>8} {'cold s':>7} {'reconcile s':>12} {'runs s':>18} {'CPU s':>7} "
+        f"{'peak RSS MiB':>13} "
         f"{'startup s':>10} {'baseline s':>11} {'ratio':>7} {'warnings':>9}"
     )
     print(head)
@@ -694,7 +709,7 @@ def report(results: list[Result]) -> None:
     for r in results:
         runs = "/".join(f"{w:.2f}" for w in r.walls)
         print(
-            f"{r.n:>8} {r.wall:>12.3f} {runs:>18} {r.cpu:>7.2f} {r.rss_mib:>13.1f} "
+            f"{r.n:>8} {r.cold:>7.2f} {r.wall:>12.3f} {runs:>18} {r.cpu:>7.2f} {r.rss_mib:>13.1f} "
             f"{r.startup_s:>10.3f} {r.base:>11.3f} {r.wall / r.base:>6.1f}x {r.warnings:>9}"
         )
     print()
@@ -703,7 +718,8 @@ def report(results: list[Result]) -> None:
     if big is not None:
         print(
             f"target: N={TARGET_N} wall <= {TARGET_WALL_S:.1f} s: {big.wall:.3f} s "
-            f"-> {verdict(big.wall <= TARGET_WALL_S)}"
+            f"-> {verdict(big.wall <= TARGET_WALL_S)} (cold run, no manifest cache: "
+            f"{big.cold:.3f} s -> {verdict(big.cold <= TARGET_WALL_S)})"
         )
         print(
             f"target: N={TARGET_N} peak RSS <= {TARGET_RSS_MIB:.0f} MiB: {big.rss_mib:.1f} MiB "
@@ -765,14 +781,16 @@ def run(args: argparse.Namespace) -> int:
             s = build(root, n, uri, conn)
             setups.append(s)
             log(f"N={n}: setup took {s.setup_s:.1f} s")
-            walls, cpus, rss, doc = time_cli(s, scratch)
+            walls, cpus, rss, doc, cold = time_cli(s, scratch)
             codes: dict[str, int] = {}
             for w in doc.get("warnings", []):
                 codes[w["code"]] = codes.get(w["code"], 0) + 1
             base = time_baseline(s)
             log(f"N={n}: baseline {'/'.join(f'{b:.3f}' for b in base)} s")
             results.append(
-                Result(n, s.setup_s, walls, cpus, rss, startup, base, len(doc["warnings"]), codes)
+                Result(
+                    n, s.setup_s, walls, cpus, rss, startup, base, len(doc["warnings"]), codes, cold
+                )
             )
         report(results)
         if args.profile:

@@ -19,7 +19,7 @@ def build_desired(loaded: Sequence[LoadedManifest], failed: Sequence[FailedManif
                 spec=d,
                 volume=volume_name(m.instance, d.name),
                 file=lm.file,
-                line=lm.disk_location(i).line,
+                line=lm.disk_line(i),
             )
             for i, d in enumerate(m.disks)
         )

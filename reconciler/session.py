@@ -11,6 +11,7 @@ from reconciler.diff import Action, Desired, Observed, ObservedPool, Plan, PlanO
 from reconciler.drivers import Connections, FilePoolDriver, driver_for
 from reconciler.schema.config import Config
 from reconciler.schema.load import load_manifests
+from reconciler.schema.mcache import ManifestCache
 from reconciler.schema.record import DiskRecord
 from reconciler.store import SqliteRecordStore, open_store
 
@@ -43,7 +44,8 @@ class Session:
         self.close()
 
     def load(self, paths: Sequence[str]) -> tuple[Desired, int]:
-        loaded, failed = load_manifests(paths, self.config)
+        cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
+        loaded, failed = load_manifests(paths, self.config, cache)
         self.desired = build_desired(loaded, failed)
         return self.desired, len(loaded) + len(failed)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from reconciler.errors import ConfigError, InputError, Location
 from reconciler.schema.config import Config
 from reconciler.schema.manifest import ImageSource, Manifest
+from reconciler.schema.mcache import ManifestCache, stat_key
 from reconciler.schema.yamlload import Document, load_file
 from reconciler.schema.yamlload import Path as YPath
 
@@ -25,10 +27,10 @@ MANIFEST_SUFFIXES = (".yaml", ".yml")
 class LoadedManifest:
     file: str
     manifest: Manifest
-    document: Document
+    disk_lines: tuple[int | None, ...]  # where each disk's entry starts, for messages
 
-    def disk_location(self, index: int) -> Location:
-        return self.document.location(("disks", index))
+    def disk_line(self, index: int) -> int | None:
+        return self.disk_lines[index] if index < len(self.disk_lines) else None
 
 
 @dataclass(frozen=True)
@@ -131,12 +133,11 @@ def load_config(path: str) -> Config:
     return cfg.with_base_dir(str(Path(path).resolve().parent))
 
 
-def check_references(lm: LoadedManifest, config: Config) -> list[InputError]:
+def check_references(manifest: Manifest, doc: Document, config: Config) -> list[InputError]:
     """Checks that need the config: pools, images, duplicate disk names."""
     errors: list[InputError] = []
-    doc = lm.document
     seen: dict[str, int] = {}
-    for i, disk in enumerate(lm.manifest.disks):
+    for i, disk in enumerate(manifest.disks):
         if disk.name in seen:
             errors.append(
                 InputError(
@@ -189,42 +190,79 @@ def check_references(lm: LoadedManifest, config: Config) -> list[InputError]:
 
 
 def load_manifest(path: str, config: Config | None) -> LoadedManifest | FailedManifest:
-    """Load one manifest; never raises for bad input, returns what went wrong instead."""
+    """Load one manifest; never raises for bad input, returns what went wrong instead.
+
+    The file is first loaded without position tracking (the common, clean case is several
+    times cheaper that way); if it fails validation it is loaded again, tracked, so every
+    error can name its line.
+    """
     try:
-        doc = load_file(path)
+        doc = load_file(path, track=False)
+    except InputError:
+        return _failed(path, config)
+    try:
+        manifest = _validate(Manifest, doc)
+    except (InputError, InputErrors):
+        return _failed(path, config)
+    if config is not None and check_references(manifest, doc, config):
+        return _failed(path, config)
+    disks = len(manifest.disks)
+    lines = tuple((doc.positions.get(("disks", i)) or (None, None))[0] for i in range(disks))
+    return LoadedManifest(path, manifest, lines)
+
+
+def _failed(path: str, config: Config | None) -> FailedManifest:
+    """Load a manifest known to be invalid again, tracking positions, for its errors."""
+    try:
+        doc = load_file(path, track=True)
     except InputError as e:
-        return FailedManifest(path, (e,), None)
+        return FailedManifest(path, (e,), _instance_of_path(path))
     try:
         manifest = _validate(Manifest, doc)
     except InputError as e:
         return FailedManifest(path, (e,), _instance_of(doc))
     except InputErrors as e:
         return FailedManifest(path, tuple(e.errors), _instance_of(doc))
-    lm = LoadedManifest(path, manifest, doc)
-    if config is not None:
-        errors = check_references(lm, config)
-        if errors:
-            return FailedManifest(path, tuple(errors), manifest.instance)
-    return lm
+    errors = check_references(manifest, doc, config) if config is not None else []
+    if not errors:  # pragma: no cover - the file changed between the two reads
+        errors = [InputError("the file changed while it was read; run again", Location(path))]
+    return FailedManifest(path, tuple(errors), manifest.instance)
+
+
+def _instance_of_path(path: str) -> str | None:
+    """The instance of a file YAML refuses: read the `instance:` line on its own."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(MAX_HEAD)
+    except OSError:
+        return None
+    m = _INSTANCE_LINE.search(head)
+    return _instance_of_text(m.group(1).decode()) if m else None
+
+
+MAX_HEAD = 1 << 16
+_INSTANCE_LINE = re.compile(rb"^instance:[ \t]*[\"']?([0-9a-f-]{36})[\"']?[ \t]*(?:#.*)?$", re.M)
+
+
+def _instance_of_text(inst: str) -> str | None:
+    try:
+        return Manifest.model_validate(
+            {
+                "apiVersion": "reconciler/v1",
+                "kind": "InstanceStorage",
+                "instance": inst,
+                "deleted": True,
+            }
+        ).instance
+    except ValidationError:
+        return None
 
 
 def _instance_of(doc: Document) -> str | None:
     """The instance a broken manifest is about, if that much can be read from it."""
     data = doc.data
-    if isinstance(data, dict):
-        inst = data.get("instance")
-        if isinstance(inst, str):
-            try:
-                return Manifest.model_validate(
-                    {
-                        "apiVersion": "reconciler/v1",
-                        "kind": "InstanceStorage",
-                        "instance": inst,
-                        "deleted": True,
-                    }
-                ).instance
-            except ValidationError:
-                return None
+    if isinstance(data, dict) and isinstance(data.get("instance"), str):
+        return _instance_of_text(data["instance"])
     return None
 
 
@@ -249,15 +287,32 @@ def manifest_files(paths: Iterable[str]) -> tuple[list[str], list[InputError]]:
 
 
 def load_manifests(
-    paths: Iterable[str], config: Config | None
+    paths: Iterable[str], config: Config | None, cache: ManifestCache | None = None
 ) -> tuple[list[LoadedManifest], list[FailedManifest]]:
+    """Load every manifest under `paths`; with a cache, unchanged files are not re-parsed
+    (their references to the config's pools and images are always checked again)."""
     files, errors = manifest_files(paths)
     loaded: list[LoadedManifest] = []
     failed: list[FailedManifest] = [FailedManifest(e.location.file, (e,), None) for e in errors]
+    no_doc = Document("", None)
     for f in files:
+        key = None
+        if cache is not None:
+            try:
+                key = stat_key(os.stat(f))
+            except OSError:
+                key = None
+            hit = cache.get(os.path.abspath(f), key) if key is not None else None
+            if hit is not None and (config is None or not check_references(hit[0], no_doc, config)):
+                loaded.append(LoadedManifest(f, hit[0], hit[1]))
+                continue
         r = load_manifest(f, config)
         if isinstance(r, LoadedManifest):
             loaded.append(r)
+            if cache is not None and key is not None:
+                cache.put(os.path.abspath(f), key, r.manifest, r.disk_lines)
         else:
             failed.append(r)
+    if cache is not None:
+        cache.save()
     return loaded, failed

@@ -61,7 +61,7 @@ class Document:
         return Location(self.file, pos[0] if pos else 1, pos[1] if pos else None)
 
 
-def load_file(path: str, display: str | None = None) -> Document:
+def load_file(path: str, display: str | None = None, *, track: bool = True) -> Document:
     """Read and parse one YAML file, refusing oversized files before reading them whole."""
     name = display or path
     try:
@@ -76,14 +76,14 @@ def load_file(path: str, display: str | None = None) -> Document:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise InputError("file is not valid UTF-8", Location(name, line)) from e
-    return load_text(text, name)
+    return load_text(text, name, track=track)
 
 
 def _line_of(text: str, index: int) -> int:
     return text.count("\n", 0, index) + 1
 
 
-def load_text(text: str, file: str) -> Document:
+def load_text(text: str, file: str, *, track: bool = True) -> Document:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise InputError(f"file is larger than {MAX_FILE_BYTES} bytes", Location(file))
     for ch, name in _ODD_BREAKS.items():
@@ -99,7 +99,7 @@ def load_text(text: str, file: str) -> Document:
     except yaml.YAMLError as e:  # pragma: no cover - the C reader fails lazily
         raise InputError(f"invalid YAML: {e}", Location(file)) from e
     try:
-        return _Builder(loader, file).document()
+        return _Builder(loader, file, track).document()
     except yaml.reader.ReaderError as e:
         line = _line_of(text, e.position)
         raise InputError(
@@ -136,10 +136,31 @@ def _syntax_error(e: yaml.MarkedYAMLError, text: str, file: str) -> InputError:
     return InputError(f"invalid YAML: {problem}", Location(file, line, mark.column + 1))
 
 
+_StreamEnd = yaml.StreamEndEvent
+_Scalar = yaml.ScalarEvent
+_SeqStart = yaml.SequenceStartEvent
+_SeqEnd = yaml.SequenceEndEvent
+_MapStart = yaml.MappingStartEvent
+_MapEnd = yaml.MappingEndEvent
+_Alias = yaml.AliasEvent
+
+# What PyYAML's resolver makes of a plain scalar depends only on its text; remember it.
+_resolved: dict[str, str] = {}
+
+
 class _Builder:
-    def __init__(self, loader: Any, file: str) -> None:
+    """Builds plain data from libyaml's events.
+
+    With `track`, every value's (and key's) position and path is kept, for error messages.
+    Without, only the lines of the items of the root's `disks` list are (a plan names each
+    disk's line), which makes a clean load much cheaper; a file that fails in any way is
+    loaded again, tracked, to say where.
+    """
+
+    def __init__(self, loader: Any, file: str, track: bool) -> None:
         self.loader = loader
         self.file = file
+        self.track = track
         self.positions: dict[Path, tuple[int, int]] = {}
         self.key_positions: dict[Path, tuple[int, int]] = {}
 
@@ -153,18 +174,53 @@ class _Builder:
         get = self.loader.get_event
         get()  # StreamStart
         ev = get()
-        if isinstance(ev, yaml.StreamEndEvent):
+        if isinstance(ev, _StreamEnd):
             raise InputError("file is empty", Location(self.file, 1))
-        data = self.node((), 1)
+        first = get()
+        data = self.node(first, (), 1) if self.track else self.quick(first, 1, False)
         get()  # DocumentEnd
         ev = get()
-        if not isinstance(ev, yaml.StreamEndEvent):
+        if not isinstance(ev, _StreamEnd):
             raise self._fail("file holds more than one YAML document; write one per file", ev, ())
         return Document(self.file, data, self.positions, self.key_positions)
 
-    def node(self, path: Path, depth: int) -> Any:
-        ev = self.loader.get_event()
-        if isinstance(ev, yaml.AliasEvent):
+    def quick(self, ev: Any, depth: int, disks: bool) -> Any:
+        """`node` without paths or positions (but the disks' lines). Anything refused is
+        raised without a place: the caller loads the file again, tracked, to report it."""
+        cls = type(ev)
+        if cls is _Alias or ev.anchor is not None or ev.tag is not None or depth > MAX_DEPTH:
+            raise InputError("refused construct", Location(self.file))
+        if cls is _Scalar:
+            return self.scalar(ev, ()) if ev.implicit[0] else ev.value
+        get = self.loader.get_event
+        if cls is _SeqStart:
+            items: list[Any] = []
+            item = get()
+            while type(item) is not _SeqEnd:
+                if disks:
+                    m = item.start_mark
+                    self.positions[("disks", len(items))] = (m.line + 1, m.column + 1)
+                items.append(self.quick(item, depth + 1, False))
+                item = get()
+            return items
+        if cls is _MapStart:
+            mapping: dict[str, Any] = {}
+            root = depth == 1
+            kev = get()
+            while type(kev) is not _MapEnd:
+                if type(kev) is not _Scalar or kev.anchor is not None or kev.tag is not None:
+                    raise InputError("refused key", Location(self.file))
+                key: str = kev.value
+                if (key == "<<" and kev.implicit[0]) or key in mapping:
+                    raise InputError("refused key", Location(self.file))
+                mapping[key] = self.quick(get(), depth + 1, root and key == "disks")
+                kev = get()
+            return mapping
+        raise InputError("unexpected YAML event", Location(self.file))  # pragma: no cover
+
+    def node(self, ev: Any, path: Path, depth: int) -> Any:
+        cls = type(ev)
+        if cls is _Alias:
             raise self._fail("YAML aliases (*name) are not allowed; write the value out", ev, path)
         if ev.anchor is not None:
             raise self._fail(f"YAML anchors (&{ev.anchor}) are not allowed", ev, path)
@@ -174,42 +230,49 @@ class _Builder:
             raise self._fail(f"nesting deeper than {MAX_DEPTH} levels", ev, path)
         m = ev.start_mark
         self.positions[path] = (m.line + 1, m.column + 1)
-        if isinstance(ev, yaml.ScalarEvent):
+        if cls is _Scalar:
             return self.scalar(ev, path)
-        if isinstance(ev, yaml.SequenceStartEvent):
+        get = self.loader.get_event
+        if cls is _SeqStart:
             items: list[Any] = []
-            while not self.loader.check_event(yaml.SequenceEndEvent):
-                items.append(self.node((*path, len(items)), depth + 1))
-            self.loader.get_event()
+            item = get()
+            while type(item) is not _SeqEnd:
+                items.append(self.node(item, (*path, len(items)), depth + 1))
+                item = get()
             return items
-        if isinstance(ev, yaml.MappingStartEvent):
+        if cls is _MapStart:
             mapping: dict[str, Any] = {}
-            while not self.loader.check_event(yaml.MappingEndEvent):
-                kev = self.loader.get_event()
-                if not isinstance(kev, yaml.ScalarEvent):
+            kev = get()
+            while type(kev) is not _MapEnd:
+                if type(kev) is not _Scalar:
                     raise self._fail("mapping keys must be plain strings", kev, path)
                 if kev.anchor is not None or kev.tag is not None:
                     raise self._fail("anchors and tags are not allowed on keys", kev, path)
-                key = self.scalar(kev, path, key=True)
-                km: Any = kev.start_mark
+                key: str = kev.value
+                if key == "<<" and kev.implicit[0]:
+                    raise self._fail("YAML merge keys (<<) are not allowed", kev, path)
                 if key in mapping:
                     raise self._fail(f"duplicate key {key!r}", kev, (*path, key))
+                km: Any = kev.start_mark
                 self.key_positions[(*path, key)] = (km.line + 1, km.column + 1)
-                mapping[key] = self.node((*path, key), depth + 1)
-            self.loader.get_event()
+                mapping[key] = self.node(get(), (*path, key), depth + 1)
+                kev = get()
             return mapping
         raise self._fail("unexpected YAML event", ev, path)  # pragma: no cover
 
-    def scalar(self, ev: Any, path: Path, key: bool = False) -> Any:
+    def scalar(self, ev: Any, path: Path) -> Any:
         value: str = ev.value
         if not ev.implicit[0]:
             return value  # quoted: always a string
-        tag = self.loader.resolve(yaml.ScalarNode, value, ev.implicit)
+        tag = _resolved.get(value)
+        if tag is None:
+            tag = self.loader.resolve(yaml.ScalarNode, value, (True, False))
+            if len(_resolved) < 100_000:
+                _resolved[value] = tag
+        if tag == _STR:
+            return value
         if tag == _MERGE:
             raise self._fail("YAML merge keys (<<) are not allowed", ev, path)
-        if key or tag == _STR:
-            # Keys stay text: `1: x` or `yes: x` must not turn into int or bool keys.
-            return value
         if tag == _NULL:
             return None
         if tag == _BOOL:

@@ -1,0 +1,136 @@
+"""A cache of validated manifests, so a converged host re-plans without re-parsing.
+
+Parsing and validating YAML is most of what a plan of a large host costs (bench/plan.py),
+and the compute service rewrites few manifests between runs. An entry is reused only if
+the file's device, inode, size, mtime and ctime are all unchanged, and only files whose
+times were at least two seconds in the past when the entry was written are ever cached
+(a file changed twice within one timestamp tick, in the same second it was cached, could
+otherwise look unchanged; git's index has the same rule). The cache is keyed to the exact
+source of the schema code, so any change to validation empties it. Reference checks
+against the config (pools, images) are never cached. The file lives in the state
+directory and is replaced atomically; losing it only costs one slow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from reconciler import __version__
+from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.manifest import (
+    DeletionPolicy,
+    DiskSpec,
+    ImageSource,
+    Manifest,
+    TemplateKind,
+    TemplateSource,
+)
+
+log = structlog.get_logger(__name__)
+
+SAFE_AGE_NS = 2_000_000_000
+Key = tuple[int, int, int, int, int]
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256(__version__.encode())
+    here = Path(__file__).resolve().parent
+    for name in ("common.py", "manifest.py", "yamlload.py", "load.py", "mcache.py"):
+        h.update((here / name).read_bytes())
+    h.update((here.parent / "units.py").read_bytes())
+    return h.hexdigest()
+
+
+def stat_key(st: os.stat_result) -> Key:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def construct(data: dict[str, Any]) -> Manifest:
+    """Rebuild a Manifest from its own validated dump, without validating it again."""
+    disks = []
+    for d in data["disks"]:
+        src = d["source"]
+        source: ImageSource | TemplateSource
+        if "image" in src:
+            source = ImageSource.model_construct(image=src["image"])
+        else:
+            source = TemplateSource.model_construct(
+                template=TemplateKind(src["template"]), label=src.get("label")
+            )
+        disks.append(
+            DiskSpec.model_construct(
+                name=d["name"],
+                backend=Backend(d["backend"]),
+                pool=d["pool"],
+                format=DiskFormat(d["format"]),
+                size=int(d["size"]),
+                source=source,
+                deletion_policy=DeletionPolicy(d["deletionPolicy"]),
+            )
+        )
+    return Manifest.model_construct(
+        api_version=data["apiVersion"],
+        kind=data["kind"],
+        instance=data["instance"],
+        deleted=bool(data.get("deleted", False)),
+        disks=disks,
+    )
+
+
+class ManifestCache:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fingerprint = _fingerprint()
+        self.entries: dict[str, list[Any]] = {}
+        self.fresh: dict[str, list[Any]] = {}
+        self.dirty = False
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            if doc.get("fingerprint") == self.fingerprint:
+                self.entries = doc["entries"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.entries = {}  # missing or damaged: it is only a cache
+
+    def get(self, path: str, key: Key) -> tuple[Manifest, tuple[int | None, ...]] | None:
+        e = self.entries.get(path)
+        if e is None or tuple(e[0]) != key:
+            return None
+        try:
+            manifest = construct(e[1])
+        except (KeyError, ValueError, TypeError):
+            return None
+        self.fresh[path] = e
+        return manifest, tuple(e[2])
+
+    def put(self, path: str, key: Key, manifest: Manifest, lines: tuple[int | None, ...]) -> None:
+        now = time.time_ns()
+        if max(key[3], key[4]) > now - SAFE_AGE_NS:
+            return  # too recent to trust its times; parsed again next run
+        self.fresh[path] = [list(key), manifest.model_dump(mode="json", by_alias=True), list(lines)]
+        self.dirty = True
+
+    def save(self) -> None:
+        """Write the entries used or added by this run (stale ones drop out)."""
+        if not self.dirty and set(self.fresh) == set(self.entries):
+            return
+        from reconciler.schema.write import write_atomic
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(
+                str(self.path),
+                json.dumps(
+                    {"fingerprint": self.fingerprint, "entries": self.fresh},
+                    separators=(",", ":"),
+                ),
+            )
+        except OSError as e:
+            log.warning("manifest_cache.write_failed", path=str(self.path), error=str(e))
