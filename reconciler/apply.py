@@ -27,6 +27,7 @@ from reconciler.diff.model import Action, ActionKind
 from reconciler.drivers.filepool import FilePoolDriver, VolumeExists
 from reconciler.errors import ReconcileError
 from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.store import RecordStore
 from reconciler.units import format_size
@@ -248,7 +249,10 @@ class Executor:
         self.store.put(new, gen)
         faults.point("record.creating")
         try:
-            d.create(new)
+            if "image" in new.source:
+                d.create_from_image(new, new.source["image"])
+            else:
+                d.create_from_template(new, TemplateSource.model_validate(new.source))
         except BaseException as e:
             self._roll_back(d, new, e)
             raise

@@ -212,7 +212,7 @@ def _stream_once(
                     f"the image is larger than the {image.size} bytes the catalog declares"
                 )
             digest.update(chunk)
-            _write_all(fd, chunk)
+            _write_sparse(fd, chunk)
             if progress is not None:
                 progress.update(len(chunk))
             if mine is not None and not size_checked:
@@ -244,8 +244,18 @@ def _stream_once(
             f"the image's virtual size {format_size(virtual)} is larger than the disk "
             f"({format_size(max_virtual_size)})"
         )
+    os.ftruncate(fd, total)  # the length, where the image ends in skipped zeros
     os.fsync(fd)
     return Checked(sha, total, declared, virtual)
+
+
+def _write_sparse(fd: int, data: bytes) -> None:
+    """Write a chunk, or skip it if it is all zeros: the cached image stays sparse (disk
+    images are mostly empty), and what is not written is neither stored nor synced."""
+    if data.count(0) == len(data):
+        os.lseek(fd, len(data), os.SEEK_CUR)
+        return
+    _write_all(fd, data)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -19,7 +19,7 @@ import hashlib
 import os
 import stat
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from reconciler.locks import LockDir
 from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
+from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.store import ConflictError, RecordStore
 
@@ -250,21 +251,34 @@ class FilePoolDriver:
 
         self._call(f"create volume {name}", create)
 
-    def create(self, rec: DiskRecord) -> None:
-        """Make the volume `rec` describes (its record is already written as creating)."""
-        src = rec.source
-        fmt = rec.format.value
-        entry = self.entry_for(rec.spec)
-        if entry is None:
-            self._create_xml(rec.volume, rec.virtual_size, fmt)
+    # The two ways a disk is made (DESIGN: "the two interfaces that replace cache()").
+    # Each is told everything in advance; its record is already written as `creating`.
+
+    def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
+        """A disk with an image's content: fetched and checked once into the pool's cache,
+        then an overlay on that entry (qcow2 backend) or a copy of it (flat)."""
+        entry = image_entry_name(image_id, self.images[image_id].sha256)
+        self._from_cache(rec, entry, lambda: self.ensure_image(entry, image_id, rec.virtual_size))
+
+    def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
+        """A blank disk, or swap or an empty filesystem made once per (kind, size, label)
+        as a cache entry and overlaid or copied like an image."""
+        if template.template is TemplateKind.BLANK:
+            self._create_xml(rec.volume, rec.virtual_size, rec.format.value)
             faults.point("volume.created")
             return
+        kind = template.template.value
+        entry = template_entry_name(kind, rec.virtual_size, template.label)
+        self._from_cache(
+            rec,
+            entry,
+            lambda: self.ensure_template(entry, kind, rec.virtual_size, template.label),
+        )
+
+    def _from_cache(self, rec: DiskRecord, entry: str, ensure: Callable[[], None]) -> None:
         for attempt in range(4):
             if attempt:
-                if "image" in src:
-                    self.ensure_image(entry, src["image"], rec.virtual_size)
-                else:
-                    self.ensure_template(entry, src["template"], rec.virtual_size, src.get("label"))
+                ensure()
             # Hold the entry shared while using it, so garbage collection waits for us. The
             # first look is optimistic (the entry is usually there); if it is missing or
             # unfinished it is made (exclusively) and looked at again.
