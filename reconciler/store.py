@@ -15,6 +15,8 @@ them durable at the end of a run. This halves the fsyncs of a create (bench/appl
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -100,25 +102,38 @@ class SqliteRecordStore:
         self._db = sqlite3.connect(
             str(path), timeout=30, isolation_level=None, check_same_thread=False
         )
+        self._durable = True
         try:
             self._db.execute("PRAGMA busy_timeout=30000")
-            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._durable = True
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version != DB_VERSION:
+                self._initialise(version)
+        except sqlite3.Error as e:
+            raise RecordError(f"records database {path}: {e}") from None
+
+    def _initialise(self, version: int) -> None:
+        """Switch a new database to WAL and create its table, one process at a time: two
+        reconcilers opening a new database together would otherwise see 'database is
+        locked' (changing the journal mode does not wait for a busy lock)."""
+        fd = os.open(f"{self.path}.init-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, DB_VERSION):
                 raise RecordError(
-                    f"records database {path} has layout version {version}; this reconciler "
-                    f"knows version {DB_VERSION}"
+                    f"records database {self.path} has layout version {version}; this "
+                    f"reconciler knows version {DB_VERSION}"
                 )
+            self._db.execute("PRAGMA journal_mode=WAL")
             if version == 0:
                 with self._tx():
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             self._db.execute(statement)
                     self._db.execute(f"PRAGMA user_version={DB_VERSION}")
-        except sqlite3.Error as e:
-            raise RecordError(f"records database {path}: {e}") from None
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
