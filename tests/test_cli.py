@@ -1,0 +1,81 @@
+"""The command line: exit codes, validate, schema, and writing manifests atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli import main
+from reconciler.schema.load import load_manifest
+from reconciler.schema.manifest import Manifest
+from reconciler.schema.write import manifest_yaml, write_manifest
+from tests.env import Env, disk
+from tests.helpers import EXAMPLES, example_config
+
+
+@pytest.mark.libvirtd
+def test_exit_codes(env: Env) -> None:
+    inst = env.manifest("vm", [disk("d", size="1MiB")])
+    rc, out, _ = env.run("--dry-run", "--detailed-exitcode")
+    assert rc == 2 and "+ create" in out  # changes planned
+    rc, _, _ = env.run("--dry-run")
+    assert rc == 0  # changes, but no --detailed-exitcode
+    assert env.run()[0] == 0
+    rc, out, _ = env.run("--dry-run", "--detailed-exitcode")
+    assert rc == 0 and "No changes." in out
+    env.manifest("vm", [disk("d", size="512KiB")], instance=inst)  # a shrink: an error
+    rc, out, _ = env.run("--dry-run", "--detailed-exitcode")
+    assert rc == 1 and "shrink-refused" in out
+    doc = env.plan_json()
+    assert set(doc) == {"format_version", "actions", "errors", "warnings", "summary"}
+    assert doc["summary"]["errors"] == 1
+
+
+def test_validate_reports_file_line_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example_config(tmp_path)
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    (mdir / "good.yaml").write_text((EXAMPLES / "manifests" / "web-1.yaml").read_text())
+    bad = (
+        (EXAMPLES / "manifests" / "batch-7.yaml").read_text().replace("size: 256MiB", "size: 256MB")
+    )
+    (mdir / "bad.yaml").write_text(bad)
+    rc = main(["validate", "--config", str(tmp_path / "config.yaml"), str(mdir)])
+    out = capsys.readouterr()
+    assert rc == 1
+    line = bad.splitlines().index("    size: 256MB") + 1
+    assert f"{mdir / 'bad.yaml'}:{line}:5: disks[1].size: size '256MB' has unknown unit" in out.err
+    assert "1 valid, 1 invalid manifest(s), 1 error(s)" in out.out
+
+
+def test_schema_is_json_schema_of_the_manifest(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "Manifest"
+    assert set(schema["required"]) >= {"apiVersion", "kind", "instance"}
+    assert schema["additionalProperties"] is False
+    assert main(["schema", "--kind", "config"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "Config"
+
+
+def test_write_manifest_is_atomic_and_round_trips(tmp_path: Path) -> None:
+    src = EXAMPLES / "manifests" / "db-1.yaml"
+    config = example_config(tmp_path)
+    loaded = load_manifest(str(src), config)
+    assert not hasattr(loaded, "errors")
+    manifest: Manifest = loaded.manifest
+    target = tmp_path / "out.yaml"
+    target.write_text("old content\n")
+    before = os.stat(target).st_ino
+    write_manifest(str(target), manifest)
+    # Replaced by a rename (a new inode), never rewritten in place; no temp file left.
+    assert os.stat(target).st_ino != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "out.yaml"]
+    again = load_manifest(str(target), config)
+    assert again.manifest == manifest  # type: ignore[union-attr]
+    assert target.read_text() == manifest_yaml(manifest)
