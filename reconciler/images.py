@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -29,6 +28,7 @@ from urllib.parse import unquote, urlparse
 import structlog
 from oslo_utils.imageutils import format_inspector as fi
 
+from reconciler.drivers.tools import execute, last_line
 from reconciler.errors import ReconcileError
 from reconciler.schema.config import ImageConfig
 from reconciler.units import format_size
@@ -277,14 +277,8 @@ def run_limited(
     what: str,
     cleanup: Callable[[], None] | None = None,
 ) -> str:
-    res = subprocess.run(
-        limited(argv),
-        pass_fds=tuple(fds),
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
-    )
+    """Run a command on an untrusted image under the limits; a failure refuses the image."""
+    res = execute(limited(argv), fds, what)
     if res.returncode != 0:
         if cleanup is not None:
             cleanup()
@@ -293,8 +287,7 @@ def run_limited(
                 f"{what}: qemu-img was killed by signal {-res.returncode} "
                 "(over its CPU or memory limit)"
             )
-        lines = (res.stderr or res.stdout).strip().splitlines()
-        raise ImageRejected(f"{what}: {lines[-1] if lines else f'exit {res.returncode}'}")
+        raise ImageRejected(f"{what}: {last_line(res)}")
     return res.stdout
 
 

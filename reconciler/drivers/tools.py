@@ -42,10 +42,10 @@ def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def run(argv: Sequence[str], *, fds: Sequence[int] = (), what: str) -> str:
-    """Run a tool; on failure raise ToolError with its own message."""
+def execute(argv: Sequence[str], fds: Sequence[int], what: str) -> subprocess.CompletedProcess[str]:
+    """Run a tool with a minimal environment and only the descriptors it is given."""
     try:
-        res = subprocess.run(
+        return subprocess.run(
             list(argv),
             pass_fds=tuple(fds),
             capture_output=True,
@@ -55,10 +55,18 @@ def run(argv: Sequence[str], *, fds: Sequence[int] = (), what: str) -> str:
         )
     except FileNotFoundError:
         raise ToolError(f"{what}: {argv[0]} is not installed") from None
+
+
+def last_line(res: subprocess.CompletedProcess[str]) -> str:
+    msg = (res.stderr or res.stdout).strip().splitlines()
+    return msg[-1] if msg else f"exit status {res.returncode}"
+
+
+def run(argv: Sequence[str], *, fds: Sequence[int] = (), what: str) -> str:
+    """Run a tool; on failure raise ToolError with its own message."""
+    res = execute(argv, fds, what)
     if res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip().splitlines()
-        detail = msg[-1] if msg else f"exit status {res.returncode}"
-        raise ToolError(f"{what}: {argv[0]} failed: {detail}")
+        raise ToolError(f"{what}: {argv[0]} failed: {last_line(res)}")
     return res.stdout
 
 
