@@ -24,7 +24,7 @@ import structlog
 
 from reconciler import faults
 from reconciler.diff.model import Action, ActionKind
-from reconciler.drivers.filepool import FilePoolDriver, VolumeExists
+from reconciler.drivers.base import ManagingDriver, VolumeExists
 from reconciler.errors import ReconcileError
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
@@ -74,7 +74,7 @@ class Executor:
     def __init__(
         self,
         store: RecordStore,
-        drivers: dict[str, FilePoolDriver],
+        drivers: dict[str, ManagingDriver],
         *,
         replan: Replanner | None,
         out: TextIO | None = None,
@@ -138,7 +138,7 @@ class Executor:
         for name in driver.sweep_temp():
             print(f"removed temporary file {pool}/{name} left by an interrupted run", file=self.out)
 
-    def driver(self, pool: str) -> FilePoolDriver:
+    def driver(self, pool: str) -> ManagingDriver:
         d = self.drivers.get(pool)
         if d is None:
             raise ReconcileError(f"pool {pool} has no driver that can change it")
@@ -175,7 +175,7 @@ class Executor:
             return self._do(a, d, rec, rec_old)
 
     def _do(
-        self, a: Action, d: FilePoolDriver, rec: DiskRecord | None, rec_old: DiskRecord | None
+        self, a: Action, d: ManagingDriver, rec: DiskRecord | None, rec_old: DiskRecord | None
     ) -> tuple[str, str]:
         if a.action in (ActionKind.CREATE, ActionKind.REPLACE):
             if a.replaces and a.replaces != (a.pool, a.volume) and rec_old is not None:
@@ -213,7 +213,7 @@ class Executor:
         self.store.put(new, expect, durable=durable)
         return new
 
-    def _create(self, a: Action, d: FilePoolDriver, rec: DiskRecord | None) -> None:
+    def _create(self, a: Action, d: ManagingDriver, rec: DiskRecord | None) -> None:
         assert a.spec is not None
         spec = dict(a.spec)
         gen = rec.generation if rec else None
@@ -261,7 +261,7 @@ class Executor:
         )
         faults.point("record.ready")
 
-    def _roll_back(self, d: FilePoolDriver, rec: DiskRecord, err: BaseException) -> None:
+    def _roll_back(self, d: ManagingDriver, rec: DiskRecord, err: BaseException) -> None:
         """Remove what a failed create left, then its record; never mask the first error."""
         if isinstance(err, KeyboardInterrupt):
             return  # the record stays `creating`; the next run removes the partial volume
@@ -272,7 +272,7 @@ class Executor:
         except Exception as e:
             log.warning("apply.rollback_failed", volume=rec.volume, error=str(e))
 
-    def _resize(self, a: Action, d: FilePoolDriver, rec: DiskRecord) -> None:
+    def _resize(self, a: Action, d: ManagingDriver, rec: DiskRecord) -> None:
         assert a.spec is not None
         size = int(a.spec["size"])
         if size < rec.virtual_size:
@@ -299,7 +299,7 @@ class Executor:
         )
         faults.point("record.ready")
 
-    def _delete(self, d: FilePoolDriver, rec: DiskRecord) -> None:
+    def _delete(self, d: ManagingDriver, rec: DiskRecord) -> None:
         if d.volume_exists(rec.volume) and rec.state is not RecordState.CREATING:
             att = d.attachments()
             if not att.known:

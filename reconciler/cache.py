@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from reconciler import faults
-from reconciler.drivers import FilePoolDriver
+from reconciler.drivers.base import ManagingDriver
 from reconciler.schema.record import DiskRecord, RecordKind
 from reconciler.store import RecordStore
 
@@ -65,7 +65,7 @@ def age_seconds(last_used: str | None, now: datetime.datetime) -> float:
 
 def gc(
     store: RecordStore,
-    drivers: dict[str, FilePoolDriver],
+    drivers: dict[str, ManagingDriver],
     min_age: float,
     now: datetime.datetime | None = None,
 ) -> tuple[list[Entry], list[tuple[Entry, str]]]:

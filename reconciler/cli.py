@@ -264,7 +264,7 @@ def cmd_cache(argv: Sequence[str]) -> int:
             min_age = cache.parse_duration(args.min_age)
         except ValueError as e:
             raise ReconcileError(str(e)) from None
-        removed, kept = cache.gc(s.store, s.file_drivers(), min_age, now)
+        removed, kept = cache.gc(s.store, s.managing_drivers(), min_age, now)
         for entry in removed:
             print(f"removed {entry.pool}/{entry.volume} ({entry.what}, {format_size(entry.size)})")
         for entry, why in kept:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from reconciler.desired import build_desired
 from reconciler.diff import Action, Desired, Observed, ObservedPool, Plan, PlanOptions, plan
-from reconciler.drivers import Connections, FilePoolDriver, driver_for
+from reconciler.drivers import Connections, driver_for, managing
+from reconciler.drivers.base import ManagingDriver
 from reconciler.schema.config import Config
 from reconciler.schema.load import load_manifests
 from reconciler.schema.mcache import ManifestCache
@@ -70,15 +71,15 @@ class Session:
     def plan(self) -> Plan:
         return plan(self.desired, self.observe(), self.options)
 
-    def file_drivers(self) -> dict[str, FilePoolDriver]:
-        return {n: d for n, d in self.drivers.items() if isinstance(d, FilePoolDriver)}
+    def managing_drivers(self) -> dict[str, ManagingDriver]:
+        return managing(self.drivers)
 
     def replanner(self) -> Replanner:
         def replan(a: Action) -> list[Action]:
             """Plan one instance again against its fresh records and volumes."""
             records = self.store.for_instance(a.instance)
             wanted = tuple(i for i in self.desired.instances if i.instance == a.instance)
-            drivers = self.file_drivers()
+            drivers = self.managing_drivers()
             names: dict[str, set[str]] = {}
             for r in records:
                 names.setdefault(r.pool, set()).add(r.volume)
@@ -112,4 +113,6 @@ class Session:
     def executor(self, *, saved: bool) -> Executor:
         from reconciler.apply import Executor  # not needed (nor imported) by --dry-run
 
-        return Executor(self.store, self.file_drivers(), replan=None if saved else self.replanner())
+        return Executor(
+            self.store, self.managing_drivers(), replan=None if saved else self.replanner()
+        )

@@ -375,7 +375,7 @@ def test_gc_running_beside_creates_never_removes_an_entry_in_use(env: Env, image
     deadline = time.monotonic() + 240  # a bound, not a wait: the loop ends with the creator
     with Session(load_config(str(env.config_path))) as s:
         while creator.poll() is None and time.monotonic() < deadline:
-            gone, _ = cache.gc(s.store, s.file_drivers(), 0.0)
+            gone, _ = cache.gc(s.store, s.managing_drivers(), 0.0)
             removed += len(gone)
             collections += 1
     out, err = creator.communicate(timeout=300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from reconciler.diff.model import ObservedPool
-from reconciler.drivers.base import PoolDriver
+from reconciler.drivers.base import ManagingDriver, PoolDriver
 from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.schema.common import Backend
@@ -44,4 +44,16 @@ def driver_for(
     return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")
 
 
-__all__ = ["Connections", "FilePoolDriver", "PoolDriver", "driver_for"]
+def managing(drivers: Mapping[str, PoolDriver]) -> dict[str, ManagingDriver]:
+    """The drivers that can change their pools (not those of unsupported backends)."""
+    return {n: d for n, d in drivers.items() if isinstance(d, FilePoolDriver)}
+
+
+__all__ = [
+    "Connections",
+    "FilePoolDriver",
+    "ManagingDriver",
+    "PoolDriver",
+    "driver_for",
+    "managing",
+]

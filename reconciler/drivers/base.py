@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from reconciler.diff.model import ObservedPool
+from reconciler.drivers.domains import Attachments
+from reconciler.errors import ReconcileError
+from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord
+
+
+class VolumeExists(ReconcileError):
+    """A volume of the name to create already exists: someone else's, never removed."""
 
 
 class PoolDriver(Protocol):
@@ -24,3 +32,33 @@ class PoolDriver(Protocol):
     def check_headers(self, pool: ObservedPool, records: Sequence[DiskRecord]) -> ObservedPool:
         """Add warnings-only header formats of managed volumes to an observed pool."""
         ...
+
+
+class ManagingDriver(PoolDriver, Protocol):
+    """A driver that can change its pool: what the executor and `cache gc` use."""
+
+    def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
+        """A lock shared by every reconciler using this pool (processes or hosts)."""
+        ...
+
+    def volume_exists(self, volume: str) -> bool: ...
+
+    def attachments(self) -> Attachments: ...
+
+    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        """The cache entry a disk made to `spec` is made from, if any."""
+        ...
+
+    def backing_for(self, spec: Mapping[str, Any]) -> str | None:
+        """The cache entry a disk made to `spec` depends on once made, if any."""
+        ...
+
+    def create_from_image(self, rec: DiskRecord, image_id: str) -> None: ...
+
+    def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None: ...
+
+    def resize(self, rec: DiskRecord, size: int) -> None: ...
+
+    def delete_volume(self, volume: str) -> None: ...
+
+    def sweep_temp(self) -> list[str]: ...

@@ -31,6 +31,7 @@ import structlog
 
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
+from reconciler.drivers.base import VolumeExists
 from reconciler.drivers.domains import Attachments, attachments
 from reconciler.drivers.headers import file_header_format
 from reconciler.drivers.libvirt_conn import Connections
@@ -55,10 +56,6 @@ STATE_DIR = ".reconciler"  # inside the pool: locks shared by everyone using the
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-class VolumeExists(ReconcileError):
-    """A volume of the name to create already exists: someone else's, never removed."""
 
 
 @dataclass(frozen=True)
