@@ -169,8 +169,11 @@ class Executor:
                 if not fresh:
                     return "skipped", "already in the desired state (another run did it)"
                 if len(fresh) == 1 and fresh[0].action == a.action and not fresh[0].destructive:
+                    now = fresh[0]
                     log.info("apply.replanned", volume=a.volume)
-                    return self._do(fresh[0], d, self.store.get(a.pool, a.volume), None)
+                    moved = now.replaces is not None and now.replaces != (a.pool, a.volume)
+                    old_rec = self.store.get(*now.replaces) if moved and now.replaces else None
+                    return self._do(now, d, self.store.get(a.pool, a.volume), old_rec)
                 raise StalePlan("the state changed since planning; run again to re-plan")
             return self._do(a, d, rec, rec_old)
 

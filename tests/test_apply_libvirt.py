@@ -354,3 +354,45 @@ def test_disk_full_fails_cleanly(pools: Pools, tmp_path: Path, libvirt_uri: str)
         assert [(a["action"], a["instance"]) for a in plan["actions"]] == [("create", inst)]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_replanned_move_finishes_the_old_record(pools: Pools, tmp_path: Path) -> None:
+    """A live run whose precondition fails re-plans; a re-planned move still removes the
+    record it replaces (or the disk would end up with two records)."""
+    from reconciler.diff import plan as make_plan
+    from reconciler.schema.load import load_config
+    from reconciler.session import Session
+
+    a = pools.make(tmp_path / "a")
+    b = pools.make(tmp_path / "b")
+    env = Env(tmp_path / "env", a.uri, {"local": (a.name, a.path), "other": (b.name, b.path)})
+    env.write_config()
+    inst = env.manifest("vm", [disk("d", size="4MiB")])
+    assert env.run()[0] == 0
+    store = env.store()
+    (rec,) = [r for r in store.load_all()[0] if r.instance == inst]
+    # A run stopped while making it: the record says creating and the volume is gone.
+    store.put(
+        rec.model_copy(update={"state": RecordState.CREATING, "generation": rec.generation + 1}),
+        rec.generation,
+    )
+    env.volume(inst, "d").unlink()
+    store.close()
+    env.manifest("vm", [disk("d", size="4MiB", pool="other")], instance=inst)
+    with Session(load_config(str(env.config_path))) as s:
+        s.load([str(env.manifests)])
+        p = make_plan(s.desired, s.observe(), s.options)
+        (action,) = p.actions
+        assert action.replaces == ("local", rec.volume)
+        # Another process touches the old record between planning and applying.
+        cur = s.store.get("local", rec.volume)
+        assert cur is not None
+        s.store.put(cur.model_copy(update={"generation": cur.generation + 1}), cur.generation)
+        result = s.executor(saved=False).apply(p.actions)
+    assert [o.status for o in result.outcomes] == ["done"]
+    store = env.store()
+    records = [r for r in store.load_all()[0] if r.instance == inst]
+    store.close()
+    assert [(r.pool, r.state) for r in records] == [("other", RecordState.READY)]
+    assert env.volume(inst, "d", pool="other").exists()
+    assert env.plan_json()["actions"] == []
