@@ -35,7 +35,14 @@ from reconciler.drivers.base import VolumeExists
 from reconciler.drivers.domains import Attachments, attachments
 from reconciler.drivers.headers import file_header_format
 from reconciler.drivers.libvirt_conn import Connections
-from reconciler.drivers.tools import NotAFile, fd_path, mkfs_argv, open_volume, run
+from reconciler.drivers.tools import (
+    NotAFile,
+    convert_argv,
+    fd_path,
+    mkfs_argv,
+    open_volume,
+    run,
+)
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
 from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
@@ -307,21 +314,8 @@ class FilePoolDriver:
             open_volume(self.path(entry), write=False) as src_fd,
             open_volume(self.path(rec.volume)) as dst_fd,
         ):
-            # -n: write into the volume libvirt made at the disk's size; -S: keep zeros sparse.
             run(
-                [
-                    "qemu-img",
-                    "convert",
-                    "-n",
-                    "-f",
-                    "raw",
-                    "-O",
-                    fmt,
-                    "-S",
-                    "4k",
-                    fd_path(src_fd),
-                    fd_path(dst_fd),
-                ],
+                convert_argv("raw", fmt, fd_path(src_fd), fd_path(dst_fd)),
                 fds=(src_fd, dst_fd),
                 what=f"copy {entry} into {rec.volume}",
             )
@@ -434,19 +428,9 @@ class FilePoolDriver:
                         self._create_xml(entry, checked.virtual_size, "raw")
                         with open_volume(self.path(entry)) as out_fd:
                             run_limited(
-                                [
-                                    "qemu-img",
-                                    "convert",
-                                    "-n",
-                                    "-f",
-                                    image.format.value,
-                                    "-O",
-                                    "raw",
-                                    "-S",
-                                    "4k",
-                                    fd_path(fd),
-                                    fd_path(out_fd),
-                                ],
+                                convert_argv(
+                                    image.format.value, "raw", fd_path(fd), fd_path(out_fd)
+                                ),
                                 fds=(fd, out_fd),
                                 what=f"convert {image_id} to raw",
                             )

@@ -70,6 +70,12 @@ def run(argv: Sequence[str], *, fds: Sequence[int] = (), what: str) -> str:
     return res.stdout
 
 
+def convert_argv(src_fmt: str, dst_fmt: str, src: str, dst: str) -> list[str]:
+    """qemu-img convert with both formats named, into an existing volume (-n, made by
+    libvirt at the disk's size), leaving runs of zeros unallocated (-S 4k)."""
+    return ["qemu-img", "convert", "-n", "-f", src_fmt, "-O", dst_fmt, "-S", "4k", src, dst]
+
+
 def mkfs_argv(kind: str, label: str | None, target: str) -> list[str]:
     """The mkfs command for a template; explicit arguments, forced onto a plain file."""
     if kind == "swap":
