@@ -220,12 +220,13 @@ class Executor:
         assert a.spec is not None
         spec = dict(a.spec)
         gen = rec.generation if rec else None
-        if rec is None and d.volume_exists(a.volume):
+        exists = d.volume_exists(a.volume)
+        if rec is None and exists:
             raise ReconcileError(
                 f"volume {a.pool}/{a.volume} exists but the reconciler has no record of making "
                 "it; it is left untouched"
             )
-        if rec is not None and d.volume_exists(a.volume):
+        if rec is not None and exists:
             # A partial volume from an interrupted create, or the old disk of a replace:
             # record the intent to remove it first, so a crash here is finished next time.
             rec = self._put(rec, gen, state=RecordState.DELETING)

@@ -25,7 +25,7 @@ class Entry:
     what: str
     size: int
     users: int
-    last_used: str | None
+    unused_for: float  # seconds since a disk was last made from it (inf: never noted)
     state: str
 
 
@@ -37,7 +37,7 @@ def _describe(rec: DiskRecord) -> str:
     return f"template {spec.get('template')}{label}"
 
 
-def entries(store: RecordStore) -> list[Entry]:
+def entries(store: RecordStore, now: datetime.datetime) -> list[Entry]:
     records, _ = store.load_all()
     users = Counter((r.pool, r.backing) for r in records if r.backing)
     out = [
@@ -47,20 +47,13 @@ def entries(store: RecordStore) -> list[Entry]:
             _describe(r),
             r.virtual_size,
             users[(r.pool, r.volume)],
-            r.last_used,
+            r.unused_for(now),
             r.state.value,
         )
         for r in records
         if r.kind is RecordKind.CACHE
     ]
     return sorted(out, key=lambda e: (e.pool, e.volume))
-
-
-def age_seconds(last_used: str | None, now: datetime.datetime) -> float:
-    if not last_used:
-        return float("inf")
-    then = datetime.datetime.fromisoformat(last_used)
-    return (now - then).total_seconds()
 
 
 def gc(
@@ -73,11 +66,11 @@ def gc(
     now = now or datetime.datetime.now(datetime.UTC)
     removed: list[Entry] = []
     kept: list[tuple[Entry, str]] = []
-    for e in entries(store):
+    for e in entries(store, now):
         if e.users:
             kept.append((e, f"used by {e.users} disk(s)"))
             continue
-        if age_seconds(e.last_used, now) < min_age:
+        if e.unused_for < min_age:
             kept.append((e, "used more recently than --min-age"))
             continue
         driver = drivers.get(e.pool)
@@ -89,11 +82,10 @@ def gc(
             rec = store.get(e.pool, e.volume)
             if rec is None:
                 continue
-            records = store.load_all()[0]
-            if any(r.backing == e.volume and r.pool == e.pool for r in records):
+            if store.references(e.pool, e.volume):
                 kept.append((e, "came into use"))
                 continue
-            if age_seconds(rec.last_used, now) < min_age:
+            if rec.unused_for(now) < min_age:
                 kept.append((e, "used more recently than --min-age"))
                 continue
             driver.delete_volume(e.volume)

@@ -248,11 +248,10 @@ def cmd_cache(argv: Sequence[str]) -> int:
     now = datetime.datetime.now(datetime.UTC)
     with Session(config) as s:
         if args.what == "ls":
-            rows = cache.entries(s.store)
+            rows = cache.entries(s.store, now)
             print(f"{'POOL':<12} {'ENTRY':<56} {'SIZE':>10} {'USERS':>5} {'AGE':>8}  WHAT")
             for e in rows:
-                age = cache.age_seconds(e.last_used, now)
-                shown = "-" if age == float("inf") else _human_age(age)
+                shown = "-" if e.unused_for == float("inf") else _human_age(e.unused_for)
                 state = "" if e.state == "ready" else f" [{e.state}]"
                 print(
                     f"{e.pool:<12} {e.volume:<56} {format_size(e.size):>10} {e.users:>5} "

@@ -44,11 +44,11 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def load(self, paths: Sequence[str]) -> tuple[Desired, int]:
+    def load(self, paths: Sequence[str]) -> Desired:
         cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
         loaded, failed = load_manifests(paths, self.config, cache)
         self.desired = build_desired(loaded, failed)
-        return self.desired, len(loaded) + len(failed)
+        return self.desired
 
     def observe(self) -> Observed:
         # Volumes before records: a record is written before its volume is made, so a volume

@@ -50,6 +50,10 @@ class RecordStore(Protocol):
 
     def for_instance(self, instance: str) -> list[DiskRecord]: ...
 
+    def references(self, pool: str, volume: str) -> int:
+        """How many records name `pool/volume` as their cache entry (`backing`)."""
+        ...
+
     def put(
         self, record: DiskRecord, expect_generation: int | None, *, durable: bool = True
     ) -> None: ...
@@ -168,6 +172,14 @@ class SqliteRecordStore:
                 "SELECT data FROM records WHERE pool=? AND volume=?", (pool, volume)
             ).fetchone()
         return None if row is None else _parse(pool, volume, row[0])
+
+    def references(self, pool: str, volume: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT count(*) FROM records WHERE pool=? AND json_extract(data, '$.backing')=?",
+                (pool, volume),
+            ).fetchone()
+        return int(row[0])
 
     def for_instance(self, instance: str) -> list[DiskRecord]:
         with self._lock:

@@ -357,19 +357,11 @@ class FilePoolDriver:
 
     def _touch(self, entry: DiskRecord) -> None:
         """Note that an entry was used (for `cache gc --min-age`), at most once a minute."""
-        now = datetime.datetime.now(datetime.UTC)
-        if entry.last_used:
-            then = datetime.datetime.fromisoformat(entry.last_used)
-            if (now - then).total_seconds() < 60:
-                return
+        if entry.unused_for(datetime.datetime.now(datetime.UTC)) < 60:
+            return
         with contextlib.suppress(ConflictError):  # someone else touched it just now
             self._store().put(
-                entry.model_copy(
-                    update={
-                        "generation": entry.generation + 1,
-                        "last_used": now.isoformat(timespec="seconds"),
-                    }
-                ),
+                entry.model_copy(update={"generation": entry.generation + 1, "last_used": _now()}),
                 entry.generation,
             )
 

@@ -7,6 +7,7 @@ read back from the volume or from libvirt's XML. Records are versioned so they c
 
 from __future__ import annotations
 
+import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -34,7 +35,7 @@ class DiskRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1] = RECORD_SCHEMA_VERSION
     kind: RecordKind = RecordKind.DISK
     backend: Backend
     pool: str
@@ -56,3 +57,9 @@ class DiskRecord(BaseModel):
 
     def key(self) -> tuple[str, str]:
         return (self.pool, self.volume)
+
+    def unused_for(self, now: datetime.datetime) -> float:
+        """Seconds since a disk was last made from this cache entry (inf: never noted)."""
+        if not self.last_used:
+            return float("inf")
+        return (now - datetime.datetime.fromisoformat(self.last_used)).total_seconds()
