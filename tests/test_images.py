@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,6 +306,8 @@ def test_checksum_and_size_mismatches_are_refused(env: Env, images: Path) -> Non
     assert "sha256 mismatch" in out
     assert "larger than the" in out
     assert pool_contents(env) == [] and records(env) == []
+    # The fetches' sha256 threads ended with them, refused or not.
+    assert not [t for t in threading.enumerate() if t.name == "sha256"]
 
 
 def test_qemu_img_over_its_limits_is_killed_and_cleaned_up(tmp_path: Path) -> None:
