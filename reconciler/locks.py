@@ -1,16 +1,22 @@
 """Advisory locks that live beside what they protect.
 
-All locks of a pool are byte-range locks (fcntl/POSIX, the kind NFS's lock manager carries
-between hosts) on one file inside the pool itself, `.reconciler/locks`: a lock named N is the
-one byte at an offset derived from N's sha256 (62 bits, so two names never share a byte in
-practice). So two reconcilers sharing a pool, as two processes or two hosts, see the same
-locks; taking one is a single system call with no file to create; and the kernel releases a
-process's locks when it dies, so a crash never leaves a lock behind.
+All locks of a pool are byte-range locks on one file inside the pool itself,
+`.reconciler/locks`: a lock named N is the one byte at an offset derived from N's sha256
+(62 bits, so two names never share a byte in practice). So two reconcilers sharing a pool,
+as two processes or two hosts, see the same locks; taking one is a single system call with
+no file to create; and the kernel releases a lock when its holder dies, so a crash never
+leaves a lock behind.
 
-POSIX locks belong to the process: the one file stays open for the process's life (closing
-any descriptor of it would drop every lock on it), and a process does not nest two locks of
-the same name. Exclusive locks serialise work on one volume or cache entry; cache users
-hold the entry's lock shared so garbage collection waits for them.
+They are Linux's open-file-description locks (F_OFD_SETLK, since Linux 3.15), not classic
+POSIX ones. A POSIX lock belongs to the whole process, so two threads of one reconciler
+would both "get" the same lock, and closing any descriptor of the file would drop every
+lock the process holds. An OFD lock belongs to one open of the file: each hold below uses
+a descriptor of its own (kept in a small pool for reuse), so threads exclude each other
+exactly as processes do. OFD and POSIX locks on the same bytes conflict with each other,
+and Linux's NFS client carries both to the server's lock manager (the lock owner is the
+open file instead of the process). Exclusive locks serialise work on one volume or cache
+entry; cache users hold the entry's lock shared so garbage collection waits for them. One
+thread must not take the same lock twice (the second would wait for the first forever).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +35,22 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-_open_files: dict[str, int] = {}
-_open_lock = threading.Lock()
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+
+# Idle descriptors of each lock file, ready for the next hold (they hold no lock).
+_free: dict[str, list[int]] = {}
+_free_lock = threading.Lock()
 
 
 def _offset(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 2
+
+
+def _flock(kind: int, offset: int) -> bytes:
+    """struct flock (LP64 Linux): type, whence, start, length, pid (0: OFD locks require
+    it), padded to the struct's 32 bytes."""
+    return struct.pack("@hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)
 
 
 class LockDir:
@@ -41,49 +58,72 @@ class LockDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._file = os.path.join(path, "locks")
 
-    def _fd(self) -> int:
-        key = str(self.path)
-        with _open_lock:
-            fd = _open_files.get(key)
-            if fd is None:
-                self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-                # O_NOFOLLOW: a planted symlink cannot make us lock or create a file elsewhere.
-                fd = os.open(
-                    os.path.join(self.path, "locks"),
-                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                )
-                _open_files[key] = fd
-            return fd
+    def _take_fd(self) -> int:
+        with _free_lock:
+            idle = _free.get(self._file)
+            if idle:
+                return idle.pop()
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # O_NOFOLLOW: a planted symlink cannot make us lock or create a file elsewhere.
+        return os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
-    @contextmanager
-    def hold(self, name: str, *, shared: bool = False) -> Iterator[None]:
-        """Hold the lock `name`, waiting (blocked in the kernel) while another holds it."""
-        fd = self._fd()
-        off = _offset(name)
-        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    def _give_back(self, fd: int) -> None:
+        with _free_lock:
+            _free.setdefault(self._file, []).append(fd)
+
+    def _set(self, fd: int, kind: int, offset: int, wait: bool) -> bool:
+        """Take (or with F_UNLCK drop) the byte; False if another holder has it (no wait)."""
         try:
-            fcntl.lockf(fd, op | fcntl.LOCK_NB, 1, off)
+            fcntl.fcntl(fd, F_OFD_SETLKW if wait else F_OFD_SETLK, _flock(kind, offset))
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            log.info("lock.wait", lock=name, shared=shared, dir=str(self.path))
-            fcntl.lockf(fd, op, 1, off)
-        try:
-            yield
-        finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, off)
-
-    def try_hold(self, name: str) -> bool:
-        """Take the lock exclusively without waiting; True if taken (release with release)."""
-        try:
-            fcntl.lockf(self._fd(), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _offset(name))
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
+            if not wait and e.errno in (errno.EAGAIN, errno.EACCES):
                 return False
             raise
         return True
 
-    def release(self, name: str) -> None:
-        fcntl.lockf(self._fd(), fcntl.LOCK_UN, 1, _offset(name))
+    def _release(self, fd: int, offset: int) -> None:
+        try:
+            self._set(fd, fcntl.F_UNLCK, offset, wait=False)
+        except OSError:
+            os.close(fd)  # closing the descriptor drops its locks, and only its own
+        else:
+            self._give_back(fd)
+
+    @contextmanager
+    def hold(self, name: str, *, shared: bool = False) -> Iterator[None]:
+        """Hold the lock `name`, waiting (blocked in the kernel) while another holds it."""
+        fd = self._take_fd()
+        off = _offset(name)
+        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
+        try:
+            if not self._set(fd, kind, off, wait=False):
+                log.info("lock.wait", lock=name, shared=shared, dir=str(self.path))
+                self._set(fd, kind, off, wait=True)
+        except BaseException:
+            self._give_back(fd)  # no lock was taken on it
+            raise
+        try:
+            yield
+        finally:
+            self._release(fd, off)
+
+    @contextmanager
+    def attempt(self, name: str) -> Iterator[bool]:
+        """Take the lock exclusively if nobody holds it; yields whether it was taken."""
+        fd = self._take_fd()
+        off = _offset(name)
+        try:
+            taken = self._set(fd, fcntl.F_WRLCK, off, wait=False)
+        except BaseException:
+            self._give_back(fd)
+            raise
+        if not taken:
+            self._give_back(fd)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._release(fd, off)

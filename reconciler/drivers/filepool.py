@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import errno
 import hashlib
 import os
 import stat
@@ -537,14 +536,12 @@ class FilePoolDriver:
         for name in temps:
             # A temporary file is written under its cache entry's lock.
             entry = name[len(TEMP_PREFIX) :]
-            if not locks.try_hold(entry):
-                continue  # another reconciler is writing it right now
-            try:
-                os.unlink(os.path.join(root, name))
-                removed.append(name)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-            finally:
-                locks.release(entry)
+            with locks.attempt(entry) as taken:
+                if not taken:
+                    continue  # another reconciler is writing it right now
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed.append(name)
+                except FileNotFoundError:
+                    pass
         return removed
