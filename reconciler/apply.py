@@ -14,9 +14,13 @@ so a crash at any point leaves a record the next plan finishes or rolls back.
 
 from __future__ import annotations
 
+import collections
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -70,7 +74,28 @@ _VERB = {
 }
 
 
+Key = tuple[str, str]
+
+
+def _keys(a: Action) -> frozenset[Key]:
+    """The volumes an action touches: actions sharing one never run at the same time."""
+    keys = {(a.pool, a.volume)}
+    if a.replaces:
+        keys.add(a.replaces)
+    return frozenset(keys)
+
+
 class Executor:
+    """Applies actions, up to `jobs` at a time on threads of this process.
+
+    Actions on different volumes are independent (each takes its volume's lock and checks
+    its own precondition), so they may run together; an action waits for every earlier
+    action of the plan that touches one of its volumes, so the plan's order holds wherever
+    it matters. Making a disk is mostly waiting for libvirt and qemu-img, which run outside
+    this process, so threads are enough. `jobs=1` applies in plan order on the calling
+    thread.
+    """
+
     def __init__(
         self,
         store: RecordStore,
@@ -78,38 +103,111 @@ class Executor:
         *,
         replan: Replanner | None,
         out: TextIO | None = None,
+        jobs: int = 1,
     ) -> None:
         self.store = store
         self.drivers = drivers
         self.replan = replan  # None: a saved plan, applied exactly or refused
         self._out = out
+        self.jobs = max(1, jobs)
+        self._print_lock = threading.Lock()
+        self._progress = (0, 0, 0)  # done, running, total: for the terminal's status line
 
     @property
     def out(self) -> TextIO:
         return self._out or sys.stdout
 
     def apply(self, actions: list[Action] | tuple[Action, ...]) -> ApplyResult:
-        result = ApplyResult()
-        swept: set[str] = set()
-        for a in actions:
-            if a.pool not in swept:
-                self._sweep(a.pool)
-                swept.add(a.pool)
-            start = time.monotonic()
-            if self.out.isatty():
-                self.out.write(f"... {a.action.value} {a.instance}/{a.disk}\r")
-                self.out.flush()
+        actions = list(actions)
+        for pool in dict.fromkeys(a.pool for a in actions):
+            self._sweep(pool)
+        outcomes: list[Outcome | None] = [None] * len(actions)
+        try:
+            if self.jobs == 1:
+                for i, a in enumerate(actions):
+                    outcomes[i] = self._run(a)
+            else:
+                self._run_parallel(actions, outcomes)
+        finally:
+            self.store.sync()
+        return ApplyResult([o for o in outcomes if o is not None])
+
+    def _run_parallel(self, actions: list[Action], outcomes: list[Outcome | None]) -> None:
+        keys = [_keys(a) for a in actions]
+        queue = collections.deque(range(len(actions)))  # not started, in plan order
+        deferred: list[int] = []  # passed over: they share a volume with earlier work
+        busy: set[Key] = set()
+        running: dict[Future[Outcome], int] = {}
+        done_count = 0
+
+        def fill(pool: ThreadPoolExecutor) -> None:
+            nonlocal deferred
+            blocked = set(busy)
+
+            def consider(i: int) -> bool:
+                free = len(running) < self.jobs and not keys[i] & blocked
+                if free:
+                    running[pool.submit(self._run, actions[i])] = i
+                    busy.update(keys[i])
+                blocked.update(keys[i])
+                return free
+
+            deferred = [i for i in deferred if not consider(i)]
+            while queue and len(running) < self.jobs:
+                i = queue.popleft()
+                if not consider(i):
+                    deferred.append(i)
+
+        def collect(futures: set[Future[Outcome]]) -> None:
+            nonlocal done_count
+            for f in futures:
+                i = running.pop(f)
+                busy.difference_update(keys[i])
+                outcomes[i] = f.result()
+                done_count += 1
+
+        pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="apply")
+        try:
+            while queue or deferred or running:
+                fill(pool)
+                self._progress = (done_count, len(running), len(actions))
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                collect(finished)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            started = [f for f in running if not f.cancelled()]
+            print(
+                f"\ninterrupted: finishing {len(started)} step(s) already under way "
+                "(Ctrl-C again to stop at once; the next run finishes or rolls back "
+                "whatever is cut short)",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
-                status, msg = self._one(a)
-            except ReconcileError as e:
-                status, msg = "failed", str(e)
-            except OSError as e:
-                status, msg = "failed", f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")
-            took = time.monotonic() - start
-            result.outcomes.append(Outcome(a, status, msg, took))
-            self._report(a, status, msg, took)
-        self.store.sync()
-        return result
+                wait(started)
+            except KeyboardInterrupt:
+                # Every step records its intent before it changes a volume (as after a
+                # SIGKILL, which the crash tests cover), so stopping here loses nothing.
+                os._exit(130)
+            collect({f for f in started if f.done()})
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _run(self, a: Action) -> Outcome:
+        start = time.monotonic()
+        if self.jobs == 1 and self.out.isatty():
+            self.out.write(f"... {a.action.value} {a.instance}/{a.disk}\r")
+            self.out.flush()
+        try:
+            status, msg = self._one(a)
+        except ReconcileError as e:
+            status, msg = "failed", str(e)
+        except OSError as e:
+            status, msg = "failed", f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")
+        took = time.monotonic() - start
+        self._report(a, status, msg, took)
+        return Outcome(a, status, msg, took)
 
     def _report(self, a: Action, status: str, msg: str, took: float) -> None:
         subject = f"{a.instance}/{a.disk} ({a.pool}/{a.volume})"
@@ -119,8 +217,13 @@ class Executor:
             line = f"skipped {a.action.value} {subject}: {msg}"
         else:
             line = f"FAILED {a.action.value} {subject}: {msg}"
-        clear = "\x1b[2K" if self.out.isatty() else ""
-        print(clear + line, file=self.out, flush=True)
+        tty = self.out.isatty()
+        with self._print_lock:
+            print(("\x1b[2K" if tty else "") + line, file=self.out, flush=True)
+            if tty and self.jobs > 1:
+                done, running, total = self._progress
+                self.out.write(f"... {done + 1} of {total} done, {running} running\r")
+                self.out.flush()
         log.info(
             "apply.step",
             action=a.action.value,

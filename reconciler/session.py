@@ -110,9 +110,12 @@ class Session:
 
         return replan
 
-    def executor(self, *, saved: bool) -> Executor:
+    def executor(self, *, saved: bool, jobs: int = 1) -> Executor:
         from reconciler.apply import Executor  # not needed (nor imported) by --dry-run
 
         return Executor(
-            self.store, self.managing_drivers(), replan=None if saved else self.replanner()
+            self.store,
+            self.managing_drivers(),
+            replan=None if saved else self.replanner(),
+            jobs=jobs,
         )

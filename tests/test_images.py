@@ -120,18 +120,30 @@ def test_disks_from_raw_and_qcow2_images(env: Env, images: Path) -> None:
     assert env.plan_json()["actions"] == []
 
 
-def test_many_disks_one_fetch(env: Env, server: ImageServer, images: Path) -> None:
+@pytest.mark.parametrize("jobs", [1, 6])
+def test_many_disks_one_fetch(env: Env, server: ImageServer, images: Path, jobs: int) -> None:
+    """Six disks from one image: one fetch, one entry, six overlays on it; with --jobs 6
+    the six creates start together and five wait on the entry's lock for the first."""
     env.images = {"img": catalog_entry(images / "good.qcow2", "qcow2", server.url("good.qcow2"))}
     env.write_config()
-    for i in range(6):
+    ids = [
         env.manifest(
             f"vm{i}",
             [disk("root", backend="qcow2", fmt="qcow2", size="16MiB", image="img", template=None)],
         )
-    rc, out, err = env.run()
+        for i in range(6)
+    ]
+    rc, out, err = env.run("--jobs", str(jobs))
     assert rc == 0, out + err
+    assert out.count("\ncreated ") == 6
     assert server.gets["good.qcow2"] == 1
-    assert len([r for r in records(env) if r.kind is RecordKind.CACHE]) == 1
+    recs = records(env)
+    (entry,) = [r for r in recs if r.kind is RecordKind.CACHE]
+    disks = [r for r in recs if r.kind is RecordKind.DISK]
+    assert len(disks) == 6 and all(r.backing == entry.volume for r in disks)
+    for inst in ids:
+        assert same_data(env.volume(inst, "root"), "qcow2", images / "good.raw")
+    assert env.plan_json()["actions"] == []
 
 
 def test_two_processes_one_fetch(env: Env, server: ImageServer, images: Path) -> None:
