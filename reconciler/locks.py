@@ -12,9 +12,12 @@ POSIX ones. A POSIX lock belongs to the whole process, so two threads of one rec
 would both "get" the same lock, and closing any descriptor of the file would drop every
 lock the process holds. An OFD lock belongs to one open of the file: each hold below uses
 a descriptor of its own (kept in a small pool for reuse), so threads exclude each other
-exactly as processes do. OFD and POSIX locks on the same bytes conflict with each other,
-and Linux's NFS client carries both to the server's lock manager (the lock owner is the
-open file instead of the process). Exclusive locks serialise work on one volume or cache
+exactly as processes do. OFD and POSIX locks on the same bytes conflict with each other.
+On NFS, Linux's client hands both kinds to the server's lock manager through the same
+path, the lock owner being the open file instead of the process (the tests here have no
+NFS server, so that is from the kernel's design, not measured). Descriptors are opened
+O_CLOEXEC: an OFD lock lives as long as any copy of its descriptor, and a qemu-img we
+start must not keep one alive. Exclusive locks serialise work on one volume or cache
 entry; cache users hold the entry's lock shared so garbage collection waits for them. One
 thread must not take the same lock twice (the second would wait for the first forever).
 """
