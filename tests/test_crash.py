@@ -107,7 +107,7 @@ def check_consistent(env: Env) -> None:
 @pytest.mark.parametrize("jobs", [1, 4])
 def test_kill_at_every_step_boundary(pools: Pools, tmp_path: Path, jobs: int) -> None:
     """With --jobs 1 the Nth boundary is the same step in every run, so each kill point is
-    exactly the traced one. With --jobs 4 the six actions run together and which step is
+    exactly the traced one. With --jobs 4 the six actions run four at a time and which step is
     the Nth varies from run to run: a kill then cuts several steps short at once."""
     # A clean run of the scenario, tracing its step boundaries.
     env, ids = setup_env(pools, tmp_path / "trace")

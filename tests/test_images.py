@@ -123,7 +123,7 @@ def test_disks_from_raw_and_qcow2_images(env: Env, images: Path) -> None:
 @pytest.mark.parametrize("jobs", [1, 6])
 def test_many_disks_one_fetch(env: Env, server: ImageServer, images: Path, jobs: int) -> None:
     """Six disks from one image: one fetch, one entry, six overlays on it; with --jobs 6
-    the six creates start together and five wait on the entry's lock for the first."""
+    the six creates run together and still make one fetch and one entry."""
     env.images = {"img": catalog_entry(images / "good.qcow2", "qcow2", server.url("good.qcow2"))}
     env.write_config()
     ids = [
