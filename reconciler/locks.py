@@ -31,7 +31,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import structlog
@@ -95,32 +95,18 @@ class LockDir:
             self._give_back(fd)
 
     @contextmanager
-    def hold(self, name: str, *, shared: bool = False) -> Iterator[None]:
-        """Hold the lock `name`, waiting (blocked in the kernel) while another holds it."""
+    def _held(self, name: str, kind: int, *, wait: bool) -> Iterator[bool]:
+        """Take the byte of `name` on a descriptor of its own; yields whether it was taken
+        (with `wait`, always: it waits, blocked in the kernel, while another holds it)."""
         fd = self._take_fd()
         off = _offset(name)
-        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
         try:
-            if not self._set(fd, kind, off, wait=False):
-                log.info("lock.wait", lock=name, shared=shared, dir=str(self.path))
-                self._set(fd, kind, off, wait=True)
+            taken = self._set(fd, kind, off, wait=False)
+            if not taken and wait:
+                log.info("lock.wait", lock=name, shared=kind == fcntl.F_RDLCK, dir=str(self.path))
+                taken = self._set(fd, kind, off, wait=True)
         except BaseException:
             self._give_back(fd)  # no lock was taken on it
-            raise
-        try:
-            yield
-        finally:
-            self._release(fd, off)
-
-    @contextmanager
-    def attempt(self, name: str) -> Iterator[bool]:
-        """Take the lock exclusively if nobody holds it; yields whether it was taken."""
-        fd = self._take_fd()
-        off = _offset(name)
-        try:
-            taken = self._set(fd, fcntl.F_WRLCK, off, wait=False)
-        except BaseException:
-            self._give_back(fd)
             raise
         if not taken:
             self._give_back(fd)
@@ -130,3 +116,13 @@ class LockDir:
             yield True
         finally:
             self._release(fd, off)
+
+    @contextmanager
+    def hold(self, name: str, *, shared: bool = False) -> Iterator[None]:
+        """Hold the lock `name`, waiting (blocked in the kernel) while another holds it."""
+        with self._held(name, fcntl.F_RDLCK if shared else fcntl.F_WRLCK, wait=True):
+            yield
+
+    def attempt(self, name: str) -> AbstractContextManager[bool]:
+        """Take the lock exclusively if nobody holds it; yields whether it was taken."""
+        return self._held(name, fcntl.F_WRLCK, wait=False)
