@@ -217,28 +217,20 @@ class _Hasher:
         self.close()
         return self._digest.hexdigest()
 
+    def __enter__(self) -> _Hasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _stream_once(
     image: ImageConfig, fd: int, max_virtual_size: int, progress: Progress | None
 ) -> Checked:
-    digest = _Hasher()
-    try:
-        return _stream_checked(image, fd, max_virtual_size, progress, digest)
-    finally:
-        digest.close()
-
-
-def _stream_checked(
-    image: ImageConfig,
-    fd: int,
-    max_virtual_size: int,
-    progress: Progress | None,
-    digest: _Hasher,
-) -> Checked:
     declared = image.format.value
     total = 0
     size_checked = False
-    with open_location(image.location) as src:
+    with _Hasher() as digest, open_location(image.location) as src:
         wrapper = fi.InspectWrapper(src, expected_format=declared)
         # A second inspector of the declared format, to see its header as soon as it is in.
         kind = fi.get_inspector(declared) if declared != "raw" else None
