@@ -11,6 +11,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import Popen  # the name `subprocess` is also a method below
 from typing import Any
 
 from reconciler.cli import main
@@ -133,24 +134,34 @@ class Env:
         doc: dict[str, Any] = json.loads(out)
         return doc
 
+    def argv(self, *args: str) -> list[str]:
+        """`reconcile --config CFG ARGS MANIFESTS` as a separate Python process."""
+        return [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "--config",
+            str(self.config_path),
+            *args,
+            str(self.manifests),
+        ]
+
     def subprocess(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
         full_env = dict(os.environ)
         full_env.update(env or {})
         return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "reconciler",
-                "--config",
-                str(self.config_path),
-                *args,
-                str(self.manifests),
-            ],
+            self.argv(*args),
             capture_output=True,
             text=True,
             env=full_env,
             timeout=timeout,
             cwd=ROOT,
+        )
+
+    def start(self, *args: str) -> Popen[str]:
+        """Start `reconcile` in a separate process, its output captured, without waiting."""
+        return Popen(
+            self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
         )

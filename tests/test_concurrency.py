@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
 from reconciler.schema.record import RecordKind, RecordState
-from tests.env import ROOT, Env, disk
+from tests.env import Env, disk
 
 pytestmark = pytest.mark.libvirtd
 
@@ -33,25 +30,7 @@ def test_two_processes_make_every_disk_once(env: Env) -> None:
                 disk("swap", size="16MiB", template="swap"),
             ],
         )
-    argv = [
-        sys.executable,
-        "-m",
-        "reconciler",
-        "--config",
-        str(env.config_path),
-        str(env.manifests),
-    ]
-    procs = [
-        subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=dict(os.environ),
-        )
-        for _ in range(2)
-    ]
+    procs = [env.start() for _ in range(2)]
     results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
     for out, err, rc in results:
         assert rc == 0, out + err

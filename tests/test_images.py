@@ -154,18 +154,7 @@ def test_two_processes_one_fetch(env: Env, server: ImageServer, images: Path) ->
             f"vm{i}",
             [disk("root", backend="qcow2", fmt="qcow2", size="16MiB", image="img", template=None)],
         )
-    argv = [
-        sys.executable,
-        "-m",
-        "reconciler",
-        "--config",
-        str(env.config_path),
-        str(env.manifests),
-    ]
-    procs = [
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        for _ in range(2)
-    ]
+    procs = [env.start() for _ in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, out + err
