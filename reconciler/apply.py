@@ -189,7 +189,7 @@ class Executor:
                 # Every step records its intent before it changes a volume (as after a
                 # SIGKILL, which the crash tests cover), so stopping here loses nothing.
                 os._exit(130)
-            collect({f for f in started if f.done()})
+            collect(set(started))  # all done: wait() returned
             raise
         finally:
             pool.shutdown(wait=True)
