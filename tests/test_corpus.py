@@ -27,7 +27,7 @@ from reconciler.schema.load import (
     load_manifest,
     load_manifests,
 )
-from reconciler.schema.yamlload import MAX_DEPTH, MAX_FILE_BYTES
+from reconciler.schema.yamlload import MAX_DEPTH, MAX_FILE_BYTES, load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -230,17 +230,57 @@ def test_config_over_one_mib_is_refused(tmp_path: Path) -> None:
 def test_hostile_nesting_is_refused_at_the_limit(
     tmp_path: Path, corpus_config: Config, opener: str, closer: str, step: str
 ) -> None:
-    """10,000 levels: refused at level 33 with its line and path, not a RecursionError."""
+    """10,000 levels: refused with its line, column and field, not a RecursionError.
+
+    Which layer stops it depends on the PyYAML release: the loader's own limit at level 33
+    (the full path is known), or, from PyYAML 6.0.3 on, libyaml's at level 1000, which its
+    scanner reaches while reading a flow sequence ahead, before the loader has seen more
+    than the key `extra` (so that is the path named). Both hold the file, the line, a
+    column, a field and a message naming the limit that was hit.
+    """
     depth = 10_000
     text = _valid_manifest() + "extra:\n  " + opener * depth + "x" + closer * depth + "\n"
     path = tmp_path / "deep.yaml"
     path.write_text(text, encoding="utf-8")
     assert path.stat().st_size < MAX_FILE_BYTES
     line = text.count("\n", 0, text.index("extra:")) + 2
-    # The top-level mapping is level 1 and `extra`'s value level 2: level 33 is 31 steps in.
-    field = "extra" + step * (MAX_DEPTH - 1)
     result = load_manifest(str(path), corpus_config)
-    _assert_fails_with(result, str(path), line, field, f"nesting deeper than {MAX_DEPTH} levels")
+    assert isinstance(result, FailedManifest)
+    (err,) = result.errors
+    assert err.location.file == str(path)
+    assert err.location.line == line
+    assert err.location.column is not None and err.location.column > 1
+    if "libyaml" in err.message:
+        # The layer below stopped it: it says so, and the path is the keys seen so far.
+        assert err.field == "extra"
+        assert err.message.startswith("nesting deeper than libyaml's own limit (flow ")
+        assert f"at most {MAX_DEPTH} levels" in err.message
+        assert err.location.column > MAX_DEPTH + 2
+    else:
+        # The top-level mapping is level 1 and `extra`'s value level 2: level 33 is 31
+        # steps in.
+        assert err.field == "extra" + step * (MAX_DEPTH - 1)
+        assert err.message == f"nesting deeper than {MAX_DEPTH} levels"
+        assert err.location.column == 3 + len(opener) * (MAX_DEPTH - 1)
+
+
+def test_libyaml_depth_limit_names_the_keys_seen(tmp_path: Path) -> None:
+    """The error libyaml raises from its scanner names the field the loader was reading.
+
+    Built for the releases whose libyaml has a limit (6.0.3 on); with an older one the
+    loader's own limit stops it, and the field path is then complete."""
+    text = "a:\n  b:\n    - 1\n    - [" + "[" * 1200 + "]" * 1201 + "\n"
+    path = tmp_path / "deep.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError) as e:
+        load_file(str(path))
+    err = e.value
+    assert err.location.line == 4
+    assert err.field is not None and err.field.startswith("a.b[1]")
+    if "libyaml" in err.message:
+        assert err.field == "a.b[1]"
+    else:
+        assert err.field == "a.b[1]" + "[0]" * (MAX_DEPTH - 3)
 
 
 def test_nesting_of_exactly_the_limit_is_parsed(tmp_path: Path, corpus_config: Config) -> None:

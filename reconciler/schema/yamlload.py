@@ -37,6 +37,8 @@ _DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 # libyaml counts these as line breaks, editors mostly do not: line numbers would drift.
 _ODD_BREAKS = {"\u2028": "U+2028", "\u2029": "U+2029", "\x85": "U+0085"}
 _CONTEXTS_AT_START = ("while scanning a", "while parsing a flow")
+# libyaml's text for its own nesting limit (libyaml 0.2.5 of PyYAML 6.0.3+ wheels: 1000).
+_LIBYAML_DEPTH = "exceeded maximum nesting depth"
 
 
 @dataclass
@@ -98,8 +100,9 @@ def load_text(text: str, file: str, *, track: bool = True) -> Document:
         loader = _Loader(text)
     except yaml.YAMLError as e:  # pragma: no cover - the C reader fails lazily
         raise InputError(f"invalid YAML: {e}", Location(file)) from e
+    builder = _Builder(loader, file, track)
     try:
-        return _Builder(loader, file, track).document()
+        return builder.document()
     except yaml.reader.ReaderError as e:
         line = _line_of(text, e.position)
         raise InputError(
@@ -107,11 +110,27 @@ def load_text(text: str, file: str, *, track: bool = True) -> Document:
             Location(file, line),
         ) from None
     except yaml.MarkedYAMLError as e:
+        if e.problem == _LIBYAML_DEPTH:
+            raise _depth_error(e, file, builder.at) from None
         raise _syntax_error(e, text, file) from None
     except yaml.YAMLError as e:
         raise InputError(f"invalid YAML: {e}", Location(file)) from None
     finally:
         loader.dispose()
+
+
+def _depth_error(e: yaml.MarkedYAMLError, file: str, at: Path) -> InputError:
+    """libyaml's own nesting limit, hit before ours (PyYAML 6.0.3 and later bundle a libyaml
+    that stops at 1000 levels, and its scanner reads a flow collection ahead of the events
+    the builder sees). The path is as far as the builder got: the keys that lead there."""
+    mark = e.problem_mark or e.context_mark
+    where = (e.context or "").removeprefix("while increasing ").removesuffix(" level")
+    what = f" ({where} collections)" if where in ("flow", "block") else ""
+    message = (
+        f"nesting deeper than libyaml's own limit{what}; manifests nest at most {MAX_DEPTH} levels"
+    )
+    loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+    return InputError(message, loc, render_path(at) or None)
 
 
 def _syntax_error(e: yaml.MarkedYAMLError, text: str, file: str) -> InputError:
@@ -163,6 +182,9 @@ class _Builder:
         self.track = track
         self.positions: dict[Path, tuple[int, int]] = {}
         self.key_positions: dict[Path, tuple[int, int]] = {}
+        # Tracked: the path of the value the next event belongs to, so an error the parser
+        # raises while reading ahead still names the field it is in.
+        self.at: Path = ()
 
     def _fail(self, message: str, event: Any, path: Path) -> InputError:
         m = event.start_mark
@@ -235,13 +257,16 @@ class _Builder:
         get = self.loader.get_event
         if cls is _SeqStart:
             items: list[Any] = []
+            self.at = (*path, 0)
             item = get()
             while type(item) is not _SeqEnd:
                 items.append(self.node(item, (*path, len(items)), depth + 1))
+                self.at = (*path, len(items))
                 item = get()
             return items
         if cls is _MapStart:
             mapping: dict[str, Any] = {}
+            self.at = path
             kev = get()
             while type(kev) is not _MapEnd:
                 if type(kev) is not _Scalar:
@@ -255,7 +280,9 @@ class _Builder:
                     raise self._fail(f"duplicate key {key!r}", kev, (*path, key))
                 km: Any = kev.start_mark
                 self.key_positions[(*path, key)] = (km.line + 1, km.column + 1)
+                self.at = (*path, key)
                 mapping[key] = self.node(get(), (*path, key), depth + 1)
+                self.at = path
                 kev = get()
             return mapping
         raise self._fail("unexpected YAML event", ev, path)  # pragma: no cover
