@@ -1,7 +1,9 @@
 # Developer and CI entry points. `make test` is what .ci/run runs.
 #
-#   make setup      Debian packages (apt, only if missing) and .venv (pip, only if
-#                   pyproject.toml changed); see scripts/setup.sh
+#   make setup      Debian packages (apt, only if missing) and .venv, exactly as
+#                   requirements.lock pins (uv, only if the lock changed); scripts/setup.sh
+#   make lock       refresh requirements.lock to the newest releases the ranges allow
+#   make test-latest  the suite in a throwaway venv of the newest releases (not the lock)
 #   make libvirtd   start this checkout's private libvirtd; prints its URI
 #   make lint       ruff check, ruff format --check, mypy
 #   make test       setup, libvirtd, lint, then pytest $(PYTEST_ARGS)
@@ -27,10 +29,13 @@ PYTEST_ARGS ?=
 RECONCILER_LIBVIRT_DIR := $(shell bash scripts/libvirt-dir.sh)
 export RECONCILER_LIBVIRT_DIR
 
-.PHONY: setup libvirtd lint test demo stop clean
+.PHONY: setup lock libvirtd lint test test-latest demo stop clean
 
 setup:
 	bash scripts/setup.sh
+
+lock:
+	bash scripts/lock.sh
 
 libvirtd:
 	bash scripts/libvirtd.sh start "$$RECONCILER_LIBVIRT_DIR"
@@ -44,6 +49,10 @@ test: setup libvirtd lint
 	RECONCILER_LIBVIRT_URI="$$(bash scripts/libvirtd.sh uri "$$RECONCILER_LIBVIRT_DIR")" \
 		$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+test-latest: setup libvirtd
+	RECONCILER_LIBVIRT_URI="$$(bash scripts/libvirtd.sh uri "$$RECONCILER_LIBVIRT_DIR")" \
+		bash scripts/test-latest.sh $(PYTEST_ARGS)
+
 demo: setup libvirtd
 	bash scripts/demo.sh
 
@@ -52,5 +61,5 @@ stop:
 
 # The /tmp fallback directory is this checkout's own too (named by its path's hash).
 clean: stop
-	rm -rf --one-file-system .run
+	rm -rf --one-file-system .run .tools
 	case "$$RECONCILER_LIBVIRT_DIR" in /tmp/reconciler-libvirt-*) rm -rf --one-file-system "$$RECONCILER_LIBVIRT_DIR" ;; esac

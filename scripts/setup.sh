@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install what the project needs on a Debian 12 machine (as root), then the Python venv.
 #
-#   scripts/setup.sh                          # Debian packages + .venv with '.[test]'
+#   scripts/setup.sh                          # Debian packages + .venv from requirements.lock
 #   RECONCILER_WITH_CEPH=1 scripts/setup.sh   # also the Ceph packages (for rbd)
 #
 # Idempotent and quick when done: packages are checked with dpkg-query and apt runs only if
-# one is missing; pip runs only when pyproject.toml changed since the last install (its
-# sha256 is kept in .venv/.setup-stamp).
+# one is missing; .venv is synced to requirements.lock (every package pinned, hash-checked)
+# only when the lock or pyproject.toml changed since the last install (.venv/.setup-stamp).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -68,7 +68,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     rm -f "$log"
 fi
 
-# ---- Python venv --------------------------------------------------------------------------
+# ---- Python venv: exactly what requirements.lock pins -------------------------------------
+# shellcheck source=scripts/uv.sh
+. scripts/uv.sh
+if [ "$(sed -n 's/^# deps-sha256: //p' requirements.lock)" != "$(deps_hash)" ]; then
+    die "pyproject.toml's dependencies changed since requirements.lock was made: run 'make lock'"
+fi
+ensure_uv
 if [ -e .venv ] && ! .venv/bin/python -c '' 2>/dev/null; then
     did=1
     say "recreating .venv (it does not run: was its python removed?)..."
@@ -77,31 +83,25 @@ fi
 if [ ! -e .venv ]; then
     say "creating .venv..."
     did=1
-    python3 -m venv .venv || die "'python3 -m venv .venv' failed"
+    "$UV" venv -q --python "$(command -v python3)" .venv || die "'uv venv .venv' failed"
 fi
 
+# Reinstalled whenever the lock (or the package's own metadata) changes; `uv pip sync`
+# also removes whatever the lock does not name, so .venv holds exactly the lock.
 stamp=.venv/.setup-stamp
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     did=1
-    say "installing Python packages (pip install -e '.[test]')..."
-    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-    .venv/bin/python -m pip install -q -e '.[test]' ||
-        die "pip install -e '.[test]' failed (output above)"
+    say "installing Python packages from requirements.lock..."
+    # Builds (libvirt-python is an sdist; this package) take setuptools from the lock too.
+    "$UV" pip sync -q --python .venv/bin/python --require-hashes \
+        --build-constraints requirements.lock requirements.lock ||
+        die "installing requirements.lock failed (output above)"
+    "$UV" pip install -q --python .venv/bin/python --no-deps --no-build-isolation -e . ||
+        die "installing this package into .venv failed (output above)"
     echo "$want" >"$stamp"
 fi
 
-# Debian's rados/rbd extension modules, made importable in the venv (no usable PyPI build).
-if [ "$WITH_CEPH" = 1 ]; then
-    read -r site suffix < <(.venv/bin/python -c \
-        'import sysconfig; print(sysconfig.get_paths()["purelib"], sysconfig.get_config_var("EXT_SUFFIX"))')
-    mkdir -p .venv/debian-ceph
-    for mod in rados rbd; do
-        so=/usr/lib/python3/dist-packages/$mod$suffix
-        [ -e "$so" ] || die "$so not found: Debian's python3-$mod does not match the venv's python"
-        ln -sfn "$so" ".venv/debian-ceph/$mod$suffix"
-    done
-    echo "$PWD/.venv/debian-ceph" >"$site/debian-ceph.pth"
-fi
+if [ "$WITH_CEPH" = 1 ]; then link_debian_ceph .venv; fi
 
 if [ "$did" = 1 ]; then say "done"; else say "up to date"; fi
