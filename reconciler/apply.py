@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import structlog
 
 from reconciler import faults
-from reconciler.diff.model import Action, ActionKind
+from reconciler.diff.model import Action, ActionKind, Plan
 from reconciler.drivers.base import ManagingDriver, VolumeExists
 from reconciler.errors import ReconcileError
 from reconciler.schema.common import Backend, DiskFormat
@@ -43,8 +43,8 @@ class StalePlan(ReconcileError):
     """The state an action was planned from has changed."""
 
 
-# Re-plan one action's instance against fresh state: the actions for that disk.
-Replanner = Callable[[Action], list[Action]]
+# Re-plan one action's instance against fresh state.
+Replanner = Callable[[Action], Plan]
 
 
 @dataclass
@@ -112,6 +112,7 @@ class Executor:
         self.jobs = max(1, jobs)
         self._print_lock = threading.Lock()
         self._progress = (0, 0, 0)  # done, running, total: for the terminal's status line
+        self._refused: dict[str, str] = {}  # pool -> why this store may not change it
 
     @property
     def out(self) -> TextIO:
@@ -119,8 +120,9 @@ class Executor:
 
     def apply(self, actions: list[Action] | tuple[Action, ...]) -> ApplyResult:
         actions = list(actions)
-        for pool in dict.fromkeys(a.pool for a in actions):
-            self._sweep(pool)
+        self._refused = {}
+        for pool in dict.fromkeys(p for a in actions for p, _ in _keys(a)):
+            self._prepare(pool)
         outcomes: list[Outcome | None] = [None] * len(actions)
         try:
             if self.jobs == 1:
@@ -234,9 +236,16 @@ class Executor:
             message=msg,
         )
 
-    def _sweep(self, pool: str) -> None:
+    def _prepare(self, pool: str) -> None:
+        """Before the first change in a pool: make sure this store manages it (claiming it
+        if nobody does), then remove temporary files an interrupted run left."""
         driver = self.drivers.get(pool)
         if driver is None:
+            return
+        try:
+            driver.claim()
+        except ReconcileError as e:
+            self._refused[pool] = str(e)
             return
         for name in driver.sweep_temp():
             print(f"removed temporary file {pool}/{name} left by an interrupted run", file=self.out)
@@ -248,6 +257,9 @@ class Executor:
         return d
 
     def _one(self, a: Action) -> tuple[str, str]:
+        for pool, _ in _keys(a):
+            if pool in self._refused:
+                raise ReconcileError(self._refused[pool])
         d = self.driver(a.pool)
         with d.lock(a.volume):
             rec = self.store.get(a.pool, a.volume)
@@ -268,8 +280,17 @@ class Executor:
                         f"{want[0]} -> {seen[0]}, volume exists {want[1]} -> {seen[1]}); "
                         "make a new plan"
                     )
-                fresh = [x for x in self.replan(a) if x.disk == a.disk]
+                again = self.replan(a)
+                fresh = [x for x in again.actions if x.disk == a.disk]
                 if not fresh:
+                    # Nothing to do now: done by another run, or refused (a volume that
+                    # appeared without a record is not "already in the desired state").
+                    refused = [e for e in again.errors if e.disk == a.disk]
+                    if refused:
+                        raise ReconcileError(
+                            "the state changed since planning: "
+                            + "; ".join(f"{e.message} [{e.code}]" for e in refused)
+                        )
                     return "skipped", "already in the desired state (another run did it)"
                 if len(fresh) == 1 and fresh[0].action == a.action and not fresh[0].destructive:
                     now = fresh[0]
@@ -296,9 +317,10 @@ class Executor:
             return "done", ""
         if a.action is ActionKind.UPDATE:
             assert rec is not None and a.spec is not None
-            self._put(
+            rec = self._put(
                 rec, rec.generation, spec=dict(a.spec), state=RecordState.READY, pending_size=None
             )
+            d.keep_record_copy(rec)
             return "done", ""
         if a.action is ActionKind.DELETE:
             assert rec is not None
@@ -363,10 +385,11 @@ class Executor:
         except BaseException as e:
             self._roll_back(d, new, e)
             raise
-        self._put(
+        ready = self._put(
             new, new.generation, durable=False, state=RecordState.READY, backing=d.backing_for(spec)
         )
         faults.point("record.ready")
+        d.keep_record_copy(ready)
 
     def _roll_back(self, d: ManagingDriver, rec: DiskRecord, err: BaseException) -> None:
         """Remove what a failed create left, then its record; never mask the first error."""
@@ -394,8 +417,9 @@ class Executor:
             )
         rec = self._put(rec, rec.generation, state=RecordState.RESIZING, pending_size=size)
         faults.point("record.resizing")
+        d.keep_record_copy(rec)  # a rebuild from it finishes the resize
         d.resize(rec, size)
-        self._put(
+        rec = self._put(
             rec,
             rec.generation,
             durable=False,
@@ -405,6 +429,7 @@ class Executor:
             spec=dict(a.spec),
         )
         faults.point("record.ready")
+        d.keep_record_copy(rec)
 
     def _delete(self, d: ManagingDriver, rec: DiskRecord) -> None:
         if d.volume_exists(rec.volume) and rec.state is not RecordState.CREATING:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from reconciler import faults
 from reconciler.drivers.base import ManagingDriver
+from reconciler.errors import ReconcileError
 from reconciler.schema.record import DiskRecord, RecordKind
 from reconciler.store import RecordStore
 
@@ -66,6 +67,8 @@ def gc(
     now = now or datetime.datetime.now(datetime.UTC)
     removed: list[Entry] = []
     kept: list[tuple[Entry, str]] = []
+    claimed: set[str] = set()
+    refused: dict[str, str] = {}
     for e in entries(store, now):
         if e.users:
             kept.append((e, f"used by {e.users} disk(s)"))
@@ -76,6 +79,15 @@ def gc(
         driver = drivers.get(e.pool)
         if driver is None:
             kept.append((e, "its pool has no driver in this config"))
+            continue
+        if e.pool not in claimed:
+            try:
+                driver.claim()  # a pool another store manages is not ours to clean
+            except ReconcileError as err:
+                refused[e.pool] = str(err)
+            claimed.add(e.pool)
+        if e.pool in refused:
+            kept.append((e, refused[e.pool]))
             continue
         with driver.lock(e.volume):
             # Read again under the lock: a create may have started meanwhile.

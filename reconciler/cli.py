@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CHANGES = 2
-
-SUBCOMMANDS = ("validate", "schema")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -88,7 +86,7 @@ def _plan_parser() -> argparse.ArgumentParser:
         prog="reconcile",
         description="Converge VM instance disks in libvirt pools to their manifests.",
         epilog="Other commands: 'reconcile validate PATH...', 'reconcile apply PLAN', "
-        "'reconcile cache ls|gc', 'reconcile schema'.",
+        "'reconcile cache ls|gc', 'reconcile records rebuild POOL', 'reconcile schema'.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
     p.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
@@ -301,11 +299,97 @@ def cmd_cache(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def cmd_records(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="reconcile records",
+        description="Work on the records database itself.",
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    rb = sub.add_parser(
+        "rebuild",
+        help="restore a pool's records from the copies its volumes carry",
+        description="Restore the records of POOL from the copies its volumes carry (a "
+        "file's extended attribute; never its bytes) into this config's records database, "
+        "then make that database the pool's manager. For a database that was lost or "
+        "replaced. Volumes that already have a record are left as they are.",
+    )
+    rb.add_argument("pool", metavar="POOL", help="a pool of the config")
+    rb.add_argument("--dry-run", action="store_true", help="show what would be restored")
+    rb.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _common(rb)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    config = load_config(config_path(args.config))
+    with Session(config) as s:
+        return _rebuild(s, args.pool, dry_run=args.dry_run, yes=args.yes)
+
+
+def _rebuild(s: Session, pool: str, *, dry_run: bool, yes: bool) -> int:
+    drv = s.managing_drivers().get(pool)
+    if drv is None:
+        known = ", ".join(sorted(s.managing_drivers())) or "none"
+        raise ReconcileError(f"no pool {pool!r} with a driver in the config (pools: {known})")
+    copies = drv.record_copies()
+    have = {r.volume for r in s.store.load_all()[0] if r.pool == pool}
+    restore = [r for r in copies.records if r.volume not in have]
+    kept = [r for r in copies.records if r.volume in have]
+    for r in restore:
+        what = f"disk {r.instance}/{r.disk}" if r.kind.value == "disk" else "cache entry"
+        print(
+            f"restore {pool}/{r.volume}: {what}, {r.format.value} {format_size(r.virtual_size)}, "
+            f"{r.state.value}, generation {r.generation}"
+        )
+    for r in kept:
+        print(f"keep {pool}/{r.volume}: the database already has its record")
+    for volume, why in copies.without:
+        print(f"skip {pool}/{volume}: {why}; left alone")
+    ident = s.store.identity()
+    owner = drv.owner()
+    if owner is not None and owner.store != ident.id:
+        print(
+            f"The pool is managed by record store {owner.store} ({owner.location} on "
+            f"{owner.host}); after the rebuild, {ident.location} on {ident.host} manages it."
+        )
+    verb = "would be" if dry_run else "will be"
+    print(
+        f"{len(restore)} record(s) {verb} restored into {ident.location}, "
+        f"{len(kept)} kept, {len(copies.without)} volume(s) without a usable copy."
+    )
+    if dry_run:
+        print("Dry run: nothing was changed.")
+        return EXIT_OK
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ReconcileError("confirm with --yes (standard input is not a terminal)")
+        answer = input(f"Type the pool name ({pool}) to go ahead: ")
+        if answer.strip() != pool:
+            print("Not confirmed; nothing was changed.")
+            return EXIT_ERROR
+    for r in restore:
+        s.store.put(r, None)
+    s.store.sync()
+    drv.take_over()
+    print(f"Restored {len(restore)} record(s); {ident.location} now manages pool {pool}.")
+    return EXIT_OK
+
+
 def _human_age(seconds: float) -> str:
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= n:
             return f"{int(seconds // n)}{unit}"
     return f"{int(seconds)}s"
+
+
+# `reconcile NAME ARGS...`: each subcommand parses its own arguments. A first argument
+# that names none of them is a path of the default command (plan, and apply unless
+# --dry-run), so `reconcile --dry-run PATH` keeps working as it always has.
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "validate": cmd_validate,
+    "schema": cmd_schema,
+    "apply": cmd_apply,
+    "cache": cmd_cache,
+    "records": cmd_records,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -315,15 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     gc.disable()
     try:
-        if argv and argv[0] == "validate":
-            return cmd_validate(argv[1:])
-        if argv and argv[0] == "schema":
-            return cmd_schema(argv[1:])
-        if argv and argv[0] == "apply":
-            return cmd_apply(argv[1:])
-        if argv and argv[0] == "cache":
-            return cmd_cache(argv[1:])
-        return cmd_plan(argv)
+        command = SUBCOMMANDS.get(argv[0]) if argv else None
+        if command is not None:
+            return command(argv[1:])
+        return cmd_plan(argv)  # `reconcile [--dry-run] PATH...`, the default
     except ReconcileError as e:
         print(f"reconcile: error: {e}", file=sys.stderr)
         return EXIT_ERROR

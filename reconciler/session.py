@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ from reconciler.drivers import Connections, driver_for, managing
 from reconciler.drivers.base import ManagingDriver
 from reconciler.schema.config import Config
 from reconciler.schema.load import load_manifests
+from reconciler.schema.manifest import ImageSource
 from reconciler.schema.mcache import ManifestCache
 from reconciler.schema.record import DiskRecord
 from reconciler.store import SqliteRecordStore, open_store
@@ -47,8 +49,28 @@ class Session:
     def load(self, paths: Sequence[str]) -> Desired:
         cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
         loaded, failed = load_manifests(paths, self.config, cache)
-        self.desired = build_desired(loaded, failed)
+        self.desired = self._with_entries(build_desired(loaded, failed))
         return self.desired
+
+    def _with_entries(self, desired: Desired) -> Desired:
+        """Name the cache entry each disk is made from (its driver knows how), so the plan
+        can see an entry that apply could not use."""
+        drivers = self.managing_drivers()
+        instances = []
+        for inst in desired.instances:
+            disks = []
+            for d in inst.disks:
+                drv = drivers.get(d.spec.pool)
+                src = d.spec.source
+                source = (
+                    {"image": src.image}
+                    if isinstance(src, ImageSource)
+                    else {"template": src.template.value, "label": src.label}
+                )
+                entry = drv.entry_for({"source": source, "size": d.spec.size}) if drv else None
+                disks.append(dataclasses.replace(d, entry=entry) if entry else d)
+            instances.append(dataclasses.replace(inst, disks=tuple(disks)))
+        return Desired(tuple(instances), desired.failed)
 
     def observe(self) -> Observed:
         # Volumes before records: a record is written before its volume is made, so a volume
@@ -75,9 +97,20 @@ class Session:
         return managing(self.drivers)
 
     def replanner(self) -> Replanner:
-        def replan(a: Action) -> list[Action]:
+        def replan(a: Action) -> Plan:
             """Plan one instance again against its fresh records and volumes."""
             records = self.store.for_instance(a.instance)
+            wanted_entries = {
+                (d.spec.pool, d.entry)
+                for i in self.desired.instances
+                if i.instance == a.instance
+                for d in i.disks
+                if d.entry is not None
+            }
+            for pool, entry in sorted(wanted_entries):
+                rec = self.store.get(pool, entry)
+                if rec is not None:
+                    records.append(rec)
             wanted = tuple(i for i in self.desired.instances if i.instance == a.instance)
             drivers = self.managing_drivers()
             names: dict[str, set[str]] = {}
@@ -86,6 +119,8 @@ class Session:
             for inst in wanted:
                 for d in inst.disks:
                     names.setdefault(d.spec.pool, set()).add(d.volume)
+                    if d.entry is not None:
+                        names[d.spec.pool].add(d.entry)
             pools = {}
             for pool, vols in names.items():
                 drv = drivers.get(pool)
@@ -106,7 +141,7 @@ class Session:
             opts = PlanOptions(
                 allow_replace=self.options.allow_replace, prune=self.options.prune, force=True
             )
-            return list(plan(Desired(wanted), Observed(pools, tuple(records)), opts).actions)
+            return plan(Desired(wanted), Observed(pools, tuple(records)), opts)
 
         return replan
 

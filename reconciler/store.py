@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +29,16 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from reconciler.errors import RecordError
-from reconciler.schema.record import DiskRecord
+from reconciler.schema.record import BadRecord, DiskRecord
 
 
 @dataclass(frozen=True, slots=True)
-class BadRecord:
-    """A record that exists but cannot be read: work on its disk stops."""
+class StoreIdentity:
+    """Who a record store is: a pool it manages names it (see drivers/ownership.py)."""
 
-    pool: str
-    volume: str
-    error: str
+    id: str  # a UUID made once, when the store was created
+    location: str  # where the records live (the database file), for messages
+    host: str  # the host that keeps them, for messages
 
 
 class ConflictError(RecordError):
@@ -44,6 +46,8 @@ class ConflictError(RecordError):
 
 
 class RecordStore(Protocol):
+    def identity(self) -> StoreIdentity: ...
+
     def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]: ...
 
     def get(self, pool: str, volume: str) -> DiskRecord | None: ...
@@ -67,7 +71,8 @@ class RecordStore(Protocol):
     def close(self) -> None: ...
 
 
-DB_VERSION = 1
+# Layout 2 added the `meta` table (the store's identity); a layout-1 database is upgraded.
+DB_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     pool TEXT NOT NULL,
@@ -78,6 +83,7 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (pool, volume)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_instance ON records (instance);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -107,6 +113,7 @@ class SqliteRecordStore:
             str(path), timeout=30, isolation_level=None, check_same_thread=False
         )
         self._durable = True
+        self._identity: StoreIdentity | None = None
         try:
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -124,17 +131,21 @@ class SqliteRecordStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, DB_VERSION):
+            if version not in (0, 1, DB_VERSION):
                 raise RecordError(
                     f"records database {self.path} has layout version {version}; this "
                     f"reconciler knows version {DB_VERSION}"
                 )
             self._db.execute("PRAGMA journal_mode=WAL")
-            if version == 0:
+            if version != DB_VERSION:
                 with self._tx():
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             self._db.execute(statement)
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
+                        (str(uuid.uuid4()),),
+                    )
                     self._db.execute(f"PRAGMA user_version={DB_VERSION}")
         finally:
             os.close(fd)
@@ -153,6 +164,15 @@ class SqliteRecordStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def identity(self) -> StoreIdentity:
+        if self._identity is None:
+            with self._lock:
+                row = self._db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+            if row is None:
+                raise RecordError(f"records database {self.path} has no store identity")
+            self._identity = StoreIdentity(str(row[0]), str(self.path), socket.gethostname())
+        return self._identity
 
     def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]:
         good: list[DiskRecord] = []

@@ -26,7 +26,8 @@ newer = []
 for line in sys.stdin:
     m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line)
     if m and locked.get(norm(m[1])) != m[2]:
-        newer.append(f"{m[1]} {locked.get(norm(m[1]), \"(not locked)\")} -> {m[2]}")
+        was = locked.get(norm(m[1]), "(not locked)")
+        newer.append(f"{m[1]} {was} -> {m[2]}")
 print("test-latest: differs from the lock: " + (", ".join(newer) if newer else "nothing"))
 '
 "$dir/venv/bin/python" -m pytest "$@"

@@ -8,8 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from reconciler.schema.manifest import DiskSpec
-from reconciler.schema.record import DiskRecord
-from reconciler.store import BadRecord
+from reconciler.schema.record import BadRecord, DiskRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +18,9 @@ class DesiredDisk:
     volume: str
     file: str
     line: int | None
+    # The cache entry (in the disk's pool) a create makes it from, as its driver names it;
+    # None for a disk made from nothing (blank), or where no driver could say.
+    entry: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,9 @@ class ObservedPool:
     # False where the connection cannot list domains: then nothing may be deleted.
     attachments_known: bool = True
     attachments_why: str = ""
+    # Set with `error` when the pool is managed by another record store: reported whether
+    # or not a manifest names the pool, unlike a pool that is only unreachable.
+    managed_elsewhere: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,14 @@ from reconciler.diff.model import (
     Severity,
 )
 from reconciler.diff.model import Desired as Desired
+from reconciler.naming import TEMP_PREFIX
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.units import format_size
+
+# Entries of a pool that are not volumes anyone made: an ext4 pool's lost+found.
+NOT_VOLUMES = frozenset({"lost+found"})
+# How many names a grouped report shows before "and N more".
+SHOWN = 10
 
 # Fields whose change cannot be applied to an existing volume in place.
 REPLACE_FIELDS = ("backend", "pool", "format", "source")
@@ -67,10 +73,17 @@ class _Planner:
         self.records: dict[str, list[DiskRecord]] = defaultdict(list)
         self.disk_records = 0
         self.blocked: dict[str, list[str]] = defaultdict(list)
+        # Every volume a record (readable or not) explains, disks and cache entries alike.
+        self.recorded: dict[str, set[str]] = defaultdict(set)
+        for b in observed.bad_records:
+            self.recorded[b.pool].add(b.volume)
         for r in observed.records:
+            self.recorded[r.pool].add(r.volume)
             if r.kind is RecordKind.DISK:
                 self.records[r.instance].append(r)
                 self.disk_records += 1
+        # Volumes without a record that an error already names (not listed again).
+        self.reported: set[tuple[str, str]] = set()
 
     # -- problems ---------------------------------------------------------------------
 
@@ -123,17 +136,80 @@ class _Planner:
         return False
 
     def blocked_pools(self) -> None:
-        for name in sorted(self.blocked):
+        """One error per pool that cannot be used: where a disk needs it, or, for a pool
+        another record store manages, always (the operator must learn of it)."""
+        elsewhere = {n for n, p in self.observed.pools.items() if p.managed_elsewhere}
+        for name in sorted(self.blocked.keys() | elsewhere):
             p = self.observed.pools.get(name)
             why = p.error if p is not None and p.error else "not observed"
-            disks = sorted(set(self.blocked[name]))
+            disks = sorted(set(self.blocked.get(name, ())))
             shown = ", ".join(disks[:5]) + (f" and {len(disks) - 5} more" if len(disks) > 5 else "")
+            if name in elsewhere:
+                tail = (
+                    f"; nothing is done for {len(disks)} disk(s) in it ({shown})" if disks else ""
+                )
+                self.error("pool-managed-elsewhere", f"{why}{tail}", pool=name)
+                continue
             self.error(
                 "pool-unreachable",
                 f"pool {name} cannot be used: {why}; nothing is done for "
                 f"{len(disks)} disk(s) in it ({shown})",
                 pool=name,
             )
+
+    def strangers(self) -> None:
+        """One warning per pool for the volumes no record explains: never touched."""
+        for name in sorted(self.observed.pools):
+            p = self.observed.pools[name]
+            if p.volumes is None:
+                continue
+            known = self.recorded.get(name, set())
+            found = sorted(
+                v
+                for v in p.volumes - known - NOT_VOLUMES
+                if not v.startswith(TEMP_PREFIX) and (name, v) not in self.reported
+            )
+            if not found:
+                continue
+            shown = ", ".join(found[:SHOWN])
+            more = f" and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
+            self.warn(
+                "unmanaged-volumes",
+                f"pool {name} holds {len(found)} volume(s) the reconciler has no record of; "
+                f"they are left untouched (adopt them explicitly or remove them by hand): "
+                f"{shown}{more}",
+                pool=name,
+            )
+
+    def entry_refused(self, d: DesiredDisk, pool: ObservedPool, where: Mapping[str, Any]) -> bool:
+        """True (with an error) when the cache entry a create needs cannot be used: apply
+        would refuse it, so the plan says so instead of showing a clean create."""
+        entry = d.entry
+        if entry is None or pool.volumes is None or entry not in pool.volumes:
+            return False
+        if (pool.name, entry) in self.bad:
+            self.error(
+                "cache-entry-unreadable",
+                f"the disk is made from cache entry {entry}, whose record is unreadable; "
+                "nothing is made from it",
+                pool=pool.name,
+                volume=entry,
+                **where,
+            )
+            return True
+        if entry in self.recorded.get(pool.name, ()):
+            return False
+        self.reported.add((pool.name, entry))
+        self.error(
+            "cache-entry-unmanaged",
+            f"the disk is made from cache entry {entry}, but a volume of that name exists in "
+            f"pool {pool.name} without a record; it is left untouched, and the disk cannot be "
+            "made until it is removed by hand",
+            pool=pool.name,
+            volume=entry,
+            **where,
+        )
+        return True
 
     # -- the plan ---------------------------------------------------------------------
 
@@ -186,6 +262,7 @@ class _Planner:
                 volume=b.volume,
             )
         self.blocked_pools()
+        self.strangers()
         self.header_warnings()
         self.delete_threshold()
 
@@ -241,6 +318,7 @@ class _Planner:
             return  # reported once with the other unreadable records
         if rec is None:
             if d.volume in pool.volumes:
+                self.reported.add((d.spec.pool, d.volume))
                 self.error(
                     "unmanaged-volume",
                     f"volume {d.volume} exists in pool {d.spec.pool} but the reconciler has "
@@ -271,6 +349,7 @@ class _Planner:
         moved = (rec.pool, rec.volume) != (d.spec.pool, d.volume)
         # Where the disk goes is the old record's to replace, never another owner's volume.
         if moved and d.volume in pool.volumes:
+            self.reported.add((d.spec.pool, d.volume))
             self.error(
                 "unmanaged-volume",
                 f"the disk moves to pool {d.spec.pool}, where volume {d.volume} exists but "
@@ -415,6 +494,11 @@ class _Planner:
         destructive: bool = False,
         replaces: tuple[str, str] | None = None,
     ) -> None:
+        if kind in (ActionKind.CREATE, ActionKind.REPLACE):
+            pool = self.observed.pools[d.spec.pool]
+            where = {"instance": d.instance, "disk": d.spec.name, "file": d.file, "line": d.line}
+            if self.entry_refused(d, pool, where):
+                return
         self.actions.append(
             Action(
                 action=kind,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers.domains import Attachments
+from reconciler.drivers.ownership import Owner
 from reconciler.errors import ReconcileError
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord
@@ -15,6 +17,14 @@ from reconciler.schema.record import DiskRecord
 
 class VolumeExists(ReconcileError):
     """A volume of the name to create already exists: someone else's, never removed."""
+
+
+@dataclass(frozen=True)
+class RecordCopies:
+    """The copies of records a pool's volumes carry, and the volumes that carry none."""
+
+    records: tuple[DiskRecord, ...]
+    without: tuple[tuple[str, str], ...]  # (volume, why)
 
 
 class PoolDriver(Protocol):
@@ -42,6 +52,27 @@ class ManagingDriver(PoolDriver, Protocol):
         ...
 
     def volume_exists(self, volume: str) -> bool: ...
+
+    def claim(self) -> None:
+        """Make this driver's record store the pool's manager before the first change;
+        raises PoolError if another store manages the pool."""
+        ...
+
+    def keep_record_copy(self, rec: DiskRecord) -> None:
+        """Keep a copy of `rec` beside its volume, where the host (not a guest) can."""
+        ...
+
+    def record_copies(self) -> RecordCopies:
+        """The record copies the pool's volumes carry (for `records rebuild`)."""
+        ...
+
+    def owner(self) -> Owner | None:
+        """The record store that manages the pool, if one has claimed it."""
+        ...
+
+    def take_over(self) -> None:
+        """Make this driver's store the pool's manager, whoever managed it before."""
+        ...
 
     def attachments(self) -> Attachments: ...
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import os
 import stat
@@ -30,7 +31,8 @@ import structlog
 
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
-from reconciler.drivers.base import VolumeExists
+from reconciler.drivers import ownership
+from reconciler.drivers.base import RecordCopies, VolumeExists
 from reconciler.drivers.domains import Attachments, attachments
 from reconciler.drivers.headers import file_header_format
 from reconciler.drivers.libvirt_conn import Connections
@@ -57,7 +59,10 @@ FILE_POOL_TYPES = ("dir", "fs", "netfs")
 # libvirt's RPC refuses to list more volumes than this in one call (REMOTE_STORAGE_VOL_LIST_MAX
 # in src/remote/remote_protocol.x); beyond it the pool directory is listed directly.
 LIBVIRT_VOL_LIST_MAX = 16384
-STATE_DIR = ".reconciler"  # inside the pool: locks shared by everyone using the pool
+STATE_DIR = ".reconciler"  # inside the pool: its locks and owner, shared by all who use it
+# Each volume's copy of its record, kept by the host beside the volume (a guest writes
+# only the bytes of its disk, never its file's attributes), for `records rebuild`.
+RECORD_XATTR = "user.reconciler.record"
 
 
 def _now() -> str:
@@ -188,11 +193,23 @@ class FilePoolDriver:
         )
         return att
 
+    def state_dir(self) -> Path:
+        return Path(self.info().path) / STATE_DIR
+
+    def claim(self) -> None:
+        """Make this driver's record store the pool's manager, before the first change in
+        it; raises ManagedElsewhere if another store manages the pool."""
+        ownership.claim(self.state_dir(), self.name, self._store().identity())
+
     def observe(self) -> ObservedPool:
         """The pool's volumes by name and which domains use them; never raises."""
         try:
+            if self.store is not None:
+                ownership.check(self.state_dir(), self.name, self.store.identity())
             volumes = self.list_volumes()
             att = self.attachments()
+        except ownership.ManagedElsewhere as e:
+            return ObservedPool(self.name, None, str(e), managed_elsewhere=True)
         except PoolError as e:
             return ObservedPool(self.name, None, str(e))
         except OSError as e:
@@ -216,6 +233,59 @@ class FilePoolDriver:
 
     def volume_exists(self, volume: str) -> bool:
         return os.path.lexists(self.path(volume))
+
+    # -- copies of records, beside the volumes ------------------------------------------
+
+    def keep_record_copy(self, rec: DiskRecord) -> None:
+        """Write the volume's copy of its record (an extended attribute of its file).
+
+        The store stays the truth; a copy that cannot be written (a file system without
+        user xattrs) only costs `records rebuild` that volume, so it is logged, not fatal.
+        """
+        try:
+            with open_volume(self.path(rec.volume), write=False) as fd:
+                os.setxattr(fd, RECORD_XATTR, rec.model_dump_json().encode())
+        except (OSError, ReconcileError) as e:
+            log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
+
+    def record_copies(self) -> RecordCopies:
+        """The records the pool's volumes carry, and why the others carry none (read from
+        the files' attributes only: never from a volume's bytes)."""
+        root = self.info().path
+        found: list[DiskRecord] = []
+        without: list[tuple[str, str]] = []
+        for name in sorted(self.list_volumes()):
+            if name.startswith(TEMP_PREFIX):
+                continue
+            path = os.path.join(root, name)
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    without.append((name, "not a regular file"))
+                    continue
+                raw = os.getxattr(path, RECORD_XATTR, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we looked
+            except OSError as e:
+                why = "no record copy" if e.errno == errno.ENODATA else e.strerror or str(e)
+                without.append((name, why))
+                continue
+            try:
+                rec = DiskRecord.model_validate_json(raw)
+            except ValueError as e:
+                without.append((name, f"its record copy is unreadable ({str(e).splitlines()[0]})"))
+                continue
+            if (rec.pool, rec.volume) != (self.name, name):
+                without.append((name, f"its record copy describes {rec.pool}/{rec.volume}"))
+                continue
+            found.append(rec)
+        return RecordCopies(tuple(found), tuple(without))
+
+    def owner(self) -> ownership.Owner | None:
+        return ownership.read_owner(self.state_dir(), self.name)
+
+    def take_over(self) -> None:
+        """Make this driver's store the pool's manager, whoever managed it (rebuild)."""
+        ownership.take_over(self.state_dir(), self._store().identity())
 
     # -- making volumes ---------------------------------------------------------------
 
@@ -365,19 +435,17 @@ class FilePoolDriver:
             )
 
     def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
-        self._store().put(  # a completion: lazily durable (see store.py)
-            rec.model_copy(
-                update={
-                    "state": RecordState.READY,
-                    "generation": rec.generation + 1,
-                    "virtual_size": virtual_size,
-                    "last_used": _now(),
-                }
-            ),
-            rec.generation,
-            durable=False,
+        ready = rec.model_copy(
+            update={
+                "state": RecordState.READY,
+                "generation": rec.generation + 1,
+                "virtual_size": virtual_size,
+                "last_used": _now(),
+            }
         )
+        self._store().put(ready, rec.generation, durable=False)  # lazily durable (store.py)
         faults.point("cache.record.ready")
+        self.keep_record_copy(ready)
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""

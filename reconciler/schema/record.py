@@ -8,6 +8,7 @@ read back from the volume or from libvirt's XML. Records are versioned so they c
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -63,3 +64,12 @@ class DiskRecord(BaseModel):
         if not self.last_used:
             return float("inf")
         return (now - datetime.datetime.fromisoformat(self.last_used)).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A record that exists but cannot be read: work on its disk stops."""
+
+    pool: str
+    volume: str
+    error: str
