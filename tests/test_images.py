@@ -260,30 +260,37 @@ def hostile(images: Path, tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
     return out
 
 
-def test_hostile_images_are_refused_and_leave_nothing(
-    env: Env, images: Path, tmp_path: Path
-) -> None:
-    cases = hostile(images, tmp_path)
-    env.images = {name: catalog_entry(path, fmt) for name, (path, fmt, _) in cases.items()}
+def refusals(env: Env, cases: dict[str, tuple[Path, str]]) -> tuple[dict[str, str], str]:
+    """One disk from each image (file, declared format) in one run: every one must be
+    refused, leaving no volume and no record. Returns image name -> its FAILED line, and
+    the whole output."""
+    env.images = {name: catalog_entry(path, fmt) for name, (path, fmt) in cases.items()}
     env.write_config()
     for name in cases:
         env.manifest(
             name, [disk("d", backend="qcow2", fmt="qcow2", size="16MiB", image=name, template=None)]
         )
     rc, out, _ = env.run()
-    assert rc == 1
+    assert rc == 1, out
+    by_instance = {env_instance(env, name): name for name in cases}
     failures = {
-        line.split()[2].split("/")[0]: line
+        by_instance[line.split()[2].split("/")[0]]: line
         for line in out.splitlines()
         if line.startswith("FAILED")
     }
-    by_instance = {env_instance(env, name): name for name in cases}
-    assert {by_instance[i] for i in failures} == set(cases), out
-    for inst, line in failures.items():
-        name = by_instance[inst]
-        assert cases[name][2] in line, (name, line)
+    assert set(failures) == set(cases), out
     assert pool_contents(env) == []
     assert records(env) == []
+    return failures, out
+
+
+def test_hostile_images_are_refused_and_leave_nothing(
+    env: Env, images: Path, tmp_path: Path
+) -> None:
+    cases = hostile(images, tmp_path)
+    failures, out = refusals(env, {name: (path, fmt) for name, (path, fmt, _) in cases.items()})
+    for name, line in failures.items():
+        assert cases[name][2] in line, (name, line)
     secret = (tmp_path / "host-secret").read_bytes()
     assert secret.decode() not in out
 
