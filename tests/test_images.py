@@ -299,6 +299,42 @@ def hostile(images: Path, tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
     p = images / "bomb.qcow2"
     qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", str(zeros), str(p))
     out["compressed-expands-past-disk"] = (p, "qcow2", "larger than the disk")
+
+    # Every other format the inspector knows, but gpt, disagrees with a raw declaration.
+    for fmt, name in (
+        ("vmdk", "vmdk"),
+        ("vpc", "vhd"),
+        ("vhdx", "vhdx"),
+        ("vdi", "vdi"),
+        ("qed", "qed"),
+    ):
+        p = images / f"really-{name}.raw"
+        qemu_img("create", "-f", fmt, str(p), "1M")
+        out[f"raw-declared-{name}"] = (p, "raw", f"content is {name}")
+    p = images / "really-luks.raw"
+    qemu_img(
+        "create",
+        "--object",
+        "secret,id=sec0,data=passphrase",
+        "-f",
+        "luks",
+        "-o",
+        "key-secret=sec0,iter-time=10",
+        str(p),
+        "1M",
+    )
+    out["raw-declared-luks"] = (p, "raw", "content is luks")
+    p = images / "really-iso.raw"
+    p.write_bytes(b"")
+    write_iso_descriptor(p)
+    out["raw-declared-iso"] = (p, "raw", "content is iso")
+
+    # An ISO descriptor inside a qcow2's first cluster: two headers, refused as either.
+    p = images / "iso-and-qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "8M")
+    write_iso_descriptor(p)
+    out["iso-and-qcow2-declared-raw"] = (p, "raw", "more than one format (iso, qcow2)")
+    out["iso-and-qcow2-declared-qcow2"] = (p, "qcow2", "more than one format (iso, qcow2)")
     return out
 
 
