@@ -7,7 +7,9 @@ matches another format than the declared one (or more than one), or a virtual si
 than the disk it is for, is refused, the last before more than its header has been read.
 `qemu-img info` then runs with the declared format under CPU and memory limits and must
 agree. Nothing about an image is ever taken from the image: format, sha256 and size are
-declared in the catalog and only checked here.
+declared in the catalog and only checked here. A partition table (GPT or MBR), which the
+inspector calls "gpt", is raw content: it is accepted for a raw declaration once the
+inspector's own check of the table passes, and refused for any other.
 """
 
 from __future__ import annotations
@@ -141,20 +143,57 @@ def open_location(location: str) -> Iterator[IO[bytes]]:
         resp.close()
 
 
+# oslo.utils' GPTInspector matches any sector 0 with the boot signature 0x55AA: a GPT's
+# protective MBR and a plain MBR alike, both named "gpt". Partition type 0xEE marks the
+# protective entry of a GPT (the same test its check_mbr_partitions makes).
+_MBR_ENTRIES = 446
+_GPT_PROTECTIVE = 0xEE
+
+
+def _partition_table(found: fi.FileInspector) -> str | None:
+    """Oslo's "gpt" verdict named as what it is, a GPT or an MBR partition table; else None."""
+    if not isinstance(found, fi.GPTInspector):
+        return None
+    mbr = bytes(found.region("mbr").data)
+    types = {mbr[_MBR_ENTRIES + 16 * i + 4] for i in range(4)}
+    return "GPT partition table" if _GPT_PROTECTIVE in types else "MBR partition table"
+
+
+def _describe(found: fi.FileInspector) -> str:
+    return _partition_table(found) or str(found.NAME)
+
+
 def _inspector_verdict(wrapper: fi.InspectWrapper, declared: str) -> fi.FileInspector:
+    """The inspector's one verdict, which must be the declared format or, for raw, a
+    partition table that passes its check; oslo's safety checks of it must pass."""
     try:
         found = wrapper.format
     except fi.ImageFormatError as e:
+        matches = wrapper.formats or []
+        if len(matches) > 1:  # one header may hide another: never choose between them
+            names = ", ".join(sorted(_describe(m) for m in matches))
+            raise ImageRejected(f"the image matches more than one format ({names})") from None
         raise ImageRejected(f"format inspection refused the image: {e}") from None
     if found is None:  # pragma: no cover - the stream is finished, a decision exists
         raise ImageRejected("format inspection reached no decision")
-    if declared != found.NAME:
-        raise ImageRejected(f"the image is declared {declared} but its content is {found.NAME}")
+    table = _partition_table(found)
+    # A raw disk with a partition table is raw (most raw cloud images are); as Ironic
+    # does, accept it for a raw declaration, once oslo's check of the table passes.
+    if declared == "raw" and table is not None:
+        what = f"the image's {table} failed its safety check"
+    elif declared == found.NAME:
+        what = f"the image failed the {declared} safety checks"
+    else:
+        raise ImageRejected(
+            f"the image is declared {declared} but its content is {_describe(found)}"
+        )
     try:
         found.safety_check()
     except fi.SafetyCheckFailed as e:
         reasons = "; ".join(f"{k}: {v}" for k, v in sorted(e.failures.items()))
-        raise ImageRejected(f"the image failed the {declared} safety checks ({reasons})") from None
+        if table == "MBR partition table":
+            reasons = reasons.replace("GPT MBR", "MBR")  # oslo's messages call every MBR GPT
+        raise ImageRejected(f"{what} ({reasons})") from None
     except fi.ImageFormatError as e:
         raise ImageRejected(f"the image cannot be checked as {declared}: {e}") from None
     return found

@@ -17,10 +17,12 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 # what libvirt-python builds against, and the tools templates run (mkfs.*, mkswap).
 # qemu-system-x86 (43 MB, no recommends) lets the private libvirtd define domains, so the
 # tests can check that a disk a domain uses is never deleted; no guest is ever started.
+# fdisk (sfdisk; bookworm ships it apart from util-linux) writes the partition tables of
+# the partitioned raw images the tests build.
 # Not libvirt-daemon-system: it drags in systemd-sysv, and scripts/libvirtd.sh runs its own.
 DEBIAN_PACKAGES=(
     libvirt-daemon libvirt-clients qemu-utils libvirt-dev pkg-config gcc
-    e2fsprogs xfsprogs dosfstools util-linux qemu-system-x86
+    e2fsprogs xfsprogs dosfstools util-linux fdisk qemu-system-x86
 )
 
 # ---- Ceph (future use): installed only with RECONCILER_WITH_CEPH=1 ----------------------

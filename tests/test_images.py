@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from oslo_utils.imageutils import format_inspector as fi
 
 from reconciler.images import ImageRejected, run_limited
 from reconciler.schema.record import RecordKind
@@ -194,6 +195,47 @@ def write_qcow2_header(path: Path, **fields: int) -> None:
             f.write(struct.pack(">Q", value))
 
 
+def patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def write_iso_descriptor(path: Path) -> None:
+    """An ISO 9660 primary volume descriptor at 32 KiB: what oslo's ISOInspector looks for
+    (type 1, "CD001", 2048-byte blocks, 32 of them)."""
+    pvd = bytearray(2048)
+    pvd[0:7] = b"\x01CD001\x01"
+    pvd[80:88] = struct.pack("<I", 32) + struct.pack(">I", 32)
+    pvd[128:132] = struct.pack("<H", 2048) + struct.pack(">H", 2048)
+    if path.stat().st_size < 64 << 10:
+        os.truncate(path, 64 << 10)
+    patch(path, 32 << 10, bytes(pvd))
+
+
+def sfdisk(path: Path, script: str) -> None:
+    subprocess.run(
+        ["sfdisk", "--quiet", str(path)], input=script, text=True, capture_output=True, check=True
+    )
+
+
+def partitioned(path: Path, label: str, partitions: int = 2) -> Path:
+    """An 8 MiB raw disk with a partition table (label gpt or dos) written by sfdisk, and
+    recognisable data from 1 MiB on, where sfdisk puts the first partition."""
+    data = b"".join(hashlib.sha256(b"part%d" % i).digest() for i in range(7 << 15))
+    path.write_bytes(bytes(1 << 20) + data)
+    sfdisk(path, f"label: {label}\n" + "".join(",2MiB,L\n" for _ in range(partitions)))
+    return path
+
+
+MBR_ENTRIES = 446  # the four 16-byte partition entries of sector 0
+
+
+def mbr_entry_types(path: Path) -> list[int]:
+    sector = path.read_bytes()[:512]
+    return [sector[MBR_ENTRIES + 16 * i + 4] for i in range(4)]
+
+
 def hostile(images: Path, tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
     """name -> (file, declared format, a phrase the refusal must contain)."""
     secret = tmp_path / "host-secret"
@@ -257,33 +299,76 @@ def hostile(images: Path, tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
     p = images / "bomb.qcow2"
     qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", str(zeros), str(p))
     out["compressed-expands-past-disk"] = (p, "qcow2", "larger than the disk")
+
+    # Every other format the inspector knows, but gpt, disagrees with a raw declaration.
+    for fmt, name in (
+        ("vmdk", "vmdk"),
+        ("vpc", "vhd"),
+        ("vhdx", "vhdx"),
+        ("vdi", "vdi"),
+        ("qed", "qed"),
+    ):
+        p = images / f"really-{name}.raw"
+        qemu_img("create", "-f", fmt, str(p), "1M")
+        out[f"raw-declared-{name}"] = (p, "raw", f"content is {name}")
+    p = images / "really-luks.raw"
+    qemu_img(
+        "create",
+        "--object",
+        "secret,id=sec0,data=passphrase",
+        "-f",
+        "luks",
+        "-o",
+        "key-secret=sec0,iter-time=10",
+        str(p),
+        "1M",
+    )
+    out["raw-declared-luks"] = (p, "raw", "content is luks")
+    p = images / "really-iso.raw"
+    p.write_bytes(b"")
+    write_iso_descriptor(p)
+    out["raw-declared-iso"] = (p, "raw", "content is iso")
+
+    # An ISO descriptor inside a qcow2's first cluster: two headers, refused as either.
+    p = images / "iso-and-qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "8M")
+    write_iso_descriptor(p)
+    out["iso-and-qcow2-declared-raw"] = (p, "raw", "more than one format (iso, qcow2)")
+    out["iso-and-qcow2-declared-qcow2"] = (p, "qcow2", "more than one format (iso, qcow2)")
     return out
 
 
-def test_hostile_images_are_refused_and_leave_nothing(
-    env: Env, images: Path, tmp_path: Path
-) -> None:
-    cases = hostile(images, tmp_path)
-    env.images = {name: catalog_entry(path, fmt) for name, (path, fmt, _) in cases.items()}
+def refusals(env: Env, cases: dict[str, tuple[Path, str]]) -> tuple[dict[str, str], str]:
+    """One disk from each image (file, declared format) in one run: every one must be
+    refused, leaving no volume and no record. Returns image name -> its FAILED line, and
+    the whole output."""
+    env.images = {name: catalog_entry(path, fmt) for name, (path, fmt) in cases.items()}
     env.write_config()
     for name in cases:
         env.manifest(
             name, [disk("d", backend="qcow2", fmt="qcow2", size="16MiB", image=name, template=None)]
         )
     rc, out, _ = env.run()
-    assert rc == 1
+    assert rc == 1, out
+    by_instance = {env_instance(env, name): name for name in cases}
     failures = {
-        line.split()[2].split("/")[0]: line
+        by_instance[line.split()[2].split("/")[0]]: line
         for line in out.splitlines()
         if line.startswith("FAILED")
     }
-    by_instance = {env_instance(env, name): name for name in cases}
-    assert {by_instance[i] for i in failures} == set(cases), out
-    for inst, line in failures.items():
-        name = by_instance[inst]
-        assert cases[name][2] in line, (name, line)
+    assert set(failures) == set(cases), out
     assert pool_contents(env) == []
     assert records(env) == []
+    return failures, out
+
+
+def test_hostile_images_are_refused_and_leave_nothing(
+    env: Env, images: Path, tmp_path: Path
+) -> None:
+    cases = hostile(images, tmp_path)
+    failures, out = refusals(env, {name: (path, fmt) for name, (path, fmt, _) in cases.items()})
+    for name, line in failures.items():
+        assert cases[name][2] in line, (name, line)
     secret = (tmp_path / "host-secret").read_bytes()
     assert secret.decode() not in out
 
@@ -291,6 +376,81 @@ def test_hostile_images_are_refused_and_leave_nothing(
 def env_instance(env: Env, name: str) -> str:
     doc: dict[str, str] = json.loads((env.manifests / f"{name}.yaml").read_text())
     return doc["instance"]
+
+
+def test_partitioned_raw_images_are_accepted_with_their_data(env: Env, tmp_path: Path) -> None:
+    """A raw disk with a GPT, and one with an MBR partition table, declared raw: each is
+    cached as raw and a flat raw disk and a qcow2 overlay made from it hold its bytes."""
+    gpt = partitioned(tmp_path / "gpt.raw", "gpt")
+    mbr = partitioned(tmp_path / "mbr.raw", "dos")
+    # What the test is about: a protective MBR and a plain one, both of which oslo names
+    # "gpt" (and which were refused as raw).
+    assert mbr_entry_types(gpt) == [0xEE, 0, 0, 0]
+    assert mbr_entry_types(mbr) == [0x83, 0x83, 0, 0]
+    for p in (gpt, mbr):
+        found = fi.detect_file_format(str(p))
+        assert found is not None and found.NAME == "gpt"
+    env.images = {"gpt": catalog_entry(gpt, "raw"), "mbr": catalog_entry(mbr, "raw")}
+    env.write_config()
+    disks = {
+        name: env.manifest(
+            name,
+            [
+                disk("flat", fmt="raw", size="16MiB", image=name, template=None),
+                disk("cow", backend="qcow2", fmt="qcow2", size="16MiB", image=name, template=None),
+            ],
+        )
+        for name in env.images
+    }
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    for name, image in (("gpt", gpt), ("mbr", mbr)):
+        assert same_data(env.volume(disks[name], "flat"), "raw", image), name
+        assert same_data(env.volume(disks[name], "cow"), "qcow2", image), name
+    caches = {r.source["image"]: r for r in records(env) if r.kind is RecordKind.CACHE}
+    assert sorted(caches) == ["gpt", "mbr"]
+    for name, image in (("gpt", gpt), ("mbr", mbr)):
+        assert caches[name].format.value == "raw"
+        assert (env.pool_dir() / caches[name].volume).read_bytes() == image.read_bytes(), name
+    assert env.plan_json()["actions"] == []
+
+
+def test_broken_partition_tables_are_refused_and_named_by_kind(env: Env, tmp_path: Path) -> None:
+    """What oslo's check_mbr_partitions refuses (an invalid boot flag, no partition, a
+    protective MBR with another partition or the wrong start), and a partition table that
+    is also an ISO, are refused as raw; an MBR is never called GPT."""
+    d = tmp_path / "tables"
+    d.mkdir()
+    # name -> (image, phrases the refusal must contain)
+    cases: dict[str, tuple[Path, tuple[str, ...]]] = {}
+
+    p = partitioned(d / "empty.raw", "dos", partitions=0)  # a label, no partition
+    cases["mbr-empty"] = (p, ("MBR partition table", "no partitions defined"))
+
+    p = partitioned(d / "boot-flag.raw", "dos")
+    patch(p, MBR_ENTRIES, b"\x01")  # 0x00 and 0x80 are the only valid flags
+    cases["mbr-boot-flag"] = (p, ("MBR partition table", "invalid boot flag"))
+
+    p = partitioned(d / "hybrid.raw", "gpt")
+    # A second MBR entry (type 0x83, LBA 2048 + 2048) beside the protective one.
+    patch(p, MBR_ENTRIES + 16 + 4, b"\x83")
+    patch(p, MBR_ENTRIES + 16 + 8, struct.pack("<II", 2048, 2048))
+    cases["gpt-hybrid"] = (p, ("GPT partition table", "invalid extra partitions"))
+
+    p = partitioned(d / "start.raw", "gpt")
+    patch(p, MBR_ENTRIES + 8, struct.pack("<I", 2))  # the protective entry starts at LBA 1
+    cases["gpt-start"] = (p, ("GPT partition table", "invalid start LBA"))
+
+    p = partitioned(d / "iso.raw", "dos")
+    write_iso_descriptor(p)  # in the gap before the first partition, as isohybrid does
+    cases["mbr-iso"] = (p, ("more than one format (MBR partition table, iso)",))
+
+    failures, _ = refusals(env, {name: (path, "raw") for name, (path, _) in cases.items()})
+    for name, line in failures.items():
+        for phrase in cases[name][1]:
+            assert phrase in line, (name, line)
+        if name.startswith("mbr"):
+            assert "gpt" not in line.lower(), line
 
 
 def test_checksum_and_size_mismatches_are_refused(env: Env, images: Path) -> None:
