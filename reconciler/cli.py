@@ -330,7 +330,9 @@ def _rebuild(s: Session, pool: str, *, dry_run: bool, yes: bool) -> int:
         known = ", ".join(sorted(s.managing_drivers())) or "none"
         raise ReconcileError(f"no pool {pool!r} with a driver in the config (pools: {known})")
     copies = drv.record_copies()
-    have = {r.volume for r in s.store.load_all()[0] if r.pool == pool}
+    good, bad = s.store.load_all()
+    # A record the database holds, readable or not, is never replaced by a copy.
+    have = {r.volume for r in good if r.pool == pool} | {b.volume for b in bad if b.pool == pool}
     restore = [r for r in copies.records if r.volume not in have]
     kept = [r for r in copies.records if r.volume in have]
     for r in restore:
