@@ -104,8 +104,11 @@ class Executor:
         replan: Replanner | None,
         out: TextIO | None = None,
         jobs: int = 1,
+        stop: threading.Event | None = None,
     ) -> None:
         self.store = store
+        # Once set, no new action starts; those under way finish (the loop's SIGTERM).
+        self.stop = stop or threading.Event()
         self.drivers = drivers
         self.replan = replan  # None: a saved plan, applied exactly or refused
         self._out = out
@@ -127,6 +130,8 @@ class Executor:
         try:
             if self.jobs == 1:
                 for i, a in enumerate(actions):
+                    if self.stop.is_set():
+                        break
                     outcomes[i] = self._run(a)
             else:
                 self._run_parallel(actions, outcomes)
@@ -144,6 +149,10 @@ class Executor:
 
         def fill(pool: ThreadPoolExecutor) -> None:
             nonlocal deferred
+            if self.stop.is_set():
+                queue.clear()
+                deferred = []
+                return
             blocked = set(busy)
 
             def consider(i: int) -> bool:

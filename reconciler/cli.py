@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -33,16 +34,25 @@ EXIT_ERROR = 1
 EXIT_CHANGES = 2
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
+def _setup_logging(verbose: int, *, base: int = logging.WARNING, json_lines: bool = False) -> None:
+    """structlog to stderr: readable console lines, or (json_lines, off a terminal) one
+    JSON object a line, for a service's journal."""
+    level = base - 10 * min(verbose, 2)
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer(sort_keys=True)
+        if json_lines and not sys.stderr.isatty()
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.dev.ConsoleRenderer(colors=False),
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
         ],
+        cache_logger_on_first_use=False,
     )
 
 
@@ -144,6 +154,19 @@ def _apply_summary(result: ApplyResult) -> str:
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
+    # One run builds large object graphs that hold no reference cycles worth collecting;
+    # the cyclic collector walking them cost a third of a 30,000-disk plan (bench/plan.py).
+    # Only here: a long-lived loop (`watch`) keeps the collector.
+    gc.freeze()
+    gc.disable()
+    try:
+        return _plan(argv)
+    finally:
+        gc.enable()  # for callers that run main() in a longer-lived process
+        gc.unfreeze()
+
+
+def _plan(argv: Sequence[str]) -> int:
     args = _plan_parser().parse_args(argv)
     _setup_logging(args.verbose)
     cfg_path = config_path(args.config)
@@ -375,6 +398,102 @@ def _rebuild(s: Session, pool: str, *, dry_run: bool, yes: bool) -> int:
     return EXIT_OK
 
 
+def cmd_watch(argv: Sequence[str]) -> int:
+    from reconciler import loop
+
+    p = argparse.ArgumentParser(
+        prog="reconcile watch",
+        description="Keep the disks of DIR's manifests converged: on every change of a "
+        "manifest, and on a periodic resync that finds drift. Runs until SIGTERM or SIGINT "
+        "(steps under way finish); SIGHUP reloads the config.",
+    )
+    p.add_argument("directory", metavar="DIR", help="the manifest directory")
+    p.add_argument(
+        "--resync-interval",
+        type=_seconds,
+        default=loop.DEFAULT_RESYNC,
+        metavar="SECONDS",
+        help=f"observe every pool again this often (default {loop.DEFAULT_RESYNC:g})",
+    )
+    p.add_argument("--metrics-port", type=int, metavar="N", help="serve Prometheus metrics")
+    p.add_argument("--metrics-address", default="127.0.0.1", help="(default 127.0.0.1)")
+    p.add_argument(
+        "--prune", action="store_true", help="delete disks whose instance no manifest names"
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=loop.DEFAULT_WORKERS,
+        metavar="N",
+        help=f"instances reconciled at a time (default {loop.DEFAULT_WORKERS})",
+    )
+    _common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose, base=logging.INFO, json_lines=True)
+    if not os.path.isdir(args.directory):
+        raise ReconcileError(f"{args.directory}: not a directory")
+    return loop.Loop(
+        config_path(args.config),
+        Path(args.directory),
+        resync=args.resync_interval,
+        prune=args.prune,
+        workers=args.workers,
+        metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
+    ).run()
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {text!r}")
+    return v
+
+
+def cmd_status(argv: Sequence[str]) -> int:
+    from reconciler.status import StatusStore
+
+    p = argparse.ArgumentParser(
+        prog="reconcile status",
+        description="Each instance's status, as the control loop last wrote it.",
+    )
+    p.add_argument("--output", choices=("text", "json"), default="text")
+    _common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    config = load_config(config_path(args.config))
+    path = config.state_dir() / "status.sqlite"
+    if not path.exists():
+        rows = []
+    else:
+        store = StatusStore(path)
+        try:
+            rows = store.all()
+        finally:
+            store.close()
+    if args.output == "json":
+        print(json.dumps([r.to_json() for r in rows], indent=2, sort_keys=True))
+        return EXIT_OK
+    now = datetime.datetime.now(datetime.UTC)
+    print(f"{'INSTANCE':<36}  {'READY':<7}  {'DISKS':>5}  {'REASON':<22}  {'AGE':>6}  MESSAGE")
+    for r in rows:
+        ready = r.condition("Ready")
+        age = "-"
+        if ready is not None:
+            since = datetime.datetime.fromisoformat(ready.lastTransitionTime)
+            age = _human_age((now - since).total_seconds())
+        msg = ready.message if ready else ""
+        print(
+            f"{r.instance:<36}  {ready.status if ready else '-':<7}  {r.disks:>5}  "
+            f"{ready.reason if ready else '-':<22}  {age:>6}  {msg[:80]}"
+        )
+    print(f"{len(rows)} instance(s)")
+    return EXIT_OK
+
+
 def _human_age(seconds: float) -> str:
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= n:
@@ -391,15 +510,13 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "apply": cmd_apply,
     "cache": cmd_cache,
     "records": cmd_records,
+    "watch": cmd_watch,
+    "status": cmd_status,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # One run builds large object graphs that hold no reference cycles worth collecting;
-    # the cyclic collector walking them cost a third of a 30,000-disk plan (bench/plan.py).
-    gc.freeze()
-    gc.disable()
     try:
         command = SUBCOMMANDS.get(argv[0]) if argv else None
         if command is not None:
@@ -411,9 +528,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reconcile: interrupted", file=sys.stderr)
         return 130
-    finally:
-        gc.enable()  # for callers that run main() in a longer-lived process
-        gc.unfreeze()
 
 
 if __name__ == "__main__":

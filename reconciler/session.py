@@ -8,9 +8,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from reconciler.desired import build_desired
-from reconciler.diff import Action, Desired, Observed, ObservedPool, Plan, PlanOptions, plan
+from reconciler.diff import (
+    Action,
+    Desired,
+    DesiredInstance,
+    FailedInput,
+    Observed,
+    ObservedPool,
+    Plan,
+    PlanOptions,
+    plan,
+)
 from reconciler.drivers import Connections, driver_for, managing
 from reconciler.drivers.base import ManagingDriver
+from reconciler.drivers.ownership import ManagedElsewhere
+from reconciler.errors import PoolError
 from reconciler.schema.config import Config
 from reconciler.schema.load import load_manifests
 from reconciler.schema.manifest import ImageSource
@@ -96,52 +108,68 @@ class Session:
     def managing_drivers(self) -> dict[str, ManagingDriver]:
         return managing(self.drivers)
 
+    def plan_instance(
+        self,
+        instance: str,
+        wanted: Sequence[DesiredInstance],
+        failed: Sequence[FailedInput] = (),
+        options: PlanOptions | None = None,
+    ) -> Plan:
+        """Plan one instance against its fresh records and the volumes it names: what it
+        costs grows with the instance, not with the pools (the loop, and apply's re-plan)."""
+        records = self.store.for_instance(instance)
+        names: dict[str, set[str]] = {}
+        for r in records:
+            names.setdefault(r.pool, set()).add(r.volume)
+        for inst in wanted:
+            for d in inst.disks:
+                names.setdefault(d.spec.pool, set()).add(d.volume)
+                if d.entry is not None:
+                    names[d.spec.pool].add(d.entry)
+                    rec = self.store.get(d.spec.pool, d.entry)
+                    if rec is not None and rec not in records:
+                        records.append(rec)
+        drivers = self.managing_drivers()
+        pools = {}
+        for pool, vols in names.items():
+            drv = drivers.get(pool)
+            if drv is None:
+                why = self.drivers[pool].observe().error if pool in self.drivers else None
+                pools[pool] = ObservedPool(pool, None, why or "no driver")
+                continue
+            try:
+                drv.check_owner()
+                att = drv.attachments()
+                present = frozenset(v for v in vols if drv.volume_exists(v))
+            except PoolError as e:
+                pools[pool] = ObservedPool(
+                    pool, None, str(e), managed_elsewhere=isinstance(e, ManagedElsewhere)
+                )
+                continue
+            except OSError as e:
+                pools[pool] = ObservedPool(pool, None, f"{e.filename}: {e.strerror}")
+                continue
+            pools[pool] = ObservedPool(
+                pool,
+                present,
+                None,
+                {},
+                att.defined,
+                att.running,
+                att.known,
+                att.why_unknown,
+            )
+        opts = options or self.options
+        # The share of all disks a plan may destroy is the caller's to judge, not this
+        # one instance's: a per-instance plan would refuse any tombstone.
+        opts = dataclasses.replace(opts, force=True)
+        return plan(Desired(tuple(wanted), tuple(failed)), Observed(pools, tuple(records)), opts)
+
     def replanner(self) -> Replanner:
         def replan(a: Action) -> Plan:
             """Plan one instance again against its fresh records and volumes."""
-            records = self.store.for_instance(a.instance)
-            wanted_entries = {
-                (d.spec.pool, d.entry)
-                for i in self.desired.instances
-                if i.instance == a.instance
-                for d in i.disks
-                if d.entry is not None
-            }
-            for pool, entry in sorted(wanted_entries):
-                rec = self.store.get(pool, entry)
-                if rec is not None:
-                    records.append(rec)
             wanted = tuple(i for i in self.desired.instances if i.instance == a.instance)
-            drivers = self.managing_drivers()
-            names: dict[str, set[str]] = {}
-            for r in records:
-                names.setdefault(r.pool, set()).add(r.volume)
-            for inst in wanted:
-                for d in inst.disks:
-                    names.setdefault(d.spec.pool, set()).add(d.volume)
-                    if d.entry is not None:
-                        names[d.spec.pool].add(d.entry)
-            pools = {}
-            for pool, vols in names.items():
-                drv = drivers.get(pool)
-                if drv is None:
-                    pools[pool] = ObservedPool(pool, None, "no driver")
-                    continue
-                att = drv.attachments()
-                pools[pool] = ObservedPool(
-                    pool,
-                    frozenset(v for v in vols if drv.volume_exists(v)),
-                    None,
-                    {},
-                    att.defined,
-                    att.running,
-                    att.known,
-                    att.why_unknown,
-                )
-            opts = PlanOptions(
-                allow_replace=self.options.allow_replace, prune=self.options.prune, force=True
-            )
-            return plan(Desired(wanted), Observed(pools, tuple(records)), opts)
+            return self.plan_instance(a.instance, wanted)
 
         return replan
 

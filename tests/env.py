@@ -60,6 +60,8 @@ class Env:
     uri: str
     pools: dict[str, tuple[str, Path]]  # config name -> (libvirt pool name, directory)
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    uris: dict[str, str] = field(default_factory=dict)  # pool -> its daemon, if not `uri`
+    safety: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -71,7 +73,11 @@ class Env:
 
     def write_config(self) -> None:
         pools = {
-            name: {"uri": self.uri, "libvirtPool": lp, "backends": ["flat", "qcow2"]}
+            name: {
+                "uri": self.uris.get(name, self.uri),
+                "libvirtPool": lp,
+                "backends": ["flat", "qcow2"],
+            }
             for name, (lp, _) in self.pools.items()
         }
         cfg = {
@@ -81,6 +87,8 @@ class Env:
             "pools": pools,
             "images": self.images,
         }
+        if self.safety:
+            cfg["safety"] = self.safety
         self.manifests.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
 

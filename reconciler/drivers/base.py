@@ -53,6 +53,10 @@ class ManagingDriver(PoolDriver, Protocol):
 
     def volume_exists(self, volume: str) -> bool: ...
 
+    def check_owner(self) -> None:
+        """Raise PoolError (ManagedElsewhere) if another record store manages the pool."""
+        ...
+
     def claim(self) -> None:
         """Make this driver's record store the pool's manager before the first change;
         raises PoolError if another store manages the pool."""

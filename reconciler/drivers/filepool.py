@@ -196,6 +196,10 @@ class FilePoolDriver:
     def state_dir(self) -> Path:
         return Path(self.info().path) / STATE_DIR
 
+    def check_owner(self) -> None:
+        """Raise ManagedElsewhere if another record store manages the pool."""
+        ownership.check(self.state_dir(), self.name, self._store().identity())
+
     def claim(self) -> None:
         """Make this driver's record store the pool's manager, before the first change in
         it; raises ManagedElsewhere if another store manages the pool."""
@@ -205,7 +209,7 @@ class FilePoolDriver:
         """The pool's volumes by name and which domains use them; never raises."""
         try:
             if self.store is not None:
-                ownership.check(self.state_dir(), self.name, self.store.identity())
+                self.check_owner()
             volumes = self.list_volumes()
             att = self.attachments()
         except ownership.ManagedElsewhere as e:

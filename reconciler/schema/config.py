@@ -62,6 +62,9 @@ class StateConfig(BaseModel):
 class SafetyConfig(BaseModel):
     model_config = STRICT
     max_delete_percent: int = Field(10, ge=0, le=100, alias="maxDeletePercent")
+    # `reconcile watch`: deletions within one resync interval up to this many disks are
+    # never held by the guard, so tombstoning one instance in a small pool is not blocked.
+    delete_guard_floor: int = Field(10, ge=0, alias="deleteGuardFloor")
 
 
 class Config(BaseModel):

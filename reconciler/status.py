@@ -1,0 +1,143 @@
+"""Each instance's status, kept durably in the state directory for `reconcile status`.
+
+Shaped as Kubernetes conditions (`Ready`, `Progressing`, `Degraded`), each with a status
+(`True`, `False`, `Unknown`), a CamelCase reason, a message, `lastTransitionTime` (changed
+only when the condition's status changes) and `observedGeneration` (the generation of the
+manifest the condition was computed from: it grows by one each time the manifest's
+content changes). `lastError` and `nextRetry` say what failed and when it is tried again;
+a terminal error has no `nextRetry` (it waits for its manifest to change).
+
+The status lives in its own SQLite file (`status.sqlite`, WAL) beside the records, so
+`reconcile status` reads it while a loop writes it, and losing it loses nothing but
+history: the next reconcile of each instance writes it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from reconciler.errors import ReconcileError
+
+CONDITIONS = ("Ready", "Progressing", "Degraded")
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str  # "True", "False", "Unknown"
+    reason: str
+    message: str
+    lastTransitionTime: str  # the Kubernetes names
+    observedGeneration: int
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    instance: str
+    generation: int  # of the manifest (0: no manifest seen)
+    manifest_sha256: str
+    disks: int
+    conditions: tuple[Condition, ...] = ()
+    lastError: str = ""
+    nextRetry: str = ""
+    updated: str = ""
+    terminal: bool = False  # not retried until the manifest changes
+
+    def condition(self, kind: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == kind), None)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["conditions"] = [asdict(c) for c in self.conditions]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> InstanceStatus:
+        conds = tuple(Condition(**c) for c in d.get("conditions", ()))
+        return cls(**{**d, "conditions": conds})
+
+
+def with_conditions(
+    old: InstanceStatus | None,
+    new: InstanceStatus,
+    conditions: dict[str, tuple[str, str, str]],
+    now: str,
+) -> InstanceStatus:
+    """`new` with `conditions` (type -> (status, reason, message)); a condition whose status
+    did not change keeps its lastTransitionTime."""
+    out = []
+    for kind in CONDITIONS:
+        if kind not in conditions:
+            continue
+        status, reason, message = conditions[kind]
+        before = old.condition(kind) if old else None
+        since = before.lastTransitionTime if before and before.status == status else now
+        out.append(Condition(kind, status, reason, message, since, new.generation))
+    return replace(new, conditions=tuple(out), updated=now)
+
+
+@dataclass
+class StatusStore:
+    path: Path
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                str(self.path), timeout=10, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS status (instance TEXT PRIMARY KEY, data TEXT NOT "
+                "NULL) WITHOUT ROWID"
+            )
+        except sqlite3.Error as e:
+            raise ReconcileError(
+                f"status database {self.path}: {e} (it only holds status: remove it and the "
+                "next reconcile of each instance writes it again)"
+            ) from None
+
+    def get(self, instance: str) -> InstanceStatus | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM status WHERE instance=?", (instance,)
+            ).fetchone()
+        return None if row is None else _parse(row[0])
+
+    def all(self) -> list[InstanceStatus]:
+        with self._lock:
+            rows = self._db.execute("SELECT data FROM status ORDER BY instance").fetchall()
+        out = [_parse(r[0]) for r in rows]
+        return [s for s in out if s is not None]
+
+    def put(self, status: InstanceStatus) -> None:
+        data = json.dumps(status.to_json(), sort_keys=True)
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO status (instance, data) VALUES (?, ?)",
+                (status.instance, data),
+            )
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+
+def _parse(data: str) -> InstanceStatus | None:
+    try:
+        return InstanceStatus.from_json(json.loads(data))
+    except (ValueError, TypeError, KeyError):
+        return None  # a damaged row is rewritten by the next reconcile

@@ -1,0 +1,443 @@
+"""`reconcile watch`: a real watchdog observer, real files and the real private libvirtd.
+
+Everything is observed through the status the loop writes and through the pool, waiting
+on a condition with a deadline, never on sleeps. The resync interval is long (600 s)
+wherever the watcher, not the resync, must do the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from reconciler.loop import Loop, running
+from reconciler.schema.write import write_atomic
+from reconciler.status import InstanceStatus, StatusStore
+from tests.env import ROOT, Env, disk
+
+pytestmark = pytest.mark.libvirtd
+
+DEADLINE = 60.0
+
+
+def wait_until(what: str, cond: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    """Poll `cond` until it is truthy; fail naming `what` at the deadline."""
+    end = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        pause.wait(0.02)
+
+
+def write(env: Env, name: str, disks: list[dict[str, Any]], *, deleted: bool = False) -> str:
+    """Write a manifest as the compute service does: a temp file, then a rename."""
+    inst = env.manifest(name, disks, deleted=deleted)  # to learn the instance and the text
+    path = env.manifests / f"{name}.yaml"
+    text = path.read_text()
+    path.unlink()
+    write_atomic(str(path), text)
+    return inst
+
+
+def status(env: Env, instance: str) -> InstanceStatus | None:
+    store = StatusStore(env.root / "state" / "status.sqlite")
+    try:
+        return store.get(instance)
+    finally:
+        store.close()
+
+
+def ready(env: Env, instance: str, generation: int | None = None) -> bool:
+    s = status(env, instance)
+    if s is None:
+        return False
+    c = s.condition("Ready")
+    return (
+        c is not None
+        and c.status == "True"
+        and (generation is None or c.observedGeneration == generation)
+    )
+
+
+@contextmanager
+def loop(env: Env, **kw: Any) -> Iterator[Loop]:
+    kw.setdefault("resync", 600.0)
+    lp = Loop(str(env.config_path), env.manifests, **kw)
+    with running(lp):
+        wait_until("the loop to be ready", lp.ready.is_set)
+        yield lp
+
+
+def test_write_grow_and_tombstone_through_the_watcher(env: Env) -> None:
+    with loop(env) as lp:
+        inst = write(env, "w", [disk("disk", size="16MiB"), disk("swap", template="swap")])
+        vol = env.volume(inst, "disk")
+        wait_until("the disks and a Ready status", lambda: vol.exists() and ready(env, inst, 1))
+        assert env.volume(inst, "swap").exists()
+
+        write(env, "w", [disk("disk", size="32MiB"), disk("swap", template="swap")])
+        wait_until("the disk to grow", lambda: ready(env, inst, 2))
+        assert vol.stat().st_size == 32 << 20
+
+        write(env, "w", [], deleted=True)
+        wait_until("the disks to go", lambda: not vol.exists() and ready(env, inst, 3))
+        assert not env.volume(inst, "swap").exists()
+        assert lp.metrics.resyncs._value.get() == 1  # the first only: the watcher did it
+
+
+def test_a_refused_shrink_is_degraded_and_terminal(env: Env) -> None:
+    with loop(env):
+        inst = write(env, "s", [disk("disk", size="32MiB")])
+        wait_until("the disk", lambda: ready(env, inst, 1))
+        write(env, "s", [disk("disk", size="16MiB")])
+
+        def degraded() -> InstanceStatus | None:
+            s = status(env, inst)
+            return s if s is not None and s.generation == 2 and not ready(env, inst) else None
+
+        s = wait_until("the refusal", degraded)
+        r, d = s.condition("Ready"), s.condition("Degraded")
+        assert r is not None and (r.status, r.reason) == ("False", "ShrinkRefused")
+        assert d is not None and (d.status, d.reason) == ("True", "ShrinkRefused")
+        assert s.terminal and s.nextRetry == "" and "shrinking" in s.lastError
+        assert env.volume(inst, "disk").stat().st_size == 32 << 20
+
+
+def test_a_volume_deleted_behind_the_loops_back_is_made_again_by_the_resync(env: Env) -> None:
+    with loop(env, resync=0.5) as lp:
+        inst = write(env, "d", [disk("disk", size="16MiB")])
+        vol = env.volume(inst, "disk")
+        wait_until("the disk", lambda: vol.exists() and ready(env, inst))
+        conn = libvirt.open(env.uri)
+        try:
+            pool = conn.storagePoolLookupByName(env.pools["local"][0])
+            pool.refresh(0)
+            pool.storageVolLookupByName(vol.name).delete(0)
+        finally:
+            conn.close()
+        assert not vol.exists()
+        wait_until("the resync to make it again", vol.exists)
+        wait_until("drift to be counted", lambda: lp.metrics.drift._value.get() >= 1)
+
+
+def test_a_burst_of_manifests_is_each_reconciled_never_twice_at_once(env: Env) -> None:
+    active: set[str] = set()
+    overlaps: list[str] = []
+    worked: list[str] = []
+    lock = threading.Lock()
+
+    class Watching(Loop):
+        def reconcile(self, instance: str) -> None:
+            with lock:
+                if instance in active:
+                    overlaps.append(instance)
+                active.add(instance)
+                worked.append(instance)
+            try:
+                super().reconcile(instance)
+            finally:
+                with lock:
+                    active.discard(instance)
+
+    lp = Watching(str(env.config_path), env.manifests, resync=600.0)
+    with running(lp):
+        wait_until("the loop to be ready", lp.ready.is_set)
+        insts = []
+        for i in range(100):
+            insts.append(write(env, f"b{i}", [disk("disk", size="1MiB")]))
+            # Rewritten at once: still one instance, reconciled while it may be worked.
+            write(env, f"b{i}", [disk("disk", size="2MiB")])
+        wait_until(
+            "every instance converged",
+            lambda: all(ready(env, i) for i in insts),
+            timeout=180,
+        )
+        wait_until("the queue to drain", lambda: not lp.queue.depth() and not lp.queue.processing())
+    assert overlaps == []
+    assert set(insts) <= set(worked)
+    assert all(env.volume(i, "disk").stat().st_size == 2 << 20 for i in insts)
+
+
+def _start(env: Env, *args: str, extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    e = dict(os.environ, **(extra or {}))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "watch",
+            "--config",
+            str(env.config_path),
+            "--resync-interval",
+            "600",
+            *args,
+            str(env.manifests),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=e,
+    )
+
+
+def _ready_line(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    """Read the loop's JSON log lines until it says `ready`."""
+    assert proc.stderr is not None
+    lines = []
+    for raw in proc.stderr:
+        doc = json.loads(raw)
+        lines.append(doc)
+        if doc.get("event") == "ready":
+            return lines
+    pytest.fail(f"the loop exited before it was ready: {lines}")
+
+
+def test_sigterm_finishes_the_step_under_way_and_a_second_loop_is_refused(
+    env: Env, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace"
+    proc = _start(env, extra={"RECONCILER_TRACE_STEPS": str(trace)})
+    try:
+        _ready_line(proc)
+        # A second loop on the same state directory refuses, naming the first.
+        second = _start(env)
+        _, err = second.communicate(timeout=DEADLINE)
+        assert second.returncode == 1
+        assert f"(PID {proc.pid})" in err and "Traceback" not in err
+
+        inst = write(env, "t", [disk(f"d{i}", size="256MiB", template="ext4") for i in range(6)])
+        wait_until(
+            "a step to start", lambda: trace.exists() and "record.creating" in trace.read_text()
+        )
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    store = env.store()
+    try:
+        records, bad = store.load_all()
+    finally:
+        store.close()
+    assert not bad
+    # The step under way finished: nothing is left half made, and not everything was made.
+    assert all(r.state.value == "ready" for r in records)
+    made = [d for d in range(6) if env.volume(inst, f"d{d}").exists()]
+    assert len(made) < 6
+    # The next start has nothing to repair and converges.
+    again = _start(env)
+    try:
+        _ready_line(again)
+        wait_until("the rest", lambda: ready(env, inst), timeout=120)
+        assert all(env.volume(inst, f"d{d}").exists() for d in range(6))
+        again.send_signal(signal.SIGINT)
+        again.communicate(timeout=DEADLINE)
+        assert again.returncode == 0
+    finally:
+        if again.poll() is None:
+            again.kill()
+
+
+def test_status_cli_shows_every_instance(env: Env) -> None:
+    with loop(env):
+        inst = write(env, "c", [disk("disk", size="16MiB")])
+        wait_until("the disk", lambda: ready(env, inst))
+    rc, out, err = env.main(["status", "--output", "json", "--config", str(env.config_path)])
+    assert rc == 0, err
+    (row,) = [r for r in json.loads(out) if r["instance"] == inst]
+    conds = {c["type"]: c for c in row["conditions"]}
+    assert set(conds) == {"Ready", "Progressing", "Degraded"}
+    assert conds["Ready"]["status"] == "True" and conds["Ready"]["reason"] == "Converged"
+    assert conds["Ready"]["observedGeneration"] == 1
+    for c in conds.values():
+        assert {"type", "status", "reason", "message", "lastTransitionTime"} <= set(c)
+    rc, out, err = env.main(["status", "--config", str(env.config_path)])
+    assert rc == 0 and inst in out and "Converged" in out
+
+
+SCRIPT = str(ROOT / "scripts" / "libvirtd.sh")
+
+
+@pytest.fixture
+def far_pool(tmp_path: Path) -> Iterator[tuple[str, str, str, Path]]:
+    """A dir pool on a second private libvirtd: (daemon dir, uri, pool name, path)."""
+    d = Path("/tmp") / f"rcl-loop-{abs(hash(str(tmp_path))) % 10**8}"
+    out = subprocess.run([SCRIPT, "start", str(d)], capture_output=True, text=True, check=True)
+    uri = out.stdout.strip().splitlines()[-1]
+    path = tmp_path / "far"
+    path.mkdir()
+    conn = libvirt.open(uri)
+    pool = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>far</name><target><path>{path}</path></target></pool>"
+    )
+    pool.setAutostart(1)  # active again after the daemon restarts
+    pool.create(0)
+    conn.close()
+    try:
+        yield str(d), uri, "far", path
+    finally:
+        subprocess.run([SCRIPT, "stop", str(d)], check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
+
+
+def test_a_pool_whose_daemon_stops_degrades_alone_then_converges(
+    env: Env, far_pool: tuple[str, str, str, Path]
+) -> None:
+    d, uri, name, path = far_pool
+    env.pools["far"] = (name, path)
+    env.uris["far"] = uri
+    env.write_config()
+    with loop(env):
+        a = write(env, "a", [disk("disk", size="16MiB")])
+        b = write(env, "b", [disk("disk", size="16MiB", pool="far")])
+        wait_until("both", lambda: ready(env, a) and ready(env, b))
+        subprocess.run([SCRIPT, "stop", d], check=True)
+        write(env, "b", [disk("disk", size="32MiB", pool="far")])
+        c = write(env, "c", [disk("disk", size="16MiB")])
+
+        def degraded() -> InstanceStatus | None:
+            s = status(env, b)
+            deg = s.condition("Degraded") if s else None
+            return s if deg is not None and deg.reason == "PoolUnreachable" else None
+
+        s = wait_until("b to go Degraded", degraded, timeout=120)
+        assert s.nextRetry and not s.terminal
+        wait_until("c to converge meanwhile", lambda: ready(env, c), timeout=120)
+        subprocess.run([SCRIPT, "start", d], check=True, capture_output=True)
+        wait_until("b to converge", lambda: ready(env, b, 2), timeout=120)
+        assert env.volume(b, "disk", pool="far").stat().st_size == 32 << 20
+
+
+def test_the_delete_guard_holds_deletions_past_the_limit_until_it_is_raised(env: Env) -> None:
+    env.safety = {"maxDeletePercent": 10, "deleteGuardFloor": 2}
+    env.write_config()
+    with loop(env) as lp:
+        insts = [write(env, f"g{i}", [disk("disk", size="1MiB")]) for i in range(5)]
+        wait_until("all", lambda: all(ready(env, i) for i in insts))
+        for i in range(4):
+            write(env, f"g{i}", [], deleted=True)
+
+        def settled() -> list[InstanceStatus] | None:
+            ss = [status(env, i) for i in insts[:4]]
+            if any(s is None or s.generation != 2 for s in ss):
+                return None
+            held = [
+                s for s in ss if s and (c := s.condition("Degraded")) and c.reason == "DeleteGuard"
+            ]
+            gone = [i for i in insts[:4] if ready(env, i, 2)]
+            return held if len(held) + len(gone) == 4 else None
+
+        held = wait_until("the guard to hold some", settled)
+        assert len(held) == 2  # the floor lets two through; 10% of 5 disks is less
+        assert sum(env.volume(i, "disk").exists() for i in insts[:4]) == 2
+        # A bad config is reported and the old one kept.
+        good = env.config_path.read_text()
+        env.config_path.write_text("apiVersion: [")
+        lp.request_reload()
+        env.config_path.write_text(good)
+        env.safety = {"maxDeletePercent": 10, "deleteGuardFloor": 10}
+        env.write_config()
+        lp.request_reload()
+        wait_until("the rest to go", lambda: all(ready(env, i, 2) for i in insts[:4]), timeout=120)
+        assert not any(env.volume(i, "disk").exists() for i in insts[:4])
+        assert env.volume(insts[4], "disk").exists()
+
+
+def test_metrics_and_a_one_shot_run_beside_the_loop(env: Env) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with loop(env, metrics_port=port):
+        inst = write(env, "m", [disk("disk", size="16MiB")])
+        wait_until("the disk", lambda: ready(env, inst))
+        rc, out, err = env.run("--dry-run", "--detailed-exitcode")
+        assert rc == 0, out + err
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    for name in (
+        'controller_runtime_reconcile_total{controller="reconcile",result="success"}',
+        "controller_runtime_reconcile_time_seconds_bucket",
+        'workqueue_adds_total{name="reconcile"}',
+        'workqueue_depth{name="reconcile"}',
+        'reconcile_actions_total{kind="create",outcome="done"} 1.0',
+        "reconcile_instances_not_ready 0.0",
+    ):
+        assert name in text, name
+
+
+def test_sigkill_at_random_moments_under_a_stream_of_changes_then_converges(env: Env) -> None:
+    import random
+
+    rnd = random.Random(7)
+    sizes = {f"k{i}": 1 for i in range(8)}
+    for name in sizes:
+        write(env, name, [disk("disk", size="1MiB")])
+    for _ in range(20):
+        proc = _start(env)
+        try:
+            stop = threading.Event()
+
+            def stream(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    name = rnd.choice(sorted(sizes))
+                    sizes[name] += 1
+                    write(env, name, [disk("disk", size=f"{sizes[name]}MiB")])
+                    stop.wait(0.01)
+
+            t = threading.Thread(target=stream)
+            t.start()
+            threading.Event().wait(rnd.uniform(0.3, 1.5))  # a random moment: the fault
+            proc.kill()
+            stop.set()
+            t.join()
+            proc.communicate(timeout=DEADLINE)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    final = _start(env)
+    try:
+        _ready_line(final)
+        insts = {name: str(uuid.uuid5(uuid.NAMESPACE_DNS, name)) for name in sizes}
+        wait_until(
+            "every disk at its last size",
+            lambda: all(
+                env.volume(i, "disk").exists()
+                and env.volume(i, "disk").stat().st_size == sizes[n] << 20
+                for n, i in insts.items()
+            ),
+            timeout=120,
+        )
+    finally:
+        final.send_signal(signal.SIGTERM)
+        final.communicate(timeout=DEADLINE)
+    store = env.store()
+    try:
+        records, bad = store.load_all()
+    finally:
+        store.close()
+    assert not bad and all(r.state.value == "ready" for r in records)
+    on_disk = {p.name for p in env.pool_dir().iterdir() if not p.name.startswith(".")}
+    assert on_disk == {r.volume for r in records}  # nothing orphaned, nothing missing
