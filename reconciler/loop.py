@@ -525,6 +525,7 @@ class Loop:
         session = self.session
         assert session is not None and self.status is not None
         start = time.monotonic()
+        calls = session.conns.calls
         loaded, failed = self.index.everything()
         desired = session._with_entries(build_desired(loaded, failed))
         observed = session.observe()
@@ -553,8 +554,10 @@ class Loop:
         everyone = {i.instance for i in desired.instances}
         everyone |= {r.instance for r in observed.records if r.kind is RecordKind.DISK}
         queued = 0
+        known = {st.instance: st for st in self.status.all()}
+        converged: list[InstanceStatus] = []
         for inst in sorted(everyone):
-            old = self.status.get(inst)
+            old = known.get(inst)
             _, _, sha = self.index.desired_for(inst)
             if inst in per or inst in troubled:
                 if (
@@ -567,7 +570,10 @@ class Loop:
                 self.enqueue(inst)
                 queued += 1
             elif old is None or old.manifest_sha256 != sha or not _ready(old):
-                self._converged(inst, full)
+                warnings = [w for w in full.warnings if w.instance == inst]
+                outcome = self._outcome(inst, None, [], warnings, 0)
+                converged.append(self._status(inst, outcome, old))
+        self._save(converged)
         self.metrics.resyncs.inc()
         log.info(
             "resync",
@@ -575,12 +581,8 @@ class Loop:
             instances=len(everyone),
             queued=queued,
             drift=len(drift),
+            libvirt_calls=session.conns.calls - calls,
         )
-
-    def _converged(self, instance: str, full: Plan) -> None:
-        """Write the status of an instance a full plan found nothing to do for."""
-        warnings = [w for w in full.warnings if w.instance == instance]
-        self._write_status(instance, self._outcome(instance, None, [], warnings, 0))
 
     # -- one reconcile ----------------------------------------------------------------
 
@@ -757,8 +759,24 @@ class Loop:
 
     def _write_status(self, instance: str, o: Outcome) -> None:
         assert self.status is not None
+        self._save([self._status(instance, o, self.status.get(instance))])
+
+    def _save(self, statuses: list[InstanceStatus]) -> None:
+        assert self.status is not None
+        if not statuses:
+            return
+        self.status.put_many(statuses)
+        with self._not_ready_lock:
+            for st in statuses:
+                if _ready(st):
+                    self._not_ready.discard(st.instance)
+                else:
+                    self._not_ready.add(st.instance)
+            self.metrics.not_ready.set(len(self._not_ready))
+
+    def _status(self, instance: str, o: Outcome, old: InstanceStatus | None) -> InstanceStatus:
+        """The status `o` gives an instance whose last status was `old`."""
         loaded, _, sha = self.index.desired_for(instance)
-        old = self.status.get(instance)
         generation = old.generation if old else 0
         if sha and (old is None or old.manifest_sha256 != sha):
             generation += 1
@@ -782,20 +800,12 @@ class Loop:
             nextRetry=next_retry,
             terminal=o.terminal,
         )
-        now = now_iso()
-        status = with_conditions(
+        return with_conditions(
             old,
             new,
             {"Ready": ready, "Progressing": progressing, "Degraded": o.degraded},
-            now,
+            now_iso(),
         )
-        self.status.put(status)
-        with self._not_ready_lock:
-            if _ready(status):
-                self._not_ready.discard(instance)
-            else:
-                self._not_ready.add(instance)
-            self.metrics.not_ready.set(len(self._not_ready))
 
 
 def _ready(s: InstanceStatus) -> bool:

@@ -100,6 +100,8 @@ class StatusStore:
             )
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.execute("PRAGMA journal_mode=WAL")
+            # Status is rewritten by the next reconcile if lost: no fsync per write.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS status (instance TEXT PRIMARY KEY, data TEXT NOT "
                 "NULL) WITHOUT ROWID"
@@ -124,12 +126,20 @@ class StatusStore:
         return [s for s in out if s is not None]
 
     def put(self, status: InstanceStatus) -> None:
-        data = json.dumps(status.to_json(), sort_keys=True)
+        self.put_many([status])
+
+    def put_many(self, statuses: list[InstanceStatus]) -> None:
+        rows = [(s.instance, json.dumps(s.to_json(), sort_keys=True)) for s in statuses]
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO status (instance, data) VALUES (?, ?)",
-                (status.instance, data),
-            )
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO status (instance, data) VALUES (?, ?)", rows
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):

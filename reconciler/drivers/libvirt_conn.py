@@ -82,6 +82,7 @@ class Connections:
         self._conns: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.backoff = backoff or Backoff()
+        self.calls = 0  # calls made through call(), for the loop's resync log
 
     def get(self, uri: str) -> Any:
         with self._lock:
@@ -106,6 +107,7 @@ class Connections:
 
     def call(self, uri: str, what: str, fn: Callable[[Any], T]) -> T:
         """Run fn(connection), retrying transient libvirt errors with backoff."""
+        self.calls += 1
         delays = self.backoff.delays()
         for attempt in range(len(delays) + 1):
             try:
