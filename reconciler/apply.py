@@ -10,11 +10,18 @@ Each step records its intent before it changes a volume (DESIGN invariant 2):
   resize  record `resizing` (target size) -> volume grown -> record `ready`
   delete  record `deleting` -> volume removed -> record removed
 so a crash at any point leaves a record the next plan finishes or rolls back.
+
+A fault of the records database itself (StoreError: locked, read-only, disk full, damaged)
+stops the whole apply: no step can go on without its record. The steps under way finish,
+none is started, and the error is raised for the CLI to render once. Each step wrote (or
+failed to write) its intent before touching a volume, so what is left is what a crash
+would leave.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 import threading
@@ -33,7 +40,7 @@ from reconciler.errors import ReconcileError
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import RecordStore
+from reconciler.store import RecordStore, StoreError
 from reconciler.units import format_size
 
 log = structlog.get_logger(__name__)
@@ -112,24 +119,39 @@ class Executor:
         self.jobs = max(1, jobs)
         self._print_lock = threading.Lock()
         self._progress = (0, 0, 0)  # done, running, total: for the terminal's status line
+        self._halted: StoreError | None = None  # the first store fault: start nothing more
 
     @property
     def out(self) -> TextIO:
         return self._out or sys.stdout
 
     def apply(self, actions: list[Action] | tuple[Action, ...]) -> ApplyResult:
+        """Apply `actions`; raises StoreError (after the steps under way end) if the
+        records database fails."""
         actions = list(actions)
+        self._halted = None
+        # A locked or read-only database stops the run here, before anything changes.
+        self.store.check_writable()
         for pool in dict.fromkeys(a.pool for a in actions):
             self._sweep(pool)
         outcomes: list[Outcome | None] = [None] * len(actions)
         try:
             if self.jobs == 1:
                 for i, a in enumerate(actions):
+                    if self._halted:
+                        break
                     outcomes[i] = self._run(a)
             else:
                 self._run_parallel(actions, outcomes)
-        finally:
-            self.store.sync()
+        except BaseException:
+            with contextlib.suppress(StoreError):  # never mask the first error
+                self.store.sync()
+            raise
+        if self._halted:
+            with contextlib.suppress(StoreError):
+                self.store.sync()
+            raise self._halted
+        self.store.sync()
         return ApplyResult([o for o in outcomes if o is not None])
 
     def _run_parallel(self, actions: list[Action], outcomes: list[Outcome | None]) -> None:
@@ -152,6 +174,10 @@ class Executor:
                 blocked.update(keys[i])
                 return free
 
+            if self._halted:
+                queue.clear()  # a store fault: start nothing more
+                deferred = []
+                return
             deferred = [i for i in deferred if not consider(i)]
             while queue and len(running) < self.jobs:
                 i = queue.popleft()
@@ -201,6 +227,10 @@ class Executor:
             self.out.flush()
         try:
             status, msg = self._one(a)
+        except StoreError as e:
+            if self._halted is None:
+                self._halted = e
+            status, msg = "failed", "the records database failed; the run stops (see below)"
         except ReconcileError as e:
             status, msg = "failed", str(e)
         except OSError as e:

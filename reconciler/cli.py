@@ -212,6 +212,7 @@ def cmd_apply(argv: Sequence[str]) -> int:
         print("The plan has no actions.")
         return EXIT_OK
     with Session(config) as s:
+        s.store.load_all()  # a damaged records database stops the run before any change
         print(f"Applying {len(actions)} action(s) from {args.plan}...", flush=True)
         result = s.executor(saved=True, jobs=args.jobs).apply(actions)
         print(_apply_summary(result))
@@ -292,6 +293,7 @@ def cmd_cache(argv: Sequence[str]) -> int:
             min_age = cache.parse_duration(args.min_age)
         except ValueError as e:
             raise ReconcileError(str(e)) from None
+        s.store.check_writable()  # locked or read-only: stop before removing anything
         removed, kept = cache.gc(s.store, s.managing_drivers(), min_age, now)
         for entry in removed:
             print(f"removed {entry.pool}/{entry.volume} ({entry.what}, {format_size(entry.size)})")

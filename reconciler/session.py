@@ -26,7 +26,9 @@ class Session:
     options: PlanOptions = field(default_factory=PlanOptions)
 
     def __post_init__(self) -> None:
-        self.store: SqliteRecordStore = open_store(self.config.state_dir())
+        self.store: SqliteRecordStore = open_store(
+            self.config.state_dir(), self.config.state.lock_timeout
+        )
         self.conns = Connections()
         self.drivers = {
             name: driver_for(name, pc, self.conns, self.store, self.config.images)

@@ -57,6 +57,14 @@ class ImageConfig(BaseModel):
 class StateConfig(BaseModel):
     model_config = STRICT
     dir: str = Field(min_length=1, description="directory for the record database and locks")
+    lock_timeout: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        alias="lockTimeout",
+        description="seconds to wait while another process writes the records database "
+        "before giving up (default 30)",
+    )
 
 
 class SafetyConfig(BaseModel):
