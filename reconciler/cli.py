@@ -6,12 +6,13 @@ import argparse
 import datetime
 import gc
 import hashlib
+import io
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO, cast
 
 import structlog
 
@@ -35,11 +36,23 @@ EXIT_CHANGES = 2
 SUBCOMMANDS = ("validate", "schema")
 
 
+class _Stderr(io.TextIOBase):
+    """Whatever sys.stderr is when a line is logged. main() may run under a redirected
+    stderr that is closed afterwards (a caller's capture, a test's), and the logging set up
+    here outlives it: a later log line must not go to a closed file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
