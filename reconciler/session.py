@@ -29,7 +29,7 @@ class Session:
         self.store: SqliteRecordStore = open_store(
             self.config.state_dir(), self.config.state.lock_timeout
         )
-        self.conns = Connections()
+        self.conns = Connections(reconnect_timeout=self.config.libvirt.reconnect_timeout)
         self.drivers = {
             name: driver_for(name, pc, self.conns, self.store, self.config.images)
             for name, pc in sorted(self.config.pools.items())

@@ -67,6 +67,18 @@ class StateConfig(BaseModel):
     )
 
 
+class LibvirtConfig(BaseModel):
+    model_config = STRICT
+    reconnect_timeout: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        alias="reconnectTimeout",
+        description="seconds to keep re-opening a lost libvirt connection (a daemon "
+        "restart) before the step that needs it fails (default 30)",
+    )
+
+
 class SafetyConfig(BaseModel):
     model_config = STRICT
     max_delete_percent: int = Field(10, ge=0, le=100, alias="maxDeletePercent")
@@ -80,6 +92,7 @@ class Config(BaseModel):
     pools: dict[Name, PoolConfig] = Field(min_length=1)
     images: dict[Name, ImageConfig] = Field(default_factory=dict)
     safety: SafetyConfig = Field(default_factory=lambda: SafetyConfig())
+    libvirt: LibvirtConfig = Field(default_factory=lambda: LibvirtConfig())
 
     # Set by the loader: the directory relative paths are resolved against.
     _base_dir: str = PrivateAttr(default=".")
