@@ -1,9 +1,11 @@
 """The executor: applies a Plan through the drivers, one recorded step at a time.
 
 Every action re-checks, under the volume's lock, that the state it was planned from still
-holds (its precondition). A saved plan whose preconditions fail is refused; a live run
-re-plans that one instance instead, which is how a second reconciler started at the same
-time finds the work already done and converges without touching anything.
+holds (its precondition). A saved plan is applied exactly or not at all: every
+precondition is checked before the first change and one stale action refuses the whole
+plan (each is checked again under its lock when it runs, for a change in between). A live
+run re-plans a stale action's instance instead, which is how a second reconciler started
+at the same time finds the work already done and converges without touching anything.
 
 Each step records its intent before it changes a volume (DESIGN invariant 2):
   create  record `creating` -> volume made -> record `ready`
@@ -84,6 +86,28 @@ _VERB = {
 Key = tuple[str, str]
 
 
+def _checked_at(a: Action) -> Key:
+    """Where an action's precondition was observed: a move's old location."""
+    if a.replaces and a.replaces != (a.pool, a.volume):
+        return a.replaces
+    return (a.pool, a.volume)
+
+
+def _changes(want: tuple[int | None, bool], seen: tuple[int | None, bool]) -> str:
+    """What differs from what the plan saw (record generation, volume exists), in words."""
+    parts = []
+    if want[0] != seen[0]:
+        if want[0] is None:
+            parts.append(f"a record now exists (generation {seen[0]})")
+        elif seen[0] is None:
+            parts.append(f"its record (generation {want[0]}) is gone")
+        else:
+            parts.append(f"its record changed (generation {want[0]} -> {seen[0]})")
+    if want[1] != seen[1]:
+        parts.append("the volume now exists" if seen[1] else "the volume is gone")
+    return "; ".join(parts)
+
+
 def _keys(a: Action) -> frozenset[Key]:
     """The volumes an action touches: actions sharing one never run at the same time."""
     keys = {(a.pool, a.volume)}
@@ -132,6 +156,8 @@ class Executor:
         self._halted = None
         # A locked or read-only database stops the run here, before anything changes.
         self.store.check_writable()
+        if self.replan is None:
+            self._refuse_if_stale(actions)
         for pool in dict.fromkeys(a.pool for a in actions):
             self._sweep(pool)
         outcomes: list[Outcome | None] = [None] * len(actions)
@@ -264,6 +290,39 @@ class Executor:
             message=msg,
         )
 
+    def _refuse_if_stale(self, actions: list[Action]) -> None:
+        """Raise StalePlan naming every action of a saved plan whose precondition no longer
+        holds, before any change: a plan is applied exactly, or not at all."""
+        stale: list[str] = []
+        earlier: set[Key] = set()
+        for a in actions:
+            keys = _keys(a)
+            if keys & earlier:
+                continue  # follows an earlier action on its volume: checked when it runs
+            earlier |= keys
+            pool, volume = _checked_at(a)
+            subject = f"{a.action.value} {a.instance}/{a.disk} ({a.pool}/{a.volume})"
+            if (pool, volume) != (a.pool, a.volume):
+                subject += f", moving from {pool}/{volume}"
+            want = (a.precondition.record_generation, a.precondition.volume_exists)
+            try:
+                rec = self.store.get(pool, volume)
+                seen = (rec.generation if rec else None, self.driver(pool).volume_exists(volume))
+            except StoreError:
+                raise
+            except ReconcileError as e:
+                stale.append(f"{subject}: cannot be checked: {e}")
+                continue
+            if seen != want:
+                stale.append(f"{subject}: {_changes(want, seen)}")
+        if stale:
+            raise StalePlan(
+                f"the state changed since the plan was made, so none of its {len(actions)} "
+                "action(s) were applied; make a new plan (reconcile --dry-run --plan-out "
+                f"FILE PATH...) and apply that. {len(stale)} action(s) are stale:\n"
+                + "\n".join(f"  {line}" for line in stale)
+            )
+
     def _sweep(self, pool: str) -> None:
         driver = self.drivers.get(pool)
         if driver is None:
@@ -294,8 +353,7 @@ class Executor:
             if seen != want:
                 if self.replan is None:
                     raise StalePlan(
-                        f"the state changed since the plan was made (record generation "
-                        f"{want[0]} -> {seen[0]}, volume exists {want[1]} -> {seen[1]}); "
+                        f"the state changed since the plan was made ({_changes(want, seen)}); "
                         "make a new plan"
                     )
                 fresh = [x for x in self.replan(a) if x.disk == a.disk]
