@@ -240,7 +240,8 @@ class SqliteRecordStore:
                 unreadable = self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK)
                 if unreadable or not os.access(where, os.W_OK):
                     return "is read-only (permission denied)", read_only
-            return f"cannot be opened ({message})", f"check {where} and its disk {again}"
+            failed = "cannot be opened" if code == sqlite3.SQLITE_CANTOPEN else "cannot be read"
+            return f"{failed} ({message})", f"check {where} and its disk {again}"
         return f"failed ({message})", f"run again; if it fails again, {REBUILD}"
 
     @contextlib.contextmanager
