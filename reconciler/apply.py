@@ -1,20 +1,29 @@
 """The executor: applies a Plan through the drivers, one recorded step at a time.
 
 Every action re-checks, under the volume's lock, that the state it was planned from still
-holds (its precondition). A saved plan whose preconditions fail is refused; a live run
-re-plans that one instance instead, which is how a second reconciler started at the same
-time finds the work already done and converges without touching anything.
+holds (its precondition). A saved plan is applied exactly or not at all: every
+precondition is checked before the first change and one stale action refuses the whole
+plan (each is checked again under its lock when it runs, for a change in between). A live
+run re-plans a stale action's instance instead, which is how a second reconciler started
+at the same time finds the work already done and converges without touching anything.
 
 Each step records its intent before it changes a volume (DESIGN invariant 2):
   create  record `creating` -> volume made -> record `ready`
   resize  record `resizing` (target size) -> volume grown -> record `ready`
   delete  record `deleting` -> volume removed -> record removed
 so a crash at any point leaves a record the next plan finishes or rolls back.
+
+A fault of the records database itself (StoreError: locked, read-only, disk full, damaged)
+stops the whole apply: no step can go on without its record. The steps under way finish,
+none is started, and the error is raised for the CLI to render once. Each step wrote (or
+failed to write) its intent before touching a volume, so what is left is what a crash
+would leave.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 import threading
@@ -33,7 +42,7 @@ from reconciler.errors import ReconcileError
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import RecordStore
+from reconciler.store import RecordStore, StoreError
 from reconciler.units import format_size
 
 log = structlog.get_logger(__name__)
@@ -77,6 +86,28 @@ _VERB = {
 Key = tuple[str, str]
 
 
+def _checked_at(a: Action) -> Key:
+    """Where an action's precondition was observed: a move's old location."""
+    if a.replaces and a.replaces != (a.pool, a.volume):
+        return a.replaces
+    return (a.pool, a.volume)
+
+
+def _changes(want: tuple[int | None, bool], seen: tuple[int | None, bool]) -> str:
+    """What differs from what the plan saw (record generation, volume exists), in words."""
+    parts = []
+    if want[0] != seen[0]:
+        if want[0] is None:
+            parts.append(f"a record now exists (generation {seen[0]})")
+        elif seen[0] is None:
+            parts.append(f"its record (generation {want[0]}) is gone")
+        else:
+            parts.append(f"its record changed (generation {want[0]} -> {seen[0]})")
+    if want[1] != seen[1]:
+        parts.append("the volume now exists" if seen[1] else "the volume is gone")
+    return "; ".join(parts)
+
+
 def _keys(a: Action) -> frozenset[Key]:
     """The volumes an action touches: actions sharing one never run at the same time."""
     keys = {(a.pool, a.volume)}
@@ -116,27 +147,42 @@ class Executor:
         self._print_lock = threading.Lock()
         self._progress = (0, 0, 0)  # done, running, total: for the terminal's status line
         self._refused: dict[str, str] = {}  # pool -> why this store may not change it
+        self._halted: StoreError | None = None  # the first store fault: start nothing more
 
     @property
     def out(self) -> TextIO:
         return self._out or sys.stdout
 
     def apply(self, actions: list[Action] | tuple[Action, ...]) -> ApplyResult:
+        """Apply `actions`; raises StoreError (after the steps under way end) if the
+        records database fails."""
         actions = list(actions)
         self._refused = {}
+        self._halted = None
+        # A locked or read-only database stops the run here, before anything changes.
+        self.store.check_writable()
+        if self.replan is None:
+            self._refuse_if_stale(actions)
         for pool in dict.fromkeys(p for a in actions for p, _ in _keys(a)):
             self._prepare(pool)
         outcomes: list[Outcome | None] = [None] * len(actions)
         try:
             if self.jobs == 1:
                 for i, a in enumerate(actions):
-                    if self.stop.is_set():
+                    if self.stop.is_set() or self._halted:
                         break
                     outcomes[i] = self._run(a)
             else:
                 self._run_parallel(actions, outcomes)
-        finally:
-            self.store.sync()
+        except BaseException:
+            with contextlib.suppress(StoreError):  # never mask the first error
+                self.store.sync()
+            raise
+        if self._halted:
+            with contextlib.suppress(StoreError):
+                self.store.sync()
+            raise self._halted
+        self.store.sync()
         return ApplyResult([o for o in outcomes if o is not None])
 
     def _run_parallel(self, actions: list[Action], outcomes: list[Outcome | None]) -> None:
@@ -149,8 +195,8 @@ class Executor:
 
         def fill(pool: ThreadPoolExecutor) -> None:
             nonlocal deferred
-            if self.stop.is_set():
-                queue.clear()
+            if self.stop.is_set() or self._halted:  # stopping, or a store fault
+                queue.clear()  # start nothing more
                 deferred = []
                 return
             blocked = set(busy)
@@ -212,6 +258,10 @@ class Executor:
             self.out.flush()
         try:
             status, msg = self._one(a)
+        except StoreError as e:
+            if self._halted is None:
+                self._halted = e
+            status, msg = "failed", "the records database failed; the run stops (see below)"
         except ReconcileError as e:
             status, msg = "failed", str(e)
         except OSError as e:
@@ -244,6 +294,39 @@ class Executor:
             seconds=round(took, 3),
             message=msg,
         )
+
+    def _refuse_if_stale(self, actions: list[Action]) -> None:
+        """Raise StalePlan naming every action of a saved plan whose precondition no longer
+        holds, before any change: a plan is applied exactly, or not at all."""
+        stale: list[str] = []
+        earlier: set[Key] = set()
+        for a in actions:
+            keys = _keys(a)
+            if keys & earlier:
+                continue  # follows an earlier action on its volume: checked when it runs
+            earlier |= keys
+            pool, volume = _checked_at(a)
+            subject = f"{a.action.value} {a.instance}/{a.disk} ({a.pool}/{a.volume})"
+            if (pool, volume) != (a.pool, a.volume):
+                subject += f", moving from {pool}/{volume}"
+            want = (a.precondition.record_generation, a.precondition.volume_exists)
+            try:
+                rec = self.store.get(pool, volume)
+                seen = (rec.generation if rec else None, self.driver(pool).volume_exists(volume))
+            except StoreError:
+                raise
+            except ReconcileError as e:
+                stale.append(f"{subject}: cannot be checked: {e}")
+                continue
+            if seen != want:
+                stale.append(f"{subject}: {_changes(want, seen)}")
+        if stale:
+            raise StalePlan(
+                f"the state changed since the plan was made, so none of its {len(actions)} "
+                "action(s) were applied; make a new plan (reconcile --dry-run --plan-out "
+                f"FILE PATH...) and apply that. {len(stale)} action(s) are stale:\n"
+                + "\n".join(f"  {line}" for line in stale)
+            )
 
     def _prepare(self, pool: str) -> None:
         """Before the first change in a pool: make sure this store manages it (claiming it
@@ -285,8 +368,7 @@ class Executor:
             if seen != want:
                 if self.replan is None:
                     raise StalePlan(
-                        f"the state changed since the plan was made (record generation "
-                        f"{want[0]} -> {seen[0]}, volume exists {want[1]} -> {seen[1]}); "
+                        f"the state changed since the plan was made ({_changes(want, seen)}); "
                         "make a new plan"
                     )
                 again = self.replan(a)

@@ -6,13 +6,14 @@ import argparse
 import datetime
 import gc
 import hashlib
+import io
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO, cast
 
 import structlog
 
@@ -34,6 +35,18 @@ EXIT_ERROR = 1
 EXIT_CHANGES = 2
 
 
+class _Stderr(io.TextIOBase):
+    """Whatever sys.stderr is when a line is logged. main() may run under a redirected
+    stderr that is closed afterwards (a caller's capture, a test's), and the logging set up
+    here outlives it: a later log line must not go to a closed file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _setup_logging(verbose: int, *, base: int = logging.WARNING, json_lines: bool = False) -> None:
     """structlog to stderr: readable console lines, or (json_lines, off a terminal) one
     JSON object a line, for a service's journal."""
@@ -45,7 +58,7 @@ def _setup_logging(verbose: int, *, base: int = logging.WARNING, json_lines: boo
     )
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -233,6 +246,7 @@ def cmd_apply(argv: Sequence[str]) -> int:
         print("The plan has no actions.")
         return EXIT_OK
     with Session(config) as s:
+        s.store.load_all()  # a damaged records database stops the run before any change
         print(f"Applying {len(actions)} action(s) from {args.plan}...", flush=True)
         result = s.executor(saved=True, jobs=args.jobs).apply(actions)
         print(_apply_summary(result))
@@ -313,6 +327,7 @@ def cmd_cache(argv: Sequence[str]) -> int:
             min_age = cache.parse_duration(args.min_age)
         except ValueError as e:
             raise ReconcileError(str(e)) from None
+        s.store.check_writable()  # locked or read-only: stop before removing anything
         removed, kept = cache.gc(s.store, s.managing_drivers(), min_age, now)
         for entry in removed:
             print(f"removed {entry.pool}/{entry.volume} ({entry.what}, {format_size(entry.size)})")

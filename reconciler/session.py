@@ -40,8 +40,10 @@ class Session:
     options: PlanOptions = field(default_factory=PlanOptions)
 
     def __post_init__(self) -> None:
-        self.store: SqliteRecordStore = open_store(self.config.state_dir())
-        self.conns = Connections()
+        self.store: SqliteRecordStore = open_store(
+            self.config.state_dir(), self.config.state.lock_timeout
+        )
+        self.conns = Connections(reconnect_timeout=self.config.libvirt.reconnect_timeout)
         self.drivers = {
             name: driver_for(name, pc, self.conns, self.store, self.config.images)
             for name, pc in sorted(self.config.pools.items())

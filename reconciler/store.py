@@ -10,6 +10,11 @@ touched. A completion (ready, removed) need not be: if a power cut loses it, the
 still holds the intent and the next run finishes that step again, which every step allows.
 Completions ride on the next durable write's fsync, and `sync()` (called on close) makes
 them durable at the end of a run. This halves the fsyncs of a create (bench/apply.py).
+
+A fault of the database itself (damaged, locked, read-only, disk full, a newer layout) is
+a StoreError naming the file, what is wrong and what to do; it stops the whole run, since
+no disk can be worked on without its record. A damaged or unknown database is never
+replaced by an empty one: that would forget every disk it records.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class ConflictError(RecordError):
     """The record changed under us (another reconciler got there first)."""
 
 
+class StoreError(RecordError):
+    """The records database itself cannot be used: the run stops."""
+
+
 class RecordStore(Protocol):
     def identity(self) -> StoreIdentity: ...
 
@@ -66,6 +75,10 @@ class RecordStore(Protocol):
         self, pool: str, volume: str, expect_generation: int, *, durable: bool = True
     ) -> None: ...
 
+    def check_writable(self) -> None:
+        """Raise StoreError now if a write would fail for being locked or read-only."""
+        ...
+
     def sync(self) -> None: ...
 
     def close(self) -> None: ...
@@ -73,6 +86,11 @@ class RecordStore(Protocol):
 
 # Layout 2 added the `meta` table (the store's identity); a layout-1 database is upgraded.
 DB_VERSION = 2
+DEFAULT_LOCK_TIMEOUT = 30.0  # seconds to wait for another process's write (state.lockTimeout)
+REBUILD = (
+    "restore it from a backup, or rebuild the records from the pools with "
+    "`reconcile records rebuild POOL`"
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     pool TEXT NOT NULL,
@@ -104,38 +122,45 @@ def _parse(pool: str, volume: str, data: str) -> DiskRecord:
 class SqliteRecordStore:
     """Records in one SQLite file under the state directory."""
 
-    def __init__(self, path: Path) -> None:
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         self.path = path
+        self.lock_timeout = lock_timeout
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            str(path), timeout=30, isolation_level=None, check_same_thread=False
-        )
         self._durable = True
         self._identity: StoreIdentity | None = None
         try:
-            self._db.execute("PRAGMA busy_timeout=30000")
-            self._db.execute("PRAGMA synchronous=FULL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version != DB_VERSION:
-                self._initialise(version)
-        except sqlite3.Error as e:
-            raise RecordError(f"records database {path}: {e}") from None
+            if not path.parent.is_dir():  # a converged run makes no change, not even a mkdir
+                path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._os_fault(e) from e
+        with self._errors():
+            self._db = sqlite3.connect(
+                str(path), timeout=lock_timeout, isolation_level=None, check_same_thread=False
+            )
+        try:
+            with self._errors():
+                self._db.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
+                self._db.execute("PRAGMA synchronous=FULL")
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version != DB_VERSION:
+                    self._initialise(version)
+        except BaseException:
+            self._db.close()
+            raise
 
     def _initialise(self, version: int) -> None:
         """Switch a new database to WAL and create its table, one process at a time: two
         reconcilers opening a new database together would otherwise see 'database is
         locked' (changing the journal mode does not wait for a busy lock)."""
-        fd = os.open(f"{self.path}.init-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._check_version(version)  # before the lock file: an unknown database is not touched
+        try:
+            fd = os.open(f"{self.path}.init-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise self._os_fault(e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, DB_VERSION):
-                raise RecordError(
-                    f"records database {self.path} has layout version {version}; this "
-                    f"reconciler knows version {DB_VERSION}"
-                )
+            self._check_version(version)
             self._db.execute("PRAGMA journal_mode=WAL")
             if version != DB_VERSION:
                 with self._tx():
@@ -150,9 +175,89 @@ class SqliteRecordStore:
         finally:
             os.close(fd)
 
+    def _check_version(self, version: int) -> None:
+        if version in (0, 1, DB_VERSION):  # 1 is upgraded in place (see DB_VERSION)
+            return
+        if version > DB_VERSION:
+            what = (
+                f"was written by a newer reconciler (layout version {version}, this one "
+                f"knows {DB_VERSION})"
+            )
+            todo = "use that newer reconciler, or restore a backup written by this one"
+        else:
+            what = f"has layout version {version}, which this reconciler cannot read"
+            todo = REBUILD
+        raise StoreError(f"records database {self.path} {what}; {todo}")
+
+    # -- faults: every sqlite3.Error becomes a StoreError saying what to do -----------
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise self._fault(e) from e
+
+    def _fault(self, e: sqlite3.Error) -> StoreError:
+        code = getattr(e, "sqlite_errorcode", sqlite3.SQLITE_ERROR) & 0xFF
+        what, todo = self._describe(code, str(e))
+        return StoreError(f"records database {self.path} {what}; {todo}")
+
+    def _os_fault(self, e: OSError) -> StoreError:
+        why = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        what, todo = self._describe(sqlite3.SQLITE_CANTOPEN, why)
+        return StoreError(f"records database {self.path} {what}; {todo}")
+
+    def _describe(self, code: int, message: str) -> tuple[str, str]:
+        """What is wrong, in words, and what to do about it."""
+        again = "and run again"
+        where = self.path.parent
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return f"is not a database or is damaged ({message})", REBUILD
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return (
+                f"is locked by another process (waited {self.lock_timeout:g} s, state.lockTimeout)",
+                f"let it finish (`fuser {self.path}` names it) {again}",
+            )
+        full = f"free space on the file system holding {where} {again}"
+        read_only = f"make {where} writable (is it mounted read-only?) {again}"
+        if code == sqlite3.SQLITE_FULL:
+            return "cannot be written: the disk is full", full
+        if code == sqlite3.SQLITE_READONLY:
+            return "is read-only", read_only
+        if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PERM):
+            # SQLite says only "unable to open" or "disk I/O error"; the file system says why.
+            if self.path.is_dir():
+                return (
+                    "is a directory, not a database file",
+                    f"move that directory away, then {REBUILD}",
+                )
+            if where.exists() and not where.is_dir():
+                return (
+                    f"cannot be opened: {where} is not a directory",
+                    f"set state.dir to a directory, or move {where} away",
+                )
+            with contextlib.suppress(OSError):
+                fs = os.statvfs(where)
+                if fs.f_flag & os.ST_RDONLY:
+                    # A WAL database is read through a shared-memory file written beside it.
+                    return (
+                        "is read-only (its file system is mounted read-only)",
+                        f"remount the file system holding {where} read-write {again}",
+                    )
+                if fs.f_bavail == 0:
+                    return "cannot be opened or written: the disk is full", full
+            if where.is_dir():
+                unreadable = self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK)
+                if unreadable or not os.access(where, os.W_OK):
+                    return "is read-only (permission denied)", read_only
+            failed = "cannot be opened" if code == sqlite3.SQLITE_CANTOPEN else "cannot be read"
+            return f"{failed} ({message})", f"check {where} and its disk {again}"
+        return f"failed ({message})", f"run again; if it fails again, {REBUILD}"
+
     @contextlib.contextmanager
     def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._errors():
             if durable != self._durable:
                 # FULL: this commit fsyncs the WAL (and with it every earlier commit).
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -160,24 +265,27 @@ class SqliteRecordStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (disk full) has already rolled back; never mask its error.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def identity(self) -> StoreIdentity:
         if self._identity is None:
-            with self._lock:
+            with self._lock, self._errors():
                 row = self._db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
             if row is None:
-                raise RecordError(f"records database {self.path} has no store identity")
+                raise StoreError(f"records database {self.path} has no store identity; {REBUILD}")
             self._identity = StoreIdentity(str(row[0]), str(self.path), socket.gethostname())
         return self._identity
 
     def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]:
         good: list[DiskRecord] = []
         bad: list[BadRecord] = []
-        with self._lock:
+        with self._lock, self._errors():
             rows = self._db.execute("SELECT pool, volume, data FROM records").fetchall()
         for pool, volume, data in rows:
             try:
@@ -187,14 +295,14 @@ class SqliteRecordStore:
         return good, bad
 
     def get(self, pool: str, volume: str) -> DiskRecord | None:
-        with self._lock:
+        with self._lock, self._errors():
             row = self._db.execute(
                 "SELECT data FROM records WHERE pool=? AND volume=?", (pool, volume)
             ).fetchone()
         return None if row is None else _parse(pool, volume, row[0])
 
     def references(self, pool: str, volume: str) -> int:
-        with self._lock:
+        with self._lock, self._errors():
             row = self._db.execute(
                 "SELECT count(*) FROM records WHERE pool=? AND json_extract(data, '$.backing')=?",
                 (pool, volume),
@@ -202,7 +310,7 @@ class SqliteRecordStore:
         return int(row[0])
 
     def for_instance(self, instance: str) -> list[DiskRecord]:
-        with self._lock:
+        with self._lock, self._errors():
             rows = self._db.execute(
                 "SELECT pool, volume, data FROM records WHERE instance=?", (instance,)
             ).fetchall()
@@ -254,17 +362,24 @@ class SqliteRecordStore:
                 (pool, volume, instance, generation, data),
             )
 
+    def check_writable(self) -> None:
+        """Take the write lock and let it go, so a locked or read-only database stops a
+        run before it changes anything rather than at its first record."""
+        with self._lock, self._errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+
     def sync(self) -> None:
         """Make every committed write durable (a checkpoint fsyncs the WAL first)."""
-        with self._lock:
+        with self._lock, self._errors():
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._errors():
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._db.close()
 
 
-def open_store(state_dir: Path) -> SqliteRecordStore:
-    return SqliteRecordStore(state_dir / "records.sqlite")
+def open_store(state_dir: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> SqliteRecordStore:
+    return SqliteRecordStore(state_dir / "records.sqlite", lock_timeout)

@@ -62,6 +62,7 @@ class Env:
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     uris: dict[str, str] = field(default_factory=dict)  # pool -> its daemon, if not `uri`
     safety: dict[str, Any] = field(default_factory=dict)
+    libvirt: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -89,6 +90,8 @@ class Env:
         }
         if self.safety:
             cfg["safety"] = self.safety
+        if self.libvirt:
+            cfg["libvirt"] = self.libvirt
         self.manifests.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
 

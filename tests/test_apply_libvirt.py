@@ -258,7 +258,7 @@ def test_saved_plan_is_applied_exactly_or_refused(env: Env, tmp_path: Path) -> N
     # Applying it again: the record it expected to be absent now exists.
     rc, out, err = env.main(["apply", str(plan_file)])
     assert rc == 1
-    assert "state changed since the plan was made" in out
+    assert "state changed since the plan was made" in err
 
 
 def test_second_run_makes_no_mutating_call(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,7 +60,11 @@ def test_schema_is_json_schema_of_the_manifest(capsys: pytest.CaptureFixture[str
     assert set(schema["required"]) >= {"apiVersion", "kind", "instance"}
     assert schema["additionalProperties"] is False
     assert main(["schema", "--kind", "config"]) == 0
-    assert json.loads(capsys.readouterr().out)["title"] == "Config"
+    config = json.loads(capsys.readouterr().out)
+    assert config["title"] == "Config"
+    reconnect = config["$defs"]["LibvirtConfig"]["properties"]["reconnectTimeout"]
+    assert (reconnect["type"], reconnect["default"], reconnect["minimum"]) == ("number", 30, 0)
+    assert config["$defs"]["StateConfig"]["properties"]["lockTimeout"]["default"] == 30
 
 
 def test_write_manifest_is_atomic_and_round_trips(tmp_path: Path) -> None:

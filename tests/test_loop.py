@@ -306,6 +306,7 @@ def test_a_pool_whose_daemon_stops_degrades_alone_then_converges(
     d, uri, name, path = far_pool
     env.pools["far"] = (name, path)
     env.uris["far"] = uri
+    env.libvirt = {"reconnectTimeout": 2}  # a stopped daemon is given up on quickly
     env.write_config()
     with loop(env):
         a = write(env, "a", [disk("disk", size="16MiB")])

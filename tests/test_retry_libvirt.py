@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ import pytest
 from reconciler.drivers.libvirt_conn import Backoff, Connections
 from reconciler.errors import PoolError
 from tests.conftest import DirPool
-from tests.env import ROOT, qemu_uri
+from tests.env import ROOT, Env, disk, qemu_uri
 
 pytestmark = pytest.mark.libvirtd
 
@@ -124,3 +128,140 @@ def test_permanent_errors_are_not_retried(dir_pool: DirPool) -> None:
         conns.call(dir_pool.uri, "lookup", lambda c: c.storagePoolLookupByName("no-such-pool-here"))
     conns.close()
     assert backoff.slept == []
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_daemon_down_is_retried_with_capped_backoff_until_the_deadline(
+    own_daemon: tuple[str, str],
+) -> None:
+    """While the daemon is down (libvirt.open itself fails), a call is retried with capped
+    exponential backoff for reconnect_timeout seconds of the clock, then fails naming why."""
+    d, uri = own_daemon
+    clock = FakeClock()
+    conns = Connections(
+        Backoff(first=0.05, cap=1.0, sleep=clock.sleep), reconnect_timeout=5, clock=clock
+    )
+    assert conns.call(uri, "version", lambda c: c.getLibVersion())
+    subprocess.run([SCRIPT, "stop", d], check=True)
+    try:
+        with pytest.raises(PoolError, match=r"could not reconnect within 5 s"):
+            conns.call(uri, "version", lambda c: c.getLibVersion())
+        assert clock.slept[:6] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0]
+        assert max(clock.slept) == 1.0 and sum(clock.slept) == pytest.approx(5.0)
+        # The outage is past its deadline: the next call fails at once, not after 5 s more.
+        before = len(clock.slept)
+        with pytest.raises(PoolError, match=r"could not reconnect"):
+            conns.call(uri, "version", lambda c: c.getLibVersion())
+        assert len(clock.slept) == before
+    finally:
+        subprocess.run([SCRIPT, "start", d], check=True, capture_output=True)
+    # Back up: the next call reconnects, and a later outage has a deadline of its own.
+    assert conns.call(uri, "version", lambda c: c.getLibVersion())
+    conns.close()
+
+
+DISKS = 50
+
+
+def restart_env(own_daemon: tuple[str, str], tmp_path: Path, **libvirt_cfg: Any) -> Env:
+    """A pool on the test's own daemon and manifests for DISKS disks (5 per instance)."""
+    _, uri = own_daemon
+    path = tmp_path / "pool"
+    path.mkdir()
+    conn = libvirt.open(uri)
+    pool = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>restart</name><target><path>{path}</path></target></pool>"
+    )
+    pool.create(0)
+    conn.close()
+    env = Env(tmp_path / "env", uri, {"local": ("restart", path)})
+    env.write_config()
+    if libvirt_cfg:
+        cfg = json.loads(env.config_path.read_text())
+        cfg["libvirt"] = libvirt_cfg
+        env.config_path.write_text(json.dumps(cfg, indent=2))
+    for i in range(DISKS // 5):
+        env.manifest(f"vm{i}", [disk(f"d{j}", size="4MiB", template="ext4") for j in range(5)])
+    return env
+
+
+def made(env: Env) -> int:
+    return sum(1 for p in env.pool_dir().iterdir() if not p.name.startswith(("_", ".")))
+
+
+def stop_daemon_mid_apply(env: Env, d: str, tmp_path: Path) -> subprocess.Popen[str]:
+    """Start an apply; once it has made a few disks, pause it, stop the daemon and let
+    it go on (so it certainly meets the daemon down with work left)."""
+    # Output to files, not pipes: a full pipe would stall the apply.
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(
+            env.argv("--jobs", "4"), stdout=out, stderr=err, text=True, cwd=ROOT
+        )
+    deadline = time.monotonic() + 120
+    while made(env) < 5:
+        assert proc.poll() is None, (tmp_path / "err.txt").read_text()
+        assert time.monotonic() < deadline, "the apply made no disks"
+        threading.Event().wait(0.005)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert made(env) < DISKS
+        subprocess.run([SCRIPT, "stop", d], check=True)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    return proc
+
+
+def test_apply_survives_a_daemon_restart(own_daemon: tuple[str, str], tmp_path: Path) -> None:
+    """libvirtd down for 3 s in the middle of an apply of 50 disks: every disk is made."""
+    d, _ = own_daemon
+    env = restart_env(own_daemon, tmp_path)
+    proc = stop_daemon_mid_apply(env, d, tmp_path)
+    # The fault injected: the daemon comes back 3 s later (a timer, not synchronisation).
+    threading.Event().wait(3)
+    subprocess.run([SCRIPT, "start", d], check=True, capture_output=True)
+    rc = proc.wait(timeout=300)
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert rc == 0, out + err
+    assert "Traceback" not in err
+    assert "libvirt.reconnect" in err  # the outage was met, and waited out
+    assert f"Apply: {DISKS} done, 0 skipped, 0 failed." in out
+    assert made(env) == DISKS
+    assert env.plan_json()["actions"] == []
+
+
+def test_apply_fails_cleanly_when_the_daemon_stays_down(
+    own_daemon: tuple[str, str], tmp_path: Path
+) -> None:
+    """Down longer than libvirt.reconnectTimeout (2 s): the steps fail with a clear message,
+    exit 1, no traceback; once the daemon is back, a run converges."""
+    d, _ = own_daemon
+    env = restart_env(own_daemon, tmp_path, reconnectTimeout=2)
+    proc = stop_daemon_mid_apply(env, d, tmp_path)
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        subprocess.run([SCRIPT, "start", d], check=True, capture_output=True)
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert rc == 1, out + err
+    assert "Traceback" not in err
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert failed
+    assert all("could not reconnect within 2 s" in line for line in failed), failed
+    res = env.subprocess()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert made(env) == DISKS
+    assert env.plan_json()["actions"] == []

@@ -35,7 +35,7 @@ from reconciler.drivers import ownership
 from reconciler.drivers.base import RecordCopies, VolumeExists
 from reconciler.drivers.domains import Attachments, attachments
 from reconciler.drivers.headers import file_header_format
-from reconciler.drivers.libvirt_conn import Connections
+from reconciler.drivers.libvirt_conn import Connections, is_connection_lost
 from reconciler.drivers.tools import (
     NotAFile,
     convert_argv,
@@ -314,11 +314,23 @@ class FilePoolDriver:
 
     def _create_xml(self, name: str, size: int, fmt: str, backing: str | None = None) -> None:
         xml = _volume_xml(name, size, fmt, backing)
+        maybe_made = False  # a request sent before the connection dropped
 
         def create(conn: Any) -> None:
+            nonlocal maybe_made
+            pool = self._pool(conn)
+            if maybe_made and os.path.lexists(self.path(name)):
+                # libvirtd finishes a call whose client has gone, so the volume may be our
+                # own, made or half made. Its `creating` record, written under its lock
+                # before the first try, claims the name: remove it and make it again, as
+                # the next run would after a crash (apply's _create, _begin_entry).
+                log.warning("volume.retry_after_lost_connection", pool=self.name, volume=name)
+                self._delete_in(pool, name)
             try:
-                self._pool(conn).createXML(xml, 0)
+                pool.createXML(xml, 0)
             except libvirt.libvirtError as e:
+                if is_connection_lost(e):
+                    maybe_made = True
                 if e.get_error_code() == libvirt.VIR_ERR_STORAGE_VOL_EXIST:
                     raise VolumeExists(
                         f"volume {name} appeared in pool {self.name} from elsewhere; it is "
@@ -585,18 +597,23 @@ class FilePoolDriver:
             raise NotAFile(f"{path} is not a regular file (symlink or other); refusing to delete")
 
         def delete(conn: Any) -> None:
-            pool = self._pool(conn)
-            try:
-                vol = pool.storageVolLookupByName(volume)
-            except libvirt.libvirtError as e:
-                if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                    raise
-                pool.refresh(0)  # libvirt has not seen it yet
-                vol = pool.storageVolLookupByName(volume)
-            vol.delete(0)
+            # Gone already: an earlier try's request was carried out, its reply lost with
+            # the connection.
+            if os.path.lexists(path):
+                self._delete_in(self._pool(conn), volume)
 
         self._call(f"delete volume {volume}", delete)
         faults.point("volume.deleted")
+
+    def _delete_in(self, pool: Any, volume: str) -> None:
+        try:
+            vol = pool.storageVolLookupByName(volume)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise
+            pool.refresh(0)  # libvirt has not seen it yet
+            vol = pool.storageVolLookupByName(volume)
+        vol.delete(0)
 
     def sweep_temp(self) -> list[str]:
         """Remove temporary files an interrupted run left, unless their lock is held."""

@@ -1,4 +1,18 @@
-"""libvirt connections: one per URI, with capped exponential backoff on transient errors."""
+"""libvirt connections: one per URI, re-opened after a lost connection, with capped
+exponential backoff on transient errors.
+
+Two kinds of trouble are retried, differently:
+- a lost connection (the daemon restarting, or down: then libvirt.open itself fails) is
+  re-opened with capped backoff until `reconnect_timeout` seconds have passed since the
+  connection was first found lost. The outage is shared by every call on that URI, so once
+  its deadline has passed each further call fails at once (until a connection opens
+  again), rather than every step of an apply waiting the whole timeout once more;
+- a busy pool ("asynchronous jobs running") is retried a fixed number of times.
+
+A call whose connection dropped after its request was sent may still have been carried
+out: libvirtd finishes a call whose client has gone. Callers of calls that are not
+idempotent (making a volume) deal with that; see filepool._create_xml.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +61,19 @@ _TRANSIENT_TEXT = (
 _PERMANENT_TEXT = ("Too many storage_vols",)
 
 
+def is_connection_lost(err: libvirt.libvirtError) -> bool:
+    """The daemon cannot be reached: it is down or restarting ("Failed to connect socket"),
+    or it dropped the connection during a call ("End of file while reading data",
+    "Cannot write data: Broken pipe", "client socket is closed")."""
+    code = err.get_error_code()
+    if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_RPC):
+        return True
+    return err.get_error_domain() == libvirt.VIR_FROM_RPC and code in (
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+        libvirt.VIR_ERR_INTERNAL_ERROR,
+    )
+
+
 def is_transient(err: libvirt.libvirtError) -> bool:
     msg = str(err)
     if any(t in msg for t in _PERMANENT_TEXT):
@@ -57,7 +84,8 @@ def is_transient(err: libvirt.libvirtError) -> bool:
 
 
 class Backoff:
-    """Capped exponential backoff: 0.05 s doubling to at most `cap`, `attempts` tries."""
+    """Capped exponential backoff: `first` seconds doubling to at most `cap`. A busy pool
+    gets `attempts` tries; a lost connection is retried until its deadline instead."""
 
     def __init__(
         self,
@@ -71,18 +99,34 @@ class Backoff:
         self.cap = cap
         self.sleep = sleep
 
+    def delay(self, retry: int) -> float:
+        """The wait before retry number `retry` (0 for the first)."""
+        return min(self.cap, self.first * 2.0 ** min(retry, 64))
+
     def delays(self) -> list[float]:
-        return [min(self.cap, self.first * (2**i)) for i in range(self.attempts - 1)]
+        return [self.delay(i) for i in range(self.attempts - 1)]
+
+
+DEFAULT_RECONNECT_TIMEOUT = 30.0  # seconds (libvirt.reconnectTimeout in the config)
 
 
 class Connections:
-    """Open libvirt connections, one per URI, reopened after a lost connection."""
+    """Open libvirt connections, one per URI, re-opened after a lost connection."""
 
-    def __init__(self, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        backoff: Backoff | None = None,
+        *,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._conns: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.backoff = backoff or Backoff()
         self.calls = 0  # calls made through call(), for the loop's resync log
+        self.reconnect_timeout = reconnect_timeout
+        self.clock = clock
+        self._lost_since: dict[str, float] = {}  # URI -> when its connection was found lost
 
     def get(self, uri: str) -> Any:
         with self._lock:
@@ -105,31 +149,62 @@ class Connections:
             with contextlib.suppress(libvirt.libvirtError):
                 c.close()
 
+    def _reconnect_wait(self, uri: str, retry: int) -> float | None:
+        """How long to wait before re-opening `uri`; None once its outage has lasted
+        `reconnect_timeout` seconds."""
+        now = self.clock()
+        with self._lock:
+            since = self._lost_since.setdefault(uri, now)
+        left = since + self.reconnect_timeout - now
+        if left <= 0:
+            return None
+        return min(self.backoff.delay(retry), left)
+
+    def _reached(self, uri: str) -> None:
+        with self._lock:
+            since = self._lost_since.pop(uri, None)
+        if since is not None:
+            log.info("libvirt.reconnected", uri=uri, after=round(self.clock() - since, 2))
+
     def call(self, uri: str, what: str, fn: Callable[[Any], T]) -> T:
-        """Run fn(connection), retrying transient libvirt errors with backoff."""
+        """Run fn(connection): a lost connection is re-opened until the reconnect deadline;
+        other transient errors are retried `backoff.attempts` times."""
         self.calls += 1
         delays = self.backoff.delays()
-        for attempt in range(len(delays) + 1):
+        busy = 0  # retries of a busy pool
+        lost = 0  # re-opens of a lost connection in this call
+        while True:
             try:
-                return fn(self.get(uri))
+                result = fn(self.get(uri))
             except libvirt.libvirtError as e:
-                if not is_transient(e) or attempt == len(delays):
+                if is_connection_lost(e):
+                    self.drop(uri)
+                    wait = self._reconnect_wait(uri, lost)
+                    if wait is None:
+                        raise PoolError(
+                            f"{what}: lost the connection to libvirt at {uri} and could not "
+                            f"reconnect within {self.reconnect_timeout:g} s "
+                            f"(libvirt.reconnectTimeout): {e.get_error_message() or e}; "
+                            "is libvirtd running?"
+                        ) from e
+                    # The first loss is news; the retries after it are not.
+                    (log.warning if lost == 0 else log.info)(
+                        "libvirt.reconnect", what=what, error=str(e), delay=round(wait, 3)
+                    )
+                    lost += 1
+                    self.backoff.sleep(wait)
+                    continue
+                self._reached(uri)
+                if not is_transient(e) or busy == len(delays):
                     raise PoolError(f"{what}: {e.get_error_message() or e}") from e
                 log.warning(
-                    "libvirt.retry",
-                    what=what,
-                    error=str(e),
-                    attempt=attempt + 1,
-                    delay=delays[attempt],
+                    "libvirt.retry", what=what, error=str(e), attempt=busy + 1, delay=delays[busy]
                 )
-                if e.get_error_code() in (
-                    libvirt.VIR_ERR_RPC,
-                    libvirt.VIR_ERR_NO_CONNECT,
-                    libvirt.VIR_ERR_SYSTEM_ERROR,
-                ):
-                    self.drop(uri)
-                self.backoff.sleep(delays[attempt])
-        raise AssertionError("unreachable")  # pragma: no cover
+                self.backoff.sleep(delays[busy])
+                busy += 1
+                continue
+            self._reached(uri)
+            return result
 
     def close(self) -> None:
         for uri in list(self._conns):

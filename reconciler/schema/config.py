@@ -57,6 +57,26 @@ class ImageConfig(BaseModel):
 class StateConfig(BaseModel):
     model_config = STRICT
     dir: str = Field(min_length=1, description="directory for the record database and locks")
+    lock_timeout: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        alias="lockTimeout",
+        description="seconds to wait while another process writes the records database "
+        "before giving up (default 30)",
+    )
+
+
+class LibvirtConfig(BaseModel):
+    model_config = STRICT
+    reconnect_timeout: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        alias="reconnectTimeout",
+        description="seconds to keep re-opening a lost libvirt connection (a daemon "
+        "restart) before the step that needs it fails (default 30)",
+    )
 
 
 class SafetyConfig(BaseModel):
@@ -75,6 +95,7 @@ class Config(BaseModel):
     pools: dict[Name, PoolConfig] = Field(min_length=1)
     images: dict[Name, ImageConfig] = Field(default_factory=dict)
     safety: SafetyConfig = Field(default_factory=lambda: SafetyConfig())
+    libvirt: LibvirtConfig = Field(default_factory=lambda: LibvirtConfig())
 
     # Set by the loader: the directory relative paths are resolved against.
     _base_dir: str = PrivateAttr(default=".")
