@@ -12,7 +12,7 @@
 # No mgr: nothing here needs one (`ceph df` shows zeros without it).
 #
 # The cluster is throwaway. `start` on a running cluster is a no-op that prints the same
-# path; otherwise it wipes DIR's previous cluster and bootstraps a new one (about 2-3 s; a
+# path; otherwise it wipes DIR's previous cluster and bootstraps a new one (about 1.5-2 s; a
 # memstore OSD keeps nothing across a restart anyway), with a fresh fsid, keys and ports.
 # `stop` ends the OSD, then the mon (an OSD tells the mon it is going, and waits up to 5 s
 # for an answer that a stopped mon never sends).
@@ -70,9 +70,27 @@ launch() {
     echo $! >"$dir/run/$name.pid"
 }
 
+# Daemons of this cluster whose pid file is lost (a bootstrap interrupted at a bad moment):
+# PROG (ceph-osd, ceph-mon) processes whose command line names this cluster's conf.
+strays() {
+    local p args
+    for p in /proc/[0-9]*; do
+        mapfile -d '' -t -n 3 args 2>/dev/null <"$p/cmdline" || continue
+        if [ "${args[0]:-}" = "$1" ] && [ "${args[1]:-}" = -c ] && [ "${args[2]:-}" = "$conf" ]; then
+            echo "${p#/proc/}"
+        fi
+    done
+}
+
 stop_daemon() {
-    local name=$1 pid deadline
-    pid=$(pid_of "$name") || { rm -f "$dir/run/$name.pid"; return 0; }
+    local name=$1 pid
+    if pid=$(pid_of "$name"); then stop_pid "$name" "$pid"; fi
+    rm -f "$dir/run/$name.pid"
+    for pid in $(strays "ceph-${name%%.*}"); do stop_pid "$name" "$pid"; done
+}
+
+stop_pid() {
+    local name=$1 pid=$2 deadline
     kill -TERM "$pid" 2>/dev/null || true
     deadline=$((SECONDS + stop_timeout))
     while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.05; done
@@ -81,7 +99,6 @@ stop_daemon() {
         kill -KILL "$pid" 2>/dev/null || true
         while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
     fi
-    rm -f "$dir/run/$name.pid"
 }
 
 stop_all() {
@@ -92,9 +109,48 @@ stop_all() {
 
 running() { [ -f "$ready" ] && alive mon.a && alive osd.0; }
 
-# The ceph CLI against this cluster, as client.admin (the conf's [client] section names
-# the keyring and bounds every wait).
-ceph_() { ceph -c "$conf" --connect-timeout 30 "$@"; }
+# Mon commands as client.admin, through Debian's python3-rados (what the ceph CLI runs on,
+# without its 0.4-0.8 s start per command; the conf's [client] section names the keyring
+# and bounds every wait):
+#   mon_do prepare UUID SECRET_FILE POOL  # ceph osd new UUID -i SECRET_FILE (prints the id);
+#                                         # ceph osd set-require-min-compat-client mimic;
+#                                         # ceph osd pool create POOL 8 8
+#   mon_do wait-up SECONDS                # poll ceph osd stat until num_up_osds is 1
+mon_do() {
+    /usr/bin/python3 - "$conf" "$@" <<'PY'
+import json, sys, time
+import rados
+
+conf, what, *args = sys.argv[1:]
+
+def mon(prefix, inbuf=b"", **kw):
+    ret, out, err = cluster.mon_command(json.dumps({"prefix": prefix, "format": "json", **kw}), inbuf)
+    if ret != 0:
+        sys.exit(f"'{prefix}' failed: {ret} {err}")
+    return out
+
+cluster = rados.Rados(conffile=conf, name="client.admin")
+cluster.connect()
+if what == "prepare":
+    uuid, secret_file, pool = args
+    with open(secret_file, "rb") as f:
+        print(json.loads(mon("osd new", f.read(), uuid=uuid))["osdid"])
+    # Clone v2: clones of unprotected snapshots (without it `clone` raises InvalidArgument).
+    mon("osd set-require-min-compat-client", version="mimic")
+    # The OSD creates the pool's PGs once it is up.
+    mon("osd pool create", pool=pool, pg_num=8, pgp_num=8)
+elif what == "wait-up":
+    deadline = time.monotonic() + float(args[0])
+    while True:
+        stat = json.loads(mon("osd stat"))
+        if stat["num_up_osds"] == 1:
+            break
+        if time.monotonic() > deadline:
+            sys.exit(f"the OSD was not up in time (osd stat: {stat})")
+        time.sleep(0.05)
+cluster.shutdown()
+PY
+}
 
 # ---- ports --------------------------------------------------------------------------------
 # Every local TCP port in use (listening or connected), one per line.
@@ -132,10 +188,8 @@ die_start() {
     exit 1
 }
 
-deadline_passed() { [ $SECONDS -ge "$start_deadline" ]; }
-
 bootstrap() {
-    local base v2 v1 fsid osd_uuid osd_key osd_id t0 stat
+    local base v2 v1 fsid osd_uuid osd_key osd_id t0
     t0=$(date +%s.%N)
     for tool in ceph ceph-mon ceph-osd ceph-authtool monmaptool rbd; do
         command -v "$tool" >/dev/null ||
@@ -228,12 +282,13 @@ CONF
     launch mon.a ceph-mon -c "$conf" -i a -f
 
     # The OSD: registered with a cephx key we choose; its keyring is written into its data
-    # dir before mkfs (mkfs does not write one, and the OSD then cannot authenticate).
+    # dir before mkfs (mkfs does not write one, and the OSD then cannot authenticate). The
+    # same client sets clone v2 and creates the pool, which need only the mon.
     osd_uuid=$(cat /proc/sys/kernel/random/uuid)
     osd_key=$(ceph-authtool --gen-print-key)
     printf '{"cephx_secret": "%s"}\n' "$osd_key" >"$dir/osd-secret.json"
-    osd_id=$(ceph_ osd new "$osd_uuid" -i "$dir/osd-secret.json" 2>"$dir/log/osd-new.err") ||
-        die_start "'ceph osd new' failed: $(cat "$dir/log/osd-new.err")"
+    osd_id=$(mon_do prepare "$osd_uuid" "$dir/osd-secret.json" "$pool" 2>"$dir/log/mon-cmds.err") ||
+        die_start "mon commands (osd new, set-require-min-compat-client, pool create) failed: $(cat "$dir/log/mon-cmds.err")"
     rm -f "$dir/osd-secret.json"
     [ "$osd_id" = 0 ] || die_start "'ceph osd new' gave id '$osd_id', not 0"
     ceph-authtool --create-keyring "$dir/osd/keyring" --name osd.0 --add-key "$osd_key" >/dev/null
@@ -242,26 +297,17 @@ CONF
     launch osd.0 ceph-osd -c "$conf" -i 0 -f
 
     # Poll (no fixed sleep) until the mon counts the OSD up.
-    while :; do
-        alive mon.a || die_start "ceph-mon exited"
-        alive osd.0 || die_start "ceph-osd exited"
-        stat=$(ceph_ osd stat -f json 2>/dev/null || true)
-        [[ "$stat" == *'"num_up_osds":1'* ]] && break
-        deadline_passed && die_start "the OSD was not up after ${start_timeout}s (last: $stat)"
-        sleep 0.1
-    done
+    local left=$((start_deadline - SECONDS))
+    mon_do wait-up "$left" 2>"$dir/log/mon-cmds.err" ||
+        die_start "waiting for the OSD failed: $(cat "$dir/log/mon-cmds.err")"
+    alive osd.0 || die_start "ceph-osd exited"
     local t_up
     t_up=$(date +%s.%N)
 
-    ceph_ osd pool create "$pool" 8 8 >/dev/null 2>"$dir/log/pool.err" ||
-        die_start "'ceph osd pool create $pool' failed: $(cat "$dir/log/pool.err")"
     # rbd pool init writes to the pool, so it also waits for its PGs to become active.
     rbd -c "$conf" pool init "$pool" 2>"$dir/log/pool.err" ||
         die_start "'rbd pool init $pool' failed: $(cat "$dir/log/pool.err")"
-    # Clone v2: clones of unprotected snapshots (without it `clone` raises InvalidArgument).
-    ceph_ osd set-require-min-compat-client mimic >/dev/null 2>"$dir/log/pool.err" ||
-        die_start "'ceph osd set-require-min-compat-client mimic' failed: $(cat "$dir/log/pool.err")"
-    rm -f "$dir/log/pool.err" "$dir/log/osd-new.err"
+    rm -f "$dir/log/pool.err" "$dir/log/mon-cmds.err"
 
     cat >"$envfile" <<ENV
 CEPH_CONF=$conf
