@@ -5,16 +5,19 @@
 #   make lock       refresh requirements.lock to the newest releases the ranges allow
 #   make test-latest  the suite in a throwaway venv of the newest releases (not the lock)
 #   make libvirtd   start this checkout's private libvirtd; prints its URI
+#   make ceph       start this checkout's one-node Ceph cluster; prints its ceph.conf
 #   make lint       ruff check, ruff format --check, mypy
-#   make test       setup, libvirtd, lint, then pytest $(PYTEST_ARGS)
+#   make test       setup, libvirtd, lint, the Ceph cluster, then pytest $(PYTEST_ARGS)
 #   make demo       setup, libvirtd, then scripts/demo.sh (pools, config, reconcile)
-#   make stop       stop the private libvirtd
+#   make stop       stop the private libvirtd and the Ceph cluster
 #   make clean      stop, then remove .run
 #
 # Environment: RECONCILER_LIBVIRT_DIR (the daemon's directory; default from
 # scripts/libvirt-dir.sh: .run/libvirt, or /tmp/reconciler-libvirt-HASH when the repo path
-# would make the socket path too long) is exported to every recipe, and pytest also gets
-# RECONCILER_LIBVIRT_URI. RECONCILER_WITH_CEPH=1 makes setup install Ceph too.
+# would make the socket path too long) and RECONCILER_CEPH_DIR (the cluster's directory;
+# default from scripts/ceph-dir.sh: .run/ceph, or /tmp/reconciler-ceph-HASH) are exported to
+# every recipe, and pytest also gets RECONCILER_LIBVIRT_URI and RECONCILER_CEPH_CONF.
+# RECONCILER_WITH_CEPH=0 makes setup leave Ceph out (the Ceph tests then skip, saying why).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -28,8 +31,19 @@ PYTEST_ARGS ?=
 # One private daemon per checkout; tests/conftest_libvirtd.py asks the same script.
 RECONCILER_LIBVIRT_DIR := $(shell bash scripts/libvirt-dir.sh)
 export RECONCILER_LIBVIRT_DIR
+# One Ceph cluster per checkout; tests/conftest_ceph.py asks the same script.
+RECONCILER_CEPH_DIR := $(shell bash scripts/ceph-dir.sh)
+export RECONCILER_CEPH_DIR
 
-.PHONY: setup lock libvirtd lint test test-latest demo stop clean
+# For the pytest recipes: start the Ceph cluster and set $$ceph_conf to its ceph.conf, or
+# leave it empty where Ceph is not installed (the Ceph tests then skip, saying why). A
+# cluster that fails to start fails the recipe.
+START_CEPH = ceph_conf=; \
+	if command -v ceph-mon >/dev/null; then \
+		ceph_conf=$$(bash scripts/ceph.sh start "$$RECONCILER_CEPH_DIR"); \
+	else echo "make: Ceph is not installed (scripts/setup.sh installs it): the Ceph tests skip"; fi
+
+.PHONY: setup lock libvirtd ceph lint test test-latest demo stop clean
 
 setup:
 	bash scripts/setup.sh
@@ -40,26 +54,35 @@ lock:
 libvirtd:
 	bash scripts/libvirtd.sh start "$$RECONCILER_LIBVIRT_DIR"
 
+ceph:
+	bash scripts/ceph.sh start "$$RECONCILER_CEPH_DIR"
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 test: setup libvirtd lint
+	$(START_CEPH); \
 	RECONCILER_LIBVIRT_URI="$$(bash scripts/libvirtd.sh uri "$$RECONCILER_LIBVIRT_DIR")" \
+	RECONCILER_CEPH_CONF="$$ceph_conf" \
 		$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-latest: setup libvirtd
+	$(START_CEPH); \
 	RECONCILER_LIBVIRT_URI="$$(bash scripts/libvirtd.sh uri "$$RECONCILER_LIBVIRT_DIR")" \
+	RECONCILER_CEPH_CONF="$$ceph_conf" \
 		bash scripts/test-latest.sh $(PYTEST_ARGS)
 
 demo: setup libvirtd
 	bash scripts/demo.sh
 
 stop:
+	bash scripts/ceph.sh stop "$$RECONCILER_CEPH_DIR"
 	bash scripts/libvirtd.sh stop "$$RECONCILER_LIBVIRT_DIR"
 
 # The /tmp fallback directory is this checkout's own too (named by its path's hash).
 clean: stop
 	rm -rf --one-file-system .run .tools
 	case "$$RECONCILER_LIBVIRT_DIR" in /tmp/reconciler-libvirt-*) rm -rf --one-file-system "$$RECONCILER_LIBVIRT_DIR" ;; esac
+	case "$$RECONCILER_CEPH_DIR" in /tmp/reconciler-ceph-*) rm -rf --one-file-system "$$RECONCILER_CEPH_DIR" ;; esac

@@ -7,7 +7,9 @@
 #
 # The daemon runs in its own mount namespace (a slave of the host's, so it receives mounts
 # but never sends its own) with DIR/{etc,run,lib,cache,log} bound over libvirt's system
-# directories, so it sees none of the host's pools and the host sees none of its own. Re-running `start` on a running daemon is a no-op.
+# directories, so it sees none of the host's pools and the host sees none of its own.
+# Re-running `start` on a running daemon is a no-op, except that a daemon started before
+# the rbd storage backend was installed is restarted (it cannot load the backend later).
 set -euo pipefail
 
 cmd=${1:?usage: libvirtd.sh start|stop|uri DIR}
@@ -21,6 +23,26 @@ pidfile="$dir/libvirtd.pid"
 
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
+stop_daemon() {
+    local pid
+    if running; then
+        pid=$(cat "$pidfile")
+        kill "$pid"
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
+
+# libvirtd loads its storage backends when it starts: a daemon started before setup
+# installed libvirt-daemon-driver-storage-rbd has no rbd pools until it is restarted.
+lacks_rbd_backend() {
+    local caps
+    compgen -G '/usr/lib/*/libvirt/storage-backend/libvirt_storage_backend_rbd.so' >/dev/null || return 1
+    caps=$(virsh -q -c "$uri" pool-capabilities 2>/dev/null) || return 1
+    [[ "$caps" != *"<pool type='rbd' supported='yes'>"* ]]
+}
+
 case "$cmd" in
 uri) echo "$uri" ;;
 start)
@@ -29,7 +51,11 @@ start)
         echo "libvirtd.sh: socket path too long (${#sock} bytes): $sock; use a shorter DIR" >&2
         exit 1
     fi
-    if running; then echo "$uri"; exit 0; fi
+    if running; then
+        if ! lacks_rbd_backend; then echo "$uri"; exit 0; fi
+        echo "libvirtd.sh: restarting libvirtd: it started before its rbd storage backend was installed" >&2
+        stop_daemon
+    fi
     command -v libvirtd >/dev/null || { echo "libvirtd.sh: libvirtd not installed (run scripts/setup.sh)" >&2; exit 1; }
     # libvirtd refuses to start as root without the qemu user it would drop privileges to.
     getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
@@ -78,13 +104,7 @@ CONF
     exit 1
     ;;
 stop)
-    if running; then
-        pid=$(cat "$pidfile")
-        kill "$pid"
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
+    stop_daemon
     if mountpoint -q "$dir/mnt"; then
         umount -R "$dir/mnt" 2>/dev/null || umount -l "$dir/mnt" || true
     fi

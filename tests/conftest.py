@@ -1,4 +1,5 @@
-"""Fixtures: a private libvirtd (started by the project's script) and fresh pools per test."""
+"""Fixtures: a private libvirtd and a one-node Ceph cluster (each started by the project's
+script), and fresh pools per test."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest_ceph import Ceph, not_installed, start_ceph
 from tests.conftest_libvirtd import start_libvirtd
 from tests.env import Env, qemu_uri
 
@@ -32,6 +34,33 @@ def libvirt_uri() -> str:
         except RuntimeError as e:
             pytest.fail(f"could not start the private libvirtd: {e}", pytrace=False)
     return qemu_uri(uri)
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[Ceph]:
+    """client.admin connected to this checkout's Ceph cluster, with an ioctx of pool rbd:
+    the cluster of $RECONCILER_CEPH_CONF (set by `make test`), else the one `make ceph`
+    would start, started here. Skips only where Ceph is not installed; a cluster that does
+    not start or answer is a failure."""
+    reason = not_installed()
+    if reason:
+        pytest.skip(reason)
+    conf = os.environ.get("RECONCILER_CEPH_CONF")
+    if conf:
+        path = Path(conf)
+        if not path.is_file():
+            pytest.fail(f"RECONCILER_CEPH_CONF={conf}: no such file", pytrace=False)
+    else:
+        try:
+            path = start_ceph()
+        except RuntimeError as e:
+            pytest.fail(f"could not start the Ceph test cluster: {e}", pytrace=False)
+    try:
+        c = Ceph.open(path)
+    except Exception as e:
+        pytest.fail(f"could not connect to the Ceph cluster of {path}: {e!r}", pytrace=False)
+    yield c
+    c.close()
 
 
 def daemon_dir(uri: str) -> Path:
