@@ -137,7 +137,7 @@ def test_a_volume_deleted_behind_the_loops_back_is_made_again_by_the_resync(env:
         wait_until("drift to be counted", lambda: lp.metrics.drift._value.get() >= 1)
 
 
-def test_a_burst_of_manifests_is_each_reconciled_never_twice_at_once(env: Env) -> None:
+def test_a_burst_of_1000_writes_is_each_reconciled_never_twice_at_once(env: Env) -> None:
     active: set[str] = set()
     overlaps: list[str] = []
     worked: list[str] = []
@@ -160,7 +160,7 @@ def test_a_burst_of_manifests_is_each_reconciled_never_twice_at_once(env: Env) -
     with running(lp):
         wait_until("the loop to be ready", lp.ready.is_set)
         insts = []
-        for i in range(100):
+        for i in range(500):  # 1,000 writes
             insts.append(write(env, f"b{i}", [disk("disk", size="1MiB")]))
             # Rewritten at once: still one instance, reconciled while it may be worked.
             write(env, f"b{i}", [disk("disk", size="2MiB")])
@@ -442,3 +442,65 @@ def test_sigkill_at_random_moments_under_a_stream_of_changes_then_converges(env:
     assert not bad and all(r.state.value == "ready" for r in records)
     on_disk = {p.name for p in env.pool_dir().iterdir() if not p.name.startswith(".")}
     assert on_disk == {r.volume for r in records}  # nothing orphaned, nothing missing
+
+
+def test_one_changed_manifest_reads_one_file_and_plans_one_instance(env: Env) -> None:
+    insts = [env.manifest(f"n{i}", [disk("disk", size="1MiB")]) for i in range(30)]
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    planned: list[str] = []
+    read: list[str] = []
+
+    class Counting(Loop):
+        def reconcile(self, instance: str) -> None:
+            planned.append(instance)
+            super().reconcile(instance)
+
+    lp = Counting(str(env.config_path), env.manifests, resync=600.0)
+    real_read = lp.index.read
+
+    def counted(path: str, *a: Any, **kw: Any) -> set[str]:
+        read.append(path)
+        return real_read(path, *a, **kw)
+
+    with running(lp):
+        wait_until("the loop to be ready", lp.ready.is_set)
+        assert planned == []  # converged: the first resync queued nothing
+        read.clear()
+        lp.index.read = counted  # type: ignore[method-assign]
+        write(env, "n7", [disk("disk", size="2MiB")])
+        wait_until(
+            "the disk to grow", lambda: env.volume(insts[7], "disk").stat().st_size == 2 << 20
+        )
+        wait_until("the queue to drain", lambda: not lp.queue.processing())
+    assert planned == [insts[7]]
+    assert read == [str(env.manifests / "n7.yaml")]
+
+
+def test_ready_is_told_to_systemd_and_sighup_keeps_a_good_config(env: Env, tmp_path: Path) -> None:
+    import socket
+
+    addr = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(addr)
+        sock.settimeout(DEADLINE)
+        proc = _start(env, extra={"NOTIFY_SOCKET": addr})
+        try:
+            assert sock.recv(100) == b"READY=1"
+            good = env.config_path.read_text()
+            env.config_path.write_text("apiVersion: [")
+            proc.send_signal(signal.SIGHUP)
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                if json.loads(raw).get("event") == "config.reload_failed":
+                    break
+            env.config_path.write_text(good)
+            inst = write(env, "h", [disk("disk", size="16MiB")])
+            wait_until("the old config to keep working", lambda: ready(env, inst))
+            proc.send_signal(signal.SIGTERM)
+            assert sock.recv(100) == b"STOPPING=1"
+            proc.communicate(timeout=DEADLINE)
+            assert proc.returncode == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
