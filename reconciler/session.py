@@ -70,18 +70,28 @@ class Session:
         """Name the cache entry each disk is made from (its driver knows how), so the plan
         can see an entry that apply could not use."""
         drivers = self.managing_drivers()
+        # Disks mostly share a few images and templates: name each entry once.
+        names: dict[tuple[str, str, str | None, int], str | None] = {}
         instances = []
         for inst in desired.instances:
             disks = []
             for d in inst.disks:
-                drv = drivers.get(d.spec.pool)
                 src = d.spec.source
-                source = (
-                    {"image": src.image}
-                    if isinstance(src, ImageSource)
-                    else {"template": src.template.value, "label": src.label}
-                )
-                entry = drv.entry_for({"source": source, "size": d.spec.size}) if drv else None
+                key: tuple[str, str, str | None, int]
+                if isinstance(src, ImageSource):
+                    key = (d.spec.pool, "image:" + src.image, None, 0)
+                else:
+                    key = (d.spec.pool, src.template.value, src.label, d.spec.size)
+                if key not in names:
+                    drv = drivers.get(d.spec.pool)
+                    source = (
+                        {"image": src.image}
+                        if isinstance(src, ImageSource)
+                        else {"template": src.template.value, "label": src.label}
+                    )
+                    spec = {"source": source, "size": d.spec.size}
+                    names[key] = drv.entry_for(spec) if drv else None
+                entry = names[key]
                 disks.append(dataclasses.replace(d, entry=entry) if entry else d)
             instances.append(dataclasses.replace(inst, disks=tuple(disks)))
         return Desired(tuple(instances), desired.failed)
