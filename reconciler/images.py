@@ -32,9 +32,9 @@ from urllib.parse import unquote, urlparse
 import structlog
 from oslo_utils.imageutils import format_inspector as fi
 
-from reconciler.drivers.tools import execute, last_line
 from reconciler.errors import ReconcileError
 from reconciler.schema.config import ImageConfig
+from reconciler.tools import execute, last_line
 from reconciler.units import format_size
 
 log = structlog.get_logger(__name__)

@@ -29,6 +29,9 @@ class UnsupportedPool:
     def check_headers(self, pool: ObservedPool, records: Sequence[DiskRecord]) -> ObservedPool:
         return pool
 
+    def as_managing(self) -> ManagingDriver | None:
+        return None  # observed as unusable, never changed
+
 
 def driver_for(
     name: str,
@@ -46,7 +49,12 @@ def driver_for(
 
 def managing(drivers: Mapping[str, PoolDriver]) -> dict[str, ManagingDriver]:
     """The drivers that can change their pools (not those of unsupported backends)."""
-    return {n: d for n, d in drivers.items() if isinstance(d, FilePoolDriver)}
+    out = {}
+    for n, d in drivers.items():
+        m = d.as_managing()
+        if m is not None:
+            out[n] = m
+    return out
 
 
 __all__ = [

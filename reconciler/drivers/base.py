@@ -43,6 +43,11 @@ class PoolDriver(Protocol):
         """Add warnings-only header formats of managed volumes to an observed pool."""
         ...
 
+    def as_managing(self) -> ManagingDriver | None:
+        """This driver as one that can change its pool, or None (a capability, so nothing
+        above drivers/ asks which class a driver is)."""
+        ...
+
 
 class ManagingDriver(PoolDriver, Protocol):
     """A driver that can change its pool: what the executor and `cache gc` use."""

@@ -42,7 +42,6 @@ from reconciler.drivers.tools import (
     fd_path,
     mkfs_argv,
     open_volume,
-    run,
 )
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
@@ -52,6 +51,7 @@ from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.store import ConflictError, RecordStore
+from reconciler.tools import run
 
 log = structlog.get_logger(__name__)
 
@@ -192,6 +192,9 @@ class FilePoolDriver:
             lambda conn: attachments(conn, self.config.libvirt_pool, info.path),
         )
         return att
+
+    def as_managing(self) -> FilePoolDriver:
+        return self
 
     def state_dir(self) -> Path:
         return Path(self.info().path) / STATE_DIR

@@ -1,18 +1,14 @@
-"""Running qemu-img and mkfs with explicit formats, on files opened without following links."""
+"""qemu-img and mkfs command lines with explicit formats, on files opened without following
+links. The runner itself is reconciler/tools.py."""
 
 from __future__ import annotations
 
 import os
 import stat
-import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from reconciler.errors import ReconcileError
-
-
-class ToolError(ReconcileError):
-    pass
 
 
 class NotAFile(ReconcileError):
@@ -40,34 +36,6 @@ def open_volume(path: str, write: bool = True) -> Iterator[int]:
 def fd_path(fd: int) -> str:
     """A path a child process can open to reach exactly the file behind `fd`."""
     return f"/proc/self/fd/{fd}"
-
-
-def execute(argv: Sequence[str], fds: Sequence[int], what: str) -> subprocess.CompletedProcess[str]:
-    """Run a tool with a minimal environment and only the descriptors it is given."""
-    try:
-        return subprocess.run(
-            list(argv),
-            pass_fds=tuple(fds),
-            capture_output=True,
-            text=True,
-            check=False,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
-        )
-    except FileNotFoundError:
-        raise ToolError(f"{what}: {argv[0]} is not installed") from None
-
-
-def last_line(res: subprocess.CompletedProcess[str]) -> str:
-    msg = (res.stderr or res.stdout).strip().splitlines()
-    return msg[-1] if msg else f"exit status {res.returncode}"
-
-
-def run(argv: Sequence[str], *, fds: Sequence[int] = (), what: str) -> str:
-    """Run a tool; on failure raise ToolError with its own message."""
-    res = execute(argv, fds, what)
-    if res.returncode != 0:
-        raise ToolError(f"{what}: {argv[0]} failed: {last_line(res)}")
-    return res.stdout
 
 
 def convert_argv(src_fmt: str, dst_fmt: str, src: str, dst: str) -> list[str]:
