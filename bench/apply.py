@@ -151,12 +151,12 @@ def main() -> None:
         print(f"{label:<28}{rec_s:>10.2f}{n / rec_s:>10.1f}")
         print(f"{'bare libvirt createXML':<28}{bare_s:>10.2f}{n / bare_s:>10.1f}")
         print(
-            f"throughput ratio reconciler/bare: {ratio:.2f} (target >= 0.80: "
-            f"{'PASS' if ratio >= 0.8 else 'FAIL'})"
+            f"target: throughput against bare createXML: {ratio:.2f}x (want >= 0.80x) -> "
+            f"{'PASS' if ratio >= 0.8 else 'FAIL'}"
         )
         print(
-            f"no-op re-run over {n} disks: {noop_s:.2f} s (target < 1 s: "
-            f"{'PASS' if noop_s < 1 else 'FAIL'})"
+            f"target: no-op re-run over {n} disks: {noop_s:.2f} s (want < 1 s) -> "
+            f"{'PASS' if noop_s < 1 else 'FAIL'}"
         )
     finally:
         if args.keep:
