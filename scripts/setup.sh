@@ -99,7 +99,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     did=1
     say "installing Python packages from requirements.lock..."
     # Builds (libvirt-python is an sdist; this package) take setuptools from the lock too.
-    "$UV" pip sync -q --python .venv/bin/python --require-hashes \
+    # --compile-bytecode: as pip does; without it every start compiles what it imports
+    # wherever the environment forbids writing __pycache__ (PYTHONDONTWRITEBYTECODE).
+    "$UV" pip sync -q --compile-bytecode --python .venv/bin/python --require-hashes \
         --build-constraints requirements.lock requirements.lock ||
         die "installing requirements.lock failed (output above)"
     "$UV" pip install -q --python .venv/bin/python --no-deps --no-build-isolation -e . ||

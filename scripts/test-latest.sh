@@ -12,7 +12,7 @@ dir=$(mktemp -d "${TMPDIR:-/tmp}/reconciler-latest.XXXXXX")
 trap 'rm -rf --one-file-system "$dir"' EXIT
 "$UV" venv -q --python "$(command -v python3)" "$dir/venv"
 # --refresh: ask the index again rather than trust cached metadata of what is newest.
-"$UV" pip install -q --python "$dir/venv/bin/python" --refresh --resolution highest -e '.[test]'
+"$UV" pip install -q --compile-bytecode --python "$dir/venv/bin/python" --refresh --resolution highest -e '.[test]'
 # As in .venv: Debian's Ceph modules, where they are installed.
 if [ "$(dpkg-query -W -f='${Status}' python3-rados 2>/dev/null)" = "install ok installed" ]; then
     link_debian_ceph "$dir/venv"
