@@ -16,8 +16,11 @@ class ImageServer:
     root: Path
     port: int = 0
     gets: Counter[str] = field(default_factory=Counter)
-    # path -> how to misbehave: "404", "truncate" (send half, then close)
+    # path -> how to misbehave: "404", "truncate" (send half, then close), "hold" (send
+    # half, set `holding`, and send the rest once `release` is set)
     faults: dict[str, str] = field(default_factory=dict)
+    holding: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -50,6 +53,11 @@ def serve(root: Path) -> Iterator[ImageServer]:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                if fault == "hold":
+                    self.wfile.write(f.read(size // 2))
+                    self.wfile.flush()
+                    state.holding.set()
+                    state.release.wait(120)
                 self.wfile.flush()
                 self.connection.sendfile(f)
 

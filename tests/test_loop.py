@@ -504,3 +504,55 @@ def test_ready_is_told_to_systemd_and_sighup_keeps_a_good_config(env: Env, tmp_p
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_sigterm_during_an_image_fetch_exits_0_after_it_and_leaves_nothing_to_repair(
+    env: Env, tmp_path: Path
+) -> None:
+    import hashlib
+
+    from tests.httpserver import serve
+
+    images = tmp_path / "images"
+    images.mkdir()
+    data = os.urandom(1 << 20) * 16  # 16 MiB that are not zeros
+    (images / "big.raw").write_bytes(data)
+    with serve(images) as server:
+        server.faults["big.raw"] = "hold"  # half the image, then wait for the test
+        env.images = {
+            "big": {
+                "location": server.url("big.raw"),
+                "format": "raw",
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+            }
+        }
+        env.write_config()
+        proc = _start(env)
+        try:
+            _ready_line(proc)
+            inst = write(env, "f", [disk("disk", size="32MiB", image="big")])
+            assert server.holding.wait(DEADLINE), "the fetch never started"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.stderr is not None
+            for raw in proc.stderr:  # the loop has the signal: now let the fetch end
+                if json.loads(raw).get("event") == "signal":
+                    break
+            server.release.set()
+            _, err = proc.communicate(timeout=DEADLINE)
+            assert proc.returncode == 0, err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    # The step under way (fetch, check, cache entry, the disk from it) finished.
+    vol = env.volume(inst, "disk")
+    assert vol.read_bytes()[: len(data)] == data
+    store = env.store()
+    try:
+        records, bad = store.load_all()
+    finally:
+        store.close()
+    assert not bad and records and all(r.state.value == "ready" for r in records)
+    rc, out, err = env.run("--dry-run", "--detailed-exitcode")
+    assert rc == 0, out + err  # nothing to repair
+    assert not any(p.name.startswith(".reconciler-tmp-") for p in env.pool_dir().iterdir())
