@@ -622,7 +622,7 @@ class Loop:
         p = session.plan_instance(instance, wanted, bad, opts)
         errors = list(p.errors)
         failed_steps = 0
-        if p.actions and not errors:
+        if p.actions:  # what can be done is done, beside what is refused (as one-shot runs)
             guard = self._guard(p)
             if guard is not None:
                 self._write_status(instance, guard)
@@ -661,8 +661,6 @@ class Loop:
         outcome = self._outcome(instance, p, errors, list(p.warnings), failed_steps)
         self._write_status(instance, outcome)
         self._apply_queue_action(instance, outcome)
-        if p.actions and not errors and not failed_steps:
-            self.metrics.reconciles.labels("reconcile", "success").inc()
 
     def _apply_queue_action(self, instance: str, o: Outcome) -> None:
         if o.retry:
@@ -725,11 +723,16 @@ class Loop:
         """The one place a reconcile's result becomes a queue action, a status and a
         metric label (controller-runtime's `match`)."""
         if errors:
-            first = sorted(errors, key=lambda e: (not REASONS.get(e.code, ("", False))[1], e.code))
-            e = first[0]
-            reason, terminal = REASONS.get(e.code, ("ReconcileFailed", False))
-            if e.code == "apply-failed":
-                reason, terminal = "ApplyFailed", False
+            # Retried while any error may pass by itself; terminal only when all wait for
+            # the manifest (or an operator) to change.
+            def kind(e: Problem) -> tuple[str, bool]:
+                if e.code == "apply-failed":
+                    return "ApplyFailed", False
+                return REASONS.get(e.code, ("ReconcileFailed", False))
+
+            transient = [e for e in errors if not kind(e)[1]]
+            e = (transient or errors)[0]
+            reason, terminal = kind(e)
             msg = e.message
             return Outcome(
                 "error",
@@ -759,6 +762,19 @@ class Loop:
 
     def _write_status(self, instance: str, o: Outcome) -> None:
         assert self.status is not None
+        session = self.session
+        if (
+            o.result == "success"
+            and not self.index.desired_for(instance)[2]
+            and session is not None
+            and not session.store.for_instance(instance)
+        ):
+            # Neither a manifest nor a disk: the instance is gone, and so is its status.
+            self.status.delete(instance)
+            with self._not_ready_lock:
+                self._not_ready.discard(instance)
+                self.metrics.not_ready.set(len(self._not_ready))
+            return
         self._save([self._status(instance, o, self.status.get(instance))])
 
     def _save(self, statuses: list[InstanceStatus]) -> None:

@@ -141,6 +141,10 @@ class StatusStore:
                 raise
             self._db.execute("COMMIT")
 
+    def delete(self, instance: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM status WHERE instance=?", (instance,))
+
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()

@@ -556,3 +556,30 @@ def test_sigterm_during_an_image_fetch_exits_0_after_it_and_leaves_nothing_to_re
     rc, out, err = env.run("--dry-run", "--detailed-exitcode")
     assert rc == 0, out + err  # nothing to repair
     assert not any(p.name.startswith(".reconciler-tmp-") for p in env.pool_dir().iterdir())
+
+
+def test_what_can_be_done_is_done_beside_a_refusal_and_a_gone_instance_loses_its_status(
+    env: Env,
+) -> None:
+    with loop(env):
+        inst = write(env, "p", [disk("a", size="32MiB"), disk("b", size="16MiB")])
+        wait_until("the disks", lambda: ready(env, inst, 1))
+        write(env, "p", [disk("a", size="16MiB"), disk("b", size="32MiB")])  # shrink a, grow b
+        b = env.volume(inst, "b")
+        wait_until("b to grow", lambda: b.stat().st_size == 32 << 20)
+
+        def refused() -> InstanceStatus | None:
+            s = status(env, inst)
+            c = s.condition("Ready") if s else None
+            return s if s and c and s.generation == 2 and c.reason == "ShrinkRefused" else None
+
+        s = wait_until("the shrink to be refused", refused)
+        assert s.terminal
+        assert env.volume(inst, "a").stat().st_size == 32 << 20
+
+        gone = write(env, "g", [disk("disk", size="1MiB")])
+        wait_until("g", lambda: ready(env, gone))
+        write(env, "g", [], deleted=True)
+        wait_until("g's disk to go", lambda: not env.volume(gone, "disk").exists())
+        (env.manifests / "g.yaml").unlink()  # neither a manifest nor a disk remains
+        wait_until("g's status to go", lambda: status(env, gone) is None)
