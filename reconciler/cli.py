@@ -20,7 +20,7 @@ import structlog
 from reconciler import __version__
 from reconciler.diff import Action, Plan, PlanOptions
 from reconciler.errors import ReconcileError
-from reconciler.render import FORMAT_VERSION, to_json, to_text
+from reconciler.render import FORMAT_VERSION, to_json, to_markdown, to_text
 from reconciler.schema.config import Config, config_path
 from reconciler.schema.load import load_config, load_manifests
 from reconciler.schema.write import write_atomic
@@ -109,11 +109,30 @@ def _plan_parser() -> argparse.ArgumentParser:
         prog="reconcile",
         description="Converge VM instance disks in libvirt pools to their manifests.",
         epilog="Other commands: 'reconcile validate PATH...', 'reconcile apply PLAN', "
-        "'reconcile cache ls|gc', 'reconcile records rebuild POOL', 'reconcile schema'.",
+        "'reconcile cache ls|gc', 'reconcile records rebuild POOL', 'reconcile watch DIR', "
+        "'reconcile status', 'reconcile observe --out STATE', 'reconcile schema'.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
     p.add_argument("--dry-run", action="store_true", help="plan only; change nothing")
-    p.add_argument("--output", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--output",
+        choices=("text", "json", "markdown"),
+        default="text",
+        help="markdown: a summary table and a section per instance, for a review comment",
+    )
+    p.add_argument(
+        "--observed",
+        metavar="STATE",
+        help="with --dry-run: plan against a state exported by 'reconcile observe' on the "
+        "host, opening no connection",
+    )
+    p.add_argument(
+        "--max-state-age",
+        type=_seconds,
+        default=DEFAULT_MAX_STATE_AGE,
+        metavar="SECONDS",
+        help=f"warn when --observed is older than this (default {DEFAULT_MAX_STATE_AGE:g})",
+    )
     p.add_argument(
         "--detailed-exitcode",
         action="store_true",
@@ -184,16 +203,18 @@ def _plan(argv: Sequence[str]) -> int:
     _setup_logging(args.verbose)
     cfg_path = config_path(args.config)
     config = load_config(cfg_path)
+    if args.observed:
+        return _plan_observed(args, config)
     with Session(config, _options(args, config)) as s:
         s.load(args.paths)
         p = s.plan()
         if args.plan_out:
             save_plan(args.plan_out, p, cfg_path, [os.path.abspath(x) for x in args.paths])
         if args.dry_run:
-            sys.stdout.write(to_json(p) if args.output == "json" else to_text(p))
+            sys.stdout.write(_render(p, args.output, []))
             return _exit(p, False, args.detailed_exitcode)
-        if args.output == "json":
-            raise ReconcileError("--output json is for --dry-run; apply prints its steps")
+        if args.output != "text":
+            raise ReconcileError(f"--output {args.output} is for --dry-run; apply prints its steps")
         sys.stdout.write(to_text(p))
         if not p.actions:
             return _exit(p, False, args.detailed_exitcode)
@@ -201,6 +222,74 @@ def _plan(argv: Sequence[str]) -> int:
         result = s.executor(saved=False, jobs=args.jobs).apply(p.actions)
         print(_apply_summary(result))
         return _exit(p, bool(result.failed), args.detailed_exitcode)
+
+
+DEFAULT_MAX_STATE_AGE = 3600.0
+
+
+def _render(p: Plan, output: str, header: list[str]) -> str:
+    if output == "json":
+        return to_json(p)  # the header goes to stderr: the JSON is the host's, byte for byte
+    if output == "markdown":
+        return to_markdown(p, header)
+    return "".join(f"# {line}\n" for line in header) + to_text(p)
+
+
+def _plan_observed(args: argparse.Namespace, config: Config) -> int:
+    """`--dry-run --observed STATE`: the plan the host would make from that state."""
+    from reconciler import observed_state
+    from reconciler.session import plan_offline
+
+    if not args.dry_run or args.plan_out:
+        raise ReconcileError(
+            "--observed plans for review only (with --dry-run, without --plan-out): a plan "
+            "to apply is made on the host, against what its pools hold now"
+        )
+    observed, info = observed_state.load(args.observed)
+    now = datetime.datetime.now(datetime.UTC)
+    age = info.age(now)
+    header = [
+        f"Planned against the observed state {info.file} (host {info.host}, observed "
+        f"{info.observed_at.isoformat()}, {_human_age(max(age, 0))} ago)."
+    ]
+    if age > args.max_state_age:
+        header.append(
+            f"WARNING: the state is {_human_age(age)} old, more than --max-state-age "
+            f"({_human_age(args.max_state_age)}): the host may hold something else by now."
+        )
+    _, p = plan_offline(config, args.paths, _options(args, config), observed)
+    if args.output == "json":
+        for line in header:
+            print(f"reconcile: {line}", file=sys.stderr)
+    sys.stdout.write(_render(p, args.output, header))
+    return _exit(p, False, args.detailed_exitcode)
+
+
+def cmd_observe(argv: Sequence[str]) -> int:
+    from reconciler import observed_state
+
+    p = argparse.ArgumentParser(
+        prog="reconcile observe",
+        description="Export what the pools hold (volumes, the domains using them, every "
+        "record) for planning elsewhere with 'reconcile --dry-run --observed STATE'. No "
+        "secrets are written: user info and secret-looking query parameters of URLs are "
+        "redacted.",
+    )
+    p.add_argument("--out", required=True, metavar="STATE", help="STATE.json or STATE.json.gz")
+    _common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    config = load_config(config_path(args.config))
+    with Session(config) as s:
+        observed = s.observe()
+    now = datetime.datetime.now(datetime.UTC)
+    observed_state.write(args.out, observed_state.document(observed, config, now))
+    n = sum(len(p.volumes or ()) for p in observed.pools.values())
+    print(
+        f"wrote {args.out}: {len(observed.pools)} pool(s), {n} volume(s), "
+        f"{len(observed.records)} record(s)"
+    )
+    return EXIT_OK
 
 
 def save_plan(path: str, p: Plan, cfg_path: str, paths: list[str]) -> None:
@@ -526,6 +615,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "cache": cmd_cache,
     "records": cmd_records,
     "watch": cmd_watch,
+    "observe": cmd_observe,
     "status": cmd_status,
 }
 

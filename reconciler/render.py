@@ -122,3 +122,69 @@ def to_text(plan: Plan) -> str:
         )
     out.append(f"{head} {s['errors']} error(s), {s['warnings']} warning(s).")
     return "\n".join(out) + "\n"
+
+
+def to_markdown(plan: Plan, header: list[str] | None = None) -> str:
+    """The plan for a review comment: a summary table, then one collapsible section per
+    instance with each action, its reason and its JSON patch."""
+    s = plan.summary()
+    out: list[str] = ["### reconcile plan", ""]
+    out.extend(f"> {line}" for line in header or ())
+    if header:
+        out.append("")
+    out += [
+        "| create | resize | replace | update | delete | release | destructive | errors "
+        "| warnings |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {s['create']} | {s['resize']} | {s['replace']} | {s['update']} | {s['delete']} "
+        f"| {s['release']} | {'**' + str(s['destructive']) + '** ⚠️' if s['destructive'] else 0} "
+        f"| {s['errors']} | {s['warnings']} |",
+        "",
+    ]
+    if not plan.actions:
+        out += ["No changes.", ""]
+    by_instance: dict[str, list[Action]] = {}
+    for a in plan.actions:
+        by_instance.setdefault(a.instance, []).append(a)
+    for inst, actions in by_instance.items():
+        bad = sum(1 for a in actions if a.destructive)
+        flag = f", {bad} destructive ⚠️" if bad else ""
+        out += [
+            "<details>",
+            f"<summary><code>{inst}</code>: {len(actions)} action(s){flag}</summary>",
+            "",
+        ]
+        for a in actions:
+            mark = " **(DESTRUCTIVE)**" if a.destructive else ""
+            out.append(
+                f"- `{_SYMBOL[a.action]}` **{a.action.value}** `{a.disk}`{mark}: "
+                f"volume `{a.pool}/{a.volume}`"
+            )
+            if a.replaces and a.replaces != (a.pool, a.volume):
+                out.append(f"  - replaces `{a.replaces[0]}/{a.replaces[1]}`")
+            out.append(f"  - reason: {_md(a.reason)}")
+            out += ["", "  ```json"]
+            out += [
+                f"  {line}"
+                for line in json.dumps(list(a.patch), indent=2, sort_keys=True).splitlines()
+            ]
+            out += ["  ```", ""]
+        out += ["</details>", ""]
+    for title, problems in (("Errors", plan.errors), ("Warnings", plan.warnings)):
+        if problems:
+            out += [f"#### {title}", ""]
+            out += [f"- {_md(_problem(p))}" for p in problems]
+            out.append("")
+    return "\n".join(out)
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown list item (no stray markup, no HTML)."""
+    return (
+        text.replace("\\", "\\\\")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace("*", "\\*")
+        .replace("_", "\\_")
+        .replace("|", "\\|")
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,34 +67,7 @@ class Session:
         return self.desired
 
     def _with_entries(self, desired: Desired) -> Desired:
-        """Name the cache entry each disk is made from (its driver knows how), so the plan
-        can see an entry that apply could not use."""
-        drivers = self.managing_drivers()
-        # Disks mostly share a few images and templates: name each entry once.
-        names: dict[tuple[str, str, str | None, int], str | None] = {}
-        instances = []
-        for inst in desired.instances:
-            disks = []
-            for d in inst.disks:
-                src = d.spec.source
-                key: tuple[str, str, str | None, int]
-                if isinstance(src, ImageSource):
-                    key = (d.spec.pool, "image:" + src.image, None, 0)
-                else:
-                    key = (d.spec.pool, src.template.value, src.label, d.spec.size)
-                if key not in names:
-                    drv = drivers.get(d.spec.pool)
-                    source = (
-                        {"image": src.image}
-                        if isinstance(src, ImageSource)
-                        else {"template": src.template.value, "label": src.label}
-                    )
-                    spec = {"source": source, "size": d.spec.size}
-                    names[key] = drv.entry_for(spec) if drv else None
-                entry = names[key]
-                disks.append(dataclasses.replace(d, entry=entry) if entry else d)
-            instances.append(dataclasses.replace(inst, disks=tuple(disks)))
-        return Desired(tuple(instances), desired.failed)
+        return with_entries(desired, self.managing_drivers())
 
     def observe(self) -> Observed:
         # Volumes before records: a record is written before its volume is made, so a volume
@@ -194,3 +167,48 @@ class Session:
             replan=None if saved else self.replanner(),
             jobs=jobs,
         )
+
+
+def with_entries(desired: Desired, drivers: Mapping[str, ManagingDriver]) -> Desired:
+    """Name the cache entry each disk is made from (its driver knows how), so the plan
+    can see an entry that apply could not use."""
+    # Disks mostly share a few images and templates: name each entry once.
+    names: dict[tuple[str, str, str | None, int], str | None] = {}
+    instances = []
+    for inst in desired.instances:
+        disks = []
+        for d in inst.disks:
+            src = d.spec.source
+            key: tuple[str, str, str | None, int]
+            if isinstance(src, ImageSource):
+                key = (d.spec.pool, "image:" + src.image, None, 0)
+            else:
+                key = (d.spec.pool, src.template.value, src.label, d.spec.size)
+            if key not in names:
+                drv = drivers.get(d.spec.pool)
+                source = (
+                    {"image": src.image}
+                    if isinstance(src, ImageSource)
+                    else {"template": src.template.value, "label": src.label}
+                )
+                spec = {"source": source, "size": d.spec.size}
+                names[key] = drv.entry_for(spec) if drv else None
+            entry = names[key]
+            disks.append(dataclasses.replace(d, entry=entry) if entry else d)
+        instances.append(dataclasses.replace(inst, disks=tuple(disks)))
+    return Desired(tuple(instances), desired.failed)
+
+
+def plan_offline(
+    config: Config, paths: Sequence[str], options: PlanOptions, observed: Observed
+) -> tuple[Desired, Plan]:
+    """Plan against an observed state from a file: no connection, no state directory.
+    The manifests and their entries are read exactly as a live Session does."""
+    conns = Connections()  # never used: no driver method below reaches a pool
+    drivers = {
+        name: driver_for(name, pc, conns, None, config.images)
+        for name, pc in sorted(config.pools.items())
+    }
+    loaded, failed = load_manifests(paths, config, None)
+    desired = with_entries(build_desired(loaded, failed), managing(drivers))
+    return desired, plan(desired, observed, options)

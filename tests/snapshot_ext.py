@@ -27,3 +27,7 @@ class TextSnapshot(_Base):
 
 class JsonSnapshot(_Base):
     file_extension = "json"
+
+
+class MarkdownSnapshot(_Base):
+    file_extension = "md"

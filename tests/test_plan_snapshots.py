@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 from syrupy.assertion import SnapshotAssertion
 
+from reconciler import observed_state
 from reconciler.diff import Desired, Observed, PlanOptions, plan
 from reconciler.naming import volume_name
-from reconciler.render import to_json, to_text
+from reconciler.render import to_json, to_markdown, to_text
 from reconciler.schema.manifest import DiskSpec
 from reconciler.schema.record import RecordState
 from tests.helpers import (
@@ -23,7 +25,7 @@ from tests.helpers import (
     observed,
     record_for,
 )
-from tests.snapshot_ext import JsonSnapshot, TextSnapshot
+from tests.snapshot_ext import JsonSnapshot, MarkdownSnapshot, TextSnapshot
 
 POOLS = ("demo", "demo-fast")
 WEB = "0b0e7f1c-58a4-4c3e-9d27-3f2a1c6e9b01"
@@ -177,3 +179,33 @@ def test_json_plan(scenario: str, desired: Desired, snapshot: SnapshotAssertion)
     # Same inputs, byte-identical output.
     assert to_json(plan(desired, obs, options)) == first
     assert first == snapshot(extension_class=JsonSnapshot)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_markdown_plan(scenario: str, desired: Desired, snapshot: SnapshotAssertion) -> None:
+    make, options = SCENARIOS[scenario]
+    p = plan(desired, make(desired), options)
+    assert to_markdown(p, ["Planned against the example state."]) == snapshot(
+        extension_class=MarkdownSnapshot
+    )
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_a_state_file_plans_as_the_state_it_holds(
+    scenario: str, desired: Desired, tmp_path: Path
+) -> None:
+    """Observed -> state file (.json and .json.gz) -> Observed gives the very same plan."""
+    make, options = SCENARIOS[scenario]
+    obs = make(desired)
+    now = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+    doc = observed_state.document(obs, example_config(tmp_path), now)
+    want = to_json(plan(desired, obs, options))
+    for name in ("state.json", "state.json.gz"):
+        path = str(tmp_path / name)
+        observed_state.write(path, doc)
+        again, info = observed_state.load(path)
+        assert info.observed_at == now
+        assert to_json(plan(desired, again, options)) == want
+    first = (tmp_path / "state.json.gz").read_bytes()
+    observed_state.write(str(tmp_path / "state.json.gz"), doc)
+    assert (tmp_path / "state.json.gz").read_bytes() == first  # deterministic bytes

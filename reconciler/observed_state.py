@@ -1,0 +1,277 @@
+"""The observed state as a file: exported on the host, planned against anywhere else.
+
+`reconcile observe --out STATE.json` writes what a dry run observes (every pool's
+volumes, the domains that use them, every record in full) with the config's pools and
+images it was observed with, minus anything secret; `reconcile --dry-run --observed
+STATE.json` plans against it without opening a single connection, so a change review's
+CI job far from the host makes the very plan the host would make from that state.
+
+The file is versioned (`format_version`), deterministic JSON (pools, volumes and
+records sorted; each record as stored; `.json.gz` is gzip with no timestamp inside),
+written atomically. Reading it checks everything
+with pydantic: a malformed, truncated or unknown-version file, or records that disagree
+with the volumes beside them, is an error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import re
+import socket
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reconciler.diff.model import Observed, ObservedPool
+from reconciler.errors import ReconcileError
+from reconciler.schema.config import Config
+from reconciler.schema.record import BadRecord, DiskRecord
+from reconciler.schema.write import write_atomic_bytes
+
+FORMAT_VERSION = 1
+_SECRET_QUERY = re.compile(r"(pass|secret|key|token|auth|cred)", re.I)
+
+
+class StateError(ReconcileError):
+    """An observed-state file that cannot be planned against."""
+
+
+def redact_url(url: str) -> str:
+    """A URL without its user info and without query parameters that look secret."""
+    try:
+        u = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = u.hostname or ""
+    if u.port:
+        netloc += f":{u.port}"
+    if u.username or u.password:
+        netloc = "<redacted>@" + netloc
+    query = "&".join(
+        p if not _SECRET_QUERY.search(p.split("=", 1)[0]) else p.split("=", 1)[0] + "=<redacted>"
+        for p in u.query.split("&")
+        if p
+    )
+    if not url.startswith(f"{u.scheme}://"):
+        return urlunsplit((u.scheme, netloc, u.path, query, ""))
+    # urlunsplit drops the '//' of an empty host (qemu+unix:///system): keep it.
+    return f"{u.scheme}://{netloc}{u.path}" + (f"?{query}" if query else "")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class StatePool(_Strict):
+    volumes: list[str] | None
+    error: str | None = None
+    managed_elsewhere: bool = False
+    header_formats: dict[str, str] = Field(default_factory=dict)
+    attached: dict[str, list[str]] = Field(default_factory=dict)
+    running: dict[str, list[str]] = Field(default_factory=dict)
+    attachments_known: bool = True
+    attachments_why: str = ""
+
+
+class StateBadRecord(_Strict):
+    pool: str
+    volume: str
+    error: str
+
+
+class StateConfigPool(_Strict):
+    libvirtPool: str  # as the config spells it
+    backends: list[str]
+    uri: str
+
+
+class StateConfigImage(_Strict):
+    format: str
+    sha256: str
+    size: int
+    location: str
+
+
+class StateConfig(_Strict):
+    pools: dict[str, StateConfigPool]
+    images: dict[str, StateConfigImage]
+
+
+class StateFile(_Strict):
+    format_version: Literal[1]
+    kind: Literal["ObservedState"]
+    observed_at: str
+    host: str
+    config: StateConfig
+    pools: dict[str, StatePool]
+    records: list[DiskRecord]
+    bad_records: list[StateBadRecord] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    file: str
+    observed_at: datetime.datetime
+    host: str
+
+    def age(self, now: datetime.datetime) -> float:
+        return (now - self.observed_at).total_seconds()
+
+
+def _scrubber(config: Config) -> Any:
+    """Replace every configured URL, where a message quotes it, by its redacted form."""
+    urls = {pc.uri for pc in config.pools.values()} | {i.location for i in config.images.values()}
+    pairs = sorted(
+        ((u, redact_url(u)) for u in urls if redact_url(u) != u), key=lambda x: -len(x[0])
+    )
+
+    def scrub(text: str | None) -> str | None:
+        if text is None:
+            return None
+        for raw, safe in pairs:
+            text = text.replace(raw, safe)
+        return text
+
+    return scrub
+
+
+def document(observed: Observed, config: Config, now: datetime.datetime) -> dict[str, Any]:
+    scrub = _scrubber(config)
+    pools = {}
+    for name, p in sorted(observed.pools.items()):
+        pools[name] = {
+            "volumes": None if p.volumes is None else sorted(p.volumes),
+            "error": scrub(p.error),
+            "managed_elsewhere": p.managed_elsewhere,
+            "header_formats": dict(sorted(p.header_formats.items())),
+            "attached": {k: list(v) for k, v in sorted(p.attached.items())},
+            "running": {k: list(v) for k, v in sorted(p.running.items())},
+            "attachments_known": p.attachments_known,
+            "attachments_why": scrub(p.attachments_why),
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "ObservedState",
+        "observed_at": now.isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "config": {
+            "pools": {
+                n: {
+                    "libvirtPool": pc.libvirt_pool,
+                    "backends": [b.value for b in pc.backends],
+                    "uri": redact_url(pc.uri),
+                }
+                for n, pc in sorted(config.pools.items())
+            },
+            "images": {
+                n: {
+                    "format": ic.format.value,
+                    "sha256": ic.sha256,
+                    "size": ic.size,
+                    "location": redact_url(ic.location),
+                }
+                for n, ic in sorted(config.images.items())
+            },
+        },
+        "pools": pools,
+        "records": [
+            r.model_dump(mode="json")
+            for r in sorted(observed.records, key=lambda r: (r.pool, r.volume))
+        ],
+        "bad_records": [
+            {"pool": b.pool, "volume": b.volume, "error": scrub(b.error)}
+            for b in sorted(observed.bad_records, key=lambda b: (b.pool, b.volume))
+        ],
+    }
+
+
+def write(path: str, doc: dict[str, Any]) -> None:
+    # Keys in the order document() built them (sorted where it sorts): a record's `spec`
+    # keeps the order it was stored in, which the JSON patches of a plan follow.
+    data = (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode()
+    if path.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)  # no timestamp: the same state, the same bytes
+    write_atomic_bytes(path, data)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def load(path: str) -> tuple[Observed, StateInfo]:
+    """Read and check a state file; StateError names the file and the field."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise StateError(f"{path}: cannot read the observed state: {e.strerror}") from None
+    try:
+        if path.endswith(".gz") or raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        doc = json.loads(raw)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise StateError(f"{path}: not a readable gzip file (truncated?): {e}") from None
+    except json.JSONDecodeError as e:
+        raise StateError(
+            f"{path}:{e.lineno}:{e.colno}: not valid JSON (truncated?): {e.msg}"
+        ) from None
+    if not isinstance(doc, dict):
+        raise StateError(f"{path}: not an observed state (expected a JSON object)")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StateError(
+            f"{path}: format_version: {version!r} is not a state format this reconciler "
+            f"knows ({FORMAT_VERSION}); export it again with this version's 'reconcile observe'"
+        )
+    try:
+        state = StateFile.model_validate(doc)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise StateError(f"{path}: {_field(first['loc'])}: {first['msg']}{more}") from None
+    try:
+        observed_at = datetime.datetime.fromisoformat(state.observed_at)
+    except ValueError:
+        raise StateError(f"{path}: observed_at: {state.observed_at!r} is not a time") from None
+    if observed_at.tzinfo is None:
+        raise StateError(f"{path}: observed_at: {state.observed_at!r} has no time zone")
+    seen: set[tuple[str, str]] = set()
+    for i, r in enumerate(state.records):
+        where = f"{path}: records[{i}]"
+        if r.key() in seen:
+            raise StateError(f"{where}: a second record for {r.pool}/{r.volume}")
+        seen.add(r.key())
+        # A record without its volume is drift, which the plan shows; a record of a pool
+        # the config lacks the planner reports. A configured pool must have been observed.
+        if r.pool not in state.pools and r.pool in state.config.pools:
+            raise StateError(f"{where}: pool {r.pool} is configured but was not observed")
+    for name, p in state.pools.items():
+        for vol in (*p.header_formats, *p.attached, *p.running):
+            if p.volumes is not None and vol not in p.volumes:
+                raise StateError(
+                    f"{path}: pools.{name}: {vol} is described but is not among the volumes"
+                )
+    pools = {
+        name: ObservedPool(
+            name,
+            None if p.volumes is None else frozenset(p.volumes),
+            p.error,
+            dict(p.header_formats),
+            {k: tuple(v) for k, v in p.attached.items()},
+            {k: tuple(v) for k, v in p.running.items()},
+            p.attachments_known,
+            p.attachments_why,
+            p.managed_elsewhere,
+        )
+        for name, p in state.pools.items()
+    }
+    bad = tuple(BadRecord(b.pool, b.volume, b.error) for b in state.bad_records)
+    return Observed(pools, tuple(state.records), bad), StateInfo(path, observed_at, state.host)
