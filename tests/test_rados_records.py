@@ -455,3 +455,17 @@ def test_the_client_bounds_every_wait(ceph: Ceph, namespace: str) -> None:
 def test_faults_are_store_errors_naming_the_pool(ceph: Ceph, namespace: str) -> None:
     with pytest.raises(StoreError, match=r"Ceph pool no-such-pool.*does not exist"):
         RadosRecordStore.connect(str(ceph.conf), "no-such-pool", host="h", namespace=namespace)
+
+
+def test_an_index_shard_larger_than_one_omap_page_is_read_whole(make: Make) -> None:
+    """Index shards are read in pages of 1,000 keys; one shard of 1,200 is read whole."""
+    a = make("host-a", shards=1, counting=True)
+    assert a.shards == 1
+    for i in range(1200):
+        a.put(record(f"disk-{i}", instance=f"vm-{i // 4}"), None)
+    io: CountingIoctx = a._io
+    io.calls.clear()
+    good, bad = a.load_all()
+    assert len({r.volume for r in good}) == 1200 and not bad
+    assert io.calls["operate_read_op"] == 2  # two pages
+    assert len(a.for_instance("vm-299")) == 4
