@@ -27,6 +27,7 @@ from reconciler.diff.model import (
 )
 from reconciler.diff.model import Desired as Desired
 from reconciler.naming import TEMP_PREFIX
+from reconciler.schema.common import NOT_RESIZABLE
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.units import format_size
 
@@ -453,6 +454,17 @@ class _Planner:
                 "shrink-refused",
                 f"size {format_size(target)} is smaller than the disk's {format_size(current)}; "
                 "shrinking would cut off data and is refused",
+                pool=rec.pool,
+                volume=rec.volume,
+                **where,
+            )
+            return
+        if target > current and rec.format in NOT_RESIZABLE:
+            self.error(
+                "resize-unsupported",
+                f"size {format_size(current)} -> {format_size(target)}: "
+                f"{NOT_RESIZABLE[rec.format]}; make a new disk of the new size (a new disk "
+                f"name) and copy the data into it, or keep the size at {format_size(current)}",
                 pool=rec.pool,
                 volume=rec.volume,
                 **where,

@@ -41,6 +41,14 @@ BACKEND_FORMATS: dict[Backend, frozenset[DiskFormat]] = {
     Backend.PLOOP: frozenset({DiskFormat.PLOOP}),
 }
 
+# Formats whose disks cannot be grown here, and why (planned as an error, refused by apply).
+NOT_RESIZABLE: dict[DiskFormat, str] = {
+    DiskFormat.PLOOP: (
+        "qemu-img cannot resize parallels (ploop) images, and the ploop tools need the ploop "
+        "kernel module, which this host lacks"
+    ),
+}
+
 
 def check_name(value: Any) -> str:
     """A name that is safe as (part of) a file or volume name."""
