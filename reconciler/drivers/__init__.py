@@ -13,7 +13,7 @@ from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord
 from reconciler.store import RecordStore
 
-FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2})
+FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.PLOOP})
 
 
 class UnsupportedPool:

@@ -1,4 +1,4 @@
-"""File pools (libvirt `dir`, `fs`, `netfs`) serving the `flat` and `qcow2` backends.
+"""File pools (libvirt `dir`, `fs`, `netfs`) serving the `flat`, `qcow2` and `ploop` backends.
 
 Volumes are created through libvirt with their format stated in the volume XML, and filled
 by mkfs or `qemu-img convert` run with explicit formats on a file descriptor opened with
@@ -7,6 +7,18 @@ O_NOFOLLOW. Nothing is ever probed: a volume's format, size and backing come fro
 Templates (swap, ext4, xfs, vfat) are made once per (kind, size, label) as a cache entry in
 the same pool. A `qcow2`-backend disk is a qcow2 overlay on the entry (`-F raw`); a `flat`
 disk is a sparse copy of it in the disk's format. Blank disks need no cache entry.
+
+A `ploop` disk is one file in qemu's `parallels` format, which libvirt lists as a volume of
+format ploop. libvirt 9 cannot make or remove one here: its createXML for format ploop makes
+a directory and runs `ploop init` (the ploop tools are absent, and segfault without the
+ploop kernel module), and its vol delete of a volume it typed ploop removes a directory tree
+(`virFileDeleteTree`), which fails on a file ("Not a directory"). So the driver writes the
+image itself, with `qemu-img create -f parallels` and `convert -n -f raw -O parallels` on a
+temporary file it made exclusively (O_EXCL|O_NOFOLLOW, swept like any temporary file),
+links it to the volume's name without replacing anything, and refreshes the pool; and it
+unlinks (after lstat shows a regular file) any file volume libvirt types as ploop, which
+includes a raw disk whose guest wrote the parallels magic at its start. qemu-img cannot
+resize parallels images, so a ploop disk is never grown: the planner says so as an error.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from reconciler.drivers.tools import (
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
 from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.common import NOT_RESIZABLE, Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
@@ -144,7 +156,7 @@ class FilePoolDriver:
             if info.type not in FILE_POOL_TYPES:
                 raise PoolError(
                     f"libvirt pool {self.config.libvirt_pool!r} is of type {info.type!r}; "
-                    f"the flat and qcow2 backends need one of {', '.join(FILE_POOL_TYPES)}"
+                    f"the flat, qcow2 and ploop backends need one of {', '.join(FILE_POOL_TYPES)}"
                 )
             if not os.path.isabs(info.path) or not os.path.isdir(info.path):
                 raise PoolError(f"pool {self.name}: target path {info.path!r} is not a directory")
@@ -356,6 +368,9 @@ class FilePoolDriver:
         """A blank disk, or swap or an empty filesystem made once per (kind, size, label)
         as a cache entry and overlaid or copied like an image."""
         if template.template is TemplateKind.BLANK:
+            if rec.format is DiskFormat.PLOOP:
+                self._make_ploop(rec, None)
+                return
             self._create_xml(rec.volume, rec.virtual_size, rec.format.value)
             faults.point("volume.created")
             return
@@ -396,6 +411,9 @@ class FilePoolDriver:
             self._create_xml(rec.volume, rec.virtual_size, "qcow2", self.path(entry))
             faults.point("volume.created")
             return
+        if rec.format is DiskFormat.PLOOP:
+            self._make_ploop(rec, entry)
+            return
         self._create_xml(rec.volume, rec.virtual_size, fmt)
         faults.point("volume.created")
         with (
@@ -408,6 +426,44 @@ class FilePoolDriver:
                 what=f"copy {entry} into {rec.volume}",
             )
         faults.point("volume.filled")
+
+    def _make_ploop(self, rec: DiskRecord, entry: str | None) -> None:
+        """Write a parallels image of the disk's size (holding `entry`'s raw bytes, if any)
+        into a temporary file, then give it the volume's name; the caller holds the
+        volume's lock, under which its temporary file is written and swept."""
+        path = self.path(rec.volume)
+        tmp = self.path(TEMP_PREFIX + rec.volume)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by an interrupted run
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            run(
+                ["qemu-img", "create", "-q", "-f", "parallels", fd_path(fd), str(rec.virtual_size)],
+                fds=(fd,),
+                what=f"make ploop image {rec.volume}",
+            )
+            if entry is not None:
+                with open_volume(self.path(entry), write=False) as src_fd:
+                    run(
+                        convert_argv("raw", "parallels", fd_path(src_fd), fd_path(fd)),
+                        fds=(src_fd, fd),
+                        what=f"copy {entry} into {rec.volume}",
+                    )
+            os.fsync(fd)
+            faults.point("volume.filled")
+            try:
+                os.link(tmp, path)  # unlike rename, never replaces a volume made meanwhile
+            except FileExistsError:
+                raise VolumeExists(
+                    f"volume {rec.volume} appeared in pool {self.name} from elsewhere; it is "
+                    "not ours and is left untouched"
+                ) from None
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        faults.point("volume.created")
+        self._call("refresh pool", lambda conn: self._pool(conn).refresh(0))
 
     def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
         """Under the entry's lock: None if a ready entry exists, else its `creating` record
@@ -579,6 +635,8 @@ class FilePoolDriver:
                     raise ReconcileError(f"{rec.volume} is larger than {size} bytes; not shrunk")
                 os.ftruncate(fd, size)
                 os.fsync(fd)
+            elif rec.format in NOT_RESIZABLE:
+                raise ReconcileError(f"not resizing {rec.volume}: {NOT_RESIZABLE[rec.format]}")
             elif rec.format is DiskFormat.QCOW2:
                 run(
                     ["qemu-img", "resize", "-q", "-f", "qcow2", fd_path(fd), str(size)],
@@ -616,6 +674,15 @@ class FilePoolDriver:
                 raise
             pool.refresh(0)  # libvirt has not seen it yet
             vol = pool.storageVolLookupByName(volume)
+        if vol.info()[0] == libvirt.VIR_STORAGE_VOL_PLOOP:
+            # libvirt would remove a directory tree here (and fails on a file): a ploop
+            # disk, or a raw one whose guest wrote the parallels magic at its start.
+            path = self.path(volume)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise NotAFile(f"{path} is not a regular file; refusing to delete")
+            os.unlink(path)
+            pool.refresh(0)
+            return
         vol.delete(0)
 
     def sweep_temp(self) -> list[str]:
