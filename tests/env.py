@@ -63,6 +63,7 @@ class Env:
     uris: dict[str, str] = field(default_factory=dict)  # pool -> its daemon, if not `uri`
     safety: dict[str, Any] = field(default_factory=dict)
     libvirt: dict[str, Any] = field(default_factory=dict)
+    backends: list[str] = field(default_factory=lambda: ["flat", "qcow2"])  # of every pool
 
     @property
     def config_path(self) -> Path:
@@ -77,7 +78,7 @@ class Env:
             name: {
                 "uri": self.uris.get(name, self.uri),
                 "libvirtPool": lp,
-                "backends": ["flat", "qcow2"],
+                "backends": list(self.backends),
             }
             for name, (lp, _) in self.pools.items()
         }
