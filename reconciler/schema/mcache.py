@@ -18,9 +18,10 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
+from pydantic import BaseModel
 
 from reconciler import __version__
 from reconciler.schema.common import Backend, DiskFormat
@@ -52,35 +53,68 @@ def stat_key(st: os.stat_result) -> Key:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+M = TypeVar("M", bound=BaseModel)
+
+_BACKENDS = {b.value: b for b in Backend}
+_FORMATS = {f.value: f for f in DiskFormat}
+_TEMPLATES = {t.value: t for t in TemplateKind}
+_POLICIES = {p.value: p for p in DeletionPolicy}
+
+
+def _model(cls: type[M], values: dict[str, Any]) -> M:
+    """A model holding `values`, built the way unpickling builds one (pickle support is
+    pydantic's own); model_construct looks up every field's alias and default on every call
+    and made rebuilding a manifest cost more than validating it."""
+    m = cls.__new__(cls)
+    m.__setstate__(
+        {
+            "__dict__": values,
+            "__pydantic_fields_set__": set(values),
+            "__pydantic_extra__": None,
+            "__pydantic_private__": None,
+        }
+    )
+    return m
+
+
 def construct(data: dict[str, Any]) -> Manifest:
-    """Rebuild a Manifest from its own validated dump, without validating it again."""
+    """Rebuild a Manifest from its own validated dump, without validating it again.
+
+    Raises KeyError, ValueError or TypeError on data that is not such a dump."""
     disks = []
     for d in data["disks"]:
         src = d["source"]
         source: ImageSource | TemplateSource
         if "image" in src:
-            source = ImageSource.model_construct(image=src["image"])
+            source = _model(ImageSource, {"image": src["image"]})
         else:
-            source = TemplateSource.model_construct(
-                template=TemplateKind(src["template"]), label=src.get("label")
+            source = _model(
+                TemplateSource,
+                {"template": _TEMPLATES[src["template"]], "label": src.get("label")},
             )
         disks.append(
-            DiskSpec.model_construct(
-                name=d["name"],
-                backend=Backend(d["backend"]),
-                pool=d["pool"],
-                format=DiskFormat(d["format"]),
-                size=int(d["size"]),
-                source=source,
-                deletion_policy=DeletionPolicy(d["deletionPolicy"]),
+            _model(
+                DiskSpec,
+                {
+                    "name": d["name"],
+                    "backend": _BACKENDS[d["backend"]],
+                    "pool": d["pool"],
+                    "format": _FORMATS[d["format"]],
+                    "size": int(d["size"]),
+                    "source": source,
+                    "deletion_policy": _POLICIES[d["deletionPolicy"]],
+                },
             )
         )
-    return Manifest.model_construct(
-        api_version=data["apiVersion"],
-        kind=data["kind"],
-        instance=data["instance"],
-        deleted=bool(data.get("deleted", False)),
-        disks=disks,
+    return _model(
+        Manifest,
+        {
+            "api_version": data["apiVersion"],
+            "kind": data["kind"],
+            "instance": data["instance"],
+            "deleted": bool(data.get("deleted", False)),
+            "disks": disks,
+        },
     )
 
 
