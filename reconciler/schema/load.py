@@ -15,7 +15,8 @@ from reconciler.errors import ConfigError, InputError, Location
 from reconciler.schema.config import Config
 from reconciler.schema.manifest import ImageSource, Manifest
 from reconciler.schema.mcache import ManifestCache, stat_key
-from reconciler.schema.yamlload import Document, load_file
+from reconciler.schema.plainyaml import load_plain
+from reconciler.schema.yamlload import MAX_FILE_BYTES, Document, load_file, load_text
 from reconciler.schema.yamlload import Path as YPath
 
 M = TypeVar("M", bound=BaseModel)
@@ -197,7 +198,7 @@ def load_manifest(path: str, config: Config | None) -> LoadedManifest | FailedMa
     error can name its line.
     """
     try:
-        doc = load_file(path, track=False)
+        doc = _load_untracked(path)
     except InputError:
         return _failed(path, config)
     try:
@@ -209,6 +210,27 @@ def load_manifest(path: str, config: Config | None) -> LoadedManifest | FailedMa
     disks = len(manifest.disks)
     lines = tuple((doc.positions.get(("disks", i)) or (None, None))[0] for i in range(disks))
     return LoadedManifest(path, manifest, lines)
+
+
+def _load_untracked(path: str) -> Document:
+    """The clean path's parse, without positions: plainyaml's subset when the file lies
+    within it (what the service writes does), else libyaml's events. Raises InputError on
+    any problem, without saying where: the caller loads the file again, tracked."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError:
+        raise InputError("cannot read file", Location(path)) from None
+    doc = load_plain(raw, path)
+    if doc is not None:
+        return doc
+    if len(raw) > MAX_FILE_BYTES:
+        raise InputError("file is too large", Location(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("file is not valid UTF-8", Location(path)) from None
+    return load_text(text, path, track=False)
 
 
 def _failed(path: str, config: Config | None) -> FailedManifest:

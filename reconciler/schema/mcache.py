@@ -43,7 +43,7 @@ Key = tuple[int, int, int, int, int]
 def _fingerprint() -> str:
     h = hashlib.sha256(__version__.encode())
     here = Path(__file__).resolve().parent
-    for name in ("common.py", "manifest.py", "yamlload.py", "load.py", "mcache.py"):
+    for name in ("common.py", "manifest.py", "yamlload.py", "plainyaml.py", "load.py", "mcache.py"):
         h.update((here / name).read_bytes())
     h.update((here.parent / "units.py").read_bytes())
     return h.hexdigest()
