@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,6 +76,11 @@ def _model(cls: type[M], values: dict[str, Any]) -> M:
         }
     )
     return m
+
+
+def dump(manifest: Manifest) -> dict[str, Any]:
+    """What the cache keeps of a manifest (and a worker process sends): plain JSON data."""
+    return manifest.model_dump(mode="json", by_alias=True)
 
 
 def construct(data: dict[str, Any]) -> Manifest:
@@ -144,12 +150,17 @@ class ManifestCache:
         self.fresh[path] = e
         return manifest, tuple(e[2])
 
-    def put(self, path: str, key: Key, manifest: Manifest, lines: tuple[int | None, ...]) -> None:
-        now = time.time_ns()
-        if max(key[3], key[4]) > now - SAFE_AGE_NS:
-            return  # too recent to trust its times; parsed again next run
-        self.fresh[path] = [list(key), manifest.model_dump(mode="json", by_alias=True), list(lines)]
-        self.dirty = True
+    def put(self, path: str, key: Key, data: dict[str, Any], lines: Sequence[int | None]) -> None:
+        """Keep a manifest's dump (see dump()) for the next run, if its file is old enough."""
+        if self.trusts(key):
+            self.fresh[path] = [list(key), data, list(lines)]
+            self.dirty = True
+
+    @staticmethod
+    def trusts(key: Key) -> bool:
+        """Whether the file's times are old enough to show its next change; a newer file
+        is parsed again next run."""
+        return max(key[3], key[4]) <= time.time_ns() - SAFE_AGE_NS
 
     def save(self) -> None:
         """Write the entries used or added by this run (stale ones drop out)."""

@@ -1,0 +1,288 @@
+"""A forked worker that shares a list of independent jobs with this process.
+
+Loading manifests is CPU work in Python (libyaml's events, pydantic), so one process uses
+one core; the hosts this runs on have two or more. `Worker.start(n, job)` forks a process
+that runs job(i) for i in [0, n) from the back of the list while this process takes
+chunks from the front (`claim`), after whatever else it has to do first. Each side
+publishes how far it has claimed in two counters in shared memory, so they meet where
+their work balances; near the meeting point both may take the same chunk, and this
+process keeps its own result.
+
+What a job returns must be plain data (marshal: str, int, float, bool, None, lists, tuples,
+dicts): it is sent back through a pipe in length-prefixed frames, one per chunk, and the
+caller rebuilds its objects from it. Nothing here decides what a result means.
+
+A worker never outlives the run and never hangs it:
+  * it is forked only from a single-threaded process: a fork copies only the calling
+    thread, and a lock another thread held (libvirt's, logging's) would stay held in the
+    child;
+  * it writes after every chunk; once this process is gone its writes fail with EPIPE and
+    it exits, and `close` (called however loading ends) kills and reaps it;
+  * `wait` stops at end of file (the worker exited), or when nothing arrived for STALL_S;
+    jobs not delivered by then are the caller's to run (`missing`), and `failure` says why;
+  * it leaves with os._exit: nothing this process buffered, opened or registered (stdout,
+    the records database, atexit handlers) is flushed or closed by the child too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import marshal
+import mmap
+import os
+import select
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 32  # jobs per claim: ~5 ms of manifest loading; the two sides overlap by at most one
+STALL_S = 30.0  # after the last claim, how long to wait for a worker that sends nothing
+_HEADER = 4  # frame length, big-endian
+_RESULTS, _ERROR = 0, 1
+_FAILED_EXIT = 70  # the worker's exit status after an exception in a job
+
+
+def can_fork() -> bool:
+    """Fork only where it is safe and helps: os.fork exists, two CPUs are ours, and this
+    process runs one thread (Python's or any other, as Linux counts them)."""
+    if not hasattr(os, "fork") or threading.active_count() != 1:
+        return False
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return False
+    with contextlib.suppress(OSError):
+        return len(os.listdir("/proc/self/task")) == 1
+    return True
+
+
+class _Counters:
+    """front (claimed by this process up to, excluding) and back (claimed by the worker
+    from, including), in an anonymous shared mapping; each is written by one side only."""
+
+    def __init__(self, n: int) -> None:
+        self._map = mmap.mmap(-1, 8)
+        self._ints = memoryview(self._map).cast("i")  # aligned 4-byte stores: never torn
+        self._ints[0], self._ints[1] = 0, n
+
+    @property
+    def front(self) -> int:
+        return self._ints[0]
+
+    @front.setter
+    def front(self, value: int) -> None:
+        self._ints[0] = value
+
+    @property
+    def back(self) -> int:
+        return self._ints[1]
+
+    @back.setter
+    def back(self, value: int) -> None:
+        self._ints[1] = value
+
+    def close(self) -> None:
+        self._ints.release()
+        self._map.close()
+
+
+class Worker:
+    """One forked process running `job` on the jobs this process does not claim first."""
+
+    def __init__(self, n: int, pid: int, fd: int, counters: _Counters) -> None:
+        self.n = n
+        self.pid: int | None = pid
+        self.failure: str | None = None
+        self._fd: int | None = fd
+        self._counters = counters
+        self._buf = bytearray()
+        self._delivered: set[int] = set()
+        self._front = 0  # this process's claims end here
+
+    @classmethod
+    def start(cls, n: int, job: Callable[[int], Any]) -> Worker | None:
+        """Fork a worker for jobs [0, n); None when forking is not possible here."""
+        if n <= 0 or not can_fork():
+            return None
+        counters = _Counters(n)
+        rfd, wfd = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):
+            # A larger pipe lets the worker stream more results while this process is busy.
+            import fcntl
+
+            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.warning("worker.fork_failed", error=str(e))
+            os.close(rfd)
+            os.close(wfd)
+            counters.close()
+            return None
+        if pid == 0:  # the worker: it never returns from here
+            status = _FAILED_EXIT
+            try:
+                os.close(rfd)
+                status = _work(job, n, wfd, counters)
+            finally:
+                os._exit(status)
+        os.close(wfd)
+        os.set_blocking(rfd, False)
+        return cls(n, pid, rfd, counters)
+
+    # -- this process's side ----------------------------------------------------------
+
+    def claim(self) -> range | None:
+        """The next chunk of jobs for this process, or None when the two sides have met."""
+        back = self._counters.back
+        if self._front >= back:
+            return None
+        start, self._front = self._front, min(self._front + CHUNK, back)
+        self._counters.front = self._front
+        return range(start, self._front)
+
+    def poll(self) -> list[tuple[int, Any]]:
+        """Results the worker has sent so far, without waiting: (index, result), each
+        index once, none that this process had claimed when they arrived."""
+        if self._fd is not None:
+            self._read()
+        return self._take()
+
+    def wait(self) -> list[tuple[int, Any]]:
+        """After the last claim: the rest of the worker's results, until it exits, stops
+        sending for STALL_S, or dies. Then `missing` lists the jobs nobody delivered."""
+        out: list[tuple[int, Any]] = []
+        while self._fd is not None:
+            ready, _, _ = select.select([self._fd], [], [], STALL_S)
+            if not ready:
+                self.failure = f"it sent nothing for {STALL_S:g} s and was stopped"
+                self._stop()
+                break
+            self._read()
+            out += self._take()
+        return out + self._take()
+
+    def missing(self) -> list[int]:
+        """Jobs neither side completed (the worker died, or was stopped): run them here."""
+        return [i for i in range(self._front, self.n) if i not in self._delivered]
+
+    def close(self) -> None:
+        """Stop and reap the worker if it still runs; idempotent."""
+        self._stop()
+        self._counters.close()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _read(self) -> None:
+        assert self._fd is not None
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 20)
+            except BlockingIOError:
+                return
+            if not data:  # end of file: the worker has exited
+                self._reap()
+                return
+            self._buf += data
+
+    def _take(self) -> list[tuple[int, Any]]:
+        out: list[tuple[int, Any]] = []
+        buf, pos = self._buf, 0
+        while len(buf) - pos >= _HEADER:
+            size = int.from_bytes(buf[pos : pos + _HEADER], "big")
+            end = pos + _HEADER + size
+            if len(buf) < end:
+                break
+            kind, start, payload = marshal.loads(buf[pos + _HEADER : end])
+            pos = end
+            if kind == _ERROR:
+                self.failure = str(payload)
+                continue
+            for offset, result in enumerate(payload):
+                i = start + offset
+                if i >= self._front and i not in self._delivered:
+                    self._delivered.add(i)
+                    out.append((i, result))
+        del buf[:pos]
+        return out
+
+    def _reap(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.pid is None:
+            return
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and self.failure is None:
+            self.failure = (
+                f"it was killed by signal {-code}" if code < 0 else f"it exited with status {code}"
+            )
+
+    def _stop(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self._reap()
+
+
+# -- the worker's side ---------------------------------------------------------------------
+
+
+def _work(job: Callable[[int], Any], n: int, fd: int, counters: _Counters) -> int:
+    """Claim chunks from the back and send their results; the exit status to leave with."""
+    # The worker lives for one load and exits with os._exit: collecting cycles would only
+    # walk (and copy-on-write) the heap it shares with its parent. This process only.
+    gc.disable()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)  # die quietly with the run, no traceback
+    os.set_blocking(fd, False)
+    out = bytearray()
+    try:
+        while True:
+            front, back = counters.front, counters.back
+            if back <= front:
+                break
+            start = max(back - CHUNK, front)
+            counters.back = start
+            results = [job(i) for i in range(start, back)]
+            _frame(out, (_RESULTS, start, results))
+            _send(fd, out, block=False)
+    except BrokenPipeError:
+        return 1  # this process is gone: nobody to send to
+    except BaseException as e:
+        _frame(out, (_ERROR, 0, f"{type(e).__name__}: {e}"))
+        with contextlib.suppress(OSError):
+            _send(fd, out, block=True)
+        return _FAILED_EXIT
+    try:
+        _send(fd, out, block=True)
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+def _frame(out: bytearray, value: tuple[int, int, Any]) -> None:
+    data = marshal.dumps(value)
+    out += len(data).to_bytes(_HEADER, "big")
+    out += data
+
+
+def _send(fd: int, out: bytearray, *, block: bool) -> None:
+    if block:
+        os.set_blocking(fd, True)
+    while out:
+        try:
+            n = os.write(fd, out)
+        except BlockingIOError:
+            return  # the pipe is full: keep working, send the rest later
+        del out[:n]
