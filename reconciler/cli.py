@@ -151,8 +151,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     cfg_path = config_path(args.config)
     config = load_config(cfg_path)
     with Session(config, _options(args, config)) as s:
-        s.load(args.paths)
-        p = s.plan()
+        p = s.plan(s.load_and_observe(args.paths))
         if args.plan_out:
             save_plan(args.plan_out, p, cfg_path, [os.path.abspath(x) for x in args.paths])
         if args.dry_run:

@@ -11,7 +11,7 @@ from reconciler.diff import Action, Desired, Observed, ObservedPool, Plan, PlanO
 from reconciler.drivers import Connections, driver_for, managing
 from reconciler.drivers.base import ManagingDriver
 from reconciler.schema.config import Config
-from reconciler.schema.load import load_manifests
+from reconciler.schema.load import ManifestLoad
 from reconciler.schema.mcache import ManifestCache
 from reconciler.schema.record import DiskRecord
 from reconciler.store import SqliteRecordStore, open_store
@@ -45,8 +45,26 @@ class Session:
         self.close()
 
     def load(self, paths: Sequence[str]) -> Desired:
+        with self._loading(paths) as loading:
+            return self._loaded(loading)
+
+    def load_and_observe(self, paths: Sequence[str]) -> Observed:
+        """load() and observe() together: while a forked worker parses manifests (a large
+        run without the manifest cache, see ManifestLoad), this process observes the pools
+        and reads the records, then parses what the worker has not taken. Manifests and
+        pools are read at different moments in either order; apply checks every action's
+        precondition again before it acts."""
+        with self._loading(paths) as loading:
+            observed = self.observe()
+            self._loaded(loading)
+        return observed
+
+    def _loading(self, paths: Sequence[str]) -> ManifestLoad:
         cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
-        loaded, failed = load_manifests(paths, self.config, cache)
+        return ManifestLoad(paths, self.config, cache)
+
+    def _loaded(self, loading: ManifestLoad) -> Desired:
+        loaded, failed = loading.finish()
         self.desired = build_desired(loaded, failed)
         return self.desired
 
@@ -68,8 +86,9 @@ class Session:
             )
         return Observed(pools, tuple(records), tuple(bad))
 
-    def plan(self) -> Plan:
-        return plan(self.desired, self.observe(), self.options)
+    def plan(self, observed: Observed | None = None) -> Plan:
+        """Plan the loaded manifests against `observed`, or against the pools as they are."""
+        return plan(self.desired, self.observe() if observed is None else observed, self.options)
 
     def managing_drivers(self) -> dict[str, ManagingDriver]:
         return managing(self.drivers)
