@@ -26,19 +26,21 @@ import yaml
 
 from reconciler.schema.yamlload import MAX_FILE_BYTES, Document
 
-# One entry: indentation, an optional sequence dash, a plain key (short: libyaml refuses
+# Every line of a file, as one match each (re.M: a match never crosses a line end). An
+# entry: indentation, an optional sequence dash, a plain key (short: libyaml refuses
 # implicit keys over 1024 characters), an optional value (a plain scalar of safe
-# characters, trailing spaces included; a quoted one without quotes or escapes inside; or
-# an empty flow collection, as safe_dump writes a tombstone's disks) and an optional
-# comment. A plain scalar here cannot start with an indicator and holds no ':' or '#', so
-# where it ends is never in doubt.
-_ENTRY = re.compile(
-    r"( *)(- +)?([A-Za-z][A-Za-z0-9_-]{0,99}):"
-    r"(?: +(?:([A-Za-z0-9_./~+][A-Za-z0-9_./~+ -]*)|'([^']*)' *|\"([^\"\\]*)\" *|(\[\]|\{\}) *))?"
+# characters, trailing spaces included; a quoted one, quotes included, without quotes or
+# escapes inside; or an empty flow collection, as safe_dump writes a tombstone's disks)
+# and an optional comment. A plain scalar here cannot start with an indicator and holds no
+# ':' or '#', so where it ends is never in doubt. Else a blank or comment-only line, a
+# document start, or any other line, which puts the file outside the subset.
+_LINES = re.compile(
+    r"^(?:( *)(- +)?([A-Za-z][A-Za-z0-9_-]{0,99}):"
+    r"(?: +(?:([A-Za-z0-9_./~+][A-Za-z0-9_./~+ -]*)|('[^'\n]*'|\"[^\"\\\n]*\") *|(\[\]|\{\}) *))?"
     r"(?: *(?<= )#.*| *)"
+    r"| *(?:#.*)?|(---(?: +#.*)? *)|(.+))$",
+    re.MULTILINE,
 )
-_SKIP = re.compile(r" *(?:#.*)?")  # a blank or comment-only line
-_DOCUMENT_START = re.compile(r"---(?: +#.*)? *")
 _OUTSIDE = re.compile(rb"[^\n\x20-\x7e]")  # tabs, CR, control and non-ASCII bytes
 _MAX_LEVELS = 8  # far below yamlload.MAX_DEPTH: nesting never decides anything here
 
@@ -78,79 +80,82 @@ def load_plain(raw: bytes, file: str) -> Document | None:
     positions: dict[tuple[str | int, ...], tuple[int, int]] = {}
     disks: list[Any] | None = None
     # Open blocks, innermost last: (column, container); a list is a block sequence (its
-    # dashes' column), a dict a block mapping (its keys' column).
+    # dashes' column), a dict a block mapping (its keys' column). `top` is the innermost.
     blocks: list[tuple[int, Any]] = []
+    top_col, top, top_is_map = -1, root, False
     pending: tuple[dict[str, Any], str, int] | None = None  # a key still without its value
     started = False
-    for number, line in enumerate(raw.decode("ascii").split("\n"), 1):
-        m = _ENTRY.fullmatch(line)
-        if m is None:
-            if _SKIP.fullmatch(line):
-                continue
-            if not started and not blocks and _DOCUMENT_START.fullmatch(line):
-                started = True
-                continue
-            return None
-        indent, dash, key, plain, single, double, empty = m.groups()
+    values = _plain_values
+    for number, row in enumerate(_LINES.findall(raw.decode("ascii")), 1):
+        indent, dash, key, plain, quoted, empty, start, other = row
+        if not key:
+            if other or (start and (started or blocks)):
+                return None
+            started = started or bool(start)
+            continue  # a blank or comment line, or the document's start
         col = len(indent)
-        if not blocks:
-            if col or dash:
-                return None  # the root must be a block mapping
-            blocks.append((0, root))
-        if pending is not None:
-            owner, owner_key, owner_col = pending
-            pending = None
-            if dash and col >= owner_col:  # a sequence, indented or not
-                seq: list[Any] = []
-                owner[owner_key] = seq
-                blocks.append((col, seq))
-                if owner is root and owner_key == "disks":
-                    disks = seq
-            elif not dash and col > owner_col:
-                sub: dict[str, Any] = {}
-                owner[owner_key] = sub
-                blocks.append((col, sub))
-            else:
-                owner[owner_key] = None  # an empty value
-        while blocks[-1][0] > col:
-            blocks.pop()
-        top_col, top = blocks[-1]
-        if dash:
-            if top_col != col or not isinstance(top, list):
-                return None
-            inner = col + len(dash)
-            if top is disks:
-                positions[("disks", len(top))] = (number, inner + 1)
-            mapping: dict[str, Any] = {}
-            top.append(mapping)
-            blocks.append((inner, mapping))
-            col = inner
+        if pending is None and not dash and col == top_col and top_is_map:
+            mapping = top  # the next entry of the current mapping: most lines
         else:
-            if isinstance(top, list) and top_col == col:
-                blocks.pop()  # a key at the column of an indentless sequence ends it
-                top_col, top = blocks[-1]
-            if top_col != col or not isinstance(top, dict):
+            if not blocks:
+                if col or dash:
+                    return None  # the root must be a block mapping
+                blocks.append((0, root))
+            if pending is not None:
+                owner, owner_key, owner_col = pending
+                pending = None
+                if dash and col >= owner_col:  # a sequence, indented or not
+                    seq: list[Any] = []
+                    owner[owner_key] = seq
+                    blocks.append((col, seq))
+                    if owner is root and owner_key == "disks":
+                        disks = seq
+                elif not dash and col > owner_col:
+                    sub: dict[str, Any] = {}
+                    owner[owner_key] = sub
+                    blocks.append((col, sub))
+                else:
+                    owner[owner_key] = None  # an empty value
+            while blocks[-1][0] > col:
+                blocks.pop()
+            top_col, top = blocks[-1]
+            if dash:
+                if top_col != col or not isinstance(top, list):
+                    return None
+                inner = col + len(dash)
+                if top is disks:
+                    positions[("disks", len(top))] = (number, inner + 1)
+                mapping = {}
+                top.append(mapping)
+                blocks.append((inner, mapping))
+            else:
+                if isinstance(top, list) and top_col == col:
+                    blocks.pop()  # a key at the column of an indentless sequence ends it
+                    top_col, top = blocks[-1]
+                if top_col != col or not isinstance(top, dict):
+                    return None
+                mapping = top
+            if len(blocks) > _MAX_LEVELS:
                 return None
-            mapping = top
-        if key in mapping or len(blocks) > _MAX_LEVELS:
+            top_col, top = blocks[-1]
+            top_is_map = True
+        if key in mapping:
             return None
-        if plain is not None:
-            value = _plain_values.get(plain, _UNSEEN)
+        if plain:
+            value = values.get(plain, _UNSEEN)
             if value is _UNSEEN:
                 value = _plain(plain.rstrip(" "))
-                if len(_plain_values) < 100_000:
-                    _plain_values[plain] = value
+                if len(values) < 100_000:
+                    values[plain] = value
             if value is _OTHER:
                 return None
             mapping[key] = value
-        elif single is not None:
-            mapping[key] = single
-        elif double is not None:
-            mapping[key] = double
-        elif empty is not None:
+        elif quoted:
+            mapping[key] = quoted[1:-1]
+        elif empty:
             mapping[key] = [] if empty == "[]" else {}
         else:
-            pending = (mapping, key, col)
+            pending = (mapping, key, top_col)
     if pending is not None:
         pending[0][pending[1]] = None
     if not blocks:
