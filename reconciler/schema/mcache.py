@@ -62,19 +62,18 @@ _TEMPLATES = {t.value: t for t in TemplateKind}
 _POLICIES = {p.value: p for p in DeletionPolicy}
 
 
+_set = object.__setattr__  # as pydantic sets them: the models are frozen
+
+
 def _model(cls: type[M], values: dict[str, Any]) -> M:
-    """A model holding `values`, built the way unpickling builds one (pickle support is
-    pydantic's own); model_construct looks up every field's alias and default on every call
-    and made rebuilding a manifest cost more than validating it."""
+    """A model holding `values`, its attributes set as model_construct sets them but
+    without its per-field alias and default lookups, which made rebuilding a manifest cost
+    more than validating it."""
     m = cls.__new__(cls)
-    m.__setstate__(
-        {
-            "__dict__": values,
-            "__pydantic_fields_set__": set(values),
-            "__pydantic_extra__": None,
-            "__pydantic_private__": None,
-        }
-    )
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", set(values))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
     return m
 
 
