@@ -139,8 +139,27 @@ class DiskSpec(BaseModel):
         return fmt
 
     def spec_dict(self) -> dict[str, Any]:
-        """The part of the disk the record keeps and JSON patches compare."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The part of the disk the record keeps and JSON patches compare: the disk's JSON
+        dump (by alias, without nulls). Written out because the planner asks once a disk
+        and model_dump cost a third of a plan; tests/test_validation_shortcuts.py holds
+        the two to the same result."""
+        src = self.source
+        source: dict[str, Any]
+        if isinstance(src, ImageSource):
+            source = {"image": src.image}
+        elif src.label is None:
+            source = {"template": src.template.value}
+        else:
+            source = {"template": src.template.value, "label": src.label}
+        return {
+            "name": self.name,
+            "backend": self.backend.value,
+            "pool": self.pool,
+            "format": self.format.value,
+            "size": self.size,
+            "source": source,
+            "deletionPolicy": self.deletion_policy.value,
+        }
 
 
 class Manifest(BaseModel):
