@@ -12,8 +12,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +33,7 @@ from reconciler.schema.load import (
     load_manifest,
 )
 from reconciler.schema.mcache import ManifestCache
-from reconciler.schema.worker import Worker, can_fork
+from reconciler.schema.worker import Worker
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -242,15 +242,20 @@ def test_a_load_left_unfinished_leaves_no_worker(manifests: Path, config: Config
 
 
 def test_no_fork_while_another_thread_runs() -> None:
-    release = threading.Event()
-    t = threading.Thread(target=release.wait)
-    t.start()
-    try:
-        assert not can_fork()
-        assert Worker.start(10, lambda i: i) is None
-    finally:
-        release.set()
-        t.join()
+    """In a process of its own: a thread started here would linger in /proc/self/task a
+    moment after join() and keep the other tests of this file from forking."""
+    code = (
+        "import threading\n"
+        "from reconciler.schema.worker import Worker, can_fork\n"
+        "release = threading.Event()\n"
+        "t = threading.Thread(target=release.wait)\n"
+        "t.start()\n"
+        "print(can_fork(), Worker.start(10, lambda i: i))\n"
+        "release.set()\n"
+        "t.join()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "None"]
 
 
 def test_worker_results_come_back_in_place() -> None:
