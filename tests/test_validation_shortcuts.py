@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from reconciler.schema.common import BACKEND_FORMATS, check_name
 from reconciler.schema.manifest import DiskSpec, Manifest
-from reconciler.schema.mcache import construct
+from reconciler.schema.mcache import construct, dump
 from reconciler.units import parse_size
 
 NAMES = ["disk", "disk.eph0", "a" * 100, "a" * 101, "", ".x", "-x", "a..b", "a/b", "ok_1"]
@@ -105,3 +105,19 @@ def _manifest_dump(spec: DiskSpec) -> dict[str, Any]:
          "instance": str(uuid.UUID(int=1)), "disks": [spec.model_dump(by_alias=True)]}
     )  # fmt: skip
     return m.model_dump(mode="json", by_alias=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(disk_data(), max_size=4), st.booleans())
+def test_the_cache_dump_rebuilds_the_manifest(disks: list[dict[str, Any]], deleted: bool) -> None:
+    for i, d in enumerate(disks):
+        d["name"] = f"d{i}"
+    m = Manifest.model_validate(
+        {"apiVersion": "reconciler/v1", "kind": "InstanceStorage",
+         "instance": str(uuid.UUID(int=7)), "deleted": deleted or not disks, "disks": disks}
+    )  # fmt: skip
+    data = dump(m)
+    assert data == m.model_dump(mode="json", by_alias=True, exclude_none=True)
+    rebuilt = construct(data)
+    assert rebuilt == m
+    assert [d.spec_dict() for d in rebuilt.disks] == [d.spec_dict() for d in m.disks]

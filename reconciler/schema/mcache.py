@@ -78,8 +78,16 @@ def _model(cls: type[M], values: dict[str, Any]) -> M:
 
 
 def dump(manifest: Manifest) -> dict[str, Any]:
-    """What the cache keeps of a manifest (and a worker process sends): plain JSON data."""
-    return manifest.model_dump(mode="json", by_alias=True)
+    """What the cache keeps of a manifest (and a worker process sends): its JSON dump
+    without nulls, written out as DiskSpec.spec_dict is (model_dump cost more than the
+    validation it saves a repeat run)."""
+    return {
+        "apiVersion": manifest.api_version,
+        "kind": manifest.kind,
+        "instance": manifest.instance,
+        "deleted": manifest.deleted,
+        "disks": [d.spec_dict() for d in manifest.disks],
+    }
 
 
 def construct(data: dict[str, Any]) -> Manifest:
