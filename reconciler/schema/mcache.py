@@ -90,35 +90,57 @@ def dump(manifest: Manifest) -> dict[str, Any]:
     }
 
 
+# Rebuilt disks by content. A disk spec names no instance, and a host's manifests repeat
+# the same few (same names, pools, sizes, sources); the models are frozen, so one object
+# serves every manifest that has that disk. Bounded, as inputs are.
+_disks: dict[tuple[Any, ...], DiskSpec] = {}
+
+
+def _disk(d: dict[str, Any]) -> DiskSpec:
+    src = d["source"]
+    key = (
+        d["name"],
+        d["backend"],
+        d["pool"],
+        d["format"],
+        d["size"],
+        d["deletionPolicy"],
+        src.get("image"),
+        src.get("template"),
+        src.get("label"),
+    )
+    spec = _disks.get(key)
+    if spec is not None:
+        return spec
+    source: ImageSource | TemplateSource
+    if "image" in src:
+        source = _model(ImageSource, {"image": src["image"]})
+    else:
+        source = _model(
+            TemplateSource,
+            {"template": _TEMPLATES[src["template"]], "label": src.get("label")},
+        )
+    spec = _model(
+        DiskSpec,
+        {
+            "name": d["name"],
+            "backend": _BACKENDS[d["backend"]],
+            "pool": d["pool"],
+            "format": _FORMATS[d["format"]],
+            "size": int(d["size"]),
+            "source": source,
+            "deletion_policy": _POLICIES[d["deletionPolicy"]],
+        },
+    )
+    if len(_disks) < 10_000:
+        _disks[key] = spec
+    return spec
+
+
 def construct(data: dict[str, Any]) -> Manifest:
     """Rebuild a Manifest from its own validated dump, without validating it again.
 
     Raises KeyError, ValueError or TypeError on data that is not such a dump."""
-    disks = []
-    for d in data["disks"]:
-        src = d["source"]
-        source: ImageSource | TemplateSource
-        if "image" in src:
-            source = _model(ImageSource, {"image": src["image"]})
-        else:
-            source = _model(
-                TemplateSource,
-                {"template": _TEMPLATES[src["template"]], "label": src.get("label")},
-            )
-        disks.append(
-            _model(
-                DiskSpec,
-                {
-                    "name": d["name"],
-                    "backend": _BACKENDS[d["backend"]],
-                    "pool": d["pool"],
-                    "format": _FORMATS[d["format"]],
-                    "size": int(d["size"]),
-                    "source": source,
-                    "deletion_policy": _POLICIES[d["deletionPolicy"]],
-                },
-            )
-        )
     return _model(
         Manifest,
         {
@@ -126,7 +148,7 @@ def construct(data: dict[str, Any]) -> Manifest:
             "kind": data["kind"],
             "instance": data["instance"],
             "deleted": bool(data.get("deleted", False)),
-            "disks": disks,
+            "disks": [_disk(d) for d in data["disks"]],
         },
     )
 
