@@ -27,6 +27,7 @@ A worker never outlives the run and never hangs it:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import marshal
 import mmap
@@ -42,7 +43,9 @@ import structlog
 log = structlog.get_logger(__name__)
 
 CHUNK = 32  # jobs per claim: ~5 ms of manifest loading; the two sides overlap by at most one
-STALL_S = 30.0  # after the last claim, how long to wait for a worker that sends nothing
+# After this process's last claim, how long a worker may send nothing (it has one chunk
+# left at most) before it is stopped and its jobs are run here.
+STALL_S = 30.0
 _HEADER = 4  # frame length, big-endian
 _RESULTS, _ERROR = 0, 1
 _FAILED_EXIT = 70  # the worker's exit status after an exception in a job
@@ -114,10 +117,8 @@ class Worker:
             return None
         counters = _Counters(n)
         rfd, wfd = os.pipe()
-        with contextlib.suppress(OSError, AttributeError):
+        with contextlib.suppress(OSError, AttributeError):  # Linux only, and best effort
             # A larger pipe lets the worker stream more results while this process is busy.
-            import fcntl
-
             fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
         try:
             pid = os.fork()
@@ -220,9 +221,12 @@ class Worker:
             self._fd = None
         if self.pid is None:
             return
-        _, status = os.waitpid(self.pid, 0)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped by someone else's SIGCHLD handler: status unknown
+            code = 0
         self.pid = None
-        code = os.waitstatus_to_exitcode(status)
         if code != 0 and self.failure is None:
             self.failure = (
                 f"it was killed by signal {-code}" if code < 0 else f"it exited with status {code}"
