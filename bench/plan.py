@@ -1,7 +1,7 @@
 """Benchmark: `reconcile --dry-run --output json` on a converged host of 30,000 disks, cold
 and repeated, against the bare floor of the same work.
 
-    .venv/bin/python bench/plan.py [--sizes 30000] [--rounds 5] [--keep] [--profile]
+    .venv/bin/python bench/plan.py [--sizes 30000] [--rounds 7] [--keep] [--profile]
 
 For each size N (disks; N/3 instances with a qcow2 root from an image, an ext4 ephemeral
 and a swap disk, all in one libvirt dir pool) this builds, under a short /tmp directory:
@@ -76,7 +76,7 @@ LIBVIRTD_SH = ROOT / "scripts" / "libvirtd.sh"
 RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
 
 DEFAULT_SIZES = (30_000,)
-ROUNDS = 5
+ROUNDS = 7
 TARGET_N = 30_000  # 10,000 manifests x 3 disks
 TARGET_COLD = 1.0  # cold run / floor
 TARGET_REPEAT = 0.8  # repeat run / floor
