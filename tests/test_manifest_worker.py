@@ -2,7 +2,8 @@
 
 A directory above the fork threshold, with valid manifests (some in the plain subset, some
 not) and every broken one of the corpus, is loaded both ways; the results must be equal
-down to each error's file, line, column and field. A worker that crashes, raises or stops
+down to each error's file, line, column and field, and `reconcile validate` must print the
+same. A worker that crashes, raises or stops
 sending is replaced by loading its files here; none outlives its load.
 """
 
@@ -272,3 +273,33 @@ def test_worker_results_come_back_in_place() -> None:
     finally:
         w.close()
     assert got == {i: [i, str(i), {"n": i}] for i in range(1000)}
+
+
+def test_validate_prints_the_same_with_and_without_a_worker(
+    manifests: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler import cli
+
+    started: list[Worker | None] = []
+    real_start = Worker.start
+
+    def spy(n: int, job: Callable[[int], Any]) -> Worker | None:
+        started.append(real_start(n, job))
+        return started[-1]
+
+    monkeypatch.setattr(Worker, "start", spy)
+    argv = ["validate", "--config", str(CORPUS / "config.yaml"), str(manifests)]
+    forked_rc = cli.main(argv)
+    forked_out = capsys.readouterr()
+    assert started and started[0] is not None
+    monkeypatch.setattr(worker, "can_fork", lambda: False)
+    sequential_rc = cli.main(argv)
+    sequential_out = capsys.readouterr()
+    assert started[-1] is None
+    assert (forked_rc, forked_out.out, forked_out.err) == (
+        sequential_rc,
+        sequential_out.out,
+        sequential_out.err,
+    )
+    assert forked_rc == 1 and f"{FORK_THRESHOLD} valid" in forked_out.out
+    assert re.search(r"^error: .*/x\d{3}-[a-z0-9-]+\.yaml:\d+:\d+: ", forked_out.err, re.M)
