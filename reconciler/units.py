@@ -13,6 +13,7 @@ _SI_UNITS = {"K", "KB", "M", "MB", "G", "GB", "T", "TB", "P", "PB", "k", "kB"}
 
 
 # Sizes written as text, already parsed: the same few recur in every manifest of a host.
+# Bounded in number and length, as inputs are.
 _parsed: dict[str, int] = {}
 
 
@@ -25,7 +26,7 @@ def parse_size(value: object) -> int:
         n = _parsed.get(value)
         if n is None:
             n = _parse_size(value)
-            if len(_parsed) < 10_000:
+            if len(_parsed) < 10_000 and len(value) <= 64:
                 _parsed[value] = n
         return n
     return _parse_size(value)

@@ -53,7 +53,7 @@ _DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 _resolver: Any = yaml.resolver.Resolver()
 _OTHER = object()  # a plain scalar this path leaves to the full loader
 _UNSEEN = object()
-_plain_values: dict[str, Any] = {}  # text (trailing spaces and all) -> _plain(text)
+_plain_values: dict[str, Any] = {}  # short text (trailing spaces and all) -> _plain(text)
 
 
 def _plain(text: str) -> Any:
@@ -145,7 +145,7 @@ def load_plain(raw: bytes, file: str) -> Document | None:
             value = values.get(plain, _UNSEEN)
             if value is _UNSEEN:
                 value = _plain(plain.rstrip(" "))
-                if len(values) < 100_000:
+                if len(values) < 100_000 and len(plain) <= 100:  # bounded, as inputs are
                     values[plain] = value
             if value is _OTHER:
                 return None
