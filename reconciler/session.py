@@ -33,8 +33,10 @@ class Session:
             for name, pc in sorted(self.config.pools.items())
         }
         self.desired = Desired(())
+        self._loading: ManifestLoad | None = None
 
     def close(self) -> None:
+        self._end_loading()
         self.conns.close()
         self.store.close()
 
@@ -45,8 +47,8 @@ class Session:
         self.close()
 
     def load(self, paths: Sequence[str]) -> Desired:
-        with self._loading(paths) as loading:
-            return self._loaded(loading)
+        self._load(paths, observe=False)
+        return self.desired
 
     def load_and_observe(self, paths: Sequence[str]) -> Observed:
         """load() and observe() together: while a forked worker parses manifests (a large
@@ -54,19 +56,29 @@ class Session:
         and reads the records, then parses what the worker has not taken. Manifests and
         pools are read at different moments in either order; apply checks every action's
         precondition again before it acts."""
-        with self._loading(paths) as loading:
-            observed = self.observe()
-            self._loaded(loading)
+        observed = self._load(paths, observe=True)
+        assert observed is not None
         return observed
 
-    def _loading(self, paths: Sequence[str]) -> ManifestLoad:
+    def _load(self, paths: Sequence[str], *, observe: bool) -> Observed | None:
+        self._end_loading()
         cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
-        return ManifestLoad(paths, self.config, cache)
-
-    def _loaded(self, loading: ManifestLoad) -> Desired:
-        loaded, failed = loading.finish()
+        loading = ManifestLoad(paths, self.config, cache)
+        try:
+            observed = self.observe() if observe else None
+            loaded, failed = loading.finish()
+        except BaseException:
+            loading.close()
+            raise
+        # Kept until close() or the next load: its worker may still be writing the cache.
+        self._loading = loading
         self.desired = build_desired(loaded, failed)
-        return self.desired
+        return observed
+
+    def _end_loading(self) -> None:
+        if self._loading is not None:
+            self._loading.close()
+            self._loading = None
 
     def observe(self) -> Observed:
         # Volumes before records: a record is written before its volume is made, so a volume

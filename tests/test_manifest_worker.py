@@ -283,8 +283,8 @@ def test_validate_prints_the_same_with_and_without_a_worker(
     started: list[Worker | None] = []
     real_start = Worker.start
 
-    def spy(n: int, job: Callable[[int], Any]) -> Worker | None:
-        started.append(real_start(n, job))
+    def spy(n: int, job: Callable[[int], Any], then: Any = None) -> Worker | None:
+        started.append(real_start(n, job, then))
         return started[-1]
 
     monkeypatch.setattr(Worker, "start", spy)
@@ -303,3 +303,54 @@ def test_validate_prints_the_same_with_and_without_a_worker(
     )
     assert forked_rc == 1 and f"{FORK_THRESHOLD} valid" in forked_out.out
     assert re.search(r"^error: .*/x\d{3}-[a-z0-9-]+\.yaml:\d+:\d+: ", forked_out.err, re.M)
+
+
+# -- the manifest cache, written by the worker -------------------------------------------
+
+
+@pytest.fixture
+def trust_new_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconciler.schema import mcache
+
+    monkeypatch.setattr(mcache, "SAFE_AGE_NS", -(10**12))
+
+
+def test_the_worker_writes_the_cache_and_close_waits_for_it(
+    manifests: Path, config: Config, tmp_path: Path, trust_new_files: None
+) -> None:
+    path = tmp_path / "cache.json"
+    with ManifestLoad([str(manifests)], config, ManifestCache(path)) as loading:
+        loading.finish()
+        w = loading.worker
+        assert w is not None and w.handed
+    assert w.pid is None and w.failure is None
+    assert len(ManifestCache(path).entries) == FORK_THRESHOLD
+
+
+def test_a_cache_the_worker_cannot_write_is_reported(
+    manifests: Path, config: Config, tmp_path: Path, trust_new_files: None
+) -> None:
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "cache.json"  # its directory is a file: mkdir fails
+    cache = ManifestCache(path)
+    with capture_logs() as logs, ManifestLoad([str(manifests)], config, cache) as loading:
+        loading.finish()
+    (warning,) = [e for e in logs if e["event"] == "manifest_cache.write_failed"]
+    assert warning["error"].startswith("FileExistsError") and warning["path"] == str(path)
+
+
+def test_a_worker_killed_while_writing_the_cache_is_reported(
+    manifests: Path,
+    config: Config,
+    tmp_path: Path,
+    trust_new_files: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(load, "write_document", lambda path, doc: _crash())
+    path = tmp_path / "cache.json"
+    cache = ManifestCache(path)
+    with capture_logs() as logs, ManifestLoad([str(manifests)], config, cache) as loading:
+        loading.finish()
+    (warning,) = [e for e in logs if e["event"] == "manifest_cache.write_failed"]
+    assert "killed by signal 9" in warning["error"]
+    assert not path.exists()

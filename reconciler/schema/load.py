@@ -15,7 +15,14 @@ from pydantic import BaseModel, ValidationError
 from reconciler.errors import ConfigError, InputError, Location
 from reconciler.schema.config import Config
 from reconciler.schema.manifest import ImageSource, Manifest
-from reconciler.schema.mcache import Key, ManifestCache, construct, dump, stat_key
+from reconciler.schema.mcache import (
+    Key,
+    ManifestCache,
+    construct,
+    dump,
+    stat_key,
+    write_document,
+)
 from reconciler.schema.plainyaml import load_plain
 from reconciler.schema.worker import Worker
 from reconciler.schema.yamlload import MAX_FILE_BYTES, Document, load_file, load_text
@@ -338,8 +345,9 @@ class ManifestLoad:
 
     The worker sends, for a file that loaded, the manifest's dump and its disks' lines
     (rebuilt here as a cache hit is), and for any other file nothing: those are loaded
-    again here, so every error is made exactly as in a sequential load. Use it as a
-    context manager: leaving it stops the worker however loading ends.
+    again here, so every error is made exactly as in a sequential load. Then, idle, it is
+    handed the manifest cache to write while the caller goes on. Use it as a context
+    manager: leaving it waits for that write, and stops the worker however loading ends.
     """
 
     def __init__(
@@ -372,8 +380,9 @@ class ManifestLoad:
                     self._done[i] = LoadedManifest(f, hit[0], hit[1])
                     continue
             self._todo.append(i)
+        then = self._write_cache if cache is not None else None
         self.worker = (
-            Worker.start(len(self._todo), self._remote)
+            Worker.start(len(self._todo), self._remote, then)
             if len(self._todo) >= fork_threshold
             else None
         )
@@ -385,8 +394,14 @@ class ManifestLoad:
         self.close()
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
+        """Stop the worker, or wait for the manifest cache it is writing (STALL_S at most)."""
+        w = self.worker
+        if w is not None:
+            w.close()
+            if w.handed and w.failure and self.cache is not None:
+                log.warning(
+                    "manifest_cache.write_failed", path=str(self.cache.path), error=w.failure
+                )
 
     def finish(self) -> tuple[list[LoadedManifest], list[FailedManifest]]:
         todo = self._todo
@@ -402,7 +417,6 @@ class ManifestLoad:
             for j, sent in w.wait():
                 parsed[j] = self._rebuild(j, sent)
             rest = w.missing()
-            w.close()
             if rest or w.failure:  # the result stays whole: what it did not send is done here
                 log.warning(
                     "manifests.worker_failed",
@@ -434,8 +448,18 @@ class ManifestLoad:
             else:
                 failed.append(r)
         if self.cache is not None:
-            self.cache.save()
+            doc = self.cache.unsaved()
+            # The worker, idle now, writes the cache while this process goes on to plan.
+            if doc is not None and (w is None or not w.hand_off(doc)):
+                self.cache.save(doc)
+        if w is not None and not w.handed:
+            w.close()
         return loaded, failed
+
+    def _write_cache(self, doc: dict[str, Any]) -> None:
+        """In the worker: write the cache this process handed off (see finish)."""
+        assert self.cache is not None
+        write_document(self.cache.path, doc)
 
     def _here(self, j: int) -> _Parsed:
         """Load the j-th file to parse in this process (and dump it, if it is cached)."""

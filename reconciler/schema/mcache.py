@@ -191,20 +191,28 @@ class ManifestCache:
         is parsed again next run."""
         return max(key[3], key[4]) <= time.time_ns() - SAFE_AGE_NS
 
-    def save(self) -> None:
-        """Write the entries used or added by this run (stale ones drop out)."""
+    def unsaved(self) -> dict[str, Any] | None:
+        """What save() would write: the entries used or added by this run (stale ones drop
+        out); None when that is what the file holds already."""
         if not self.dirty and set(self.fresh) == set(self.entries):
-            return
-        from reconciler.schema.write import write_atomic
+            return None
+        return {"fingerprint": self.fingerprint, "entries": self.fresh}
 
+    def save(self, doc: dict[str, Any] | None = None) -> None:
+        """Write `doc` (default: unsaved()); a failure is logged, as losing the cache only
+        costs the next run its speed."""
+        doc = self.unsaved() if doc is None else doc
+        if doc is None:
+            return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(
-                str(self.path),
-                json.dumps(
-                    {"fingerprint": self.fingerprint, "entries": self.fresh},
-                    separators=(",", ":"),
-                ),
-            )
+            write_document(self.path, doc)
         except OSError as e:
             log.warning("manifest_cache.write_failed", path=str(self.path), error=str(e))
+
+
+def write_document(path: Path, doc: dict[str, Any]) -> None:
+    """Replace the cache file with `doc` atomically; raises OSError."""
+    from reconciler.schema.write import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(str(path), json.dumps(doc, separators=(",", ":")))

@@ -10,7 +10,10 @@ process keeps its own result.
 
 What a job returns must be plain data (marshal: str, int, float, bool, None, lists, tuples,
 dicts): it is sent back through a pipe in length-prefixed frames, one per chunk, and the
-caller rebuilds its objects from it. Nothing here decides what a result means.
+caller rebuilds its objects from it. Nothing here decides what a result means. A worker
+given a `then` stays after its last chunk for one more piece of work: `hand_off(data)`
+passes it plain data, and it runs then(data) while this process goes on (the manifest
+cache is written so, while the plan is made); `close` waits for that.
 
 A worker never outlives the run and never hangs it:
   * it is forked only from a single-threaded process: a fork copies only the calling
@@ -18,8 +21,9 @@ A worker never outlives the run and never hangs it:
     child;
   * it writes after every chunk; once this process is gone its writes fail with EPIPE and
     it exits, and `close` (called however loading ends) kills and reaps it;
-  * `wait` stops at end of file (the worker exited), or when nothing arrived for STALL_S;
-    jobs not delivered by then are the caller's to run (`missing`), and `failure` says why;
+  * `wait` stops when the worker says it is done or exits, or when nothing arrived for
+    STALL_S; jobs not delivered by then are the caller's to run (`missing`), and `failure`
+    says why; `close` waits at most STALL_S for work handed off;
   * it leaves with os._exit: nothing this process buffered, opened or registered (stdout,
     the records database, atexit handlers) is flushed or closed by the child too.
 """
@@ -47,8 +51,8 @@ CHUNK = 32  # jobs per claim: ~5 ms of manifest loading; the two sides overlap b
 # left at most) before it is stopped and its jobs are run here.
 STALL_S = 30.0
 _HEADER = 4  # frame length, big-endian
-_RESULTS, _ERROR = 0, 1
-_FAILED_EXIT = 70  # the worker's exit status after an exception in a job
+_RESULTS, _ERROR, _DONE = 0, 1, 2  # frame kinds
+_FAILED_EXIT = 70  # the worker's exit status after an exception in a job or in `then`
 
 
 def can_fork() -> bool:
@@ -100,23 +104,30 @@ class _Counters:
 class Worker:
     """One forked process running `job` on the jobs this process does not claim first."""
 
-    def __init__(self, n: int, pid: int, fd: int, counters: _Counters) -> None:
+    def __init__(self, n: int, pid: int, fd: int, then_fd: int | None, counters: _Counters) -> None:
         self.n = n
         self.pid: int | None = pid
         self.failure: str | None = None
+        self.handed = False  # whether hand_off gave the worker its `then` to run
         self._fd: int | None = fd
+        self._then_fd = then_fd  # where hand_off writes; closing it tells the worker to go
         self._counters = counters
         self._buf = bytearray()
         self._delivered: set[int] = set()
+        self._done = False  # the worker has sent all it will send of the jobs
         self._front = 0  # this process's claims end here
 
     @classmethod
-    def start(cls, n: int, job: Callable[[int], Any]) -> Worker | None:
-        """Fork a worker for jobs [0, n); None when forking is not possible here."""
+    def start(
+        cls, n: int, job: Callable[[int], Any], then: Callable[[Any], None] | None = None
+    ) -> Worker | None:
+        """Fork a worker for jobs [0, n) (and `then`, see hand_off); None when forking is
+        not possible here."""
         if n <= 0 or not can_fork():
             return None
         counters = _Counters(n)
         rfd, wfd = os.pipe()
+        then_r, then_w = os.pipe() if then is not None else (None, None)
         with contextlib.suppress(OSError, AttributeError):  # Linux only, and best effort
             # A larger pipe lets the worker stream more results while this process is busy.
             fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -124,20 +135,27 @@ class Worker:
             pid = os.fork()
         except OSError as e:
             log.warning("worker.fork_failed", error=str(e))
-            os.close(rfd)
-            os.close(wfd)
+            for fd in (rfd, wfd, then_r, then_w):
+                if fd is not None:
+                    os.close(fd)
             counters.close()
             return None
         if pid == 0:  # the worker: it never returns from here
             status = _FAILED_EXIT
             try:
                 os.close(rfd)
+                if then_w is not None:
+                    os.close(then_w)
                 status = _work(job, n, wfd, counters)
+                if status == 0 and then is not None and then_r is not None:
+                    status = _then(then, then_r, wfd)
             finally:
                 os._exit(status)
         os.close(wfd)
+        if then_r is not None:
+            os.close(then_r)
         os.set_blocking(rfd, False)
-        return cls(n, pid, rfd, counters)
+        return cls(n, pid, rfd, then_w, counters)
 
     # -- this process's side ----------------------------------------------------------
 
@@ -161,7 +179,7 @@ class Worker:
         """After the last claim: the rest of the worker's results, until it exits, stops
         sending for STALL_S, or dies. Then `missing` lists the jobs nobody delivered."""
         out: list[tuple[int, Any]] = []
-        while self._fd is not None:
+        while self._fd is not None and not self._done:
             ready, _, _ = select.select([self._fd], [], [], STALL_S)
             if not ready:
                 self.failure = f"it sent nothing for {STALL_S:g} s and was stopped"
@@ -175,8 +193,40 @@ class Worker:
         """Jobs neither side completed (the worker died, or was stopped): run them here."""
         return [i for i in range(self._front, self.n) if i not in self._delivered]
 
+    def hand_off(self, data: Any) -> bool:
+        """After wait(): have the worker run its `then` on `data` (plain data) while this
+        process goes on. False when it cannot (no `then`, or the worker is gone or did not
+        finish its jobs): then the caller does that work itself."""
+        if self._then_fd is None or self.pid is None or not self._done or self.failure:
+            return False
+        payload = marshal.dumps(data)
+        try:
+            with memoryview(payload) as view:
+                sent = 0
+                while sent < len(view):
+                    sent += os.write(self._then_fd, view[sent:])
+        except OSError:  # the worker died after its jobs: EPIPE
+            return False
+        finally:
+            os.close(self._then_fd)
+            self._then_fd = None
+        self.handed = True
+        return True
+
     def close(self) -> None:
-        """Stop and reap the worker if it still runs; idempotent."""
+        """Let the worker finish work handed off (STALL_S at most), else stop it; reap it.
+        Idempotent. After a hand-off, `failure` says why that work did not get done."""
+        if self._then_fd is not None:
+            os.close(self._then_fd)  # a worker waiting for a hand-off leaves
+            self._then_fd = None
+        if self.handed:
+            while self._fd is not None:
+                ready, _, _ = select.select([self._fd], [], [], STALL_S)
+                if not ready:
+                    self.failure = f"it did not finish within {STALL_S:g} s and was stopped"
+                    break
+                self._read()
+                self._take()
         self._stop()
         self._counters.close()
 
@@ -206,6 +256,9 @@ class Worker:
             pos = end
             if kind == _ERROR:
                 self.failure = str(payload)
+                continue
+            if kind == _DONE:
+                self._done = True
                 continue
             for offset, result in enumerate(payload):
                 i = start + offset
@@ -268,10 +321,29 @@ def _work(job: Callable[[int], Any], n: int, fd: int, counters: _Counters) -> in
         with contextlib.suppress(OSError):
             _send(fd, out, block=True)
         return _FAILED_EXIT
+    _frame(out, (_DONE, 0, None))
     try:
         _send(fd, out, block=True)
     except BrokenPipeError:
         return 1
+    return 0
+
+
+def _then(then: Callable[[Any], None], then_fd: int, fd: int) -> int:
+    """Wait for what hand_off sends (nothing: the parent closed the pipe) and run then()."""
+    data = bytearray()
+    while chunk := os.read(then_fd, 1 << 20):
+        data += chunk
+    if not data:
+        return 0
+    try:
+        then(marshal.loads(data))
+    except BaseException as e:
+        out = bytearray()
+        _frame(out, (_ERROR, 0, f"{type(e).__name__}: {e}"))
+        with contextlib.suppress(OSError):
+            _send(fd, out, block=True)
+        return _FAILED_EXIT
     return 0
 
 
