@@ -206,8 +206,7 @@ def _plan(argv: Sequence[str]) -> int:
     if args.observed:
         return _plan_observed(args, config)
     with Session(config, _options(args, config)) as s:
-        s.load(args.paths)
-        p = s.plan()
+        p = s.plan(s.load_and_observe(args.paths))
         if args.plan_out:
             save_plan(args.plan_out, p, cfg_path, [os.path.abspath(x) for x in args.paths])
         if args.dry_run:

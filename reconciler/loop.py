@@ -426,9 +426,10 @@ class Loop:
         observer.schedule(_Events(self), str(self.index.dir), recursive=False)
         observer.start()  # before the first read: a change during it is seen again
         threads: list[threading.Thread] = []
+        metrics_server: tuple[Any, threading.Thread] | None = None
         try:
             if self.metrics_port is not None:
-                start_http_server(
+                metrics_server = start_http_server(
                     self.metrics_port, addr=self.metrics_address, registry=self.metrics.registry
                 )
             self.index.refresh(self.config)
@@ -461,6 +462,10 @@ class Loop:
                 t.join()
             observer.stop()
             observer.join()
+            if metrics_server is not None:  # a stopped loop leaves no port open, no thread
+                metrics_server[0].shutdown()
+                metrics_server[0].server_close()
+                metrics_server[1].join()
             for s in [self.session, *self._old_sessions]:
                 if s is not None:
                     s.close()

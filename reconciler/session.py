@@ -24,7 +24,7 @@ from reconciler.drivers.base import ManagingDriver
 from reconciler.drivers.ownership import ManagedElsewhere
 from reconciler.errors import PoolError
 from reconciler.schema.config import Config
-from reconciler.schema.load import load_manifests
+from reconciler.schema.load import ManifestLoad, load_manifests
 from reconciler.schema.manifest import ImageSource
 from reconciler.schema.mcache import ManifestCache
 from reconciler.schema.record import DiskRecord
@@ -49,8 +49,10 @@ class Session:
             for name, pc in sorted(self.config.pools.items())
         }
         self.desired = Desired(())
+        self._loading: ManifestLoad | None = None
 
     def close(self) -> None:
+        self._end_loading()
         self.conns.close()
         self.store.close()
 
@@ -61,10 +63,38 @@ class Session:
         self.close()
 
     def load(self, paths: Sequence[str]) -> Desired:
-        cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
-        loaded, failed = load_manifests(paths, self.config, cache)
-        self.desired = self._with_entries(build_desired(loaded, failed))
+        self._load(paths, observe=False)
         return self.desired
+
+    def load_and_observe(self, paths: Sequence[str]) -> Observed:
+        """load() and observe() together: while a forked worker parses manifests (a large
+        run without the manifest cache, see ManifestLoad), this process observes the pools
+        and reads the records, then parses what the worker has not taken. Manifests and
+        pools are read at different moments in either order; apply checks every action's
+        precondition again before it acts."""
+        observed = self._load(paths, observe=True)
+        assert observed is not None
+        return observed
+
+    def _load(self, paths: Sequence[str], *, observe: bool) -> Observed | None:
+        self._end_loading()
+        cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
+        loading = ManifestLoad(paths, self.config, cache)
+        try:
+            observed = self.observe() if observe else None
+            loaded, failed = loading.finish()
+        except BaseException:
+            loading.close()
+            raise
+        # Kept until close() or the next load: its worker may still be writing the cache.
+        self._loading = loading
+        self.desired = self._with_entries(build_desired(loaded, failed))
+        return observed
+
+    def _end_loading(self) -> None:
+        if self._loading is not None:
+            self._loading.close()
+            self._loading = None
 
     def _with_entries(self, desired: Desired) -> Desired:
         return with_entries(desired, self.managing_drivers())
@@ -87,8 +117,9 @@ class Session:
             )
         return Observed(pools, tuple(records), tuple(bad))
 
-    def plan(self) -> Plan:
-        return plan(self.desired, self.observe(), self.options)
+    def plan(self, observed: Observed | None = None) -> Plan:
+        """Plan the loaded manifests against `observed`, or against the pools as they are."""
+        return plan(self.desired, self.observe() if observed is None else observed, self.options)
 
     def managing_drivers(self) -> dict[str, ManagingDriver]:
         return managing(self.drivers)

@@ -12,11 +12,27 @@ _SIZE_RE = re.compile(r"^\s*(?P<num>[0-9]+)\s*(?P<unit>[A-Za-z]+)\s*$")
 _SI_UNITS = {"K", "KB", "M", "MB", "G", "GB", "T", "TB", "P", "PB", "k", "kB"}
 
 
+# Sizes written as text, already parsed: the same few recur in every manifest of a host.
+# Bounded in number and length, as inputs are.
+_parsed: dict[str, int] = {}
+
+
 def parse_size(value: object) -> int:
     """Parse a disk size: an int of bytes or a string like '20GiB'.
 
     Raises ValueError with an operator-facing message.
     """
+    if type(value) is str:
+        n = _parsed.get(value)
+        if n is None:
+            n = _parse_size(value)
+            if len(_parsed) < 10_000 and len(value) <= 64:
+                _parsed[value] = n
+        return n
+    return _parse_size(value)
+
+
+def _parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(
             "size must be a whole number of bytes or a string like '20GiB', not a bool"

@@ -36,12 +36,14 @@ def libvirt_uri() -> str:
     return qemu_uri(uri)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ceph() -> Iterator[Ceph]:
     """client.admin connected to this checkout's Ceph cluster, with an ioctx of pool rbd:
     the cluster of $RECONCILER_CEPH_CONF (set by `make test`), else the one `make ceph`
     would start, started here. Skips only where Ceph is not installed; a cluster that does
-    not start or answer is a failure."""
+    not start or answer is a failure. Per module: the client's threads end with the
+    module, so later tests run in a process of one thread (the manifest worker forks only
+    then)."""
     reason = not_installed()
     if reason:
         pytest.skip(reason)

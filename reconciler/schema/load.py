@@ -9,14 +9,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
 from pydantic import BaseModel, ValidationError
 
 from reconciler.errors import ConfigError, InputError, Location
 from reconciler.schema.config import Config
 from reconciler.schema.manifest import ImageSource, Manifest
-from reconciler.schema.mcache import ManifestCache, stat_key
-from reconciler.schema.yamlload import Document, load_file
+from reconciler.schema.mcache import (
+    Key,
+    ManifestCache,
+    construct,
+    dump,
+    stat_key,
+    write_document,
+)
+from reconciler.schema.plainyaml import load_plain
+from reconciler.schema.worker import Worker
+from reconciler.schema.yamlload import MAX_FILE_BYTES, Document, load_file, load_text
 from reconciler.schema.yamlload import Path as YPath
+
+log = structlog.get_logger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -197,7 +209,7 @@ def load_manifest(path: str, config: Config | None) -> LoadedManifest | FailedMa
     error can name its line.
     """
     try:
-        doc = load_file(path, track=False)
+        doc = _load_untracked(path)
     except InputError:
         return _failed(path, config)
     try:
@@ -209,6 +221,27 @@ def load_manifest(path: str, config: Config | None) -> LoadedManifest | FailedMa
     disks = len(manifest.disks)
     lines = tuple((doc.positions.get(("disks", i)) or (None, None))[0] for i in range(disks))
     return LoadedManifest(path, manifest, lines)
+
+
+def _load_untracked(path: str) -> Document:
+    """The clean path's parse, without positions: plainyaml's subset when the file lies
+    within it (what the service writes does), else libyaml's events. Raises InputError on
+    any problem, without saying where: the caller loads the file again, tracked."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError:
+        raise InputError("cannot read file", Location(path)) from None
+    doc = load_plain(raw, path)
+    if doc is not None:
+        return doc
+    if len(raw) > MAX_FILE_BYTES:
+        raise InputError("file is too large", Location(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("file is not valid UTF-8", Location(path)) from None
+    return load_text(text, path, track=False)
 
 
 def _failed(path: str, config: Config | None) -> FailedManifest:
@@ -286,33 +319,173 @@ def manifest_files(paths: Iterable[str]) -> tuple[list[str], list[InputError]]:
     return files, errors
 
 
+# Files to parse. Forking and starting a worker costs 20-30 ms (its first touches of the
+# parent's memory, its exit), what 300 or so manifests cost to load: below this, it loses.
+FORK_THRESHOLD = 400
+
+
 def load_manifests(
     paths: Iterable[str], config: Config | None, cache: ManifestCache | None = None
 ) -> tuple[list[LoadedManifest], list[FailedManifest]]:
     """Load every manifest under `paths`; with a cache, unchanged files are not re-parsed
     (their references to the config's pools and images are always checked again)."""
-    files, errors = manifest_files(paths)
-    loaded: list[LoadedManifest] = []
-    failed: list[FailedManifest] = [FailedManifest(e.location.file, (e,), None) for e in errors]
-    no_doc = Document("", None)
-    for f in files:
-        key = None
-        if cache is not None:
-            try:
-                key = stat_key(os.stat(f))
-            except OSError:
-                key = None
-            hit = cache.get(os.path.abspath(f), key) if key is not None else None
-            if hit is not None and (config is None or not check_references(hit[0], no_doc, config)):
-                loaded.append(LoadedManifest(f, hit[0], hit[1]))
-                continue
-        r = load_manifest(f, config)
-        if isinstance(r, LoadedManifest):
-            loaded.append(r)
-            if cache is not None and key is not None:
-                cache.put(os.path.abspath(f), key, r.manifest, r.disk_lines)
+    with ManifestLoad(paths, config, cache) as loading:
+        return loading.finish()
+
+
+_Parsed = tuple[LoadedManifest | FailedManifest, dict[str, Any] | None]
+
+
+class ManifestLoad:
+    """Loading the manifests under some paths, in two steps so the caller can work between
+    them: creating it looks every file up in the cache and, when at least
+    `fork_threshold` files are left to parse, forks a worker that starts parsing them
+    (reconciler/schema/worker.py); `finish` parses here what the worker has not taken,
+    and returns what load_manifest on every file in turn would have.
+
+    The worker sends, for a file that loaded, the manifest's dump and its disks' lines
+    (rebuilt here as a cache hit is), and for any other file nothing: those are loaded
+    again here, so every error is made exactly as in a sequential load. Then, idle, it is
+    handed the manifest cache to write while the caller goes on. Use it as a context
+    manager: leaving it waits for that write, and stops the worker however loading ends.
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[str],
+        config: Config | None,
+        cache: ManifestCache | None = None,
+        *,
+        fork_threshold: int = FORK_THRESHOLD,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.files, errors = manifest_files(paths)
+        self._errors = [FailedManifest(e.location.file, (e,), None) for e in errors]
+        self._done: list[LoadedManifest | None] = [None] * len(self.files)
+        self._keys: list[Key | None] = [None] * len(self.files)
+        self._todo: list[int] = []  # indices of the files to parse
+        no_doc = Document("", None)
+        for i, f in enumerate(self.files):
+            if cache is not None:
+                try:
+                    key: Key | None = stat_key(os.stat(f))
+                except OSError:
+                    key = None
+                self._keys[i] = key
+                hit = cache.get(os.path.abspath(f), key) if key is not None else None
+                if hit is not None and (
+                    config is None or not check_references(hit[0], no_doc, config)
+                ):
+                    self._done[i] = LoadedManifest(f, hit[0], hit[1])
+                    continue
+            self._todo.append(i)
+        then = self._write_cache if cache is not None else None
+        self.worker = (
+            Worker.start(len(self._todo), self._remote, then)
+            if len(self._todo) >= fork_threshold
+            else None
+        )
+
+    def __enter__(self) -> ManifestLoad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker, or wait for the manifest cache it is writing (STALL_S at most)."""
+        w = self.worker
+        if w is not None:
+            w.close()
+            if w.handed and w.failure and self.cache is not None:
+                log.warning(
+                    "manifest_cache.write_failed", path=str(self.cache.path), error=w.failure
+                )
+
+    def finish(self) -> tuple[list[LoadedManifest], list[FailedManifest]]:
+        todo = self._todo
+        parsed: list[_Parsed | None] = [None] * len(todo)
+        w = self.worker
+        if w is not None:
+            while (chunk := w.claim()) is not None:
+                for j in chunk:
+                    if parsed[j] is None:
+                        parsed[j] = self._here(j)
+                for j, sent in w.poll():
+                    parsed[j] = self._rebuild(j, sent)
+            for j, sent in w.wait():
+                parsed[j] = self._rebuild(j, sent)
+            rest = w.missing()
+            if rest or w.failure:  # the result stays whole: what it did not send is done here
+                log.warning(
+                    "manifests.worker_failed",
+                    why=w.failure or "it ended early",
+                    loading_here=len(rest),
+                )
+            for j in rest:
+                parsed[j] = self._here(j)
         else:
-            failed.append(r)
-    if cache is not None:
-        cache.save()
-    return loaded, failed
+            for j in range(len(todo)):
+                parsed[j] = self._here(j)
+
+        loaded: list[LoadedManifest] = []
+        failed = list(self._errors)
+        results = iter(parsed)
+        for i, f in enumerate(self.files):
+            hit = self._done[i]
+            if hit is not None:
+                loaded.append(hit)
+                continue
+            p = next(results)
+            assert p is not None
+            r, data = p
+            if isinstance(r, LoadedManifest):
+                loaded.append(r)
+                key = self._keys[i]
+                if self.cache is not None and key is not None and data is not None:
+                    self.cache.put(os.path.abspath(f), key, data, r.disk_lines)
+            else:
+                failed.append(r)
+        if self.cache is not None:
+            doc = self.cache.unsaved()
+            # The worker, idle now, writes the cache while this process goes on to plan.
+            if doc is not None and (w is None or not w.hand_off(doc)):
+                self.cache.save(doc)
+        if w is not None and not w.handed:
+            w.close()
+        return loaded, failed
+
+    def _write_cache(self, doc: dict[str, Any]) -> None:
+        """In the worker: write the cache this process handed off (see finish)."""
+        assert self.cache is not None
+        write_document(self.cache.path, doc)
+
+    def _here(self, j: int) -> _Parsed:
+        """Load the j-th file to parse in this process (and dump it, if it is cached)."""
+        i = self._todo[j]
+        r = load_manifest(self.files[i], self.config)
+        keep = isinstance(r, LoadedManifest) and self.cache is not None
+        key = self._keys[i]
+        if keep and key is not None and ManifestCache.trusts(key):
+            assert isinstance(r, LoadedManifest)
+            return r, dump(r.manifest)
+        return r, None
+
+    def _remote(self, j: int) -> Any:
+        """In the worker: the j-th file to parse, as plain data (None: it did not load)."""
+        r = load_manifest(self.files[self._todo[j]], self.config)
+        if isinstance(r, LoadedManifest):
+            return dump(r.manifest), r.disk_lines
+        return None
+
+    def _rebuild(self, j: int, sent: Any) -> _Parsed:
+        """A file the worker loaded, as if loaded here; one it did not is loaded here."""
+        if sent is None:
+            return self._here(j)
+        data, lines = sent
+        try:
+            manifest = construct(data)
+        except (KeyError, ValueError, TypeError):  # pragma: no cover - the worker's own dump
+            return self._here(j)
+        return LoadedManifest(self.files[self._todo[j]], manifest, tuple(lines)), data

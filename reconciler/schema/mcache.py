@@ -17,10 +17,12 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
+from pydantic import BaseModel
 
 from reconciler import __version__
 from reconciler.schema.common import Backend, DiskFormat
@@ -42,7 +44,7 @@ Key = tuple[int, int, int, int, int]
 def _fingerprint() -> str:
     h = hashlib.sha256(__version__.encode())
     here = Path(__file__).resolve().parent
-    for name in ("common.py", "manifest.py", "yamlload.py", "load.py", "mcache.py"):
+    for name in ("common.py", "manifest.py", "yamlload.py", "plainyaml.py", "load.py", "mcache.py"):
         h.update((here / name).read_bytes())
     h.update((here.parent / "units.py").read_bytes())
     return h.hexdigest()
@@ -52,35 +54,102 @@ def stat_key(st: os.stat_result) -> Key:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def construct(data: dict[str, Any]) -> Manifest:
-    """Rebuild a Manifest from its own validated dump, without validating it again."""
-    disks = []
-    for d in data["disks"]:
-        src = d["source"]
-        source: ImageSource | TemplateSource
-        if "image" in src:
-            source = ImageSource.model_construct(image=src["image"])
-        else:
-            source = TemplateSource.model_construct(
-                template=TemplateKind(src["template"]), label=src.get("label")
-            )
-        disks.append(
-            DiskSpec.model_construct(
-                name=d["name"],
-                backend=Backend(d["backend"]),
-                pool=d["pool"],
-                format=DiskFormat(d["format"]),
-                size=int(d["size"]),
-                source=source,
-                deletion_policy=DeletionPolicy(d["deletionPolicy"]),
-            )
+M = TypeVar("M", bound=BaseModel)
+
+_BACKENDS = {b.value: b for b in Backend}
+_FORMATS = {f.value: f for f in DiskFormat}
+_TEMPLATES = {t.value: t for t in TemplateKind}
+_POLICIES = {p.value: p for p in DeletionPolicy}
+
+
+_set = object.__setattr__  # as pydantic sets them: the models are frozen
+
+
+def _model(cls: type[M], values: dict[str, Any]) -> M:
+    """A model holding `values`, its attributes set as model_construct sets them but
+    without its per-field alias and default lookups, which made rebuilding a manifest cost
+    more than validating it."""
+    m = cls.__new__(cls)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", set(values))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
+    return m
+
+
+def dump(manifest: Manifest) -> dict[str, Any]:
+    """What the cache keeps of a manifest (and a worker process sends): its JSON dump
+    without nulls, written out as DiskSpec.spec_dict is (model_dump cost more than the
+    validation it saves a repeat run)."""
+    return {
+        "apiVersion": manifest.api_version,
+        "kind": manifest.kind,
+        "instance": manifest.instance,
+        "deleted": manifest.deleted,
+        "disks": [d.spec_dict() for d in manifest.disks],
+    }
+
+
+# Rebuilt disks by content. A disk spec names no instance, and a host's manifests repeat
+# the same few (same names, pools, sizes, sources); the models are frozen, so one object
+# serves every manifest that has that disk. Bounded, as inputs are.
+_disks: dict[tuple[Any, ...], DiskSpec] = {}
+
+
+def _disk(d: dict[str, Any]) -> DiskSpec:
+    src = d["source"]
+    key = (
+        d["name"],
+        d["backend"],
+        d["pool"],
+        d["format"],
+        d["size"],
+        d["deletionPolicy"],
+        src.get("image"),
+        src.get("template"),
+        src.get("label"),
+    )
+    spec = _disks.get(key)
+    if spec is not None:
+        return spec
+    source: ImageSource | TemplateSource
+    if "image" in src:
+        source = _model(ImageSource, {"image": src["image"]})
+    else:
+        source = _model(
+            TemplateSource,
+            {"template": _TEMPLATES[src["template"]], "label": src.get("label")},
         )
-    return Manifest.model_construct(
-        api_version=data["apiVersion"],
-        kind=data["kind"],
-        instance=data["instance"],
-        deleted=bool(data.get("deleted", False)),
-        disks=disks,
+    spec = _model(
+        DiskSpec,
+        {
+            "name": d["name"],
+            "backend": _BACKENDS[d["backend"]],
+            "pool": d["pool"],
+            "format": _FORMATS[d["format"]],
+            "size": int(d["size"]),
+            "source": source,
+            "deletion_policy": _POLICIES[d["deletionPolicy"]],
+        },
+    )
+    if len(_disks) < 10_000:
+        _disks[key] = spec
+    return spec
+
+
+def construct(data: dict[str, Any]) -> Manifest:
+    """Rebuild a Manifest from its own validated dump, without validating it again.
+
+    Raises KeyError, ValueError or TypeError on data that is not such a dump."""
+    return _model(
+        Manifest,
+        {
+            "api_version": data["apiVersion"],
+            "kind": data["kind"],
+            "instance": data["instance"],
+            "deleted": bool(data.get("deleted", False)),
+            "disks": [_disk(d) for d in data["disks"]],
+        },
     )
 
 
@@ -110,27 +179,40 @@ class ManifestCache:
         self.fresh[path] = e
         return manifest, tuple(e[2])
 
-    def put(self, path: str, key: Key, manifest: Manifest, lines: tuple[int | None, ...]) -> None:
-        now = time.time_ns()
-        if max(key[3], key[4]) > now - SAFE_AGE_NS:
-            return  # too recent to trust its times; parsed again next run
-        self.fresh[path] = [list(key), manifest.model_dump(mode="json", by_alias=True), list(lines)]
-        self.dirty = True
+    def put(self, path: str, key: Key, data: dict[str, Any], lines: Sequence[int | None]) -> None:
+        """Keep a manifest's dump (see dump()) for the next run, if its file is old enough."""
+        if self.trusts(key):
+            self.fresh[path] = [list(key), data, list(lines)]
+            self.dirty = True
 
-    def save(self) -> None:
-        """Write the entries used or added by this run (stale ones drop out)."""
+    @staticmethod
+    def trusts(key: Key) -> bool:
+        """Whether the file's times are old enough to show its next change; a newer file
+        is parsed again next run."""
+        return max(key[3], key[4]) <= time.time_ns() - SAFE_AGE_NS
+
+    def unsaved(self) -> dict[str, Any] | None:
+        """What save() would write: the entries used or added by this run (stale ones drop
+        out); None when that is what the file holds already."""
         if not self.dirty and set(self.fresh) == set(self.entries):
-            return
-        from reconciler.schema.write import write_atomic
+            return None
+        return {"fingerprint": self.fingerprint, "entries": self.fresh}
 
+    def save(self, doc: dict[str, Any] | None = None) -> None:
+        """Write `doc` (default: unsaved()); a failure is logged, as losing the cache only
+        costs the next run its speed."""
+        doc = self.unsaved() if doc is None else doc
+        if doc is None:
+            return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(
-                str(self.path),
-                json.dumps(
-                    {"fingerprint": self.fingerprint, "entries": self.fresh},
-                    separators=(",", ":"),
-                ),
-            )
+            write_document(self.path, doc)
         except OSError as e:
             log.warning("manifest_cache.write_failed", path=str(self.path), error=str(e))
+
+
+def write_document(path: Path, doc: dict[str, Any]) -> None:
+    """Replace the cache file with `doc` atomically; raises OSError."""
+    from reconciler.schema.write import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(str(path), json.dumps(doc, separators=(",", ":")))
