@@ -354,3 +354,26 @@ def test_a_worker_killed_while_writing_the_cache_is_reported(
     (warning,) = [e for e in logs if e["event"] == "manifest_cache.write_failed"]
     assert "killed by signal 9" in warning["error"]
     assert not path.exists()
+
+
+def test_a_worker_that_takes_no_hand_off_is_stopped_and_the_cache_written_here(
+    manifests: Path,
+    config: Config,
+    tmp_path: Path,
+    trust_new_files: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker, "STALL_S", 0.2)
+    stuck_r, stuck_w = os.pipe()  # read in the worker, written by nobody: it blocks for good
+    monkeypatch.setattr(worker, "_then", lambda then, then_fd, fd: os.read(stuck_r, 1))
+    path = tmp_path / "cache.json"
+    try:
+        with ManifestLoad([str(manifests)], config, ManifestCache(path)) as loading:
+            loading.finish()
+            w = loading.worker
+            assert w is not None and not w.handed and w.pid is None
+            assert w.failure is not None and "took nothing" in w.failure
+    finally:
+        os.close(stuck_r)
+        os.close(stuck_w)
+    assert len(ManifestCache(path).entries) == FORK_THRESHOLD

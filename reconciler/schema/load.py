@@ -465,11 +465,9 @@ class ManifestLoad:
         """Load the j-th file to parse in this process (and dump it, if it is cached)."""
         i = self._todo[j]
         r = load_manifest(self.files[i], self.config)
-        keep = isinstance(r, LoadedManifest) and self.cache is not None
         key = self._keys[i]
-        if keep and key is not None and ManifestCache.trusts(key):
-            assert isinstance(r, LoadedManifest)
-            return r, dump(r.manifest)
+        if isinstance(r, LoadedManifest) and key is not None and ManifestCache.trusts(key):
+            return r, dump(r.manifest)  # (keys are only known with a cache)
         return r, None
 
     def _remote(self, j: int) -> Any:

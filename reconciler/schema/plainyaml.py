@@ -3,18 +3,18 @@
 Manifests are written by the compute service (write.py: yaml.safe_dump, block style) or by
 hand in the same shape. Reading one through libyaml's events costs about 0.1 ms in Python
 objects alone, most of what a cold plan spends per manifest (bench/plan.py). `load_plain`
-reads that shape with one regular expression per line and returns exactly what
+reads that shape with one regular expression (a match a line) and returns exactly what
 yamlload.load_text(track=False) returns for it (the data, and the lines of the root's
 `disks` items), or None for anything else.
 
 It is a recogniser of a subset, never a judge: it refuses nothing and reports nothing.
 Whatever it does not know takes the full loader, so the loader's guarantees hold as they
-are. Outside the subset, among others: anchors, aliases, tags, flow collections, block
-scalars, multi-line scalars, escapes and quotes within quoted scalars, complex keys,
-directives, several documents, tabs, control and non-ASCII characters, irregular
-indentation, duplicate keys, and plain scalars that YAML 1.1 reads as anything but a
-string, null, true/false or a plain decimal integer. tests/test_plainyaml.py holds it to
-the full loader on generated files and on every file of the corpus.
+are. Outside the subset, among others: anchors, aliases, tags, flow collections (but
+empty ones), block scalars, multi-line scalars, escapes and quotes within quoted scalars,
+complex keys, directives, several documents, tabs, control and non-ASCII characters,
+irregular indentation, duplicate keys, and plain scalars that YAML 1.1 reads as anything
+but a string, null, true/false or a plain decimal integer. tests/test_plainyaml.py holds
+it to the full loader on generated files and on every file of the corpus.
 """
 
 from __future__ import annotations

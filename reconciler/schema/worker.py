@@ -200,16 +200,23 @@ class Worker:
         if self._then_fd is None or self.pid is None or not self._done or self.failure:
             return False
         payload = marshal.dumps(data)
+        fd, self._then_fd = self._then_fd, None
         try:
+            os.set_blocking(fd, False)
             with memoryview(payload) as view:
                 sent = 0
                 while sent < len(view):
-                    sent += os.write(self._then_fd, view[sent:])
+                    _, ready, _ = select.select([], [fd], [], STALL_S)
+                    if not ready:  # a worker that does not read is stopped
+                        self.failure = f"it took nothing for {STALL_S:g} s and was stopped"
+                        self._stop()
+                        return False
+                    with contextlib.suppress(BlockingIOError):
+                        sent += os.write(fd, view[sent:])
         except OSError:  # the worker died after its jobs: EPIPE
             return False
         finally:
-            os.close(self._then_fd)
-            self._then_fd = None
+            os.close(fd)  # the end of the data, for the worker
         self.handed = True
         return True
 
