@@ -328,6 +328,18 @@ class Outcome:
     terminal: bool  # wait for the manifest to change
     error: str = ""
 
+    @classmethod
+    def failed(cls, reason: str, message: str, *, terminal: bool) -> Outcome:
+        """Not ready and degraded for `reason`: retried with backoff unless terminal."""
+        return cls(
+            "error",
+            ("False", reason, message),
+            ("True", reason, message),
+            retry=not terminal,
+            terminal=terminal,
+            error=message,
+        )
+
 
 class Loop:
     def __init__(
@@ -702,14 +714,7 @@ class Loop:
                     f"{safety.delete_guard_floor}). Run 'reconcile --force' once, or raise the "
                     "limit and send SIGHUP"
                 )
-                return Outcome(
-                    "error",
-                    ("False", "DeleteGuard", msg),
-                    ("True", "DeleteGuard", msg),
-                    retry=True,
-                    terminal=False,
-                    error=msg,
-                )
+                return Outcome.failed("DeleteGuard", msg, terminal=False)
             self._deletes.append((now, doomed))
         return None
 
@@ -738,15 +743,7 @@ class Loop:
             transient = [e for e in errors if not kind(e)[1]]
             e = (transient or errors)[0]
             reason, terminal = kind(e)
-            msg = e.message
-            return Outcome(
-                "error",
-                ("False", reason, msg),
-                ("True", reason, msg),
-                retry=not terminal,
-                terminal=terminal,
-                error=msg,
-            )
+            return Outcome.failed(reason, e.message, terminal=terminal)
         orphaned = [w for w in warnings if w.code == "orphaned-record"]
         if orphaned and not self.index.desired_for(instance)[2]:
             msg = (

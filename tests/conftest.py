@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,3 +135,31 @@ def env(dir_pool: DirPool, tmp_path: Path) -> Env:
     e = Env(tmp_path / "env", dir_pool.uri, {"local": (dir_pool.name, dir_pool.path)})
     e.write_config()
     return e
+
+
+SCRIPT = str(Path(__file__).resolve().parent.parent / "scripts" / "libvirtd.sh")
+
+
+@contextmanager
+def own_daemon_pool(tmp_path: Path, name: str) -> Iterator[tuple[str, str, Path]]:
+    """A dir pool `name` (autostarted, so a restarted daemon serves it again) on a private
+    libvirtd of its own, for tests that stop their daemon: (daemon dir, uri, pool path)."""
+    import libvirt
+
+    d = Path("/tmp") / f"rcl-{name}-{abs(hash(str(tmp_path))) % 10**8}"
+    out = subprocess.run([SCRIPT, "start", str(d)], capture_output=True, text=True, check=True)
+    uri = out.stdout.strip().splitlines()[-1]
+    path = tmp_path / name
+    path.mkdir()
+    conn = libvirt.open(uri)
+    pool = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
+    )
+    pool.setAutostart(1)
+    pool.create(0)
+    conn.close()
+    try:
+        yield str(d), uri, path
+    finally:
+        subprocess.run([SCRIPT, "stop", str(d)], check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)

@@ -26,6 +26,7 @@ import pytest
 from reconciler.loop import Loop, running
 from reconciler.schema.write import write_atomic
 from reconciler.status import InstanceStatus, StatusStore
+from tests.conftest import own_daemon_pool
 from tests.env import ROOT, Env, disk
 
 pytestmark = pytest.mark.libvirtd
@@ -281,23 +282,8 @@ SCRIPT = str(ROOT / "scripts" / "libvirtd.sh")
 @pytest.fixture
 def far_pool(tmp_path: Path) -> Iterator[tuple[str, str, str, Path]]:
     """A dir pool on a second private libvirtd: (daemon dir, uri, pool name, path)."""
-    d = Path("/tmp") / f"rcl-loop-{abs(hash(str(tmp_path))) % 10**8}"
-    out = subprocess.run([SCRIPT, "start", str(d)], capture_output=True, text=True, check=True)
-    uri = out.stdout.strip().splitlines()[-1]
-    path = tmp_path / "far"
-    path.mkdir()
-    conn = libvirt.open(uri)
-    pool = conn.storagePoolDefineXML(
-        f"<pool type='dir'><name>far</name><target><path>{path}</path></target></pool>"
-    )
-    pool.setAutostart(1)  # active again after the daemon restarts
-    pool.create(0)
-    conn.close()
-    try:
-        yield str(d), uri, "far", path
-    finally:
-        subprocess.run([SCRIPT, "stop", str(d)], check=False)
-        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
+    with own_daemon_pool(tmp_path, "far") as (d, uri, path):
+        yield d, uri, "far", path
 
 
 def test_a_pool_whose_daemon_stops_degrades_alone_then_converges(

@@ -13,6 +13,7 @@ import libvirt
 import pytest
 
 from reconciler.naming import volume_name
+from tests.conftest import own_daemon_pool
 from tests.env import ROOT, Env, disk
 
 pytestmark = pytest.mark.libvirtd
@@ -23,25 +24,10 @@ SCRIPT = str(ROOT / "scripts" / "libvirtd.sh")
 @pytest.fixture
 def own(tmp_path: Path) -> Iterator[tuple[Env, str]]:
     """An Env on a private daemon of its own (the tests stop it): (env, daemon dir)."""
-    d = Path("/tmp") / f"rcl-obs-{abs(hash(str(tmp_path))) % 10**8}"
-    out = subprocess.run([SCRIPT, "start", str(d)], capture_output=True, text=True, check=True)
-    uri = out.stdout.strip().splitlines()[-1]
-    path = tmp_path / "pool"
-    path.mkdir()
-    conn = libvirt.open(uri)
-    pool = conn.storagePoolDefineXML(
-        f"<pool type='dir'><name>obs</name><target><path>{path}</path></target></pool>"
-    )
-    pool.setAutostart(1)
-    pool.create(0)
-    conn.close()
-    env = Env(tmp_path / "env", uri, {"local": ("obs", path)})
-    env.write_config()
-    try:
-        yield env, str(d)
-    finally:
-        subprocess.run([SCRIPT, "stop", str(d)], check=False)
-        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
+    with own_daemon_pool(tmp_path, "obs") as (d, uri, path):
+        env = Env(tmp_path / "env", uri, {"local": ("obs", path)})
+        env.write_config()
+        yield env, d
 
 
 def _observe(env: Env, out: Path) -> None:
