@@ -54,8 +54,11 @@ SIZES = (512, 1536, MiB, 2 * MiB, 3 * MiB, 4 * MiB, 8 * MiB)
 LABELS = {"ext4": "data-vol", "xfs": "scratch", "vfat": "CONFIG-2"}
 BACKENDS = sorted(BACKEND_FORMATS)
 
-# Every way the planner names a problem with one disk instead of acting on it.
-DISK_ERRORS = frozenset({"unmanaged-volume", "shrink-refused", "record-conflict"})
+# Every way the planner names a problem with one disk instead of acting on it (a ploop
+# disk cannot grow: resize-unsupported).
+DISK_ERRORS = frozenset(
+    {"unmanaged-volume", "shrink-refused", "record-conflict", "resize-unsupported"}
+)
 
 
 # -- the model ----------------------------------------------------------------------------
