@@ -21,6 +21,18 @@ from reconciler.store import SqliteRecordStore, open_store
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m reconciler ARGS` as a separate process, from the repository's root."""
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+
+
 def qemu_uri(uri: str) -> str:
     """The private daemon serves storage and domains; domain checks need the qemu driver."""
     return uri.replace("storage+unix://", "qemu+unix://", 1)

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.env import ROOT, Env, disk
+from tests.env import Env, cli, disk
 
 pytestmark = pytest.mark.libvirtd
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "reconciler", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_a_stale_precondition_refuses_the_whole_plan(env: Env) -> None:

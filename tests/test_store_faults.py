@@ -16,7 +16,6 @@ import os
 import random
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 
 from reconciler.store import DB_VERSION
-from tests.env import ROOT, Env, disk
+from tests.env import Env, cli, disk
 
 pytestmark = pytest.mark.libvirtd
 
@@ -34,17 +33,6 @@ def set_config(env: Env, **state: Any) -> None:
     cfg = json.loads(env.config_path.read_text())
     cfg["state"].update(state)
     env.config_path.write_text(json.dumps(cfg, indent=2))
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "reconciler", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
 
 
 def pool_listing(env: Env) -> list[str]:
