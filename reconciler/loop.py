@@ -76,7 +76,7 @@ log = structlog.get_logger("reconciler.loop")
 DEBOUNCE = 0.05
 DEFAULT_RESYNC = 60.0
 DEFAULT_WORKERS = 4
-DELETE_GUARD_FLOOR = 10
+SIGNAL_POLL = 0.2  # seconds: the longest a signal waits for its handler
 
 # Plan error codes -> (status reason, terminal). A terminal error waits for its manifest
 # to change (a resync also notices when it went away by other means); the others are
@@ -458,7 +458,10 @@ class Loop:
             sd_notify("READY=1")
             self.ready.set()
             while not self.stop.is_set():
-                self._wake.wait()
+                # With a timeout: Linux hands a signal to any thread, and Python runs its
+                # handler only in the main thread once that executes again, which an
+                # untimed wait never does (SIGTERM was lost about one time in ten).
+                self._wake.wait(SIGNAL_POLL)
                 self._wake.clear()
                 if self._reload:
                     self._reload = False
@@ -646,16 +649,16 @@ class Loop:
                 self._apply_queue_action(instance, guard)
                 return
             self._write_status(instance, self._progressing(instance, p))
-            ex = Executor(
-                session.store,
-                session.managing_drivers(),
-                replan=lambda a: session.plan_instance(a.instance, wanted, bad, opts),
-                jobs=self.jobs,
-                stop=self.stop,
-            )
+            # The loop logs each step (below); nothing goes to a terminal.
             with open(os.devnull, "w") as quiet:
-                ex._out = quiet  # the loop logs each step; no terminal output
-                result = ex.apply(p.actions)
+                result = Executor(
+                    session.store,
+                    session.managing_drivers(),
+                    replan=lambda a: session.plan_instance(a.instance, wanted, bad, opts),
+                    out=quiet,
+                    jobs=self.jobs,
+                    stop=self.stop,
+                ).apply(p.actions)
             for o in result.outcomes:
                 self.metrics.actions.labels(o.action.action.value, o.status).inc()
                 log.info(
