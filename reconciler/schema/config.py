@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, Strict, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, Strict, field_validator, model_validator
 
 from reconciler.schema.common import STRICT, Backend, Name
 
@@ -21,6 +22,48 @@ class ImageFormat(StrEnum):
     QCOW2 = "qcow2"
 
 
+class CephConfig(BaseModel):
+    """Where an rbd pool's images and records live (the libvirt pool names the same pool)."""
+
+    model_config = STRICT
+    conf: str = Field(min_length=1, description="path of the ceph.conf the client reads")
+    pool: str = Field(min_length=1, description="the Ceph pool holding images and records")
+    client: str = Field(
+        "client.admin", min_length=1, description="the cephx name the client connects as"
+    )
+    namespace: str = Field(
+        "reconciler", min_length=1, description="RADOS namespace of the records and leases"
+    )
+    op_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        alias="opTimeout",
+        description="seconds any one Ceph operation may take before it fails (default 30)",
+    )
+
+
+class LvmConfig(BaseModel):
+    """An lvm pool's volume group and how freed extents are cleared."""
+
+    model_config = STRICT
+    vg: str = Field(min_length=1, description="the LVM volume group holding the disks")
+    activate: bool = Field(
+        False,
+        description="activate LVs and use /dev/VG/LV (needs device-mapper); off: LVM2's "
+        "metadata only, for hosts without device-mapper",
+    )
+    volume_clear: Literal["zero", "none"] = Field(
+        "zero", alias="volumeClear", description="how a deleted LV's extents are cleared"
+    )
+    volume_clear_size: int = Field(
+        0,
+        ge=0,
+        alias="volumeClearSize",
+        description="bytes cleared from the start of a deleted LV; 0: all of it",
+    )
+
+
 class PoolConfig(BaseModel):
     """A libvirt storage pool the reconciler may place disks in."""
 
@@ -28,6 +71,25 @@ class PoolConfig(BaseModel):
     uri: str = Field(min_length=1, description="libvirt connection URI")
     libvirt_pool: Name = Field(alias="libvirtPool", description="the pool's name in libvirt")
     backends: list[Annotated[Backend, Strict(False)]] = Field(min_length=1)
+    ceph: CephConfig | None = Field(None, description="required for the rbd backend")
+    lvm: LvmConfig | None = Field(None, description="required for the lvm backend")
+
+    @model_validator(mode="after")
+    def _backend_sections(self) -> PoolConfig:
+        kinds = set(self.backends)
+        if Backend.RBD in kinds and kinds != {Backend.RBD}:
+            raise ValueError("an rbd pool holds only rbd disks: backends must be [rbd]")
+        if Backend.LVM in kinds and kinds != {Backend.LVM}:
+            raise ValueError("an lvm pool holds only lvm disks: backends must be [lvm]")
+        if Backend.RBD in kinds and self.ceph is None:
+            raise ValueError("an rbd pool needs a `ceph` section (conf, pool)")
+        if Backend.LVM in kinds and self.lvm is None:
+            raise ValueError("an lvm pool needs an `lvm` section (vg)")
+        if self.ceph is not None and Backend.RBD not in kinds:
+            raise ValueError("a `ceph` section is only for an rbd pool")
+        if self.lvm is not None and Backend.LVM not in kinds:
+            raise ValueError("an `lvm` section is only for an lvm pool")
+        return self
 
 
 class ImageConfig(BaseModel):
@@ -87,11 +149,28 @@ class SafetyConfig(BaseModel):
     delete_guard_floor: int = Field(10, ge=0, alias="deleteGuardFloor")
 
 
+class OwnershipConfig(BaseModel):
+    """How hosts sharing a pool (Ceph) hand instances to one another."""
+
+    model_config = STRICT
+    heartbeat_expiry: float = Field(
+        300.0,
+        ge=1,
+        le=86400,
+        alias="heartbeatExpiry",
+        description="seconds after its last heartbeat that a host counts as gone, so "
+        "another host may take its instances (default 300)",
+    )
+
+
 class Config(BaseModel):
     model_config = STRICT
     api_version: Literal["reconciler/v1"] = Field(alias="apiVersion")
     kind: Literal["Config"]
+    # This host's identity among hosts sharing a pool; default: the machine's hostname.
+    host: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     state: StateConfig
+    ownership: OwnershipConfig = Field(default_factory=lambda: OwnershipConfig())
     pools: dict[Name, PoolConfig] = Field(min_length=1)
     images: dict[Name, ImageConfig] = Field(default_factory=dict)
     safety: SafetyConfig = Field(default_factory=lambda: SafetyConfig())
@@ -106,6 +185,10 @@ class Config(BaseModel):
 
     def state_dir(self) -> Path:
         return Path(self._base_dir, self.state.dir).resolve()
+
+    def host_id(self) -> str:
+        """This host's identity: `host`, else the machine's hostname."""
+        return self.host or socket.gethostname()
 
 
 def config_path(explicit: str | None) -> str:
