@@ -49,9 +49,10 @@ class LvmConfig(BaseModel):
     model_config = STRICT
     vg: str = Field(min_length=1, description="the LVM volume group holding the disks")
     activate: bool = Field(
-        False,
-        description="activate LVs and use /dev/VG/LV (needs device-mapper); off: LVM2's "
-        "metadata only, for hosts without device-mapper",
+        True,
+        description="activate LVs and reach their data at /dev/VG/LV (needs device-mapper; "
+        "the default); false: LVM2's metadata only, data through the segment map (tests "
+        "on a host without device-mapper)",
     )
     volume_clear: Literal["zero", "none"] = Field(
         "zero", alias="volumeClear", description="how a deleted LV's extents are cleared"
