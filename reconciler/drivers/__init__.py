@@ -8,6 +8,7 @@ from reconciler.diff.model import ObservedPool
 from reconciler.drivers.base import ManagingDriver, PoolDriver
 from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
+from reconciler.drivers.rbdpool import RbdPoolDriver
 from reconciler.schema.common import Backend
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord
@@ -39,10 +40,14 @@ def driver_for(
     conns: Connections,
     store: RecordStore | None = None,
     images: Mapping[str, ImageConfig] | None = None,
+    host: str | None = None,
 ) -> PoolDriver:
+    """`host`: this host's identity among hosts sharing a pool (Config.host_id())."""
     backends = set(config.backends)
     if backends <= FILE_BACKENDS:
         return FilePoolDriver(name, config, conns, store, images)
+    if backends == {Backend.RBD}:
+        return RbdPoolDriver(name, config, conns, store, images, host)
     missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS))
     return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")
 
@@ -62,6 +67,7 @@ __all__ = [
     "FilePoolDriver",
     "ManagingDriver",
     "PoolDriver",
+    "RbdPoolDriver",
     "driver_for",
     "managing",
 ]

@@ -99,6 +99,8 @@ STORE_OBJECT = "store"
 HOSTS_OBJECT = "hosts"
 _OMAP_PAGE = 1000
 _CAS_KEYS = ("generation", "host", "instance")
+REF_PREFIX = "ref."  # a cache entry's references: omap keys of its record object
+COLLECTING = "collecting"  # omap key set while garbage collection removes the entry
 
 
 def _rados() -> Any:
@@ -694,6 +696,89 @@ class RadosRecordStore:
         values = self._omap(index_object(self.host, shard), oid) or {}
         raw = values.get(oid)
         return None if raw is None else IndexEntry.parse(raw)
+
+    # -- a cache entry's references (the rbd driver's image cache) -----------------------
+    #
+    # Omap keys `ref.<volume>` of the entry's record object, one per disk made from it, so
+    # hosts add theirs without a compare-and-swap on the generation (which parallel clones
+    # of one entry would keep failing). Adding is guarded by `collecting` being unset, and
+    # garbage collection sets `collecting` (guarded the same way) before it reads the
+    # references: the OSD orders the two ops on the object, so either the collector sees
+    # the reference or the adder is refused. The generation CAS of put/delete does not
+    # touch these keys; deleting the record removes them with it.
+
+    def add_reference(self, pool: str, volume: str, ref: str) -> None:
+        """Add `ref` to the references of the record pool/volume (a cache entry); raises
+        ConflictError if the record is missing or being collected."""
+        rados = _rados()
+        oid = record_object(pool, volume)
+        try:
+            with self._errors(f"adding reference {ref} to {oid}"), rados.WriteOpCtx() as op:
+                op.omap_cmp(COLLECTING, "", rados.LIBRADOS_CMPXATTR_OP_EQ)
+                self._io.set_omap(op, (REF_PREFIX + ref,), (self.host.encode(),))
+                self._io.operate_write_op(op, oid)
+        except StoreError as e:
+            if _refused(e):
+                raise ConflictError(
+                    f"cache entry {pool}/{volume} in {self.where} is missing or being "
+                    "removed by garbage collection; it is made again on the next try"
+                ) from None
+            raise
+
+    def drop_reference(self, pool: str, volume: str, ref: str) -> None:
+        """Remove `ref` from the references of pool/volume (gone already: fine)."""
+        rados = _rados()
+        oid = record_object(pool, volume)
+        with self._errors(f"dropping reference {ref} from {oid}"), rados.WriteOpCtx() as op:
+            self._io.remove_omap_keys(op, (REF_PREFIX + ref,))
+            with contextlib.suppress(rados.ObjectNotFound):
+                self._io.operate_write_op(op, oid)
+
+    def reference_names(self, pool: str, volume: str) -> dict[str, str] | None:
+        """The references of pool/volume (volume -> host that added it), and whether it
+        is being collected under key COLLECTING; None if there is no record."""
+        oid = record_object(pool, volume)
+        rados = _rados()
+        out: dict[str, str] = {}
+        after = ""
+        while True:
+            with self._errors(f"reading references of {oid}"):
+                try:
+                    with rados.ReadOpCtx() as rop:
+                        it, _ = self._io.get_omap_vals(rop, after, "", _OMAP_PAGE)
+                        self._io.operate_read_op(rop, oid)
+                        page = dict(it)
+                except rados.ObjectNotFound:
+                    return None
+            for k, v in page.items():
+                if k.startswith(REF_PREFIX):
+                    out[k[len(REF_PREFIX) :]] = v.decode(errors="replace")
+                elif k == COLLECTING:
+                    out[COLLECTING] = v.decode(errors="replace")
+            if len(page) < _OMAP_PAGE:
+                return out
+            after = max(page)
+
+    def set_collecting(self, pool: str, volume: str, token: str | None) -> None:
+        """Mark pool/volume as being collected (token) or no longer (None). Marking is
+        guarded: ConflictError if another collector marked it, or there is no record."""
+        rados = _rados()
+        oid = record_object(pool, volume)
+        try:
+            with self._errors(f"marking {oid} for collection"), rados.WriteOpCtx() as op:
+                if token is None:
+                    self._io.remove_omap_keys(op, (COLLECTING,))
+                else:
+                    op.omap_cmp(COLLECTING, "", rados.LIBRADOS_CMPXATTR_OP_EQ)
+                    self._io.set_omap(op, (COLLECTING,), (token.encode(),))
+                self._io.operate_write_op(op, oid)
+        except StoreError as e:
+            if _refused(e):
+                raise ConflictError(
+                    f"cache entry {pool}/{volume} in {self.where} is missing or already "
+                    "being removed by another reconciler"
+                ) from None
+            raise
 
     def check_writable(self) -> None:
         """A real, harmless write (this host's registration), so a read-only client or a
