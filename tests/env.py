@@ -76,6 +76,8 @@ class Env:
     safety: dict[str, Any] = field(default_factory=dict)
     libvirt: dict[str, Any] = field(default_factory=dict)
     backends: list[str] = field(default_factory=lambda: ["flat", "qcow2"])  # of every pool
+    extra_pools: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> config
+    host: str | None = None  # the config's host identity
 
     @property
     def config_path(self) -> Path:
@@ -94,6 +96,7 @@ class Env:
             }
             for name, (lp, _) in self.pools.items()
         }
+        pools.update(self.extra_pools)
         cfg = {
             "apiVersion": "reconciler/v1",
             "kind": "Config",
@@ -101,6 +104,8 @@ class Env:
             "pools": pools,
             "images": self.images,
         }
+        if self.host:
+            cfg["host"] = self.host
         if self.safety:
             cfg["safety"] = self.safety
         if self.libvirt:

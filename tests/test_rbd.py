@@ -1,0 +1,301 @@
+"""The rbd backend through the real CLI, on a real Ceph cluster and a real libvirtd with an
+rbd pool: disks are clones of cache entries in the same Ceph pool, records and cache
+entries live in RADOS, hostile images are refused leaving nothing, and a domain's rbd
+network disk is never deleted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.drivers.rados_records import RadosRecordStore
+from reconciler.drivers.rbdpool import CACHE_HOST, RECORD_KEY, SNAP
+from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from tests.conftest_ceph import Ceph
+from tests.env import Env, disk
+from tests.rbdsite import RbdSite, rbd_site
+
+pytestmark = [pytest.mark.ceph, pytest.mark.libvirtd]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def site(ceph: Ceph, libvirt_uri: str) -> Iterator[RbdSite]:
+    with rbd_site(ceph, libvirt_uri) as s:
+        yield s
+
+
+def rdisk(name: str, **kw: Any) -> dict[str, Any]:
+    return disk(name, backend="rbd", fmt="raw", pool="ceph", **kw)
+
+
+def records(site: RbdSite, namespace: str, host: str) -> list[DiskRecord]:
+    """Every record a host keeps and every cache entry record, read straight from RADOS."""
+    out: list[DiskRecord] = []
+    for h in (host, CACHE_HOST):
+        store = RadosRecordStore(
+            lambda: site.ceph.cluster.open_ioctx(site.pool), site.pool, host=h, namespace=namespace
+        )
+        try:
+            good, bad = store.load_all()
+            assert not bad, bad
+            out += good
+        finally:
+            store.close()
+    return out
+
+
+def image_file(path: Path, n: int = 65536) -> Path:
+    path.write_bytes(b"".join(hashlib.sha256(f"{path.name}{i}".encode()).digest() for i in range(n)))
+    return path
+
+
+def catalog(path: Path, fmt: str) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {
+        "location": f"file://{path}",
+        "format": fmt,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+    }
+
+
+def run(env: Env, *args: str) -> tuple[int, str]:
+    res = env.subprocess(*args)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_whole_cycle_through_the_cli(site: RbdSite, tmp_path: Path) -> None:
+    import subprocess
+
+    ns = "cycle"
+    env = site.env(tmp_path / "env", namespace=ns)
+    env.host = "host-a"
+    env.safety = {"maxDeletePercent": 100}
+    raw = image_file(tmp_path / "img.raw")
+    qcow = tmp_path / "img.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow)], check=True
+    )
+    env.images = {"raw": catalog(raw, "raw"), "q": catalog(qcow, "qcow2")}
+    env.write_config()
+    disks = [
+        rdisk("root", size="16MiB", image="raw", template=None),
+        rdisk("other", size="8MiB", image="q", template=None),
+        rdisk("swap", size="8MiB", template="swap"),
+        rdisk("data", size="8MiB", template="ext4", label="data"),
+        rdisk("blank", size="4MiB", template="blank"),
+    ]
+    inst = env.manifest("vm", disks)
+    kept = env.manifest("keeper", [rdisk("d", size="4MiB", template="swap", policy="Retain")])
+    rc, out = run(env)
+    assert rc == 0, out
+    vol = {d["name"]: f"{inst}_{d['name']}" for d in disks}
+    have = site.images()
+    assert set(vol.values()) <= have
+    entries = {n for n in have if n.startswith("_cache_")}
+    # One entry per image (raw and qcow2) and per (template, size, label): swap 8M, ext4,
+    # swap 4M of the keeper.
+    assert len(entries) == 5, entries
+    # Each disk but the blank one is a clone (depth 1) of an entry's snapshot, grown to size.
+    for name in ("root", "other", "swap", "data"):
+        parent = site.parent(vol[name])
+        assert parent is not None and parent[0] in entries and parent[1] == SNAP, (name, parent)
+        assert site.parent(parent[0]) is None  # an entry is never a clone
+    assert site.parent(vol["blank"]) is None
+    assert site.size(vol["root"]) == 16 * MiB
+    data = raw.read_bytes()
+    assert site.read(vol["root"], len(data)) == data
+    assert site.read(vol["other"], len(data)) == data  # qcow2 converted to raw
+    assert site.read(vol["root"], MiB, 15 * MiB) == bytes(MiB)
+    # Records in RADOS: the host's disks and the shared entries, every one ready.
+    recs = {r.volume: r for r in records(site, ns, "host-a")}
+    assert set(vol.values()) | entries <= set(recs)
+    assert all(r.state is RecordState.READY for r in recs.values())
+    assert {r.volume for r in recs.values() if r.kind is RecordKind.CACHE} == entries
+    assert recs[vol["root"]].backing == site.parent(vol["root"])[0]  # type: ignore[index]
+    # The image carries a copy of its record: the back-pointer.
+    copy = json.loads(site.metadata(vol["root"], RECORD_KEY) or "{}")
+    assert (copy["pool"], copy["volume"], copy["instance"]) == ("ceph", vol["root"], inst)
+    # libvirt's rbd pool sees the disks as domains will.
+    assert set(vol.values()) <= set(site.refresh_libvirt())
+
+    # Converged: nothing to do.
+    assert env.plan_json()["actions"] == []
+
+    # Grow; the data stays.
+    disks[0] = rdisk("root", size="32MiB", image="raw", template=None)
+    env.manifest("vm", disks, instance=inst)
+    rc, out = run(env)
+    assert rc == 0, out
+    assert site.size(vol["root"]) == 32 * MiB
+    assert site.read(vol["root"], len(data)) == data
+
+    # Shrink: a plan error, nothing changes.
+    disks[0] = rdisk("root", size="8MiB", image="raw", template=None)
+    env.manifest("vm", disks, instance=inst)
+    plan = env.plan_json()
+    assert "shrink-refused" in {e["code"] for e in plan["errors"]}, plan
+    rc, out = run(env)
+    assert rc == 1
+    assert site.size(vol["root"]) == 32 * MiB
+
+    # cache ls: every entry with its users.
+    rc, out = run_cache(env, "ls")
+    assert rc == 0, out
+    for e in entries:
+        assert e in out
+
+    # Tombstones: vm's disks go with their records; the keeper's Retain disk stays, its
+    # record released.
+    env.manifest("vm", [], instance=inst, deleted=True)
+    env.manifest("keeper", [], instance=kept, deleted=True)
+    rc, out = run(env)
+    assert rc == 0, out
+    have = site.images()
+    assert not set(vol.values()) & have
+    assert f"{kept}_d" in have
+    recs = {r.volume: r for r in records(site, ns, "host-a")}
+    assert not set(vol.values()) & set(recs)
+    assert f"{kept}_d" not in recs
+
+    # gc: the keeper's entry still has a clone (RBD reports it), the others go.
+    rc, out = run_cache(env, "gc", "--min-age", "0")
+    assert rc == 0, out
+    left = {n for n in site.images() if n.startswith("_cache_")}
+    keeper_entry = site.parent(f"{kept}_d")
+    assert keeper_entry is not None
+    assert left == {keeper_entry[0]}, (left, out)
+    recs = {r.volume: r for r in records(site, ns, "host-a")}
+    assert {v for v in recs if v.startswith("_cache_")} == left
+
+
+def run_cache(env: Env, *args: str) -> tuple[int, str]:
+    from tests.env import cli
+
+    res = cli("cache", *args, "--config", str(env.config_path))
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_hostile_images_are_refused_and_leave_nothing(
+    site: RbdSite, tmp_path: Path
+) -> None:
+    """Every hostile image of the file pools' tests is refused for rbd too: no image (not
+    even a temporary one), no record, and no byte of the host file it points at in the
+    output."""
+    from tests.test_images import hostile
+
+    images = tmp_path / "images"
+    images.mkdir()
+    cases = hostile(images, tmp_path)
+    ns = "hostile"
+    env = site.env(tmp_path / "env", namespace=ns)
+    env.host = "host-h"
+    env.images = {name: catalog(path, fmt) for name, (path, fmt, _) in cases.items()}
+    env.write_config()
+    by_instance = {}
+    for name in cases:
+        inst = env.manifest(name, [rdisk("d", size="16MiB", image=name, template=None)])
+        by_instance[inst] = name
+    before = site.images()
+    rc, out = run(env)
+    assert rc == 1, out
+    failures = {
+        by_instance[line.split()[2].split("/")[0]]: line
+        for line in out.splitlines()
+        if line.startswith("FAILED")
+    }
+    assert set(failures) == set(cases), out
+    for name, line in failures.items():
+        assert cases[name][2] in line, (name, line)
+    assert site.images() == before  # nothing made, nothing left
+    assert records(site, ns, "host-h") == []
+    assert (tmp_path / "host-secret").read_text() not in out
+
+
+def test_a_guest_written_qcow2_header_changes_nothing(site: RbdSite, tmp_path: Path) -> None:
+    """A guest writes a qcow2 header naming a host file as its backing into its raw disk:
+    the reconciler reads nothing from the disk, so the plan, a grow and a delete are what
+    they would be without it, and libvirt's rbd pool still calls the volume raw."""
+    import libvirt
+
+    from tests.test_images import qemu_img
+
+    env = site.env(tmp_path / "env", namespace="guest")
+    env.safety = {"maxDeletePercent": 100}
+    env.write_config()
+    inst = env.manifest("vm", [rdisk("d", size="16MiB", template="ext4", label="g")])
+    rc, out = run(env)
+    assert rc == 0, out
+    vol = f"{inst}_d"
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"secret\n" * 1000)
+    hdr = tmp_path / "hdr.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(hdr), "1G")
+    import rbd
+
+    with rbd.Image(site.ioctx, vol) as img:
+        img.write(hdr.read_bytes(), 0)  # what the guest can do to its own disk
+    assert env.plan_json()["actions"] == []
+    env.manifest("vm", [rdisk("d", size="24MiB", template="ext4", label="g")], instance=inst)
+    plan = env.plan_json()
+    assert [a["action"] for a in plan["actions"]] == ["resize"], plan
+    rc, out = run(env)
+    assert rc == 0, out
+    assert site.size(vol) == 24 * MiB  # the header's 1 GiB means nothing
+    conn = libvirt.open(site.uri)
+    try:
+        p = conn.storagePoolLookupByName(site.libvirt_pool)
+        p.refresh(0)
+        xml = p.storageVolLookupByName(vol).XMLDesc(0)
+    finally:
+        conn.close()
+    assert "<format type='raw'/>" in xml and "backingStore" not in xml, xml
+    env.manifest("vm", [], instance=inst, deleted=True)
+    rc, out = run(env)
+    assert rc == 0, out
+    assert vol not in site.images()
+    assert secret.read_text() not in out
+
+
+def test_a_domain_using_an_rbd_disk_blocks_its_deletion(site: RbdSite, tmp_path: Path) -> None:
+    import libvirt
+
+    env = site.env(tmp_path / "env", namespace="domain")
+    env.safety = {"maxDeletePercent": 100}
+    env.write_config()
+    inst = env.manifest("vm", [rdisk("d", size="4MiB", template="blank")])
+    rc, out = run(env)
+    assert rc == 0, out
+    vol = f"{inst}_d"
+    conn = libvirt.open(site.uri)
+    dom = conn.defineXML(
+        f"""<domain type='qemu'><name>guest-{inst[:8]}</name><memory>65536</memory>
+        <os><type arch='x86_64'>hvm</type></os><devices>
+        <disk type='network' device='disk'><driver name='qemu' type='raw'/>
+        <source protocol='rbd' name='{site.pool}/{vol}'>
+          <host name='127.0.0.1' port='{site.ceph.mon_v1_port()}'/></source>
+        <auth username='admin'><secret type='ceph' uuid='{site.secret}'/></auth>
+        <target dev='vda' bus='virtio'/></disk></devices></domain>"""
+    )
+    try:
+        env.manifest("vm", [], instance=inst, deleted=True)
+        plan = env.plan_json()
+        assert plan["actions"] == []
+        (err,) = plan["errors"]
+        assert err["code"] == "volume-in-use" and f"guest-{inst[:8]}" in err["message"], err
+        assert err["pool"] == "ceph" and err["volume"] == vol
+        rc, out = run(env)
+        assert rc == 1 and vol in site.images()
+    finally:
+        dom.undefine()
+        conn.close()
+    rc, out = run(env)
+    assert rc == 0, out
+    assert vol not in site.images()
