@@ -21,7 +21,7 @@ from reconciler.drivers import rados_records as rr
 from reconciler.drivers.rados_records import RadosRecordStore, record_object
 from reconciler.errors import RecordError
 from reconciler.schema.common import Backend, DiskFormat
-from reconciler.schema.record import DiskRecord, RecordState
+from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.store import ConflictError, StoreError
 from tests.conftest_ceph import Ceph, unique
 
@@ -564,7 +564,7 @@ def test_cache_entries_are_shared_by_every_host(make: Make, ceph: Ceph, namespac
     every host's load_all lists it, from one shared index shard."""
     a, b = make("host-a"), make("host-b")
     entry = record("cache-img", instance="", state=RecordState.READY).model_copy(
-        update={"kind": rr.RecordKind.CACHE}
+        update={"kind": RecordKind.CACHE}
     )
     a.put(entry, None)
     assert a.owner("rbd", "cache-img") == rr.SHARED
