@@ -39,10 +39,11 @@ from reconciler import faults
 from reconciler.diff.model import Action, ActionKind, Plan
 from reconciler.drivers.base import ManagingDriver, VolumeExists
 from reconciler.errors import ReconcileError
+from reconciler.records import Records
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import RecordStore, StoreError
+from reconciler.store import StoreError
 from reconciler.units import format_size
 
 log = structlog.get_logger(__name__)
@@ -129,7 +130,7 @@ class Executor:
 
     def __init__(
         self,
-        store: RecordStore,
+        store: Records,
         drivers: dict[str, ManagingDriver],
         *,
         replan: Replanner | None,
@@ -159,8 +160,8 @@ class Executor:
         actions = list(actions)
         self._refused = {}
         self._halted = None
-        # A locked or read-only database stops the run here, before anything changes.
-        self.store.check_writable()
+        # A locked or read-only store stops the run here, before anything changes.
+        self.store.check_writable(dict.fromkeys(p for a in actions for p, _ in _keys(a)))
         if self.replan is None:
             self._refuse_if_stale(actions)
         for pool in dict.fromkeys(p for a in actions for p, _ in _keys(a)):

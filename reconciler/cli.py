@@ -334,7 +334,7 @@ def cmd_apply(argv: Sequence[str]) -> int:
         print("The plan has no actions.")
         return EXIT_OK
     with Session(config) as s:
-        s.store.load_all()  # a damaged records database stops the run before any change
+        s.local_store.load_all()  # a damaged records database stops the run before any change
         print(f"Applying {len(actions)} action(s) from {args.plan}...", flush=True)
         result = s.executor(saved=True, jobs=args.jobs).apply(actions)
         print(_apply_summary(result))

@@ -772,7 +772,7 @@ class Loop:
             o.result == "success"
             and not self.index.desired_for(instance)[2]
             and session is not None
-            and not session.store.for_instance(instance)
+            and session.store.for_instance_by_pool(instance) == ([], {})
         ):
             # Neither a manifest nor a disk: the instance is gone, and so is its status.
             self.status.delete(instance)

@@ -23,6 +23,7 @@ from reconciler.drivers import Connections, driver_for, managing
 from reconciler.drivers.base import ManagingDriver
 from reconciler.drivers.ownership import ManagedElsewhere
 from reconciler.errors import PoolError
+from reconciler.records import Records
 from reconciler.schema.config import Config
 from reconciler.schema.load import ManifestLoad, load_manifests
 from reconciler.schema.manifest import ImageSource
@@ -40,21 +41,26 @@ class Session:
     options: PlanOptions = field(default_factory=PlanOptions)
 
     def __post_init__(self) -> None:
-        self.store: SqliteRecordStore = open_store(
+        self.local_store: SqliteRecordStore = open_store(
             self.config.state_dir(), self.config.state.lock_timeout
         )
         self.conns = Connections(reconnect_timeout=self.config.libvirt.reconnect_timeout)
         self.drivers = {
-            name: driver_for(name, pc, self.conns, self.store, self.config.images)
+            name: driver_for(name, pc, self.conns, self.local_store, self.config)
             for name, pc in sorted(self.config.pools.items())
         }
+        # Every record is read and written through this: each pool's driver says where.
+        self.store = Records(self.local_store, {n: d.record_store for n, d in self.drivers.items()})
         self.desired = Desired(())
         self._loading: ManifestLoad | None = None
 
     def close(self) -> None:
         self._end_loading()
-        self.conns.close()
-        self.store.close()
+        try:
+            self.store.close()
+            self.conns.close()
+        finally:
+            self.local_store.close()
 
     def __enter__(self) -> Session:
         return self
@@ -103,7 +109,11 @@ class Session:
         # Volumes before records: a record is written before its volume is made, so a volume
         # seen here always has its record below, even while another reconciler is creating.
         pools = {name: d.observe() for name, d in self.drivers.items()}
-        records, bad = self.store.load_all()
+        loaded = self.store.load()
+        records, bad = loaded.records, loaded.bad
+        for name, why in loaded.failed.items():
+            if pools[name].error is None:  # the pool's own error, if any, says more
+                pools[name] = ObservedPool(name, None, why)
         by_pool: dict[str, list[DiskRecord]] = {}
         for r in records:
             by_pool.setdefault(r.pool, []).append(r)
@@ -133,14 +143,14 @@ class Session:
     ) -> Plan:
         """Plan one instance against its fresh records and the volumes it names: what it
         costs grows with the instance, not with the pools (the loop, and apply's re-plan)."""
-        records = self.store.for_instance(instance)
-        names: dict[str, set[str]] = {}
+        records, unreadable = self.store.for_instance_by_pool(instance)
+        names: dict[str, set[str]] = {p: set() for p in unreadable}
         for r in records:
             names.setdefault(r.pool, set()).add(r.volume)
         for inst in wanted:
             for d in inst.disks:
                 names.setdefault(d.spec.pool, set()).add(d.volume)
-                if d.entry is not None:
+                if d.entry is not None and d.spec.pool not in unreadable:
                     names[d.spec.pool].add(d.entry)
                     rec = self.store.get(d.spec.pool, d.entry)
                     if rec is not None and rec not in records:
@@ -149,6 +159,9 @@ class Session:
         pools = {}
         for pool, vols in names.items():
             drv = drivers.get(pool)
+            if pool in unreadable:
+                pools[pool] = ObservedPool(pool, None, unreadable[pool])
+                continue
             if drv is None:
                 why = self.drivers[pool].observe().error if pool in self.drivers else None
                 pools[pool] = ObservedPool(pool, None, why or "no driver")
@@ -237,8 +250,7 @@ def plan_offline(
     The manifests and their entries are read exactly as a live Session does."""
     conns = Connections()  # never used: no driver method below reaches a pool
     drivers = {
-        name: driver_for(name, pc, conns, None, config.images)
-        for name, pc in sorted(config.pools.items())
+        name: driver_for(name, pc, conns, None, config) for name, pc in sorted(config.pools.items())
     }
     loaded, failed = load_manifests(paths, config, None)
     desired = with_entries(build_desired(loaded, failed), managing(drivers))

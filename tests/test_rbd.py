@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from reconciler.drivers.rados_records import RadosRecordStore
-from reconciler.drivers.rbdpool import CACHE_HOST, RECORD_KEY, SNAP
+from reconciler.drivers.rbdpool import RECORD_KEY, SNAP
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from tests.conftest_ceph import Ceph
 from tests.env import Env, disk
@@ -37,22 +37,21 @@ def rdisk(name: str, **kw: Any) -> dict[str, Any]:
 
 def records(site: RbdSite, namespace: str, host: str) -> list[DiskRecord]:
     """Every record a host keeps and every cache entry record, read straight from RADOS."""
-    out: list[DiskRecord] = []
-    for h in (host, CACHE_HOST):
-        store = RadosRecordStore(
-            lambda: site.ceph.cluster.open_ioctx(site.pool), site.pool, host=h, namespace=namespace
-        )
-        try:
-            good, bad = store.load_all()
-            assert not bad, bad
-            out += good
-        finally:
-            store.close()
-    return out
+    store = RadosRecordStore(
+        lambda: site.ceph.cluster.open_ioctx(site.pool), site.pool, host=host, namespace=namespace
+    )
+    try:
+        good, bad = store.load_all()
+        assert not bad, bad
+        return good
+    finally:
+        store.close()
 
 
 def image_file(path: Path, n: int = 65536) -> Path:
-    path.write_bytes(b"".join(hashlib.sha256(f"{path.name}{i}".encode()).digest() for i in range(n)))
+    path.write_bytes(
+        b"".join(hashlib.sha256(f"{path.name}{i}".encode()).digest() for i in range(n))
+    )
     return path
 
 
@@ -183,9 +182,7 @@ def run_cache(env: Env, *args: str) -> tuple[int, str]:
     return res.returncode, res.stdout + res.stderr
 
 
-def test_hostile_images_are_refused_and_leave_nothing(
-    site: RbdSite, tmp_path: Path
-) -> None:
+def test_hostile_images_are_refused_and_leave_nothing(site: RbdSite, tmp_path: Path) -> None:
     """Every hostile image of the file pools' tests is refused for rbd too: no image (not
     even a temporary one), no record, and no byte of the host file it points at in the
     output."""

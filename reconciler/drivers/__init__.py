@@ -10,7 +10,7 @@ from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.rbdpool import RbdPoolDriver
 from reconciler.schema.common import Backend
-from reconciler.schema.config import ImageConfig, PoolConfig
+from reconciler.schema.config import Config, ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord
 from reconciler.store import RecordStore
 
@@ -33,20 +33,25 @@ class UnsupportedPool:
     def as_managing(self) -> ManagingDriver | None:
         return None  # observed as unusable, never changed
 
+    def record_store(self) -> RecordStore | None:
+        return None
+
 
 def driver_for(
     name: str,
     config: PoolConfig,
     conns: Connections,
     store: RecordStore | None = None,
-    images: Mapping[str, ImageConfig] | None = None,
-    host: str | None = None,
+    cfg: Config | None = None,
 ) -> PoolDriver:
-    """`host`: this host's identity among hosts sharing a pool (Config.host_id())."""
+    """The driver of pool `name`; `store` is the host's records database (file pools keep
+    their records there), `cfg` the whole config (the image catalog, this host's id)."""
     backends = set(config.backends)
+    images: Mapping[str, ImageConfig] = cfg.images if cfg is not None else {}
     if backends <= FILE_BACKENDS:
         return FilePoolDriver(name, config, conns, store, images)
     if backends == {Backend.RBD}:
+        host = cfg.host_id() if cfg is not None else None
         return RbdPoolDriver(name, config, conns, store, images, host)
     missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS))
     return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")

@@ -15,11 +15,10 @@ Where things are (Ceph pool P of the config's `ceph` section; N its `namespace`)
   cluster whose image is itself a clone, is refused (its data would be two parents away;
   the operator flattens it or serves it another way), never flattened by us.
 - Records: in RADOS namespace N (reconciler/drivers/rados_records.py). A disk's record is
-  kept by its host (RadosRecordStore with the host's identity); a cache entry's record is
-  shared by every host (the same store under the pseudo-host `_cache`, so any host may
-  update or remove it, each change a compare-and-swap on its generation). RbdRecords puts
-  the two behind one RecordStore. An entry's record holds its references (one omap key
-  per disk, added before the clone is made, dropped after the disk's image is removed).
+  kept by its host; a cache entry's record is shared by every host (each change a
+  compare-and-swap on its generation). An entry's record holds its references (one omap
+  key per disk, added before the clone is made, dropped after the disk's image is
+  removed), which `references()` counts (RbdRecordStore).
 - Locks: leases on RADOS objects in N (drivers/rados_locks.py), so two hosts never import
   one image twice and never remove an entry a clone is being made from.
 - Each image carries a copy of its record in its RBD metadata (`reconciler.record`: the
@@ -88,15 +87,14 @@ from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
-from reconciler.schema.record import BadRecord, DiskRecord, RecordKind, RecordState
-from reconciler.store import ConflictError, RecordStore, StoreIdentity
+from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.store import ConflictError, RecordStore, StoreError, StoreIdentity
 from reconciler.tools import run
 
 log = structlog.get_logger(__name__)
 
 SNAP = "base"  # the snapshot of a cache entry that disks are cloned from
 RECORD_KEY = "reconciler.record"  # RBD metadata: the image's copy of its record
-CACHE_HOST = "_cache"  # the pseudo-host whose records are the shared cache entries
 OWNER_OBJECT = "reconciler.owner"  # in the pool's default namespace, beside the images
 WRITE_CHUNK = 4 << 20  # bytes per python-rbd write on import (the default object size)
 _ZERO = bytes(WRITE_CHUNK)
@@ -142,70 +140,28 @@ def conf_fsid(conffile: str) -> str | None:
     return None
 
 
-class RbdRecords:
-    """One RecordStore over a host's records and the shared cache entries' records (both
-    in the namespace; routed by the record's kind, and by name for reads)."""
+class RbdRecordStore(RadosRecordStore):
+    """The RADOS store of an rbd pool, whose cache entries count their references in
+    their own records (ref keys, drivers/rados_records.py) rather than by reading every
+    host's records."""
 
-    def __init__(
-        self, host: RadosRecordStore, cache: RadosRecordStore, exists: Callable[[str], bool]
-    ) -> None:
-        self.host = host
-        self.cache = cache
-        self._exists = exists
-
-    def _for(self, volume: str) -> RadosRecordStore:
-        return self.cache if volume.startswith(CACHE_PREFIX) else self.host
-
-    def identity(self) -> StoreIdentity:
-        return self.host.identity()
-
-    def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]:
-        good, bad = self.host.load_all()
-        g2, b2 = self.cache.load_all()
-        return good + g2, bad + b2
-
-    def get(self, pool: str, volume: str) -> DiskRecord | None:
-        return self._for(volume).get(pool, volume)
-
-    def for_instance(self, instance: str) -> list[DiskRecord]:
-        return self.host.for_instance(instance)
+    exists: Callable[[str], bool] = staticmethod(lambda volume: True)
 
     def references(self, pool: str, volume: str) -> int:
         """The disks of every host that reference cache entry pool/volume. A reference
         whose disk has neither a record nor an image (a crash between adding it and the
         clone, or between removing the image and dropping it) is dropped here: a create
         writes its disk's record before it adds the reference, so none in flight is."""
-        refs = self.cache.reference_names(pool, volume) or {}
+        refs = self.reference_names(pool, volume) or {}
         n = 0
         for ref in refs:
             if ref == COLLECTING:
                 continue
-            if self.host.get(pool, ref) is None and not self._exists(ref):
-                self.cache.drop_reference(pool, volume, ref)
+            if self.get(pool, ref) is None and not self.exists(ref):
+                self.drop_reference(pool, volume, ref)
                 continue
             n += 1
         return n
-
-    def put(
-        self, record: DiskRecord, expect_generation: int | None, *, durable: bool = True
-    ) -> None:
-        store = self.cache if record.kind is RecordKind.CACHE else self.host
-        store.put(record, expect_generation, durable=durable)
-
-    def delete(
-        self, pool: str, volume: str, expect_generation: int, *, durable: bool = True
-    ) -> None:
-        self._for(volume).delete(pool, volume, expect_generation, durable=durable)
-
-    def check_writable(self) -> None:
-        self.host.check_writable()
-
-    def sync(self) -> None:
-        pass  # every acknowledged RADOS write is durable
-
-    def close(self) -> None:
-        self.host.close()
-        self.cache.close()
 
 
 class _Client:
@@ -262,7 +218,7 @@ class RbdPoolDriver:
         self.host = host or (store.identity().host if store is not None else socket.gethostname())
         self.images = dict(images or {})
         self._client: _Client | None = None
-        self._records: RbdRecords | None = None
+        self._records: RbdRecordStore | None = None
         self._locks: LeaseLocks | None = None
         self._setup = threading.Lock()
         self.where = f"Ceph pool {self.ceph.pool}"
@@ -278,23 +234,24 @@ class RbdPoolDriver:
     def _io(self) -> Any:
         return self.client().io
 
-    def record_store(self) -> RbdRecords:
-        """This pool's records: in the Ceph pool's RADOS namespace (not the host's)."""
-        c = self.client()
+    def record_store(self) -> RbdRecordStore:
+        """This pool's records: in the Ceph pool's RADOS namespace, shared by its hosts."""
+        try:
+            c = self.client()
+        except PoolError as e:
+            raise StoreError(str(e)) from None
         with self._setup:
             if self._records is None:
-                kw: dict[str, Any] = {
-                    "namespace": self.ceph.namespace,
-                    "op_timeout": self.ceph.op_timeout,
-                }
                 pool = self.ceph.pool
-                host = RadosRecordStore(
-                    lambda: c.cluster.open_ioctx(pool), pool, host=self.host, **kw
+                store = RbdRecordStore(
+                    lambda: c.cluster.open_ioctx(pool),
+                    pool,
+                    host=self.host,
+                    namespace=self.ceph.namespace,
+                    op_timeout=self.ceph.op_timeout,
                 )
-                cache = RadosRecordStore(
-                    lambda: c.cluster.open_ioctx(pool), pool, host=CACHE_HOST, **kw
-                )
-                self._records = RbdRecords(host, cache, self.volume_exists)
+                store.exists = self.volume_exists
+                self._records = store
             return self._records
 
     def locks(self) -> LeaseLocks:
@@ -649,7 +606,7 @@ class RbdPoolDriver:
                         f"{rec.virtual_size}"
                     )
                 try:
-                    records.cache.add_reference(self.name, entry, rec.volume)
+                    records.add_reference(self.name, entry, rec.volume)
                 except ConflictError:
                     continue  # being collected: made again
                 faults.point("cache.reference.added")
@@ -657,7 +614,7 @@ class RbdPoolDriver:
                     self._clone(self._io(), entry, SNAP, rec)
                 except BaseException:
                     with contextlib.suppress(ReconcileError):
-                        records.cache.drop_reference(self.name, entry, rec.volume)
+                        records.drop_reference(self.name, entry, rec.volume)
                     raise
                 self._touch(cached)
                 return
@@ -1002,7 +959,7 @@ class RbdPoolDriver:
         faults.point("volume.deleted")
         if parent is not None and parent.startswith(CACHE_PREFIX):
             with contextlib.suppress(ReconcileError):  # else pruned by `cache gc`
-                self.record_store().cache.drop_reference(self.name, parent, volume)
+                self.record_store().drop_reference(self.name, parent, volume)
 
     def sweep_temp(self) -> list[str]:
         """Remove temporary images an interrupted import left, unless their lock is held."""
@@ -1033,4 +990,4 @@ def _scratch() -> Iterator[int]:
         os.close(fd)
 
 
-__all__ = ["LockBusy", "RbdPoolDriver", "RbdRecords", "parse_rbd_location"]
+__all__ = ["LockBusy", "RbdPoolDriver", "RbdRecordStore", "parse_rbd_location"]
