@@ -10,6 +10,10 @@ renewing and its lock expires; the OSD frees it a little after the duration (not
 section 4: duration + 1.4-1.9 s). A renewal that fails (the lease was lost) is logged;
 the records' compare-and-swap still fences whatever the holder writes afterwards.
 
+A lock held by a process of this host and boot that no longer exists is broken at once
+(cls_lock break_lock), instead of waiting for its lease: a SIGKILLed run's locks do not hold
+up the next run. Other hosts' dead holders expire with their lease.
+
 A lock that stays busy past `wait` seconds raises LockBusy: the step is requeued (the next
 run or the loop's backoff tries again), it is not a failure of the disk. The lock object
 is left in place after an unlock (an empty object) unless the holder says the thing it
@@ -20,9 +24,11 @@ lock goes with it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -37,7 +43,7 @@ log = structlog.get_logger(__name__)
 LOCK_NAME = "reconciler"
 LOCK_TAG = "reconciler"
 LIBRADOS_LOCK_FLAG_MUST_RENEW = 2  # librados.h; the rados module has no constant for it
-DEFAULT_DURATION = 30.0  # seconds a lease lasts unless renewed
+DEFAULT_DURATION = 15.0  # seconds a lease lasts unless renewed
 DEFAULT_WAIT = 120.0  # seconds to wait for a busy lock before requeueing the step
 
 
@@ -45,6 +51,7 @@ class LockBusy(ReconcileError):
     """Another reconciler holds the lock: the step is retried later, it did not fail."""
 
 
+@functools.cache
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -106,6 +113,8 @@ class LeaseLocks:
                     self._io.lock_exclusive(oid, LOCK_NAME, cookie, desc, self.duration, 0)
                 break
             except (rados.ObjectBusy, rados.ObjectExists):
+                if self._break_dead(oid):
+                    continue
                 if time.monotonic() + delay > deadline:
                     raise LockBusy(
                         f"{name} in {self.where} stayed locked by another reconciler for "
@@ -134,6 +143,43 @@ class LeaseLocks:
                 pass  # the lease expired and someone else took and released it
             except rados.Error as e:
                 log.warning("lock.release_failed", lock=name, where=self.where, error=str(e))
+
+    def lockers(self, oid: str) -> list[tuple[int, str]]:
+        """(client gid, cookie) of each holder of the lock on `oid` (cls_lock get_info,
+        decoded by hand: the bindings have no list_lockers for objects)."""
+        try:
+            _, reply = self._io.execute(
+                oid, "lock", "get_info", _enc_start(_enc_str(LOCK_NAME)), 65536
+            )
+        except Exception:
+            return []
+        return _decode_lockers(bytes(reply))
+
+    def _break_dead(self, oid: str) -> bool:
+        """Break locks held by a process of this host and boot that is gone (its lease
+        would expire anyway; on this host we know at once). True if one was broken."""
+        broke = False
+        for gid, cookie in self.lockers(oid):
+            parts = cookie.split("/")
+            if len(parts) != 4 or f"{parts[0]}/" != f"{self.host}/" or parts[2] != _boot_id():
+                continue
+            try:
+                pid = int(parts[1])
+            except ValueError:
+                continue
+            if pid == os.getpid() or _alive(pid):
+                continue
+            payload = _enc_start(
+                _enc_str(LOCK_NAME) + struct.pack("<Bq", 8, gid) + _enc_str(cookie)
+            )
+            try:
+                self._io.execute(oid, "lock", "break_lock", payload)
+            except Exception as e:
+                log.info("lock.break_failed", oid=oid, cookie=cookie, error=str(e))
+                continue
+            log.warning("lock.broken", where=self.where, cookie=cookie, why="its process is gone")
+            broke = True
+        return broke
 
     @contextlib.contextmanager
     def attempt(self, name: str) -> Iterator[LeaseHold | None]:
@@ -192,6 +238,49 @@ class LeaseLocks:
 
     def close(self) -> None:
         self._closed.set()
+
+
+def _enc_str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<I", len(b)) + b
+
+
+def _enc_start(payload: bytes) -> bytes:
+    return struct.pack("<BBI", 1, 1, len(payload)) + payload
+
+
+def _decode_lockers(reply: bytes) -> list[tuple[int, str]]:
+    """cls_lock_get_info_reply: header, u32 count, then per locker: header, u8 entity
+    type, s64 gid, string cookie, locker_info (header + its length, skipped)."""
+    out: list[tuple[int, str]] = []
+    try:
+        pos = 6
+        (count,) = struct.unpack_from("<I", reply, pos)
+        pos += 4
+        for _ in range(count):
+            pos += 6
+            _, gid = struct.unpack_from("<Bq", reply, pos)
+            pos += 9
+            (n,) = struct.unpack_from("<I", reply, pos)
+            pos += 4
+            cookie = reply[pos : pos + n].decode(errors="replace")
+            pos += n
+            _, _, info_len = struct.unpack_from("<BBI", reply, pos)
+            pos += 6 + info_len
+            out.append((gid, cookie))
+    except struct.error:
+        return out
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class LeaseHold:

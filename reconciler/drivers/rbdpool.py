@@ -482,10 +482,34 @@ class RbdPoolDriver:
                 f"({str(e).splitlines()[0]})"
             ) from None
 
-    def _check_copy(self, img: Any, volume: str, doing: str) -> None:
-        """Refuse to act on an image whose record copy names another record."""
+    def _parent(self, img: Any, volume: str) -> str | None:
+        """The image (in this pool's namespace) an open image is a clone of, if any."""
+        _, rbd = _mods()
+        with self._ceph(f"reading {volume}'s parent"):
+            try:
+                spec = img.get_parent_image_spec()
+            except rbd.ImageNotFound:
+                return None
+        if spec["pool_name"] != self.ceph.pool or spec["pool_namespace"]:
+            return None
+        return str(spec["image_name"])
+
+    def _own_copy(self, img: Any, volume: str) -> DiskRecord | None:
+        """The image's own record copy: a clone starts with its parent's (the entry's), and
+        until the clone's own is written that one says nothing about the clone."""
         with self._ceph(f"reading {volume}'s record copy"):
             copy = self._copy_of(img, volume)
+        inherited = (
+            copy is not None
+            and copy.kind is RecordKind.CACHE
+            and copy.volume != volume
+            and copy.volume == self._parent(img, volume)
+        )
+        return None if inherited else copy
+
+    def _check_copy(self, img: Any, volume: str, doing: str) -> None:
+        """Refuse to act on an image whose record copy names another record."""
+        copy = self._own_copy(img, volume)
         if copy is not None and (copy.pool, copy.volume) != (self.name, volume):
             raise ReconcileError(
                 f"not {doing} {self.name}/{volume}: the image's record copy describes "
@@ -502,7 +526,7 @@ class RbdPoolDriver:
                 continue
             try:
                 with self._image(name, read_only=True) as img:
-                    copy = self._copy_of(img, name)
+                    copy = self._own_copy(img, name)
             except ReconcileError as e:
                 without.append((name, str(e)))
                 continue
@@ -630,6 +654,9 @@ class RbdPoolDriver:
                 raise self._exists(rec.volume) from None
         faults.point("volume.cloned")
         with self._image(rec.volume) as img, self._ceph(f"growing {rec.volume}"):
+            # A clone starts with its parent's metadata, so with the entry's record copy:
+            # replace it by this disk's own (its intent) before anything else.
+            img.metadata_set(RECORD_KEY, rec.model_dump_json())
             if img.size() < rec.virtual_size:
                 img.resize(rec.virtual_size)
         faults.point("volume.created")
@@ -937,7 +964,6 @@ class RbdPoolDriver:
             self._remove_entry_image(volume)
             faults.point("volume.deleted")
             return
-        parent: str | None = None
         with self._ceph(f"opening image {volume}"):
             try:
                 img = rbd.Image(self._io(), volume)
@@ -945,13 +971,7 @@ class RbdPoolDriver:
                 return
         try:
             self._check_copy(img, volume, "deleting")
-            with self._ceph(f"reading {volume}'s parent"):
-                try:
-                    spec = img.get_parent_image_spec()
-                    if spec["pool_name"] == self.ceph.pool and not spec["pool_namespace"]:
-                        parent = str(spec["image_name"])
-                except rbd.ImageNotFound:
-                    pass
+            parent = self._parent(img, volume)
         finally:
             img.close()
         with self._ceph(f"removing image {volume}"), contextlib.suppress(rbd.ImageNotFound):
