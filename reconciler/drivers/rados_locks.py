@@ -122,8 +122,13 @@ class LeaseLocks:
                     ) from None
                 time.sleep(delay)  # polling a remote lock: there is nothing to wait on
                 delay = min(delay * 2, 0.2)
+            except rados.TimedOut:
+                raise ReconcileError(
+                    f"{self.where}: locking {name} timed out (the client's op timeout); check "
+                    "the cluster's OSDs (`ceph -s`), then run again"
+                ) from None
             except rados.Error as e:
-                raise ReconcileError(f"{self.where}: cannot lock {name}: {e}") from e
+                raise ReconcileError(f"{self.where}: cannot lock {name}: {e}") from None
         with self._held_lock:
             self._held[cookie] = (oid, shared, desc)
             self._start_renewer()
