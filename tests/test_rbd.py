@@ -6,6 +6,7 @@ network disk is never deleted."""
 from __future__ import annotations
 
 import hashlib
+import socket
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +297,102 @@ def test_a_domain_using_an_rbd_disk_blocks_its_deletion(site: RbdSite, tmp_path:
     rc, out = run(env)
     assert rc == 0, out
     assert vol not in site.images()
+
+
+def test_an_rbd_snapshot_in_the_same_cluster_is_cloned_from_directly(
+    site: RbdSite, tmp_path: Path
+) -> None:
+    """rbd://FSID/POOL/IMAGE/SNAP of this cluster: cloned from, no download and no cache
+    entry; another cluster's FSID cannot be fetched here and says so; a source that is
+    itself a clone is refused (clone depth stays 1), leaving nothing."""
+    import uuid
+
+    import rbd
+
+    data = image_file(tmp_path / "g.raw").read_bytes()
+    r = rbd.RBD()
+    r.create(site.ioctx, "glance-img", len(data), old_format=False)
+    with rbd.Image(site.ioctx, "glance-img") as img:
+        img.write(data, 0)
+        img.create_snap("snap")
+    r.clone(site.ioctx, "glance-img", "snap", site.ioctx, "glance-child")
+    with rbd.Image(site.ioctx, "glance-child") as img:
+        img.create_snap("snap")
+    fsid = site.ceph.cluster.get_fsid()
+    sha = hashlib.sha256(data).hexdigest()
+
+    def entry(loc: str) -> dict[str, Any]:
+        return {"location": loc, "format": "raw", "sha256": sha, "size": len(data)}
+
+    env = site.env(tmp_path / "env", namespace="direct")
+    env.images = {
+        "here": entry(f"rbd://{fsid}/{site.pool}/glance-img/snap"),
+        "elsewhere": entry(f"rbd://{uuid.uuid4()}/{site.pool}/glance-img/snap"),
+        "deep": entry(f"rbd://{fsid}/{site.pool}/glance-child/snap"),
+    }
+    env.write_config()
+    inst = env.manifest("vm", [rdisk("root", size="16MiB", image="here", template=None)])
+    far = env.manifest("far", [rdisk("root", size="16MiB", image="elsewhere", template=None)])
+    deep = env.manifest("deep", [rdisk("root", size="16MiB", image="deep", template=None)])
+    before = site.images()
+    rc, out = run(env)
+    assert rc == 1, out
+    assert site.parent(f"{inst}_root") == ("glance-img", "snap")
+    assert site.read(f"{inst}_root", len(data)) == data
+    assert site.size(f"{inst}_root") == 16 * MiB
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2, out
+    assert any(far in line and "another Ceph cluster" in line for line in failed), failed
+    assert any(deep in line and "itself a clone" in line for line in failed), failed
+    assert site.images() - before == {f"{inst}_root"}
+    assert not [n for n in site.images() if n.startswith(("_cache_", ".reconciler"))]
+    recs = {r.volume: r for r in records(site, "direct", socket.gethostname())}
+    assert recs[f"{inst}_root"].backing is None  # depends on no cache entry
+    assert set(recs) == {f"{inst}_root"}
+
+
+def test_record_and_image_that_disagree_are_reported_not_deleted(
+    site: RbdSite, tmp_path: Path
+) -> None:
+    import rbd
+
+    env = site.env(tmp_path / "env", namespace="disagree")
+    env.safety = {"maxDeletePercent": 100}
+    env.write_config()
+    inst = env.manifest("vm", [rdisk("d", size="4MiB", template="swap")])
+    other = env.manifest("other", [rdisk("d", size="4MiB", template="blank")])
+    rc, out = run(env)
+    assert rc == 0, out
+    # The image of vm's disk now carries the record copy of another disk (a copied or
+    # renamed image, say).
+    copy = site.metadata(f"{other}_d", RECORD_KEY)
+    assert copy is not None
+    with rbd.Image(site.ioctx, f"{inst}_d") as img:
+        img.metadata_set(RECORD_KEY, copy)
+    env.manifest("vm", [], instance=inst, deleted=True)
+    rc, out = run(env)
+    assert rc == 1, out
+    assert "record and image disagree" in out and f"{other}_d" in out, out
+    assert f"{inst}_d" in site.images()
+
+
+def test_a_second_store_on_the_same_ceph_pool_is_refused(site: RbdSite, tmp_path: Path) -> None:
+    """The pool is claimed by the namespace's store (every host of it passes); a config
+    pointing another namespace (another store) at the same Ceph pool changes nothing."""
+    first = site.env(tmp_path / "a", namespace="one")
+    first.manifest("vm", [rdisk("d", size="4MiB", template="blank")])
+    rc, out = run(first)
+    assert rc == 0, out
+    again = site.env(tmp_path / "b", namespace="one")  # another host, same store
+    again.host = "host-two"
+    again.write_config()
+    again.manifest("vm2", [rdisk("d", size="4MiB", template="blank")])
+    rc, out = run(again)
+    assert rc == 0, out
+    second = site.env(tmp_path / "c", namespace="two")
+    second.manifest("vm3", [rdisk("d", size="4MiB", template="blank")])
+    plan = second.plan_json()
+    assert plan["actions"] == []
+    assert [e["code"] for e in plan["errors"]] == ["pool-managed-elsewhere"], plan
+    rc, out = run(second)
+    assert rc == 1
