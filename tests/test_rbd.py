@@ -6,8 +6,8 @@ network disk is never deleted."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
