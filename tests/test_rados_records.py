@@ -22,7 +22,7 @@ from reconciler.drivers.rados_records import RadosRecordStore, record_object
 from reconciler.errors import RecordError
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import ConflictError, StoreError
+from reconciler.store import RELEASED, ConflictError, StoreError
 from tests.conftest_ceph import Ceph, unique
 
 pytestmark = pytest.mark.ceph
@@ -495,9 +495,9 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     with pytest.raises(ConflictError):
         b.take("rbd", "vm-1-root", 1, "host-c")
     a.release("rbd", "vm-1-root", 1)
-    assert a.owner("rbd", "vm-1-root") == rr.RELEASED
+    assert a.owner("rbd", "vm-1-root") == RELEASED
     assert index_keys(ceph, namespace, "host-a") == set()
-    assert index_keys(ceph, namespace, rr.RELEASED) == {oid}
+    assert index_keys(ceph, namespace, RELEASED) == {oid}
     assert a.load_all() == ([], [])  # no longer A's
     # The released record cannot be changed or deleted by its former owner.
     with pytest.raises(ConflictError):
@@ -511,7 +511,7 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     def take(s: RadosRecordStore) -> None:
         gate.wait(DEADLINE)
         try:
-            s.take("rbd", "vm-1-root", 2, rr.RELEASED)
+            s.take("rbd", "vm-1-root", 2, RELEASED)
             results.append(s.host)
         except ConflictError:
             results.append("lost")
@@ -531,7 +531,7 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     assert [r.volume for r in won.load_all()[0]] == ["vm-1-root"]
     assert lost.load_all() == ([], [])
     assert index_keys(ceph, namespace, won.host) == {oid}
-    assert index_keys(ceph, namespace, rr.RELEASED) == set()
+    assert index_keys(ceph, namespace, RELEASED) == set()
     # The new owner changes it; the old owner, acting on its old read, is fenced.
     won.put(bump(taken, state=RecordState.RESIZING, pending_size=2 << 30), 3)
     with pytest.raises(ConflictError, match=f"owned by host {won.host}"):

@@ -87,7 +87,7 @@ from pydantic import ValidationError
 
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord, RecordKind
-from reconciler.store import ConflictError, StoreError, StoreIdentity
+from reconciler.store import RELEASED, ConflictError, StoreError, StoreIdentity
 
 FORMAT = 1
 DEFAULT_NAMESPACE = "reconciler"
@@ -99,11 +99,9 @@ MAX_RECORD = 64 << 10  # bytes read per record; `put` refuses anything larger
 STORE_OBJECT = "store"
 HOSTS_OBJECT = "hosts"
 HEARTBEATS_OBJECT = "heartbeats"
-# Owner names that no host identity can take (config `host` starts with a letter or digit):
-RELEASED = (
-    "@released"  # the owner let the instance go; any host whose manifest names it may take it
-)
-SHARED = "@shared"  # cache entries: every host of the pool uses them (generation CAS only)
+# An owner name no host identity can take (RELEASED, in store.py, is the other): cache
+# entries are every host's, each clones from and references them (generation CAS only).
+SHARED = "@shared"
 _OMAP_PAGE = 1000
 _CAS_KEYS = ("generation", "host", "instance")
 
