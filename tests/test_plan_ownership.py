@@ -40,7 +40,7 @@ def shared(obs: Observed, **held: Holder) -> Observed:
 
 def test_a_disk_held_by_a_live_host_is_an_error_and_nothing_else(corpus_config: Config) -> None:
     desired = desired_from([DB], corpus_config)
-    instance, volume = ceph_disk(desired)
+    _, volume = ceph_disk(desired)
     records, vols = converged(desired, POOLS)
     mine = [r for r in records if r.volume != volume]
     obs = shared(
@@ -57,7 +57,7 @@ def test_a_disk_held_by_a_live_host_is_an_error_and_nothing_else(corpus_config: 
 
 def test_a_free_disk_is_taken_over_and_not_touched(corpus_config: Config) -> None:
     desired = desired_from([DB], corpus_config)
-    instance, volume = ceph_disk(desired)
+    _, volume = ceph_disk(desired)
     records, vols = converged(desired, POOLS)
     mine = [r for r in records if r.volume != volume]
     why = "host host-a, whose heartbeat expired 400 s ago (limit 300 s)"
@@ -79,7 +79,7 @@ def test_a_free_disk_is_taken_over_and_not_touched(corpus_config: Config) -> Non
 
 def test_an_orphan_in_a_shared_pool_is_handed_over_never_pruned(corpus_config: Config) -> None:
     desired = desired_from([DB], corpus_config)
-    instance, volume = ceph_disk(desired)
+    _, volume = ceph_disk(desired)
     records, vols = converged(desired, POOLS)
     obs = shared(observed(records, vols))
     nothing = Desired(())
