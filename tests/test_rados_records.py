@@ -538,25 +538,51 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
         a.put(bump(rec, state=RecordState.DELETING), 1)
 
 
-def test_heartbeats_and_a_take_from_a_host_that_is_gone(make: Make, ceph: Ceph) -> None:
-    a, b = make("host-a"), make("host-b")
+def test_heartbeats_and_a_take_from_a_host_that_is_gone_fences_it(make: Make, ceph: Ceph) -> None:
+    """Taking from a host whose heartbeat expired first blocklists every client address
+    its heartbeats name: the paused process's next operation fails, whatever it is."""
+    a = make("host-a", own_client=True, op_timeout=10)
+    a_too = make("host-a", own_client=True, op_timeout=10)  # another process of host A
+    b = make("host-b", own_client=True, op_timeout=10)
     assert b.heartbeats() == {}
     a.beat()
     beats = b.heartbeats()
     assert list(beats) == ["host-a"] and beats["host-a"] == a.last_beat
-    first = beats["host-a"]
-    a.beat()
-    assert b.heartbeats()["host-a"] >= first
+    a_too.beat()
+    assert b.heartbeats()["host-a"] == max(a.last_beat or 0, a_too.last_beat or 0)
     rec = record("vm-2-root", instance="vm-2", state=RecordState.READY)
     a.put(rec, None)
-    # Taken from A directly (its heartbeat expired: the caller's judgement, see Records).
-    b.take("rbd", "vm-2-root", 1, "host-a")
-    assert b.owner("rbd", "vm-2-root") == "host-b"
-    assert a.for_instance("vm-2") == [] and [r.volume for r in b.for_instance("vm-2")] == [
-        "vm-2-root"
-    ]
-    with pytest.raises(ConflictError):  # A, resumed, cannot write
-        a.put(bump(rec), 1)
+    # B takes from A (its heartbeat expired: the caller's judgement, see Records.holds).
+    fenced: list[str] = []
+    try:
+        b.take("rbd", "vm-2-root", 1, "host-a")
+        fenced = sorted({a._addr(), a_too._addr()})
+        assert b.owner("rbd", "vm-2-root") == "host-b"
+        assert [r.volume for r in b.for_instance("vm-2")] == ["vm-2-root"]
+        # Both of A's processes are fenced: every operation fails, reads included.
+        for s in (a, a_too):
+            with pytest.raises(StoreError, match="shutdown|blocklist|108"):
+                s.put(bump(rec), 1)
+            with pytest.raises(StoreError):
+                s.get("rbd", "vm-2-root")
+        # A new process of host A is a new client: it works, and finds the disk taken.
+        a_new = make("host-a", own_client=True)
+        assert a_new.for_instance("vm-2") == []
+        with pytest.raises(ConflictError, match="owned by host host-b"):
+            a_new.put(bump(rec), 1)
+    finally:
+        for addr in fenced:  # leave the test cluster's blocklist as it was
+            ceph.cluster.mon_command(
+                json.dumps({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr}), b""
+            )
+
+
+def test_a_store_without_a_cluster_handle_cannot_fence(make: Make) -> None:
+    a, b = make("host-a"), make("host-b")
+    a.put(record("vm-3-root", instance="vm-3"), None)
+    with pytest.raises(StoreError, match="cannot fence host host-a"):
+        b.take("rbd", "vm-3-root", 1, "host-a")
+    assert b.owner("rbd", "vm-3-root") == "host-a"  # nothing taken
 
 
 def test_cache_entries_are_shared_by_every_host(make: Make, ceph: Ceph, namespace: str) -> None:
