@@ -330,6 +330,12 @@ class RadosRecordStore:
                 f"timed out after {self.op_timeout:g} s (rados_osd_op_timeout); check the "
                 "cluster's OSDs (`ceph -s`, `ceph osd stat`), then run again"
             )
+        elif code in (errno.ESHUTDOWN, -errno.ESHUTDOWN):
+            why = (
+                f"refused: this client was fenced ({e}); another host took this host's "
+                "instances over after its heartbeat expired (`ceph osd blocklist ls`). A new "
+                "run is a new client and sees who owns each disk now"
+            )
         elif isinstance(e, rados.PermissionError) or code in (errno.EPERM, errno.EACCES):
             why = f"permission denied ({e}); give the client rw caps on the pool and namespace"
         elif isinstance(e, rados.ObjectNotFound) and doing == "opening the pool":
