@@ -18,12 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from reconciler.diff.model import Holder
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord
-from reconciler.store import RecordStore, SqliteRecordStore, StoreError, StoreIdentity
+from reconciler.store import (
+    RELEASED,
+    RecordStore,
+    SharedRecordStore,
+    SqliteRecordStore,
+    StoreError,
+    StoreIdentity,
+)
 
 
 class PoolStoreError(StoreError):
@@ -168,6 +178,72 @@ class Records:
             raise PoolStoreError(pool, why)
         return records
 
+    # -- hosts sharing a pool -----------------------------------------------------------
+
+    def shared(self, pool: str) -> SharedRecordStore | None:
+        """`pool`'s store if many hosts share it, else None."""
+        if pool not in self._openers:
+            return None
+        store = self.store_for(pool)
+        return store if isinstance(store, SharedRecordStore) else None
+
+    def holds(
+        self, wanted: Mapping[str, Iterable[str]], known: Iterable[tuple[str, str]], expiry: float
+    ) -> Holds:
+        """For the volumes of shared pools a manifest here names (`wanted`: pool ->
+        volumes) that are not among this host's records (`known`), read their records by
+        name: another host's hold on them (free once released, or once that host's
+        heartbeat is `expiry` seconds old), or this host's own record that its index lost
+        (a crash while a record was handed over). Pools whose store fails are named."""
+        out = Holds()
+        have = set(known)
+        for pool, volumes in sorted(wanted.items()):
+            keys = sorted({(pool, v) for v in volumes} - have)
+            if not keys:
+                continue
+            try:
+                store = self.shared(pool)
+                if store is None:
+                    continue
+                found = store.read_many(keys)
+                beats = store.heartbeats() if found else {}
+            except StoreError as e:
+                out.failed[pool] = _pool_message(pool, e)
+                continue
+            now = time.time()
+            for (p, volume), got in found.items():
+                if isinstance(got, BadRecord):
+                    out.bad.append(got)
+                    continue
+                if got.host == store.host:
+                    out.records.append(got.record)
+                    continue
+                if got.host.startswith("@") and got.host != RELEASED:
+                    continue  # a cache entry: every host's, among the loaded records
+                out.held.setdefault(p, {})[volume] = _holder(got, beats, now, expiry)
+        return out
+
+    def beat(self, pools: Iterable[str] | None = None) -> None:
+        """Renew this host's heartbeat in every shared store of `pools` (default: every
+        pool with a store of its own); a store that fails is left for its pool's error."""
+        for pool in self.own_pools() if pools is None else pools:
+            with contextlib.suppress(StoreError):
+                store = self.shared(pool)
+                if store is not None:
+                    store.beat()
+
+    def take(self, pool: str, volume: str, expect_generation: int, from_host: str) -> None:
+        self._must_share(pool).take(pool, volume, expect_generation, from_host)
+
+    def release(self, pool: str, volume: str, expect_generation: int) -> None:
+        self._must_share(pool).release(pool, volume, expect_generation)
+
+    def _must_share(self, pool: str) -> SharedRecordStore:
+        store = self.shared(pool)
+        if store is None:
+            raise StoreError(f"pool {pool}: its records are not shared by hosts")
+        return store
+
     def identity(self) -> StoreIdentity:
         """The host's database's identity (file pools' ownership names it)."""
         return self.local.identity()
@@ -217,6 +293,30 @@ class Records:
             # Closing: nothing left to lose, and the run's own error comes first.
             with contextlib.suppress(StoreError):
                 s.close()
+
+
+@dataclass
+class Holds:
+    """What `Records.holds` found."""
+
+    held: dict[str, dict[str, Holder]] = field(default_factory=dict)  # pool -> volume ->
+    records: list[DiskRecord] = field(default_factory=list)  # this host's, found by name
+    bad: list[BadRecord] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _holder(got: Any, beats: Mapping[str, float], now: float, expiry: float) -> Holder:
+    gen = got.record.generation
+    if got.host == RELEASED:
+        return Holder(got.host, gen, True, "no host: its owner released it")
+    beat = beats.get(got.host)
+    if beat is None:
+        return Holder(got.host, gen, True, f"host {got.host}, which has no heartbeat")
+    age = now - beat
+    if age >= expiry:
+        why = f"host {got.host}, whose heartbeat expired {age:.0f} s ago (limit {expiry:g} s)"
+        return Holder(got.host, gen, True, why)
+    return Holder(got.host, gen, False, f"host {got.host} (heartbeat {max(age, 0):.0f} s ago)")
 
 
 def _misplaced(r: DiskRecord) -> BadRecord:

@@ -28,8 +28,8 @@ from reconciler.schema.config import Config
 from reconciler.schema.load import ManifestLoad, load_manifests
 from reconciler.schema.manifest import ImageSource
 from reconciler.schema.mcache import ManifestCache
-from reconciler.schema.record import DiskRecord
-from reconciler.store import SqliteRecordStore, open_store
+from reconciler.schema.record import BadRecord, DiskRecord
+from reconciler.store import SqliteRecordStore, StoreError, open_store
 
 if TYPE_CHECKING:
     from reconciler.apply import Executor, Replanner
@@ -87,7 +87,7 @@ class Session:
         cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
         loading = ManifestLoad(paths, self.config, cache)
         try:
-            observed = self.observe() if observe else None
+            observed = self._observe_pools() if observe else None
             loaded, failed = loading.finish()
         except BaseException:
             loading.close()
@@ -95,7 +95,7 @@ class Session:
         # Kept until close() or the next load: its worker may still be writing the cache.
         self._loading = loading
         self.desired = self._with_entries(build_desired(loaded, failed))
-        return observed
+        return None if observed is None else self._with_holds(observed, self.desired)
 
     def _end_loading(self) -> None:
         if self._loading is not None:
@@ -105,7 +105,12 @@ class Session:
     def _with_entries(self, desired: Desired) -> Desired:
         return with_entries(desired, self.managing_drivers())
 
-    def observe(self) -> Observed:
+    def observe(self, desired: Desired | None = None) -> Observed:
+        """The pools, the records, and, in pools many hosts share, the records of the
+        disks `desired` (default: the loaded manifests) names that other hosts hold."""
+        return self._with_holds(self._observe_pools(), self.desired if desired is None else desired)
+
+    def _observe_pools(self) -> Observed:
         # Volumes before records: a record is written before its volume is made, so a volume
         # seen here always has its record below, even while another reconciler is creating.
         pools = {name: d.observe() for name, d in self.drivers.items()}
@@ -126,6 +131,44 @@ class Session:
                 name, None, "the pool is not in the config (records name it)"
             )
         return Observed(pools, tuple(records), tuple(bad))
+
+    def _with_holds(self, observed: Observed, desired: Desired) -> Observed:
+        wanted: dict[str, set[str]] = {}
+        for inst in desired.instances:
+            for d in inst.disks:
+                wanted.setdefault(d.spec.pool, set()).add(d.volume)
+        known = [r.key() for r in observed.records]
+        known += [(b.pool, b.volume) for b in observed.bad_records]
+        pools, records, bad = self._share(dict(observed.pools), wanted, known)
+        return Observed(pools, observed.records + tuple(records), observed.bad_records + tuple(bad))
+
+    def _share(
+        self,
+        pools: dict[str, ObservedPool],
+        wanted: Mapping[str, set[str]],
+        known: Sequence[tuple[str, str]],
+    ) -> tuple[dict[str, ObservedPool], list[DiskRecord], list[BadRecord]]:
+        """Mark the pools many hosts share, with the holds other hosts have on the disks
+        `wanted` names (Records.holds); a pool whose store fails gets that error."""
+        holds = self.store.holds(
+            {p: v for p, v in wanted.items() if p in pools and pools[p].volumes is not None},
+            known,
+            self.config.ownership.heartbeat_expiry,
+        )
+        for name, p in pools.items():
+            if p.volumes is None:
+                continue
+            if name in holds.failed:
+                pools[name] = ObservedPool(name, None, holds.failed[name])
+                continue
+            try:
+                shared = self.store.shared(name) is not None
+            except StoreError as e:
+                pools[name] = ObservedPool(name, None, str(e))
+                continue
+            if shared:
+                pools[name] = dataclasses.replace(p, shared=True, held=holds.held.get(name, {}))
+        return pools, holds.records, holds.bad
 
     def plan(self, observed: Observed | None = None) -> Plan:
         """Plan the loaded manifests against `observed`, or against the pools as they are."""
@@ -188,11 +231,21 @@ class Session:
                 att.known,
                 att.why_unknown,
             )
+        wanted_vols: dict[str, set[str]] = {}
+        for inst in wanted:
+            for d in inst.disks:
+                wanted_vols.setdefault(d.spec.pool, set()).add(d.volume)
+        pools, found, bad = self._share(pools, wanted_vols, [r.key() for r in records])
+        records.extend(found)
         opts = options or self.options
         # The share of all disks a plan may destroy is the caller's to judge, not this
         # one instance's: a per-instance plan would refuse any tombstone.
         opts = dataclasses.replace(opts, force=True)
-        return plan(Desired(tuple(wanted), tuple(failed)), Observed(pools, tuple(records)), opts)
+        return plan(
+            Desired(tuple(wanted), tuple(failed)),
+            Observed(pools, tuple(records), tuple(bad)),
+            opts,
+        )
 
     def replanner(self) -> Replanner:
         def replan(a: Action) -> Plan:

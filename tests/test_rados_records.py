@@ -22,7 +22,7 @@ from reconciler.drivers.rados_records import RadosRecordStore, record_object
 from reconciler.errors import RecordError
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import ConflictError, StoreError
+from reconciler.store import RELEASED, ConflictError, StoreError
 from tests.conftest_ceph import Ceph, unique
 
 pytestmark = pytest.mark.ceph
@@ -495,9 +495,9 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     with pytest.raises(ConflictError):
         b.take("rbd", "vm-1-root", 1, "host-c")
     a.release("rbd", "vm-1-root", 1)
-    assert a.owner("rbd", "vm-1-root") == rr.RELEASED
+    assert a.owner("rbd", "vm-1-root") == RELEASED
     assert index_keys(ceph, namespace, "host-a") == set()
-    assert index_keys(ceph, namespace, rr.RELEASED) == {oid}
+    assert index_keys(ceph, namespace, RELEASED) == {oid}
     assert a.load_all() == ([], [])  # no longer A's
     # The released record cannot be changed or deleted by its former owner.
     with pytest.raises(ConflictError):
@@ -511,7 +511,7 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     def take(s: RadosRecordStore) -> None:
         gate.wait(DEADLINE)
         try:
-            s.take("rbd", "vm-1-root", 2, rr.RELEASED)
+            s.take("rbd", "vm-1-root", 2, RELEASED)
             results.append(s.host)
         except ConflictError:
             results.append("lost")
@@ -531,32 +531,58 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     assert [r.volume for r in won.load_all()[0]] == ["vm-1-root"]
     assert lost.load_all() == ([], [])
     assert index_keys(ceph, namespace, won.host) == {oid}
-    assert index_keys(ceph, namespace, rr.RELEASED) == set()
+    assert index_keys(ceph, namespace, RELEASED) == set()
     # The new owner changes it; the old owner, acting on its old read, is fenced.
     won.put(bump(taken, state=RecordState.RESIZING, pending_size=2 << 30), 3)
     with pytest.raises(ConflictError, match=f"owned by host {won.host}"):
         a.put(bump(rec, state=RecordState.DELETING), 1)
 
 
-def test_heartbeats_and_a_take_from_a_host_that_is_gone(make: Make, ceph: Ceph) -> None:
-    a, b = make("host-a"), make("host-b")
+def test_heartbeats_and_a_take_from_a_host_that_is_gone_fences_it(make: Make, ceph: Ceph) -> None:
+    """Taking from a host whose heartbeat expired first blocklists every client address
+    its heartbeats name: the paused process's next operation fails, whatever it is."""
+    a = make("host-a", own_client=True, op_timeout=10)
+    a_too = make("host-a", own_client=True, op_timeout=10)  # another process of host A
+    b = make("host-b", own_client=True, op_timeout=10)
     assert b.heartbeats() == {}
     a.beat()
     beats = b.heartbeats()
     assert list(beats) == ["host-a"] and beats["host-a"] == a.last_beat
-    first = beats["host-a"]
-    a.beat()
-    assert b.heartbeats()["host-a"] >= first
+    a_too.beat()
+    assert b.heartbeats()["host-a"] == max(a.last_beat or 0, a_too.last_beat or 0)
     rec = record("vm-2-root", instance="vm-2", state=RecordState.READY)
     a.put(rec, None)
-    # Taken from A directly (its heartbeat expired: the caller's judgement, see Records).
-    b.take("rbd", "vm-2-root", 1, "host-a")
-    assert b.owner("rbd", "vm-2-root") == "host-b"
-    assert a.for_instance("vm-2") == [] and [r.volume for r in b.for_instance("vm-2")] == [
-        "vm-2-root"
-    ]
-    with pytest.raises(ConflictError):  # A, resumed, cannot write
-        a.put(bump(rec), 1)
+    # B takes from A (its heartbeat expired: the caller's judgement, see Records.holds).
+    fenced: list[str] = []
+    try:
+        b.take("rbd", "vm-2-root", 1, "host-a")
+        fenced = sorted({a._addr(), a_too._addr()})
+        assert b.owner("rbd", "vm-2-root") == "host-b"
+        assert [r.volume for r in b.for_instance("vm-2")] == ["vm-2-root"]
+        # Both of A's processes are fenced: every operation fails, reads included.
+        for s in (a, a_too):
+            with pytest.raises(StoreError, match="this client was fenced"):
+                s.put(bump(rec), 1)
+            with pytest.raises(StoreError):
+                s.get("rbd", "vm-2-root")
+        # A new process of host A is a new client: it works, and finds the disk taken.
+        a_new = make("host-a", own_client=True)
+        assert a_new.for_instance("vm-2") == []
+        with pytest.raises(ConflictError, match="owned by host host-b"):
+            a_new.put(bump(rec), 1)
+    finally:
+        for addr in fenced:  # leave the test cluster's blocklist as it was
+            ceph.cluster.mon_command(
+                json.dumps({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr}), b""
+            )
+
+
+def test_a_store_without_a_cluster_handle_cannot_fence(make: Make) -> None:
+    a, b = make("host-a"), make("host-b")
+    a.put(record("vm-3-root", instance="vm-3"), None)
+    with pytest.raises(StoreError, match="cannot fence host host-a"):
+        b.take("rbd", "vm-3-root", 1, "host-a")
+    assert b.owner("rbd", "vm-3-root") == "host-a"  # nothing taken
 
 
 def test_cache_entries_are_shared_by_every_host(make: Make, ceph: Ceph, namespace: str) -> None:

@@ -87,7 +87,7 @@ from pydantic import ValidationError
 
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord, RecordKind
-from reconciler.store import ConflictError, StoreError, StoreIdentity
+from reconciler.store import RELEASED, ConflictError, StoreError, StoreIdentity
 
 FORMAT = 1
 DEFAULT_NAMESPACE = "reconciler"
@@ -99,11 +99,13 @@ MAX_RECORD = 64 << 10  # bytes read per record; `put` refuses anything larger
 STORE_OBJECT = "store"
 HOSTS_OBJECT = "hosts"
 HEARTBEATS_OBJECT = "heartbeats"
-# Owner names that no host identity can take (config `host` starts with a letter or digit):
-RELEASED = (
-    "@released"  # the owner let the instance go; any host whose manifest names it may take it
-)
-SHARED = "@shared"  # cache entries: every host of the pool uses them (generation CAS only)
+# An owner name no host identity can take (RELEASED, in store.py, is the other): cache
+# entries are every host's, each clones from and references them (generation CAS only).
+SHARED = "@shared"
+BEAT_KEEP = 86400.0  # seconds a process's heartbeat key outlives its last beat
+FENCE_FOR = (
+    30 * 86400.0
+)  # seconds a fenced client stays blocklisted (`ceph osd blocklist rm` ends it)
 _OMAP_PAGE = 1000
 _CAS_KEYS = ("generation", "host", "instance")
 REF_PREFIX = "ref."  # a cache entry's references: omap keys of its record object
@@ -181,6 +183,13 @@ def decode(oid: str, data: bytes, where: str) -> Stored:
 
 
 @dataclass(frozen=True, slots=True)
+class Beat:
+    host: str
+    at: float
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
 class IndexEntry:
     instance: str
     pool: str
@@ -233,6 +242,7 @@ class RadosRecordStore:
         open_ioctx: Callable[[], Any],
         pool: str,
         *,
+        cluster: Any = None,
         host: str | None = None,
         namespace: str = DEFAULT_NAMESPACE,
         shards: int = DEFAULT_SHARDS,
@@ -253,7 +263,9 @@ class RadosRecordStore:
         self.stale_after = stale_after
         self.op_timeout = op_timeout
         self._on_close = on_close
-        self.cluster: Any = None  # the client `connect` made (None: the caller's)
+        # The client (connect()'s own, or the caller's): for fencing and this client's
+        # address; None: the store cannot fence (and its heartbeats name no address).
+        self.cluster: Any = cluster
         self._registered = False
         self._registered_lock = threading.Lock()
         self.last_beat: float | None = None  # when this store last renewed the heartbeat
@@ -290,9 +302,10 @@ class RadosRecordStore:
                 f"(`ceph -s`) and the conf and keyring are right, then run again"
             ) from e
         try:
-            store = cls(
+            return cls(
                 lambda: cluster.open_ioctx(pool),
                 pool,
+                cluster=cluster,
                 op_timeout=op_timeout,
                 on_close=cluster.shutdown,
                 **kwargs,
@@ -300,8 +313,6 @@ class RadosRecordStore:
         except BaseException:
             cluster.shutdown()
             raise
-        store.cluster = cluster
-        return store
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -320,6 +331,12 @@ class RadosRecordStore:
             why = (
                 f"timed out after {self.op_timeout:g} s (rados_osd_op_timeout); check the "
                 "cluster's OSDs (`ceph -s`, `ceph osd stat`), then run again"
+            )
+        elif code in (errno.ESHUTDOWN, -errno.ESHUTDOWN):
+            why = (
+                f"refused: this client was fenced ({e}); another host took this host's "
+                "instances over after its heartbeat expired (`ceph osd blocklist ls`). A new "
+                "run is a new client and sees who owns each disk now"
             )
         elif isinstance(e, rados.PermissionError) or code in (errno.EPERM, errno.EACCES):
             why = f"permission denied ({e}); give the client rw caps on the pool and namespace"
@@ -749,28 +766,84 @@ class RadosRecordStore:
         return out
 
     def beat(self) -> None:
-        """Renew this host's heartbeat: other hosts take its instances only once it is
-        older than their `ownership.heartbeatExpiry`."""
+        """Renew this process's heartbeat: other hosts take this host's instances only
+        once its newest heartbeat is older than their `ownership.heartbeatExpiry`. Each
+        process beats under its own key (host and client address), so a host that is taken
+        over can be fenced process by process (`fence`); this host's keys a day stale are
+        removed as it beats."""
         rados = _rados()
         at = time.time()
-        value = json.dumps({"at": at, "pid": os.getpid(), "boot": _boot_id()}).encode()
+        addr = self._addr()
+        value = json.dumps({"at": at, "pid": os.getpid(), "boot": _boot_id(), "addr": addr})
+        stale = [
+            key
+            for key, beat in self._beats().items()
+            if beat.host == self.host and key != self._beat_key(addr) and at - beat.at > BEAT_KEEP
+        ]
         with self._errors(f"renewing the heartbeat of host {self.host}"), rados.WriteOpCtx() as op:
             op.new(rados.LIBRADOS_CREATE_IDEMPOTENT)
-            self._io.set_omap(op, (self.host,), (value,))
+            self._io.set_omap(op, (self._beat_key(addr),), (value.encode(),))
+            if stale:
+                self._io.remove_omap_keys(op, tuple(stale))
             self._io.operate_write_op(op, HEARTBEATS_OBJECT)
         self.last_beat = at
 
+    def _beat_key(self, addr: str) -> str:
+        return f"{self.host} {addr}"
+
+    def _addr(self) -> str:
+        """This client's address (what `ceph osd blocklist` names); "" if unknown."""
+        if self.cluster is None:
+            return ""
+        try:
+            return str(self.cluster.get_addrs())
+        except Exception:  # the binding's errors are not typed: an address is optional
+            return ""
+
+    def _beats(self) -> dict[str, Beat]:
+        out: dict[str, Beat] = {}
+        for key, raw in self._omap_all(HEARTBEATS_OBJECT).items():
+            try:
+                doc = json.loads(raw)
+                out[key] = Beat(key.split(" ", 1)[0], float(doc["at"]), str(doc.get("addr", "")))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # unreadable: counts as no heartbeat (expired)
+        return out
+
     def heartbeats(self) -> dict[str, float]:
-        """Each host's last heartbeat (time.time() of the host that wrote it). Hosts
+        """Each host's newest heartbeat (time.time() of the host that wrote it). Hosts
         sharing a pool are expected to keep their clocks in step (NTP); the expiry,
         minutes by default, dwarfs the skew NTP leaves."""
         out: dict[str, float] = {}
-        for host, raw in self._omap_all(HEARTBEATS_OBJECT).items():
-            try:
-                out[host] = float(json.loads(raw)["at"])
-            except (ValueError, KeyError, TypeError):
-                continue  # unreadable: counts as no heartbeat (expired)
+        for beat in self._beats().values():
+            out[beat.host] = max(out.get(beat.host, 0.0), beat.at)
         return out
+
+    def fence(self, host: str) -> list[str]:
+        """Make the cluster refuse every operation of `host`'s reconcilers (each address
+        its heartbeats name) with `ceph osd blocklist add`, before its instances are taken:
+        a process that was only paused then fails its next image or record operation
+        instead of changing a disk it no longer owns. The addresses blocklisted."""
+        if self.cluster is None:
+            raise StoreError(
+                f"{self.where}: cannot fence host {host}: this store has no cluster handle"
+            )
+        addrs = sorted({b.addr for b in self._beats().values() if b.host == host and b.addr})
+        for addr in addrs:
+            cmd = {
+                "prefix": "osd blocklist",
+                "blocklistop": "add",
+                "addr": addr,
+                "expire": FENCE_FOR,
+            }
+            ret, _, err = self.cluster.mon_command(json.dumps(cmd), b"")
+            if ret != 0:
+                raise StoreError(
+                    f"{self.where}: cannot fence host {host} ({addr}): `ceph osd blocklist "
+                    f"add` failed ({ret}: {err}); the client needs the mon cap `profile rbd`. "
+                    "Its instances are not taken"
+                )
+        return addrs
 
     def release(self, pool: str, volume: str, expect_generation: int) -> None:
         """Let another host take this host's record of pool/volume (its manifest is gone
@@ -780,8 +853,9 @@ class RadosRecordStore:
 
     def take(self, pool: str, volume: str, expect_generation: int, from_host: str) -> None:
         """Make this host the owner of a record that `from_host` released, or whose
-        heartbeat expired: a compare-and-swap from `from_host` to this host. If that host
-        is only slow, its next write finds the record taken and fails (fencing)."""
+        heartbeat expired: a compare-and-swap from `from_host` to this host. A host whose
+        heartbeat expired is fenced first (`fence`), so if it was only paused its next
+        operation fails; and its next record write would fail its guard anyway."""
         self._move(pool, volume, expect_generation, from_host, self.host)
 
     def _move(self, pool: str, volume: str, expect: int, old: str, new: str) -> None:
@@ -795,6 +869,8 @@ class RadosRecordStore:
         stored = self._stored(pool, volume)
         if stored is None or stored.host != old or stored.record.generation != expect:
             raise self._conflict(pool, volume, expect, old)
+        if old not in (RELEASED, self.host) and new == self.host:
+            self.fence(old)  # taken from a host that is gone (its heartbeat expired)
         rec = stored.record.model_copy(update={"generation": expect + 1})
         shard = shard_of(rec.instance, self.shards)
         old_entry = self._index_entry(shard, oid, old)
