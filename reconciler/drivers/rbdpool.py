@@ -243,9 +243,12 @@ class RbdPoolDriver:
         with self._setup:
             if self._records is None:
                 pool = self.ceph.pool
+                # The same client as the images': a host fenced by `ceph osd blocklist`
+                # (the store's heartbeats name this client's address) can change neither.
                 store = RbdRecordStore(
                     lambda: c.cluster.open_ioctx(pool),
                     pool,
+                    cluster=c.cluster,
                     host=self.host,
                     namespace=self.ceph.namespace,
                     op_timeout=self.ceph.op_timeout,
