@@ -396,3 +396,48 @@ def test_a_second_store_on_the_same_ceph_pool_is_refused(site: RbdSite, tmp_path
     assert [e["code"] for e in plan["errors"]] == ["pool-managed-elsewhere"], plan
     rc, out = run(second)
     assert rc == 1
+
+
+def test_lost_records_are_rebuilt_from_the_images_metadata(site: RbdSite, tmp_path: Path) -> None:
+    """Every object of the records' namespace is lost: the pool's owner names a store that
+    no longer exists, so nothing is done; `records rebuild` restores each disk's and entry's
+    record from its image's metadata (never its bytes), and the plan is empty again. The
+    entry's references are gone with its record, but RBD still reports its clones, so
+    `cache gc` keeps it."""
+    from tests.env import cli
+
+    env = site.env(tmp_path / "env", namespace="lost")
+    raw = image_file(tmp_path / "img.raw")
+    env.images = {"img": catalog(raw, "raw")}
+    env.write_config()
+    inst = env.manifest(
+        "vm",
+        [
+            rdisk("root", size="16MiB", image="img", template=None),
+            rdisk("swap", size="8MiB", template="swap"),
+        ],
+    )
+    rc, out = run(env)
+    assert rc == 0, out
+    before = {r.volume: r for r in records(site, "lost", socket.gethostname())}
+    io = site.ceph.cluster.open_ioctx(site.pool)
+    io.set_namespace("lost")
+    for o in list(io.list_objects()):
+        io.remove_object(o.key)
+    io.close()
+    plan = env.plan_json()
+    assert plan["actions"] == []
+    assert "pool-managed-elsewhere" in {e["code"] for e in plan["errors"]}, plan
+    res = cli("records", "rebuild", "ceph", "--yes", "--config", str(env.config_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    after = {r.volume: r for r in records(site, "lost", socket.gethostname())}
+    assert set(after) == set(before)
+    for v, r in before.items():
+        assert after[v].model_dump(exclude={"last_used"}) == r.model_dump(exclude={"last_used"})
+    assert env.plan_json()["actions"] == []
+    rc, out = run_cache(env, "gc", "--min-age", "0")
+    assert rc == 0, out
+    assert {n for n in site.images() if n.startswith("_cache_")} == {
+        v for v in before if v.startswith("_cache_")
+    }, out
+    assert f"{inst}_root" in site.images()
