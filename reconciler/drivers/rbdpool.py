@@ -61,6 +61,7 @@ import os
 import re
 import socket
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -96,6 +97,7 @@ log = structlog.get_logger(__name__)
 SNAP = "base"  # the snapshot of a cache entry that disks are cloned from
 RECORD_KEY = "reconciler.record"  # RBD metadata: the image's copy of its record
 OWNER_OBJECT = "reconciler.owner"  # in the pool's default namespace, beside the images
+WATCH_WAIT = 45.0  # seconds to wait for a dead client's watch on an image to expire
 WRITE_CHUNK = 4 << 20  # bytes per python-rbd write on import (the default object size)
 _ZERO = bytes(WRITE_CHUNK)
 RBD_LOCATION = re.compile(r"^rbd://([0-9a-fA-F-]{36})/([^/@]+)/([^/@]+)/([^/@]+)$")
@@ -328,11 +330,22 @@ class RbdPoolDriver:
         return pool  # reading a disk's first bytes from Ceph buys nothing: nothing is probed
 
     def volume_exists(self, volume: str) -> bool:
-        """Whether the image exists: one stat of its `rbd_id.` object, no image open."""
+        """Whether anything of the image exists: its entry in `rbd_directory` (what listing
+        reads) or its `rbd_id.` object, in one read each and no image open. Either alone is
+        what an interrupted RBD.remove leaves, and it counts as existing until removed."""
         rados, _ = _mods()
+        io = self._io()
         with self._ceph(f"looking up image {volume}"):
             try:
-                self._io().stat(f"rbd_id.{volume}")
+                with rados.ReadOpCtx() as rop:
+                    it, _ = io.get_omap_vals_by_keys(rop, (f"name_{volume}",))
+                    io.operate_read_op(rop, "rbd_directory")
+                    if dict(it):
+                        return True
+            except rados.ObjectNotFound:
+                pass
+            try:
+                io.stat(f"rbd_id.{volume}")
             except rados.ObjectNotFound:
                 return False
         return True
@@ -802,9 +815,47 @@ class RbdPoolDriver:
                 with rbd.Image(self._io(), tmp) as img:
                     for s in list(img.list_snaps()):
                         img.remove_snap(s["name"])
-                rbd.RBD().remove(self._io(), tmp)
             except rbd.ImageNotFound:
-                pass
+                pass  # gone, or half made by an interrupted create: removed below
+        self._remove_image(tmp, "temporary image")
+
+    def _remove_image(self, name: str, what: str) -> None:
+        """RBD.remove, waiting while the image is busy: a client that died with the image
+        open (a killed import or create) keeps its watch until the OSD times it out
+        (osd_client_watch_timeout, 30 s by default). Still busy after WATCH_WAIT: an error
+        naming the watchers (a running VM, on any host, watches its disk too)."""
+        _, rbd = _mods()
+        deadline = time.monotonic() + WATCH_WAIT
+        while True:
+            with self._ceph(f"removing {what} {name}"):
+                try:
+                    rbd.RBD().remove(self._io(), name)
+                    return
+                except rbd.ImageNotFound:
+                    return
+                except rbd.ImageHasSnapshots:
+                    raise ReconcileError(
+                        f"not removing {what} {self.name}/{name}: it still has a snapshot "
+                        "(a clone in the trash holds it)"
+                    ) from None
+                except rbd.ImageBusy:
+                    if time.monotonic() > deadline:
+                        watchers = self._watchers(name)
+                        raise ReconcileError(
+                            f"pool {self.name}: {what} {name} is still open by client(s) "
+                            f"{watchers or '?'} after {WATCH_WAIT:g} s: a VM using it, or a "
+                            "reconciler that died with it open; it is removed on a later run"
+                        ) from None
+            log.info("image.busy", pool=self.name, image=name)
+            time.sleep(0.5)  # the watch expires on the OSD: nothing here to wait on
+
+    def _watchers(self, name: str) -> str:
+        _, rbd = _mods()
+        try:
+            with rbd.Image(self._io(), name, read_only=True) as img:
+                return ", ".join(str(w.get("addr")) for w in img.watchers_list())
+        except (rbd.Error, AttributeError):
+            return ""
 
     def _publish(self, tmp: str, entry: str) -> None:
         """Snapshot the filled temporary image and give it the entry's name."""
@@ -941,23 +992,18 @@ class RbdPoolDriver:
             try:
                 img = rbd.Image(self._io(), entry)
             except rbd.ImageNotFound:
-                return
+                img = None  # gone, or half made: removed below
             try:
-                if list(img.list_children2()):
+                if img is not None and list(img.list_children2()):
                     raise ReconcileError(
                         f"not removing cache entry {self.name}/{entry}: RBD reports clones of it"
                     )
-                for s in list(img.list_snaps()):
+                for s in list(img.list_snaps()) if img is not None else []:
                     img.remove_snap(s["name"])
             finally:
-                img.close()
-            try:
-                rbd.RBD().remove(self._io(), entry)
-            except rbd.ImageHasSnapshots:
-                raise ReconcileError(
-                    f"not removing cache entry {self.name}/{entry}: it still has a snapshot "
-                    "(a clone in the trash holds it)"
-                ) from None
+                if img is not None:
+                    img.close()
+        self._remove_image(entry, "cache entry")
 
     def delete_volume(self, volume: str) -> None:
         """Remove an image the caller has a record for (a missing one is fine), then drop
@@ -967,18 +1013,19 @@ class RbdPoolDriver:
             self._remove_entry_image(volume)
             faults.point("volume.deleted")
             return
+        parent: str | None = None
         with self._ceph(f"opening image {volume}"):
             try:
                 img = rbd.Image(self._io(), volume)
             except rbd.ImageNotFound:
-                return
-        try:
-            self._check_copy(img, volume, "deleting")
-            parent = self._parent(img, volume)
-        finally:
-            img.close()
-        with self._ceph(f"removing image {volume}"), contextlib.suppress(rbd.ImageNotFound):
-            rbd.RBD().remove(self._io(), volume)
+                img = None  # gone, or what an interrupted remove left: removed below
+        if img is not None:
+            try:
+                self._check_copy(img, volume, "deleting")
+                parent = self._parent(img, volume)
+            finally:
+                img.close()
+        self._remove_image(volume, "image")
         faults.point("volume.deleted")
         if parent is not None and parent.startswith(CACHE_PREFIX):
             with contextlib.suppress(ReconcileError):  # else pruned by `cache gc`
@@ -994,7 +1041,11 @@ class RbdPoolDriver:
             with locks.attempt(name[len(TEMP_PREFIX) :]) as taken:
                 if taken is None:
                     continue  # another reconciler is importing it right now
-                self._remove_temp(name)
+                try:
+                    self._remove_temp(name)
+                except ReconcileError as e:  # the import that needs it removes it, or fails
+                    log.warning("temp.sweep_failed", pool=self.name, image=name, error=str(e))
+                    continue
                 removed.append(name)
         return removed
 
