@@ -277,6 +277,10 @@ auth_allow_insecure_global_id_reclaim = false
 osd_data = $dir/osd
 keyring = $dir/osd/keyring
 log_file = $dir/log/\$name.log
+# A client killed with an image open keeps its watch until this expires (default 30 s), and
+# the image cannot be removed (EBUSY) or locked by librbd until then; the crash tests kill
+# clients on purpose, so the test cluster lets a dead watch go after 5 s.
+osd_client_watch_timeout = 5
 
 # Clients (the ceph/rbd CLIs, python-rados in tests): the admin key, and every wait bounded.
 # Without these an op on a down OSD blocks forever and connect() to a down mon for 300 s.
