@@ -109,7 +109,6 @@ FENCE_FOR = (
 _OMAP_PAGE = 1000
 _CAS_KEYS = ("generation", "host", "instance")
 REF_PREFIX = "ref."  # a cache entry's references: omap keys of its record object
-COLLECTING = "collecting"  # omap key set while garbage collection removes the entry
 
 
 def _rados() -> Any:
@@ -895,27 +894,28 @@ class RadosRecordStore:
     #
     # Omap keys `ref.<volume>` of the entry's record object, one per disk made from it, so
     # hosts add theirs without a compare-and-swap on the generation (which parallel clones
-    # of one entry would keep failing). Adding is guarded by `collecting` being unset, and
-    # garbage collection sets `collecting` (guarded the same way) before it reads the
-    # references: the OSD orders the two ops on the object, so either the collector sees
-    # the reference or the adder is refused. The generation CAS of put/delete does not
-    # touch these keys; deleting the record removes them with it.
+    # of one entry would keep failing). Adding them and collecting the entry exclude each
+    # other by the entry's lease (drivers/rados_locks.py: shared to add, exclusive to
+    # collect). The generation CAS of put/delete does not touch these keys; deleting the
+    # record removes them with it.
 
     def add_reference(self, pool: str, volume: str, ref: str) -> None:
         """Add `ref` to the references of the record pool/volume (a cache entry); raises
-        ConflictError if the record is missing or being collected."""
+        ConflictError if the record is missing (never creates it)."""
         rados = _rados()
         oid = record_object(pool, volume)
         try:
             with self._errors(f"adding reference {ref} to {oid}"), rados.WriteOpCtx() as op:
-                op.omap_cmp(COLLECTING, "", rados.LIBRADOS_CMPXATTR_OP_EQ)
+                # The record must exist (omap_cmp on a missing object fails with ENOENT;
+                # a record's generation is never the empty string).
+                op.omap_cmp("generation", "", rados.LIBRADOS_CMPXATTR_OP_GT)
                 self._io.set_omap(op, (REF_PREFIX + ref,), (self.host.encode(),))
                 self._io.operate_write_op(op, oid)
         except StoreError as e:
             if _refused(e):
                 raise ConflictError(
-                    f"cache entry {pool}/{volume} in {self.where} is missing or being "
-                    "removed by garbage collection; it is made again on the next try"
+                    f"cache entry {pool}/{volume} in {self.where} is missing; it is made "
+                    "again on the next try"
                 ) from None
             raise
 
@@ -929,8 +929,8 @@ class RadosRecordStore:
                 self._io.operate_write_op(op, oid)
 
     def reference_names(self, pool: str, volume: str) -> dict[str, str] | None:
-        """The references of pool/volume (volume -> host that added it), and whether it
-        is being collected under key COLLECTING; None if there is no record."""
+        """The references of pool/volume (volume -> host that added it); None if there is
+        no record."""
         oid = record_object(pool, volume)
         rados = _rados()
         out: dict[str, str] = {}
@@ -947,32 +947,9 @@ class RadosRecordStore:
             for k, v in page.items():
                 if k.startswith(REF_PREFIX):
                     out[k[len(REF_PREFIX) :]] = v.decode(errors="replace")
-                elif k == COLLECTING:
-                    out[COLLECTING] = v.decode(errors="replace")
             if len(page) < _OMAP_PAGE:
                 return out
             after = max(page)
-
-    def set_collecting(self, pool: str, volume: str, token: str | None) -> None:
-        """Mark pool/volume as being collected (token) or no longer (None). Marking is
-        guarded: ConflictError if another collector marked it, or there is no record."""
-        rados = _rados()
-        oid = record_object(pool, volume)
-        try:
-            with self._errors(f"marking {oid} for collection"), rados.WriteOpCtx() as op:
-                if token is None:
-                    self._io.remove_omap_keys(op, (COLLECTING,))
-                else:
-                    op.omap_cmp(COLLECTING, "", rados.LIBRADOS_CMPXATTR_OP_EQ)
-                    self._io.set_omap(op, (COLLECTING,), (token.encode(),))
-                self._io.operate_write_op(op, oid)
-        except StoreError as e:
-            if _refused(e):
-                raise ConflictError(
-                    f"cache entry {pool}/{volume} in {self.where} is missing or already "
-                    "being removed by another reconciler"
-                ) from None
-            raise
 
     def check_writable(self) -> None:
         """A real, harmless write (this host's registration), so a read-only client or a

@@ -77,11 +77,7 @@ from reconciler.drivers.domains import Attachments
 from reconciler.drivers.filepool import image_entry_name, template_entry_name
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.rados_locks import LeaseLocks, LockBusy
-from reconciler.drivers.rados_records import (
-    COLLECTING,
-    RadosRecordStore,
-    client_conf,
-)
+from reconciler.drivers.rados_records import RadosRecordStore, client_conf
 from reconciler.drivers.tools import fd_path, mkfs_argv
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
@@ -157,8 +153,6 @@ class RbdRecordStore(RadosRecordStore):
         refs = self.reference_names(pool, volume) or {}
         n = 0
         for ref in refs:
-            if ref == COLLECTING:
-                continue
             if self.get(pool, ref) is None and not self.exists(ref):
                 self.drop_reference(pool, volume, ref)
                 continue
@@ -648,7 +642,7 @@ class RbdPoolDriver:
                 try:
                     records.add_reference(self.name, entry, rec.volume)
                 except ConflictError:
-                    continue  # being collected: made again
+                    continue  # its record went meanwhile: made again
                 faults.point("cache.reference.added")
                 try:
                     self._clone(self._io(), entry, SNAP, rec)
