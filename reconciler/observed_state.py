@@ -76,6 +76,10 @@ class StatePool(_Strict):
     running: dict[str, list[str]] = Field(default_factory=dict)
     attachments_known: bool = True
     attachments_why: str = ""
+    # What migrations are judged by (ObservedPool); absent in files from before them.
+    available: int | None = None
+    allocated: dict[str, int] = Field(default_factory=dict)
+    layouts: list[str] = Field(default_factory=list)
 
 
 class StateBadRecord(_Strict):
@@ -153,6 +157,9 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
             "running": {k: list(v) for k, v in sorted(p.running.items())},
             "attachments_known": p.attachments_known,
             "attachments_why": scrub(p.attachments_why),
+            "available": p.available,
+            "allocated": dict(sorted(p.allocated.items())),
+            "layouts": sorted(p.layouts),
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -254,7 +261,7 @@ def load(path: str) -> tuple[Observed, StateInfo]:
         if r.pool not in state.pools and r.pool in state.config.pools:
             raise StateError(f"{where}: pool {r.pool} is configured but was not observed")
     for name, p in state.pools.items():
-        for vol in (*p.header_formats, *p.attached, *p.running):
+        for vol in (*p.header_formats, *p.attached, *p.running, *p.allocated):
             if p.volumes is not None and vol not in p.volumes:
                 raise StateError(
                     f"{path}: pools.{name}: {vol} is described but is not among the volumes"
@@ -270,6 +277,9 @@ def load(path: str) -> tuple[Observed, StateInfo]:
             p.attachments_known,
             p.attachments_why,
             p.managed_elsewhere,
+            p.available,
+            dict(p.allocated),
+            frozenset(p.layouts),
         )
         for name, p in state.pools.items()
     }

@@ -68,6 +68,12 @@ class ObservedPool:
     # Set with `error` when the pool is managed by another record store: reported whether
     # or not a manifest names the pool, unlike a pool that is only unreachable.
     managed_elsewhere: bool = False
+    # For migrations (see MigrationFacts in drivers/base.py): free bytes in the pool (None:
+    # unknown), bytes each managed volume occupies, and the `backend/format` layouts the
+    # pool's driver can copy a disk out of and into. Empty: the driver cannot migrate.
+    available: int | None = None
+    allocated: Mapping[str, int] = field(default_factory=dict)
+    layouts: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class ActionKind(StrEnum):
     UPDATE = "update"  # record-only change (deletionPolicy)
     DELETE = "delete"
     RELEASE = "release"  # deletionPolicy Retain: keep the volume, drop the record
+    MIGRATE = "migrate"  # copy to a new pool, backend or format, verify, switch, remove old
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +117,8 @@ class Action:
     precondition: Precondition
     spec: Mapping[str, Any] | None = None  # desired spec (None for delete/release)
     recorded: Mapping[str, Any] | None = None  # the record's spec, when there is one
-    replaces: tuple[str, str] | None = None  # (pool, volume) removed by a replace
+    # (pool, volume) removed by a replace; for a migrate, the disk's old location
+    replaces: tuple[str, str] | None = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Action:
@@ -199,9 +207,11 @@ class Plan:
         return bool(self.actions)
 
     def summary(self) -> dict[str, int]:
-        counts = {k.value: 0 for k in ActionKind}
+        # `migrate` is counted only where a plan has one, so the summaries of plans
+        # without (and the documents pinned from them) stay as they were.
+        counts = {k.value: 0 for k in ActionKind if k is not ActionKind.MIGRATE}
         for a in self.actions:
-            counts[a.action.value] += 1
+            counts[a.action.value] = counts.get(a.action.value, 0) + 1
         counts["destructive"] = sum(1 for a in self.actions if a.destructive)
         counts["errors"] = len(self.errors)
         counts["warnings"] = len(self.warnings)

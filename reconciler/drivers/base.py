@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers.domains import Attachments
 from reconciler.drivers.ownership import Owner
 from reconciler.errors import ReconcileError
+from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
-from reconciler.schema.record import DiskRecord
+from reconciler.schema.record import DiskRecord, Migration
 
 
 class VolumeExists(ReconcileError):
@@ -25,6 +26,27 @@ class RecordCopies:
 
     records: tuple[DiskRecord, ...]
     without: tuple[tuple[str, str], ...]  # (volume, why)
+
+
+@dataclass(frozen=True)
+class QemuImage:
+    """How qemu-img reaches one volume, as its driver says: `format` is the qemu-img format
+    named with -f/-O/-F (never probed), `filename` what it opens (a `json:` filename that
+    also names the protocol and, for an overlay, its backing as the record says), and
+    `fds` the descriptors that filename refers to (passed to the child, nothing else)."""
+
+    format: str
+    filename: str
+    fds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class MigrationFacts:
+    """What the planner needs to judge a migration in or out of a pool (observed)."""
+
+    available: int | None  # free bytes (None: unknown; then no space check is made)
+    allocated: Mapping[str, int] = field(default_factory=dict)  # volume -> bytes it occupies
+    layouts: frozenset[str] = frozenset()  # `backend/format` it copies out of and into
 
 
 class PoolDriver(Protocol):
@@ -102,3 +124,38 @@ class ManagingDriver(PoolDriver, Protocol):
     def delete_volume(self, volume: str) -> None: ...
 
     def sweep_temp(self) -> list[str]: ...
+
+    # -- migrations (reconciler/migrate.py): the data path is qemu-img, or the driver's own.
+    # A driver that cannot migrate returns no layouts; the planner then says so as an error.
+
+    def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
+        """Free space, what each of `volumes` (the managed ones) occupies, and the layouts
+        this driver can copy a disk out of and into."""
+        ...
+
+    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+        """Make an empty volume of `size` bytes in `fmt` (no backing) for a copy to be
+        written into; raises VolumeExists if the name is taken."""
+        ...
+
+    def qemu_image(
+        self, volume: str, fmt: DiskFormat, backing: str | None, *, write: bool
+    ) -> AbstractContextManager[QemuImage]:
+        """How qemu-img reads (or writes) `volume`, of the recorded `fmt`, over the recorded
+        cache entry `backing` (or none: the header's backing is never followed)."""
+        ...
+
+    def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
+        """Copy `rec`'s data into the prepared volume `to.volume` of this pool by the
+        backend's own means (an rbd import, a clone flattened), and return True; or return
+        False to have qemu-img convert it through qemu_image()."""
+        ...
+
+    def finish_copy(self, volume: str) -> None:
+        """Make what was written into `volume` durable (before it is compared and used)."""
+        ...
+
+    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
+        """Give `old` the name `new` at once (a migration within one pool); `replace` lets
+        it take the place of an existing `new`, else VolumeExists is raised."""
+        ...
