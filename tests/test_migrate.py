@@ -42,7 +42,7 @@ def two_pools(pools: Pools, tmp_path: Path) -> Env:
 def write_pattern(path: Path, fmt: str) -> None:
     """Guest data at a few places (the rest stays sparse), through qemu-io."""
     cmds = []
-    for i, off in enumerate((0, 1 << 20, 5 << 20, (16 << 20) - 65536)):
+    for i, off in enumerate((0, 1 << 20, 5 << 20, (8 << 20) - 65536)):
         cmds += ["-c", f"write -P {0x11 + i} {off} 65536"]
     subprocess.run(
         ["qemu-io", "-f", QEMU_FMT[fmt], *cmds, str(path)], check=True, capture_output=True
