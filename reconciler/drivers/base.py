@@ -49,6 +49,15 @@ class MigrationFacts:
     layouts: frozenset[str] = frozenset()  # `backend/format` it copies out of and into
 
 
+@dataclass(frozen=True)
+class Inspected:
+    """What a driver found checking a volume an operator adopts, as a declared format."""
+
+    virtual_size: int
+    backing: str | None  # the pool's own cache entry a qcow2 is backed by, if any
+    header: str  # the format its first bytes announce (warnings only, never used)
+
+
 class PoolDriver(Protocol):
     """A driver bound to one configured pool."""
 
@@ -124,6 +133,12 @@ class ManagingDriver(PoolDriver, Protocol):
     def delete_volume(self, volume: str) -> None: ...
 
     def sweep_temp(self) -> list[str]: ...
+
+    def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
+        """Check a volume without a record as the format an operator declares (adopt):
+        raise ReconcileError for what must not be managed (a backing file or data file
+        outside the pool's own cache entries); never decide the format from its bytes."""
+        ...
 
     # -- migrations (reconciler/migrate.py): the data path is qemu-img, or the driver's own.
     # A driver that cannot migrate returns no layouts; the planner then says so as an error.

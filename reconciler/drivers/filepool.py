@@ -46,6 +46,7 @@ from reconciler import faults
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers import ownership
 from reconciler.drivers.base import (
+    Inspected,
     ManagingDriver,
     MigrationFacts,
     QemuImage,
@@ -696,6 +697,64 @@ class FilePoolDriver:
             pool.refresh(0)
             return
         vol.delete(0)
+
+    # -- adoption -----------------------------------------------------------------------
+
+    def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
+        """The declared format is checked, never found: raw is its file's size (a header
+        that looks like another format is only reported); qcow2 and ploop are read by
+        `qemu-img info -f FMT` under the untrusted-image limits, and a qcow2 may only be
+        backed by a ready cache entry of this pool, named with backing format raw."""
+        from reconciler.images import run_limited  # oslo.utils: only when adopting
+
+        path = self.path(volume)
+        header = file_header_format(path)
+        with open_volume(path, write=False) as fd:
+            if fmt is DiskFormat.RAW:
+                return Inspected(os.fstat(fd).st_size, None, header)
+            out = run_limited(
+                ["qemu-img", "info", "-f", QEMU_FORMAT[fmt], "--output=json", fd_path(fd)],
+                fds=(fd,),
+                what=f"qemu-img info -f {QEMU_FORMAT[fmt]} {self.name}/{volume}",
+            )
+        try:
+            info: dict[str, Any] = json.loads(out)
+            size = int(info["virtual-size"])
+        except (ValueError, KeyError, TypeError):
+            raise ReconcileError(
+                f"{self.name}/{volume}: qemu-img info gave no virtual size"
+            ) from None
+        data = info.get("format-specific", {}).get("data", {})
+        if isinstance(data, dict) and data.get("data-file"):
+            raise ReconcileError(
+                f"{self.name}/{volume} names an external data file ({data['data-file']}); "
+                "it is not adopted"
+            )
+        backing = info.get("backing-filename")
+        if backing is None:
+            return Inspected(size, None, header)
+        root = self.info().path
+        where = os.path.normpath(os.path.join(root, str(backing)))
+        entry = os.path.basename(where)
+        cached = self._store().get(self.name, entry)
+        if (
+            os.path.dirname(where) != os.path.normpath(root)
+            or cached is None
+            or cached.kind is not RecordKind.CACHE
+            or cached.state is not RecordState.READY
+        ):
+            raise ReconcileError(
+                f"{self.name}/{volume} is backed by {backing}, which is not a cache entry of "
+                f"pool {self.name}; it is not adopted (a backing file outside the pool's own "
+                "cache is how a guest reads host files)"
+            )
+        if info.get("backing-filename-format") != "raw":
+            raise ReconcileError(
+                f"{self.name}/{volume}: its backing file {entry} has no backing format raw "
+                f"(it says {info.get('backing-filename-format')!r}), so it would be probed; "
+                "not adopted"
+            )
+        return Inspected(size, entry, header)
 
     # -- migrations ---------------------------------------------------------------------
 
