@@ -111,6 +111,7 @@ def _plan_parser() -> argparse.ArgumentParser:
         epilog="Other commands: 'reconcile validate PATH...', 'reconcile apply PLAN', "
         "'reconcile cache ls|gc', 'reconcile records rebuild POOL', 'reconcile watch DIR', "
         "'reconcile adopt --instance U --disk D --volume P/V --format F PATH...', "
+        "'reconcile import-nova --instances-path DIR --images-type T --pool P --out DIR', "
         "'reconcile status', 'reconcile observe --out STATE', 'reconcile schema'.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
@@ -478,6 +479,53 @@ def cmd_adopt(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def cmd_import_nova(argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from reconciler.nova import FILE_IMAGES_TYPES, import_nova
+
+    p = argparse.ArgumentParser(
+        prog="reconcile import-nova",
+        description="Take a Nova compute host's instance disks under management: one "
+        "manifest per instance into --out, a record per disk, the disks moved into POOL "
+        "(renamed on one file system, else copied) and their _base files made the pool's "
+        "cache entries. Formats come from each instance's disk.info, else from the Nova "
+        "config given; never from the disks' bytes. Stop the instances first.",
+    )
+    p.add_argument("--instances-path", required=True, metavar="DIR")
+    p.add_argument("--images-type", required=True, choices=FILE_IMAGES_TYPES)
+    p.add_argument("--use-cow-images", action="store_true", help="Nova's use_cow_images")
+    p.add_argument("--pool", required=True, metavar="POOL")
+    p.add_argument("--out", required=True, metavar="MANIFEST_DIR")
+    p.add_argument("--dry-run", action="store_true", help="show what would be done")
+    _common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    config = load_config(config_path(args.config))
+    with Session(config) as s:
+        drv = s.managing_drivers().get(args.pool)
+        if drv is None:
+            raise ReconcileError(f"pool {args.pool} is not in the config, or has no driver")
+        rep = import_nova(
+            Path(args.instances_path),
+            images_type=args.images_type,
+            use_cow_images=args.use_cow_images,
+            pool=args.pool,
+            driver=drv,
+            store=s.store,
+            out=Path(args.out),
+            catalog=dict.fromkeys(config.images, ""),
+            dry_run=args.dry_run,
+        )
+    for line in rep.lines:
+        print(line)
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for e in rep.errors:
+        print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR if rep.errors else EXIT_OK
+
+
 def cmd_records(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="reconcile records",
@@ -667,6 +715,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "cache": cmd_cache,
     "records": cmd_records,
     "adopt": cmd_adopt,
+    "import-nova": cmd_import_nova,
     "watch": cmd_watch,
     "observe": cmd_observe,
     "status": cmd_status,

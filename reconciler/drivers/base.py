@@ -140,6 +140,23 @@ class ManagingDriver(PoolDriver, Protocol):
         outside the pool's own cache entries); never decide the format from its bytes."""
         ...
 
+    def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
+        """Put a host file (a Nova instance's disk, or a `_base` file) into the pool as
+        `volume`, bytes unchanged: moved (or, with `keep_source`, linked) where it can be,
+        else copied and synced first. Raises VolumeExists if the name is taken."""
+        ...
+
+    def volume_at(self, path: str) -> str | None:
+        """The name of this pool's volume at host path `path`, if it is one (a backing
+        file's path in a header this pool's driver wrote); None otherwise."""
+        ...
+
+    def point_overlay_at(self, path: str, entry: str) -> None:
+        """Rewrite the header of the qcow2 file at `path` (to be taken into the pool) so
+        its backing is `entry` of this pool, named with backing format raw (the header
+        only; no data is read or written). Drivers without overlays raise."""
+        ...
+
     # -- migrations (reconciler/migrate.py): the data path is qemu-img, or the driver's own.
     # A driver that cannot migrate returns no layouts; the planner then says so as an error.
 

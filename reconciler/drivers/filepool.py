@@ -756,6 +756,66 @@ class FilePoolDriver:
             )
         return Inspected(size, entry, header)
 
+    # -- importing files ----------------------------------------------------------------
+
+    def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
+        """rename(2) (or link, keeping the source) on one file system, never over an
+        existing name; elsewhere a sparse copy into a temporary file, synced, then linked
+        to the name. The caller holds the volume's lock (temporary files are swept under
+        it)."""
+        dst = self.path(volume)
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"{path} is not a regular file; not imported")
+        if os.path.lexists(dst):
+            raise VolumeExists(f"volume {volume} exists in pool {self.name}; not replaced")
+        if st.st_dev == os.stat(self.info().path).st_dev:
+            try:
+                os.link(path, dst, follow_symlinks=False)
+            except FileExistsError:
+                raise VolumeExists(f"volume {volume} appeared in pool {self.name}") from None
+            if not keep_source:
+                os.unlink(path)
+        else:
+            tmp = self.path(TEMP_PREFIX + volume)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            run(
+                ["cp", "--sparse=always", "--no-dereference", "--", path, tmp],
+                what=f"copy {path} into pool {self.name}",
+            )
+            with open_volume(tmp) as fd:
+                os.fchmod(fd, 0o600)
+                os.fsync(fd)
+            try:
+                os.link(tmp, dst)
+            except FileExistsError:
+                raise VolumeExists(f"volume {volume} appeared in pool {self.name}") from None
+            finally:
+                os.unlink(tmp)
+            if not keep_source:
+                os.unlink(path)
+        faults.point("volume.imported")
+        self._call("refresh pool", lambda conn: self._pool(conn).refresh(0))
+
+    def volume_at(self, path: str) -> str | None:
+        where = os.path.normpath(path)
+        if os.path.dirname(where) != os.path.normpath(self.info().path):
+            return None
+        return os.path.basename(where)
+
+    def point_overlay_at(self, path: str, entry: str) -> None:
+        with open_volume(path) as fd:
+            run(
+                [
+                    *("qemu-img", "rebase", "-u", "-f", "qcow2"),
+                    *("-b", self.path(entry), "-F", "raw", fd_path(fd)),
+                ],
+                fds=(fd,),
+                what=f"point {path} at cache entry {entry}",
+            )
+            os.fsync(fd)
+
     # -- migrations ---------------------------------------------------------------------
 
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
