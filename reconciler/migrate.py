@@ -25,6 +25,7 @@ or copy by their own means (native_copy); see drivers/base.py.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -177,14 +178,16 @@ class Migrator:
                     fds=s.fds + t.fds,
                     what=what,
                 )
-        dst.finish_copy(mig.volume)
         faults.point("volume.copied")
         with (
+            ThreadPoolExecutor(1, thread_name_prefix="sync") as syncing,
             src.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
             dst.qemu_image(mig.volume, mig.format, None, write=False) as t,
         ):
-            # Without -s a larger copy (a migration that also grows) must read zeros past
-            # the original's end. 0: equal; 1: differs; anything else: compare failed.
+            # The copy is made durable while it is compared (both only read it); both end
+            # before the switch. Without -s a larger copy (a migration that also grows)
+            # must read zeros past the original's end. 0: equal; 1: differs; else: failed.
+            synced = syncing.submit(dst.finish_copy, mig.volume)
             res = execute(
                 [
                     *("qemu-img", "compare", "-q"),
@@ -193,6 +196,7 @@ class Migrator:
                 s.fds + t.fds,
                 f"verify {what}",
             )
+            synced.result()
         if res.returncode == 1:
             raise CopyDiffers(f"{what}: the copy differs from the original; nothing is switched")
         if res.returncode != 0:
