@@ -337,3 +337,52 @@ def test_old_records_without_migration_fields_are_read(pools: Pools, tmp_path: P
     apply_ok(env)
     new = record(env, "fast", vol.name)
     assert new is not None and new.kind is RecordKind.DISK and new.schema_version == 1
+
+
+def test_ranges_the_kernel_will_not_copy_are_copied_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from reconciler.drivers import filepool
+
+    def refuse(*_: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    dst.write_bytes(b"")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        filepool._copy_range(s.fileno(), d.fileno(), 4096, len(data), "src")
+    assert dst.read_bytes()[4096:] == data[4096:]
+
+
+def test_a_tombstone_mid_migration_removes_the_disk_and_its_copy(
+    pools: Pools, tmp_path: Path
+) -> None:
+    env = two_pools(pools, tmp_path)
+    for i in range(FILLER):
+        env.manifest(f"filler{i}", [disk("d", size="1MiB")])
+    inst = env.manifest("vm", [disk("d", size="8MiB")])
+    apply_ok(env)
+    env.manifest("vm", [disk("d", size="8MiB", pool="fast")], instance=inst)
+    trace = tmp_path / "steps.txt"
+    probe = two_pools(pools, tmp_path / "probe")  # the same run elsewhere, to count steps
+    probe_inst = probe.manifest("vm", [disk("d", size="8MiB")])
+    apply_ok(probe)
+    probe.manifest("vm", [disk("d", size="8MiB", pool="fast")], instance=probe_inst)
+    assert probe.subprocess(env={"RECONCILER_TRACE_STEPS": str(trace)}).returncode == 0
+    steps = [line.split()[1] for line in trace.read_text().splitlines()]
+    at = steps.index("volume.copied") + 1
+    res = env.subprocess(env={"RECONCILER_CRASH_AT": str(at)})
+    assert res.returncode == -9
+    rec = record(env, "local", f"{inst}_d")
+    assert rec is not None and rec.migration is not None  # stopped mid-copy
+    assert env.volume(inst, "d", "fast").exists()  # the partial copy
+    env.manifest("vm", [], instance=inst, deleted=True)
+    apply_ok(env)
+    assert not env.volume(inst, "d").exists() and not env.volume(inst, "d", "fast").exists()
+    assert record(env, "local", f"{inst}_d") is None

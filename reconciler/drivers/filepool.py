@@ -90,6 +90,30 @@ QEMU_FORMAT = {DiskFormat.RAW: "raw", DiskFormat.QCOW2: "qcow2", DiskFormat.PLOO
 FILE_LAYOUT_BACKENDS = (Backend.FLAT, Backend.QCOW2, Backend.PLOOP)
 
 
+# copy_file_range refuses some pairs of file systems (EXDEV) or files (EINVAL, ENOSYS,
+# EOPNOTSUPP); those ranges are copied through this process instead.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+def _copy_range(src: int, dst: int, start: int, end: int, what: str) -> None:
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(src, dst, end - pos, pos, pos)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            data = os.pread(src, min(end - pos, 1 << 20), pos)
+            n = len(data)
+            if n:
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(dst, view, pos + n - len(view)) :]
+        if n == 0:
+            raise ReconcileError(f"{what} shrank while it was copied")
+        pos += n
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -898,12 +922,7 @@ class FilePoolDriver:
                         break  # only a hole remains
                     raise
                 end = os.lseek(src, data, os.SEEK_HOLE)
-                pos = data
-                while pos < end:
-                    n = os.copy_file_range(src, dst, end - pos, pos, pos)
-                    if n == 0:
-                        raise ReconcileError(f"{rec.volume} shrank while it was copied")
-                    pos += n
+                _copy_range(src, dst, data, end, rec.volume)
                 at = end
         return True
 
