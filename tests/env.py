@@ -88,7 +88,7 @@ class Env:
         return self.root / "manifests"
 
     def write_config(self) -> None:
-        pools = {
+        pools: dict[str, dict[str, Any]] = {
             name: {
                 "uri": self.uris.get(name, self.uri),
                 "libvirtPool": lp,

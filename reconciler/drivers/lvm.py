@@ -169,13 +169,15 @@ class LvData:
         self.lvm = lvm
 
     @contextmanager
-    def open(self, lv: str, size: int, *, write: bool) -> Iterator[list[Piece]]:
-        """The LV's first `size` bytes as pieces, in order."""
+    def open(self, lv: str, size: int | None, *, write: bool) -> Iterator[list[Piece]]:
+        """The LV's first `size` bytes (None: all of it) as pieces, in order."""
         with self.open_many({lv: size}, write=write) as maps:
             yield maps[lv]
 
     @contextmanager
-    def open_many(self, lvs: Mapping[str, int], *, write: bool) -> Iterator[dict[str, list[Piece]]]:
+    def open_many(
+        self, lvs: Mapping[str, int | None], *, write: bool
+    ) -> Iterator[dict[str, list[Piece]]]:
         """Several LVs' first bytes at once (one pair of reports without activation)."""
         flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
         if not self.lvm.config.activate:
@@ -192,14 +194,17 @@ class LvData:
                 fds.append(os.open(os.path.realpath(path), flags))
                 if not stat.S_ISBLK(os.fstat(fds[-1]).st_mode):
                     raise LvmError(f"{path} is not a block device; refusing to touch it")
-                maps[lv] = [Piece(fds[-1], 0, size)]
+                whole = os.lseek(fds[-1], 0, os.SEEK_END)
+                maps[lv] = [Piece(fds[-1], 0, whole if size is None else size)]
             yield maps
         finally:
             for fd in fds:
                 os.close(fd)
 
     @contextmanager
-    def segment_map(self, lvs: Mapping[str, int], flags: int) -> Iterator[dict[str, list[Piece]]]:
+    def segment_map(
+        self, lvs: Mapping[str, int | None], flags: int
+    ) -> Iterator[dict[str, list[Piece]]]:
         """TEST-ONLY (activation off, no device-mapper): each LV's linear segments as
         pieces of its PVs, from two reports; nothing else differs from production."""
         lvm = self.lvm
@@ -214,7 +219,7 @@ class LvData:
         fds: dict[str, int] = {}
         try:
             maps: dict[str, list[Piece]] = {}
-            left = dict(lvs)
+            left = {lv: (1 << 62) if n is None else n for lv, n in lvs.items()}
             for s in sorted(segs, key=lambda r: (r["lv_name"], int(r["seg_start_pe"]))):
                 lv = s["lv_name"]
                 m = _RANGE.match(s["seg_pe_ranges"].strip())
@@ -236,7 +241,7 @@ class LvData:
                         Piece(fds[pv], starts[pv] + int(m["first"]) * ext, length)
                     )
                     left[lv] -= length
-            short = sorted(lv for lv, n in left.items() if n > 0)
+            short = sorted(lv for lv, n in left.items() if n > 0 and lvs[lv] is not None)
             if short:
                 raise LvmError(f"{lvm.where(short[0])}: the LV holds fewer bytes than asked for")
             yield maps

@@ -470,7 +470,7 @@ class LvmPoolDriver:
         if template.template is TemplateKind.BLANK:
             self._lvcreate(rec.volume, rec.virtual_size)
             faults.point("volume.created")
-            with self.data.open(rec.volume, rec.virtual_size, write=True) as pieces:
+            with self.data.open(rec.volume, None, write=True) as pieces:
                 zero(pieces)  # never a previous tenant's bytes, whatever volumeClear says
             faults.point("volume.filled")
             return
@@ -501,7 +501,9 @@ class LvmPoolDriver:
                     )
                 self._lvcreate(rec.volume, rec.virtual_size)
                 faults.point("volume.created")
-                sizes = {entry: cached.virtual_size, rec.volume: rec.virtual_size}
+                # All of the new LV (LVM rounds its size up to whole extents): the
+                # entry's bytes, then zeros, so no earlier tenant's byte is left in it.
+                sizes = {entry: cached.virtual_size, rec.volume: None}
                 with self.data.open_many(sizes, write=True) as maps:
                     copy(pieces_reader(maps[entry]), cached.virtual_size, maps[rec.volume])
                 faults.point("volume.filled")
@@ -570,7 +572,7 @@ class LvmPoolDriver:
         """Make the entry's LV and copy a checked raw file's bytes into it."""
         self._lvcreate(entry, size)
         faults.point("cache.volume.created")
-        with self.data.open(entry, size, write=True) as pieces:
+        with self.data.open(entry, None, write=True) as pieces:
             copy(file_reader(src_fd, size), size, pieces)
         faults.point("cache.volume.filled")
 
@@ -678,7 +680,7 @@ class LvmPoolDriver:
             return
         cfg = self.lvm_config
         if cfg.volume_clear == "zero":
-            with self.data.open(volume, self._lv_size(volume), write=True) as pieces:
+            with self.data.open(volume, None, write=True) as pieces:
                 zero(pieces, cfg.volume_clear_size or None)
             faults.point("volume.cleared")
         self.lvm.run("lvremove", "-y", f"{self.vg}/{volume}", lv=volume)
