@@ -161,7 +161,7 @@ def _teardown(vg: str, backing: Path, sysdir: Path) -> None:
 
 
 @contextmanager
-def make_vg(workdir: Path, vg: str) -> Iterator[VolumeGroup]:
+def make_vg(workdir: Path, vg: str, size: int = PV_SIZE) -> Iterator[VolumeGroup]:
     """Make the VG (removing a stale one first), yield it, then remove it."""
     workdir.mkdir(parents=True, exist_ok=True)
     sysdir = workdir / "lvm-etc"
@@ -170,7 +170,7 @@ def make_vg(workdir: Path, vg: str) -> Iterator[VolumeGroup]:
     backing = workdir / f"{vg}.pv"
     _teardown(vg, backing, sysdir)
     with open(backing, "wb") as f:
-        f.truncate(PV_SIZE)
+        f.truncate(size)
     dev = subprocess.run(
         ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True
     ).stdout.strip()

@@ -76,6 +76,7 @@ from reconciler.tools import run
 log = structlog.get_logger(__name__)
 
 LOCK_ROOT = Path("/run/lock/reconciler")
+DM_CONTROL = "/dev/mapper/control"
 BACKPOINTER = "reconciler.record:"
 COPY_PREFIX = "reconciler.copy."
 OWNER_TAG = "reconciler.owner:"
@@ -168,9 +169,16 @@ class LvmPoolDriver:
 
     def check_libvirt_pool(self) -> None:
         """The config's libvirt pool must be a `logical` pool over this VG (defined; it
-        need not be active, which it cannot be without device-mapper)."""
+        need not be active, which it cannot be without device-mapper). And the test mode
+        (activation off) is refused where device-mapper exists: LVs may be active there,
+        and their bytes must not be written behind them through the PV."""
         if self._libvirt_checked:
             return
+        if not self.lvm_config.activate and os.path.exists(DM_CONTROL):
+            raise PoolError(
+                f"pool {self.name}: `activate: false` is for hosts without device-mapper, "
+                f"and this one has it ({DM_CONTROL}); set `activate: true`"
+            )
 
         def get(conn: Any) -> tuple[str, str]:
             try:
