@@ -91,10 +91,14 @@ def main() -> None:
     try:
         with make_vg(work / "vg", vg_name, pv_size) as vg:
             os.environ["LVM_SYSTEM_DIR"] = str(vg.sysdir)
-            out = subprocess.run(
+            started = subprocess.run(
                 [str(SCRIPT), "start", str(daemon)], capture_output=True, text=True, check=True
             )
-            uri = out.stdout.strip().splitlines()[-1].replace("storage+unix://", "qemu+unix://", 1)
+            uri = (
+                started.stdout.strip()
+                .splitlines()[-1]
+                .replace("storage+unix://", "qemu+unix://", 1)
+            )
             conn = libvirt.open(uri)
             conn.storagePoolDefineXML(
                 f"<pool type='logical'><name>bench</name><source><name>{vg.vg}</name>"
