@@ -39,6 +39,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import threading
@@ -91,6 +92,17 @@ LVM_RESERVED = (
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def device_mapper_present() -> bool:
+    """Whether the kernel has device-mapper: its control node opens (LVM2 makes the node
+    even where the kernel lacks the driver, and opening it then fails with ENODEV)."""
+    try:
+        fd = os.open(DM_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return e.errno not in (errno.ENOENT, errno.ENODEV, errno.ENXIO)
+    os.close(fd)
+    return True
 
 
 def check_lv_name(name: str) -> None:
@@ -174,7 +186,7 @@ class LvmPoolDriver:
         and their bytes must not be written behind them through the PV."""
         if self._libvirt_checked:
             return
-        if not self.lvm_config.activate and os.path.exists(DM_CONTROL):
+        if not self.lvm_config.activate and device_mapper_present():
             raise PoolError(
                 f"pool {self.name}: `activate: false` is for hosts without device-mapper, "
                 f"and this one has it ({DM_CONTROL}); set `activate: true`"
