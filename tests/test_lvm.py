@@ -477,3 +477,26 @@ def test_kill_at_every_step_boundary_then_converge(
         fresh = json.loads((env.manifests / "fresh.yaml").read_text())["instance"]
         assert lvm_vg.segment_bytes(lv(fresh, "a"), 16 * MiB) == raw + bytes(16 * MiB - len(raw))
         assert lvm_vg.segment_bytes(lv(fresh, "c")) == bytes(lvm_vg.lv_size(lv(fresh, "c")))
+
+
+def test_a_missing_vg_or_a_wrong_libvirt_pool_is_a_plan_error(
+    lvm_env: Env, lvm_vg: VolumeGroup, pools: Pools, tmp_path: Path
+) -> None:
+    env = lvm_env
+    env.manifest("vm", [lvm("d", size="8MiB")])
+    env.lvm["vg"] = lvm_vg.section(vg="rclnosuchvg")
+    env.pools["vg"] = (pools.define_logical("rclnosuchvg"), Path("/dev/rclnosuchvg"))
+    env.write_config()
+    p = env.plan_json()
+    assert p["actions"] == []
+    (err,) = p["errors"]
+    assert err["code"] == "pool-unreachable"
+    assert "VG rclnosuchvg" in err["message"] and "not found" in err["message"], err
+    # A libvirt pool of another kind (or over another VG) is refused by name.
+    dir_pool = pools.make(tmp_path / "other")
+    env.lvm["vg"] = lvm_vg.section()
+    env.pools["vg"] = (dir_pool.name, dir_pool.path)
+    env.write_config()
+    (err,) = env.plan_json()["errors"]
+    assert "needs a logical pool over VG " + lvm_vg.vg in err["message"], err
+    assert lvm_vg.lvs() == {} and lvm_vg.vg_tags() == []

@@ -31,6 +31,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ class Lvm:
         if os.environ.get("LVM_SYSTEM_DIR"):
             env["LVM_SYSTEM_DIR"] = os.environ["LVM_SYSTEM_DIR"]
         self.env = env
+        self._mu = threading.Lock()
+        self._pe_start: dict[str, int] = {}
 
     def where(self, lv: str | None = None) -> str:
         return f"pool {self.pool} (VG {self.vg}{', LV ' + lv if lv else ''})"
@@ -136,6 +139,17 @@ class Lvm:
             return dict(row)
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise PoolError(f"{self.where()}: vgs gave an unexpected report ({e})") from None
+
+    def pe_starts(self, pvs: frozenset[str]) -> dict[str, int]:
+        """Where each PV of the VG has its first extent (`pvs -o pe_start`). Read once per
+        PV: only pvcreate sets it."""
+        with self._mu:
+            if pvs <= self._pe_start.keys():
+                return dict(self._pe_start)
+        rows = self.report("pvs", "pv_name,pe_start,vg_name", "--select", f"vg_name={self.vg}")
+        with self._mu:
+            self._pe_start = {r["pv_name"]: int(r["pe_start"]) for r in rows}
+            return dict(self._pe_start)
 
     def lv_names(self) -> frozenset[str]:
         """Every LV of the VG, by name (one `lvs` call)."""
@@ -212,10 +226,7 @@ class LvData:
             "lvs", "lv_name,seg_start_pe,seg_pe_ranges,segtype,vg_extent_size", "--segments",
             *(f"{lvm.vg}/{lv}" for lv in lvs),
         )  # fmt: skip
-        starts = {
-            r["pv_name"]: int(r["pe_start"])
-            for r in lvm.report("pvs", "pv_name,pe_start,vg_name", "--select", f"vg_name={lvm.vg}")
-        }
+        starts = lvm.pe_starts(frozenset(_pv_of(s) for s in segs))
         fds: dict[str, int] = {}
         try:
             maps: dict[str, list[Piece]] = {}
@@ -248,6 +259,10 @@ class LvData:
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+def _pv_of(seg: Mapping[str, str]) -> str:
+    return seg["seg_pe_ranges"].strip().rpartition(":")[0]
 
 
 def zero(pieces: Sequence[Piece], limit: int | None = None) -> None:

@@ -60,7 +60,7 @@ from reconciler.drivers import ownership
 from reconciler.drivers.base import RecordCopies, VolumeExists
 from reconciler.drivers.domains import Attachments, attachments
 from reconciler.drivers.filepool import image_entry_name, template_entry_name
-from reconciler.drivers.headers import HEADER_BYTES, UNREADABLE, header_format
+from reconciler.drivers.headers import HEADER_BYTES, header_format
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.lvm import LvData, Lvm, LvmError, copy, file_reader, pieces_reader, zero
 from reconciler.drivers.tools import convert_argv, fd_path, mkfs_argv
@@ -308,8 +308,10 @@ class LvmPoolDriver:
                     fmt = header_format(pieces_reader(pieces)(0, HEADER_BYTES))
                     if fmt != managed[v].format.value:
                         headers[v] = fmt
-        except (OSError, ReconcileError):
-            headers = {v: UNREADABLE for v in managed}
+        except (OSError, ReconcileError) as e:
+            # Warnings only: an LV removed meanwhile, or not active, costs this look.
+            log.warning("headers.unreadable", pool=self.name, error=str(e))
+            return pool
         return dataclasses.replace(pool, header_formats=headers)
 
     def volume_exists(self, volume: str) -> bool:
