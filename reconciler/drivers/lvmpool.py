@@ -514,8 +514,6 @@ class LvmPoolDriver:
                 cached = self._store().get(self.name, entry)
                 if cached is None or cached.state is not RecordState.READY:
                     continue
-                if not self.volume_exists(entry):
-                    continue
                 if cached.virtual_size > rec.virtual_size:
                     raise ReconcileError(
                         f"{entry} holds {cached.virtual_size} bytes, more than the disk's "
@@ -525,9 +523,17 @@ class LvmPoolDriver:
                 faults.point("volume.created")
                 # All of the new LV (LVM rounds its size up to whole extents): the
                 # entry's bytes, then zeros, so no earlier tenant's byte is left in it.
+                # Opening the entry is what finds it missing (its record is ready, so it
+                # almost never is: one LVM call fewer per disk than asking first).
                 sizes = {entry: cached.virtual_size, rec.volume: None}
-                with self.data.open_many(sizes, write=True) as maps:
-                    copy(pieces_reader(maps[entry]), cached.virtual_size, maps[rec.volume])
+                try:
+                    with self.data.open_many(sizes, write=True) as maps:
+                        copy(pieces_reader(maps[entry]), cached.virtual_size, maps[rec.volume])
+                except LvmError:
+                    if self.volume_exists(entry):
+                        raise
+                    self.delete_volume(rec.volume)  # made just now, from nothing yet
+                    continue
                 faults.point("volume.filled")
                 self._touch(cached)
                 return
