@@ -500,3 +500,22 @@ def test_a_missing_vg_or_a_wrong_libvirt_pool_is_a_plan_error(
     (err,) = env.plan_json()["errors"]
     assert "needs a logical pool over VG " + lvm_vg.vg in err["message"], err
     assert lvm_vg.lvs() == {} and lvm_vg.vg_tags() == []
+
+
+def test_a_cache_entry_removed_behind_its_back_is_made_again(
+    lvm_env: Env, lvm_vg: VolumeGroup, image: Path
+) -> None:
+    env = lvm_env
+    env.images = {"img": catalog_entry(image, "raw")}
+    env.write_config()
+    env.manifest("vm", [lvm("root", size="8MiB", image="img", template=None)])
+    assert env.run()[0] == 0
+    (entry,) = [r.volume for r in records(env) if r.kind is RecordKind.CACHE]
+    lvm_vg.lvm("lvremove", "-y", f"{lvm_vg.vg}/{entry}")  # an operator's mistake
+    inst = env.manifest("vm2", [lvm("root", size="8MiB", image="img", template=None)])
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    raw = image.read_bytes()
+    assert lvm_vg.segment_bytes(entry, len(raw)) == raw
+    assert lvm_vg.segment_bytes(lv(inst, "root"), len(raw)) == raw
+    assert set(lvm_vg.lvs()) == {r.volume for r in lvm_records(env)}
