@@ -519,3 +519,40 @@ def test_a_cache_entry_removed_behind_its_back_is_made_again(
     assert lvm_vg.segment_bytes(entry, len(raw)) == raw
     assert lvm_vg.segment_bytes(lv(inst, "root"), len(raw)) == raw
     assert set(lvm_vg.lvs()) == {r.volume for r in lvm_records(env)}
+
+
+def test_two_processes_make_every_disk_once(lvm_env: Env, lvm_vg: VolumeGroup, image: Path) -> None:
+    env = lvm_env
+    env.images = {"img": catalog_entry(image, "raw")}
+    env.write_config()
+    for i in range(8):
+        env.manifest(
+            f"vm{i}",
+            [
+                lvm("root", size="8MiB", image="img", template=None),
+                lvm("swap", size="4MiB", template="swap"),
+            ],
+        )
+    procs = [env.start() for _ in range(2)]
+    results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    for out, err, rc in results:
+        assert rc == 0, out + err
+        assert "FAILED" not in out, out
+    created = [
+        line.split()[1]
+        for out, _, _ in results
+        for line in out.splitlines()
+        if line.startswith("created ")
+    ]
+    assert len(created) == 16 and len(set(created)) == 16, created
+    recs = lvm_records(env)
+    # generation 2 = written once as `creating`, once as `ready`: nothing made twice.
+    assert {(r.state, r.generation) for r in recs if r.kind is RecordKind.DISK} == {
+        (RecordState.READY, 2)
+    }
+    assert len([r for r in recs if r.kind is RecordKind.CACHE]) == 2
+    assert set(lvm_vg.lvs()) == {r.volume for r in recs}
+    raw = image.read_bytes()
+    for r in recs:
+        if r.disk == "root":
+            assert lvm_vg.segment_bytes(r.volume, len(raw)) == raw
