@@ -374,14 +374,31 @@ def test_hostile_images_are_refused_and_leave_nothing(
     assert (tmp_path / "host-secret").read_text() not in out
 
 
-def test_names_lvm_refuses_fail_before_anything_is_made(lvm_env: Env, lvm_vg: VolumeGroup) -> None:
+def test_names_lvm_refuses_fail_before_anything_is_made(
+    lvm_env: Env, lvm_vg: VolumeGroup, image: Path
+) -> None:
     env = lvm_env
-    inst = env.manifest("vm", [lvm("x_rimage", size="8MiB"), lvm("y" * 100, size="8MiB")])
+    # A disk name LVM would refuse is a manifest error: planned as such, never applied.
+    env.manifest("vm", [lvm("rimage", size="8MiB"), lvm("y" * 91, size="8MiB")])
+    rc, out, err = env.run("--dry-run")
+    assert rc == 1, out + err
+    assert "which LVM reserves" in out + err, out + err
+    env.manifest("vm", [lvm("y" * 91, size="8MiB")])
+    rc, out, err = env.run("--dry-run")
+    assert rc == 1 and "an LVM LV name is at most 127" in out + err, out + err
+    env.manifest("vm", [lvm("y" * 90, size="8MiB")])  # 36 + 1 + 90 = 127: fine
+    assert env.run("--dry-run")[0] == 0
+    # A cache entry's name is the driver's: one LVM would refuse fails before any LV.
+    long_id = "i" * 100
+    env.images = {long_id: catalog_entry(image, "raw")}
+    env.write_config()
+    inst = env.manifest("vm", [lvm("d", size="8MiB", image=long_id, template=None)])
     rc, out, _ = env.run()
     assert rc == 1, out
-    assert "which LVM reserves" in out and "an LVM LV name is at most 127" in out, out
+    assert "an LVM LV name is at most 127" in out, out
     assert lvm_vg.lvs() == {}
     assert [r for r in records(env) if r.instance == inst] == []
+    assert [r for r in records(env) if r.kind is RecordKind.CACHE] == []
 
 
 def test_record_copies_rebuild_a_lost_store(lvm_env: Env, lvm_vg: VolumeGroup, image: Path) -> None:

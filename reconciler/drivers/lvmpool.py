@@ -67,7 +67,7 @@ from reconciler.drivers.tools import convert_argv, fd_path, mkfs_argv
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
 from reconciler.naming import TEMP_PREFIX
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
@@ -82,12 +82,6 @@ BACKPOINTER = "reconciler.record:"
 COPY_PREFIX = "reconciler.copy."
 OWNER_TAG = "reconciler.owner:"
 COPY_CHUNK = 960  # characters of a record copy per tag (LVM tags: up to 1024)
-LV_NAME_MAX = 127
-# Substrings LVM reserves for its own sub-LVs (lvcreate refuses names containing them).
-LVM_RESERVED = (
-    "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_imeta", "_iorig", "_mimage", "_mlog",
-    "_pmspare", "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
-)  # fmt: skip
 
 
 def _now() -> str:
@@ -106,15 +100,11 @@ def device_mapper_present() -> bool:
 
 
 def check_lv_name(name: str) -> None:
-    """Refuse, before anything is made, a volume name LVM would refuse as an LV name."""
-    if len(name) > LV_NAME_MAX:
-        raise ReconcileError(
-            f"volume {name} is {len(name)} characters long; an LVM LV name is at most "
-            f"{LV_NAME_MAX} (use a shorter disk name)"
-        )
-    for bad in LVM_RESERVED:
-        if bad in name:
-            raise ReconcileError(f"volume {name} contains {bad!r}, which LVM reserves")
+    """Refuse, before anything is made, a volume name LVM would refuse as an LV name
+    (manifest validation refuses such disks already; cache entry names are checked here)."""
+    why = lv_name_refusal(name)
+    if why:
+        raise ReconcileError(why)
 
 
 def encode_copy(rec: DiskRecord) -> list[str]:
@@ -506,6 +496,7 @@ class LvmPoolDriver:
 
     def _from_cache(self, rec: DiskRecord, entry: str, ensure: Callable[[], None]) -> None:
         check_lv_name(rec.volume)
+        check_lv_name(entry)
         for attempt in range(4):
             if attempt:
                 ensure()
