@@ -39,10 +39,11 @@ from reconciler import faults
 from reconciler.diff.model import Action, ActionKind, Plan
 from reconciler.drivers.base import ManagingDriver, VolumeExists
 from reconciler.errors import ReconcileError
+from reconciler.records import Records
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import RecordStore, StoreError
+from reconciler.store import StoreError
 from reconciler.units import format_size
 
 log = structlog.get_logger(__name__)
@@ -80,6 +81,8 @@ _VERB = {
     ActionKind.UPDATE: "updated",
     ActionKind.DELETE: "deleted",
     ActionKind.RELEASE: "released",
+    ActionKind.TAKE_OVER: "taken over",
+    ActionKind.HAND_OVER: "handed over",
 }
 
 
@@ -129,7 +132,7 @@ class Executor:
 
     def __init__(
         self,
-        store: RecordStore,
+        store: Records,
         drivers: dict[str, ManagingDriver],
         *,
         replan: Replanner | None,
@@ -159,8 +162,9 @@ class Executor:
         actions = list(actions)
         self._refused = {}
         self._halted = None
-        # A locked or read-only database stops the run here, before anything changes.
-        self.store.check_writable()
+        # A locked or read-only store stops the run here, before anything changes.
+        self.store.check_writable(dict.fromkeys(p for a in actions for p, _ in _keys(a)))
+        self.store.beat()  # hosts sharing a pool: this one is alive (Records.beat)
         if self.replan is None:
             self._refuse_if_stale(actions)
         for pool in dict.fromkeys(p for a in actions for p, _ in _keys(a)):
@@ -422,6 +426,16 @@ class Executor:
             self.store.delete(rec.pool, rec.volume, rec.generation, durable=False)
             faults.point("record.released")
             return "done", "the volume is kept and no longer managed"
+        if a.action is ActionKind.TAKE_OVER:
+            assert rec is not None and a.holder is not None
+            self.store.take(rec.pool, rec.volume, rec.generation, a.holder)
+            faults.point("record.taken")
+            return "done", f"this host now owns it (from {a.holder})"
+        if a.action is ActionKind.HAND_OVER:
+            assert rec is not None
+            self.store.release(rec.pool, rec.volume, rec.generation)
+            faults.point("record.handed-over")
+            return "done", "the disk is kept; a host whose manifest names it may take it"
         raise AssertionError(a.action)
 
     def _put(

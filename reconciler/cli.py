@@ -216,6 +216,7 @@ def _plan(argv: Sequence[str]) -> int:
             raise ReconcileError(f"--output {args.output} is for --dry-run; apply prints its steps")
         sys.stdout.write(to_text(p))
         if not p.actions:
+            s.store.beat()  # hosts sharing a pool: this one is alive, with nothing to do
             return _exit(p, False, args.detailed_exitcode)
         print(f"\nApplying {len(p.actions)} action(s)...", flush=True)
         result = s.executor(saved=False, jobs=args.jobs).apply(p.actions)
@@ -334,7 +335,7 @@ def cmd_apply(argv: Sequence[str]) -> int:
         print("The plan has no actions.")
         return EXIT_OK
     with Session(config) as s:
-        s.store.load_all()  # a damaged records database stops the run before any change
+        s.local_store.load_all()  # a damaged records database stops the run before any change
         print(f"Applying {len(actions)} action(s) from {args.plan}...", flush=True)
         result = s.executor(saved=True, jobs=args.jobs).apply(actions)
         print(_apply_summary(result))

@@ -452,6 +452,7 @@ class Loop:
             ]
             threads.append(threading.Thread(target=self._debouncer, name="debounce", daemon=True))
             threads.append(threading.Thread(target=self._resyncer, name="resync", daemon=True))
+            threads.append(threading.Thread(target=self._beater, name="heartbeat", daemon=True))
             for t in threads:
                 t.start()
             log.info("ready", instances=len(self.index.instances()), dir=str(self.index.dir))
@@ -529,6 +530,17 @@ class Loop:
         for inst in self.index.instances():
             self.enqueue(inst)
 
+    def _beater(self) -> None:
+        """Renew this host's heartbeat in the pools many hosts share, four times per
+        `ownership.heartbeatExpiry`, so other hosts take its instances only once it is
+        gone (a store that fails is reported by the pool's next plan)."""
+        session = self.session
+        while session is not None:
+            session.store.beat()
+            if self.stop.wait(self.config.ownership.heartbeat_expiry / 4):
+                return
+            session = self.session
+
     def _resyncer(self) -> None:
         while not self.stop.wait(self.resync_interval):
             try:
@@ -548,8 +560,10 @@ class Loop:
         calls = session.conns.calls
         loaded, failed = self.index.everything()
         desired = session._with_entries(build_desired(loaded, failed))
-        observed = session.observe()
-        opts = PlanOptions(prune=self.prune, force=True)
+        observed = session.observe(desired)
+        # The loop has read every manifest: a disk of a pool many hosts share whose
+        # manifest is gone is handed over (never deleted without --prune and a tombstone).
+        opts = PlanOptions(prune=self.prune, hand_over=True, force=True)
         full = plan(desired, observed, opts)
         self._managed = sum(1 for r in observed.records if r.kind is RecordKind.DISK)
         per: dict[str, list[Any]] = {}
@@ -636,7 +650,7 @@ class Loop:
         desired = session._with_entries(build_desired(loaded, failed))
         # Unreadable files that name no instance may be this one's: they block --prune.
         unknown = build_desired([], self.index.unknown_failures()).failed
-        opts = PlanOptions(prune=self.prune, force=True)
+        opts = PlanOptions(prune=self.prune, hand_over=True, force=True)
         wanted: tuple[DesiredInstance, ...] = desired.instances
         bad: tuple[FailedInput, ...] = desired.failed + unknown
         p = session.plan_instance(instance, wanted, bad, opts)
@@ -772,7 +786,7 @@ class Loop:
             o.result == "success"
             and not self.index.desired_for(instance)[2]
             and session is not None
-            and not session.store.for_instance(instance)
+            and session.store.for_instance_by_pool(instance) == ([], {})
         ):
             # Neither a manifest nor a disk: the instance is gone, and so is its status.
             self.status.delete(instance)

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from reconciler.diff.model import Observed, ObservedPool
+from reconciler.diff.model import Holder, Observed, ObservedPool
 from reconciler.errors import ReconcileError
 from reconciler.schema.config import Config
 from reconciler.schema.record import BadRecord, DiskRecord
@@ -67,6 +67,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class StateHolder(_Strict):
+    host: str
+    generation: int
+    free: bool
+    why: str
+
+
 class StatePool(_Strict):
     volumes: list[str] | None
     error: str | None = None
@@ -76,6 +83,8 @@ class StatePool(_Strict):
     running: dict[str, list[str]] = Field(default_factory=dict)
     attachments_known: bool = True
     attachments_why: str = ""
+    shared: bool = False
+    held: dict[str, StateHolder] = Field(default_factory=dict)
 
 
 class StateBadRecord(_Strict):
@@ -153,6 +162,11 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
             "running": {k: list(v) for k, v in sorted(p.running.items())},
             "attachments_known": p.attachments_known,
             "attachments_why": scrub(p.attachments_why),
+            "shared": p.shared,
+            "held": {
+                v: {"host": h.host, "generation": h.generation, "free": h.free, "why": h.why}
+                for v, h in sorted(p.held.items())
+            },
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -270,6 +284,8 @@ def load(path: str) -> tuple[Observed, StateInfo]:
             p.attachments_known,
             p.attachments_why,
             p.managed_elsewhere,
+            p.shared,
+            {v: Holder(h.host, h.generation, h.free, h.why) for v, h in p.held.items()},
         )
         for name, p in state.pools.items()
     }

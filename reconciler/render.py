@@ -23,6 +23,8 @@ _SYMBOL = {
     ActionKind.REPLACE: "-/+",
     ActionKind.DELETE: "-",
     ActionKind.RELEASE: "-",
+    ActionKind.TAKE_OVER: "<",
+    ActionKind.HAND_OVER: ">",
 }
 
 

@@ -23,12 +23,13 @@ from reconciler.drivers import Connections, driver_for, managing
 from reconciler.drivers.base import ManagingDriver
 from reconciler.drivers.ownership import ManagedElsewhere
 from reconciler.errors import PoolError
+from reconciler.records import Records
 from reconciler.schema.config import Config
 from reconciler.schema.load import ManifestLoad, load_manifests
 from reconciler.schema.manifest import ImageSource
 from reconciler.schema.mcache import ManifestCache
-from reconciler.schema.record import DiskRecord
-from reconciler.store import SqliteRecordStore, open_store
+from reconciler.schema.record import BadRecord, DiskRecord
+from reconciler.store import SqliteRecordStore, StoreError, open_store
 
 if TYPE_CHECKING:
     from reconciler.apply import Executor, Replanner
@@ -40,21 +41,26 @@ class Session:
     options: PlanOptions = field(default_factory=PlanOptions)
 
     def __post_init__(self) -> None:
-        self.store: SqliteRecordStore = open_store(
+        self.local_store: SqliteRecordStore = open_store(
             self.config.state_dir(), self.config.state.lock_timeout
         )
         self.conns = Connections(reconnect_timeout=self.config.libvirt.reconnect_timeout)
         self.drivers = {
-            name: driver_for(name, pc, self.conns, self.store, self.config.images)
+            name: driver_for(name, pc, self.conns, self.local_store, self.config)
             for name, pc in sorted(self.config.pools.items())
         }
+        # Every record is read and written through this: each pool's driver says where.
+        self.store = Records(self.local_store, {n: d.record_store for n, d in self.drivers.items()})
         self.desired = Desired(())
         self._loading: ManifestLoad | None = None
 
     def close(self) -> None:
         self._end_loading()
-        self.conns.close()
-        self.store.close()
+        try:
+            self.store.close()
+            self.conns.close()
+        finally:
+            self.local_store.close()
 
     def __enter__(self) -> Session:
         return self
@@ -81,7 +87,7 @@ class Session:
         cache = ManifestCache(self.config.state_dir() / "manifest-cache.json")
         loading = ManifestLoad(paths, self.config, cache)
         try:
-            observed = self.observe() if observe else None
+            observed = self._observe_pools() if observe else None
             loaded, failed = loading.finish()
         except BaseException:
             loading.close()
@@ -89,7 +95,7 @@ class Session:
         # Kept until close() or the next load: its worker may still be writing the cache.
         self._loading = loading
         self.desired = self._with_entries(build_desired(loaded, failed))
-        return observed
+        return None if observed is None else self._with_holds(observed, self.desired)
 
     def _end_loading(self) -> None:
         if self._loading is not None:
@@ -99,11 +105,20 @@ class Session:
     def _with_entries(self, desired: Desired) -> Desired:
         return with_entries(desired, self.managing_drivers())
 
-    def observe(self) -> Observed:
+    def observe(self, desired: Desired | None = None) -> Observed:
+        """The pools, the records, and, in pools many hosts share, the records of the
+        disks `desired` (default: the loaded manifests) names that other hosts hold."""
+        return self._with_holds(self._observe_pools(), self.desired if desired is None else desired)
+
+    def _observe_pools(self) -> Observed:
         # Volumes before records: a record is written before its volume is made, so a volume
         # seen here always has its record below, even while another reconciler is creating.
         pools = {name: d.observe() for name, d in self.drivers.items()}
-        records, bad = self.store.load_all()
+        loaded = self.store.load()
+        records, bad = loaded.records, loaded.bad
+        for name, why in loaded.failed.items():
+            if pools[name].error is None:  # the pool's own error, if any, says more
+                pools[name] = ObservedPool(name, None, why)
         by_pool: dict[str, list[DiskRecord]] = {}
         for r in records:
             by_pool.setdefault(r.pool, []).append(r)
@@ -116,6 +131,44 @@ class Session:
                 name, None, "the pool is not in the config (records name it)"
             )
         return Observed(pools, tuple(records), tuple(bad))
+
+    def _with_holds(self, observed: Observed, desired: Desired) -> Observed:
+        wanted: dict[str, set[str]] = {}
+        for inst in desired.instances:
+            for d in inst.disks:
+                wanted.setdefault(d.spec.pool, set()).add(d.volume)
+        known = [r.key() for r in observed.records]
+        known += [(b.pool, b.volume) for b in observed.bad_records]
+        pools, records, bad = self._share(dict(observed.pools), wanted, known)
+        return Observed(pools, observed.records + tuple(records), observed.bad_records + tuple(bad))
+
+    def _share(
+        self,
+        pools: dict[str, ObservedPool],
+        wanted: Mapping[str, set[str]],
+        known: Sequence[tuple[str, str]],
+    ) -> tuple[dict[str, ObservedPool], list[DiskRecord], list[BadRecord]]:
+        """Mark the pools many hosts share, with the holds other hosts have on the disks
+        `wanted` names (Records.holds); a pool whose store fails gets that error."""
+        holds = self.store.holds(
+            {p: v for p, v in wanted.items() if p in pools and pools[p].volumes is not None},
+            known,
+            self.config.ownership.heartbeat_expiry,
+        )
+        for name, p in pools.items():
+            if p.volumes is None:
+                continue
+            if name in holds.failed:
+                pools[name] = ObservedPool(name, None, holds.failed[name])
+                continue
+            try:
+                shared = self.store.shared(name) is not None
+            except StoreError as e:
+                pools[name] = ObservedPool(name, None, str(e))
+                continue
+            if shared:
+                pools[name] = dataclasses.replace(p, shared=True, held=holds.held.get(name, {}))
+        return pools, holds.records, holds.bad
 
     def plan(self, observed: Observed | None = None) -> Plan:
         """Plan the loaded manifests against `observed`, or against the pools as they are."""
@@ -133,14 +186,14 @@ class Session:
     ) -> Plan:
         """Plan one instance against its fresh records and the volumes it names: what it
         costs grows with the instance, not with the pools (the loop, and apply's re-plan)."""
-        records = self.store.for_instance(instance)
-        names: dict[str, set[str]] = {}
+        records, unreadable = self.store.for_instance_by_pool(instance)
+        names: dict[str, set[str]] = {p: set() for p in unreadable}
         for r in records:
             names.setdefault(r.pool, set()).add(r.volume)
         for inst in wanted:
             for d in inst.disks:
                 names.setdefault(d.spec.pool, set()).add(d.volume)
-                if d.entry is not None:
+                if d.entry is not None and d.spec.pool not in unreadable:
                     names[d.spec.pool].add(d.entry)
                     rec = self.store.get(d.spec.pool, d.entry)
                     if rec is not None and rec not in records:
@@ -149,6 +202,9 @@ class Session:
         pools = {}
         for pool, vols in names.items():
             drv = drivers.get(pool)
+            if pool in unreadable:
+                pools[pool] = ObservedPool(pool, None, unreadable[pool])
+                continue
             if drv is None:
                 why = self.drivers[pool].observe().error if pool in self.drivers else None
                 pools[pool] = ObservedPool(pool, None, why or "no driver")
@@ -175,11 +231,21 @@ class Session:
                 att.known,
                 att.why_unknown,
             )
+        wanted_vols: dict[str, set[str]] = {}
+        for inst in wanted:
+            for d in inst.disks:
+                wanted_vols.setdefault(d.spec.pool, set()).add(d.volume)
+        pools, found, bad = self._share(pools, wanted_vols, [r.key() for r in records])
+        records.extend(found)
         opts = options or self.options
         # The share of all disks a plan may destroy is the caller's to judge, not this
         # one instance's: a per-instance plan would refuse any tombstone.
         opts = dataclasses.replace(opts, force=True)
-        return plan(Desired(tuple(wanted), tuple(failed)), Observed(pools, tuple(records)), opts)
+        return plan(
+            Desired(tuple(wanted), tuple(failed)),
+            Observed(pools, tuple(records), tuple(bad)),
+            opts,
+        )
 
     def replanner(self) -> Replanner:
         def replan(a: Action) -> Plan:
@@ -237,8 +303,7 @@ def plan_offline(
     The manifests and their entries are read exactly as a live Session does."""
     conns = Connections()  # never used: no driver method below reaches a pool
     drivers = {
-        name: driver_for(name, pc, conns, None, config.images)
-        for name, pc in sorted(config.pools.items())
+        name: driver_for(name, pc, conns, None, config) for name, pc in sorted(config.pools.items())
     }
     loaded, failed = load_manifests(paths, config, None)
     desired = with_entries(build_desired(loaded, failed), managing(drivers))

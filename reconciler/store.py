@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import ValidationError
 
@@ -82,6 +82,32 @@ class RecordStore(Protocol):
     def sync(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+# The owner of a record its host let go: any host whose manifest names the disk may take
+# it. No host identity can be this (config `host` starts with a letter or digit).
+RELEASED = "@released"
+
+
+@runtime_checkable
+class SharedRecordStore(RecordStore, Protocol):
+    """A store many hosts share (drivers/rados_records.py): each record has an owner
+    host, and hosts hand records to one another by compare-and-swap."""
+
+    host: str
+    last_beat: float | None
+
+    def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        """(pool, volume) -> an object with `host` and `record`, or a BadRecord."""
+        ...
+
+    def beat(self) -> None: ...
+
+    def heartbeats(self) -> dict[str, float]: ...
+
+    def release(self, pool: str, volume: str, expect_generation: int) -> None: ...
+
+    def take(self, pool: str, volume: str, expect_generation: int, from_host: str) -> None: ...
 
 
 # Layout 2 added the `meta` table (the store's identity); a layout-1 database is upgraded.

@@ -14,6 +14,7 @@ import pytest
 
 from reconciler.apply import Executor
 from reconciler.diff.model import Action, ActionKind, Plan, Precondition
+from reconciler.records import Records
 from reconciler.store import open_store
 
 GUARD = 30.0
@@ -47,7 +48,7 @@ class Recorder(Executor):
         # A live run's executor (a replanner it never calls): a saved plan's would first
         # check every precondition against pools these tests do not have.
         super().__init__(
-            open_store(tmp / "state"),
+            Records(open_store(tmp / "state"), {}),
             {},
             replan=lambda a: Plan((a,), (), ()),
             out=self.text,

@@ -21,8 +21,8 @@ from reconciler.drivers import rados_records as rr
 from reconciler.drivers.rados_records import RadosRecordStore, record_object
 from reconciler.errors import RecordError
 from reconciler.schema.common import Backend, DiskFormat
-from reconciler.schema.record import DiskRecord, RecordState
-from reconciler.store import ConflictError, StoreError
+from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.store import RELEASED, ConflictError, StoreError
 from tests.conftest_ceph import Ceph, unique
 
 pytestmark = pytest.mark.ceph
@@ -335,13 +335,14 @@ def test_a_host_reads_only_its_own_index_never_the_pool_listing(make: Make) -> N
     assert sorted(good, key=lambda r: r.volume) == sorted(mine["h1"], key=lambda r: r.volume)
     assert not bad
     assert io.calls["list_objects"] == 0
-    assert io.calls["operate_read_op"] == s.shards  # one omap read per shard (< 1000 keys)
+    # One omap read per shard (< 1000 keys), and one of the cache entries' shared index.
+    assert io.calls["operate_read_op"] == s.shards + 1
     assert io.calls["aio_read"] == 200  # the records, by name
     assert io.calls["operate_write_op"] == 0  # nothing to clean
     read = set(io.objects) - {""}  # "": get_omap_vals' start_after
     assert read == {rr.index_object("h1", n) for n in range(s.shards)} | {
-        record_object("rbd", r.volume) for r in mine["h1"]
-    }
+        rr.index_object(rr.SHARED, 0)
+    } | {record_object("rbd", r.volume) for r in mine["h1"]}
 
     io.calls.clear()
     io.objects.clear()
@@ -467,5 +468,137 @@ def test_an_index_shard_larger_than_one_omap_page_is_read_whole(make: Make) -> N
     io.calls.clear()
     good, bad = a.load_all()
     assert len({r.volume for r in good}) == 1200 and not bad
-    assert io.calls["operate_read_op"] == 2  # two pages
+    assert io.calls["operate_read_op"] == 3  # two pages, and the cache entries' index
     assert len(a.for_instance("vm-299")) == 4
+
+
+def test_an_instance_is_handed_over_by_compare_and_swap(
+    make: Make, ceph: Ceph, namespace: str
+) -> None:
+    """Release moves a record to RELEASED, take to the new host, each a compare-and-swap;
+    the old owner is fenced afterwards and the indexes follow the record."""
+    a, b, c = make("host-a"), make("host-b"), make("host-c")
+    rec = record("vm-1-root", state=RecordState.READY)
+    a.put(rec, None)
+    oid = record_object("rbd", "vm-1-root")
+    # B finds it by name (never listed in B's index) and sees who owns it.
+    found = b.read_many([("rbd", "vm-1-root"), ("rbd", "missing")])
+    assert list(found) == [("rbd", "vm-1-root")]
+    held = found[("rbd", "vm-1-root")]
+    assert isinstance(held, rr.Stored) and held.host == "host-a" and held.record == rec
+    # Nobody but the owner releases, and only at the generation it read.
+    with pytest.raises(ConflictError):
+        b.release("rbd", "vm-1-root", 1)
+    with pytest.raises(ConflictError):
+        a.release("rbd", "vm-1-root", 7)
+    # Taking from a host that does not own it is refused.
+    with pytest.raises(ConflictError):
+        b.take("rbd", "vm-1-root", 1, "host-c")
+    a.release("rbd", "vm-1-root", 1)
+    assert a.owner("rbd", "vm-1-root") == RELEASED
+    assert index_keys(ceph, namespace, "host-a") == set()
+    assert index_keys(ceph, namespace, RELEASED) == {oid}
+    assert a.load_all() == ([], [])  # no longer A's
+    # The released record cannot be changed or deleted by its former owner.
+    with pytest.raises(ConflictError):
+        a.put(rec.model_copy(update={"generation": 3}), 2)
+    with pytest.raises(ConflictError):
+        a.delete("rbd", "vm-1-root", 2)
+    # Two hosts take at once from the same read: exactly one wins.
+    results: list[str] = []
+    gate = threading.Barrier(2)
+
+    def take(s: RadosRecordStore) -> None:
+        gate.wait(DEADLINE)
+        try:
+            s.take("rbd", "vm-1-root", 2, RELEASED)
+            results.append(s.host)
+        except ConflictError:
+            results.append("lost")
+
+    threads = [threading.Thread(target=take, args=(s,)) for s in (b, c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    winner = next(r for r in results if r != "lost")
+    assert sorted(results) == sorted([winner, "lost"])
+    won = b if winner == "host-b" else c
+    lost = c if won is b else b
+    taken = won.get("rbd", "vm-1-root")
+    assert taken is not None and taken.generation == 3 and taken.spec == rec.spec
+    assert won.owner("rbd", "vm-1-root") == won.host
+    assert [r.volume for r in won.load_all()[0]] == ["vm-1-root"]
+    assert lost.load_all() == ([], [])
+    assert index_keys(ceph, namespace, won.host) == {oid}
+    assert index_keys(ceph, namespace, RELEASED) == set()
+    # The new owner changes it; the old owner, acting on its old read, is fenced.
+    won.put(bump(taken, state=RecordState.RESIZING, pending_size=2 << 30), 3)
+    with pytest.raises(ConflictError, match=f"owned by host {won.host}"):
+        a.put(bump(rec, state=RecordState.DELETING), 1)
+
+
+def test_heartbeats_and_a_take_from_a_host_that_is_gone_fences_it(make: Make, ceph: Ceph) -> None:
+    """Taking from a host whose heartbeat expired first blocklists every client address
+    its heartbeats name: the paused process's next operation fails, whatever it is."""
+    a = make("host-a", own_client=True, op_timeout=10)
+    a_too = make("host-a", own_client=True, op_timeout=10)  # another process of host A
+    b = make("host-b", own_client=True, op_timeout=10)
+    assert b.heartbeats() == {}
+    a.beat()
+    beats = b.heartbeats()
+    assert list(beats) == ["host-a"] and beats["host-a"] == a.last_beat
+    a_too.beat()
+    assert b.heartbeats()["host-a"] == max(a.last_beat or 0, a_too.last_beat or 0)
+    rec = record("vm-2-root", instance="vm-2", state=RecordState.READY)
+    a.put(rec, None)
+    # B takes from A (its heartbeat expired: the caller's judgement, see Records.holds).
+    fenced: list[str] = []
+    try:
+        b.take("rbd", "vm-2-root", 1, "host-a")
+        fenced = sorted({a._addr(), a_too._addr()})
+        assert b.owner("rbd", "vm-2-root") == "host-b"
+        assert [r.volume for r in b.for_instance("vm-2")] == ["vm-2-root"]
+        # Both of A's processes are fenced: every operation fails, reads included.
+        for s in (a, a_too):
+            with pytest.raises(StoreError, match="this client was fenced"):
+                s.put(bump(rec), 1)
+            with pytest.raises(StoreError):
+                s.get("rbd", "vm-2-root")
+        # A new process of host A is a new client: it works, and finds the disk taken.
+        a_new = make("host-a", own_client=True)
+        assert a_new.for_instance("vm-2") == []
+        with pytest.raises(ConflictError, match="owned by host host-b"):
+            a_new.put(bump(rec), 1)
+    finally:
+        for addr in fenced:  # leave the test cluster's blocklist as it was
+            ceph.cluster.mon_command(
+                json.dumps({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr}), b""
+            )
+
+
+def test_a_store_without_a_cluster_handle_cannot_fence(make: Make) -> None:
+    a, b = make("host-a"), make("host-b")
+    a.put(record("vm-3-root", instance="vm-3"), None)
+    with pytest.raises(StoreError, match="cannot fence host host-a"):
+        b.take("rbd", "vm-3-root", 1, "host-a")
+    assert b.owner("rbd", "vm-3-root") == "host-a"  # nothing taken
+
+
+def test_cache_entries_are_shared_by_every_host(make: Make, ceph: Ceph, namespace: str) -> None:
+    """A cache entry is every host's: any host updates it (generation CAS only) and
+    every host's load_all lists it, from one shared index shard."""
+    a, b = make("host-a"), make("host-b")
+    entry = record("cache-img", instance="", state=RecordState.READY).model_copy(
+        update={"kind": RecordKind.CACHE}
+    )
+    a.put(entry, None)
+    assert a.owner("rbd", "cache-img") == rr.SHARED
+    assert index_keys(ceph, namespace, rr.SHARED) == {record_object("rbd", "cache-img")}
+    assert [r.volume for r in b.load_all()[0]] == ["cache-img"]
+    b.put(bump(entry, last_used="2026-12-01T00:00:00+00:00"), 1)
+    with pytest.raises(ConflictError):
+        a.put(bump(entry), 1)  # stale
+    b.delete("rbd", "cache-img", 2)
+    assert a.get("rbd", "cache-img") is None
+    assert index_keys(ceph, namespace, rr.SHARED) == set()

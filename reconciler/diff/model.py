@@ -48,6 +48,16 @@ class Desired:
 
 
 @dataclass(frozen=True, slots=True)
+class Holder:
+    """Another host's hold on the record of a volume in a pool many hosts share."""
+
+    host: str  # the owner; RELEASED (drivers/rados_records.py) when it let the disk go
+    generation: int  # the record's, for the compare-and-swap that takes it
+    free: bool  # released, or its owner's heartbeat expired: this host may take it
+    why: str  # for messages: who holds it and since when
+
+
+@dataclass(frozen=True, slots=True)
 class ObservedPool:
     """What a pool holds, by name only. `volumes` is None when the pool is unreachable.
 
@@ -68,6 +78,10 @@ class ObservedPool:
     # Set with `error` when the pool is managed by another record store: reported whether
     # or not a manifest names the pool, unlike a pool that is only unreachable.
     managed_elsewhere: bool = False
+    # A pool many hosts share (Ceph): a disk whose manifest is gone here is handed over,
+    # never pruned, and `held` names the volumes whose records another host holds.
+    shared: bool = False
+    held: Mapping[str, Holder] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,8 @@ class ActionKind(StrEnum):
     UPDATE = "update"  # record-only change (deletionPolicy)
     DELETE = "delete"
     RELEASE = "release"  # deletionPolicy Retain: keep the volume, drop the record
+    TAKE_OVER = "take-over"  # a shared pool: become the owner of another host's record
+    HAND_OVER = "hand-over"  # a shared pool: let another host take this host's record
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +127,7 @@ class Action:
     spec: Mapping[str, Any] | None = None  # desired spec (None for delete/release)
     recorded: Mapping[str, Any] | None = None  # the record's spec, when there is one
     replaces: tuple[str, str] | None = None  # (pool, volume) removed by a replace
+    holder: str | None = None  # take-over: the host the record is taken from
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Action:
@@ -129,6 +146,7 @@ class Action:
             precondition=Precondition(pre["record_generation"], bool(pre["volume_exists"])),
             spec=d.get("spec"),
             replaces=(rep["pool"], rep["volume"]) if rep else None,
+            holder=str(d["holder"]) if d.get("holder") is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -147,6 +165,8 @@ class Action:
             out["spec"] = dict(self.spec)
         if self.replaces is not None:
             out["replaces"] = {"pool": self.replaces[0], "volume": self.replaces[1]}
+        if self.holder is not None:
+            out["holder"] = self.holder
         return out
 
 

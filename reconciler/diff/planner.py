@@ -18,6 +18,7 @@ from reconciler.diff.model import (
     ActionKind,
     DesiredDisk,
     DesiredInstance,
+    Holder,
     Observed,
     ObservedPool,
     Plan,
@@ -44,6 +45,9 @@ REPLACE_FIELDS = ("backend", "pool", "format", "source")
 class PlanOptions:
     allow_replace: bool = False
     prune: bool = False
+    # Hand over (not delete) this host's disks in pools many hosts share when no manifest
+    # names their instance: only when every manifest has been read (--prune, or the loop).
+    hand_over: bool = False
     force: bool = False
     max_delete_percent: int = 10
 
@@ -78,6 +82,8 @@ class _Planner:
         self.recorded: dict[str, set[str]] = defaultdict(set)
         for b in observed.bad_records:
             self.recorded[b.pool].add(b.volume)
+        for name, p in observed.pools.items():
+            self.recorded[name].update(p.held)  # another host's records explain these
         for r in observed.records:
             self.recorded[r.pool].add(r.volume)
             if r.kind is RecordKind.DISK:
@@ -317,6 +323,10 @@ class _Planner:
         bad = self.bad.get((d.spec.pool, d.volume))
         if bad is not None:
             return  # reported once with the other unreadable records
+        held = pool.held.get(d.volume)
+        if rec is None and held is not None:
+            self.held(d, pool, held, where)
+            return
         if rec is None:
             if d.volume in pool.volumes:
                 self.reported.add((d.spec.pool, d.volume))
@@ -580,6 +590,57 @@ class _Planner:
             )
         )
 
+    def held(
+        self, d: DesiredDisk, pool: ObservedPool, held: Holder, where: Mapping[str, Any]
+    ) -> None:
+        """A disk whose record another host holds: taken over when it is free, else an
+        error; either way nothing else is done to it in this pass."""
+        if not held.free:
+            self.error(
+                "owned-elsewhere",
+                f"the disk is owned by {held.why}; this host changes nothing until that "
+                "host releases it (its manifest is gone there) or its heartbeat expires",
+                pool=pool.name,
+                volume=d.volume,
+                **where,
+            )
+            return
+        self.actions.append(
+            Action(
+                action=ActionKind.TAKE_OVER,
+                instance=d.instance,
+                disk=d.spec.name,
+                pool=pool.name,
+                volume=d.volume,
+                reason=f"{held.why}; this host takes the record over (the disk is not "
+                "touched), then reconciles it on its next pass",
+                patch=(),
+                destructive=False,
+                precondition=Precondition(held.generation, d.volume in (pool.volumes or ())),
+                holder=held.host,
+            )
+        )
+
+    def hand_over(self, rec: DiskRecord) -> None:
+        pool = self.observed.pools.get(rec.pool)
+        self.actions.append(
+            Action(
+                action=ActionKind.HAND_OVER,
+                instance=rec.instance,
+                disk=rec.disk,
+                pool=rec.pool,
+                volume=rec.volume,
+                reason="no manifest here names this instance; pool "
+                f"{rec.pool} is shared by many hosts, so the record is released for the "
+                "host whose manifest names it, and the disk is kept",
+                patch=(),
+                destructive=False,
+                precondition=Precondition(
+                    rec.generation, pool is not None and rec.volume in (pool.volumes or ())
+                ),
+            )
+        )
+
     def orphan(self, rec: DiskRecord, unknown_failed: int) -> None:
         where: dict[str, Any] = {
             "instance": rec.instance,
@@ -590,7 +651,11 @@ class _Planner:
         if rec.state in (RecordState.CREATING, RecordState.DELETING):
             self.remove(rec, "no manifest names this instance")
             return
-        if self.options.prune and unknown_failed == 0:
+        shared = rec.pool in self.observed.pools and self.observed.pools[rec.pool].shared
+        if shared and (self.options.prune or self.options.hand_over) and unknown_failed == 0:
+            self.hand_over(rec)
+            return
+        if self.options.prune and unknown_failed == 0 and not shared:
             self.remove(rec, "orphaned: no manifest names this instance (--prune)")
             return
         if self.options.prune:
@@ -603,7 +668,10 @@ class _Planner:
             return
         self.warn(
             "orphaned-record",
-            "no manifest names this instance; the disk is kept (use --prune to delete "
+            "no manifest names this instance; the disk is kept and stays this host's (use "
+            "--prune to hand it over to the host whose manifest names it)"
+            if shared
+            else "no manifest names this instance; the disk is kept (use --prune to delete "
             "orphaned disks)",
             **where,
         )

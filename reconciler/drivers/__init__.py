@@ -10,7 +10,7 @@ from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.lvmpool import LvmPoolDriver
 from reconciler.schema.common import Backend
-from reconciler.schema.config import ImageConfig, PoolConfig
+from reconciler.schema.config import Config, ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord
 from reconciler.store import RecordStore
 
@@ -33,15 +33,21 @@ class UnsupportedPool:
     def as_managing(self) -> ManagingDriver | None:
         return None  # observed as unusable, never changed
 
+    def record_store(self) -> RecordStore | None:
+        return None
+
 
 def driver_for(
     name: str,
     config: PoolConfig,
     conns: Connections,
     store: RecordStore | None = None,
-    images: Mapping[str, ImageConfig] | None = None,
+    cfg: Config | None = None,
 ) -> PoolDriver:
+    """The driver of pool `name`; `store` is the host's records database (file pools keep
+    their records there), `cfg` the whole config (the image catalog, this host's id)."""
     backends = set(config.backends)
+    images: Mapping[str, ImageConfig] = cfg.images if cfg is not None else {}
     if backends <= FILE_BACKENDS:
         return FilePoolDriver(name, config, conns, store, images)
     if backends == {Backend.LVM}:

@@ -13,6 +13,7 @@ from reconciler.drivers.ownership import Owner
 from reconciler.errors import ReconcileError
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord
+from reconciler.store import RecordStore
 
 
 class VolumeExists(ReconcileError):
@@ -46,6 +47,11 @@ class PoolDriver(Protocol):
     def as_managing(self) -> ManagingDriver | None:
         """This driver as one that can change its pool, or None (a capability, so nothing
         above drivers/ asks which class a driver is)."""
+        ...
+
+    def record_store(self) -> RecordStore | None:
+        """The store that keeps this pool's records, opened on first call (RecordError if
+        it cannot be); None: the host's records database (reconciler/records.py)."""
         ...
 
 

@@ -205,6 +205,9 @@ class FilePoolDriver:
         )
         return att
 
+    def record_store(self) -> RecordStore | None:
+        return None  # file pools keep their records in the host's database
+
     def as_managing(self) -> FilePoolDriver:
         return self
 

@@ -72,6 +72,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import secrets
 import socket
 import threading
@@ -85,8 +86,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from reconciler.errors import RecordError
-from reconciler.schema.record import BadRecord, DiskRecord
-from reconciler.store import ConflictError, StoreError, StoreIdentity
+from reconciler.schema.record import BadRecord, DiskRecord, RecordKind
+from reconciler.store import RELEASED, ConflictError, StoreError, StoreIdentity
 
 FORMAT = 1
 DEFAULT_NAMESPACE = "reconciler"
@@ -97,6 +98,14 @@ IN_FLIGHT = 64  # aio reads at once: enough to hide the round trip, bounded memo
 MAX_RECORD = 64 << 10  # bytes read per record; `put` refuses anything larger
 STORE_OBJECT = "store"
 HOSTS_OBJECT = "hosts"
+HEARTBEATS_OBJECT = "heartbeats"
+# An owner name no host identity can take (RELEASED, in store.py, is the other): cache
+# entries are every host's, each clones from and references them (generation CAS only).
+SHARED = "@shared"
+BEAT_KEEP = 86400.0  # seconds a process's heartbeat key outlives its last beat
+FENCE_FOR = (
+    30 * 86400.0
+)  # seconds a fenced client stays blocklisted (`ceph osd blocklist rm` ends it)
 _OMAP_PAGE = 1000
 _CAS_KEYS = ("generation", "host", "instance")
 
@@ -172,6 +181,13 @@ def decode(oid: str, data: bytes, where: str) -> Stored:
 
 
 @dataclass(frozen=True, slots=True)
+class Beat:
+    host: str
+    at: float
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
 class IndexEntry:
     instance: str
     pool: str
@@ -224,6 +240,7 @@ class RadosRecordStore:
         open_ioctx: Callable[[], Any],
         pool: str,
         *,
+        cluster: Any = None,
         host: str | None = None,
         namespace: str = DEFAULT_NAMESPACE,
         shards: int = DEFAULT_SHARDS,
@@ -244,9 +261,12 @@ class RadosRecordStore:
         self.stale_after = stale_after
         self.op_timeout = op_timeout
         self._on_close = on_close
-        self.cluster: Any = None  # the client `connect` made (None: the caller's)
+        # The client (connect()'s own, or the caller's): for fencing and this client's
+        # address; None: the store cannot fence (and its heartbeats name no address).
+        self.cluster: Any = cluster
         self._registered = False
         self._registered_lock = threading.Lock()
+        self.last_beat: float | None = None  # when this store last renewed the heartbeat
         self.where = f"Ceph pool {pool} namespace {namespace}"
         with self._errors("opening the pool"):
             self._io = open_ioctx()
@@ -280,9 +300,10 @@ class RadosRecordStore:
                 f"(`ceph -s`) and the conf and keyring are right, then run again"
             ) from e
         try:
-            store = cls(
+            return cls(
                 lambda: cluster.open_ioctx(pool),
                 pool,
+                cluster=cluster,
                 op_timeout=op_timeout,
                 on_close=cluster.shutdown,
                 **kwargs,
@@ -290,8 +311,6 @@ class RadosRecordStore:
         except BaseException:
             cluster.shutdown()
             raise
-        store.cluster = cluster
-        return store
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -310,6 +329,12 @@ class RadosRecordStore:
             why = (
                 f"timed out after {self.op_timeout:g} s (rados_osd_op_timeout); check the "
                 "cluster's OSDs (`ceph -s`, `ceph osd stat`), then run again"
+            )
+        elif code in (errno.ESHUTDOWN, -errno.ESHUTDOWN):
+            why = (
+                f"refused: this client was fenced ({e}); another host took this host's "
+                "instances over after its heartbeat expired (`ceph osd blocklist ls`). A new "
+                "run is a new client and sees who owns each disk now"
             )
         elif isinstance(e, rados.PermissionError) or code in (errno.EPERM, errno.EACCES):
             why = f"permission denied ({e}); give the client rw caps on the pool and namespace"
@@ -491,7 +516,7 @@ class RadosRecordStore:
             data = datas.get(oid)
             if data is None:
                 if clean and entry is not None and time.time() - entry.at >= self.stale_after:
-                    self._unlist(shard, oid, entry)  # a crash after the index entry
+                    self._unlist(shard, oid, entry, host)  # a crash after the index entry
                 continue
             try:
                 stored = decode(oid, data, self.where)
@@ -504,14 +529,18 @@ class RadosRecordStore:
                 # Another host owns it (we lost a create race, or it was deleted and made
                 # there since): not ours to report. Remove our entry, guarded by its value.
                 if clean and entry is not None:
-                    self._unlist(shard, oid, entry)
+                    self._unlist(shard, oid, entry, host)
                 continue
             good.append(rec)
         return good, bad
 
     def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]:
-        """This host's records, through its index (never by listing the pool)."""
-        return self._load(self.host, list(range(self.shards)), None, clean=True)
+        """This host's records and the pool's cache entries, through their indexes (never
+        by listing the pool)."""
+        every = list(range(self.shards))
+        good, bad = self._load(self.host, every, None, clean=True)
+        cache_good, cache_bad = self._load(SHARED, [0], None, clean=True)
+        return good + cache_good, bad + cache_bad
 
     def for_instance(self, instance: str) -> list[DiskRecord]:
         good, bad = self._load(self.host, [shard_of(instance, self.shards)], instance, True)
@@ -523,7 +552,7 @@ class RadosRecordStore:
         """Records of every host naming pool/volume as their cache entry. Reads every
         host's index and record: its cost grows with the namespace (a per-cache-entry
         reference index is the image cache's to keep)."""
-        hosts = sorted(self._omap_all(HOSTS_OBJECT))
+        hosts = [*sorted(self._omap_all(HOSTS_OBJECT)), RELEASED]
         n = 0
         for host in hosts:
             good, _ = self._load(host, list(range(self.shards)), None, clean=False)
@@ -559,15 +588,17 @@ class RadosRecordStore:
             self._io.set_omap(op, (self.host,), (since,))
             self._io.operate_write_op(op, HOSTS_OBJECT)
 
-    def _unlist(self, shard: int, oid: str, entry: IndexEntry) -> None:
-        """Remove `oid` from this host's index if its entry is still `entry`."""
+    def _unlist(self, shard: int, oid: str, entry: IndexEntry, holder: str | None = None) -> None:
+        """Remove `oid` from `holder`'s index (default this host's) if its entry is still
+        `entry`."""
         rados = _rados()
-        with self._errors(f"cleaning index {index_object(self.host, shard)}"):
+        ioid = index_object(holder or self.host, shard)
+        with self._errors(f"cleaning index {ioid}"):
             try:
                 with rados.WriteOpCtx() as op:
                     op.omap_cmp(oid, entry.raw, rados.LIBRADOS_CMPXATTR_OP_EQ)
                     self._io.remove_omap_keys(op, (oid,))
-                    self._io.operate_write_op(op, index_object(self.host, shard))
+                    self._io.operate_write_op(op, ioid)
             except rados.ObjectNotFound:
                 pass
             except rados.OSError as e:
@@ -584,7 +615,7 @@ class RadosRecordStore:
                 f"record {record.pool}/{record.volume}: generation {record.generation} must "
                 f"be above the expected {expect_generation}"
             )
-        data = encode(record, self.host)
+        data = encode(record, self._holder(record))
         oid = record_object(record.pool, record.volume)
         if len(data) >= MAX_RECORD:
             raise RecordError(f"record {record.pool}/{record.volume} is too large to store")
@@ -596,12 +627,11 @@ class RadosRecordStore:
     def _create(self, record: DiskRecord, oid: str, data: bytes) -> None:
         rados = _rados()
         self._register()
-        shard = shard_of(record.instance, self.shards)
+        holder = self._holder(record)
+        shard = self._shard(holder, record.instance)
         entry = IndexEntry.new(record)
         # The index entry first: a record never exists unlisted by its host.
-        with self._errors(f"indexing {oid}"), rados.WriteOpCtx() as op:
-            self._io.set_omap(op, (oid,), (entry.raw.encode(),))
-            self._io.operate_write_op(op, index_object(self.host, shard))
+        self._list(holder, shard, oid, entry)
         try:
             with self._errors(f"creating record {oid}"):
                 self._create_exclusive(oid, data, self._cas_fields(record))
@@ -612,8 +642,8 @@ class RadosRecordStore:
                 current = self._stored(record.pool, record.volume)
             except RecordError:
                 current = None  # unreadable: our entry makes load_all report it
-            if current is not None and current.host != self.host:
-                self._unlist(shard, oid, entry)
+            if current is not None and current.host != holder:
+                self._unlist(shard, oid, entry, holder)
             what = (
                 "exists"
                 if current is None
@@ -624,21 +654,39 @@ class RadosRecordStore:
                 "expected none: another reconciler created it"
             ) from None
 
-    def _cas_fields(self, record: DiskRecord) -> dict[str, str]:
+    def _list(self, holder: str, shard: int, oid: str, entry: IndexEntry) -> None:
+        rados = _rados()
+        with self._errors(f"indexing {oid}"), rados.WriteOpCtx() as op:
+            self._io.set_omap(op, (oid,), (entry.raw.encode(),))
+            self._io.operate_write_op(op, index_object(holder, shard))
+
+    def _shard(self, holder: str, instance: str) -> int:
+        """The index shard of a record: cache entries, a few per image and template, all
+        in one shard of SHARED's index; disks by a hash of their instance."""
+        return 0 if holder == SHARED else shard_of(instance, self.shards)
+
+    def _holder(self, record: DiskRecord) -> str:
+        """Who a record of this host's belongs to: this host, or every host (a cache
+        entry: hosts clone from one another's entries and each adds its references)."""
+        return SHARED if record.kind is RecordKind.CACHE else self.host
+
+    def _cas_fields(self, record: DiskRecord, host: str | None = None) -> dict[str, str]:
         return {
             "generation": str(record.generation),
-            "host": self.host,
+            "host": host or self._holder(record),
             "instance": record.instance,
         }
 
-    def _guard(self, op: Any, generation: int, instance: str | None) -> None:
+    def _guard(self, op: Any, generation: int, instance: str | None, host: str) -> None:
         rados = _rados()
         op.omap_cmp("generation", str(generation), rados.LIBRADOS_CMPXATTR_OP_EQ)
-        op.omap_cmp("host", self.host, rados.LIBRADOS_CMPXATTR_OP_EQ)
+        op.omap_cmp("host", host, rados.LIBRADOS_CMPXATTR_OP_EQ)
         if instance is not None:
             op.omap_cmp("instance", instance, rados.LIBRADOS_CMPXATTR_OP_EQ)
 
-    def _conflict(self, pool: str, volume: str, expect: int) -> ConflictError:
+    def _conflict(
+        self, pool: str, volume: str, expect: int, owner: str | None = None
+    ) -> ConflictError:
         """Why a guarded write failed, from a fresh read (for the message only)."""
         try:
             current = self._stored(pool, volume)
@@ -648,9 +696,10 @@ class RadosRecordStore:
             now = "does not exist"
         else:
             now = f"is at generation {current.record.generation}, owned by host {current.host}"
+        whose = "its own record" if owner in (None, self.host) else f"a record of {owner}"
         return ConflictError(
             f"record {pool}/{volume} in {self.where} {now}; host {self.host} expected "
-            f"generation {expect} of its own record: another reconciler changed it"
+            f"generation {expect} of {whose}: another reconciler changed it"
         )
 
     def _update(self, record: DiskRecord, oid: str, data: bytes, expect: int) -> None:
@@ -658,7 +707,7 @@ class RadosRecordStore:
         fields = self._cas_fields(record)
         try:
             with self._errors(f"updating record {oid}"), rados.WriteOpCtx() as op:
-                self._guard(op, expect, record.instance)
+                self._guard(op, expect, record.instance, self._holder(record))
                 op.write_full(data)
                 self._io.set_omap(op, tuple(fields), tuple(v.encode() for v in fields.values()))
                 self._io.operate_write_op(op, oid)
@@ -673,13 +722,13 @@ class RadosRecordStore:
         rados = _rados()
         oid = record_object(pool, volume)
         stored = self._stored(pool, volume)  # its instance names the index shard
-        if stored is None or stored.host != self.host:
+        if stored is None or stored.host != self._holder(stored.record):
             raise self._conflict(pool, volume, expect_generation)
-        shard = shard_of(stored.record.instance, self.shards)
-        entry = self._index_entry(shard, oid)
+        shard = self._shard(stored.host, stored.record.instance)
+        entry = self._index_entry(shard, oid, stored.host)
         try:
             with self._errors(f"deleting record {oid}"), rados.WriteOpCtx() as op:
-                self._guard(op, expect_generation, None)
+                self._guard(op, expect_generation, None, stored.host)
                 op.remove()
                 self._io.operate_write_op(op, oid)
         except StoreError as e:
@@ -688,12 +737,157 @@ class RadosRecordStore:
             raise
         # The index entry last; a crash before this leaves an entry load_all cleans.
         if entry is not None:
-            self._unlist(shard, oid, entry)
+            self._unlist(shard, oid, entry, stored.host)
 
-    def _index_entry(self, shard: int, oid: str) -> IndexEntry | None:
-        values = self._omap(index_object(self.host, shard), oid) or {}
+    def _index_entry(self, shard: int, oid: str, holder: str) -> IndexEntry | None:
+        values = self._omap(index_object(holder, shard), oid) or {}
         raw = values.get(oid)
         return None if raw is None else IndexEntry.parse(raw)
+
+    # -- ownership: hosts hand instances to one another ---------------------------------
+
+    def read_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Stored | BadRecord]:
+        """The records of `keys` by name, whoever owns them (batched reads; a missing
+        record is left out). How a host finds the records of instances its manifests
+        name that another host made or owns: never by listing the pool."""
+        oids = {record_object(p, v): (p, v) for p, v in keys}
+        datas = self._read_many(sorted(oids))
+        out: dict[tuple[str, str], Stored | BadRecord] = {}
+        for oid, data in datas.items():
+            if data is None:
+                continue
+            key = oids[oid]
+            try:
+                out[key] = decode(oid, data, self.where)
+            except RecordError as e:
+                out[key] = BadRecord(*key, str(e))
+        return out
+
+    def beat(self) -> None:
+        """Renew this process's heartbeat: other hosts take this host's instances only
+        once its newest heartbeat is older than their `ownership.heartbeatExpiry`. Each
+        process beats under its own key (host and client address), so a host that is taken
+        over can be fenced process by process (`fence`); this host's keys a day stale are
+        removed as it beats."""
+        rados = _rados()
+        at = time.time()
+        addr = self._addr()
+        value = json.dumps({"at": at, "pid": os.getpid(), "boot": _boot_id(), "addr": addr})
+        stale = [
+            key
+            for key, beat in self._beats().items()
+            if beat.host == self.host and key != self._beat_key(addr) and at - beat.at > BEAT_KEEP
+        ]
+        with self._errors(f"renewing the heartbeat of host {self.host}"), rados.WriteOpCtx() as op:
+            op.new(rados.LIBRADOS_CREATE_IDEMPOTENT)
+            self._io.set_omap(op, (self._beat_key(addr),), (value.encode(),))
+            if stale:
+                self._io.remove_omap_keys(op, tuple(stale))
+            self._io.operate_write_op(op, HEARTBEATS_OBJECT)
+        self.last_beat = at
+
+    def _beat_key(self, addr: str) -> str:
+        return f"{self.host} {addr}"
+
+    def _addr(self) -> str:
+        """This client's address (what `ceph osd blocklist` names); "" if unknown."""
+        if self.cluster is None:
+            return ""
+        try:
+            return str(self.cluster.get_addrs())
+        except Exception:  # the binding's errors are not typed: an address is optional
+            return ""
+
+    def _beats(self) -> dict[str, Beat]:
+        out: dict[str, Beat] = {}
+        for key, raw in self._omap_all(HEARTBEATS_OBJECT).items():
+            try:
+                doc = json.loads(raw)
+                out[key] = Beat(key.split(" ", 1)[0], float(doc["at"]), str(doc.get("addr", "")))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # unreadable: counts as no heartbeat (expired)
+        return out
+
+    def heartbeats(self) -> dict[str, float]:
+        """Each host's newest heartbeat (time.time() of the host that wrote it). Hosts
+        sharing a pool are expected to keep their clocks in step (NTP); the expiry,
+        minutes by default, dwarfs the skew NTP leaves."""
+        out: dict[str, float] = {}
+        for beat in self._beats().values():
+            out[beat.host] = max(out.get(beat.host, 0.0), beat.at)
+        return out
+
+    def fence(self, host: str) -> list[str]:
+        """Make the cluster refuse every operation of `host`'s reconcilers (each address
+        its heartbeats name) with `ceph osd blocklist add`, before its instances are taken:
+        a process that was only paused then fails its next image or record operation
+        instead of changing a disk it no longer owns. The addresses blocklisted."""
+        if self.cluster is None:
+            raise StoreError(
+                f"{self.where}: cannot fence host {host}: this store has no cluster handle"
+            )
+        addrs = sorted({b.addr for b in self._beats().values() if b.host == host and b.addr})
+        for addr in addrs:
+            cmd = {
+                "prefix": "osd blocklist",
+                "blocklistop": "add",
+                "addr": addr,
+                "expire": FENCE_FOR,
+            }
+            ret, _, err = self.cluster.mon_command(json.dumps(cmd), b"")
+            if ret != 0:
+                raise StoreError(
+                    f"{self.where}: cannot fence host {host} ({addr}): `ceph osd blocklist "
+                    f"add` failed ({ret}: {err}); the client needs the mon cap `profile rbd`. "
+                    "Its instances are not taken"
+                )
+        return addrs
+
+    def release(self, pool: str, volume: str, expect_generation: int) -> None:
+        """Let another host take this host's record of pool/volume (its manifest is gone
+        here, and may have appeared there): a compare-and-swap from this host to RELEASED.
+        The image is untouched."""
+        self._move(pool, volume, expect_generation, self.host, RELEASED)
+
+    def take(self, pool: str, volume: str, expect_generation: int, from_host: str) -> None:
+        """Make this host the owner of a record that `from_host` released, or whose
+        heartbeat expired: a compare-and-swap from `from_host` to this host. A host whose
+        heartbeat expired is fenced first (`fence`), so if it was only paused its next
+        operation fails; and its next record write would fail its guard anyway."""
+        self._move(pool, volume, expect_generation, from_host, self.host)
+
+    def _move(self, pool: str, volume: str, expect: int, old: str, new: str) -> None:
+        """Change a record's owner from `old` to `new`, its generation + 1. Order, so no
+        record is ever unlisted by its owner: 1. list it in `new`'s index; 2. the record,
+        guarded by generation, owner and instance; 3. unlist it from `old`'s index. A crash
+        after 1 or 2 leaves an entry whose record another host owns: `_load` ignores it and
+        the index's own host removes it."""
+        rados = _rados()
+        oid = record_object(pool, volume)
+        stored = self._stored(pool, volume)
+        if stored is None or stored.host != old or stored.record.generation != expect:
+            raise self._conflict(pool, volume, expect, old)
+        if old not in (RELEASED, self.host) and new == self.host:
+            self.fence(old)  # taken from a host that is gone (its heartbeat expired)
+        rec = stored.record.model_copy(update={"generation": expect + 1})
+        shard = shard_of(rec.instance, self.shards)
+        old_entry = self._index_entry(shard, oid, old)
+        if new != RELEASED:
+            self._register()
+        self._list(new, shard, oid, IndexEntry.new(rec))
+        fields = self._cas_fields(rec, new)
+        try:
+            with self._errors(f"handing record {oid} to {new}"), rados.WriteOpCtx() as op:
+                self._guard(op, expect, rec.instance, old)
+                op.write_full(encode(rec, new))
+                self._io.set_omap(op, tuple(fields), tuple(v.encode() for v in fields.values()))
+                self._io.operate_write_op(op, oid)
+        except StoreError as e:
+            if _refused(e):
+                raise self._conflict(pool, volume, expect, old) from None
+            raise
+        if old_entry is not None:
+            self._unlist(shard, oid, old_entry, old)
 
     def check_writable(self) -> None:
         """A real, harmless write (this host's registration), so a read-only client or a
@@ -710,6 +904,14 @@ class RadosRecordStore:
         finally:
             if self._on_close is not None:
                 self._on_close()
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _refused(e: StoreError) -> bool:
