@@ -267,6 +267,9 @@ class LvmPoolDriver:
     def as_managing(self) -> LvmPoolDriver:
         return self
 
+    def record_store(self) -> RecordStore | None:
+        return None  # an lvm pool's records are in the host's database, as a file pool's
+
     def observe(self) -> ObservedPool:
         """The VG's LVs by name and which domains use them; never raises."""
         try:
