@@ -76,6 +76,8 @@ class Env:
     safety: dict[str, Any] = field(default_factory=dict)
     libvirt: dict[str, Any] = field(default_factory=dict)
     backends: list[str] = field(default_factory=lambda: ["flat", "qcow2"])  # of every pool
+    # Pools that are LVM volume groups: pool -> its `lvm` config section (backends [lvm]).
+    lvm: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -86,7 +88,7 @@ class Env:
         return self.root / "manifests"
 
     def write_config(self) -> None:
-        pools = {
+        pools: dict[str, dict[str, Any]] = {
             name: {
                 "uri": self.uris.get(name, self.uri),
                 "libvirtPool": lp,
@@ -94,6 +96,9 @@ class Env:
             }
             for name, (lp, _) in self.pools.items()
         }
+        for name, section in self.lvm.items():
+            pools[name]["backends"] = ["lvm"]
+            pools[name]["lvm"] = section
         cfg = {
             "apiVersion": "reconciler/v1",
             "kind": "Config",

@@ -8,6 +8,7 @@ from reconciler.diff.model import ObservedPool
 from reconciler.drivers.base import ManagingDriver, PoolDriver
 from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
+from reconciler.drivers.lvmpool import LvmPoolDriver
 from reconciler.schema.common import Backend
 from reconciler.schema.config import Config, ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord
@@ -49,7 +50,9 @@ def driver_for(
     images: Mapping[str, ImageConfig] = cfg.images if cfg is not None else {}
     if backends <= FILE_BACKENDS:
         return FilePoolDriver(name, config, conns, store, images)
-    missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS))
+    if backends == {Backend.LVM}:
+        return LvmPoolDriver(name, config, conns, store, images)
+    missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS - {Backend.LVM}))
     return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")
 
 
@@ -66,6 +69,7 @@ def managing(drivers: Mapping[str, PoolDriver]) -> dict[str, ManagingDriver]:
 __all__ = [
     "Connections",
     "FilePoolDriver",
+    "LvmPoolDriver",
     "ManagingDriver",
     "PoolDriver",
     "driver_for",

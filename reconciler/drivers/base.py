@@ -197,3 +197,46 @@ class ManagingDriver(PoolDriver, Protocol):
         """Give `old` the name `new` at once (a migration within one pool); `replace` lets
         it take the place of an existing `new`, else VolumeExists is raised."""
         ...
+
+
+class Unmigratable:
+    """For a driver that cannot (yet) migrate, adopt or import: it says so. Migrations in
+    or out of its pool plan as `migrate-unsupported` (no layouts), and adopt and
+    import-nova stop with an error naming the pool before anything changes."""
+
+    name: str
+
+    def _unsupported(self, what: str) -> ReconcileError:
+        return ReconcileError(f"pool {self.name}: its driver cannot {what}")
+
+    def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
+        return MigrationFacts(None)
+
+    def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
+        raise self._unsupported("adopt an existing volume")
+
+    def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
+        raise self._unsupported("take in a host file")
+
+    def volume_at(self, path: str) -> str | None:
+        return None
+
+    def point_overlay_at(self, path: str, entry: str) -> None:
+        raise self._unsupported("hold qcow2 overlays")
+
+    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+        raise self._unsupported("migrate disks")
+
+    def qemu_image(
+        self, volume: str, fmt: DiskFormat, backing: str | None, *, write: bool
+    ) -> AbstractContextManager[QemuImage]:
+        raise self._unsupported("migrate disks")
+
+    def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
+        raise self._unsupported("migrate disks")
+
+    def finish_copy(self, volume: str) -> None:
+        raise self._unsupported("migrate disks")
+
+    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
+        raise self._unsupported("migrate disks")
