@@ -83,6 +83,7 @@ _VERB = {
     ActionKind.RELEASE: "released",
     ActionKind.TAKE_OVER: "taken over",
     ActionKind.HAND_OVER: "handed over",
+    ActionKind.MIGRATE: "migrated",
 }
 
 
@@ -278,6 +279,8 @@ class Executor:
         subject = f"{a.instance}/{a.disk} ({a.pool}/{a.volume})"
         if status == "done":
             line = f"{_VERB[a.action]} {subject} in {took:.2f}s"
+            if msg and a.action is ActionKind.MIGRATE:
+                line += f": {msg}"
         elif status == "skipped":
             line = f"skipped {a.action.value} {subject}: {msg}"
         else:
@@ -421,6 +424,8 @@ class Executor:
             assert rec is not None
             self._delete(d, rec)
             return "done", ""
+        if a.action is ActionKind.MIGRATE:
+            return self._migrate(a, rec, rec_old)
         if a.action is ActionKind.RELEASE:
             assert rec is not None
             self.store.delete(rec.pool, rec.volume, rec.generation, durable=False)
@@ -437,6 +442,25 @@ class Executor:
             faults.point("record.handed-over")
             return "done", "the disk is kept; a host whose manifest names it may take it"
         raise AssertionError(a.action)
+
+    def _migrate(
+        self, a: Action, rec: DiskRecord | None, rec_old: DiskRecord | None
+    ) -> tuple[str, str]:
+        """A migrate (reconciler/migrate.py); to another pool, the old volume is locked too."""
+        from reconciler.migrate import Migrator
+
+        migrator = Migrator(self.store, self.driver, self._put)
+        if a.replaces is None or a.replaces == (a.pool, a.volume):
+            if rec is None:
+                raise ReconcileError(f"{a.pool}/{a.volume} has no record; nothing to migrate")
+            return "done", migrator.run(a, rec)
+        if rec_old is None:
+            return "skipped", "already migrated (the old location has no record)"
+        with self.driver(a.replaces[0]).lock(a.replaces[1]):
+            fresh = self.store.get(*a.replaces)
+            if fresh is None or fresh.generation != rec_old.generation:
+                raise StalePlan("the disk's record changed while waiting for its lock")
+            return "done", migrator.run(a, fresh)
 
     def _put(
         self, rec: DiskRecord, expect: int | None, *, durable: bool = True, **changes: Any
@@ -550,6 +574,10 @@ class Executor:
         if rec.state is not RecordState.DELETING:
             rec = self._put(rec, rec.generation, state=RecordState.DELETING)
             faults.point("record.deleting")
+        if rec.migration is not None:
+            from reconciler.migrate import drop_partial_copy
+
+            drop_partial_copy(self.store, self.driver, rec)
         d.delete_volume(rec.volume)
         self.store.delete(rec.pool, rec.volume, rec.generation, durable=False)
         faults.point("record.deleted")

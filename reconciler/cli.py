@@ -110,6 +110,8 @@ def _plan_parser() -> argparse.ArgumentParser:
         description="Converge VM instance disks in libvirt pools to their manifests.",
         epilog="Other commands: 'reconcile validate PATH...', 'reconcile apply PLAN', "
         "'reconcile cache ls|gc', 'reconcile records rebuild POOL', 'reconcile watch DIR', "
+        "'reconcile adopt --instance U --disk D --volume P/V --format F PATH...', "
+        "'reconcile import-nova --instances-path DIR --images-type T --pool P --out DIR', "
         "'reconcile status', 'reconcile observe --out STATE', 'reconcile schema'.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
@@ -426,6 +428,105 @@ def cmd_cache(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def cmd_adopt(argv: Sequence[str]) -> int:
+    from reconciler.adopt import adopt
+    from reconciler.schema.common import Backend, DiskFormat
+
+    p = argparse.ArgumentParser(
+        prog="reconcile adopt",
+        description="Bring an existing volume under management as the disk a manifest "
+        "names. The format is the one you declare, checked, never taken from the volume's "
+        "bytes; the record is written and the manifest owns the disk from then on.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
+    p.add_argument("--instance", required=True, metavar="UUID")
+    p.add_argument("--disk", required=True, metavar="NAME")
+    p.add_argument("--volume", required=True, metavar="POOL/VOLUME")
+    p.add_argument("--format", required=True, choices=[f.value for f in DiskFormat], dest="fmt")
+    p.add_argument(
+        "--backend",
+        choices=[b.value for b in Backend],
+        help="the backend the volume is in (default: the manifest's, if it holds FORMAT)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="check and show; write nothing")
+    _common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    pool, sep, volume = args.volume.partition("/")
+    if not sep or not pool or not volume or "/" in volume:
+        raise ReconcileError(f"--volume {args.volume!r}: expected POOL/VOLUME")
+    config = load_config(config_path(args.config))
+    with Session(config) as s:
+        done = adopt(
+            s,
+            args.paths,
+            instance=args.instance,
+            disk=args.disk,
+            pool=pool,
+            volume=volume,
+            fmt=DiskFormat(args.fmt),
+            backend=Backend(args.backend) if args.backend else None,
+            dry_run=args.dry_run,
+        )
+    for w in done.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    r = done.record
+    verb = "would adopt" if args.dry_run else "adopted"
+    backing = f", backed by cache entry {r.backing}" if r.backing else ""
+    print(
+        f"{verb} {r.pool}/{r.volume} as disk {r.instance}/{r.disk}: {r.backend.value} "
+        f"{r.format.value} {format_size(r.virtual_size)}{backing}"
+    )
+    return EXIT_OK
+
+
+def cmd_import_nova(argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from reconciler.nova import FILE_IMAGES_TYPES, import_nova
+
+    p = argparse.ArgumentParser(
+        prog="reconcile import-nova",
+        description="Take a Nova compute host's instance disks under management: one "
+        "manifest per instance into --out, a record per disk, the disks moved into POOL "
+        "(renamed on one file system, else copied) and their _base files made the pool's "
+        "cache entries. Formats come from each instance's disk.info, else from the Nova "
+        "config given; never from the disks' bytes. Stop the instances first.",
+    )
+    p.add_argument("--instances-path", required=True, metavar="DIR")
+    p.add_argument("--images-type", required=True, choices=FILE_IMAGES_TYPES)
+    p.add_argument("--use-cow-images", action="store_true", help="Nova's use_cow_images")
+    p.add_argument("--pool", required=True, metavar="POOL")
+    p.add_argument("--out", required=True, metavar="MANIFEST_DIR")
+    p.add_argument("--dry-run", action="store_true", help="show what would be done")
+    _common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+    config = load_config(config_path(args.config))
+    with Session(config) as s:
+        drv = s.managing_drivers().get(args.pool)
+        if drv is None:
+            raise ReconcileError(f"pool {args.pool} is not in the config, or has no driver")
+        rep = import_nova(
+            Path(args.instances_path),
+            images_type=args.images_type,
+            use_cow_images=args.use_cow_images,
+            pool=args.pool,
+            driver=drv,
+            store=s.store,
+            out=Path(args.out),
+            catalog=dict.fromkeys(config.images, ""),
+            dry_run=args.dry_run,
+        )
+    for line in rep.lines:
+        print(line)
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for e in rep.errors:
+        print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR if rep.errors else EXIT_OK
+
+
 def cmd_records(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="reconcile records",
@@ -614,6 +715,8 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "apply": cmd_apply,
     "cache": cmd_cache,
     "records": cmd_records,
+    "adopt": cmd_adopt,
+    "import-nova": cmd_import_nova,
     "watch": cmd_watch,
     "observe": cmd_observe,
     "status": cmd_status,

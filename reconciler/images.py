@@ -399,3 +399,26 @@ def qemu_img_agrees(path: str, declared: str, checked: Checked, fds: Sequence[in
             f"qemu-img reports virtual size {info.get('virtual-size')}, the inspector "
             f"{checked.virtual_size}"
         )
+
+
+def check_local_raw(fd: int, what: str) -> str:
+    """Read a local file declared raw through the format inspector, as a fetched image is
+    read; refuse content that is another format. Returns its sha256."""
+    digest = hashlib.sha256()
+    with os.fdopen(os.dup(fd), "rb") as src:
+        src.seek(0)
+        wrapper = fi.InspectWrapper(src, expected_format="raw")
+        while True:
+            try:
+                chunk = wrapper.read(CHUNK)
+            except fi.ImageFormatError as e:
+                raise ImageRejected(f"{what} is not raw: {e}") from None
+            if not chunk:
+                break
+            digest.update(chunk)
+        wrapper.close()
+    try:
+        _inspector_verdict(wrapper, "raw")
+    except ImageRejected as e:
+        raise ImageRejected(f"{what}: {e}") from None
+    return digest.hexdigest()

@@ -93,6 +93,10 @@ REASONS: dict[str, tuple[str, bool]] = {
     "record-conflict": ("RecordConflict", True),
     "attachments-unknown": ("AttachmentsUnknown", True),
     "prune-refused": ("PruneRefused", True),
+    "migrate-unsupported": ("MigrateUnsupported", True),
+    "migration-changed": ("MigrationChanged", True),
+    # Space is freed by other means (the loop's resync notices); retried with backoff.
+    "migrate-no-space": ("MigrateNoSpace", False),
     "volume-in-use": ("VolumeInUse", False),
     "pool-unreachable": ("PoolUnreachable", False),
     "pool-managed-elsewhere": ("PoolManagedElsewhere", False),

@@ -10,3 +10,16 @@ CACHE_PREFIX = "_cache_"
 def volume_name(instance: str, disk: str) -> str:
     """The volume holding `disk` of `instance`: `<uuid>_<disk>` (names are validated)."""
     return f"{instance}_{disk}"
+
+
+# '+' is in no manifest name (check_name) yet valid in file, RBD and LVM names, so these
+# never collide with another disk's volume.
+def migration_name(volume: str) -> str:
+    """Where a disk moving within its pool is copied before it takes the disk's name."""
+    return f"{volume}+migrating"
+
+
+def retained_name(volume: str, generation: int) -> str:
+    """The name a disk's old volume keeps (deletionPolicy Retain) when its copy takes the
+    disk's name in the same pool: unique per record generation, so never reused."""
+    return f"{volume}+retained-g{generation}"

@@ -85,6 +85,10 @@ class StatePool(_Strict):
     attachments_why: str = ""
     shared: bool = False
     held: dict[str, StateHolder] = Field(default_factory=dict)
+    # What migrations are judged by (ObservedPool); absent in files from before them.
+    available: int | None = None
+    allocated: dict[str, int] = Field(default_factory=dict)
+    layouts: list[str] = Field(default_factory=list)
 
 
 class StateBadRecord(_Strict):
@@ -167,6 +171,9 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
                 v: {"host": h.host, "generation": h.generation, "free": h.free, "why": h.why}
                 for v, h in sorted(p.held.items())
             },
+            "available": p.available,
+            "allocated": dict(sorted(p.allocated.items())),
+            "layouts": sorted(p.layouts),
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -268,7 +275,7 @@ def load(path: str) -> tuple[Observed, StateInfo]:
         if r.pool not in state.pools and r.pool in state.config.pools:
             raise StateError(f"{where}: pool {r.pool} is configured but was not observed")
     for name, p in state.pools.items():
-        for vol in (*p.header_formats, *p.attached, *p.running):
+        for vol in (*p.header_formats, *p.attached, *p.running, *p.allocated):
             if p.volumes is not None and vol not in p.volumes:
                 raise StateError(
                     f"{path}: pools.{name}: {vol} is described but is not among the volumes"
@@ -286,6 +293,9 @@ def load(path: str) -> tuple[Observed, StateInfo]:
             p.managed_elsewhere,
             p.shared,
             {v: Holder(h.host, h.generation, h.free, h.why) for v, h in p.held.items()},
+            p.available,
+            dict(p.allocated),
+            frozenset(p.layouts),
         )
         for name, p in state.pools.items()
     }

@@ -25,6 +25,7 @@ _SYMBOL = {
     ActionKind.RELEASE: "-",
     ActionKind.TAKE_OVER: "<",
     ActionKind.HAND_OVER: ">",
+    ActionKind.MIGRATE: "->",
 }
 
 
@@ -93,7 +94,8 @@ def to_text(plan: Plan) -> str:
         out.append(f"{_SYMBOL[a.action]} {a.action.value} {a.instance}/{a.disk}{mark}")
         out.append(f"    volume {a.pool}/{a.volume}")
         if a.replaces and a.replaces != (a.pool, a.volume):
-            out.append(f"    replaces {a.replaces[0]}/{a.replaces[1]}")
+            verb = "from" if a.action is ActionKind.MIGRATE else "replaces"
+            out.append(f"    {verb} {a.replaces[0]}/{a.replaces[1]}")
         out.append(f"    reason: {a.reason}")
         if a.recorded is None and a.spec is not None:
             sp = a.spec
@@ -120,7 +122,9 @@ def to_text(plan: Plan) -> str:
         head = (
             f"Plan: {s['create']} to create, {s['resize']} to resize, "
             f"{s['replace']} to replace, {s['delete']} to delete, {s['update']} to update, "
-            f"{s['release']} to release ({s['destructive']} destructive)."
+            f"{s['release']} to release"
+            + (f", {s['migrate']} to migrate" if s.get("migrate") else "")
+            + f" ({s['destructive']} destructive)."
         )
     out.append(f"{head} {s['errors']} error(s), {s['warnings']} warning(s).")
     return "\n".join(out) + "\n"
@@ -134,12 +138,18 @@ def to_markdown(plan: Plan, header: list[str] | None = None) -> str:
     out.extend(f"> {line}" for line in header or ())
     if header:
         out.append("")
+    # A migrate column only where there are migrations (as in the summary).
+    mig_head, mig_rule, mig_cell = (
+        (" migrate |", "---:|", f" {s['migrate']} |") if "migrate" in s else ("", "", "")
+    )
     out += [
-        "| create | resize | replace | update | delete | release | destructive | errors "
-        "| warnings |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| create | resize | replace | update | delete | release |"
+        + mig_head
+        + " destructive | errors | warnings |",
+        "|---:|---:|---:|---:|---:|---:|" + mig_rule + "---:|---:|---:|",
         f"| {s['create']} | {s['resize']} | {s['replace']} | {s['update']} | {s['delete']} "
-        f"| {s['release']} | {'**' + str(s['destructive']) + '** ⚠️' if s['destructive'] else 0} "
+        f"| {s['release']} |{mig_cell} "
+        f"{'**' + str(s['destructive']) + '** ⚠️' if s['destructive'] else 0} "
         f"| {s['errors']} | {s['warnings']} |",
         "",
     ]
@@ -163,7 +173,8 @@ def to_markdown(plan: Plan, header: list[str] | None = None) -> str:
                 f"volume `{a.pool}/{a.volume}`"
             )
             if a.replaces and a.replaces != (a.pool, a.volume):
-                out.append(f"  - replaces `{a.replaces[0]}/{a.replaces[1]}`")
+                verb = "from" if a.action is ActionKind.MIGRATE else "replaces"
+                out.append(f"  - {verb} `{a.replaces[0]}/{a.replaces[1]}`")
             out.append(f"  - reason: {_md(a.reason)}")
             out += ["", "  ```json"]
             out += [

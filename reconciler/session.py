@@ -123,7 +123,11 @@ class Session:
         for r in records:
             by_pool.setdefault(r.pool, []).append(r)
         pools = {
-            name: self.drivers[name].check_headers(p, by_pool.get(name, []))
+            name: with_migration_facts(
+                self.drivers[name].check_headers(p, by_pool.get(name, [])),
+                self.drivers[name].as_managing(),
+                [r.volume for r in by_pool.get(name, [])],
+            )
             for name, p in pools.items()
         }
         for name in sorted(by_pool.keys() - pools.keys()):
@@ -221,15 +225,19 @@ class Session:
             except OSError as e:
                 pools[pool] = ObservedPool(pool, None, f"{e.filename}: {e.strerror}")
                 continue
-            pools[pool] = ObservedPool(
-                pool,
-                present,
-                None,
-                {},
-                att.defined,
-                att.running,
-                att.known,
-                att.why_unknown,
+            pools[pool] = with_migration_facts(
+                ObservedPool(
+                    pool,
+                    present,
+                    None,
+                    {},
+                    att.defined,
+                    att.running,
+                    att.known,
+                    att.why_unknown,
+                ),
+                drv,
+                [r.volume for r in records if r.pool == pool],
             )
         wanted_vols: dict[str, set[str]] = {}
         for inst in wanted:
@@ -264,6 +272,22 @@ class Session:
             replan=None if saved else self.replanner(),
             jobs=jobs,
         )
+
+
+def with_migration_facts(
+    pool: ObservedPool, driver: ManagingDriver | None, volumes: Sequence[str]
+) -> ObservedPool:
+    """Add what a migration into or out of the pool needs to be judged (free space, what
+    its managed volumes occupy, the layouts its driver copies) to an observed pool."""
+    if driver is None or pool.volumes is None:
+        return pool
+    try:
+        facts = driver.migration_facts([v for v in volumes if v in pool.volumes])
+    except (OSError, PoolError):
+        return pool  # unknown: no space check, and no migration (no layouts)
+    return dataclasses.replace(
+        pool, available=facts.available, allocated=facts.allocated, layouts=facts.layouts
+    )
 
 
 def with_entries(desired: Desired, drivers: Mapping[str, ManagingDriver]) -> Desired:

@@ -5,7 +5,7 @@ and the image checks (images.py), which share it."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from reconciler.errors import ReconcileError
 
@@ -14,8 +14,16 @@ class ToolError(ReconcileError):
     pass
 
 
-def execute(argv: Sequence[str], fds: Sequence[int], what: str) -> subprocess.CompletedProcess[str]:
-    """Run a tool with a minimal environment and only the descriptors it is given."""
+def execute(
+    argv: Sequence[str],
+    fds: Sequence[int],
+    what: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool with a minimal environment (plus `env`) and only the descriptors it is
+    given; a tool still running after `timeout` seconds is killed and named."""
     try:
         return subprocess.run(
             list(argv),
@@ -23,10 +31,14 @@ def execute(argv: Sequence[str], fds: Sequence[int], what: str) -> subprocess.Co
             capture_output=True,
             text=True,
             check=False,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", **(env or {})},
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
     except FileNotFoundError:
         raise ToolError(f"{what}: {argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{what}: {argv[0]} did not finish within {timeout:g} s") from None
 
 
 def last_line(res: subprocess.CompletedProcess[str]) -> str:

@@ -18,11 +18,12 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 # qemu-system-x86 (43 MB, no recommends) lets the private libvirtd define domains, so the
 # tests can check that a disk a domain uses is never deleted; no guest is ever started.
 # fdisk (sfdisk; bookworm ships it apart from util-linux) writes the partition tables of
-# the partitioned raw images the tests build.
+# the partitioned raw images the tests build. lvm2 makes and changes the lvm backend's
+# logical volumes (the tests make a private VG over a loop device, tests/conftest_lvm.py).
 # Not libvirt-daemon-system: it drags in systemd-sysv, and scripts/libvirtd.sh runs its own.
 DEBIAN_PACKAGES=(
     libvirt-daemon libvirt-clients qemu-utils libvirt-dev pkg-config gcc
-    e2fsprogs xfsprogs dosfstools util-linux fdisk qemu-system-x86
+    e2fsprogs xfsprogs dosfstools util-linux fdisk qemu-system-x86 lvm2
 )
 
 # Ceph (installed unless RECONCILER_WITH_CEPH=0): the one-node test cluster of

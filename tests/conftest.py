@@ -7,7 +7,7 @@ import hashlib
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest_ceph import Ceph, not_installed, start_ceph
 from tests.conftest_libvirtd import start_libvirtd
+from tests.conftest_lvm import VolumeGroup, lvm_vg
 from tests.env import Env, qemu_uri
 
 
@@ -103,6 +104,21 @@ class Pools:
         self.made.append((name, path))
         return DirPool(name, path, self.uri)
 
+    def define_logical(self, vg: str) -> str:
+        """A libvirt `logical` pool over `vg`, defined only: starting one runs
+        `vgchange -aly`, which needs device-mapper (absent here)."""
+        import libvirt
+
+        name = f"t-{self.tag}-{len(self.made)}"
+        with suppress(libvirt.libvirtError):
+            self.conn.storagePoolLookupByName(name).undefine()
+        self.conn.storagePoolDefineXML(
+            f"<pool type='logical'><name>{name}</name><source><name>{vg}</name>"
+            f"<format type='lvm2'/></source><target><path>/dev/{vg}</path></target></pool>"
+        )
+        self.made.append((name, Path(f"/dev/{vg}")))
+        return name
+
     def close(self) -> None:
         for dom in self.conn.listAllDomains(0):
             xml = dom.XMLDesc(0)
@@ -128,6 +144,29 @@ def pools(libvirt_uri: str, request: pytest.FixtureRequest) -> Iterator[Pools]:
 @pytest.fixture
 def dir_pool(pools: Pools, tmp_path: Path) -> DirPool:
     return pools.make(tmp_path / "pool")
+
+
+def make_lvm_env(pools: Pools, root: Path, vg: VolumeGroup) -> Env:
+    """A config with a dir pool `local` (flat, qcow2) and an lvm pool `vg` on `vg`, its
+    VG emptied first (each Env has a store of its own, which claims the VG)."""
+    vg.reset()
+    local = pools.make(root / "pool")
+    logical = pools.define_logical(vg.vg)
+    e = Env(
+        root / "env",
+        local.uri,
+        {"local": (local.name, local.path), "vg": (logical, Path(f"/dev/{vg.vg}"))},
+        lvm={"vg": vg.section()},
+    )
+    e.write_config()
+    return e
+
+
+@pytest.fixture
+def lvm_env(pools: Pools, tmp_path: Path, lvm_vg: VolumeGroup) -> Iterator[Env]:
+    e = make_lvm_env(pools, tmp_path, lvm_vg)
+    yield e
+    lvm_vg.reset()
 
 
 @pytest.fixture
@@ -163,3 +202,6 @@ def own_daemon_pool(tmp_path: Path, name: str) -> Iterator[tuple[str, str, Path]
     finally:
         subprocess.run([SCRIPT, "stop", str(d)], check=False)
         subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
+
+
+__all__ = ["lvm_vg"]

@@ -76,6 +76,8 @@ class Env:
     safety: dict[str, Any] = field(default_factory=dict)
     libvirt: dict[str, Any] = field(default_factory=dict)
     backends: list[str] = field(default_factory=lambda: ["flat", "qcow2"])  # of every pool
+    # Pools that are LVM volume groups: pool -> its `lvm` config section (backends [lvm]).
+    lvm: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_pools: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> config
     host: str | None = None  # the config's host identity
 
@@ -88,7 +90,7 @@ class Env:
         return self.root / "manifests"
 
     def write_config(self) -> None:
-        pools = {
+        pools: dict[str, dict[str, Any]] = {
             name: {
                 "uri": self.uris.get(name, self.uri),
                 "libvirtPool": lp,
@@ -96,6 +98,9 @@ class Env:
             }
             for name, (lp, _) in self.pools.items()
         }
+        for name, section in self.lvm.items():
+            pools[name]["backends"] = ["lvm"]
+            pools[name]["lvm"] = section
         pools.update(self.extra_pools)
         cfg = {
             "apiVersion": "reconciler/v1",

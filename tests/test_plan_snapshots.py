@@ -11,11 +11,12 @@ import pytest
 from syrupy.assertion import SnapshotAssertion
 
 from reconciler import observed_state
-from reconciler.diff import Desired, Observed, PlanOptions, plan
-from reconciler.naming import volume_name
+from reconciler.diff import Desired, Observed, ObservedPool, PlanOptions, plan
+from reconciler.naming import migration_name, volume_name
 from reconciler.render import to_json, to_markdown, to_text
+from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import DiskSpec
-from reconciler.schema.record import RecordState
+from reconciler.schema.record import Migration, MigrationPhase, RecordState
 from tests.helpers import (
     EXAMPLES,
     ROOT,
@@ -152,6 +153,136 @@ def interrupted(d: Desired) -> Observed:
     return observed(records, volumes)
 
 
+FILE_LAYOUTS = frozenset({"flat/raw", "flat/qcow2", "qcow2/qcow2", "ploop/ploop"})
+
+
+def migrating(d: Desired) -> Observed:
+    """Migrations: planned (a format in one pool, a tier down), refused (a running domain,
+    no room in the target, a layout the pool's driver cannot copy) and interrupted (a
+    copy under way where the manifest went back, a switched one to finish)."""
+    records, volumes = converged(d, POOLS)
+    moved = (
+        {volume_name(DB, n) for n in ("disk", "data", "disk.config")}
+        | {volume_name(WEB, n) for n in ("disk.eph0", "disk.swap")}
+        | {volume_name(BATCH, n) for n in ("disk", "scratch")}
+    )
+    records = [r for r in records if r.volume not in moved]
+    volumes["demo-fast"] -= moved
+    # db-1's root was made raw; the manifest now says qcow2: a migration in pool demo.
+    db_disk = _spec(d, DB, "disk")
+    records.append(
+        record_for(DB, db_disk, volume_name(DB, "disk"), fmt="raw", spec_override={"format": "raw"})
+    )
+    # web-1's ephemeral disk is in demo-fast; the manifest now puts it in demo.
+    eph = _spec(d, WEB, "disk.eph0")
+    records.append(
+        record_for(
+            WEB, eph, volume_name(WEB, "disk.eph0"), spec_override={"pool": "demo-fast"}
+        ).model_copy(update={"pool": "demo-fast"})
+    )
+    volumes["demo"].discard(volume_name(WEB, "disk.eph0"))
+    volumes["demo-fast"].add(volume_name(WEB, "disk.eph0"))
+    # web-1's swap was qcow2; its domain is running.
+    swap = _spec(d, WEB, "disk.swap")
+    records.append(
+        record_for(
+            WEB,
+            swap,
+            volume_name(WEB, "disk.swap"),
+            fmt="qcow2",
+            spec_override={"backend": "qcow2", "format": "qcow2"},
+        )
+    )
+    # db-1's data disk is in demo; the manifest puts it in demo-fast, which is too full.
+    data = _spec(d, DB, "data")
+    records.append(
+        record_for(DB, data, volume_name(DB, "data"), spec_override={"pool": "demo"}).model_copy(
+            update={"pool": "demo"}
+        )
+    )
+    volumes["demo"].add(volume_name(DB, "data"))
+    # batch-7's scratch disk is a ploop one, which demo-fast's driver cannot copy out.
+    scratch = _spec(d, BATCH, "scratch")
+    records.append(
+        record_for(
+            BATCH,
+            scratch,
+            volume_name(BATCH, "scratch"),
+            fmt="ploop",
+            spec_override={"backend": "ploop", "format": "ploop"},
+        )
+    )
+    volumes["demo-fast"].add(volume_name(BATCH, "scratch"))
+    # batch-7's root was being copied to flat/raw when a run stopped; the manifest is
+    # back at qcow2: rolled back.
+    root = _spec(d, BATCH, "disk")
+    rec = record_for(BATCH, root, volume_name(BATCH, "disk"), generation=4)
+    target = dict(rec.spec, backend="flat", format="raw")
+    records = [r for r in records if r.volume != rec.volume]
+    records.append(
+        rec.model_copy(
+            update={
+                "schema_version": 2,
+                "migration": Migration(
+                    pool="demo",
+                    volume=migration_name(rec.volume),
+                    final_volume=rec.volume,
+                    backend=Backend.FLAT,
+                    format=DiskFormat.RAW,
+                    virtual_size=rec.virtual_size,
+                    spec=target,
+                    phase=MigrationPhase.COPYING,
+                ),
+            }
+        )
+    )
+    volumes["demo"].add(migration_name(rec.volume))
+    # db-1's config drive was qcow2 and had switched to its raw copy: finished.
+    cfg = _spec(d, DB, "disk.config")
+    old = record_for(
+        DB, cfg, volume_name(DB, "disk.config"), fmt="qcow2", spec_override={"format": "qcow2"}
+    )
+    records.append(
+        old.model_copy(
+            update={
+                "schema_version": 2,
+                "migration": Migration(
+                    pool="demo",
+                    volume=migration_name(old.volume),
+                    final_volume=old.volume,
+                    backend=Backend.FLAT,
+                    format=DiskFormat.RAW,
+                    virtual_size=old.virtual_size,
+                    spec=cfg.spec_dict(),
+                    phase=MigrationPhase.SWITCHED,
+                ),
+            }
+        )
+    )
+    base = observed(records, volumes)
+    demo, fast = base.pools["demo"], base.pools["demo-fast"]
+    assert demo.volumes is not None and fast.volumes is not None
+    pools = {
+        "demo": ObservedPool(
+            "demo",
+            demo.volumes,
+            running={volume_name(WEB, "disk.swap"): ("web-1",)},
+            attached={volume_name(WEB, "disk.swap"): ("web-1",)},
+            available=100 << 30,
+            allocated={volume_name(DB, "data"): 900 << 20, volume_name(DB, "disk"): 300 << 20},
+            layouts=FILE_LAYOUTS,
+        ),
+        "demo-fast": ObservedPool(
+            "demo-fast",
+            fast.volumes,
+            available=300 << 20,
+            allocated={volume_name(WEB, "disk.eph0"): 40 << 20},
+            layouts=FILE_LAYOUTS - {"ploop/ploop"},
+        ),
+    }
+    return Observed(pools, base.records, ())
+
+
 SCENARIOS: dict[str, tuple[Callable[[Desired], Observed], PlanOptions]] = {
     "empty": (empty, PlanOptions()),
     "converged": (converged_state, PlanOptions()),
@@ -161,6 +292,7 @@ SCENARIOS: dict[str, tuple[Callable[[Desired], Observed], PlanOptions]] = {
     "refused-allow-replace": (refused, PlanOptions(allow_replace=True, force=True)),
     "pool-down": (pool_down, PlanOptions()),
     "interrupted": (interrupted, PlanOptions()),
+    "migrating": (migrating, PlanOptions()),
 }
 
 

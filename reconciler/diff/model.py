@@ -82,6 +82,12 @@ class ObservedPool:
     # never pruned, and `held` names the volumes whose records another host holds.
     shared: bool = False
     held: Mapping[str, Holder] = field(default_factory=dict)
+    # For migrations (see MigrationFacts in drivers/base.py): free bytes in the pool (None:
+    # unknown), bytes each managed volume occupies, and the `backend/format` layouts the
+    # pool's driver can copy a disk out of and into. Empty: the driver cannot migrate.
+    available: int | None = None
+    allocated: Mapping[str, int] = field(default_factory=dict)
+    layouts: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class ActionKind(StrEnum):
     RELEASE = "release"  # deletionPolicy Retain: keep the volume, drop the record
     TAKE_OVER = "take-over"  # a shared pool: become the owner of another host's record
     HAND_OVER = "hand-over"  # a shared pool: let another host take this host's record
+    MIGRATE = "migrate"  # copy to a new pool, backend or format, verify, switch, remove old
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +133,8 @@ class Action:
     precondition: Precondition
     spec: Mapping[str, Any] | None = None  # desired spec (None for delete/release)
     recorded: Mapping[str, Any] | None = None  # the record's spec, when there is one
-    replaces: tuple[str, str] | None = None  # (pool, volume) removed by a replace
+    # (pool, volume) removed by a replace; for a migrate, the disk's old location
+    replaces: tuple[str, str] | None = None
     holder: str | None = None  # take-over: the host the record is taken from
 
     @classmethod
@@ -219,9 +227,11 @@ class Plan:
         return bool(self.actions)
 
     def summary(self) -> dict[str, int]:
-        counts = {k.value: 0 for k in ActionKind}
+        # `migrate` is counted only where a plan has one, so the summaries of plans
+        # without (and the documents pinned from them) stay as they were.
+        counts = {k.value: 0 for k in ActionKind if k is not ActionKind.MIGRATE}
         for a in self.actions:
-            counts[a.action.value] += 1
+            counts[a.action.value] = counts.get(a.action.value, 0) + 1
         counts["destructive"] = sum(1 for a in self.actions if a.destructive)
         counts["errors"] = len(self.errors)
         counts["warnings"] = len(self.warnings)

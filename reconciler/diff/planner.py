@@ -27,9 +27,9 @@ from reconciler.diff.model import (
     Severity,
 )
 from reconciler.diff.model import Desired as Desired
-from reconciler.naming import TEMP_PREFIX
+from reconciler.naming import TEMP_PREFIX, migration_name
 from reconciler.schema.common import NOT_RESIZABLE
-from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.schema.record import DiskRecord, MigrationPhase, RecordKind, RecordState
 from reconciler.units import format_size
 
 # Entries of a pool that are not volumes anyone made: an ext4 pool's lost+found.
@@ -39,6 +39,26 @@ SHOWN = 10
 
 # Fields whose change cannot be applied to an existing volume in place.
 REPLACE_FIELDS = ("backend", "pool", "format", "source")
+# Of those, the ones a migration carries out (a copy keeps the data; a new source does not).
+MIGRATE_FIELDS = frozenset({"backend", "pool", "format"})
+
+
+def layout(spec: Mapping[str, Any]) -> str:
+    """A disk's layout as drivers name what they can migrate: `backend/format`."""
+    return f"{spec['backend']}/{spec['format']}"
+
+
+def migration_need(rec: DiskRecord, pool: ObservedPool, size: int) -> int:
+    """Bytes a copy of `rec` (in `pool`) may take in its target, made `size` bytes large: what
+    the volume and the cache entry it is backed by occupy (a flattened copy holds both),
+    never more than its size, plus room for a qcow2's tables. Where the source pool could
+    not say, the whole size."""
+    used = pool.allocated.get(rec.volume)
+    if used is not None and rec.backing is not None:
+        entry = pool.allocated.get(rec.backing)
+        used = None if entry is None else used + entry
+    data = size if used is None else min(used, size)
+    return data + size // 4096 + (1 << 20)
 
 
 @dataclass(frozen=True)
@@ -86,11 +106,15 @@ class _Planner:
             self.recorded[name].update(p.held)  # another host's records explain these
         for r in observed.records:
             self.recorded[r.pool].add(r.volume)
+            if r.migration is not None:  # the copy is the record's, not a stranger
+                self.recorded[r.migration.pool].add(r.migration.volume)
             if r.kind is RecordKind.DISK:
                 self.records[r.instance].append(r)
                 self.disk_records += 1
         # Volumes without a record that an error already names (not listed again).
         self.reported: set[tuple[str, str]] = set()
+        # Bytes the plan's migrations so far will write into each pool.
+        self.claimed: dict[str, int] = defaultdict(int)
 
     # -- problems ---------------------------------------------------------------------
 
@@ -290,7 +314,7 @@ class _Planner:
         for r in records:
             by_disk[r.disk].append(r)
         for d in inst.disks:
-            recs = by_disk.pop(d.spec.name, [])
+            recs = _moving(by_disk.pop(d.spec.name, []))
             if len(recs) > 1:
                 where = ", ".join(sorted(f"{r.pool}/{r.volume}" for r in recs))
                 self.error(
@@ -358,6 +382,9 @@ class _Planner:
         exists = rec.volume in rpool.volumes
         pre = Precondition(rec.generation, exists)
         moved = (rec.pool, rec.volume) != (d.spec.pool, d.volume)
+        if rec.migration is not None:  # its copy is where the disk goes: ours
+            self.resume_migration(d, spec, rec, rpool, pre, where)
+            return
         # Where the disk goes is the old record's to replace, never another owner's volume.
         if moved and d.volume in pool.volumes:
             self.reported.add((d.spec.pool, d.volume))
@@ -412,6 +439,9 @@ class _Planner:
                 f"{f} {self._show(f, rec.spec.get(f))} -> {self._show(f, spec.get(f))}"
                 for f in changed
             )
+            migratable = set(changed) <= MIGRATE_FIELDS and rec.state is RecordState.READY
+            if migratable and self.migrate(d, spec, rec, pool, rpool, what, pre, where):
+                return
             if not self.options.allow_replace:
                 self.error(
                     "replace-required",
@@ -497,6 +527,190 @@ class _Planner:
             self.add(
                 ActionKind.UPDATE, d, spec, rec, "record-only change (no change to the volume)", pre
             )
+
+    # -- migrations -------------------------------------------------------------------
+
+    def migrate(
+        self,
+        d: DesiredDisk,
+        spec: dict[str, Any],
+        rec: DiskRecord,
+        pool: ObservedPool,
+        rpool: ObservedPool,
+        what: str,
+        pre: Precondition,
+        where: dict[str, Any],
+    ) -> bool:
+        """A disk whose pool, backend or format changed: copied, verified, switched. Every
+        reason apply would refuse it is an error here, before anything is copied. False
+        where no driver can copy it and --allow-replace asks for a replace instead."""
+        assert pool.volumes is not None and rpool.volumes is not None
+        at = {"pool": rec.pool, "volume": rec.volume, **where}
+        if rec.volume not in rpool.volumes:
+            self.warn(
+                "drift",
+                f"volume {rec.volume} is missing from pool {rec.pool}: it was removed outside "
+                "the reconciler; there is nothing to migrate, so the disk is made anew",
+                **at,
+            )
+            moved = (rec.pool, rec.volume) != (d.spec.pool, d.volume)
+            self.add(
+                ActionKind.CREATE,
+                d,
+                spec,
+                rec,
+                f"{what}: the volume is missing (drift); it is made again in the new layout",
+                pre,
+                replaces=(rec.pool, rec.volume) if moved else None,
+            )
+            return True
+        # A running domain first, in those words; then any domain that names the volume
+        # (its definition would point at a volume that is gone or changed format).
+        if self.attached(rpool, rec.volume, "migrated", running_only=True, **where):
+            return True
+        if self.attached(rpool, rec.volume, "migrated", **where):
+            return True
+        if d.spec.size < rec.virtual_size:
+            self.error(
+                "shrink-refused",
+                f"size {format_size(d.spec.size)} is smaller than the disk's "
+                f"{format_size(rec.virtual_size)}; shrinking would cut off data and is refused",
+                **at,
+            )
+            return True
+        src, dst = layout(rec.spec), layout(spec)
+        for p, lay, way in ((rpool, src, "out of"), (pool, dst, "into")):
+            if lay not in p.layouts:
+                if self.options.allow_replace:
+                    return False
+                can = ", ".join(sorted(p.layouts)) or "none"
+                self.error(
+                    "migrate-unsupported",
+                    f"{what}: pool {p.name}'s driver cannot copy a {lay} disk {way} it "
+                    f"(it migrates {can}), so the data cannot be kept; the disk is left as "
+                    "it is (--allow-replace deletes it and makes it anew, destroying its data)",
+                    **at,
+                )
+                return True
+        same_pool = rec.pool == d.spec.pool
+        if same_pool and migration_name(d.volume) in pool.volumes:
+            self.reported.add((pool.name, migration_name(d.volume)))
+            self.error(
+                "unmanaged-volume",
+                f"the disk would be copied to {migration_name(d.volume)} in pool {pool.name}, "
+                "which exists without a record; it is left untouched",
+                **at,
+            )
+            return True
+        need = migration_need(rec, rpool, d.spec.size)
+        if pool.available is not None and self.claimed[pool.name] + need > pool.available:
+            others = self.claimed[pool.name]
+            also = f" beside {format_size(others)} for other migrations" if others else ""
+            self.error(
+                "migrate-no-space",
+                f"{what}: the copy needs up to {format_size(need)} in pool {pool.name}{also}, "
+                f"which has {format_size(pool.available)} free; nothing is copied",
+                **at,
+            )
+            return True
+        self.claimed[pool.name] += need
+        kept = spec["deletionPolicy"] == "Retain"
+        fate = (
+            "kept and no longer managed (deletionPolicy Retain)"
+            if kept
+            else "removed once the copy is the disk"
+        )
+        self.add(
+            ActionKind.MIGRATE,
+            d,
+            spec,
+            rec,
+            f"{what}: the data is copied into the new layout, compared with the original, "
+            f"and the record switched to the copy; the old volume is {fate}",
+            pre,
+            replaces=(rec.pool, rec.volume),
+        )
+        return True
+
+    def resume_migration(
+        self,
+        d: DesiredDisk,
+        spec: dict[str, Any],
+        rec: DiskRecord,
+        rpool: ObservedPool,
+        pre: Precondition,
+        where: dict[str, Any],
+    ) -> None:
+        """A record that holds a migration a run left unfinished: finish it (switched: the
+        copy is the disk) or carry on (copying: the partial copy is made again), or roll
+        it back where the manifest now asks for the old layout."""
+        mig = rec.migration
+        assert mig is not None
+        at = {"pool": rec.pool, "volume": rec.volume, **where}
+        target = self.pool(mig.pool, f"{d.instance}/{d.spec.name}")
+        if target is None:
+            return
+        if mig.phase is MigrationPhase.SWITCHED:
+            reason = (
+                "an interrupted migration is finished: the verified copy is the disk, and the "
+                "old volume is "
+                + ("kept (deletionPolicy Retain)" if _retain(mig.spec) else "removed")
+            )
+            self._migrate_action(d, mig.spec, rec, mig.target(), reason, pre)
+            return
+        if self.attached(rpool, rec.volume, "migrated", **where):
+            return
+        if spec == rec.spec:
+            reason = (
+                "an interrupted migration is rolled back (the manifest asks for the old layout "
+                "again): its partial copy is removed"
+            )
+            self._migrate_action(d, spec, rec, rec.key(), reason, pre)
+            return
+        if spec != mig.spec:
+            self.error(
+                "migration-changed",
+                f"the disk was being migrated to {layout(mig.spec)} in pool {mig.pool} when a "
+                "run stopped, and the manifest now asks for another layout; set it back to "
+                f"{layout(mig.spec)} in pool {mig.pool} (the migration is finished) or to the "
+                "old one (it is rolled back) first",
+                **at,
+            )
+            return
+        self._migrate_action(
+            d,
+            spec,
+            rec,
+            mig.target(),
+            "an interrupted migration is carried on: its partial copy is made again",
+            pre,
+        )
+
+    def _migrate_action(
+        self,
+        d: DesiredDisk,
+        spec: Mapping[str, Any],
+        rec: DiskRecord,
+        to: tuple[str, str],
+        reason: str,
+        pre: Precondition,
+    ) -> None:
+        self.actions.append(
+            Action(
+                action=ActionKind.MIGRATE,
+                instance=d.instance,
+                disk=d.spec.name,
+                pool=to[0],
+                volume=to[1],
+                reason=reason,
+                patch=_patch(rec.spec, spec),
+                destructive=False,
+                precondition=pre,
+                spec=dict(spec),
+                recorded=rec.spec,
+                replaces=rec.key(),
+            )
+        )
 
     @staticmethod
     def _show(field: str, value: Any) -> str:
@@ -713,6 +927,26 @@ class _Planner:
         )
         keep = set(map(id, doomed))
         self.actions = [a for a in self.actions if id(a) not in keep]
+
+
+def _retain(spec: Mapping[str, Any]) -> bool:
+    return spec.get("deletionPolicy") == "Retain"
+
+
+def _moving(recs: list[DiskRecord]) -> list[DiskRecord]:
+    """A disk's records, where a migration that switched to a new pool has written the
+    record at the new location and not yet removed the old one: that pair is one disk,
+    held by the old record (whose migration names the new one), until it is finished."""
+    if len(recs) == 2:
+        for old, new in (recs, recs[::-1]):
+            mig = old.migration
+            if (
+                mig is not None
+                and mig.phase is MigrationPhase.SWITCHED
+                and mig.target() == new.key()
+            ):
+                return [old]
+    return recs
 
 
 def plan(desired: Desired, observed: Observed, options: PlanOptions | None = None) -> Plan:

@@ -8,6 +8,7 @@ from reconciler.diff.model import ObservedPool
 from reconciler.drivers.base import ManagingDriver, PoolDriver
 from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
+from reconciler.drivers.lvmpool import LvmPoolDriver
 from reconciler.drivers.rbdpool import RbdPoolDriver
 from reconciler.schema.common import Backend
 from reconciler.schema.config import Config, ImageConfig, PoolConfig
@@ -53,7 +54,11 @@ def driver_for(
     if backends == {Backend.RBD}:
         host = cfg.host_id() if cfg is not None else None
         return RbdPoolDriver(name, config, conns, store, images, host)
-    missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS))
+    if backends == {Backend.LVM}:
+        return LvmPoolDriver(name, config, conns, store, images)
+    missing = ", ".join(
+        sorted(b.value for b in backends - FILE_BACKENDS - {Backend.LVM, Backend.RBD})
+    )
     return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")
 
 
@@ -70,6 +75,7 @@ def managing(drivers: Mapping[str, PoolDriver]) -> dict[str, ManagingDriver]:
 __all__ = [
     "Connections",
     "FilePoolDriver",
+    "LvmPoolDriver",
     "ManagingDriver",
     "PoolDriver",
     "RbdPoolDriver",

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers.domains import Attachments
 from reconciler.drivers.ownership import Owner
 from reconciler.errors import ReconcileError
+from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
-from reconciler.schema.record import DiskRecord
+from reconciler.schema.record import DiskRecord, Migration
 from reconciler.store import RecordStore
 
 
@@ -26,6 +27,36 @@ class RecordCopies:
 
     records: tuple[DiskRecord, ...]
     without: tuple[tuple[str, str], ...]  # (volume, why)
+
+
+@dataclass(frozen=True)
+class QemuImage:
+    """How qemu-img reaches one volume, as its driver says: `format` is the qemu-img format
+    named with -f/-O/-F (never probed), `filename` what it opens (a `json:` filename that
+    also names the protocol and, for an overlay, its backing as the record says), and
+    `fds` the descriptors that filename refers to (passed to the child, nothing else)."""
+
+    format: str
+    filename: str
+    fds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class MigrationFacts:
+    """What the planner needs to judge a migration in or out of a pool (observed)."""
+
+    available: int | None  # free bytes (None: unknown; then no space check is made)
+    allocated: Mapping[str, int] = field(default_factory=dict)  # volume -> bytes it occupies
+    layouts: frozenset[str] = frozenset()  # `backend/format` it copies out of and into
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """What a driver found checking a volume an operator adopts, as a declared format."""
+
+    virtual_size: int
+    backing: str | None  # the pool's own cache entry a qcow2 is backed by, if any
+    header: str  # the format its first bytes announce (warnings only, never used)
 
 
 class PoolDriver(Protocol):
@@ -108,3 +139,104 @@ class ManagingDriver(PoolDriver, Protocol):
     def delete_volume(self, volume: str) -> None: ...
 
     def sweep_temp(self) -> list[str]: ...
+
+    def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
+        """Check a volume without a record as the format an operator declares (adopt):
+        raise ReconcileError for what must not be managed (a backing file or data file
+        outside the pool's own cache entries); never decide the format from its bytes."""
+        ...
+
+    def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
+        """Put a host file (a Nova instance's disk, or a `_base` file) into the pool as
+        `volume`, bytes unchanged: moved (or, with `keep_source`, linked) where it can be,
+        else copied and synced first. Raises VolumeExists if the name is taken."""
+        ...
+
+    def volume_at(self, path: str) -> str | None:
+        """The name of this pool's volume at host path `path`, if it is one (a backing
+        file's path in a header this pool's driver wrote); None otherwise."""
+        ...
+
+    def point_overlay_at(self, path: str, entry: str) -> None:
+        """Rewrite the header of the qcow2 file at `path` (to be taken into the pool) so
+        its backing is `entry` of this pool, named with backing format raw (the header
+        only; no data is read or written). Drivers without overlays raise."""
+        ...
+
+    # -- migrations (reconciler/migrate.py): the data path is qemu-img, or the driver's own.
+    # A driver that cannot migrate returns no layouts; the planner then says so as an error.
+
+    def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
+        """Free space, what each of `volumes` (the managed ones) occupies, and the layouts
+        this driver can copy a disk out of and into."""
+        ...
+
+    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+        """Make an empty volume of `size` bytes in `fmt` (no backing) for a copy to be
+        written into; raises VolumeExists if the name is taken."""
+        ...
+
+    def qemu_image(
+        self, volume: str, fmt: DiskFormat, backing: str | None, *, write: bool
+    ) -> AbstractContextManager[QemuImage]:
+        """How qemu-img reads (or writes) `volume`, of the recorded `fmt`, over the recorded
+        cache entry `backing` (or none: the header's backing is never followed)."""
+        ...
+
+    def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
+        """Copy `rec`'s data into the prepared volume `to.volume` of this pool by the
+        backend's own means (an rbd import, a clone flattened), and return True; or return
+        False to have qemu-img convert it through qemu_image()."""
+        ...
+
+    def finish_copy(self, volume: str) -> None:
+        """Make what was written into `volume` durable (before it is compared and used)."""
+        ...
+
+    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
+        """Give `old` the name `new` at once (a migration within one pool); `replace` lets
+        it take the place of an existing `new`, else VolumeExists is raised."""
+        ...
+
+
+class Unmigratable:
+    """For a driver that cannot (yet) migrate, adopt or import: it says so. Migrations in
+    or out of its pool plan as `migrate-unsupported` (no layouts), and adopt and
+    import-nova stop with an error naming the pool before anything changes."""
+
+    name: str
+
+    def _unsupported(self, what: str) -> ReconcileError:
+        return ReconcileError(f"pool {self.name}: its driver cannot {what}")
+
+    def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
+        return MigrationFacts(None)
+
+    def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
+        raise self._unsupported("adopt an existing volume")
+
+    def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
+        raise self._unsupported("take in a host file")
+
+    def volume_at(self, path: str) -> str | None:
+        return None
+
+    def point_overlay_at(self, path: str, entry: str) -> None:
+        raise self._unsupported("hold qcow2 overlays")
+
+    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+        raise self._unsupported("migrate disks")
+
+    def qemu_image(
+        self, volume: str, fmt: DiskFormat, backing: str | None, *, write: bool
+    ) -> AbstractContextManager[QemuImage]:
+        raise self._unsupported("migrate disks")
+
+    def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
+        raise self._unsupported("migrate disks")
+
+    def finish_copy(self, volume: str) -> None:
+        raise self._unsupported("migrate disks")
+
+    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
+        raise self._unsupported("migrate disks")

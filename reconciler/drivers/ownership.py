@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def claim(state_dir: Path, pool: str, ident: StoreIdentity) -> None:
     if check(state_dir, pool, ident) is not None:
         return
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = state_dir / f".{OWNER_FILE}.{os.getpid()}.{ident.id}"
+    # Per thread too: the loop's workers may claim one pool at the same moment, and one
+    # must not remove the other's temporary file before it is linked.
+    tmp = state_dir / f".{OWNER_FILE}.{os.getpid()}.{threading.get_ident()}.{ident.id}"
     _write(tmp, Owner.of(ident))
     try:
         os.link(tmp, state_dir / OWNER_FILE)  # fails if the file exists: one store wins

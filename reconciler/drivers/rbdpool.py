@@ -72,7 +72,7 @@ import structlog
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers import ownership
-from reconciler.drivers.base import RecordCopies, VolumeExists
+from reconciler.drivers.base import RecordCopies, Unmigratable, VolumeExists
 from reconciler.drivers.domains import Attachments
 from reconciler.drivers.filepool import image_entry_name, template_entry_name
 from reconciler.drivers.libvirt_conn import Connections
@@ -193,8 +193,10 @@ class _Client:
         self.cluster.shutdown()
 
 
-class RbdPoolDriver:
-    """A driver bound to one configured rbd pool (see the module docstring)."""
+class RbdPoolDriver(Unmigratable):
+    """A driver bound to one configured rbd pool (see the module docstring). Migrations,
+    adopt and import-nova are not built for rbd yet (Unmigratable says so, planned as
+    errors)."""
 
     def __init__(
         self,

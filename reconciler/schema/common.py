@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -48,6 +49,33 @@ NOT_RESIZABLE: dict[DiskFormat, str] = {
         "kernel module, which this host lacks"
     ),
 }
+
+
+# Volume names a backend's storage refuses (a volume is `<instance>_<disk>`), so that a
+# manifest naming one fails validation instead of its disk failing at apply. LVM refuses
+# LV names over 127 characters and names containing the suffixes it keeps for sub-LVs
+# (lvm(8), "VALID NAMES"; lib/metadata/lv_manip.c's reserved list).
+LV_NAME_MAX = 127
+LVM_RESERVED = (
+    "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_imeta", "_iorig", "_mimage", "_mlog",
+    "_pmspare", "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
+)  # fmt: skip
+
+
+def lv_name_refusal(volume: str) -> str | None:
+    """Why LVM would refuse `volume` as an LV name (None: it would not)."""
+    if len(volume) > LV_NAME_MAX:
+        return (
+            f"volume {volume} is {len(volume)} characters long; an LVM LV name is at most "
+            f"{LV_NAME_MAX} (use a disk name of at most {LV_NAME_MAX - 37})"
+        )
+    for bad in LVM_RESERVED:
+        if bad in volume:
+            return f"volume {volume} contains {bad!r}, which LVM reserves for its own LVs"
+    return None
+
+
+VOLUME_NAME_RULES: dict[Backend, Callable[[str], str | None]] = {Backend.LVM: lv_name_refusal}
 
 
 # Names already found good: a host's manifests repeat the same few (disk, pool and image

@@ -47,7 +47,17 @@ class LvmConfig(BaseModel):
     """An lvm pool's volume group and how freed extents are cleared."""
 
     model_config = STRICT
-    vg: str = Field(min_length=1, description="the LVM volume group holding the disks")
+    vg: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$",
+        description="the LVM volume group holding the disks",
+    )
+    devices: list[Annotated[str, Field(pattern=r"^/dev/[^,\s]+$")]] = Field(
+        default_factory=list,
+        description="the VG's physical volumes: LVM then scans and opens only these "
+        "(`--devices`), never the host's other block devices; empty: the host's own LVM "
+        "device configuration decides",
+    )
     activate: bool = Field(
         True,
         description="activate LVs and reach their data at /dev/VG/LV (needs device-mapper; "

@@ -19,6 +19,7 @@ from pydantic import (
 from reconciler.schema.common import (
     BACKEND_FORMATS,
     STRICT,
+    VOLUME_NAME_RULES,
     Backend,
     DiskFormat,
     Name,
@@ -190,4 +191,10 @@ class Manifest(BaseModel):
     def _live_has_disks(cls, disks: list[DiskSpec], info: ValidationInfo) -> list[DiskSpec]:
         if not disks and not info.data.get("deleted", False):
             raise ValueError("a manifest lists at least one disk (or sets deleted: true)")
+        instance = info.data.get("instance")
+        for d in disks:
+            rule = VOLUME_NAME_RULES.get(d.backend)
+            why = rule(f"{instance}_{d.name}") if rule and instance else None
+            if why:
+                raise ValueError(f"disk {d.name}: {why}")
         return disks

@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from reconciler.schema.common import Backend, DiskFormat
 
 RECORD_SCHEMA_VERSION: Literal[1] = 1
+# Version 2 is a record that carries a migration (below). A record without one is still
+# written as version 1, so a reconciler that predates migrations reads every record it
+# can act on; a migrating record is refused by it (an unreadable record stops work on
+# that disk, never guessed around), since it would not know the copy is ours.
+MIGRATING_SCHEMA_VERSION: Literal[2] = 2
 
 
 class RecordState(StrEnum):
@@ -31,12 +36,43 @@ class RecordKind(StrEnum):
     CACHE = "cache"
 
 
+class MigrationPhase(StrEnum):
+    COPYING = "copying"  # the copy at `Migration.volume` is partial: the old disk is the disk
+    SWITCHED = "switched"  # the copy is verified and is the disk; the old one is removed next
+
+
+class Migration(BaseModel):
+    """Where a disk is being moved to, held by the old disk's record while it moves.
+
+    Both locations are in one record, so no crash leaves a copy nobody owns or two records
+    claiming the disk: `copying` means the old volume is the disk (an interrupted copy is
+    removed and made again), `switched` means the copy is (the old volume is removed, or
+    released under deletionPolicy Retain, and the record moves to the new location).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pool: str
+    volume: str  # where the copy is written (a staging name when the pool is the same)
+    final_volume: str  # the name the disk has once moved
+    backend: Backend
+    format: DiskFormat
+    virtual_size: int = Field(gt=0)
+    spec: dict[str, Any]  # the desired spec the copy is made to
+    phase: MigrationPhase
+    # Same pool, deletionPolicy Retain: the name the old volume is kept under.
+    retained_as: str | None = None
+
+    def target(self) -> tuple[str, str]:
+        return (self.pool, self.final_volume)
+
+
 class DiskRecord(BaseModel):
     """What the reconciler knows about one volume it made."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = RECORD_SCHEMA_VERSION
+    schema_version: Literal[1, 2] = RECORD_SCHEMA_VERSION
     kind: RecordKind = RecordKind.DISK
     backend: Backend
     pool: str
@@ -55,6 +91,8 @@ class DiskRecord(BaseModel):
     generation: int = Field(ge=1)
     # Cache entries: when a disk was last made from it (ISO 8601, UTC), for `cache gc`.
     last_used: str | None = None
+    # Set while the disk moves to another pool, backend or format (schema version 2).
+    migration: Migration | None = None
 
     def key(self) -> tuple[str, str]:
         return (self.pool, self.volume)

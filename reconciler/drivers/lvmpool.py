@@ -1,0 +1,726 @@
+"""LVM pools (a volume group on the host) serving the `lvm` backend.
+
+Disks are logical volumes of the pool's VG, made, grown and removed with LVM2's own tools
+(drivers/lvm.py runs them, confined to the VG), as libvirt's `logical` pool cannot resize.
+The libvirt pool of the config is a `logical` pool over the same VG: it is what domains
+name, and the "in use by a domain" check matches the domains' disks against it by
+`<source pool= volume=>` and by the paths /dev/VG/LV and /dev/mapper/VG-LV. libvirt cannot
+start a logical pool on a kernel without device-mapper (its pool start runs
+`vgchange -aly VG`, which fails on /dev/mapper/control), so the driver needs it defined,
+not active, and never asks libvirt for its volumes: they are LVM's (`lvs`, names only).
+
+Records stay in the host's store (SQLite). Each LV carries, as LVM tags (written by the
+host into the VG's metadata, never by a guest, which writes only an LV's bytes):
+- `reconciler.record:STORE/POOL`, the back-pointer to its record, set by the `lvcreate`
+  that makes it, so every LV the reconciler made names the store that recorded it;
+- `reconciler.copy.I.N:CHUNK`, a copy of its record (zlib-compressed JSON, base64, split
+  in N tags of at most COPY_CHUNK characters: tags allow only [A-Za-z0-9_+.-/=!:&#], which
+  base64 fits), for `records rebuild`; written after the record is, in one `lvchange`.
+
+The VG carries `reconciler.owner:OWNER` (base64 JSON, as drivers/ownership.py's file): the
+store that manages the pool, added once, under a host lock, and replaced only by
+`records rebuild`. A VG is local to its host (no lvmlockd here), so the locks are the
+usual byte-range locks, in /run/lock/reconciler/lvm-VG/locks, shared by every reconciler
+on the host whatever its store.
+
+The image cache is LVs of the same VG: an image is fetched and checked into a temporary
+file beside the records database, converted to raw with explicit formats, and copied into
+a raw cache entry LV; templates are made by mkfs on a temporary file once per
+(kind, size, label) and copied in likewise. A disk is a new LV with the entry's bytes
+copied in (raw to raw, through drivers/lvm.py's LvData: /dev/VG/LV in production, the
+segment map in the test mode), zeros beyond them; grown with `lvextend` alone (raw).
+Delete clears the LV's extents first (volumeClear: zero, or none; volumeClearSize bytes,
+0 = all), since LVM hands freed extents to the next LV, then `lvremove`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime
+import errno
+import json
+import os
+import threading
+import xml.etree.ElementTree as ET
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import structlog
+
+from reconciler import faults
+from reconciler.diff.model import ObservedPool
+from reconciler.drivers import ownership
+from reconciler.drivers.base import RecordCopies, Unmigratable, VolumeExists
+from reconciler.drivers.domains import Attachments, attachments
+from reconciler.drivers.filepool import image_entry_name, template_entry_name
+from reconciler.drivers.headers import HEADER_BYTES, header_format
+from reconciler.drivers.libvirt_conn import Connections
+from reconciler.drivers.lvm import LvData, Lvm, LvmError, copy, file_reader, pieces_reader, zero
+from reconciler.drivers.tools import convert_argv, fd_path, mkfs_argv
+from reconciler.errors import PoolError, ReconcileError
+from reconciler.locks import LockDir
+from reconciler.naming import TEMP_PREFIX
+from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
+from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
+from reconciler.schema.manifest import TemplateKind, TemplateSource
+from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.store import ConflictError, RecordStore
+from reconciler.tools import run
+
+log = structlog.get_logger(__name__)
+
+LOCK_ROOT = Path("/run/lock/reconciler")
+DM_CONTROL = "/dev/mapper/control"
+BACKPOINTER = "reconciler.record:"
+COPY_PREFIX = "reconciler.copy."
+OWNER_TAG = "reconciler.owner:"
+COPY_CHUNK = 960  # characters of a record copy per tag (LVM tags: up to 1024)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def device_mapper_present() -> bool:
+    """Whether the kernel has device-mapper: its control node opens (LVM2 makes the node
+    even where the kernel lacks the driver, and opening it then fails with ENODEV)."""
+    try:
+        fd = os.open(DM_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return e.errno not in (errno.ENOENT, errno.ENODEV, errno.ENXIO)
+    os.close(fd)
+    return True
+
+
+def check_lv_name(name: str) -> None:
+    """Refuse, before anything is made, a volume name LVM would refuse as an LV name
+    (manifest validation refuses such disks already; cache entry names are checked here)."""
+    why = lv_name_refusal(name)
+    if why:
+        raise ReconcileError(why)
+
+
+def encode_copy(rec: DiskRecord) -> list[str]:
+    """A record as LV tags: compressed JSON in base64, in numbered chunks."""
+    data = base64.b64encode(zlib.compress(rec.model_dump_json().encode(), 9)).decode()
+    chunks = [data[i : i + COPY_CHUNK] for i in range(0, len(data), COPY_CHUNK)]
+    return [f"{COPY_PREFIX}{i}.{len(chunks)}:{c}" for i, c in enumerate(chunks)]
+
+
+def decode_copy(tags: Sequence[str]) -> DiskRecord | None:
+    """The record the tags carry (None: no copy); ValueError if it is damaged."""
+    parts: dict[int, str] = {}
+    counts: set[int] = set()
+    for t in tags:
+        if not t.startswith(COPY_PREFIX):
+            continue
+        head, _, chunk = t[len(COPY_PREFIX) :].partition(":")
+        i, _, n = head.partition(".")
+        if not (i.isdigit() and n.isdigit()):
+            raise ValueError(f"tag {t[:40]!r} is not a record copy chunk")
+        parts[int(i)] = chunk
+        counts.add(int(n))
+    if not parts:
+        return None
+    if len(counts) != 1 or sorted(parts) != list(range(counts.pop())):
+        raise ValueError("its chunks are incomplete or from two copies")
+    raw = zlib.decompress(base64.b64decode("".join(parts[i] for i in sorted(parts))))
+    return DiskRecord.model_validate_json(raw)
+
+
+class LvmPoolDriver(Unmigratable):  # migrations: not built for lvm pools yet
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        conns: Connections,
+        store: RecordStore | None = None,
+        images: Mapping[str, ImageConfig] | None = None,
+    ) -> None:
+        assert config.lvm is not None  # PoolConfig requires it for the lvm backend
+        self.name = name
+        self.config = config
+        self.lvm_config: LvmConfig = config.lvm
+        self.conns = conns
+        self.store = store
+        self.images = dict(images or {})
+        self.lvm = Lvm(name, config.lvm)
+        self.data = LvData(self.lvm)
+        self.vg = config.lvm.vg
+        self._locks: LockDir | None = None
+        # What this process knows of an LV while one of its threads holds the LV's lock
+        # (only a holder changes it): existence, and the tags it wrote. Dropped when the
+        # lock is taken and when it is released.
+        self._mu = threading.Lock()
+        self._held: Counter[str] = Counter()
+        self._known: dict[str, bool] = {}
+        self._tags: dict[str, list[str]] = {}
+        self._libvirt_checked = False
+
+    # -- the pool ---------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Any) -> Any:
+        return self.conns.call(self.config.uri, f"{what} (pool {self.name})", fn)
+
+    def check_libvirt_pool(self) -> None:
+        """The config's libvirt pool must be a `logical` pool over this VG (defined; it
+        need not be active, which it cannot be without device-mapper). And the test mode
+        (activation off) is refused where device-mapper exists: LVs may be active there,
+        and their bytes must not be written behind them through the PV."""
+        if self._libvirt_checked:
+            return
+        if not self.lvm_config.activate and device_mapper_present():
+            raise PoolError(
+                f"pool {self.name}: `activate: false` is for hosts without device-mapper, "
+                f"and this one has it ({DM_CONTROL}); set `activate: true`"
+            )
+
+        def get(conn: Any) -> tuple[str, str]:
+            try:
+                pool = conn.storagePoolLookupByName(self.config.libvirt_pool)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                    raise PoolError(
+                        f"libvirt pool {self.config.libvirt_pool!r} is not defined at "
+                        f"{self.config.uri}; define a logical pool over VG {self.vg}"
+                    ) from None
+                raise
+            root = ET.fromstring(pool.XMLDesc(0))
+            return root.get("type", ""), root.findtext("source/name") or ""
+
+        kind, vg = self._call("look up pool", get)
+        if (kind, vg) != ("logical", self.vg):
+            raise PoolError(
+                f"libvirt pool {self.config.libvirt_pool!r} is a {kind or '?'} pool of "
+                f"{vg or 'no VG'}; the lvm backend needs a logical pool over VG {self.vg}"
+            )
+        self._libvirt_checked = True
+
+    def locks(self) -> LockDir:
+        if self._locks is None:
+            self._locks = LockDir(LOCK_ROOT / f"lvm-{self.vg}")
+        return self._locks
+
+    @contextmanager
+    def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
+        with self.locks().hold(name, shared=shared):
+            with self._mu:
+                self._held[name] += 1
+                self._known.pop(name, None)
+                self._tags.pop(name, None)
+            try:
+                yield
+            finally:
+                with self._mu:
+                    self._held[name] -= 1
+                    if not self._held[name]:
+                        del self._held[name]
+                        self._known.pop(name, None)
+                        self._tags.pop(name, None)
+
+    def _note(self, lv: str, exists: bool, tags: list[str] | None = None) -> None:
+        with self._mu:
+            if lv in self._held:
+                self._known[lv] = exists
+                if tags is not None:
+                    self._tags[lv] = tags
+                else:
+                    self._tags.pop(lv, None)
+
+    # -- observing --------------------------------------------------------------------
+
+    def list_volumes(self) -> frozenset[str]:
+        return self.lvm.lv_names()
+
+    def attachments(self) -> Attachments:
+        def get(conn: Any) -> Attachments:
+            by_pool = attachments(conn, self.config.libvirt_pool, f"/dev/{self.vg}")
+            if not by_pool.known:
+                return by_pool
+            mapped = attachments(conn, self.config.libvirt_pool, "/dev/mapper")
+            prefix = self.vg.replace("-", "--") + "-"
+
+            def merge(a: dict[str, tuple[str, ...]], b: dict[str, tuple[str, ...]]) -> Any:
+                out = {k: set(v) for k, v in a.items()}
+                for name, doms in b.items():
+                    lv = name[len(prefix) :].replace("--", "-")
+                    if name.startswith(prefix):
+                        out.setdefault(lv, set()).update(doms)
+                    elif name in a:  # a `<source pool= volume=>` match
+                        out[name].update(doms)
+                return {k: tuple(sorted(v)) for k, v in out.items()}
+
+            return Attachments(
+                True, merge(by_pool.defined, mapped.defined), merge(by_pool.running, mapped.running)
+            )
+
+        att: Attachments = self._call("list domains", get)
+        return att
+
+    def as_managing(self) -> LvmPoolDriver:
+        return self
+
+    def record_store(self) -> RecordStore | None:
+        return None  # an lvm pool's records are in the host's database, as a file pool's
+
+    def observe(self) -> ObservedPool:
+        """The VG's LVs by name and which domains use them; never raises."""
+        try:
+            self.check_libvirt_pool()
+            vg = self.lvm.check_vg()
+            if self.store is not None:
+                self._check(self._owner_from(vg))
+            volumes = self.list_volumes()
+            att = self.attachments()
+        except ownership.ManagedElsewhere as e:
+            return ObservedPool(self.name, None, str(e), managed_elsewhere=True)
+        except (PoolError, LvmError) as e:
+            return ObservedPool(self.name, None, str(e))
+        return ObservedPool(
+            self.name, volumes, None, {}, att.defined, att.running, att.known, att.why_unknown
+        )
+
+    def check_headers(self, pool: ObservedPool, records: Sequence[DiskRecord]) -> ObservedPool:
+        """Note managed LVs whose first bytes announce another format than recorded."""
+        if pool.volumes is None:
+            return pool
+        managed = {r.volume: r for r in records if r.volume in pool.volumes}
+        if not managed:
+            return pool
+        headers: dict[str, str] = {}
+        try:
+            with self.data.open_many({v: HEADER_BYTES for v in managed}, write=False) as maps:
+                for v, pieces in maps.items():
+                    fmt = header_format(pieces_reader(pieces)(0, HEADER_BYTES))
+                    if fmt != managed[v].format.value:
+                        headers[v] = fmt
+        except (OSError, ReconcileError) as e:
+            # Warnings only: an LV removed meanwhile, or not active, costs this look.
+            log.warning("headers.unreadable", pool=self.name, error=str(e))
+            return pool
+        return dataclasses.replace(pool, header_formats=headers)
+
+    def volume_exists(self, volume: str) -> bool:
+        with self._mu:
+            if volume in self._known:
+                return self._known[volume]
+        exists = self.lvm.lv_exists(volume)
+        with self._mu:
+            if volume in self._held:
+                self._known[volume] = exists
+        return exists
+
+    # -- ownership: a VG tag ----------------------------------------------------------
+
+    def _owner_from(self, vg: Mapping[str, str]) -> ownership.Owner | None:
+        tags = [t for t in vg.get("vg_tags", "").split(",") if t.startswith(OWNER_TAG)]
+        if not tags:
+            return None
+        try:
+            if len(tags) > 1:
+                raise ValueError("it has more than one owner tag")
+            doc = json.loads(base64.b64decode(tags[0][len(OWNER_TAG) :]))
+            return ownership.Owner(
+                str(doc["store"]), str(doc["location"]), str(doc["host"]), str(doc["since"])
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise PoolError(
+                f"pool {self.name}: the owner tag of VG {self.vg} is damaged ({e}); it names "
+                "the record store that manages the pool. Run 'reconcile records rebuild "
+                f"{self.name}' to have this store manage it"
+            ) from None
+
+    def _owner_tag(self) -> str:
+        owner = ownership.Owner.of(self._store().identity())
+        return OWNER_TAG + base64.b64encode(owner.to_json().encode()).decode()
+
+    def _check(self, owner: ownership.Owner | None) -> ownership.Owner | None:
+        if owner is not None:
+            why = ownership.refusal(self.name, owner, self._store().identity())
+            if why is not None:
+                raise ownership.ManagedElsewhere(why)
+        return owner
+
+    def owner(self) -> ownership.Owner | None:
+        return self._owner_from(self.lvm.check_vg())
+
+    def check_owner(self) -> None:
+        self._check(self.owner())
+
+    def claim(self) -> None:
+        """Tag the VG with this store unless it is tagged; under the host's lock, so of
+        two reconcilers claiming together exactly one wins."""
+        self.check_libvirt_pool()
+        with self.lock(".owner"):
+            if self._check(self.owner()) is None:
+                self.lvm.run("vgchange", "--addtag", self._owner_tag(), self.vg)
+
+    def take_over(self) -> None:
+        with self.lock(".owner"):
+            vg = self.lvm.check_vg()
+            old = [t for t in vg.get("vg_tags", "").split(",") if t.startswith(OWNER_TAG)]
+            args = [a for t in old for a in ("--deltag", t)]
+            self.lvm.run("vgchange", *args, "--addtag", self._owner_tag(), self.vg)
+
+    # -- copies of records, as LV tags ------------------------------------------------
+
+    def _backpointer(self) -> str:
+        return f"{BACKPOINTER}{self._store().identity().id}/{self.name}"
+
+    def keep_record_copy(self, rec: DiskRecord) -> None:
+        """Replace the LV's record copy (tags) in one `lvchange`. The store stays the
+        truth: a copy that cannot be written only costs `records rebuild` that LV."""
+        try:
+            with self._mu:
+                old = self._tags.get(rec.volume)
+            if old is None:
+                old = self.lvm.lv_tags(rec.volume).get(rec.volume, [])
+            new = encode_copy(rec)
+            args = [
+                a
+                for t in old
+                if t.startswith(COPY_PREFIX) and t not in new
+                for a in ("--deltag", t)
+            ]
+            args += [a for t in new if t not in old for a in ("--addtag", t)]
+            if args:
+                self.lvm.run("lvchange", *args, f"{self.vg}/{rec.volume}", lv=rec.volume)
+            keep = [t for t in old if not t.startswith(COPY_PREFIX)]
+            self._note(rec.volume, True, keep + new)
+        except (OSError, ReconcileError) as e:
+            log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
+
+    def record_copies(self) -> RecordCopies:
+        found: list[DiskRecord] = []
+        without: list[tuple[str, str]] = []
+        for name, tags in sorted(self.lvm.lv_tags().items()):
+            try:
+                rec = decode_copy(tags)
+            except (ValueError, zlib.error) as e:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                without.append((name, f"its record copy is unreadable ({why})"))
+                continue
+            if rec is None:
+                without.append((name, "no record copy"))
+                continue
+            if (rec.pool, rec.volume) != (self.name, name):
+                without.append((name, f"its record copy describes {rec.pool}/{rec.volume}"))
+                continue
+            found.append(rec)
+        return RecordCopies(tuple(found), tuple(without))
+
+    # -- making volumes ---------------------------------------------------------------
+
+    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        """The cache entry a disk made to `spec` is made from (none for blank disks)."""
+        src = spec["source"]
+        if "image" in src:
+            image = self.images.get(src["image"])
+            if image is None:
+                raise ReconcileError(f"image {src['image']!r} is not in the config's catalog")
+            return image_entry_name(src["image"], image.sha256)
+        if src["template"] == "blank":
+            return None
+        return template_entry_name(src["template"], int(spec["size"]), src.get("label"))
+
+    def backing_for(self, spec: Mapping[str, Any]) -> str | None:
+        return None  # a disk is a copy of its entry: it depends on none once made
+
+    def _lvcreate(self, name: str, size: int) -> None:
+        check_lv_name(name)
+        act = ["-ay"] if self.lvm_config.activate else ["-an"]
+        tag = self._backpointer()
+        rc, out, err = self.lvm.execute(
+            "lvcreate", *act, "-Zn", "-Wn", "-L", f"{size}b", "-n", name, "--addtag", tag,
+            self.vg, lv=name,
+        )  # fmt: skip
+        if rc != 0:
+            msg = " ".join((err or out).split())
+            if "already exists" in msg:
+                raise VolumeExists(
+                    f"volume {name} appeared in pool {self.name} from elsewhere; it is not "
+                    "ours and is left untouched"
+                )
+            raise LvmError(f"lvcreate failed in {self.lvm.where(name)}: {msg}")
+        self._note(name, True, [tag])
+
+    def _tmp_dir(self) -> Path:
+        """Beside the records database: temporary files of fetches and templates."""
+        d = Path(self._store().identity().location).parent / "lvm-tmp" / self.name
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return d
+
+    @contextmanager
+    def _tmp_file(self, name: str, size: int = 0) -> Iterator[int]:
+        """A fresh temporary file, made exclusively (the caller holds `name`'s lock)."""
+        path = self._tmp_dir() / (TEMP_PREFIX + name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by an interrupted run
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if size:
+                os.ftruncate(fd, size)
+            yield fd
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
+        """A disk with an image's content: fetched and checked once into a cache entry LV,
+        then copied into a new LV."""
+        entry = image_entry_name(image_id, self.images[image_id].sha256)
+        self._from_cache(rec, entry, lambda: self.ensure_image(entry, image_id, rec.virtual_size))
+
+    def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
+        """A blank disk (its extents zeroed), or swap or an empty filesystem made once per
+        (kind, size, label) as a cache entry and copied like an image."""
+        if template.template is TemplateKind.BLANK:
+            self._lvcreate(rec.volume, rec.virtual_size)
+            faults.point("volume.created")
+            with self.data.open(rec.volume, None, write=True) as pieces:
+                zero(pieces)  # never a previous tenant's bytes, whatever volumeClear says
+            faults.point("volume.filled")
+            return
+        kind = template.template.value
+        entry = template_entry_name(kind, rec.virtual_size, template.label)
+        self._from_cache(
+            rec,
+            entry,
+            lambda: self.ensure_template(entry, kind, rec.virtual_size, template.label),
+        )
+
+    def _from_cache(self, rec: DiskRecord, entry: str, ensure: Callable[[], None]) -> None:
+        check_lv_name(rec.volume)
+        check_lv_name(entry)
+        for attempt in range(4):
+            if attempt:
+                ensure()
+            # Held shared while used, so garbage collection waits for us.
+            with self.lock(entry, shared=True):
+                cached = self._store().get(self.name, entry)
+                if cached is None or cached.state is not RecordState.READY:
+                    continue
+                if cached.virtual_size > rec.virtual_size:
+                    raise ReconcileError(
+                        f"{entry} holds {cached.virtual_size} bytes, more than the disk's "
+                        f"{rec.virtual_size}"
+                    )
+                self._lvcreate(rec.volume, rec.virtual_size)
+                faults.point("volume.created")
+                # All of the new LV (LVM rounds its size up to whole extents): the
+                # entry's bytes, then zeros, so no earlier tenant's byte is left in it.
+                # Opening the entry is what finds it missing (its record is ready, so it
+                # almost never is: one LVM call fewer per disk than asking first).
+                sizes = {entry: cached.virtual_size, rec.volume: None}
+                try:
+                    with self.data.open_many(sizes, write=True) as maps:
+                        copy(pieces_reader(maps[entry]), cached.virtual_size, maps[rec.volume])
+                except LvmError:
+                    if self.volume_exists(entry):
+                        raise
+                    self.delete_volume(rec.volume)  # made just now, from nothing yet
+                    continue
+                faults.point("volume.filled")
+                self._touch(cached)
+                return
+        raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
+
+    def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
+        """Under the entry's lock: None if a ready entry exists, else its `creating` record
+        (written) after clearing what an interrupted run left."""
+        store = self._store()
+        rec = store.get(self.name, entry)
+        exists = self.volume_exists(entry)
+        if rec is not None and rec.state is RecordState.READY and exists:
+            return None
+        if exists:
+            if rec is None:
+                raise ReconcileError(
+                    f"{entry} exists in pool {self.name} without a record; it is left alone "
+                    "and cannot be used until it is removed"
+                )
+            self.delete_volume(entry)  # a partial entry from an interrupted run
+        gen = rec.generation if rec is not None else None
+        new = DiskRecord(
+            kind=RecordKind.CACHE,
+            backend=Backend.LVM,
+            pool=self.name,
+            volume=entry,
+            instance="",
+            disk="",
+            format=DiskFormat.RAW,
+            virtual_size=size,
+            spec=spec,
+            source=dict(spec),
+            state=RecordState.CREATING,
+            generation=(gen or 0) + 1,
+        )
+        store.put(new, gen)
+        faults.point("cache.record.creating")
+        return new
+
+    def _touch(self, entry: DiskRecord) -> None:
+        """Note that an entry was used (for `cache gc --min-age`), at most once a minute."""
+        if entry.unused_for(datetime.datetime.now(datetime.UTC)) < 60:
+            return
+        with contextlib.suppress(ConflictError):
+            self._store().put(
+                entry.model_copy(update={"generation": entry.generation + 1, "last_used": _now()}),
+                entry.generation,
+            )
+
+    def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
+        ready = rec.model_copy(
+            update={
+                "state": RecordState.READY,
+                "generation": rec.generation + 1,
+                "virtual_size": virtual_size,
+                "last_used": _now(),
+            }
+        )
+        self._store().put(ready, rec.generation, durable=False)
+        faults.point("cache.record.ready")
+        self.keep_record_copy(ready)
+
+    def _fill_entry(self, entry: str, src_fd: int, size: int) -> None:
+        """Make the entry's LV and copy a checked raw file's bytes into it."""
+        self._lvcreate(entry, size)
+        faults.point("cache.volume.created")
+        with self.data.open(entry, None, write=True) as pieces:
+            copy(file_reader(src_fd, size), size, pieces)
+        faults.point("cache.volume.filled")
+
+    def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
+        """Fetch, check and store an image as a raw cache entry LV, unless a ready one
+        exists. The checks are those of every pool (reconciler/images.py)."""
+        from reconciler.images import Progress, qemu_img_agrees, run_limited, stream_into
+
+        image = self.images[image_id]
+        spec: dict[str, Any] = {
+            "image": image_id,
+            "sha256": image.sha256,
+            "format": image.format.value,
+            "size": image.size,
+        }
+        with self.lock(entry):
+            new = self._begin_entry(entry, spec, max(image.size, 512))
+            if new is None:
+                return
+            try:
+                with self._tmp_file(entry) as fd:
+                    progress = Progress(f"fetch {image_id}", image.size)
+                    try:
+                        checked = stream_into(
+                            image_id, image, fd, max_virtual_size=disk_size, progress=progress
+                        )
+                    finally:
+                        progress.finish()
+                    faults.point("cache.image.fetched")
+                    qemu_img_agrees(fd_path(fd), image.format.value, checked, fds=(fd,))
+                    size = checked.virtual_size
+                    if image.format.value == "raw":
+                        self._fill_entry(entry, fd, size)
+                    else:
+                        with self._tmp_file(entry + ".raw", size) as raw_fd:
+                            run_limited(
+                                convert_argv(
+                                    image.format.value, "raw", fd_path(fd), fd_path(raw_fd)
+                                ),
+                                fds=(fd, raw_fd),
+                                what=f"convert {image_id} to raw",
+                            )
+                            self._fill_entry(entry, raw_fd, size)
+            except BaseException:
+                self._discard(entry, new)
+                raise
+            self._finish_entry(new, size)
+            log.info("cache.image.stored", pool=self.name, entry=entry, image=image_id, size=size)
+
+    def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
+        """Make the template cache entry unless a ready one exists: mkfs on a temporary
+        file of the template's size, copied into the entry's LV."""
+        spec: dict[str, Any] = {"template": kind, "size": size}
+        if label:
+            spec["label"] = label
+        with self.lock(entry):
+            new = self._begin_entry(entry, spec, size)
+            if new is None:
+                return
+            try:
+                with self._tmp_file(entry, size) as fd:
+                    run(
+                        mkfs_argv(kind, label, fd_path(fd)),
+                        fds=(fd,),
+                        what=f"make {kind} template {entry}",
+                    )
+                    self._fill_entry(entry, fd, size)
+            except BaseException:
+                self._discard(entry, new)
+                raise
+            self._finish_entry(new, size)
+
+    def _discard(self, entry: str, rec: DiskRecord) -> None:
+        """Remove a half-made cache entry and its record after a failure."""
+        try:
+            self.delete_volume(entry)
+            self._store().delete(self.name, entry, rec.generation)
+        except Exception as e:  # keep the original error; the next run cleans up
+            log.warning("cache.discard_failed", entry=entry, error=str(e))
+
+    def _store(self) -> RecordStore:
+        if self.store is None:
+            raise AssertionError("this driver was made without a record store")
+        return self.store
+
+    # -- changing and removing volumes ------------------------------------------------
+
+    def _lv_size(self, lv: str) -> int:
+        rows = self.lvm.report("lvs", "lv_name,lv_size", f"{self.vg}/{lv}", lv=lv)
+        return int(rows[0]["lv_size"])
+
+    def resize(self, rec: DiskRecord, size: int) -> None:
+        """Grow an LV (`lvextend`; a raw disk needs nothing else). Its format is the
+        record's, never read from the LV; an LV already that large (LVM rounds sizes up
+        to whole extents, or an interrupted run grew it) is left as it is."""
+        if rec.format is not DiskFormat.RAW:
+            raise ReconcileError(f"{rec.volume}: an lvm disk is raw, not {rec.format}")
+        if self._lv_size(rec.volume) < size:
+            self.lvm.run("lvextend", "-L", f"{size}b", f"{self.vg}/{rec.volume}", lv=rec.volume)
+        faults.point("volume.resized")
+
+    def delete_volume(self, volume: str) -> None:
+        """Clear the LV's extents (volumeClear), then remove it; a missing one is fine."""
+        if not self.volume_exists(volume):
+            return
+        cfg = self.lvm_config
+        if cfg.volume_clear == "zero":
+            with self.data.open(volume, None, write=True) as pieces:
+                zero(pieces, cfg.volume_clear_size or None)
+            faults.point("volume.cleared")
+        self.lvm.run("lvremove", "-y", f"{self.vg}/{volume}", lv=volume)
+        self._note(volume, False)
+        faults.point("volume.deleted")
+
+    def sweep_temp(self) -> list[str]:
+        """Remove temporary files an interrupted run left, unless their lock is held."""
+        removed: list[str] = []
+        root = self._tmp_dir()
+        with os.scandir(root) as it:
+            temps = [e.name for e in it if e.name.startswith(TEMP_PREFIX)]
+        for name in temps:
+            entry = name[len(TEMP_PREFIX) :].removesuffix(".raw")
+            with self.locks().attempt(entry) as taken:
+                if not taken:
+                    continue  # another reconciler is writing it right now
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(root / name)
+                    removed.append(name)
+        return removed

@@ -1,0 +1,388 @@
+"""Migrating disks between layouts on a real libvirtd, with real qemu-img: the data is the
+same after every pair (flat <-> qcow2 in one pool, a qcow2 overlay flattened, one dir pool
+to another, ploop out), the old volume goes (or stays, with deletionPolicy Retain), a
+domain that uses the disk stops it, and the dry run shows exactly what apply does."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from reconciler.drivers.headers import file_header_format
+from reconciler.naming import migration_name, retained_name
+from reconciler.schema.record import DiskRecord, RecordKind
+from tests.conftest import Pools
+from tests.env import Env, disk
+
+pytestmark = pytest.mark.libvirtd
+
+QEMU_FMT = {"raw": "raw", "qcow2": "qcow2", "ploop": "parallels"}
+FILLER = 24  # other disks, so that a plan's deletions stay within the safety limit
+
+
+def two_pools(pools: Pools, tmp_path: Path) -> Env:
+    local = pools.make(tmp_path / "local")
+    fast = pools.make(tmp_path / "fast")
+    env = Env(
+        tmp_path / "env",
+        local.uri,
+        {"local": (local.name, local.path), "fast": (fast.name, fast.path)},
+        backends=["flat", "qcow2", "ploop"],
+    )
+    env.write_config()
+    return env
+
+
+def write_pattern(path: Path, fmt: str) -> None:
+    """Guest data at a few places (the rest stays sparse), through qemu-io."""
+    cmds = []
+    for i, off in enumerate((0, 1 << 20, 5 << 20, (8 << 20) - 65536)):
+        cmds += ["-c", f"write -P {0x11 + i} {off} 65536"]
+    subprocess.run(
+        ["qemu-io", "-f", QEMU_FMT[fmt], *cmds, str(path)], check=True, capture_output=True
+    )
+
+
+def content(path: Path, fmt: str, tmp: Path) -> str:
+    """sha256 of the disk as the guest sees it (through its recorded format)."""
+    out = tmp / f"content-{path.name}.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", QEMU_FMT[fmt], "-O", "raw", str(path), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    return digest
+
+
+def record(env: Env, pool: str, volume: str) -> DiskRecord | None:
+    store = env.store()
+    try:
+        return store.get(pool, volume)
+    finally:
+        store.close()
+
+
+def files(env: Env, pool: str) -> set[str]:
+    return {p.name for p in env.pool_dir(pool).iterdir() if p.name != ".reconciler"}
+
+
+def apply_ok(env: Env, *flags: str) -> str:
+    rc, out, err = env.run(*flags)
+    assert rc == 0, out + err
+    return out
+
+
+def migrate_once(env: Env, name: str, inst: str, new: dict[str, Any]) -> dict[str, Any]:
+    env.manifest(name, [new], instance=inst)
+    plan = env.plan_json()
+    assert not plan["errors"], plan["errors"]
+    (action,) = plan["actions"]
+    assert action["action"] == "migrate" and not action["destructive"]
+    out: dict[str, Any] = action
+    return out
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("flat", "raw"), ("qcow2", "qcow2")),
+        (("flat", "raw"), ("flat", "qcow2")),
+        (("flat", "qcow2"), ("flat", "raw")),
+        (("ploop", "ploop"), ("flat", "raw")),
+        (("flat", "raw"), ("ploop", "ploop")),
+    ],
+)
+def test_layouts_in_one_pool_keep_the_data(
+    pools: Pools, tmp_path: Path, first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", backend=first[0], fmt=first[1], size="16MiB")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    write_pattern(vol, first[1])
+    want = content(vol, first[1], tmp_path)
+    before = files(env, "local")
+
+    migrate_once(env, "vm", inst, disk("d", backend=second[0], fmt=second[1], size="16MiB"))
+    out = apply_ok(env)
+    assert f"migrated {inst}/d" in out
+    rec = record(env, "local", vol.name)
+    assert rec is not None and rec.migration is None and rec.schema_version == 1
+    assert (rec.backend.value, rec.format.value) == second
+    assert file_header_format(str(vol)) == second[1]  # the file really is the new format
+    assert content(vol, second[1], tmp_path) == want
+    assert files(env, "local") == before  # no copy, no old volume left
+    assert env.plan_json()["actions"] == []  # converged
+
+
+def test_qcow2_overlay_is_flattened(pools: Pools, tmp_path: Path) -> None:
+    """A qcow2 disk over its template's cache entry becomes a flat raw disk with both
+    layers' data; the entry stays referenced until the overlay is gone, then is not."""
+    env = two_pools(pools, tmp_path)
+    spec = {"backend": "qcow2", "fmt": "qcow2", "size": "16MiB", "template": "ext4"}
+    inst = env.manifest("vm", [disk("d", label="root", **spec)])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    rec = record(env, "local", vol.name)
+    assert rec is not None and rec.backing is not None
+    entry = rec.backing
+    write_pattern(vol, "qcow2")
+    want = content(vol, "qcow2", tmp_path)  # the ext4 below and the guest's writes above
+
+    migrate_once(env, "vm", inst, disk("d", size="16MiB", template="ext4", label="root"))
+    apply_ok(env)
+    rec = record(env, "local", vol.name)
+    assert rec is not None and rec.backing is None and rec.format.value == "raw"
+    assert content(vol, "raw", tmp_path) == want
+    store = env.store()
+    assert store.references("local", entry) == 0  # now collectable
+    store.close()
+
+
+@pytest.mark.parametrize(("backend", "fmt"), [("flat", "raw"), ("qcow2", "qcow2")])
+def test_one_dir_pool_to_another(pools: Pools, tmp_path: Path, backend: str, fmt: str) -> None:
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", backend=backend, fmt=fmt, size="16MiB")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    write_pattern(vol, fmt)
+    want = content(vol, fmt, tmp_path)
+
+    action = migrate_once(
+        env, "vm", inst, disk("d", backend=backend, fmt=fmt, size="16MiB", pool="fast")
+    )
+    assert action["replaces"] == {"pool": "local", "volume": vol.name}
+    apply_ok(env)
+    assert not vol.exists()
+    assert record(env, "local", vol.name) is None
+    moved = env.volume(inst, "d", "fast")
+    rec = record(env, "fast", moved.name)
+    assert rec is not None and rec.pool == "fast" and rec.migration is None
+    assert content(moved, fmt, tmp_path) == want
+    assert env.plan_json()["actions"] == []
+
+
+def test_a_migration_may_also_grow_the_disk(pools: Pools, tmp_path: Path) -> None:
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", size="16MiB")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    write_pattern(vol, "raw")
+    migrate_once(env, "vm", inst, disk("d", backend="qcow2", fmt="qcow2", size="32MiB"))
+    apply_ok(env)
+    rec = record(env, "local", vol.name)
+    assert rec is not None and rec.virtual_size == 32 << 20
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-f", "qcow2", "--output=json", str(vol)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert info["virtual-size"] == 32 << 20
+
+
+def test_retain_in_one_pool_keeps_the_old_volume_unmanaged(pools: Pools, tmp_path: Path) -> None:
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", size="16MiB", policy="Retain")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    write_pattern(vol, "raw")
+    want = content(vol, "raw", tmp_path)
+    old = record(env, "local", vol.name)
+    assert old is not None
+    action = migrate_once(
+        env, "vm", inst, disk("d", backend="qcow2", fmt="qcow2", size="16MiB", policy="Retain")
+    )
+    assert "kept" in str(action["reason"])
+    out = apply_ok(env)
+    kept = env.pool_dir() / retained_name(vol.name, old.generation + 1)
+    assert f"kept as local/{kept.name}" in out
+    assert content(kept, "raw", tmp_path) == want  # the old disk, as it was
+    assert content(vol, "qcow2", tmp_path) == want  # and its copy, now the disk
+    assert record(env, "local", kept.name) is None
+    plan = env.plan_json()
+    assert plan["actions"] == []
+    assert [w["code"] for w in plan["warnings"]] == ["unmanaged-volumes"]  # never touched
+
+
+def test_retain_to_another_pool_keeps_the_old_volume(pools: Pools, tmp_path: Path) -> None:
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", size="16MiB", policy="Retain")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    write_pattern(vol, "raw")
+    want = content(vol, "raw", tmp_path)
+    migrate_once(env, "vm", inst, disk("d", size="16MiB", pool="fast", policy="Retain"))
+    apply_ok(env)
+    assert vol.exists() and record(env, "local", vol.name) is None
+    assert content(vol, "raw", tmp_path) == want
+    assert content(env.volume(inst, "d", "fast"), "raw", tmp_path) == want
+
+
+def test_a_disk_a_domain_uses_is_not_migrated(pools: Pools, tmp_path: Path) -> None:
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", size="16MiB")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    conn = libvirt.open(env.uri)
+    dom = conn.defineXML(
+        f"""<domain type='qemu'><name>guest-{inst[:8]}</name><memory>65536</memory>
+        <os><type arch='x86_64'>hvm</type></os><devices>
+        <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+        <source file='{vol}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+    )
+    try:
+        env.manifest("vm", [disk("d", size="16MiB", pool="fast")], instance=inst)
+        plan = env.plan_json()
+        assert plan["actions"] == []
+        (err,) = plan["errors"]
+        assert err["code"] == "volume-in-use" and "not migrated" in err["message"]
+        rc, _out, _ = env.run()
+        assert rc == 1 and vol.exists() and files(env, "fast") == set()
+    finally:
+        dom.undefine()
+        conn.close()
+    apply_ok(env)
+    assert not vol.exists() and env.volume(inst, "d", "fast").exists()
+
+
+def test_a_stranger_where_the_copy_goes_stops_the_migration(pools: Pools, tmp_path: Path) -> None:
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", size="16MiB")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    stranger = env.pool_dir() / migration_name(vol.name)
+    stranger.write_bytes(b"someone else's")
+    env.manifest("vm", [disk("d", backend="qcow2", fmt="qcow2", size="16MiB")], instance=inst)
+    plan = env.plan_json()
+    assert plan["actions"] == []
+    assert [e["code"] for e in plan["errors"]] == ["unmanaged-volume"]
+    assert env.run()[0] == 1
+    assert stranger.read_bytes() == b"someone else's"
+
+
+def test_dry_run_shows_what_apply_does(pools: Pools, tmp_path: Path) -> None:
+    """The same state, planned then applied: apply carries out exactly the planned
+    actions, and refuses exactly the planned errors."""
+    env = two_pools(pools, tmp_path)
+    for i in range(FILLER):
+        env.manifest(f"filler{i}", [disk("d", size="1MiB")])
+    ids = {n: env.manifest(n, [disk("d", size="8MiB")]) for n in ("tier", "fmt", "busy", "shrink")}
+    apply_ok(env)
+    env.manifest("tier", [disk("d", size="8MiB", pool="fast")], instance=ids["tier"])
+    env.manifest("fmt", [disk("d", backend="qcow2", fmt="qcow2", size="8MiB")], instance=ids["fmt"])
+    env.manifest(
+        "shrink",
+        [disk("d", backend="qcow2", fmt="qcow2", size="4MiB")],
+        instance=ids["shrink"],
+    )
+    conn = libvirt.open(env.uri)
+    busy = env.volume(ids["busy"], "d")
+    dom = conn.defineXML(
+        f"""<domain type='qemu'><name>busy-guest</name><memory>65536</memory>
+        <os><type arch='x86_64'>hvm</type></os><devices>
+        <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+        <source file='{busy}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+    )
+    try:
+        env.manifest("busy", [disk("d", size="8MiB", pool="fast")], instance=ids["busy"])
+        plan = env.plan_json()
+        planned = sorted((a["action"], a["instance"]) for a in plan["actions"])
+        assert planned == sorted([("migrate", ids["tier"]), ("migrate", ids["fmt"])])
+        errors = sorted((e["code"], e["instance"]) for e in plan["errors"])
+        assert errors == sorted([("volume-in-use", ids["busy"]), ("shrink-refused", ids["shrink"])])
+        rc, out, err = env.run()
+        assert rc == 1, out + err  # errors make apply exit 1 after doing the rest
+        done = sorted(
+            line.split()[1].split("/")[0]
+            for line in out.splitlines()
+            if line.startswith("migrated")
+        )
+        assert done == sorted([ids["tier"], ids["fmt"]])
+        for code, _ in errors:
+            assert f"[{code}]" in out + err
+        again = env.plan_json()
+        assert sorted((e["code"], e["instance"]) for e in again["errors"]) == errors
+        assert again["actions"] == []
+    finally:
+        dom.undefine()
+        conn.close()
+
+
+def test_old_records_without_migration_fields_are_read(pools: Pools, tmp_path: Path) -> None:
+    """A version-1 record as an earlier release wrote it (no `migration` key) is read and
+    migrated; the disk's record is version 1 again afterwards."""
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", size="8MiB")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    store = env.store()
+    rec = store.get("local", vol.name)
+    assert rec is not None
+    raw = json.loads(rec.model_dump_json())
+    del raw["migration"]
+    store.put_raw("local", vol.name, rec.generation, json.dumps(raw), instance=inst)
+    store.close()
+    migrate_once(env, "vm", inst, disk("d", size="8MiB", pool="fast"))
+    apply_ok(env)
+    new = record(env, "fast", vol.name)
+    assert new is not None and new.kind is RecordKind.DISK and new.schema_version == 1
+
+
+def test_ranges_the_kernel_will_not_copy_are_copied_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from reconciler.drivers import filepool
+
+    def refuse(*_: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    dst.write_bytes(b"")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        filepool._copy_range(s.fileno(), d.fileno(), 4096, len(data), "src")
+    assert dst.read_bytes()[4096:] == data[4096:]
+
+
+def test_a_tombstone_mid_migration_removes_the_disk_and_its_copy(
+    pools: Pools, tmp_path: Path
+) -> None:
+    env = two_pools(pools, tmp_path)
+    for i in range(FILLER):
+        env.manifest(f"filler{i}", [disk("d", size="1MiB")])
+    inst = env.manifest("vm", [disk("d", size="8MiB")])
+    apply_ok(env)
+    env.manifest("vm", [disk("d", size="8MiB", pool="fast")], instance=inst)
+    trace = tmp_path / "steps.txt"
+    probe = two_pools(pools, tmp_path / "probe")  # the same run elsewhere, to count steps
+    probe_inst = probe.manifest("vm", [disk("d", size="8MiB")])
+    apply_ok(probe)
+    probe.manifest("vm", [disk("d", size="8MiB", pool="fast")], instance=probe_inst)
+    assert probe.subprocess(env={"RECONCILER_TRACE_STEPS": str(trace)}).returncode == 0
+    steps = [line.split()[1] for line in trace.read_text().splitlines()]
+    at = steps.index("volume.copied") + 1
+    res = env.subprocess(env={"RECONCILER_CRASH_AT": str(at)})
+    assert res.returncode == -9
+    rec = record(env, "local", f"{inst}_d")
+    assert rec is not None and rec.migration is not None  # stopped mid-copy
+    assert env.volume(inst, "d", "fast").exists()  # the partial copy
+    env.manifest("vm", [], instance=inst, deleted=True)
+    apply_ok(env)
+    assert not env.volume(inst, "d").exists() and not env.volume(inst, "d", "fast").exists()
+    assert record(env, "local", f"{inst}_d") is None
