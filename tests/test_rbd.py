@@ -441,3 +441,25 @@ def test_lost_records_are_rebuilt_from_the_images_metadata(site: RbdSite, tmp_pa
         v for v in before if v.startswith("_cache_")
     }, out
     assert f"{inst}_root" in site.images()
+
+
+def test_a_deleted_disk_leaves_no_lock_object(site: RbdSite, tmp_path: Path) -> None:
+    from reconciler.drivers.rados_locks import lock_object
+
+    env = site.env(tmp_path / "env", namespace="lockobj")
+    env.safety = {"maxDeletePercent": 100}
+    env.write_config()
+    inst = env.manifest("vm", [rdisk("d", size="4MiB", template="blank")])
+    rc, out = run(env)
+    assert rc == 0, out
+    io = site.ceph.cluster.open_ioctx(site.pool)
+    io.set_namespace("lockobj")
+    try:
+        names = {o.key for o in io.list_objects()}
+        assert lock_object(f"{inst}_d") in names  # the lease object of its create
+        env.manifest("vm", [], instance=inst, deleted=True)
+        rc, out = run(env)
+        assert rc == 0, out
+        assert lock_object(f"{inst}_d") not in {o.key for o in io.list_objects()}
+    finally:
+        io.close()

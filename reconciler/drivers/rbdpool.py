@@ -219,6 +219,7 @@ class RbdPoolDriver(Unmigratable):
         self._records: RbdRecordStore | None = None
         self._locks: LeaseLocks | None = None
         self._setup = threading.Lock()
+        self._gone: set[str] = set()  # images removed under a lock still held
         self.where = f"Ceph pool {self.ceph.pool}"
 
     # -- the cluster --------------------------------------------------------------------
@@ -293,8 +294,14 @@ class RbdPoolDriver(Unmigratable):
 
     @contextmanager
     def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
-        with self.locks().hold(name, shared=shared):
+        """A lease on `name`; its (empty) lock object goes with the lock when the image
+        was removed while it was held exclusively, so deleted disks leave nothing behind."""
+        with self.locks().hold(name, shared=shared) as h:
             yield
+            with self._setup:
+                if name in self._gone:
+                    self._gone.discard(name)
+                    h.remove = not shared
 
     # -- observing --------------------------------------------------------------------
 
@@ -1022,6 +1029,8 @@ class RbdPoolDriver(Unmigratable):
             finally:
                 img.close()
         self._remove_image(volume, "image")
+        with self._setup:
+            self._gone.add(volume)
         faults.point("volume.deleted")
         if parent is not None and parent.startswith(CACHE_PREFIX):
             with contextlib.suppress(ReconcileError):  # else pruned by `cache gc`
