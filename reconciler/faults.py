@@ -4,8 +4,10 @@ Every durable step (a record written, a volume made, grown or removed) ends at a
 boundary. With RECONCILER_CRASH_AT=N the process kills itself with SIGKILL at the Nth
 boundary, exactly as a power cut or OOM kill would stop it; with RECONCILER_TRACE_STEPS=FILE
 each boundary is appended to FILE so a test can count them; with
-RECONCILER_INTERRUPT_AT=N[,M...] it sends itself SIGINT (Ctrl-C) there. All are for tests
-only.
+RECONCILER_INTERRUPT_AT=N[,M...] it sends itself SIGINT (Ctrl-C) there; with
+RECONCILER_PAUSE_AT=N:FILE it creates FILE at the Nth boundary and waits (at most 5 min)
+until FILE is removed, so a test can change the world (stop a daemon) between two steps.
+All are for tests only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 _count = 0
 _lock = threading.Lock()  # steps on apply's worker threads are counted one at a time
@@ -33,3 +36,11 @@ def point(name: str) -> None:
     interrupt_at = os.environ.get("RECONCILER_INTERRUPT_AT")
     if interrupt_at and str(n) in interrupt_at.split(","):
         os.kill(os.getpid(), signal.SIGINT)  # as an operator's Ctrl-C
+    pause_at = os.environ.get("RECONCILER_PAUSE_AT")
+    if pause_at and pause_at.split(":", 1)[0] == str(n):
+        flag = pause_at.split(":", 1)[1]
+        with open(flag, "w") as f:
+            f.write(f"{n} {name}\n")
+        deadline = time.monotonic() + 300
+        while os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the test removes the file; nothing here to wait on instead

@@ -118,6 +118,13 @@ def format_size_approx(n: int) -> str:
 @contextmanager
 def open_location(location: str) -> Iterator[IO[bytes]]:
     url = urlparse(location)
+    if url.scheme == "rbd":
+        # An rbd pool of the same cluster clones from it directly and never gets here.
+        raise FetchFailed(
+            f"{location} is a snapshot in another Ceph cluster than the pool's; this host "
+            "has no client for that cluster, so it cannot be fetched: serve the image over "
+            "http(s) or file://, or use it from an rbd pool of its own cluster"
+        )
     if url.scheme == "file":
         path = unquote(url.path)
         try:
@@ -215,7 +222,7 @@ def stream_into(
         try:
             return _stream_once(image, fd, max_virtual_size, progress)
         except FetchFailed as e:
-            if attempt == HTTP_ATTEMPTS or image.location.startswith("file:"):
+            if attempt == HTTP_ATTEMPTS or image.location.startswith(("file:", "rbd:")):
                 raise
             log.warning(
                 "image.fetch.retry", image=image_id, error=str(e), attempt=attempt, delay=delay

@@ -5,6 +5,13 @@
 #   scripts/ceph.sh stop DIR
 #   scripts/ceph.sh status DIR   # exit 0 running, 3 stopped, 1 half running
 #   scripts/ceph.sh env DIR      # KEY=VALUE lines: CEPH_CONF, CEPH_KEYRING, CEPH_MON_HOST, ...
+#   scripts/ceph.sh stop-osd DIR   # stop only the OSD (the mon marks it down); for fault tests
+#   scripts/ceph.sh start-osd DIR  # start it again and wait until the mon counts it up
+#
+# RECONCILER_CEPH_OBJECTSTORE=bluestore (at `start`) gives the OSD a BlueStore on a sparse
+# file in DIR instead of memstore: slower to make, but its data survives stop-osd/start-osd
+# (memstore keeps everything in the OSD's memory, so a restarted memstore OSD has lost its
+# superblock and every object: it cannot serve the cluster it was part of).
 #
 # For tests and the quick start: pool `rbd` (8 PGs, size 1, rbd-initialised, clone v2 allowed)
 # reached as client.admin. Everything lives in DIR (conf, keyrings, mon store, OSD dir, admin
@@ -25,16 +32,16 @@
 # (s per daemon, default 30). Every step is polled against these deadlines.
 set -euo pipefail
 
-usage() { echo "usage: ceph.sh start|stop|status|env DIR" >&2; exit 2; }
+usage() { echo "usage: ceph.sh start|stop|status|env|stop-osd|start-osd DIR" >&2; exit 2; }
 [ $# -eq 2 ] || usage
 cmd=$1
-case "$cmd" in start | stop | status | env) ;; *) usage ;; esac
+case "$cmd" in start | stop | status | env | stop-osd | start-osd) ;; *) usage ;; esac
 say() { echo "ceph.sh: $*" >&2; }
 
 if [ "$cmd" = start ]; then mkdir -p "$2"; fi
 if [ ! -d "$2" ]; then
     case "$cmd" in
-    stop) exit 0 ;;
+    stop | stop-osd) exit 0 ;;
     status) echo "stopped"; exit 3 ;;
     *) say "$2: no such directory: no cluster there (scripts/ceph.sh start $2)"; exit 3 ;;
     esac
@@ -172,6 +179,21 @@ pick_base() {
 }
 
 # ---- bootstrap ----------------------------------------------------------------------------
+objectstore=${RECONCILER_CEPH_OBJECTSTORE:-memstore}
+objectstore_conf() {
+    case "$objectstore" in
+    memstore) printf 'osd_objectstore = memstore\nmemstore_device_bytes = 2147483648\n' ;;
+    bluestore)
+        # A sparse 4 GiB file; small caches, no fsck at mkfs (a throwaway test OSD).
+        printf 'osd_objectstore = bluestore\nbluestore_block_path = %s/osd-block\n' "$dir"
+        printf 'bluestore_block_size = 4294967296\nbluestore_block_create = true\n'
+        printf 'bluestore_fsck_on_mkfs = false\nbluestore_cache_size = 134217728\n'
+        printf 'osd_memory_target = 939524096\nbluefs_buffered_io = true\n'
+        ;;
+    *) say "error: RECONCILER_CEPH_OBJECTSTORE must be memstore or bluestore, not $objectstore"; exit 2 ;;
+    esac
+}
+
 show_logs() {
     local f
     for f in "$dir"/log/*; do
@@ -202,7 +224,7 @@ bootstrap() {
     fi
     stop_all
     rm -rf --one-file-system "$dir"/{mon,osd,run,log,crash}
-    rm -f "$conf" "$admin_keyring" "$dir/mon.keyring" "$dir/monmap" "$dir/osd-secret.json" "$envfile"
+    rm -f "$dir/osd-block" "$conf" "$admin_keyring" "$dir/mon.keyring" "$dir/monmap" "$dir/osd-secret.json" "$envfile"
     mkdir -p "$dir"/{mon,osd,run,log,crash}
 
     base=$(pick_base) || { say "error: no free block of 100 ports in 10000-31999"; exit 1; }
@@ -238,8 +260,7 @@ osd_pool_default_pgp_num = 8
 # Paxos commits at once (pool create + init 4 s -> 0.3 s, snapshot create 1 s -> 0.07 s).
 paxos_propose_interval = 0.1
 paxos_min_wait = 0.01
-osd_objectstore = memstore
-memstore_device_bytes = 2147483648
+$(objectstore_conf)
 
 [mon]
 mon_data = $dir/mon
@@ -256,6 +277,10 @@ auth_allow_insecure_global_id_reclaim = false
 osd_data = $dir/osd
 keyring = $dir/osd/keyring
 log_file = $dir/log/\$name.log
+# A client killed with an image open keeps its watch until this expires (default 30 s), and
+# the image cannot be removed (EBUSY) or locked by librbd until then; the crash tests kill
+# clients on purpose, so the test cluster lets a dead watch go after 5 s.
+osd_client_watch_timeout = 5
 
 # Clients (the ceph/rbd CLIs, python-rados in tests): the admin key, and every wait bounded.
 # Without these an op on a down OSD blocks forever and connect() to a down mon for 300 s.
@@ -361,5 +386,19 @@ status)
 env)
     running || { say "no cluster running in $dir (scripts/ceph.sh start $dir)"; exit 3; }
     cat "$envfile"
+    ;;
+stop-osd)
+    [ -f "$ready" ] || { say "no cluster running in $dir"; exit 3; }
+    stop_daemon osd.0
+    ;;
+start-osd)
+    [ -f "$ready" ] && alive mon.a || { say "no cluster (mon) running in $dir"; exit 3; }
+    grep -q '^osd_objectstore = bluestore' "$conf" ||
+        { say "error: a memstore OSD lost its data when it stopped; only a bluestore cluster (RECONCILER_CEPH_OBJECTSTORE=bluestore) can restart its OSD"; exit 1; }
+    if ! alive osd.0; then
+        launch osd.0 ceph-osd -c "$conf" -i 0 -f
+        mon_do wait-up "$start_timeout" 2>"$dir/log/mon-cmds.err" ||
+            { say "error: waiting for the OSD failed: $(cat "$dir/log/mon-cmds.err")"; exit 1; }
+    fi
     ;;
 esac

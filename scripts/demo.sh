@@ -4,7 +4,10 @@
 #     and reconciler-demo-fast at .run/pools/demo-fast (each step skipped when done);
 #   - the example image the config names (1 MiB of zeros, matching its sha256);
 #   - .run/demo-config.yaml from examples/config.yaml.in (@LIBVIRT_URI@, @RUN_DIR@);
-#   - `reconcile --dry-run`, then `reconcile`, over examples/manifests.
+#   - where Ceph is installed: this checkout's Ceph test cluster (scripts/ceph.sh), a libvirt
+#     secret with its client.admin key and an rbd pool reconciler-demo-ceph on its pool `rbd`,
+#     and pool `ceph` (backend rbd) added to the config, for examples/ceph;
+#   - `reconcile --dry-run`, then `reconcile`, over examples/manifests (and examples/ceph).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -78,11 +81,60 @@ sed -e "s|@LIBVIRT_URI@|$(sed_escape "$uri")|g" -e "s|@RUN_DIR@|$(sed_escape "$r
 mv "$config.tmp" "$config"
 say "wrote $config"
 
+manifests=(examples/manifests)
+if command -v ceph-mon >/dev/null && [ "${RECONCILER_WITH_CEPH:-1}" != 0 ]; then
+    ceph_conf=$(bash scripts/ceph.sh start "$(bash scripts/ceph-dir.sh)" | tail -n 1)
+    eval "$(bash scripts/ceph.sh env "$(bash scripts/ceph-dir.sh)")"
+    # The secret libvirt (and a domain's rbd disk) authenticates with; one per cluster key.
+    secret_uuid=$(virsh_ secret-list | awk '/client.admin reconciler-demo/ { print $1 }' | head -n 1)
+    if [ -z "$secret_uuid" ]; then
+        secret_uuid=$(cat /proc/sys/kernel/random/uuid)
+        printf "<secret ephemeral='no' private='no'><uuid>%s</uuid><usage type='ceph'><name>client.admin reconciler-demo</name></usage></secret>" \
+            "$secret_uuid" >"$run_dir/demo-secret.xml"
+        virsh_ secret-define "$run_dir/demo-secret.xml" >/dev/null
+    fi
+    virsh_ secret-set-value "$secret_uuid" "$(ceph-authtool -p -n client.admin "$CEPH_KEYRING")" >/dev/null
+    # A new cluster (scripts/ceph.sh start after a stop) has a new port: define the pool anew.
+    if pool_listed reconciler-demo-ceph --all; then
+        if pool_listed reconciler-demo-ceph; then virsh_ pool-destroy reconciler-demo-ceph >/dev/null; fi
+        virsh_ pool-undefine reconciler-demo-ceph >/dev/null
+    fi
+    printf "<pool type='rbd'><name>reconciler-demo-ceph</name><source><name>%s</name><host name='127.0.0.1' port='%s'/><auth username='admin' type='ceph'><secret uuid='%s'/></auth></source></pool>" \
+        "$CEPH_POOL" "$CEPH_MON_V1_PORT" "$secret_uuid" >"$run_dir/demo-ceph-pool.xml"
+    virsh_ pool-define "$run_dir/demo-ceph-pool.xml" >/dev/null
+    virsh_ pool-start reconciler-demo-ceph >/dev/null
+    say "rbd pool reconciler-demo-ceph on Ceph pool $CEPH_POOL ($ceph_conf)"
+    # Add pool `ceph` to the config (JSON is YAML).
+    .venv/bin/python - "$config" "$uri" "$ceph_conf" "$CEPH_POOL" <<'PY'
+import json, sys
+import yaml
+path, uri, conf, pool = sys.argv[1:]
+with open(path) as f:
+    cfg = yaml.safe_load(f)
+cfg["pools"]["ceph"] = {
+    "uri": uri,
+    "libvirtPool": "reconciler-demo-ceph",
+    "backends": ["rbd"],
+    "ceph": {"conf": conf, "pool": pool},
+}
+with open(path + ".tmp", "w") as f:
+    json.dump(cfg, f, indent=2)
+PY
+    mv "$config.tmp" "$config"
+    manifests+=(examples/ceph)
+else
+    say "Ceph is not installed: the rbd example (examples/ceph) is left out"
+fi
+
 # --dry-run exits 0 (nothing to do), 2 (changes to make) or 1 (errors).
 rc=0
-run "$reconcile" --dry-run --config "$config" examples/manifests || rc=$?
+run "$reconcile" --dry-run --config "$config" "${manifests[@]}" || rc=$?
 case $rc in
 0 | 2) ;;
 *) die "dry run failed (exit $rc)" ;;
 esac
-run "$reconcile" --config "$config" examples/manifests
+run "$reconcile" --config "$config" "${manifests[@]}"
+if [ ${#manifests[@]} -gt 1 ]; then
+    run virsh -q -c "$uri" pool-refresh reconciler-demo-ceph
+    run virsh -q -c "$uri" vol-list reconciler-demo-ceph
+fi

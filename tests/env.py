@@ -78,6 +78,8 @@ class Env:
     backends: list[str] = field(default_factory=lambda: ["flat", "qcow2"])  # of every pool
     # Pools that are LVM volume groups: pool -> its `lvm` config section (backends [lvm]).
     lvm: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra_pools: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> config
+    host: str | None = None  # the config's host identity
 
     @property
     def config_path(self) -> Path:
@@ -99,6 +101,7 @@ class Env:
         for name, section in self.lvm.items():
             pools[name]["backends"] = ["lvm"]
             pools[name]["lvm"] = section
+        pools.update(self.extra_pools)
         cfg = {
             "apiVersion": "reconciler/v1",
             "kind": "Config",
@@ -106,6 +109,8 @@ class Env:
             "pools": pools,
             "images": self.images,
         }
+        if self.host:
+            cfg["host"] = self.host
         if self.safety:
             cfg["safety"] = self.safety
         if self.libvirt:

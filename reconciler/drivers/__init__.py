@@ -9,6 +9,7 @@ from reconciler.drivers.base import ManagingDriver, PoolDriver
 from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.lvmpool import LvmPoolDriver
+from reconciler.drivers.rbdpool import RbdPoolDriver
 from reconciler.schema.common import Backend
 from reconciler.schema.config import Config, ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord
@@ -50,9 +51,14 @@ def driver_for(
     images: Mapping[str, ImageConfig] = cfg.images if cfg is not None else {}
     if backends <= FILE_BACKENDS:
         return FilePoolDriver(name, config, conns, store, images)
+    if backends == {Backend.RBD}:
+        host = cfg.host_id() if cfg is not None else None
+        return RbdPoolDriver(name, config, conns, store, images, host)
     if backends == {Backend.LVM}:
         return LvmPoolDriver(name, config, conns, store, images)
-    missing = ", ".join(sorted(b.value for b in backends - FILE_BACKENDS - {Backend.LVM}))
+    missing = ", ".join(
+        sorted(b.value for b in backends - FILE_BACKENDS - {Backend.LVM, Backend.RBD})
+    )
     return UnsupportedPool(name, f"no driver for backend(s) {missing} yet")
 
 
@@ -72,6 +78,7 @@ __all__ = [
     "LvmPoolDriver",
     "ManagingDriver",
     "PoolDriver",
+    "RbdPoolDriver",
     "driver_for",
     "managing",
 ]

@@ -108,6 +108,7 @@ FENCE_FOR = (
 )  # seconds a fenced client stays blocklisted (`ceph osd blocklist rm` ends it)
 _OMAP_PAGE = 1000
 _CAS_KEYS = ("generation", "host", "instance")
+REF_PREFIX = "ref."  # a cache entry's references: omap keys of its record object
 
 
 def _rados() -> Any:
@@ -888,6 +889,67 @@ class RadosRecordStore:
             raise
         if old_entry is not None:
             self._unlist(shard, oid, old_entry, old)
+
+    # -- a cache entry's references (the rbd driver's image cache) -----------------------
+    #
+    # Omap keys `ref.<volume>` of the entry's record object, one per disk made from it, so
+    # hosts add theirs without a compare-and-swap on the generation (which parallel clones
+    # of one entry would keep failing). Adding them and collecting the entry exclude each
+    # other by the entry's lease (drivers/rados_locks.py: shared to add, exclusive to
+    # collect). The generation CAS of put/delete does not touch these keys; deleting the
+    # record removes them with it.
+
+    def add_reference(self, pool: str, volume: str, ref: str) -> None:
+        """Add `ref` to the references of the record pool/volume (a cache entry); raises
+        ConflictError if the record is missing (never creates it)."""
+        rados = _rados()
+        oid = record_object(pool, volume)
+        try:
+            with self._errors(f"adding reference {ref} to {oid}"), rados.WriteOpCtx() as op:
+                # The record must exist (omap_cmp on a missing object fails with ENOENT;
+                # a record's generation is never the empty string).
+                op.omap_cmp("generation", "", rados.LIBRADOS_CMPXATTR_OP_GT)
+                self._io.set_omap(op, (REF_PREFIX + ref,), (self.host.encode(),))
+                self._io.operate_write_op(op, oid)
+        except StoreError as e:
+            if _refused(e):
+                raise ConflictError(
+                    f"cache entry {pool}/{volume} in {self.where} is missing; it is made "
+                    "again on the next try"
+                ) from None
+            raise
+
+    def drop_reference(self, pool: str, volume: str, ref: str) -> None:
+        """Remove `ref` from the references of pool/volume (gone already: fine)."""
+        rados = _rados()
+        oid = record_object(pool, volume)
+        with self._errors(f"dropping reference {ref} from {oid}"), rados.WriteOpCtx() as op:
+            self._io.remove_omap_keys(op, (REF_PREFIX + ref,))
+            with contextlib.suppress(rados.ObjectNotFound):
+                self._io.operate_write_op(op, oid)
+
+    def reference_names(self, pool: str, volume: str) -> dict[str, str] | None:
+        """The references of pool/volume (volume -> host that added it); None if there is
+        no record."""
+        oid = record_object(pool, volume)
+        rados = _rados()
+        out: dict[str, str] = {}
+        after = ""
+        while True:
+            with self._errors(f"reading references of {oid}"):
+                try:
+                    with rados.ReadOpCtx() as rop:
+                        it, _ = self._io.get_omap_vals(rop, after, "", _OMAP_PAGE)
+                        self._io.operate_read_op(rop, oid)
+                        page = dict(it)
+                except rados.ObjectNotFound:
+                    return None
+            for k, v in page.items():
+                if k.startswith(REF_PREFIX):
+                    out[k[len(REF_PREFIX) :]] = v.decode(errors="replace")
+            if len(page) < _OMAP_PAGE:
+                return out
+            after = max(page)
 
     def check_writable(self) -> None:
         """A real, harmless write (this host's registration), so a read-only client or a

@@ -115,8 +115,14 @@ class ImageConfig(BaseModel):
     @field_validator("location")
     @classmethod
     def _location(cls, v: str) -> str:
+        if v.startswith("rbd://"):
+            # rbd://FSID/POOL/IMAGE/SNAP: a raw RBD snapshot; in the pool's own cluster it
+            # is cloned from directly, from another cluster it is fetched.
+            if not re.fullmatch(r"rbd://[0-9a-fA-F-]{36}/[^/@]+/[^/@]+/[^/@]+", v):
+                raise ValueError(f"location {v!r} must be rbd://FSID/POOL/IMAGE/SNAPSHOT")
+            return v
         if not re.match(r"^(file|https?)://", v):
-            raise ValueError(f"location {v!r} must be a file://, http:// or https:// URL")
+            raise ValueError(f"location {v!r} must be a file://, http://, https:// or rbd:// URL")
         return v
 
     @field_validator("sha256")

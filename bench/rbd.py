@@ -1,0 +1,297 @@
+"""Disks cloned from one cached image on an rbd pool, against a bare python-rbd loop.
+
+    .venv/bin/python bench/rbd.py [--disks 200] [--jobs 8]
+
+In one run, on this checkout's Ceph test cluster (scripts/ceph.sh) and its private libvirtd
+(scripts/libvirtd.sh), each phase in a Ceph pool of its own:
+  baseline    a bare python-rbd loop, sequential: one 64 MiB image with data and a
+              snapshot, then for each disk `RBD.clone` (v2) + open + `resize` to 128 MiB +
+              close. Nothing else: no records, no locks, no checks.
+  reconciler  the image is imported into the pool's cache by a first `reconcile` run (one
+              disk), then `reconcile --jobs N` makes the other disks: each a record
+              written before and after, a reference on the entry, a lease, the clone, the
+              grow and the image's record copy.
+  no-op       `reconcile` again over the same manifests: it must plan nothing, take under
+              1 s, and make no mutating call: every RADOS object of the pool (images,
+              records, locks; all namespaces) has the same version before and after, but
+              for this host's heartbeat, which every run renews by design (host
+              ownership), reported apart.
+Reported: each time, the throughput ratio (reconciler disks/s over baseline disks/s, want
+>= 0.8), the no-op time and the number of objects it changed; `target:` lines at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this file's directory is first on sys.path, where this file would hide
+# Debian's `rbd` module: put the repository there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from reconciler.drivers.rados_records import HEARTBEATS_OBJECT  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
+MiB = 1 << 20
+
+
+def script(*args: str) -> str:
+    res = subprocess.run(
+        ["bash", str(ROOT / "scripts" / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return res.stdout.strip().splitlines()[-1]
+
+
+def mon(cluster: Any, prefix: str, **args: Any) -> None:
+    ret, _, err = cluster.mon_command(json.dumps({"prefix": prefix, **args}), b"")
+    if ret != 0:
+        raise SystemExit(f"{prefix}: {ret} {err}")
+
+
+def new_pool(cluster: Any) -> tuple[str, Any]:
+    import rbd
+
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    mon(cluster, "osd pool create", pool=name, pg_num=8, pgp_num=8)
+    io = cluster.open_ioctx(name)
+    rbd.RBD().pool_init(io, False)
+    return name, io
+
+
+def drop_pool(cluster: Any, name: str, io: Any) -> None:
+    io.close()
+    mon(
+        cluster,
+        "osd pool delete",
+        pool=name,
+        pool2=name,
+        yes_i_really_really_mean_it=True,
+    )
+
+
+def image_bytes() -> bytes:
+    return b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(32768 * 4))  # 4 MiB
+
+
+def baseline(cluster: Any, disks: int) -> float:
+    import rbd
+
+    name, io = new_pool(cluster)
+    try:
+        r = rbd.RBD()
+        r.create(io, "base", 64 * MiB, old_format=False)
+        with rbd.Image(io, "base") as img:
+            img.write(image_bytes(), 0)
+            img.create_snap("s")
+        start = time.monotonic()
+        for i in range(disks):
+            r.clone(io, "base", "s", io, f"disk-{i}")
+            with rbd.Image(io, f"disk-{i}") as img:
+                img.resize(128 * MiB)
+        return time.monotonic() - start
+    finally:
+        drop_pool(cluster, name, io)
+
+
+def object_versions(cluster: Any, pool: str) -> dict[tuple[str, str], int]:
+    import rados
+
+    io = cluster.open_ioctx(pool)
+    try:
+        io.set_namespace(rados.LIBRADOS_ALL_NSPACES)
+        names = [(o.nspace, o.key) for o in io.list_objects()]
+        out = {}
+        for ns, key in names:
+            io.set_namespace(ns)
+            io.stat(key)
+            out[(ns, key)] = io.get_last_version()
+        return out
+    finally:
+        io.close()
+
+
+def reconciler(
+    cluster: Any, conf: str, uri: str, disks: int, jobs: int, work: Path
+) -> tuple[float, float, int, list[tuple[str, str]]]:
+    """(time to make the disks, no-op time, no-op actions, objects the no-op changed)."""
+    import libvirt
+
+    name, io = new_pool(cluster)
+    conn = libvirt.open(uri)
+    lv = None
+    try:
+        lv = conn.storagePoolDefineXML(
+            f"<pool type='rbd'><name>lv-{name}</name><source><name>{name}</name>"
+            f"<host name='127.0.0.1' port='{mon_v1_port(cluster)}'/></source></pool>"
+        )
+        img = work / "image.raw"
+        data = image_bytes()
+        img.write_bytes(data)
+        cfg = {
+            "apiVersion": "reconciler/v1",
+            "kind": "Config",
+            "host": "bench",
+            "state": {"dir": str(work / "state")},
+            "safety": {"maxDeletePercent": 100},
+            "pools": {
+                "ceph": {
+                    "uri": uri,
+                    "libvirtPool": f"lv-{name}",
+                    "backends": ["rbd"],
+                    "ceph": {"conf": conf, "pool": name},
+                }
+            },
+            "images": {
+                "img": {
+                    "location": f"file://{img}",
+                    "format": "raw",
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "size": len(data),
+                }
+            },
+        }
+        config = work / "config.yaml"
+        config.write_text(json.dumps(cfg))
+        manifests = work / "manifests"
+        manifests.mkdir()
+
+        def manifest(i: int) -> None:
+            doc = {
+                "apiVersion": "reconciler/v1",
+                "kind": "InstanceStorage",
+                "instance": str(uuid.uuid5(uuid.NAMESPACE_DNS, f"bench{i}")),
+                "disks": [
+                    {
+                        "name": "root",
+                        "backend": "rbd",
+                        "pool": "ceph",
+                        "format": "raw",
+                        "size": 128 * MiB,
+                        "source": {"image": "img"},
+                    }
+                ],
+            }
+            (manifests / f"vm{i}.yaml").write_text(json.dumps(doc))
+
+        def reconcile(*args: str) -> tuple[float, str]:
+            t = time.monotonic()
+            res = subprocess.run(
+                [str(RECONCILE), "--config", str(config), *args, str(manifests)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            took = time.monotonic() - t
+            if res.returncode != 0:
+                raise SystemExit(f"reconcile failed:\n{res.stdout}{res.stderr}")
+            return took, res.stdout
+
+        manifest(0)  # the first disk imports the image into the cache
+        reconcile()
+        for i in range(1, disks + 1):
+            manifest(i)
+        made, out = reconcile("--jobs", str(jobs))
+        if out.count("\ncreated ") + out.startswith("created ") != disks:
+            raise SystemExit(f"expected {disks} disks created:\n{out}")
+        before = object_versions(cluster, name)
+        noop, out = reconcile("--jobs", str(jobs))
+        after = object_versions(cluster, name)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        plan_json = subprocess.run(
+            [
+                str(RECONCILE),
+                "--config",
+                str(config),
+                "--dry-run",
+                "--output",
+                "json",
+                str(manifests),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        actions = len(json.loads(plan_json.stdout)["actions"])
+        return made, noop, actions, changed
+    finally:
+        if lv is not None:
+            lv.undefine()
+        conn.close()
+        drop_pool(cluster, name, io)
+
+
+def mon_v1_port(cluster: Any) -> int:
+    import re
+
+    m = re.search(r"v1:127\.0\.0\.1:(\d+)", cluster.conf_get("mon_host"))
+    assert m
+    return int(m[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--disks", type=int, default=200)
+    p.add_argument("--jobs", type=int, default=8)
+    args = p.parse_args()
+    import rados
+
+    conf = script("ceph.sh", "start", script("ceph-dir.sh"))
+    uri = script("libvirtd.sh", "start", script("libvirt-dir.sh")).replace(
+        "storage+unix://", "qemu+unix://", 1
+    )
+    cluster = rados.Rados(conffile=conf, name="client.admin")
+    cluster.connect()
+    try:
+        base = baseline(cluster, args.disks)
+        with tempfile.TemporaryDirectory(prefix="bench-rbd-") as tmp:
+            made, noop, actions, changed = reconciler(
+                cluster, conf, uri, args.disks, args.jobs, Path(tmp)
+            )
+    finally:
+        cluster.shutdown()
+    n = args.disks
+    ratio = (n / made) / (n / base)
+    print(
+        f"baseline   python-rbd clone+resize, sequential: {n} disks in {base:.2f} s "
+        f"({n / base:.1f} disks/s)"
+    )
+    print(
+        f"reconciler reconcile --jobs {args.jobs}: {n} disks in {made:.2f} s "
+        f"({n / made:.1f} disks/s, the whole CLI run)"
+    )
+    # Every run renews this host's heartbeat (host ownership: drivers/rados_records.py), a
+    # write by design; it is counted apart from the rest.
+    beats = [k for k in changed if k[1] == HEARTBEATS_OBJECT]
+    others = [k for k in changed if k[1] != HEARTBEATS_OBJECT]
+    print(
+        f"no-op      reconcile again: {noop:.2f} s, {actions} action(s) planned, "
+        f"{len(others)} RADOS object(s) changed {others[:5]}, heartbeat writes: {len(beats)}"
+    )
+    verdict = "PASS" if ratio >= 0.8 else "FAIL"
+    print(f"target: clone throughput vs bare python-rbd: {ratio:.2f}x (want >= 0.8x) -> {verdict}")
+    verdict = "PASS" if noop < 1.0 else "FAIL"
+    print(f"target: no-op re-run over {n} disks: {noop:.2f} s (want < 1 s) -> {verdict}")
+    verdict = "PASS" if not others and actions == 0 else "FAIL"
+    print(
+        f"target: no-op mutating calls (besides the heartbeat, {len(beats)}): {len(others)} "
+        f"(want 0) -> {verdict}"
+    )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
