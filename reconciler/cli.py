@@ -218,7 +218,9 @@ def _plan(argv: Sequence[str]) -> int:
             raise ReconcileError(f"--output {args.output} is for --dry-run; apply prints its steps")
         sys.stdout.write(to_text(p))
         if not p.actions:
-            s.store.beat()  # hosts sharing a pool: this one is alive, with nothing to do
+            # Hosts sharing a pool: this one is alive, with nothing to do (no write while
+            # its heartbeat is fresh: a no-op run changes nothing in the cluster).
+            s.store.beat(if_older_than=config.ownership.heartbeat_expiry / 4)
             return _exit(p, False, args.detailed_exitcode)
         print(f"\nApplying {len(p.actions)} action(s)...", flush=True)
         result = s.executor(saved=False, jobs=args.jobs).apply(p.actions)

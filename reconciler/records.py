@@ -223,14 +223,17 @@ class Records:
                 out.held.setdefault(p, {})[volume] = _holder(got, beats, now, expiry)
         return out
 
-    def beat(self, pools: Iterable[str] | None = None) -> None:
-        """Renew this host's heartbeat in every shared store of `pools` (default: every
-        pool with a store of its own); a store that fails is left for its pool's error."""
-        for pool in self.own_pools() if pools is None else pools:
+    def beat(self, *, if_older_than: float | None = None) -> None:
+        """Renew this host's heartbeat in every shared store (once per store); a store
+        that fails is left for its pool's error. `if_older_than`: see
+        RadosRecordStore.beat (for runs that write nothing)."""
+        done: list[SharedRecordStore] = []
+        for pool in self.own_pools():
             with contextlib.suppress(StoreError):
                 store = self.shared(pool)
-                if store is not None:
-                    store.beat()
+                if store is not None and not any(store is d for d in done):
+                    done.append(store)
+                    store.beat(if_older_than)
 
     def take(self, pool: str, volume: str, expect_generation: int, from_host: str) -> None:
         self._must_share(pool).take(pool, volume, expect_generation, from_host)

@@ -764,19 +764,25 @@ class RadosRecordStore:
                 out[key] = BadRecord(*key, str(e))
         return out
 
-    def beat(self) -> None:
+    def beat(self, if_older_than: float | None = None) -> None:
         """Renew this process's heartbeat: other hosts take this host's instances only
         once its newest heartbeat is older than their `ownership.heartbeatExpiry`. Each
-        process beats under its own key (host and client address), so a host that is taken
-        over can be fenced process by process (`fence`); this host's keys a day stale are
-        removed as it beats."""
+        process that writes beats under its own key (host and client address), so a host
+        that is taken over can be fenced process by process (`fence`); this host's keys a
+        day stale are removed as it beats. With `if_older_than`, nothing is written while
+        this host's newest heartbeat is younger than that (a run that changes nothing)."""
         rados = _rados()
         at = time.time()
+        beats = self._beats()
+        if if_older_than is not None:
+            newest = max((b.at for b in beats.values() if b.host == self.host), default=None)
+            if newest is not None and at - newest < if_older_than:
+                return
         addr = self._addr()
         value = json.dumps({"at": at, "pid": os.getpid(), "boot": _boot_id(), "addr": addr})
         stale = [
             key
-            for key, beat in self._beats().items()
+            for key, beat in beats.items()
             if beat.host == self.host and key != self._beat_key(addr) and at - beat.at > BEAT_KEEP
         ]
         with self._errors(f"renewing the heartbeat of host {self.host}"), rados.WriteOpCtx() as op:
