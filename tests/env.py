@@ -80,6 +80,7 @@ class Env:
     lvm: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_pools: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> config
     host: str | None = None  # the config's host identity
+    ownership: dict[str, Any] = field(default_factory=dict)  # the config's ownership section
 
     @property
     def config_path(self) -> Path:
@@ -111,6 +112,8 @@ class Env:
         }
         if self.host:
             cfg["host"] = self.host
+        if self.ownership:
+            cfg["ownership"] = self.ownership
         if self.safety:
             cfg["safety"] = self.safety
         if self.libvirt:
@@ -194,8 +197,32 @@ class Env:
             cwd=ROOT,
         )
 
-    def start(self, *args: str) -> Popen[str]:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Popen[str]:
         """Start `reconcile` in a separate process, its output captured, without waiting."""
         return Popen(
-            self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+            self.argv(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
         )
+
+    def start_watch(self, log: Path, *args: str) -> Popen[bytes]:
+        """Start `reconcile watch` on this env's manifests, its output appended to `log`."""
+        with open(log, "ab") as out:
+            return Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "reconciler",
+                    "watch",
+                    "--config",
+                    str(self.config_path),
+                    *args,
+                    str(self.manifests),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )

@@ -58,6 +58,13 @@ class RbdSite:
             data: bytes = img.read(offset, length)
             return data
 
+    def write(self, image: str, data: bytes, offset: int = 0) -> None:
+        """Write into an image as a guest would (through its data, nothing else)."""
+        import rbd
+
+        with rbd.Image(self.ioctx, image) as img:
+            img.write(data, offset)
+
     def size(self, image: str) -> int:
         import rbd
 

@@ -602,3 +602,23 @@ def test_cache_entries_are_shared_by_every_host(make: Make, ceph: Ceph, namespac
     b.delete("rbd", "cache-img", 2)
     assert a.get("rbd", "cache-img") is None
     assert index_keys(ceph, namespace, rr.SHARED) == set()
+
+
+def test_an_instances_disks_have_one_owner(make: Make) -> None:
+    """Two hosts racing on one instance race per disk too: the instance's claim, made
+    before a host's first record of it, keeps every disk of it with one host."""
+    a, b = make("host-a"), make("host-b")
+    a.beat()
+    b.beat()
+    a.put(record("vm-5-root", instance="vm-5"), None)
+    with pytest.raises(ConflictError, match="instance vm-5 .* is owned by host host-a"):
+        b.put(record("vm-5-scratch", instance="vm-5"), None)
+    assert b.get("rbd", "vm-5-scratch") is None
+    a.put(record("vm-5-scratch", instance="vm-5"), None)  # the owner makes the rest
+    # Released, the claim goes with the records: the taker may then make new disks.
+    a.release("rbd", "vm-5-root", 1)
+    a.release("rbd", "vm-5-scratch", 1)
+    b.take("rbd", "vm-5-root", 2, RELEASED)
+    b.put(record("vm-5-swap", instance="vm-5"), None)
+    with pytest.raises(ConflictError, match="owned by host host-b"):
+        a.put(record("vm-5-data", instance="vm-5"), None)

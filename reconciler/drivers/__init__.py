@@ -53,7 +53,8 @@ def driver_for(
         return FilePoolDriver(name, config, conns, store, images)
     if backends == {Backend.RBD}:
         host = cfg.host_id() if cfg is not None else None
-        return RbdPoolDriver(name, config, conns, store, images, host)
+        expiry = cfg.ownership.heartbeat_expiry if cfg is not None else 300.0
+        return RbdPoolDriver(name, config, conns, store, images, host, expiry)
     if backends == {Backend.LVM}:
         return LvmPoolDriver(name, config, conns, store, images)
     missing = ", ".join(

@@ -93,6 +93,7 @@ FORMAT = 1
 DEFAULT_NAMESPACE = "reconciler"
 DEFAULT_SHARDS = 16
 DEFAULT_OP_TIMEOUT = 30.0  # seconds; rados_osd_op_timeout and client_mount_timeout
+DEFAULT_HEARTBEAT_EXPIRY = 300.0  # ownership.heartbeatExpiry's default
 DEFAULT_STALE_AFTER = 3600.0  # seconds before an index entry without a record is removed
 IN_FLIGHT = 64  # aio reads at once: enough to hide the round trip, bounded memory
 MAX_RECORD = 64 << 10  # bytes read per record; `put` refuses anything larger
@@ -124,6 +125,11 @@ def record_object(pool: str, volume: str) -> str:
     """The record's object name, derived from its key (a JSON list: unambiguous)."""
     digest = hashlib.sha256(json.dumps([pool, volume]).encode()).hexdigest()
     return f"rec.{digest[:32]}"
+
+
+def claim_object(instance: str) -> str:
+    """The instance's claim: which host owns all of its disks."""
+    return f"inst.{hashlib.sha256(instance.encode()).hexdigest()[:32]}"
 
 
 def shard_of(instance: str, shards: int) -> int:
@@ -247,6 +253,7 @@ class RadosRecordStore:
         shards: int = DEFAULT_SHARDS,
         stale_after: float = DEFAULT_STALE_AFTER,
         op_timeout: float = DEFAULT_OP_TIMEOUT,
+        heartbeat_expiry: float = DEFAULT_HEARTBEAT_EXPIRY,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         """`open_ioctx` gives an Ioctx of `pool` (the store sets its namespace); `shards`
@@ -261,6 +268,7 @@ class RadosRecordStore:
             raise ValueError(f"shards must be at least 1, not {shards}")
         self.stale_after = stale_after
         self.op_timeout = op_timeout
+        self.heartbeat_expiry = heartbeat_expiry  # ownership.heartbeatExpiry
         self._on_close = on_close
         # The client (connect()'s own, or the caller's): for fencing and this client's
         # address; None: the store cannot fence (and its heartbeats name no address).
@@ -629,6 +637,8 @@ class RadosRecordStore:
         rados = _rados()
         self._register()
         holder = self._holder(record)
+        if holder == self.host:
+            self._claim_instance(record.instance)
         shard = self._shard(holder, record.instance)
         entry = IndexEntry.new(record)
         # The index entry first: a record never exists unlisted by its host.
@@ -881,6 +891,9 @@ class RadosRecordStore:
         old_entry = self._index_entry(shard, oid, old)
         if new != RELEASED:
             self._register()
+            # The claim before the record: this host owns the instance before any disk of
+            # it, so a crash in between leaves a record the next run takes again.
+            self._move_claim(rec.instance, new, only_from=None)
         self._list(new, shard, oid, IndexEntry.new(rec))
         fields = self._cas_fields(rec, new)
         try:
@@ -895,6 +908,88 @@ class RadosRecordStore:
             raise
         if old_entry is not None:
             self._unlist(shard, oid, old_entry, old)
+        if new == RELEASED:
+            # The claim after the record: a crash in between leaves the claim this host's,
+            # and the host that takes the record takes the claim with it.
+            self._move_claim(rec.instance, RELEASED, only_from=self.host)
+
+    # -- instance claims: all of an instance's disks have one owner ------------------------
+    #
+    # Object `inst.<sha256 of instance>` (omap `host`, `instance`), created exclusively
+    # before a host's first record of the instance. Two hosts racing on one instance each
+    # race per disk record too; without the claim each could win some of its disks. A host
+    # takes the claim with a record (take), releases it after its records (release), or
+    # takes it from a host that made it and then was gone (its heartbeat expired: fenced
+    # first). Claims of deleted instances stay (a few bytes each).
+
+    def _claim_owner(self, oid: str) -> str | None:
+        got = self._omap(oid, "host")
+        if got is None:
+            return None
+        return got.get("host", b"").decode(errors="replace")
+
+    def _claim_instance(self, instance: str) -> None:
+        rados = _rados()
+        oid = claim_object(instance)
+        for _ in range(5):
+            owner = self._claim_owner(oid)
+            if owner == self.host:
+                return
+            if owner is None:
+                with self._errors(f"claiming instance {instance}"):
+                    try:
+                        self._create_exclusive(oid, b"", {"host": self.host, "instance": instance})
+                        return
+                    except rados.ObjectExists:
+                        continue  # another host claimed it first: read whose it is
+            if owner == RELEASED or self._gone(owner or ""):
+                if owner != RELEASED:
+                    self.fence(owner or "")
+                if self._cas_claim(oid, owner or "", self.host):
+                    return
+                continue
+            raise ConflictError(
+                f"instance {instance} in {self.where} is owned by host {owner}: host "
+                f"{self.host} makes none of its disks until that host releases it"
+            )
+        raise ConflictError(f"instance {instance} in {self.where}: its claim keeps changing")
+
+    def _gone(self, host: str) -> bool:
+        beat = self.heartbeats().get(host)
+        return beat is None or time.time() - beat >= self.heartbeat_expiry
+
+    def _cas_claim(self, oid: str, expect: str, new: str) -> bool:
+        rados = _rados()
+        try:
+            with self._errors(f"handing claim {oid} to {new}"), rados.WriteOpCtx() as op:
+                op.omap_cmp("host", expect, rados.LIBRADOS_CMPXATTR_OP_EQ)
+                self._io.set_omap(op, ("host",), (new.encode(),))
+                self._io.operate_write_op(op, oid)
+        except StoreError as e:
+            if _refused(e):
+                return False
+            raise
+        return True
+
+    def _move_claim(self, instance: str, new: str, *, only_from: str | None) -> None:
+        """Make `new` the instance's claimant (from whoever has it, or only from
+        `only_from`); a missing claim is made."""
+        rados = _rados()
+        oid = claim_object(instance)
+        for _ in range(5):
+            owner = self._claim_owner(oid)
+            if owner == new or (only_from is not None and owner not in (None, only_from)):
+                return
+            if owner is None:
+                with self._errors(f"claiming instance {instance}"):
+                    try:
+                        self._create_exclusive(oid, b"", {"host": new, "instance": instance})
+                        return
+                    except rados.ObjectExists:
+                        continue
+            if self._cas_claim(oid, owner or "", new):
+                return
+        raise ConflictError(f"instance {instance} in {self.where}: its claim keeps changing")
 
     # -- a cache entry's references (the rbd driver's image cache) -----------------------
     #

@@ -206,8 +206,10 @@ class RbdPoolDriver(Unmigratable):
         store: RecordStore | None = None,
         images: Mapping[str, ImageConfig] | None = None,
         host: str | None = None,
+        heartbeat_expiry: float = 300.0,
     ) -> None:
         assert config.ceph is not None  # the config's validator requires it for rbd
+        self.heartbeat_expiry = heartbeat_expiry  # ownership.heartbeatExpiry
         self.name = name
         self.config = config
         self.ceph = config.ceph
@@ -251,6 +253,7 @@ class RbdPoolDriver(Unmigratable):
                     host=self.host,
                     namespace=self.ceph.namespace,
                     op_timeout=self.ceph.op_timeout,
+                    heartbeat_expiry=self.heartbeat_expiry,
                 )
                 store.exists = self.volume_exists
                 self._records = store
