@@ -441,3 +441,25 @@ def test_take_file_fills_a_new_lv_and_never_replaces_one(
         assert drv.volume_at(str(env.pool_dir("local") / "imported")) is None
         with pytest.raises(ReconcileError, match="overlay"):
             drv.point_overlay_at(str(tmp_path / "x.qcow2"), "_cache_x")
+
+
+def test_import_nova_into_an_lvm_pool_is_refused_before_anything_moves(
+    lvm_env: Env, lvm_vg: VolumeGroup, tmp_path: Path
+) -> None:
+    """import-nova records Nova's disks as flat or qcow2 disks, which an lvm pool does not
+    serve: every instance is refused, nothing is moved or recorded."""
+    from tests.test_import_nova import nova_host, tree
+
+    env = lvm_env
+    nova, _ = nova_host(tmp_path)
+    before = tree(nova)
+    rc, out, err = env.main(
+        [
+            *("import-nova", "--config", str(env.config_path), "--instances-path", str(nova)),
+            *("--images-type", "raw", "--pool", "vg", "--out", str(env.manifests)),
+        ]
+    )
+    assert rc == 1, out + err
+    assert "pool vg serves lvm" in err and "not imported (nothing of it is moved)" in err
+    assert tree(nova) == before
+    assert records(env) == [] and set(lvm_vg.lvs()) == set()

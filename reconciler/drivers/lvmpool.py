@@ -31,6 +31,14 @@ copied in (raw to raw, through drivers/lvm.py's LvData: /dev/VG/LV in production
 segment map in the test mode), zeros beyond them; grown with `lvextend` alone (raw).
 Delete clears the LV's extents first (volumeClear: zero, or none; volumeClearSize bytes,
 0 = all), since LVM hands freed extents to the next LV, then `lvremove`.
+
+Migrations (reconciler/migrate.py) in and out: the one layout is lvm/raw. A copy is a new
+LV (zeroed past its size); a raw file or LV is copied in through LvData, anything else by
+qemu-img, which reaches an LV as its raw driver with `offset` and `size` over a
+host_device (/dev/VG/LV; without activation, the LV's one segment of its PV: an LV of
+several segments cannot be addressed so, and is refused). Free space is the VG's, and a
+copy takes its whole size in extents (`thick_unit`), whatever its data. Adopting takes an
+existing LV as raw at LVM's size; importing a file fills a temporary LV, renamed when whole.
 """
 
 from __future__ import annotations
