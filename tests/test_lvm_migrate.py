@@ -463,3 +463,29 @@ def test_import_nova_into_an_lvm_pool_is_refused_before_anything_moves(
     assert "pool vg serves lvm" in err and "not imported (nothing of it is moved)" in err
     assert tree(nova) == before
     assert records(env) == [] and set(lvm_vg.lvs()) == set()
+
+
+def test_an_lv_of_several_segments_is_refused_at_apply_in_the_test_mode(
+    lvm_env: Env, lvm_vg: VolumeGroup
+) -> None:
+    """Activation off only (no device-mapper): an LV grown after another LV was made lies
+    in two ranges of the PV, which qemu-img cannot address as one device. The migration
+    fails with that reason and is rolled back: the LV stays the disk, unchanged, and no
+    copy is left."""
+    env = lvm_env
+    a = env.manifest("a", [lvm("d", size="4MiB")])
+    env.manifest("b", [lvm("d", size="4MiB")])
+    apply_ok(env)
+    env.manifest("a", [lvm("d", size="8MiB")], instance=a)
+    apply_ok(env)
+    lv = f"{a}_d"
+    assert len(lvm_vg.segments(lv)) == 2
+    write_lv_pattern(lvm_vg, lv)
+    before = lvm_vg.segment_bytes(lv)
+    migrate_once(env, "a", a, disk("d", backend="qcow2", fmt="qcow2", size="8MiB"))
+    rc, out, err = env.run()
+    assert rc == 1 and "lies in 2 segments" in out + err, out + err
+    rec = record(env, "vg", lv)
+    assert rec is not None and rec.migration is None and rec.schema_version == 1
+    assert lvm_vg.segment_bytes(lv) == before
+    assert not env.volume(a, "d").exists() and record(env, "local", lv) is None
