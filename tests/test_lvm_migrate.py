@@ -474,7 +474,8 @@ def test_an_lv_of_several_segments_is_refused_at_apply_in_the_test_mode(
     copy is left."""
     env = lvm_env
     a = env.manifest("a", [lvm("d", size="4MiB")])
-    env.manifest("b", [lvm("d", size="4MiB")])
+    apply_ok(env)
+    env.manifest("b", [lvm("d", size="4MiB")])  # after a's extents, so a grows past it
     apply_ok(env)
     env.manifest("a", [lvm("d", size="8MiB")], instance=a)
     apply_ok(env)
@@ -489,3 +490,44 @@ def test_an_lv_of_several_segments_is_refused_at_apply_in_the_test_mode(
     assert rec is not None and rec.migration is None and rec.schema_version == 1
     assert lvm_vg.segment_bytes(lv) == before
     assert not env.volume(a, "d").exists() and record(env, "local", lv) is None
+
+
+def test_a_copy_into_a_fragmented_vg_is_one_segment_or_refused(
+    lvm_env: Env, lvm_vg: VolumeGroup
+) -> None:
+    """Test mode: a copy is allocated in one run of free extents (one range qemu-img can
+    address). Free space in 4 MiB holes only (the rest of the VG taken by another tool's
+    LV): an 8 MiB copy is refused at apply in LVM's words and rolled back; once a run of
+    8 MiB is free, it is made in one segment and compares equal."""
+    env = lvm_env
+    env.safety = {"maxDeletePercent": 100}
+    env.write_config()
+    holes = []
+    for i in range(2):  # one apply each: LVs in this order on the PV, hole, wall, ...
+        holes.append(env.manifest(f"hole{i}", [lvm("d", size="4MiB")]))
+        apply_ok(env)
+        env.manifest(f"wall{i}", [lvm("d", size="4MiB")])
+        apply_ok(env)
+    inst = env.manifest("vm", [disk("d", backend="qcow2", fmt="qcow2", size="8MiB")])
+    apply_ok(env)
+    lvm_vg.lvm("lvcreate", "-an", "-Zn", "-Wn", "-l", "100%FREE", "-n", "rest", lvm_vg.vg)
+    for i, h in enumerate(holes):
+        env.manifest(f"hole{i}", [], instance=h, deleted=True)
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    write_pattern(vol, "qcow2")
+    want = content(vol, "qcow2", env.root)
+    migrate_once(env, "vm", inst, lvm("d", size="8MiB"))
+    rc, out, err = env.run()
+    assert rc == 1 and "contiguous" in out + err, out + err
+    lv = f"{inst}_d"
+    assert lv not in lvm_vg.lvs() and record(env, "vg", lv) is None
+    rec = record(env, "local", lv)
+    assert rec is not None and rec.migration is None
+    assert content(vol, "qcow2", env.root) == want
+
+    lvm_vg.lvm("lvremove", "-y", f"{lvm_vg.vg}/rest")
+    apply_ok(env)
+    assert len(lvm_vg.segments(lv)) == 1
+    assert sha(lvm_vg.segment_bytes(lv, 8 * MiB)) == want
+    assert not vol.exists()

@@ -85,6 +85,7 @@ from reconciler.drivers.lvm import (
     Piece,
     copy,
     file_reader,
+    message,
     pieces_reader,
     zero,
 )
@@ -461,16 +462,18 @@ class LvmPoolDriver:
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         return None  # a disk is a copy of its entry: it depends on none once made
 
-    def _lvcreate(self, name: str, size: int) -> None:
+    def _lvcreate(self, name: str, size: int, *, contiguous: bool = False) -> None:
         check_lv_name(name)
         act = ["-ay"] if self.lvm_config.activate else ["-an"]
+        if contiguous:
+            act += ["--alloc", "contiguous"]
         tag = self._backpointer()
         rc, out, err = self.lvm.execute(
             "lvcreate", *act, "-Zn", "-Wn", "-L", f"{size}b", "-n", name, "--addtag", tag,
             self.vg, lv=name,
         )  # fmt: skip
         if rc != 0:
-            msg = " ".join((err or out).split())
+            msg = message(err, out)
             if "already exists" in msg:
                 raise VolumeExists(
                     f"volume {name} appeared in pool {self.name} from elsewhere; it is not "
@@ -853,7 +856,9 @@ class LvmPoolDriver:
         `size` (LVM rounds up to whole extents) is zeroed, so no earlier tenant's byte is
         in it; the first `size` bytes are the copy's to write, zeros included."""
         self._check_layout(volume, backend, fmt)
-        self._lvcreate(volume, size)
+        # Without activation qemu-img reaches an LV only as one range of its PV: the copy
+        # is allocated in one (LVM refuses if the VG has no such run of free extents).
+        self._lvcreate(volume, size, contiguous=not self.lvm_config.activate)
         faults.point("volume.created")
         with self.data.open(volume, None, write=True) as pieces:
             tail = _beyond(pieces, size)
@@ -941,7 +946,7 @@ class LvmPoolDriver:
             self.delete_volume(new)
         rc, out, err = self.lvm.execute("lvrename", self.vg, old, new, lv=old)
         if rc != 0:
-            msg = " ".join((err or out).split())
+            msg = message(err, out)
             if "already exists" in msg:
                 raise VolumeExists(
                     f"volume {new} exists in pool {self.name}; {old} is not renamed over it"
