@@ -519,6 +519,7 @@ def cmd_import_nova(argv: Sequence[str]) -> int:
             out=Path(args.out),
             catalog=dict.fromkeys(config.images, ""),
             dry_run=args.dry_run,
+            backends=config.pools[args.pool].backends,
         )
     for line in rep.lines:
         print(line)

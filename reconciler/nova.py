@@ -38,7 +38,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,14 +318,25 @@ def import_nova(
     out: Path,
     catalog: Mapping[str, str],
     dry_run: bool,
+    backends: Collection[Backend],
 ) -> Report:
-    """`catalog`: image id -> (unused); Nova names `_base` files by sha1 of the id."""
+    """`catalog`: image id -> (unused); Nova names `_base` files by sha1 of the id.
+    `backends`: those the pool serves; an instance with a disk that would be recorded in
+    another (Nova's disks become flat, qcow2 or ploop disks) is not imported."""
     # Nova names a `_base` file by the sha1 of its image's id (imagecache.get_cache_fname).
     images = {hashlib.sha1(i.encode()).hexdigest(): i for i in catalog}
     rep = Report()
     if not instances_path.is_dir():
         raise ReconcileError(f"{instances_path} is not a directory")
     found = scan(instances_path, images_type, use_cow_images, driver, store, pool)
+    for inst in found:
+        for d in inst.disks:
+            backend = Backend(_spec(d, pool, images)["backend"])
+            if backend not in backends:
+                inst.errors.append(
+                    f"{d.path}: it would be a {backend} disk, and pool {pool} serves "
+                    f"{', '.join(sorted(b.value for b in backends))}"
+                )
     verb = "would " if dry_run else ""
     if not dry_run:
         store.check_writable()

@@ -89,6 +89,7 @@ class StatePool(_Strict):
     available: int | None = None
     allocated: dict[str, int] = Field(default_factory=dict)
     layouts: list[str] = Field(default_factory=list)
+    thick_unit: int = 0
 
 
 class StateBadRecord(_Strict):
@@ -174,6 +175,7 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
             "available": p.available,
             "allocated": dict(sorted(p.allocated.items())),
             "layouts": sorted(p.layouts),
+            "thick_unit": p.thick_unit,
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -296,6 +298,7 @@ def load(path: str) -> tuple[Observed, StateInfo]:
             p.available,
             dict(p.allocated),
             frozenset(p.layouts),
+            p.thick_unit,
         )
         for name, p in state.pools.items()
     }

@@ -286,7 +286,11 @@ def with_migration_facts(
     except (OSError, PoolError):
         return pool  # unknown: no space check, and no migration (no layouts)
     return dataclasses.replace(
-        pool, available=facts.available, allocated=facts.allocated, layouts=facts.layouts
+        pool,
+        available=facts.available,
+        allocated=facts.allocated,
+        layouts=facts.layouts,
+        thick_unit=facts.thick_unit,
     )
 
 

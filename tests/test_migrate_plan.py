@@ -100,6 +100,23 @@ def test_space_is_claimed_across_the_plans_migrations() -> None:
     assert e.code == "migrate-no-space" and e.disk == "d2" and "beside" in e.message
 
 
+def test_a_thick_target_counts_the_whole_size_rounded_to_its_unit() -> None:
+    """A 1 GiB + 512 bytes disk with 1 MiB of data, into a pool whose copies take their whole
+    size in 4 MiB units (an LVM VG): it needs 1 GiB + 4 MiB, whatever its data."""
+    one = spec(size=(1 << 30) + 512)
+    src = pool("a", {VOL}, allocated={VOL: 1 << 20})
+    for free, fits in (((1 << 30) + (4 << 20) - 1, False), ((1 << 30) + (4 << 20), True)):
+        dst = pool("b", set(), available=free, thick_unit=4 << 20)
+        p = plan(
+            desired(spec(pool="b", size=(1 << 30) + 512)),
+            Observed({"a": src, "b": dst}, (rec_of(one),)),
+        )
+        if fits:
+            assert [a.action.value for a in p.actions] == ["migrate"] and not p.errors
+        else:
+            assert not p.actions and [e.code for e in p.errors] == ["migrate-no-space"]
+
+
 def test_unknown_allocation_counts_the_whole_size() -> None:
     p = plan(
         desired(spec(pool="b")),

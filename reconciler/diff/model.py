@@ -85,9 +85,12 @@ class ObservedPool:
     # For migrations (see MigrationFacts in drivers/base.py): free bytes in the pool (None:
     # unknown), bytes each managed volume occupies, and the `backend/format` layouts the
     # pool's driver can copy a disk out of and into. Empty: the driver cannot migrate.
+    # `thick_unit`: 0 where a copy into the pool is sparse, else a copy takes its whole
+    # size rounded up to that many bytes.
     available: int | None = None
     allocated: Mapping[str, int] = field(default_factory=dict)
     layouts: frozenset[str] = frozenset()
+    thick_unit: int = 0
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,14 @@ def layout(spec: Mapping[str, Any]) -> str:
     return f"{spec['backend']}/{spec['format']}"
 
 
-def migration_need(rec: DiskRecord, pool: ObservedPool, size: int) -> int:
+def migration_need(rec: DiskRecord, pool: ObservedPool, size: int, thick_unit: int = 0) -> int:
     """Bytes a copy of `rec` (in `pool`) may take in its target, made `size` bytes large: what
     the volume and the cache entry it is backed by occupy (a flattened copy holds both),
     never more than its size, plus room for a qcow2's tables. Where the source pool could
-    not say, the whole size."""
+    not say, the whole size. A target whose copies are thick (`thick_unit`, see
+    ObservedPool) takes the whole size, rounded up to its unit, whatever the data."""
+    if thick_unit > 0:
+        return -(-size // thick_unit) * thick_unit
     used = pool.allocated.get(rec.volume)
     if used is not None and rec.backing is not None:
         entry = pool.allocated.get(rec.backing)
@@ -602,7 +605,7 @@ class _Planner:
                 **at,
             )
             return True
-        need = migration_need(rec, rpool, d.spec.size)
+        need = migration_need(rec, rpool, d.spec.size, pool.thick_unit)
         if pool.available is not None and self.claimed[pool.name] + need > pool.available:
             others = self.claimed[pool.name]
             also = f" beside {format_size(others)} for other migrations" if others else ""

@@ -48,6 +48,9 @@ class MigrationFacts:
     available: int | None  # free bytes (None: unknown; then no space check is made)
     allocated: Mapping[str, int] = field(default_factory=dict)  # volume -> bytes it occupies
     layouts: frozenset[str] = frozenset()  # `backend/format` it copies out of and into
+    # 0: a copy into the pool occupies what its data needs (sparse); N: its whole size,
+    # rounded up to N bytes, whatever its data (an LV holds all of its extents).
+    thick_unit: int = 0
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ class Piece:
     length: int
 
 
-def _message(stderr: str, stdout: str) -> str:
+def message(stderr: str, stdout: str) -> str:
+    """LVM's own words of a failure, without its warnings (one line)."""
     lines = [ln.strip() for ln in (stderr or stdout).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith("WARNING:")]
     return "; ".join(useful or lines) or "no message"
@@ -102,7 +103,7 @@ class Lvm:
     def run(self, cmd: str, *args: str, lv: str | None = None) -> str:
         rc, out, err = self.execute(cmd, *args, lv=lv)
         if rc != 0:
-            raise LvmError(f"{cmd} failed in {self.where(lv)}: {_message(err, out)}")
+            raise LvmError(f"{cmd} failed in {self.where(lv)}: {message(err, out)}")
         return out
 
     def report(
@@ -132,7 +133,7 @@ class Lvm:
         )  # fmt: skip
         if rc != 0:
             raise PoolError(
-                f"{self.where()}: LVM cannot read the volume group: {_message(err, out)}"
+                f"{self.where()}: LVM cannot read the volume group: {message(err, out)}"
             )
         try:
             (row,) = json.loads(out)["report"][0]["vg"]
@@ -167,7 +168,7 @@ class Lvm:
         )
         if rc == 0:
             return True
-        msg = _message(err, out)
+        msg = message(err, out)
         if rc == LVM_NOT_FOUND and "Failed to find logical volume" in msg:
             return False
         raise LvmError(f"lvs failed in {self.where(lv)}: {msg}")

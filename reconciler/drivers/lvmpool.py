@@ -31,6 +31,14 @@ copied in (raw to raw, through drivers/lvm.py's LvData: /dev/VG/LV in production
 segment map in the test mode), zeros beyond them; grown with `lvextend` alone (raw).
 Delete clears the LV's extents first (volumeClear: zero, or none; volumeClearSize bytes,
 0 = all), since LVM hands freed extents to the next LV, then `lvremove`.
+
+Migrations (reconciler/migrate.py) in and out: the one layout is lvm/raw. A copy is a new
+LV (zeroed past its size); a raw file or LV is copied in through LvData, anything else by
+qemu-img, which reaches an LV as its raw driver with `offset` and `size` over a
+host_device (/dev/VG/LV; without activation, the LV's one segment of its PV: an LV of
+several segments cannot be addressed so, and is refused). Free space is the VG's, and a
+copy takes its whole size in extents (`thick_unit`), whatever its data. Adopting takes an
+existing LV as raw at LVM's size; importing a file fills a temporary LV, renamed when whole.
 """
 
 from __future__ import annotations
@@ -42,11 +50,12 @@ import datetime
 import errno
 import json
 import os
+import stat
 import threading
 import xml.etree.ElementTree as ET
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,20 +66,37 @@ import structlog
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers import ownership
-from reconciler.drivers.base import RecordCopies, Unmigratable, VolumeExists
+from reconciler.drivers.base import (
+    Inspected,
+    ManagingDriver,
+    MigrationFacts,
+    QemuImage,
+    RecordCopies,
+    VolumeExists,
+)
 from reconciler.drivers.domains import Attachments, attachments
-from reconciler.drivers.filepool import image_entry_name, template_entry_name
+from reconciler.drivers.filepool import FilePoolDriver, image_entry_name, template_entry_name
 from reconciler.drivers.headers import HEADER_BYTES, header_format
 from reconciler.drivers.libvirt_conn import Connections
-from reconciler.drivers.lvm import LvData, Lvm, LvmError, copy, file_reader, pieces_reader, zero
-from reconciler.drivers.tools import convert_argv, fd_path, mkfs_argv
+from reconciler.drivers.lvm import (
+    LvData,
+    Lvm,
+    LvmError,
+    Piece,
+    copy,
+    file_reader,
+    message,
+    pieces_reader,
+    zero,
+)
+from reconciler.drivers.tools import NotAFile, convert_argv, fd_path, mkfs_argv, open_volume
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
 from reconciler.naming import TEMP_PREFIX
 from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
-from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
 from reconciler.store import ConflictError, RecordStore
 from reconciler.tools import run
 
@@ -82,6 +108,9 @@ BACKPOINTER = "reconciler.record:"
 COPY_PREFIX = "reconciler.copy."
 OWNER_TAG = "reconciler.owner:"
 COPY_CHUNK = 960  # characters of a record copy per tag (LVM tags: up to 1024)
+LAYOUTS = frozenset({"lvm/raw"})  # what a migration copies out of and into an lvm pool
+# An LV being filled before it takes its name (take_file); swept by sweep_temp.
+LV_TEMP_PREFIX = "_tmp_"
 
 
 def _now() -> str:
@@ -135,7 +164,7 @@ def decode_copy(tags: Sequence[str]) -> DiskRecord | None:
     return DiskRecord.model_validate_json(raw)
 
 
-class LvmPoolDriver(Unmigratable):  # migrations: not built for lvm pools yet
+class LvmPoolDriver:
     def __init__(
         self,
         name: str,
@@ -433,16 +462,18 @@ class LvmPoolDriver(Unmigratable):  # migrations: not built for lvm pools yet
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         return None  # a disk is a copy of its entry: it depends on none once made
 
-    def _lvcreate(self, name: str, size: int) -> None:
+    def _lvcreate(self, name: str, size: int, *, contiguous: bool = False) -> None:
         check_lv_name(name)
         act = ["-ay"] if self.lvm_config.activate else ["-an"]
+        if contiguous:
+            act += ["--alloc", "contiguous"]
         tag = self._backpointer()
         rc, out, err = self.lvm.execute(
             "lvcreate", *act, "-Zn", "-Wn", "-L", f"{size}b", "-n", name, "--addtag", tag,
             self.vg, lv=name,
         )  # fmt: skip
         if rc != 0:
-            msg = " ".join((err or out).split())
+            msg = message(err, out)
             if "already exists" in msg:
                 raise VolumeExists(
                     f"volume {name} appeared in pool {self.name} from elsewhere; it is not "
@@ -723,4 +754,215 @@ class LvmPoolDriver(Unmigratable):  # migrations: not built for lvm pools yet
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(root / name)
                     removed.append(name)
+        # LVs an interrupted take_file left: only ours (the back-pointer to this store).
+        mine = self._backpointer()
+        for lv, tags in sorted(self.lvm.lv_tags().items()):
+            if not lv.startswith(LV_TEMP_PREFIX) or mine not in tags:
+                continue
+            with self.locks().attempt(lv[len(LV_TEMP_PREFIX) :]) as taken:
+                if taken:
+                    self.delete_volume(lv)
+                    removed.append(lv)
         return removed
+
+    # -- adoption and importing files ---------------------------------------------------
+
+    def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
+        """An existing LV is adopted as raw, its size the LV's (LVM's metadata, never its
+        bytes); its first bytes are read through LvData only to report a header that
+        announces another format (a guest may have written it; it is never followed)."""
+        if fmt is not DiskFormat.RAW:
+            raise ReconcileError(
+                f"pool {self.name} is an lvm pool: its disks are raw LVs, so "
+                f"{volume} cannot be adopted as {fmt}"
+            )
+        size = self._lv_size(volume)
+        with self.data.open(volume, min(HEADER_BYTES, size), write=False) as pieces:
+            header = header_format(pieces_reader(pieces)(0, min(HEADER_BYTES, size)))
+        return Inspected(size, None, header)
+
+    def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
+        """A host file's bytes, unchanged, into a new LV: made under a temporary name,
+        filled (zeros past the file's end to the LV's, which LVM rounds up to whole
+        extents), synced, then renamed to `volume`, so the name only ever holds a whole
+        copy; the source is removed last (unless kept). The caller holds the volume's
+        lock (temporary LVs are swept under it)."""
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"{path} is not a regular file; not imported")
+        if self.volume_exists(volume):
+            raise VolumeExists(f"volume {volume} exists in pool {self.name}; not replaced")
+        tmp = LV_TEMP_PREFIX + volume
+        self.delete_volume(tmp)  # a partial copy an interrupted run left (ours)
+        with open_volume(path, write=False) as fd:
+            size = os.fstat(fd).st_size
+            self._lvcreate(tmp, max(size, 512))
+            faults.point("volume.created")
+            try:
+                with self.data.open(tmp, None, write=True) as pieces:
+                    copy(file_reader(fd, size), size, pieces)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.delete_volume(tmp)
+                raise
+        try:
+            self.rename_volume(tmp, volume, replace=False)
+        except VolumeExists:
+            self.delete_volume(tmp)
+            raise
+        if not keep_source:
+            os.unlink(path)
+        faults.point("volume.imported")
+
+    def volume_at(self, path: str) -> str | None:
+        """The LV at /dev/VG/LV of this pool's VG; None for any other path."""
+        where = os.path.normpath(path)
+        if os.path.dirname(where) != f"/dev/{self.vg}":
+            return None
+        return os.path.basename(where) or None
+
+    def point_overlay_at(self, path: str, entry: str) -> None:
+        raise ReconcileError(
+            f"pool {self.name} is an lvm pool: its disks are raw LVs, so a qcow2 overlay "
+            f"({path}) cannot be taken into it"
+        )
+
+    # -- migrations ---------------------------------------------------------------------
+
+    def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
+        """The VG's free bytes, each managed LV's size as what it occupies (an LV holds all
+        its extents), and raw LVs as the one layout. A copy into the VG takes its whole
+        size in extents whatever its data, which `thick_unit` tells the planner."""
+        try:
+            (vg,) = self.lvm.report("vgs", "vg_free,vg_extent_size", self.vg)
+            sizes = {
+                r["lv_name"]: int(r["lv_size"])
+                for r in self.lvm.report("lvs", "lv_name,lv_size", self.vg)
+            }
+            free, extent = int(vg["vg_free"]), int(vg["vg_extent_size"])
+        except (LvmError, ValueError, KeyError) as e:
+            raise PoolError(f"{self.lvm.where()}: its free space is unknown ({e})") from None
+        allocated = {v: sizes[v] for v in volumes if v in sizes}
+        return MigrationFacts(free, allocated, LAYOUTS, thick_unit=extent)
+
+    def _check_layout(self, volume: str, backend: Backend, fmt: DiskFormat) -> None:
+        if (backend, fmt) != (Backend.LVM, DiskFormat.RAW):
+            raise ReconcileError(
+                f"pool {self.name} holds raw lvm disks only; {volume} cannot be {backend}/{fmt}"
+            )
+
+    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+        """A new LV (the pool's usual flags and back-pointer tag) for a copy: what lies past
+        `size` (LVM rounds up to whole extents) is zeroed, so no earlier tenant's byte is
+        in it; the first `size` bytes are the copy's to write, zeros included."""
+        self._check_layout(volume, backend, fmt)
+        # Without activation qemu-img reaches an LV only as one range of its PV: the copy
+        # is allocated in one (LVM refuses if the VG has no such run of free extents).
+        self._lvcreate(volume, size, contiguous=not self.lvm_config.activate)
+        faults.point("volume.created")
+        with self.data.open(volume, None, write=True) as pieces:
+            tail = _beyond(pieces, size)
+            if tail:
+                zero(tail)
+
+    def _recorded_size(self, volume: str) -> int | None:
+        rec = self._store().get(self.name, volume) if self.store is not None else None
+        return None if rec is None else rec.virtual_size
+
+    @contextmanager
+    def qemu_image(
+        self, volume: str, fmt: DiskFormat, backing: str | None, *, write: bool
+    ) -> Iterator[QemuImage]:
+        """The LV as qemu-img's raw driver over a host_device, with `offset` and `size`: the
+        recorded size of a disk (the LV may be larger, whole extents), else the whole LV.
+        With activation that is /dev/VG/LV (offset 0); without it, the LV's one segment on
+        its PV (the test mode). An LV of several segments has no single range qemu can
+        address without device-mapper: refused (raw to raw copies do not need qemu-img)."""
+        if fmt is not DiskFormat.RAW or backing is not None:
+            raise ReconcileError(f"{self.name}/{volume}: an lvm disk is raw with no backing")
+        with self.data.open(volume, self._recorded_size(volume), write=write) as pieces:
+            if len(pieces) != 1:
+                raise ReconcileError(
+                    f"{self.name}/{volume} lies in {len(pieces)} segments of its PVs and this "
+                    "host cannot activate it (no device-mapper), so qemu-img cannot address it "
+                    "as one device; it is not copied by qemu-img"
+                )
+            (p,) = pieces
+            node: dict[str, Any] = {"driver": "host_device", "filename": fd_path(p.fd)}
+            if not self.lvm_config.activate:
+                # The file node is the whole PV, which every LV of the VG shares: a qemu
+                # lock on it would be a lock on the VG's other disks.
+                node["locking"] = "off"
+            raw = {"driver": "raw", "offset": p.offset, "size": p.length, "file": node}
+            yield QemuImage("raw", "json:" + json.dumps(raw, sort_keys=True), (p.fd,))
+
+    def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
+        """Raw to raw through LvData: from a file pool's raw file (no backing) or another
+        (or this) lvm pool's LV, then zeros to the LV's end; nothing is read as a format.
+        A qcow2 or ploop source (a format to read) is qemu-img's."""
+        self._check_layout(to.volume, to.backend, to.format)
+        if rec.format is not DiskFormat.RAW or rec.backing is not None:
+            return False
+        if rec.virtual_size > to.virtual_size:
+            raise ReconcileError(f"{rec.volume} is larger than its copy; not copied")
+        what = f"{source.name}/{rec.volume}"
+        if isinstance(source, FilePoolDriver):
+            with (
+                open_volume(source.path(rec.volume), write=False) as fd,
+                self.data.open(to.volume, None, write=True) as dst,
+            ):
+                size = os.fstat(fd).st_size
+                if size > to.virtual_size:
+                    raise ReconcileError(f"{what} is larger than its copy; not copied")
+                copy(file_reader(fd, size), size, dst)
+            return True
+        if isinstance(source, LvmPoolDriver):
+            n = rec.virtual_size
+            if source is self:
+                with self.data.open_many({rec.volume: n, to.volume: None}, write=True) as m:
+                    copy(pieces_reader(m[rec.volume]), n, m[to.volume])
+                return True
+            with (
+                source.data.open(rec.volume, n, write=False) as src,
+                self.data.open(to.volume, None, write=True) as dst,
+            ):
+                copy(pieces_reader(src), n, dst)
+            return True
+        return False
+
+    def finish_copy(self, volume: str) -> None:
+        """fsync the device(s) the LV's bytes are on: /dev/VG/LV, or its PV(s)."""
+        with self.data.open(volume, None, write=True) as pieces:
+            for fd in {p.fd for p in pieces}:
+                os.fsync(fd)
+
+    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
+        """`lvrename` in the VG (one metadata commit). It never takes an existing name
+        (VolumeExists); with `replace`, an existing `new` is cleared and removed first
+        (LVM has no rename over an LV): a crash between the two leaves `old` holding the
+        data under its name, and the caller (a `switched` migration) renames it next run."""
+        check_lv_name(new)
+        if replace and self.volume_exists(new):
+            self.delete_volume(new)
+        rc, out, err = self.lvm.execute("lvrename", self.vg, old, new, lv=old)
+        if rc != 0:
+            msg = message(err, out)
+            if "already exists" in msg:
+                raise VolumeExists(
+                    f"volume {new} exists in pool {self.name}; {old} is not renamed over it"
+                )
+            raise LvmError(f"lvrename failed in {self.lvm.where(old)}: {msg}")
+        self._note(old, False)
+        self._note(new, True)
+
+
+def _beyond(pieces: Sequence[Piece], size: int) -> list[Piece]:
+    """The parts of the pieces past their first `size` bytes."""
+    out: list[Piece] = []
+    base = 0
+    for p in pieces:
+        skip = max(0, min(p.length, size - base))
+        if skip < p.length:
+            out.append(Piece(p.fd, p.offset + skip, p.length - skip))
+        base += p.length
+    return out
