@@ -611,7 +611,7 @@ def test_an_instances_disks_have_one_owner(make: Make) -> None:
     a.beat()
     b.beat()
     a.put(record("vm-5-root", instance="vm-5"), None)
-    with pytest.raises(ConflictError, match="instance vm-5 .* is owned by host host-a"):
+    with pytest.raises(ConflictError, match=r"instance vm-5 .* is owned by host host-a"):
         b.put(record("vm-5-scratch", instance="vm-5"), None)
     assert b.get("rbd", "vm-5-scratch") is None
     a.put(record("vm-5-scratch", instance="vm-5"), None)  # the owner makes the rest
