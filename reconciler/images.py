@@ -15,9 +15,11 @@ inspector's own check of the table passes, and refused for any other.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -108,6 +110,85 @@ class Progress:
             self.out.flush()
 
 
+RBD_READ = 4 << 20  # bytes per read from a remote RBD snapshot (the default object size)
+RBD_TIMEOUT = 30.0  # seconds any one Ceph operation of a fetch may take
+
+
+class _RbdReader(io.RawIOBase):
+    """A snapshot of an RBD image, read front to back (what `_stream_once` needs)."""
+
+    def __init__(self, image: Any, size: int) -> None:
+        self._image = image
+        self._size = size
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._size - self._offset, RBD_READ)
+        if n <= 0:
+            return 0
+        data: bytes = self._image.read(self._offset, n)
+        buffer[: len(data)] = data
+        self._offset += len(data)
+        return len(data)
+
+
+@contextmanager
+def open_rbd(location: str, image: ImageConfig | None) -> Iterator[IO[bytes]]:
+    """Read an rbd://FSID/POOL/IMAGE/SNAP location of another cluster through a client of
+    that cluster (the catalog's cephConf), every wait bounded."""
+    m = re.fullmatch(r"rbd://([0-9a-fA-F-]{36})/([^/@]+)/([^/@]+)/([^/@]+)", location)
+    if m is None:
+        raise FetchFailed(f"{location} is not rbd://FSID/POOL/IMAGE/SNAP")
+    fsid, pool, name, snap = m[1].lower(), m[2], m[3], m[4]
+    if image is None or image.ceph_conf is None:
+        raise FetchFailed(
+            f"{location} is a snapshot in another Ceph cluster than the pool's; give its "
+            "catalog entry `cephConf` (that cluster's ceph.conf) so it can be fetched, or "
+            "serve the image over http(s) or file://"
+        )
+    try:
+        import rados
+        import rbd
+    except ImportError:
+        raise FetchFailed(f"{location}: Ceph's rados and rbd modules are not installed") from None
+    t = f"{RBD_TIMEOUT:g}"
+    conf = {"rados_osd_op_timeout": t, "rados_mon_op_timeout": t, "client_mount_timeout": t}
+    cluster = rados.Rados(conffile=image.ceph_conf, name=image.ceph_client, conf=conf)
+    try:
+        try:
+            cluster.connect()
+            found = str(cluster.get_fsid()).lower()
+            if found != fsid:
+                raise FetchFailed(
+                    f"{location}: cephConf {image.ceph_conf} is of cluster {found}, not {fsid}"
+                )
+            ioctx = cluster.open_ioctx(pool)
+        except (rados.Error, OSError) as e:
+            raise FetchFailed(
+                f"{location}: cannot reach it through {image.ceph_conf}: {e}"
+            ) from None
+        try:
+            try:
+                img = rbd.Image(ioctx, name, snapshot=snap, read_only=True)
+            except (rbd.Error, rados.Error) as e:
+                raise FetchFailed(f"{location}: cannot open the snapshot: {e}") from None
+            try:
+                reader = _RbdReader(img, int(img.size()))
+                try:
+                    yield io.BufferedReader(reader, RBD_READ)
+                except (rbd.Error, rados.Error) as e:
+                    raise FetchFailed(f"{location}: transfer failed: {e}") from None
+            finally:
+                img.close()
+        finally:
+            ioctx.close()
+    finally:
+        cluster.shutdown()
+
+
 def format_size_approx(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
@@ -116,15 +197,13 @@ def format_size_approx(n: int) -> str:
 
 
 @contextmanager
-def open_location(location: str) -> Iterator[IO[bytes]]:
+def open_location(location: str, image: ImageConfig | None = None) -> Iterator[IO[bytes]]:
     url = urlparse(location)
     if url.scheme == "rbd":
         # An rbd pool of the same cluster clones from it directly and never gets here.
-        raise FetchFailed(
-            f"{location} is a snapshot in another Ceph cluster than the pool's; this host "
-            "has no client for that cluster, so it cannot be fetched: serve the image over "
-            "http(s) or file://, or use it from an rbd pool of its own cluster"
-        )
+        with open_rbd(location, image) as f:
+            yield f
+        return
     if url.scheme == "file":
         path = unquote(url.path)
         try:
@@ -276,7 +355,7 @@ def _stream_once(
     declared = image.format.value
     total = 0
     size_checked = False
-    with _Hasher() as digest, open_location(image.location) as src:
+    with _Hasher() as digest, open_location(image.location, image) as src:
         wrapper = fi.InspectWrapper(src, expected_format=declared)
         # A second inspector of the declared format, to see its header as soon as it is in.
         kind = fi.get_inspector(declared) if declared != "raw" else None

@@ -111,6 +111,21 @@ class ImageConfig(BaseModel):
     format: ImageFormat = Field(strict=False)
     sha256: str
     size: int = Field(gt=0, description="size of the image file in bytes")
+    # An rbd:// location in another Ceph cluster than a pool's is fetched (and checked like
+    # any image) through a client of that cluster: its ceph.conf and cephx name.
+    ceph_conf: str | None = Field(
+        None,
+        min_length=1,
+        alias="cephConf",
+        description="for an rbd:// location: the ceph.conf of the cluster it is in",
+    )
+    ceph_client: str = Field("client.admin", min_length=1, alias="cephClient")
+
+    @model_validator(mode="after")
+    def _ceph_conf(self) -> ImageConfig:
+        if self.ceph_conf is not None and not self.location.startswith("rbd://"):
+            raise ValueError("cephConf is only for an rbd:// location")
+        return self
 
     @field_validator("location")
     @classmethod
