@@ -5,6 +5,7 @@ records and the pool's owner object of one never meet another's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -57,6 +58,23 @@ class RbdSite:
         with rbd.Image(self.ioctx, image, read_only=True) as img:
             data: bytes = img.read(offset, length)
             return data
+
+    def digest(self, image: str, length: int | None = None) -> str:
+        """sha256 of an image's first `length` bytes (all of it by default), read by the
+        `rbd` CLI in a child process: once in a CI run, librbd aborted (SIGABRT) while
+        this process read an image right after a SIGKILLed reconciler, taking the whole
+        test session with it; in a child that fails one test, with what it printed."""
+        import subprocess
+
+        res = subprocess.run(
+            ["rbd", "-c", str(self.ceph.conf), "export", f"{self.pool}/{image}", "-"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert res.returncode == 0, f"rbd export {image}: rc {res.returncode}: {res.stderr!r}"
+        data = res.stdout if length is None else res.stdout[:length]
+        return hashlib.sha256(data).hexdigest()
 
     def write(self, image: str, data: bytes, offset: int = 0) -> None:
         """Write into an image as a guest would (through its data, nothing else)."""

@@ -6,7 +6,6 @@ ready before the killed run is unchanged."""
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import subprocess
 from pathlib import Path
@@ -70,8 +69,7 @@ def store(site: RbdSite) -> RbdRecordStore:
 
 
 def digest(site: RbdSite, image: str, length: int | None = None) -> str:
-    n = length if length is not None else site.size(image)
-    return hashlib.sha256(site.read(image, n)).hexdigest()
+    return site.digest(image, length)
 
 
 def setup_env(site: RbdSite, root: Path, images: dict[str, Any]) -> tuple[Env, dict[str, str]]:
