@@ -22,9 +22,13 @@ from typing import Any
 
 import pytest
 
+from reconciler.drivers.base import VolumeExists
 from reconciler.drivers.rbdpool import RECORD_KEY, RbdRecordStore
+from reconciler.errors import ReconcileError
 from reconciler.naming import TEMP_PREFIX
+from reconciler.schema.load import load_config
 from reconciler.schema.record import DiskRecord, MigrationPhase, RecordKind, RecordState
+from reconciler.session import Session
 from tests.conftest import Pools
 from tests.conftest_ceph import Ceph
 from tests.env import Env, disk
@@ -443,3 +447,49 @@ def test_adopting_a_clone_is_refused(pools: Pools, site: RbdSite, tmp_path: Path
     rc, out = adopt(env, inst, f"{inst}_d")
     assert rc != 0 and "is a clone of" in out, out
     assert [r for r in rados_records(site) if r.kind is RecordKind.DISK] == []
+
+
+# -- taking in host files (import) --------------------------------------------------------
+
+
+def test_take_file_fills_a_new_image_and_never_replaces_one(
+    pools: Pools, site: RbdSite, tmp_path: Path
+) -> None:
+    """A host file's bytes, unchanged, into a new image of the file's size (its holes
+    read as zeros); an existing name is refused; a temporary image an interrupted import
+    left is swept; no host path is an image; an overlay cannot be pointed into it."""
+    import rbd
+
+    env = make_env(pools, tmp_path, ("ceph", site))
+    src = tmp_path / "nova-disk"
+    data = b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(40000))  # 1.25 MB
+    with open(src, "wb") as f:
+        f.write(data)
+        f.seek(6 * MiB)  # a hole, then data again, ending mid-chunk
+        f.write(data[:12345])
+    whole = src.read_bytes()
+    with Session(load_config(str(env.config_path))) as s:
+        drv = s.managing_drivers()["ceph"]
+        drv.claim()
+        with drv.lock("imported"):
+            drv.take_file(str(src), "imported", keep_source=True)
+        assert src.exists()
+        assert site.size("imported") == len(whole)
+        assert site.read("imported", len(whole)) == whole
+        with drv.lock("imported"), pytest.raises(VolumeExists, match="exists"):
+            drv.take_file(str(src), "imported", keep_source=False)
+        assert src.exists() and site.read("imported", len(whole)) == whole
+        with drv.lock("other"):
+            drv.take_file(str(src), "other", keep_source=False)
+        assert not src.exists()
+        assert site.read("other", len(whole)) == whole
+        assert not {i for i in site.images() if i.startswith(TEMP_PREFIX)}
+
+        rbd.RBD().create(site.ioctx, TEMP_PREFIX + "gone", MiB)  # an interrupted import's
+        assert drv.sweep_temp() == [TEMP_PREFIX + "gone"]
+        assert TEMP_PREFIX + "gone" not in site.images()
+
+        assert drv.volume_at(str(env.pool_dir("local") / "imported")) is None
+        assert drv.volume_at("rbd/imported") is None
+        with pytest.raises(ReconcileError, match="overlay"):
+            drv.point_overlay_at(str(tmp_path / "x.qcow2"), "_cache_x")
