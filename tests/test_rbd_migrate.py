@@ -5,11 +5,11 @@ image's bytes are read back with the tests' own python-rbd client, a file's with
 
 Asserted: the data is the same after file -> rbd (flat raw, qcow2, a qcow2 overlay
 flattened), rbd -> file (raw, qcow2; a clone of a cache entry flattened, the entry's
-reference dropped once the old image is gone) and rbd -> another rbd pool (a flat copy);
-SIGKILL at every step boundary of a run migrating one disk file -> rbd and another
-rbd -> file leaves one record naming where each disk's data is, and the next run
-converges; `reconcile adopt` of an existing image records it raw (a guest-written qcow2
-header only warns; a clone is refused).
+reference dropped once the old image is gone), rbd -> another rbd pool (a flat copy) and
+lvm -> rbd -> lvm; SIGKILL at every step boundary of a run migrating one disk file -> rbd
+and another rbd -> file leaves one record naming where each disk's data is, and the next
+run converges; `reconcile adopt` of an existing image records it raw (a guest-written
+qcow2 header only warns; a clone is refused); take_file imports a host file's bytes.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from reconciler.naming import TEMP_PREFIX
 from reconciler.schema.load import load_config
 from reconciler.schema.record import DiskRecord, MigrationPhase, RecordKind, RecordState
 from reconciler.session import Session
-from tests.conftest import Pools
+from tests.conftest import Pools, make_lvm_env
 from tests.conftest_ceph import Ceph
+from tests.conftest_lvm import VolumeGroup
 from tests.env import Env, disk
 from tests.rbdsite import RbdSite, rbd_site
 from tests.test_migrate import content, files, write_pattern
@@ -493,3 +494,37 @@ def test_take_file_fills_a_new_image_and_never_replaces_one(
         assert drv.volume_at("rbd/imported") is None
         with pytest.raises(ReconcileError, match="overlay"):
             drv.point_overlay_at(str(tmp_path / "x.qcow2"), "_cache_x")
+
+
+# -- lvm <-> rbd ----------------------------------------------------------------------------
+
+
+def test_lvm_to_rbd_and_back_keeps_the_data(
+    pools: Pools, site: RbdSite, lvm_vg: VolumeGroup, tmp_path: Path
+) -> None:
+    """Neither driver's own path covers the other: the LV is read by qemu-img (through
+    the lvm driver's qemu_image) into raw for python-rbd, and the image's local raw export
+    is written into the LV by qemu-img."""
+    env = make_lvm_env(pools, tmp_path, lvm_vg)
+    env.extra_pools = {"ceph": site.pool_config(namespace=NS)}
+    env.host = HOST
+    env.write_config()
+    try:
+        inst = env.manifest("vm", [disk("d", backend="lvm", pool="vg", size="16MiB")])
+        run_ok(env)
+        lv = f"{inst}_d"
+        for i, off in enumerate(PATTERN):
+            lvm_vg.write_lv(lv, off, bytes([0x11 + i]) * 65536)
+        want = sha(lvm_vg.segment_bytes(lv, SIZE))
+
+        migrate_once(env, "vm", inst, rdisk("d", size="16MiB"))
+        run_ok(env)
+        assert lv not in lvm_vg.lvs() and image_sha(site, lv) == want
+        check_rbd_disk(site, lv)
+
+        migrate_once(env, "vm", inst, disk("d", backend="lvm", pool="vg", size="16MiB"))
+        run_ok(env)
+        assert lv not in site.images() and sha(lvm_vg.segment_bytes(lv, SIZE)) == want
+        assert plan(env)["actions"] == []
+    finally:
+        lvm_vg.reset()
