@@ -458,7 +458,8 @@ def test_take_file_fills_a_new_image_and_never_replaces_one(
 ) -> None:
     """A host file's bytes, unchanged, into a new image of the file's size (its holes
     read as zeros); an existing name is refused; a temporary image an interrupted import
-    left is swept; no host path is an image; an overlay cannot be pointed into it."""
+    left is swept; a rename never takes a name unless told to replace it; no host path is
+    an image; an overlay cannot be pointed into it."""
     import rbd
 
     env = make_env(pools, tmp_path, ("ceph", site))
@@ -485,6 +486,14 @@ def test_take_file_fills_a_new_image_and_never_replaces_one(
         assert not src.exists()
         assert site.read("other", len(whole)) == whole
         assert not {i for i in site.images() if i.startswith(TEMP_PREFIX)}
+
+        rbd.RBD().create(site.ioctx, "x", MiB)
+        site.write("x", b"\x77" * 4096)
+        with pytest.raises(VolumeExists, match="not renamed over it"):
+            drv.rename_volume("x", "other", replace=False)
+        assert site.read("other", len(whole)) == whole
+        drv.rename_volume("x", "other", replace=True)  # removes `other` first
+        assert "x" not in site.images() and site.read("other", 4096) == b"\x77" * 4096
 
         rbd.RBD().create(site.ioctx, TEMP_PREFIX + "gone", MiB)  # an interrupted import's
         assert drv.sweep_temp() == [TEMP_PREFIX + "gone"]
