@@ -43,6 +43,24 @@ Disk: record `creating` (executor) -> reference added (an unused reference is pr
 `cache gc` when its disk has no record and no image) -> clone -> grow -> record `ready`.
 Delete: record `deleting` -> image removed -> reference dropped -> record removed.
 
+Migrations (reconciler/migrate.py) in and out, adopt and import: the one layout is rbd/raw.
+Debian's qemu-img here has no rbd block driver (it is the qemu-block-extra package, which
+is not installed; it would also take the conf and client on its command line and bound
+nothing by opTimeout), so qemu-img never opens an image. Into this pool, native_copy
+always does the work, with python-rbd into a plain new image (prepare_copy), zero chunks
+skipped: from another rbd pool image to image, from a file pool's raw file its data
+extents, from anything else (a qcow2, an overlay to flatten, an LV) the raw bytes
+`qemu-img convert -f FMT -O raw` makes of it in an unnamed local file (O_TMPFILE). Out of
+this pool, qemu_image() gives qemu-img a raw export of the image (its parent's data
+included, so a clone's copy is flat) in an unnamed local file; migrate.py's compare reads
+the copy the same way, so the verification reads both sides back from where they are.
+The cost is local scratch space (TMPDIR, default /var/tmp) for the data of one image (two
+while a copy out of the pool is compared), never a named file: a crash leaves nothing to
+sweep. Free space is `ceph df`'s MAX AVAIL where a ceph-mgr makes it real; without one
+every figure is zero, so it is unknown and the plan makes no space check. Adopting takes
+an existing image that is not a clone as raw at RBD's size; importing a file fills a
+temporary image, renamed when whole.
+
 Pool ownership: many hosts share the pool by design, so the pool is claimed by the RADOS
 store (the `store` object's id, one per namespace), not by a host: an object
 `reconciler.owner` in P's default namespace names the store that manages the images.
@@ -60,10 +78,11 @@ import json
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -72,19 +91,27 @@ import structlog
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers import ownership
-from reconciler.drivers.base import RecordCopies, Unmigratable, VolumeExists
+from reconciler.drivers.base import (
+    Inspected,
+    ManagingDriver,
+    MigrationFacts,
+    QemuImage,
+    RecordCopies,
+    VolumeExists,
+)
 from reconciler.drivers.domains import Attachments
-from reconciler.drivers.filepool import image_entry_name, template_entry_name
+from reconciler.drivers.filepool import FilePoolDriver, image_entry_name, template_entry_name
+from reconciler.drivers.headers import HEADER_BYTES, header_format
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.rados_locks import LeaseLocks, LockBusy
 from reconciler.drivers.rados_records import RadosRecordStore, client_conf
-from reconciler.drivers.tools import fd_path, mkfs_argv
+from reconciler.drivers.tools import NotAFile, fd_path, mkfs_argv, open_volume
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
-from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
 from reconciler.store import ConflictError, RecordStore, StoreError, StoreIdentity
 from reconciler.tools import run
 
@@ -96,6 +123,7 @@ OWNER_OBJECT = "reconciler.owner"  # in the pool's default namespace, beside the
 WATCH_WAIT = 45.0  # seconds to wait for a dead client's watch on an image to expire
 WRITE_CHUNK = 4 << 20  # bytes per python-rbd write on import (the default object size)
 _ZERO = bytes(WRITE_CHUNK)
+LAYOUTS = frozenset({"rbd/raw"})  # what a migration copies out of and into an rbd pool
 RBD_LOCATION = re.compile(r"^rbd://([0-9a-fA-F-]{36})/([^/@]+)/([^/@]+)/([^/@]+)$")
 
 
@@ -193,10 +221,8 @@ class _Client:
         self.cluster.shutdown()
 
 
-class RbdPoolDriver(Unmigratable):
-    """A driver bound to one configured rbd pool (see the module docstring). Migrations,
-    adopt and import-nova are not built for rbd yet (Unmigratable says so, planned as
-    errors)."""
+class RbdPoolDriver:
+    """A driver bound to one configured rbd pool (see the module docstring)."""
 
     def __init__(
         self,
@@ -1056,6 +1082,303 @@ class RbdPoolDriver(Unmigratable):
                     continue
                 removed.append(name)
         return removed
+
+    # -- image data: read out, written in (migrations, take_file) -----------------------
+
+    def _extents(self, img: Any, volume: str) -> list[tuple[int, int]]:
+        """The ranges of an open image whose RBD objects exist, its parent's included
+        (whole objects: the object map where the image has one); all else reads as zeros."""
+        out: list[tuple[int, int]] = []
+
+        def note(offset: int, length: int, exists: bool) -> int:
+            if exists:
+                if out and out[-1][0] + out[-1][1] == offset:
+                    out[-1] = (out[-1][0], out[-1][1] + length)
+                else:
+                    out.append((offset, length))
+            return 0
+
+        with self._ceph(f"listing {volume}'s data"):
+            img.diff_iterate(0, img.size(), None, note, include_parent=True, whole_object=True)
+        return out
+
+    def _read_into(self, img: Any, volume: str, write: Callable[[bytes, int], None]) -> None:
+        """Hand every chunk of an open image's data that is not all zeros to `write`."""
+        with self._ceph(f"reading {volume}'s size"):
+            size = int(img.size())
+        for start, length in self._extents(img, volume):
+            at, end = start, min(start + length, size)
+            while at < end:
+                n = min(WRITE_CHUNK, end - at)
+                with self._ceph(f"reading {volume}"):
+                    data = img.read(at, n)
+                if len(data) != n:
+                    raise ReconcileError(f"{self.name}/{volume}: short read at {at}")
+                if not _is_zero(data):
+                    write(data, at)
+                at += n
+
+    def _write_from(self, fd: int, length: int, img: Any, volume: str) -> None:
+        """The first `length` bytes of a local file into an open image that reads as zeros
+        (a new one): the file's data extents (SEEK_DATA), zero chunks skipped; flushed."""
+        at = 0
+        while at < length:
+            try:
+                start = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # only a hole remains
+                raise
+            if start >= length:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), length)
+            while start < end:
+                data = os.pread(fd, min(WRITE_CHUNK, end - start), start)
+                if not data:
+                    raise ReconcileError(f"{volume}: the local file ended at {start} of {length}")
+                if not _is_zero(data):
+                    with self._ceph(f"writing {volume}"):
+                        img.write(data, start)
+                start += len(data)
+            at = end
+        with self._ceph(f"flushing {volume}"):
+            img.flush()
+
+    @contextmanager
+    def _export(self, volume: str) -> Iterator[int]:
+        """The image's bytes (its parent's data included) in an unnamed local file
+        (O_TMPFILE: a crash leaves nothing), sparse: only data chunks are written."""
+        with _scratch() as fd:
+            with self._image(volume, read_only=True) as img:
+                with self._ceph(f"reading {volume}'s size"):
+                    os.ftruncate(fd, int(img.size()))
+
+                def put(data: bytes, at: int) -> None:
+                    view = memoryview(data)
+                    while view:
+                        n = os.pwrite(fd, view, at)
+                        view, at = view[n:], at + n
+
+                self._read_into(img, volume, put)
+            yield fd
+
+    # -- adoption and importing files ---------------------------------------------------
+
+    def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
+        """An existing image is adopted as raw, its size RBD's (never its bytes'); its first
+        bytes are read only to report a header that announces another format (a guest may
+        have written it; it is never followed). A clone is refused: no record would hold
+        a reference on its parent, so `cache gc` (or its owner) could not see it."""
+        _, rbd = _mods()
+        if fmt is not DiskFormat.RAW:
+            raise ReconcileError(
+                f"pool {self.name} is an rbd pool: its disks are raw images, so {volume} "
+                f"cannot be adopted as {fmt}"
+            )
+        with self._image(volume, read_only=True) as img:
+            self._check_copy(img, volume, "adopting")
+            with self._ceph(f"reading {volume}"):
+                try:
+                    parent = img.get_parent_image_spec()
+                except rbd.ImageNotFound:
+                    parent = None
+                size = int(img.size())
+                head = bytes(img.read(0, min(HEADER_BYTES, size))) if size else b""
+        if parent is not None:
+            raise ReconcileError(
+                f"{self.name}/{volume} is a clone of {parent['pool_name']}/"
+                f"{parent['image_name']}@{parent['snap_name']}; an adopted disk would depend "
+                "on an image no record holds a reference to, so it is not adopted (flatten "
+                "it first: rbd flatten)"
+            )
+        return Inspected(size, None, header_format(head))
+
+    def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
+        """A host file's bytes, unchanged, into a new image: written (its data extents, zero
+        chunks skipped) into the temporary image `.reconciler-tmp-VOLUME`, flushed, then
+        renamed to `volume`, so the name only ever holds a whole copy; the source is removed
+        last (unless kept). The caller holds the volume's lock, under which sweep_temp
+        leaves that temporary image alone."""
+        _, rbd = _mods()
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise NotAFile(f"{path} is not a regular file; not imported")
+        if self.volume_exists(volume):
+            raise VolumeExists(f"volume {volume} exists in pool {self.name}; not replaced")
+        tmp = TEMP_PREFIX + volume
+        self._remove_temp(tmp)  # a partial copy an interrupted run left (ours)
+        with open_volume(path, write=False) as fd:
+            size = os.fstat(fd).st_size
+            with self._ceph(f"creating temporary image {tmp}"):
+                rbd.RBD().create(self._io(), tmp, size, old_format=False)
+            faults.point("volume.created")
+            try:
+                with self._image(tmp) as img:
+                    self._write_from(fd, size, img, tmp)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._remove_temp(tmp)
+                raise
+        try:
+            self.rename_volume(tmp, volume, replace=False)
+        except VolumeExists:
+            self._remove_temp(tmp)
+            raise
+        if not keep_source:
+            os.unlink(path)
+        faults.point("volume.imported")
+
+    def volume_at(self, path: str) -> str | None:
+        return None  # no image of this pool is a host path
+
+    def point_overlay_at(self, path: str, entry: str) -> None:
+        raise ReconcileError(
+            f"pool {self.name} is an rbd pool: its disks are raw images (clones of cache "
+            f"entries), so a qcow2 overlay ({path}) cannot be taken into it"
+        )
+
+    # -- migrations ---------------------------------------------------------------------
+
+    def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
+        """The Ceph pool's free bytes where Ceph reports them, and rbd/raw as the one
+        layout. No allocation is given per image: knowing it means opening every image
+        (17 ms each) on every plan, and without it the planner counts each disk's whole
+        size, which is also what a flattened copy of a clone may need."""
+        return MigrationFacts(self._available(), {}, LAYOUTS)
+
+    def _available(self) -> int | None:
+        """`ceph df`'s MAX AVAIL for the pool (replication and the full ratio counted), or
+        None (no space check) where Ceph has no real figure: without a ceph-mgr the
+        monitors report every statistic, cluster and pool, as zero and list no pools."""
+        rados, _ = _mods()
+        try:
+            ret, out, _ = self.client().cluster.mon_command(
+                json.dumps({"prefix": "df", "format": "json"}), b""
+            )
+        except rados.Error:
+            return None
+        if ret != 0:
+            return None
+        try:
+            doc = json.loads(out)
+            if int(doc["stats"]["total_bytes"]) <= 0:
+                return None
+            for p in doc["pools"]:
+                if p["name"] == self.ceph.pool:
+                    return int(p["stats"]["max_avail"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return None
+
+    def _check_layout(self, volume: str, backend: Backend, fmt: DiskFormat) -> None:
+        if (backend, fmt) != (Backend.RBD, DiskFormat.RAW):
+            raise ReconcileError(
+                f"pool {self.name} holds raw rbd disks only; {volume} cannot be {backend}/{fmt}"
+            )
+
+    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+        """A plain image (never a clone: a copy is standalone), made as a blank disk is
+        (RBD's default features), reading as zeros; its record copy follows its record."""
+        _, rbd = _mods()
+        self._check_layout(volume, backend, fmt)
+        with self._ceph(f"creating image {volume}"):
+            try:
+                rbd.RBD().create(self._io(), volume, size, old_format=False)
+            except rbd.ImageExists:
+                raise self._exists(volume) from None
+        faults.point("volume.created")
+
+    @contextmanager
+    def qemu_image(
+        self, volume: str, fmt: DiskFormat, backing: str | None, *, write: bool
+    ) -> Iterator[QemuImage]:
+        """qemu-img here has no rbd driver (it is Debian's qemu-block-extra, not installed),
+        so it reads an image as a raw local export of its bytes (see _export; a clone's
+        parent data included, so `backing` needs no node of its own). Nothing writes an
+        rbd image through qemu-img: native_copy always copies into one."""
+        if fmt is not DiskFormat.RAW:
+            raise ReconcileError(f"{self.name}/{volume}: an rbd disk is raw, not {fmt.value}")
+        if write:
+            raise ReconcileError(
+                f"{self.name}/{volume}: an rbd image is written with python-rbd "
+                "(native_copy), never through qemu-img"
+            )
+        with self._export(volume) as fd:
+            node = {"driver": "raw", "file": {"driver": "file", "filename": fd_path(fd)}}
+            yield QemuImage("raw", "json:" + json.dumps(node, sort_keys=True), (fd,))
+
+    def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
+        """Always True: the copy's bytes are written with python-rbd, zero chunks skipped.
+        From another rbd pool, image to image (a clone read with its parent's data, so the
+        copy is flat); from a file pool's raw file without backing, its data extents; from
+        anything else, through a raw local file `qemu-img convert -f FMT -O raw` makes of
+        what the source's qemu_image() reaches (a qcow2 overlay is flattened so)."""
+        self._check_layout(to.volume, to.backend, to.format)
+        if rec.virtual_size > to.virtual_size:
+            raise ReconcileError(f"{rec.volume} is larger than its copy; not copied")
+        what = f"migrate {source.name}/{rec.volume} to {self.name}/{to.volume}"
+        with self._image(to.volume) as img:
+            if isinstance(source, RbdPoolDriver):
+
+                def put(data: bytes, at: int) -> None:
+                    with self._ceph(f"writing {to.volume}"):
+                        img.write(data, at)
+
+                with source._image(rec.volume, read_only=True) as src:
+                    source._read_into(src, rec.volume, put)
+                with self._ceph(f"flushing {to.volume}"):
+                    img.flush()
+            elif (
+                isinstance(source, FilePoolDriver)
+                and rec.format is DiskFormat.RAW
+                and rec.backing is None
+            ):
+                with open_volume(source.path(rec.volume), write=False) as fd:
+                    size = os.fstat(fd).st_size
+                    if size > to.virtual_size:
+                        raise ReconcileError(f"{what}: the file is larger than its copy")
+                    self._write_from(fd, size, img, to.volume)
+            else:
+                with (
+                    source.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
+                    _scratch() as raw,
+                ):
+                    os.ftruncate(raw, to.virtual_size)
+                    run(
+                        [
+                            *("qemu-img", "convert", "-n", "-W", "-S", "4k"),
+                            *("-f", s.format, "-O", "raw", s.filename, fd_path(raw)),
+                        ],
+                        fds=(*s.fds, raw),
+                        what=what,
+                    )
+                    self._write_from(raw, to.virtual_size, img, to.volume)
+        return True
+
+    def finish_copy(self, volume: str) -> None:
+        """Flush the image: python-rbd's writes are acknowledged once the OSDs hold them,
+        and each copy flushes as it ends; this covers any other writer's cache."""
+        with self._image(volume) as img, self._ceph(f"flushing {volume}"):
+            img.flush()
+
+    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
+        """RBD rename (one update of the pool's image directory). It never takes an existing
+        name (VolumeExists); with `replace`, an existing `new` is removed first (RBD has no
+        rename over an image): a crash between the two leaves `old` holding the data under
+        its name, and the caller (a `switched` migration) renames it on its next run."""
+        _, rbd = _mods()
+        if replace and self.volume_exists(new):
+            self.delete_volume(new)
+        with self._ceph(f"renaming {old} to {new}"):
+            try:
+                rbd.RBD().rename(self._io(), old, new)
+            except rbd.ImageExists:
+                raise VolumeExists(
+                    f"volume {new} exists in pool {self.name}; {old} is not renamed over it"
+                ) from None
+
+
+def _is_zero(data: bytes) -> bool:
+    return data == (_ZERO if len(data) == WRITE_CHUNK else bytes(len(data)))
 
 
 @contextmanager
