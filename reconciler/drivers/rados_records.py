@@ -400,18 +400,22 @@ class RadosRecordStore:
 
     def _omap_all(self, oid: str) -> dict[str, bytes]:
         """All of `oid`'s omap, page by page ({} if the object does not exist)."""
+        return self._omap_pages(oid, f"reading index {oid}") or {}
+
+    def _omap_pages(self, oid: str, doing: str) -> dict[str, bytes] | None:
+        """All of `oid`'s omap, page by page; None if the object does not exist."""
         rados = _rados()
         out: dict[str, bytes] = {}
         after = ""
         while True:
-            with self._errors(f"reading index {oid}"):
+            with self._errors(doing):
                 try:
                     with rados.ReadOpCtx() as rop:
                         it, _ = self._io.get_omap_vals(rop, after, "", _OMAP_PAGE)
                         self._io.operate_read_op(rop, oid)
                         page = dict(it)
                 except rados.ObjectNotFound:
-                    return out
+                    return None
             out.update(page)
             if len(page) < _OMAP_PAGE:
                 return out
@@ -1033,24 +1037,14 @@ class RadosRecordStore:
         """The references of pool/volume (volume -> host that added it); None if there is
         no record."""
         oid = record_object(pool, volume)
-        rados = _rados()
-        out: dict[str, str] = {}
-        after = ""
-        while True:
-            with self._errors(f"reading references of {oid}"):
-                try:
-                    with rados.ReadOpCtx() as rop:
-                        it, _ = self._io.get_omap_vals(rop, after, "", _OMAP_PAGE)
-                        self._io.operate_read_op(rop, oid)
-                        page = dict(it)
-                except rados.ObjectNotFound:
-                    return None
-            for k, v in page.items():
-                if k.startswith(REF_PREFIX):
-                    out[k[len(REF_PREFIX) :]] = v.decode(errors="replace")
-            if len(page) < _OMAP_PAGE:
-                return out
-            after = max(page)
+        omap = self._omap_pages(oid, f"reading references of {oid}")
+        if omap is None:
+            return None
+        return {
+            k[len(REF_PREFIX) :]: v.decode(errors="replace")
+            for k, v in omap.items()
+            if k.startswith(REF_PREFIX)
+        }
 
     def check_writable(self) -> None:
         """A real, harmless write (this host's registration), so a read-only client or a
