@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import errno
 import hashlib
 import json
@@ -44,7 +43,7 @@ import structlog
 
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
-from reconciler.drivers import ownership
+from reconciler.drivers import entries, ownership
 from reconciler.drivers.base import (
     Inspected,
     ManagingDriver,
@@ -70,7 +69,7 @@ from reconciler.schema.common import BACKEND_FORMATS, NOT_RESIZABLE, Backend, Di
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
-from reconciler.store import ConflictError, RecordStore
+from reconciler.store import RecordStore
 from reconciler.tools import run
 
 log = structlog.get_logger(__name__)
@@ -112,10 +111,6 @@ def _copy_range(src: int, dst: int, start: int, end: int, what: str) -> None:
         if n == 0:
             raise ReconcileError(f"{what} shrank while it was copied")
         pos += n
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -506,61 +501,22 @@ class FilePoolDriver:
         self._call("refresh pool", lambda conn: self._pool(conn).refresh(0))
 
     def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
-        """Under the entry's lock: None if a ready entry exists, else its `creating` record
-        (written) after clearing what an interrupted run left."""
-        store = self._store()
-        rec = store.get(self.name, entry)
-        exists = self.volume_exists(entry)
-        if rec is not None and rec.state is RecordState.READY and exists:
-            return None
-        if exists:
-            if rec is None:
-                raise ReconcileError(
-                    f"{entry} exists in pool {self.name} without a record; it is left alone "
-                    "and cannot be used until it is removed"
-                )
-            self.delete_volume(entry)  # a partial entry from an interrupted run
-        gen = rec.generation if rec is not None else None
-        new = DiskRecord(
-            kind=RecordKind.CACHE,
-            backend=Backend.FLAT,
-            pool=self.name,
-            volume=entry,
-            instance="",
-            disk="",
-            format=DiskFormat.RAW,
-            virtual_size=size,
-            spec=spec,
-            source=dict(spec),
-            state=RecordState.CREATING,
-            generation=(gen or 0) + 1,
+        return entries.begin(
+            self._store(),
+            self.name,
+            Backend.FLAT,
+            entry,
+            spec,
+            size,
+            exists=self.volume_exists,
+            remove=self.delete_volume,
         )
-        store.put(new, gen)
-        faults.point("cache.record.creating")
-        return new
 
     def _touch(self, entry: DiskRecord) -> None:
-        """Note that an entry was used (for `cache gc --min-age`), at most once a minute."""
-        if entry.unused_for(datetime.datetime.now(datetime.UTC)) < 60:
-            return
-        with contextlib.suppress(ConflictError):  # someone else touched it just now
-            self._store().put(
-                entry.model_copy(update={"generation": entry.generation + 1, "last_used": _now()}),
-                entry.generation,
-            )
+        entries.touch(self._store(), entry)
 
     def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
-        ready = rec.model_copy(
-            update={
-                "state": RecordState.READY,
-                "generation": rec.generation + 1,
-                "virtual_size": virtual_size,
-                "last_used": _now(),
-            }
-        )
-        self._store().put(ready, rec.generation, durable=False)  # lazily durable (store.py)
-        faults.point("cache.record.ready")
-        self.keep_record_copy(ready)
+        self.keep_record_copy(entries.finish(self._store(), rec, virtual_size))
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""

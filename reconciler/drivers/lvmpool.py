@@ -46,7 +46,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import datetime
 import errno
 import json
 import os
@@ -65,7 +64,7 @@ import structlog
 
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
-from reconciler.drivers import ownership
+from reconciler.drivers import entries, ownership
 from reconciler.drivers.base import (
     Inspected,
     ManagingDriver,
@@ -96,8 +95,8 @@ from reconciler.naming import TEMP_PREFIX
 from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
-from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
-from reconciler.store import ConflictError, RecordStore
+from reconciler.schema.record import DiskRecord, Migration, RecordState
+from reconciler.store import RecordStore
 from reconciler.tools import run
 
 log = structlog.get_logger(__name__)
@@ -111,10 +110,6 @@ COPY_CHUNK = 960  # characters of a record copy per tag (LVM tags: up to 1024)
 LAYOUTS = frozenset({"lvm/raw"})  # what a migration copies out of and into an lvm pool
 # An LV being filled before it takes its name (take_file); swept by sweep_temp.
 LV_TEMP_PREFIX = "_tmp_"
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def device_mapper_present() -> bool:
@@ -565,61 +560,22 @@ class LvmPoolDriver:
         raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
 
     def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
-        """Under the entry's lock: None if a ready entry exists, else its `creating` record
-        (written) after clearing what an interrupted run left."""
-        store = self._store()
-        rec = store.get(self.name, entry)
-        exists = self.volume_exists(entry)
-        if rec is not None and rec.state is RecordState.READY and exists:
-            return None
-        if exists:
-            if rec is None:
-                raise ReconcileError(
-                    f"{entry} exists in pool {self.name} without a record; it is left alone "
-                    "and cannot be used until it is removed"
-                )
-            self.delete_volume(entry)  # a partial entry from an interrupted run
-        gen = rec.generation if rec is not None else None
-        new = DiskRecord(
-            kind=RecordKind.CACHE,
-            backend=Backend.LVM,
-            pool=self.name,
-            volume=entry,
-            instance="",
-            disk="",
-            format=DiskFormat.RAW,
-            virtual_size=size,
-            spec=spec,
-            source=dict(spec),
-            state=RecordState.CREATING,
-            generation=(gen or 0) + 1,
+        return entries.begin(
+            self._store(),
+            self.name,
+            Backend.LVM,
+            entry,
+            spec,
+            size,
+            exists=self.volume_exists,
+            remove=self.delete_volume,
         )
-        store.put(new, gen)
-        faults.point("cache.record.creating")
-        return new
 
     def _touch(self, entry: DiskRecord) -> None:
-        """Note that an entry was used (for `cache gc --min-age`), at most once a minute."""
-        if entry.unused_for(datetime.datetime.now(datetime.UTC)) < 60:
-            return
-        with contextlib.suppress(ConflictError):
-            self._store().put(
-                entry.model_copy(update={"generation": entry.generation + 1, "last_used": _now()}),
-                entry.generation,
-            )
+        entries.touch(self._store(), entry)
 
     def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
-        ready = rec.model_copy(
-            update={
-                "state": RecordState.READY,
-                "generation": rec.generation + 1,
-                "virtual_size": virtual_size,
-                "last_used": _now(),
-            }
-        )
-        self._store().put(ready, rec.generation, durable=False)
-        faults.point("cache.record.ready")
-        self.keep_record_copy(ready)
+        self.keep_record_copy(entries.finish(self._store(), rec, virtual_size))
 
     def _fill_entry(self, entry: str, src_fd: int, size: int) -> None:
         """Make the entry's LV and copy a checked raw file's bytes into it."""

@@ -72,7 +72,6 @@ operator runs `records rebuild`.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import json
 import os
@@ -90,7 +89,7 @@ import structlog
 
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
-from reconciler.drivers import ownership
+from reconciler.drivers import entries, ownership
 from reconciler.drivers.base import (
     Inspected,
     ManagingDriver,
@@ -134,10 +133,6 @@ def _mods() -> tuple[Any, Any]:
     import rbd
 
     return rados, rbd
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def parse_rbd_location(location: str) -> tuple[str, str, str, str] | None:
@@ -765,61 +760,22 @@ class RbdPoolDriver:
     # -- cache entries ------------------------------------------------------------------
 
     def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
-        """Under the entry's lock: None if a ready entry exists, else its `creating` record
-        (written) after clearing what an interrupted run left."""
-        records = self.record_store()
-        rec = records.get(self.name, entry)
-        exists = self.volume_exists(entry)
-        if rec is not None and rec.state is RecordState.READY and exists:
-            return None
-        if exists:
-            if rec is None:
-                raise ReconcileError(
-                    f"{entry} exists in pool {self.name} without a record; it is left alone "
-                    "and cannot be used until it is removed"
-                )
-            self._remove_entry_image(entry)  # a partial entry from an interrupted run
-        gen = rec.generation if rec is not None else None
-        new = DiskRecord(
-            kind=RecordKind.CACHE,
-            backend=Backend.RBD,
-            pool=self.name,
-            volume=entry,
-            instance="",
-            disk="",
-            format=DiskFormat.RAW,
-            virtual_size=size,
-            spec=spec,
-            source=dict(spec),
-            state=RecordState.CREATING,
-            generation=(gen or 0) + 1,
+        return entries.begin(
+            self.record_store(),
+            self.name,
+            Backend.RBD,
+            entry,
+            spec,
+            size,
+            exists=self.volume_exists,
+            remove=self._remove_entry_image,
         )
-        records.put(new, gen)
-        faults.point("cache.record.creating")
-        return new
 
     def _touch(self, entry: DiskRecord) -> None:
-        """Note that an entry was used (for `cache gc --min-age`), at most once a minute."""
-        if entry.unused_for(datetime.datetime.now(datetime.UTC)) < 60:
-            return
-        with contextlib.suppress(ConflictError):  # someone else touched it just now
-            self.record_store().put(
-                entry.model_copy(update={"generation": entry.generation + 1, "last_used": _now()}),
-                entry.generation,
-            )
+        entries.touch(self.record_store(), entry)
 
     def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
-        ready = rec.model_copy(
-            update={
-                "state": RecordState.READY,
-                "generation": rec.generation + 1,
-                "virtual_size": virtual_size,
-                "last_used": _now(),
-            }
-        )
-        self.record_store().put(ready, rec.generation)
-        faults.point("cache.record.ready")
-        self.keep_record_copy(ready)
+        self.keep_record_copy(entries.finish(self.record_store(), rec, virtual_size))
 
     def _discard(self, entry: str, rec: DiskRecord) -> None:
         """Remove a half-made entry, its temporary image and its record after a failure."""
