@@ -8,8 +8,6 @@ from reconciler.diff.model import ObservedPool
 from reconciler.drivers.base import ManagingDriver, PoolDriver
 from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.libvirt_conn import Connections
-from reconciler.drivers.lvmpool import LvmPoolDriver
-from reconciler.drivers.rbdpool import RbdPoolDriver
 from reconciler.schema.common import Backend
 from reconciler.schema.config import Config, ImageConfig, PoolConfig
 from reconciler.schema.record import DiskRecord
@@ -51,11 +49,18 @@ def driver_for(
     images: Mapping[str, ImageConfig] = cfg.images if cfg is not None else {}
     if backends <= FILE_BACKENDS:
         return FilePoolDriver(name, config, conns, store, images)
+    # The rbd and lvm drivers (and what they import: rados records, leases, LVM's tools)
+    # are imported by the first pool that needs them: a host of file pools never pays
+    # for them at start-up, which every `reconcile` run does.
     if backends == {Backend.RBD}:
+        from reconciler.drivers.rbdpool import RbdPoolDriver
+
         host = cfg.host_id() if cfg is not None else None
         expiry = cfg.ownership.heartbeat_expiry if cfg is not None else 300.0
         return RbdPoolDriver(name, config, conns, store, images, host, expiry)
     if backends == {Backend.LVM}:
+        from reconciler.drivers.lvmpool import LvmPoolDriver
+
         return LvmPoolDriver(name, config, conns, store, images)
     missing = ", ".join(
         sorted(b.value for b in backends - FILE_BACKENDS - {Backend.LVM, Backend.RBD})
@@ -76,10 +81,8 @@ def managing(drivers: Mapping[str, PoolDriver]) -> dict[str, ManagingDriver]:
 __all__ = [
     "Connections",
     "FilePoolDriver",
-    "LvmPoolDriver",
     "ManagingDriver",
     "PoolDriver",
-    "RbdPoolDriver",
     "driver_for",
     "managing",
 ]
