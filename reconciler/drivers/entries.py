@@ -1,18 +1,29 @@
-"""A cache entry's record, the same in every pool: what each driver's image cache writes
-before, after and while it uses an entry (invariant 2: the record before the volume)."""
+"""A cache entry's record and the flow that makes an entry, the same in every pool: what
+each driver's image cache writes before, after and while it uses an entry (invariant 2:
+the record before the volume), and the one way an image is fetched and checked before a
+driver stores its bytes. A driver says only where the bytes go (`EntryCache`)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import structlog
 
 from reconciler import faults
 from reconciler.errors import ReconcileError
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.store import ConflictError, RecordStore
+
+if TYPE_CHECKING:
+    from reconciler.images import Checked
+    from reconciler.schema.config import ImageConfig
+
+log = structlog.get_logger(__name__)
 
 
 def now() -> str:
@@ -87,3 +98,134 @@ def finish(store: RecordStore, rec: DiskRecord, virtual_size: int) -> DiskRecord
     store.put(ready, rec.generation, durable=False)
     faults.point("cache.record.ready")
     return ready
+
+
+def fetch_checked(image_id: str, image: ImageConfig, fd: int, max_virtual_size: int) -> Checked:
+    """Fetch `image_id` into `fd` with every check of reconciler/images.py (digest, size,
+    the declared format under limits) and `qemu-img info -f DECLARED` agreeing."""
+    # Imported here: oslo.utils takes a quarter of a second to import, which every run
+    # that fetches nothing (the common, converged case) should not pay.
+    from reconciler.drivers.tools import fd_path
+    from reconciler.images import Progress, qemu_img_agrees, stream_into
+
+    progress = Progress(f"fetch {image_id}", image.size)
+    try:
+        checked = stream_into(
+            image_id, image, fd, max_virtual_size=max_virtual_size, progress=progress
+        )
+    finally:
+        progress.finish()
+    faults.point("cache.image.fetched")
+    qemu_img_agrees(fd_path(fd), image.format.value, checked, fds=(fd,))
+    return checked
+
+
+class EntryCache:
+    """Making a cache entry, for a pool driver: under the entry's lock, its `creating`
+    record, then the driver's `fill` (the bytes), then `ready`; on any failure the half-made
+    entry and its record are discarded (`_discard`) and the error raised. A driver has
+    `name`, `images`, `lock`, `volume_exists`, `keep_record_copy`, `_discard`, and says
+    which store holds its entries' records and how a leftover entry is removed."""
+
+    ENTRY_BACKEND: ClassVar[Backend]
+    name: str
+    images: Mapping[str, ImageConfig]
+
+    def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def volume_exists(self, volume: str) -> bool:
+        raise NotImplementedError
+
+    def keep_record_copy(self, rec: DiskRecord) -> None:
+        raise NotImplementedError
+
+    def _discard(self, entry: str, rec: DiskRecord) -> None:
+        raise NotImplementedError
+
+    def _entry_store(self) -> RecordStore:
+        raise NotImplementedError
+
+    def _remove_entry(self, entry: str) -> None:
+        raise NotImplementedError
+
+    def _touch(self, entry: DiskRecord) -> None:
+        touch(self._entry_store(), entry)
+
+    def _make_entry(
+        self, entry: str, spec: dict[str, Any], size: int, fill: Callable[[], int]
+    ) -> bool:
+        """Make `entry` unless a ready one exists; `fill` writes its bytes and returns its
+        virtual size. True if this call made it."""
+        with self.lock(entry):
+            store = self._entry_store()
+            new = begin(
+                store,
+                self.name,
+                self.ENTRY_BACKEND,
+                entry,
+                spec,
+                size,
+                exists=self.volume_exists,
+                remove=self._remove_entry,
+            )
+            if new is None:
+                return False
+            try:
+                virtual_size = fill()
+            except BaseException:
+                self._discard(entry, new)
+                raise
+            self.keep_record_copy(finish(store, new, virtual_size))
+            return True
+
+    def _make_image_entry(
+        self,
+        entry: str,
+        image_id: str,
+        disk_size: int,
+        store: Callable[[int, Checked], None],
+        *,
+        filled: str | None = None,
+    ) -> None:
+        """Fetch, check and keep image `image_id` as raw cache entry `entry` unless a ready
+        one exists: `_image_scratch` gives the file it is fetched into, `store` puts the
+        checked bytes into the entry (converting them to raw when the image is not);
+        `filled` names the fault point passed once the scratch file is gone."""
+        image = self.images[image_id]
+        spec: dict[str, Any] = {
+            "image": image_id,
+            "sha256": image.sha256,
+            "format": image.format.value,
+            "size": image.size,
+        }
+
+        def fill() -> int:
+            with self._image_scratch(entry) as fd:
+                checked = fetch_checked(image_id, image, fd, disk_size)
+                store(fd, checked)
+            if filled is not None:
+                faults.point(filled)
+            return checked.virtual_size
+
+        if self._make_entry(entry, spec, max(image.size, 512), fill):
+            log.info("cache.image.stored", pool=self.name, entry=entry, image=image_id)
+
+    def _image_scratch(self, entry: str) -> AbstractContextManager[int]:
+        """A file descriptor, readable and writable, to fetch an image for `entry` into."""
+        raise NotImplementedError
+
+    def _make_template_entry(
+        self, entry: str, kind: str, size: int, label: str | None, fill: Callable[[], None]
+    ) -> None:
+        """Make template entry `entry` (of `kind`, `size` bytes, `label`) with `fill`,
+        unless a ready one exists."""
+        spec: dict[str, Any] = {"template": kind, "size": size}
+        if label:
+            spec["label"] = label
+
+        def made() -> int:
+            fill()
+            return size
+
+        self._make_entry(entry, spec, size, made)

@@ -35,8 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from xml.sax.saxutils import escape
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 import structlog
@@ -71,6 +70,9 @@ from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
 from reconciler.store import RecordStore
 from reconciler.tools import run
+
+if TYPE_CHECKING:
+    from reconciler.images import Checked
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +132,12 @@ def template_entry_name(kind: str, size: int, label: str | None) -> str:
     return f"{CACHE_PREFIX}template-{kind}-{size}-{tag}"
 
 
+def escape(text: str) -> str:
+    """XML character data: what xml.sax.saxutils.escape does, without the urllib, http and
+    ssl modules that importing xml.sax brings into every `reconcile` start."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _volume_xml(name: str, size: int, fmt: str, backing: str | None = None) -> str:
     compat = "<compat>1.1</compat>" if fmt == "qcow2" else ""
     back = ""
@@ -142,7 +150,7 @@ def _volume_xml(name: str, size: int, fmt: str, backing: str | None = None) -> s
     )
 
 
-class FilePoolDriver:
+class FilePoolDriver(entries.EntryCache):
     def __init__(
         self,
         name: str,
@@ -373,7 +381,7 @@ class FilePoolDriver:
                 # libvirtd finishes a call whose client has gone, so the volume may be our
                 # own, made or half made. Its `creating` record, written under its lock
                 # before the first try, claims the name: remove it and make it again, as
-                # the next run would after a crash (apply's _create, _begin_entry).
+                # the next run would after a crash (apply's _create, entries.begin).
                 log.warning("volume.retry_after_lost_connection", pool=self.name, volume=name)
                 self._delete_in(pool, name)
             try:
@@ -500,113 +508,67 @@ class FilePoolDriver:
         faults.point("volume.created")
         self._call("refresh pool", lambda conn: self._pool(conn).refresh(0))
 
-    def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
-        return entries.begin(
-            self._store(),
-            self.name,
-            Backend.FLAT,
-            entry,
-            spec,
-            size,
-            exists=self.volume_exists,
-            remove=self.delete_volume,
-        )
+    # -- cache entries (the flow is entries.EntryCache's) -----------------------------
 
-    def _touch(self, entry: DiskRecord) -> None:
-        entries.touch(self._store(), entry)
+    ENTRY_BACKEND = Backend.FLAT
 
-    def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
-        self.keep_record_copy(entries.finish(self._store(), rec, virtual_size))
+    def _entry_store(self) -> RecordStore:
+        return self._store()
+
+    def _remove_entry(self, entry: str) -> None:
+        self.delete_volume(entry)
+
+    @contextmanager
+    def _image_scratch(self, entry: str) -> Iterator[int]:
+        """The pool's temporary file for `entry` (under the entry's lock), removed after."""
+        tmp = self.path(TEMP_PREFIX + entry)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by an interrupted run (we hold the entry's lock)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""
-        # Imported here: oslo.utils takes a quarter of a second to import, which every
-        # run that fetches nothing (the common, converged case) should not pay.
-        from reconciler.images import Progress, qemu_img_agrees, run_limited, stream_into
 
-        image = self.images[image_id]
-        spec: dict[str, Any] = {
-            "image": image_id,
-            "sha256": image.sha256,
-            "format": image.format.value,
-            "size": image.size,
-        }
-        with self.lock(entry):
-            new = self._begin_entry(entry, spec, max(image.size, 512))
-            if new is None:
-                return
-            tmp = self.path(TEMP_PREFIX + entry)
-            try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)  # left by an interrupted run (we hold the entry's lock)
-                fd = os.open(
-                    tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-                )
-                try:
-                    progress = Progress(f"fetch {image_id}", image.size)
-                    try:
-                        checked = stream_into(
-                            image_id, image, fd, max_virtual_size=disk_size, progress=progress
-                        )
-                    finally:
-                        progress.finish()
-                    faults.point("cache.image.fetched")
-                    qemu_img_agrees(fd_path(fd), image.format.value, checked, fds=(fd,))
-                    if image.format.value == "raw":
-                        os.rename(tmp, self.path(entry))  # the checked bytes are the entry
-                    else:
-                        self._create_xml(entry, checked.virtual_size, "raw")
-                        with open_volume(self.path(entry)) as out_fd:
-                            run_limited(
-                                convert_argv(
-                                    image.format.value, "raw", fd_path(fd), fd_path(out_fd)
-                                ),
-                                fds=(fd, out_fd),
-                                what=f"convert {image_id} to raw",
-                            )
-                            os.fsync(out_fd)
-                finally:
-                    os.close(fd)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
-                faults.point("cache.volume.filled")
-            except BaseException:
-                self._discard(entry, new)
-                raise
-            self._finish_entry(new, checked.virtual_size)
-            log.info(
-                "cache.image.stored",
-                pool=self.name,
-                entry=entry,
-                image=image_id,
-                bytes=checked.size,
-                virtual_size=checked.virtual_size,
-            )
+        def store(fd: int, checked: Checked) -> None:
+            fmt = self.images[image_id].format.value
+            if fmt == "raw":
+                os.rename(self.path(TEMP_PREFIX + entry), self.path(entry))  # the checked bytes
+            else:
+                from reconciler.images import run_limited
+
+                self._create_xml(entry, checked.virtual_size, "raw")
+                with open_volume(self.path(entry)) as out_fd:
+                    run_limited(
+                        convert_argv(fmt, "raw", fd_path(fd), fd_path(out_fd)),
+                        fds=(fd, out_fd),
+                        what=f"convert {image_id} to raw",
+                    )
+                    os.fsync(out_fd)
+
+        self._make_image_entry(entry, image_id, disk_size, store, filled="cache.volume.filled")
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists."""
-        spec: dict[str, Any] = {"template": kind, "size": size}
-        if label:
-            spec["label"] = label
-        with self.lock(entry):
-            new = self._begin_entry(entry, spec, size)
-            if new is None:
-                return
-            try:
-                self._create_xml(entry, size, "raw")
-                faults.point("cache.volume.created")
-                with open_volume(self.path(entry)) as fd:
-                    run(
-                        mkfs_argv(kind, label, fd_path(fd)),
-                        fds=(fd,),
-                        what=f"make {kind} template {entry}",
-                    )
-                    os.fsync(fd)
-                faults.point("cache.volume.filled")
-            except BaseException:
-                self._discard(entry, new)
-                raise
-            self._finish_entry(new, size)
+
+        def fill() -> None:
+            self._create_xml(entry, size, "raw")
+            faults.point("cache.volume.created")
+            with open_volume(self.path(entry)) as fd:
+                run(
+                    mkfs_argv(kind, label, fd_path(fd)),
+                    fds=(fd,),
+                    what=f"make {kind} template {entry}",
+                )
+                os.fsync(fd)
+            faults.point("cache.volume.filled")
+
+        self._make_template_entry(entry, kind, size, label, fill)
 
     def _discard(self, entry: str, rec: DiskRecord) -> None:
         """Remove a half-made cache entry and its record after a failure."""

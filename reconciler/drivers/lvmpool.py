@@ -55,9 +55,9 @@ import xml.etree.ElementTree as ET
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 import structlog
@@ -98,6 +98,9 @@ from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordState
 from reconciler.store import RecordStore
 from reconciler.tools import run
+
+if TYPE_CHECKING:
+    from reconciler.images import Checked
 
 log = structlog.get_logger(__name__)
 
@@ -159,7 +162,7 @@ def decode_copy(tags: Sequence[str]) -> DiskRecord | None:
     return DiskRecord.model_validate_json(raw)
 
 
-class LvmPoolDriver:
+class LvmPoolDriver(entries.EntryCache):
     def __init__(
         self,
         name: str,
@@ -559,23 +562,18 @@ class LvmPoolDriver:
                 return
         raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
 
-    def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
-        return entries.begin(
-            self._store(),
-            self.name,
-            Backend.LVM,
-            entry,
-            spec,
-            size,
-            exists=self.volume_exists,
-            remove=self.delete_volume,
-        )
+    # -- cache entries (the flow is entries.EntryCache's) -----------------------------
 
-    def _touch(self, entry: DiskRecord) -> None:
-        entries.touch(self._store(), entry)
+    ENTRY_BACKEND = Backend.LVM
 
-    def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
-        self.keep_record_copy(entries.finish(self._store(), rec, virtual_size))
+    def _entry_store(self) -> RecordStore:
+        return self._store()
+
+    def _remove_entry(self, entry: str) -> None:
+        self.delete_volume(entry)
+
+    def _image_scratch(self, entry: str) -> AbstractContextManager[int]:
+        return self._tmp_file(entry)
 
     def _fill_entry(self, entry: str, src_fd: int, size: int) -> None:
         """Make the entry's LV and copy a checked raw file's bytes into it."""
@@ -588,71 +586,39 @@ class LvmPoolDriver:
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry LV, unless a ready one
         exists. The checks are those of every pool (reconciler/images.py)."""
-        from reconciler.images import Progress, qemu_img_agrees, run_limited, stream_into
 
-        image = self.images[image_id]
-        spec: dict[str, Any] = {
-            "image": image_id,
-            "sha256": image.sha256,
-            "format": image.format.value,
-            "size": image.size,
-        }
-        with self.lock(entry):
-            new = self._begin_entry(entry, spec, max(image.size, 512))
-            if new is None:
+        def store(fd: int, checked: Checked) -> None:
+            fmt = self.images[image_id].format.value
+            size = checked.virtual_size
+            if fmt == "raw":
+                self._fill_entry(entry, fd, size)
                 return
-            try:
-                with self._tmp_file(entry) as fd:
-                    progress = Progress(f"fetch {image_id}", image.size)
-                    try:
-                        checked = stream_into(
-                            image_id, image, fd, max_virtual_size=disk_size, progress=progress
-                        )
-                    finally:
-                        progress.finish()
-                    faults.point("cache.image.fetched")
-                    qemu_img_agrees(fd_path(fd), image.format.value, checked, fds=(fd,))
-                    size = checked.virtual_size
-                    if image.format.value == "raw":
-                        self._fill_entry(entry, fd, size)
-                    else:
-                        with self._tmp_file(entry + ".raw", size) as raw_fd:
-                            run_limited(
-                                convert_argv(
-                                    image.format.value, "raw", fd_path(fd), fd_path(raw_fd)
-                                ),
-                                fds=(fd, raw_fd),
-                                what=f"convert {image_id} to raw",
-                            )
-                            self._fill_entry(entry, raw_fd, size)
-            except BaseException:
-                self._discard(entry, new)
-                raise
-            self._finish_entry(new, size)
-            log.info("cache.image.stored", pool=self.name, entry=entry, image=image_id, size=size)
+            from reconciler.images import run_limited
+
+            with self._tmp_file(entry + ".raw", size) as raw_fd:
+                run_limited(
+                    convert_argv(fmt, "raw", fd_path(fd), fd_path(raw_fd)),
+                    fds=(fd, raw_fd),
+                    what=f"convert {image_id} to raw",
+                )
+                self._fill_entry(entry, raw_fd, size)
+
+        self._make_image_entry(entry, image_id, disk_size, store)
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists: mkfs on a temporary
         file of the template's size, copied into the entry's LV."""
-        spec: dict[str, Any] = {"template": kind, "size": size}
-        if label:
-            spec["label"] = label
-        with self.lock(entry):
-            new = self._begin_entry(entry, spec, size)
-            if new is None:
-                return
-            try:
-                with self._tmp_file(entry, size) as fd:
-                    run(
-                        mkfs_argv(kind, label, fd_path(fd)),
-                        fds=(fd,),
-                        what=f"make {kind} template {entry}",
-                    )
-                    self._fill_entry(entry, fd, size)
-            except BaseException:
-                self._discard(entry, new)
-                raise
-            self._finish_entry(new, size)
+
+        def fill() -> None:
+            with self._tmp_file(entry, size) as fd:
+                run(
+                    mkfs_argv(kind, label, fd_path(fd)),
+                    fds=(fd,),
+                    what=f"make {kind} template {entry}",
+                )
+                self._fill_entry(entry, fd, size)
+
+        self._make_template_entry(entry, kind, size, label, fill)
 
     def _discard(self, entry: str, rec: DiskRecord) -> None:
         """Remove a half-made cache entry and its record after a failure."""

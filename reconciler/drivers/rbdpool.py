@@ -82,8 +82,8 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -113,6 +113,9 @@ from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
 from reconciler.store import ConflictError, RecordStore, StoreError, StoreIdentity
 from reconciler.tools import run
+
+if TYPE_CHECKING:
+    from reconciler.images import Checked
 
 log = structlog.get_logger(__name__)
 
@@ -216,7 +219,7 @@ class _Client:
         self.cluster.shutdown()
 
 
-class RbdPoolDriver:
+class RbdPoolDriver(entries.EntryCache):
     """A driver bound to one configured rbd pool (see the module docstring)."""
 
     def __init__(
@@ -759,23 +762,16 @@ class RbdPoolDriver:
 
     # -- cache entries ------------------------------------------------------------------
 
-    def _begin_entry(self, entry: str, spec: dict[str, Any], size: int) -> DiskRecord | None:
-        return entries.begin(
-            self.record_store(),
-            self.name,
-            Backend.RBD,
-            entry,
-            spec,
-            size,
-            exists=self.volume_exists,
-            remove=self._remove_entry_image,
-        )
+    ENTRY_BACKEND = Backend.RBD
 
-    def _touch(self, entry: DiskRecord) -> None:
-        entries.touch(self.record_store(), entry)
+    def _entry_store(self) -> RecordStore:
+        return self.record_store()
 
-    def _finish_entry(self, rec: DiskRecord, virtual_size: int) -> None:
-        self.keep_record_copy(entries.finish(self.record_store(), rec, virtual_size))
+    def _remove_entry(self, entry: str) -> None:
+        self._remove_entry_image(entry)
+
+    def _image_scratch(self, entry: str) -> AbstractContextManager[int]:
+        return _scratch()
 
     def _discard(self, entry: str, rec: DiskRecord) -> None:
         """Remove a half-made entry, its temporary image and its record after a failure."""
@@ -874,92 +870,48 @@ class RbdPoolDriver:
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""
-        from reconciler.images import Progress, qemu_img_agrees, run_limited, stream_into
 
-        image = self.images[image_id]
-        spec: dict[str, Any] = {
-            "image": image_id,
-            "sha256": image.sha256,
-            "format": image.format.value,
-            "size": image.size,
-        }
-        with self.lock(entry):
-            new = self._begin_entry(entry, spec, max(image.size, 512))
-            if new is None:
-                return
-            try:
-                with _scratch() as fd:
-                    progress = Progress(f"fetch {image_id}", image.size)
-                    try:
-                        checked = stream_into(
-                            image_id, image, fd, max_virtual_size=disk_size, progress=progress
-                        )
-                    finally:
-                        progress.finish()
-                    faults.point("cache.image.fetched")
-                    qemu_img_agrees(fd_path(fd), image.format.value, checked, fds=(fd,))
-                    tmp = self._new_temp(entry, checked.virtual_size)
-                    if image.format.value == "raw":
-                        self._write_file(fd, tmp, checked.size)
-                    else:
-                        with _scratch() as raw_fd:
-                            os.ftruncate(raw_fd, checked.virtual_size)
-                            run_limited(
-                                [
-                                    "qemu-img",
-                                    "convert",
-                                    "-n",
-                                    "-f",
-                                    image.format.value,
-                                    "-O",
-                                    "raw",
-                                    fd_path(fd),
-                                    fd_path(raw_fd),
-                                ],
-                                fds=(fd, raw_fd),
-                                what=f"convert {image_id} to raw",
-                            )
-                            self._write_file(raw_fd, tmp, checked.virtual_size)
-                    faults.point("cache.temp.filled")
-                self._publish(tmp, entry)
-            except BaseException:
-                self._discard(entry, new)
-                raise
-            self._finish_entry(new, checked.virtual_size)
-            log.info(
-                "cache.image.stored",
-                pool=self.name,
-                entry=entry,
-                image=image_id,
-                bytes=checked.size,
-                virtual_size=checked.virtual_size,
-            )
+        def store(fd: int, checked: Checked) -> None:
+            fmt = self.images[image_id].format.value
+            tmp = self._new_temp(entry, checked.virtual_size)
+            if fmt == "raw":
+                self._write_file(fd, tmp, checked.size)
+            else:
+                from reconciler.images import run_limited
+
+                with _scratch() as raw_fd:
+                    os.ftruncate(raw_fd, checked.virtual_size)
+                    run_limited(
+                        [
+                            *("qemu-img", "convert", "-n", "-f", fmt, "-O", "raw"),
+                            *(fd_path(fd), fd_path(raw_fd)),
+                        ],
+                        fds=(fd, raw_fd),
+                        what=f"convert {image_id} to raw",
+                    )
+                    self._write_file(raw_fd, tmp, checked.virtual_size)
+            faults.point("cache.temp.filled")
+            self._publish(tmp, entry)
+
+        self._make_image_entry(entry, image_id, disk_size, store)
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists."""
-        spec: dict[str, Any] = {"template": kind, "size": size}
-        if label:
-            spec["label"] = label
-        with self.lock(entry):
-            new = self._begin_entry(entry, spec, size)
-            if new is None:
-                return
-            try:
-                with _scratch() as fd:
-                    os.ftruncate(fd, size)
-                    run(
-                        mkfs_argv(kind, label, fd_path(fd)),
-                        fds=(fd,),
-                        what=f"make {kind} template {entry}",
-                    )
-                    tmp = self._new_temp(entry, size)
-                    self._write_file(fd, tmp, size)
-                    faults.point("cache.temp.filled")
-                self._publish(tmp, entry)
-            except BaseException:
-                self._discard(entry, new)
-                raise
-            self._finish_entry(new, size)
+
+        def fill() -> None:
+            with _scratch() as fd:
+                os.ftruncate(fd, size)
+                run(
+                    mkfs_argv(kind, label, fd_path(fd)),
+                    fds=(fd,),
+                    what=f"make {kind} template {entry}",
+                )
+                tmp = self._new_temp(entry, size)
+                self._write_file(fd, tmp, size)
+                faults.point("cache.temp.filled")
+            self._publish(tmp, entry)
+
+        self._make_template_entry(entry, kind, size, label, fill)
 
     # -- changing and removing ----------------------------------------------------------
 
