@@ -80,10 +80,12 @@ class Migrator:
         assert a.spec is not None
         spec = dict(a.spec)
         src = self.driver(rec.pool)
+        checked = False  # whether no domain was found using the old volume just now
         if rec.migration is None:
             if spec == rec.spec:
                 return "already in the desired layout"
             rec = self._begin(a, rec, spec, src)
+            checked = True
         mig = rec.migration
         assert mig is not None
         if mig.phase is MigrationPhase.COPYING:
@@ -95,7 +97,8 @@ class Migrator:
                     "the manifest asks for another layout than the interrupted migration's; "
                     "its copy is removed, run again to migrate"
                 )
-            self._check_unused(src, rec)
+            if not checked:  # a migration an earlier run began
+                self._check_unused(src, rec)
             try:
                 self._copy(src, rec, mig)
             except KeyboardInterrupt:
