@@ -30,26 +30,10 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import RECONCILE, SCRIPT, make_pool, start_daemon, timed
 from reconciler.cli import DEFAULT_JOBS
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "libvirtd.sh"
-RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
 SIZE = 256 << 20
-
-
-def start_daemon(d: Path) -> str:
-    out = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
-
-
-def make_pool(conn: libvirt.virConnect, name: str, path: Path) -> libvirt.virStoragePool:
-    path.mkdir(parents=True)
-    pool = conn.storagePoolDefineXML(
-        f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
-    )
-    pool.create(0)
-    return pool
 
 
 def write_manifests(d: Path, n: int) -> None:
@@ -72,15 +56,6 @@ def write_manifests(d: Path, n: int) -> None:
             ],
         }
         (d / f"vm{i:05d}.yaml").write_text(json.dumps(doc))
-
-
-def timed(argv: list[str]) -> tuple[float, str]:
-    t = time.perf_counter()
-    res = subprocess.run(argv, capture_output=True, text=True, check=False)
-    took = time.perf_counter() - t
-    if res.returncode != 0:
-        sys.exit(f"bench: {' '.join(argv)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return took, res.stdout
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,24 +37,13 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import RECONCILE, ROOT, start_daemon, stop_daemon, timed
 from reconciler.cli import DEFAULT_JOBS
 from reconciler.drivers.lvm import LvData, Lvm, copy, pieces_reader, read_all
 from reconciler.schema.config import LvmConfig
 from tests.conftest_lvm import make_vg, not_available
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "libvirtd.sh"
-RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
 MiB = 1 << 20
-
-
-def timed(argv: list[str]) -> tuple[float, str]:
-    t = time.perf_counter()
-    res = subprocess.run(argv, capture_output=True, text=True, check=False)
-    took = time.perf_counter() - t
-    if res.returncode != 0:
-        sys.exit(f"bench: {' '.join(argv)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return took, res.stdout
 
 
 def manifest(d: Path, i: int, disk_size: int) -> None:
@@ -104,14 +92,7 @@ def main() -> None:
         pv_dir = Path(tempfile.mkdtemp(prefix="rcl-lvmbench-pv-", dir=args.pv_dir))
         with make_vg(pv_dir, vg_name, pv_size) as vg:
             os.environ["LVM_SYSTEM_DIR"] = str(vg.sysdir)
-            started = subprocess.run(
-                [str(SCRIPT), "start", str(daemon)], capture_output=True, text=True, check=True
-            )
-            uri = (
-                started.stdout.strip()
-                .splitlines()[-1]
-                .replace("storage+unix://", "qemu+unix://", 1)
-            )
+            uri = start_daemon(daemon).replace("storage+unix://", "qemu+unix://", 1)
             conn = libvirt.open(uri)
             conn.storagePoolDefineXML(
                 f"<pool type='logical'><name>bench</name><source><name>{vg.vg}</name>"
@@ -216,7 +197,7 @@ def main() -> None:
                 f"-> {'PASS' if ratio >= 0.8 else 'FAIL'}"
             )
     finally:
-        subprocess.run([str(SCRIPT), "stop", str(daemon)], check=False, capture_output=True)
+        stop_daemon(daemon)
         shutil.rmtree(work, ignore_errors=True)
         if pv_dir is not None:
             shutil.rmtree(pv_dir, ignore_errors=True)

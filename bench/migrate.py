@@ -6,12 +6,15 @@ another, against bare qemu-img convert doing the same copies.
 In one run, on one private libvirtd (started and stopped here):
   reconciler  `reconcile --jobs N` (default 4, as the CLI's) after the manifests' pool
               changed from `slow` to `fast`: each disk's record written as migrating, the
-              copy made (qemu-img convert, both formats named), synced, compared with the
-              original (qemu-img compare), the record switched and the old volume removed;
-              planning and observation included.
+              copy made (raw to raw: copy_file_range over the data extents), synced,
+              compared with the original (qemu-img compare, both formats named), the
+              record switched and the old volume removed; the whole process timed.
   baseline    bare `qemu-img convert -f raw -O raw -S 4k` of an identical set of disks
               (same sizes, same data at the same offsets, written the same way just
               before), N at a time like the reconciler: the copies alone, unverified.
+  info        the same copies fsync'ed; and the whole move by hand (convert, fsync,
+              qemu-img compare, the old volume removed); and a no-op reconcile run, the
+              fixed cost of a process (Python start-up and imports, config, observing).
 Target (issue 13): reconciler throughput >= 0.8x the baseline's. Printed, not asserted.
 """
 
@@ -33,28 +36,13 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import RECONCILE, make_pool, start_daemon, stop_daemon, timed
 from reconciler.cli import DEFAULT_JOBS
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "libvirtd.sh"
-RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
 SIZE = 1 << 30
 # Data per disk: 16 runs of 1 MiB spread over the disk (mostly sparse, as most are).
 RUNS = 16
 RUN = 1 << 20
-
-
-def start_daemon(d: Path) -> str:
-    out = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
-
-
-def make_pool(conn: libvirt.virConnect, name: str, path: Path) -> None:
-    path.mkdir(parents=True)
-    pool = conn.storagePoolDefineXML(
-        f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
-    )
-    pool.create(0)
 
 
 def write_manifests(d: Path, n: int, pool: str) -> None:
@@ -88,15 +76,6 @@ def fill(path: Path, seed: int, runs: int) -> None:
         os.fsync(f.fileno())
 
 
-def run(argv: list[str]) -> tuple[float, str]:
-    t = time.perf_counter()
-    res = subprocess.run(argv, capture_output=True, text=True, check=False)
-    took = time.perf_counter() - t
-    if res.returncode != 0:
-        sys.exit(f"bench: {' '.join(argv)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return took, res.stdout
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--disks", type=int, default=20)
@@ -127,7 +106,7 @@ def main() -> None:
         manifests = work / "manifests"
         write_manifests(manifests, n, "slow")
         cmd = [str(RECONCILE), "--config", str(cfg), "--jobs", str(args.jobs), str(manifests)]
-        run(cmd)  # the disks, made blank (sparse), outside the timing
+        timed(cmd)  # the disks, made blank (sparse), outside the timing
         # The baseline's identical set, written the same way just before the timed copies.
         bare_src, bare_dst = work / "bare-src", work / "bare-dst"
         bare_src.mkdir()
@@ -156,37 +135,59 @@ def main() -> None:
             list(pool.map(bare, [d.name for d in disks]))
         bare_s = time.perf_counter() - t
 
-        # Informational: the same copies made durable (each fsync'ed), as a migration's
-        # copy must be before its old volume goes; measured after the timed baseline.
-        durable_dst = work / "bare-durable"
-        durable_dst.mkdir()
+        # Informational, measured after the timed baseline: the same copies made durable
+        # (each fsync'ed, as a migration's copy must be before its old volume goes), and
+        # the whole verified move by hand: convert, fsync, `qemu-img compare`, and the old
+        # volume removed (a third identical set stands for the old volumes).
+        gone = work / "bare-old"
+        gone.mkdir()
+        for i, d in enumerate(disks):
+            with open(gone / d.name, "wb") as f:
+                f.truncate(SIZE)
+            fill(gone / d.name, i, args.data_mib)
 
-        def durable(name: str) -> None:
-            out = durable_dst / name
+        def by_hand(name: str, out: Path, verify: bool) -> None:
+            bare_out = out / name
             subprocess.run(
                 [
                     *("qemu-img", "convert", "-f", "raw", "-O", "raw", "-S", "4k"),
-                    *(str(bare_src / name), str(out)),
+                    *(str(bare_src / name), str(bare_out)),
                 ],
                 check=True,
             )
-            fd = os.open(out, os.O_RDONLY)
+            fd = os.open(bare_out, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if verify:
+                subprocess.run(
+                    [
+                        *("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw"),
+                        *(str(bare_src / name), str(bare_out)),
+                    ],
+                    check=True,
+                )
+                os.unlink(gone / name)
 
-        t = time.perf_counter()
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(durable, [d.name for d in disks]))
-        durable_s = time.perf_counter() - t
-        shutil.rmtree(durable_dst)
+        def timed_by_hand(verify: bool) -> float:
+            out = work / ("bare-verified" if verify else "bare-durable")
+            out.mkdir()
+            t = time.perf_counter()
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(lambda name: by_hand(name, out, verify), [d.name for d in disks]))
+            took = time.perf_counter() - t
+            shutil.rmtree(out)
+            return took
+
+        durable_s = timed_by_hand(False)
+        verified_s = timed_by_hand(True)
         # The reconciler's fixed cost: a process that plans these manifests and finds
         # nothing to do (startup, loading, observing), measured beside the migration.
-        noop_s, _ = run(cmd)
+        noop_s, _ = timed(cmd)
 
         write_manifests(manifests, n, "fast")
-        rec_s, out = run(cmd)
+        rec_s, out = timed(cmd)
         moved = out.count("\nmigrated ")
         if moved != n:
             sys.exit(f"bench: the reconciler migrated {moved} disks, expected {n}:\n{out[-2000:]}")
@@ -210,16 +211,20 @@ def main() -> None:
         print(
             f"{n} disks of {SIZE >> 30} GiB ({args.data_mib} MiB of data each), --jobs {args.jobs}"
         )
-        print(f"{'':<34}{'seconds':>10}{'GiB/s (virtual)':>17}")
+        print(f"{'':<38}{'seconds':>10}{'GiB/s (virtual)':>17}")
         print(
-            f"{'reconciler migrate (copy+verify)':<34}{rec_s:>10.2f}{total / rec_s / 2**30:>17.2f}"
+            f"{'reconciler migrate (copy+verify)':<38}{rec_s:>10.2f}{total / rec_s / 2**30:>17.2f}"
         )
-        print(f"{'bare qemu-img convert':<34}{bare_s:>10.2f}{total / bare_s / 2**30:>17.2f}")
+        print(f"{'bare qemu-img convert':<38}{bare_s:>10.2f}{total / bare_s / 2**30:>17.2f}")
         print(
-            f"{'bare convert + fsync (info)':<34}{durable_s:>10.2f}"
+            f"{'bare convert + fsync (info)':<38}{durable_s:>10.2f}"
             f"{total / durable_s / 2**30:>17.2f}"
         )
-        print(f"{'reconcile no-op run (info)':<34}{noop_s:>10.2f}")
+        print(
+            f"{'bare convert+fsync+compare+rm (info)':<38}{verified_s:>10.2f}"
+            f"{total / verified_s / 2**30:>17.2f}"
+        )
+        print(f"{'reconcile no-op run (info)':<38}{noop_s:>10.2f}")
         print(
             f"target: migrate throughput against bare qemu-img convert: {ratio:.2f}x "
             f"(want >= 0.80x) -> {'PASS' if ratio >= 0.8 else 'FAIL'}"
@@ -228,7 +233,7 @@ def main() -> None:
         if args.keep:
             print(f"kept: {work} (config {work / 'config.yaml'})")
         else:
-            subprocess.run([str(SCRIPT), "stop", str(daemon)], check=False, capture_output=True)
+            stop_daemon(daemon)
             shutil.rmtree(work, ignore_errors=True)
 
 
