@@ -95,7 +95,9 @@ def test_qcow2_with_a_data_file_is_refused(env: Env, tmp_path: Path) -> None:
     assert records(env) == []
 
 
-def test_qcow2_over_the_pools_own_cache_entry_is_adopted(env: Env) -> None:
+def _overlay_candidate(env: Env) -> tuple[str, Path, str]:
+    """A managed qcow2 disk over the pool's ext4 template entry, and an unmanaged volume
+    of a second instance to adopt: (instance, its volume, the entry it may be backed by)."""
     made = env.manifest(
         "made", [disk("d", backend="qcow2", fmt="qcow2", size="16MiB", template="ext4")]
     )
@@ -107,34 +109,27 @@ def test_qcow2_over_the_pools_own_cache_entry_is_adopted(env: Env) -> None:
     inst = env.manifest(
         "vm", [disk("d", backend="qcow2", fmt="qcow2", size="16MiB", template="ext4")]
     )
-    vol = env.volume(inst, "d")
-    backing = env.pool_dir() / entry.backing
+    return inst, env.volume(inst, "d"), entry.backing
+
+
+def test_qcow2_over_the_pools_own_cache_entry_is_adopted(env: Env) -> None:
+    inst, vol, entry_name = _overlay_candidate(env)
+    backing = env.pool_dir() / entry_name
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(vol), "16M")
     rc, out, err = adopt(env, inst, "d", vol.name, "qcow2")
     assert rc == 0, err
-    assert f"backed by cache entry {entry.backing}" in out
+    assert f"backed by cache entry {entry_name}" in out
     store = env.store()
-    assert store.references("local", entry.backing) == 2  # gc keeps it for both
+    assert store.references("local", entry_name) == 2  # gc keeps it for both
     store.close()
     assert env.plan_json()["actions"] == []
 
 
 def test_a_backing_entry_without_backing_format_is_refused(env: Env) -> None:
-    made = env.manifest(
-        "made", [disk("d", backend="qcow2", fmt="qcow2", size="16MiB", template="ext4")]
-    )
-    assert env.run()[0] == 0
-    store = env.store()
-    entry = store.get("local", env.volume(made, "d").name)
-    store.close()
-    assert entry is not None and entry.backing is not None
-    inst = env.manifest(
-        "vm", [disk("d", backend="qcow2", fmt="qcow2", size="16MiB", template="ext4")]
-    )
-    vol = env.volume(inst, "d")
+    inst, vol, entry_name = _overlay_candidate(env)
     # qemu-img refuses -b without -F nowadays: make it with one, then end the header's
     # extension list where the backing format extension is (an old image's header).
-    backing = str(env.pool_dir() / entry.backing)
+    backing = str(env.pool_dir() / entry_name)
     qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", str(vol), "16M")
     with open(vol, "r+b") as f:
         head = f.read(65536)
