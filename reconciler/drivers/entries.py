@@ -124,8 +124,8 @@ class EntryCache:
     """Making a cache entry, for a pool driver: under the entry's lock, its `creating`
     record, then the driver's `fill` (the bytes), then `ready`; on any failure the half-made
     entry and its record are discarded (`_discard`) and the error raised. A driver has
-    `name`, `images`, `lock`, `volume_exists`, `keep_record_copy`, `_discard`, and says
-    which store holds its entries' records and how a leftover entry is removed."""
+    `name`, `images`, `lock`, `volume_exists` and `keep_record_copy`, and says which store
+    holds its entries' records and how a leftover entry is removed."""
 
     ENTRY_BACKEND: ClassVar[Backend]
     name: str
@@ -141,7 +141,12 @@ class EntryCache:
         raise NotImplementedError
 
     def _discard(self, entry: str, rec: DiskRecord) -> None:
-        raise NotImplementedError
+        """Remove a half-made cache entry and its record after a failure."""
+        try:
+            self._remove_entry(entry)
+            self._entry_store().delete(self.name, entry, rec.generation)
+        except Exception as e:  # keep the original error; the next run cleans up
+            log.warning("cache.discard_failed", entry=entry, error=str(e))
 
     def _entry_store(self) -> RecordStore:
         raise NotImplementedError

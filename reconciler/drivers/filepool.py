@@ -570,14 +570,6 @@ class FilePoolDriver(entries.EntryCache):
 
         self._make_template_entry(entry, kind, size, label, fill)
 
-    def _discard(self, entry: str, rec: DiskRecord) -> None:
-        """Remove a half-made cache entry and its record after a failure."""
-        try:
-            self.delete_volume(entry)
-            self._store().delete(self.name, entry, rec.generation)
-        except Exception as e:  # keep the original error; the next run cleans up
-            log.warning("cache.discard_failed", entry=entry, error=str(e))
-
     def _store(self) -> RecordStore:
         if self.store is None:
             raise AssertionError("this driver was made without a record store")
