@@ -205,16 +205,25 @@ class EntryCache:
             "size": image.size,
         }
 
+        made: list[Checked] = []
+
         def fill() -> int:
             with self._image_scratch(entry) as fd:
-                checked = fetch_checked(image_id, image, fd, disk_size)
-                store(fd, checked)
+                made.append(fetch_checked(image_id, image, fd, disk_size))
+                store(fd, made[0])
             if filled is not None:
                 faults.point(filled)
-            return checked.virtual_size
+            return made[0].virtual_size
 
         if self._make_entry(entry, spec, max(image.size, 512), fill):
-            log.info("cache.image.stored", pool=self.name, entry=entry, image=image_id)
+            log.info(
+                "cache.image.stored",
+                pool=self.name,
+                entry=entry,
+                image=image_id,
+                bytes=made[0].size,
+                virtual_size=made[0].virtual_size,
+            )
 
     def _image_scratch(self, entry: str) -> AbstractContextManager[int]:
         """A file descriptor, readable and writable, to fetch an image for `entry` into."""
