@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -17,6 +18,14 @@ from tests.conftest_ceph import Ceph, not_installed, start_ceph
 from tests.conftest_libvirtd import start_libvirtd
 from tests.conftest_lvm import VolumeGroup, lvm_vg
 from tests.env import Env, qemu_uri
+
+# pytest started in the background of a non-interactive shell inherits SIGINT ignored,
+# and so would every reconcile process the tests start (Python keeps an ignored SIGINT):
+# test_crash's Ctrl-C test would then see a run that cannot be interrupted. A handler set
+# here is reset to the default in each child at exec (no preexec_fn, which is unsafe
+# while the crash tests' threads run).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -20,13 +19,6 @@ from reconciler.schema.load import load_config
 from reconciler.store import SqliteRecordStore, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def default_sigint() -> None:
-    """A child's SIGINT back to the default (a `preexec_fn`): pytest started in the
-    background of a non-interactive shell inherits SIGINT ignored, and Python keeps an
-    ignored SIGINT, so a test's Ctrl-C would reach no handler and test nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -203,7 +195,6 @@ class Env:
             env=full_env,
             timeout=timeout,
             cwd=ROOT,
-            preexec_fn=default_sigint,
         )
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> Popen[str]:
@@ -215,7 +206,6 @@ class Env:
             text=True,
             cwd=ROOT,
             env=env,
-            preexec_fn=default_sigint,
         )
 
     def start_watch(self, log: Path, *args: str) -> Popen[bytes]:
@@ -235,5 +225,4 @@ class Env:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
-                preexec_fn=default_sigint,
             )

@@ -27,7 +27,7 @@ from reconciler.loop import Loop, running
 from reconciler.schema.write import write_atomic
 from reconciler.status import InstanceStatus, StatusStore
 from tests.conftest import own_daemon_pool
-from tests.env import ROOT, Env, default_sigint, disk
+from tests.env import ROOT, Env, disk
 
 pytestmark = pytest.mark.libvirtd
 
@@ -193,7 +193,6 @@ def _start(env: Env, *args: str, extra: dict[str, str] | None = None) -> subproc
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=default_sigint,
         text=True,
         cwd=ROOT,
         env=e,
