@@ -1,0 +1,19 @@
+"""Which step boundaries a crash test kills a run at (RECONCILER_CRASH_AT, 1-based).
+
+With --jobs 1 the Nth boundary is the same step in every run, so each boundary is a state
+of its own and every one is killed at. With more jobs which step is the Nth varies from
+run to run (and a kill cuts several steps short at once), so no boundary names one state:
+those variants kill at SAMPLES boundaries spread evenly from the first to the last, the
+same ones every run, which keeps each crash test's time to a few of its --jobs 1 runs.
+"""
+
+from __future__ import annotations
+
+SAMPLES = 8
+
+
+def kill_points(count: int, jobs: int) -> list[int]:
+    """Every boundary of `count` with jobs 1; else SAMPLES of them, first and last included."""
+    if jobs == 1 or count <= SAMPLES:
+        return list(range(1, count + 1))
+    return sorted({1 + round(i * (count - 1) / (SAMPLES - 1)) for i in range(SAMPLES)})
