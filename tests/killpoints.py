@@ -1,4 +1,5 @@
-"""Which step boundaries a crash test kills a run at (RECONCILER_CRASH_AT, 1-based).
+"""Which step boundaries a crash test kills a run at (RECONCILER_CRASH_AT, 1-based), and
+running the kill points of one test side by side.
 
 With --jobs 1 the Nth boundary is the same step in every run, so each boundary is a state
 of its own and every one is killed at. With more jobs which step is the Nth varies from
@@ -9,6 +10,9 @@ same ones every run, which keeps each crash test's time to a few of its --jobs 1
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
 SAMPLES = 8
 
 
@@ -17,3 +21,19 @@ def kill_points(count: int, jobs: int) -> list[int]:
     if jobs == 1 or count <= SAMPLES:
         return list(range(1, count + 1))
     return sorted({1 + round(i * (count - 1) / (SAMPLES - 1)) for i in range(SAMPLES)})
+
+
+def at_each(points: Sequence[int], one: Callable[[int], None], workers: int = 2) -> None:
+    """one(k) for every kill point k, `workers` at a time, for kill points that share
+    nothing (each its own Ceph pool, state directory and processes): much of a point's
+    time is waiting (Ceph commits, a killed client's watch expiring, child processes
+    starting), which another point's work fills. In-process runs (Env.main) take turns.
+    The first failure, in the points' order, is raised once the points under way end."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(one, k) for k in points]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()

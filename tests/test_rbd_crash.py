@@ -18,7 +18,7 @@ from reconciler.naming import TEMP_PREFIX
 from reconciler.schema.record import RecordKind, RecordState
 from tests.conftest_ceph import Ceph
 from tests.env import Env
-from tests.killpoints import kill_points
+from tests.killpoints import at_each, kill_points
 from tests.rbdsite import RbdSite, rbd_site
 from tests.test_rbd import catalog, image_file, rdisk
 
@@ -156,8 +156,7 @@ def test_kill_at_every_step_boundary(
         check_consistent(site)
         assert env.plan_json()["actions"] == []
 
-    points = kill_points(len(steps), jobs)
-    for k in points:
+    def kill_at(k: int) -> None:
         with rbd_site(ceph, libvirt_uri) as site:
             env, ids = setup_env(site, tmp_path / f"k{k}", images)
             # What must not change: every image ready before the run that is neither grown
@@ -185,4 +184,7 @@ def test_kill_at_every_step_boundary(
             now = site.digests(lengths)
             for name, want in before_digests.items():
                 assert now[name] == want, (k, where, name)
+
+    points = kill_points(len(steps), jobs)
+    at_each(points, kill_at)  # two at a time: each has its own Ceph pool and env
     print(f"kill points covered with --jobs {jobs}: {len(points)} of {len(steps)}")
