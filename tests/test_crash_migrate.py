@@ -18,7 +18,7 @@ import pytest
 from reconciler.schema.record import DiskRecord, MigrationPhase, RecordKind, RecordState
 from tests.conftest import Pools
 from tests.env import Env, disk
-from tests.killpoints import kill_points
+from tests.killpoints import at_each, kill_points
 from tests.test_migrate import content, files, two_pools, write_pattern
 
 pytestmark = pytest.mark.libvirtd
@@ -134,7 +134,7 @@ def test_kill_at_every_migration_step(pools: Pools, tmp_path: Path, jobs: int) -
     assert {"volume.switched", "volume.retained", "record.moved", "record.deleted"} <= names
     check_converged(env, ids, want, tmp_path)
 
-    for n in kill_points(len(steps), jobs):
+    def kill_at(n: int) -> None:
         root = tmp_path / f"kill{n}"
         env, ids, want = setup(pools, root)
         res = env.subprocess("--jobs", str(jobs), env={"RECONCILER_CRASH_AT": str(n)})
@@ -145,3 +145,5 @@ def test_kill_at_every_migration_step(pools: Pools, tmp_path: Path, jobs: int) -
         check_converged(env, ids, want, root)
         plan = env.plan_json()
         assert plan["actions"] == [], (n, json.dumps(plan["actions"]))
+
+    at_each(kill_points(len(steps), jobs), kill_at)  # two at a time: each its own pools, env
