@@ -287,6 +287,11 @@ def test_a_stopped_host_is_taken_over_and_cannot_write_when_resumed(
         assert [r.volume for r in owned(site, ns, "host-b")] == [f"{inst}_data"]
         assert owned(site, ns, "host-a") == []
         # A new process of host A is a new client: it sees who owns the disk, and waits.
+        # B's heartbeat is as old as its last run; once that is older than A's expiry, A
+        # would rightly offer to take the instance back, so this process of A gives B's
+        # heartbeat a minute (a machine busy for `expiry` seconds made it fail).
+        a.ownership = {"heartbeatExpiry": 60}
+        a.write_config()
         doc = plan(a)
         assert doc["actions"] == [] and codes(doc) == Counter({"owned-elsewhere": 1})
         assert "host host-b" in doc["errors"][0]["message"]
