@@ -190,6 +190,17 @@ def make_vg(workdir: Path, vg: str, size: int = PV_SIZE) -> Iterator[VolumeGroup
         _teardown(vg, backing, sysdir)
 
 
+@contextmanager
+def spare_vg(vg: VolumeGroup, suffix: str, size: int = 1 << 30) -> Iterator[VolumeGroup]:
+    """Another private VG beside `vg`, on a loop device of its own, named `vg`'s name with
+    its last character replaced by `suffix` (not a hex digit, so never another checkout's
+    VG); made (a stale one removed first) and removed after. The reconciler's LVM commands
+    keep `vg`'s LVM_SYSTEM_DIR (the same lvm.conf)."""
+    name = vg.vg[:-1] + suffix
+    with make_vg(Path("/tmp") / f"reconciler-lvm-{name}", name, size=size) as group:
+        yield group
+
+
 @pytest.fixture(scope="session")
 def lvm_vg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolumeGroup]:
     """This checkout's private VG, for the session; LVM_SYSTEM_DIR points at its config."""

@@ -10,8 +10,12 @@ same ones every run, which keeps each crash test's time to a few of its --jobs 1
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SAMPLES = 8
 
@@ -37,3 +41,22 @@ def at_each(points: Sequence[int], one: Callable[[int], None], workers: int = 2)
         finally:
             for f in futures:
                 f.cancel()
+
+
+def at_each_with(
+    points: Sequence[int], resources: Sequence[T], one: Callable[[int, T], None]
+) -> None:
+    """at_each, one worker per resource, each point lent one of `resources` (a volume
+    group, say) that no other point uses while it runs."""
+    free: queue.SimpleQueue[T] = queue.SimpleQueue()
+    for r in resources:
+        free.put(r)
+
+    def lent(k: int) -> None:
+        r = free.get()
+        try:
+            one(k, r)
+        finally:
+            free.put(r)
+
+    at_each(points, lent, workers=len(resources))
