@@ -9,7 +9,8 @@
 # but never sends its own) with DIR/{etc,run,lib,cache,log} bound over libvirt's system
 # directories, so it sees none of the host's pools and the host sees none of its own.
 # Re-running `start` on a running daemon is a no-op, except that a daemon started before
-# the rbd storage backend was installed is restarted (it cannot load the backend later).
+# the rbd storage backend was installed is restarted (it cannot load the backend later),
+# and so is one started with another qemu.conf (see qemu_conf below).
 set -euo pipefail
 
 cmd=${1:?usage: libvirtd.sh start|stop|uri DIR}
@@ -43,6 +44,21 @@ lacks_rbd_backend() {
     [[ "$caps" != *"<pool type='rbd' supported='yes'>"* ]]
 }
 
+# The qemu driver's configuration. libvirt caches each emulator's probed capabilities, and
+# drops the cache when "KVM was enabled when probing, but it is not available now", which
+# it decides by whether the qemu user can open /dev/kvm. Where /dev/kvm is root's alone
+# (0600, as on this CI machine) while the probe found KVM, every domain define re-probed
+# every emulator: 16 qemu runs, 32 s per define. This daemon never starts a guest (tests
+# only define domains, to see which disks they use), so qemu runs as root: the check
+# agrees with the probe and the cache holds for the daemon's life.
+qemu_conf='user = "root"
+group = "root"'
+
+# A daemon started with another qemu.conf (before the lines above) keeps its old one.
+stale_qemu_conf() {
+    [ "$(cat "$dir/etc/qemu.conf" 2>/dev/null)" != "$qemu_conf" ]
+}
+
 case "$cmd" in
 uri) echo "$uri" ;;
 start)
@@ -52,8 +68,13 @@ start)
         exit 1
     fi
     if running; then
-        if ! lacks_rbd_backend; then echo "$uri"; exit 0; fi
-        echo "libvirtd.sh: restarting libvirtd: it started before its rbd storage backend was installed" >&2
+        if lacks_rbd_backend; then
+            echo "libvirtd.sh: restarting libvirtd: it started before its rbd storage backend was installed" >&2
+        elif stale_qemu_conf; then
+            echo "libvirtd.sh: restarting libvirtd: its qemu.conf is not this script's" >&2
+        else
+            echo "$uri"; exit 0
+        fi
         stop_daemon
     fi
     command -v libvirtd >/dev/null || { echo "libvirtd.sh: libvirtd not installed (run scripts/setup.sh)" >&2; exit 1; }
@@ -75,6 +96,7 @@ log_outputs = "3:file:$dir/log/libvirtd.log"
 max_client_requests = 32
 max_workers = 20
 CONF
+    printf '%s\n' "$qemu_conf" >"$dir/etc/qemu.conf"
     # DIR/mnt is a shared mount: file systems that tests mount under it later (a tiny
     # tmpfs for the disk-full test) propagate into the daemon's private mount namespace.
     mkdir -p "$dir/mnt"

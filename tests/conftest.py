@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -93,8 +94,13 @@ class Pools:
         self.tag = tag
         self.conn = libvirt.open(uri)
         self.made: list[tuple[str, Path]] = []
+        self.lock = threading.Lock()  # for tests that make pools from two threads
 
     def make(self, path: Path) -> DirPool:
+        with self.lock:
+            return self._make(path)
+
+    def _make(self, path: Path) -> DirPool:
         import libvirt
 
         name = f"t-{self.tag}-{len(self.made)}"
@@ -118,15 +124,16 @@ class Pools:
         `vgchange -aly`, which needs device-mapper (absent here)."""
         import libvirt
 
-        name = f"t-{self.tag}-{len(self.made)}"
-        with suppress(libvirt.libvirtError):
-            self.conn.storagePoolLookupByName(name).undefine()
-        self.conn.storagePoolDefineXML(
-            f"<pool type='logical'><name>{name}</name><source><name>{vg}</name>"
-            f"<format type='lvm2'/></source><target><path>/dev/{vg}</path></target></pool>"
-        )
-        self.made.append((name, Path(f"/dev/{vg}")))
-        return name
+        with self.lock:
+            name = f"t-{self.tag}-{len(self.made)}"
+            with suppress(libvirt.libvirtError):
+                self.conn.storagePoolLookupByName(name).undefine()
+            self.conn.storagePoolDefineXML(
+                f"<pool type='logical'><name>{name}</name><source><name>{vg}</name>"
+                f"<format type='lvm2'/></source><target><path>/dev/{vg}</path></target></pool>"
+            )
+            self.made.append((name, Path(f"/dev/{vg}")))
+            return name
 
     def close(self) -> None:
         for dom in self.conn.listAllDomains(0):

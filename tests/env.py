@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from reconciler.schema.load import load_config
 from reconciler.store import SqliteRecordStore, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
+_in_process = threading.Lock()  # Env.main, for tests that run kill points side by side
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -161,7 +163,9 @@ class Env:
     @staticmethod
     def main(argv: list[str]) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        # One at a time: redirect_stdout swaps the process's sys.stdout, and the CLI sets
+        # process-wide state (logging, the garbage collector) for its run.
+        with _in_process, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = main(argv)
         return rc, out.getvalue(), err.getvalue()
 

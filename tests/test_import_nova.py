@@ -16,7 +16,9 @@ import pytest
 from reconciler.nova import nova_base_entry
 from reconciler.schema.load import load_manifests
 from reconciler.schema.record import RecordKind
+from tests.conftest import Pools
 from tests.env import Env
+from tests.killpoints import at_each
 from tests.test_images import catalog_entry
 from tests.test_migrate import content
 
@@ -201,58 +203,43 @@ def test_a_disk_on_another_file_system_is_copied(env: Env, tmp_path: Path) -> No
         subprocess.run(["rm", "-rf", "--one-file-system", str(host)], check=False)
 
 
-def test_kill_at_every_import_step(env: Env, tmp_path: Path) -> None:
+def test_kill_at_every_import_step(env: Env, pools: Pools, tmp_path: Path) -> None:
     """SIGKILL at each step boundary of an import, then a second import: every disk ends
     in the pool, recorded, with its data; nothing is left in Nova's directory of what moved,
-    no temporary file and no volume without a record."""
+    no temporary file and no volume without a record. Each kill point has a Nova directory,
+    dir pool and env of its own, and two run at a time (tests/killpoints.py)."""
     import os
-    import shutil
     import sys
 
     from tests.env import ROOT
 
-    nova, want = nova_host(tmp_path / "trace")
-    argv = [
-        sys.executable,
-        "-m",
-        "reconciler",
-        "import-nova",
-        "--config",
-        str(env.config_path),
-        "--instances-path",
-        str(nova),
-        "--images-type",
-        "qcow2",
-        "--pool",
-        "local",
-        "--out",
-        str(env.manifests),
-    ]
-
-    def run(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    def run(env: Env, nova: Path, extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        argv = [
+            *(sys.executable, "-m", "reconciler", "import-nova"),
+            *("--config", str(env.config_path), "--instances-path", str(nova)),
+            *("--images-type", "qcow2", "--pool", "local", "--out", str(env.manifests)),
+        ]
         return subprocess.run(
             argv, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **extra}, check=False
         )
 
+    nova, _ = nova_host(tmp_path / "trace")
     trace = tmp_path / "steps.txt"
-    assert run({"RECONCILER_TRACE_STEPS": str(trace)}).returncode == 1  # B
+    assert run(env, nova, {"RECONCILER_TRACE_STEPS": str(trace)}).returncode == 1  # B
     steps = trace.read_text().splitlines()
     assert {"nova.disk.pointed", "volume.imported", "nova.disk.recorded"} <= {
         s.split()[1] for s in steps
     }
-    for n in range(1, len(steps) + 1):
-        shutil.rmtree(tmp_path / "trace")
-        shutil.rmtree(env.root / "state")
-        shutil.rmtree(env.manifests)
-        for p in env.pool_dir().iterdir():
-            if p.is_file():
-                p.unlink()
-            else:
-                shutil.rmtree(p)
-        nova, want = nova_host(tmp_path / "trace")
-        res = run({"RECONCILER_CRASH_AT": str(n)})
+
+    def kill_at(n: int) -> None:
+        root = tmp_path / f"k{n}"
+        pool = pools.make(root / "pool")
+        env = Env(root / "env", pool.uri, {"local": (pool.name, pool.path)})
+        env.write_config()
+        nova, want = nova_host(root)
+        res = run(env, nova, {"RECONCILER_CRASH_AT": str(n)})
         assert res.returncode == -9, (n, steps[n - 1], res.stderr)
-        res = run({})
+        res = run(env, nova, {})
         assert res.returncode == 1 and "not imported" in res.stderr, (n, res.stderr)
         store = env.store()
         recs = {r.volume: r for r in store.load_all()[0]}
@@ -262,7 +249,9 @@ def test_kill_at_every_import_step(env: Env, tmp_path: Path) -> None:
         for key, digest in want.items():
             inst, name = key.split("/")
             rec = recs[f"{inst}_{name}"]
-            got = content(env.pool_dir() / rec.volume, rec.format.value, tmp_path)
+            got = content(env.pool_dir() / rec.volume, rec.format.value, root)
             assert got == digest, (n, steps[n - 1], key)
             assert not (nova / inst / name).exists()
         assert sorted(p.name for p in env.manifests.glob("*.yaml")) == [f"{A}.yaml", f"{C}.yaml"]
+
+    at_each(range(1, len(steps) + 1), kill_at)

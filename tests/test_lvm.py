@@ -23,8 +23,9 @@ from reconciler.drivers.lvmpool import BACKPOINTER, OWNER_TAG, decode_copy
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.record import RecordKind, RecordState
 from tests.conftest import Pools, make_lvm_env
-from tests.conftest_lvm import VolumeGroup
+from tests.conftest_lvm import VolumeGroup, spare_vg
 from tests.env import Env, disk
+from tests.killpoints import at_each_with
 from tests.test_images import catalog_entry, hostile, qemu_img, records
 
 pytestmark = pytest.mark.libvirtd
@@ -477,23 +478,27 @@ def test_kill_at_every_step_boundary_then_converge(
     check_consistent(env, lvm_vg)
     raw = image.read_bytes()
 
-    for k in range(1, len(steps) + 1):
-        env, ids = crash_env(pools, tmp_path / f"k{k}", lvm_vg, image)
+    def kill_at(k: int, vg: VolumeGroup) -> None:
+        env, ids = crash_env(pools, tmp_path / f"k{k}", vg, image)
         stable = lv(ids["stable"], "d")
-        stable_bytes = lvm_vg.segment_bytes(stable, 8 * MiB)
+        stable_bytes = vg.segment_bytes(stable, 8 * MiB)
         crash_after(env, ids)
         killed = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": str(k)})
         assert killed.returncode == -signal.SIGKILL, (k, killed.stdout, killed.stderr)
         rc, out, err = env.run()
         assert rc == 0, f"kill point {k} ({steps[k - 1]}): {out}{err}"
         assert env.plan_json()["actions"] == [], f"kill point {k} did not converge"
-        check_consistent(env, lvm_vg)
-        assert lv(ids["doomed"], "d") not in lvm_vg.lvs()
-        assert lvm_vg.segment_bytes(stable, 8 * MiB) == stable_bytes, k
-        assert lvm_vg.lv_size(stable) == 12 * MiB
+        check_consistent(env, vg)
+        assert lv(ids["doomed"], "d") not in vg.lvs()
+        assert vg.segment_bytes(stable, 8 * MiB) == stable_bytes, k
+        assert vg.lv_size(stable) == 12 * MiB
         fresh = json.loads((env.manifests / "fresh.yaml").read_text())["instance"]
-        assert lvm_vg.segment_bytes(lv(fresh, "a"), 16 * MiB) == raw + bytes(16 * MiB - len(raw))
-        assert lvm_vg.segment_bytes(lv(fresh, "c")) == bytes(lvm_vg.lv_size(lv(fresh, "c")))
+        assert vg.segment_bytes(lv(fresh, "a"), 16 * MiB) == raw + bytes(16 * MiB - len(raw))
+        assert vg.segment_bytes(lv(fresh, "c")) == bytes(vg.lv_size(lv(fresh, "c")))
+
+    # Two kill points at a time, each on a VG no other point uses while it runs.
+    with spare_vg(lvm_vg, "k") as vg2:
+        at_each_with(range(1, len(steps) + 1), [lvm_vg, vg2], kill_at)
 
 
 def test_a_missing_vg_or_a_wrong_libvirt_pool_is_a_plan_error(

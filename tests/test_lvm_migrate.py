@@ -29,8 +29,9 @@ from reconciler.schema.load import load_config
 from reconciler.schema.record import DiskRecord, MigrationPhase, RecordKind, RecordState
 from reconciler.session import Session
 from tests.conftest import Pools, make_lvm_env
-from tests.conftest_lvm import VolumeGroup, make_vg
+from tests.conftest_lvm import VolumeGroup, spare_vg
 from tests.env import Env, disk
+from tests.killpoints import at_each_with
 from tests.test_migrate import apply_ok, content, migrate_once, record, write_pattern
 
 pytestmark = pytest.mark.libvirtd
@@ -130,8 +131,7 @@ def test_lvm_to_file_keeps_the_data(
 @pytest.fixture
 def second_vg(pools: Pools, lvm_vg: VolumeGroup) -> Iterator[tuple[VolumeGroup, str]]:
     """Another private VG (its own loop device) and a logical pool over it."""
-    name = lvm_vg.vg[:-1] + ("x" if lvm_vg.vg[-1] != "x" else "y")
-    with make_vg(Path("/tmp") / f"reconciler-lvm-{name}", name, size=1 << 30) as vg:
+    with spare_vg(lvm_vg, "x") as vg:
         yield vg, pools.define_logical(vg.vg)
 
 
@@ -296,16 +296,20 @@ def test_kill_at_every_step_of_lvm_migrations(
     assert {"record.migrating", "volume.copied", "volume.verified", "record.switched"} <= names
     check_converged(env, lvm_vg, ids, want, tmp_path)
 
-    for k in range(1, len(steps) + 1):
+    def kill_at(k: int, vg: VolumeGroup) -> None:
         root = tmp_path / f"k{k}"
-        env, ids, want = crash_setup(pools, root, lvm_vg)
+        env, ids, want = crash_setup(pools, root, vg)
         killed = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": str(k)})
         assert killed.returncode == -signal.SIGKILL, (k, killed.stdout, killed.stderr)
-        check_after_kill(env, lvm_vg, ids, want, root)
+        check_after_kill(env, vg, ids, want, root)
         rc, out, err = env.run()
         assert rc == 0, f"kill point {k} ({steps[k - 1]}): {out}{err}"
         assert env.plan_json()["actions"] == [], f"kill point {k} did not converge"
-        check_converged(env, lvm_vg, ids, want, root)
+        check_converged(env, vg, ids, want, root)
+
+    # Two kill points at a time, each on a VG no other point uses while it runs.
+    with spare_vg(lvm_vg, "k") as vg2:
+        at_each_with(range(1, len(steps) + 1), [lvm_vg, vg2], kill_at)
     lvm_vg.reset()
 
 

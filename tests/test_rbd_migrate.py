@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from tests.conftest import Pools, make_lvm_env
 from tests.conftest_ceph import Ceph
 from tests.conftest_lvm import VolumeGroup
 from tests.env import Env, disk
+from tests.killpoints import at_each
 from tests.rbdsite import RbdSite, rbd_site
 from tests.test_migrate import content, files, write_pattern
 
@@ -376,10 +376,10 @@ def test_kill_at_every_step_of_migrations_into_and_out_of_rbd(
         assert {"record.migrating", "volume.created", "volume.copied", "volume.verified"} <= names
         assert {"record.switched", "record.moved", "volume.deleted", "record.deleted"} <= names
         check_converged(env, site, ids, want, tmp_path)
-    for n in range(1, len(steps) + 1):
+
+    def kill_at(n: int) -> None:
         root = tmp_path / f"kill{n}"
-        with ExitStack() as stack:
-            site = stack.enter_context(rbd_site(ceph, libvirt_uri))
+        with rbd_site(ceph, libvirt_uri) as site:
             env, ids, want = crash_setup(pools, site, root)
             res = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": str(n)})
             assert res.returncode == -9, (n, steps[n - 1], res.stdout, res.stderr)
@@ -388,6 +388,9 @@ def test_kill_at_every_step_of_migrations_into_and_out_of_rbd(
             assert res.returncode == 0, (n, steps[n - 1], res.stdout, res.stderr)
             check_converged(env, site, ids, want, root)
             assert plan(env)["actions"] == [], n
+
+    # Every boundary (--jobs 1), two at a time: each has its own Ceph pool, dir pool and env.
+    at_each(range(1, len(steps) + 1), kill_at)
 
 
 # -- adopt --------------------------------------------------------------------------------
