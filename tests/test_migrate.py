@@ -219,6 +219,59 @@ def test_retain_in_one_pool_keeps_the_old_volume_unmanaged(pools: Pools, tmp_pat
     assert [w["code"] for w in plan["warnings"]] == ["unmanaged-volumes"]  # never touched
 
 
+def test_a_retain_rename_cut_between_link_and_unlink_is_finished(
+    pools: Pools, tmp_path: Path
+) -> None:
+    """Keeping the old volume renames it by link + unlink (never over another volume); a
+    run killed between the two, as a SIGKILL of another step under --jobs 4 can, leaves
+    both names on the one file. The next run finishes the rename instead of refusing it,
+    and a different file at the new name is still refused."""
+    old_spec = disk("d", size="16MiB", policy="Retain")
+    new_spec = disk("d", backend="qcow2", fmt="qcow2", size="16MiB", policy="Retain")
+
+    def prepared(root: Path) -> tuple[Env, str]:
+        env = two_pools(pools, root)
+        inst = env.manifest("vm", [old_spec])
+        apply_ok(env)
+        write_pattern(env.volume(inst, "d"), "raw")
+        env.manifest("vm", [new_spec], instance=inst)
+        return env, inst
+
+    env, _ = prepared(tmp_path / "trace")
+    trace = tmp_path / "steps.txt"
+    res = env.subprocess("--jobs", "1", env={"RECONCILER_TRACE_STEPS": str(trace)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    steps = [line.split()[1] for line in trace.read_text().splitlines()]
+    switched = steps.index("record.switched") + 1
+
+    env, inst = prepared(tmp_path / "cut")
+    vol = env.volume(inst, "d")
+    want = content(vol, "raw", tmp_path)
+    res = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": str(switched)})
+    assert res.returncode == -9, res.stdout + res.stderr
+    rec = record(env, "local", vol.name)
+    assert rec is not None and rec.migration is not None and rec.migration.retained_as
+    kept = env.pool_dir() / rec.migration.retained_as
+    kept.hardlink_to(vol)  # the link made, the run killed before the unlink
+    out = apply_ok(env)
+    assert f"kept as local/{kept.name}" in out
+    assert content(kept, "raw", tmp_path) == want
+    assert content(vol, "qcow2", tmp_path) == want
+    assert kept.stat().st_nlink == 1 and vol.stat().st_ino != kept.stat().st_ino
+    assert env.plan_json()["actions"] == []
+
+    from reconciler.drivers import Connections, FilePoolDriver
+    from reconciler.drivers.base import VolumeExists
+    from reconciler.schema.load import load_config
+
+    drv = FilePoolDriver("local", load_config(str(env.config_path)).pools["local"], Connections())
+    other = env.pool_dir() / "other"
+    other.write_bytes(b"\x42" * 4096)
+    with pytest.raises(VolumeExists, match="not renamed over it"):
+        drv.rename_volume("other", kept.name, replace=False)
+    assert other.read_bytes() == b"\x42" * 4096 and content(kept, "raw", tmp_path) == want
+
+
 def test_retain_to_another_pool_keeps_the_old_volume(pools: Pools, tmp_path: Path) -> None:
     env = two_pools(pools, tmp_path)
     inst = env.manifest("vm", [disk("d", size="16MiB", policy="Retain")])

@@ -132,6 +132,12 @@ def template_entry_name(kind: str, size: int, label: str | None) -> str:
     return f"{CACHE_PREFIX}template-{kind}-{size}-{tag}"
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names in one directory are links to the same file (neither followed)."""
+    sa, sb = os.lstat(a), os.lstat(b)
+    return stat.S_ISREG(sb.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def escape(text: str) -> str:
     """XML character data: what xml.sax.saxutils.escape does, without the urllib, http and
     ssl modules that importing xml.sax brings into every `reconcile` start."""
@@ -858,9 +864,13 @@ class FilePoolDriver(entries.EntryCache):
             try:
                 os.link(src, dst, follow_symlinks=False)
             except FileExistsError:
-                raise VolumeExists(
-                    f"volume {new} exists in pool {self.name}; {old} is not renamed over it"
-                ) from None
+                # A run killed between link and unlink (by another step's SIGKILL under
+                # --jobs N, or a power cut) left both names on the one file: the rename
+                # is half done, not refused. Anything else at the new name is refused.
+                if not _same_file(src, dst):
+                    raise VolumeExists(
+                        f"volume {new} exists in pool {self.name}; {old} is not renamed over it"
+                    ) from None
             os.unlink(src)
         root_fd = os.open(self.info().path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
