@@ -141,7 +141,9 @@ def test_kill_at_every_step_boundary(pools: Pools, tmp_path: Path, jobs: int) ->
         grown = {env.volume(ids["grow"], "raw").name: 8 << 20}
         after(env, ids)
         killed = env.subprocess("--jobs", str(jobs), env={"RECONCILER_CRASH_AT": str(k)})
-        assert killed.returncode == -signal.SIGKILL, (k, killed.stdout, killed.stderr)
+        assert killed.returncode == -signal.SIGKILL, (
+            f"kill point {k}:\n{killed.stdout}\n{killed.stderr}"
+        )
 
         rc, out, err = env.run()
         where = steps[k - 1] if jobs == 1 else f"of {len(steps)}"

@@ -138,10 +138,10 @@ def test_kill_at_every_migration_step(pools: Pools, tmp_path: Path, jobs: int) -
         root = tmp_path / f"kill{n}"
         env, ids, want = setup(pools, root)
         res = env.subprocess("--jobs", str(jobs), env={"RECONCILER_CRASH_AT": str(n)})
-        assert res.returncode == -9, (n, steps[n - 1], res.stdout, res.stderr)
+        assert res.returncode == -9, f"kill point {n} ({steps[n - 1]}):\n{res.stdout}\n{res.stderr}"
         check_after_kill(env, ids, want, root)
         rc, out, err = env.run()
-        assert rc == 0, (n, steps[n - 1], out, err)
+        assert rc == 0, f"kill point {n} ({steps[n - 1]}):\n{out}\n{err}"
         check_converged(env, ids, want, root)
         plan = env.plan_json()
         assert plan["actions"] == [], (n, json.dumps(plan["actions"]))

@@ -484,7 +484,9 @@ def test_kill_at_every_step_boundary_then_converge(
         stable_bytes = vg.segment_bytes(stable, 8 * MiB)
         crash_after(env, ids)
         killed = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": str(k)})
-        assert killed.returncode == -signal.SIGKILL, (k, killed.stdout, killed.stderr)
+        assert killed.returncode == -signal.SIGKILL, (
+            f"kill point {k}:\n{killed.stdout}\n{killed.stderr}"
+        )
         rc, out, err = env.run()
         assert rc == 0, f"kill point {k} ({steps[k - 1]}): {out}{err}"
         assert env.plan_json()["actions"] == [], f"kill point {k} did not converge"

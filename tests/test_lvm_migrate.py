@@ -300,7 +300,9 @@ def test_kill_at_every_step_of_lvm_migrations(
         root = tmp_path / f"k{k}"
         env, ids, want = crash_setup(pools, root, vg)
         killed = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": str(k)})
-        assert killed.returncode == -signal.SIGKILL, (k, killed.stdout, killed.stderr)
+        assert killed.returncode == -signal.SIGKILL, (
+            f"kill point {k}:\n{killed.stdout}\n{killed.stderr}"
+        )
         check_after_kill(env, vg, ids, want, root)
         rc, out, err = env.run()
         assert rc == 0, f"kill point {k} ({steps[k - 1]}): {out}{err}"

@@ -170,7 +170,9 @@ def test_kill_at_every_step_boundary(
             before_digests = site.digests(lengths)
             after(env, ids)
             killed = env.subprocess("--jobs", str(jobs), env={"RECONCILER_CRASH_AT": str(k)})
-            assert killed.returncode == -signal.SIGKILL, (k, killed.stdout, killed.stderr)
+            assert killed.returncode == -signal.SIGKILL, (
+                f"kill point {k}:\n{killed.stdout}\n{killed.stderr}"
+            )
             res = env.subprocess()
             where = steps[k - 1] if jobs == 1 else f"of {len(steps)}"
             assert res.returncode == 0, f"kill point {k} ({where}): {res.stdout}{res.stderr}"

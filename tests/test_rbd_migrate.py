@@ -382,10 +382,14 @@ def test_kill_at_every_step_of_migrations_into_and_out_of_rbd(
         with rbd_site(ceph, libvirt_uri) as site:
             env, ids, want = crash_setup(pools, site, root)
             res = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": str(n)})
-            assert res.returncode == -9, (n, steps[n - 1], res.stdout, res.stderr)
+            assert res.returncode == -9, (
+                f"kill point {n} ({steps[n - 1]}):\n{res.stdout}\n{res.stderr}"
+            )
             check_after_kill(env, site, ids, want, root)
             res = env.subprocess()
-            assert res.returncode == 0, (n, steps[n - 1], res.stdout, res.stderr)
+            assert res.returncode == 0, (
+                f"kill point {n} ({steps[n - 1]}):\n{res.stdout}\n{res.stderr}"
+            )
             check_converged(env, site, ids, want, root)
             assert plan(env)["actions"] == [], n
 
