@@ -12,15 +12,22 @@ each names what it makes uniquely (`unique()`) and removes it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest_libvirtd import _script
+import pytest
+
+from tests.conftest_libvirtd import SCRIPTS, _script
 
 POOL = "rbd"
 # What scripts/ceph.sh runs; the Debian packages of scripts/setup.sh's CEPH_PACKAGES.
@@ -51,6 +58,42 @@ def ceph_dir() -> Path:
 def start_ceph() -> Path:
     """Start this checkout's cluster unless it runs; its ceph.conf."""
     return Path(_script("ceph.sh", "start", str(ceph_dir())))
+
+
+def ceph_sh(*args: str, **env: str) -> str:
+    """scripts/ceph.sh ARGS with `env` added (at most 120 s): its last line of output."""
+    res = subprocess.run(
+        ["bash", str(SCRIPTS / "ceph.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, f"ceph.sh {' '.join(args)}: {res.stderr}"
+    return res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+
+
+@contextmanager
+def private_cluster(tag: str, **env: str) -> Iterator[Ceph]:
+    """A one-node cluster of the caller's own, apart from the shared test cluster: started
+    fresh in /tmp/rcl-TAG-<hash of this checkout's path> (`env` for scripts/ceph.sh, e.g.
+    its object store), the test skipped where Ceph is missing; stopped and removed after.
+    The cluster's directory is `.dir`."""
+    reason = not_installed()
+    if reason:
+        pytest.skip(reason)
+    here = hashlib.sha256(str(SCRIPTS.parent).encode()).hexdigest()[:8]
+    d = Path("/tmp") / f"rcl-{tag}-{here}"
+    ceph_sh("stop", str(d))  # one an interrupted session left
+    c = Ceph.open(Path(ceph_sh("start", str(d), **env)))
+    c.dir = d  # type: ignore[attr-defined]
+    try:
+        yield c
+    finally:
+        c.close()
+        ceph_sh("stop", str(d))
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
 
 
 def unique(prefix: str) -> str:

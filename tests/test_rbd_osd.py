@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest_ceph import Ceph, not_installed
+from tests.conftest_ceph import Ceph, ceph_sh, private_cluster
 from tests.env import ROOT
 from tests.rbdsite import RbdSite, rbd_site
 from tests.test_rbd import catalog, image_file, rdisk
@@ -27,39 +27,13 @@ from tests.test_rbd_crash import HOST, NS, check_consistent
 
 pytestmark = [pytest.mark.ceph, pytest.mark.libvirtd]
 
-SCRIPT = str(ROOT / "scripts" / "ceph.sh")
 DEADLINE = 120.0  # seconds for any one wait below; far above what each should take
-
-
-def ceph_sh(*args: str, **env: str) -> str:
-    res = subprocess.run(
-        ["bash", SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=DEADLINE,
-        check=False,
-    )
-    assert res.returncode == 0, f"ceph.sh {' '.join(args)}: {res.stderr}"
-    return res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
 
 
 @pytest.fixture(scope="module")
 def bluestore() -> Iterator[Ceph]:
-    reason = not_installed()
-    if reason:
-        pytest.skip(reason)
-    d = Path("/tmp") / f"rcl-bs-{abs(hash(str(ROOT))) % 10**8}"
-    ceph_sh("stop", str(d))
-    conf = ceph_sh("start", str(d), RECONCILER_CEPH_OBJECTSTORE="bluestore")
-    c = Ceph.open(Path(conf))
-    c.dir = d  # type: ignore[attr-defined]
-    try:
+    with private_cluster("bs", RECONCILER_CEPH_OBJECTSTORE="bluestore") as c:
         yield c
-    finally:
-        c.close()
-        ceph_sh("stop", str(d))
-        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
 
 
 def wait_for(what: str, ok: Any) -> None:

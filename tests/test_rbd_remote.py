@@ -5,17 +5,15 @@ cached in the pool's own cluster; never cloned across clusters."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest_ceph import Ceph, not_installed
-from tests.env import ROOT, disk
+from tests.conftest_ceph import Ceph, private_cluster
+from tests.env import disk
 from tests.rbdsite import RbdSite, rbd_site
-from tests.test_rbd_osd import ceph_sh
 
 pytestmark = [pytest.mark.ceph, pytest.mark.libvirtd]
 
@@ -25,19 +23,8 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def other() -> Iterator[Ceph]:
     """A second one-node cluster: another fsid, another mon, its own pool `rbd`."""
-    reason = not_installed()
-    if reason:
-        pytest.skip(reason)
-    d = Path("/tmp") / f"rcl-far-{abs(hash(str(ROOT))) % 10**8}"
-    ceph_sh("stop", str(d))
-    conf = ceph_sh("start", str(d))
-    c = Ceph.open(Path(conf))
-    try:
+    with private_cluster("far") as c:
         yield c
-    finally:
-        c.close()
-        ceph_sh("stop", str(d))
-        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
 
 
 @pytest.fixture
