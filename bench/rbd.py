@@ -55,6 +55,14 @@ def script(*args: str) -> str:
     return res.stdout.strip().splitlines()[-1]
 
 
+def start_daemons() -> tuple[str, str]:
+    """This checkout's Ceph cluster and libvirtd, started unless they run: (its ceph.conf,
+    the daemon's qemu URI)."""
+    conf = script("ceph.sh", "start", script("ceph-dir.sh"))
+    uri = script("libvirtd.sh", "start", script("libvirt-dir.sh"))
+    return conf, uri.replace("storage+unix://", "qemu+unix://", 1)
+
+
 def mon(cluster: Any, prefix: str, **args: Any) -> None:
     ret, _, err = cluster.mon_command(json.dumps({"prefix": prefix, **args}), b"")
     if ret != 0:
@@ -248,10 +256,7 @@ def main() -> None:
     args = p.parse_args()
     import rados
 
-    conf = script("ceph.sh", "start", script("ceph-dir.sh"))
-    uri = script("libvirtd.sh", "start", script("libvirt-dir.sh")).replace(
-        "storage+unix://", "qemu+unix://", 1
-    )
+    conf, uri = start_daemons()
     cluster = rados.Rados(conffile=conf, name="client.admin")
     cluster.connect()
     try:

@@ -32,7 +32,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from bench.rbd import drop_pool, mon_v1_port, new_pool, script  # noqa: E402
+from bench.rbd import drop_pool, mon_v1_port, new_pool, start_daemons  # noqa: E402
 
 ROOT = _HERE.parent
 RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
@@ -128,10 +128,7 @@ def main() -> None:
     import libvirt
     import rados
 
-    conf = script("ceph.sh", "start", script("ceph-dir.sh"))
-    uri = script("libvirtd.sh", "start", script("libvirt-dir.sh")).replace(
-        "storage+unix://", "qemu+unix://", 1
-    )
+    conf, uri = start_daemons()
     cluster = rados.Rados(conffile=conf, name="client.admin")
     cluster.connect()
     conn = libvirt.open(uri)
