@@ -201,6 +201,15 @@ class Env:
             cwd=ROOT,
         )
 
+    def traced_steps(self, *args: str) -> list[str]:
+        """Run `reconcile ARGS` as a separate process that must succeed, tracing its step
+        boundaries (RECONCILER_TRACE_STEPS): their names in order; the Nth is where
+        RECONCILER_CRASH_AT=N kills a run of the same scenario (with --jobs 1)."""
+        trace = self.root / f"steps-{uuid.uuid4().hex[:8]}.txt"
+        res = self.subprocess(*args, env={"RECONCILER_TRACE_STEPS": str(trace)})
+        assert res.returncode == 0, res.stdout + res.stderr
+        return [line.split()[1] for line in trace.read_text().splitlines()]
+
     def start(self, *args: str, env: dict[str, str] | None = None) -> Popen[str]:
         """Start `reconcile` in a separate process, its output captured, without waiting."""
         return Popen(

@@ -116,11 +116,8 @@ def test_kill_at_every_step_boundary(pools: Pools, tmp_path: Path, jobs: int) ->
     # A clean run of the scenario, tracing its step boundaries.
     env, ids = setup_env(pools, tmp_path / "trace")
     after(env, ids)
-    trace = tmp_path / "steps.txt"
-    res = env.subprocess("--jobs", str(jobs), env={"RECONCILER_TRACE_STEPS": str(trace)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = trace.read_text().splitlines()
-    names = {line.split()[1] for line in steps}
+    steps = env.traced_steps("--jobs", str(jobs))
+    names = set(steps)
     # The run does create (with cache entries), resize and delete steps.
     assert {
         "record.creating",

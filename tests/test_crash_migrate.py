@@ -125,11 +125,8 @@ def test_kill_at_every_migration_step(pools: Pools, tmp_path: Path, jobs: int) -
     varying steps: eight boundaries spread from the first to the last
     (tests/killpoints.py; all 30 passed when this was sampled)."""
     env, ids, want = setup(pools, tmp_path / "trace")
-    trace = tmp_path / "steps.txt"
-    res = env.subprocess("--jobs", str(jobs), env={"RECONCILER_TRACE_STEPS": str(trace)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = trace.read_text().splitlines()
-    names = {line.split()[1] for line in steps}
+    steps = env.traced_steps("--jobs", str(jobs))
+    names = set(steps)
     assert {"record.migrating", "volume.copied", "volume.verified", "record.switched"} <= names
     assert {"volume.switched", "volume.retained", "record.moved", "record.deleted"} <= names
     check_converged(env, ids, want, tmp_path)

@@ -280,11 +280,8 @@ def test_cache_gc_spares_the_entry_a_disk_is_being_made_from(
     env.write_config()
     env.manifest("vm", [lvm("root", size="16MiB", image="img", template=None)])
     assert env.run()[0] == 0
-    trace = tmp_path / "steps.txt"
     env.manifest("vm2", [lvm("root", size="16MiB", image="img", template=None)])
-    res = env.subprocess(env={"RECONCILER_TRACE_STEPS": str(trace)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = [line.split()[1] for line in trace.read_text().splitlines()]
+    steps = env.traced_steps()
     assert steps[:4] == ["record.creating", "volume.created", "volume.filled", "record.ready"]
     inst = env.manifest("vm3", [lvm("root", size="16MiB", image="img", template=None)])
     killed = env.subprocess(env={"RECONCILER_CRASH_AT": str(steps.index("volume.created") + 1)})
@@ -469,11 +466,8 @@ def test_kill_at_every_step_boundary_then_converge(
 ) -> None:
     env, ids = crash_env(pools, tmp_path / "trace", lvm_vg, image)
     crash_after(env, ids)
-    trace = tmp_path / "steps.txt"
-    res = env.subprocess("--jobs", "1", env={"RECONCILER_TRACE_STEPS": str(trace)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = trace.read_text().splitlines()
-    names = {line.split()[1] for line in steps}
+    steps = env.traced_steps("--jobs", "1")
+    names = set(steps)
     assert {"cache.volume.filled", "volume.filled", "volume.resized", "volume.cleared"} <= names
     check_consistent(env, lvm_vg)
     raw = image.read_bytes()

@@ -288,11 +288,8 @@ def test_kill_at_every_step_of_lvm_migrations(
     pools: Pools, tmp_path: Path, lvm_vg: VolumeGroup
 ) -> None:
     env, ids, want = crash_setup(pools, tmp_path / "trace", lvm_vg)
-    trace = tmp_path / "steps.txt"
-    res = env.subprocess("--jobs", "1", env={"RECONCILER_TRACE_STEPS": str(trace)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = trace.read_text().splitlines()
-    names = {line.split()[1] for line in steps}
+    steps = env.traced_steps("--jobs", "1")
+    names = set(steps)
     assert {"record.migrating", "volume.copied", "volume.verified", "record.switched"} <= names
     check_converged(env, lvm_vg, ids, want, tmp_path)
 

@@ -238,10 +238,7 @@ def test_a_retain_rename_cut_between_link_and_unlink_is_finished(
         return env, inst
 
     env, _ = prepared(tmp_path / "trace")
-    trace = tmp_path / "steps.txt"
-    res = env.subprocess("--jobs", "1", env={"RECONCILER_TRACE_STEPS": str(trace)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = [line.split()[1] for line in trace.read_text().splitlines()]
+    steps = env.traced_steps("--jobs", "1")
     switched = steps.index("record.switched") + 1
 
     env, inst = prepared(tmp_path / "cut")
@@ -426,13 +423,11 @@ def test_a_tombstone_mid_migration_removes_the_disk_and_its_copy(
     inst = env.manifest("vm", [disk("d", size="8MiB")])
     apply_ok(env)
     env.manifest("vm", [disk("d", size="8MiB", pool="fast")], instance=inst)
-    trace = tmp_path / "steps.txt"
     probe = two_pools(pools, tmp_path / "probe")  # the same run elsewhere, to count steps
     probe_inst = probe.manifest("vm", [disk("d", size="8MiB")])
     apply_ok(probe)
     probe.manifest("vm", [disk("d", size="8MiB", pool="fast")], instance=probe_inst)
-    assert probe.subprocess(env={"RECONCILER_TRACE_STEPS": str(trace)}).returncode == 0
-    steps = [line.split()[1] for line in trace.read_text().splitlines()]
+    steps = probe.traced_steps()
     at = steps.index("volume.copied") + 1
     res = env.subprocess(env={"RECONCILER_CRASH_AT": str(at)})
     assert res.returncode == -9

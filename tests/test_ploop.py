@@ -301,11 +301,8 @@ def test_cache_gc_spares_the_entry_a_ploop_disk_is_being_made_from(
     assert env.run()[0] == 0  # the entry is made and ready; the disk is a copy of it
     # Trace a second disk's create from the ready entry, then stop a third one's at the
     # boundary where its bytes are written but it has no volume name yet.
-    trace = tmp_path / "steps.txt"
     env.manifest("vm2", [ploop("root", size="16MiB", image="img", template=None)])
-    res = env.subprocess(env={"RECONCILER_TRACE_STEPS": str(trace)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = [line.split()[1] for line in trace.read_text().splitlines()]
+    steps = env.traced_steps()
     assert steps[:4] == ["record.creating", "volume.filled", "volume.created", "record.ready"]
     inst = env.manifest("vm3", [ploop("root", size="16MiB", image="img", template=None)])
     killed = env.subprocess(env={"RECONCILER_CRASH_AT": str(steps.index("volume.filled") + 1)})
@@ -465,11 +462,8 @@ def test_kill_at_every_step_boundary_of_ploop_creates_and_deletes(
 ) -> None:
     env, ids = crash_env(pools, tmp_path / "trace", image)
     crash_after(env, ids)
-    trace = tmp_path / "steps.txt"
-    res = env.subprocess("--jobs", "1", env={"RECONCILER_TRACE_STEPS": str(trace)})
-    assert res.returncode == 0, res.stdout + res.stderr
-    steps = trace.read_text().splitlines()
-    names = {line.split()[1] for line in steps}
+    steps = env.traced_steps("--jobs", "1")
+    names = set(steps)
     assert {"record.creating", "volume.filled", "volume.created", "record.deleted"} <= names
     check_consistent(env)
 

@@ -136,11 +136,8 @@ def test_kill_at_every_step_boundary(
     with rbd_site(ceph, libvirt_uri) as site:
         env, ids = setup_env(site, tmp_path / "trace", images)
         after(env, ids)
-        trace = tmp_path / "steps.txt"
-        res = env.subprocess("--jobs", str(jobs), env={"RECONCILER_TRACE_STEPS": str(trace)})
-        assert res.returncode == 0, res.stdout + res.stderr
-        steps = trace.read_text().splitlines()
-        names = {line.split()[1] for line in steps}
+        steps = env.traced_steps("--jobs", str(jobs))
+        names = set(steps)
         assert {
             "cache.record.creating",
             "cache.image.fetched",

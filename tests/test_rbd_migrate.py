@@ -368,11 +368,8 @@ def test_kill_at_every_step_of_migrations_into_and_out_of_rbd(
 ) -> None:
     with rbd_site(ceph, libvirt_uri) as site:
         env, ids, want = crash_setup(pools, site, tmp_path / "trace")
-        trace = tmp_path / "steps.txt"
-        res = env.subprocess("--jobs", "1", env={"RECONCILER_TRACE_STEPS": str(trace)})
-        assert res.returncode == 0, res.stdout + res.stderr
-        steps = trace.read_text().splitlines()
-        names = {line.split()[1] for line in steps}
+        steps = env.traced_steps("--jobs", "1")
+        names = set(steps)
         assert {"record.migrating", "volume.created", "volume.copied", "volume.verified"} <= names
         assert {"record.switched", "record.moved", "volume.deleted", "record.deleted"} <= names
         check_converged(env, site, ids, want, tmp_path)
