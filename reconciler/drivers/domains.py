@@ -21,24 +21,36 @@ class Attachments:
     why_unknown: str = ""
 
 
+NO_DOMAIN_DRIVER = Attachments(
+    False,
+    why_unknown=(
+        "the pool's libvirt connection has no domain driver (a storage-only URI), so "
+        "attached disks cannot be found; use a qemu:/// URI for this pool"
+    ),
+)
+
+
+def all_domains(conn: Any) -> list[Any] | None:
+    """Every domain defined on the connection, running or not; None where the connection
+    has no domain driver (a storage-only URI), so which disks are used cannot be known."""
+    try:
+        domains: list[Any] = conn.listAllDomains(0)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+            return None
+        raise
+    return domains
+
+
 def attachments(conn: Any, pool_name: str, pool_path: str) -> Attachments:
     """Match every disk of every defined domain (running or not) against this file pool.
 
     A disk matches by `<source pool= volume=>` or by a file path inside the pool directory
     (compared after resolving the directory, never by following the disk file itself).
     """
-    try:
-        domains = conn.listAllDomains(0)
-    except libvirt.libvirtError as e:
-        if e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
-            return Attachments(
-                False,
-                why_unknown=(
-                    "the pool's libvirt connection has no domain driver (a storage-only URI), so "
-                    "attached disks cannot be found; use a qemu:/// URI for this pool"
-                ),
-            )
-        raise
+    domains = all_domains(conn)
+    if domains is None:
+        return NO_DOMAIN_DRIVER
     root = os.path.realpath(pool_path)
     defined: dict[str, list[str]] = defaultdict(list)
     running: dict[str, list[str]] = defaultdict(list)

@@ -98,7 +98,7 @@ from reconciler.drivers.base import (
     RecordCopies,
     VolumeExists,
 )
-from reconciler.drivers.domains import Attachments
+from reconciler.drivers.domains import NO_DOMAIN_DRIVER, Attachments, all_domains
 from reconciler.drivers.filepool import FilePoolDriver, image_entry_name, template_entry_name
 from reconciler.drivers.headers import HEADER_BYTES, header_format
 from reconciler.drivers.libvirt_conn import Connections
@@ -389,18 +389,9 @@ class RbdPoolDriver(entries.EntryCache):
     def _attachments(self, conn: Any) -> Attachments:
         import libvirt
 
-        try:
-            domains = conn.listAllDomains(0)
-        except libvirt.libvirtError as e:
-            if e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
-                return Attachments(
-                    False,
-                    why_unknown=(
-                        "the pool's libvirt connection has no domain driver (a storage-only "
-                        "URI), so attached disks cannot be found; use a qemu:/// URI"
-                    ),
-                )
-            raise
+        domains = all_domains(conn)
+        if domains is None:
+            return NO_DOMAIN_DRIVER
         defined: dict[str, set[str]] = {}
         running: dict[str, set[str]] = {}
         for dom in domains:
