@@ -414,6 +414,98 @@ def test_ranges_the_kernel_will_not_copy_are_copied_here(
     assert dst.read_bytes()[4096:] == data[4096:]
 
 
+def test_every_copied_range_has_its_write_back_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy's write-back is started range by range as it is copied (so its fsync has
+    less to wait for); where libc has no sync_file_range the copy is made all the same."""
+    import os
+
+    from reconciler.drivers import filepool
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    started: list[tuple[int, int]] = []
+    real = filepool._start_writeback
+
+    def recording(fd: int, offset: int, length: int) -> None:
+        started.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(filepool, "_start_writeback", recording)
+    dst.write_bytes(b"")
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        filepool._copy_range(s.fileno(), d.fileno(), 4096, len(data), "src")
+    assert dst.read_bytes()[4096:] == data[4096:]
+    at = 4096
+    for offset, length in started:  # contiguous, covering exactly what was copied
+        assert offset == at and length > 0
+        at += length
+    assert at == len(data)
+
+    monkeypatch.setattr(filepool, "_start_writeback", real)
+    monkeypatch.setattr(filepool, "_sync_file_range", lambda: None)
+    dst.write_bytes(b"")
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        filepool._copy_range(s.fileno(), d.fileno(), 0, len(data), "src")
+    assert dst.read_bytes() == data
+
+
+def test_a_removed_volume_is_forgotten_by_libvirt_even_if_a_refresh_races_it(
+    pools: Pools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume is unlinked here and then deleted through libvirt, which finds the file
+    gone and forgets the volume: libvirt lists it no more (without a refresh) and a volume
+    of the same name can be made at once. A pool refresh between the two (another step's)
+    makes libvirt forget it first; the removal still succeeds."""
+    import os
+
+    from reconciler.drivers import Connections, FilePoolDriver
+    from reconciler.schema.load import load_config
+
+    env = two_pools(pools, tmp_path)
+    a, b = (
+        env.manifest("a", [disk("d", size="16MiB")]),
+        env.manifest("b", [disk("d", size="16MiB")]),
+    )
+    apply_ok(env)
+    drv = FilePoolDriver("local", load_config(str(env.config_path)).pools["local"], Connections())
+    conn = libvirt.open(env.uri)
+    try:
+        pool = conn.storagePoolLookupByName(env.pools["local"][0])
+        pool.refresh(0)
+
+        def listed() -> set[str]:  # what libvirt lists, without a refresh
+            return {v.name() for v in pool.listAllVolumes(0)}
+
+        va, vb = env.volume(a, "d"), env.volume(b, "d")
+        assert {va.name, vb.name} <= listed()
+
+        drv.delete_volume(va.name)
+        assert not va.exists() and va.name not in listed()
+        pool.createXML(
+            f"<volume><name>{va.name}</name><capacity>4096</capacity>"
+            "<target><format type='raw'/></target></volume>",
+            0,
+        )
+        assert va.exists()
+
+        real_unlink = os.unlink
+
+        def unlink_then_refresh(path: Any, *args: Any, **kwargs: Any) -> None:
+            real_unlink(path, *args, **kwargs)
+            if str(path) == str(vb):
+                pool.refresh(0)  # as another step's refresh would, in between
+
+        monkeypatch.setattr(os, "unlink", unlink_then_refresh)
+        drv.delete_volume(vb.name)
+        monkeypatch.undo()
+        assert not vb.exists() and vb.name not in listed()
+    finally:
+        conn.close()
+
+
 def test_a_tombstone_mid_migration_removes_the_disk_and_its_copy(
     pools: Pools, tmp_path: Path
 ) -> None:

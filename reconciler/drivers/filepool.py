@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -96,11 +97,41 @@ FILE_LAYOUT_BACKENDS = (Backend.FLAT, Backend.QCOW2, Backend.PLOOP)
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range, do not wait
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range(2), which Python's os module lacks; None without one."""
+    import ctypes  # only when a copy is made
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a copied range to disk without waiting for it, so the copy goes to
+    disk while the rest is copied and its fsync has less left to wait for (20 migrations
+    of 128 MiB each between dir pools on ext4 here: 2.6 s -> 2.4 s; with removals outside
+    libvirt's pool lock, see _delete_in, 2.0 s). Only a hint: a write-back error is
+    reported by that fsync."""
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 def _copy_range(src: int, dst: int, start: int, end: int, what: str) -> None:
+    """Copy [start, end) of `src` to the same offsets of `dst`, its write-back started."""
     pos = start
     while pos < end:
         try:
             n = os.copy_file_range(src, dst, end - pos, pos, pos)
+            _start_writeback(dst, pos, n)
         except OSError as e:
             if e.errno not in _NO_KERNEL_COPY:
                 raise
@@ -615,7 +646,7 @@ class FilePoolDriver(entries.EntryCache):
 
         def delete(conn: Any) -> None:
             # Gone already: an earlier try's request was carried out, its reply lost with
-            # the connection.
+            # the connection (libvirt may list it until the pool's next refresh).
             if os.path.lexists(path):
                 self._delete_in(self._pool(conn), volume)
 
@@ -630,16 +661,31 @@ class FilePoolDriver(entries.EntryCache):
                 raise
             pool.refresh(0)  # libvirt has not seen it yet
             vol = pool.storageVolLookupByName(volume)
+        path = self.path(volume)
         if vol.info()[0] == libvirt.VIR_STORAGE_VOL_PLOOP:
             # libvirt would remove a directory tree here (and fails on a file): a ploop
             # disk, or a raw one whose guest wrote the parallels magic at its start.
-            path = self.path(volume)
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 raise NotAFile(f"{path} is not a regular file; refusing to delete")
             os.unlink(path)
             pool.refresh(0)
             return
-        vol.delete(0)
+        # The file is unlinked here, then libvirt's delete finds it gone, which it ignores
+        # for a file volume, and forgets it (virStorageBackendVolDeleteLocal: "Silently
+        # ignore failures where the vol has already gone away"). libvirtd unlinks with the
+        # pool locked (storageVolDelete), so removals in one pool wait for each other
+        # while the file system frees their blocks, and every other call on the pool waits
+        # behind them (20 migrations of 128 MiB each: 2.4 s -> 2.0 s). The same unlink(2)
+        # as libvirt's: a process that still has the file open keeps it until it closes it.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        try:
+            vol.delete(0)
+        except libvirt.libvirtError as e:
+            # A refresh of the pool meanwhile (another step's) saw the file gone and
+            # forgot it already.
+            if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise
 
     # -- adoption -----------------------------------------------------------------------
 
