@@ -68,8 +68,8 @@ from typing import Any, TypeVar
 import libvirt
 import yaml
 
-from reconciler.drivers.filepool import LIBVIRT_VOL_LIST_MAX, template_entry_name
-from reconciler.naming import volume_name
+from reconciler.drivers.filepool import LIBVIRT_VOL_LIST_MAX
+from reconciler.naming import template_entry_name, volume_name
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.load import LoadedManifest, load_config, load_manifest
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState

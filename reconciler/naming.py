@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 # Temporary files carry this prefix so the next run can recognise and remove them.
 TEMP_PREFIX = ".reconciler-tmp-"
 CACHE_PREFIX = "_cache_"
@@ -23,3 +25,14 @@ def retained_name(volume: str, generation: int) -> str:
     """The name a disk's old volume keeps (deletionPolicy Retain) when its copy takes the
     disk's name in the same pool: unique per record generation, so never reused."""
     return f"{volume}+retained-g{generation}"
+
+
+def image_entry_name(image_id: str, sha256: str) -> str:
+    """The cache entry holding an image (as raw) in a pool: named by id and content."""
+    return f"{CACHE_PREFIX}image-{image_id}-{sha256[:16]}"
+
+
+def template_entry_name(kind: str, size: int, label: str | None) -> str:
+    """The cache entry a template of this kind, size and label is kept in (deterministic)."""
+    tag = hashlib.sha256(f"{kind}\0{size}\0{label or ''}".encode()).hexdigest()[:12]
+    return f"{CACHE_PREFIX}template-{kind}-{size}-{tag}"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.drivers import ownership
-from reconciler.drivers.filepool import RECORD_XATTR, template_entry_name
+from reconciler.drivers.filepool import RECORD_XATTR
+from reconciler.naming import template_entry_name
 from reconciler.store import SqliteRecordStore, StoreIdentity
 from tests.env import Env, disk
 

@@ -15,6 +15,7 @@ import structlog
 
 from reconciler import faults
 from reconciler.errors import ReconcileError
+from reconciler.naming import image_entry_name, template_entry_name
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.store import ConflictError, RecordStore
@@ -130,6 +131,18 @@ class EntryCache:
     ENTRY_BACKEND: ClassVar[Backend]
     name: str
     images: Mapping[str, ImageConfig]
+
+    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        """The cache entry a disk made to `spec` is made from (none for blank disks)."""
+        src = spec["source"]
+        if "image" in src:
+            image = self.images.get(src["image"])
+            if image is None:
+                raise ReconcileError(f"image {src['image']!r} is not in the config's catalog")
+            return image_entry_name(src["image"], image.sha256)
+        if src["template"] == "blank":
+            return None
+        return template_entry_name(src["template"], int(spec["size"]), src.get("label"))
 
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         raise NotImplementedError

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import hashlib
 import json
 import os
 import stat
@@ -64,7 +63,7 @@ from reconciler.drivers.tools import (
 )
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
-from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
+from reconciler.naming import TEMP_PREFIX, image_entry_name, template_entry_name
 from reconciler.schema.common import BACKEND_FORMATS, NOT_RESIZABLE, Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
@@ -150,17 +149,6 @@ def _copy_range(src: int, dst: int, start: int, end: int, what: str) -> None:
 class PoolInfo:
     type: str
     path: str
-
-
-def image_entry_name(image_id: str, sha256: str) -> str:
-    """The cache entry holding an image (as raw) in a pool: named by id and content."""
-    return f"{CACHE_PREFIX}image-{image_id}-{sha256[:16]}"
-
-
-def template_entry_name(kind: str, size: int, label: str | None) -> str:
-    """The cache entry a template of this kind, size and label is kept in (deterministic)."""
-    tag = hashlib.sha256(f"{kind}\0{size}\0{label or ''}".encode()).hexdigest()[:12]
-    return f"{CACHE_PREFIX}template-{kind}-{size}-{tag}"
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -387,18 +375,6 @@ class FilePoolDriver(entries.EntryCache):
         ownership.take_over(self.state_dir(), self._store().identity())
 
     # -- making volumes ---------------------------------------------------------------
-
-    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
-        """The cache entry a disk made to `spec` is made from (none for blank disks)."""
-        src = spec["source"]
-        if "image" in src:
-            image = self.images.get(src["image"])
-            if image is None:
-                raise ReconcileError(f"image {src['image']!r} is not in the config's catalog")
-            return image_entry_name(src["image"], image.sha256)
-        if src["template"] == "blank":
-            return None
-        return template_entry_name(src["template"], int(spec["size"]), src.get("label"))
 
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         """The cache entry a disk made to `spec` will depend on (qcow2 overlays), known

@@ -74,7 +74,7 @@ from reconciler.drivers.base import (
     VolumeExists,
 )
 from reconciler.drivers.domains import Attachments, attachments
-from reconciler.drivers.filepool import FilePoolDriver, image_entry_name, template_entry_name
+from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.headers import HEADER_BYTES, header_format
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.lvm import (
@@ -91,7 +91,7 @@ from reconciler.drivers.lvm import (
 from reconciler.drivers.tools import NotAFile, convert_argv, fd_path, mkfs_argv, open_volume
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
-from reconciler.naming import TEMP_PREFIX
+from reconciler.naming import TEMP_PREFIX, image_entry_name, template_entry_name
 from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
@@ -444,18 +444,6 @@ class LvmPoolDriver(entries.EntryCache):
         return RecordCopies(tuple(found), tuple(without))
 
     # -- making volumes ---------------------------------------------------------------
-
-    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
-        """The cache entry a disk made to `spec` is made from (none for blank disks)."""
-        src = spec["source"]
-        if "image" in src:
-            image = self.images.get(src["image"])
-            if image is None:
-                raise ReconcileError(f"image {src['image']!r} is not in the config's catalog")
-            return image_entry_name(src["image"], image.sha256)
-        if src["template"] == "blank":
-            return None
-        return template_entry_name(src["template"], int(spec["size"]), src.get("label"))
 
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         return None  # a disk is a copy of its entry: it depends on none once made

@@ -99,14 +99,14 @@ from reconciler.drivers.base import (
     VolumeExists,
 )
 from reconciler.drivers.domains import NO_DOMAIN_DRIVER, Attachments, all_domains
-from reconciler.drivers.filepool import FilePoolDriver, image_entry_name, template_entry_name
+from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.headers import HEADER_BYTES, header_format
 from reconciler.drivers.libvirt_conn import Connections
 from reconciler.drivers.rados_locks import LeaseLocks, LockBusy
 from reconciler.drivers.rados_records import RadosRecordStore, client_conf
 from reconciler.drivers.tools import NotAFile, fd_path, mkfs_argv, open_volume
 from reconciler.errors import PoolError, ReconcileError
-from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX
+from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX, image_entry_name, template_entry_name
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
@@ -594,17 +594,10 @@ class RbdPoolDriver(entries.EntryCache):
         return loc[1], loc[2], loc[3]
 
     def entry_for(self, spec: Mapping[str, Any]) -> str | None:
-        src = spec["source"]
-        if "image" in src:
-            image = self.images.get(src["image"])
-            if image is None:
-                raise ReconcileError(f"image {src['image']!r} is not in the config's catalog")
-            if self._direct(src["image"]) is not None:
-                return None  # cloned from the catalog's own snapshot: no cache entry
-            return image_entry_name(src["image"], image.sha256)
-        if src["template"] == "blank":
-            return None
-        return template_entry_name(src["template"], int(spec["size"]), src.get("label"))
+        image = spec["source"].get("image")
+        if image in self.images and self._direct(image) is not None:
+            return None  # cloned from the catalog's own snapshot: no cache entry
+        return super().entry_for(spec)
 
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         """A clone depends on its entry for as long as it exists."""
