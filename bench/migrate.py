@@ -197,8 +197,9 @@ def main() -> None:
         unflushed_s: list[float] = []
         bare_s: list[float] = []
         rec_s: list[float] = []
-        for r in range(args.rounds + 1):  # round 0 untimed; then interleaved, so drift
-            # in the machine hits all three
+        # Round 0 is not timed (see above); in each round the three run back to back, so
+        # drift in the machine touches all of them.
+        for r in range(args.rounds + 1):
             times = (bare_round(False), bare_round(True), reconcile_round(r))
             if r:
                 for xs, x in zip((unflushed_s, bare_s, rec_s), times, strict=True):
