@@ -33,12 +33,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import structlog
-
 from reconciler import faults
 from reconciler.diff.model import Action, ActionKind, Plan
 from reconciler.drivers.base import ManagingDriver, VolumeExists
 from reconciler.errors import ReconcileError
+from reconciler.logs import get_logger
 from reconciler.records import Records
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
@@ -46,7 +45,7 @@ from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.store import StoreError
 from reconciler.units import format_size
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class StalePlan(ReconcileError):

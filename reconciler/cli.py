@@ -6,18 +6,14 @@ import argparse
 import datetime
 import gc
 import hashlib
-import io
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO, cast
+from typing import TYPE_CHECKING
 
-import structlog
-
-from reconciler import __version__
+from reconciler import __version__, logs
 from reconciler.diff import Action, Plan, PlanOptions
 from reconciler.errors import ReconcileError
 from reconciler.render import FORMAT_VERSION, to_json, to_markdown, to_text
@@ -35,38 +31,10 @@ EXIT_ERROR = 1
 EXIT_CHANGES = 2
 
 
-class _Stderr(io.TextIOBase):
-    """Whatever sys.stderr is when a line is logged. main() may run under a redirected
-    stderr that is closed afterwards (a caller's capture, a test's), and the logging set up
-    here outlives it: a later log line must not go to a closed file."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-def _setup_logging(verbose: int, *, base: int = logging.WARNING, json_lines: bool = False) -> None:
-    """structlog to stderr: readable console lines, or (json_lines, off a terminal) one
-    JSON object a line, for a service's journal."""
-    level = base - 10 * min(verbose, 2)
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer(sort_keys=True)
-        if json_lines and not sys.stderr.isatty()
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        cache_logger_on_first_use=False,
-    )
+def _setup_logging(verbose: int, *, base: int = logs.WARNING, json_lines: bool = False) -> None:
+    """Log lines to stderr (reconciler.logs): readable console lines, or (json_lines, off a
+    terminal) one JSON object a line, for a service's journal."""
+    logs.configure(base - 10 * min(verbose, 2), json_lines=json_lines)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -637,7 +605,7 @@ def cmd_watch(argv: Sequence[str]) -> int:
     )
     _common(p)
     args = p.parse_args(argv)
-    _setup_logging(args.verbose, base=logging.INFO, json_lines=True)
+    _setup_logging(args.verbose, base=logs.INFO, json_lines=True)
     if not os.path.isdir(args.directory):
         raise ReconcileError(f"{args.directory}: not a directory")
     return loop.Loop(

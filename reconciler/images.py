@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
-import structlog
 from oslo_utils.imageutils import format_inspector as fi
 
 from reconciler.errors import ReconcileError
+from reconciler.logs import get_logger
 from reconciler.schema.config import ImageConfig
 from reconciler.tools import execute, last_line
 from reconciler.units import format_size
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)

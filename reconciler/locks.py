@@ -34,9 +34,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-import structlog
+from reconciler.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -57,6 +56,7 @@ from reconciler.diff import (
     plan,
 )
 from reconciler.errors import ReconcileError
+from reconciler.logs import get_logger
 from reconciler.schema.config import Config
 from reconciler.schema.load import (
     MANIFEST_SUFFIXES,
@@ -71,7 +71,7 @@ from reconciler.session import Session
 from reconciler.status import InstanceStatus, StatusStore, now_iso, with_conditions
 from reconciler.workqueue import WorkQueue
 
-log = structlog.get_logger("reconciler.loop")
+log = get_logger("reconciler.loop")
 
 DEBOUNCE = 0.05
 DEFAULT_RESYNC = 60.0

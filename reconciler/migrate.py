@@ -28,12 +28,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import structlog
-
 from reconciler import faults
 from reconciler.diff.model import Action
 from reconciler.drivers.base import ManagingDriver, VolumeExists
 from reconciler.errors import ReconcileError
+from reconciler.logs import get_logger
 from reconciler.naming import migration_name, retained_name
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.record import (
@@ -48,7 +47,7 @@ from reconciler.schema.record import (
 from reconciler.store import RecordStore
 from reconciler.tools import execute, last_line, run
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # Write a record change (the executor's CAS put): (record, expected generation, durable,
 # changes) -> the record written.

@@ -11,10 +11,9 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import structlog
-
 from reconciler import faults
 from reconciler.errors import ReconcileError
+from reconciler.logs import get_logger
 from reconciler.naming import image_entry_name, template_entry_name
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
     from reconciler.images import Checked
     from reconciler.schema.config import ImageConfig
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def now() -> str:

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import libvirt
-import structlog
 
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
@@ -63,6 +62,7 @@ from reconciler.drivers.tools import (
 )
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
+from reconciler.logs import get_logger
 from reconciler.naming import TEMP_PREFIX, image_entry_name, template_entry_name
 from reconciler.schema.common import BACKEND_FORMATS, NOT_RESIZABLE, Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
@@ -74,7 +74,7 @@ from reconciler.tools import run
 if TYPE_CHECKING:
     from reconciler.images import Checked
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 FILE_POOL_TYPES = ("dir", "fs", "netfs")
 # libvirt's RPC refuses to list more volumes than this in one call (REMOTE_STORAGE_VOL_LIST_MAX

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import libvirt
-import structlog
 
 from reconciler.errors import PoolError
+from reconciler.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 

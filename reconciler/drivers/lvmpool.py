@@ -60,7 +60,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import libvirt
-import structlog
 
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
@@ -91,6 +90,7 @@ from reconciler.drivers.lvm import (
 from reconciler.drivers.tools import NotAFile, convert_argv, fd_path, mkfs_argv, open_volume
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.locks import LockDir
+from reconciler.logs import get_logger
 from reconciler.naming import TEMP_PREFIX, image_entry_name, template_entry_name
 from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
@@ -102,7 +102,7 @@ from reconciler.tools import run
 if TYPE_CHECKING:
     from reconciler.images import Checked
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 LOCK_ROOT = Path("/run/lock/reconciler")
 DM_CONTROL = "/dev/mapper/control"

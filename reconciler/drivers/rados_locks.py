@@ -34,11 +34,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import structlog
-
 from reconciler.errors import ReconcileError
+from reconciler.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 LOCK_NAME = "reconciler"
 LOCK_TAG = "reconciler"

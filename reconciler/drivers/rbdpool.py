@@ -85,8 +85,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from reconciler import faults
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers import entries, ownership
@@ -106,6 +104,7 @@ from reconciler.drivers.rados_locks import LeaseLocks, LockBusy
 from reconciler.drivers.rados_records import RadosRecordStore, client_conf
 from reconciler.drivers.tools import NotAFile, fd_path, mkfs_argv, open_volume
 from reconciler.errors import PoolError, ReconcileError
+from reconciler.logs import get_logger
 from reconciler.naming import CACHE_PREFIX, TEMP_PREFIX, image_entry_name, template_entry_name
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
@@ -117,7 +116,7 @@ from reconciler.tools import run
 if TYPE_CHECKING:
     from reconciler.images import Checked
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SNAP = "base"  # the snapshot of a cache entry that disks are cloned from
 RECORD_KEY = "reconciler.record"  # RBD metadata: the image's copy of its record

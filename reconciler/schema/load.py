@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
 from pydantic import BaseModel, ValidationError
 
 from reconciler.errors import ConfigError, InputError, Location
+from reconciler.logs import get_logger
 from reconciler.schema.config import Config
 from reconciler.schema.manifest import ImageSource, Manifest
 from reconciler.schema.mcache import (
@@ -28,7 +28,7 @@ from reconciler.schema.worker import Worker
 from reconciler.schema.yamlload import MAX_FILE_BYTES, Document, load_file, load_text
 from reconciler.schema.yamlload import Path as YPath
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
 from pydantic import BaseModel
 
 from reconciler import __version__
+from reconciler.logs import get_logger
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import (
     DeletionPolicy,
@@ -35,7 +35,7 @@ from reconciler.schema.manifest import (
     TemplateSource,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SAFE_AGE_NS = 2_000_000_000
 Key = tuple[int, int, int, int, int]

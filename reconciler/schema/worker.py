@@ -42,9 +42,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import structlog
+from reconciler.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 CHUNK = 32  # jobs per claim: ~5 ms of manifest loading; the two sides overlap by at most one
 # After this process's last claim, how long a worker may send nothing (it has one chunk
