@@ -19,7 +19,8 @@ from typing import Any, TextIO, cast
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 _LEVEL = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR, "exception": ERROR}
 
-_lock = threading.Lock()
+# Re-entrant: a signal handler that logs may run while its own thread is inside _emit.
+_lock = threading.RLock()
 _threshold = 0  # lines below it are dropped here; 0 until configure(): all go to structlog
 _pending: tuple[int, bool] | None = None  # (level, json_lines) not yet given to structlog
 
