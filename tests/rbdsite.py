@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +80,26 @@ class RbdSite:
         got: dict[str, str] = json.loads(res.stdout)
         return got
 
+    def parents(self, images: Sequence[str]) -> dict[str, tuple[str, str] | None]:
+        """Each image's parent (image, snapshot), or None, read in one child process for
+        the reason digests() gives: this process's librbd aborted once more (SIGABRT, the
+        whole session lost) opening an image in a crash test's check, after its
+        reconcilers had been SIGKILLed."""
+        import subprocess
+        import sys
+
+        res = subprocess.run(
+            [sys.executable, "-c", PARENTS, str(self.ceph.conf), self.pool],
+            input=json.dumps(list(images)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert res.returncode == 0, f"reading {sorted(images)}: rc {res.returncode}: {res.stderr}"
+        got: dict[str, list[str] | None] = json.loads(res.stdout)
+        return {k: (v[0], v[1]) if v else None for k, v in got.items()}
+
     def write(self, image: str, data: bytes, offset: int = 0) -> None:
         """Write into an image as a guest would (through its data, nothing else)."""
         import rbd
@@ -140,6 +160,28 @@ for image, length in lengths.items():
         for off in range(0, end, 4 << 20):
             h.update(img.read(off, min(4 << 20, end - off)))
         out[image] = h.hexdigest()
+ioctx.close()
+cluster.shutdown()
+json.dump(out, sys.stdout)
+"""
+
+
+# RbdSite.parents' child: argv conf pool, stdin [image], stdout {image: [name, snap] or null}.
+PARENTS = """
+import json, sys
+import rados, rbd
+images = json.load(sys.stdin)
+cluster = rados.Rados(conffile=sys.argv[1], name="client.admin")
+cluster.connect()
+ioctx = cluster.open_ioctx(sys.argv[2])
+out = {}
+for image in images:
+    with rbd.Image(ioctx, image, read_only=True) as img:
+        try:
+            spec = img.get_parent_image_spec()
+            out[image] = [spec["image_name"], spec["snap_name"]]
+        except rbd.ImageNotFound:
+            out[image] = None
 ioctx.close()
 cluster.shutdown()
 json.dump(out, sys.stdout)

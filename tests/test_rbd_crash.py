@@ -104,11 +104,12 @@ def check_consistent(site: RbdSite) -> None:
             assert s.references("ceph", entry.volume) == len(users), entry
             refs = set(s.reference_names("ceph", entry.volume) or {})
             assert refs == users, (entry.volume, refs, users)
-        for r in records:
-            if r.kind is RecordKind.DISK and r.backing:
-                assert r.backing in recorded
-                parent = site.parent(r.volume)
-                assert parent is not None and parent[0] == r.backing
+        clones = [r for r in records if r.kind is RecordKind.DISK and r.backing]
+        parents = site.parents([r.volume for r in clones])
+        for r in clones:
+            assert r.backing in recorded
+            parent = parents[r.volume]
+            assert parent is not None and parent[0] == r.backing, (r.volume, parent)
     finally:
         s.close()
 
