@@ -58,46 +58,36 @@ class RbdSite:
             data: bytes = img.read(offset, length)
             return data
 
-    def digests(self, lengths: Mapping[str, int | None]) -> dict[str, str]:
-        """sha256 of each image's first `length` bytes (all of it for None), read by one
-        child process (python-rbd, DIGESTS below) for them all: once in a CI run, librbd
-        aborted (SIGABRT) while this process read an image right after a SIGKILLed
-        reconciler, taking the whole test session with it; in a child that fails one test,
-        with what it printed. One child for all the images, not an `rbd export` each: a
-        crash test reads about ten images per kill point."""
+    def _in_child(self, body: str, request: Any) -> Any:
+        """Run `body` (python-rbd; CHILD gives it `request`, `ioctx` on this pool and an
+        `out` to fill) in a child process: its `out`. Once in a CI run, librbd aborted
+        (SIGABRT) while this process read an image right after a SIGKILLed reconciler,
+        taking the whole test session with it, and later once more opening an image for
+        its parent in a crash test's check; in a child that fails one test, with what it
+        printed. One child for all the images a call asks about, not one each: a crash
+        test reads about ten images per kill point."""
         import subprocess
         import sys
 
         res = subprocess.run(
-            [sys.executable, "-c", DIGESTS, str(self.ceph.conf), self.pool],
-            input=json.dumps(dict(lengths)),
+            [sys.executable, "-c", CHILD.format(body=body), str(self.ceph.conf), self.pool],
+            input=json.dumps(request),
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
-        assert res.returncode == 0, f"reading {sorted(lengths)}: rc {res.returncode}: {res.stderr}"
-        got: dict[str, str] = json.loads(res.stdout)
+        assert res.returncode == 0, f"reading {request}: rc {res.returncode}: {res.stderr}"
+        return json.loads(res.stdout)
+
+    def digests(self, lengths: Mapping[str, int | None]) -> dict[str, str]:
+        """sha256 of each image's first `length` bytes (all of it for None)."""
+        got: dict[str, str] = self._in_child(DIGESTS, dict(lengths))
         return got
 
     def parents(self, images: Sequence[str]) -> dict[str, tuple[str, str] | None]:
-        """Each image's parent (image, snapshot), or None, read in one child process for
-        the reason digests() gives: this process's librbd aborted once more (SIGABRT, the
-        whole session lost) opening an image in a crash test's check, after its
-        reconcilers had been SIGKILLed."""
-        import subprocess
-        import sys
-
-        res = subprocess.run(
-            [sys.executable, "-c", PARENTS, str(self.ceph.conf), self.pool],
-            input=json.dumps(list(images)),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert res.returncode == 0, f"reading {sorted(images)}: rc {res.returncode}: {res.stderr}"
-        got: dict[str, list[str] | None] = json.loads(res.stdout)
+        """Each image's parent (image, snapshot), or None."""
+        got: dict[str, list[str] | None] = self._in_child(PARENTS, list(images))
         return {k: (v[0], v[1]) if v else None for k, v in got.items()}
 
     def write(self, image: str, data: bytes, offset: int = 0) -> None:
@@ -144,47 +134,41 @@ class RbdSite:
             conn.close()
 
 
-# RbdSite.digests' child: argv conf pool, stdin {image: length or null}, stdout {image: sha256}.
-DIGESTS = """
+# RbdSite._in_child's program: argv conf pool, stdin the request (JSON), stdout `out`.
+CHILD = """
 import hashlib, json, sys
 import rados, rbd
-lengths = json.load(sys.stdin)
+request = json.load(sys.stdin)
 cluster = rados.Rados(conffile=sys.argv[1], name="client.admin")
 cluster.connect()
 ioctx = cluster.open_ioctx(sys.argv[2])
-out = {}
-for image, length in lengths.items():
+out = {{}}
+{body}
+ioctx.close()
+cluster.shutdown()
+json.dump(out, sys.stdout)
+"""
+
+# request {image: length or null} -> out {image: sha256}
+DIGESTS = """
+for image, length in request.items():
     with rbd.Image(ioctx, image, read_only=True) as img:
         end = img.size() if length is None else min(length, img.size())
         h = hashlib.sha256()
         for off in range(0, end, 4 << 20):
             h.update(img.read(off, min(4 << 20, end - off)))
         out[image] = h.hexdigest()
-ioctx.close()
-cluster.shutdown()
-json.dump(out, sys.stdout)
 """
 
-
-# RbdSite.parents' child: argv conf pool, stdin [image], stdout {image: [name, snap] or null}.
+# request [image] -> out {image: [name, snap] or null}
 PARENTS = """
-import json, sys
-import rados, rbd
-images = json.load(sys.stdin)
-cluster = rados.Rados(conffile=sys.argv[1], name="client.admin")
-cluster.connect()
-ioctx = cluster.open_ioctx(sys.argv[2])
-out = {}
-for image in images:
+for image in request:
     with rbd.Image(ioctx, image, read_only=True) as img:
         try:
             spec = img.get_parent_image_spec()
             out[image] = [spec["image_name"], spec["snap_name"]]
         except rbd.ImageNotFound:
             out[image] = None
-ioctx.close()
-cluster.shutdown()
-json.dump(out, sys.stdout)
 """
 
 
