@@ -738,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     passes through; a reader of stdout that went away (`reconcile ... | head`) ends the
     run quietly, as other Unix tools do."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _output_never_fails()
     try:
         command = SUBCOMMANDS.get(argv[0]) if argv else None
         # Without a subcommand's name: `reconcile [--dry-run] PATH...`, the default.
@@ -756,6 +757,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _internal_error(e, verbose=_verbose(argv))
     except Exception as e:  # the edge: whatever else escaped is rendered here, once
         return _internal_error(e, verbose=_verbose(argv))
+
+
+def _output_never_fails() -> None:
+    """What is printed may quote input (a host name from an exported state, a path from
+    a disk.info), and a string decoded from JSON may hold a lone surrogate, which strict
+    UTF-8 cannot encode: shown escaped (as stderr already does) rather than failing the
+    run halfway through its output."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            reconfigure(errors="backslashreplace")
 
 
 # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away.

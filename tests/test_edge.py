@@ -284,3 +284,18 @@ def test_the_verbose_flag_is_seen_before_parsing() -> None:
     assert seen(["validate", "-v", "x"]) and seen(["-vv", "x"]) and seen(["--verb", "x"])
     assert not seen(["--version"]) and not seen(["--", "-v"]) and not seen(["--ver"])
     assert not seen(["x.yaml"]) and not seen([])
+
+
+def test_output_that_cannot_be_encoded_is_escaped(tmp_path: Path) -> None:
+    """A lone surrogate (JSON input can hold one: a host name in an exported state) in
+    what a command prints is shown escaped; strict UTF-8 would fail the run halfway."""
+    code = (
+        "import sys\n"
+        "from reconciler import cli\n"
+        "cli.SUBCOMMANDS['schema'] = lambda argv: print('host \\ud800 here') or 0\n"
+        "sys.exit(cli.main(['schema']))\n"
+    )
+    p = _python(code, tmp_path, stdout=subprocess.PIPE)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (0, "")
+    assert out == "host \\ud800 here\n"
