@@ -11,14 +11,12 @@ import json
 import os
 import select
 import sys
-import tempfile
 import threading
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler import __version__, logs
+from reconciler import __version__, internal, logs
 from reconciler.diff import Action, Plan, PlanOptions
 from reconciler.errors import ReconcileError
 from reconciler.render import FORMAT_VERSION, to_json, to_markdown, to_text
@@ -773,15 +771,6 @@ def _output_never_fails() -> None:
 # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away.
 EXIT_BROKEN_PIPE = 141
 
-# A traceback file's directory: $TMPDIR if set, else /var/tmp (kept across reboots, for a
-# post-mortem), else /tmp. Not the state dir: the failure may be the config that names it,
-# or the state dir itself (unwritable, missing), and the edge must work whatever failed.
-# mkstemp makes the file O_EXCL with a random name and mode 0600, so it is safe in a
-# directory others can write and readable only by the user who ran the command (a
-# traceback shows paths and values from the run).
-_TRACEBACK_DIRS = ("/var/tmp", "/tmp")
-_MESSAGE_LIMIT = 500
-
 
 def _verbose(argv: Sequence[str]) -> bool:
     """Whether -v/--verbose was given: each subcommand's parser reads it, and the edge
@@ -798,57 +787,16 @@ def _verbose(argv: Sequence[str]) -> bool:
     return False
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e)
-    if len(text) > _MESSAGE_LIMIT:
-        text = text[:_MESSAGE_LIMIT] + "..."
-    # One line, and no control characters (a message may quote input: an escape sequence
-    # or a newline of someone else's file stays visible as such).
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    name = type(e).__qualname__
-    return f"{name}: {text}" if text else name
-
-
 def _internal_error(e: BaseException, *, verbose: bool) -> int:
-    try:
-        line = _one_line(e)
-    except Exception:  # a __str__ that fails is no reason to lose the rest
-        line = type(e).__qualname__
-    try:
-        tb = "".join(traceback.format_exception(e))
-    except Exception:  # out of memory again, or a broken __str__: the line still goes out
-        tb = ""
-    if verbose or not tb:
-        if tb:
-            sys.stderr.write(tb)
-        print(f"reconcile: internal error: {line}", file=sys.stderr)
-        return EXIT_ERROR
-    where = _write_traceback(tb)
-    if where is None:  # nowhere to keep it: better on stderr than lost
+    line = f"reconcile: internal error: {internal.one_line(e)}"
+    tb = internal.traceback_text(e)
+    where = None if verbose or not tb else internal.keep_traceback(tb)
+    if where is None:  # asked for (-v), or nowhere to keep it: better on stderr than lost
         sys.stderr.write(tb)
-        print(f"reconcile: internal error: {line}", file=sys.stderr)
+        print(line, file=sys.stderr)
     else:
-        print(f"reconcile: internal error: {line}; traceback in {where}", file=sys.stderr)
+        print(f"{line}; traceback in {where}", file=sys.stderr)
     return EXIT_ERROR
-
-
-def _write_traceback(text: str) -> str | None:
-    dirs = [d for d in (os.environ.get("TMPDIR"), *_TRACEBACK_DIRS) if d]
-    for d in dirs:
-        try:
-            fd, path = tempfile.mkstemp(prefix="reconcile-traceback-", suffix=".txt", dir=d)
-        except OSError:
-            continue
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
-                f.write(f"reconcile {__version__}, pid {os.getpid()}, argv {sys.argv!r}\n")
-                f.write(text)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            continue
-        return path
-    return None
 
 
 def _stdout_gone() -> bool:

@@ -299,3 +299,29 @@ def test_output_that_cannot_be_encoded_is_escaped(tmp_path: Path) -> None:
     out, err = p.communicate(timeout=60)
     assert (p.returncode, err) == (0, "")
     assert out == "host \\ud800 here\n"
+
+
+@pytest.mark.libvirtd
+def test_a_crash_of_one_instance_in_watch_is_one_log_line(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker of `watch` survives an instance's unexpected exception (the loop goes on)
+    and logs it in one line naming the traceback's file, even on a terminal's readable
+    log lines, which printed the traceback itself."""
+    from reconciler import logs
+    from reconciler.loop import Loop
+    from tests.test_loop import loop, wait_until
+
+    tb_dir = _traceback_dir(monkeypatch, tmp_path)
+    monkeypatch.setattr(Loop, "reconcile", boom)
+    logs.configure(logs.INFO, json_lines=False)
+    env.manifest("vm", [disk("d", size="1MiB")])
+    with loop(env):
+        kept = wait_until("a traceback file", lambda: list(tb_dir.iterdir()))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    crashed = [line for line in err.splitlines() if "reconcile.crashed" in line]
+    assert crashed and f"ValueError: {FORCED}" in crashed[0], err
+    assert str(kept[0]) in crashed[0]
+    assert stat.S_IMODE(kept[0].stat().st_mode) == 0o600
+    assert "Traceback (most recent call last)" in kept[0].read_text()
