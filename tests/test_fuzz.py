@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from reconciler.cli import main
 from tests.env import Env, disk
 from tests.helpers import EXAMPLES, ROOT
+from tests.test_edge import apply_argv
 
 pytestmark = [
     pytest.mark.libvirtd,
@@ -309,7 +310,7 @@ def _world(env: Env, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     plan = tmp / "plan.json"
     _ok(env, "--config", cfg, "--dry-run", "--prune", "--plan-out", str(plan), str(env.manifests))
     assert {a["action"] for a in json.loads(plan.read_text())["actions"]} >= {"create", "delete"}
-    _ok(env, "apply", str(plan))  # from now on every precondition in it is stale
+    _ok(env, *apply_argv(env, plan, "--prune"))  # from now on every precondition in it is stale
     state = tmp / "state.json"
     _ok(env, "observe", "--config", cfg, "--out", str(state))
 
@@ -495,7 +496,7 @@ def test_fuzz_saved_plans(
 
     def argvs(data: bytes) -> list[list[str]]:
         fuzzed.write_bytes(data)
-        return [["apply", str(fuzzed)]]
+        return [apply_argv(world.env, fuzzed, "--prune")]
 
     _fuzz(world, capfd, inputs, argvs, known, examples=30 if known else 20)
 
