@@ -33,8 +33,15 @@ def one_line(e: BaseException) -> str:
     # No control characters: a message may quote input, and an escape sequence or a
     # newline of someone else's file stays visible as such.
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    name = type(e).__qualname__
+    name = type_name(e)
     return f"{name}: {text}" if text else name
+
+
+def type_name(e: BaseException) -> str:
+    """ValueError, but libvirt.libvirtError or sqlite3.OperationalError: where it came
+    from is half of what the line is for."""
+    t = type(e)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def traceback_text(e: BaseException) -> str:

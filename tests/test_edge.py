@@ -19,7 +19,7 @@ from reconciler.schema.manifest import Manifest
 from tests.env import ROOT, Env, disk
 
 INTERNAL = re.compile(
-    r"^reconcile: internal error: (?P<what>[A-Za-z]+: .*|[A-Za-z]+); traceback in (?P<file>\S+)$"
+    r"^reconcile: internal error: (?P<what>[\w.]+: .*|[\w.]+); traceback in (?P<file>\S+)$"
 )
 FORCED = "forced by the test"
 
@@ -333,3 +333,15 @@ def test_a_crash_of_one_instance_in_watch_is_one_log_line(
     assert str(kept[0]) in crashed[0]
     assert stat.S_IMODE(kept[0].stat().st_mode) == 0o600
     assert "Traceback (most recent call last)" in kept[0].read_text()
+
+
+def test_a_type_not_builtin_is_named_with_its_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    _traceback_dir(monkeypatch, tmp_path)
+    rc, _, err = _run_broken(monkeypatch, sqlite3.OperationalError("database is locked"))
+    m = INTERNAL.match(err.strip())
+    assert rc == 1 and m is not None, err
+    assert m["what"] == "sqlite3.OperationalError: database is locked"
