@@ -24,7 +24,7 @@ def test_nesting_up_to_the_limit_passes_and_one_more_does_not() -> None:
 
 
 def test_brackets_in_strings_do_not_count() -> None:
-    text = json.dumps({"reason": "[" * 1000 + "\\\"]" + "{" * 1000, "x": ["]]]", '"'], "y": {}})
+    text = json.dumps({"reason": "[" * 1000 + '\\"]' + "{" * 1000, "x": ["]]]", '"'], "y": {}})
     assert check_shape(text.encode()) is None
 
 
