@@ -282,9 +282,14 @@ def cmd_apply(argv: Sequence[str]) -> int:
         f"named. The file must be a regular file (not a link) of at most "
         f"{saved_plan.MAX_PLAN_BYTES // (1024 * 1024)} MiB.",
     )
-    p.add_argument("plan", metavar="FILE")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="manifest file or directory")
-    _plan_flags(p)
+    p.add_argument("plan", metavar="FILE", help="the plan, saved with --plan-out")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="manifest file or directory: those the plan was made from",
+    )
+    _plan_flags(p)  # as given when the plan was made: the plan records them
     _jobs(p)
     _common(p)
     args = p.parse_args(argv)
