@@ -140,26 +140,6 @@ class Action:
     replaces: tuple[str, str] | None = None
     holder: str | None = None  # take-over: the host the record is taken from
 
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Action:
-        """Rebuild an action from a saved plan (as written by to_json)."""
-        pre = d["precondition"]
-        rep = d.get("replaces")
-        return cls(
-            action=ActionKind(d["action"]),
-            instance=str(d["instance"]),
-            disk=str(d["disk"]),
-            pool=str(d["pool"]),
-            volume=str(d["volume"]),
-            reason=str(d["reason"]),
-            patch=tuple(d["patch"]),
-            destructive=bool(d["destructive"]),
-            precondition=Precondition(pre["record_generation"], bool(pre["volume_exists"])),
-            spec=d.get("spec"),
-            replaces=(rep["pool"], rep["volume"]) if rep else None,
-            holder=str(d["holder"]) if d.get("holder") is not None else None,
-        )
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "action": self.action.value,
