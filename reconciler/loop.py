@@ -408,7 +408,6 @@ class Loop:
         self._queued_at: dict[str, float] = {}
         self._deletes: deque[tuple[float, int]] = deque()  # (when, disks destroyed)
         self._deletes_lock = threading.Lock()
-        self._managed = 0
         self._old_sessions: list[Session] = []
         self.session: Session | None = None
         self.status: StatusStore | None = None
@@ -600,7 +599,6 @@ class Loop:
         # manifest is gone is handed over (never deleted without --prune and a tombstone).
         opts = PlanOptions(prune=self.prune, hand_over=True, force=True)
         full = plan(desired, observed, opts)
-        self._managed = sum(1 for r in observed.records if r.kind is RecordKind.DISK)
         per: dict[str, list[Any]] = {}
         for a in full.actions:
             per.setdefault(a.instance, []).append(a)
@@ -746,7 +744,11 @@ class Loop:
         doomed = sum(1 for a in p.actions if a.destructive)
         if not doomed:
             return None
-        managed = self._managed
+        session = self.session
+        assert session is not None
+        # The disks managed now, not as the last resync counted them: the limit (and its
+        # message) follow creates and deletes made since.
+        managed = sum(1 for r in session.store.load().records if r.kind is RecordKind.DISK)
         safety = self.config.safety
         now = time.monotonic()
         with self._deletes_lock:

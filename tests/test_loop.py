@@ -651,3 +651,24 @@ def test_error_counters_agree_over_terminal_and_retried_errors(env: Env) -> None
     assert errors >= 2 + 3  # two terminal, at least three retried
     retries = reg.get_sample_value("workqueue_retries_total", {"name": "reconcile"})
     assert retries is not None and 3 <= retries <= errors - 2
+
+
+def test_the_delete_guard_counts_the_managed_disks_as_they_are_now(env: Env) -> None:
+    env.safety = {"maxDeletePercent": 5, "deleteGuardFloor": 0}  # every deletion waits
+    env.write_config()
+    with loop(env) as lp:  # its first resync saw no disk at all
+        insts = [write(env, f"k{i}", [disk("disk", size="1MiB")]) for i in range(5)]
+        wait_until("five disks", lambda: all(ready(env, i) for i in insts))
+        write(env, "k0", [], deleted=True)
+        s = wait_until("the guard", _waiting_for(env, insts[0], 2, "DeleteGuard"))
+        assert "5% of 5 managed disks" in s.lastError, s.lastError
+        more = [write(env, f"k{i}", [disk("disk", size="1MiB")]) for i in range(5, 10)]
+        wait_until("ten disks", lambda: all(ready(env, i) for i in more))
+        lp.request_reload()  # every instance is queued again, k0 without its backoff
+
+        def counted_again() -> bool:
+            st = status(env, insts[0])
+            return st is not None and "5% of 10 managed disks" in st.lastError
+
+        wait_until("the guard to count ten", counted_again)
+        assert env.volume(insts[0], "disk").exists()
