@@ -26,6 +26,7 @@ import json
 import os
 import queue
 import re
+import stat
 import sys
 import threading
 import time
@@ -258,6 +259,20 @@ def format_size_approx(n: int) -> str:
     return f"{n} B"
 
 
+def _open_regular(path: str) -> IO[bytes]:
+    """A file:// image, opened without blocking (a FIFO would wait for a writer forever)
+    and only if it is a regular file; then read as usual."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise FetchFailed(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FetchFailed(f"cannot open {path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 @contextmanager
 def open_location(
     location: str, image: ImageConfig | None = None, deadline: Deadline | None = None
@@ -270,10 +285,7 @@ def open_location(
         return
     if url.scheme == "file":
         path = unquote(url.path)
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise FetchFailed(f"cannot open {path}: {e.strerror}") from None
+        f = _open_regular(path)
         try:
             yield f
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import zlib
@@ -22,6 +23,8 @@ from reconciler.bounded import (
     load_json,
     read_regular,
 )
+from reconciler.drivers.filepool import RECORD_XATTR
+from tests.env import Env, disk
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
@@ -119,3 +122,35 @@ for name in ("fifo", "link", "fifolink", "/dev/zero", "dir", "big"):
     assert read_regular(str(tmp_path / "link"), what="l", max_bytes=5, follow_symlinks=True)
     with pytest.raises(FileNotFoundError):
         read_regular(str(tmp_path / "missing"), what="m", max_bytes=5)
+
+
+@pytest.mark.libvirtd
+def test_records_nested_absurdly_are_one_line_not_recursion(env: Env) -> None:
+    """A record copy on a volume and a row of the records database, each JSON nested
+    thousands deep: the copy is reported and skipped by a rebuild, the row is that disk's
+    plan error; neither ends in a RecursionError."""
+    a = env.manifest("a", [disk("disk", size="16MiB")])
+    b = env.manifest("b", [disk("disk", size="16MiB")])
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    deep = "[" * 1500  # deeper than json's recursion limit; within an xattr's size
+    os.setxattr(env.volume(a, "disk"), RECORD_XATTR, deep.encode(), follow_symlinks=False)
+    db = sqlite3.connect(env.root / "state" / "records.sqlite")
+    with db:
+        db.execute("UPDATE records SET data=? WHERE volume=?", (deep, f"{b}_disk"))
+    db.close()
+
+    rc, out, err = env.run("--dry-run")
+    assert "Traceback" not in err and "RecursionError" not in out + err
+    assert f"record for local/{b}_disk is unreadable (its JSON: JSON nested deeper than 64" in (
+        out + err
+    )
+
+    for p in (env.root / "state").glob("records.sqlite*"):
+        p.unlink()
+    rc, out, err = env.main(
+        ["records", "rebuild", "local", "--dry-run", "--config", str(env.config_path)]
+    )
+    assert "Traceback" not in err and "RecursionError" not in out + err
+    assert f"{a}_disk" in out + err
+    assert "the copy: JSON nested deeper than 64 levels" in out + err, out + err

@@ -238,6 +238,21 @@ def test_a_trickling_or_silent_server_fails_by_the_deadline_and_leaves_nothing(
     assert not env.volume(inst, "d").exists()
 
 
+def test_a_file_image_that_is_a_fifo_fails_at_once(env: Env, images: Path) -> None:
+    """A file:// location that is a FIFO is refused when opened (never waited on for a
+    writer), in one line, leaving nothing. A child process: a hang is the timeout's."""
+    fifo = images / "fifo.raw"
+    os.mkfifo(fifo)
+    env.images = {"f": catalog_entry(images / "good.raw", "raw", f"file://{fifo}")}
+    env.write_config()
+    env.manifest("a", [disk("d", size="16MiB", image="f", template=None)])
+    res = env.subprocess(timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    (failed,) = [line for line in res.stdout.splitlines() if line.startswith("FAILED")]
+    assert failed.endswith(f"cannot open {fifo}: not a regular file"), failed
+    assert pool_contents(env) == [] and records(env) == []
+
+
 def test_fetch_limits_are_checked_in_the_config(env: Env) -> None:
     with_fetch(env, {"minRate": "1MB/s"})
     rc, out, err = env.run("--dry-run")
