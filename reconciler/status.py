@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from reconciler.bounded import load_json
 from reconciler.errors import ReconcileError
 
 CONDITIONS = ("Ready", "Progressing", "Degraded")
@@ -152,6 +153,6 @@ class StatusStore:
 
 def _parse(data: str) -> InstanceStatus | None:
     try:
-        return InstanceStatus.from_json(json.loads(data))
+        return InstanceStatus.from_json(load_json(data, what="status"))
     except (ValueError, TypeError, KeyError):
         return None  # a damaged row is rewritten by the next reconcile

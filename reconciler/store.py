@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import ValidationError
 
+from reconciler.bounded import UnsafeInput, check_json
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord
 
@@ -133,7 +134,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 
 def _parse(pool: str, volume: str, data: str) -> DiskRecord:
     try:
-        rec = DiskRecord.model_validate_json(data)
+        rec = DiskRecord.model_validate_json(check_json(data, what="its JSON"))
+    except UnsafeInput as e:
+        raise RecordError(f"record for {pool}/{volume} is unreadable ({e})") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

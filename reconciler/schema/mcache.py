@@ -165,8 +165,8 @@ class ManifestCache:
                 doc = json.load(f)
             if doc.get("fingerprint") == self.fingerprint:
                 self.entries = doc["entries"]
-        except (OSError, ValueError, KeyError, TypeError):
-            self.entries = {}  # missing or damaged: it is only a cache
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            self.entries = {}  # missing or damaged (even nested absurdly): only a cache
 
     def get(self, path: str, key: Key) -> tuple[Manifest, tuple[int | None, ...]] | None:
         e = self.entries.get(path)
