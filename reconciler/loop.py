@@ -69,6 +69,7 @@ from reconciler.schema.mcache import stat_key
 from reconciler.schema.readfile import read_regular
 from reconciler.schema.record import RecordKind
 from reconciler.session import Session
+from reconciler.statedir import private_dir, private_file
 from reconciler.status import InstanceStatus, StatusStore, now_iso, with_conditions
 from reconciler.workqueue import WorkQueue
 
@@ -301,7 +302,8 @@ class StateLock:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "watch.lock"
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)  # 0700, its files 0600 (reconciler/statedir.py)
+        private_file(self.path, ())
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

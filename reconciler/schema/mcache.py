@@ -45,6 +45,7 @@ from reconciler.schema.manifest import (
     TemplateSource,
 )
 from reconciler.schema.readfile import read_regular
+from reconciler.statedir import private_dir
 
 log = get_logger(__name__)
 
@@ -241,5 +242,5 @@ def write_document(path: Path, doc: dict[str, Any]) -> None:
     """Replace the cache file with `doc` atomically; raises OSError."""
     from reconciler.schema.write import write_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)  # the state directory: 0700 (the file is mkstemp's, 0600)
     write_atomic(str(path), json.dumps(doc, separators=(",", ":")))
