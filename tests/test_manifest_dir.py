@@ -197,6 +197,8 @@ def test_watch_and_status_quote_no_other_file(env: Env, capfd: pytest.CaptureFix
         # Written while the loop runs: read through the watcher, not the first full read.
         (env.manifests / "late.yaml").symlink_to(env.root / "outside" / "shadow")
         os.link(env.root / "outside" / "shadow", env.manifests / "late-hard.yaml")
+        # A reader that blocked on this would never see the manifest's change below.
+        os.mkfifo(env.manifests / "late-fifo.yaml")
         env.manifest("vm", [disk("d", size="2MiB")], instance=inst)
         wait_until("the instance to be reconciled again", lambda: reconciled(2, 2 << 20))
     logs = capfd.readouterr()
