@@ -268,3 +268,25 @@ def test_a_cache_file_others_could_write_is_not_read(
     loaded, failed = load_manifests([str(mdir)], config, ManifestCache(cache_path))
     assert len(loaded) == 1 and not failed  # parsed from the file, as without a cache
     assert isinstance(loaded[0], LoadedManifest)
+
+
+def test_without_proc_the_name_is_opened_again_and_must_be_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where /proc is missing, the checked file is opened again by name (O_NOFOLLOW,
+    O_NONBLOCK): still the same regular file is read, and a link is still refused."""
+    real_open = os.open
+
+    def no_proc(path: str, flags: int, *args: int) -> int:
+        if str(path).startswith("/proc/self/fd/"):
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_proc)
+    f = tmp_path / "web-1.yaml"
+    f.write_text((EXAMPLES / "manifests" / "web-1.yaml").read_text())
+    read = read_regular(str(f))
+    assert read.data == f.read_bytes() and read.stat.st_ino == f.stat().st_ino
+    (tmp_path / "link.yaml").symlink_to(f)
+    with pytest.raises(InputError, match="a symbolic link"):
+        read_regular(str(tmp_path / "link.yaml"))
