@@ -21,6 +21,7 @@ parents `mkdir -p` makes is 0777, and SQLite makes its files 0644 minus the umas
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -37,14 +38,15 @@ SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 def private_dir(path: Path) -> None:
     """Make `path` (and missing parents) 0700, or tighten it; raises OSError if it cannot be
-    made. Anything but a directory at `path` is left for the caller to report."""
+    made, FileExistsError if something else is there (as `mkdir -p` does)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         _make(path)
         return
-    if stat.S_ISDIR(st.st_mode):
-        _tighten(str(path), st, os.chmod)
+    if not stat.S_ISDIR(st.st_mode):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+    _tighten(str(path), st, os.chmod)
 
 
 def private_file(path: Path, side_files: tuple[str, ...] = SQLITE_SIDE_FILES) -> None:
