@@ -60,7 +60,7 @@ from reconciler.diff import (
     Severity,
     plan,
 )
-from reconciler.errors import ReconcileError
+from reconciler.errors import InputError, ReconcileError
 from reconciler.logs import get_logger
 from reconciler.schema.config import Config
 from reconciler.schema.load import (
@@ -68,11 +68,13 @@ from reconciler.schema.load import (
     FailedManifest,
     LoadedManifest,
     load_config,
-    load_manifest,
+    parse_manifest,
 )
 from reconciler.schema.mcache import stat_key
+from reconciler.schema.readfile import read_regular
 from reconciler.schema.record import RecordKind
 from reconciler.session import Session
+from reconciler.statedir import private_dir, private_file
 from reconciler.status import InstanceStatus, StatusStore, now_iso, with_conditions
 from reconciler.workqueue import WorkQueue
 
@@ -179,18 +181,29 @@ class ManifestIndex:
     def read(self, path: str, config: Config, *, if_changed: bool = False) -> set[str]:
         """Read one file again (or forget it if it is gone); the instances it named before
         and names now."""
+        # One read of the file (reconciler/schema/readfile.py: a regular file only, never
+        # through a link, never blocking, bounded): its hash, its key and its manifest
+        # all come from the same bytes. The name's lstat only saves reading an unchanged
+        # file again; whatever else stands there is read, and refused, once per change.
         try:
-            st = os.stat(path)
-            key = stat_key(st)
-            with self.lock:
-                old = self.files.get(path)
-            if if_changed and old is not None and old.key == key:
-                return set()
-            with open(path, "rb") as f:
-                sha = hashlib.sha256(f.read()).hexdigest()
+            key = stat_key(os.lstat(path))
         except FileNotFoundError:
             return self.forget(path)
-        result = load_manifest(path, config)
+        with self.lock:
+            old = self.files.get(path)
+        if if_changed and old is not None and old.key == key:
+            return set()
+        result: LoadedManifest | FailedManifest
+        try:
+            read = read_regular(path)
+        except InputError as e:
+            if not os.path.lexists(path):
+                return self.forget(path)
+            result, sha = FailedManifest(path, (e,), None), ""
+        else:
+            key = stat_key(read.stat)  # what was read, should the name have changed since
+            sha = hashlib.sha256(read.data).hexdigest()
+            result = parse_manifest(path, read.data, config)
         entry = Entry(key, sha, result)
         with self.lock:
             old = self.files.get(path)
@@ -279,7 +292,8 @@ class StateLock:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "watch.lock"
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)  # 0700, its files 0600 (reconciler/statedir.py)
+        private_file(self.path, ())
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -25,6 +25,7 @@ from typing import Any
 
 from reconciler.bounded import load_json
 from reconciler.errors import ReconcileError
+from reconciler.statedir import private_dir, private_file
 
 CONDITIONS = ("Ready", "Progressing", "Degraded")
 
@@ -95,7 +96,11 @@ class StatusStore:
 
     def __post_init__(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)  # 0700, its files 0600 (reconciler/statedir.py)
+            private_file(self.path)
+        except OSError as e:
+            raise ReconcileError(f"status database {self.path}: {e.strerror or e}") from None
+        try:
             self._db = sqlite3.connect(
                 str(self.path), timeout=10, isolation_level=None, check_same_thread=False
             )

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from reconciler.bounded import UnsafeInput, check_json
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord
+from reconciler.statedir import SQLITE_SIDE_FILES, private_dir, private_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +159,10 @@ class SqliteRecordStore:
         self._durable = True
         self._identity: StoreIdentity | None = None
         try:
-            if not path.parent.is_dir():  # a converged run makes no change, not even a mkdir
-                path.parent.mkdir(parents=True, exist_ok=True)
+            # 0700 and 0600 whatever the umask, an older looser state directory tightened
+            # (reconciler/statedir.py); a converged run makes no change, not even a mkdir.
+            private_dir(path.parent)
+            private_file(path, (*SQLITE_SIDE_FILES, ".init-lock"))
         except OSError as e:
             raise self._os_fault(e) from e
         with self._errors():

@@ -97,6 +97,7 @@ from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordState
+from reconciler.statedir import private_dir
 from reconciler.store import RecordStore
 from reconciler.tools import run
 
@@ -474,7 +475,7 @@ class LvmPoolDriver(entries.EntryCache):
     def _tmp_dir(self) -> Path:
         """Beside the records database: temporary files of fetches and templates."""
         d = Path(self._store().identity().location).parent / "lvm-tmp" / self.name
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(d)  # and lvm-tmp: 0700 whatever the umask (reconciler/statedir.py)
         return d
 
     @contextmanager
