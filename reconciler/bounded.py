@@ -1,15 +1,18 @@
 """Bounded reading of what others can write (DESIGN invariant 8): files, gzip, JSON.
 
-Every input from outside the reconciler's own store (an exported state, Nova's disk.info,
-a record copy on a volume) is read through here, so that no input costs unbounded work or
-ends in a traceback:
+Every input from outside the reconciler's own store (a saved plan, an exported state,
+Nova's disk.info, a record copy on a volume) is read through here, so that no input costs
+unbounded work or ends in a traceback:
 
-- a file is opened without blocking (O_NONBLOCK: a FIFO never hangs the open) and read
-  only if it is a regular file, up to a byte limit;
+- a file is read only if it is a regular file (of another kind it is refused before it is
+  opened, and again after: it may have been replaced between), opened without blocking
+  (O_NONBLOCK: a FIFO never hangs the open), up to a byte limit;
 - gzip is inflated as a stream, stopping one byte past a limit (a small .gz that would
   inflate to gigabytes is refused after the limit, not after the gigabytes);
-- JSON must be UTF-8, under a byte limit, and nested no deeper than a limit, checked by a
-  scan that skips strings before anything recursive (json, pydantic) sees it.
+- JSON must be UTF-8, under a byte limit, nested no deeper than a limit and, where a caller
+  bounds it, of no more values than a limit, checked by scans that skip strings before
+  anything recursive (json, pydantic) sees it; a caller may also refuse duplicate keys and
+  NaN or Infinity, which json accepts.
 
 Each refusal is an UnsafeInput: one line, naming what was read.
 """
@@ -38,14 +41,38 @@ class UnsafeInput(ReconcileError, ValueError):
     damaged record copy) does the same with this one."""
 
 
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "of another kind"
+
+
+def _check_kind(mode: int, *, what: str) -> None:
+    if stat.S_ISLNK(mode):
+        raise UnsafeInput(f"{what}: is a symbolic link; not read")
+    if not stat.S_ISREG(mode):
+        raise UnsafeInput(f"{what}: is {_kind(mode)}, not a regular file; not read")
+
+
 def read_regular(path: str, *, what: str, max_bytes: int, follow_symlinks: bool = False) -> bytes:
-    """The bytes of `path` if it is a regular file of at most `max_bytes`. Never blocks
-    (a FIFO or a device is refused once opened without waiting); a symbolic link is
-    refused unless `follow_symlinks`. FileNotFoundError is left to the caller."""
+    """The bytes of `path` if it is a regular file of at most `max_bytes`. Never blocks,
+    and never opens what its stat says is not a regular file (a device, a FIFO); one put
+    in its place between the stat and the open is opened without waiting and refused. A
+    symbolic link is refused unless `follow_symlinks`. FileNotFoundError is left to the
+    caller."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
     try:
+        # Before the open: opening some devices does something (a tape rewinds).
+        _check_kind(os.stat(path, follow_symlinks=follow_symlinks).st_mode, what=what)
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise
@@ -54,9 +81,11 @@ def read_regular(path: str, *, what: str, max_bytes: int, follow_symlinks: bool 
             raise UnsafeInput(f"{what}: is a symbolic link; not read") from None
         raise UnsafeInput(f"{what}: cannot read: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeInput(f"{what}: not a regular file; not read")
+        try:
+            st = os.fstat(fd)  # what was opened, if the path changed since the stat
+        except OSError as e:
+            raise UnsafeInput(f"{what}: cannot read: {e.strerror}") from None
+        _check_kind(st.st_mode, what=what)
         if st.st_size > max_bytes:
             raise UnsafeInput(f"{what}: {st.st_size} bytes, more than the {max_bytes} allowed")
         parts: list[bytes] = []
@@ -123,12 +152,22 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _DELTA = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
 
 
+def _depth(bare: bytes) -> int:
+    brackets = bare.translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DELTA.__getitem__, brackets)), default=0)
+
+
+def _values(bare: bytes) -> int:
+    """The values JSON text holds, as counted before a parse: its arrays and objects, and
+    one more than its commas (what a parse allocates grows with this count)."""
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
+
+
 def json_depth(data: bytes) -> int:
     """How deep brackets nest in `data`, outside strings. Never recurses; every loop is
     C's (a state of megabytes is scanned in milliseconds). What follows an unterminated
     string is inside it: the parser never nests into it."""
-    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    return max(accumulate(map(_DELTA.__getitem__, brackets)), default=0)
+    return _depth(_STRING.sub(b"", data))
 
 
 def check_json(
@@ -137,9 +176,11 @@ def check_json(
     what: str,
     max_depth: int = MAX_JSON_DEPTH,
     max_bytes: int = MAX_JSON_BYTES,
+    max_values: int | None = None,
 ) -> str:
-    """Refuse JSON text over the limits or not UTF-8, before anything parses it (json and
-    pydantic's model_validate_json both recurse). Returns the text."""
+    """Refuse JSON text over the limits (of values, only if `max_values` is given) or not
+    UTF-8, before anything parses it (json and pydantic's model_validate_json both
+    recurse). Returns the text."""
     if isinstance(data, str):
         text = data
         try:
@@ -156,10 +197,37 @@ def check_json(
             ) from None
     if len(raw) > max_bytes:
         raise UnsafeInput(f"{what}: {len(raw)} bytes of JSON, more than the {max_bytes} allowed")
-    # Fewer opening brackets than the limit, strings and all: no deeper, and no scan.
-    if raw.count(b"[") + raw.count(b"{") > max_depth and json_depth(raw) > max_depth:
-        raise UnsafeInput(f"{what}: JSON nested deeper than {max_depth} levels")
+    # Counted strings and all, the text is within the limits: so is what is outside its
+    # strings, and no scan is needed.
+    deep = raw.count(b"[") + raw.count(b"{") > max_depth
+    many = max_values is not None and _values(raw) > max_values
+    if deep or many:
+        bare = _STRING.sub(b"", raw)
+        if deep and _depth(bare) > max_depth:
+            raise UnsafeInput(f"{what}: JSON nested deeper than {max_depth} levels")
+        if max_values is not None and _values(bare) > max_values:
+            raise UnsafeInput(f"{what}: JSON of more than {max_values} values")
     return text
+
+
+def shown(value: Any) -> str:
+    """A value from input, safe to put in a message: JSON with every control character
+    escaped, cut short."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {shown(k)}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def load_json(
@@ -168,12 +236,24 @@ def load_json(
     what: str,
     max_depth: int = MAX_JSON_DEPTH,
     max_bytes: int = MAX_JSON_BYTES,
+    max_values: int | None = None,
+    unique_keys: bool = False,
+    finite: bool = False,
 ) -> Any:
-    """json.loads within bounds; any refusal is UnsafeInput "WHAT[:LINE:COL]: why"."""
-    text = check_json(data, what=what, max_depth=max_depth, max_bytes=max_bytes)
+    """json.loads within bounds; any refusal is UnsafeInput "WHAT[:LINE:COL]: why".
+    `unique_keys` refuses an object that names a key twice (json keeps the last one, where
+    another reader may keep the first); `finite` refuses NaN and Infinity (json reads them,
+    but they are not JSON)."""
+    text = check_json(
+        data, what=what, max_depth=max_depth, max_bytes=max_bytes, max_values=max_values
+    )
     try:
-        return json.loads(text)
+        return json.loads(
+            text,
+            object_pairs_hook=_unique if unique_keys else None,
+            parse_constant=_no_constant if finite else None,
+        )
     except json.JSONDecodeError as e:
         raise UnsafeInput(f"{what}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
-    except (ValueError, RecursionError) as e:  # pragma: no cover - bounded above
-        raise UnsafeInput(f"{what}: not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # a refused key or constant, 5,000 digits
+        raise UnsafeInput(f"{what}: not valid JSON: {' '.join(str(e).split())[:300]}") from None

@@ -13,24 +13,22 @@ opened or looked up: its names are only compared.
 The file is input that others can write (a CI artifact, a shared directory), so before it
 is compared it must be a regular file (a symbolic link is refused: it could be re-pointed
 between review and apply; nothing blocks on a FIFO), of at most MAX_PLAN_BYTES, UTF-8 JSON
-nested at most MAX_DEPTH deep with at most MAX_VALUES values, of the schema below.
-Anything else is one line of error, never a traceback.
+nested at most MAX_DEPTH deep with at most MAX_VALUES values, no key twice in an object and
+no NaN, of the schema below. The file is read and its JSON bounded by reconciler/bounded.py,
+as every input is. Anything else is one line of error, never a traceback.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import re
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from reconciler.bounded import UnsafeInput, load_json, read_regular, shown
 from reconciler.diff import Action, ActionKind, Desired, Plan, PlanOptions
 from reconciler.errors import ReconcileError
 from reconciler.render import FORMAT_VERSION
@@ -177,119 +175,39 @@ def made_from(config: Config, desired: Desired, options: PlanOptions) -> dict[st
 # --- reading the file ---------------------------------------------------------------------
 
 
-def _kind(mode: int) -> str:
-    for test, what in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return what
-    return "of another kind"
+def _what(path: str) -> str:
+    return f"saved plan {path}"
 
 
 def _refuse(path: str, why: str) -> PlanFileError:
-    return PlanFileError(f"saved plan {path}: {why}")
+    return PlanFileError(f"{_what(path)}: {why}")
 
 
 def read_bytes(path: str) -> bytes:
     """The bytes of the plan file `path`: a regular file (not a link) of at most
-    MAX_PLAN_BYTES. Never blocks: a FIFO or a device is refused before it is read."""
+    MAX_PLAN_BYTES. Never blocks: a FIFO or a device is refused before it is opened."""
     try:
-        # lstat first: a device is refused without even opening it.
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, f"is {_kind(st.st_mode)}, not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise _refuse(path, "is a symbolic link, not a regular file") from None
+        return read_regular(path, what=_what(path), max_bytes=MAX_PLAN_BYTES)
+    except FileNotFoundError as e:
         raise _refuse(path, e.strerror or str(e)) from None
-    try:
-        st = os.fstat(fd)  # what was opened, if it changed since the lstat
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, f"is {_kind(st.st_mode)}, not a regular file")
-        if st.st_size > MAX_PLAN_BYTES:
-            raise _refuse(path, _too_big(st.st_size))
-        chunks, total = [], 0
-        while total <= MAX_PLAN_BYTES:  # the file may grow while it is read
-            chunk = os.read(fd, min(1 << 20, MAX_PLAN_BYTES + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > MAX_PLAN_BYTES:
-            raise _refuse(path, _too_big(total))
-        return b"".join(chunks)
-    except OSError as e:
-        raise _refuse(path, e.strerror or str(e)) from None
-    finally:
-        os.close(fd)
-
-
-def _too_big(size: int) -> str:
-    return f"is {size} bytes, more than a saved plan may be ({MAX_PLAN_BYTES // (1024 * 1024)} MiB)"
-
-
-# A JSON string, escapes included (the unrolled form: linear, no backtracking).
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{}")
-_INNERMOST = re.compile(rb"\[\]|\{\}")
-
-
-def check_shape(data: bytes) -> str | None:
-    """Why `data` (JSON text) is nested too deep or holds too many values to parse, or
-    None. Linear scans in C, no recursion, before any parse (the json module recurses
-    once per level, and would end in a RecursionError on `[[[[...`)."""
-    bare = _STRING.sub(b"", data)
-    if bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1 > MAX_VALUES:
-        return f"it holds more than {MAX_VALUES} values"
-    brackets = bare.translate(None, _NOT_STRUCTURE)
-    # Each pass removes the innermost (empty) pairs, one level of nesting.
-    for _ in range(MAX_DEPTH):
-        if not brackets:
-            return None
-        brackets, n = _INNERMOST.subn(b"", brackets)
-        if n == 0:
-            break
-    if not brackets:
-        return None
-    return f"it is nested more than {MAX_DEPTH} deep, or its brackets do not match"
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {_shown(k)}")
-        out[k] = v
-    return out
+    except UnsafeInput as e:
+        raise PlanFileError(str(e)) from None
 
 
 def parse(path: str, data: bytes) -> SavedPlan:
     """The saved plan in `data`, validated; PlanFileError (one line) otherwise."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _refuse(
-            path, f"is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
-        ) from None
-    why = check_shape(data)
-    if why:
-        raise _refuse(path, f"is not a saved plan: {why}")
-    try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except json.JSONDecodeError as e:
-        raise _refuse(path, f"is not JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except (ValueError, RecursionError) as e:  # a number of 5,000 digits; a constant
-        raise _refuse(path, f"is not a saved plan: {_one_line(str(e))}") from None
+        doc = load_json(
+            data,
+            what=_what(path),
+            max_depth=MAX_DEPTH,
+            max_bytes=MAX_PLAN_BYTES,
+            max_values=MAX_VALUES,
+            unique_keys=True,
+            finite=True,
+        )
+    except UnsafeInput as e:
+        raise PlanFileError(str(e)) from None
     if not isinstance(doc, dict) or "format_version" not in doc:
         raise _refuse(path, "is not a plan (save one with reconcile --dry-run --plan-out FILE)")
     if "saved_plan" not in doc:
@@ -324,13 +242,6 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
-def _shown(value: Any) -> str:
-    """A value from the file, safe to print: JSON with every control character escaped,
-    cut short."""
-    text = json.dumps(value, sort_keys=True, ensure_ascii=True)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 # --- comparing ----------------------------------------------------------------------------
 
 # Compared field by field; `reason` is for people (DESIGN: apply never decides from it).
@@ -359,7 +270,7 @@ def _field_differences(saved: Mapping[str, Any], fresh: Mapping[str, Any]) -> li
 
 
 def _either(d: Mapping[str, Any], key: str) -> str:
-    return _shown(d[key]) if key in d else "absent"
+    return shown(d[key]) if key in d else "absent"
 
 
 def _canonical(value: Any) -> str:

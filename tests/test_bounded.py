@@ -73,6 +73,22 @@ def test_json_over_its_byte_limit_is_refused() -> None:
         load_json(b"[1,2,3,4]", what="x", max_bytes=8)
 
 
+def test_a_caller_may_bound_values_and_refuse_duplicate_keys_and_nan() -> None:
+    """Off unless asked for (a record copy is read as json reads it); on, each one line."""
+    strict = {"unique_keys": True, "finite": True}
+    assert load_json(b'[1, 2, "3,4,[{"]', what="x", max_values=4) == [1, 2, "3,4,[{"]
+    with pytest.raises(UnsafeInput, match=r"^x: JSON of more than 3 values$"):
+        load_json(b'[1, 2, "3,4,[{"]', what="x", max_values=3)
+    assert load_json(b'{"a": 1, "a": 2}', what="x") == {"a": 2}
+    with pytest.raises(UnsafeInput, match=r'^x: not valid JSON: duplicate key "\\u001b\]0;"$'):
+        load_json(b'{"\\u001b]0;": 1, "\\u001b]0;": 2}', what="x", **strict)
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        assert load_json(b"[%s]" % constant, what="x") != []
+        with pytest.raises(UnsafeInput, match=rf"^x: not valid JSON: {constant.decode()} is not"):
+            load_json(b"[%s]" % constant, what="x", **strict)
+    assert load_json(b'{"a": [1.5, {"b": null}]}', what="x", **strict) == {"a": [1.5, {"b": None}]}
+
+
 def test_gzip_is_inflated_to_its_limit_and_no_further() -> None:
     bomb = gzip.compress(bytes(64 << 20), 9)  # 64 KiB that would be 64 MiB
     with pytest.raises(UnsafeInput, match="b: inflates to more than 1048576 bytes"):
@@ -111,11 +127,11 @@ for name in ("fifo", "link", "fifolink", "/dev/zero", "dir", "big"):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert res.stdout.splitlines() == [
-        "fifo: not a regular file; not read",
+        "fifo: is a FIFO, not a regular file; not read",
         "link: is a symbolic link; not read",
         "fifolink: is a symbolic link; not read",
-        "/dev/zero: not a regular file; not read",
-        "dir: not a regular file; not read",
+        "/dev/zero: is a character device, not a regular file; not read",
+        "dir: is a directory, not a regular file; not read",
         "big: 100 bytes, more than the 10 allowed",
     ]
     assert read_regular(str(good), what="g", max_bytes=5) == b"12345"

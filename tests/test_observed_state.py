@@ -219,8 +219,8 @@ def test_a_state_over_any_bound_is_one_clear_error(env: Env, tmp_path: Path) -> 
         (bomb, f"inflates to more than {MAX_STATE_BYTES} bytes"),
         (deep, "JSON nested deeper than 64 levels"),
         (deep_gz, "JSON nested deeper than 64 levels"),
-        (fifo, "not a regular file; not read"),
-        (Path("/dev/zero"), "not a regular file; not read"),
+        (fifo, "is a FIFO, not a regular file; not read"),
+        (Path("/dev/zero"), "is a character device, not a regular file; not read"),
         (big, f"{MAX_STATE_BYTES + 1} bytes, more than the {MAX_STATE_BYTES} allowed"),
     ]
     for path, message in cases:

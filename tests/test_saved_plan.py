@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -313,13 +314,13 @@ def _old_format(d: dict[str, Any]) -> None:
 # name -> (the file's bytes from a valid plan document, words of the one-line error)
 CONTENTS: dict[str, tuple[Callable[[dict[str, Any]], bytes], str]] = {
     "bad UTF-8": (lambda d: _valid(d).replace(b'"local"', b'"lo\xffcal"', 1), "not UTF-8"),
-    "deep lists": (lambda d: b"[" * 100_000 + b"]" * 100_000, f"nested more than {MAX_DEPTH}"),
-    "deep objects": (lambda d: b'{"a":' * 100_000, f"nested more than {MAX_DEPTH}"),
-    "unclosed": (lambda d: b"[" * 100_000, f"nested more than {MAX_DEPTH}"),
+    "deep lists": (lambda d: b"[" * 100_000 + b"]" * 100_000, f"nested deeper than {MAX_DEPTH}"),
+    "deep objects": (lambda d: b'{"a":' * 100_000, f"nested deeper than {MAX_DEPTH}"),
+    "unclosed": (lambda d: b"[" * 100_000, f"nested deeper than {MAX_DEPTH}"),
     "many values": (lambda d: b"[" + b"0," * MAX_VALUES + b"0]", f"more than {MAX_VALUES}"),
-    "not JSON": (lambda d: b"apply everything", "is not JSON"),
+    "not JSON": (lambda d: b"apply everything", ":1:1: not valid JSON: Expecting value"),
     "a list": (lambda d: b"[]", "is not a plan"),
-    "a number of 5000 digits": (lambda d: b"1" * 5000, "is not a saved plan"),
+    "a number of 5000 digits": (lambda d: b"1" * 5000, "not valid JSON: Exceeds the limit"),
     "NaN": (_edited(_set("actions.0.spec.size", float("nan"))), "NaN is not a JSON number"),
     "a duplicate key": (
         lambda d: b'{"format_version": 1, "format_version": 1}',
@@ -386,7 +387,10 @@ def test_a_malformed_plan_is_refused_in_one_line(env: Env, tmp_path: Path) -> No
     big = tmp_path / "big.json"
     with open(big, "wb") as f:
         f.truncate(MAX_PLAN_BYTES + 1)  # sparse: refused by its size, never read
-    cases["over the size limit"] = (big, f"is {MAX_PLAN_BYTES + 1} bytes, more than")
+    cases["over the size limit"] = (
+        big,
+        f"{MAX_PLAN_BYTES + 1} bytes, more than the {MAX_PLAN_BYTES} allowed",
+    )
 
     # All at once (each is a process of its own): the machine's cores are few, and the
     # interpreter's start is most of each one's time.
@@ -403,7 +407,9 @@ def test_a_malformed_plan_is_refused_in_one_line(env: Env, tmp_path: Path) -> No
             pytest.fail(f"{name}: reconcile apply did not end within 120 s")
         path, words = cases[name]
         res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-        err = refused(res, f"reconcile: error: saved plan {path}: ", words)
+        err = refused(res, words)
+        # The file, and where in it if the JSON is not valid.
+        assert re.match(rf"reconcile: error: saved plan {re.escape(str(path))}(:\d+:\d+)?: ", err)
         assert err.count("\n") == 1, f"{name}: {err}"
         assert out == "", name
     assert snapshot(env) == before

@@ -1,23 +1,25 @@
-"""The bounds a saved plan file is read under, without a daemon: nesting is measured
-without recursion, and only outside JSON strings."""
+"""The bounds a saved plan file is read under, without a daemon: nesting and values are
+counted without recursion (by reconciler/bounded.py), and only outside JSON strings."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from reconciler.bounded import json_depth
 from reconciler.diff import Action, ActionKind, Desired, Plan, PlanOptions, Precondition
 from reconciler.saved_plan import (
     MAX_DEPTH,
     MAX_LISTED,
+    MAX_VALUES,
     PlanFileError,
     PlanMismatch,
     SavedPlan,
     check,
-    check_shape,
     differences,
     parse,
 )
@@ -28,23 +30,46 @@ def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
 
+def refusal(data: bytes) -> str:
+    with pytest.raises(PlanFileError) as e:
+        parse("p.json", data)
+    return str(e.value)
+
+
+# Within the bounds, JSON that is no plan: refused for that, after a parse.
+NO_PLAN = "saved plan p.json: is not a plan"
+
+
 def test_nesting_up_to_the_limit_passes_and_one_more_does_not() -> None:
-    assert check_shape(nested(MAX_DEPTH)) is None
+    assert refusal(nested(MAX_DEPTH)).startswith(NO_PLAN)
     assert json.loads(nested(MAX_DEPTH)) is not None
-    why = check_shape(nested(MAX_DEPTH + 1))
-    assert why is not None and f"nested more than {MAX_DEPTH} deep" in why
+    assert refusal(nested(MAX_DEPTH + 1)) == (
+        f"saved plan p.json: JSON nested deeper than {MAX_DEPTH} levels"
+    )
     mixed = b'{"a": [{"b": [1, {"c": {}}]}], "d": [[], {}]}'
-    assert check_shape(mixed) is None
+    assert json_depth(mixed) == 6 and refusal(mixed).startswith(NO_PLAN)
+
+
+def test_values_up_to_the_limit_pass_and_one_more_does_not() -> None:
+    # One array of MAX_VALUES - 1 numbers: MAX_VALUES values.
+    assert refusal(b"[" + b"0," * (MAX_VALUES - 2) + b"0]").startswith(NO_PLAN)
+    assert refusal(b"[" + b"0," * (MAX_VALUES - 1) + b"0]") == (
+        f"saved plan p.json: JSON of more than {MAX_VALUES} values"
+    )
+    # Commas and brackets in a string are no values.
+    assert refusal(b'{"a": "' + b",[{" * MAX_VALUES + b'"}').startswith(NO_PLAN)
 
 
 def test_brackets_in_strings_do_not_count() -> None:
     text = json.dumps({"reason": "[" * 1000 + '\\"]' + "{" * 1000, "x": ["]]]", '"'], "y": {}})
-    assert check_shape(text.encode()) is None
+    assert json_depth(text.encode()) == 2 and refusal(text.encode()).startswith(NO_PLAN)
 
 
-def test_unbalanced_brackets_are_refused_before_a_parse() -> None:
+def test_unbalanced_brackets_are_refused_in_one_line() -> None:
+    """The parse refuses them: the depth counted before it is what nests before the first
+    bracket that does not match, where the parse stops."""
     for data in (b"[" * 10, b"]]]", b"[}", b'{"a": [}'):
-        assert check_shape(data) is not None, data
+        assert re.fullmatch(r"saved plan p\.json:1:\d+: not valid JSON: [^\n]+", refusal(data))
 
 
 @pytest.mark.parametrize(
@@ -62,9 +87,8 @@ def test_unbalanced_brackets_are_refused_before_a_parse() -> None:
     ],
 )
 def test_anything_but_a_saved_plan_is_one_plan_file_error(data: bytes) -> None:
-    with pytest.raises(PlanFileError) as e:
-        parse("p.json", data)
-    assert "\n" not in str(e.value) and str(e.value).startswith("saved plan p.json: ")
+    # The file, and where in it if the JSON is not valid.
+    assert re.fullmatch(r"saved plan p\.json(:\d+:\d+)?: [^\n]+", refusal(data))
 
 
 def _action(disk: str, size: int) -> Action:
