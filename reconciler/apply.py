@@ -1,9 +1,11 @@
 """The executor: applies a Plan through the drivers, one recorded step at a time.
 
 Every action re-checks, under the volume's lock, that the state it was planned from still
-holds (its precondition). A saved plan is applied exactly or not at all: every
-precondition is checked before the first change and one stale action refuses the whole
-plan (each is checked again under its lock when it runs, for a change in between). A live
+holds (its precondition). A saved plan is applied exactly or not at all: the actions given
+here are those of a fresh plan that equals the saved one (saved_plan.py; never the file's
+own), every precondition is checked before the first change and one stale action refuses
+the whole plan (each is checked again under its lock when it runs, for a change in
+between). A live
 run re-plans a stale action's instance instead, which is how a second reconciler started
 at the same time finds the work already done and converges without touching anything.
 

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import hashlib
 import json
 import os
 import select
@@ -16,10 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler import __version__, internal, logs
-from reconciler.diff import Action, Plan, PlanOptions
+from reconciler import __version__, internal, logs, saved_plan
+from reconciler.diff import Plan, PlanOptions
 from reconciler.errors import ReconcileError
-from reconciler.render import FORMAT_VERSION, to_json, to_markdown, to_text
+from reconciler.render import to_json, to_markdown, to_text
 from reconciler.schema.config import Config, config_path
 from reconciler.schema.load import load_config, load_manifests
 from reconciler.schema.write import write_atomic
@@ -76,11 +75,28 @@ def _jobs(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-replace",
+        action="store_true",
+        help="allow replacing disks whose backend, pool, format or source changed "
+        "(destroys their data)",
+    )
+    p.add_argument(
+        "--prune", action="store_true", help="delete disks whose instance no manifest names"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow a plan that destroys more than the configured share of disks",
+    )
+
+
 def _plan_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reconcile",
         description="Converge VM instance disks in libvirt pools to their manifests.",
-        epilog="Other commands: 'reconcile validate PATH...', 'reconcile apply PLAN', "
+        epilog="Other commands: 'reconcile validate PATH...', 'reconcile apply PLAN PATH...', "
         "'reconcile cache ls|gc', 'reconcile records rebuild POOL', 'reconcile watch DIR', "
         "'reconcile adopt --instance U --disk D --volume P/V --format F PATH...', "
         "'reconcile import-nova --instances-path DIR --images-type T --pool P --out DIR', "
@@ -112,22 +128,12 @@ def _plan_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 when there are no changes, 2 when there are, 1 on errors",
     )
+    _plan_flags(p)
     p.add_argument(
-        "--allow-replace",
-        action="store_true",
-        help="allow replacing disks whose backend, pool, format or source changed "
-        "(destroys their data)",
-    )
-    p.add_argument(
-        "--prune", action="store_true", help="delete disks whose instance no manifest names"
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="allow a plan that destroys more than the configured share of disks",
-    )
-    p.add_argument(
-        "--plan-out", metavar="FILE", help="save the plan as JSON for 'reconcile apply FILE'"
+        "--plan-out",
+        metavar="FILE",
+        help="save the plan as JSON for 'reconcile apply FILE PATH...' (with the same "
+        "--config and flags), which plans again and applies only if nothing differs",
     )
     _jobs(p)
     p.add_argument("--version", action="version", version=f"reconcile {__version__}")
@@ -182,7 +188,8 @@ def _plan(argv: Sequence[str]) -> int:
     with Session(config, _options(args, config)) as s:
         p = s.plan(s.load_and_observe(args.paths))
         if args.plan_out:
-            save_plan(args.plan_out, p, cfg_path, [os.path.abspath(x) for x in args.paths])
+            made = saved_plan.made_from(config, s.desired, s.options)
+            write_atomic(args.plan_out, to_json(p, {"saved_plan": made}))
         if args.dry_run:
             sys.stdout.write(_render(p, args.output, []))
             return _exit(p, False, args.detailed_exitcode)
@@ -268,49 +275,39 @@ def cmd_observe(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-def save_plan(path: str, p: Plan, cfg_path: str, paths: list[str]) -> None:
-    extra = {
-        "config": os.path.abspath(cfg_path),
-        "config_sha256": _sha256(cfg_path),
-        "paths": paths,
-    }
-    write_atomic(path, to_json(p, extra))
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def cmd_apply(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="reconcile apply",
-        description="Apply a plan saved with --dry-run --plan-out, "
-        "exactly, or refuse if the state it was made from changed.",
+        description="Apply a plan saved with --dry-run --plan-out. The file is a "
+        "precondition, never a list of instructions: the manifests, config and flags given "
+        "here are planned again against the pools as they are, and that fresh plan is "
+        "applied only if it equals the saved one action for action (and was made from the "
+        "same config, manifests and flags); any difference refuses the whole plan and is "
+        f"named. The file must be a regular file (not a link) of at most "
+        f"{saved_plan.MAX_PLAN_BYTES // (1024 * 1024)} MiB.",
     )
-    p.add_argument("plan", metavar="FILE")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("plan", metavar="FILE", help="the plan, saved with --plan-out")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="manifest file or directory: those the plan was made from",
+    )
+    _plan_flags(p)  # as given when the plan was made: the plan records them
     _jobs(p)
+    _common(p)
     args = p.parse_args(argv)
     _setup_logging(args.verbose)
-    try:
-        with open(args.plan) as f:
-            doc = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReconcileError(f"cannot read plan {args.plan}: {e}") from None
-    if doc.get("format_version") != FORMAT_VERSION or "config" not in doc:
-        raise ReconcileError(f"{args.plan} is not a plan saved by this version of reconcile")
-    cfg_path = doc["config"]
-    if _sha256(cfg_path) != doc["config_sha256"]:
-        raise ReconcileError(
-            f"the config {cfg_path} changed since the plan was made; make a new plan"
-        )
-    config = load_config(cfg_path)
-    actions = [Action.from_json(a) for a in doc["actions"]]
-    if not actions:
-        print("The plan has no actions.")
-        return EXIT_OK
-    with Session(config) as s:
+    # The file first: a malformed one is refused before anything is opened or observed.
+    saved = saved_plan.load(args.plan)
+    config = load_config(config_path(args.config))
+    options = _options(args, config)
+    with Session(config, options) as s:
+        fresh = s.plan(s.load_and_observe(args.paths))
+        actions = saved_plan.check(saved, fresh, config=config, desired=s.desired, options=options)
+        if not actions:
+            print("The plan has no actions.")
+            return EXIT_OK
         s.local_store.load_all()  # a damaged records database stops the run before any change
         print(f"Applying {len(actions)} action(s) from {args.plan}...", flush=True)
         result = s.executor(saved=True, jobs=args.jobs).apply(actions)

@@ -10,6 +10,12 @@ agree. Nothing about an image is ever taken from the image: format, sha256 and s
 declared in the catalog and only checked here. A partition table (GPT or MBR), which the
 inspector calls "gpt", is raw content: it is accepted for a raw declaration once the
 inspector's own check of the table passes, and refused for any other.
+
+A fetch is bounded in time (the config's `fetch` section, FetchConfig): one deadline for
+all its attempts, connectTimeout + slack + declared size / minRate, checked before every
+read, and no connect or read waits longer than connectTimeout; so a server that sends a
+byte every few seconds, or accepts and never answers, fails in bounded time, and the
+half-made entry is discarded as after any failed fetch (entries.EntryCache).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import queue
 import re
+import stat
 import sys
 import threading
 import time
@@ -28,7 +35,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import unquote, urlparse
 
 from oslo_utils.imageutils import format_inspector as fi
@@ -48,7 +55,6 @@ _ZEROS = bytes(CHUNK)
 QEMU_IMG_MEMORY = 1 << 30
 QEMU_IMG_CPU_SECONDS = 30
 HTTP_ATTEMPTS = 4
-HTTP_TIMEOUT = 30.0
 
 
 class ImageRejected(ReconcileError):
@@ -57,6 +63,63 @@ class ImageRejected(ReconcileError):
 
 class FetchFailed(ReconcileError):
     """The image could not be read from its location."""
+
+
+class Deadline:
+    """When a fetch must be done by (time.monotonic()), and why that long."""
+
+    def __init__(self, image: ImageConfig) -> None:
+        self.seconds = image.fetch.deadline(image.size)
+        self.at = time.monotonic() + self.seconds
+        self.connect_timeout = image.fetch.connect_timeout
+        self.why = (
+            f"not fetched within {self.seconds:.0f} s, the deadline for "
+            f"{format_size_approx(image.size)} at the config's fetch.minRate "
+            f"({format_size_approx(image.fetch.min_rate)}/s) plus connectTimeout and slack"
+        )
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def timeout(self) -> float:
+        """The longest one connect or read may wait now."""
+        return max(min(self.connect_timeout, self.remaining()), 0.01)
+
+    def check(self, location: str) -> None:
+        if self.remaining() <= 0:
+            raise FetchFailed(f"{location}: {self.why}")
+
+
+class _DeadlineReader:
+    """`read(n)` of a source as pieces that each wait at most one socket timeout, the
+    deadline checked before each: a plain read(n) of a trickling server blocks until all
+    n bytes are in, however long that takes."""
+
+    def __init__(self, src: IO[bytes], deadline: Deadline, location: str) -> None:
+        self._src = src
+        self._deadline = deadline
+        self._location = location
+        read1 = getattr(src, "read1", None)
+        self._read1: Callable[[int], bytes] = read1 if read1 is not None else src.read
+
+    def read(self, n: int) -> bytes:
+        self._deadline.check(self._location)
+        first = self._read1(n)
+        if len(first) in (0, n):
+            return first
+        parts = [first]
+        got = len(first)
+        while got < n:
+            self._deadline.check(self._location)
+            piece = self._read1(n - got)
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._src.close()
 
 
 @dataclass(frozen=True)
@@ -196,8 +259,24 @@ def format_size_approx(n: int) -> str:
     return f"{n} B"
 
 
+def _open_regular(path: str) -> IO[bytes]:
+    """A file:// image, opened without blocking (a FIFO would wait for a writer forever)
+    and only if it is a regular file; then read as usual."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise FetchFailed(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FetchFailed(f"cannot open {path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 @contextmanager
-def open_location(location: str, image: ImageConfig | None = None) -> Iterator[IO[bytes]]:
+def open_location(
+    location: str, image: ImageConfig | None = None, deadline: Deadline | None = None
+) -> Iterator[IO[bytes]]:
     url = urlparse(location)
     if url.scheme == "rbd":
         # An rbd pool of the same cluster clones from it directly and never gets here.
@@ -206,10 +285,7 @@ def open_location(location: str, image: ImageConfig | None = None) -> Iterator[I
         return
     if url.scheme == "file":
         path = unquote(url.path)
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise FetchFailed(f"cannot open {path}: {e.strerror}") from None
+        f = _open_regular(path)
         try:
             yield f
         finally:
@@ -217,7 +293,9 @@ def open_location(location: str, image: ImageConfig | None = None) -> Iterator[I
         return
     req = urllib.request.Request(location, headers={"User-Agent": "reconcile"})
     try:
-        resp = urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
+        # The connect and every read of the response wait at most this long.
+        timeout = deadline.timeout() if deadline is not None else 30.0
+        resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         raise FetchFailed(f"{location}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
@@ -295,13 +373,23 @@ def stream_into(
 ) -> Checked:
     """Stream the image into `fd`, checking as it goes; retried for transient failures."""
     delay = 0.5
+    deadline = Deadline(image)
     for attempt in range(1, HTTP_ATTEMPTS + 1):
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         try:
-            return _stream_once(image, fd, max_virtual_size, progress)
+            return _stream_once(image, fd, max_virtual_size, progress, deadline)
         except FetchFailed as e:
-            if attempt == HTTP_ATTEMPTS or image.location.startswith(("file:", "rbd:")):
+            out_of_time = deadline.remaining() <= delay
+            if (
+                out_of_time
+                or attempt == HTTP_ATTEMPTS
+                or image.location.startswith(("file:", "rbd:"))
+            ):
+                if out_of_time and deadline.why not in str(e):
+                    raise FetchFailed(
+                        f"{image.location}: {deadline.why} (last attempt: {e})"
+                    ) from None
                 raise
             log.warning(
                 "image.fetch.retry", image=image_id, error=str(e), attempt=attempt, delay=delay
@@ -350,13 +438,18 @@ class _Hasher:
 
 
 def _stream_once(
-    image: ImageConfig, fd: int, max_virtual_size: int, progress: Progress | None
+    image: ImageConfig,
+    fd: int,
+    max_virtual_size: int,
+    progress: Progress | None,
+    deadline: Deadline,
 ) -> Checked:
     declared = image.format.value
     total = 0
     size_checked = False
-    with _Hasher() as digest, open_location(image.location, image) as src:
-        wrapper = fi.InspectWrapper(src, expected_format=declared)
+    with _Hasher() as digest, open_location(image.location, image, deadline) as src:
+        bounded = _DeadlineReader(src, deadline, image.location)
+        wrapper = fi.InspectWrapper(cast(IO[bytes], bounded), expected_format=declared)
         # A second inspector of the declared format, to see its header as soon as it is in.
         kind = fi.get_inspector(declared) if declared != "raw" else None
         mine = kind() if kind is not None else None
@@ -365,6 +458,8 @@ def _stream_once(
                 chunk = wrapper.read(CHUNK)
             except fi.ImageFormatError as e:
                 raise ImageRejected(f"the image is not {declared}: {e}") from None
+            except FetchFailed:  # past the deadline
+                raise
             except (OSError, TimeoutError) as e:
                 raise FetchFailed(f"{image.location}: transfer failed: {e}") from None
             except Exception as e:  # the inspector of the declared format choked on it

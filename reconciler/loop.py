@@ -14,7 +14,9 @@ controller-runtime's reconcilers are:
   something to do are queued;
 - workers take instances off a work queue (reconciler/workqueue.py) and reconcile one
   instance at a time each: plan it against its own records and volumes, apply, and map
-  the outcome, in one place (`_outcome`), to a queue action, a status and a metric label;
+  the outcome, in one place (`settlement`), to a queue action, a status and a metric
+  label; whether an error is retried or waits for its manifest is declared with its code
+  (ProblemCode in reconciler/diff/model.py), never decided here;
 - nothing is deleted before the whole directory has been read once (the first full read
   happens before any worker starts), a removed manifest file is not a tombstone (its
   disks are reported as orphaned; `--prune` deletes them), and deletions within one resync
@@ -37,6 +39,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +53,15 @@ from reconciler.desired import build_desired
 from reconciler.diff import (
     DesiredInstance,
     FailedInput,
+    Handling,
     Plan,
     PlanOptions,
     Problem,
+    ProblemCode,
     Severity,
     plan,
 )
-from reconciler.errors import ReconcileError
+from reconciler.errors import InputError, ReconcileError
 from reconciler.logs import get_logger
 from reconciler.schema.config import Config
 from reconciler.schema.load import (
@@ -64,11 +69,13 @@ from reconciler.schema.load import (
     FailedManifest,
     LoadedManifest,
     load_config,
-    load_manifest,
+    parse_manifest,
 )
 from reconciler.schema.mcache import stat_key
+from reconciler.schema.readfile import read_regular
 from reconciler.schema.record import RecordKind
 from reconciler.session import Session
+from reconciler.statedir import private_dir, private_file
 from reconciler.status import InstanceStatus, StatusStore, now_iso, with_conditions
 from reconciler.workqueue import WorkQueue
 
@@ -78,30 +85,6 @@ DEBOUNCE = 0.05
 DEFAULT_RESYNC = 60.0
 DEFAULT_WORKERS = 4
 SIGNAL_POLL = 0.2  # seconds: the longest a signal waits for its handler
-
-# Plan error codes -> (status reason, terminal). A terminal error waits for its manifest
-# to change (a resync also notices when it went away by other means); the others are
-# retried with backoff.
-REASONS: dict[str, tuple[str, bool]] = {
-    "manifest-invalid": ("ManifestInvalid", True),
-    "conflict": ("ManifestConflict", True),
-    "shrink-refused": ("ShrinkRefused", True),
-    "replace-required": ("ReplaceRequired", True),
-    "unmanaged-volume": ("UnmanagedVolume", True),
-    "cache-entry-unmanaged": ("CacheEntryUnmanaged", True),
-    "cache-entry-unreadable": ("RecordUnreadable", True),
-    "record-unreadable": ("RecordUnreadable", True),
-    "record-conflict": ("RecordConflict", True),
-    "attachments-unknown": ("AttachmentsUnknown", True),
-    "prune-refused": ("PruneRefused", True),
-    "migrate-unsupported": ("MigrateUnsupported", True),
-    "migration-changed": ("MigrationChanged", True),
-    # Space is freed by other means (the loop's resync notices); retried with backoff.
-    "migrate-no-space": ("MigrateNoSpace", False),
-    "volume-in-use": ("VolumeInUse", False),
-    "pool-unreachable": ("PoolUnreachable", False),
-    "pool-managed-elsewhere": ("PoolManagedElsewhere", False),
-}
 
 
 class Metrics:
@@ -148,6 +131,15 @@ class Metrics:
             "reconcile_instances_not_ready", "Instances whose Ready is not True", registry=r
         )
         self.resyncs = Counter("reconcile_resyncs_total", "Resyncs done", registry=r)
+        for label in ("success", "error"):  # scraped as 0 before the first of each
+            self.reconciles.labels("reconcile", label)
+
+    def reconciled(self, label: str) -> None:
+        """Count one reconcile by its result label: every "error" is also an error, so
+        the two counters controller-runtime keeps always agree."""
+        self.reconciles.labels("reconcile", label).inc()
+        if label == "error":
+            self.errors.inc()
 
 
 @dataclass
@@ -190,18 +182,29 @@ class ManifestIndex:
     def read(self, path: str, config: Config, *, if_changed: bool = False) -> set[str]:
         """Read one file again (or forget it if it is gone); the instances it named before
         and names now."""
+        # One read of the file (reconciler/schema/readfile.py: a regular file only, never
+        # through a link, never blocking, bounded): its hash, its key and its manifest
+        # all come from the same bytes. The name's lstat only saves reading an unchanged
+        # file again; whatever else stands there is read, and refused, once per change.
         try:
-            st = os.stat(path)
-            key = stat_key(st)
-            with self.lock:
-                old = self.files.get(path)
-            if if_changed and old is not None and old.key == key:
-                return set()
-            with open(path, "rb") as f:
-                sha = hashlib.sha256(f.read()).hexdigest()
+            key = stat_key(os.lstat(path))
         except FileNotFoundError:
             return self.forget(path)
-        result = load_manifest(path, config)
+        with self.lock:
+            old = self.files.get(path)
+        if if_changed and old is not None and old.key == key:
+            return set()
+        result: LoadedManifest | FailedManifest
+        try:
+            read = read_regular(path)
+        except InputError as e:
+            if not os.path.lexists(path):
+                return self.forget(path)
+            result, sha = FailedManifest(path, (e,), None), ""
+        else:
+            key = stat_key(read.stat)  # what was read, should the name have changed since
+            sha = hashlib.sha256(read.data).hexdigest()
+            result = parse_manifest(path, read.data, config)
         entry = Entry(key, sha, result)
         with self.lock:
             old = self.files.get(path)
@@ -290,7 +293,8 @@ class StateLock:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "watch.lock"
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)  # 0700, its files 0600 (reconciler/statedir.py)
+        private_file(self.path, ())
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -322,28 +326,69 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+class Result(Enum):
+    """How a reconcile ended; `settlement` maps each to what the loop does next."""
+
+    CONVERGED = "converged"
+    WAITING = "waiting"  # nothing to do until a manifest names the instance again
+    BACKOFF = "backoff"  # an error that may pass by itself
+    TERMINAL = "terminal"  # an error that waits for the manifest (or an operator)
+
+
+class QueueAction(Enum):
+    FORGET = "forget"  # done: no retry, and the next failure starts a fresh backoff
+    BACKOFF = "backoff"  # requeued after the instance's backoff
+
+
+@dataclass(frozen=True)
+class Settlement:
+    queue: QueueAction
+    label: str  # controller_runtime_reconcile_total's result
+    terminal: bool  # the status says it waits for its manifest to change
+
+
+def settlement(result: Result) -> Settlement:
+    """The one mapping of a reconcile's result to its queue action, metric label and the
+    status's terminality (controller-runtime's switch)."""
+    match result:
+        case Result.CONVERGED:
+            return Settlement(QueueAction.FORGET, "success", terminal=False)
+        case Result.WAITING:
+            return Settlement(QueueAction.FORGET, "success", terminal=True)
+        case Result.BACKOFF:
+            return Settlement(QueueAction.BACKOFF, "error", terminal=False)
+        case Result.TERMINAL:
+            return Settlement(QueueAction.FORGET, "error", terminal=True)
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """The one mapping of a reconcile's result (see `Loop._outcome`)."""
+    """A reconcile's result with its status conditions (see `Loop._outcome`)."""
 
-    result: str  # metric label: success, error, requeue_after
+    result: Result
     ready: tuple[str, str, str]  # (status, reason, message)
     degraded: tuple[str, str, str]
-    retry: bool  # back off and try again
-    terminal: bool  # wait for the manifest to change
     error: str = ""
+
+    @property
+    def settled(self) -> Settlement:
+        return settlement(self.result)
 
     @classmethod
     def failed(cls, reason: str, message: str, *, terminal: bool) -> Outcome:
         """Not ready and degraded for `reason`: retried with backoff unless terminal."""
         return cls(
-            "error",
+            Result.TERMINAL if terminal else Result.BACKOFF,
             ("False", reason, message),
             ("True", reason, message),
-            retry=not terminal,
-            terminal=terminal,
             error=message,
         )
+
+    @classmethod
+    def of(cls, problem: Problem) -> Outcome:
+        """The outcome of an error, as its code declares it."""
+        code = problem.code
+        return cls.failed(code.reason, problem.message, terminal=code.handling is Handling.TERMINAL)
 
 
 class Loop:
@@ -378,7 +423,6 @@ class Loop:
         self._queued_at: dict[str, float] = {}
         self._deletes: deque[tuple[float, int]] = deque()  # (when, disks destroyed)
         self._deletes_lock = threading.Lock()
-        self._managed = 0
         self._old_sessions: list[Session] = []
         self.session: Session | None = None
         self.status: StatusStore | None = None
@@ -570,7 +614,6 @@ class Loop:
         # manifest is gone is handed over (never deleted without --prune and a tombstone).
         opts = PlanOptions(prune=self.prune, hand_over=True, force=True)
         full = plan(desired, observed, opts)
-        self._managed = sum(1 for r in observed.records if r.kind is RecordKind.DISK)
         per: dict[str, list[Any]] = {}
         for a in full.actions:
             per.setdefault(a.instance, []).append(a)
@@ -585,7 +628,7 @@ class Loop:
         for di in desired.instances:
             if any(d.spec.pool in unusable for d in di.disks):
                 troubled.setdefault(di.instance, [])
-        drift = [w for w in full.warnings if w.code == "drift"]
+        drift = [w for w in full.warnings if w.code is ProblemCode.DRIFT]
         if drift and not first:
             self.metrics.drift.inc(len(drift))
             for w in drift:
@@ -647,9 +690,7 @@ class Loop:
                     error=internal.one_line(e),
                     traceback=text if where is None else where,  # kept somewhere, never lost
                 )
-                self.metrics.errors.inc()
-                self.metrics.retries.inc()
-                self.queue.add_rate_limited(inst)
+                self._settle(inst, Outcome.failed("ReconcileCrashed", str(e), terminal=False))
             finally:
                 took = time.monotonic() - start
                 self.metrics.work_time.observe(took)
@@ -673,7 +714,7 @@ class Loop:
             guard = self._guard(p)
             if guard is not None:
                 self._write_status(instance, guard)
-                self._apply_queue_action(instance, guard)
+                self._settle(instance, guard)
                 return
             self._write_status(instance, self._progressing(instance, p))
             # The loop logs each step (below); nothing goes to a terminal.
@@ -707,20 +748,18 @@ class Loop:
                 return  # stopping: the rest is done after the restart
         outcome = self._outcome(instance, p, errors, list(p.warnings), failed_steps)
         self._write_status(instance, outcome)
-        self._apply_queue_action(instance, outcome)
+        self._settle(instance, outcome)
 
-    def _apply_queue_action(self, instance: str, o: Outcome) -> None:
-        if o.retry:
-            self.metrics.retries.inc()
-            self.metrics.errors.inc()
-            self.metrics.reconciles.labels("reconcile", "error").inc()
-            self.queue.add_rate_limited(instance)
-        else:
-            self.queue.forget(instance)
-            if o.terminal:
-                self.metrics.reconciles.labels("reconcile", "error").inc()
-            elif o.result == "success":
-                self.metrics.reconciles.labels("reconcile", "success").inc()
+    def _settle(self, instance: str, o: Outcome) -> None:
+        """Do what the outcome's settlement says: its queue action and its metrics."""
+        s = o.settled
+        match s.queue:
+            case QueueAction.BACKOFF:
+                self.metrics.retries.inc()
+                self.queue.add_rate_limited(instance)
+            case QueueAction.FORGET:
+                self.queue.forget(instance)
+        self.metrics.reconciled(s.label)
 
     def _guard(self, p: Plan) -> Outcome | None:
         """The delete guard: destructive actions beyond the share allowed in one resync
@@ -728,18 +767,23 @@ class Loop:
         doomed = sum(1 for a in p.actions if a.destructive)
         if not doomed:
             return None
+        session = self.session
+        assert session is not None
+        # The disks managed now, not as the last resync counted them: the limit (and its
+        # message) follow creates and deletes made since.
+        managed = sum(1 for r in session.store.load().records if r.kind is RecordKind.DISK)
         safety = self.config.safety
         now = time.monotonic()
         with self._deletes_lock:
             while self._deletes and self._deletes[0][0] < now - self.resync_interval:
                 self._deletes.popleft()
             recent = sum(n for _, n in self._deletes)
-            limit = max(safety.delete_guard_floor, safety.max_delete_percent * self._managed / 100)
+            limit = max(safety.delete_guard_floor, safety.max_delete_percent * managed / 100)
             if recent + doomed > limit:
                 msg = (
                     f"{doomed} disk(s) to destroy, after {recent} in the last "
                     f"{self.resync_interval:g} s: more than the limit of {limit:g} "
-                    f"(safety.maxDeletePercent {safety.max_delete_percent}% of {self._managed} "
+                    f"(safety.maxDeletePercent {safety.max_delete_percent}% of {managed} "
                     f"managed disks, at least safety.deleteGuardFloor "
                     f"{safety.delete_guard_floor}). Run 'reconcile --force' once, or raise the "
                     "limit and send SIGHUP"
@@ -750,7 +794,8 @@ class Loop:
 
     def _progressing(self, instance: str, p: Plan) -> Outcome:
         msg = f"applying {len(p.actions)} action(s)"
-        return Outcome("", ("False", "Progressing", msg), ("False", "AsExpected", ""), False, False)
+        # Written as the status only, never settled: the reconcile's end is.
+        return Outcome(Result.CONVERGED, ("False", "Progressing", msg), ("False", "AsExpected", ""))
 
     def _outcome(
         self,
@@ -760,43 +805,31 @@ class Loop:
         warnings: list[Problem],
         failed_steps: int,
     ) -> Outcome:
-        """The one place a reconcile's result becomes a queue action, a status and a
-        metric label (controller-runtime's `match`)."""
+        """A reconcile's result and status, from its errors (each code declares whether
+        it is terminal) and warnings; `settlement` maps it to the queue and metrics."""
         if errors:
             # Retried while any error may pass by itself; terminal only when all wait for
             # the manifest (or an operator) to change.
-            def kind(e: Problem) -> tuple[str, bool]:
-                if e.code == "apply-failed":
-                    return "ApplyFailed", False
-                return REASONS.get(e.code, ("ReconcileFailed", False))
-
-            transient = [e for e in errors if not kind(e)[1]]
-            e = (transient or errors)[0]
-            reason, terminal = kind(e)
-            return Outcome.failed(reason, e.message, terminal=terminal)
-        orphaned = [w for w in warnings if w.code == "orphaned-record"]
+            transient = [e for e in errors if e.code.handling is not Handling.TERMINAL]
+            return Outcome.of((transient or errors)[0])
+        orphaned = [w for w in warnings if w.code is ProblemCode.ORPHANED_RECORD]
         if orphaned and not self.index.desired_for(instance)[2]:
             msg = (
                 f"no manifest names this instance; its {len(orphaned)} disk(s) are kept "
                 "(watch --prune deletes them)"
             )
             return Outcome(
-                "success",
-                ("Unknown", "NoManifest", msg),
-                ("False", "NoManifest", msg),
-                retry=False,
-                terminal=True,
+                Result.WAITING, ("Unknown", "NoManifest", msg), ("False", "NoManifest", msg)
             )
         done = f"{len(p.actions)} action(s) applied" if p and p.actions else "nothing to do"
-        return Outcome(
-            "success", ("True", "Converged", done), ("False", "AsExpected", ""), False, False
-        )
+        return Outcome(Result.CONVERGED, ("True", "Converged", done), ("False", "AsExpected", ""))
 
     def _write_status(self, instance: str, o: Outcome) -> None:
         assert self.status is not None
         session = self.session
         if (
-            o.result == "success"
+            o.settled.label == "success"
+            and o.ready[1] != "Progressing"
             and not self.index.desired_for(instance)[2]
             and session is not None
             and session.store.for_instance_by_pool(instance) == ([], {})
@@ -836,7 +869,8 @@ class Loop:
         )
         ready = ("False", "Applying", o.ready[2]) if o.ready[1] == "Progressing" else o.ready
         next_retry = ""
-        if o.retry:
+        settled = o.settled
+        if settled.queue is QueueAction.BACKOFF:
             when = time.time() + self.queue.backoff(instance)
             next_retry = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(when))
         new = InstanceStatus(
@@ -846,7 +880,7 @@ class Loop:
             disks,
             lastError=o.error,
             nextRetry=next_retry,
-            terminal=o.terminal,
+            terminal=settled.terminal,
         )
         return with_conditions(
             old,
@@ -862,7 +896,7 @@ def _ready(s: InstanceStatus) -> bool:
 
 
 def _apply_failed(disk: str, message: str) -> Problem:
-    return Problem(Severity.ERROR, "apply-failed", f"{disk}: {message}", disk=disk)
+    return Problem(Severity.ERROR, ProblemCode.APPLY_FAILED, f"{disk}: {message}", disk=disk)
 
 
 @contextlib.contextmanager

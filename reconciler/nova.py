@@ -16,6 +16,10 @@ the file backends Flat, Qcow2 and Ploop; nova/virt/libvirt/driver.py `_create_im
                                        overlays on these (raw with force_raw_images, the
                                        default), as are `ephemeral_*` and `swap_*` templates
 
+disk.info is in a directory others write (Nova, and whoever has its files): it is read as
+input, within bounds (reconciler/bounded.py), and one that is not a regular UTF-8 file of
+shallow JSON is that instance's error; the other instances are imported.
+
 A disk's format comes from disk.info, else from the Nova config given (`images_type`,
 `use_cow_images`): never from its bytes, which its guest wrote (that is the point: a raw
 disk whose guest wrote a qcow2 header stays raw). A qcow2 disk's backing file must be in
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import faults
+from reconciler.bounded import UnsafeInput, load_json, read_regular
 from reconciler.drivers.base import ManagingDriver
 from reconciler.errors import ReconcileError
 from reconciler.naming import CACHE_PREFIX, volume_name
@@ -58,6 +63,8 @@ DISK_RE = re.compile(r"^disk(\.local|\.swap|\.config|\.eph[0-9]+)?$")
 # The images_type values whose disks are files under instances_path.
 FILE_IMAGES_TYPES = ("raw", "flat", "qcow2", "default", "ploop")
 NOVA_FORMATS = {"raw": DiskFormat.RAW, "qcow2": DiskFormat.QCOW2, "ploop": DiskFormat.PLOOP}
+# The most of disk.info (and of the import's own intent file) read: a few disks' paths.
+MAX_INFO = 1 << 16
 
 
 def nova_base_entry(name: str) -> str:
@@ -110,25 +117,28 @@ INTENT = ".reconcile-import.json"  # in the instance's directory while it is imp
 def _intent(inst: Path) -> list[str]:
     """The disks an interrupted import of this instance was moving (written before the
     first one moves: a moved disk is then found in the pool, not in Nova's directory)."""
+    path = inst / INTENT
     try:
-        doc = json.loads((inst / INTENT).read_text())
-    except (FileNotFoundError, ValueError):
+        doc = load_json(read_regular(str(path), what=str(path), max_bytes=MAX_INFO), what=str(path))
+    except (FileNotFoundError, UnsafeInput):
         return []
     return [str(n) for n in doc] if isinstance(doc, list) else []
 
 
 def _read_disk_info(inst: Path) -> dict[str, str]:
+    """Nova's disk.info, read as input: a regular file (never a symbolic link, a FIFO or a
+    device), opened without blocking, UTF-8 JSON within MAX_INFO bytes and shallow."""
     path = inst / "disk.info"
     try:
-        text = path.read_text().strip()
+        raw = read_regular(str(path), what=str(path), max_bytes=MAX_INFO)
     except FileNotFoundError:
         return {}
-    if not text:
+    if not raw.strip():
         return {}
     try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise ReconcileError(f"{path}: not Nova's one line of JSON ({e})") from None
+        doc = load_json(raw, what=str(path), max_depth=2, max_bytes=MAX_INFO)
+    except UnsafeInput as e:
+        raise ReconcileError(f"{e} (Nova writes one line of JSON)") from None
     if not isinstance(doc, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in doc.items()
     ):

@@ -10,7 +10,9 @@ The file is versioned (`format_version`), deterministic JSON (pools, volumes and
 records sorted; each record as stored; `.json.gz` is gzip with no timestamp inside),
 written atomically. Reading it checks everything
 with pydantic: a malformed, truncated or unknown-version file, or records that disagree
-with the volumes beside them, is an error naming the file and the field.
+with the volumes beside them, is an error naming the file and the field. It is read within
+bounds (reconciler/bounded.py): a regular file, opened without blocking, at most
+MAX_STATE_BYTES as stored and as inflated, JSON nested no deeper than its limit.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import gzip
 import json
 import re
 import socket
-import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from reconciler.bounded import UnsafeInput, gunzip, load_json, read_regular
 from reconciler.diff.model import Holder, Observed, ObservedPool
 from reconciler.errors import ReconcileError
 from reconciler.schema.config import Config
@@ -34,6 +36,9 @@ from reconciler.schema.record import BadRecord, DiskRecord
 from reconciler.schema.write import write_atomic_bytes
 
 FORMAT_VERSION = 1
+# The most a state file may be, as read and as inflated: far above a host's (a record is
+# about 1 KiB), far below what would exhaust the memory of the machine planning from it.
+MAX_STATE_BYTES = 128 << 20
 _SECRET_QUERY = re.compile(r"(pass|secret|key|token|auth|cred)", re.I)
 
 
@@ -232,20 +237,14 @@ def _field(loc: tuple[int | str, ...]) -> str:
 def load(path: str) -> tuple[Observed, StateInfo]:
     """Read and check a state file; StateError names the file and the field."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise StateError(f"{path}: cannot read the observed state: {e.strerror}") from None
-    try:
+        raw = read_regular(path, what=path, max_bytes=MAX_STATE_BYTES, follow_symlinks=True)
         if path.endswith(".gz") or raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        doc = json.loads(raw)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise StateError(f"{path}: not a readable gzip file (truncated?): {e}") from None
-    except json.JSONDecodeError as e:
-        raise StateError(
-            f"{path}:{e.lineno}:{e.colno}: not valid JSON (truncated?): {e.msg}"
-        ) from None
+            raw = gunzip(raw, what=path, max_bytes=MAX_STATE_BYTES)
+        doc = load_json(raw, what=path, max_bytes=MAX_STATE_BYTES)
+    except FileNotFoundError:
+        raise StateError(f"{path}: cannot read the observed state: no such file") from None
+    except UnsafeInput as e:
+        raise StateError(str(e)) from None
     if not isinstance(doc, dict):
         raise StateError(f"{path}: not an observed state (expected a JSON object)")
     version = doc.get("format_version")

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from reconciler.bounded import load_json
 from reconciler.errors import ReconcileError
+from reconciler.statedir import private_dir, private_file
 
 CONDITIONS = ("Ready", "Progressing", "Degraded")
 
@@ -94,7 +96,11 @@ class StatusStore:
 
     def __post_init__(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)  # 0700, its files 0600 (reconciler/statedir.py)
+            private_file(self.path)
+        except OSError as e:
+            raise ReconcileError(f"status database {self.path}: {e.strerror or e}") from None
+        try:
             self._db = sqlite3.connect(
                 str(self.path), timeout=10, isolation_level=None, check_same_thread=False
             )
@@ -152,6 +158,6 @@ class StatusStore:
 
 def _parse(data: str) -> InstanceStatus | None:
     try:
-        return InstanceStatus.from_json(json.loads(data))
+        return InstanceStatus.from_json(load_json(data, what="status"))
     except (ValueError, TypeError, KeyError):
         return None  # a damaged row is rewritten by the next reconcile

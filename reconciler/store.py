@@ -33,8 +33,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import ValidationError
 
+from reconciler.bounded import UnsafeInput, check_json
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord
+from reconciler.statedir import SQLITE_SIDE_FILES, private_dir, private_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 
 def _parse(pool: str, volume: str, data: str) -> DiskRecord:
     try:
-        rec = DiskRecord.model_validate_json(data)
+        rec = DiskRecord.model_validate_json(check_json(data, what="its JSON"))
+    except UnsafeInput as e:
+        raise RecordError(f"record for {pool}/{volume} is unreadable ({e})") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -155,8 +159,10 @@ class SqliteRecordStore:
         self._durable = True
         self._identity: StoreIdentity | None = None
         try:
-            if not path.parent.is_dir():  # a converged run makes no change, not even a mkdir
-                path.parent.mkdir(parents=True, exist_ok=True)
+            # 0700 and 0600 whatever the umask, an older looser state directory tightened
+            # (reconciler/statedir.py); a converged run makes no change, not even a mkdir.
+            private_dir(path.parent)
+            private_file(path, (*SQLITE_SIDE_FILES, ".init-lock"))
         except OSError as e:
             raise self._os_fault(e) from e
         with self._errors():

@@ -81,3 +81,22 @@ def format_size(n: int) -> str:
         if n >= IEC[unit] and n % IEC[unit] == 0:
             return f"{n // IEC[unit]} {unit}"
     return f"{n} B"
+
+
+_RATE_RE = re.compile(r"^\s*(?P<num>[0-9]+)\s*(?P<unit>[A-Za-z]+)/s\s*$")
+
+
+def parse_rate(value: object) -> int:
+    """Parse a transfer rate: an int of bytes per second or a string like '1MiB/s'."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("a rate is bytes per second or a string like '1MiB/s'")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _RATE_RE.match(value)
+        if m is None or m.group("unit") not in IEC:
+            raise ValueError(f"rate {value!r} is not bytes per second or like '1MiB/s'")
+        n = int(m.group("num")) * IEC[m.group("unit")]
+    if n <= 0:
+        raise ValueError(f"rate must be positive, got {n}")
+    return n

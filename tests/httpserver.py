@@ -17,10 +17,14 @@ class ImageServer:
     port: int = 0
     gets: Counter[str] = field(default_factory=Counter)
     # path -> how to misbehave: "404", "truncate" (send half, then close), "hold" (send
-    # half, set `holding`, and send the rest once `release` is set)
+    # half, set `holding`, and send the rest once `release` is set), "trickle" (the
+    # headers, then one byte every `trickle_interval` seconds), "silent" (read the request,
+    # never answer)
     faults: dict[str, str] = field(default_factory=dict)
+    trickle_interval: float = 1.0
     holding: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Event = field(default_factory=threading.Event)  # the server ends
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -38,6 +42,9 @@ def serve(root: Path) -> Iterator[ImageServer]:
                 state.gets[name] += 1
             fault = state.faults.get(name)
             path = state.root / name
+            if fault == "silent":
+                state.stopping.wait(120)
+                return
             if fault == "404" or not path.is_file():
                 self.send_error(404, "no such image")
                 return
@@ -48,6 +55,14 @@ def serve(root: Path) -> Iterator[ImageServer]:
             # Streamed, as a real image server does: sendfile(2), never the whole file
             # in memory before the first byte goes out.
             with open(path, "rb") as f:
+                if fault == "trickle":
+                    while not state.stopping.wait(state.trickle_interval):
+                        try:
+                            self.wfile.write(f.read(1))
+                            self.wfile.flush()
+                        except OSError:  # the client gave up
+                            return
+                    return
                 if fault == "truncate":
                     self.wfile.write(f.read(size // 2))
                     self.wfile.flush()
@@ -71,6 +86,7 @@ def serve(root: Path) -> Iterator[ImageServer]:
     try:
         yield state
     finally:
+        state.stopping.set()
         httpd.shutdown()
         httpd.server_close()
         thread.join()

@@ -64,11 +64,10 @@ def _plan_argv(env: Env, *more: str) -> list[str]:
 
 
 def apply_argv(env: Env, plan: Path, *flags: str) -> list[str]:
-    """`reconcile apply` of a plan made from env's config and manifests with `flags`.
-    The one place that knows apply's command line (test_fuzz uses it too): a re-planning
-    apply (issue 20 item 2) takes the config, the flags and the manifests as well."""
-    del flags  # today's apply reads the config's path from the plan
-    return ["apply", str(plan)]
+    """`reconcile apply` of a plan made from env's config and manifests with `flags`
+    (apply plans again from them). The one place that knows apply's command line:
+    test_fuzz uses it too."""
+    return ["apply", "--config", str(env.config_path), *flags, str(plan), str(env.manifests)]
 
 
 def _saved_plan(env: Env, tmp: Path) -> list[str]:

@@ -204,6 +204,62 @@ def test_http_errors_are_retried_then_fail_cleanly(
     assert records(env) == []
 
 
+def with_fetch(env: Env, fetch: dict[str, Any]) -> None:
+    """The env's config with a `fetch` section."""
+    env.write_config()
+    cfg = json.loads(env.config_path.read_text())
+    cfg["fetch"] = fetch
+    env.config_path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("fault", ["trickle", "silent"])
+def test_a_trickling_or_silent_server_fails_by_the_deadline_and_leaves_nothing(
+    env: Env, server: ImageServer, images: Path, fault: str
+) -> None:
+    """A server sending a byte every half second, or accepting and never answering: the
+    fetch fails once its deadline (connectTimeout + slack + size / minRate: 1 + 0 + 2 s
+    here) has passed, in one line, and leaves no cache entry, temporary file or record.
+    A child process, so its bound is the timeout, not a timed assertion."""
+    name = f"{fault}.raw"
+    (images / name).write_bytes((images / "good.raw").read_bytes())  # 2 MiB
+    server.faults[name] = fault
+    server.trickle_interval = 0.5
+    env.images = {"slow": catalog_entry(images / "good.raw", "raw", server.url(name))}
+    with_fetch(env, {"minRate": "1MiB/s", "connectTimeout": 1, "slack": 0})
+    inst = env.manifest("a", [disk("d", size="16MiB", image="slow", template=None)])
+    res = env.subprocess(timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    (failed,) = [line for line in res.stdout.splitlines() if line.startswith("FAILED")]
+    assert f"{server.url(name)}: not fetched within 3 s, the deadline for 2.0 MiB" in failed
+    assert "fetch.minRate (1.0 MiB/s)" in failed, failed
+    assert pool_contents(env) == []  # no entry, no temporary file
+    assert records(env) == []
+    assert not env.volume(inst, "d").exists()
+
+
+def test_a_file_image_that_is_a_fifo_fails_at_once(env: Env, images: Path) -> None:
+    """A file:// location that is a FIFO is refused when opened (never waited on for a
+    writer), in one line, leaving nothing. A child process: a hang is the timeout's."""
+    fifo = images / "fifo.raw"
+    os.mkfifo(fifo)
+    env.images = {"f": catalog_entry(images / "good.raw", "raw", f"file://{fifo}")}
+    env.write_config()
+    env.manifest("a", [disk("d", size="16MiB", image="f", template=None)])
+    res = env.subprocess(timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    (failed,) = [line for line in res.stdout.splitlines() if line.startswith("FAILED")]
+    assert failed.endswith(f"cannot open {fifo}: not a regular file"), failed
+    assert pool_contents(env) == [] and records(env) == []
+
+
+def test_fetch_limits_are_checked_in_the_config(env: Env) -> None:
+    with_fetch(env, {"minRate": "1MB/s"})
+    rc, out, err = env.run("--dry-run")
+    assert rc == 1 and out == "" and "fetch.minRate" in err and "'1MB/s'" in err, err
+    assert len(err.splitlines()) == 1
+
+
 def write_qcow2_header(path: Path, **fields: int) -> None:
     """Patch big-endian fields of a qcow2 header in place (offsets from the qcow2 spec)."""
     offsets = {"size": 24, "incompatible_features": 72}

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from reconciler.nova import nova_base_entry
 from reconciler.schema.load import load_manifests
 from reconciler.schema.record import RecordKind
 from tests.conftest import Pools
-from tests.env import Env
+from tests.env import ROOT, Env
 from tests.killpoints import at_each
 from tests.test_images import catalog_entry
 from tests.test_migrate import content
@@ -179,6 +181,70 @@ def test_import_nova(env: Env, tmp_path: Path) -> None:
     rc, out, err = env.run()
     assert rc == 0 and "migrated" in out, out + err
     assert content(env.pool_dir() / f"{A}_disk", "raw", tmp_path) == want[f"{A}/disk"]
+
+
+def test_a_bad_disk_info_is_that_instances_error_only(env: Env, tmp_path: Path) -> None:
+    """disk.info in UTF-16 or latin-1, nested absurdly, a FIFO, a symbolic link (to a host
+    file) or huge: each is that instance's one-line error, read without blocking; the other
+    instances are imported. A child process, so a hang is the timeout's error."""
+    nova, want = nova_host(tmp_path / "host")
+    image = nova / "_base" / hashlib.sha1(IMAGE.encode()).hexdigest()
+    env.images = {IMAGE: catalog_entry(image, "raw")}
+    env.write_config()
+    bad = {
+        "utf16": ("0d000001-1111-4222-8333-444444444444", "not UTF-8 text (byte 0 is 0xff)"),
+        "latin1": ("0d000002-1111-4222-8333-444444444444", "not UTF-8 text (byte 2 is 0xe9)"),
+        "deep": ("0d000003-1111-4222-8333-444444444444", "JSON nested deeper than 2 levels"),
+        "fifo": ("0d000004-1111-4222-8333-444444444444", "is a FIFO, not a regular file; not read"),
+        "link": ("0d000005-1111-4222-8333-444444444444", "is a symbolic link; not read"),
+        "huge": ("0d000006-1111-4222-8333-444444444444", "1073741824 bytes, more than"),
+    }
+    for kind, (inst, _) in bad.items():
+        d = nova / inst
+        d.mkdir()
+        (d / "disk").write_bytes(b"data".ljust(1 << 20, b"\0"))
+        info = d / "disk.info"
+        text = json.dumps({str(d / "disk"): "raw"})
+        if kind == "utf16":
+            info.write_bytes(text.encode("utf-16"))
+        elif kind == "latin1":
+            info.write_bytes(b'{"' + "é".encode("latin-1") + b'": "raw"}')
+        elif kind == "deep":
+            info.write_bytes(b'{"a":' * 10_000)  # within the size limit
+        elif kind == "fifo":
+            os.mkfifo(info)
+        elif kind == "link":
+            info.symlink_to("/etc/passwd")
+        else:
+            with open(info, "wb") as f:
+                f.truncate(1 << 30)  # sparse
+    res = subprocess.run(
+        [
+            *(sys.executable, "-m", "reconciler", "import-nova", "--config"),
+            *(str(env.config_path), "--instances-path", str(nova), "--images-type", "qcow2"),
+            *("--pool", "local", "--out", str(env.manifests)),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    errors = res.stderr.splitlines()
+    for inst, message in bad.values():
+        info = nova / inst / "disk.info"
+        assert any(e.startswith(f"error: {inst}: {info}: {message}") for e in errors), res.stderr
+        assert f"error: {inst}: not imported (nothing of it is moved)" in errors
+        assert (nova / inst / "disk").exists()
+    names = sorted(p.name for p in env.manifests.glob("*.yaml"))
+    assert names == [f"{A}.yaml", f"{C}.yaml"]  # the others imported (B refused, as ever)
+    store = env.store()
+    recs = {r.volume for r in store.load_all()[0]}
+    store.close()
+    assert {f"{k.replace('/', '_')}" for k in want} <= recs
+    assert not any(v.startswith("0d0000") for v in recs)
 
 
 def test_a_disk_on_another_file_system_is_copied(env: Env, tmp_path: Path) -> None:

@@ -570,3 +570,105 @@ def test_what_can_be_done_is_done_beside_a_refusal_and_a_gone_instance_loses_its
         wait_until("g's disk to go", lambda: not env.volume(gone, "disk").exists())
         (env.manifests / "g.yaml").unlink()  # neither a manifest nor a disk remains
         wait_until("g's status to go", lambda: status(env, gone) is None)
+
+
+def _ploop(name: str, **kw: Any) -> dict[str, Any]:
+    return disk(name, backend="ploop", fmt="ploop", template="blank", **kw)
+
+
+def _waiting_for(env: Env, instance: str, generation: int, reason: str) -> Any:
+    def got() -> InstanceStatus | None:
+        s = status(env, instance)
+        c = s.condition("Ready") if s else None
+        return s if s and c and s.generation == generation and c.reason == reason else None
+
+    return got
+
+
+def test_a_disk_that_cannot_grow_is_terminal_until_its_manifest_changes(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.backends = ["flat", "qcow2", "ploop"]
+    env.write_config()
+    with loop(env) as lp:
+        calls: dict[str, int] = {}
+        reconcile = lp.reconcile
+
+        def counted(instance: str) -> None:
+            calls[instance] = calls.get(instance, 0) + 1
+            reconcile(instance)
+
+        monkeypatch.setattr(lp, "reconcile", counted)
+        inst = write(env, "r", [_ploop("d", size="8MiB")])
+        wait_until("the disk", lambda: ready(env, inst, 1))
+        write(env, "r", [_ploop("d", size="16MiB")])
+        s = wait_until("the refusal", _waiting_for(env, inst, 2, "ResizeUnsupported"))
+        d = s.condition("Degraded")
+        assert d is not None and (d.status, d.reason) == ("True", "ResizeUnsupported")
+        assert s.terminal and s.nextRetry == "" and "cannot resize parallels" in s.lastError
+        wait_until("the worker to let it go", lambda: inst not in lp.queue.processing())
+        # Not requeued: nothing waits in the queue, and its backoff never started.
+        assert (lp.queue.depth(), lp.queue.delayed(), lp.queue.requeues(inst)) == (0, 0, 0)
+        seen = calls[inst]
+        lp.resync()  # a resync sees the error again and leaves it waiting
+        assert (lp.queue.depth(), lp.queue.delayed(), calls[inst]) == (0, 0, seen)
+        write(env, "r", [_ploop("d", size="8MiB")])  # the manifest changes: tried again
+        wait_until("it to converge", lambda: ready(env, inst, 3))
+        assert calls[inst] > seen
+        assert env.volume(inst, "d").stat().st_size > 0
+
+
+def test_error_counters_agree_over_terminal_and_retried_errors(env: Env) -> None:
+    env.backends = ["flat", "qcow2", "ploop"]
+    # A pool libvirt does not have: its disks fail with pool-unreachable, retried.
+    env.extra_pools = {
+        "gone": {"uri": env.uri, "libvirtPool": "no-such-pool", "backends": ["flat"]}
+    }
+    env.write_config()
+    with loop(env) as lp:
+        a = write(env, "a", [disk("disk", size="32MiB")])
+        p = write(env, "p", [_ploop("d", size="8MiB")])
+        wait_until("both", lambda: ready(env, a, 1) and ready(env, p, 1))
+        write(env, "a", [disk("disk", size="16MiB")])
+        write(env, "p", [_ploop("d", size="16MiB")])
+        u = write(env, "u", [disk("disk", size="1MiB", pool="gone")])
+        wait_until("the shrink refused", _waiting_for(env, a, 2, "ShrinkRefused"))
+        wait_until("the growth refused", _waiting_for(env, p, 2, "ResizeUnsupported"))
+        wait_until("u retried twice", lambda: lp.queue.requeues(u) >= 3)
+        s = status(env, u)
+        assert s is not None and not s.terminal and s.nextRetry
+        c = s.condition("Ready")
+        assert c is not None and c.reason == "PoolUnreachable"
+    # The loop has stopped: every reconcile it began is counted.
+    reg = lp.metrics.registry
+    errors = reg.get_sample_value(
+        "controller_runtime_reconcile_errors_total", {"controller": "reconcile"}
+    )
+    by_result = reg.get_sample_value(
+        "controller_runtime_reconcile_total", {"controller": "reconcile", "result": "error"}
+    )
+    assert errors is not None and errors == by_result
+    assert errors >= 2 + 3  # two terminal, at least three retried
+    retries = reg.get_sample_value("workqueue_retries_total", {"name": "reconcile"})
+    assert retries is not None and 3 <= retries <= errors - 2
+
+
+def test_the_delete_guard_counts_the_managed_disks_as_they_are_now(env: Env) -> None:
+    env.safety = {"maxDeletePercent": 5, "deleteGuardFloor": 0}  # every deletion waits
+    env.write_config()
+    with loop(env) as lp:  # its first resync saw no disk at all
+        insts = [write(env, f"k{i}", [disk("disk", size="1MiB")]) for i in range(5)]
+        wait_until("five disks", lambda: all(ready(env, i) for i in insts))
+        write(env, "k0", [], deleted=True)
+        s = wait_until("the guard", _waiting_for(env, insts[0], 2, "DeleteGuard"))
+        assert "5% of 5 managed disks" in s.lastError, s.lastError
+        more = [write(env, f"k{i}", [disk("disk", size="1MiB")]) for i in range(5, 10)]
+        wait_until("ten disks", lambda: all(ready(env, i) for i in more))
+        lp.request_reload()  # every instance is queued again, k0 without its backoff
+
+        def counted_again() -> bool:
+            st = status(env, insts[0])
+            return st is not None and "5% of 10 managed disks" in st.lastError
+
+        wait_until("the guard to count ten", counted_again)
+        assert env.volume(insts[0], "disk").exists()

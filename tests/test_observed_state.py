@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import libvirt
 import pytest
 
 from reconciler.naming import volume_name
+from reconciler.observed_state import MAX_STATE_BYTES
 from tests.conftest import own_daemon_pool
 from tests.env import ROOT, Env, disk
 
@@ -189,3 +192,38 @@ def test_a_state_whose_parts_disagree_names_the_field(env: Env, tmp_path: Path) 
         rc, out, err = env.run("--dry-run", "--observed", str(path))
         assert rc == 1, out
         assert f"{path}: {message}" in err, err
+
+
+def test_a_state_over_any_bound_is_one_clear_error(env: Env, tmp_path: Path) -> None:
+    """A small .gz inflating past the limit, JSON nested absurdly (plain and gzipped), a
+    FIFO, a device and a file over the size limit: each one line, exit 1, in bounded time
+    (a child process, so a hang is the timeout's error, never a stuck suite)."""
+    env.manifest("x", [disk("disk", size="16MiB")])
+    bomb = tmp_path / "bomb.json.gz"
+    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    bomb.write_bytes(
+        b"".join(z.compress(zeros) for _ in range((MAX_STATE_BYTES >> 20) + 1)) + z.flush()
+    )
+    assert bomb.stat().st_size < 1 << 20
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b'{"a":' * 200_000)
+    deep_gz = tmp_path / "deep.json.gz"
+    deep_gz.write_bytes(gzip.compress(b"[" * 200_000))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(MAX_STATE_BYTES + 1)  # sparse: no disk space spent
+    cases = [
+        (bomb, f"inflates to more than {MAX_STATE_BYTES} bytes"),
+        (deep, "JSON nested deeper than 64 levels"),
+        (deep_gz, "JSON nested deeper than 64 levels"),
+        (fifo, "is a FIFO, not a regular file; not read"),
+        (Path("/dev/zero"), "is a character device, not a regular file; not read"),
+        (big, f"{MAX_STATE_BYTES + 1} bytes, more than the {MAX_STATE_BYTES} allowed"),
+    ]
+    for path, message in cases:
+        res = env.subprocess("--dry-run", "--observed", str(path), timeout=120)
+        assert res.returncode == 1 and res.stdout == "", res.stdout + res.stderr
+        assert res.stderr == f"reconcile: error: {path}: {message}\n", res.stderr

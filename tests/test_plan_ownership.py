@@ -73,8 +73,8 @@ def test_a_free_disk_is_taken_over_and_not_touched(corpus_config: Config) -> Non
     )
     assert a.precondition.record_generation == 4 and a.precondition.volume_exists
     assert why in a.reason
-    # A saved plan keeps who it is taken from.
-    assert type(a).from_json(a.to_json()) == a
+    # A saved plan keeps who it is taken from, for apply to compare with a fresh plan's.
+    assert a.to_json()["holder"] == "host-a"
 
 
 def test_an_orphan_in_a_shared_pool_is_handed_over_never_pruned(corpus_config: Config) -> None:

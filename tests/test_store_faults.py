@@ -165,7 +165,7 @@ def test_damaged_store_stops_every_command(made: Env, tmp_path: Path) -> None:
     cfg = str(env.config_path)
     for res in (
         env.subprocess("--dry-run"),
-        cli("apply", str(plan)),
+        cli("apply", str(plan), "--config", cfg, str(env.manifests)),
         cli("cache", "ls", "--config", cfg),
         cli("cache", "gc", "--config", cfg),
     ):

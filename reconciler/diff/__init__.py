@@ -7,11 +7,13 @@ from reconciler.diff.model import (
     DesiredDisk,
     DesiredInstance,
     FailedInput,
+    Handling,
     Observed,
     ObservedPool,
     Plan,
     Precondition,
     Problem,
+    ProblemCode,
     Severity,
 )
 from reconciler.diff.planner import PlanOptions, plan
@@ -23,12 +25,14 @@ __all__ = [
     "DesiredDisk",
     "DesiredInstance",
     "FailedInput",
+    "Handling",
     "Observed",
     "ObservedPool",
     "Plan",
     "PlanOptions",
     "Precondition",
     "Problem",
+    "ProblemCode",
     "Severity",
     "plan",
 ]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
+from enum import Enum, StrEnum
+from typing import Any, Self
 
 from reconciler.schema.manifest import DiskSpec
 from reconciler.schema.record import BadRecord, DiskRecord
@@ -140,26 +140,6 @@ class Action:
     replaces: tuple[str, str] | None = None
     holder: str | None = None  # take-over: the host the record is taken from
 
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Action:
-        """Rebuild an action from a saved plan (as written by to_json)."""
-        pre = d["precondition"]
-        rep = d.get("replaces")
-        return cls(
-            action=ActionKind(d["action"]),
-            instance=str(d["instance"]),
-            disk=str(d["disk"]),
-            pool=str(d["pool"]),
-            volume=str(d["volume"]),
-            reason=str(d["reason"]),
-            patch=tuple(d["patch"]),
-            destructive=bool(d["destructive"]),
-            precondition=Precondition(pre["record_generation"], bool(pre["volume_exists"])),
-            spec=d.get("spec"),
-            replaces=(rep["pool"], rep["volume"]) if rep else None,
-            holder=str(d["holder"]) if d.get("holder") is not None else None,
-        )
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "action": self.action.value,
@@ -186,10 +166,67 @@ class Severity(StrEnum):
     WARNING = "warning"
 
 
+class Handling(Enum):
+    """What `reconcile watch` does with an instance whose plan has an error of a code."""
+
+    TERMINAL = "terminal"  # waits for the instance's manifest (or an operator) to change
+    RETRY = "retry"  # may pass by itself (a pool comes back, a domain lets go): back off
+    WARNING = "warning"  # only ever a warning: reported, never fails a reconcile
+
+
+class ProblemCode(StrEnum):
+    """Every code a problem can carry, each with the loop's outcome for it (the status
+    reason and its handling), so that a code and its outcome are declared together and
+    adding a code is one line. The value is the code as plans and messages show it."""
+
+    reason: str
+    handling: Handling
+
+    def __new__(cls, code: str, reason: str = "", handling: Handling = Handling.WARNING) -> Self:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.reason = reason
+        member.handling = handling
+        return member
+
+    # Errors that wait for the manifest (or an operator's flag) to change.
+    MANIFEST_INVALID = "manifest-invalid", "ManifestInvalid", Handling.TERMINAL
+    CONFLICT = "conflict", "ManifestConflict", Handling.TERMINAL
+    SHRINK_REFUSED = "shrink-refused", "ShrinkRefused", Handling.TERMINAL
+    RESIZE_UNSUPPORTED = "resize-unsupported", "ResizeUnsupported", Handling.TERMINAL
+    REPLACE_REQUIRED = "replace-required", "ReplaceRequired", Handling.TERMINAL
+    UNMANAGED_VOLUME = "unmanaged-volume", "UnmanagedVolume", Handling.TERMINAL
+    CACHE_ENTRY_UNMANAGED = "cache-entry-unmanaged", "CacheEntryUnmanaged", Handling.TERMINAL
+    CACHE_ENTRY_UNREADABLE = "cache-entry-unreadable", "RecordUnreadable", Handling.TERMINAL
+    RECORD_UNREADABLE = "record-unreadable", "RecordUnreadable", Handling.TERMINAL
+    RECORD_CONFLICT = "record-conflict", "RecordConflict", Handling.TERMINAL
+    ATTACHMENTS_UNKNOWN = "attachments-unknown", "AttachmentsUnknown", Handling.TERMINAL
+    PRUNE_REFUSED = "prune-refused", "PruneRefused", Handling.TERMINAL
+    MIGRATE_UNSUPPORTED = "migrate-unsupported", "MigrateUnsupported", Handling.TERMINAL
+    MIGRATION_CHANGED = "migration-changed", "MigrationChanged", Handling.TERMINAL
+    # Another host holds the disk: a resync plans the take-over once that host lets go
+    # or its heartbeat expires, so no backoff is needed to notice it.
+    OWNED_ELSEWHERE = "owned-elsewhere", "OwnedElsewhere", Handling.TERMINAL
+    # Only planned without --force (the loop plans with it): the operator decides.
+    DELETE_THRESHOLD = "delete-threshold", "DeleteThreshold", Handling.TERMINAL
+    # Errors that may pass by themselves: retried with backoff (a resync notices too).
+    MIGRATE_NO_SPACE = "migrate-no-space", "MigrateNoSpace", Handling.RETRY
+    VOLUME_IN_USE = "volume-in-use", "VolumeInUse", Handling.RETRY
+    POOL_UNREACHABLE = "pool-unreachable", "PoolUnreachable", Handling.RETRY
+    POOL_MANAGED_ELSEWHERE = "pool-managed-elsewhere", "PoolManagedElsewhere", Handling.RETRY
+    APPLY_FAILED = "apply-failed", "ApplyFailed", Handling.RETRY  # a step failed (the loop's)
+    # Warnings only.
+    UNMANAGED_VOLUMES = "unmanaged-volumes"
+    INTERRUPTED_DELETE = "interrupted-delete"
+    DRIFT = "drift"
+    ORPHANED_RECORD = "orphaned-record"
+    FORMAT_MISMATCH = "format-mismatch"
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     severity: Severity
-    code: str
+    code: ProblemCode
     message: str
     instance: str | None = None
     disk: str | None = None
@@ -211,7 +248,7 @@ class Problem:
         )
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        out: dict[str, Any] = {"code": self.code.value, "message": self.message}
         for k in ("instance", "disk", "pool", "volume", "file", "line"):
             v = getattr(self, k)
             if v is not None:

@@ -24,6 +24,7 @@ from reconciler.diff.model import (
     Plan,
     Precondition,
     Problem,
+    ProblemCode,
     Severity,
 )
 from reconciler.diff.model import Desired as Desired
@@ -121,11 +122,13 @@ class _Planner:
 
     # -- problems ---------------------------------------------------------------------
 
+    # A code is a ProblemCode's value (a string not declared there fails here, and
+    # tests/test_problem_codes.py finds it in this file before it runs).
     def error(self, code: str, message: str, **where: Any) -> None:
-        self.errors.append(Problem(Severity.ERROR, code, message, **where))
+        self.errors.append(Problem(Severity.ERROR, ProblemCode(code), message, **where))
 
     def warn(self, code: str, message: str, **where: Any) -> None:
-        self.warnings.append(Problem(Severity.WARNING, code, message, **where))
+        self.warnings.append(Problem(Severity.WARNING, ProblemCode(code), message, **where))
 
     def pool(self, name: str, subject: str) -> ObservedPool | None:
         """The observed pool, or None when it cannot be used (reported once per pool)."""

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from reconciler import faults
+from reconciler.bounded import check_json
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers import entries, ownership
 from reconciler.drivers.base import (
@@ -357,7 +358,7 @@ class FilePoolDriver(entries.EntryCache):
                 without.append((name, why))
                 continue
             try:
-                rec = DiskRecord.model_validate_json(raw)
+                rec = DiskRecord.model_validate_json(check_json(raw, what="the copy"))
             except ValueError as e:
                 without.append((name, f"its record copy is unreadable ({str(e).splitlines()[0]})"))
                 continue

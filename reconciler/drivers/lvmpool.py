@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from reconciler import faults
+from reconciler.bounded import check_json, inflate, load_json
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers import entries, ownership
 from reconciler.drivers.base import (
@@ -96,6 +97,7 @@ from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordState
+from reconciler.statedir import private_dir
 from reconciler.store import RecordStore
 from reconciler.tools import run
 
@@ -110,6 +112,7 @@ BACKPOINTER = "reconciler.record:"
 COPY_PREFIX = "reconciler.copy."
 OWNER_TAG = "reconciler.owner:"
 COPY_CHUNK = 960  # characters of a record copy per tag (LVM tags: up to 1024)
+MAX_COPY_BYTES = 1 << 20  # a record copy inflated (a record is about 1 KiB)
 LAYOUTS = frozenset({"lvm/raw"})  # what a migration copies out of and into an lvm pool
 # An LV being filled before it takes its name (take_file); swept by sweep_temp.
 LV_TEMP_PREFIX = "_tmp_"
@@ -158,8 +161,9 @@ def decode_copy(tags: Sequence[str]) -> DiskRecord | None:
         return None
     if len(counts) != 1 or sorted(parts) != list(range(counts.pop())):
         raise ValueError("its chunks are incomplete or from two copies")
-    raw = zlib.decompress(base64.b64decode("".join(parts[i] for i in sorted(parts))))
-    return DiskRecord.model_validate_json(raw)
+    packed = base64.b64decode("".join(parts[i] for i in sorted(parts)))
+    raw = inflate(packed, what="the copy", max_bytes=MAX_COPY_BYTES)
+    return DiskRecord.model_validate_json(check_json(raw, what="the copy"))
 
 
 class LvmPoolDriver(entries.EntryCache):
@@ -353,7 +357,7 @@ class LvmPoolDriver(entries.EntryCache):
         try:
             if len(tags) > 1:
                 raise ValueError("it has more than one owner tag")
-            doc = json.loads(base64.b64decode(tags[0][len(OWNER_TAG) :]))
+            doc = load_json(base64.b64decode(tags[0][len(OWNER_TAG) :]), what="the tag")
             return ownership.Owner(
                 str(doc["store"]), str(doc["location"]), str(doc["host"]), str(doc["since"])
             )
@@ -471,7 +475,7 @@ class LvmPoolDriver(entries.EntryCache):
     def _tmp_dir(self) -> Path:
         """Beside the records database: temporary files of fetches and templates."""
         d = Path(self._store().identity().location).parent / "lvm-tmp" / self.name
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(d)  # and lvm-tmp: 0700 whatever the umask (reconciler/statedir.py)
         return d
 
     @contextmanager

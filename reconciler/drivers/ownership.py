@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.bounded import load_json
 from reconciler.errors import PoolError
 from reconciler.store import StoreIdentity
 
@@ -73,7 +74,7 @@ def read_owner(state_dir: Path, pool: str) -> Owner | None:
     finally:
         os.close(fd)
     try:
-        doc = json.loads(raw)
+        doc = load_json(raw, what="its JSON")
         if doc.get("format") != FORMAT:
             raise ValueError(f"unknown format {doc.get('format')!r}")
         return Owner(str(doc["store"]), str(doc["location"]), str(doc["host"]), str(doc["since"]))

@@ -85,6 +85,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from reconciler.bounded import load_json
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord, RecordKind
 from reconciler.store import RELEASED, ConflictError, StoreError, StoreIdentity
@@ -158,7 +159,7 @@ def encode(record: DiskRecord, host: str) -> bytes:
 def decode(oid: str, data: bytes, where: str) -> Stored:
     """The record in object `oid`; RecordError if unreadable or if it names another key."""
     try:
-        doc = json.loads(data)
+        doc = load_json(data, what="its JSON")
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
@@ -219,7 +220,7 @@ class IndexEntry:
     def parse(cls, raw: bytes) -> IndexEntry | None:
         try:
             text = raw.decode()
-            doc = json.loads(text)
+            doc = load_json(text, what="the entry")
             return cls(
                 str(doc["instance"]), str(doc["pool"]), str(doc["volume"]), float(doc["at"]), text
             )
@@ -823,7 +824,7 @@ class RadosRecordStore:
         out: dict[str, Beat] = {}
         for key, raw in self._omap_all(HEARTBEATS_OBJECT).items():
             try:
-                doc = json.loads(raw)
+                doc = load_json(raw, what="the heartbeat")
                 out[key] = Beat(key.split(" ", 1)[0], float(doc["at"]), str(doc.get("addr", "")))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # unreadable: counts as no heartbeat (expired)

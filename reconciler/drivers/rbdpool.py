@@ -86,6 +86,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from reconciler import faults
+from reconciler.bounded import check_json, load_json
 from reconciler.diff.model import ObservedPool
 from reconciler.drivers import entries, ownership
 from reconciler.drivers.base import (
@@ -439,7 +440,7 @@ class RbdPoolDriver(entries.EntryCache):
             except rados.ObjectNotFound:
                 return None
         try:
-            doc = json.loads(raw)
+            doc = load_json(raw, what=OWNER_OBJECT)
             return ownership.Owner(
                 str(doc["store"]), str(doc["location"]), str(doc["host"]), str(doc["since"])
             )
@@ -511,7 +512,7 @@ class RbdPoolDriver(entries.EntryCache):
         except KeyError:
             return None
         try:
-            return DiskRecord.model_validate_json(raw)
+            return DiskRecord.model_validate_json(check_json(raw, what="the copy"))
         except ValueError as e:
             raise ReconcileError(
                 f"pool {self.name}: image {volume}'s record copy is unreadable "

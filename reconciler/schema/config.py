@@ -9,9 +9,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, Strict, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    Strict,
+    field_validator,
+    model_validator,
+)
 
 from reconciler.schema.common import STRICT, Backend, Name
+from reconciler.units import parse_rate
 
 DEFAULT_CONFIG = "/etc/reconciler/config.yaml"
 CONFIG_ENV = "RECONCILER_CONFIG"
@@ -103,6 +112,38 @@ class PoolConfig(BaseModel):
         return self
 
 
+class FetchConfig(BaseModel):
+    """How long fetching an image may take: a deadline from its declared size, so a
+    server that trickles (a byte every few seconds) or never answers fails in bounded
+    time. The deadline is connectTimeout + slack + size / minRate, over all attempts; no
+    wait for one connect or one read is longer than connectTimeout."""
+
+    model_config = STRICT
+    min_rate: Annotated[int, BeforeValidator(parse_rate)] = Field(
+        1 << 20,
+        alias="minRate",
+        description="the slowest transfer accepted, bytes per second or like '1MiB/s' "
+        "(default 1MiB/s)",
+    )
+    connect_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        alias="connectTimeout",
+        description="seconds to connect, and to wait for any one read (default 10)",
+    )
+    slack: float = Field(
+        30.0,
+        ge=0,
+        le=86400,
+        description="seconds added to every deadline, for retries and slow starts (default 30)",
+    )
+
+    def deadline(self, size: int) -> float:
+        """Seconds a fetch of `size` bytes may take, all attempts together."""
+        return self.connect_timeout + self.slack + size / self.min_rate
+
+
 class ImageConfig(BaseModel):
     """A source image in the catalog: everything about it is declared, nothing probed."""
 
@@ -120,6 +161,12 @@ class ImageConfig(BaseModel):
         description="for an rbd:// location: the ceph.conf of the cluster it is in",
     )
     ceph_client: str = Field("client.admin", min_length=1, alias="cephClient")
+    # The config's `fetch` section, set by Config: a fetch is told its bounds with its image.
+    _fetch: FetchConfig = PrivateAttr(default_factory=lambda: FetchConfig())
+
+    @property
+    def fetch(self) -> FetchConfig:
+        return self._fetch
 
     @model_validator(mode="after")
     def _ceph_conf(self) -> ImageConfig:
@@ -207,9 +254,16 @@ class Config(BaseModel):
     images: dict[Name, ImageConfig] = Field(default_factory=dict)
     safety: SafetyConfig = Field(default_factory=lambda: SafetyConfig())
     libvirt: LibvirtConfig = Field(default_factory=lambda: LibvirtConfig())
+    fetch: FetchConfig = Field(default_factory=lambda: FetchConfig())
 
     # Set by the loader: the directory relative paths are resolved against.
     _base_dir: str = PrivateAttr(default=".")
+
+    @model_validator(mode="after")
+    def _fetch_bounds(self) -> Config:
+        for image in self.images.values():
+            image._fetch = self.fetch
+        return self
 
     def with_base_dir(self, base_dir: str) -> Config:
         self._base_dir = base_dir

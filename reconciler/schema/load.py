@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from reconciler.errors import ConfigError, InputError, Location
 from reconciler.logs import get_logger
+from reconciler.schema.common import API_VERSION
 from reconciler.schema.config import Config
 from reconciler.schema.manifest import ImageSource, Manifest
 from reconciler.schema.mcache import (
@@ -24,8 +26,9 @@ from reconciler.schema.mcache import (
     write_document,
 )
 from reconciler.schema.plainyaml import load_plain
+from reconciler.schema.readfile import read_regular
 from reconciler.schema.worker import Worker
-from reconciler.schema.yamlload import MAX_FILE_BYTES, Document, load_file, load_text
+from reconciler.schema.yamlload import MAX_FILE_BYTES, Document, load_bytes, load_file, load_text
 from reconciler.schema.yamlload import Path as YPath
 
 log = get_logger(__name__)
@@ -40,6 +43,8 @@ class LoadedManifest:
     file: str
     manifest: Manifest
     disk_lines: tuple[int | None, ...]  # where each disk's entry starts, for messages
+    # The fstat (mcache.stat_key) of the bytes it was parsed from, for the manifest cache.
+    key: Key | None = field(default=None, compare=False)
 
     def disk_line(self, index: int) -> int | None:
         return self.disk_lines[index] if index < len(self.disk_lines) else None
@@ -121,7 +126,9 @@ def load_config(path: str) -> Config:
             f"config file {path} does not exist (give --config or set RECONCILER_CONFIG)"
         )
     try:
-        doc = load_file(path)
+        # The operator's file: it may be a link (config management's), but is read as
+        # any input is, a regular file only and never blocking.
+        doc = load_file(path, follow=True)
         cfg = _validate(Config, doc)
     except InputError as e:
         raise ConfigError(str(e)) from None
@@ -204,34 +211,45 @@ def check_references(manifest: Manifest, doc: Document, config: Config) -> list[
 def load_manifest(path: str, config: Config | None) -> LoadedManifest | FailedManifest:
     """Load one manifest; never raises for bad input, returns what went wrong instead.
 
-    The file is first loaded without position tracking (the common, clean case is several
-    times cheaper that way); if it fails validation it is loaded again, tracked, so every
-    error can name its line.
+    The file is read as reconciler/schema/readfile.py reads input (a regular file only,
+    never through a symbolic link, never blocking, bounded); see parse_manifest."""
+    try:
+        read = read_regular(path)
+    except InputError as e:
+        return FailedManifest(path, (e,), None)
+    return parse_manifest(path, read.data, config, stat_key(read.stat))
+
+
+def parse_manifest(
+    path: str, raw: bytes, config: Config | None, key: Key | None = None
+) -> LoadedManifest | FailedManifest:
+    """Parse one manifest file's bytes (as read_regular read them; `key`, their fstat's
+    stat_key, for the manifest cache); never raises for bad input.
+
+    The bytes are first parsed without position tracking (the common, clean case is
+    several times cheaper that way); if they fail validation they are parsed again,
+    tracked, so every error can name its line. An error quotes the file only if it is a
+    manifest (see _not_a_manifest).
     """
     try:
-        doc = _load_untracked(path)
+        doc = _load_untracked(raw, path)
     except InputError:
-        return _failed(path, config)
+        return _failed(path, raw, config)
     try:
         manifest = _validate(Manifest, doc)
     except (InputError, InputErrors):
-        return _failed(path, config)
+        return _failed(path, raw, config)
     if config is not None and check_references(manifest, doc, config):
-        return _failed(path, config)
+        return _failed(path, raw, config)
     disks = len(manifest.disks)
     lines = tuple((doc.positions.get(("disks", i)) or (None, None))[0] for i in range(disks))
-    return LoadedManifest(path, manifest, lines)
+    return LoadedManifest(path, manifest, lines, key)
 
 
-def _load_untracked(path: str) -> Document:
+def _load_untracked(raw: bytes, path: str) -> Document:
     """The clean path's parse, without positions: plainyaml's subset when the file lies
     within it (what the service writes does), else libyaml's events. Raises InputError on
-    any problem, without saying where: the caller loads the file again, tracked."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError:
-        raise InputError("cannot read file", Location(path)) from None
+    any problem, without saying where: the caller parses the bytes again, tracked."""
     doc = load_plain(raw, path)
     if doc is not None:
         return doc
@@ -244,12 +262,25 @@ def _load_untracked(path: str) -> Document:
     return load_text(text, path, track=False)
 
 
-def _failed(path: str, config: Config | None) -> FailedManifest:
-    """Load a manifest known to be invalid again, tracking positions, for its errors."""
+def _failed(path: str, raw: bytes, config: Config | None) -> FailedManifest:
+    """Parse a manifest known to be invalid again, tracking positions, for its errors."""
     try:
-        doc = load_file(path, track=True)
+        doc = load_bytes(raw, path, track=True)
     except InputError as e:
-        return FailedManifest(path, (e,), _instance_of_path(path))
+        if not _declares_manifest(raw):
+            why = e.message if e.message in _SAYS_NOTHING else "YAML cannot read it"
+            why += (
+                ", and no line of it says 'apiVersion: reconciler/v1' and 'kind: InstanceStorage'"
+            )
+            return _not_a_manifest(path, why, e.location)  # a line number quotes nothing
+        return FailedManifest(path, (e,), _instance_of_raw(raw))
+    data = doc.data
+    if not isinstance(data, dict):
+        return _not_a_manifest(path, "it does not hold a YAML mapping", doc.location(()))
+    for name, ours in (("apiVersion", API_VERSION), ("kind", KIND)):
+        if data.get(name) != ours:
+            why = f"its {name} is not {ours}" if name in data else f"it has no {name}"
+            return _not_a_manifest(path, why, doc.location((name,)), name)
     try:
         manifest = _validate(Manifest, doc)
     except InputError as e:
@@ -257,19 +288,44 @@ def _failed(path: str, config: Config | None) -> FailedManifest:
     except InputErrors as e:
         return FailedManifest(path, tuple(e.errors), _instance_of(doc))
     errors = check_references(manifest, doc, config) if config is not None else []
-    if not errors:  # pragma: no cover - the file changed between the two reads
+    if not errors:  # pragma: no cover - the bytes parse the same both times
         errors = [InputError("the file changed while it was read; run again", Location(path))]
     return FailedManifest(path, tuple(errors), manifest.instance)
 
 
-def _instance_of_path(path: str) -> str | None:
+# What a manifest is, for errors. The manifest directory is written by someone else, and
+# a name in it may lead to a file that is no manifest at all (a hard link to a secret,
+# what a bug wrote), whose lines an error must not carry into logs, plans and status. A
+# file is a manifest when YAML reads it as a mapping whose apiVersion is reconciler/v1
+# and whose kind is InstanceStorage, or, when YAML cannot read it, when two of its lines
+# say exactly that (`apiVersion: reconciler/v1`, `kind: InstanceStorage`, at the start of
+# a line, quotes and a comment allowed). Errors about a manifest name the lines, fields
+# and values at fault; about any other file there is one error, which quotes nothing of
+# it, and the file names no instance (so, as any file that names none, it holds up
+# --prune until it is fixed or removed).
+KIND = "InstanceStorage"
+_API_LINE = re.compile(rb"^apiVersion:[ \t]*([\"']?)reconciler/v1\1[ \t]*(?:#.*)?\r?$", re.M)
+_KIND_LINE = re.compile(rb"^kind:[ \t]*([\"']?)InstanceStorage\1[ \t]*(?:#.*)?\r?$", re.M)
+
+
+# The loader's messages that say nothing of what the file holds.
+_SAYS_NOTHING = frozenset(("file is empty", "file is not valid UTF-8"))
+
+
+def _declares_manifest(raw: bytes) -> bool:
+    return bool(_API_LINE.search(raw) and _KIND_LINE.search(raw))
+
+
+def _not_a_manifest(
+    path: str, why: str, where: Location | None = None, field: str | None = None
+) -> FailedManifest:
+    message = f"not a manifest: {why}; nothing of the file is quoted"
+    return FailedManifest(path, (InputError(message, where or Location(path), field),), None)
+
+
+def _instance_of_raw(raw: bytes) -> str | None:
     """The instance of a file YAML refuses: read the `instance:` line on its own."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(MAX_HEAD)
-    except OSError:
-        return None
-    m = _INSTANCE_LINE.search(head)
+    m = _INSTANCE_LINE.search(raw, 0, MAX_HEAD)
     return _instance_of_text(m.group(1).decode()) if m else None
 
 
@@ -363,16 +419,19 @@ class ManifestLoad:
         self.files, errors = manifest_files(paths)
         self._errors = [FailedManifest(e.location.file, (e,), None) for e in errors]
         self._done: list[LoadedManifest | None] = [None] * len(self.files)
-        self._keys: list[Key | None] = [None] * len(self.files)
         self._todo: list[int] = []  # indices of the files to parse
         no_doc = Document("", None)
         for i, f in enumerate(self.files):
             if cache is not None:
+                # The name's own lstat: a link (or a FIFO, a directory) is never a hit and
+                # is read, and refused, as any other; an entry was stored under the fstat
+                # of the bytes it was parsed from, so only that same regular file, unchanged
+                # (device, inode, size, mtime, ctime), finds it.
                 try:
-                    key: Key | None = stat_key(os.stat(f))
+                    st = os.lstat(f)
+                    key = stat_key(st) if stat.S_ISREG(st.st_mode) else None
                 except OSError:
                     key = None
-                self._keys[i] = key
                 hit = cache.get(os.path.abspath(f), key) if key is not None else None
                 if hit is not None and (
                     config is None or not check_references(hit[0], no_doc, config)
@@ -442,9 +501,8 @@ class ManifestLoad:
             r, data = p
             if isinstance(r, LoadedManifest):
                 loaded.append(r)
-                key = self._keys[i]
-                if self.cache is not None and key is not None and data is not None:
-                    self.cache.put(os.path.abspath(f), key, data, r.disk_lines)
+                if self.cache is not None and r.key is not None and data is not None:
+                    self.cache.put(os.path.abspath(f), r.key, data, r.disk_lines)
             else:
                 failed.append(r)
         if self.cache is not None:
@@ -463,27 +521,28 @@ class ManifestLoad:
 
     def _here(self, j: int) -> _Parsed:
         """Load the j-th file to parse in this process (and dump it, if it is cached)."""
-        i = self._todo[j]
-        r = load_manifest(self.files[i], self.config)
-        key = self._keys[i]
-        if isinstance(r, LoadedManifest) and key is not None and ManifestCache.trusts(key):
-            return r, dump(r.manifest)  # (keys are only known with a cache)
+        r = load_manifest(self.files[self._todo[j]], self.config)
+        if not isinstance(r, LoadedManifest) or self.cache is None or r.key is None:
+            return r, None
+        if ManifestCache.trusts(r.key):
+            return r, dump(r.manifest)
         return r, None
 
     def _remote(self, j: int) -> Any:
         """In the worker: the j-th file to parse, as plain data (None: it did not load)."""
         r = load_manifest(self.files[self._todo[j]], self.config)
         if isinstance(r, LoadedManifest):
-            return dump(r.manifest), r.disk_lines
+            return dump(r.manifest), r.disk_lines, r.key
         return None
 
     def _rebuild(self, j: int, sent: Any) -> _Parsed:
         """A file the worker loaded, as if loaded here; one it did not is loaded here."""
         if sent is None:
             return self._here(j)
-        data, lines = sent
+        data, lines, key = sent
         try:
             manifest = construct(data)
         except (KeyError, ValueError, TypeError):  # pragma: no cover - the worker's own dump
             return self._here(j)
-        return LoadedManifest(self.files[self._todo[j]], manifest, tuple(lines)), data
+        file = self.files[self._todo[j]]
+        return LoadedManifest(file, manifest, tuple(lines), key and tuple(key)), data

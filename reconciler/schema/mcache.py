@@ -9,6 +9,14 @@ otherwise look unchanged; git's index has the same rule). The cache is keyed to 
 source of the schema code, so any change to validation empties it. Reference checks
 against the config (pools, images) are never cached. The file lives in the state
 directory and is replaced atomically; losing it only costs one slow run.
+
+The manifest directory is someone else's, so the identity is that of what was read: an
+entry is stored under the fstat of the opened file its bytes came from
+(reconciler/schema/readfile.py), and found only by a name whose own lstat (never
+following a link) is a regular file with that key; a link, or a file swapped in under the
+name, is read and judged again. The cache itself is trusted (its entries are not validated
+again), so it is read only if it is a regular file this user owns and nobody else can
+write, in the 0700 state directory.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +33,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from reconciler import __version__
+from reconciler.errors import InputError
 from reconciler.logs import get_logger
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import (
@@ -34,10 +44,13 @@ from reconciler.schema.manifest import (
     TemplateKind,
     TemplateSource,
 )
+from reconciler.schema.readfile import read_regular
+from reconciler.statedir import private_dir
 
 log = get_logger(__name__)
 
 SAFE_AGE_NS = 2_000_000_000
+MAX_CACHE_BYTES = 1 << 30  # some 2 million manifests: far past any host
 Key = tuple[int, int, int, int, int]
 
 
@@ -161,23 +174,38 @@ class ManifestCache:
         self.fresh: dict[str, list[Any]] = {}
         self.dirty = False
         try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+            read = read_regular(str(path), limit=MAX_CACHE_BYTES)
+        except InputError as e:
+            if os.path.lexists(path):
+                log.warning("manifest_cache.ignored", path=str(path), why=e.message)
+            return  # missing or unusable: it is only a cache
+        st = read.stat
+        # Its entries are trusted as validated manifests: only a file this process's user
+        # owns and nobody else can write is read (the state directory is 0700 as well).
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            log.warning(
+                "manifest_cache.ignored",
+                path=str(path),
+                why=f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}",
+            )
+            return
+        try:
+            doc = json.loads(read.data)
             if doc.get("fingerprint") == self.fingerprint:
                 self.entries = doc["entries"]
-        except (OSError, ValueError, KeyError, TypeError):
-            self.entries = {}  # missing or damaged: it is only a cache
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            self.entries = {}  # damaged (even nested absurdly): it is only a cache
 
     def get(self, path: str, key: Key) -> tuple[Manifest, tuple[int | None, ...]] | None:
-        e = self.entries.get(path)
-        if e is None or tuple(e[0]) != key:
-            return None
         try:
-            manifest = construct(e[1])
-        except (KeyError, ValueError, TypeError):
-            return None
+            e = self.entries.get(path)
+            if e is None or tuple(e[0]) != key:
+                return None
+            manifest, lines = construct(e[1]), tuple(e[2])
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError):
+            return None  # damaged: parse the file
         self.fresh[path] = e
-        return manifest, tuple(e[2])
+        return manifest, lines
 
     def put(self, path: str, key: Key, data: dict[str, Any], lines: Sequence[int | None]) -> None:
         """Keep a manifest's dump (see dump()) for the next run, if its file is old enough."""
@@ -214,5 +242,5 @@ def write_document(path: Path, doc: dict[str, Any]) -> None:
     """Replace the cache file with `doc` atomically; raises OSError."""
     from reconciler.schema.write import write_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)  # the state directory: 0700 (the file is mkstemp's, 0600)
     write_atomic(str(path), json.dumps(doc, separators=(",", ":")))

@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 
 from reconciler.errors import InputError, Location
+from reconciler.schema.readfile import MAX_FILE_BYTES as MAX_FILE_BYTES
+from reconciler.schema.readfile import read_regular
 
-MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 32
 
 Path = tuple[str | int, ...]
@@ -63,14 +64,19 @@ class Document:
         return Location(self.file, pos[0] if pos else 1, pos[1] if pos else None)
 
 
-def load_file(path: str, display: str | None = None, *, track: bool = True) -> Document:
-    """Read and parse one YAML file, refusing oversized files before reading them whole."""
+def load_file(
+    path: str, display: str | None = None, *, track: bool = True, follow: bool = False
+) -> Document:
+    """Read (reconciler/schema/readfile.py: a regular file only, never blocking, at most
+    MAX_FILE_BYTES) and parse one YAML file. `follow` allows the path to be a symbolic
+    link (the config); a manifest never is."""
     name = display or path
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror}", Location(name)) from e
+    raw = read_regular(path, follow=follow, display=name).data
+    return load_bytes(raw, name, track=track)
+
+
+def load_bytes(raw: bytes, name: str, *, track: bool = True) -> Document:
+    """Parse one YAML file's bytes, as read by read_regular."""
     if len(raw) > MAX_FILE_BYTES:
         raise InputError(f"file is larger than {MAX_FILE_BYTES} bytes", Location(name))
     try:

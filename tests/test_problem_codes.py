@@ -1,0 +1,103 @@
+"""Every problem code has exactly one outcome in `reconcile watch`, declared with the code.
+
+The codes are read from the planner's source (every `self.error(...)` and `self.warn(...)`)
+and from the loop's, so a code added there without its ProblemCode member, or a member
+that nothing emits any more, fails here before any plan is made.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from reconciler.diff import Handling, Problem, ProblemCode, Severity
+from reconciler.loop import Outcome, QueueAction, Result, Settlement, settlement
+
+SOURCE = Path(__file__).resolve().parent.parent / "reconciler"
+
+
+def planner_codes() -> dict[str, set[str]]:
+    """`error` and `warn` -> the code strings the planner passes to each."""
+    tree = ast.parse((SOURCE / "diff" / "planner.py").read_text())
+    found: dict[str, set[str]] = {"error": set(), "warn": set()}
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in found
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "self"
+        ):
+            continue
+        first = node.args[0] if node.args else None
+        # A code computed at run time would escape this test: every code is a literal.
+        assert isinstance(first, ast.Constant) and isinstance(first.value, str), (
+            f"planner.py:{node.lineno}: a problem's code must be a string literal"
+        )
+        found[node.func.attr].add(first.value)
+    return found
+
+
+def loop_codes() -> set[str]:
+    """The ProblemCode members the loop names itself (its own `apply-failed`)."""
+    tree = ast.parse((SOURCE / "loop.py").read_text())
+    return {
+        ProblemCode[node.attr].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "ProblemCode"
+    }
+
+
+def test_every_code_the_planner_emits_is_a_member_with_the_handling_of_its_severity() -> None:
+    found = planner_codes()
+    assert found["error"] and found["warn"]  # the scan sees the planner's calls
+    members = {c.value for c in ProblemCode}
+    assert found["error"] | found["warn"] <= members, (found["error"] | found["warn"]) - members
+    for code in found["error"]:
+        assert ProblemCode(code).handling in (Handling.TERMINAL, Handling.RETRY), code
+    for code in found["warn"]:
+        assert ProblemCode(code).handling is Handling.WARNING, code
+
+
+def test_every_member_is_emitted_somewhere() -> None:
+    found = planner_codes()
+    emitted = found["error"] | found["warn"] | loop_codes()
+    assert {c.value for c in ProblemCode} == emitted
+
+
+@pytest.mark.parametrize("code", list(ProblemCode), ids=str)
+def test_every_member_has_one_outcome(code: ProblemCode) -> None:
+    if code.handling is Handling.WARNING:
+        assert code.reason == ""  # a warning never becomes a status reason
+        return
+    assert code.reason and code.reason[0].isupper() and code.reason.isalnum(), code.reason
+    o = Outcome.of(Problem(Severity.ERROR, code, "what went wrong"))
+    assert o.ready == ("False", code.reason, "what went wrong")
+    assert o.degraded == ("True", code.reason, "what went wrong")
+    if code.handling is Handling.TERMINAL:
+        assert o.settled == Settlement(QueueAction.FORGET, "error", terminal=True)
+    else:
+        assert o.settled == Settlement(QueueAction.BACKOFF, "error", terminal=False)
+
+
+def test_the_codes_once_retried_forever_wait_for_their_manifest() -> None:
+    for code in ("resize-unsupported", "owned-elsewhere", "delete-threshold"):
+        assert ProblemCode(code).handling is Handling.TERMINAL, code
+
+
+def test_each_result_settles_into_one_queue_action_and_label_and_errors_are_errors() -> None:
+    got = {r: settlement(r) for r in Result}
+    assert {r for r, s in got.items() if s.label == "error"} == {Result.BACKOFF, Result.TERMINAL}
+    assert {r for r, s in got.items() if s.queue is QueueAction.BACKOFF} == {Result.BACKOFF}
+    assert {s.label for s in got.values()} == {"success", "error"}
+
+
+def test_a_problem_serialises_its_code_as_the_plain_string() -> None:
+    p = Problem(Severity.ERROR, ProblemCode.RESIZE_UNSUPPORTED, "m", disk="d")
+    doc = p.to_json()
+    assert doc == {"code": "resize-unsupported", "message": "m", "disk": "d"}
+    assert type(doc["code"]) is str
