@@ -13,6 +13,10 @@ Each step records its intent before it changes a volume (DESIGN invariant 2):
   delete  record `deleting` -> volume removed -> record removed
 so a crash at any point leaves a record the next plan finishes or rolls back.
 
+Every step that destroys a volume (a delete or its redo, the old disk of a replace, a
+migration's old volume) first asks libvirt, under the volume's lock, whether a defined
+domain uses it (drivers/base.py: check_unused): a plan's own check is as old as the plan.
+
 A fault of the records database itself (StoreError: locked, read-only, disk full, damaged)
 stops the whole apply: no step can go on without its record. The steps under way finish,
 none is started, and the error is raised for the CLI to render once. Each step wrote (or

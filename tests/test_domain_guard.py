@@ -6,7 +6,9 @@ asks libvirt again, under the volume's lock, right before it destroys: a replace
 same location, the redo of an interrupted delete (made again, or finished), the removal
 or replacement of a migration's old volume. On the real private libvirtd, with the plan
 made first, the domain defined next, and the old plan applied: the step fails naming the
-domain, and the volume (its inode and bytes) and its record are as they were.
+domain, and the volume (its inode and bytes) and its record are as they were. File pools
+for every step; rbd (a network disk naming pool/image) and LVM (a block disk naming
+/dev/VG/LV) for the replace and the redo of a delete.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from reconciler.schema.record import DiskRecord, MigrationPhase, RecordState
 from reconciler.session import Session
 from tests.conftest import Pools
 from tests.conftest_ceph import Ceph
+from tests.conftest_lvm import VolumeGroup
 from tests.env import Env, cli, disk
 from tests.rbdsite import rbd_site
+from tests.test_lvm import lvm
 from tests.test_migrate import files, record, two_pools
 from tests.test_rbd import rdisk
 
@@ -279,3 +283,43 @@ def test_an_rbd_disk_a_domain_now_uses_is_kept(
             assert record_of(env, "ceph", vol) == rec
         ok(env, "--allow-replace")
         assert site.digests({vol: None}) != before
+
+
+@pytest.mark.parametrize("step", ["replace", "redo-delete"])
+def test_an_lv_a_domain_now_uses_is_kept(lvm_env: Env, lvm_vg: VolumeGroup, step: str) -> None:
+    """The same on an LVM pool, the domain naming the LV by its /dev path."""
+    env = lvm_env
+    no_limit(env)
+    inst = env.manifest("vm", [lvm("d", size="8MiB")])
+    ok(env)
+    name = f"{inst}_d"
+
+    def lv_uuid() -> str | None:
+        rows = lvm_vg.report("lvs", "lv_name,lv_uuid", lvm_vg.vg)
+        return next((r["lv_uuid"] for r in rows if r["lv_name"] == name), None)
+
+    before = lv_uuid()
+    assert before is not None
+    if step == "replace":
+        env.manifest("vm", [lvm("d", size="8MiB", template="swap")], instance=inst)
+    else:
+        set_state(env, "vg", name, RecordState.DELETING)
+    rec = record_of(env, "vg", name)
+    p = plan_now(env, allow_replace=True)
+    (a,) = p.actions
+    assert a.destructive and a.action.value == ("replace" if step == "replace" else "create")
+    dom = f"late-{inst[:8]}"
+    with defined(
+        env.uri,
+        dom,
+        f"""<disk type='block' device='disk'><driver name='qemu' type='raw'/>
+        <source dev='/dev/{lvm_vg.vg}/{name}'/><target dev='vda' bus='virtio'/></disk>""",
+    ):
+        ((status, msg),) = apply_old(env, p)
+        assert status == "failed", msg
+        doing = "replacing" if step == "replace" else "making again"
+        assert f"not {doing} vg/{name}" in msg and dom in msg, msg
+        assert lv_uuid() == before
+        assert record_of(env, "vg", name) == rec
+    ok(env, "--allow-replace")
+    assert lv_uuid() not in (None, before)
