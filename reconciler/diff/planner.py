@@ -813,10 +813,12 @@ class _Planner:
     def held(
         self, d: DesiredDisk, pool: ObservedPool, held: Holder, where: Mapping[str, Any]
     ) -> None:
-        """A disk whose record another host holds: taken over when it is free, else an
-        error; either way nothing else is done to it in this pass."""
+        """A disk another host holds (its record, or its instance's claim): taken over
+        when it is free, else a warning, for a live owner is the normal state while an
+        instance moves (so a one-shot run here still exits 0); either way nothing else is
+        done to it in this pass."""
         if not held.free:
-            self.error(
+            self.warn(
                 "owned-elsewhere",
                 f"the disk is owned by {held.why}; this host changes nothing until that "
                 "host releases it (its manifest is gone there) or its heartbeat expires",
