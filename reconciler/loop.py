@@ -812,17 +812,15 @@ class Loop:
             return Outcome(
                 Result.WAITING, ("Unknown", "NoManifest", msg), ("False", "NoManifest", msg)
             )
-        elsewhere = [w for w in warnings if w.code == "owned-elsewhere"]
+        elsewhere = [w for w in warnings if w.code is ProblemCode.OWNED_ELSEWHERE]
         if elsewhere:
             # Another live host owns the instance (it is moving): not ready here, and not
             # an error either; a resync plans the take-over once that host lets it go.
             msg = f"{len(elsewhere)} disk(s) owned by another host: {elsewhere[0].message}"
             return Outcome(
-                "success",
-                ("False", "OwnedElsewhere", msg),
+                Result.WAITING,
+                ("False", ProblemCode.OWNED_ELSEWHERE.reason, msg),
                 ("False", "AsExpected", ""),
-                retry=False,
-                terminal=False,
             )
         done = f"{len(p.actions)} action(s) applied" if p and p.actions else "nothing to do"
         return Outcome(Result.CONVERGED, ("True", "Converged", done), ("False", "AsExpected", ""))
