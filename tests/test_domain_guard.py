@@ -141,7 +141,14 @@ def test_a_replace_at_the_same_location_keeps_a_disk_a_domain_now_uses(
         assert f"not replacing local/{vol.name}" in msg and dom in msg, msg
         assert "nothing was destroyed" in msg
         # The saved plan, through the CLI: refused the same way, in one line.
-        res = cli("apply", str(saved))
+        res = cli(
+            "apply",
+            str(saved),
+            "--config",
+            str(env.config_path),
+            "--allow-replace",
+            str(env.manifests),
+        )
         assert res.returncode == 1, res.stdout + res.stderr
         assert "Traceback" not in res.stderr
         assert dom in res.stdout + res.stderr
