@@ -570,3 +570,110 @@ def test_what_can_be_done_is_done_beside_a_refusal_and_a_gone_instance_loses_its
         wait_until("g's disk to go", lambda: not env.volume(gone, "disk").exists())
         (env.manifests / "g.yaml").unlink()  # neither a manifest nor a disk remains
         wait_until("g's status to go", lambda: status(env, gone) is None)
+
+
+def _yaml_manifest(inst: str, disks: list[dict[str, Any]]) -> tuple[str, list[int]]:
+    """A manifest's YAML text and the offsets where each disk's entry ends but the last:
+    cut there, the text is a valid manifest naming fewer disks."""
+    import yaml
+
+    head = yaml.safe_dump(
+        {"apiVersion": "reconciler/v1", "kind": "InstanceStorage", "instance": inst},
+        sort_keys=False,
+    )
+    text = head + "disks:\n"
+    cuts = []
+    for d in disks:
+        cuts.append(len(text))
+        text += yaml.safe_dump([d], sort_keys=False)
+    return text, cuts[1:]
+
+
+def _volumes(env: Env, inst: str, names: list[str]) -> dict[str, tuple[int, bytes]]:
+    """Each volume's inode and first bytes."""
+    out = {}
+    for n in names:
+        v = env.volume(inst, n)
+        with open(v, "rb") as f:
+            out[n] = (os.fstat(f.fileno()).st_ino, f.read(64))
+    return out
+
+
+def _paused(lp: Loop, seconds: float) -> Callable[[], bool]:
+    """True once `seconds` have passed and two resyncs have run since it was made."""
+    start, resyncs = time.monotonic(), lp.metrics.resyncs._value.get()
+    return lambda: (
+        lp.metrics.resyncs._value.get() >= resyncs + 2 and time.monotonic() - start >= seconds
+    )
+
+
+def test_a_manifest_rewritten_in_place_and_paused_at_each_disk_loses_nothing(env: Env) -> None:
+    """`cat >`, `cp` or an editor that does not rename: the writer holds the file open with
+    a valid manifest naming fewer disks in it, for longer than the settle time and across
+    resyncs; neither the watcher nor the resync acts on it, and no disk is deleted."""
+    from reconciler.schema.mcache import stat_key
+
+    settle = 1.0
+    names = ["d0", "d1", "d2"]
+    inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "inplace"))
+    text, cuts = _yaml_manifest(inst, [disk(n, size="1MiB") for n in names])
+    path = env.manifests / "inplace.yaml"
+    with loop(env, resync=0.3, settle=settle) as lp:
+        path.write_text(text)
+        wait_until("the disks", lambda: ready(env, inst, 1))
+        for n in names:  # data the reconciler must keep
+            with open(env.volume(inst, n), "r+b") as f:
+                f.write(f"marker of {n}".encode())
+        before = _volumes(env, inst, names)
+        for cut in [0, *cuts]:  # 0: the file emptied (O_TRUNC), no disks at all
+            with open(path, "wb") as w:  # as `cat > path` does
+                w.write(text[:cut].encode())
+                w.flush()
+                # The pause: past the settle time twice, and two resyncs after the write.
+                wait_until(
+                    "two resyncs and twice the settle time with the half file",
+                    _paused(lp, 2 * settle),
+                )
+                assert _volumes(env, inst, names) == before, f"cut at {cut}"
+                w.write(text[cut:].encode())
+            wait_until(
+                "the whole file to be read",
+                lambda: lp.index.key(str(path)) == stat_key(os.stat(path)),
+            )
+        resyncs = lp.metrics.resyncs._value.get()
+        wait_until(
+            "a resync after the last write", lambda: lp.metrics.resyncs._value.get() > resyncs
+        )
+        wait_until("the queue to drain", lambda: not lp.queue.depth() and not lp.queue.processing())
+        assert _volumes(env, inst, names) == before
+        assert ready(env, inst)
+        deletes = [
+            s
+            for m in lp.metrics.actions.collect()
+            for s in m.samples
+            if s.labels.get("kind") == "delete" and s.value
+        ]
+        assert deletes == []
+
+
+def test_a_disk_removed_from_a_closed_manifest_goes_after_the_settle_time(env: Env) -> None:
+    settle = 3.0
+    inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "removal"))
+    text, (cut,) = _yaml_manifest(inst, [disk("keep", size="1MiB"), disk("drop", size="1MiB")])
+    path = env.manifests / "removal.yaml"
+    with loop(env, settle=settle):
+        path.write_text(text)
+        wait_until("the disks", lambda: ready(env, inst, 1))
+        drop = env.volume(inst, "drop")
+        keep_ino = env.volume(inst, "keep").stat().st_ino
+        path.write_text(text[:cut])  # in place, and closed: a real removal
+
+        def settling() -> bool:
+            s = status(env, inst)
+            c = s.condition("Ready") if s else None
+            return c is not None and c.reason == "Settling"
+
+        wait_until("the deletion to wait for the settle time", settling)
+        assert drop.exists()
+        wait_until("the disk to go", lambda: not drop.exists() and ready(env, inst, 2))
+        assert env.volume(inst, "keep").stat().st_ino == keep_ino
