@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -682,6 +682,7 @@ class Loop:
                 log.warning("drift", instance=w.instance, disk=w.disk, volume=w.volume)
         everyone = {i.instance for i in desired.instances}
         everyone |= {r.instance for r in observed.records if r.kind is RecordKind.DISK}
+        everyone |= {f.instance for f in desired.failed if f.instance}  # invalid: a status too
         queued = 0
         known = {st.instance: st for st in self.status.all()}
         converged: list[InstanceStatus] = []
@@ -749,7 +750,7 @@ class Loop:
         wanted: tuple[DesiredInstance, ...] = desired.instances
         bad: tuple[FailedInput, ...] = desired.failed + unknown
         p = session.plan_instance(instance, wanted, bad, opts)
-        errors = list(p.errors)
+        errors = [_located(e, [*failed, *self.index.unknown_failures()]) for e in p.errors]
         failed_steps = 0
         if p.actions:  # what can be done is done, beside what is refused (as one-shot runs)
             wait = self._unsettled(instance, wanted, p)
@@ -989,6 +990,19 @@ class Loop:
 def _ready(s: InstanceStatus) -> bool:
     c = s.condition("Ready")
     return c is not None and c.status == "True"
+
+
+def _located(e: Problem, failed: list[FailedManifest]) -> Problem:
+    """An invalid manifest's error as `reconcile validate` says it, file:line:column first
+    (the plan keeps file and line apart, and no column)."""
+    if e.code != "manifest-invalid":
+        return e
+    for f in failed:
+        for err in f.errors:
+            text = f"{err.field}: {err.message}" if err.field else err.message
+            if (f.file, err.location.line, text) == (e.file, e.line, e.message):
+                return replace(e, message=str(err))
+    return e
 
 
 def _apply_failed(disk: str, message: str) -> Problem:

@@ -677,3 +677,28 @@ def test_a_disk_removed_from_a_closed_manifest_goes_after_the_settle_time(env: E
         assert drop.exists()
         wait_until("the disk to go", lambda: not drop.exists() and ready(env, inst, 2))
         assert env.volume(inst, "keep").stat().st_ino == keep_ino
+
+
+def test_the_status_of_an_invalid_manifest_says_file_line_and_column(env: Env) -> None:
+    inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "invalid"))
+    text, _ = _yaml_manifest(inst, [disk("disk", size="1MiB", pool="nowhere")])
+    path = env.manifests / "invalid.yaml"
+    path.write_text(text)
+    rc, _, err = env.main(["validate", "--config", str(env.config_path), str(path)])
+    assert rc != 0
+    (said,) = [line.removeprefix("error: ") for line in err.splitlines() if "error:" in line]
+    assert said.startswith(f"{path}:") and said.split(":")[1:3] != ["", ""]
+    with loop(env):
+
+        def invalid() -> InstanceStatus | None:
+            s = status(env, inst)
+            c = s.condition("Ready") if s else None
+            return s if c is not None and c.reason == "ManifestInvalid" else None
+
+        s = wait_until("the manifest to be found invalid", invalid)
+    assert s.lastError == said
+    rc, out, err = env.main(["status", "--output", "json", "--config", str(env.config_path)])
+    assert rc == 0, err
+    (row,) = [r for r in json.loads(out) if r["instance"] == inst]
+    assert row["lastError"] == said
+    assert {c["type"]: c for c in row["conditions"]}["Ready"]["message"] == said
