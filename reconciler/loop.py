@@ -27,7 +27,8 @@ controller-runtime's reconcilers are:
   interval beyond `safety.maxDeletePercent` of the managed disks (and more than
   `safety.deleteGuardFloor`) wait, Degraded with reason DeleteGuard;
 - SIGTERM and SIGINT start nothing new, let the steps under way finish and exit 0; SIGHUP
-  reloads the config (a bad one is reported and the old one kept).
+  reloads the config (a bad one is reported and the old one kept) and reads every manifest
+  again, since whether one is valid depends on the config.
 """
 
 from __future__ import annotations
@@ -622,7 +623,14 @@ class Loop:
         if old is not None:
             self._old_sessions.append(old)  # workers may still use it; closed at exit
         log.info("config.reloaded", file=self.config_path)
+        # Every manifest is read again: whether it is valid depends on the config (its
+        # pools and images), and an unchanged file would not be read by the resync.
+        try:
+            self.index.refresh(config, skip=self._busy(), force=True)
+        except OSError as e:
+            log.error("manifest.read_failed", file=str(self.index.dir), error=str(e))
         for inst in self.index.instances():
+            self.queue.forget(inst)
             self.enqueue(inst)
 
     def _beater(self) -> None:

@@ -702,3 +702,33 @@ def test_the_status_of_an_invalid_manifest_says_file_line_and_column(env: Env) -
     (row,) = [r for r in json.loads(out) if r["instance"] == inst]
     assert row["lastError"] == said
     assert {c["type"]: c for c in row["conditions"]}["Ready"]["message"] == said
+
+
+def test_sighup_reads_every_manifest_again_with_the_new_config(
+    env: Env, pools: Any, tmp_path: Path
+) -> None:
+    """An instance invalid only because the config lacked its pool converges once SIGHUP
+    brings a config that has it, though its manifest did not change."""
+    second = pools.make(tmp_path / "second")
+    inst = write(env, "later", [disk("disk", size="1MiB", pool="second")])
+    proc = _start(env)
+    try:
+        _ready_line(proc)
+
+        def invalid() -> bool:
+            s = status(env, inst)
+            c = s.condition("Ready") if s else None
+            return c is not None and c.reason == "ManifestInvalid" and s is not None and s.terminal
+
+        wait_until("the manifest to be invalid under the old config", invalid)
+        env.pools["second"] = (second.name, second.path)
+        env.write_config()
+        proc.send_signal(signal.SIGHUP)
+        wait_until("the instance to converge", lambda: ready(env, inst))
+        assert env.volume(inst, "disk", pool="second").exists()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
