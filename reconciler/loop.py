@@ -510,6 +510,15 @@ class Loop:
                 except OSError as e:
                     log.error("manifest.read_failed", file=path, error=str(e))
 
+    def _forget_settled(self) -> None:
+        """Event times older than the settle time say nothing more: dropped, so that a
+        directory with much churn does not grow these maps."""
+        with self._pending_cond:
+            old = time.monotonic() - self.settle
+            for times in (self._touched, self._changed_at):
+                for k in [k for k, t in times.items() if t < old]:
+                    del times[k]
+
     def _manifest_changed(self, instance: str) -> None:
         with self._pending_cond:
             self._changed_at[instance] = time.monotonic()
@@ -647,6 +656,7 @@ class Loop:
     def _resyncer(self) -> None:
         while not self.stop.wait(self.resync_interval):
             try:
+                self._forget_settled()
                 changed = self.index.refresh(self.config, skip=self._busy())
                 for inst in changed:
                     self._manifest_changed(inst)
@@ -761,13 +771,15 @@ class Loop:
         errors = [_located(e, [*failed, *self.index.unknown_failures()]) for e in p.errors]
         failed_steps = 0
         if p.actions:  # what can be done is done, beside what is refused (as one-shot runs)
-            wait = self._unsettled(instance, wanted, p)
+            wait, held = self._unsettled(instance, wanted, p)
             if wait > 0:
                 doomed = sorted({a.disk for a in p.actions if a.destructive})
-                msg = (
-                    f"{len(doomed)} disk(s) to destroy ({', '.join(doomed)}): waiting until "
-                    f"the manifest has been closed and unchanged for {self.settle:g} s"
+                why = (
+                    f"a process holds {', '.join(held)} open for writing"
+                    if held
+                    else f"until the manifest has been closed and unchanged for {self.settle:g} s"
                 )
+                msg = f"{len(doomed)} disk(s) to destroy ({', '.join(doomed)}): waiting {why}"
                 settling = Outcome(
                     "", ("False", "Settling", msg), ("False", "AsExpected", ""), False, False
                 )
@@ -827,21 +839,24 @@ class Loop:
             elif o.result == "success":
                 self.metrics.reconciles.labels("reconcile", "success").inc()
 
-    def _unsettled(self, instance: str, wanted: tuple[DesiredInstance, ...], p: Plan) -> float:
+    def _unsettled(
+        self, instance: str, wanted: tuple[DesiredInstance, ...], p: Plan
+    ) -> tuple[float, list[str]]:
         """Seconds until a plan that destroys disks of an instance a manifest still names
         may be applied: each of its files closed (no writer holds it) and unchanged for
         `settle` seconds, by the loop's events and by the file's ctime (a change whose
-        events were missed, or made before the loop started). 0: go ahead."""
+        events were missed, or made before the loop started); 0: go ahead. And the files
+        a writer holds open, if that is why."""
         if not any(a.destructive for a in p.actions):
-            return 0.0
+            return 0.0, []
         if not any(not d.deleted for d in wanted):
-            return 0.0  # a tombstone, or no manifest: nothing half-written names the disks
+            return 0.0, []  # a tombstone, or no manifest: nothing half-written names the disks
         paths = self.index.paths_of(instance)
         now, wall = time.monotonic(), time.time()
         wait = 0.0
         with self._pending_cond:
             if any(path in self._open or path in self._pending for path in paths):
-                return self.settle  # written and not closed, or its event not read yet
+                return self.settle, []  # written and not closed, or its event not read yet
             times = [self._touched.get(path) for path in paths]
             times.append(self._changed_at.get(instance))
         for t in times:
@@ -851,15 +866,16 @@ class Loop:
             try:
                 st = os.stat(path)
             except OSError:
-                return self.settle  # removed since it was read: its event follows
+                return self.settle, []  # removed since it was read: its event follows
             if stat_key(st) != self.index.key(path):
-                return self.settle  # changed since it was read
+                return self.settle, []  # changed since it was read
             age = wall - st.st_ctime  # ctime, which no one can set (mtime can be)
             if age >= -1.0:  # a ctime in the future is a clock that went back: ignored
                 wait = max(wait, min(self.settle - age, self.settle))
-        if wait <= 0 and held_for_writing(paths):
-            return self.settle
-        return wait
+        if wait > 0:
+            return wait, []
+        held = sorted(held_for_writing(paths))
+        return (self.settle if held else 0.0), held
 
     def _guard(self, p: Plan) -> Outcome | None:
         """The delete guard: destructive actions beyond the share allowed in one resync

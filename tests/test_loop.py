@@ -626,6 +626,7 @@ def test_a_manifest_rewritten_in_place_and_paused_at_each_disk_loses_nothing(env
                 f.write(f"marker of {n}".encode())
         before = _volumes(env, inst, names)
         for cut in [0, *cuts]:  # 0: the file emptied (O_TRUNC), no disks at all
+            read = lp.index.key(str(path))
             with open(path, "wb") as w:  # as `cat > path` does
                 w.write(text[:cut].encode())
                 w.flush()
@@ -635,6 +636,7 @@ def test_a_manifest_rewritten_in_place_and_paused_at_each_disk_loses_nothing(env
                     _paused(lp, 2 * settle),
                 )
                 assert _volumes(env, inst, names) == before, f"cut at {cut}"
+                assert lp.index.key(str(path)) == read  # neither watcher nor resync read it
                 w.write(text[cut:].encode())
             wait_until(
                 "the whole file to be read",
@@ -657,6 +659,8 @@ def test_a_manifest_rewritten_in_place_and_paused_at_each_disk_loses_nothing(env
 
 
 def test_a_disk_removed_from_a_closed_manifest_goes_after_the_settle_time(env: Env) -> None:
+    """A real removal is applied, once the file has been closed and unchanged for the
+    settle time, and not while some process still holds the file open for writing."""
     settle = 3.0
     inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "removal"))
     text, (cut,) = _yaml_manifest(inst, [disk("keep", size="1MiB"), disk("drop", size="1MiB")])
@@ -666,15 +670,24 @@ def test_a_disk_removed_from_a_closed_manifest_goes_after_the_settle_time(env: E
         wait_until("the disks", lambda: ready(env, inst, 1))
         drop = env.volume(inst, "drop")
         keep_ino = env.volume(inst, "keep").stat().st_ino
-        path.write_text(text[:cut])  # in place, and closed: a real removal
+        holder = os.open(path, os.O_WRONLY | os.O_APPEND)  # open for writing, writes nothing
+        try:
+            path.write_text(text[:cut])  # in place, and closed: a real removal
 
-        def settling() -> bool:
-            s = status(env, inst)
-            c = s.condition("Ready") if s else None
-            return c is not None and c.reason == "Settling"
+            def settling(why: str) -> Callable[[], bool]:
+                def check() -> bool:
+                    s = status(env, inst)
+                    c = s.condition("Ready") if s else None
+                    return c is not None and c.reason == "Settling" and why in c.message
 
-        wait_until("the deletion to wait for the settle time", settling)
-        assert drop.exists()
+                return check
+
+            wait_until("the deletion to wait for the settle time", settling("unchanged for 3 s"))
+            assert drop.exists()
+            wait_until("the deletion to wait for the holder", settling("holds"))
+            assert drop.exists()
+        finally:
+            os.close(holder)
         wait_until("the disk to go", lambda: not drop.exists() and ready(env, inst, 2))
         assert env.volume(inst, "keep").stat().st_ino == keep_ino
 
