@@ -8,9 +8,9 @@ controller-runtime's reconcilers are:
   closed it (IN_CLOSE_WRITE) or it was renamed into the directory, after `DEBOUNCE` seconds
   of quiet (a burst of writes is one reconcile; an atomic write, temp file + rename, is one
   change, and hidden temp files are never read), and the instances it names (before and
-  after) are queued. A file that was written and not closed is not read while a process
-  holds it open for writing (reconciler/writers.py): half a manifest rewritten in place is
-  a valid manifest naming fewer disks;
+  after) are queued. No file is read while a process holds it open for writing
+  (reconciler/writers.py): half a manifest rewritten in place is a valid manifest naming
+  fewer disks;
 - every `resync` seconds every pool is observed again and every manifest whose file
   changed is read again, unless a writer holds it open, so drift (a volume removed behind
   the reconciler's back) is found without any event: one plan of everything, as a dry run
@@ -450,12 +450,17 @@ class Loop:
             self._pending_cond.notify()
 
     def _held_open(self, path: str) -> bool:
-        """Whether `path` had writes without a close and a writer still holds it open
-        (then its close is awaited); a file nobody holds is no longer open."""
+        """Whether a writer holds `path` open (then its close is awaited). Asked of every
+        file about to be read, not only of those with writes and no close: events come
+        late (watchdog holds inotify's for half a second to pair renames), and the close
+        of one write may be read after the next writer opened the file again. The
+        kernel's answer (a lease) is cheap; /proc is scanned, where the kernel cannot
+        say, only for a file that had writes without a close."""
         with self._pending_cond:
-            if path not in self._open:
-                return False
-        if path in held_for_writing([path]):
+            was_open = path in self._open
+        if path in held_for_writing([path], scan=was_open):
+            with self._pending_cond:
+                self._open.add(path)
             log.info("manifest.held_open", file=path, waits="for the writer to close it")
             return True
         with self._pending_cond:
@@ -464,13 +469,11 @@ class Loop:
 
     def _busy(self) -> Callable[[str], bool]:
         """For one pass over the directory (a resync, a reload): whether a file that
-        changed since it was read is held open by a writer, to be kept as last read. One
-        scan of /proc, made only if some file changed; a file never read is read (its
-        instance's deletions still wait for the settle time)."""
-        held: set[str] | None = None
+        changed since it was read is held open by a writer, to be kept as last read; a
+        file never read is read (its instance's deletions still wait for the settle
+        time)."""
 
         def busy(path: str) -> bool:
-            nonlocal held
             key = self.index.key(path)
             if key is None:
                 return False
@@ -479,14 +482,7 @@ class Loop:
                     return False
             except OSError:
                 return False
-            if held is None:
-                held = held_for_writing(self.index.names())
-            if path in held:
-                log.info("manifest.held_open", file=path, waits="for the writer to close it")
-                return True
-            with self._pending_cond:
-                self._open.discard(path)
-            return False
+            return self._held_open(path)
 
         return busy
 

@@ -670,20 +670,21 @@ def test_a_disk_removed_from_a_closed_manifest_goes_after_the_settle_time(env: E
         wait_until("the disks", lambda: ready(env, inst, 1))
         drop = env.volume(inst, "drop")
         keep_ino = env.volume(inst, "keep").stat().st_ino
-        holder = os.open(path, os.O_WRONLY | os.O_APPEND)  # open for writing, writes nothing
+        path.write_text(text[:cut])  # in place, and closed: a real removal
+
+        def settling(why: str) -> Callable[[], bool]:
+            def check() -> bool:
+                s = status(env, inst)
+                c = s.condition("Ready") if s else None
+                return c is not None and c.reason == "Settling" and why in c.message
+
+            return check
+
+        wait_until("the deletion to wait for the settle time", settling("unchanged for 3 s"))
+        assert drop.exists()
+        # Opened for writing, and nothing written: no event says when it is done.
+        holder = os.open(path, os.O_WRONLY | os.O_APPEND)
         try:
-            path.write_text(text[:cut])  # in place, and closed: a real removal
-
-            def settling(why: str) -> Callable[[], bool]:
-                def check() -> bool:
-                    s = status(env, inst)
-                    c = s.condition("Ready") if s else None
-                    return c is not None and c.reason == "Settling" and why in c.message
-
-                return check
-
-            wait_until("the deletion to wait for the settle time", settling("unchanged for 3 s"))
-            assert drop.exists()
             wait_until("the deletion to wait for the holder", settling("holds"))
             assert drop.exists()
         finally:
