@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import signal
+import stat
 from collections.abc import Iterable
 
 PROC = "/proc"
@@ -41,6 +42,9 @@ def _write_mode(pid: str, fd: str) -> bool:
 def _lease(path: str) -> bool | None:
     """Whether `path` is open for writing, as a read lease says; None: it cannot say."""
     try:
+        # Only a regular file is opened: opening a device or a FIFO may do something.
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
