@@ -16,8 +16,10 @@ controller-runtime's reconcilers are:
   the reconciler's back) is found without any event: one plan of everything, as a dry run
   makes, and the instances with something to do are queued;
 - destructive actions of an instance that a manifest still names (a disk removed from it)
-  wait until each of its files has been closed and unchanged for `settle` seconds (the
-  instance is Ready False, reason Settling, meanwhile); creates and resizes do not wait;
+  wait until each of its files has been closed and unchanged for `settle` seconds, and
+  those of one whose manifest was just removed (--prune) for `settle` seconds after that
+  (the instance is Ready False, reason Settling, meanwhile); creates, resizes and
+  tombstones do not wait;
 - workers take instances off a work queue (reconciler/workqueue.py) and reconcile one
   instance at a time each: plan it against its own records and volumes, apply, and map
   the outcome, in one place (`_outcome`), to a queue action, a status and a metric label;
@@ -845,10 +847,16 @@ class Loop:
         a writer holds open, if that is why."""
         if not any(a.destructive for a in p.actions):
             return 0.0, []
-        if not any(not d.deleted for d in wanted):
-            return 0.0, []  # a tombstone, or no manifest: nothing half-written names the disks
-        paths = self.index.paths_of(instance)
         now, wall = time.monotonic(), time.time()
+        if not wanted:
+            # No manifest names it (--prune): one removed a moment ago may be on its way
+            # back (an editor that unlinks and writes anew, `rm f; cat > f`).
+            with self._pending_cond:
+                t = self._changed_at.get(instance)
+            return (max(0.0, t + self.settle - now) if t is not None else 0.0), []
+        if all(d.deleted for d in wanted):
+            return 0.0, []  # a tombstone: never half a file
+        paths = self.index.paths_of(instance)
         wait = 0.0
         with self._pending_cond:
             if any(path in self._open or path in self._pending for path in paths):

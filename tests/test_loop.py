@@ -694,6 +694,37 @@ def test_a_disk_removed_from_a_closed_manifest_goes_after_the_settle_time(env: E
         assert env.volume(inst, "keep").stat().st_ino == keep_ino
 
 
+def test_with_prune_a_manifest_removed_and_written_anew_keeps_its_disks(env: Env) -> None:
+    """An editor that unlinks the file and writes it anew (`rm f; cat > f`): with --prune
+    the instance has no manifest for a moment; its disks wait the settle time, and are kept
+    when the file is back. A file that stays away is pruned after the settle time."""
+    settle = 3.0
+    inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "unlinked"))
+    text, _ = _yaml_manifest(inst, [disk("disk", size="1MiB")])
+    path = env.manifests / "unlinked.yaml"
+    with loop(env, settle=settle, prune=True):
+        path.write_text(text)
+        wait_until("the disk", lambda: ready(env, inst, 1))
+        vol = env.volume(inst, "disk")
+        ino = vol.stat().st_ino
+
+        def settling() -> bool:
+            s = status(env, inst)
+            c = s.condition("Ready") if s else None
+            return c is not None and c.reason == "Settling"
+
+        path.unlink()
+        wait_until("the prune to wait for the settle time", settling)
+        path.write_text(text)
+        wait_until("the instance to be Ready again", lambda: ready(env, inst))
+        assert vol.stat().st_ino == ino
+
+        path.unlink()
+        wait_until("the prune to wait for the settle time", settling)
+        assert vol.exists()
+        wait_until("the prune", lambda: not vol.exists())
+
+
 def test_the_status_of_an_invalid_manifest_says_file_line_and_column(env: Env) -> None:
     inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "invalid"))
     text, _ = _yaml_manifest(inst, [disk("disk", size="1MiB", pool="nowhere")])
