@@ -105,6 +105,25 @@ def test_gzip_is_inflated_to_its_limit_and_no_further() -> None:
         inflate(zlib.compress(b"abc")[:-2], what="z", max_bytes=1024)
 
 
+def _refusals(tmp_path: Path, call: str, names: tuple[str, ...]) -> list[str]:
+    """The UnsafeInput of `call` (on `path`, `what` = `name`) for each name (under
+    tmp_path unless absolute), one line each, from a child process: a hang is the
+    timeout's error."""
+    script = f"""
+from reconciler.bounded import UnsafeInput, open_stream, read_regular
+for name in {names!r}:
+    path = name if name.startswith("/") else {str(tmp_path)!r} + "/" + name
+    try:
+        {call}
+    except UnsafeInput as e:
+        print(e)
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    return res.stdout.splitlines()
+
+
 def test_only_regular_files_are_read_and_nothing_blocks(tmp_path: Path) -> None:
     """A FIFO, a device, a directory and (unless followed) a symbolic link are refused at
     once; a file over the limit too. A child process, so a hang is the timeout's error."""
@@ -114,20 +133,9 @@ def test_only_regular_files_are_read_and_nothing_blocks(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(good)
     (tmp_path / "fifolink").symlink_to(tmp_path / "fifo")
     (tmp_path / "big").write_bytes(b"x" * 100)
-    script = f"""
-from reconciler.bounded import UnsafeInput, read_regular
-for name in ("fifo", "link", "fifolink", "/dev/zero", "dir", "big"):
-    path = name if name.startswith("/") else {str(tmp_path)!r} + "/" + name
-    try:
-        read_regular(path, what=name, max_bytes=10)
-    except UnsafeInput as e:
-        print(e)
-"""
     (tmp_path / "dir").mkdir()
-    res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert res.stdout.splitlines() == [
+    names = ("fifo", "link", "fifolink", "/dev/zero", "dir", "big")
+    assert _refusals(tmp_path, "read_regular(path, what=name, max_bytes=10)", names) == [
         "fifo: is a FIFO, not a regular file; not read",
         "link: is a symbolic link, not a regular file; not read",
         "fifolink: is a symbolic link, not a regular file; not read",
@@ -150,19 +158,8 @@ def test_a_stream_is_only_of_a_regular_file_and_has_no_limit(tmp_path: Path) -> 
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "dir").mkdir()
     (tmp_path / "link").symlink_to(big)
-    script = f"""
-from reconciler.bounded import UnsafeInput, open_stream
-for name in ("fifo", "/dev/zero", "dir", "link"):
-    path = name if name.startswith("/") else {str(tmp_path)!r} + "/" + name
-    try:
-        open_stream(path, what=name).close()
-    except UnsafeInput as e:
-        print(e)
-"""
-    res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert res.stdout.splitlines() == [
+    names = ("fifo", "/dev/zero", "dir", "link")
+    assert _refusals(tmp_path, "open_stream(path, what=name).close()", names) == [
         "fifo: is a FIFO, not a regular file; not read",
         "/dev/zero: is a character device, not a regular file; not read",
         "dir: is a directory, not a regular file; not read",
