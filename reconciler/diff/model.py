@@ -91,6 +91,9 @@ class ObservedPool:
     allocated: Mapping[str, int] = field(default_factory=dict)
     layouts: frozenset[str] = frozenset()
     thick_unit: int = 0
+    # Facts above (field names) that an exported state older than them did not carry:
+    # the planner refuses to plan what depends on them rather than read a default.
+    unknown: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,8 @@ class ProblemCode(StrEnum):
     PRUNE_REFUSED = "prune-refused", "PruneRefused", Handling.TERMINAL
     MIGRATE_UNSUPPORTED = "migrate-unsupported", "MigrateUnsupported", Handling.TERMINAL
     MIGRATION_CHANGED = "migration-changed", "MigrationChanged", Handling.TERMINAL
+    # Only from an exported state older than a fact the plan needs (never the loop's).
+    STATE_INCOMPLETE = "state-incomplete", "StateIncomplete", Handling.TERMINAL
     # Another host holds the disk: a resync plans the take-over once that host lets go
     # or its heartbeat expires, so no backoff is needed to notice it.
     OWNED_ELSEWHERE = "owned-elsewhere", "OwnedElsewhere", Handling.TERMINAL
