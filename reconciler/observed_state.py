@@ -46,6 +46,14 @@ FORMAT_VERSION = 2
 LACKS: dict[int, tuple[str, ...]] = {
     1: ("shared", "held", "available", "allocated", "layouts", "thick_unit"),
 }
+OLDER = "its format predates them; re-export it with `reconcile observe`"
+# An export is made without manifests, and the holds a host reads are those of the disks
+# its manifests name (Session.observe): a state never says which of a shared pool's disks
+# another host holds, so what depends on that is planned on the host.
+NO_HOLDS = (
+    "an export does not read other hosts' holds on the disks the manifests name (it reads "
+    "no manifests); plan this on the host"
+)
 # What an absent field is read as, only so the file validates: it is marked unknown.
 _PLACEHOLDER: dict[str, Any] = {
     "shared": False,
@@ -254,7 +262,7 @@ def _field(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _fill_lacking(doc: dict[str, Any], lacking: tuple[str, ...]) -> dict[str, frozenset[str]]:
+def _fill_lacking(doc: dict[str, Any], lacking: tuple[str, ...]) -> dict[str, dict[str, str]]:
     """In a file of an older version, the fields `lacking` that each pool does not carry:
     filled with a placeholder so the file validates, and returned per pool as unknown."""
     pools = doc.get("pools")
@@ -264,7 +272,7 @@ def _fill_lacking(doc: dict[str, Any], lacking: tuple[str, ...]) -> dict[str, fr
     for name, p in pools.items():
         if isinstance(p, dict) and (absent := [f for f in lacking if f not in p]):
             p.update({f: _PLACEHOLDER[f] for f in absent})
-            unknown[name] = frozenset(absent)
+            unknown[name] = dict.fromkeys(absent, OLDER)
     return unknown
 
 
@@ -334,7 +342,7 @@ def load(path: str) -> tuple[Observed, StateInfo]:
             dict(p.allocated),
             frozenset(p.layouts),
             p.thick_unit,
-            unknown.get(name, frozenset()),
+            {**unknown.get(name, {}), **({"held": NO_HOLDS} if p.shared else {})},
         )
         for name, p in state.pools.items()
     }

@@ -84,7 +84,7 @@ def test_the_old_example_does_not_plan_a_move_from_what_it_lacks(tmp_path: Path)
         r = review(tmp_path, OLD, allow_replace=allow_replace)
         assert eph0(r) == ["state-incomplete"]
         (err,) = [e for e in r.plan.errors if e.disk == "disk.eph0"]
-        assert HINT in err.message and "layouts" in err.message and "pool demo " in err.message
+        assert HINT in err.message and "layouts" in err.message and "of pool demo:" in err.message
         assert not any(a.destructive for a in r.plan.actions)
         assert "migrate-unsupported" not in r.json and '"replace"' not in r.json.split("summary")[0]
     # What does not depend on the missing facts still plans: the drift, unchanged.
@@ -152,11 +152,13 @@ def test_each_field_a_version_1_state_may_lack_is_unknown_not_a_default(
     del doc["pools"][pool][field]
     path = write(tmp_path, doc)
     observed, _ = observed_state.load(str(path))
-    assert {n: set(p.unknown) for n, p in observed.pools.items() if p.unknown} == {pool: {field}}
+    assert {n: dict(p.unknown) for n, p in observed.pools.items() if p.unknown} == {
+        pool: {field: observed_state.OLDER}
+    }
     r = review(tmp_path, path)
     if refused:
         assert eph0(r) == ["state-incomplete"]
-        assert f"does not say {field} of pool {pool} " in r.plan.errors[0].message
+        assert f"does not say {field} of pool {pool}:" in r.plan.errors[0].message
     else:
         assert eph0(r) == ["migrate"], r.text
 
@@ -247,3 +249,27 @@ def test_the_review_example_plans_as_the_live_host(pools: Pools, tmp_path: Path)
             seen.append(sorted((a["action"], a["disk"]) for a in json.loads(live)["actions"]))
     assert seen[0] == seen[1] == [("create", "disk.config")]
     assert seen[2] == seen[3] == [("create", "disk.config"), ("migrate", "disk.eph0")]
+
+
+def test_a_shared_pool_in_a_state_plans_no_new_disk_another_host_may_hold(
+    tmp_path: Path,
+) -> None:
+    """An export reads no manifests, so it never says which disks of a pool many hosts
+    share another host holds (the host reads that for the disks its manifests name): a new
+    disk there is not planned as a create from a state, whatever its version."""
+    doc = json.loads(NEW.read_text())
+    doc["pools"]["demo"]["shared"] = True
+    path = write(tmp_path, doc)
+    m = manifests(tmp_path / "m")
+    web = (m / "web-1.yaml").read_text()
+    (m / "web-2.yaml").write_text(web.replace(WEB, "0b0e7f1c-58a4-4c3e-9d27-3f2a1c6e9b02"))
+    r = plan_directory(m, path, CONFIG)
+    new = [e for e in r.plan.errors if e.instance == "0b0e7f1c-58a4-4c3e-9d27-3f2a1c6e9b02"]
+    assert len(new) == 3 and {e.code.value for e in new} == {"state-incomplete"}
+    assert all("does not say held of pool demo:" in e.message for e in new)
+    assert all("plan this on the host" in e.message for e in new)
+    assert not any(a.instance.endswith("02") for a in r.plan.actions)
+    # Disks with their records here plan as before (the drift), and so does a pool that
+    # is not shared.
+    assert [(a.action.value, a.disk) for a in r.plan.actions] == [("create", "disk.config")]
+    assert len(r.plan.errors) == 3

@@ -91,9 +91,9 @@ class ObservedPool:
     allocated: Mapping[str, int] = field(default_factory=dict)
     layouts: frozenset[str] = frozenset()
     thick_unit: int = 0
-    # Facts above (field names) that an exported state older than them did not carry:
-    # the planner refuses to plan what depends on them rather than read a default.
-    unknown: frozenset[str] = frozenset()
+    # Facts above (field name -> why, with what to do) that an exported state does not
+    # carry: the planner refuses to plan what depends on them rather than read a default.
+    unknown: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -146,15 +146,15 @@ class _Planner:
         self, pool: ObservedPool, facts: frozenset[str], needs: str, /, **where: Any
     ) -> bool:
         """True (with an error) when the observation lacks `facts` of `pool` (an exported
-        state older than them): what depends on them is not planned from a default."""
-        lacks = sorted(pool.unknown & facts)
+        state that does not carry them): what depends on them is not planned from a default."""
+        lacks = sorted(f for f in facts if f in pool.unknown)
         if not lacks:
             return False
+        why = "; ".join(dict.fromkeys(pool.unknown[f] for f in lacks))
         self.error(
             "state-incomplete",
-            f"the observed state does not say {', '.join(lacks)} of pool {pool.name} (it was "
-            f"exported before states carried them): {needs}; re-export it with "
-            "`reconcile observe`",
+            f"{needs} cannot be judged from the observed state, which does not say "
+            f"{', '.join(lacks)} of pool {pool.name}: {why}",
             **where,
         )
         return True
@@ -379,7 +379,7 @@ class _Planner:
             self.held(d, pool, held, where)
             return
         if rec is None and d.volume not in pool.volumes:
-            needs = "whether another host holds this disk's record depends on them"
+            needs = "whether another host holds this disk's record"
             if self.incomplete(pool, frozenset({"shared", "held"}), needs, pool=pool.name, **where):
                 return
         if rec is None:
@@ -609,7 +609,7 @@ class _Planner:
                 **at,
             )
             return True
-        needs = "whether and how the disk's data can be kept depends on them"
+        needs = "whether and how the disk's data can be kept"
         for p, facts in ((rpool, SOURCE_FACTS), (pool, TARGET_FACTS)):
             if self.incomplete(p, facts, needs, **at):
                 return True
@@ -903,7 +903,7 @@ class _Planner:
         p = self.observed.pools.get(rec.pool)
         shared = p is not None and p.shared
         if p is not None and (self.options.prune or self.options.hand_over):
-            needs = "whether the disk is handed over or deleted depends on it"
+            needs = "whether the disk is handed over or deleted"
             if self.incomplete(p, frozenset({"shared"}), needs, **where):
                 return
         if shared and (self.options.prune or self.options.hand_over) and unknown_failed == 0:
