@@ -15,6 +15,10 @@ Each step records its intent before it changes a volume (DESIGN invariant 2):
   delete  record `deleting` -> volume removed -> record removed
 so a crash at any point leaves a record the next plan finishes or rolls back.
 
+Every step that destroys a volume (a delete or its redo, the old disk of a replace, a
+migration's old volume) first asks libvirt, under the volume's lock, whether a defined
+domain uses it (drivers/base.py: check_unused): a plan's own check is as old as the plan.
+
 A fault of the records database itself (StoreError: locked, read-only, disk full, damaged)
 stops the whole apply: no step can go on without its record. The steps under way finish,
 none is started, and the error is raised for the CLI to render once. Each step wrote (or
@@ -37,7 +41,7 @@ from typing import Any, TextIO
 
 from reconciler import faults
 from reconciler.diff.model import Action, ActionKind, Plan
-from reconciler.drivers.base import ManagingDriver, VolumeExists
+from reconciler.drivers.base import ManagingDriver, VolumeExists, check_unused
 from reconciler.errors import ReconcileError
 from reconciler.logs import get_logger
 from reconciler.records import Records
@@ -482,8 +486,13 @@ class Executor:
                 "it; it is left untouched"
             )
         if rec is not None and exists:
-            # A partial volume from an interrupted create, or the old disk of a replace:
-            # record the intent to remove it first, so a crash here is finished next time.
+            # A partial volume from an interrupted create, or the old disk of a replace (or
+            # of an interrupted delete): record the intent to remove it first, so a crash
+            # here is finished next time. Only a partial volume holds no one's data.
+            if rec.state is RecordState.DELETING:
+                check_unused(d, a.volume, "making again")
+            elif rec.state is not RecordState.CREATING:
+                check_unused(d, a.volume, "replacing")
             rec = self._put(rec, gen, state=RecordState.DELETING)
             faults.point("record.deleting")
             d.delete_volume(a.volume)
@@ -563,15 +572,7 @@ class Executor:
 
     def _delete(self, d: ManagingDriver, rec: DiskRecord) -> None:
         if d.volume_exists(rec.volume) and rec.state is not RecordState.CREATING:
-            att = d.attachments()
-            if not att.known:
-                raise ReconcileError(f"not deleting {rec.pool}/{rec.volume}: {att.why_unknown}")
-            users = att.defined.get(rec.volume)
-            if users:
-                raise ReconcileError(
-                    f"not deleting {rec.pool}/{rec.volume}: it is used by domain(s) "
-                    f"{', '.join(users)}"
-                )
+            check_unused(d, rec.volume, "deleting")
         if rec.state is not RecordState.DELETING:
             rec = self._put(rec, rec.generation, state=RecordState.DELETING)
             faults.point("record.deleting")

@@ -1,12 +1,17 @@
 """Bounded reading of what others can write (DESIGN invariant 8): files, gzip, JSON.
 
 Every input from outside the reconciler's own store (a saved plan, an exported state,
-Nova's disk.info, a record copy on a volume) is read through here, so that no input costs
-unbounded work or ends in a traceback:
+Nova's disk.info, a record copy on a volume, a manifest and the config through
+reconciler/schema/readfile.py, the manifest cache's JSON, a file:// image) is read
+through here, so that no input costs unbounded work or ends in a traceback:
 
-- a file is read only if it is a regular file (of another kind it is refused before it is
-  opened, and again after: it may have been replaced between), opened without blocking
-  (O_NONBLOCK: a FIFO never hangs the open), up to a byte limit;
+- a file is opened only if it is a regular file: its name is opened with O_PATH (which
+  opens nothing: no FIFO wait, no device side effect; a symbolic link, unless followed,
+  is found as the link itself), that object's own fstat decides, and only then is the
+  same inode opened for reading, without blocking (open_regular); it is read up to a
+  byte limit (read_file, read_regular) or, for an image, streamed (open_stream). Every
+  opener of an input file (here, reconciler/schema/readfile.py, reconciler/images.py)
+  is this one;
 - gzip is inflated as a stream, stopping one byte past a limit (a small .gz that would
   inflate to gigabytes is refused after the limit, not after the gigabytes);
 - JSON must be UTF-8, under a byte limit, nested no deeper than a limit and, where a caller
@@ -14,7 +19,8 @@ unbounded work or ends in a traceback:
   anything recursive (json, pydantic) sees it; a caller may also refuse duplicate keys and
   NaN or Infinity, which json accepts.
 
-Each refusal is an UnsafeInput: one line, naming what was read.
+Each refusal is an UnsafeInput: one line, naming what was read (a refused file's is a
+NotRead, whose reason a caller may put under its own error, as readfile.py does).
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import os
 import re
 import stat
 import zlib
+from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any
+from typing import IO, Any
 
 from reconciler.errors import ReconcileError
 
@@ -41,69 +48,138 @@ class UnsafeInput(ReconcileError, ValueError):
     damaged record copy) does the same with this one."""
 
 
-def _kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
+# What a name can be besides a regular file, as a refusal names it. Linux has no other
+# type, so the fallback is never seen.
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def kind_of(mode: int) -> str:
+    for test, kind in _KINDS:
         if test(mode):
             return kind
-    return "of another kind"
+    return "of another kind"  # pragma: no cover - every type Linux has is listed
 
 
-def _check_kind(mode: int, *, what: str) -> None:
-    if stat.S_ISLNK(mode):
-        raise UnsafeInput(f"{what}: is a symbolic link; not read")
-    if not stat.S_ISREG(mode):
-        raise UnsafeInput(f"{what}: is {_kind(mode)}, not a regular file; not read")
+class NotRead(UnsafeInput):
+    """A file refused by open_regular: `reason` is the message without the name, for a
+    caller that names the file its own way (a manifest's InputError carries a Location)."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
 
 
-def read_regular(path: str, *, what: str, max_bytes: int, follow_symlinks: bool = False) -> bytes:
-    """The bytes of `path` if it is a regular file of at most `max_bytes`. Never blocks,
-    and never opens what its stat says is not a regular file (a device, a FIFO); one put
-    in its place between the stat and the open is opened without waiting and refused. A
-    symbolic link is refused unless `follow_symlinks`. FileNotFoundError is left to the
-    caller."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
+@dataclass(frozen=True)
+class FileRead:
+    """A regular file's bytes (at most the limit) and the fstat of the opened file."""
+
+    data: bytes
+    stat: os.stat_result
+
+
+def open_regular(
+    path: str, *, what: str, max_bytes: int | None = None, follow_symlinks: bool = False
+) -> tuple[int, os.stat_result]:
+    """A descriptor (O_RDONLY, O_NONBLOCK, close-on-exec; the caller closes it) of the
+    regular file at `path`, and its fstat; NotRead for anything else, or for a file of
+    more than `max_bytes` when given. A symbolic link is refused unless
+    `follow_symlinks`. FileNotFoundError is left to the caller.
+
+    The name is opened with O_PATH, which opens nothing (no FIFO wait, no device side
+    effect), and that object's own fstat decides, not a stat of the name that another
+    process could swap before the open. Only then is that same inode opened for reading,
+    through /proc/self/fd; without /proc, the name is opened again (O_NONBLOCK, and
+    O_NOFOLLOW unless following) and must still be that inode."""
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
     try:
-        # Before the open: opening some devices does something (a tape rewinds).
-        _check_kind(os.stat(path, follow_symlinks=follow_symlinks).st_mode, what=what)
-        fd = os.open(path, flags)
+        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC | nofollow)
     except FileNotFoundError:
         raise
     except OSError as e:
-        if e.errno == errno.ELOOP and not follow_symlinks:
-            raise UnsafeInput(f"{what}: is a symbolic link; not read") from None
-        raise UnsafeInput(f"{what}: cannot read: {e.strerror}") from None
+        raise NotRead(what, f"cannot read: {e.strerror}") from None
     try:
-        try:
-            st = os.fstat(fd)  # what was opened, if the path changed since the stat
-        except OSError as e:
-            raise UnsafeInput(f"{what}: cannot read: {e.strerror}") from None
-        _check_kind(st.st_mode, what=what)
-        if st.st_size > max_bytes:
-            raise UnsafeInput(f"{what}: {st.st_size} bytes, more than the {max_bytes} allowed")
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRead(what, f"is {kind_of(st.st_mode)}, not a regular file; not read")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise NotRead(what, f"{st.st_size} bytes, more than the {max_bytes} allowed")
+        fd = _reopen(pfd, path, st, nofollow, what)
+    finally:
+        os.close(pfd)
+    try:
+        return fd, os.fstat(fd)
+    except OSError as e:  # pragma: no cover - fstat of an open descriptor
+        os.close(fd)
+        raise NotRead(what, f"cannot read: {e.strerror}") from None
+
+
+def _reopen(pfd: int, path: str, st: os.stat_result, nofollow: int, what: str) -> int:
+    """Open for reading the regular file `pfd` (an O_PATH descriptor) refers to."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        return os.open(f"/proc/self/fd/{pfd}", flags)
+    except FileNotFoundError:
+        pass  # no /proc: open the name again, and check it is still the same file
+    except OSError as e:
+        raise NotRead(what, f"cannot read: {e.strerror}") from None
+    try:
+        fd = os.open(path, flags | nofollow)
+    except OSError as e:
+        if e.errno == errno.ELOOP and nofollow:
+            raise NotRead(
+                what, "replaced by a symbolic link while it was opened; not read"
+            ) from None
+        raise NotRead(what, f"cannot read: {e.strerror}") from None
+    again = os.fstat(fd)
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise NotRead(what, "replaced by another file while it was opened; run again")
+    return fd
+
+
+def open_stream(path: str, *, what: str, follow_symlinks: bool = False) -> IO[bytes]:
+    """open_regular's file as a blocking binary stream, read to its end with no limit (an
+    image: its size is the catalog's to check). The caller closes it."""
+    fd, _ = open_regular(path, what=what, follow_symlinks=follow_symlinks)
+    os.set_blocking(fd, True)  # a regular file never waits; reads are ordinary again
+    return os.fdopen(fd, "rb")
+
+
+def read_file(path: str, *, what: str, max_bytes: int, follow_symlinks: bool = False) -> FileRead:
+    """The bytes of the regular file at `path`, at most `max_bytes` (checked on the
+    fstat, and again on what is read: the file may grow), with the fstat of what was
+    read (for a cache keyed on a file's identity). Refusals as open_regular's."""
+    fd, st = open_regular(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+    try:
         parts: list[bytes] = []
         got = 0
         while got <= max_bytes:  # the size may have grown since fstat
             try:
                 chunk = os.read(fd, min(_READ, max_bytes + 1 - got))
             except OSError as e:
-                raise UnsafeInput(f"{what}: cannot read: {e.strerror}") from None
+                raise NotRead(what, f"cannot read: {e.strerror}") from None
             if not chunk:
                 break
             parts.append(chunk)
             got += len(chunk)
         if got > max_bytes:
-            raise UnsafeInput(f"{what}: more than the {max_bytes} bytes allowed")
-        return b"".join(parts)
+            raise NotRead(what, f"more than the {max_bytes} bytes allowed")
+        return FileRead(b"".join(parts), st)
     finally:
         os.close(fd)
+
+
+def read_regular(path: str, *, what: str, max_bytes: int, follow_symlinks: bool = False) -> bytes:
+    """read_file's bytes alone."""
+    return read_file(path, what=what, max_bytes=max_bytes, follow_symlinks=follow_symlinks).data
 
 
 def gunzip(data: bytes, *, what: str, max_bytes: int) -> bytes:

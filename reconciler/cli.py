@@ -592,6 +592,14 @@ def cmd_watch(argv: Sequence[str]) -> int:
         metavar="SECONDS",
         help=f"observe every pool again this often (default {loop.DEFAULT_RESYNC:g})",
     )
+    p.add_argument(
+        "--settle",
+        type=_seconds,
+        default=loop.DEFAULT_SETTLE,
+        metavar="SECONDS",
+        help="a disk removed from a manifest is deleted once the file has been closed and "
+        f"unchanged this long (default {loop.DEFAULT_SETTLE:g})",
+    )
     p.add_argument("--metrics-port", type=int, metavar="N", help="serve Prometheus metrics")
     p.add_argument("--metrics-address", default="127.0.0.1", help="(default 127.0.0.1)")
     p.add_argument(
@@ -614,6 +622,7 @@ def cmd_watch(argv: Sequence[str]) -> int:
             config_path(args.config),
             Path(args.directory),
             resync=args.resync_interval,
+            settle=args.settle,
             prune=args.prune,
             workers=args.workers,
             metrics_port=args.metrics_port,

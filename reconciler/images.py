@@ -26,7 +26,6 @@ import json
 import os
 import queue
 import re
-import stat
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ from urllib.parse import unquote, urlparse
 
 from oslo_utils.imageutils import format_inspector as fi
 
+from reconciler.bounded import NotRead, open_stream
 from reconciler.errors import ReconcileError
 from reconciler.logs import get_logger
 from reconciler.schema.config import ImageConfig
@@ -259,20 +259,6 @@ def format_size_approx(n: int) -> str:
     return f"{n} B"
 
 
-def _open_regular(path: str) -> IO[bytes]:
-    """A file:// image, opened without blocking (a FIFO would wait for a writer forever)
-    and only if it is a regular file; then read as usual."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as e:
-        raise FetchFailed(f"cannot open {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise FetchFailed(f"cannot open {path}: not a regular file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
 @contextmanager
 def open_location(
     location: str, image: ImageConfig | None = None, deadline: Deadline | None = None
@@ -285,7 +271,14 @@ def open_location(
         return
     if url.scheme == "file":
         path = unquote(url.path)
-        f = _open_regular(path)
+        # Without blocking (a FIFO would wait for a writer for ever), and only if it is a
+        # regular file: bounded.py's opener, the one for every input file.
+        try:
+            f = open_stream(path, what=path, follow_symlinks=True)
+        except NotRead as e:
+            raise FetchFailed(str(e)) from None
+        except FileNotFoundError as e:
+            raise FetchFailed(f"{path}: cannot read: {e.strerror}") from None
         try:
             yield f
         finally:

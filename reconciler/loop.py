@@ -4,14 +4,22 @@ The loop decides only *when* an instance is reconciled; *what* is done is the on
 and executor that `--dry-run` and apply use. Level-triggered and idempotent, as
 controller-runtime's reconcilers are:
 
-- watchdog (inotify) sees the manifest directory; a changed file is read again once its
-  writes have been quiet for `DEBOUNCE` seconds (a burst of writes is one reconcile; an
-  atomic write, temp file + rename, is one change, and hidden temp files are never read),
-  and the instances it names (before and after) are queued;
+- watchdog (inotify) sees the manifest directory; a file is read again when a writer has
+  closed it (IN_CLOSE_WRITE) or it was renamed into the directory, after `DEBOUNCE` seconds
+  of quiet (a burst of writes is one reconcile; an atomic write, temp file + rename, is one
+  change, and hidden temp files are never read), and the instances it names (before and
+  after) are queued. No file is read while a process holds it open for writing
+  (reconciler/writers.py): half a manifest rewritten in place is a valid manifest naming
+  fewer disks;
 - every `resync` seconds every pool is observed again and every manifest whose file
-  changed is read again, so drift (a volume removed behind the reconciler's back) is found
-  without any event: one plan of everything, as a dry run makes, and the instances with
-  something to do are queued;
+  changed is read again, unless a writer holds it open, so drift (a volume removed behind
+  the reconciler's back) is found without any event: one plan of everything, as a dry run
+  makes, and the instances with something to do are queued;
+- destructive actions of an instance that a manifest still names (a disk removed from it)
+  wait until each of its files has been closed and unchanged for `settle` seconds, and
+  those of one whose manifest was just removed (--prune) for `settle` seconds after that
+  (the instance is Ready False, reason Settling, meanwhile); creates, resizes and
+  tombstones do not wait;
 - workers take instances off a work queue (reconciler/workqueue.py) and reconcile one
   instance at a time each: plan it against its own records and volumes, apply, and map
   the outcome, in one place (`settlement`), to a queue action, a status and a metric
@@ -23,7 +31,8 @@ controller-runtime's reconcilers are:
   interval beyond `safety.maxDeletePercent` of the managed disks (and more than
   `safety.deleteGuardFloor`) wait, Degraded with reason DeleteGuard;
 - SIGTERM and SIGINT start nothing new, let the steps under way finish and exit 0; SIGHUP
-  reloads the config (a bad one is reported and the old one kept).
+  reloads the config (a bad one is reported and the old one kept) and reads every manifest
+  again, since whether one is valid depends on the config.
 """
 
 from __future__ import annotations
@@ -37,8 +46,8 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -78,10 +87,12 @@ from reconciler.session import Session
 from reconciler.statedir import private_dir, private_file
 from reconciler.status import InstanceStatus, StatusStore, now_iso, with_conditions
 from reconciler.workqueue import WorkQueue
+from reconciler.writers import held_for_writing
 
 log = get_logger("reconciler.loop")
 
 DEBOUNCE = 0.05
+DEFAULT_SETTLE = 5.0  # seconds a manifest is closed and unchanged before a disk it drops goes
 DEFAULT_RESYNC = 60.0
 DEFAULT_WORKERS = 4
 SIGNAL_POLL = 0.2  # seconds: the longest a signal waits for its handler
@@ -233,8 +244,15 @@ class ManifestIndex:
                 if not paths:
                     del self.by_instance[inst]
 
-    def refresh(self, config: Config) -> set[str]:
-        """Read every file whose stat changed, forget the removed ones: what changed."""
+    def refresh(
+        self,
+        config: Config,
+        *,
+        skip: Callable[[str], bool] | None = None,
+        force: bool = False,
+    ) -> set[str]:
+        """Read every file whose stat changed (every file if `force`) but those `skip`
+        keeps as last read, forget the removed ones: what changed."""
         changed: set[str] = set()
         present = set(self.names())
         with self.lock:
@@ -242,8 +260,20 @@ class ManifestIndex:
         for path in known - present:
             changed |= self.forget(path)
         for path in sorted(present):
-            changed |= self.read(path, config, if_changed=True)
+            if skip is not None and skip(path):
+                continue
+            changed |= self.read(path, config, if_changed=not force)
         return changed
+
+    def key(self, path: str) -> tuple[int, int, int, int, int] | None:
+        """The stat key of the file as last read (None: never read)."""
+        with self.lock:
+            e = self.files.get(path)
+            return e.key if e is not None else None
+
+    def paths_of(self, instance: str) -> list[str]:
+        with self.lock:
+            return sorted(self.by_instance.get(instance, ()))
 
     def unknown_failures(self) -> list[FailedManifest]:
         """Files that failed to load without saying which instance they are for."""
@@ -278,6 +308,11 @@ class _Events(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory or event.event_type in ("opened", "closed_no_write"):
             return
+        # A close after writing, a rename and a removal end a write. A modification or a
+        # creation may be a writer in the middle of the file (or a chmod, or a rename from
+        # another directory, which watchdog reports as a creation): the file is read only
+        # once no process holds it open for writing.
+        ended = event.event_type in ("closed", "moved", "deleted")
         for p in (event.src_path, getattr(event, "dest_path", "")):
             path = os.fsdecode(p) if p else ""
             if (
@@ -285,7 +320,7 @@ class _Events(FileSystemEventHandler):
                 and os.path.dirname(path) == str(self.loop.index.dir)
                 and ManifestIndex.wanted(os.path.basename(path))
             ):
-                self.loop.changed(path)
+                self.loop.changed(path, ended=ended)
 
 
 class StateLock:
@@ -398,6 +433,7 @@ class Loop:
         directory: Path,
         *,
         resync: float = DEFAULT_RESYNC,
+        settle: float = DEFAULT_SETTLE,
         prune: bool = False,
         workers: int = DEFAULT_WORKERS,
         jobs: int = 1,
@@ -408,6 +444,7 @@ class Loop:
         self.config = load_config(config_path)
         self.index = ManifestIndex(directory.resolve())
         self.resync_interval = resync
+        self.settle = settle
         self.prune = prune
         self.workers = workers
         self.jobs = jobs
@@ -420,6 +457,11 @@ class Loop:
         self._reload = False
         self._pending: dict[str, float] = {}  # file -> when its writes went quiet
         self._pending_cond = threading.Condition()
+        # Under _pending_cond: files written and not closed since (a writer may hold them),
+        # and when each file last had an event (monotonic), for the settle time.
+        self._open: set[str] = set()
+        self._touched: dict[str, float] = {}
+        self._changed_at: dict[str, float] = {}  # instance -> its manifests last changed
         self._queued_at: dict[str, float] = {}
         self._deletes: deque[tuple[float, int]] = deque()  # (when, disks destroyed)
         self._deletes_lock = threading.Lock()
@@ -441,11 +483,55 @@ class Loop:
             self.queue.add(instance)
         self.metrics.depth.set(self.queue.depth())
 
-    def changed(self, path: str) -> None:
-        """A manifest file had an event: read it once its writes are quiet."""
+    def changed(self, path: str, *, ended: bool = True) -> None:
+        """A manifest file had an event: read it once its writes are quiet and, unless
+        `ended` (closed, renamed, removed), once no writer holds it open."""
         with self._pending_cond:
-            self._pending[path] = time.monotonic() + DEBOUNCE
+            now = time.monotonic()
+            self._touched[path] = now
+            if ended:
+                self._open.discard(path)
+            else:
+                self._open.add(path)
+            self._pending[path] = now + DEBOUNCE
             self._pending_cond.notify()
+
+    def _held_open(self, path: str) -> bool:
+        """Whether a writer holds `path` open (then its close is awaited). Asked of every
+        file about to be read, not only of those with writes and no close: events come
+        late (watchdog holds inotify's for half a second to pair renames), and the close
+        of one write may be read after the next writer opened the file again. The
+        kernel's answer (a lease) is cheap; /proc is scanned, where the kernel cannot
+        say, only for a file that had writes without a close."""
+        with self._pending_cond:
+            was_open = path in self._open
+        if path in held_for_writing([path], scan=was_open):
+            with self._pending_cond:
+                self._open.add(path)
+            log.info("manifest.held_open", file=path, waits="for the writer to close it")
+            return True
+        with self._pending_cond:
+            self._open.discard(path)
+        return False
+
+    def _busy(self) -> Callable[[str], bool]:
+        """For one pass over the directory (a resync, a reload): whether a file that
+        changed since it was read is held open by a writer, to be kept as last read; a
+        file never read is read (its instance's deletions still wait for the settle
+        time)."""
+
+        def busy(path: str) -> bool:
+            key = self.index.key(path)
+            if key is None:
+                return False
+            try:
+                if stat_key(os.stat(path)) == key:
+                    return False
+            except OSError:
+                return False
+            return self._held_open(path)
+
+        return busy
 
     def _debouncer(self) -> None:
         while not self.stop.is_set():
@@ -460,12 +546,25 @@ class Loop:
                     continue
             for path in due:
                 try:
+                    if self._held_open(path):
+                        continue  # its close is an event of its own
                     for inst in self.index.read(path, self.config):
                         self._manifest_changed(inst)
                 except OSError as e:
                     log.error("manifest.read_failed", file=path, error=str(e))
 
+    def _forget_settled(self) -> None:
+        """Event times older than the settle time say nothing more: dropped, so that a
+        directory with much churn does not grow these maps."""
+        with self._pending_cond:
+            old = time.monotonic() - self.settle
+            for times in (self._touched, self._changed_at):
+                for k in [k for k, t in times.items() if t < old]:
+                    del times[k]
+
     def _manifest_changed(self, instance: str) -> None:
+        with self._pending_cond:
+            self._changed_at[instance] = time.monotonic()
         self.queue.forget(instance)  # a new manifest starts with a fresh backoff
         self.enqueue(instance)
 
@@ -576,7 +675,14 @@ class Loop:
         if old is not None:
             self._old_sessions.append(old)  # workers may still use it; closed at exit
         log.info("config.reloaded", file=self.config_path)
+        # Every manifest is read again: whether it is valid depends on the config (its
+        # pools and images), and an unchanged file would not be read by the resync.
+        try:
+            self.index.refresh(config, skip=self._busy(), force=True)
+        except OSError as e:
+            log.error("manifest.read_failed", file=str(self.index.dir), error=str(e))
         for inst in self.index.instances():
+            self.queue.forget(inst)
             self.enqueue(inst)
 
     def _beater(self) -> None:
@@ -593,7 +699,8 @@ class Loop:
     def _resyncer(self) -> None:
         while not self.stop.wait(self.resync_interval):
             try:
-                changed = self.index.refresh(self.config)
+                self._forget_settled()
+                changed = self.index.refresh(self.config, skip=self._busy())
                 for inst in changed:
                     self._manifest_changed(inst)
                 self.resync()
@@ -635,6 +742,7 @@ class Loop:
                 log.warning("drift", instance=w.instance, disk=w.disk, volume=w.volume)
         everyone = {i.instance for i in desired.instances}
         everyone |= {r.instance for r in observed.records if r.kind is RecordKind.DISK}
+        everyone |= {f.instance for f in desired.failed if f.instance}  # invalid: a status too
         queued = 0
         known = {st.instance: st for st in self.status.all()}
         converged: list[InstanceStatus] = []
@@ -708,9 +816,26 @@ class Loop:
         wanted: tuple[DesiredInstance, ...] = desired.instances
         bad: tuple[FailedInput, ...] = desired.failed + unknown
         p = session.plan_instance(instance, wanted, bad, opts)
-        errors = list(p.errors)
+        errors = [_located(e, [*failed, *self.index.unknown_failures()]) for e in p.errors]
         failed_steps = 0
         if p.actions:  # what can be done is done, beside what is refused (as one-shot runs)
+            wait, held = self._unsettled(instance, wanted, p)
+            if wait > 0:
+                doomed = sorted({a.disk for a in p.actions if a.destructive})
+                why = (
+                    f"a process holds {', '.join(held)} open for writing"
+                    if held
+                    else f"until the manifest has been closed and unchanged for {self.settle:g} s"
+                )
+                msg = f"{len(doomed)} disk(s) to destroy ({', '.join(doomed)}): waiting {why}"
+                # Waiting, not settled: the instance is queued again once the time is up.
+                settling = Outcome(
+                    Result.WAITING, ("False", "Settling", msg), ("False", "AsExpected", "")
+                )
+                self._write_status(instance, settling)
+                log.info("settling", instance=instance, disks=doomed, seconds=round(wait, 3))
+                self.enqueue(instance, delay=wait)
+                return
             guard = self._guard(p)
             if guard is not None:
                 self._write_status(instance, guard)
@@ -760,6 +885,50 @@ class Loop:
             case QueueAction.FORGET:
                 self.queue.forget(instance)
         self.metrics.reconciled(s.label)
+
+    def _unsettled(
+        self, instance: str, wanted: tuple[DesiredInstance, ...], p: Plan
+    ) -> tuple[float, list[str]]:
+        """Seconds until a plan that destroys disks of an instance a manifest still names
+        may be applied: each of its files closed (no writer holds it) and unchanged for
+        `settle` seconds, by the loop's events and by the file's ctime (a change whose
+        events were missed, or made before the loop started); 0: go ahead. And the files
+        a writer holds open, if that is why."""
+        if not any(a.destructive for a in p.actions):
+            return 0.0, []
+        now, wall = time.monotonic(), time.time()
+        if not wanted:
+            # No manifest names it (--prune): one removed a moment ago may be on its way
+            # back (an editor that unlinks and writes anew, `rm f; cat > f`).
+            with self._pending_cond:
+                t = self._changed_at.get(instance)
+            return (max(0.0, t + self.settle - now) if t is not None else 0.0), []
+        if all(d.deleted for d in wanted):
+            return 0.0, []  # a tombstone: never half a file
+        paths = self.index.paths_of(instance)
+        wait = 0.0
+        with self._pending_cond:
+            if any(path in self._open or path in self._pending for path in paths):
+                return self.settle, []  # written and not closed, or its event not read yet
+            times = [self._touched.get(path) for path in paths]
+            times.append(self._changed_at.get(instance))
+        for t in times:
+            if t is not None:
+                wait = max(wait, t + self.settle - now)
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return self.settle, []  # removed since it was read: its event follows
+            if stat_key(st) != self.index.key(path):
+                return self.settle, []  # changed since it was read
+            age = wall - st.st_ctime  # ctime, which no one can set (mtime can be)
+            if age >= -1.0:  # a ctime in the future is a clock that went back: ignored
+                wait = max(wait, min(self.settle - age, self.settle))
+        if wait > 0:
+            return wait, []
+        held = sorted(held_for_writing(paths))
+        return (self.settle if held else 0.0), held
 
     def _guard(self, p: Plan) -> Outcome | None:
         """The delete guard: destructive actions beyond the share allowed in one resync
@@ -820,6 +989,16 @@ class Loop:
             )
             return Outcome(
                 Result.WAITING, ("Unknown", "NoManifest", msg), ("False", "NoManifest", msg)
+            )
+        elsewhere = [w for w in warnings if w.code is ProblemCode.OWNED_ELSEWHERE]
+        if elsewhere:
+            # Another live host owns the instance (it is moving): not ready here, and not
+            # an error either; a resync plans the take-over once that host lets it go.
+            msg = f"{len(elsewhere)} disk(s) owned by another host: {elsewhere[0].message}"
+            return Outcome(
+                Result.WAITING,
+                ("False", ProblemCode.OWNED_ELSEWHERE.reason, msg),
+                ("False", "AsExpected", ""),
             )
         done = f"{len(p.actions)} action(s) applied" if p and p.actions else "nothing to do"
         return Outcome(Result.CONVERGED, ("True", "Converged", done), ("False", "AsExpected", ""))
@@ -893,6 +1072,19 @@ class Loop:
 def _ready(s: InstanceStatus) -> bool:
     c = s.condition("Ready")
     return c is not None and c.status == "True"
+
+
+def _located(e: Problem, failed: list[FailedManifest]) -> Problem:
+    """An invalid manifest's error as `reconcile validate` says it, file:line:column first
+    (the plan keeps file and line apart, and no column)."""
+    if e.code != "manifest-invalid":
+        return e
+    for f in failed:
+        for err in f.errors:
+            text = f"{err.field}: {err.message}" if err.field else err.message
+            if (f.file, err.location.line, text) == (e.file, e.line, e.message):
+                return replace(e, message=str(err))
+    return e
 
 
 def _apply_failed(disk: str, message: str) -> Problem:

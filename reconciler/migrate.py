@@ -30,7 +30,7 @@ from typing import Any
 
 from reconciler import faults
 from reconciler.diff.model import Action
-from reconciler.drivers.base import ManagingDriver, VolumeExists
+from reconciler.drivers.base import ManagingDriver, VolumeExists, check_unused
 from reconciler.errors import ReconcileError
 from reconciler.logs import get_logger
 from reconciler.naming import migration_name, retained_name
@@ -151,14 +151,7 @@ class Migrator:
         return rec
 
     def _check_unused(self, src: ManagingDriver, rec: DiskRecord) -> None:
-        att = src.attachments()
-        if not att.known:
-            raise ReconcileError(f"not migrating {rec.pool}/{rec.volume}: {att.why_unknown}")
-        users = att.running.get(rec.volume) or att.defined.get(rec.volume)
-        if users:
-            raise ReconcileError(
-                f"not migrating {rec.pool}/{rec.volume}: it is used by domain(s) {', '.join(users)}"
-            )
+        check_unused(src, rec.volume, "migrating")
 
     def _copy(self, src: ManagingDriver, rec: DiskRecord, mig: Migration) -> None:
         dst = self.driver(mig.pool)
@@ -239,6 +232,10 @@ class Migrator:
         dst = self.driver(mig.pool)
         if mig.pool == rec.pool:
             if dst.volume_exists(mig.volume):  # not renamed yet
+                if dst.volume_exists(rec.volume):
+                    # The old volume is renamed away or replaced by the copy: a domain
+                    # defined since the copy began would lose (or silently swap) its disk.
+                    self._check_unused(dst, rec)
                 if mig.retained_as is not None and dst.volume_exists(rec.volume):
                     dst.rename_volume(rec.volume, mig.retained_as, replace=False)
                     faults.point("volume.retained")
@@ -250,6 +247,10 @@ class Migrator:
             dst.keep_record_copy(new)
         else:
             src = self.driver(rec.pool)
+            if not retain and src.volume_exists(rec.volume):
+                # Before the record moves: a domain defined since the copy began keeps its
+                # disk, and the disk stays where that domain's definition says it is.
+                self._check_unused(src, rec)
             new = self.store.get(mig.pool, mig.final_volume) or self._claim_target(rec, moved)
             if new.instance != rec.instance or new.disk != rec.disk or new.spec != mig.spec:
                 raise ReconcileError(
@@ -258,7 +259,6 @@ class Migrator:
                 )
             dst.keep_record_copy(new)
             if not retain and src.volume_exists(rec.volume):
-                self._check_unused(src, rec)  # a domain defined since the copy began
                 src.delete_volume(rec.volume)
             self.store.delete(rec.pool, rec.volume, rec.generation, durable=False)
             faults.point("record.deleted")

@@ -8,7 +8,11 @@ CI job far from the host makes the very plan the host would make from that state
 
 The file is versioned (`format_version`), deterministic JSON (pools, volumes and
 records sorted; each record as stored; `.json.gz` is gzip with no timestamp inside),
-written atomically. Reading it checks everything
+written atomically. The version grows whenever the content does, and LACKS says, per
+older version, what a file of it may not carry: a pool's fact that is absent is marked
+unknown (ObservedPool.unknown), never read as a default, and the planner refuses what
+depends on it with a plan error that says to re-export. A file of the current version
+carries every field. Reading it checks everything
 with pydantic: a malformed, truncated or unknown-version file, or records that disagree
 with the volumes beside them, is an error naming the file and the field. It is read within
 bounds (reconciler/bounded.py): a regular file, opened without blocking, at most
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from reconciler.bounded import UnsafeInput, gunzip, load_json, read_regular
 from reconciler.diff.model import Holder, Observed, ObservedPool
@@ -35,7 +39,30 @@ from reconciler.schema.config import Config
 from reconciler.schema.record import BadRecord, DiskRecord
 from reconciler.schema.write import write_atomic_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Per older version, the pool fields its files may lack: version 1 grew them without its
+# number growing (shared, held: take-over and hand-over; available, allocated, layouts:
+# migrations; thick_unit: LVM targets), so a version 1 file may have any of them or none.
+LACKS: dict[int, tuple[str, ...]] = {
+    1: ("shared", "held", "available", "allocated", "layouts", "thick_unit"),
+}
+OLDER = "its format predates them; re-export it with `reconcile observe`"
+# An export is made without manifests, and the holds a host reads are those of the disks
+# its manifests name (Session.observe): a state never says which of a shared pool's disks
+# another host holds, so what depends on that is planned on the host.
+NO_HOLDS = (
+    "an export does not read other hosts' holds on the disks the manifests name (it reads "
+    "no manifests); plan this on the host"
+)
+# What an absent field is read as, only so the file validates: it is marked unknown.
+_PLACEHOLDER: dict[str, Any] = {
+    "shared": False,
+    "held": {},
+    "available": None,
+    "allocated": {},
+    "layouts": [],
+    "thick_unit": 0,
+}
 # The most a state file may be, as read and as inflated: far above a host's (a record is
 # about 1 KiB), far below what would exhaust the memory of the machine planning from it.
 MAX_STATE_BYTES = 128 << 20
@@ -80,21 +107,22 @@ class StateHolder(_Strict):
 
 
 class StatePool(_Strict):
+    # Every field required: a default would plan something the host did not see.
     volumes: list[str] | None
-    error: str | None = None
-    managed_elsewhere: bool = False
-    header_formats: dict[str, str] = Field(default_factory=dict)
-    attached: dict[str, list[str]] = Field(default_factory=dict)
-    running: dict[str, list[str]] = Field(default_factory=dict)
-    attachments_known: bool = True
-    attachments_why: str = ""
-    shared: bool = False
-    held: dict[str, StateHolder] = Field(default_factory=dict)
-    # What migrations are judged by (ObservedPool); absent in files from before them.
-    available: int | None = None
-    allocated: dict[str, int] = Field(default_factory=dict)
-    layouts: list[str] = Field(default_factory=list)
-    thick_unit: int = 0
+    error: str | None
+    managed_elsewhere: bool
+    header_formats: dict[str, str]
+    attached: dict[str, list[str]]
+    running: dict[str, list[str]]
+    attachments_known: bool
+    attachments_why: str
+    shared: bool
+    held: dict[str, StateHolder]
+    # What migrations are judged by (ObservedPool).
+    available: int | None
+    allocated: dict[str, int]
+    layouts: list[str]
+    thick_unit: int
 
 
 class StateBadRecord(_Strict):
@@ -122,14 +150,14 @@ class StateConfig(_Strict):
 
 
 class StateFile(_Strict):
-    format_version: Literal[1]
+    format_version: Literal[1, 2]
     kind: Literal["ObservedState"]
     observed_at: str
     host: str
     config: StateConfig
     pools: dict[str, StatePool]
     records: list[DiskRecord]
-    bad_records: list[StateBadRecord] = Field(default_factory=list)
+    bad_records: list[StateBadRecord]
 
 
 @dataclass(frozen=True)
@@ -234,6 +262,20 @@ def _field(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _fill_lacking(doc: dict[str, Any], lacking: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """In a file of an older version, the fields `lacking` that each pool does not carry:
+    filled with a placeholder so the file validates, and returned per pool as unknown."""
+    pools = doc.get("pools")
+    if not lacking or not isinstance(pools, dict):
+        return {}
+    unknown = {}
+    for name, p in pools.items():
+        if isinstance(p, dict) and (absent := [f for f in lacking if f not in p]):
+            p.update({f: _PLACEHOLDER[f] for f in absent})
+            unknown[name] = dict.fromkeys(absent, OLDER)
+    return unknown
+
+
 def load(path: str) -> tuple[Observed, StateInfo]:
     """Read and check a state file; StateError names the file and the field."""
     try:
@@ -248,11 +290,13 @@ def load(path: str) -> tuple[Observed, StateInfo]:
     if not isinstance(doc, dict):
         raise StateError(f"{path}: not an observed state (expected a JSON object)")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION and (type(version) is not int or version not in LACKS):
+        known = ", ".join(str(v) for v in (*sorted(LACKS), FORMAT_VERSION))
         raise StateError(
             f"{path}: format_version: {version!r} is not a state format this reconciler "
-            f"knows ({FORMAT_VERSION}); export it again with this version's 'reconcile observe'"
+            f"knows ({known}); export it again with this version's 'reconcile observe'"
         )
+    unknown = _fill_lacking(doc, LACKS.get(version, ()))
     try:
         state = StateFile.model_validate(doc)
     except ValidationError as e:
@@ -298,6 +342,7 @@ def load(path: str) -> tuple[Observed, StateInfo]:
             dict(p.allocated),
             frozenset(p.layouts),
             p.thick_unit,
+            {**unknown.get(name, {}), **({"held": NO_HOLDS} if p.shared else {})},
         )
         for name, p in state.pools.items()
     }

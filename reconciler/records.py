@@ -188,13 +188,19 @@ class Records:
         return store if isinstance(store, SharedRecordStore) else None
 
     def holds(
-        self, wanted: Mapping[str, Iterable[str]], known: Iterable[tuple[str, str]], expiry: float
+        self,
+        wanted: Mapping[str, Mapping[str, str]],
+        known: Iterable[tuple[str, str]],
+        expiry: float,
     ) -> Holds:
         """For the volumes of shared pools a manifest here names (`wanted`: pool ->
-        volumes) that are not among this host's records (`known`), read their records by
-        name: another host's hold on them (free once released, or once that host's
-        heartbeat is `expiry` seconds old), or this host's own record that its index lost
-        (a crash while a record was handed over). Pools whose store fails are named."""
+        volume -> instance) that are not among this host's records (`known`), read their
+        records by name: another host's hold on them (free once released, or once that
+        host's heartbeat is `expiry` seconds old), or this host's own record that its index
+        lost (a crash while a record was handed over). A volume with no record at all is
+        held too when a live host has claimed its instance: that host owns all of the
+        instance's disks, so a create here would be refused. Pools whose store fails are
+        named."""
         out = Holds()
         have = set(known)
         for pool, volumes in sorted(wanted.items()):
@@ -206,11 +212,24 @@ class Records:
                 if store is None:
                     continue
                 found = store.read_many(keys)
-                beats = store.heartbeats() if found else {}
+                unmade = [v for p, v in keys if (p, v) not in found]
+                claims = {
+                    i: h
+                    for i, h in store.claimants(sorted({volumes[v] for v in unmade})).items()
+                    if h not in (store.host, RELEASED)
+                }
+                beats = store.heartbeats() if found or claims else {}
             except StoreError as e:
                 out.failed[pool] = _pool_message(pool, e)
                 continue
             now = time.time()
+            for volume in unmade:
+                claimant = claims.get(volumes[volume])
+                if claimant is None:
+                    continue
+                held = _claim_holder(claimant, volumes[volume], beats, now, expiry)
+                if held is not None:
+                    out.held.setdefault(pool, {})[volume] = held
             for (p, volume), got in found.items():
                 if isinstance(got, BadRecord):
                     out.bad.append(got)
@@ -320,6 +339,21 @@ def _holder(got: Any, beats: Mapping[str, float], now: float, expiry: float) -> 
         why = f"host {got.host}, whose heartbeat expired {age:.0f} s ago (limit {expiry:g} s)"
         return Holder(got.host, gen, True, why)
     return Holder(got.host, gen, False, f"host {got.host} (heartbeat {max(age, 0):.0f} s ago)")
+
+
+def _claim_holder(
+    host: str, instance: str, beats: Mapping[str, float], now: float, expiry: float
+) -> Holder | None:
+    """The hold of a live host's claim on a disk of `instance` that has no record yet;
+    None when that host is gone (apply's create fences it and takes the claim, as a
+    take-over of its records does)."""
+    beat = beats.get(host)
+    if beat is None or now - beat >= expiry:
+        return None
+    age = max(now - beat, 0)
+    why = f"host {host} (heartbeat {age:.0f} s ago), which has claimed instance {instance}"
+    # No record to take over: generation 0 names none (never used, the hold is not free).
+    return Holder(host, 0, False, why)
 
 
 def _misplaced(r: DiskRecord) -> BadRecord:

@@ -137,10 +137,10 @@ class Session:
         return Observed(pools, tuple(records), tuple(bad))
 
     def _with_holds(self, observed: Observed, desired: Desired) -> Observed:
-        wanted: dict[str, set[str]] = {}
+        wanted: dict[str, dict[str, str]] = {}
         for inst in desired.instances:
             for d in inst.disks:
-                wanted.setdefault(d.spec.pool, set()).add(d.volume)
+                wanted.setdefault(d.spec.pool, {})[d.volume] = d.instance
         known = [r.key() for r in observed.records]
         known += [(b.pool, b.volume) for b in observed.bad_records]
         pools, records, bad = self._share(dict(observed.pools), wanted, known)
@@ -149,11 +149,12 @@ class Session:
     def _share(
         self,
         pools: dict[str, ObservedPool],
-        wanted: Mapping[str, set[str]],
+        wanted: Mapping[str, Mapping[str, str]],
         known: Sequence[tuple[str, str]],
     ) -> tuple[dict[str, ObservedPool], list[DiskRecord], list[BadRecord]]:
         """Mark the pools many hosts share, with the holds other hosts have on the disks
-        `wanted` names (Records.holds); a pool whose store fails gets that error."""
+        `wanted` names (pool -> volume -> instance, Records.holds); a pool whose store
+        fails gets that error."""
         holds = self.store.holds(
             {p: v for p, v in wanted.items() if p in pools and pools[p].volumes is not None},
             known,
@@ -239,10 +240,10 @@ class Session:
                 drv,
                 [r.volume for r in records if r.pool == pool],
             )
-        wanted_vols: dict[str, set[str]] = {}
+        wanted_vols: dict[str, dict[str, str]] = {}
         for inst in wanted:
             for d in inst.disks:
-                wanted_vols.setdefault(d.spec.pool, set()).add(d.volume)
+                wanted_vols.setdefault(d.spec.pool, {})[d.volume] = d.instance
         pools, found, bad = self._share(pools, wanted_vols, [r.key() for r in records])
         records.extend(found)
         opts = options or self.options

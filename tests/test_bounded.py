@@ -21,6 +21,7 @@ from reconciler.bounded import (
     inflate,
     json_depth,
     load_json,
+    open_stream,
     read_regular,
 )
 from reconciler.drivers.filepool import RECORD_XATTR
@@ -104,6 +105,25 @@ def test_gzip_is_inflated_to_its_limit_and_no_further() -> None:
         inflate(zlib.compress(b"abc")[:-2], what="z", max_bytes=1024)
 
 
+def _refusals(tmp_path: Path, call: str, names: tuple[str, ...]) -> list[str]:
+    """The UnsafeInput of `call` (on `path`, `what` = `name`) for each name (under
+    tmp_path unless absolute), one line each, from a child process: a hang is the
+    timeout's error."""
+    script = f"""
+from reconciler.bounded import UnsafeInput, open_stream, read_regular
+for name in {names!r}:
+    path = name if name.startswith("/") else {str(tmp_path)!r} + "/" + name
+    try:
+        {call}
+    except UnsafeInput as e:
+        print(e)
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    return res.stdout.splitlines()
+
+
 def test_only_regular_files_are_read_and_nothing_blocks(tmp_path: Path) -> None:
     """A FIFO, a device, a directory and (unless followed) a symbolic link are refused at
     once; a file over the limit too. A child process, so a hang is the timeout's error."""
@@ -113,23 +133,12 @@ def test_only_regular_files_are_read_and_nothing_blocks(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(good)
     (tmp_path / "fifolink").symlink_to(tmp_path / "fifo")
     (tmp_path / "big").write_bytes(b"x" * 100)
-    script = f"""
-from reconciler.bounded import UnsafeInput, read_regular
-for name in ("fifo", "link", "fifolink", "/dev/zero", "dir", "big"):
-    path = name if name.startswith("/") else {str(tmp_path)!r} + "/" + name
-    try:
-        read_regular(path, what=name, max_bytes=10)
-    except UnsafeInput as e:
-        print(e)
-"""
     (tmp_path / "dir").mkdir()
-    res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert res.stdout.splitlines() == [
+    names = ("fifo", "link", "fifolink", "/dev/zero", "dir", "big")
+    assert _refusals(tmp_path, "read_regular(path, what=name, max_bytes=10)", names) == [
         "fifo: is a FIFO, not a regular file; not read",
-        "link: is a symbolic link; not read",
-        "fifolink: is a symbolic link; not read",
+        "link: is a symbolic link, not a regular file; not read",
+        "fifolink: is a symbolic link, not a regular file; not read",
         "/dev/zero: is a character device, not a regular file; not read",
         "dir: is a directory, not a regular file; not read",
         "big: 100 bytes, more than the 10 allowed",
@@ -138,6 +147,59 @@ for name in ("fifo", "link", "fifolink", "/dev/zero", "dir", "big"):
     assert read_regular(str(tmp_path / "link"), what="l", max_bytes=5, follow_symlinks=True)
     with pytest.raises(FileNotFoundError):
         read_regular(str(tmp_path / "missing"), what="m", max_bytes=5)
+
+
+def test_a_stream_is_only_of_a_regular_file_and_has_no_limit(tmp_path: Path) -> None:
+    """open_stream (a file:// image) refuses a FIFO, a device and a directory at once, as
+    read_regular does, follows a link only if told to, and streams a regular file to its
+    end whatever its size. A child process, so a hang is the timeout's error."""
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(3 << 20))
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(big)
+    names = ("fifo", "/dev/zero", "dir", "link")
+    assert _refusals(tmp_path, "open_stream(path, what=name).close()", names) == [
+        "fifo: is a FIFO, not a regular file; not read",
+        "/dev/zero: is a character device, not a regular file; not read",
+        "dir: is a directory, not a regular file; not read",
+        "link: is a symbolic link, not a regular file; not read",
+    ]
+    with open_stream(str(big), what="big") as f:
+        assert f.read() == big.read_bytes()
+    with open_stream(str(tmp_path / "link"), what="l", follow_symlinks=True) as f:
+        assert f.read() == big.read_bytes()
+
+
+@pytest.mark.parametrize("swap", ["file", "link"])
+def test_without_proc_a_name_swapped_after_the_check_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    """Where /proc is missing the checked file is opened again by name; if another file
+    or a symbolic link was put under the name in between, nothing is read."""
+    good = tmp_path / "good"
+    good.write_bytes(b"checked")
+    other = tmp_path / "other"
+    other.write_bytes(b"swapped")
+    real_open = os.open
+
+    def no_proc(path: str, flags: int, *args: int) -> int:
+        if str(path).startswith("/proc/self/fd/"):
+            if swap == "file":
+                os.replace(other, good)
+            else:
+                good.unlink()
+                good.symlink_to(other)
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_proc)
+    why = {
+        "file": "g: replaced by another file while it was opened; run again",
+        "link": "g: replaced by a symbolic link while it was opened; not read",
+    }[swap]
+    with pytest.raises(UnsafeInput, match=f"^{why}$"):
+        read_regular(str(good), what="g", max_bytes=100)
 
 
 @pytest.mark.libvirtd

@@ -196,7 +196,10 @@ def test_a_bad_disk_info_is_that_instances_error_only(env: Env, tmp_path: Path) 
         "latin1": ("0d000002-1111-4222-8333-444444444444", "not UTF-8 text (byte 2 is 0xe9)"),
         "deep": ("0d000003-1111-4222-8333-444444444444", "JSON nested deeper than 2 levels"),
         "fifo": ("0d000004-1111-4222-8333-444444444444", "is a FIFO, not a regular file; not read"),
-        "link": ("0d000005-1111-4222-8333-444444444444", "is a symbolic link; not read"),
+        "link": (
+            "0d000005-1111-4222-8333-444444444444",
+            "is a symbolic link, not a regular file; not read",
+        ),
         "huge": ("0d000006-1111-4222-8333-444444444444", "1073741824 bytes, more than"),
     }
     for kind, (inst, _) in bad.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -672,3 +673,210 @@ def test_the_delete_guard_counts_the_managed_disks_as_they_are_now(env: Env) -> 
 
         wait_until("the guard to count ten", counted_again)
         assert env.volume(insts[0], "disk").exists()
+
+
+def _yaml_manifest(inst: str, disks: list[dict[str, Any]]) -> tuple[str, list[int]]:
+    """A manifest's YAML text and the offsets where each disk's entry ends but the last:
+    cut there, the text is a valid manifest naming fewer disks."""
+    import yaml
+
+    head = yaml.safe_dump(
+        {"apiVersion": "reconciler/v1", "kind": "InstanceStorage", "instance": inst},
+        sort_keys=False,
+    )
+    text = head + "disks:\n"
+    cuts = []
+    for d in disks:
+        cuts.append(len(text))
+        text += yaml.safe_dump([d], sort_keys=False)
+    return text, cuts[1:]
+
+
+def _volumes(env: Env, inst: str, names: list[str]) -> dict[str, tuple[int, bytes]]:
+    """Each volume's inode and first bytes."""
+    out = {}
+    for n in names:
+        v = env.volume(inst, n)
+        with open(v, "rb") as f:
+            out[n] = (os.fstat(f.fileno()).st_ino, f.read(64))
+    return out
+
+
+def _paused(lp: Loop, seconds: float) -> Callable[[], bool]:
+    """True once `seconds` have passed and two resyncs have run since it was made."""
+    start, resyncs = time.monotonic(), lp.metrics.resyncs._value.get()
+    return lambda: (
+        lp.metrics.resyncs._value.get() >= resyncs + 2 and time.monotonic() - start >= seconds
+    )
+
+
+def test_a_manifest_rewritten_in_place_and_paused_at_each_disk_loses_nothing(env: Env) -> None:
+    """`cat >`, `cp` or an editor that does not rename: the writer holds the file open with
+    a valid manifest naming fewer disks in it, for longer than the settle time and across
+    resyncs; neither the watcher nor the resync acts on it, and no disk is deleted."""
+    from reconciler.schema.mcache import stat_key
+
+    settle = 1.5
+    names = ["d0", "d1", "d2"]
+    inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "inplace"))
+    text, cuts = _yaml_manifest(inst, [disk(n, size="1MiB") for n in names])
+    path = env.manifests / "inplace.yaml"
+    with loop(env, resync=0.3, settle=settle) as lp:
+        path.write_text(text)
+        wait_until("the disks", lambda: ready(env, inst, 1))
+        for n in names:  # data the reconciler must keep
+            with open(env.volume(inst, n), "r+b") as f:
+                f.write(f"marker of {n}".encode())
+        before = _volumes(env, inst, names)
+        for cut in [0, *cuts]:  # 0: the file emptied (O_TRUNC), no disks at all
+            read = lp.index.key(str(path))
+            with open(path, "wb") as w:  # as `cat > path` does
+                w.write(text[:cut].encode())
+                w.flush()
+                # The pause: past the settle time twice, and two resyncs after the write.
+                wait_until(
+                    "two resyncs and twice the settle time with the half file",
+                    _paused(lp, 2 * settle),
+                )
+                assert _volumes(env, inst, names) == before, f"cut at {cut}"
+                assert lp.index.key(str(path)) == read  # neither watcher nor resync read it
+                w.write(text[cut:].encode())
+            wait_until(
+                "the whole file to be read",
+                lambda: lp.index.key(str(path)) == stat_key(os.stat(path)),
+            )
+        resyncs = lp.metrics.resyncs._value.get()
+        wait_until(
+            "a resync after the last write", lambda: lp.metrics.resyncs._value.get() > resyncs
+        )
+        wait_until("the queue to drain", lambda: not lp.queue.depth() and not lp.queue.processing())
+        assert _volumes(env, inst, names) == before
+        assert ready(env, inst)
+        deletes = [
+            s
+            for m in lp.metrics.actions.collect()
+            for s in m.samples
+            if s.labels.get("kind") == "delete" and s.value
+        ]
+        assert deletes == []
+
+
+def test_a_disk_removed_from_a_closed_manifest_goes_after_the_settle_time(env: Env) -> None:
+    """A real removal is applied, once the file has been closed and unchanged for the
+    settle time, and not while some process still holds the file open for writing."""
+    settle = 3.0
+    inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "removal"))
+    text, (cut,) = _yaml_manifest(inst, [disk("keep", size="1MiB"), disk("drop", size="1MiB")])
+    path = env.manifests / "removal.yaml"
+    with loop(env, settle=settle):
+        path.write_text(text)
+        wait_until("the disks", lambda: ready(env, inst, 1))
+        drop = env.volume(inst, "drop")
+        keep_ino = env.volume(inst, "keep").stat().st_ino
+        path.write_text(text[:cut])  # in place, and closed: a real removal
+
+        def settling(why: str) -> Callable[[], bool]:
+            def check() -> bool:
+                s = status(env, inst)
+                c = s.condition("Ready") if s else None
+                return c is not None and c.reason == "Settling" and why in c.message
+
+            return check
+
+        wait_until("the deletion to wait for the settle time", settling("unchanged for 3 s"))
+        assert drop.exists()
+        # Opened for writing, and nothing written: no event says when it is done.
+        holder = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            wait_until("the deletion to wait for the holder", settling("holds"))
+            assert drop.exists()
+        finally:
+            os.close(holder)
+        wait_until("the disk to go", lambda: not drop.exists() and ready(env, inst, 2))
+        assert env.volume(inst, "keep").stat().st_ino == keep_ino
+
+
+def test_with_prune_a_manifest_removed_and_written_anew_keeps_its_disks(env: Env) -> None:
+    """An editor that unlinks the file and writes it anew (`rm f; cat > f`): with --prune
+    the instance has no manifest for a moment; its disks wait the settle time, and are kept
+    when the file is back. A file that stays away is pruned after the settle time."""
+    settle = 3.0
+    inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "unlinked"))
+    text, _ = _yaml_manifest(inst, [disk("disk", size="1MiB")])
+    path = env.manifests / "unlinked.yaml"
+    with loop(env, settle=settle, prune=True):
+        path.write_text(text)
+        wait_until("the disk", lambda: ready(env, inst, 1))
+        vol = env.volume(inst, "disk")
+        ino = vol.stat().st_ino
+
+        def settling() -> bool:
+            s = status(env, inst)
+            c = s.condition("Ready") if s else None
+            return c is not None and c.reason == "Settling"
+
+        path.unlink()
+        wait_until("the prune to wait for the settle time", settling)
+        path.write_text(text)
+        wait_until("the instance to be Ready again", lambda: ready(env, inst))
+        assert vol.stat().st_ino == ino
+
+        path.unlink()
+        wait_until("the prune to wait for the settle time", settling)
+        assert vol.exists()
+        wait_until("the prune", lambda: not vol.exists())
+
+
+def test_the_status_of_an_invalid_manifest_says_file_line_and_column(env: Env) -> None:
+    inst = str(uuid.uuid5(uuid.NAMESPACE_DNS, "invalid"))
+    text, _ = _yaml_manifest(inst, [disk("disk", size="1MiB", pool="nowhere")])
+    path = env.manifests / "invalid.yaml"
+    path.write_text(text)
+    rc, _, err = env.main(["validate", "--config", str(env.config_path), str(path)])
+    assert rc != 0
+    (said,) = [line.removeprefix("error: ") for line in err.splitlines() if "error:" in line]
+    assert re.match(rf"{re.escape(str(path))}:\d+:\d+: disks\[0\]\.pool: ", said), said
+    with loop(env):
+
+        def invalid() -> InstanceStatus | None:
+            s = status(env, inst)
+            c = s.condition("Ready") if s else None
+            return s if c is not None and c.reason == "ManifestInvalid" else None
+
+        s = wait_until("the manifest to be found invalid", invalid)
+    assert s.lastError == said
+    rc, out, err = env.main(["status", "--output", "json", "--config", str(env.config_path)])
+    assert rc == 0, err
+    (row,) = [r for r in json.loads(out) if r["instance"] == inst]
+    assert row["lastError"] == said
+    assert {c["type"]: c for c in row["conditions"]}["Ready"]["message"] == said
+
+
+def test_sighup_reads_every_manifest_again_with_the_new_config(
+    env: Env, pools: Any, tmp_path: Path
+) -> None:
+    """An instance invalid only because the config lacked its pool converges once SIGHUP
+    brings a config that has it, though its manifest did not change."""
+    second = pools.make(tmp_path / "second")
+    inst = write(env, "later", [disk("disk", size="1MiB", pool="second")])
+    proc = _start(env)
+    try:
+        _ready_line(proc)
+
+        def invalid() -> bool:
+            s = status(env, inst)
+            c = s.condition("Ready") if s else None
+            return c is not None and c.reason == "ManifestInvalid" and s is not None and s.terminal
+
+        wait_until("the manifest to be invalid under the old config", invalid)
+        env.pools["second"] = (second.name, second.path)
+        env.write_config()
+        proc.send_signal(signal.SIGHUP)
+        wait_until("the instance to converge", lambda: ready(env, inst))
+        assert env.volume(inst, "disk", pool="second").exists()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -100,3 +100,20 @@ def test_a_damaged_or_foreign_cache_is_ignored(tmp_path: Path) -> None:
     doc = cache_path.read_text()
     cache_path.write_text(doc.replace(ManifestCache(cache_path).fingerprint, "0" * 64))
     assert ManifestCache(cache_path).entries == {}
+
+
+def test_a_cache_over_the_json_bounds_is_ignored_before_it_is_parsed(tmp_path: Path) -> None:
+    """The cache is JSON read as every input is (bounded.load_json): nested deeper than
+    its limit, even with the right fingerprint, or not UTF-8, it is not used."""
+    cache_path = tmp_path / "cache.json"
+    fp = ManifestCache(cache_path).fingerprint
+    deep = "[" * 70 + "]" * 70
+    cache_path.write_text(f'{{"fingerprint": "{fp}", "entries": {{"x": {deep}}}}}')
+    assert ManifestCache(cache_path).entries == {}
+    shallow = "[" * 3 + "]" * 3  # the same cache, within the limit, is read
+    cache_path.write_text(f'{{"fingerprint": "{fp}", "entries": {{"x": {shallow}}}}}')
+    assert ManifestCache(cache_path).entries == {"x": [[[]]]}
+    cache_path.write_bytes(b'{"fingerprint": "\xe9"}')
+    assert ManifestCache(cache_path).entries == {}
+    cache_path.write_text("[" * 100_000)
+    assert ManifestCache(cache_path).entries == {}

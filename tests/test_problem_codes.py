@@ -72,7 +72,9 @@ def test_every_member_is_emitted_somewhere() -> None:
 @pytest.mark.parametrize("code", list(ProblemCode), ids=str)
 def test_every_member_has_one_outcome(code: ProblemCode) -> None:
     if code.handling is Handling.WARNING:
-        assert code.reason == ""  # a warning never becomes a status reason
+        # A warning never fails a reconcile; only owned-elsewhere names the status the
+        # loop writes for it (waiting, see Loop._outcome).
+        assert code.reason == ("OwnedElsewhere" if code is ProblemCode.OWNED_ELSEWHERE else "")
         return
     assert code.reason and code.reason[0].isupper() and code.reason.isalnum(), code.reason
     o = Outcome.of(Problem(Severity.ERROR, code, "what went wrong"))
@@ -85,8 +87,11 @@ def test_every_member_has_one_outcome(code: ProblemCode) -> None:
 
 
 def test_the_codes_once_retried_forever_wait_for_their_manifest() -> None:
-    for code in ("resize-unsupported", "owned-elsewhere", "delete-threshold"):
+    for code in ("resize-unsupported", "delete-threshold"):
         assert ProblemCode(code).handling is Handling.TERMINAL, code
+    # A live owner elsewhere is the normal state while an instance moves: a warning, and
+    # the loop waits (no backoff) for a resync to plan the take-over.
+    assert ProblemCode("owned-elsewhere").handling is Handling.WARNING
 
 
 def test_each_result_settles_into_one_queue_action_and_label_and_errors_are_errors() -> None:

@@ -1,9 +1,10 @@
 """Pin what the example manifests would do on the host, as a cloud's own repository would.
 
-`observed-state.json` was exported on the host with `reconcile observe --out`; it holds
-the example instances converged but for one drift (db-1's config drive was removed behind
-the reconciler's back). Run with `pytest examples/review`; after a deliberate change to
-the manifests, `pytest examples/review --snapshot-update` and review the diff.
+`observed-state.json` was exported on the host with `reconcile observe --out` (by
+scripts/review-example.sh); it holds the example instances converged but for one drift
+(db-1's config drive was removed behind the reconciler's back). Run with
+`pytest examples/review`; after a deliberate change to the manifests,
+`pytest examples/review --snapshot-update` and review the diff.
 """
 
 from __future__ import annotations

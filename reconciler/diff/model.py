@@ -91,6 +91,9 @@ class ObservedPool:
     allocated: Mapping[str, int] = field(default_factory=dict)
     layouts: frozenset[str] = frozenset()
     thick_unit: int = 0
+    # Facts above (field name -> why, with what to do) that an exported state does not
+    # carry: the planner refuses to plan what depends on them rather than read a default.
+    unknown: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -204,9 +207,8 @@ class ProblemCode(StrEnum):
     PRUNE_REFUSED = "prune-refused", "PruneRefused", Handling.TERMINAL
     MIGRATE_UNSUPPORTED = "migrate-unsupported", "MigrateUnsupported", Handling.TERMINAL
     MIGRATION_CHANGED = "migration-changed", "MigrationChanged", Handling.TERMINAL
-    # Another host holds the disk: a resync plans the take-over once that host lets go
-    # or its heartbeat expires, so no backoff is needed to notice it.
-    OWNED_ELSEWHERE = "owned-elsewhere", "OwnedElsewhere", Handling.TERMINAL
+    # Only from an exported state older than a fact the plan needs (never the loop's).
+    STATE_INCOMPLETE = "state-incomplete", "StateIncomplete", Handling.TERMINAL
     # Only planned without --force (the loop plans with it): the operator decides.
     DELETE_THRESHOLD = "delete-threshold", "DeleteThreshold", Handling.TERMINAL
     # Errors that may pass by themselves: retried with backoff (a resync notices too).
@@ -216,6 +218,10 @@ class ProblemCode(StrEnum):
     POOL_MANAGED_ELSEWHERE = "pool-managed-elsewhere", "PoolManagedElsewhere", Handling.RETRY
     APPLY_FAILED = "apply-failed", "ApplyFailed", Handling.RETRY  # a step failed (the loop's)
     # Warnings only.
+    # Another live host holds the disk (the instance is moving): the normal state, so a
+    # warning (one-shot runs exit 0); the loop's status says OwnedElsewhere, waiting, and a
+    # resync plans the take-over once that host lets go or its heartbeat expires.
+    OWNED_ELSEWHERE = "owned-elsewhere", "OwnedElsewhere"
     UNMANAGED_VOLUMES = "unmanaged-volumes"
     INTERRUPTED_DELETE = "interrupted-delete"
     DRIFT = "drift"

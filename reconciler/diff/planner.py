@@ -42,6 +42,10 @@ SHOWN = 10
 REPLACE_FIELDS = ("backend", "pool", "format", "source")
 # Of those, the ones a migration carries out (a copy keeps the data; a new source does not).
 MIGRATE_FIELDS = frozenset({"backend", "pool", "format"})
+# What a migration is judged by, in the pool it copies out of and the one it copies into
+# (ObservedPool's fields, by name, as an older exported state may lack them).
+SOURCE_FACTS = frozenset({"layouts", "allocated"})
+TARGET_FACTS = frozenset({"layouts", "available", "thick_unit"})
 
 
 def layout(spec: Mapping[str, Any]) -> str:
@@ -137,6 +141,23 @@ class _Planner:
             self.blocked[name].append(subject)
             return None
         return p
+
+    def incomplete(
+        self, pool: ObservedPool, facts: frozenset[str], needs: str, /, **where: Any
+    ) -> bool:
+        """True (with an error) when the observation lacks `facts` of `pool` (an exported
+        state that does not carry them): what depends on them is not planned from a default."""
+        lacks = sorted(f for f in facts if f in pool.unknown)
+        if not lacks:
+            return False
+        why = "; ".join(dict.fromkeys(pool.unknown[f] for f in lacks))
+        self.error(
+            "state-incomplete",
+            f"{needs} cannot be judged from the observed state, which does not say "
+            f"{', '.join(lacks)} of pool {pool.name}: {why}",
+            **where,
+        )
+        return True
 
     def attached(
         self,
@@ -357,6 +378,10 @@ class _Planner:
         if rec is None and held is not None:
             self.held(d, pool, held, where)
             return
+        if rec is None and d.volume not in pool.volumes:
+            needs = "whether another host holds this disk's record"
+            if self.incomplete(pool, frozenset({"shared", "held"}), needs, pool=pool.name, **where):
+                return
         if rec is None:
             if d.volume in pool.volumes:
                 self.reported.add((d.spec.pool, d.volume))
@@ -584,6 +609,10 @@ class _Planner:
                 **at,
             )
             return True
+        needs = "whether and how the disk's data can be kept"
+        for p, facts in ((rpool, SOURCE_FACTS), (pool, TARGET_FACTS)):
+            if self.incomplete(p, facts, needs, **at):
+                return True
         src, dst = layout(rec.spec), layout(spec)
         for p, lay, way in ((rpool, src, "out of"), (pool, dst, "into")):
             if lay not in p.layouts:
@@ -813,10 +842,12 @@ class _Planner:
     def held(
         self, d: DesiredDisk, pool: ObservedPool, held: Holder, where: Mapping[str, Any]
     ) -> None:
-        """A disk whose record another host holds: taken over when it is free, else an
-        error; either way nothing else is done to it in this pass."""
+        """A disk another host holds (its record, or its instance's claim): taken over
+        when it is free, else a warning, for a live owner is the normal state while an
+        instance moves (so a one-shot run here still exits 0); either way nothing else is
+        done to it in this pass."""
         if not held.free:
-            self.error(
+            self.warn(
                 "owned-elsewhere",
                 f"the disk is owned by {held.why}; this host changes nothing until that "
                 "host releases it (its manifest is gone there) or its heartbeat expires",
@@ -871,7 +902,12 @@ class _Planner:
         if rec.state in (RecordState.CREATING, RecordState.DELETING):
             self.remove(rec, "no manifest names this instance")
             return
-        shared = rec.pool in self.observed.pools and self.observed.pools[rec.pool].shared
+        p = self.observed.pools.get(rec.pool)
+        shared = p is not None and p.shared
+        if p is not None and (self.options.prune or self.options.hand_over):
+            needs = "whether the disk is handed over or deleted"
+            if self.incomplete(p, frozenset({"shared"}), needs, **where):
+                return
         if shared and (self.options.prune or self.options.hand_over) and unknown_failed == 0:
             self.hand_over(rec)
             return

@@ -21,6 +21,10 @@ class VolumeExists(ReconcileError):
     """A volume of the name to create already exists: someone else's, never removed."""
 
 
+class VolumeInUse(ReconcileError):
+    """A domain uses the volume a step would destroy: the step fails, nothing is destroyed."""
+
+
 @dataclass(frozen=True)
 class RecordCopies:
     """The copies of records a pool's volumes carry, and the volumes that carry none."""
@@ -200,3 +204,23 @@ class ManagingDriver(PoolDriver, Protocol):
         """Give `old` the name `new` at once (a migration within one pool); `replace` lets
         it take the place of an existing `new`, else VolumeExists is raised."""
         ...
+
+
+def check_unused(d: ManagingDriver, volume: str, doing: str) -> None:
+    """Raise unless no domain defined on the pool's libvirt connection uses `volume`
+    (every domain, listed now, inactive ones included; DESIGN invariant 4).
+
+    The one check every step that destroys a volume makes (a delete, its redo, the old
+    disk of a replace, the old volume of a migration), under the volume's lock and right
+    before it destroys: the plan's check is as old as the plan, and a domain may have been
+    defined since (a saved plan, a loop's queue, a run that waited for the lock).
+    """
+    att = d.attachments()
+    if not att.known:
+        raise VolumeInUse(f"not {doing} {d.name}/{volume}: {att.why_unknown}")
+    users = sorted({*att.defined.get(volume, ()), *att.running.get(volume, ())})
+    if users:
+        raise VolumeInUse(
+            f"not {doing} {d.name}/{volume}: it is used by domain(s) {', '.join(users)}; "
+            "nothing was destroyed (undefine the domain or change its disk, then run again)"
+        )

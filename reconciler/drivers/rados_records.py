@@ -959,6 +959,17 @@ class RadosRecordStore:
             )
         raise ConflictError(f"instance {instance} in {self.where}: its claim keeps changing")
 
+    def claimants(self, instances: list[str]) -> dict[str, str]:
+        """Who has claimed each of `instances` (left out: no claim yet). How a plan knows
+        that a disk without a record yet belongs to an instance another host owns: its
+        create would be refused (`_claim_instance`), so it is planned as owned elsewhere."""
+        out: dict[str, str] = {}
+        for instance in instances:
+            owner = self._claim_owner(claim_object(instance))
+            if owner is not None:
+                out[instance] = owner
+        return out
+
     def _gone(self, host: str) -> bool:
         beat = self.heartbeats().get(host)
         return beat is None or time.time() - beat >= self.heartbeat_expiry

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from reconciler import __version__
+from reconciler.bounded import load_json
 from reconciler.errors import InputError
 from reconciler.logs import get_logger
 from reconciler.schema.common import Backend, DiskFormat
@@ -190,10 +191,12 @@ class ManifestCache:
             )
             return
         try:
-            doc = json.loads(read.data)
+            # Bounded as every input is (bounded.load_json: UTF-8, nesting checked before
+            # the parse recurses); UnsafeInput is a ValueError.
+            doc = load_json(read.data, what=str(path), max_bytes=MAX_CACHE_BYTES)
             if doc.get("fingerprint") == self.fingerprint:
                 self.entries = doc["entries"]
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             self.entries = {}  # damaged (even nested absurdly): it is only a cache
 
     def get(self, path: str, key: Key) -> tuple[Manifest, tuple[int | None, ...]] | None:

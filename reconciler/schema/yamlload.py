@@ -78,7 +78,9 @@ def load_file(
 def load_bytes(raw: bytes, name: str, *, track: bool = True) -> Document:
     """Parse one YAML file's bytes, as read by read_regular."""
     if len(raw) > MAX_FILE_BYTES:
-        raise InputError(f"file is larger than {MAX_FILE_BYTES} bytes", Location(name))
+        raise InputError(
+            f"{len(raw)} bytes, more than the {MAX_FILE_BYTES} allowed", Location(name)
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -92,8 +94,9 @@ def _line_of(text: str, index: int) -> int:
 
 
 def load_text(text: str, file: str, *, track: bool = True) -> Document:
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
-        raise InputError(f"file is larger than {MAX_FILE_BYTES} bytes", Location(file))
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_BYTES:
+        raise InputError(f"{size} bytes, more than the {MAX_FILE_BYTES} allowed", Location(file))
     for ch, name in _ODD_BREAKS.items():
         i = text.find(ch)
         if i >= 0:
