@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
 import os
+import select
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler import __version__, logs, saved_plan
+from reconciler import __version__, internal, logs, saved_plan
 from reconciler.diff import Plan, PlanOptions
 from reconciler.errors import ReconcileError
 from reconciler.render import to_json, to_markdown, to_text
@@ -24,6 +27,7 @@ from reconciler.units import format_size
 
 if TYPE_CHECKING:
     from reconciler.apply import ApplyResult
+    from reconciler.loop import Loop
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -613,16 +617,46 @@ def cmd_watch(argv: Sequence[str]) -> int:
     _setup_logging(args.verbose, base=logs.INFO, json_lines=True)
     if not os.path.isdir(args.directory):
         raise ReconcileError(f"{args.directory}: not a directory")
-    return loop.Loop(
-        config_path(args.config),
-        Path(args.directory),
-        resync=args.resync_interval,
-        settle=args.settle,
-        prune=args.prune,
-        workers=args.workers,
-        metrics_port=args.metrics_port,
-        metrics_address=args.metrics_address,
-    ).run()
+    return _run_watch(
+        loop.Loop(
+            config_path(args.config),
+            Path(args.directory),
+            resync=args.resync_interval,
+            settle=args.settle,
+            prune=args.prune,
+            workers=args.workers,
+            metrics_port=args.metrics_port,
+            metrics_address=args.metrics_address,
+        )
+    )
+
+
+def _run_watch(lp: Loop) -> int:
+    """Run the loop; an unexpected exception that kills any of its threads (resync,
+    heartbeat, the manifest watcher, ...) stops the whole loop and reaches main()'s edge
+    as if raised here. A loop left running without that thread would look alive while
+    it no longer resyncs or renews this host's heartbeat (other hosts would then take its
+    instances); exit 1 and let the service manager start it again."""
+    failed: list[BaseException] = []
+    previous = threading.excepthook
+
+    def hook(a: threading.ExceptHookArgs) -> None:
+        if a.exc_value is None or isinstance(a.exc_value, SystemExit):
+            return
+        if not failed:
+            name = a.thread.name if a.thread is not None else "?"
+            a.exc_value.add_note(f"(in the loop's thread {name})")
+            failed.append(a.exc_value)
+        lp.request_stop()
+
+    threading.excepthook = hook
+    try:
+        rc = lp.run()
+    finally:
+        threading.excepthook = previous
+    if failed:
+        raise failed[0]
+    return rc
 
 
 def _seconds(text: str) -> float:
@@ -701,18 +735,96 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The one edge where every failure becomes its exit code and at most a line or two:
+    ReconcileError is the message as written; anything else is an internal error in one
+    line naming a file that holds its traceback (with -v the traceback is printed
+    instead), exit 1. Ctrl-C exits 130; SystemExit (argparse's usage errors, exit 2)
+    passes through; a reader of stdout that went away (`reconcile ... | head`) ends the
+    run quietly, as other Unix tools do."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _output_never_fails()
     try:
         command = SUBCOMMANDS.get(argv[0]) if argv else None
-        if command is not None:
-            return command(argv[1:])
-        return cmd_plan(argv)  # `reconcile [--dry-run] PATH...`, the default
+        # Without a subcommand's name: `reconcile [--dry-run] PATH...`, the default.
+        rc = command(argv[1:]) if command is not None else cmd_plan(argv)
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at interpreter exit
+        return rc
     except ReconcileError as e:
         print(f"reconcile: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("reconcile: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as e:
+        if _stdout_gone():
+            return _quiet_exit_on_closed_stdout()
+        return _internal_error(e, verbose=_verbose(argv))
+    except Exception as e:  # the edge: whatever else escaped is rendered here, once
+        return _internal_error(e, verbose=_verbose(argv))
+
+
+def _output_never_fails() -> None:
+    """What is printed may quote input (a host name from an exported state, a path from
+    a disk.info), and a string decoded from JSON may hold a lone surrogate, which strict
+    UTF-8 cannot encode: shown escaped (as stderr already does) rather than failing the
+    run halfway through its output."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            reconfigure(errors="backslashreplace")
+
+
+# 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away.
+EXIT_BROKEN_PIPE = 141
+
+
+def _verbose(argv: Sequence[str]) -> bool:
+    """Whether -v/--verbose was given: each subcommand's parser reads it, and the edge
+    must know it even when parsing never finished."""
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            # argparse accepts a unique prefix; `--v`/`--ve` could be --version.
+            if len(arg) >= len("--ver") + 1 and "--verbose".startswith(arg):
+                return True
+        elif len(arg) > 1 and arg.startswith("-") and set(arg[1:]) == {"v"}:
+            return True
+    return False
+
+
+def _internal_error(e: BaseException, *, verbose: bool) -> int:
+    line = f"reconcile: internal error: {internal.one_line(e)}"
+    tb = internal.traceback_text(e)
+    where = None if verbose or not tb else internal.keep_traceback(tb)
+    if where is None:  # asked for (-v), or nowhere to keep it: better on stderr than lost
+        sys.stderr.write(tb)
+        print(line, file=sys.stderr)
+    else:
+        print(f"{line}; traceback in {where}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader went away (a BrokenPipeError may
+    also come from a child's pipe or a socket, which is a failure to report)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured in memory: it cannot break
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def _quiet_exit_on_closed_stdout() -> int:
+    # Python flushes stdout once more at exit and would print "Exception ignored ...
+    # BrokenPipeError": point the descriptor at /dev/null, so nothing is left to fail.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from reconciler import internal
 from reconciler.apply import Executor
 from reconciler.desired import build_desired
 from reconciler.diff import (
@@ -788,7 +789,15 @@ class Loop:
             try:
                 self.reconcile(inst)
             except Exception as e:  # never let one instance kill a worker
-                log.exception("reconcile.crashed", instance=inst, error=str(e))
+                # One line (as the CLI's edge): the traceback goes to a private file.
+                text = internal.traceback_text(e)
+                where = internal.keep_traceback(text)
+                log.error(
+                    "reconcile.crashed",
+                    instance=inst,
+                    error=internal.one_line(e),
+                    traceback=text if where is None else where,  # kept somewhere, never lost
+                )
                 self._settle(inst, Outcome.failed("ReconcileCrashed", str(e), terminal=False))
             finally:
                 took = time.monotonic() - start
