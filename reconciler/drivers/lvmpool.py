@@ -96,6 +96,7 @@ from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordState
+from reconciler.schema.recordcheck import problem
 from reconciler.store import RecordStore
 from reconciler.tools import run
 
@@ -427,6 +428,7 @@ class LvmPoolDriver(entries.EntryCache):
     def record_copies(self) -> RecordCopies:
         found: list[DiskRecord] = []
         without: list[tuple[str, str]] = []
+        refused: list[tuple[str, str]] = []
         for name, tags in sorted(self.lvm.lv_tags().items()):
             try:
                 rec = decode_copy(tags)
@@ -437,11 +439,17 @@ class LvmPoolDriver(entries.EntryCache):
             if rec is None:
                 without.append((name, "no record copy"))
                 continue
-            if (rec.pool, rec.volume) != (self.name, name):
-                without.append((name, f"its record copy describes {rec.pool}/{rec.volume}"))
+            bad = problem(rec, self.name, name)
+            if bad is not None:
+                refused.append((name, f"its record copy is refused: {bad}"))
                 continue
             found.append(rec)
-        return RecordCopies(tuple(found), tuple(without))
+        return RecordCopies(tuple(found), tuple(without), tuple(refused))
+
+    def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
+        """Nothing to renew: an LV's tags are in the VG's metadata, which only root on
+        this host writes, so every copy there is already in a trusted place."""
+        return 0
 
     # -- making volumes ---------------------------------------------------------------
 

@@ -110,6 +110,7 @@ from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
+from reconciler.schema.recordcheck import problem
 from reconciler.store import ConflictError, RecordStore, StoreError, StoreIdentity
 from reconciler.tools import run
 
@@ -556,6 +557,7 @@ class RbdPoolDriver(entries.EntryCache):
     def record_copies(self) -> RecordCopies:
         found: list[DiskRecord] = []
         without: list[tuple[str, str]] = []
+        refused: list[tuple[str, str]] = []
         _, _rbd = _mods()
         for name in sorted(self.list_volumes()):
             if name.startswith(TEMP_PREFIX):
@@ -568,11 +570,18 @@ class RbdPoolDriver(entries.EntryCache):
                 continue
             if copy is None:
                 without.append((name, "no record copy"))
-            elif (copy.pool, copy.volume) != (self.name, name):
-                without.append((name, f"its record copy describes {copy.pool}/{copy.volume}"))
-            else:
-                found.append(copy)
-        return RecordCopies(tuple(found), tuple(without))
+                continue
+            why = problem(copy, self.name, name)
+            if why is not None:
+                refused.append((name, f"its record copy is refused: {why}"))
+                continue
+            found.append(copy)
+        return RecordCopies(tuple(found), tuple(without), tuple(refused))
+
+    def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
+        """Nothing to renew: image metadata is as trusted as the RADOS store (see the
+        module docstring), so a copy there is rewritten only as its record changes."""
+        return 0
 
     # -- what a disk is made from -------------------------------------------------------
 
