@@ -439,3 +439,55 @@ def test_forged_rbd_metadata_is_refused_and_the_next_runs_destroy_nothing(
     }
     assert outside == set(), outside
     assert site.images() >= {*forged, third_img}
+
+
+# -- every read is checked: the database and an exported state, not only copies
+
+
+def test_a_forged_record_in_the_database_or_a_state_is_its_disks_plan_error(
+    env: Env, bait: Path
+) -> None:
+    """Whatever wrote the database (or an exported state) wrote input: a record whose
+    backing is a path, or whose volume is not its own, is that volume's plan error and
+    never acted on, by a dry run, an apply, or a plan made from an exported state."""
+    a = env.manifest("a", [disk("x", size="16MiB"), disk("y", size="16MiB")])
+    assert env.run()[0] == 0
+    env.manifest("a", [disk("x", size="32MiB"), disk("y", size="32MiB")])  # both would grow
+    legit = _records(env)
+    x, y = env.volume(a, "x"), env.volume(a, "y")
+    store = env.store()
+    try:
+        store.put(
+            DiskRecord.model_validate(
+                _forged(
+                    legit[x.name],
+                    backing=str(bait),
+                    format="qcow2",
+                    generation=legit[x.name]["generation"] + 1,
+                )
+            ),
+            legit[x.name]["generation"],
+        )
+    finally:
+        store.close()
+    state = env.root / "state.json"
+    rc, out, err = env.main(["observe", "--config", str(env.config_path), "--out", str(state)])
+    assert rc == 0, out + err
+    doc = json.loads(state.read_text())
+    assert [r for r in doc["records"] if r["volume"] == x.name] == []  # exported as bad
+    (ry,) = [r for r in doc["records"] if r["volume"] == y.name]
+    ry["backing"] = "../" + bait.name
+    state.write_text(json.dumps(doc))
+
+    for extra in ((), ("--observed", str(state))):
+        plan = env.plan_json(*extra)
+        errors = {e["volume"]: e for e in plan["errors"] if e["code"] == "record-unreadable"}
+        assert "never a path" in errors[x.name]["message"], plan["errors"]
+        if extra:
+            assert "never a path" in errors[y.name]["message"], plan["errors"]
+            assert plan["actions"] == []
+        else:
+            assert [(a["action"], a["volume"]) for a in plan["actions"]] == [("resize", y.name)]
+    rc, out, err = env.run()
+    assert rc == 1 and "Traceback" not in err, out + err
+    assert x.stat().st_size == 16 << 20 and y.stat().st_size == 32 << 20

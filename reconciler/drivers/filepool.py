@@ -19,6 +19,12 @@ links it to the volume's name without replacing anything, and refreshes the pool
 unlinks (after lstat shows a regular file) any file volume libvirt types as ploop, which
 includes a raw disk whose guest wrote the parallels magic at its start. qemu-img cannot
 resize parallels images, so a ploop disk is never grown: the planner says so as an error.
+
+Each volume's copy of its record (for `records rebuild`) is the file's extended attribute
+`trusted.reconciler.record`, which only root can write; anyone who can write the file (its
+guest's qemu process, a tenant) can set `user.*` attributes, so a `user.*` copy is trusted
+only when sealed with the host's key (drivers/copykey.py; file systems without the
+trusted namespace, such as NFS), and an apply replaces an unsealed one.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ host into the VG's metadata, never by a guest, which writes only an LV's bytes):
 - `reconciler.copy.I.N:CHUNK`, a copy of its record (zlib-compressed JSON, base64, split
   in N tags of at most COPY_CHUNK characters: tags allow only [A-Za-z0-9_+.-/=!:&#], which
   base64 fits), for `records rebuild`; written after the record is, in one `lvchange`.
+Who can write them: only root on this host (the VG's metadata; a guest writes only an
+LV's bytes, and a VG here is local to its host). So the copies are trusted by where they
+are, not sealed; each is still checked as input (schema/recordcheck.py) before rebuild
+restores it, and rebuild refuses any that would make the next plan destroy something.
 
 The VG carries `reconciler.owner:OWNER` (base64 JSON, as drivers/ownership.py's file): the
 store that manages the pool, added once, under a host lock, and replaced only by

@@ -24,7 +24,13 @@ Where things are (Ceph pool P of the config's `ceph` section; N its `namespace`)
 - Each image carries a copy of its record in its RBD metadata (`reconciler.record`: the
   host writes it; a guest writes only the image's data), the back-pointer to its record.
   Where it names another record than the one acting on it, delete and resize refuse and
-  say so: a disagreement is reported, never repaired by deleting.
+  say so: a disagreement is reported, never repaired by deleting. Who can write it: any
+  client with the Ceph pool's caps (a guest cannot: librbd gives it the image's data
+  only). Those are the very clients that can write the RADOS records, which are the
+  truth here, so the copy is not sealed (a MAC under a key shared by the hosts would
+  stop no one the store itself does not); it is checked as input like every record
+  (schema/recordcheck.py), and rebuild restores only what cannot make the next plan
+  destroy something (reconciler/rebuild.py).
 - Temporary images `.reconciler-tmp-<entry>` (an import in progress) are written under the
   entry's lock and removed by `sweep_temp` when nobody holds it; no disk is named so.
 
