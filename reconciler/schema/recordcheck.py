@@ -43,7 +43,13 @@ def is_entry_name(name: str) -> bool:
     return bool(_ENTRY_RE.match(name)) and ".." not in name
 
 
+# check_name's rule as one expression: the fast path for the names of many records.
+_NAME_RE = re.compile(r"(?![.-])(?!.*\.\.)[A-Za-z0-9._-]{1,100}\Z")
+
+
 def _name(what: str, value: str) -> None:
+    if _NAME_RE.match(value):
+        return
     try:
         check_name(value)
     except ValueError as e:
