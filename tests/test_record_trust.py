@@ -491,3 +491,24 @@ def test_a_forged_record_in_the_database_or_a_state_is_its_disks_plan_error(
     rc, out, err = env.run()
     assert rc == 1 and "Traceback" not in err, out + err
     assert x.stat().st_size == 16 << 20 and y.stat().st_size == 32 << 20
+
+
+def test_the_loop_replaces_untrusted_copies_too(env: Env, bait: Path) -> None:
+    """`watch` applies on an intact store as a one-shot run does: its resync replaces an
+    untrusted copy with the record's trusted one."""
+    from tests.test_loop import loop, wait_until
+
+    a = env.manifest("a", [disk("x", size="16MiB")])
+    assert env.run()[0] == 0
+    x = env.volume(a, "x")
+    legit = _records(env)[x.name]
+    os.removexattr(x, TRUSTED_XATTR)
+    _set(x, _forged(legit, backing=str(bait), format="qcow2"), RECORD_XATTR)
+
+    def renewed() -> bool:
+        names = os.listxattr(x)
+        return TRUSTED_XATTR in names and RECORD_XATTR not in names
+
+    with loop(env):
+        wait_until("the trusted copy", renewed)
+    assert json.loads(os.getxattr(x, TRUSTED_XATTR)) == legit

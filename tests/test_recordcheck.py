@@ -6,10 +6,13 @@ tests/test_record_trust.py.
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from reconciler.drivers import copykey
 from reconciler.errors import RecordError
 from reconciler.naming import migration_name, retained_name, template_entry_name
 from reconciler.schema.record import DiskRecord
@@ -133,3 +136,32 @@ def test_a_backing_must_be_a_recorded_entry_of_the_same_pool() -> None:
     assert validate([creating], POOLS) == ([creating], [])
     # An entry that is itself refused backs nothing.
     assert validate([lone, entry(volume="_cache_/x")], POOLS)[0] == []
+
+
+def test_racing_first_copies_all_use_one_whole_key(tmp_path: Path) -> None:
+    """Threads of one apply seal their first copies at once: each gets the same key,
+    never a key file read before it was whole."""
+    got: list[bytes | None] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8, timeout=30)
+
+    def first_copy() -> None:
+        try:
+            start.wait()
+            got.append(copykey.load(tmp_path, create=True))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_copy) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    key = (tmp_path / copykey.KEY_FILE).read_bytes()
+    assert got == [key] * 8 and len(key) == copykey.KEY_BYTES
+    assert sorted(p.name for p in tmp_path.iterdir()) == [copykey.KEY_FILE]  # no temporary
+    sealed = copykey.seal(key, b"{}")
+    assert copykey.unseal(key, sealed) == b"{}"
+    assert copykey.unseal(key, sealed.replace(b"{}", b"[]")) is None
+    assert copykey.unseal(None, sealed) is None and copykey.unseal(key, b"{}") is None

@@ -9,13 +9,14 @@ without the key they cannot make a copy that passes. A `user.*` copy that is uns
 whose MAC fails, is not trusted: `records rebuild` reports it and skips it.
 
 The key is 32 random bytes in `record-copy.key` beside the records database, mode 0600,
-owned by the reconciler's user, made exclusively (O_EXCL, O_NOFOLLOW) on the first copy
-that needs it. A key file that is not a regular file of ours with no group or other
-access is refused: a key others could read authenticates nothing. Losing the key (with
-the state directory) makes its copies unverifiable, so rebuild skips them and says why;
-keep it with the database's backups. A sealed copy binds nothing but its bytes, so an
-older copy of the same volume (a generation ago) still passes: the key stops forgery by
-others, not replay of what this host itself once wrote.
+owned by the reconciler's user, made on the first copy that needs it (written whole, then
+linked into place, so racing writers all use the first one). A key file that is not a
+regular file of ours with no group or other access is refused: a key others could read
+authenticates nothing. Losing the key (with the state directory) makes its copies
+unverifiable, so rebuild skips them and says why; keep it with the database's backups.
+A sealed copy binds nothing but its bytes, so an older copy of the same volume (a
+generation ago) still passes: the key stops forgery by others, not replay of what this
+host itself once wrote.
 """
 
 from __future__ import annotations
@@ -68,23 +69,25 @@ def load(state_dir: Path, *, create: bool) -> bytes | None:
             return None
     except OSError as e:
         raise CopyKeyError(f"{path}: {e.strerror}") from None
+    # Written whole under a temporary name, then linked into place (link never replaces):
+    # a racing process or thread reads either no key or the whole key, and every racer
+    # ends up with the one linked first.
+    tmp = state_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(8)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-    except FileExistsError:
-        return _read(path)  # another process made it first
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
     except OSError as e:
         raise CopyKeyError(f"cannot make {path}: {e.strerror}") from None
-    try:
-        os.write(fd, secrets.token_bytes(KEY_BYTES))
-        os.fsync(fd)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise CopyKeyError(f"cannot write {path}: {e.strerror}") from None
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     return _read(path)
 
 

@@ -445,17 +445,31 @@ class FilePoolDriver(entries.EntryCache):
         renewed = 0
         for rec in records:
             path = os.path.join(root, rec.volume)
-            try:
-                raw, _ = self._trusted_copy(path)
-                has_user = RECORD_XATTR in os.listxattr(path, follow_symlinks=False)
-            except OSError:
-                continue  # no such volume, or not ours to read: the plan says so
-            current = raw == rec.model_dump_json().encode()
-            if current and not (has_user and self._trusted_namespace(path)):
+            if self._copy_is_current(path, rec):
                 continue
-            self.keep_record_copy(rec)
-            renewed += 1
+            # Under the volume's lock and from the store again: a step under way (the
+            # loop's workers) writes its own copy, never overwritten by an older one.
+            try:
+                with self.lock(rec.volume):
+                    fresh = self._store().get(self.name, rec.volume)
+                    if fresh is not None and not self._copy_is_current(path, fresh):
+                        self.keep_record_copy(fresh)
+                        renewed += 1
+            except (OSError, ReconcileError) as e:  # left for the next run: never fatal
+                log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
         return renewed
+
+    def _copy_is_current(self, path: str, rec: DiskRecord) -> bool:
+        """Whether the file carries `rec`'s trusted copy and nothing untrusted beside it
+        (True also for a volume that cannot be read: the plan reports it)."""
+        try:
+            raw, _ = self._trusted_copy(path)
+            has_user = RECORD_XATTR in os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return True
+        if raw != rec.model_dump_json().encode():
+            return False
+        return not (has_user and self._trusted_namespace(path))
 
     def _trusted_namespace(self, path: str) -> bool:
         try:
