@@ -512,3 +512,22 @@ def test_the_loop_replaces_untrusted_copies_too(env: Env, bait: Path) -> None:
     with loop(env):
         wait_until("the trusted copy", renewed)
     assert json.loads(os.getxattr(x, TRUSTED_XATTR)) == legit
+
+
+def test_copies_are_renewed_only_in_a_pool_this_store_manages(env: Env, tmp_path: Path) -> None:
+    """A database that no longer manages a pool (another rebuilt it) keeps its hands off
+    the copies there: they are the other store's."""
+    a = env.manifest("a", [disk("x", size="16MiB")])
+    assert env.run()[0] == 0
+    x = env.volume(a, "x")
+    other = Env(tmp_path / "other", env.uri, env.pools)
+    other.write_config()
+    rc, out, err = other.main(
+        ["records", "rebuild", "local", "--yes", "--config", str(other.config_path)]
+    )
+    assert rc == 0 and f"restore local/{x.name}" in out, out + err
+    os.removexattr(x, TRUSTED_XATTR)
+    _set(x, _records(env)[x.name], RECORD_XATTR)
+    rc, out, err = env.run()
+    assert rc == 1 and "pool-managed-elsewhere" in out, out + err
+    assert TRUSTED_XATTR not in os.listxattr(x) and RECORD_XATTR in os.listxattr(x)

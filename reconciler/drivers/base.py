@@ -119,7 +119,8 @@ class ManagingDriver(PoolDriver, Protocol):
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Rewrite, as a trusted copy, the copy of each of `records` whose volume carries
-        none (or an untrusted one); how many were written."""
+        none (or an untrusted one), in a pool this driver's store manages; how many were
+        written."""
         ...
 
     def owner(self) -> Owner | None:

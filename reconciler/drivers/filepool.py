@@ -440,7 +440,9 @@ class FilePoolDriver(entries.EntryCache):
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Write the trusted copy of each record whose volume lacks it (an older
-        reconciler's unsealed user.* copy, or one set by someone else); how many."""
+        reconciler's unsealed user.* copy, or one set by someone else); how many. Only in
+        a pool this driver's store manages (PoolError otherwise): another's copies are its."""
+        self.check_owner()
         root = self.info().path
         renewed = 0
         for rec in records:
