@@ -196,6 +196,7 @@ def _plan(argv: Sequence[str]) -> int:
         if args.output != "text":
             raise ReconcileError(f"--output {args.output} is for --dry-run; apply prints its steps")
         sys.stdout.write(to_text(p))
+        s.renew_record_copies()  # untrusted copies of intact records become trusted ones
         if not p.actions:
             # Hosts sharing a pool: this one is alive, with nothing to do (no write while
             # its heartbeat is fresh: a no-op run changes nothing in the cluster).
@@ -507,44 +508,67 @@ def cmd_records(argv: Sequence[str]) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     rb = sub.add_parser(
         "rebuild",
-        help="restore a pool's records from the copies its volumes carry",
-        description="Restore the records of POOL from the copies its volumes carry (a "
-        "file's extended attribute; never its bytes) into this config's records database, "
-        "then make that database the pool's manager. For a database that was lost or "
-        "replaced. Volumes that already have a record are left as they are.",
+        help="restore a pool's records from the trusted copies its volumes carry",
+        description="Restore the records of POOL from the copies its volumes carry (never "
+        "their bytes) into this config's records database, then make that database the "
+        "pool's manager. For a database that was lost or replaced. A copy is evidence, "
+        "never truth: only trusted copies are read (a file's trusted.* attribute, or a "
+        "user.* one sealed with this host's key; an LV's tags; an RBD image's metadata), "
+        "each checked as input, and only copies written at rest that agree with their own "
+        "spec are restored. Given the manifests (PATH...), a copy is restored only if the "
+        "next plan, with --prune and --allow-replace, would do nothing to its disk but a "
+        "record-only update: no delete, replace, migrate, resize or release. Without "
+        "them the plan cannot be checked; pass them to be sure. Each refusal is reported "
+        "and its volume left without a record (reported by the plan, never touched, "
+        "until adopted). Volumes that already have a record are left as they are.",
     )
     rb.add_argument("pool", metavar="POOL", help="a pool of the config")
+    rb.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="the manifests (files or directories) the next run plans with",
+    )
     rb.add_argument("--dry-run", action="store_true", help="show what would be restored")
     rb.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _common(rb)
-    args = p.parse_args(argv)
+    # PATHs may follow the options too (`rebuild POOL --yes DIR`), which argparse's
+    # positionals, taken in one run, would refuse.
+    args, extra = p.parse_known_args(argv)
+    if any(x.startswith("-") for x in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.paths = [*args.paths, *extra]
     _setup_logging(args.verbose)
     config = load_config(config_path(args.config))
     with Session(config) as s:
-        return _rebuild(s, args.pool, dry_run=args.dry_run, yes=args.yes)
+        return _rebuild(s, args.pool, args.paths, dry_run=args.dry_run, yes=args.yes)
 
 
-def _rebuild(s: Session, pool: str, *, dry_run: bool, yes: bool) -> int:
+def _rebuild(s: Session, pool: str, paths: Sequence[str], *, dry_run: bool, yes: bool) -> int:
+    from reconciler.rebuild import judge
+
     drv = s.managing_drivers().get(pool)
     if drv is None:
         known = ", ".join(sorted(s.managing_drivers())) or "none"
         raise ReconcileError(f"no pool {pool!r} with a driver in the config (pools: {known})")
-    copies = drv.record_copies()
-    good, bad = s.store.load_all()
-    # A record the database holds, readable or not, is never replaced by a copy.
-    have = {r.volume for r in good if r.pool == pool} | {b.volume for b in bad if b.pool == pool}
-    restore = [r for r in copies.records if r.volume not in have]
-    kept = [r for r in copies.records if r.volume in have]
-    for r in restore:
+    v = judge(s, pool, drv, paths)
+    for r in v.restore:
         what = f"disk {r.instance}/{r.disk}" if r.kind.value == "disk" else "cache entry"
         print(
             f"restore {pool}/{r.volume}: {what}, {r.format.value} {format_size(r.virtual_size)}, "
             f"{r.state.value}, generation {r.generation}"
         )
-    for r in kept:
+    for r in v.kept:
         print(f"keep {pool}/{r.volume}: the database already has its record")
-    for volume, why in copies.without:
+    for volume, why in v.refused:
+        print(f"refuse {pool}/{volume}: {why}; not restored")
+    for volume, why in v.without:
         print(f"skip {pool}/{volume}: {why}; left alone")
+    if not v.planned:
+        print(
+            "No manifests given: each copy was checked against itself and the pool only; "
+            "pass the manifest directory to check it against the next plan."
+        )
     ident = s.store.identity()
     owner = drv.owner()
     if owner is not None and owner.store != ident.id:
@@ -554,8 +578,9 @@ def _rebuild(s: Session, pool: str, *, dry_run: bool, yes: bool) -> int:
         )
     verb = "would be" if dry_run else "will be"
     print(
-        f"{len(restore)} record(s) {verb} restored into {ident.location}, "
-        f"{len(kept)} kept, {len(copies.without)} volume(s) without a usable copy."
+        f"{len(v.restore)} record(s) {verb} restored into {ident.location}, "
+        f"{len(v.kept)} kept, {len(v.refused)} refused, "
+        f"{len(v.without)} volume(s) without a trusted copy."
     )
     if dry_run:
         print("Dry run: nothing was changed.")
@@ -567,11 +592,11 @@ def _rebuild(s: Session, pool: str, *, dry_run: bool, yes: bool) -> int:
         if answer.strip() != pool:
             print("Not confirmed; nothing was changed.")
             return EXIT_ERROR
-    for r in restore:
+    for r in v.restore:
         s.store.put(r, None)
     s.store.sync()
     drv.take_over()
-    print(f"Restored {len(restore)} record(s); {ident.location} now manages pool {pool}.")
+    print(f"Restored {len(v.restore)} record(s); {ident.location} now manages pool {pool}.")
     return EXIT_OK
 
 

@@ -37,6 +37,7 @@ from reconciler.diff.model import Holder, Observed, ObservedPool
 from reconciler.errors import ReconcileError
 from reconciler.schema.config import Config
 from reconciler.schema.record import BadRecord, DiskRecord
+from reconciler.schema.recordcheck import validate
 from reconciler.schema.write import write_atomic_bytes
 
 FORMAT_VERSION = 2
@@ -346,5 +347,13 @@ def load(path: str) -> tuple[Observed, StateInfo]:
         )
         for name, p in state.pools.items()
     }
+    # Whoever wrote the file wrote its records: each is checked as the host's are (a
+    # record that fails is its volume's plan error, as it would be on the host).
+    records, refused = validate(
+        state.records, {n: p.backends for n, p in state.config.pools.items()}
+    )
     bad = tuple(BadRecord(b.pool, b.volume, b.error) for b in state.bad_records)
-    return Observed(pools, tuple(state.records), bad), StateInfo(path, observed_at, state.host)
+    return (
+        Observed(pools, tuple(records), bad + tuple(refused)),
+        StateInfo(path, observed_at, state.host),
+    )

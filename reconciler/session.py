@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,13 +23,15 @@ from reconciler.diff import (
 from reconciler.drivers import Connections, driver_for, managing
 from reconciler.drivers.base import ManagingDriver
 from reconciler.drivers.ownership import ManagedElsewhere
-from reconciler.errors import PoolError
+from reconciler.errors import PoolError, ReconcileError, RecordError
 from reconciler.records import Records
+from reconciler.schema.common import Backend
 from reconciler.schema.config import Config
 from reconciler.schema.load import ManifestLoad, load_manifests
 from reconciler.schema.manifest import ImageSource
 from reconciler.schema.mcache import ManifestCache
-from reconciler.schema.record import BadRecord, DiskRecord
+from reconciler.schema.record import BadRecord, DiskRecord, RecordKind
+from reconciler.schema.recordcheck import is_entry_name, validate
 from reconciler.store import SqliteRecordStore, StoreError, open_store
 
 if TYPE_CHECKING:
@@ -115,7 +118,8 @@ class Session:
         # seen here always has its record below, even while another reconciler is creating.
         pools = {name: d.observe() for name, d in self.drivers.items()}
         loaded = self.store.load()
-        records, bad = loaded.records, loaded.bad
+        records, refused = validate(loaded.records, self.pool_backends())
+        bad = loaded.bad + refused
         for name, why in loaded.failed.items():
             if pools[name].error is None:  # the pool's own error, if any, says more
                 pools[name] = ObservedPool(name, None, why)
@@ -203,6 +207,7 @@ class Session:
                     rec = self.store.get(d.spec.pool, d.entry)
                     if rec is not None and rec not in records:
                         records.append(rec)
+        records, refused = self._validate(records)
         drivers = self.managing_drivers()
         pools = {}
         for pool, vols in names.items():
@@ -244,8 +249,10 @@ class Session:
         for inst in wanted:
             for d in inst.disks:
                 wanted_vols.setdefault(d.spec.pool, {})[d.volume] = d.instance
-        pools, found, bad = self._share(pools, wanted_vols, [r.key() for r in records])
+        known = [r.key() for r in records] + [(b.pool, b.volume) for b in refused]
+        pools, found, bad = self._share(pools, wanted_vols, known)
         records.extend(found)
+        bad = refused + bad
         opts = options or self.options
         # The share of all disks a plan may destroy is the caller's to judge, not this
         # one instance's: a per-instance plan would refuse any tombstone.
@@ -255,6 +262,43 @@ class Session:
             Observed(pools, tuple(records), tuple(bad)),
             opts,
         )
+
+    def renew_record_copies(self) -> int:
+        """Give every valid record of the host's database a trusted copy beside its volume
+        where it lacks one (an apply on an intact store replaces untrusted copies, so a
+        later `records rebuild` finds them); how many were written. Never fails a run:
+        a copy is a convenience of rebuild, the database is the truth."""
+        try:
+            records, _ = validate(self.local_store.load_all()[0], self.pool_backends())
+        except StoreError:
+            return 0
+        by_pool: dict[str, list[DiskRecord]] = {}
+        for r in records:
+            by_pool.setdefault(r.pool, []).append(r)
+        renewed = 0
+        for pool, drv in self.managing_drivers().items():
+            if by_pool.get(pool):
+                with contextlib.suppress(OSError, ReconcileError):
+                    renewed += drv.renew_record_copies(by_pool[pool])
+        return renewed
+
+    def pool_backends(self) -> dict[str, list[Backend]]:
+        """Each configured pool's backends, as record checks take them."""
+        return {n: p.backends for n, p in self.config.pools.items()}
+
+    def _validate(self, records: list[DiskRecord]) -> tuple[list[DiskRecord], list[BadRecord]]:
+        """`validate` for one instance's records: the cache entries they are backed by are
+        read by name (a plan of one instance loads only the entries its manifest names)."""
+        have = {r.key() for r in records}
+        entries: list[tuple[str, str]] = []
+        for r in records:
+            key = (r.pool, r.backing or "")
+            if r.backing and key not in have and is_entry_name(r.backing):
+                with contextlib.suppress(RecordError):
+                    entry = self.store.get(*key)
+                    if entry is not None and entry.kind is RecordKind.CACHE:
+                        entries.append(key)
+        return validate(records, self.pool_backends(), entries)
 
     def replanner(self) -> Replanner:
         def replan(a: Action) -> Plan:

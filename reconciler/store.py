@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from reconciler.bounded import UnsafeInput, check_json
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord
+from reconciler.schema.recordcheck import check_record
 from reconciler.statedir import SQLITE_SIDE_FILES, private_dir, private_file
 
 
@@ -150,6 +151,7 @@ def _parse(pool: str, volume: str, data: str) -> DiskRecord:
         ) from None
     if rec.pool != pool or rec.volume != volume:
         raise RecordError(f"record stored as {pool}/{volume} describes {rec.pool}/{rec.volume}")
+    check_record(rec, pool, volume)  # what else can write the database is input too
     return rec
 
 

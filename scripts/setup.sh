@@ -24,6 +24,7 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 DEBIAN_PACKAGES=(
     libvirt-daemon libvirt-clients qemu-utils libvirt-dev pkg-config gcc
     e2fsprogs xfsprogs dosfstools util-linux fdisk qemu-system-x86 lvm2
+    strace  # tests/test_record_trust.py: a traced apply opens nothing outside the pool
 )
 
 # Ceph (installed unless RECONCILER_WITH_CEPH=0): the one-node test cluster of

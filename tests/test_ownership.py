@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.drivers import ownership
-from reconciler.drivers.filepool import RECORD_XATTR
+from reconciler.drivers.filepool import RECORD_XATTR, TRUSTED_XATTR
 from reconciler.naming import template_entry_name
 from reconciler.store import SqliteRecordStore, StoreIdentity
 from tests.env import Env, disk
@@ -203,13 +203,15 @@ def test_every_volume_carries_a_copy_of_its_record(env: Env) -> None:
     _, b = _two_instances(env)
     for (pool, volume), data in _records(env).items():
         path = env.pool_dir(pool) / volume
-        copy = os.getxattr(path, RECORD_XATTR, follow_symlinks=False)
+        copy = os.getxattr(path, TRUSTED_XATTR, follow_symlinks=False)
         assert json.loads(copy) == json.loads(data), volume
+        # Only root can write the trusted namespace; nothing is left where others can.
+        assert RECORD_XATTR not in os.listxattr(path, follow_symlinks=False)
     # A grown disk's copy follows its record.
     env.manifest("b", [disk("disk", size="32MiB", template="swap", policy="Retain")])
     rc, out, err = env.run()
     assert rc == 0, out + err
-    copy = json.loads(os.getxattr(env.volume(b, "disk"), RECORD_XATTR))
+    copy = json.loads(os.getxattr(env.volume(b, "disk"), TRUSTED_XATTR))
     assert copy["virtual_size"] == 32 << 20 and copy["state"] == "ready"
 
 

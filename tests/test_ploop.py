@@ -179,7 +179,7 @@ def test_ploop_disks_from_an_image_and_every_template(ploop_env: Env, image: Pat
             source = env.pool_dir() / entries[name]
         assert same_data(vol, source), name
         # The volume carries its record (the executor's copy works on this file too).
-        copy = json.loads(os.getxattr(vol, "user.reconciler.record"))
+        copy = json.loads(os.getxattr(vol, "trusted.reconciler.record"))
         assert copy["format"] == "ploop" and copy["state"] == "ready"
         # libvirt lists it as a ploop volume (a file, which it probed as parallels).
         assert "<format type='ploop'/>" in libvirt_volume_xml(env, vol.name)

@@ -44,7 +44,8 @@ def record(
         pool="rbd",
         volume=volume,
         instance=instance,
-        disk="root",
+        # A disk's volume is `<instance>_<disk>` (schema/recordcheck.py checks every read).
+        disk=volume.split("_", 1)[1] if instance else "",
         format=DiskFormat.RAW,
         virtual_size=1 << 30,
         spec={"size": 1 << 30, "note": note},
@@ -178,12 +179,12 @@ def write_object(ceph: Ceph, namespace: str, oid: str, data: bytes) -> None:
 
 def test_put_get_round_trip_and_identity(make: Make) -> None:
     a = make("host-a")
-    rec = record("vm-1-root", note="é, and a newline\n")
-    assert a.get("rbd", "vm-1-root") is None
-    assert a.owner("rbd", "vm-1-root") is None
+    rec = record("vm-1_root", note="é, and a newline\n")
+    assert a.get("rbd", "vm-1_root") is None
+    assert a.owner("rbd", "vm-1_root") is None
     a.put(rec, None)
-    assert a.get("rbd", "vm-1-root") == rec
-    assert a.owner("rbd", "vm-1-root") == "host-a"
+    assert a.get("rbd", "vm-1_root") == rec
+    assert a.owner("rbd", "vm-1_root") == "host-a"
     assert a.for_instance("vm-1") == [rec]
     assert a.for_instance("vm-2") == []
     assert a.load_all() == ([rec], [])
@@ -192,7 +193,7 @@ def test_put_get_round_trip_and_identity(make: Make) -> None:
     assert b.identity().id == a.identity().id
     assert (a.identity().host, b.identity().host) == ("host-a", "host-b")
     assert b.shards == rr.DEFAULT_SHARDS  # the namespace's count, fixed when it was made
-    assert b.get("rbd", "vm-1-root") == rec  # any host reads any record by name
+    assert b.get("rbd", "vm-1_root") == rec  # any host reads any record by name
     assert b.load_all() == ([], [])  # but lists only its own
     a.sync()
     a.check_writable()
@@ -207,7 +208,7 @@ def test_exclusive_create_raced_by_three_clients_has_one_winner_each(
     listing exactly what it won (the losers' entries are removed at once)."""
     hosts = ["h0", "h1", "h2"]
     stores = {h: make(h, own_client=True) for h in hosts}
-    volumes = [f"disk-{i}" for i in range(50)]
+    volumes = [f"vm-{i}_disk" for i in range(50)]
     barrier = threading.Barrier(len(hosts), timeout=DEADLINE)
     results: dict[str, list[str]] = {h: [] for h in hosts}
     errors: list[BaseException] = []
@@ -217,7 +218,7 @@ def test_exclusive_create_raced_by_three_clients_has_one_winner_each(
             for v in volumes:
                 barrier.wait()
                 try:
-                    stores[host].put(record(v, instance=f"vm-{v}", note=host), None)
+                    stores[host].put(record(v, instance=v.split("_")[0], note=host), None)
                     results[host].append("won")
                 except ConflictError:
                     results[host].append("lost")
@@ -254,12 +255,12 @@ def test_update_is_a_compare_and_swap_on_the_generation(
     and a record that moved on refuses it and stays as it is."""
     a = make("host-a")
     other_process = make("host-a")  # the same host, another reconciler process
-    r1 = record("vm-1-root")
+    r1 = record("vm-1_root")
     a.put(r1, None)
     r2 = bump(r1, state=RecordState.READY)
     a.put(r2, 1)
-    assert other_process.get("rbd", "vm-1-root") == r2
-    oid = record_object("rbd", "vm-1-root")
+    assert other_process.get("rbd", "vm-1_root") == r2
+    oid = record_object("rbd", "vm-1_root")
     before = raw(ceph, namespace, oid)
 
     # Acting on the read of generation 1 (stale): refused, nothing changed.
@@ -283,7 +284,7 @@ def test_update_is_a_compare_and_swap_on_the_generation(
         a.put(bump(r2, instance="vm-9"), 2)
     # An update of a record that does not exist.
     with pytest.raises(ConflictError, match="does not exist"):
-        a.put(record("nothing", generation=2), 1)
+        a.put(record("vm-1_nothing", generation=2), 1)
     assert raw(ceph, namespace, oid) == before
 
     # A generation must grow: the value compared cannot come back (ABA).
@@ -291,28 +292,28 @@ def test_update_is_a_compare_and_swap_on_the_generation(
         a.put(r2, 2)
     r3 = bump(r2, state=RecordState.RESIZING, pending_size=2 << 30)
     other_process.put(r3, 2)
-    assert a.get("rbd", "vm-1-root") == r3
+    assert a.get("rbd", "vm-1_root") == r3
 
 
 def test_delete_is_a_compare_and_swap_and_unlists(make: Make, ceph: Ceph, namespace: str) -> None:
     a = make("host-a")
     b = make("host-b")
-    rec = record("vm-1-root")
+    rec = record("vm-1_root")
     a.put(rec, None)
     a.put(bump(rec), 1)
-    oid = record_object("rbd", "vm-1-root")
+    oid = record_object("rbd", "vm-1_root")
     before = raw(ceph, namespace, oid)
     with pytest.raises(ConflictError, match="expected generation 1"):
-        a.delete("rbd", "vm-1-root", 1)
+        a.delete("rbd", "vm-1_root", 1)
     with pytest.raises(ConflictError, match="owned by host host-a"):
-        b.delete("rbd", "vm-1-root", 2)
+        b.delete("rbd", "vm-1_root", 2)
     assert raw(ceph, namespace, oid) == before
-    a.delete("rbd", "vm-1-root", 2)
+    a.delete("rbd", "vm-1_root", 2)
     assert raw(ceph, namespace, oid) is None
     assert index_keys(ceph, namespace, "host-a") == set()
-    assert a.get("rbd", "vm-1-root") is None
+    assert a.get("rbd", "vm-1_root") is None
     with pytest.raises(ConflictError, match="does not exist"):
-        a.delete("rbd", "vm-1-root", 2)
+        a.delete("rbd", "vm-1_root", 2)
 
 
 def test_a_host_reads_only_its_own_index_never_the_pool_listing(make: Make) -> None:
@@ -323,7 +324,7 @@ def test_a_host_reads_only_its_own_index_never_the_pool_listing(make: Make) -> N
     mine: dict[str, list[DiskRecord]] = {h: [] for h in hosts}
     for h in hosts:
         for i in range(200):
-            rec = record(f"{h}-disk-{i}", instance=f"{h}-vm-{i // 4}")
+            rec = record(f"{h}-vm-{i // 4}_disk-{i}", instance=f"{h}-vm-{i // 4}")
             stores[h].put(rec, None)
             mine[h].append(rec)
 
@@ -347,7 +348,7 @@ def test_a_host_reads_only_its_own_index_never_the_pool_listing(make: Make) -> N
     io.calls.clear()
     io.objects.clear()
     assert sorted(r.volume for r in s.for_instance("h1-vm-7")) == [
-        f"h1-disk-{i}" for i in range(28, 32)
+        f"h1-vm-7_disk-{i}" for i in range(28, 32)
     ]
     assert io.calls["list_objects"] == 0
     assert io.calls["operate_read_op"] == 1  # one shard
@@ -365,10 +366,10 @@ def test_an_index_entry_without_a_record_is_ignored_and_cleaned(
     import rados
 
     a = make("host-a")
-    keep = record("kept", instance="vm-1")
+    keep = record("vm-1_kept", instance="vm-1")
     a.put(keep, None)
-    crashed = record("crashed", instance="vm-1")
-    oid = record_object("rbd", "crashed")
+    crashed = record("vm-1_crashed", instance="vm-1")
+    oid = record_object("rbd", "vm-1_crashed")
     shard = rr.shard_of("vm-1", a.shards)
     # What a create leaves when it dies after its first write: the index entry alone.
     io = ceph.cluster.open_ioctx(ceph.pool)
@@ -386,10 +387,10 @@ def test_an_index_entry_without_a_record_is_ignored_and_cleaned(
 
     cleaner = make("host-a", stale_after=0.0)
     assert cleaner.for_instance("vm-1") == [keep]
-    assert index_keys(ceph, namespace, "host-a") == {record_object("rbd", "kept")}
+    assert index_keys(ceph, namespace, "host-a") == {record_object("rbd", "vm-1_kept")}
     # The record's own create can still happen afterwards (the crashed run's retry).
     cleaner.put(crashed, None)
-    assert sorted(r.volume for r in cleaner.load_all()[0]) == ["crashed", "kept"]
+    assert sorted(r.volume for r in cleaner.load_all()[0]) == ["vm-1_crashed", "vm-1_kept"]
 
 
 def test_a_record_naming_another_key_is_a_record_error(
@@ -398,43 +399,43 @@ def test_a_record_naming_another_key_is_a_record_error(
     """A record object copied or misplaced (its contents name another disk) is never taken
     for the disk its name says: get raises, load_all reports it, nothing else is hurt."""
     a = make("host-a")
-    one, two = record("one"), record("two")
+    one, two = record("vm-1_one"), record("vm-1_two")
     a.put(one, None)
     a.put(two, None)
-    write_object(ceph, namespace, record_object("rbd", "two"), rr.encode(one, "host-a"))
-    with pytest.raises(RecordError, match=r"describes rbd/one.*copied or misplaced"):
-        a.get("rbd", "two")
+    write_object(ceph, namespace, record_object("rbd", "vm-1_two"), rr.encode(one, "host-a"))
+    with pytest.raises(RecordError, match=r"describes rbd/vm-1_one.*copied or misplaced"):
+        a.get("rbd", "vm-1_two")
     good, bad = a.load_all()
     assert good == [one]
-    assert [(b.pool, b.volume) for b in bad] == [("rbd", "two")]
-    with pytest.raises(RecordError, match="describes rbd/one"):
+    assert [(b.pool, b.volume) for b in bad] == [("rbd", "vm-1_two")]
+    with pytest.raises(RecordError, match="describes rbd/vm-1_one"):
         a.for_instance("vm-1")
 
 
 def test_the_stored_format_is_versioned(make: Make, ceph: Ceph, namespace: str) -> None:
     a = make("host-a")
-    rec = record("vm-1-root")
+    rec = record("vm-1_root")
     a.put(rec, None)
     doc = json.loads(rr.encode(rec, "host-a"))
     assert doc == {"format": 1, "host": "host-a", "record": rec.model_dump(mode="json")}
     doc["format"] = 2
-    write_object(ceph, namespace, record_object("rbd", "vm-1-root"), json.dumps(doc).encode())
+    write_object(ceph, namespace, record_object("rbd", "vm-1_root"), json.dumps(doc).encode())
     with pytest.raises(RecordError, match="stored format 2, this reconciler knows 1"):
-        a.get("rbd", "vm-1-root")
-    write_object(ceph, namespace, record_object("rbd", "vm-1-root"), b"\x00not json")
+        a.get("rbd", "vm-1_root")
+    write_object(ceph, namespace, record_object("rbd", "vm-1_root"), b"\x00not json")
     with pytest.raises(RecordError, match="is not JSON"):
-        a.get("rbd", "vm-1-root")
+        a.get("rbd", "vm-1_root")
 
 
 def test_references_count_every_hosts_records(make: Make) -> None:
     a, b = make("host-a"), make("host-b")
-    a.put(record("a1", backing="cache-x"), None)
-    a.put(record("a2", backing="cache-y"), None)
-    b.put(record("b1", instance="vm-b", backing="cache-x"), None)
-    assert a.references("rbd", "cache-x") == 2
-    assert b.references("rbd", "cache-y") == 1
-    assert a.references("rbd", "cache-z") == 0
-    assert a.references("other", "cache-x") == 0
+    a.put(record("vm-1_a1", backing="_cache_x"), None)
+    a.put(record("vm-1_a2", backing="_cache_y"), None)
+    b.put(record("vm-b_b1", instance="vm-b", backing="_cache_x"), None)
+    assert a.references("rbd", "_cache_x") == 2
+    assert b.references("rbd", "_cache_y") == 1
+    assert a.references("rbd", "_cache_z") == 0
+    assert a.references("other", "_cache_x") == 0
 
 
 def test_the_client_bounds_every_wait(ceph: Ceph, namespace: str) -> None:
@@ -463,7 +464,7 @@ def test_an_index_shard_larger_than_one_omap_page_is_read_whole(make: Make) -> N
     a = make("host-a", shards=1, counting=True)
     assert a.shards == 1
     for i in range(1200):
-        a.put(record(f"disk-{i}", instance=f"vm-{i // 4}"), None)
+        a.put(record(f"vm-{i // 4}_disk-{i}", instance=f"vm-{i // 4}"), None)
     io: CountingIoctx = a._io
     io.calls.clear()
     good, bad = a.load_all()
@@ -478,24 +479,24 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     """Release moves a record to RELEASED, take to the new host, each a compare-and-swap;
     the old owner is fenced afterwards and the indexes follow the record."""
     a, b, c = make("host-a"), make("host-b"), make("host-c")
-    rec = record("vm-1-root", state=RecordState.READY)
+    rec = record("vm-1_root", state=RecordState.READY)
     a.put(rec, None)
-    oid = record_object("rbd", "vm-1-root")
+    oid = record_object("rbd", "vm-1_root")
     # B finds it by name (never listed in B's index) and sees who owns it.
-    found = b.read_many([("rbd", "vm-1-root"), ("rbd", "missing")])
-    assert list(found) == [("rbd", "vm-1-root")]
-    held = found[("rbd", "vm-1-root")]
+    found = b.read_many([("rbd", "vm-1_root"), ("rbd", "missing")])
+    assert list(found) == [("rbd", "vm-1_root")]
+    held = found[("rbd", "vm-1_root")]
     assert isinstance(held, rr.Stored) and held.host == "host-a" and held.record == rec
     # Nobody but the owner releases, and only at the generation it read.
     with pytest.raises(ConflictError):
-        b.release("rbd", "vm-1-root", 1)
+        b.release("rbd", "vm-1_root", 1)
     with pytest.raises(ConflictError):
-        a.release("rbd", "vm-1-root", 7)
+        a.release("rbd", "vm-1_root", 7)
     # Taking from a host that does not own it is refused.
     with pytest.raises(ConflictError):
-        b.take("rbd", "vm-1-root", 1, "host-c")
-    a.release("rbd", "vm-1-root", 1)
-    assert a.owner("rbd", "vm-1-root") == RELEASED
+        b.take("rbd", "vm-1_root", 1, "host-c")
+    a.release("rbd", "vm-1_root", 1)
+    assert a.owner("rbd", "vm-1_root") == RELEASED
     assert index_keys(ceph, namespace, "host-a") == set()
     assert index_keys(ceph, namespace, RELEASED) == {oid}
     assert a.load_all() == ([], [])  # no longer A's
@@ -503,7 +504,7 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     with pytest.raises(ConflictError):
         a.put(rec.model_copy(update={"generation": 3}), 2)
     with pytest.raises(ConflictError):
-        a.delete("rbd", "vm-1-root", 2)
+        a.delete("rbd", "vm-1_root", 2)
     # Two hosts take at once from the same read: exactly one wins.
     results: list[str] = []
     gate = threading.Barrier(2)
@@ -511,7 +512,7 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     def take(s: RadosRecordStore) -> None:
         gate.wait(DEADLINE)
         try:
-            s.take("rbd", "vm-1-root", 2, RELEASED)
+            s.take("rbd", "vm-1_root", 2, RELEASED)
             results.append(s.host)
         except ConflictError:
             results.append("lost")
@@ -525,10 +526,10 @@ def test_an_instance_is_handed_over_by_compare_and_swap(
     assert sorted(results) == sorted([winner, "lost"])
     won = b if winner == "host-b" else c
     lost = c if won is b else b
-    taken = won.get("rbd", "vm-1-root")
+    taken = won.get("rbd", "vm-1_root")
     assert taken is not None and taken.generation == 3 and taken.spec == rec.spec
-    assert won.owner("rbd", "vm-1-root") == won.host
-    assert [r.volume for r in won.load_all()[0]] == ["vm-1-root"]
+    assert won.owner("rbd", "vm-1_root") == won.host
+    assert [r.volume for r in won.load_all()[0]] == ["vm-1_root"]
     assert lost.load_all() == ([], [])
     assert index_keys(ceph, namespace, won.host) == {oid}
     assert index_keys(ceph, namespace, RELEASED) == set()
@@ -550,21 +551,21 @@ def test_heartbeats_and_a_take_from_a_host_that_is_gone_fences_it(make: Make, ce
     assert list(beats) == ["host-a"] and beats["host-a"] == a.last_beat
     a_too.beat()
     assert b.heartbeats()["host-a"] == max(a.last_beat or 0, a_too.last_beat or 0)
-    rec = record("vm-2-root", instance="vm-2", state=RecordState.READY)
+    rec = record("vm-2_root", instance="vm-2", state=RecordState.READY)
     a.put(rec, None)
     # B takes from A (its heartbeat expired: the caller's judgement, see Records.holds).
     fenced: list[str] = []
     try:
-        b.take("rbd", "vm-2-root", 1, "host-a")
+        b.take("rbd", "vm-2_root", 1, "host-a")
         fenced = sorted({a._addr(), a_too._addr()})
-        assert b.owner("rbd", "vm-2-root") == "host-b"
-        assert [r.volume for r in b.for_instance("vm-2")] == ["vm-2-root"]
+        assert b.owner("rbd", "vm-2_root") == "host-b"
+        assert [r.volume for r in b.for_instance("vm-2")] == ["vm-2_root"]
         # Both of A's processes are fenced: every operation fails, reads included.
         for s in (a, a_too):
             with pytest.raises(StoreError, match="this client was fenced"):
                 s.put(bump(rec), 1)
             with pytest.raises(StoreError):
-                s.get("rbd", "vm-2-root")
+                s.get("rbd", "vm-2_root")
         # A new process of host A is a new client: it works, and finds the disk taken.
         a_new = make("host-a", own_client=True)
         assert a_new.for_instance("vm-2") == []
@@ -579,28 +580,28 @@ def test_heartbeats_and_a_take_from_a_host_that_is_gone_fences_it(make: Make, ce
 
 def test_a_store_without_a_cluster_handle_cannot_fence(make: Make) -> None:
     a, b = make("host-a"), make("host-b")
-    a.put(record("vm-3-root", instance="vm-3"), None)
+    a.put(record("vm-3_root", instance="vm-3"), None)
     with pytest.raises(StoreError, match="cannot fence host host-a"):
-        b.take("rbd", "vm-3-root", 1, "host-a")
-    assert b.owner("rbd", "vm-3-root") == "host-a"  # nothing taken
+        b.take("rbd", "vm-3_root", 1, "host-a")
+    assert b.owner("rbd", "vm-3_root") == "host-a"  # nothing taken
 
 
 def test_cache_entries_are_shared_by_every_host(make: Make, ceph: Ceph, namespace: str) -> None:
     """A cache entry is every host's: any host updates it (generation CAS only) and
     every host's load_all lists it, from one shared index shard."""
     a, b = make("host-a"), make("host-b")
-    entry = record("cache-img", instance="", state=RecordState.READY).model_copy(
+    entry = record("_cache_img", instance="", state=RecordState.READY).model_copy(
         update={"kind": RecordKind.CACHE}
     )
     a.put(entry, None)
-    assert a.owner("rbd", "cache-img") == rr.SHARED
-    assert index_keys(ceph, namespace, rr.SHARED) == {record_object("rbd", "cache-img")}
-    assert [r.volume for r in b.load_all()[0]] == ["cache-img"]
+    assert a.owner("rbd", "_cache_img") == rr.SHARED
+    assert index_keys(ceph, namespace, rr.SHARED) == {record_object("rbd", "_cache_img")}
+    assert [r.volume for r in b.load_all()[0]] == ["_cache_img"]
     b.put(bump(entry, last_used="2026-12-01T00:00:00+00:00"), 1)
     with pytest.raises(ConflictError):
         a.put(bump(entry), 1)  # stale
-    b.delete("rbd", "cache-img", 2)
-    assert a.get("rbd", "cache-img") is None
+    b.delete("rbd", "_cache_img", 2)
+    assert a.get("rbd", "_cache_img") is None
     assert index_keys(ceph, namespace, rr.SHARED) == set()
 
 
@@ -610,15 +611,15 @@ def test_an_instances_disks_have_one_owner(make: Make) -> None:
     a, b = make("host-a"), make("host-b")
     a.beat()
     b.beat()
-    a.put(record("vm-5-root", instance="vm-5"), None)
+    a.put(record("vm-5_root", instance="vm-5"), None)
     with pytest.raises(ConflictError, match=r"instance vm-5 .* is owned by host host-a"):
-        b.put(record("vm-5-scratch", instance="vm-5"), None)
-    assert b.get("rbd", "vm-5-scratch") is None
-    a.put(record("vm-5-scratch", instance="vm-5"), None)  # the owner makes the rest
+        b.put(record("vm-5_scratch", instance="vm-5"), None)
+    assert b.get("rbd", "vm-5_scratch") is None
+    a.put(record("vm-5_scratch", instance="vm-5"), None)  # the owner makes the rest
     # Released, the claim goes with the records: the taker may then make new disks.
-    a.release("rbd", "vm-5-root", 1)
-    a.release("rbd", "vm-5-scratch", 1)
-    b.take("rbd", "vm-5-root", 2, RELEASED)
-    b.put(record("vm-5-swap", instance="vm-5"), None)
+    a.release("rbd", "vm-5_root", 1)
+    a.release("rbd", "vm-5_scratch", 1)
+    b.take("rbd", "vm-5_root", 2, RELEASED)
+    b.put(record("vm-5_swap", instance="vm-5"), None)
     with pytest.raises(ConflictError, match="owned by host host-b"):
-        a.put(record("vm-5-data", instance="vm-5"), None)
+        a.put(record("vm-5_data", instance="vm-5"), None)

@@ -30,7 +30,8 @@ class RecordCopies:
     """The copies of records a pool's volumes carry, and the volumes that carry none."""
 
     records: tuple[DiskRecord, ...]
-    without: tuple[tuple[str, str], ...]  # (volume, why)
+    without: tuple[tuple[str, str], ...]  # (volume, why): no trusted, readable copy
+    refused: tuple[tuple[str, str], ...] = ()  # (volume, why): a copy that fails its checks
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,14 @@ class ManagingDriver(PoolDriver, Protocol):
         ...
 
     def record_copies(self) -> RecordCopies:
-        """The record copies the pool's volumes carry (for `records rebuild`)."""
+        """The trusted record copies the pool's volumes carry, each checked as input
+        (schema/recordcheck.py), for `records rebuild`; the others, with why."""
+        ...
+
+    def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
+        """Rewrite, as a trusted copy, the copy of each of `records` whose volume carries
+        none (or an untrusted one), in a pool this driver's store manages; how many were
+        written."""
         ...
 
     def owner(self) -> Owner | None:

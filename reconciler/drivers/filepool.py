@@ -19,6 +19,12 @@ links it to the volume's name without replacing anything, and refreshes the pool
 unlinks (after lstat shows a regular file) any file volume libvirt types as ploop, which
 includes a raw disk whose guest wrote the parallels magic at its start. qemu-img cannot
 resize parallels images, so a ploop disk is never grown: the planner says so as an error.
+
+Each volume's copy of its record (for `records rebuild`) is the file's extended attribute
+`trusted.reconciler.record`, which only root can write; anyone who can write the file (its
+guest's qemu process, a tenant) can set `user.*` attributes, so a `user.*` copy is trusted
+only when sealed with the host's key (drivers/copykey.py; file systems without the
+trusted namespace, such as NFS), and an apply replaces an unsealed one.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import libvirt
 from reconciler import faults
 from reconciler.bounded import check_json
 from reconciler.diff.model import ObservedPool
-from reconciler.drivers import entries, ownership
+from reconciler.drivers import copykey, entries, ownership
 from reconciler.drivers.base import (
     Inspected,
     ManagingDriver,
@@ -69,7 +75,8 @@ from reconciler.schema.common import BACKEND_FORMATS, NOT_RESIZABLE, Backend, Di
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
-from reconciler.store import RecordStore
+from reconciler.schema.recordcheck import problem
+from reconciler.store import RecordStore, SqliteRecordStore
 from reconciler.tools import run
 
 if TYPE_CHECKING:
@@ -82,8 +89,12 @@ FILE_POOL_TYPES = ("dir", "fs", "netfs")
 # in src/remote/remote_protocol.x); beyond it the pool directory is listed directly.
 LIBVIRT_VOL_LIST_MAX = 16384
 STATE_DIR = ".reconciler"  # inside the pool: its locks and owner, shared by all who use it
-# Each volume's copy of its record, kept by the host beside the volume (a guest writes
-# only the bytes of its disk, never its file's attributes), for `records rebuild`.
+# Each volume's copy of its record, kept by the host beside the volume for `records
+# rebuild`: in the trusted namespace, which only root can read or write; where a file
+# system has none (NFS), in the user namespace sealed with the host's key (copykey.py).
+# A user.* copy that is not sealed with it can have been set by anyone who can write the
+# file (a qemu process, a tenant), so it is never trusted.
+TRUSTED_XATTR = "trusted.reconciler.record"
 RECORD_XATTR = "user.reconciler.record"
 
 
@@ -325,23 +336,80 @@ class FilePoolDriver(entries.EntryCache):
     # -- copies of records, beside the volumes ------------------------------------------
 
     def keep_record_copy(self, rec: DiskRecord) -> None:
-        """Write the volume's copy of its record (an extended attribute of its file).
+        """Write the volume's copy of its record: `trusted.*`, else a sealed `user.*`.
 
-        The store stays the truth; a copy that cannot be written (a file system without
-        user xattrs) only costs `records rebuild` that volume, so it is logged, not fatal.
+        The store stays the truth; a copy that cannot be written only costs `records
+        rebuild` that volume, so it is logged, not fatal. Writing the trusted copy removes
+        a `user.*` one (an old unsealed copy, or anyone's forgery).
         """
+        data = rec.model_dump_json().encode()
         try:
             with open_volume(self.path(rec.volume), write=False) as fd:
-                os.setxattr(fd, RECORD_XATTR, rec.model_dump_json().encode())
+                try:
+                    os.setxattr(fd, TRUSTED_XATTR, data)
+                except OSError as e:
+                    if not copykey.no_trusted_namespace(e):
+                        raise
+                    self._keep_sealed(fd, rec, data)
+                    return
+                with contextlib.suppress(OSError):  # ENODATA: there is none
+                    os.removexattr(fd, RECORD_XATTR)
         except (OSError, ReconcileError) as e:
             log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
 
+    def _keep_sealed(self, fd: int, rec: DiskRecord, data: bytes) -> None:
+        key_dir = self._key_dir()
+        key = None if key_dir is None else copykey.load(key_dir, create=True)
+        if key is None:
+            with contextlib.suppress(OSError):
+                os.removexattr(fd, RECORD_XATTR)
+            log.warning(
+                "record_copy.none",
+                pool=self.name,
+                volume=rec.volume,
+                error="no trusted.* namespace here and no key to seal a user.* copy",
+            )
+            return
+        os.setxattr(fd, RECORD_XATTR, copykey.seal(key, data))
+
+    def _key_dir(self) -> Path | None:
+        """Where the key sealing user.* copies lives: beside the host's database."""
+        return self.store.path.parent if isinstance(self.store, SqliteRecordStore) else None
+
+    def _trusted_copy(self, path: str) -> tuple[bytes | None, str]:
+        """The trusted copy a file carries (bytes), or None and why there is none."""
+        try:
+            return os.getxattr(path, TRUSTED_XATTR, follow_symlinks=False), ""
+        except OSError as e:
+            if e.errno != errno.ENODATA and not copykey.no_trusted_namespace(e):
+                raise
+        try:
+            raw = os.getxattr(path, RECORD_XATTR, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                return None, "no record copy"
+            raise
+        try:
+            key_dir = self._key_dir()
+            key = None if key_dir is None else copykey.load(key_dir, create=False)
+        except copykey.CopyKeyError as e:
+            return None, f"its copy in {RECORD_XATTR} cannot be checked: {e}"
+        data = copykey.unseal(key, raw)
+        if data is None:
+            why = "no key to check it" if key is None else "not sealed with this host's key"
+            return None, (
+                f"its copy in {RECORD_XATTR} is not trusted ({why}; anyone who can write "
+                "the file can set that attribute)"
+            )
+        return data, ""
+
     def record_copies(self) -> RecordCopies:
-        """The records the pool's volumes carry, and why the others carry none (read from
-        the files' attributes only: never from a volume's bytes)."""
+        """The trusted records the pool's volumes carry, and why the others carry none
+        (read from the files' attributes only: never from a volume's bytes)."""
         root = self.info().path
         found: list[DiskRecord] = []
         without: list[tuple[str, str]] = []
+        refused: list[tuple[str, str]] = []
         for name in sorted(self.list_volumes()):
             if name.startswith(TEMP_PREFIX):
                 continue
@@ -350,11 +418,13 @@ class FilePoolDriver(entries.EntryCache):
                 if not stat.S_ISREG(os.lstat(path).st_mode):
                     without.append((name, "not a regular file"))
                     continue
-                raw = os.getxattr(path, RECORD_XATTR, follow_symlinks=False)
+                raw, why = self._trusted_copy(path)
             except FileNotFoundError:
                 continue  # removed while we looked
             except OSError as e:
-                why = "no record copy" if e.errno == errno.ENODATA else e.strerror or str(e)
+                without.append((name, e.strerror or str(e)))
+                continue
+            if raw is None:
                 without.append((name, why))
                 continue
             try:
@@ -362,11 +432,54 @@ class FilePoolDriver(entries.EntryCache):
             except ValueError as e:
                 without.append((name, f"its record copy is unreadable ({str(e).splitlines()[0]})"))
                 continue
-            if (rec.pool, rec.volume) != (self.name, name):
-                without.append((name, f"its record copy describes {rec.pool}/{rec.volume}"))
+            bad = problem(rec, self.name, name)
+            if bad is not None:
+                refused.append((name, f"its record copy is refused: {bad}"))
                 continue
             found.append(rec)
-        return RecordCopies(tuple(found), tuple(without))
+        return RecordCopies(tuple(found), tuple(without), tuple(refused))
+
+    def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
+        """Write the trusted copy of each record whose volume lacks it (an older
+        reconciler's unsealed user.* copy, or one set by someone else); how many. Only in
+        a pool this driver's store manages (PoolError otherwise): another's copies are its."""
+        self.check_owner()
+        root = self.info().path
+        renewed = 0
+        for rec in records:
+            path = os.path.join(root, rec.volume)
+            if self._copy_is_current(path, rec):
+                continue
+            # Under the volume's lock and from the store again: a step under way (the
+            # loop's workers) writes its own copy, never overwritten by an older one.
+            try:
+                with self.lock(rec.volume):
+                    fresh = self._store().get(self.name, rec.volume)
+                    if fresh is not None and not self._copy_is_current(path, fresh):
+                        self.keep_record_copy(fresh)
+                        renewed += 1
+            except (OSError, ReconcileError) as e:  # left for the next run: never fatal
+                log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
+        return renewed
+
+    def _copy_is_current(self, path: str, rec: DiskRecord) -> bool:
+        """Whether the file carries `rec`'s trusted copy and nothing untrusted beside it
+        (True also for a volume that cannot be read: the plan reports it)."""
+        try:
+            raw, _ = self._trusted_copy(path)
+            has_user = RECORD_XATTR in os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return True
+        if raw != rec.model_dump_json().encode():
+            return False
+        return not (has_user and self._trusted_namespace(path))
+
+    def _trusted_namespace(self, path: str) -> bool:
+        try:
+            os.getxattr(path, TRUSTED_XATTR, follow_symlinks=False)
+        except OSError as e:
+            return not copykey.no_trusted_namespace(e)
+        return True
 
     def owner(self) -> ownership.Owner | None:
         return ownership.read_owner(self.state_dir(), self.name)

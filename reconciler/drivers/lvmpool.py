@@ -16,6 +16,10 @@ host into the VG's metadata, never by a guest, which writes only an LV's bytes):
 - `reconciler.copy.I.N:CHUNK`, a copy of its record (zlib-compressed JSON, base64, split
   in N tags of at most COPY_CHUNK characters: tags allow only [A-Za-z0-9_+.-/=!:&#], which
   base64 fits), for `records rebuild`; written after the record is, in one `lvchange`.
+Who can write them: only root on this host (the VG's metadata; a guest writes only an
+LV's bytes, and a VG here is local to its host). So the copies are trusted by where they
+are, not sealed; each is still checked as input (schema/recordcheck.py) before rebuild
+restores it, and rebuild refuses any that would make the next plan destroy something.
 
 The VG carries `reconciler.owner:OWNER` (base64 JSON, as drivers/ownership.py's file): the
 store that manages the pool, added once, under a host lock, and replaced only by
@@ -97,6 +101,7 @@ from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordState
+from reconciler.schema.recordcheck import problem
 from reconciler.statedir import private_dir
 from reconciler.store import RecordStore
 from reconciler.tools import run
@@ -431,6 +436,7 @@ class LvmPoolDriver(entries.EntryCache):
     def record_copies(self) -> RecordCopies:
         found: list[DiskRecord] = []
         without: list[tuple[str, str]] = []
+        refused: list[tuple[str, str]] = []
         for name, tags in sorted(self.lvm.lv_tags().items()):
             try:
                 rec = decode_copy(tags)
@@ -441,11 +447,17 @@ class LvmPoolDriver(entries.EntryCache):
             if rec is None:
                 without.append((name, "no record copy"))
                 continue
-            if (rec.pool, rec.volume) != (self.name, name):
-                without.append((name, f"its record copy describes {rec.pool}/{rec.volume}"))
+            bad = problem(rec, self.name, name)
+            if bad is not None:
+                refused.append((name, f"its record copy is refused: {bad}"))
                 continue
             found.append(rec)
-        return RecordCopies(tuple(found), tuple(without))
+        return RecordCopies(tuple(found), tuple(without), tuple(refused))
+
+    def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
+        """Nothing to renew: an LV's tags are in the VG's metadata, which only root on
+        this host writes, so every copy there is already in a trusted place."""
+        return 0
 
     # -- making volumes ---------------------------------------------------------------
 

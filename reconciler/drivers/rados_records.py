@@ -88,6 +88,7 @@ from pydantic import ValidationError
 from reconciler.bounded import load_json
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord, RecordKind
+from reconciler.schema.recordcheck import check_record
 from reconciler.store import RELEASED, ConflictError, StoreError, StoreIdentity
 
 FORMAT = 1
@@ -185,6 +186,8 @@ def decode(oid: str, data: bytes, where: str) -> Stored:
             f"record object {oid} in {where} describes {rec.pool}/{rec.volume}, whose record "
             f"is {record_object(rec.pool, rec.volume)}: it was copied or misplaced"
         )
+    # Any client with the pool's caps can write this object: it is input (recordcheck).
+    check_record(rec, rec.pool, rec.volume)
     return Stored(host, rec)
 
 

@@ -24,7 +24,13 @@ Where things are (Ceph pool P of the config's `ceph` section; N its `namespace`)
 - Each image carries a copy of its record in its RBD metadata (`reconciler.record`: the
   host writes it; a guest writes only the image's data), the back-pointer to its record.
   Where it names another record than the one acting on it, delete and resize refuse and
-  say so: a disagreement is reported, never repaired by deleting.
+  say so: a disagreement is reported, never repaired by deleting. Who can write it: any
+  client with the Ceph pool's caps (a guest cannot: librbd gives it the image's data
+  only). Those are the very clients that can write the RADOS records, which are the
+  truth here, so the copy is not sealed (a MAC under a key shared by the hosts would
+  stop no one the store itself does not); it is checked as input like every record
+  (schema/recordcheck.py), and rebuild restores only what cannot make the next plan
+  destroy something (reconciler/rebuild.py).
 - Temporary images `.reconciler-tmp-<entry>` (an import in progress) are written under the
   entry's lock and removed by `sweep_temp` when nobody holds it; no disk is named so.
 
@@ -111,6 +117,7 @@ from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
+from reconciler.schema.recordcheck import problem
 from reconciler.store import ConflictError, RecordStore, StoreError, StoreIdentity
 from reconciler.tools import run
 
@@ -557,6 +564,7 @@ class RbdPoolDriver(entries.EntryCache):
     def record_copies(self) -> RecordCopies:
         found: list[DiskRecord] = []
         without: list[tuple[str, str]] = []
+        refused: list[tuple[str, str]] = []
         _, _rbd = _mods()
         for name in sorted(self.list_volumes()):
             if name.startswith(TEMP_PREFIX):
@@ -569,11 +577,18 @@ class RbdPoolDriver(entries.EntryCache):
                 continue
             if copy is None:
                 without.append((name, "no record copy"))
-            elif (copy.pool, copy.volume) != (self.name, name):
-                without.append((name, f"its record copy describes {copy.pool}/{copy.volume}"))
-            else:
-                found.append(copy)
-        return RecordCopies(tuple(found), tuple(without))
+                continue
+            why = problem(copy, self.name, name)
+            if why is not None:
+                refused.append((name, f"its record copy is refused: {why}"))
+                continue
+            found.append(copy)
+        return RecordCopies(tuple(found), tuple(without), tuple(refused))
+
+    def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
+        """Nothing to renew: image metadata is as trusted as the RADOS store (see the
+        module docstring), so a copy there is rewritten only as its record changes."""
+        return 0
 
     # -- what a disk is made from -------------------------------------------------------
 

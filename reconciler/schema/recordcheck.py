@@ -1,0 +1,177 @@
+"""Every record is input: the one check a record passes wherever it is read.
+
+DESIGN invariant 8. A record is read from the host's database, a pool's RADOS store, a
+copy on a volume (a file's extended attribute, an LV's tags, an RBD image's metadata) and
+an exported state; each of those can have been written by someone other than this
+reconciler (a process with the pool's Ceph caps, whoever edited a state file, root by
+hand). So each reader calls `check_record` on what it parsed, and the session, rebuild
+and an exported state's load call `validate` on the whole set; a record that fails is a
+BadRecord, which the planner turns into that volume's plan error ("record-unreadable"):
+it is never acted on, never guessed around.
+
+What a record must be:
+- read as POOL/VOLUME, it describes POOL/VOLUME;
+- a disk's instance and disk are names (as a manifest's), and its volume is
+  `naming.volume_name(instance, disk)`; a cache entry's volume is an entry name
+  (`_cache_` + a name) and it names no instance, disk or backing;
+- its backing, if any, is the *name* of a cache entry (so never a path: no '/', no
+  '..'), and, checked over the set, a cache entry of the same pool with its own record
+  (a disk being created may name an entry whose record is not yet written: it holds no
+  data, and its create starts again from its spec);
+- its format is one its backend holds, and its backend one its pool's kind holds (a file
+  pool: flat, qcow2, ploop; an lvm pool: lvm; an rbd pool: rbd), and so is a migration's;
+  a migration's copy goes to the disk's own name or its staging name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable, Mapping
+
+from reconciler.errors import RecordError
+from reconciler.naming import CACHE_PREFIX, migration_name, volume_name
+from reconciler.schema.common import BACKEND_FORMATS, Backend, check_name
+from reconciler.schema.record import BadRecord, DiskRecord, RecordKind, RecordState
+
+# What a cache entry's name may be: image-, template- and nova- entries are all this.
+_ENTRY_RE = re.compile(r"^" + re.escape(CACHE_PREFIX) + r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.PLOOP})
+
+
+def is_entry_name(name: str) -> bool:
+    """Whether `name` is a cache entry's volume name (never a path)."""
+    return bool(_ENTRY_RE.match(name)) and ".." not in name
+
+
+# check_name's rule as one expression: the fast path for the names of many records.
+_NAME_RE = re.compile(r"(?![.-])(?!.*\.\.)[A-Za-z0-9._-]{1,100}\Z")
+
+
+def _name(what: str, value: str) -> None:
+    if _NAME_RE.match(value):
+        return
+    try:
+        check_name(value)
+    except ValueError as e:
+        raise RecordError(f"its {what} is not a name ({e})") from None
+
+
+def _family(backends: Iterable[str]) -> frozenset[Backend]:
+    """The backends a pool of these configured backends can hold records of: the config
+    may drop a backend a pool once served (its disks then migrate), never its kind."""
+    kinds = {str(b) for b in backends}
+    if Backend.RBD in kinds:
+        return frozenset({Backend.RBD})
+    if Backend.LVM in kinds:
+        return frozenset({Backend.LVM})
+    return _FILE_BACKENDS
+
+
+def _problem(rec: DiskRecord) -> str | None:
+    """Why `rec` cannot be a record this reconciler wrote (None: it can be)."""
+    try:
+        if rec.format not in BACKEND_FORMATS[rec.backend]:
+            return f"backend {rec.backend.value} holds no {rec.format.value} disk"
+        if rec.kind is RecordKind.CACHE:
+            if not is_entry_name(rec.volume):
+                return f"a cache entry's volume must be an entry name, not {rec.volume!r}"
+            if rec.instance or rec.disk or rec.backing is not None or rec.migration:
+                return "a cache entry names no instance, disk, backing or migration"
+            return None
+        _name("instance", rec.instance)
+        _name("disk", rec.disk)
+        want = volume_name(rec.instance, rec.disk)
+        if rec.volume != want:
+            return (
+                f"disk {rec.instance}/{rec.disk} is volume {want}, not {rec.volume!r} "
+                "(a volume's name is derived from its instance and disk)"
+            )
+        if rec.backing is not None and not is_entry_name(rec.backing):
+            return (
+                f"its backing {rec.backing!r} is not a cache entry's name (a backing is "
+                "the name of a cache entry of the same pool, never a path)"
+            )
+        mig = rec.migration
+        if mig is not None:
+            _name("migration pool", mig.pool)
+            if mig.format not in BACKEND_FORMATS[mig.backend]:
+                return f"its migration's backend {mig.backend.value} holds no {mig.format.value}"
+            if mig.final_volume != want or mig.volume not in (want, migration_name(want)):
+                return (
+                    f"its migration's volumes {mig.volume!r}/{mig.final_volume!r} are not {want}'s"
+                )
+            if mig.retained_as is not None and not re.fullmatch(
+                re.escape(rec.volume) + r"\+retained-g[0-9]{1,18}", mig.retained_as
+            ):
+                return f"its migration would keep the old volume as {mig.retained_as!r}"
+    except RecordError as e:
+        return str(e)
+    return None
+
+
+def problem(rec: DiskRecord, pool: str, volume: str) -> str | None:
+    """Why `rec`, read as `pool`/`volume`, is not a record this reconciler could have
+    written (the checks of one record alone; see the docstring); None: it could be."""
+    if (rec.pool, rec.volume) != (pool, volume):
+        return f"it describes {rec.pool}/{rec.volume}"
+    return _problem(rec)
+
+
+def check_record(rec: DiskRecord, pool: str, volume: str) -> None:
+    """Raise RecordError if `problem` finds one."""
+    why = problem(rec, pool, volume)
+    if why is not None:
+        raise RecordError(f"record {pool}/{volume} is refused: {why}")
+
+
+def _config_problem(rec: DiskRecord, pools: Mapping[str, Collection[str]]) -> str | None:
+    # A pool the config lacks is the planner's to report (its records are not acted on).
+    for pool, backend in [(rec.pool, rec.backend)] + (
+        [(rec.migration.pool, rec.migration.backend)] if rec.migration else []
+    ):
+        configured = pools.get(pool)
+        if configured is not None and backend not in _family(configured):
+            kinds = ", ".join(sorted(str(b) for b in configured))
+            return f"backend {backend.value} cannot be in pool {pool} (backends: {kinds})"
+    return None
+
+
+def validate(
+    records: Iterable[DiskRecord],
+    pools: Mapping[str, Collection[str]] | None,
+    entries: Iterable[tuple[str, str]] = (),
+) -> tuple[list[DiskRecord], list[BadRecord]]:
+    """The records that pass every check, and the others as BadRecords.
+
+    `pools`: each configured pool's backends (None: no config check). `entries`: (pool, volume) of
+    cache entries known to have a record beyond `records` (a plan of one instance reads
+    only the entries its disks name)."""
+    good: list[DiskRecord] = []
+    bad: list[BadRecord] = []
+    for rec in records:
+        why = _problem(rec) or (None if pools is None else _config_problem(rec, pools))
+        if why is None:
+            good.append(rec)
+        else:
+            bad.append(
+                BadRecord(rec.pool, rec.volume, f"record {rec.pool}/{rec.volume} is refused: {why}")
+            )
+    have = {r.key() for r in good if r.kind is RecordKind.CACHE} | set(entries)
+    kept: list[DiskRecord] = []
+    for rec in good:
+        if (
+            rec.backing is not None
+            and rec.state is not RecordState.CREATING
+            and (rec.pool, rec.backing) not in have
+        ):
+            bad.append(
+                BadRecord(
+                    rec.pool,
+                    rec.volume,
+                    f"record {rec.pool}/{rec.volume} is refused: its backing {rec.backing} is "
+                    f"no cache entry of pool {rec.pool} with a record of its own",
+                )
+            )
+        else:
+            kept.append(rec)
+    return kept, bad
