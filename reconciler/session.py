@@ -61,6 +61,8 @@ class Session:
         self._end_loading()
         try:
             self.store.close()
+            for d in self.drivers.values():
+                d.close()  # a Ceph client and its leases' renewer: no thread outlives this
             self.conns.close()
         finally:
             self.local_store.close()

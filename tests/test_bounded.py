@@ -24,7 +24,7 @@ from reconciler.bounded import (
     open_stream,
     read_regular,
 )
-from reconciler.drivers.filepool import RECORD_XATTR
+from reconciler.drivers.filepool import TRUSTED_XATTR
 from tests.env import Env, disk
 
 JSON = st.recursive(
@@ -212,7 +212,7 @@ def test_records_nested_absurdly_are_one_line_not_recursion(env: Env) -> None:
     rc, out, err = env.run()
     assert rc == 0, out + err
     deep = "[" * 1500  # deeper than json's recursion limit; within an xattr's size
-    os.setxattr(env.volume(a, "disk"), RECORD_XATTR, deep.encode(), follow_symlinks=False)
+    os.setxattr(env.volume(a, "disk"), TRUSTED_XATTR, deep.encode(), follow_symlinks=False)
     db = sqlite3.connect(env.root / "state" / "records.sqlite")
     with db:
         db.execute("UPDATE records SET data=? WHERE volume=?", (deep, f"{b}_disk"))

@@ -48,7 +48,20 @@ def record(
         disk=volume.split("_", 1)[1] if instance else "",
         format=DiskFormat.RAW,
         virtual_size=1 << 30,
-        spec={"size": 1 << 30, "note": note},
+        # The spec it was made to, as the executor writes it, and a note of the test's.
+        spec=(
+            {
+                "name": volume.split("_", 1)[1],
+                "backend": "rbd",
+                "pool": "rbd",
+                "format": "raw",
+                "size": 1 << 30,
+                "source": {"template": "blank"},
+                "note": note,
+            }
+            if instance
+            else {"template": "blank", "size": 1 << 30, "note": note}
+        ),
         source={"template": "blank"},
         backing=backing,
         state=state,

@@ -32,14 +32,31 @@ def rec(**changes: Any) -> DiskRecord:
         "disk": "root",
         "format": "qcow2",
         "virtual_size": 1 << 26,
-        "spec": {"size": 1 << 26},
         "source": {"template": "ext4"},
         "backing": ENTRY,
         "state": "ready",
         "generation": 1,
     }
     doc.update(changes)
+    if "spec" not in doc:  # the spec it was made to, as the executor writes it
+        doc["spec"] = (
+            {"template": "ext4", "size": doc["virtual_size"]}
+            if doc.get("kind") == "cache"
+            else spec_of(doc["disk"], doc["pool"], doc["backend"], doc["format"])
+        )
     return DiskRecord.model_validate(doc)
+
+
+def spec_of(disk: str, pool: str, backend: str, fmt: str) -> dict[str, Any]:
+    return {
+        "name": disk,
+        "backend": backend,
+        "pool": pool,
+        "format": fmt,
+        "size": 1 << 26,
+        "source": {"template": "ext4"},
+        "deletionPolicy": "Delete",
+    }
 
 
 def entry(**changes: Any) -> DiskRecord:
@@ -66,7 +83,7 @@ def test_the_records_the_reconciler_writes_pass() -> None:
             "backend": "flat",
             "format": "raw",
             "virtual_size": 1 << 26,
-            "spec": {},
+            "spec": spec_of("root", "local", "flat", "raw"),
             "phase": "copying",
             "retained_as": retained_name(f"{INST}_root", 3),
         },

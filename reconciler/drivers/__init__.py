@@ -35,6 +35,9 @@ class UnsupportedPool:
     def record_store(self) -> RecordStore | None:
         return None
 
+    def close(self) -> None:
+        pass  # nothing opened
+
 
 def driver_for(
     name: str,

@@ -93,6 +93,10 @@ class PoolDriver(Protocol):
         it cannot be); None: the host's records database (reconciler/records.py)."""
         ...
 
+    def close(self) -> None:
+        """Release what the driver opened (connections, threads); called once, at the end."""
+        ...
+
 
 class ManagingDriver(PoolDriver, Protocol):
     """A driver that can change its pool: what the executor and `cache gc` use."""

@@ -131,6 +131,10 @@ class EntryCache:
     name: str
     images: Mapping[str, ImageConfig]
 
+    def close(self) -> None:
+        """Release what the driver opened for its pool (a Ceph client, its leases' renewer);
+        a file or LVM pool holds nothing open. The session closes every driver."""
+
     def entry_for(self, spec: Mapping[str, Any]) -> str | None:
         """The cache entry a disk made to `spec` is made from (none for blank disks)."""
         src = spec["source"]

@@ -241,7 +241,12 @@ class LeaseLocks:
                     log.error("lock.lease_lost", cookie=cookie, where=self.where, error=str(e))
 
     def close(self) -> None:
+        """Stop renewing; the renewer ends before this returns (a closed session leaves no
+        thread behind: a process forks its manifest workers only when it has none)."""
         self._closed.set()
+        renewer = self._renewer
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join(timeout=10)
 
 
 def _enc_str(s: str) -> bytes:

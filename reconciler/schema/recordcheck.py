@@ -18,6 +18,9 @@ What a record must be:
   '..'), and, checked over the set, a cache entry of the same pool with its own record
   (a disk being created may name an entry whose record is not yet written: it holds no
   data, and its create starts again from its spec);
+- the spec it was made to is a disk's spec (a cache entry's: an image's, a template's or a
+  Nova base's) naming its own disk, pool, backend and format, with a size in bytes and a
+  source, and so is a migration's (the planner, the executor and a migration read them);
 - its format is one its backend holds, and its backend one its pool's kind holds (a file
   pool: flat, qcow2, ploop; an lvm pool: lvm; an rbd pool: rbd), and so is a migration's;
   a migration's copy goes to the disk's own name or its staging name.
@@ -27,10 +30,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping
+from typing import Any
 
 from reconciler.errors import RecordError
 from reconciler.naming import CACHE_PREFIX, migration_name, volume_name
-from reconciler.schema.common import BACKEND_FORMATS, Backend, check_name
+from reconciler.schema.common import BACKEND_FORMATS, Backend, DiskFormat, check_name
 from reconciler.schema.record import BadRecord, DiskRecord, RecordKind, RecordState
 
 # What a cache entry's name may be: image-, template- and nova- entries are all this.
@@ -67,6 +71,57 @@ def _family(backends: Iterable[str]) -> frozenset[Backend]:
     return _FILE_BACKENDS
 
 
+def _is_size(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _source_problem(source: Any) -> str | None:
+    """Why `source` is not a disk's source as a manifest gives it (None: it is)."""
+    if not isinstance(source, dict):
+        return "its source is not a mapping"
+    if set(source) == {"image"} and isinstance(source["image"], str):
+        return None
+    if (
+        "template" in source
+        and set(source) <= {"template", "label"}
+        and all(isinstance(v, str) for v in source.values())
+    ):
+        return None
+    return "its source is neither {image: ID} nor {template: KIND[, label: LABEL]}"
+
+
+def _spec_problem(
+    spec: Mapping[str, Any], disk: str, pool: str, backend: Backend, fmt: DiskFormat, what: str
+) -> str | None:
+    """Why `spec`, the disk spec a record (or its migration) was made to, is not one that
+    agrees with it: a disk's spec as the planner, the executor and a migration read it
+    (name, pool, backend, format, size, source, deletionPolicy), naming the record's own
+    disk, pool, backend and format (None: it is)."""
+    said = {k: spec.get(k) for k in ("name", "pool", "backend", "format")}
+    wanted = {"name": disk, "pool": pool, "backend": backend.value, "format": fmt.value}
+    for key, value in wanted.items():
+        if said[key] != value:
+            return f"{what} says {key} {said[key]!r}, the record {value!r}"
+    if not _is_size(spec.get("size")):
+        return f"{what} has no size in bytes"
+    if spec.get("deletionPolicy", "Delete") not in ("Delete", "Retain"):
+        return f"{what} has no deletionPolicy Delete or Retain"
+    why = _source_problem(spec.get("source"))
+    return f"{what}: {why}" if why else None
+
+
+def _entry_spec_problem(spec: Mapping[str, Any]) -> str | None:
+    """Why a cache entry's spec is not one the reconciler writes: an image's (its id and
+    sha256), a Nova base's (its name and sha256) or a template's (its kind), each with a
+    size in bytes (what `cache ls` and the entry's users read of it)."""
+    if not _is_size(spec.get("size")):
+        return "its spec (a cache entry's) has no size in bytes"
+    for keys in (("image", "sha256"), ("nova_base", "sha256"), ("template",)):
+        if all(isinstance(spec.get(k), str) for k in keys):
+            return None
+    return "its spec is no image's, Nova base's or template's (a cache entry's)"
+
+
 def _problem(rec: DiskRecord) -> str | None:
     """Why `rec` cannot be a record this reconciler wrote (None: it can be)."""
     try:
@@ -77,7 +132,7 @@ def _problem(rec: DiskRecord) -> str | None:
                 return f"a cache entry's volume must be an entry name, not {rec.volume!r}"
             if rec.instance or rec.disk or rec.backing is not None or rec.migration:
                 return "a cache entry names no instance, disk, backing or migration"
-            return None
+            return _entry_spec_problem(rec.spec)
         _name("instance", rec.instance)
         _name("disk", rec.disk)
         want = volume_name(rec.instance, rec.disk)
@@ -104,9 +159,14 @@ def _problem(rec: DiskRecord) -> str | None:
                 re.escape(rec.volume) + r"\+retained-g[0-9]{1,18}", mig.retained_as
             ):
                 return f"its migration would keep the old volume as {mig.retained_as!r}"
+            why = _spec_problem(
+                mig.spec, rec.disk, mig.pool, mig.backend, mig.format, "its migration's spec"
+            )
+            if why is not None:
+                return why
     except RecordError as e:
         return str(e)
-    return None
+    return _spec_problem(rec.spec, rec.disk, rec.pool, rec.backend, rec.format, "its spec")
 
 
 def problem(rec: DiskRecord, pool: str, volume: str) -> str | None:
