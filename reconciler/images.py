@@ -212,11 +212,13 @@ def open_rbd(location: str, image: ImageConfig | None) -> Iterator[IO[bytes]]:
             "catalog entry `cephConf` (that cluster's ceph.conf) so it can be fetched, or "
             "serve the image over http(s) or file://"
         )
+    from reconciler.drivers.rbdpool import MISSING_BINDINGS
+
     try:
         import rados
         import rbd
-    except ImportError:
-        raise FetchFailed(f"{location}: Ceph's rados and rbd modules are not installed") from None
+    except ImportError as e:
+        raise FetchFailed(f"{location}: {MISSING_BINDINGS.format(e=e)}") from None
     t = f"{RBD_TIMEOUT:g}"
     conf = {"rados_osd_op_timeout": t, "rados_mon_op_timeout": t, "client_mount_timeout": t}
     cluster = rados.Rados(conffile=image.ceph_conf, name=image.ceph_client, conf=conf)
