@@ -7,6 +7,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -700,8 +701,51 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+# The options every subcommand takes (`_common`); given before a subcommand's name they are
+# moved after it. `-v` may be repeated (`-vv`).
+_GLOBAL_WITH_VALUE = ("--config",)
+_GLOBAL_FLAGS = re.compile(r"^(-v+|--verbose)$")
+# The default command's options that take a value: what follows them is not a path.
+_PLAN_WITH_VALUE = frozenset(
+    {"--output", "--observed", "--max-state-age", "--plan-out", "-j", "--jobs", "--config"}
+)
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`reconcile --config C status` as `reconcile status --config C`: global options
+    (--config, -v) before a subcommand's name go after it. Any other option before a
+    subcommand's name is a usage error, never a plan of a manifest named like a
+    subcommand."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return argv  # what follows are paths
+        if not arg.startswith("-") or arg == "-":
+            break
+        i += 2 if arg in _PLAN_WITH_VALUE else 1
+    else:
+        return argv
+    if i == 0 or argv[i] not in SUBCOMMANDS or {"-h", "--help"} & set(argv[:i]):
+        return argv  # a path first, or help asked for: the default command's parser says
+    before = argv[:i]
+    j = 0
+    while j < len(before):
+        arg = before[j]
+        if arg in _GLOBAL_WITH_VALUE and j + 1 < len(before):
+            j += 2
+        elif _GLOBAL_FLAGS.match(arg) or arg.startswith("--config="):
+            j += 1
+        else:
+            _plan_parser().error(
+                f"{arg} before '{argv[i]}': only --config and -v may come before a "
+                f"subcommand's name (try 'reconcile {argv[i]} --help')"
+            )
+    return [argv[i], *before, *argv[i + 1 :]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     try:
         command = SUBCOMMANDS.get(argv[0]) if argv else None
         if command is not None:

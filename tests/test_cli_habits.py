@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,36 @@ def test_rbd_pool_without_bindings_is_its_error_and_other_pools_go_on(env: Env) 
         assert "pool ceph cannot be used" in out and "[pool-unreachable]" in out, out
         assert "python3-rbd" in out and "--system-site-packages" in out, out
     assert env.volume(inst, "d").exists()  # the file pool's disk was applied
+
+
+@pytest.mark.libvirtd
+def test_global_options_before_a_subcommand(env: Env, tmp_path: Path) -> None:
+    env.manifest("vm", [disk("d", size="1MiB")])
+    cfg = str(env.config_path)
+    # `status`, `validate` and `apply` after --config/-v: the subcommand, never a manifest.
+    rc, out, err = Env.main(["--config", cfg, "status"])
+    assert rc == 0 and "0 instance(s)" in out, out + err
+    rc, out, err = Env.main(["-v", f"--config={cfg}", "validate", str(env.manifests)])
+    assert rc == 0 and "1 valid" in out, out + err
+    saved = tmp_path / "plan.json"
+    rc, out, err = env.run("--dry-run", "--plan-out", str(saved))
+    assert rc == 0, out + err
+    rc, out, err = Env.main(["--config", cfg, "-vv", "apply", str(saved), str(env.manifests)])
+    assert rc == 0 and "Apply: 1 done" in out, out + err
+    # Another option before a subcommand's name: a usage error, nothing planned.
+    with pytest.raises(SystemExit) as e:
+        Env.main(["--config", cfg, "--dry-run", "status"])
+    assert e.value.code == 2
+    res = subprocess.run(
+        [sys.executable, "-m", "reconciler", "--config", cfg, "--dry-run", "status"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 2 and res.stdout == "", res.stdout
+    assert "--dry-run before 'status'" in res.stderr, res.stderr
+    # The default command keeps its global options first (`reconcile --config C PATH`).
+    rc, out, _ = env.run("--dry-run")
+    assert rc == 0 and "No changes." in out
