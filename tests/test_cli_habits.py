@@ -82,3 +82,22 @@ def test_global_options_before_a_subcommand(env: Env, tmp_path: Path) -> None:
     # The default command keeps its global options first (`reconcile --config C PATH`).
     rc, out, _ = env.run("--dry-run")
     assert rc == 0 and "No changes." in out
+
+
+def test_first_libvirt_connection_failing_says_so_in_one_line(tmp_path: Path) -> None:
+    """No daemon at the config's URI (a private socket path): one line names the URI and
+    asks whether libvirtd runs there; exit 1, no traceback. (The subprocess's timeout only
+    keeps a hang from stalling the suite; the wait is FIRST_CONTACT, test_retry_libvirt.)"""
+    uri = f"qemu+unix:///system?socket={tmp_path / 'no-daemon.sock'}"
+    env = Env(tmp_path / "env", uri, {"local": ("nowhere", tmp_path / "pool")})
+    env.write_config()
+    env.manifest("vm", [disk("d", size="1MiB")])
+    res = env.subprocess(timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if uri in line]
+    assert len(lines) == 1, out
+    assert f"cannot connect to libvirt at {uri}" in lines[0], lines
+    assert f"is libvirtd running at {uri}?" in lines[0], lines
+    assert "libvirt.reconnect" not in res.stderr  # quick tries of a first contact: no notices
