@@ -197,11 +197,22 @@ def _plan(argv: Sequence[str]) -> int:
             # Hosts sharing a pool: this one is alive, with nothing to do (no write while
             # its heartbeat is fresh: a no-op run changes nothing in the cluster).
             s.store.beat(if_older_than=config.ownership.heartbeat_expiry / 4)
+            _record_status(s, p, None)
             return _exit(p, False, args.detailed_exitcode)
         print(f"\nApplying {len(p.actions)} action(s)...", flush=True)
         result = s.executor(saved=False, jobs=args.jobs).apply(p.actions)
         print(_apply_summary(result))
+        _record_status(s, p, result)
         return _exit(p, bool(result.failed), args.detailed_exitcode)
+
+
+def _record_status(s: Session, p: Plan, result: ApplyResult | None) -> None:
+    """What `reconcile status` shows for the instances a one-shot apply acted on (see
+    status.record_run)."""
+    from reconciler.status import record_run
+
+    disks = {i.instance: len(i.disks) for i in s.desired.instances}
+    record_run(s.config.state_dir() / "status.sqlite", p, result, disks)
 
 
 DEFAULT_MAX_STATE_AGE = 3600.0
@@ -304,11 +315,13 @@ def cmd_apply(argv: Sequence[str]) -> int:
         actions = saved_plan.check(saved, fresh, config=config, desired=s.desired, options=options)
         if not actions:
             print("The plan has no actions.")
+            _record_status(s, fresh, None)
             return EXIT_OK
         s.local_store.load_all()  # a damaged records database stops the run before any change
         print(f"Applying {len(actions)} action(s) from {args.plan}...", flush=True)
         result = s.executor(saved=True, jobs=args.jobs).apply(actions)
         print(_apply_summary(result))
+        _record_status(s, fresh, result)
     return EXIT_ERROR if result.failed else EXIT_OK
 
 
@@ -641,7 +654,8 @@ def cmd_status(argv: Sequence[str]) -> int:
 
     p = argparse.ArgumentParser(
         prog="reconcile status",
-        description="Each instance's status, as the control loop last wrote it.",
+        description="Each instance's status, as the control loop or the last one-shot apply "
+        "that acted on it wrote it.",
     )
     p.add_argument("--output", choices=("text", "json"), default="text")
     _common(p)

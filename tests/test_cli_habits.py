@@ -4,9 +4,11 @@ before a subcommand, and `reconcile status` after one-shot applies."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +103,45 @@ def test_first_libvirt_connection_failing_says_so_in_one_line(tmp_path: Path) ->
     assert f"cannot connect to libvirt at {uri}" in lines[0], lines
     assert f"is libvirtd running at {uri}?" in lines[0], lines
     assert "libvirt.reconnect" not in res.stderr  # quick tries of a first contact: no notices
+
+
+def status_rows(env: Env) -> dict[str, dict[str, Any]]:
+    rc, out, err = Env.main(["status", "--config", str(env.config_path), "--output", "json"])
+    assert rc == 0, err
+    return {r["instance"]: r for r in json.loads(out)}
+
+
+def ready(row: dict[str, Any]) -> tuple[str, str]:
+    (c,) = [c for c in row["conditions"] if c["type"] == "Ready"]
+    return c["status"], c["reason"]
+
+
+@pytest.mark.libvirtd
+def test_status_shows_what_one_shot_applies_reconciled(env: Env) -> None:
+    a = env.manifest("a", [disk("d", size="1MiB")])
+    b = env.manifest("b", [disk("d", size="1MiB"), disk("e", size="1MiB")])
+    assert env.run("--dry-run")[0] == 0
+    assert status_rows(env) == {}  # a dry run changes nothing, the status neither
+    assert env.run()[0] == 0
+    rows = status_rows(env)
+    assert set(rows) == {a, b}
+    assert ready(rows[a]) == ("True", "Converged") and rows[b]["disks"] == 2
+    (cond,) = [c for c in rows[a]["conditions"] if c["type"] == "Ready"]
+    assert cond["message"] == "1 action(s) applied (one-shot run)"
+    rc, out, _ = Env.main(["--config", str(env.config_path), "status"])
+    assert rc == 0 and a in out and "Converged" in out and "2 instance(s)" in out
+    # An error the plan shows is the instance's status, with the loop's reason.
+    env.manifest("a", [disk("d", size="512KiB")], instance=a)  # a shrink
+    assert env.run()[0] == 1
+    rows = status_rows(env)
+    assert ready(rows[a]) == ("False", "ShrinkRefused") and "shrink" in rows[a]["lastError"]
+    assert ready(rows[b]) == ("True", "Converged")
+    # Nothing to do for it any more: Ready again, though no action was applied.
+    env.manifest("a", [disk("d", size="1MiB")], instance=a)
+    rc, out, _ = env.run()
+    assert rc == 0 and "No changes." in out
+    assert ready(status_rows(env)[a]) == ("True", "Converged")
+    # Its manifest gone and its disks deleted (--prune): its status goes too.
+    env.remove_manifest("a")
+    assert env.run("--prune", "--force")[0] == 0
+    assert set(status_rows(env)) == {b}
