@@ -175,6 +175,15 @@ def _parse(data: str) -> InstanceStatus | None:
         return None  # a damaged row is rewritten by the next reconcile
 
 
+def tighten(state_dir: Path) -> None:
+    """Tighten an existing status database as the records' (reconciler/statedir.py): every
+    run opens the records, while only an apply that acted opens this one."""
+    path = state_dir / "status.sqlite"
+    if path.exists():
+        with contextlib.suppress(OSError):  # a problem of its own is the status's to report
+            private_file(path)
+
+
 def record_run(path: Path, p: Plan, result: ApplyResult | None, disks: dict[str, int]) -> None:
     """Write the status a one-shot apply of plan `p` (with `result`, None: nothing was
     applied) gives each instance, as the loop would: Ready True (Converged) when all went
