@@ -101,6 +101,11 @@ def with_conditions(
     return replace(new, conditions=tuple(out), updated=now)
 
 
+# How a Ready True condition ends in a row (put_many writes json.dumps(sort_keys=True)).
+# Inside a JSON string every quote is escaped, so a message cannot contain it.
+_READY_TRUE = '"status": "True", "type": "Ready"}'
+
+
 @dataclass
 class StatusStore:
     path: Path
@@ -142,6 +147,17 @@ class StatusStore:
             rows = self._db.execute("SELECT data FROM status ORDER BY instance").fetchall()
         out = [_parse(r[0]) for r in rows]
         return [s for s in out if s is not None]
+
+    def not_ready(self) -> list[InstanceStatus]:
+        """The statuses whose Ready is not True, without parsing the others (a one-shot
+        run with nothing to do reads only these)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM status WHERE instr(data, ?) = 0 ORDER BY instance",
+                (_READY_TRUE,),
+            ).fetchall()
+        out = [_parse(r[0]) for r in rows]
+        return [st for st in out if st is not None and not _is_ready(st)]
 
     def put(self, status: InstanceStatus) -> None:
         self.put_many([status])
@@ -213,13 +229,17 @@ def record_run(path: Path, p: Plan, result: ApplyResult | None, disks: dict[str,
     try:
         store = StatusStore(path)
         try:
-            old = {st.instance: st for st in store.all()}
+            # Only what may change is read: the instances acted on or in error, and those
+            # not Ready (which this run may find converged).
+            old = {st.instance: st for st in store.not_ready()}
+            for inst in touched - set(old):
+                st = store.get(inst)
+                if st is not None:
+                    old[inst] = st
             now = now_iso()
             new: list[InstanceStatus] = []
             for inst in sorted(touched | {i for i in disks if i in old}):
                 before = old.get(inst)
-                if inst not in touched and before is not None and _is_ready(before):
-                    continue  # Ready, and still nothing to do: left as it is
                 if inst not in disks and inst not in failed:
                     store.delete(inst)  # no manifest names it, and its disks are gone
                     continue

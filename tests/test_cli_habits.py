@@ -145,3 +145,26 @@ def test_status_shows_what_one_shot_applies_reconciled(env: Env) -> None:
     env.remove_manifest("a")
     assert env.run("--prune", "--force")[0] == 0
     assert set(status_rows(env)) == {b}
+
+
+def test_not_ready_reads_only_statuses_whose_ready_is_not_true(tmp_path: Path) -> None:
+    """What a one-shot run with nothing to do reads; a message quoting a Ready True
+    condition's JSON does not hide a status that is not Ready."""
+    from reconciler.status import InstanceStatus, StatusStore, now_iso, with_conditions
+
+    trick = '"status": "True", "type": "Ready"}'
+    store = StatusStore(tmp_path / "state" / "status.sqlite")
+    try:
+        rows = [
+            with_conditions(
+                None,
+                InstanceStatus(name, 1, "", 1),
+                {"Ready": (ready, "Reason", trick), "Degraded": ("False", "AsExpected", "")},
+                now_iso(),
+            )
+            for name, ready in (("a", "True"), ("b", "False"), ("c", "Unknown"), ("d", "True"))
+        ]
+        store.put_many(rows)
+        assert [st.instance for st in store.not_ready()] == ["b", "c"]
+    finally:
+        store.close()
