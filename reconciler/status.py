@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field, replace
@@ -195,8 +196,14 @@ def tighten(state_dir: Path) -> None:
     """Tighten an existing status database as the records' (reconciler/statedir.py): every
     run opens the records, while only an apply that acted opens this one."""
     path = state_dir / "status.sqlite"
-    if path.exists():
-        with contextlib.suppress(OSError):  # a problem of its own is the status's to report
+    try:
+        loose = os.stat(path).st_mode & 0o077
+    except OSError:
+        return  # none yet, or a problem of its own: the status's to report when opened
+    if loose:
+        # Only then an fd is opened: closing one drops this process's SQLite locks on
+        # the file, which a loop reloading its config holds open.
+        with contextlib.suppress(OSError):
             private_file(path)
 
 
