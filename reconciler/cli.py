@@ -8,6 +8,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import select
 import sys
 import threading
@@ -201,11 +202,22 @@ def _plan(argv: Sequence[str]) -> int:
             # Hosts sharing a pool: this one is alive, with nothing to do (no write while
             # its heartbeat is fresh: a no-op run changes nothing in the cluster).
             s.store.beat(if_older_than=config.ownership.heartbeat_expiry / 4)
+            _record_status(s, p, None)
             return _exit(p, False, args.detailed_exitcode)
         print(f"\nApplying {len(p.actions)} action(s)...", flush=True)
         result = s.executor(saved=False, jobs=args.jobs).apply(p.actions)
         print(_apply_summary(result))
+        _record_status(s, p, result)
         return _exit(p, bool(result.failed), args.detailed_exitcode)
+
+
+def _record_status(s: Session, p: Plan, result: ApplyResult | None) -> None:
+    """What `reconcile status` shows for the instances a one-shot apply acted on (see
+    status.record_run)."""
+    from reconciler.status import record_run
+
+    disks = {i.instance: len(i.disks) for i in s.desired.instances}
+    record_run(s.config.state_dir() / "status.sqlite", p, result, disks)
 
 
 DEFAULT_MAX_STATE_AGE = 3600.0
@@ -308,11 +320,13 @@ def cmd_apply(argv: Sequence[str]) -> int:
         actions = saved_plan.check(saved, fresh, config=config, desired=s.desired, options=options)
         if not actions:
             print("The plan has no actions.")
+            _record_status(s, fresh, None)
             return EXIT_OK
         s.local_store.load_all()  # a damaged records database stops the run before any change
         print(f"Applying {len(actions)} action(s) from {args.plan}...", flush=True)
         result = s.executor(saved=True, jobs=args.jobs).apply(actions)
         print(_apply_summary(result))
+        _record_status(s, fresh, result)
     return EXIT_ERROR if result.failed else EXIT_OK
 
 
@@ -699,7 +713,8 @@ def cmd_status(argv: Sequence[str]) -> int:
 
     p = argparse.ArgumentParser(
         prog="reconcile status",
-        description="Each instance's status, as the control loop last wrote it.",
+        description="Each instance's status, as the control loop or the last one-shot apply "
+        "that acted on it wrote it.",
     )
     p.add_argument("--output", choices=("text", "json"), default="text")
     _common(p)
@@ -759,6 +774,49 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+# The options every subcommand takes (`_common`); given before a subcommand's name they are
+# moved after it. `-v` may be repeated (`-vv`).
+_GLOBAL_WITH_VALUE = ("--config",)
+_GLOBAL_FLAGS = re.compile(r"^(-v+|--verbose)$")
+# The default command's options that take a value: what follows them is not a path.
+_PLAN_WITH_VALUE = frozenset(
+    {"--output", "--observed", "--max-state-age", "--plan-out", "-j", "--jobs", "--config"}
+)
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`reconcile --config C status` as `reconcile status --config C`: global options
+    (--config, -v) before a subcommand's name go after it. Any other option before a
+    subcommand's name is a usage error, never a plan of a manifest named like a
+    subcommand."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return argv  # what follows are paths
+        if not arg.startswith("-") or arg == "-":
+            break
+        i += 2 if arg in _PLAN_WITH_VALUE else 1
+    else:
+        return argv
+    if i == 0 or argv[i] not in SUBCOMMANDS or {"-h", "--help"} & set(argv[:i]):
+        return argv  # a path first, or help asked for: the default command's parser says
+    before = argv[:i]
+    j = 0
+    while j < len(before):
+        arg = before[j]
+        if arg in _GLOBAL_WITH_VALUE and j + 1 < len(before):
+            j += 2
+        elif _GLOBAL_FLAGS.match(arg) or arg.startswith("--config="):
+            j += 1
+        else:
+            _plan_parser().error(
+                f"{arg} before '{argv[i]}': only --config and -v may come before a "
+                f"subcommand's name (try 'reconcile {argv[i]} --help')"
+            )
+    return [argv[i], *before, *argv[i + 1 :]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The one edge where every failure becomes its exit code and at most a line or two:
     ReconcileError is the message as written; anything else is an internal error in one
@@ -766,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     instead), exit 1. Ctrl-C exits 130; SystemExit (argparse's usage errors, exit 2)
     passes through; a reader of stdout that went away (`reconcile ... | head`) ends the
     run quietly, as other Unix tools do."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     _output_never_fails()
     try:
         command = SUBCOMMANDS.get(argv[0]) if argv else None

@@ -62,7 +62,16 @@ class ImageRejected(ReconcileError):
 
 
 class FetchFailed(ReconcileError):
-    """The image could not be read from its location."""
+    """The image could not be read from its location; `retry`: another try may succeed."""
+
+    def __init__(self, message: str, *, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+# HTTP statuses another try may change: a server's trouble (5xx), a timeout or a rate
+# limit. Any other refusal (401, 403, 404, ...) answers the same every time.
+_HTTP_TRANSIENT = frozenset({408, 425, 429})
 
 
 class Deadline:
@@ -212,11 +221,13 @@ def open_rbd(location: str, image: ImageConfig | None) -> Iterator[IO[bytes]]:
             "catalog entry `cephConf` (that cluster's ceph.conf) so it can be fetched, or "
             "serve the image over http(s) or file://"
         )
+    from reconciler.drivers.rbdpool import MISSING_BINDINGS
+
     try:
         import rados
         import rbd
-    except ImportError:
-        raise FetchFailed(f"{location}: Ceph's rados and rbd modules are not installed") from None
+    except ImportError as e:
+        raise FetchFailed(f"{location}: {MISSING_BINDINGS.format(e=e)}") from None
     t = f"{RBD_TIMEOUT:g}"
     conf = {"rados_osd_op_timeout": t, "rados_mon_op_timeout": t, "client_mount_timeout": t}
     cluster = rados.Rados(conffile=image.ceph_conf, name=image.ceph_client, conf=conf)
@@ -290,7 +301,8 @@ def open_location(
         timeout = deadline.timeout() if deadline is not None else 30.0
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        raise FetchFailed(f"{location}: HTTP {e.code} {e.reason}") from None
+        transient = e.code >= 500 or e.code in _HTTP_TRANSIENT
+        raise FetchFailed(f"{location}: HTTP {e.code} {e.reason}", retry=transient) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise FetchFailed(f"{location}: {reason}") from None
@@ -376,6 +388,7 @@ def stream_into(
             out_of_time = deadline.remaining() <= delay
             if (
                 out_of_time
+                or not e.retry
                 or attempt == HTTP_ATTEMPTS
                 or image.location.startswith(("file:", "rbd:"))
             ):

@@ -25,13 +25,27 @@ _threshold = 0  # lines below it are dropped here; 0 until configure(): all go t
 _pending: tuple[int, bool] | None = None  # (level, json_lines) not yet given to structlog
 
 
+# Erases the terminal's current line: an in-place progress line (an image fetch's, the
+# executor's) that a log line would otherwise continue.
+CLEAR_LINE = "\r\x1b[2K"
+
+
 class _Stderr(io.TextIOBase):
     """Whatever sys.stderr is when a line is logged. main() may run under a redirected
     stderr that is closed afterwards (a caller's capture, a test's), and the logging set up
-    here outlives it: a later log line must not go to a closed file."""
+    here outlives it: a later log line must not go to a closed file. On a terminal each
+    line starts by clearing the line the cursor is on, so a retry notice is a line of its
+    own, never the tail of a progress line (which its next update draws again)."""
+
+    _at_start = True  # the next write begins a line (structlog writes a line, then "\n")
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        err = sys.stderr
+        if self._at_start and text and text != "\n" and err.isatty():
+            err.write(CLEAR_LINE)
+        if text:
+            self._at_start = text.endswith("\n")
+        return err.write(text)
 
     def flush(self) -> None:
         sys.stderr.flush()

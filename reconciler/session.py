@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from reconciler import status
 from reconciler.desired import build_desired
 from reconciler.diff import (
     Action,
@@ -47,6 +48,7 @@ class Session:
         self.local_store: SqliteRecordStore = open_store(
             self.config.state_dir(), self.config.state.lock_timeout
         )
+        status.tighten(self.config.state_dir())  # the status database beside the records
         self.conns = Connections(reconnect_timeout=self.config.libvirt.reconnect_timeout)
         self.drivers = {
             name: driver_for(name, pc, self.conns, self.local_store, self.config)

@@ -7,6 +7,11 @@ manifest the condition was computed from: it grows by one each time the manifest
 content changes). `lastError` and `nextRetry` say what failed and when it is tried again;
 a terminal error has no `nextRetry` (it waits for its manifest to change).
 
+One-shot applies write the status too (`record_run`): each instance the run acted on or
+found in error, with the loop's reasons; and an instance whose last status was not Ready
+and that the run found with nothing to do becomes Ready. Dry runs write nothing, and a
+run with nothing to do and no errors only reads the file (when there is one).
+
 The status lives in its own SQLite file (`status.sqlite`, WAL) beside the records, so
 `reconcile status` reads it while a loop writes it, and losing it loses nothing but
 history: the next reconcile of each instance writes it again.
@@ -17,15 +22,23 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.bounded import load_json
 from reconciler.errors import ReconcileError
+from reconciler.logs import get_logger
 from reconciler.statedir import private_dir, private_file
+
+if TYPE_CHECKING:
+    from reconciler.apply import ApplyResult
+    from reconciler.diff import Plan
+
+log = get_logger(__name__)
 
 CONDITIONS = ("Ready", "Progressing", "Degraded")
 
@@ -89,6 +102,11 @@ def with_conditions(
     return replace(new, conditions=tuple(out), updated=now)
 
 
+# How a Ready True condition ends in a row (put_many writes json.dumps(sort_keys=True)).
+# Inside a JSON string every quote is escaped, so a message cannot contain it.
+_READY_TRUE = '"status": "True", "type": "Ready"}'
+
+
 @dataclass
 class StatusStore:
     path: Path
@@ -131,6 +149,17 @@ class StatusStore:
         out = [_parse(r[0]) for r in rows]
         return [s for s in out if s is not None]
 
+    def not_ready(self) -> list[InstanceStatus]:
+        """The statuses whose Ready is not True, without parsing the others (a one-shot
+        run with nothing to do reads only these)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM status WHERE instr(data, ?) = 0 ORDER BY instance",
+                (_READY_TRUE,),
+            ).fetchall()
+        out = [_parse(r[0]) for r in rows]
+        return [st for st in out if st is not None and not _is_ready(st)]
+
     def put(self, status: InstanceStatus) -> None:
         self.put_many([status])
 
@@ -161,3 +190,98 @@ def _parse(data: str) -> InstanceStatus | None:
         return InstanceStatus.from_json(load_json(data, what="status"))
     except (ValueError, TypeError, KeyError):
         return None  # a damaged row is rewritten by the next reconcile
+
+
+def tighten(state_dir: Path) -> None:
+    """Tighten an existing status database as the records' (reconciler/statedir.py): every
+    run opens the records, while only an apply that acted opens this one."""
+    path = state_dir / "status.sqlite"
+    try:
+        loose = os.stat(path).st_mode & 0o077
+    except OSError:
+        return  # none yet, or a problem of its own: the status's to report when opened
+    if loose:
+        # Only then an fd is opened: closing one drops this process's SQLite locks on
+        # the file, which a loop reloading its config holds open.
+        with contextlib.suppress(OSError):
+            private_file(path)
+
+
+def record_run(path: Path, p: Plan, result: ApplyResult | None, disks: dict[str, int]) -> None:
+    """Write the status a one-shot apply of plan `p` (with `result`, None: nothing was
+    applied) gives each instance, as the loop would: Ready True (Converged) when all went
+    well, else Ready False with the reason of the first error that may pass by itself
+    (else the first error). `disks`: the disks each desired instance's manifests name.
+    A status that cannot be written is a warning: the disks were made all the same."""
+    from reconciler.diff.model import Handling, ProblemCode
+
+    touched = {a.instance for a in p.actions} | {e.instance for e in p.errors if e.instance}
+    if not touched and not path.exists():
+        return  # the no-op path: nothing to write, and no file to correct
+    failed: dict[str, list[tuple[str, str]]] = {}  # instance -> (reason, message)
+    for e in sorted(p.errors, key=lambda e: e.code.handling is Handling.TERMINAL):
+        if e.instance:
+            failed.setdefault(e.instance, []).append((e.code.reason, e.message))
+    for o in result.outcomes if result is not None else ():
+        if o.status == "failed":
+            msg = f"{o.action.disk}: {o.message}"
+            failed.setdefault(o.action.instance, []).insert(
+                0, (ProblemCode.APPLY_FAILED.reason, msg)
+            )
+    applied: dict[str, int] = {}
+    for o in result.outcomes if result is not None else ():
+        if o.status == "done":
+            applied[o.action.instance] = applied.get(o.action.instance, 0) + 1
+    elsewhere = {w.instance: w.message for w in p.warnings if w.code is ProblemCode.OWNED_ELSEWHERE}
+    try:
+        store = StatusStore(path)
+        try:
+            # Only what may change is read: the instances acted on or in error, and those
+            # not Ready (which this run may find converged).
+            old = {st.instance: st for st in store.not_ready()}
+            for inst in touched - set(old):
+                st = store.get(inst)
+                if st is not None:
+                    old[inst] = st
+            now = now_iso()
+            new: list[InstanceStatus] = []
+            for inst in sorted(touched | {i for i in disks if i in old}):
+                before = old.get(inst)
+                if inst not in disks and inst not in failed:
+                    store.delete(inst)  # no manifest names it, and its disks are gone
+                    continue
+                if inst in failed:
+                    reason, msg = failed[inst][0]
+                    ready, degraded, error = ("False", reason, msg), ("True", reason, msg), msg
+                elif inst in elsewhere:
+                    ready = ("False", ProblemCode.OWNED_ELSEWHERE.reason, elsewhere[inst])
+                    degraded, error = ("False", "AsExpected", ""), ""
+                else:
+                    n = applied.get(inst, 0)
+                    done = f"{n} action(s) applied" if n else "nothing to do"
+                    ready = ("True", "Converged", f"{done} (one-shot run)")
+                    degraded, error = ("False", "AsExpected", ""), ""
+                status = InstanceStatus(
+                    inst,
+                    before.generation if before else 0,
+                    before.manifest_sha256 if before else "",
+                    disks.get(inst, 0),
+                    lastError=error,
+                )
+                conditions = {
+                    "Ready": ready,
+                    "Progressing": ("False", "Idle", ""),
+                    "Degraded": degraded,
+                }
+                new.append(with_conditions(before, status, conditions, now))
+            if new:
+                store.put_many(new)
+        finally:
+            store.close()
+    except (ReconcileError, sqlite3.Error) as e:
+        log.warning("status.not_written", path=str(path), error=str(e))
+
+
+def _is_ready(s: InstanceStatus) -> bool:
+    c = s.condition("Ready")
+    return c is not None and c.status == "True"

@@ -16,7 +16,8 @@ class ImageServer:
     root: Path
     port: int = 0
     gets: Counter[str] = field(default_factory=Counter)
-    # path -> how to misbehave: "404", "truncate" (send half, then close), "hold" (send
+    # path -> how to misbehave: an HTTP status ("404", "500"), "truncate" (send half, then
+    # close), "hold" (send
     # half, set `holding`, and send the rest once `release` is set), "trickle" (the
     # headers, then one byte every `trickle_interval` seconds), "silent" (read the request,
     # never answer)
@@ -45,7 +46,10 @@ def serve(root: Path) -> Iterator[ImageServer]:
             if fault == "silent":
                 state.stopping.wait(120)
                 return
-            if fault == "404" or not path.is_file():
+            if fault is not None and fault.isdigit():
+                self.send_error(int(fault))
+                return
+            if not path.is_file():
                 self.send_error(404, "no such image")
                 return
             size = path.stat().st_size

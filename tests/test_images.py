@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -184,24 +185,80 @@ def test_two_processes_one_fetch(env: Env, server: ImageServer, images: Path) ->
 def test_http_errors_are_retried_then_fail_cleanly(
     env: Env, server: ImageServer, images: Path
 ) -> None:
+    """A server's trouble (5xx) and a cut transfer are retried; a refusal (401, 403,
+    404) answers the same every time: fetched once, and one line says so."""
     env.images = {
-        "gone": catalog_entry(images / "good.raw", "raw", server.url("gone.raw")),
-        "cut": catalog_entry(images / "good.raw", "raw", server.url("cut.raw")),
+        name: catalog_entry(images / "good.raw", "raw", server.url(f"{name}.raw"))
+        for name in ("gone", "cut", "denied", "unauthorized", "broken")
     }
     (images / "cut.raw").write_bytes((images / "good.raw").read_bytes())
     server.faults["cut.raw"] = "truncate"
+    server.faults["denied.raw"] = "403"
+    server.faults["unauthorized.raw"] = "401"
+    server.faults["broken.raw"] = "500"
     env.write_config()
-    env.manifest("a", [disk("d", size="16MiB", image="gone", template=None)])
-    env.manifest("b", [disk("d", size="16MiB", image="cut", template=None)])
+    for name in env.images:
+        env.manifest(name, [disk("d", size="16MiB", image=name, template=None)])
     rc, out, _ = env.run()
     assert rc == 1
     failures = [line for line in out.splitlines() if line.startswith("FAILED")]
-    assert len(failures) == 2
-    assert any("HTTP 404" in f for f in failures)
+    assert len(failures) == 5, out
+    for code in (404, 403, 401, 500):
+        assert sum(f"HTTP {code}" in f for f in failures) == 1, failures
     assert any("truncated" in f or "transfer failed" in f for f in failures)
-    assert server.gets["gone.raw"] == 4 and server.gets["cut.raw"] == 4  # retried
+    assert server.gets["cut.raw"] == 4 and server.gets["broken.raw"] == 4  # retried
+    assert server.gets["gone.raw"] == 1  # 404: not retried
+    assert server.gets["denied.raw"] == 1 and server.gets["unauthorized.raw"] == 1
     assert pool_contents(env) == []
     assert records(env) == []
+
+
+def on_a_terminal(argv: list[str], timeout: float = 120) -> tuple[int, str]:
+    """Run argv with a pseudo-terminal as its stdin, stdout and stderr: (rc, all it wrote)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT)
+    os.close(slave)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        rc = proc.wait(timeout=timeout)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, b"".join(chunks).decode(errors="replace")
+
+
+def test_retry_notices_start_on_a_line_of_their_own_on_a_terminal(
+    env: Env, server: ImageServer, images: Path
+) -> None:
+    """A transfer cut after half the image is retried: its notice starts on a line of its
+    own (the fetch's in-place progress line cleared first), never at the end of it."""
+    (images / "cut.raw").write_bytes((images / "good.raw").read_bytes())
+    server.faults["cut.raw"] = "truncate"
+    env.images = {"cut": catalog_entry(images / "good.raw", "raw", server.url("cut.raw"))}
+    env.write_config()
+    env.manifest("a", [disk("d", size="16MiB", image="cut", template=None)])
+    rc, out = on_a_terminal(env.argv("--jobs", "1"))
+    assert rc == 1, out
+    assert server.gets["cut.raw"] == 4
+    assert "fetch cut: " in out  # the progress line was drawn
+    notices = [i for i in range(len(out)) if out.startswith("image.fetch.retry", i)]
+    assert len(notices) == 3, out
+    for i in notices:
+        line = out[out.rfind("\n", 0, i) + 1 : i]
+        shown = line[line.rfind("\r") + 1 :]  # what a terminal shows of the line
+        assert re.match(r"\x1b\[2K\d{4}-\d\d-\d\dT", shown), repr(line)
 
 
 def with_fetch(env: Env, fetch: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler.drivers.libvirt_conn import Backoff, Connections
+from reconciler.drivers.libvirt_conn import FIRST_CONTACT, Backoff, Connections
 from reconciler.errors import PoolError
 from tests.conftest import DirPool
 from tests.env import ROOT, Env, disk, qemu_uri
@@ -172,6 +172,27 @@ def test_daemon_down_is_retried_with_capped_backoff_until_the_deadline(
     # Back up: the next call reconnects, and a later outage has a deadline of its own.
     assert conns.call(uri, "version", lambda c: c.getLibVersion())
     conns.close()
+
+
+def test_a_daemon_never_reached_fails_within_the_first_contact_time(tmp_path: Path) -> None:
+    """A URI this process never reached (no daemon at the socket) is tried for
+    FIRST_CONTACT seconds of the clock, not reconnectTimeout, and the error asks whether
+    libvirtd runs there; a connection reached once keeps the reconnect deadline (above)."""
+    uri = f"qemu+unix:///system?socket={tmp_path / 'no-daemon.sock'}"
+    clock = FakeClock()
+    conns = Connections(
+        Backoff(first=0.05, cap=1.0, sleep=clock.sleep), reconnect_timeout=30, clock=clock
+    )
+    with pytest.raises(PoolError) as e:
+        conns.call(uri, "version", lambda c: c.getLibVersion())
+    assert f"cannot connect to libvirt at {uri}" in str(e.value)
+    assert str(e.value).endswith(f"is libvirtd running at {uri}?")
+    assert len(clock.slept) >= 2  # a few tries, a daemon starting up may answer
+    assert sum(clock.slept) == pytest.approx(FIRST_CONTACT)
+    before = len(clock.slept)
+    with pytest.raises(PoolError, match="is libvirtd running at"):  # shared: fails at once
+        conns.call(uri, "version", lambda c: c.getLibVersion())
+    assert len(clock.slept) == before
 
 
 DISKS = 50

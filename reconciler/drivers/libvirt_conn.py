@@ -6,7 +6,9 @@ Two kinds of trouble are retried, differently:
   re-opened with capped backoff until `reconnect_timeout` seconds have passed since the
   connection was first found lost. The outage is shared by every call on that URI, so once
   its deadline has passed each further call fails at once (until a connection opens
-  again), rather than every step of an apply waiting the whole timeout once more;
+  again), rather than every step of an apply waiting the whole timeout once more. A URI
+  this process has never reached is not a lost connection but a daemon that may not be
+  there at all: it gets `FIRST_CONTACT` seconds (a few quick tries), then fails saying so;
 - a busy pool ("asynchronous jobs running") is retried a fixed number of times.
 
 A call whose connection dropped after its request was sent may still have been carried
@@ -108,6 +110,9 @@ class Backoff:
 
 
 DEFAULT_RECONNECT_TIMEOUT = 30.0  # seconds (libvirt.reconnectTimeout in the config)
+# Seconds a URI never reached yet is tried for: a daemon starting up answers within them,
+# and an operator whose libvirtd is not running hears it at once, not after the timeout.
+FIRST_CONTACT = 2.5
 
 
 class Connections:
@@ -127,6 +132,7 @@ class Connections:
         self.reconnect_timeout = reconnect_timeout
         self.clock = clock
         self._lost_since: dict[str, float] = {}  # URI -> when its connection was found lost
+        self._reached_once: set[str] = set()  # URIs this process has had a connection to
 
     def get(self, uri: str) -> Any:
         with self._lock:
@@ -149,13 +155,22 @@ class Connections:
             with contextlib.suppress(libvirt.libvirtError):
                 c.close()
 
+    def _timeout(self, uri: str) -> float:
+        """How long an outage of `uri` is waited out: a lost connection the reconnect
+        timeout, a URI never reached `FIRST_CONTACT` seconds."""
+        with self._lock:
+            if uri in self._reached_once:
+                return self.reconnect_timeout
+        return min(FIRST_CONTACT, self.reconnect_timeout)
+
     def _reconnect_wait(self, uri: str, retry: int) -> float | None:
-        """How long to wait before re-opening `uri`; None once its outage has lasted
-        `reconnect_timeout` seconds."""
+        """How long to wait before re-opening `uri`; None once its outage has lasted its
+        timeout (`_timeout`)."""
         now = self.clock()
+        timeout = self._timeout(uri)
         with self._lock:
             since = self._lost_since.setdefault(uri, now)
-        left = since + self.reconnect_timeout - now
+        left = since + timeout - now
         if left <= 0:
             return None
         return min(self.backoff.delay(retry), left)
@@ -163,6 +178,7 @@ class Connections:
     def _reached(self, uri: str) -> None:
         with self._lock:
             since = self._lost_since.pop(uri, None)
+            self._reached_once.add(uri)
         if since is not None:
             log.info("libvirt.reconnected", uri=uri, after=round(self.clock() - since, 2))
 
@@ -180,6 +196,11 @@ class Connections:
                 if is_connection_lost(e):
                     self.drop(uri)
                     wait = self._reconnect_wait(uri, lost)
+                    if wait is None and self._timeout(uri) < self.reconnect_timeout:
+                        raise PoolError(
+                            f"{what}: cannot connect to libvirt at {uri}: "
+                            f"{e.get_error_message() or e}; is libvirtd running at {uri}?"
+                        ) from e
                     if wait is None:
                         raise PoolError(
                             f"{what}: lost the connection to libvirt at {uri} and could not "
@@ -187,8 +208,10 @@ class Connections:
                             f"(libvirt.reconnectTimeout): {e.get_error_message() or e}; "
                             "is libvirtd running?"
                         ) from e
-                    # The first loss is news; the retries after it are not.
-                    (log.warning if lost == 0 else log.info)(
+                    # The first loss is news; the retries after it are not, nor are the
+                    # quick tries of a first contact.
+                    first = lost == 0 and self._timeout(uri) == self.reconnect_timeout
+                    (log.warning if first else log.info)(
                         "libvirt.reconnect", what=what, error=str(e), delay=round(wait, 3)
                     )
                     lost += 1

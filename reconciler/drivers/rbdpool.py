@@ -138,11 +138,21 @@ RBD_LOCATION = re.compile(r"^rbd://([0-9a-fA-F-]{36})/([^/@]+)/([^/@]+)/([^/@]+)
 
 def _mods() -> tuple[Any, Any]:
     """Debian's rados and rbd modules (untyped, a system dependency): imported only here
-    and only when an rbd pool is used."""
-    import rados
-    import rbd
-
+    and only when an rbd pool is used. Missing (a venv that does not see the system's
+    packages): the pool's error, as for an unreachable pool; the other pools go on."""
+    try:
+        import rados
+        import rbd
+    except ImportError as e:
+        raise PoolError(MISSING_BINDINGS.format(e=e)) from None
     return rados, rbd
+
+
+MISSING_BINDINGS = (
+    "Ceph's Python bindings are not importable ({e}): install Debian's python3-rbd (it "
+    "brings python3-rados), and run reconcile with the system's Python, or from a venv "
+    "made with `python3 -m venv --system-site-packages` so it sees them"
+)
 
 
 def parse_rbd_location(location: str) -> tuple[str, str, str, str] | None:
