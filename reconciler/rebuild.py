@@ -35,12 +35,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from reconciler.diff import PlanOptions, plan
-from reconciler.diff.model import ActionKind, Desired, Observed, ObservedPool
+from reconciler.diff.model import ActionKind, Desired, Observed
 from reconciler.drivers.base import ManagingDriver
 from reconciler.errors import PoolError, ReconcileError
 from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.recordcheck import validate
-from reconciler.session import Session, with_migration_facts
+from reconciler.session import Session, observe_managed
 
 # What a restored record may make the next plan do to its disk: only a record-only change.
 ALLOWED = frozenset({ActionKind.UPDATE})
@@ -165,27 +165,18 @@ def _observed(
                 vols.add(d.volume)
                 if d.entry is not None:
                     vols.add(d.entry)
+    records = (*base.records, *cands.values())
+    was = base.pools.get(pool)
+    pools = dict(base.pools)
     try:
-        att = drv.attachments()
-        present = frozenset(v for v in vols if drv.volume_exists(v))
+        pools[pool] = observe_managed(
+            pool,
+            drv,
+            vols,
+            records,
+            shared=was.shared if was else False,
+            held=was.held if was else {},
+        )
     except (PoolError, OSError) as e:
         raise ReconcileError(f"pool {pool} cannot be observed to check the rebuild: {e}") from e
-    was = base.pools.get(pool)
-    observed_pool = ObservedPool(
-        pool,
-        present,
-        None,
-        {},
-        att.defined,
-        att.running,
-        att.known,
-        att.why_unknown,
-        shared=was.shared if was else False,
-        held=was.held if was else {},
-    )
-    records = (*base.records, *cands.values())
-    pools = dict(base.pools)
-    pools[pool] = with_migration_facts(
-        observed_pool, drv, [r.volume for r in records if r.pool == pool]
-    )
     return Observed(pools, records, base.bad_records)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reconciler import status
 from reconciler.desired import build_desired
@@ -225,30 +225,13 @@ class Session:
                 continue
             try:
                 drv.check_owner()
-                att = drv.attachments()
-                present = frozenset(v for v in vols if drv.volume_exists(v))
+                pools[pool] = observe_managed(pool, drv, vols, records)
             except PoolError as e:
                 pools[pool] = ObservedPool(
                     pool, None, str(e), managed_elsewhere=isinstance(e, ManagedElsewhere)
                 )
-                continue
             except OSError as e:
                 pools[pool] = ObservedPool(pool, None, f"{e.filename}: {e.strerror}")
-                continue
-            pools[pool] = with_migration_facts(
-                ObservedPool(
-                    pool,
-                    present,
-                    None,
-                    {},
-                    att.defined,
-                    att.running,
-                    att.known,
-                    att.why_unknown,
-                ),
-                drv,
-                [r.volume for r in records if r.pool == pool],
-            )
         wanted_vols: dict[str, dict[str, str]] = {}
         for inst in wanted:
             for d in inst.disks:
@@ -321,6 +304,25 @@ class Session:
             replan=None if saved else self.replanner(),
             jobs=jobs,
         )
+
+
+def observe_managed(
+    pool: str,
+    drv: ManagingDriver,
+    volumes: Iterable[str],
+    records: Iterable[DiskRecord],
+    **facts: Any,
+) -> ObservedPool:
+    """A managed pool as a plan of `volumes` sees it: which of them exist (by name, never
+    a listing), the domains that use them, and what a migration into or out of it needs
+    (`records`: those whose volumes the pool's facts cover); `facts`, more ObservedPool
+    fields. PoolError and OSError are the caller's to report."""
+    att = drv.attachments()
+    present = frozenset(v for v in volumes if drv.volume_exists(v))
+    observed = ObservedPool(
+        pool, present, None, {}, att.defined, att.running, att.known, att.why_unknown, **facts
+    )
+    return with_migration_facts(observed, drv, [r.volume for r in records if r.pool == pool])
 
 
 def with_migration_facts(
