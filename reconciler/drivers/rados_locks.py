@@ -164,8 +164,8 @@ class LeaseLocks:
         except rados.ObjectNotFound:
             pass  # the lease expired and someone else took and released it
         except rados.Error as e:
-            if self.outage is not None and isinstance(e, rados.TimedOut):
-                self.outage.note(f"{self.where}: releasing lock {name} timed out")
+            # Not noted as an outage's cause: a release is cleanup, and a step's or run's
+            # error must name what failed first in the work, not this.
             log.warning("lock.release_failed", lock=name, where=self.where, error=str(e))
 
     def lockers(self, oid: str) -> list[tuple[int, str]]:
