@@ -1,7 +1,9 @@
 """The OSD stopped in the middle of a run on an rbd pool: every step after it fails with a
-clear error once the client's op timeout (the pool's opTimeout, 3 s here) is spent, so the
-run ends instead of hanging; nothing is recorded as done that was not; and a run after
-the OSD is back converges.
+clear error naming the cause once the client's op timeout (the pool's opTimeout, 3 s
+here) is spent, and the calls after the first timeout fail at once rather than each
+waiting again, so the run ends instead of hanging; nothing is recorded as done that was
+not; and a run after the OSD is back converges. The mon unreachable: one connect's wait,
+the error saying so.
 
 This needs an OSD that keeps its data across a restart, which a memstore OSD does not (it
 holds everything in its own memory), so the test starts a cluster of its own with a
@@ -11,6 +13,7 @@ and stops and starts just that cluster's OSD; the shared test cluster is not tou
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -82,8 +85,23 @@ def test_the_osd_stopped_mid_run(bluestore: Ceph, libvirt_uri: str, tmp_path: Pa
                 p.kill()
                 p.wait()
         assert p.returncode == 1, out
-        assert "timed out" in out, out
         assert "Traceback" not in out, out
+        # Each failed step names the cause, the first Ceph call that timed out, not a
+        # cleanup (a rollback, a lock's release) that failed after it: those are skipped
+        # within opTimeout of the first timeout (drivers/ceph_outage.py).
+        failed = [line for line in out.splitlines() if line.startswith("FAILED ")]
+        assert failed, out
+        # "FAILED create I/D (P/V): why", and the run's last line if the store stopped it.
+        whys = [
+            line.split("): ", 1)[1]
+            for line in failed
+            if "the records database failed; the run stops" not in line
+        ]
+        last = out.strip().splitlines()[-1]
+        if last.startswith("reconcile: error: "):
+            whys.append(last.removeprefix("reconcile: error: "))
+        for why in whys:
+            assert "timed out" in why and "releas" not in why, out
         ceph_sh("start-osd", str(d))
         wait_for("the OSD to serve writes", lambda: writable(site))
         # Nothing recorded as done that was not: each ready record has its image.
@@ -103,3 +121,30 @@ def test_the_osd_stopped_mid_run(bluestore: Ceph, libvirt_uri: str, tmp_path: Pa
         assert res.returncode == 0, res.stdout + res.stderr
         assert env.plan_json()["actions"] == []
         check_consistent(site)
+
+
+def test_the_mon_unreachable(bluestore: Ceph, libvirt_uri: str, tmp_path: Path) -> None:
+    """A run that finds the monitor not answering (stopped with SIGSTOP: connections are
+    accepted and never answered) fails the pool once, naming the connect that timed out;
+    the driver's later calls (the records, the locks) do not each wait to connect again."""
+    d: Path = bluestore.dir  # type: ignore[attr-defined]
+    pid = int((d / "run" / "mon.a.pid").read_text())
+    with rbd_site(bluestore, libvirt_uri) as site:
+        env = site.env(tmp_path / "env", namespace=NS, op_timeout=3)
+        env.host = HOST
+        env.images = {"a": catalog(image_file(tmp_path / "a.raw"), "raw")}
+        env.write_config()
+        env.manifest("vm0", [rdisk("root", size="16MiB", image="a", template=None)])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            res = env.subprocess(timeout=DEADLINE)  # a hang fails here
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        out = res.stdout + res.stderr
+        assert res.returncode == 1, out
+        assert "Traceback" not in out, out
+        assert "cannot connect to Ceph" in out and "timed out" in out, out
+        causes = [line for line in out.splitlines() if "ceph.unreachable" in line]
+        assert len(causes) == 1, out  # one connect's wait
+        res = env.subprocess(timeout=DEADLINE)
+        assert res.returncode == 0, res.stdout + res.stderr

@@ -96,7 +96,31 @@ def test_busy_pool_is_retried_until_its_job_ends(dir_pool: DirPool) -> None:
     assert not errors, errors
     assert seen, "the copy finished before it could be observed; make it larger"
     assert backoff.slept, "the busy pool was never seen: no retry happened"
-    assert backoff.slept == Backoff(12, 0.05, 1.0).delays()[: len(backoff.slept)]
+    # A busy pool is waited on until its deadline, not for a number of tries.
+    assert backoff.slept == [backoff.delay(i) for i in range(len(backoff.slept))]
+
+
+def test_a_pool_busy_past_the_deadline_fails_naming_why(dir_pool: DirPool) -> None:
+    """Builds that never end (here: back to back until the call has failed) fail the call
+    once busy_timeout seconds have passed, saying the pool was busy; none before."""
+    from tests.test_busy_pool import building
+
+    clock = FakeClock()
+    conns = Connections(
+        Backoff(first=0.05, cap=1.0, sleep=clock.sleep), busy_timeout=2, clock=clock
+    )
+    with building(dir_pool) as made:
+        while made() < 1:
+            threading.Event().wait(0.01)
+        with pytest.raises(PoolError, match=r"still busy building a volume after 2 s"):
+            conns.call(
+                dir_pool.uri,
+                "refresh",
+                lambda c: c.storagePoolLookupByName(dir_pool.name).refresh(0),
+            )
+    conns.close()
+    assert clock.slept[:5] == [0.05, 0.1, 0.2, 0.4, 0.8]
+    assert sum(clock.slept) == pytest.approx(2.0)
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ from reconciler.drivers.base import (
 )
 from reconciler.drivers.domains import Attachments, attachments
 from reconciler.drivers.headers import file_header_format
-from reconciler.drivers.libvirt_conn import Connections, is_connection_lost
+from reconciler.drivers.libvirt_conn import Connections, is_connection_lost, is_pool_busy
 from reconciler.drivers.tools import (
     NotAFile,
     convert_argv,
@@ -261,15 +261,23 @@ class FilePoolDriver(entries.EntryCache):
             if pool.numOfVolumes() > LIBVIRT_VOL_LIST_MAX:
                 return None
             # A refresh makes libvirt re-read the directory, so volumes created or removed
-            # behind its back are seen; a busy pool is retried by Connections.call.
-            pool.refresh(0)
+            # behind its back are seen. libvirt refuses it while any client builds a volume
+            # in the pool, which other runs on this pool do all the time: then the
+            # directory is read here instead, as the refresh would have read it.
+            try:
+                pool.refresh(0)
+            except libvirt.libvirtError as e:
+                if is_pool_busy(e):
+                    return None
+                raise
             if pool.numOfVolumes() > LIBVIRT_VOL_LIST_MAX:
                 return None
             return frozenset(v.name() for v in pool.listAllVolumes(0))
 
         listed: frozenset[str] | None = self._call("list volumes", names)
         if listed is None:
-            # Too many for libvirt's RPC: list what libvirt itself lists, the directory.
+            # Too many for libvirt's RPC, or the pool busy: list what libvirt itself lists,
+            # the directory.
             with os.scandir(self.info().path) as it:
                 listed = frozenset(e.name for e in it)
         return listed - {STATE_DIR}
@@ -744,14 +752,22 @@ class FilePoolDriver(entries.EntryCache):
         faults.point("volume.deleted")
 
     def _delete_in(self, pool: Any, volume: str) -> None:
+        path = self.path(volume)
         try:
             vol = pool.storageVolLookupByName(volume)
         except libvirt.libvirtError as e:
             if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
                 raise
-            pool.refresh(0)  # libvirt has not seen it yet
-            vol = pool.storageVolLookupByName(volume)
-        path = self.path(volume)
+            # libvirt has not seen it yet, so it has nothing to forget: the file is removed
+            # here, without the refresh that a build of another run's volume in this pool
+            # would refuse.
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    raise NotAFile(f"{path} is not a regular file; refusing to delete") from None
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
         if vol.info()[0] == libvirt.VIR_STORAGE_VOL_PLOOP:
             # libvirt would remove a directory tree here (and fails on a file): a ploop
             # disk, or a raw one whose guest wrote the parallels magic at its start.

@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from reconciler.drivers.ceph_outage import Outage
 from reconciler.errors import ReconcileError
 from reconciler.logs import get_logger
 
@@ -74,8 +75,10 @@ class LeaseLocks:
         *,
         duration: float = DEFAULT_DURATION,
         wait: float = DEFAULT_WAIT,
+        outage: Outage | None = None,
     ) -> None:
         self._io = ioctx
+        self.outage = outage
         self.where = where
         self.host = host
         self.duration = duration
@@ -105,6 +108,8 @@ class LeaseLocks:
         deadline = time.monotonic() + wait
         delay = 0.005
         while True:
+            if self.outage is not None:
+                self.outage.check()
             try:
                 if shared:
                     self._io.lock_shared(oid, LOCK_NAME, cookie, LOCK_TAG, desc, self.duration, 0)
@@ -122,10 +127,13 @@ class LeaseLocks:
                 time.sleep(delay)  # polling a remote lock: there is nothing to wait on
                 delay = min(delay * 2, 0.2)
             except rados.TimedOut:
-                raise ReconcileError(
+                msg = (
                     f"{self.where}: locking {name} timed out (the client's op timeout); check "
                     "the cluster's OSDs (`ceph -s`), then run again"
-                ) from None
+                )
+                if self.outage is not None:
+                    self.outage.note(msg)
+                raise ReconcileError(msg) from None
             except rados.Error as e:
                 raise ReconcileError(f"{self.where}: cannot lock {name}: {e}") from None
         with self._held_lock:
@@ -137,16 +145,28 @@ class LeaseLocks:
         finally:
             with self._held_lock:
                 self._held.pop(cookie, None)
-            try:
-                if h.remove and not shared:
-                    # Still held exclusively: nobody else's lock is on the object.
-                    self._io.remove_object(oid)
-                else:
-                    self._io.unlock(oid, LOCK_NAME, cookie)
-            except rados.ObjectNotFound:
-                pass  # the lease expired and someone else took and released it
-            except rados.Error as e:
-                log.warning("lock.release_failed", lock=name, where=self.where, error=str(e))
+            if self.outage is not None and self.outage.cause() is not None:
+                # The cluster just timed out: a release would wait the op timeout again
+                # (and fail). The lease expires by itself after `duration` seconds.
+                log.info("lock.release_skipped", lock=name, where=self.where)
+            else:
+                self._release(name, oid, cookie, remove=h.remove and not shared)
+
+    def _release(self, name: str, oid: str, cookie: str, *, remove: bool) -> None:
+        import rados
+
+        try:
+            if remove:
+                # Still held exclusively: nobody else's lock is on the object.
+                self._io.remove_object(oid)
+            else:
+                self._io.unlock(oid, LOCK_NAME, cookie)
+        except rados.ObjectNotFound:
+            pass  # the lease expired and someone else took and released it
+        except rados.Error as e:
+            # Not noted as an outage's cause: a release is cleanup, and a step's or run's
+            # error must name what failed first in the work, not this.
+            log.warning("lock.release_failed", lock=name, where=self.where, error=str(e))
 
     def lockers(self, oid: str) -> list[tuple[int, str]]:
         """(client gid, cookie) of each holder of the lock on `oid` (cls_lock get_info,

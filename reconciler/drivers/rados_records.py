@@ -86,6 +86,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from reconciler.bounded import load_json
+from reconciler.drivers.ceph_outage import CephUnreachable, Outage
 from reconciler.errors import RecordError
 from reconciler.schema.record import BadRecord, DiskRecord, RecordKind
 from reconciler.schema.recordcheck import check_record
@@ -259,6 +260,7 @@ class RadosRecordStore:
         op_timeout: float = DEFAULT_OP_TIMEOUT,
         heartbeat_expiry: float = DEFAULT_HEARTBEAT_EXPIRY,
         on_close: Callable[[], None] | None = None,
+        outage: Outage | None = None,
     ) -> None:
         """`open_ioctx` gives an Ioctx of `pool` (the store sets its namespace); `shards`
         applies only when this store creates the namespace; `op_timeout` is for messages
@@ -272,6 +274,9 @@ class RadosRecordStore:
             raise ValueError(f"shards must be at least 1, not {shards}")
         self.stale_after = stale_after
         self.op_timeout = op_timeout
+        # Shared with the client's other users (the rbd driver): after a timeout, calls
+        # fail at once naming it, for op_timeout seconds (drivers/ceph_outage.py).
+        self.outage = outage
         self.heartbeat_expiry = heartbeat_expiry  # ownership.heartbeatExpiry
         self._on_close = on_close
         # The client (connect()'s own, or the caller's): for fencing and this client's
@@ -330,10 +335,23 @@ class RadosRecordStore:
     @contextlib.contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         rados = _rados()
+        if self.outage is not None:
+            try:
+                self.outage.check()
+            except CephUnreachable as e:
+                raise StoreError(str(e)) from None
         try:
             yield
         except rados.Error as e:
-            raise self._fault(doing, e) from e
+            fault = self._fault(doing, e)
+            if self.outage is not None and self._timed_out(e):
+                self.outage.note(str(fault))
+            raise fault from e
+
+    @staticmethod
+    def _timed_out(e: Exception) -> bool:
+        code = getattr(e, "errno", None)
+        return isinstance(e, _rados().TimedOut) or code in (errno.ETIMEDOUT, -errno.ETIMEDOUT)
 
     def _fault(self, doing: str, e: Exception) -> StoreError:
         rados = _rados()

@@ -103,6 +103,7 @@ from reconciler.drivers.base import (
     RecordCopies,
     VolumeExists,
 )
+from reconciler.drivers.ceph_outage import Outage
 from reconciler.drivers.domains import NO_DOMAIN_DRIVER, Attachments, all_domains
 from reconciler.drivers.filepool import FilePoolDriver
 from reconciler.drivers.headers import HEADER_BYTES, header_format
@@ -215,11 +216,14 @@ class _Client:
             self.cluster = rados.Rados(conffile=ceph.conf, name=ceph.client, conf=conf)
             self.cluster.connect()
         except rados.Error as e:
-            raise PoolError(
+            msg = (
                 f"pool {driver.name}: cannot connect to Ceph (conf {ceph.conf}) as "
                 f"{ceph.client}: {e}; check the monitors are up (`ceph -s`) and the conf and "
                 "keyring, then run again"
-            ) from None
+            )
+            # Every later call would wait client_mount_timeout again for the same answer.
+            driver.outage.note(msg)
+            raise PoolError(msg) from None
         try:
             self.fsid: str = str(self.cluster.get_fsid()).lower()
             self.io = self.cluster.open_ioctx(ceph.pool)  # images: the default namespace
@@ -263,6 +267,9 @@ class RbdPoolDriver(entries.EntryCache):
         self._locks: LeaseLocks | None = None
         self._setup = threading.Lock()
         self._gone: set[str] = set()  # images removed under a lock still held
+        # After a timeout, this client's calls fail at once for opTimeout seconds, naming
+        # the first failure: one deadline per step (drivers/ceph_outage.py).
+        self.outage = Outage(self.ceph.op_timeout)
         self.where = f"Ceph pool {self.ceph.pool}"
 
     # -- the cluster --------------------------------------------------------------------
@@ -270,6 +277,7 @@ class RbdPoolDriver(entries.EntryCache):
     def client(self) -> _Client:
         with self._setup:
             if self._client is None:
+                self.outage.check()
                 self._client = _Client(self)
             return self._client
 
@@ -295,6 +303,7 @@ class RbdPoolDriver(entries.EntryCache):
                     namespace=self.ceph.namespace,
                     op_timeout=self.ceph.op_timeout,
                     heartbeat_expiry=self.heartbeat_expiry,
+                    outage=self.outage,
                 )
                 store.exists = self.volume_exists
                 self._records = store
@@ -305,7 +314,10 @@ class RbdPoolDriver(entries.EntryCache):
         with self._setup:
             if self._locks is None:
                 self._locks = LeaseLocks(
-                    c.ns, f"{self.where} namespace {self.ceph.namespace}", self.host
+                    c.ns,
+                    f"{self.where} namespace {self.ceph.namespace}",
+                    self.host,
+                    outage=self.outage,
                 )
             return self._locks
 
@@ -322,6 +334,7 @@ class RbdPoolDriver(entries.EntryCache):
     def _ceph(self, doing: str) -> Iterator[None]:
         """Turn the bindings' errors into ones naming the pool and what was being done."""
         rados, rbd = _mods()
+        self.outage.check()
         try:
             yield
         except (rados.Error, rbd.Error) as e:
@@ -330,10 +343,12 @@ class RbdPoolDriver(entries.EntryCache):
                 errno.ETIMEDOUT,
                 -errno.ETIMEDOUT,
             ):
-                raise PoolError(
+                msg = (
                     f"pool {self.name}: {doing} timed out after {self.ceph.op_timeout:g} s "
                     f"(opTimeout) in {self.where}; check the OSDs (`ceph -s`), then run again"
-                ) from None
+                )
+                self.outage.note(msg)
+                raise PoolError(msg) from None
             raise ReconcileError(f"pool {self.name}: {doing} failed in {self.where}: {e}") from None
 
     @contextmanager
