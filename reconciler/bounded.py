@@ -250,15 +250,26 @@ def check_json(
     data: bytes | str,
     *,
     what: str,
-    max_depth: int = MAX_JSON_DEPTH,
+    max_depth: int | None = MAX_JSON_DEPTH,
     max_bytes: int = MAX_JSON_BYTES,
     max_values: int | None = None,
 ) -> str:
-    """Refuse JSON text over the limits (of values, only if `max_values` is given) or not
-    UTF-8, before anything parses it (json and pydantic's model_validate_json both
-    recurse). Returns the text."""
+    """Refuse JSON text over the limits (of values, only if `max_values` is given; of
+    nesting, unless `max_depth` is None: for a file of the reconciler's own whose parse
+    catches RecursionError) or not UTF-8, before anything parses it (json and pydantic's
+    model_validate_json both recurse). Returns the text."""
     if isinstance(data, str):
         text = data
+        if data.isascii() and len(data) <= max_bytes and max_values is None:
+            # The common case (a record row): ASCII is its own UTF-8, so the bounds are
+            # counted on the text itself, without encoding it.
+            if (
+                max_depth is not None
+                and data.count("[") + data.count("{") > max_depth
+                and _depth(_STRING.sub(b"", data.encode())) > max_depth
+            ):
+                raise UnsafeInput(f"{what}: JSON nested deeper than {max_depth} levels")
+            return text
         try:
             raw = data.encode()
         except UnicodeEncodeError:
@@ -275,11 +286,11 @@ def check_json(
         raise UnsafeInput(f"{what}: {len(raw)} bytes of JSON, more than the {max_bytes} allowed")
     # Counted strings and all, the text is within the limits: so is what is outside its
     # strings, and no scan is needed.
-    deep = raw.count(b"[") + raw.count(b"{") > max_depth
+    deep = max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth
     many = max_values is not None and _values(raw) > max_values
     if deep or many:
         bare = _STRING.sub(b"", raw)
-        if deep and _depth(bare) > max_depth:
+        if max_depth is not None and deep and _depth(bare) > max_depth:
             raise UnsafeInput(f"{what}: JSON nested deeper than {max_depth} levels")
         if max_values is not None and _values(bare) > max_values:
             raise UnsafeInput(f"{what}: JSON of more than {max_values} values")
@@ -310,7 +321,7 @@ def load_json(
     data: bytes | str,
     *,
     what: str,
-    max_depth: int = MAX_JSON_DEPTH,
+    max_depth: int | None = MAX_JSON_DEPTH,
     max_bytes: int = MAX_JSON_BYTES,
     max_values: int | None = None,
     unique_keys: bool = False,

@@ -122,7 +122,8 @@ class Session:
         # seen here always has its record below, even while another reconciler is creating.
         pools = {name: d.observe() for name, d in self.drivers.items()}
         loaded = self.store.load()
-        records, refused = validate(loaded.records, self.pool_backends())
+        # The stores checked each record as they read it (recordcheck.check_record).
+        records, refused = validate(loaded.records, self.pool_backends(), checked=True)
         bad = loaded.bad + refused
         for name, why in loaded.failed.items():
             if pools[name].error is None:  # the pool's own error, if any, says more
@@ -256,7 +257,9 @@ class Session:
         later `records rebuild` finds them); how many were written. Never fails a run:
         a copy is a convenience of rebuild, the database is the truth."""
         try:
-            records, _ = validate(self.local_store.load_all()[0], self.pool_backends())
+            records, _ = validate(
+                self.local_store.load_all()[0], self.pool_backends(), checked=True
+            )
         except StoreError:
             return 0
         by_pool: dict[str, list[DiskRecord]] = {}
@@ -285,7 +288,7 @@ class Session:
                     entry = self.store.get(*key)
                     if entry is not None and entry.kind is RecordKind.CACHE:
                         entries.append(key)
-        return validate(records, self.pool_backends(), entries)
+        return validate(records, self.pool_backends(), entries, checked=True)
 
     def replanner(self) -> Replanner:
         def replan(a: Action) -> Plan:

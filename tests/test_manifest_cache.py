@@ -102,15 +102,17 @@ def test_a_damaged_or_foreign_cache_is_ignored(tmp_path: Path) -> None:
     assert ManifestCache(cache_path).entries == {}
 
 
-def test_a_cache_over_the_json_bounds_is_ignored_before_it_is_parsed(tmp_path: Path) -> None:
-    """The cache is JSON read as every input is (bounded.load_json): nested deeper than
-    its limit, even with the right fingerprint, or not UTF-8, it is not used."""
+def test_a_cache_over_the_json_bounds_is_ignored(tmp_path: Path) -> None:
+    """The cache is JSON read within bounds (bounded.load_json): not UTF-8, or nested
+    deeper than the parser goes, even with the right fingerprint, it is not used, and no
+    RecursionError escapes. (Its nesting is not scanned before the parse: the file is the
+    reconciler's own, private, and only read if so.)"""
     cache_path = tmp_path / "cache.json"
     fp = ManifestCache(cache_path).fingerprint
-    deep = "[" * 70 + "]" * 70
+    deep = "[" * 100_000 + "]" * 100_000
     cache_path.write_text(f'{{"fingerprint": "{fp}", "entries": {{"x": {deep}}}}}')
     assert ManifestCache(cache_path).entries == {}
-    shallow = "[" * 3 + "]" * 3  # the same cache, within the limit, is read
+    shallow = "[" * 3 + "]" * 3  # the same cache, nested as the parser goes, is read
     cache_path.write_text(f'{{"fingerprint": "{fp}", "entries": {{"x": {shallow}}}}}')
     assert ManifestCache(cache_path).entries == {"x": [[[]]]}
     cache_path.write_bytes(b'{"fingerprint": "\xe9"}')

@@ -97,16 +97,27 @@ def _spec_problem(
     agrees with it: a disk's spec as the planner, the executor and a migration read it
     (name, pool, backend, format, size, source, deletionPolicy), naming the record's own
     disk, pool, backend and format (None: it is)."""
-    said = {k: spec.get(k) for k in ("name", "pool", "backend", "format")}
-    wanted = {"name": disk, "pool": pool, "backend": backend.value, "format": fmt.value}
-    for key, value in wanted.items():
-        if said[key] != value:
-            return f"{what} says {key} {said[key]!r}, the record {value!r}"
-    if not _is_size(spec.get("size")):
+    get = spec.get
+    # The common case in one comparison (every plan checks every record it reads).
+    if (get("name"), get("pool"), get("backend"), get("format")) != (
+        disk,
+        pool,
+        backend.value,
+        fmt.value,
+    ):
+        said = {k: get(k) for k in ("name", "pool", "backend", "format")}
+        wanted = {"name": disk, "pool": pool, "backend": backend.value, "format": fmt.value}
+        key = next(k for k in wanted if said[k] != wanted[k])
+        return f"{what} says {key} {said[key]!r}, the record {wanted[key]!r}"
+    size = get("size")
+    if type(size) is not int or size <= 0:
         return f"{what} has no size in bytes"
-    if spec.get("deletionPolicy", "Delete") not in ("Delete", "Retain"):
+    if get("deletionPolicy", "Delete") not in ("Delete", "Retain"):
         return f"{what} has no deletionPolicy Delete or Retain"
-    why = _source_problem(spec.get("source"))
+    source = get("source")
+    if type(source) is dict and len(source) == 1 and type(source.get("image")) is str:
+        return None
+    why = _source_problem(source)
     return f"{what}: {why}" if why else None
 
 
@@ -200,16 +211,21 @@ def validate(
     records: Iterable[DiskRecord],
     pools: Mapping[str, Collection[str]] | None,
     entries: Iterable[tuple[str, str]] = (),
+    *,
+    checked: bool = False,
 ) -> tuple[list[DiskRecord], list[BadRecord]]:
     """The records that pass every check, and the others as BadRecords.
 
     `pools`: each configured pool's backends (None: no config check). `entries`: (pool, volume) of
     cache entries known to have a record beyond `records` (a plan of one instance reads
-    only the entries its disks name)."""
+    only the entries its disks name). `checked`: each record passed `check_record` as it
+    was read (the stores do), so only the checks over the config and the set are left."""
     good: list[DiskRecord] = []
     bad: list[BadRecord] = []
     for rec in records:
-        why = _problem(rec) or (None if pools is None else _config_problem(rec, pools))
+        why = None if checked else _problem(rec)
+        if why is None and pools is not None:
+            why = _config_problem(rec, pools)
         if why is None:
             good.append(rec)
         else:
