@@ -187,7 +187,8 @@ def _plan(argv: Sequence[str]) -> int:
     if args.observed:
         return _plan_observed(args, config)
     with Session(config, _options(args, config)) as s:
-        p = s.plan(s.load_and_observe(args.paths))
+        observed = s.load_and_observe(args.paths)
+        p = s.plan(observed)
         if args.plan_out:
             made = saved_plan.made_from(config, s.desired, s.options)
             write_atomic(args.plan_out, to_json(p, {"saved_plan": made}))
@@ -197,7 +198,7 @@ def _plan(argv: Sequence[str]) -> int:
         if args.output != "text":
             raise ReconcileError(f"--output {args.output} is for --dry-run; apply prints its steps")
         sys.stdout.write(to_text(p))
-        s.renew_record_copies()  # untrusted copies of intact records become trusted ones
+        s.renew_record_copies(observed)  # untrusted copies of intact records become trusted
         if not p.actions:
             # Hosts sharing a pool: this one is alive, with nothing to do (no write while
             # its heartbeat is fresh: a no-op run changes nothing in the cluster).

@@ -764,7 +764,7 @@ class Loop:
                 outcome = self._outcome(inst, None, [], warnings, 0)
                 converged.append(self._status(inst, outcome, old))
         self._save(converged)
-        session.renew_record_copies()  # an untrusted copy of an intact record is replaced
+        session.renew_record_copies(observed)  # an untrusted copy of an intact record is replaced
         self.metrics.resyncs.inc()
         log.info(
             "resync",

@@ -251,17 +251,14 @@ class Session:
             opts,
         )
 
-    def renew_record_copies(self) -> int:
-        """Give every valid record of the host's database a trusted copy beside its volume
-        where it lacks one (an apply on an intact store replaces untrusted copies, so a
-        later `records rebuild` finds them); how many were written. Never fails a run:
-        a copy is a convenience of rebuild, the database is the truth."""
-        try:
-            records, _ = validate(
-                self.local_store.load_all()[0], self.pool_backends(), checked=True
-            )
-        except StoreError:
-            return 0
+    def renew_record_copies(self, observed: Observed) -> int:
+        """Give every valid record the run observed a trusted copy beside its volume where
+        it lacks one (an apply on an intact store replaces untrusted copies, so a later
+        `records rebuild` finds them); how many were written. The records are those the
+        run read and checked already (drivers whose copies need no renewal, LVM's and
+        rbd's, write none). Never fails a run: a copy is a convenience of rebuild, the
+        database is the truth."""
+        records = observed.records
         by_pool: dict[str, list[DiskRecord]] = {}
         for r in records:
             by_pool.setdefault(r.pool, []).append(r)
