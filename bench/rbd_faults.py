@@ -31,20 +31,11 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.rbd import script  # noqa: E402
 from tests.conftest_ceph import ceph_sh, private_cluster  # noqa: E402
 from tests.env import ROOT, Env  # noqa: E402
 from tests.rbdsite import rbd_site  # noqa: E402
 from tests.test_rbd import catalog, image_file, rdisk  # noqa: E402
-
-
-def script(*args: str) -> str:
-    res = subprocess.run(
-        ["bash", str(ROOT / "scripts" / args[0]), *args[1:]],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return res.stdout.strip().splitlines()[-1]
 
 
 def run(

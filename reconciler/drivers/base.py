@@ -14,6 +14,7 @@ from reconciler.errors import ReconcileError
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, Migration
+from reconciler.schema.recordcheck import problem
 from reconciler.store import RecordStore
 
 
@@ -32,6 +33,22 @@ class RecordCopies:
     records: tuple[DiskRecord, ...]
     without: tuple[tuple[str, str], ...]  # (volume, why): no trusted, readable copy
     refused: tuple[tuple[str, str], ...] = ()  # (volume, why): a copy that fails its checks
+
+    @classmethod
+    def checked(
+        cls, pool: str, read: Iterable[tuple[str, DiskRecord]], without: Iterable[tuple[str, str]]
+    ) -> RecordCopies:
+        """The copies a driver read, (volume, record) each, checked as every record is
+        input (schema/recordcheck.py): those that fail are refused, with why."""
+        found: list[DiskRecord] = []
+        refused: list[tuple[str, str]] = []
+        for volume, rec in read:
+            why = problem(rec, pool, volume)
+            if why is None:
+                found.append(rec)
+            else:
+                refused.append((volume, f"its record copy is refused: {why}"))
+        return cls(tuple(found), tuple(without), tuple(refused))
 
 
 @dataclass(frozen=True)

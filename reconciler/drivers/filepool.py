@@ -75,7 +75,6 @@ from reconciler.schema.common import BACKEND_FORMATS, NOT_RESIZABLE, Backend, Di
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
-from reconciler.schema.recordcheck import problem
 from reconciler.store import RecordStore, SqliteRecordStore
 from reconciler.tools import run
 
@@ -415,9 +414,8 @@ class FilePoolDriver(entries.EntryCache):
         """The trusted records the pool's volumes carry, and why the others carry none
         (read from the files' attributes only: never from a volume's bytes)."""
         root = self.info().path
-        found: list[DiskRecord] = []
+        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
         without: list[tuple[str, str]] = []
-        refused: list[tuple[str, str]] = []
         for name in sorted(self.list_volumes()):
             if name.startswith(TEMP_PREFIX):
                 continue
@@ -440,12 +438,8 @@ class FilePoolDriver(entries.EntryCache):
             except ValueError as e:
                 without.append((name, f"its record copy is unreadable ({str(e).splitlines()[0]})"))
                 continue
-            bad = problem(rec, self.name, name)
-            if bad is not None:
-                refused.append((name, f"its record copy is refused: {bad}"))
-                continue
-            found.append(rec)
-        return RecordCopies(tuple(found), tuple(without), tuple(refused))
+            found.append((name, rec))
+        return RecordCopies.checked(self.name, found, without)
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Write the trusted copy of each record whose volume lacks it (an older

@@ -101,7 +101,6 @@ from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordState
-from reconciler.schema.recordcheck import problem
 from reconciler.statedir import private_dir
 from reconciler.store import RecordStore
 from reconciler.tools import run
@@ -434,9 +433,8 @@ class LvmPoolDriver(entries.EntryCache):
             log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
 
     def record_copies(self) -> RecordCopies:
-        found: list[DiskRecord] = []
+        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
         without: list[tuple[str, str]] = []
-        refused: list[tuple[str, str]] = []
         for name, tags in sorted(self.lvm.lv_tags().items()):
             try:
                 rec = decode_copy(tags)
@@ -447,12 +445,8 @@ class LvmPoolDriver(entries.EntryCache):
             if rec is None:
                 without.append((name, "no record copy"))
                 continue
-            bad = problem(rec, self.name, name)
-            if bad is not None:
-                refused.append((name, f"its record copy is refused: {bad}"))
-                continue
-            found.append(rec)
-        return RecordCopies(tuple(found), tuple(without), tuple(refused))
+            found.append((name, rec))
+        return RecordCopies.checked(self.name, found, without)
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Nothing to renew: an LV's tags are in the VG's metadata, which only root on

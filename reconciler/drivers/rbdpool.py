@@ -118,7 +118,6 @@ from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.record import DiskRecord, Migration, RecordKind, RecordState
-from reconciler.schema.recordcheck import problem
 from reconciler.store import ConflictError, RecordStore, StoreError, StoreIdentity
 from reconciler.tools import run
 
@@ -587,9 +586,8 @@ class RbdPoolDriver(entries.EntryCache):
             )
 
     def record_copies(self) -> RecordCopies:
-        found: list[DiskRecord] = []
+        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
         without: list[tuple[str, str]] = []
-        refused: list[tuple[str, str]] = []
         _, _rbd = _mods()
         for name in sorted(self.list_volumes()):
             if name.startswith(TEMP_PREFIX):
@@ -603,12 +601,8 @@ class RbdPoolDriver(entries.EntryCache):
             if copy is None:
                 without.append((name, "no record copy"))
                 continue
-            why = problem(copy, self.name, name)
-            if why is not None:
-                refused.append((name, f"its record copy is refused: {why}"))
-                continue
-            found.append(copy)
-        return RecordCopies(tuple(found), tuple(without), tuple(refused))
+            found.append((name, copy))
+        return RecordCopies.checked(self.name, found, without)
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Nothing to renew: image metadata is as trusted as the RADOS store (see the
