@@ -37,11 +37,11 @@ from typing import Any
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from reconciler.naming import volume_name
+from reconciler.drivers.host.store import open_store
+from reconciler.model.naming import volume_name
+from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.manifest import DiskSpec
-from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.write import write_atomic
-from reconciler.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "libvirtd.sh"

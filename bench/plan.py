@@ -68,12 +68,12 @@ from typing import Any, TypeVar
 import libvirt
 import yaml
 
-from reconciler.drivers.filepool import LIBVIRT_VOL_LIST_MAX
-from reconciler.naming import template_entry_name, volume_name
+from reconciler.drivers.file.pool import LIBVIRT_VOL_LIST_MAX
+from reconciler.drivers.host.store import open_store
+from reconciler.model.naming import template_entry_name, volume_name
+from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.load import LoadedManifest, load_config, load_manifest
-from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBVIRTD_SH = ROOT / "scripts" / "libvirtd.sh"
@@ -714,12 +714,12 @@ def stage_breakdown(s: Setup) -> None:
     times the pieces of the big stages on their own, sequentially (leaf functions only, so
     the breakdown survives changes in how Session wires them together).
     """
+    from reconciler.control.session import Session
     from reconciler.diff import plan
-    from reconciler.drivers.headers import file_header_format
-    from reconciler.render import to_json
+    from reconciler.diff.render import to_json
+    from reconciler.drivers.ingest.headers import file_header_format
     from reconciler.schema.load import ManifestLoad, manifest_files
     from reconciler.schema.yamlload import load_file
-    from reconciler.session import Session
 
     def sequential() -> object:
         with ManifestLoad(paths, config, fork_threshold=sys.maxsize) as loading:
@@ -785,7 +785,7 @@ def stage_breakdown(s: Setup) -> None:
 
 
 def profile(s: Setup) -> None:
-    from reconciler import cli
+    from reconciler.commands import cli
 
     print(f"\nProfile: cold reconcile --dry-run --output json, N={s.n}, in-process, cProfile")
     stage_breakdown(s)

@@ -1,5 +1,5 @@
 import sys
 
-from reconciler.cli import main
+from reconciler.commands.cli import main
 
 sys.exit(main())

@@ -21,11 +21,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from reconciler import observed_state
-from reconciler.diff import Plan, PlanOptions
-from reconciler.render import to_json, to_markdown, to_text
+from reconciler.control.session import plan_offline
+from reconciler.diff import PlanOptions
+from reconciler.diff.render import to_json, to_markdown, to_text
+from reconciler.model import Plan
+from reconciler.schema import exported as observed_state
 from reconciler.schema.load import load_config
-from reconciler.session import plan_offline
 
 
 @dataclass(frozen=True)

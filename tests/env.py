@@ -15,9 +15,9 @@ from pathlib import Path
 from subprocess import Popen  # the name `subprocess` is also a method below
 from typing import Any
 
-from reconciler.cli import main
+from reconciler.commands.cli import main
+from reconciler.drivers.host.store import SqliteRecordStore, open_store
 from reconciler.schema.load import load_config
-from reconciler.store import SqliteRecordStore, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 _in_process = threading.Lock()  # Env.main, for tests that run kill points side by side

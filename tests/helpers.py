@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from reconciler.desired import build_desired
-from reconciler.diff import Desired, Observed, ObservedPool
+from reconciler.diff.desired import build_desired
+from reconciler.model import Desired, Observed, ObservedPool
+from reconciler.model.record import DiskRecord, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import Config
 from reconciler.schema.load import load_config, load_manifests
 from reconciler.schema.manifest import DiskSpec
-from reconciler.schema.record import DiskRecord, RecordState
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

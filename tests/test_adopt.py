@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.schema.record import RecordKind
+from reconciler.model.record import RecordKind
 from tests.env import Env, disk
 
 pytestmark = pytest.mark.libvirtd

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.schema.record import RecordState
+from reconciler.model.record import RecordState
 from tests.conftest import Pools, daemon_dir
 from tests.env import Env, disk
 
@@ -322,7 +322,7 @@ def test_second_run_makes_no_mutating_call(env: Env, monkeypatch: pytest.MonkeyP
         return real_run(*a, **k)  # type: ignore[call-overload]
 
     monkeypatch.setattr(subprocess, "run", spy_run)
-    from reconciler.store import SqliteRecordStore
+    from reconciler.drivers.host.store import SqliteRecordStore
 
     spy(SqliteRecordStore, "put")
     spy(SqliteRecordStore, "delete")
@@ -373,9 +373,9 @@ def test_disk_full_fails_cleanly(pools: Pools, tmp_path: Path, libvirt_uri: str)
 def test_replanned_move_finishes_the_old_record(pools: Pools, tmp_path: Path) -> None:
     """A live run whose precondition fails re-plans; a re-planned move still removes the
     record it replaces (or the disk would end up with two records)."""
+    from reconciler.control.session import Session
     from reconciler.diff import plan as make_plan
     from reconciler.schema.load import load_config
-    from reconciler.session import Session
 
     a = pools.make(tmp_path / "a")
     b = pools.make(tmp_path / "b")

@@ -1,4 +1,4 @@
-"""reconciler/bounded.py: every input read within bounds, refused in one line."""
+"""reconciler/schema/bounded.py: every input read within bounds, refused in one line."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.bounded import (
+from reconciler.drivers.file.pool import TRUSTED_XATTR
+from reconciler.schema.bounded import (
     UnsafeInput,
     gunzip,
     inflate,
@@ -24,7 +25,6 @@ from reconciler.bounded import (
     open_stream,
     read_regular,
 )
-from reconciler.drivers.filepool import TRUSTED_XATTR
 from tests.env import Env, disk
 
 JSON = st.recursive(
@@ -110,7 +110,7 @@ def _refusals(tmp_path: Path, call: str, names: tuple[str, ...]) -> list[str]:
     tmp_path unless absolute), one line each, from a child process: a hang is the
     timeout's error."""
     script = f"""
-from reconciler.bounded import UnsafeInput, open_stream, read_regular
+from reconciler.schema.bounded import UnsafeInput, open_stream, read_regular
 for name in {names!r}:
     path = name if name.startswith("/") else {str(tmp_path)!r} + "/" + name
     try:

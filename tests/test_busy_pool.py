@@ -18,7 +18,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler.schema.record import RecordKind, RecordState
+from reconciler.model.record import RecordKind, RecordState
 from tests.conftest import DirPool
 from tests.env import Env, disk
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.drivers.ceph_outage import CephUnreachable, Outage
+from reconciler.drivers.rbd.outage import CephUnreachable, Outage
 
 
 class Clock:

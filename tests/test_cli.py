@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cli import main
+from reconciler.commands.cli import main
 from reconciler.schema.load import load_manifest
 from reconciler.schema.manifest import Manifest
 from reconciler.schema.write import manifest_yaml, write_manifest

@@ -17,7 +17,7 @@ from tests.env import ROOT, Env, disk
 # Ceph's bindings unimportable, as in a venv made without --system-site-packages.
 NO_CEPH = (
     "import sys; sys.modules['rados'] = None; sys.modules['rbd'] = None; "
-    "from reconciler.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from reconciler.commands.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -150,7 +150,7 @@ def test_status_shows_what_one_shot_applies_reconciled(env: Env) -> None:
 def test_not_ready_reads_only_statuses_whose_ready_is_not_true(tmp_path: Path) -> None:
     """What a one-shot run with nothing to do reads; a message quoting a Ready True
     condition's JSON does not hide a status that is not Ready."""
-    from reconciler.status import InstanceStatus, StatusStore, now_iso, with_conditions
+    from reconciler.control.status import InstanceStatus, StatusStore, now_iso, with_conditions
 
     trick = '"status": "True", "type": "Ready"}'
     store = StatusStore(tmp_path / "state" / "status.sqlite")

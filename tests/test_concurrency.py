@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from reconciler.schema.record import RecordKind, RecordState
+from reconciler.model.record import RecordKind, RecordState
 from tests.env import Env, disk
 
 pytestmark = pytest.mark.libvirtd

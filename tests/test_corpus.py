@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler.errors import ConfigError, InputError
+from reconciler.model.errors import ConfigError, InputError
 from reconciler.schema.config import Config
 from reconciler.schema.load import (
     FailedManifest,

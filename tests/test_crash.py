@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.schema.record import RecordKind, RecordState
+from reconciler.model.record import RecordKind, RecordState
 from tests.conftest import Pools
 from tests.env import Env, disk
 from tests.killpoints import at_each, kill_points

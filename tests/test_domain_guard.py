@@ -22,11 +22,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from reconciler.diff.model import Plan
+from reconciler.control.session import Session
 from reconciler.diff.planner import PlanOptions
+from reconciler.model.plan import Plan
+from reconciler.model.record import DiskRecord, MigrationPhase, RecordState
 from reconciler.schema.load import load_config
-from reconciler.schema.record import DiskRecord, MigrationPhase, RecordState
-from reconciler.session import Session
 from tests.conftest import Pools
 from tests.conftest_ceph import Ceph
 from tests.conftest_lvm import VolumeGroup

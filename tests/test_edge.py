@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import cli
+from reconciler.commands import cli
 from reconciler.schema.manifest import Manifest
 from tests.env import ROOT, Env, disk
 
@@ -131,33 +131,41 @@ def _watch(env: Env, _tmp: Path) -> list[str]:
 CASES: dict[str, tuple[Setup, str, str]] = {
     "plan --dry-run": (
         lambda env, _t: _plan_argv(env, "--dry-run"),
-        "reconciler.session.Session.plan",
+        "reconciler.control.session.Session.plan",
         "boom",
     ),
-    "plan and apply": (lambda env, _t: _plan_argv(env), "reconciler.apply.Executor.apply", "boom"),
+    "plan and apply": (
+        lambda env, _t: _plan_argv(env),
+        "reconciler.apply.executor.Executor.apply",
+        "boom",
+    ),
     "apply PLAN": (_saved_plan, "reconciler.schema.load._validate", "load_config"),
     "validate": (
         lambda env, _t: ["validate", *_plan_argv(env)],
         "reconciler.schema.load.check_references",
         "load_manifest",
     ),
-    "cache ls": (_with_config("cache", "ls"), "reconciler.cache.entries", "boom"),
-    "cache gc": (_with_config("cache", "gc"), "reconciler.cache.gc", "boom"),
+    "cache ls": (_with_config("cache", "ls"), "reconciler.commands.cache.entries", "boom"),
+    "cache gc": (_with_config("cache", "gc"), "reconciler.commands.cache.gc", "boom"),
     "records rebuild": (
         lambda env, _t: ["records", "rebuild", "--config", str(env.config_path), "local"],
-        "reconciler.session.Session.managing_drivers",
+        "reconciler.control.session.Session.managing_drivers",
         "boom",
     ),
-    "adopt": (_adopt, "reconciler.adopt.adopt", "boom"),
-    "import-nova": (_import_nova, "reconciler.nova.import_nova", "boom"),
+    "adopt": (_adopt, "reconciler.commands.adopt.adopt", "boom"),
+    "import-nova": (_import_nova, "reconciler.commands.nova.import_nova", "boom"),
     "observe": (
         lambda env, t: ["observe", "--config", str(env.config_path), "--out", str(t / "s.json")],
-        "reconciler.session.Session.observe",
+        "reconciler.control.session.Session.observe",
         "boom",
     ),
     "status": (_with_config("status"), "reconciler.schema.config.Config.state_dir", "boom"),
-    "watch (its main thread)": (_watch, "reconciler.loop.Loop.resync", "_run"),
-    "watch (a thread of the loop)": (_watch, "reconciler.loop.Loop._beater", "in the loop's"),
+    "watch (its main thread)": (_watch, "reconciler.control.loop.Loop.resync", "_run"),
+    "watch (a thread of the loop)": (
+        _watch,
+        "reconciler.control.loop.Loop._beater",
+        "in the loop's",
+    ),
 }
 
 
@@ -258,7 +266,7 @@ def test_a_real_process_prints_exactly_one_line(tmp_path: Path) -> None:
     """As a separate process: nothing else reaches stderr (no "Exception ignored" at exit)."""
     code = (
         "import sys\n"
-        "from reconciler import cli\n"
+        "from reconciler.commands import cli\n"
         "from reconciler.schema.manifest import Manifest\n"
         "def boom(*a, **k): raise ValueError('deep')\n"
         "Manifest.model_json_schema = boom\n"
@@ -277,7 +285,7 @@ def test_a_real_process_prints_exactly_one_line(tmp_path: Path) -> None:
 def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
     """`reconcile schema | head -c1`: the reader goes away; no traceback, no message, and
     the exit status of a Unix tool killed by SIGPIPE (128 + 13)."""
-    code = "import sys\nfrom reconciler import cli\nsys.exit(cli.main(['schema']))\n"
+    code = "import sys\nfrom reconciler.commands import cli\nsys.exit(cli.main(['schema']))\n"
     p = _python(code, tmp_path, stdout=subprocess.PIPE)
     assert p.stdout is not None
     p.stdout.close()  # the only reader: every write of the child now fails with EPIPE
@@ -299,7 +307,7 @@ def test_output_that_cannot_be_encoded_is_escaped(tmp_path: Path) -> None:
     what a command prints is shown escaped; strict UTF-8 would fail the run halfway."""
     code = (
         "import sys\n"
-        "from reconciler import cli\n"
+        "from reconciler.commands import cli\n"
         "cli.SUBCOMMANDS['schema'] = lambda argv: print('host \\ud800 here') or 0\n"
         "sys.exit(cli.main(['schema']))\n"
     )
@@ -316,8 +324,8 @@ def test_a_crash_of_one_instance_in_watch_is_one_log_line(
     """A worker of `watch` survives an instance's unexpected exception (the loop goes on)
     and logs it in one line naming the traceback's file, even on a terminal's readable
     log lines, which printed the traceback itself."""
-    from reconciler import logs
-    from reconciler.loop import Loop
+    from reconciler.control.loop import Loop
+    from reconciler.util import logs
     from tests.test_loop import loop, wait_until
 
     tb_dir = _traceback_dir(monkeypatch, tmp_path)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.apply import Executor
-from reconciler.diff.model import Action, ActionKind, Plan, Precondition
-from reconciler.records import Records
-from reconciler.store import open_store
+from reconciler.apply.executor import Executor
+from reconciler.drivers.host.store import open_store
+from reconciler.drivers.records import Records
+from reconciler.model.plan import Action, ActionKind, Plan, Precondition
 
 GUARD = 30.0
 

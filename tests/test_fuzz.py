@@ -4,7 +4,7 @@ one and as byte-level garbage. Whatever the input, a run ends in its exit code (
 with no traceback and no internal error, and changes nothing: the state directory's files
 and the pool's volumes (bytes and extended attributes) are as they were.
 
-Runs in this process through reconciler.cli.main (fast); an exception escaping main fails
+Runs in this process through reconciler.commands.cli.main (fast); an exception escaping main fails
 the example, and fd-level capture sees what a child process or a thread wrote. The number
 of examples is bounded (about 200 in all) so the suite stays fast; a failure prints the
 input hypothesis found, and `--hypothesis-seed` reproduces a run."""
@@ -28,7 +28,7 @@ import yaml
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from reconciler.cli import main
+from reconciler.commands.cli import main
 from tests.env import Env, disk
 from tests.helpers import EXAMPLES, ROOT
 from tests.test_edge import apply_argv

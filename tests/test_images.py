@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from oslo_utils.imageutils import format_inspector as fi
 
-from reconciler.images import ImageRejected, run_limited
-from reconciler.schema.record import RecordKind
+from reconciler.drivers.ingest.images import ImageRejected, run_limited
+from reconciler.model.record import RecordKind
 from tests.env import ROOT, Env, disk
 from tests.httpserver import ImageServer, serve
 
@@ -652,9 +652,9 @@ def test_cache_gc_keeps_entries_in_use_and_removes_unused(env: Env, images: Path
 
 
 def test_gc_running_beside_creates_never_removes_an_entry_in_use(env: Env, images: Path) -> None:
-    from reconciler import cache
+    from reconciler.commands import cache
+    from reconciler.control.session import Session
     from reconciler.schema.load import load_config
-    from reconciler.session import Session
 
     env.images = {
         "img": catalog_entry(images / "good.raw", "raw"),

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.nova import nova_base_entry
+from reconciler.commands.nova import nova_base_entry
+from reconciler.model.record import RecordKind
 from reconciler.schema.load import load_manifests
-from reconciler.schema.record import RecordKind
 from tests.conftest import Pools
 from tests.env import ROOT, Env
 from tests.killpoints import at_each

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.locks import LockDir, _offset
+from reconciler.drivers.host.locks import LockDir, _offset
 
 GUARD = 30.0  # only a failing test ever waits this long
 

@@ -1,4 +1,4 @@
-"""reconciler.logs: structlog is imported only when a line is emitted, lines below the
+"""reconciler.util.logs: structlog is imported only when a line is emitted, lines below the
 configured level are dropped before that, and a configured run logs as before."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import sys
 
 from structlog.testing import capture_logs
 
-from reconciler import logs
+from reconciler.util import logs
 
 CHILD = r"""
 import json, sys
-from reconciler import logs
+from reconciler.util import logs
 log = logs.get_logger("t")
 logs.configure(logs.WARNING, json_lines=JSON)
 log.info("dropped", n=1)

@@ -24,9 +24,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler.loop import Loop, running
+from reconciler.control.loop import Loop, running
+from reconciler.control.status import InstanceStatus, StatusStore
 from reconciler.schema.write import write_atomic
-from reconciler.status import InstanceStatus, StatusStore
 from tests.conftest import own_daemon_pool
 from tests.env import ROOT, Env, disk
 
@@ -714,7 +714,7 @@ def test_a_manifest_rewritten_in_place_and_paused_at_each_disk_loses_nothing(env
     """`cat >`, `cp` or an editor that does not rename: the writer holds the file open with
     a valid manifest naming fewer disks in it, for longer than the settle time and across
     resyncs; neither the watcher nor the resync acts on it, and no disk is deleted."""
-    from reconciler.schema.mcache import stat_key
+    from reconciler.schema.speed.mcache import stat_key
 
     settle = 1.5
     names = ["d0", "d1", "d2"]

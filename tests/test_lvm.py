@@ -19,9 +19,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler.drivers.lvmpool import BACKPOINTER, OWNER_TAG, decode_copy
+from reconciler.drivers.lvm.pool import BACKPOINTER, OWNER_TAG, decode_copy
+from reconciler.model.record import RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
-from reconciler.schema.record import RecordKind, RecordState
 from tests.conftest import Pools, make_lvm_env
 from tests.conftest_lvm import VolumeGroup, spare_vg
 from tests.env import Env, disk

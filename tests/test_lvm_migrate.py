@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.lvmpool import BACKPOINTER, LV_TEMP_PREFIX
-from reconciler.errors import ReconcileError
+from reconciler.control.session import Session
+from reconciler.drivers.lvm.pool import BACKPOINTER, LV_TEMP_PREFIX
+from reconciler.model.errors import ReconcileError
+from reconciler.model.record import DiskRecord, MigrationPhase, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.load import load_config
-from reconciler.schema.record import DiskRecord, MigrationPhase, RecordKind, RecordState
-from reconciler.session import Session
 from tests.conftest import Pools, make_lvm_env
 from tests.conftest_lvm import VolumeGroup, spare_vg
 from tests.env import Env, disk

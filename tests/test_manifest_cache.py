@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.schema import mcache
 from reconciler.schema.load import load_manifests
-from reconciler.schema.mcache import ManifestCache
+from reconciler.schema.speed import mcache
+from reconciler.schema.speed.mcache import ManifestCache
 from tests.helpers import EXAMPLES, example_config
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.errors import InputError
-from reconciler.schema import mcache
+from reconciler.model.errors import InputError
 from reconciler.schema.load import FailedManifest, LoadedManifest, load_manifests
-from reconciler.schema.mcache import ManifestCache
 from reconciler.schema.readfile import read_regular
+from reconciler.schema.speed import mcache
+from reconciler.schema.speed.mcache import ManifestCache
 from tests.env import Env, disk
 from tests.helpers import EXAMPLES, example_config
 from tests.test_loop import loop, status, wait_until
@@ -76,7 +76,7 @@ def test_validate_reads_no_link_and_quotes_no_other_file(
     mdir.mkdir()
     (mdir / "good.yaml").write_text((EXAMPLES / "manifests" / "web-1.yaml").read_text())
     plant_secrets(mdir, tmp_path / "outside")
-    from reconciler.cli import main
+    from reconciler.commands.cli import main
 
     rc = main(["validate", "--config", str(tmp_path / "config.yaml"), str(mdir)])
     out = capsys.readouterr()

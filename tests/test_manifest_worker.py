@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler.schema import load, worker
+from reconciler.schema import load
 from reconciler.schema.config import Config
 from reconciler.schema.load import (
     FORK_THRESHOLD,
@@ -33,8 +33,9 @@ from reconciler.schema.load import (
     load_config,
     load_manifest,
 )
-from reconciler.schema.mcache import ManifestCache
-from reconciler.schema.worker import Worker
+from reconciler.schema.speed import worker
+from reconciler.schema.speed.mcache import ManifestCache
+from reconciler.schema.speed.worker import Worker
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -141,7 +142,7 @@ def test_a_worker_that_loads_everything_gives_the_same(
 def test_the_cache_a_forked_load_writes_is_the_sequential_one(
     manifests: Path, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from reconciler.schema import mcache
+    from reconciler.schema.speed import mcache
 
     monkeypatch.setattr(mcache, "SAFE_AGE_NS", -(10**12))  # trust files just written
     forked(manifests, config, ManifestCache(tmp_path / "forked.json"))
@@ -247,7 +248,7 @@ def test_no_fork_while_another_thread_runs() -> None:
     moment after join() and keep the other tests of this file from forking."""
     code = (
         "import threading\n"
-        "from reconciler.schema.worker import Worker, can_fork\n"
+        "from reconciler.schema.speed.worker import Worker, can_fork\n"
         "release = threading.Event()\n"
         "t = threading.Thread(target=release.wait)\n"
         "t.start()\n"
@@ -278,7 +279,7 @@ def test_worker_results_come_back_in_place() -> None:
 def test_validate_prints_the_same_with_and_without_a_worker(
     manifests: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from reconciler import cli
+    from reconciler.commands import cli
 
     started: list[Worker | None] = []
     real_start = Worker.start
@@ -310,7 +311,7 @@ def test_validate_prints_the_same_with_and_without_a_worker(
 
 @pytest.fixture
 def trust_new_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    from reconciler.schema import mcache
+    from reconciler.schema.speed import mcache
 
     monkeypatch.setattr(mcache, "SAFE_AGE_NS", -(10**12))
 

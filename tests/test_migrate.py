@@ -14,9 +14,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler.drivers.headers import file_header_format
-from reconciler.naming import migration_name, retained_name
-from reconciler.schema.record import DiskRecord, RecordKind
+from reconciler.drivers.ingest.headers import file_header_format
+from reconciler.model.naming import migration_name, retained_name
+from reconciler.model.record import DiskRecord, RecordKind
 from tests.conftest import Pools
 from tests.env import Env, disk
 
@@ -399,7 +399,7 @@ def test_ranges_the_kernel_will_not_copy_are_copied_here(
     import errno
     import os
 
-    from reconciler.drivers import filepool
+    from reconciler.drivers.file import pool as filepool
 
     def refuse(*_: object) -> int:
         raise OSError(errno.EXDEV, "cross-device")
@@ -421,7 +421,7 @@ def test_every_copied_range_has_its_write_back_started(
     less to wait for); where libc has no sync_file_range the copy is made all the same."""
     import os
 
-    from reconciler.drivers import filepool
+    from reconciler.drivers.file import pool as filepool
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     data = os.urandom(3 << 20)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from reconciler.diff import Desired, Observed, ObservedPool, PlanOptions, plan
-from reconciler.diff.model import DesiredDisk, DesiredInstance
-from reconciler.naming import migration_name, volume_name
+from reconciler.diff import PlanOptions, plan
+from reconciler.model import Desired, Observed, ObservedPool
+from reconciler.model.desired import DesiredDisk, DesiredInstance
+from reconciler.model.naming import migration_name, volume_name
+from reconciler.model.record import DiskRecord, Migration, MigrationPhase, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import DiskSpec
-from reconciler.schema.record import DiskRecord, Migration, MigrationPhase, RecordState
 from tests.helpers import record_for
 
 INST = "11111111-2222-4333-8444-555555555555"

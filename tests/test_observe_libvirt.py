@@ -10,7 +10,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from reconciler.drivers import filepool
+from reconciler.drivers.file import pool as filepool
 from tests.env import Env, disk
 
 pytestmark = pytest.mark.libvirtd

@@ -14,8 +14,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler.naming import volume_name
-from reconciler.observed_state import MAX_STATE_BYTES
+from reconciler.model.naming import volume_name
+from reconciler.schema.exported import MAX_STATE_BYTES
 from tests.conftest import own_daemon_pool
 from tests.env import ROOT, Env, disk
 

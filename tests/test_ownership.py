@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.drivers import ownership
-from reconciler.drivers.filepool import RECORD_XATTR, TRUSTED_XATTR
-from reconciler.naming import template_entry_name
-from reconciler.store import SqliteRecordStore, StoreIdentity
+from reconciler.drivers.file.pool import RECORD_XATTR, TRUSTED_XATTR
+from reconciler.drivers.host import ownership
+from reconciler.drivers.host.store import SqliteRecordStore, StoreIdentity
+from reconciler.model.naming import template_entry_name
 from tests.env import Env, disk
 
 pytestmark = pytest.mark.libvirtd

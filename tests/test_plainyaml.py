@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from reconciler.errors import InputError
+from reconciler.model.errors import InputError
 from reconciler.schema.load import load_manifest
 from reconciler.schema.manifest import Manifest
-from reconciler.schema.plainyaml import load_plain
+from reconciler.schema.speed.plainyaml import load_plain
 from reconciler.schema.write import manifest_yaml
 from reconciler.schema.yamlload import Document, load_text
 from tests.helpers import EXAMPLES

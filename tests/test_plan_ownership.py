@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.diff import Observed, ObservedPool, PlanOptions, plan
-from reconciler.diff.model import ActionKind, Desired, Holder
+from reconciler.diff import PlanOptions, plan
+from reconciler.model import Observed, ObservedPool
+from reconciler.model.desired import Desired
+from reconciler.model.observed import Holder
+from reconciler.model.plan import ActionKind
 from reconciler.schema.config import Config
 from reconciler.schema.load import load_config
 from tests.helpers import converged, desired_from, observed

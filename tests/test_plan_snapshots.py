@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from syrupy.assertion import SnapshotAssertion
 
-from reconciler import observed_state
-from reconciler.diff import Desired, Observed, ObservedPool, PlanOptions, plan
-from reconciler.naming import migration_name, volume_name
-from reconciler.render import to_json, to_markdown, to_text
+from reconciler.diff import PlanOptions, plan
+from reconciler.diff.render import to_json, to_markdown, to_text
+from reconciler.model import Desired, Observed, ObservedPool
+from reconciler.model.naming import migration_name, volume_name
+from reconciler.model.record import Migration, MigrationPhase, RecordState
+from reconciler.schema import exported as observed_state
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import DiskSpec
-from reconciler.schema.record import Migration, MigrationPhase, RecordState
 from tests.helpers import (
     EXAMPLES,
     ROOT,

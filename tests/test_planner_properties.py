@@ -20,7 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.diff import (
+from reconciler.diff import PlanOptions, plan
+from reconciler.diff.render import to_json
+from reconciler.model import (
     Action,
     ActionKind,
     Desired,
@@ -30,16 +32,13 @@ from reconciler.diff import (
     Observed,
     ObservedPool,
     Plan,
-    PlanOptions,
     Precondition,
     Problem,
-    plan,
 )
-from reconciler.naming import volume_name
-from reconciler.render import to_json
+from reconciler.model.naming import volume_name
+from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import BACKEND_FORMATS, Backend, DiskFormat
 from reconciler.schema.manifest import DiskSpec
-from reconciler.schema.record import DiskRecord, RecordKind, RecordState
 
 SETTINGS = settings(
     max_examples=200,

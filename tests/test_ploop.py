@@ -20,9 +20,9 @@ import libvirt
 import pytest
 
 from reconciler.diff import plan
+from reconciler.model.record import RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.load import load_config
-from reconciler.schema.record import RecordKind, RecordState
 from tests.conftest import Pools
 from tests.env import Env, disk
 from tests.helpers import desired_from, observed, record_for
@@ -217,7 +217,7 @@ def test_growing_a_ploop_disk_is_an_error_and_nothing_changes(ploop_env: Env) ->
 @pytest.mark.libvirtd
 def test_the_drivers_resize_refuses_ploop_if_ever_reached(ploop_env: Env) -> None:
     from reconciler.drivers import Connections, FilePoolDriver
-    from reconciler.errors import ReconcileError
+    from reconciler.model.errors import ReconcileError
 
     env = ploop_env
     inst = env.manifest("vm", [ploop("d", size="8MiB")])

@@ -1,7 +1,7 @@
 """Every problem code has exactly one outcome in `reconcile watch`, declared with the code.
 
-The codes are read from the planner's source (every `self.error(...)` and `self.warn(...)`)
-and from the loop's, so a code added there without its ProblemCode member, or a member
+The codes are read from the planner's sources (diff/) (every `self.error(...)` and `self.warn(...)`)
+and from the loop's (control/), so a code added there without its ProblemCode member, or a member
 that nothing emits any more, fails here before any plan is made.
 """
 
@@ -12,17 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.diff import Handling, Problem, ProblemCode, Severity
-from reconciler.loop import Outcome, QueueAction, Result, Settlement, settlement
+from reconciler.control.loop import Outcome, QueueAction, Result, Settlement, settlement
+from reconciler.model import Handling, Problem, ProblemCode, Severity
 
 SOURCE = Path(__file__).resolve().parent.parent / "reconciler"
 
 
 def planner_codes() -> dict[str, set[str]]:
     """`error` and `warn` -> the code strings the planner passes to each."""
-    tree = ast.parse((SOURCE / "diff" / "planner.py").read_text())
     found: dict[str, set[str]] = {"error": set(), "warn": set()}
-    for node in ast.walk(tree):
+    for path in sorted((SOURCE / "diff").rglob("*.py")):
+        _scan(path, found)
+    return found
+
+
+def _scan(path: Path, found: dict[str, set[str]]) -> None:
+    for node in ast.walk(ast.parse(path.read_text())):
         if not (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -34,17 +39,17 @@ def planner_codes() -> dict[str, set[str]]:
         first = node.args[0] if node.args else None
         # A code computed at run time would escape this test: every code is a literal.
         assert isinstance(first, ast.Constant) and isinstance(first.value, str), (
-            f"planner.py:{node.lineno}: a problem's code must be a string literal"
+            f"{path.name}:{node.lineno}: a problem's code must be a string literal"
         )
         found[node.func.attr].add(first.value)
-    return found
 
 
 def loop_codes() -> set[str]:
     """The ProblemCode members the loop names itself (its own `apply-failed`)."""
-    tree = ast.parse((SOURCE / "loop.py").read_text())
+    trees = [ast.parse(p.read_text()) for p in sorted((SOURCE / "control").rglob("*.py"))]
     return {
         ProblemCode[node.attr].value
+        for tree in trees
         for node in ast.walk(tree)
         if isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Name)

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers import rados_records as rr
-from reconciler.drivers.rados_records import RadosRecordStore, record_object
-from reconciler.errors import RecordError
+from reconciler.drivers.host.store import RELEASED, ConflictError, StoreError
+from reconciler.drivers.rbd import records as rr
+from reconciler.drivers.rbd.records import RadosRecordStore, record_object
+from reconciler.model.errors import RecordError
+from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
-from reconciler.schema.record import DiskRecord, RecordKind, RecordState
-from reconciler.store import RELEASED, ConflictError, StoreError
 from tests.conftest_ceph import Ceph, unique
 
 pytestmark = pytest.mark.ceph

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.rados_records import RadosRecordStore
-from reconciler.drivers.rbdpool import RECORD_KEY, SNAP
-from reconciler.schema.record import DiskRecord, RecordKind, RecordState
+from reconciler.drivers.rbd.pool import RECORD_KEY, SNAP
+from reconciler.drivers.rbd.records import RadosRecordStore
+from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from tests.conftest_ceph import Ceph
 from tests.env import Env, disk
 from tests.rbdsite import RbdSite, rbd_site
@@ -433,7 +433,7 @@ def test_lost_records_are_rebuilt_from_the_images_metadata(site: RbdSite, tmp_pa
 
 
 def test_a_deleted_disk_leaves_no_lock_object(site: RbdSite, tmp_path: Path) -> None:
-    from reconciler.drivers.rados_locks import lock_object
+    from reconciler.drivers.rbd.leases import lock_object
 
     env = site.env(tmp_path / "env", namespace="lockobj")
     env.safety = {"maxDeletePercent": 100}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.status import InstanceStatus, StatusStore
+from reconciler.control.status import InstanceStatus, StatusStore
 from tests.conftest_ceph import Ceph
 from tests.env import Env
 from tests.rbdsite import RbdSite, rbd_site

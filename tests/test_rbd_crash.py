@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.rbdpool import RbdRecordStore
-from reconciler.naming import TEMP_PREFIX
-from reconciler.schema.record import RecordKind, RecordState
+from reconciler.drivers.rbd.pool import RbdRecordStore
+from reconciler.model.naming import TEMP_PREFIX
+from reconciler.model.record import RecordKind, RecordState
 from tests.conftest_ceph import Ceph
 from tests.env import Env
 from tests.killpoints import at_each, kill_points

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.rados_records import RadosRecordStore
-from reconciler.schema.record import DiskRecord, RecordKind
+from reconciler.drivers.rbd.records import RadosRecordStore
+from reconciler.model.record import DiskRecord, RecordKind
 from tests.conftest_ceph import Ceph
 from tests.env import Env, disk
 from tests.rbdsite import RbdSite, rbd_site

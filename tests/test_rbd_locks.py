@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.rados_locks import LeaseLocks, LockBusy, lock_object
+from reconciler.drivers.rbd.leases import LeaseLocks, LockBusy, lock_object
 from tests.conftest_ceph import Ceph, unique
 from tests.env import ROOT
 from tests.httpserver import ImageServer, serve
@@ -102,7 +102,7 @@ def test_a_dead_local_holder_is_broken_at_once(ceph: Ceph, ns_ioctx: Any, tmp_pa
     ready = tmp_path / "locked"
     code = f"""
 import pathlib, time, rados
-from reconciler.drivers.rados_locks import LeaseLocks
+from reconciler.drivers.rbd.leases import LeaseLocks
 c = rados.Rados(conffile={str(ceph.conf)!r}, name="client.admin"); c.connect()
 io = c.open_ioctx({ceph.pool!r}); io.set_namespace({ns!r})
 with LeaseLocks(io, "test", "host-a", duration=3600).hold("x"):
@@ -173,7 +173,7 @@ def test_two_hosts_import_one_image_once(
 
 
 def check_owners(site: RbdSite, envs: list[Any]) -> None:
-    from reconciler.drivers.rados_records import RadosRecordStore
+    from reconciler.drivers.rbd.records import RadosRecordStore
 
     seen: set[str] = set()
     for env in envs:

@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
+from reconciler.control.session import Session
 from reconciler.drivers.base import VolumeExists
-from reconciler.drivers.rbdpool import RECORD_KEY, RbdRecordStore
-from reconciler.errors import ReconcileError
-from reconciler.naming import TEMP_PREFIX
+from reconciler.drivers.rbd.pool import RECORD_KEY, RbdRecordStore
+from reconciler.model.errors import ReconcileError
+from reconciler.model.naming import TEMP_PREFIX
+from reconciler.model.record import DiskRecord, MigrationPhase, RecordKind, RecordState
 from reconciler.schema.load import load_config
-from reconciler.schema.record import DiskRecord, MigrationPhase, RecordKind, RecordState
-from reconciler.session import Session
 from tests.conftest import Pools, make_lvm_env
 from tests.conftest_ceph import Ceph
 from tests.conftest_lvm import VolumeGroup

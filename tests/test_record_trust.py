@@ -25,12 +25,13 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers import copykey, filepool
-from reconciler.drivers.filepool import RECORD_XATTR, TRUSTED_XATTR
-from reconciler.drivers.lvmpool import COPY_PREFIX, encode_copy
-from reconciler.drivers.rbdpool import RECORD_KEY
-from reconciler.naming import template_entry_name
-from reconciler.schema.record import DiskRecord
+from reconciler.drivers.file import pool as filepool
+from reconciler.drivers.file.pool import RECORD_XATTR, TRUSTED_XATTR
+from reconciler.drivers.host import copykey
+from reconciler.drivers.lvm.pool import COPY_PREFIX, encode_copy
+from reconciler.drivers.rbd.pool import RECORD_KEY
+from reconciler.model.naming import template_entry_name
+from reconciler.model.record import DiskRecord
 from tests.conftest_ceph import Ceph
 from tests.conftest_lvm import VolumeGroup
 from tests.env import ROOT, Env, cli, disk

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers import copykey
-from reconciler.errors import RecordError
-from reconciler.naming import migration_name, retained_name, template_entry_name
-from reconciler.schema.record import DiskRecord
+from reconciler.drivers.host import copykey
+from reconciler.model.errors import RecordError
+from reconciler.model.naming import migration_name, retained_name, template_entry_name
+from reconciler.model.record import DiskRecord
 from reconciler.schema.recordcheck import check_record, is_entry_name, problem, validate
 
 INST = "4f3f2898-69e3-5a0d-820a-c4e87987dbce"

@@ -15,8 +15,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler.drivers.libvirt_conn import FIRST_CONTACT, Backoff, Connections
-from reconciler.errors import PoolError
+from reconciler.drivers.host.libvirt import FIRST_CONTACT, Backoff, Connections
+from reconciler.model.errors import PoolError
 from tests.conftest import DirPool
 from tests.env import ROOT, Env, disk, qemu_uri
 

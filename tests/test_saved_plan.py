@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.saved_plan import MAX_DEPTH, MAX_PLAN_BYTES, MAX_VALUES
+from reconciler.commands.saved_plan import MAX_DEPTH, MAX_PLAN_BYTES, MAX_VALUES
 from tests.env import ROOT, Env, cli, disk
 
 pytestmark = pytest.mark.libvirtd

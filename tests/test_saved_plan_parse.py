@@ -1,5 +1,5 @@
 """The bounds a saved plan file is read under, without a daemon: nesting and values are
-counted without recursion (by reconciler/bounded.py), and only outside JSON strings."""
+counted without recursion (by reconciler/schema/bounded.py), and only outside JSON strings."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.bounded import json_depth
-from reconciler.diff import Action, ActionKind, Desired, Plan, PlanOptions, Precondition
-from reconciler.saved_plan import (
+from reconciler.commands.saved_plan import (
     MAX_DEPTH,
     MAX_LISTED,
     MAX_VALUES,
@@ -23,6 +21,9 @@ from reconciler.saved_plan import (
     differences,
     parse,
 )
+from reconciler.diff import PlanOptions
+from reconciler.model import Action, ActionKind, Desired, Plan, Precondition
+from reconciler.schema.bounded import json_depth
 from tests.helpers import example_config
 
 

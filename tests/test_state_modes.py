@@ -1,5 +1,5 @@
 """The state directory is 0700 and every file the reconciler keeps there 0600, whatever the
-umask (reconciler/statedir.py): the records, the status, the manifest cache, the locks,
+umask (reconciler/util/statedir.py): the records, the status, the manifest cache, the locks,
 SQLite's side files; an existing looser one is tightened."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.schema import mcache
-from reconciler.statedir import private_dir, private_file
+from reconciler.schema.speed import mcache
+from reconciler.util.statedir import private_dir, private_file
 from tests.env import Env, disk
 from tests.test_loop import loop, ready, wait_until
 

@@ -17,9 +17,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler import observed_state
-from reconciler.diff import ActionKind
-from reconciler.observed_state import FORMAT_VERSION, LACKS, StateError
+from reconciler.model import ActionKind
+from reconciler.schema import exported as observed_state
+from reconciler.schema.exported import FORMAT_VERSION, LACKS, StateError
 from reconciler.testing import Review, plan_directory
 from tests.conftest import Pools
 from tests.env import ROOT, Env

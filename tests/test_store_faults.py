@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.store import DB_VERSION
+from reconciler.drivers.host.store import DB_VERSION
 from tests.env import Env, cli, disk
 
 pytestmark = pytest.mark.libvirtd

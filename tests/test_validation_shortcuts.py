@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from reconciler.model.units import parse_size
 from reconciler.schema.common import BACKEND_FORMATS, check_name
 from reconciler.schema.manifest import DiskSpec, Manifest
-from reconciler.schema.mcache import construct, dump
-from reconciler.units import parse_size
+from reconciler.schema.speed.mcache import construct, dump
 
 NAMES = ["disk", "disk.eph0", "a" * 100, "a" * 101, "", ".x", "-x", "a..b", "a/b", "ok_1"]
 SIZES = ["1GiB", "512 B", " 1GiB ", "1.5GiB", "1GB", "-1GiB", "10", "1KiB", "0B", "65TiB"]

@@ -1,4 +1,4 @@
-"""The work queue keeps controller-runtime's promises (reconciler/workqueue.py)."""
+"""The work queue keeps controller-runtime's promises (reconciler/control/workqueue.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 import threading
 from collections import Counter
 
-from reconciler.workqueue import WorkQueue
+from reconciler.control.workqueue import WorkQueue
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""reconciler/writers.py: which files a process holds open for writing, on real files."""
+"""reconciler/control/writers.py: which files a process holds open for writing, on real files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reconciler.writers import _scan, held_for_writing
+from reconciler.control.writers import _scan, held_for_writing
 
 
 def test_a_file_open_for_writing_is_held_by_the_lease_and_by_proc(tmp_path: Path) -> None:

@@ -13,25 +13,21 @@ from typing import Any
 
 import jsonpatch
 
-from reconciler.diff.model import (
+from reconciler.model.desired import Desired, DesiredDisk, DesiredInstance
+from reconciler.model.naming import TEMP_PREFIX, migration_name
+from reconciler.model.observed import Holder, Observed, ObservedPool
+from reconciler.model.plan import (
     Action,
     ActionKind,
-    DesiredDisk,
-    DesiredInstance,
-    Holder,
-    Observed,
-    ObservedPool,
     Plan,
     Precondition,
     Problem,
     ProblemCode,
     Severity,
 )
-from reconciler.diff.model import Desired as Desired
-from reconciler.naming import TEMP_PREFIX, migration_name
+from reconciler.model.record import DiskRecord, MigrationPhase, RecordKind, RecordState
+from reconciler.model.units import format_size
 from reconciler.schema.common import NOT_RESIZABLE
-from reconciler.schema.record import DiskRecord, MigrationPhase, RecordKind, RecordState
-from reconciler.units import format_size
 
 # Entries of a pool that are not volumes anyone made: an ext4 pool's lost+found.
 NOT_VOLUMES = frozenset({"lost+found"})

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from reconciler.diff.model import ObservedPool
 from reconciler.drivers.base import ManagingDriver, PoolDriver
-from reconciler.drivers.filepool import FilePoolDriver
-from reconciler.drivers.libvirt_conn import Connections
+from reconciler.drivers.file.pool import FilePoolDriver
+from reconciler.drivers.host.libvirt import Connections
+from reconciler.drivers.host.store import RecordStore
+from reconciler.model.observed import ObservedPool
+from reconciler.model.record import DiskRecord
 from reconciler.schema.common import Backend
 from reconciler.schema.config import Config, ImageConfig, PoolConfig
-from reconciler.schema.record import DiskRecord
-from reconciler.store import RecordStore
 
 FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.PLOOP})
 
@@ -56,13 +56,13 @@ def driver_for(
     # are imported by the first pool that needs them: a host of file pools never pays
     # for them at start-up, which every `reconcile` run does.
     if backends == {Backend.RBD}:
-        from reconciler.drivers.rbdpool import RbdPoolDriver
+        from reconciler.drivers.rbd.pool import RbdPoolDriver
 
         host = cfg.host_id() if cfg is not None else None
         expiry = cfg.ownership.heartbeat_expiry if cfg is not None else 300.0
         return RbdPoolDriver(name, config, conns, store, images, host, expiry)
     if backends == {Backend.LVM}:
-        from reconciler.drivers.lvmpool import LvmPoolDriver
+        from reconciler.drivers.lvm.pool import LvmPoolDriver
 
         return LvmPoolDriver(name, config, conns, store, images)
     missing = ", ".join(

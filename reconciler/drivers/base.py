@@ -7,15 +7,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from reconciler.diff.model import ObservedPool
-from reconciler.drivers.domains import Attachments
-from reconciler.drivers.ownership import Owner
-from reconciler.errors import ReconcileError
+from reconciler.drivers.host.domains import Attachments
+from reconciler.drivers.host.ownership import Owner
+from reconciler.drivers.host.store import RecordStore
+from reconciler.model.errors import ReconcileError
+from reconciler.model.observed import ObservedPool
+from reconciler.model.record import DiskRecord, Migration
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
-from reconciler.schema.record import DiskRecord, Migration
 from reconciler.schema.recordcheck import problem
-from reconciler.store import RecordStore
 
 
 class VolumeExists(ReconcileError):
@@ -107,7 +107,7 @@ class PoolDriver(Protocol):
 
     def record_store(self) -> RecordStore | None:
         """The store that keeps this pool's records, opened on first call (RecordError if
-        it cannot be); None: the host's records database (reconciler/records.py)."""
+        it cannot be); None: the host's records database (reconciler/drivers/records.py)."""
         ...
 
     def close(self) -> None:
@@ -199,7 +199,7 @@ class ManagingDriver(PoolDriver, Protocol):
         only; no data is read or written). Drivers without overlays raise."""
         ...
 
-    # -- migrations (reconciler/migrate.py): the data path is qemu-img, or the driver's own.
+    # -- migrations (apply/steps/migrate.py): the data path is qemu-img, or the driver's own.
     # A driver that cannot migrate returns no layouts; the planner then says so as an error.
 
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:

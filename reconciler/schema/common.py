@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ConfigDict, PlainSerializer, WithJsonSchema
 
-from reconciler.units import parse_size
+from reconciler.model.units import parse_size
 
 API_VERSION = "reconciler/v1"
 

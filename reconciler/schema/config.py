@@ -19,8 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from reconciler.model.units import parse_rate
 from reconciler.schema.common import STRICT, Backend, Name
-from reconciler.units import parse_rate
 
 DEFAULT_CONFIG = "/etc/reconciler/config.yaml"
 CONFIG_ENV = "RECONCILER_CONFIG"

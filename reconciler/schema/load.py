@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from reconciler.errors import ConfigError, InputError, Location
-from reconciler.logs import get_logger
+from reconciler.model.errors import ConfigError, InputError, Location
 from reconciler.schema.common import API_VERSION
 from reconciler.schema.config import Config
 from reconciler.schema.manifest import ImageSource, Manifest
-from reconciler.schema.mcache import (
+from reconciler.schema.readfile import read_regular
+from reconciler.schema.speed.mcache import (
     Key,
     ManifestCache,
     construct,
@@ -25,11 +25,11 @@ from reconciler.schema.mcache import (
     stat_key,
     write_document,
 )
-from reconciler.schema.plainyaml import load_plain
-from reconciler.schema.readfile import read_regular
-from reconciler.schema.worker import Worker
+from reconciler.schema.speed.plainyaml import load_plain
+from reconciler.schema.speed.worker import Worker
 from reconciler.schema.yamlload import MAX_FILE_BYTES, Document, load_bytes, load_file, load_text
 from reconciler.schema.yamlload import Path as YPath
+from reconciler.util.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -396,7 +396,7 @@ class ManifestLoad:
     """Loading the manifests under some paths, in two steps so the caller can work between
     them: creating it looks every file up in the cache and, when at least
     `fork_threshold` files are left to parse, forks a worker that starts parsing them
-    (reconciler/schema/worker.py); `finish` parses here what the worker has not taken,
+    (reconciler/schema/speed/worker.py); `finish` parses here what the worker has not taken,
     and returns what load_manifest on every file in turn would have.
 
     The worker sends, for a file that loaded, the manifest's dump and its disks' lines

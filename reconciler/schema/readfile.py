@@ -1,4 +1,4 @@
-"""The one way a manifest or the config is read: reconciler/bounded.py's opener, its
+"""The one way a manifest or the config is read: reconciler/schema/bounded.py's opener, its
 refusals as InputErrors naming the file.
 
 The manifest directory is written by another service (Nova), and the reconciler runs as
@@ -9,18 +9,18 @@ link unless the caller allows it, never waits, and at most `limit` bytes: it is
 bounded.read_file (O_PATH, the opened object's own fstat, the same inode reopened;
 see open_regular there), with every refusal an InputError naming the file and quoting
 nothing of it. The fstat of what was read comes back with the bytes, so a cache keyed on
-a file's identity is keyed on what was actually read (reconciler/schema/mcache.py).
+a file's identity is keyed on what was actually read (reconciler/schema/speed/mcache.py).
 
-It lives in bounded.py, which imports only reconciler.errors, so schema/ depends on
+It lives in bounded.py, which imports only reconciler.model.errors, so schema/ depends on
 nothing above it for this, and every input file of the reconciler is opened by the same
 code.
 """
 
 from __future__ import annotations
 
-from reconciler.bounded import FileRead as FileRead
-from reconciler.bounded import NotRead, read_file
-from reconciler.errors import InputError, Location
+from reconciler.model.errors import InputError, Location
+from reconciler.schema.bounded import FileRead as FileRead
+from reconciler.schema.bounded import NotRead, read_file
 
 MAX_FILE_BYTES = 1 << 20
 

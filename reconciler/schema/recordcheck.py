@@ -32,10 +32,10 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from reconciler.errors import RecordError
-from reconciler.naming import CACHE_PREFIX, migration_name, volume_name
+from reconciler.model.errors import RecordError
+from reconciler.model.naming import CACHE_PREFIX, migration_name, volume_name
+from reconciler.model.record import BadRecord, DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import BACKEND_FORMATS, Backend, DiskFormat, check_name
-from reconciler.schema.record import BadRecord, DiskRecord, RecordKind, RecordState
 
 # What a cache entry's name may be: image-, template- and nova- entries are all this.
 _ENTRY_RE = re.compile(r"^" + re.escape(CACHE_PREFIX) + r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.errors import InputError, Location
+from reconciler.model.errors import InputError, Location
 from reconciler.schema.readfile import MAX_FILE_BYTES as MAX_FILE_BYTES
 from reconciler.schema.readfile import read_regular
 

@@ -1,0 +1,296 @@
+"""Moving a disk to another pool, backend or format without losing it (the `migrate` action).
+
+The disk's record holds both locations while it moves (`DiskRecord.migration`), and every
+step is written down before it is taken:
+
+  record: migration `copying` (durable) -> copy made empty -> data copied (qemu-img convert
+  with both formats named, or the target driver's own path) -> copy made durable ->
+  compared (qemu-img compare, both formats named) -> record: migration `switched` (durable)
+  -> same pool: the old volume renamed away (Retain) or replaced by the copy in one
+  rename; another pool: the record written at the new location -> old volume removed
+  (Delete) or released (Retain) -> old record removed.
+
+So a SIGKILL anywhere leaves, for the next run, either `copying` (the old volume is the
+disk; the partial copy is removed and made again, or removed for good where the manifest
+went back) or `switched` (the copy is the disk; what is left of the old one is finished).
+Never both lost (the old volume goes only after the switch is durable), never both claimed
+(one record names both until the old one is gone). The old disk's cache entry stays in its
+record (`backing`) until the old volume is gone, so `cache gc` cannot take it from under
+the copy or the old disk.
+
+Nothing here knows a backend: the drivers say how qemu-img reaches a volume (qemu_image)
+or copy by their own means (native_copy); see drivers/base.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from reconciler.drivers.base import ManagingDriver, VolumeExists, check_unused
+from reconciler.drivers.host.run import execute, last_line, run
+from reconciler.drivers.host.store import RecordStore
+from reconciler.model.errors import ReconcileError
+from reconciler.model.naming import migration_name, retained_name
+from reconciler.model.plan import Action
+from reconciler.model.record import (
+    MIGRATING_SCHEMA_VERSION,
+    RECORD_SCHEMA_VERSION,
+    DiskRecord,
+    Migration,
+    MigrationPhase,
+    RecordKind,
+    RecordState,
+)
+from reconciler.schema.common import Backend, DiskFormat
+from reconciler.util import faults
+from reconciler.util.logs import get_logger
+
+log = get_logger(__name__)
+
+# Write a record change (the executor's CAS put): (record, expected generation, durable,
+# changes) -> the record written.
+Put = Callable[..., DiskRecord]
+
+
+class CopyDiffers(ReconcileError):
+    """The copy does not read back equal to the original: it is removed, nothing switched."""
+
+
+def _layout(spec: dict[str, Any] | Any) -> tuple[Any, ...]:
+    return (spec["pool"], spec["backend"], spec["format"])
+
+
+class Migrator:
+    def __init__(
+        self,
+        store: RecordStore,
+        driver: Callable[[str], ManagingDriver],
+        put: Put,
+    ) -> None:
+        self.store = store
+        self.driver = driver
+        self.put = put
+
+    def run(self, a: Action, rec: DiskRecord) -> str:
+        """Carry `rec` (the disk's record at its old location) to where `a` says, from
+        whatever step an earlier run reached; returns a message for the report."""
+        assert a.spec is not None
+        spec = dict(a.spec)
+        src = self.driver(rec.pool)
+        checked = False  # whether no domain was found using the old volume just now
+        if rec.migration is None:
+            if spec == rec.spec:
+                return "already in the desired layout"
+            rec = self._begin(a, rec, spec, src)
+            checked = True
+        mig = rec.migration
+        assert mig is not None
+        if mig.phase is MigrationPhase.COPYING:
+            if (mig.target(), mig.spec) != ((a.pool, a.volume), spec):
+                rec = self._abandon(rec, mig)
+                if spec == rec.spec:
+                    return "the interrupted migration was rolled back; its copy is removed"
+                raise ReconcileError(
+                    "the manifest asks for another layout than the interrupted migration's; "
+                    "its copy is removed, run again to migrate"
+                )
+            if not checked:  # a migration an earlier run began
+                self._check_unused(src, rec)
+            try:
+                self._copy(src, rec, mig)
+            except KeyboardInterrupt:
+                raise  # the record stays `copying`: the next run makes the copy again
+            except BaseException:
+                self._abandon(rec, mig, quiet=True)
+                raise
+            rec = self.put(
+                rec,
+                rec.generation,
+                migration=mig.model_copy(update={"phase": MigrationPhase.SWITCHED}),
+            )
+            faults.point("record.switched")
+            src.keep_record_copy(rec)
+        return self._finish(rec)
+
+    # -- the steps --------------------------------------------------------------------
+
+    def _begin(
+        self, a: Action, rec: DiskRecord, spec: dict[str, Any], src: ManagingDriver
+    ) -> DiskRecord:
+        if rec.state is not RecordState.READY:
+            raise ReconcileError(f"{rec.pool}/{rec.volume} is {rec.state}, not ready; not migrated")
+        self._check_unused(src, rec)
+        same_pool = a.pool == rec.pool
+        size = int(spec["size"])
+        if size < rec.virtual_size:
+            raise ReconcileError(f"refusing to shrink {rec.volume} while migrating it")
+        gen = rec.generation + 1
+        retain = spec.get("deletionPolicy") == "Retain"
+        mig = Migration(
+            pool=a.pool,
+            volume=migration_name(a.volume) if same_pool else a.volume,
+            final_volume=a.volume,
+            backend=Backend(spec["backend"]),
+            format=DiskFormat(spec["format"]),
+            virtual_size=size,
+            spec=spec,
+            phase=MigrationPhase.COPYING,
+            retained_as=retained_name(rec.volume, gen) if same_pool and retain else None,
+        )
+        dst = self.driver(a.pool)
+        if dst.volume_exists(mig.volume):
+            raise VolumeExists(
+                f"volume {mig.volume} exists in pool {a.pool} without a record; it is left "
+                "untouched and the disk is not migrated"
+            )
+        rec = self.put(rec, rec.generation, migration=mig, schema_version=MIGRATING_SCHEMA_VERSION)
+        faults.point("record.migrating")
+        src.keep_record_copy(rec)
+        return rec
+
+    def _check_unused(self, src: ManagingDriver, rec: DiskRecord) -> None:
+        check_unused(src, rec.volume, "migrating")
+
+    def _copy(self, src: ManagingDriver, rec: DiskRecord, mig: Migration) -> None:
+        dst = self.driver(mig.pool)
+        dst.delete_volume(mig.volume)  # a partial copy an interrupted run left (ours)
+        dst.prepare_copy(mig.volume, mig.backend, mig.format, mig.virtual_size)
+        what = f"migrate {rec.pool}/{rec.volume} to {mig.pool}/{mig.volume}"
+        if not dst.native_copy(src, rec, mig):
+            with (
+                src.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
+                dst.qemu_image(mig.volume, mig.format, None, write=True) as t,
+            ):
+                run(
+                    # -W: out-of-order writes (the target is ours alone); -S 4k keeps
+                    # runs of zeros unallocated; -n: into the volume the driver made.
+                    [
+                        *("qemu-img", "convert", "-n", "-W", "-S", "4k"),
+                        *("-f", s.format, "-O", t.format, s.filename, t.filename),
+                    ],
+                    fds=s.fds + t.fds,
+                    what=what,
+                )
+        faults.point("volume.copied")
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="sync") as syncing,
+            src.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
+            dst.qemu_image(mig.volume, mig.format, None, write=False) as t,
+        ):
+            # The copy is made durable while it is compared (both only read it); both end
+            # before the switch. Without -s a larger copy (a migration that also grows)
+            # must read zeros past the original's end. 0: equal; 1: differs; else: failed.
+            synced = syncing.submit(dst.finish_copy, mig.volume)
+            res = execute(
+                [
+                    *("qemu-img", "compare", "-q"),
+                    *("-f", s.format, "-F", t.format, s.filename, t.filename),
+                ],
+                s.fds + t.fds,
+                f"verify {what}",
+            )
+            synced.result()
+        if res.returncode == 1:
+            raise CopyDiffers(f"{what}: the copy differs from the original; nothing is switched")
+        if res.returncode != 0:
+            raise ReconcileError(f"verify {what}: qemu-img compare failed: {last_line(res)}")
+        faults.point("volume.verified")
+
+    def _abandon(self, rec: DiskRecord, mig: Migration, *, quiet: bool = False) -> DiskRecord:
+        """Remove a copy that is not (yet) the disk and forget the migration."""
+        try:
+            self.driver(mig.pool).delete_volume(mig.volume)
+            rec = self.put(
+                rec, rec.generation, migration=None, schema_version=RECORD_SCHEMA_VERSION
+            )
+            faults.point("record.ready")
+            self.driver(rec.pool).keep_record_copy(rec)
+        except Exception as e:
+            if not quiet:
+                raise
+            log.warning("migrate.rollback_failed", volume=rec.volume, error=str(e))
+        return rec
+
+    def _finish(self, rec: DiskRecord) -> str:
+        mig = rec.migration
+        assert mig is not None and mig.phase is MigrationPhase.SWITCHED
+        retain = mig.spec.get("deletionPolicy") == "Retain"
+        moved: dict[str, Any] = {
+            "backend": mig.backend,
+            "format": mig.format,
+            "virtual_size": mig.virtual_size,
+            "spec": dict(mig.spec),
+            "source": dict(mig.spec["source"]),
+            "backing": None,  # a copy is standalone (flattened)
+            "migration": None,
+            "schema_version": RECORD_SCHEMA_VERSION,
+            "state": RecordState.READY,
+            "pending_size": None,
+        }
+        dst = self.driver(mig.pool)
+        if mig.pool == rec.pool:
+            if dst.volume_exists(mig.volume):  # not renamed yet
+                if dst.volume_exists(rec.volume):
+                    # The old volume is renamed away or replaced by the copy: a domain
+                    # defined since the copy began would lose (or silently swap) its disk.
+                    self._check_unused(dst, rec)
+                if mig.retained_as is not None and dst.volume_exists(rec.volume):
+                    dst.rename_volume(rec.volume, mig.retained_as, replace=False)
+                    faults.point("volume.retained")
+                # One rename: the name holds the old disk, then the copy, never neither.
+                dst.rename_volume(mig.volume, mig.final_volume, replace=True)
+                faults.point("volume.switched")
+            new = self.put(rec, rec.generation, durable=False, **moved)
+            faults.point("record.ready")
+            dst.keep_record_copy(new)
+        else:
+            src = self.driver(rec.pool)
+            if not retain and src.volume_exists(rec.volume):
+                # Before the record moves: a domain defined since the copy began keeps its
+                # disk, and the disk stays where that domain's definition says it is.
+                self._check_unused(src, rec)
+            new = self.store.get(mig.pool, mig.final_volume) or self._claim_target(rec, moved)
+            if new.instance != rec.instance or new.disk != rec.disk or new.spec != mig.spec:
+                raise ReconcileError(
+                    f"{mig.pool}/{mig.final_volume} has a record of another disk; the "
+                    "migration is not finished"
+                )
+            dst.keep_record_copy(new)
+            if not retain and src.volume_exists(rec.volume):
+                src.delete_volume(rec.volume)
+            self.store.delete(rec.pool, rec.volume, rec.generation, durable=False)
+            faults.point("record.deleted")
+        if retain:
+            kept = mig.retained_as or rec.volume
+            return f"the old volume is kept as {rec.pool}/{kept} and no longer managed"
+        return ""
+
+    def _claim_target(self, rec: DiskRecord, moved: dict[str, Any]) -> DiskRecord:
+        """The record at the new location, written (durably, before the old volume goes)."""
+        mig = rec.migration
+        assert mig is not None
+        new = DiskRecord(
+            kind=RecordKind.DISK,
+            pool=mig.pool,
+            volume=mig.final_volume,
+            instance=rec.instance,
+            disk=rec.disk,
+            generation=1,
+            **moved,
+        )
+        self.store.put(new, None)
+        faults.point("record.moved")
+        return new
+
+
+def drop_partial_copy(
+    store: RecordStore, driver: Callable[[str], ManagingDriver], rec: DiskRecord
+) -> None:
+    """Before a migrating disk's record is removed (its instance deleted): remove its copy,
+    unless a record at the copy's location already owns it."""
+    mig = rec.migration
+    if mig is None or store.get(*mig.target()) is not None:
+        return
+    driver(mig.pool).delete_volume(mig.volume)

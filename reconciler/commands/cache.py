@@ -1,0 +1,120 @@
+"""`reconcile cache ls|gc`: the cache entries each pool holds, and removing unused ones.
+
+An entry is removed only when no record references it (a qcow2 overlay names it as its
+backing), under its lock taken exclusively, with the references read again after the lock
+is taken: a create holds the entry's lock shared while it uses it, and writes its record
+naming the entry before that, so an entry in use is never removed, whatever its age.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import Counter
+from dataclasses import dataclass
+
+from reconciler.drivers.base import ManagingDriver
+from reconciler.drivers.host.store import RecordStore
+from reconciler.model.errors import ReconcileError
+from reconciler.model.record import DiskRecord, RecordKind
+from reconciler.util import faults
+
+
+@dataclass(frozen=True)
+class Entry:
+    pool: str
+    volume: str
+    what: str
+    size: int
+    users: int
+    unused_for: float  # seconds since a disk was last made from it (inf: never noted)
+    state: str
+
+
+def _describe(rec: DiskRecord) -> str:
+    spec = rec.spec
+    if "image" in spec:
+        return f"image {spec['image']} ({spec.get('format')}, sha256 {str(spec['sha256'])[:12]})"
+    label = f" label {spec['label']!r}" if spec.get("label") else ""
+    return f"template {spec.get('template')}{label}"
+
+
+def entries(store: RecordStore, now: datetime.datetime) -> list[Entry]:
+    records, _ = store.load_all()
+    users = Counter((r.pool, r.backing) for r in records if r.backing)
+    out = [
+        Entry(
+            r.pool,
+            r.volume,
+            _describe(r),
+            r.virtual_size,
+            users[(r.pool, r.volume)],
+            r.unused_for(now),
+            r.state.value,
+        )
+        for r in records
+        if r.kind is RecordKind.CACHE
+    ]
+    return sorted(out, key=lambda e: (e.pool, e.volume))
+
+
+def gc(
+    store: RecordStore,
+    drivers: dict[str, ManagingDriver],
+    min_age: float,
+    now: datetime.datetime | None = None,
+) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+    """Remove unreferenced entries older than `min_age` seconds: (removed, kept with why)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    removed: list[Entry] = []
+    kept: list[tuple[Entry, str]] = []
+    claimed: set[str] = set()
+    refused: dict[str, str] = {}
+    for e in entries(store, now):
+        if e.users:
+            kept.append((e, f"used by {e.users} disk(s)"))
+            continue
+        if e.unused_for < min_age:
+            kept.append((e, "used more recently than --min-age"))
+            continue
+        driver = drivers.get(e.pool)
+        if driver is None:
+            kept.append((e, "its pool has no driver in this config"))
+            continue
+        if e.pool not in claimed:
+            try:
+                driver.claim()  # a pool another store manages is not ours to clean
+            except ReconcileError as err:
+                refused[e.pool] = str(err)
+            claimed.add(e.pool)
+        if e.pool in refused:
+            kept.append((e, refused[e.pool]))
+            continue
+        with driver.lock(e.volume):
+            # Read again under the lock: a create may have started meanwhile.
+            rec = store.get(e.pool, e.volume)
+            if rec is None:
+                continue
+            if store.references(e.pool, e.volume):
+                kept.append((e, "came into use"))
+                continue
+            if rec.unused_for(now) < min_age:
+                kept.append((e, "used more recently than --min-age"))
+                continue
+            driver.delete_volume(e.volume)
+            store.delete(e.pool, e.volume, rec.generation)
+            faults.point("cache.entry.removed")
+            removed.append(e)
+    return removed, kept
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '2h', '7d' or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 2h or 7d") from None
+    if value < 0:
+        raise ValueError(f"duration {text!r} is negative")
+    return value

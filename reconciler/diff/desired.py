@@ -1,0 +1,37 @@
+"""Turn loaded manifests into the planner's Desired state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from reconciler.model.desired import Desired, DesiredDisk, DesiredInstance, FailedInput
+from reconciler.model.naming import volume_name
+from reconciler.schema.load import FailedManifest, LoadedManifest
+
+
+def build_desired(loaded: Sequence[LoadedManifest], failed: Sequence[FailedManifest]) -> Desired:
+    instances = []
+    for lm in loaded:
+        m = lm.manifest
+        disks = tuple(
+            DesiredDisk(
+                instance=m.instance,
+                spec=d,
+                volume=volume_name(m.instance, d.name),
+                file=lm.file,
+                line=lm.disk_line(i),
+            )
+            for i, d in enumerate(m.disks)
+        )
+        instances.append(DesiredInstance(m.instance, lm.file, m.deleted, disks))
+    bad = tuple(
+        FailedInput(
+            file=f.file,
+            line=e.location.line,
+            message=(f"{e.field}: {e.message}" if e.field else e.message),
+            instance=f.instance,
+        )
+        for f in failed
+        for e in f.errors
+    )
+    return Desired(tuple(instances), bad)

@@ -1,0 +1,1 @@
+"""File pools (libvirt `dir`, `fs`, `netfs`) serving the flat, qcow2 and ploop backends."""

@@ -1,0 +1,65 @@
+"""qemu-img and mkfs command lines with explicit formats, on files opened without following
+links. The runner itself is reconciler/drivers/host/run.py."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from reconciler.model.errors import ReconcileError
+
+
+class NotAFile(ReconcileError):
+    """A path where a volume is expected is a symlink or not a regular file."""
+
+
+@contextmanager
+def open_volume(path: str, write: bool = True) -> Iterator[int]:
+    """Open a volume file, refusing symlinks and anything but a regular file."""
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == 40:  # ELOOP: the last component is a symlink
+            raise NotAFile(f"{path} is a symlink; refusing to touch it or its target") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAFile(f"{path} is not a regular file; refusing to touch it")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def fd_path(fd: int) -> str:
+    """A path a child process can open to reach exactly the file behind `fd`."""
+    return f"/proc/self/fd/{fd}"
+
+
+def convert_argv(src_fmt: str, dst_fmt: str, src: str, dst: str) -> list[str]:
+    """qemu-img convert with both formats named, into an existing volume (-n, made by
+    libvirt at the disk's size), leaving runs of zeros unallocated (-S 4k)."""
+    return ["qemu-img", "convert", "-n", "-f", src_fmt, "-O", dst_fmt, "-S", "4k", src, dst]
+
+
+def mkfs_argv(kind: str, label: str | None, target: str) -> list[str]:
+    """The mkfs command for a template; explicit arguments, forced onto a plain file."""
+    if kind == "swap":
+        return ["mkswap", "-f", target]
+    if kind == "ext4":
+        return [
+            "mkfs.ext4",
+            "-F",
+            "-q",
+            "-E",
+            "nodiscard",
+            *(["-L", label] if label else []),
+            target,
+        ]
+    if kind == "xfs":
+        return ["mkfs.xfs", "-f", "-q", "-K", *(["-L", label] if label else []), target]
+    if kind == "vfat":
+        return ["mkfs.vfat", *(["-n", label] if label else []), target]
+    raise ValueError(f"no filesystem tool for template {kind}")

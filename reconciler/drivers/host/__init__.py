@@ -1,0 +1,3 @@
+"""What drivers share on this host: the SQLite record store, file locks, the libvirt
+connection, which domains use a volume, which store manages a pool, the record-copy key and
+the one way tools (qemu-img, mkfs) are run."""

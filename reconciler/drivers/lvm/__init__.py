@@ -1,0 +1,1 @@
+"""LVM pools: a volume group on this host serving the lvm backend."""

@@ -1,0 +1,43 @@
+"""What the manifests ask for, as the planner reads it: plain, immutable values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reconciler.schema.manifest import DiskSpec
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredDisk:
+    instance: str
+    spec: DiskSpec
+    volume: str
+    file: str
+    line: int | None
+    # The cache entry (in the disk's pool) a create makes it from, as its driver names it;
+    # None for a disk made from nothing (blank), or where no driver could say.
+    entry: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredInstance:
+    instance: str
+    file: str
+    deleted: bool
+    disks: tuple[DesiredDisk, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedInput:
+    """A manifest that failed to load; its instance, when known, is left alone."""
+
+    file: str
+    line: int | None
+    message: str
+    instance: str | None
+
+
+@dataclass(frozen=True)
+class Desired:
+    instances: tuple[DesiredInstance, ...]
+    failed: tuple[FailedInput, ...] = ()

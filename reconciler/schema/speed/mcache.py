@@ -1,0 +1,258 @@
+"""A cache of validated manifests, so a converged host re-plans without re-parsing.
+
+Parsing and validating YAML is most of what a plan of a large host costs (bench/plan.py),
+and the compute service rewrites few manifests between runs. An entry is reused only if
+the file's device, inode, size, mtime and ctime are all unchanged, and only files whose
+times were at least two seconds in the past when the entry was written are ever cached
+(a file changed twice within one timestamp tick, in the same second it was cached, could
+otherwise look unchanged; git's index has the same rule). The cache is keyed to the exact
+source of the schema code, so any change to validation empties it. Reference checks
+against the config (pools, images) are never cached. The file lives in the state
+directory and is replaced atomically; losing it only costs one slow run.
+
+The manifest directory is someone else's, so the identity is that of what was read: an
+entry is stored under the fstat of the opened file its bytes came from
+(reconciler/schema/readfile.py), and found only by a name whose own lstat (never
+following a link) is a regular file with that key; a link, or a file swapped in under the
+name, is read and judged again. The cache itself is trusted (its entries are not validated
+again), so it is read only if it is a regular file this user owns and nobody else can
+write, in the 0700 state directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from reconciler import __version__
+from reconciler.model.errors import InputError
+from reconciler.schema.bounded import load_json
+from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.manifest import (
+    DeletionPolicy,
+    DiskSpec,
+    ImageSource,
+    Manifest,
+    TemplateKind,
+    TemplateSource,
+)
+from reconciler.schema.readfile import read_regular
+from reconciler.util.logs import get_logger
+from reconciler.util.statedir import private_dir
+
+log = get_logger(__name__)
+
+SAFE_AGE_NS = 2_000_000_000
+MAX_CACHE_BYTES = 1 << 30  # some 2 million manifests: far past any host
+Key = tuple[int, int, int, int, int]
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256(__version__.encode())
+    package = Path(__file__).resolve().parent.parent.parent  # reconciler/
+    for name in (
+        "schema/common.py",
+        "schema/manifest.py",
+        "schema/yamlload.py",
+        "schema/speed/plainyaml.py",
+        "schema/load.py",
+        "schema/speed/mcache.py",
+        "model/units.py",
+    ):
+        h.update((package / name).read_bytes())
+    return h.hexdigest()
+
+
+def stat_key(st: os.stat_result) -> Key:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+_BACKENDS = {b.value: b for b in Backend}
+_FORMATS = {f.value: f for f in DiskFormat}
+_TEMPLATES = {t.value: t for t in TemplateKind}
+_POLICIES = {p.value: p for p in DeletionPolicy}
+
+
+_set = object.__setattr__  # as pydantic sets them: the models are frozen
+
+
+def _model(cls: type[M], values: dict[str, Any]) -> M:
+    """A model holding `values`, its attributes set as model_construct sets them but
+    without its per-field alias and default lookups, which made rebuilding a manifest cost
+    more than validating it."""
+    m = cls.__new__(cls)
+    _set(m, "__dict__", values)
+    _set(m, "__pydantic_fields_set__", set(values))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
+    return m
+
+
+def dump(manifest: Manifest) -> dict[str, Any]:
+    """What the cache keeps of a manifest (and a worker process sends): its JSON dump
+    without nulls, written out as DiskSpec.spec_dict is (model_dump cost more than the
+    validation it saves a repeat run)."""
+    return {
+        "apiVersion": manifest.api_version,
+        "kind": manifest.kind,
+        "instance": manifest.instance,
+        "deleted": manifest.deleted,
+        "disks": [d.spec_dict() for d in manifest.disks],
+    }
+
+
+# Rebuilt disks by content. A disk spec names no instance, and a host's manifests repeat
+# the same few (same names, pools, sizes, sources); the models are frozen, so one object
+# serves every manifest that has that disk. Bounded, as inputs are.
+_disks: dict[tuple[Any, ...], DiskSpec] = {}
+
+
+def _disk(d: dict[str, Any]) -> DiskSpec:
+    src = d["source"]
+    key = (
+        d["name"],
+        d["backend"],
+        d["pool"],
+        d["format"],
+        d["size"],
+        d["deletionPolicy"],
+        src.get("image"),
+        src.get("template"),
+        src.get("label"),
+    )
+    spec = _disks.get(key)
+    if spec is not None:
+        return spec
+    source: ImageSource | TemplateSource
+    if "image" in src:
+        source = _model(ImageSource, {"image": src["image"]})
+    else:
+        source = _model(
+            TemplateSource,
+            {"template": _TEMPLATES[src["template"]], "label": src.get("label")},
+        )
+    spec = _model(
+        DiskSpec,
+        {
+            "name": d["name"],
+            "backend": _BACKENDS[d["backend"]],
+            "pool": d["pool"],
+            "format": _FORMATS[d["format"]],
+            "size": int(d["size"]),
+            "source": source,
+            "deletion_policy": _POLICIES[d["deletionPolicy"]],
+        },
+    )
+    if len(_disks) < 10_000:
+        _disks[key] = spec
+    return spec
+
+
+def construct(data: dict[str, Any]) -> Manifest:
+    """Rebuild a Manifest from its own validated dump, without validating it again.
+
+    Raises KeyError, ValueError or TypeError on data that is not such a dump."""
+    return _model(
+        Manifest,
+        {
+            "api_version": data["apiVersion"],
+            "kind": data["kind"],
+            "instance": data["instance"],
+            "deleted": bool(data.get("deleted", False)),
+            "disks": [_disk(d) for d in data["disks"]],
+        },
+    )
+
+
+class ManifestCache:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fingerprint = _fingerprint()
+        self.entries: dict[str, list[Any]] = {}
+        self.fresh: dict[str, list[Any]] = {}
+        self.dirty = False
+        try:
+            read = read_regular(str(path), limit=MAX_CACHE_BYTES)
+        except InputError as e:
+            if os.path.lexists(path):
+                log.warning("manifest_cache.ignored", path=str(path), why=e.message)
+            return  # missing or unusable: it is only a cache
+        st = read.stat
+        # Its entries are trusted as validated manifests: only a file this process's user
+        # owns and nobody else can write is read (the state directory is 0700 as well).
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            log.warning(
+                "manifest_cache.ignored",
+                path=str(path),
+                why=f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}",
+            )
+            return
+        try:
+            # Bounded in size and UTF-8 (bounded.load_json; UnsafeInput is a ValueError).
+            # The file is this user's own and private (above), so its nesting is not
+            # scanned first (that scan cost 0.15 s a run at 10,000 manifests): a parse
+            # that recurses too deep is refused as damaged, never a RecursionError.
+            doc = load_json(read.data, what=str(path), max_depth=None, max_bytes=MAX_CACHE_BYTES)
+            if doc.get("fingerprint") == self.fingerprint:
+                self.entries = doc["entries"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.entries = {}  # damaged (even nested absurdly): it is only a cache
+
+    def get(self, path: str, key: Key) -> tuple[Manifest, tuple[int | None, ...]] | None:
+        try:
+            e = self.entries.get(path)
+            if e is None or tuple(e[0]) != key:
+                return None
+            manifest, lines = construct(e[1]), tuple(e[2])
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError):
+            return None  # damaged: parse the file
+        self.fresh[path] = e
+        return manifest, lines
+
+    def put(self, path: str, key: Key, data: dict[str, Any], lines: Sequence[int | None]) -> None:
+        """Keep a manifest's dump (see dump()) for the next run, if its file is old enough."""
+        if self.trusts(key):
+            self.fresh[path] = [list(key), data, list(lines)]
+            self.dirty = True
+
+    @staticmethod
+    def trusts(key: Key) -> bool:
+        """Whether the file's times are old enough to show its next change; a newer file
+        is parsed again next run."""
+        return max(key[3], key[4]) <= time.time_ns() - SAFE_AGE_NS
+
+    def unsaved(self) -> dict[str, Any] | None:
+        """What save() would write: the entries used or added by this run (stale ones drop
+        out); None when that is what the file holds already."""
+        if not self.dirty and set(self.fresh) == set(self.entries):
+            return None
+        return {"fingerprint": self.fingerprint, "entries": self.fresh}
+
+    def save(self, doc: dict[str, Any] | None = None) -> None:
+        """Write `doc` (default: unsaved()); a failure is logged, as losing the cache only
+        costs the next run its speed."""
+        doc = self.unsaved() if doc is None else doc
+        if doc is None:
+            return
+        try:
+            write_document(self.path, doc)
+        except OSError as e:
+            log.warning("manifest_cache.write_failed", path=str(self.path), error=str(e))
+
+
+def write_document(path: Path, doc: dict[str, Any]) -> None:
+    """Replace the cache file with `doc` atomically; raises OSError."""
+    from reconciler.schema.write import write_atomic
+
+    private_dir(path.parent)  # the state directory: 0700 (the file is mkstemp's, 0600)
+    write_atomic(str(path), json.dumps(doc, separators=(",", ":")))
