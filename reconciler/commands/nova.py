@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.drivers.base import ManagingDriver
+from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import CACHE_PREFIX, volume_name

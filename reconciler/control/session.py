@@ -12,7 +12,7 @@ from reconciler.control import status
 from reconciler.diff import PlanOptions, plan
 from reconciler.diff.desired import build_desired
 from reconciler.drivers import Connections, driver_for, managing
-from reconciler.drivers.base import ManagingDriver
+from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.host.ownership import ManagedElsewhere
 from reconciler.drivers.host.store import SqliteRecordStore, StoreError, open_store
 from reconciler.drivers.records import Records

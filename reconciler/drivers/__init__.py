@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from reconciler.drivers.base import ManagingDriver, PoolDriver
+from reconciler.drivers.api import ManagingDriver, PoolDriver
 from reconciler.drivers.file.pool import FilePoolDriver
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore

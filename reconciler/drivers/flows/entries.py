@@ -1,7 +1,10 @@
-"""A cache entry's record and the flow that makes an entry, the same in every pool: what
-each driver's image cache writes before, after and while it uses an entry (invariant 2:
-the record before the volume), and the one way an image is fetched and checked before a
-driver stores its bytes. A driver says only where the bytes go (`EntryCache`)."""
+"""A cache entry's record and the flows that make and use an entry, the same in every pool:
+what each driver's image cache writes before, after and while it uses an entry (invariant
+2: the record before the volume), the one way an image is fetched and checked before a
+driver stores its bytes, and the one way a disk is made from an entry (`_use_entry`: the
+entry held shared while used, made again and used again, up to four tries, if it went
+meanwhile). A driver says only where the bytes go and how a disk is made of an entry
+(`EntryCache`)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import image_entry_name, template_entry_name
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.manifest import TemplateSource
 from reconciler.util import faults
 from reconciler.util.logs import get_logger
 
@@ -120,6 +124,14 @@ def fetch_checked(image_id: str, image: ImageConfig, fd: int, max_virtual_size: 
     return checked
 
 
+class EntryGone(Exception):
+    """Raised by a use of a cache entry that found it gone (its volume, or its record
+    changed meanwhile): the entry is made again and used again."""
+
+
+Use = Callable[[DiskRecord, str, DiskRecord], None]  # make disk (record) of entry (name, record)
+
+
 class EntryCache:
     """Making a cache entry, for a pool driver: under the entry's lock, its `creating`
     record, then the driver's `fill` (the bytes), then `ready`; on any failure the half-made
@@ -149,6 +161,59 @@ class EntryCache:
 
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         raise NotImplementedError
+
+    def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
+        """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""
+        raise NotImplementedError
+
+    def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
+        """Make the template cache entry unless a ready one exists."""
+        raise NotImplementedError
+
+    def _from_image(self, rec: DiskRecord, image_id: str, use: Use) -> None:
+        """Make disk `rec` of image `image_id`'s cache entry with `use` (see _use_entry)."""
+        entry = image_entry_name(image_id, self.images[image_id].sha256)
+        self._use_entry(
+            rec, entry, lambda: self.ensure_image(entry, image_id, rec.virtual_size), use
+        )
+
+    def _from_template(self, rec: DiskRecord, template: TemplateSource, use: Use) -> None:
+        """Make disk `rec` of a template's cache entry (one per kind, size and label)."""
+        kind = template.template.value
+        entry = template_entry_name(kind, rec.virtual_size, template.label)
+        self._use_entry(
+            rec,
+            entry,
+            lambda: self.ensure_template(entry, kind, rec.virtual_size, template.label),
+            use,
+        )
+
+    def _use_entry(self, rec: DiskRecord, entry: str, ensure: Callable[[], None], use: Use) -> None:
+        """Make disk `rec` of cache entry `entry` with `use`, under the entry's lock held
+        shared (so garbage collection, an import and a removal, all exclusive, wait). The
+        first look is optimistic (the entry is usually there); if it is missing or
+        unfinished, or `use` finds it gone (EntryGone), `ensure` makes it (exclusively) and
+        it is looked at again, four times at most."""
+        store = self._entry_store()
+        for attempt in range(4):
+            if attempt:
+                ensure()
+            with self.lock(entry, shared=True):
+                cached = store.get(self.name, entry)
+                if cached is None or cached.state is not RecordState.READY:
+                    continue
+                if cached.virtual_size > rec.virtual_size:
+                    raise ReconcileError(
+                        f"{entry} holds {cached.virtual_size} bytes, more than the disk's "
+                        f"{rec.virtual_size}"
+                    )
+                try:
+                    use(rec, entry, cached)
+                except EntryGone:
+                    continue
+                self._touch(cached)
+                return
+        raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
 
     def volume_exists(self, volume: str) -> bool:
         raise NotImplementedError

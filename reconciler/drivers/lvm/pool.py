@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import libvirt
 
-from reconciler.drivers.base import (
+from reconciler.drivers.api import (
     Inspected,
     ManagingDriver,
     MigrationFacts,

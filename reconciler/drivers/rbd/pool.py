@@ -91,7 +91,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from reconciler.drivers.base import (
+from reconciler.drivers.api import (
     Inspected,
     ManagingDriver,
     MigrationFacts,

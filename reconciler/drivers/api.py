@@ -1,8 +1,22 @@
-"""What every backend driver provides. Nothing backend-specific lives above drivers/."""
+"""What every backend driver provides; nothing backend-specific lives above drivers/.
+
+Two layers. `Volumes` is the small core a backend implements for the shared flows
+(drivers/flows/: a cache entry made and used, a file taken in, raw copies): a volume's
+existence, its lock, an empty volume, its raw bytes read (`reader`) and written
+(`writer`), rename and delete, and how its bytes are reached (`access`). `PoolDriver` and
+`ManagingDriver` are what the layers above drivers/ call (observe, plan, apply, migrate,
+adopt, import, rebuild), grouped by concern; a backend says what it cannot do by raising
+(an lvm pool has no overlays) or by returning no layouts (no migrations).
+
+Invariants: a RawSource/RawSink carries raw bytes only (never read as a format: a
+format to convert is qemu-img's, with its formats named); a driver never reaches into
+another driver (a cross-backend copy is flows.copy.raw_copy(src.reader(), dst.writer())).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import enum
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -84,6 +98,81 @@ class Inspected:
     header: str  # the format its first bytes announce (warnings only, never used)
 
 
+class Access(enum.Enum):
+    """How a pool's volumes' bytes are reached, which a destination's native copy looks at
+    to choose its way (never the driver's class)."""
+
+    FILE = "file"  # a regular file of this host (a kernel copy between two of them)
+    DEVICE = "device"  # ranges of this host's block devices (an LV)
+    REMOTE = "remote"  # over the network (an RBD image)
+
+
+class RawSource(Protocol):
+    """A volume's raw bytes, open for reading (a driver's reader())."""
+
+    what: str  # pool/volume, for messages
+    size: int  # bytes to copy
+    fd: int | None  # a regular file of this host holding them at these offsets, or None
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """(start, end) ranges that may hold data, in order; all else reads as zeros."""
+        ...
+
+    def read(self, at: int, n: int) -> bytes:
+        """`n` bytes at `at` (fewer only past `size`)."""
+        ...
+
+
+class RawSink(Protocol):
+    """A volume's raw bytes, open for writing (a driver's writer())."""
+
+    what: str
+    size: int  # bytes it holds
+    fd: int | None  # a regular file of this host, or None
+    zeroed: bool  # it reads as zeros until written (a new file or image): holes skipped
+
+    def write(self, data: bytes, at: int) -> None: ...
+
+    def finish(self) -> None:
+        """After the last write: flush, or make durable, what the sink needs to."""
+        ...
+
+
+class Volumes(Protocol):
+    """The core a backend implements for the shared flows (drivers/flows/)."""
+
+    name: str
+    access: Access
+
+    def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
+        """A lock shared by every reconciler using this pool (processes or hosts)."""
+        ...
+
+    def volume_exists(self, volume: str) -> bool: ...
+
+    def create_empty(self, volume: str, size: int) -> None:
+        """A new raw volume of at least `size` bytes (VolumeExists if the name is taken);
+        its bytes are the writer's to set (an LV's are not zeroed)."""
+        ...
+
+    def reader(self, volume: str, size: int | None = None) -> AbstractContextManager[RawSource]:
+        """The raw bytes of a raw volume without backing: its first `size` (the recorded
+        size; None: all the volume holds)."""
+        ...
+
+    def writer(self, volume: str) -> AbstractContextManager[RawSink]:
+        """The raw bytes of a volume, to write a copy into."""
+        ...
+
+    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
+        """Give `old` the name `new` at once (a migration within one pool, a volume filled
+        under a temporary name); `replace` lets it take the place of an existing `new`,
+        else VolumeExists is raised."""
+        ...
+
+    def delete_volume(self, volume: str) -> None: ...
+
+
 class PoolDriver(Protocol):
     """A driver bound to one configured pool."""
 
@@ -115,14 +204,8 @@ class PoolDriver(Protocol):
         ...
 
 
-class ManagingDriver(PoolDriver, Protocol):
+class ManagingDriver(PoolDriver, Volumes, Protocol):
     """A driver that can change its pool: what the executor and `cache gc` use."""
-
-    def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
-        """A lock shared by every reconciler using this pool (processes or hosts)."""
-        ...
-
-    def volume_exists(self, volume: str) -> bool: ...
 
     def check_owner(self) -> None:
         """Raise PoolError (ManagedElsewhere) if another record store manages the pool."""
@@ -171,8 +254,6 @@ class ManagingDriver(PoolDriver, Protocol):
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None: ...
 
     def resize(self, rec: DiskRecord, size: int) -> None: ...
-
-    def delete_volume(self, volume: str) -> None: ...
 
     def sweep_temp(self) -> list[str]: ...
 
@@ -227,11 +308,6 @@ class ManagingDriver(PoolDriver, Protocol):
 
     def finish_copy(self, volume: str) -> None:
         """Make what was written into `volume` durable (before it is compared and used)."""
-        ...
-
-    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
-        """Give `old` the name `new` at once (a migration within one pool); `replace` lets
-        it take the place of an existing `new`, else VolumeExists is raised."""
         ...
 
 
