@@ -155,9 +155,15 @@ class Volumes(Protocol):
         its bytes are the writer's to set (an LV's are not zeroed)."""
         ...
 
+    def raw_readable(self, rec: DiskRecord) -> bool:
+        """Whether reader() gives disk `rec`'s bytes as the disk reads them (a raw volume,
+        without a backing file, or one whose reader includes its parent's data); if not,
+        qemu-img reads the disk, with its formats named (ManagingDriver.qemu_image)."""
+        ...
+
     def reader(self, volume: str, size: int | None = None) -> AbstractContextManager[RawSource]:
-        """The raw bytes of a raw volume without backing: its first `size` (the recorded
-        size; None: all the volume holds)."""
+        """The raw bytes of a volume raw_readable() says yes to: its first `size` (the
+        recorded size; None: all the volume holds)."""
         ...
 
     def writer(self, volume: str) -> AbstractContextManager[RawSink]:

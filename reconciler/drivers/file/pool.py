@@ -890,9 +890,8 @@ class FilePoolDriver(entries.EntryCache):
         to flatten, an LV or an image to read) is qemu-img's."""
         if not (
             source.access is Access.FILE
-            and rec.format is DiskFormat.RAW
+            and source.raw_readable(rec)
             and to.format is DiskFormat.RAW
-            and rec.backing is None
         ):
             return False
         with source.reader(rec.volume) as src, self.writer(to.volume) as dst:
@@ -903,6 +902,10 @@ class FilePoolDriver(entries.EntryCache):
 
     def create_empty(self, volume: str, size: int) -> None:
         self._create_xml(volume, size, "raw")
+
+    def raw_readable(self, rec: DiskRecord) -> bool:
+        """Whether reader() gives disk `rec`'s bytes: a raw file without backing."""
+        return rec.format is DiskFormat.RAW and rec.backing is None
 
     @contextmanager
     def reader(self, volume: str, size: int | None = None) -> Iterator[FileSource]:
