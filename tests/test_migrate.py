@@ -257,8 +257,9 @@ def test_a_retain_rename_cut_between_link_and_unlink_is_finished(
     assert kept.stat().st_nlink == 1 and vol.stat().st_ino != kept.stat().st_ino
     assert env.plan_json()["actions"] == []
 
-    from reconciler.drivers import Connections, FilePoolDriver
     from reconciler.drivers.api import VolumeExists
+    from reconciler.drivers.file.pool import FilePoolDriver
+    from reconciler.drivers.host.libvirt import Connections
     from reconciler.schema.load import load_config
 
     drv = FilePoolDriver("local", load_config(str(env.config_path)).pools["local"], Connections())
@@ -461,7 +462,8 @@ def test_a_removed_volume_is_forgotten_by_libvirt_even_if_a_refresh_races_it(
     makes libvirt forget it first; the removal still succeeds."""
     import os
 
-    from reconciler.drivers import Connections, FilePoolDriver
+    from reconciler.drivers.file.pool import FilePoolDriver
+    from reconciler.drivers.host.libvirt import Connections
     from reconciler.schema.load import load_config
 
     env = two_pools(pools, tmp_path)

@@ -138,7 +138,7 @@ def _volume_xml(name: str, size: int, fmt: str, backing: str | None = None) -> s
     )
 
 
-class FilePoolDriver(entries.EntryCache):
+class FilePoolDriver:
     access = Access.FILE
 
     def __init__(
@@ -156,6 +156,13 @@ class FilePoolDriver(entries.EntryCache):
         self.images = dict(images or {})
         self._info: PoolInfo | None = None
         self._locks: LockDir | None = None
+        self.cache = entries.Cache(
+            self,
+            Backend.FLAT,
+            store=self._store,
+            remove=self.delete_volume,
+            scratch=self._image_scratch,
+        )
 
     # -- the pool ---------------------------------------------------------------------
 
@@ -248,6 +255,9 @@ class FilePoolDriver(entries.EntryCache):
 
     def as_managing(self) -> FilePoolDriver:
         return self
+
+    def close(self) -> None:
+        pass  # a file pool holds nothing open
 
     def state_dir(self) -> Path:
         return Path(self.info().path) / STATE_DIR
@@ -446,6 +456,9 @@ class FilePoolDriver(entries.EntryCache):
 
     # -- making volumes ---------------------------------------------------------------
 
+    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        return entries.entry_for(self.images, spec)
+
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         """The cache entry a disk made to `spec` will depend on (qcow2 overlays), known
         before it is made so the record names it and the entry is never collected."""
@@ -487,7 +500,7 @@ class FilePoolDriver(entries.EntryCache):
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         """A disk with an image's content: fetched and checked once into the pool's cache,
         then an overlay on that entry (qcow2 backend) or a copy of it (flat)."""
-        self._from_image(rec, image_id, self._from_entry)
+        self.cache.from_image(rec, image_id, self._from_entry)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
         """A blank disk, or swap or an empty filesystem made once per (kind, size, label)
@@ -499,7 +512,7 @@ class FilePoolDriver(entries.EntryCache):
             self._create_xml(rec.volume, rec.virtual_size, rec.format.value)
             faults.point("volume.created")
             return
-        self._from_template(rec, template, self._from_entry)
+        self.cache.from_template(rec, template, self._from_entry)
 
     def _from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
         """Make disk `rec` of ready cache entry `entry` (held shared by the caller)."""
@@ -564,15 +577,7 @@ class FilePoolDriver(entries.EntryCache):
         faults.point("volume.created")
         self._call("refresh pool", lambda conn: self._pool(conn).refresh(0))
 
-    # -- cache entries (the flow is entries.EntryCache's) -----------------------------
-
-    ENTRY_BACKEND = Backend.FLAT
-
-    def _entry_store(self) -> RecordStore:
-        return self._store()
-
-    def _remove_entry(self, entry: str) -> None:
-        self.delete_volume(entry)
+    # -- cache entries (the flows are entries.Cache's) --------------------------------
 
     @contextmanager
     def _image_scratch(self, entry: str) -> Iterator[int]:
@@ -607,7 +612,7 @@ class FilePoolDriver(entries.EntryCache):
                     )
                     os.fsync(out_fd)
 
-        self._make_image_entry(entry, image_id, disk_size, store, filled="cache.volume.filled")
+        self.cache.make_image(entry, image_id, disk_size, store, filled="cache.volume.filled")
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists."""
@@ -624,7 +629,7 @@ class FilePoolDriver(entries.EntryCache):
                 os.fsync(fd)
             faults.point("cache.volume.filled")
 
-        self._make_template_entry(entry, kind, size, label, fill)
+        self.cache.make_template(entry, kind, size, label, fill)
 
     def _store(self) -> RecordStore:
         if self.store is None:

@@ -15,7 +15,7 @@ A fetch is bounded in time (the config's `fetch` section, FetchConfig): one dead
 all its attempts, connectTimeout + slack + declared size / minRate, checked before every
 read, and no connect or read waits longer than connectTimeout; so a server that sends a
 byte every few seconds, or accepts and never answers, fails in bounded time, and the
-half-made entry is discarded as after any failed fetch (entries.EntryCache).
+half-made entry is discarded as after any failed fetch (entries.Cache).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ import xml.etree.ElementTree as ET
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,7 +172,7 @@ def decode_copy(tags: Sequence[str]) -> DiskRecord | None:
     return DiskRecord.model_validate_json(check_json(raw, what="the copy"))
 
 
-class LvmPoolDriver(entries.EntryCache):
+class LvmPoolDriver:
     access = Access.DEVICE
 
     def __init__(
@@ -202,6 +202,13 @@ class LvmPoolDriver(entries.EntryCache):
         self._known: dict[str, bool] = {}
         self._tags: dict[str, list[str]] = {}
         self._libvirt_checked = False
+        self.cache = entries.Cache(
+            self,
+            Backend.LVM,
+            store=self._store,
+            remove=self.delete_volume,
+            scratch=self._tmp_file,
+        )
 
     # -- the pool ---------------------------------------------------------------------
 
@@ -305,6 +312,9 @@ class LvmPoolDriver(entries.EntryCache):
 
     def as_managing(self) -> LvmPoolDriver:
         return self
+
+    def close(self) -> None:
+        pass  # an lvm pool holds nothing open
 
     def record_store(self) -> RecordStore | None:
         return None  # an lvm pool's records are in the host's database, as a file pool's
@@ -459,6 +469,9 @@ class LvmPoolDriver(entries.EntryCache):
 
     # -- making volumes ---------------------------------------------------------------
 
+    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        return entries.entry_for(self.images, spec)
+
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         return None  # a disk is a copy of its entry: it depends on none once made
 
@@ -507,7 +520,7 @@ class LvmPoolDriver(entries.EntryCache):
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         """A disk with an image's content: fetched and checked once into a cache entry LV,
         then copied into a new LV."""
-        self._from_image(rec, image_id, self._from_entry)
+        self.cache.from_image(rec, image_id, self._from_entry)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
         """A blank disk (its extents zeroed), or swap or an empty filesystem made once per
@@ -519,7 +532,7 @@ class LvmPoolDriver(entries.EntryCache):
                 zero(pieces)  # never a previous tenant's bytes, whatever volumeClear says
             faults.point("volume.filled")
             return
-        self._from_template(rec, template, self._from_entry)
+        self.cache.from_template(rec, template, self._from_entry)
 
     def _from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
         """A new LV for disk `rec` holding ready cache entry `entry`'s bytes (the caller
@@ -546,18 +559,7 @@ class LvmPoolDriver(entries.EntryCache):
             raise entries.EntryGone from None
         faults.point("volume.filled")
 
-    # -- cache entries (the flow is entries.EntryCache's) -----------------------------
-
-    ENTRY_BACKEND = Backend.LVM
-
-    def _entry_store(self) -> RecordStore:
-        return self._store()
-
-    def _remove_entry(self, entry: str) -> None:
-        self.delete_volume(entry)
-
-    def _image_scratch(self, entry: str) -> AbstractContextManager[int]:
-        return self._tmp_file(entry)
+    # -- cache entries (the flows are entries.Cache's) --------------------------------
 
     def _fill_entry(self, entry: str, src_fd: int, size: int) -> None:
         """Make the entry's LV and copy a checked raw file's bytes into it."""
@@ -587,7 +589,7 @@ class LvmPoolDriver(entries.EntryCache):
                 )
                 self._fill_entry(entry, raw_fd, size)
 
-        self._make_image_entry(entry, image_id, disk_size, store)
+        self.cache.make_image(entry, image_id, disk_size, store)
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists: mkfs on a temporary
@@ -602,7 +604,7 @@ class LvmPoolDriver(entries.EntryCache):
                 )
                 self._fill_entry(entry, fd, size)
 
-        self._make_template_entry(entry, kind, size, label, fill)
+        self.cache.make_template(entry, kind, size, label, fill)
 
     def _store(self) -> RecordStore:
         if self.store is None:

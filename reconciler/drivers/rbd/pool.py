@@ -87,7 +87,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from reconciler.drivers.api import (
@@ -239,7 +239,7 @@ class _Client:
         self.cluster.shutdown()
 
 
-class RbdPoolDriver(entries.EntryCache):
+class RbdPoolDriver:
     """A driver bound to one configured rbd pool (see the module docstring)."""
 
     access = Access.REMOTE
@@ -272,6 +272,13 @@ class RbdPoolDriver(entries.EntryCache):
         # the first failure: one deadline per step (drivers/ceph_outage.py).
         self.outage = Outage(self.ceph.op_timeout)
         self.where = f"Ceph pool {self.ceph.pool}"
+        self.cache = entries.Cache(
+            self,
+            Backend.RBD,
+            store=self.record_store,
+            remove=self._remove_entry,
+            scratch=lambda entry: _scratch(),
+        )
 
     # -- the cluster --------------------------------------------------------------------
 
@@ -633,7 +640,7 @@ class RbdPoolDriver(entries.EntryCache):
         image = spec["source"].get("image")
         if image in self.images and self._direct(image) is not None:
             return None  # cloned from the catalog's own snapshot: no cache entry
-        return super().entry_for(spec)
+        return entries.entry_for(self.images, spec)
 
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         """A clone depends on its entry for as long as it exists."""
@@ -647,7 +654,7 @@ class RbdPoolDriver(entries.EntryCache):
             self.create_empty(rec.volume, rec.virtual_size)
             faults.point("volume.created")
             return
-        self._from_template(rec, template, self._from_entry)
+        self.cache.from_template(rec, template, self._from_entry)
 
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         self._check_raw(rec)
@@ -655,7 +662,7 @@ class RbdPoolDriver(entries.EntryCache):
         if direct is not None:
             self._clone_direct(rec, image_id, *direct)
             return
-        self._from_image(rec, image_id, self._from_entry)
+        self.cache.from_image(rec, image_id, self._from_entry)
 
     def _check_raw(self, rec: DiskRecord) -> None:
         if rec.format is not DiskFormat.RAW:
@@ -756,25 +763,11 @@ class RbdPoolDriver(entries.EntryCache):
 
     # -- cache entries ------------------------------------------------------------------
 
-    ENTRY_BACKEND = Backend.RBD
-
-    def _entry_store(self) -> RecordStore:
-        return self.record_store()
-
     def _remove_entry(self, entry: str) -> None:
+        """Remove what a half-made or left-over entry consists of: its temporary image
+        (an import cut short) and its image with its snapshot."""
+        self._remove_temp(TEMP_PREFIX + entry)
         self._remove_entry_image(entry)
-
-    def _image_scratch(self, entry: str) -> AbstractContextManager[int]:
-        return _scratch()
-
-    def _discard(self, entry: str, rec: DiskRecord) -> None:
-        """Remove a half-made entry, its temporary image and its record after a failure."""
-        try:
-            self._remove_temp(TEMP_PREFIX + entry)
-            self._remove_entry_image(entry)
-            self.record_store().delete(self.name, entry, rec.generation)
-        except Exception as e:  # keep the original error; the next run cleans up
-            log.warning("cache.discard_failed", entry=entry, error=str(e))
 
     def _new_temp(self, entry: str, size: int) -> str:
         """A fresh temporary image for an import into `entry` (under its lock)."""
@@ -875,7 +868,7 @@ class RbdPoolDriver(entries.EntryCache):
             faults.point("cache.temp.filled")
             self._publish(tmp, entry)
 
-        self._make_image_entry(entry, image_id, disk_size, store)
+        self.cache.make_image(entry, image_id, disk_size, store)
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists."""
@@ -893,7 +886,7 @@ class RbdPoolDriver(entries.EntryCache):
                 faults.point("cache.temp.filled")
             self._publish(tmp, entry)
 
-        self._make_template_entry(entry, kind, size, label, fill)
+        self.cache.make_template(entry, kind, size, label, fill)
 
     # -- changing and removing ----------------------------------------------------------
 
