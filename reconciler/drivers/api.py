@@ -16,7 +16,7 @@ another driver (a cross-backend copy is flows.copy.raw_copy(src.reader(), dst.wr
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,6 +40,10 @@ class VolumeInUse(ReconcileError):
     """A domain uses the volume a step would destroy: the step fails, nothing is destroyed."""
 
 
+class NoCopy(Exception):
+    """A volume carries no trusted, readable record copy; the message says why."""
+
+
 @dataclass(frozen=True)
 class RecordCopies:
     """The copies of records a pool's volumes carry, and the volumes that carry none."""
@@ -47,6 +51,25 @@ class RecordCopies:
     records: tuple[DiskRecord, ...]
     without: tuple[tuple[str, str], ...]  # (volume, why): no trusted, readable copy
     refused: tuple[tuple[str, str], ...] = ()  # (volume, why): a copy that fails its checks
+
+    @classmethod
+    def read(
+        cls, pool: str, volumes: Iterable[str], copy_of: Callable[[str], DiskRecord | None]
+    ) -> RecordCopies:
+        """The copies of `volumes`, each read by the driver's `copy_of` (its record; None:
+        the volume went while they were read, so it is left out; NoCopy: it has none, with
+        why), then checked."""
+        found: list[tuple[str, DiskRecord]] = []
+        without: list[tuple[str, str]] = []
+        for volume in volumes:
+            try:
+                rec = copy_of(volume)
+            except NoCopy as e:
+                without.append((volume, str(e)))
+                continue
+            if rec is not None:
+                found.append((volume, rec))
+        return cls.checked(pool, found, without)
 
     @classmethod
     def checked(

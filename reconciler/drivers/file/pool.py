@@ -49,6 +49,7 @@ from reconciler.drivers.api import (
     Inspected,
     ManagingDriver,
     MigrationFacts,
+    NoCopy,
     QemuImage,
     RecordCopies,
     VolumeExists,
@@ -377,33 +378,25 @@ class FilePoolDriver:
     def record_copies(self) -> RecordCopies:
         """The trusted records the pool's volumes carry, and why the others carry none
         (read from the files' attributes only: never from a volume's bytes)."""
-        root = self.info().path
-        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
-        without: list[tuple[str, str]] = []
-        for name in sorted(self.list_volumes()):
-            if name.startswith(TEMP_PREFIX):
-                continue
-            path = os.path.join(root, name)
-            try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    without.append((name, "not a regular file"))
-                    continue
-                raw, why = self._trusted_copy(path)
-            except FileNotFoundError:
-                continue  # removed while we looked
-            except OSError as e:
-                without.append((name, e.strerror or str(e)))
-                continue
-            if raw is None:
-                without.append((name, why))
-                continue
-            try:
-                rec = DiskRecord.model_validate_json(check_json(raw, what="the copy"))
-            except ValueError as e:
-                without.append((name, f"its record copy is unreadable ({str(e).splitlines()[0]})"))
-                continue
-            found.append((name, rec))
-        return RecordCopies.checked(self.name, found, without)
+        names = sorted(n for n in self.list_volumes() if not n.startswith(TEMP_PREFIX))
+        return RecordCopies.read(self.name, names, self._copy_of)
+
+    def _copy_of(self, name: str) -> DiskRecord | None:
+        path = os.path.join(self.info().path, name)
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise NoCopy("not a regular file")
+            raw, why = self._trusted_copy(path)
+        except FileNotFoundError:
+            return None  # removed while we looked
+        except OSError as e:
+            raise NoCopy(e.strerror or str(e)) from None
+        if raw is None:
+            raise NoCopy(why)
+        try:
+            return DiskRecord.model_validate_json(check_json(raw, what="the copy"))
+        except ValueError as e:
+            raise NoCopy(f"its record copy is unreadable ({str(e).splitlines()[0]})") from None
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Write the trusted copy of each record whose volume lacks it (an older

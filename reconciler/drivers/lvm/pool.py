@@ -69,6 +69,7 @@ from reconciler.drivers.api import (
     Inspected,
     ManagingDriver,
     MigrationFacts,
+    NoCopy,
     QemuImage,
     RecordCopies,
     VolumeExists,
@@ -447,20 +448,8 @@ class LvmPoolDriver:
             log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
 
     def record_copies(self) -> RecordCopies:
-        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
-        without: list[tuple[str, str]] = []
-        for name, tags in sorted(self.lvm.lv_tags().items()):
-            try:
-                rec = decode_copy(tags)
-            except (ValueError, zlib.error) as e:
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                without.append((name, f"its record copy is unreadable ({why})"))
-                continue
-            if rec is None:
-                without.append((name, "no record copy"))
-                continue
-            found.append((name, rec))
-        return RecordCopies.checked(self.name, found, without)
+        tags = self.lvm.lv_tags()
+        return RecordCopies.read(self.name, sorted(tags), lambda lv: _copy_in(tags[lv]))
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Nothing to renew: an LV's tags are in the VG's metadata, which only root on
@@ -842,6 +831,18 @@ class LvmPoolDriver:
             raise LvmError(f"lvrename failed in {self.lvm.where(old)}: {msg}")
         self._note(old, False)
         self._note(new, True)
+
+
+def _copy_in(tags: Sequence[str]) -> DiskRecord:
+    """The record copy an LV's tags carry; NoCopy if none, or a damaged one."""
+    try:
+        rec = decode_copy(tags)
+    except (ValueError, zlib.error) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NoCopy(f"its record copy is unreadable ({why})") from None
+    if rec is None:
+        raise NoCopy("no record copy")
+    return rec
 
 
 def _beyond(pieces: Sequence[Piece], size: int) -> list[Piece]:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from reconciler.drivers.flows.copy import pwrite_all
 from reconciler.drivers.host.run import execute
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.schema.config import LvmConfig
@@ -279,7 +280,7 @@ def zero(pieces: Sequence[Piece], limit: int | None = None) -> None:
             done = 0
             while done < n:
                 k = min(CHUNK, n - done)
-                _pwrite_all(p.fd, buf[:k], p.offset + done)
+                pwrite_all(p.fd, buf[:k], p.offset + done)
                 done += k
         left -= n
     for fd in {p.fd for p in pieces}:
@@ -344,7 +345,7 @@ class PiecesSink:
                 part = data[lo - at : hi - at]
                 offset = p.offset + lo - base
                 if not (part.count(0) == len(part) and _zero_range(p.fd, offset, len(part))):
-                    _pwrite_all(p.fd, part, offset)
+                    pwrite_all(p.fd, part, offset)
             base += p.length
 
     def finish(self) -> None:
@@ -363,11 +364,3 @@ def _zero_range(fd: int, offset: int, length: int) -> bool:
 def read_all(pieces: Sequence[Piece]) -> bytes:
     """Every byte of the pieces, in order (for tests and the benchmark's checks)."""
     return b"".join(os.pread(p.fd, p.length, p.offset) for p in pieces)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -95,6 +95,7 @@ from reconciler.drivers.api import (
     Inspected,
     ManagingDriver,
     MigrationFacts,
+    NoCopy,
     QemuImage,
     RecordCopies,
     VolumeExists,
@@ -595,23 +596,18 @@ class RbdPoolDriver:
             )
 
     def record_copies(self) -> RecordCopies:
-        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
-        without: list[tuple[str, str]] = []
-        _, _rbd = _mods()
-        for name in sorted(self.list_volumes()):
-            if name.startswith(TEMP_PREFIX):
-                continue
-            try:
-                with self._image(name, read_only=True) as img:
-                    copy = self._own_copy(img, name)
-            except ReconcileError as e:
-                without.append((name, str(e)))
-                continue
-            if copy is None:
-                without.append((name, "no record copy"))
-                continue
-            found.append((name, copy))
-        return RecordCopies.checked(self.name, found, without)
+        names = sorted(n for n in self.list_volumes() if not n.startswith(TEMP_PREFIX))
+        return RecordCopies.read(self.name, names, self._image_copy)
+
+    def _image_copy(self, name: str) -> DiskRecord:
+        try:
+            with self._image(name, read_only=True) as img:
+                copy = self._own_copy(img, name)
+        except ReconcileError as e:
+            raise NoCopy(str(e)) from None
+        if copy is None:
+            raise NoCopy("no record copy")
+        return copy
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Nothing to renew: image metadata is as trusted as the RADOS store (see the
