@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable
+from typing import Protocol
 
 from reconciler.drivers.api import VolumeExists, Volumes
 from reconciler.drivers.flows.copy import FileSource, raw_copy
@@ -24,18 +24,24 @@ from reconciler.drivers.flows.qemuimg import NotAFile, open_volume
 from reconciler.util import faults
 
 
-def take_in(
-    pool: Volumes,
-    path: str,
-    volume: str,
-    *,
-    keep_source: bool,
-    temp: str,
-    discard: Callable[[str], None],
-) -> None:
-    """Put regular file `path` into `pool` as `volume` through temporary volume `temp`,
-    removed with `discard` (also what an interrupted run left of it, first). Raises
-    NotAFile for anything but a regular file, VolumeExists if the name is taken."""
+class TakesIn(Volumes, Protocol):
+    """A pool that fills a temporary volume before it takes the volume's name."""
+
+    def temp_name(self, volume: str) -> str:
+        """The temporary volume `volume` is filled under (swept by sweep_temp when its
+        lock is free)."""
+        ...
+
+    def remove_temp(self, temp: str) -> None:
+        """Remove a temporary volume (a missing one is fine)."""
+        ...
+
+
+def take_in(pool: TakesIn, path: str, volume: str, *, keep_source: bool) -> None:
+    """Put regular file `path` into `pool` as `volume` through its temporary volume
+    (what an interrupted run left of it removed first). Raises NotAFile for anything but
+    a regular file, VolumeExists if the name is taken."""
+    temp, discard = pool.temp_name(volume), pool.remove_temp
     if not stat.S_ISREG(os.lstat(path).st_mode):
         raise NotAFile(f"{path} is not a regular file; not imported")
     if pool.volume_exists(volume):

@@ -675,14 +675,13 @@ class LvmPoolDriver:
         temporary name `_tmp_VOLUME`, zeros past the file's end to the LV's, which LVM
         rounds up to whole extents, synced, then renamed). The caller holds the volume's
         lock (temporary LVs are swept under it)."""
-        take_in(
-            self,
-            path,
-            volume,
-            keep_source=keep_source,
-            temp=LV_TEMP_PREFIX + volume,
-            discard=self.delete_volume,
-        )
+        take_in(self, path, volume, keep_source=keep_source)
+
+    def temp_name(self, volume: str) -> str:
+        return LV_TEMP_PREFIX + volume
+
+    def remove_temp(self, temp: str) -> None:
+        self.delete_volume(temp)  # cleared first, as any LV (volumeClear)
 
     def volume_at(self, path: str) -> str | None:
         """The LV at /dev/VG/LV of this pool's VG; None for any other path."""

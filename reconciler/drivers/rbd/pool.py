@@ -762,20 +762,21 @@ class RbdPoolDriver:
     def _remove_entry(self, entry: str) -> None:
         """Remove what a half-made or left-over entry consists of: its temporary image
         (an import cut short) and its image with its snapshot."""
-        self._remove_temp(TEMP_PREFIX + entry)
+        self.remove_temp(TEMP_PREFIX + entry)
         self._remove_entry_image(entry)
 
     def _new_temp(self, entry: str, size: int) -> str:
         """A fresh temporary image for an import into `entry` (under its lock)."""
         _, rbd = _mods()
         tmp = TEMP_PREFIX + entry
-        self._remove_temp(tmp)  # left by an interrupted run
+        self.remove_temp(tmp)  # left by an interrupted run
         with self._ceph(f"creating temporary image {tmp}"):
             rbd.RBD().create(self._io(), tmp, size, old_format=False)
         faults.point("cache.temp.created")
         return tmp
 
-    def _remove_temp(self, tmp: str) -> None:
+    def remove_temp(self, tmp: str) -> None:
+        """Remove a temporary image (an import), its snapshots first; a missing one is fine."""
         _, rbd = _mods()
         with self._ceph(f"removing temporary image {tmp}"):
             try:
@@ -955,7 +956,7 @@ class RbdPoolDriver:
                 if taken is None:
                     continue  # another reconciler is importing it right now
                 try:
-                    self._remove_temp(name)
+                    self.remove_temp(name)
                 except ReconcileError as e:  # the import that needs it removes it, or fails
                     log.warning("temp.sweep_failed", pool=self.name, image=name, error=str(e))
                     continue
@@ -1037,14 +1038,10 @@ class RbdPoolDriver:
         extents, zero chunks skipped, into the temporary image `.reconciler-tmp-VOLUME`,
         flushed, then renamed). The caller holds the volume's lock, under which
         sweep_temp leaves that temporary image alone."""
-        take_in(
-            self,
-            path,
-            volume,
-            keep_source=keep_source,
-            temp=TEMP_PREFIX + volume,
-            discard=self._remove_temp,
-        )
+        take_in(self, path, volume, keep_source=keep_source)
+
+    def temp_name(self, volume: str) -> str:
+        return TEMP_PREFIX + volume
 
     def volume_at(self, path: str) -> str | None:
         return None  # no image of this pool is a host path
