@@ -233,8 +233,8 @@ class PoolDriver(Protocol):
         ...
 
 
-class ManagingDriver(PoolDriver, Volumes, Protocol):
-    """A driver that can change its pool: what the executor and `cache gc` use."""
+class Ownership(Protocol):
+    """Which record store manages the pool (drivers/host/ownership.py)."""
 
     def check_owner(self) -> None:
         """Raise PoolError (ManagedElsewhere) if another record store manages the pool."""
@@ -244,6 +244,18 @@ class ManagingDriver(PoolDriver, Volumes, Protocol):
         """Make this driver's record store the pool's manager before the first change;
         raises PoolError if another store manages the pool."""
         ...
+
+    def owner(self) -> Owner | None:
+        """The record store that manages the pool, if one has claimed it."""
+        ...
+
+    def take_over(self) -> None:
+        """Make this driver's store the pool's manager, whoever managed it before."""
+        ...
+
+
+class KeepsRecordCopies(Protocol):
+    """Each volume's copy of its record, beside it, for `records rebuild`."""
 
     def keep_record_copy(self, rec: DiskRecord) -> None:
         """Keep a copy of `rec` beside its volume, where the host (not a guest) can."""
@@ -260,13 +272,9 @@ class ManagingDriver(PoolDriver, Volumes, Protocol):
         written."""
         ...
 
-    def owner(self) -> Owner | None:
-        """The record store that manages the pool, if one has claimed it."""
-        ...
 
-    def take_over(self) -> None:
-        """Make this driver's store the pool's manager, whoever managed it before."""
-        ...
+class MakesDisks(Protocol):
+    """Disks made the two ways of DESIGN (an image, a template), grown, removed."""
 
     def attachments(self) -> Attachments: ...
 
@@ -286,11 +294,20 @@ class ManagingDriver(PoolDriver, Volumes, Protocol):
 
     def sweep_temp(self) -> list[str]: ...
 
+
+class Adopts(Protocol):
+    """Taking a volume without a record under management (`reconcile adopt`)."""
+
     def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
         """Check a volume without a record as the format an operator declares (adopt):
         raise ReconcileError for what must not be managed (a backing file or data file
         outside the pool's own cache entries); never decide the format from its bytes."""
         ...
+
+
+class ImportsNova(Protocol):
+    """Taking a Nova instance's files into the pool (`reconcile import-nova`);
+    a pool without overlays (lvm, rbd) refuses point_overlay_at."""
 
     def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
         """Put a host file (a Nova instance's disk, or a `_base` file) into the pool as
@@ -309,8 +326,11 @@ class ManagingDriver(PoolDriver, Volumes, Protocol):
         only; no data is read or written). Drivers without overlays raise."""
         ...
 
-    # -- migrations (apply/steps/migrate.py): the data path is qemu-img, or the driver's own.
-    # A driver that cannot migrate returns no layouts; the planner then says so as an error.
+
+class Migrates(Protocol):
+    """Migrations (apply/steps/migrate.py): the data path is qemu-img, or the
+    driver's own through flows.copy. A driver that cannot migrate returns no layouts; the
+    planner then says so as an error."""
 
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
         """Free space, what each of `volumes` (the managed ones) occupies, and the layouts
@@ -338,6 +358,21 @@ class ManagingDriver(PoolDriver, Volumes, Protocol):
     def finish_copy(self, volume: str) -> None:
         """Make what was written into `volume` durable (before it is compared and used)."""
         ...
+
+
+class ManagingDriver(
+    PoolDriver,
+    Volumes,
+    Ownership,
+    KeepsRecordCopies,
+    MakesDisks,
+    Adopts,
+    ImportsNova,
+    Migrates,
+    Protocol,
+):
+    """A driver that can change its pool: what the executor, migrations, adopt, import,
+    rebuild and `cache gc` use; each concern is one protocol above."""
 
 
 def check_unused(d: ManagingDriver, volume: str, doing: str) -> None:

@@ -57,6 +57,7 @@ from reconciler.drivers.api import (
 from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.copy import FileSink, FileSource, raw_copy
 from reconciler.drivers.flows.qemuimg import (
+    QEMU_FORMAT,
     NotAFile,
     convert_argv,
     create_argv,
@@ -104,8 +105,6 @@ TRUSTED_XATTR = "trusted.reconciler.record"
 RECORD_XATTR = "user.reconciler.record"
 
 
-# qemu-img's name for each recorded format (a ploop disk is qemu's `parallels` image).
-QEMU_FORMAT = {DiskFormat.RAW: "raw", DiskFormat.QCOW2: "qcow2", DiskFormat.PLOOP: "parallels"}
 FILE_LAYOUT_BACKENDS = (Backend.FLAT, Backend.QCOW2, Backend.PLOOP)
 
 

@@ -11,6 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from reconciler.model.errors import ReconcileError
+from reconciler.schema.common import DiskFormat
+
+# qemu-img's name for each recorded format (a ploop disk is qemu's `parallels` image).
+QEMU_FORMAT = {DiskFormat.RAW: "raw", DiskFormat.QCOW2: "qcow2", DiskFormat.PLOOP: "parallels"}
 
 
 class NotAFile(ReconcileError):

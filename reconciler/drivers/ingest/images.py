@@ -39,6 +39,7 @@ from urllib.parse import unquote, urlparse
 
 from oslo_utils.imageutils import format_inspector as fi
 
+from reconciler.drivers.flows.qemuimg import info_argv
 from reconciler.drivers.host.run import execute, last_line
 from reconciler.model.errors import ReconcileError
 from reconciler.model.units import format_size
@@ -562,7 +563,7 @@ def run_limited(
 def qemu_img_agrees(path: str, declared: str, checked: Checked, fds: Sequence[int] = ()) -> None:
     """`qemu-img info -f DECLARED` must see the declared format, no backing, no data file."""
     out = run_limited(
-        ["qemu-img", "info", "-f", declared, "--output=json", path],
+        info_argv(declared, path),
         fds=fds,
         what="qemu-img info",
     )
