@@ -509,6 +509,7 @@ class LvmPoolDriver:
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         """A disk with an image's content: fetched and checked once into a cache entry LV,
         then copied into a new LV."""
+        check_lv_name(rec.volume)
         self.cache.from_image(rec, image_id, self._from_entry)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
@@ -521,12 +522,12 @@ class LvmPoolDriver:
                 zero(pieces)  # never a previous tenant's bytes, whatever volumeClear says
             faults.point("volume.filled")
             return
+        check_lv_name(rec.volume)
         self.cache.from_template(rec, template, self._from_entry)
 
     def _from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
         """A new LV for disk `rec` holding ready cache entry `entry`'s bytes (the caller
         holds the entry shared)."""
-        check_lv_name(rec.volume)
         check_lv_name(entry)
         self._lvcreate(rec.volume, rec.virtual_size)
         faults.point("volume.created")
@@ -561,6 +562,7 @@ class LvmPoolDriver:
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry LV, unless a ready one
         exists. The checks are those of every pool (reconciler/drivers/ingest/images.py)."""
+        check_lv_name(entry)  # before its record is written
 
         def store(fd: int, checked: Checked) -> None:
             fmt = self.images[image_id].format.value
@@ -583,6 +585,7 @@ class LvmPoolDriver:
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists: mkfs on a temporary
         file of the template's size, copied into the entry's LV."""
+        check_lv_name(entry)  # before its record is written
 
         def fill() -> None:
             with self._tmp_file(entry, size) as fd:
