@@ -774,10 +774,12 @@ class LvmPoolDriver:
         nothing is read as a format. A qcow2 or ploop source (a format to read) and an
         image over the network are qemu-img's."""
         self._check_layout(to.volume, to.backend, to.format)
-        if source.access is Access.REMOTE or not source.raw_readable(rec):
+        if not source.raw_readable(rec):
             return False
         if rec.virtual_size > to.virtual_size:
             raise ReconcileError(f"{rec.volume} is larger than its copy; not copied")
+        if source.access is Access.REMOTE:
+            return False
         if source is self:  # both LVs in one pair of reports
             n = rec.virtual_size
             with self.data.open_many({rec.volume: n, to.volume: None}, write=True) as m:
