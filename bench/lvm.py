@@ -13,8 +13,8 @@ LVs' bytes are reached through their segment maps):
               record copy tags; planning and observation included;
   baseline    the same 100 LVs in a bare loop: `lvcreate -an -Zn -Wn` with the same
               confinement flags, `lvs --segments` for its extents, and the same byte copy
-              (drivers/lvm.py's `copy`: the entry's bytes, then zeros) from an identical
-              entry LV, each fsync'ed.
+              (drivers/flows/copy.py's raw_copy into an LV: the entry's bytes, then
+              zeros) from an identical entry LV, each fsync'ed.
 The two run in ABBA order (half the reconciler's disks, half the baseline's, the other half
 of the baseline's, the reconciler's other half), so the host's changing load weighs on
 both alike. Target (issue 12): reconciler throughput >= 0.8x the baseline's. Printed, not
@@ -39,7 +39,8 @@ import libvirt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RECONCILE, ROOT, start_daemon, stop_daemon, timed
 from reconciler.commands.cli import DEFAULT_JOBS
-from reconciler.drivers.lvm.tools import LvData, Lvm, copy, pieces_reader, read_all
+from reconciler.drivers.flows.copy import raw_copy
+from reconciler.drivers.lvm.tools import LvData, Lvm, PiecesSink, PiecesSource, read_all
 from reconciler.schema.config import LvmConfig
 from tests.conftest_lvm import make_vg, not_available
 
@@ -140,7 +141,9 @@ def main() -> None:
                 "lvcreate", "-an", "-Zn", "-Wn", "-L", f"{len(data)}b", "-n", "bare_entry", vg.vg
             )
             with opened.open("bare_entry", len(data), write=True) as pieces:
-                copy(lambda pos, k: data[pos : pos + k], len(data), pieces)
+                sink = PiecesSink(pieces, "bare_entry")
+                sink.write(data, 0)
+                sink.finish()
 
             def reconciler(first: int, last: int) -> float:
                 for i in range(first, last):
@@ -162,7 +165,10 @@ def main() -> None:
                     )
                     sizes = {"bare_entry": len(data), name: None}
                     with opened.open_many(sizes, write=True) as maps:
-                        copy(pieces_reader(maps["bare_entry"]), len(data), maps[name])
+                        raw_copy(
+                            PiecesSource(maps["bare_entry"], "bare_entry", len(data)),
+                            PiecesSink(maps[name], name),
+                        )
                 return time.perf_counter() - t
 
             # ABBA: each side makes half the disks before and half after the other's, so

@@ -257,8 +257,9 @@ def test_a_retain_rename_cut_between_link_and_unlink_is_finished(
     assert kept.stat().st_nlink == 1 and vol.stat().st_ino != kept.stat().st_ino
     assert env.plan_json()["actions"] == []
 
-    from reconciler.drivers import Connections, FilePoolDriver
-    from reconciler.drivers.base import VolumeExists
+    from reconciler.drivers.api import VolumeExists
+    from reconciler.drivers.file.pool import FilePoolDriver
+    from reconciler.drivers.host.libvirt import Connections
     from reconciler.schema.load import load_config
 
     drv = FilePoolDriver("local", load_config(str(env.config_path)).pools["local"], Connections())
@@ -399,7 +400,7 @@ def test_ranges_the_kernel_will_not_copy_are_copied_here(
     import errno
     import os
 
-    from reconciler.drivers.file import pool as filepool
+    from reconciler.drivers.flows import copy as flowcopy
 
     def refuse(*_: object) -> int:
         raise OSError(errno.EXDEV, "cross-device")
@@ -410,7 +411,7 @@ def test_ranges_the_kernel_will_not_copy_are_copied_here(
     dst.write_bytes(b"")
     monkeypatch.setattr(os, "copy_file_range", refuse)
     with open(src, "rb") as s, open(dst, "r+b") as d:
-        filepool._copy_range(s.fileno(), d.fileno(), 4096, len(data), "src")
+        flowcopy.copy_range(s.fileno(), d.fileno(), 4096, len(data), "src")
     assert dst.read_bytes()[4096:] == data[4096:]
 
 
@@ -421,22 +422,22 @@ def test_every_copied_range_has_its_write_back_started(
     less to wait for); where libc has no sync_file_range the copy is made all the same."""
     import os
 
-    from reconciler.drivers.file import pool as filepool
+    from reconciler.drivers.flows import copy as flowcopy
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     data = os.urandom(3 << 20)
     src.write_bytes(data)
     started: list[tuple[int, int]] = []
-    real = filepool._start_writeback
+    real = flowcopy.start_writeback
 
     def recording(fd: int, offset: int, length: int) -> None:
         started.append((offset, length))
         real(fd, offset, length)
 
-    monkeypatch.setattr(filepool, "_start_writeback", recording)
+    monkeypatch.setattr(flowcopy, "start_writeback", recording)
     dst.write_bytes(b"")
     with open(src, "rb") as s, open(dst, "r+b") as d:
-        filepool._copy_range(s.fileno(), d.fileno(), 4096, len(data), "src")
+        flowcopy.copy_range(s.fileno(), d.fileno(), 4096, len(data), "src")
     assert dst.read_bytes()[4096:] == data[4096:]
     at = 4096
     for offset, length in started:  # contiguous, covering exactly what was copied
@@ -444,11 +445,11 @@ def test_every_copied_range_has_its_write_back_started(
         at += length
     assert at == len(data)
 
-    monkeypatch.setattr(filepool, "_start_writeback", real)
-    monkeypatch.setattr(filepool, "_sync_file_range", lambda: None)
+    monkeypatch.setattr(flowcopy, "start_writeback", real)
+    monkeypatch.setattr(flowcopy, "_sync_file_range", lambda: None)
     dst.write_bytes(b"")
     with open(src, "rb") as s, open(dst, "r+b") as d:
-        filepool._copy_range(s.fileno(), d.fileno(), 0, len(data), "src")
+        flowcopy.copy_range(s.fileno(), d.fileno(), 0, len(data), "src")
     assert dst.read_bytes() == data
 
 
@@ -461,7 +462,8 @@ def test_a_removed_volume_is_forgotten_by_libvirt_even_if_a_refresh_races_it(
     makes libvirt forget it first; the removal still succeeds."""
     import os
 
-    from reconciler.drivers import Connections, FilePoolDriver
+    from reconciler.drivers.file.pool import FilePoolDriver
+    from reconciler.drivers.host.libvirt import Connections
     from reconciler.schema.load import load_config
 
     env = two_pools(pools, tmp_path)

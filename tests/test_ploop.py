@@ -216,7 +216,8 @@ def test_growing_a_ploop_disk_is_an_error_and_nothing_changes(ploop_env: Env) ->
 
 @pytest.mark.libvirtd
 def test_the_drivers_resize_refuses_ploop_if_ever_reached(ploop_env: Env) -> None:
-    from reconciler.drivers import Connections, FilePoolDriver
+    from reconciler.drivers.file.pool import FilePoolDriver
+    from reconciler.drivers.host.libvirt import Connections
     from reconciler.model.errors import ReconcileError
 
     env = ploop_env

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from reconciler.control.session import Session
-from reconciler.drivers.base import VolumeExists
+from reconciler.drivers.api import VolumeExists
 from reconciler.drivers.rbd.pool import RECORD_KEY, RbdRecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import TEMP_PREFIX

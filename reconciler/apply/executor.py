@@ -39,7 +39,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from reconciler.drivers.base import ManagingDriver, VolumeExists, check_unused
+from reconciler.drivers.api import ManagingDriver, VolumeExists, check_unused
 from reconciler.drivers.host.store import StoreError
 from reconciler.drivers.records import Records
 from reconciler.model.errors import ReconcileError

@@ -12,7 +12,7 @@ import datetime
 from collections import Counter
 from dataclasses import dataclass
 
-from reconciler.drivers.base import ManagingDriver
+from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, RecordKind

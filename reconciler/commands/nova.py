@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.drivers.base import ManagingDriver
+from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import CACHE_PREFIX, volume_name
@@ -147,13 +147,12 @@ def _read_disk_info(inst: Path) -> dict[str, str]:
 
 
 def _info(path: Path, fmt: DiskFormat) -> dict[str, Any]:
-    from reconciler.drivers.file.pool import QEMU_FORMAT
-    from reconciler.drivers.flows.qemuimg import fd_path, open_volume
+    from reconciler.drivers.flows.qemuimg import QEMU_FORMAT, fd_path, info_argv, open_volume
     from reconciler.drivers.ingest.images import run_limited
 
     with open_volume(str(path), write=False) as fd:
         out = run_limited(
-            ["qemu-img", "info", "-f", QEMU_FORMAT[fmt], "--output=json", fd_path(fd)],
+            info_argv(QEMU_FORMAT[fmt], fd_path(fd)),
             fds=(fd,),
             what=f"qemu-img info -f {QEMU_FORMAT[fmt]} {path}",
         )

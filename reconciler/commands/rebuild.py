@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from reconciler.control.session import Session, observe_managed
 from reconciler.diff import PlanOptions, plan
-from reconciler.drivers.base import ManagingDriver
+from reconciler.drivers.api import ManagingDriver
 from reconciler.model.desired import Desired
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.model.observed import Observed

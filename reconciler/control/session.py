@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 from reconciler.control import status
 from reconciler.diff import PlanOptions, plan
 from reconciler.diff.desired import build_desired
-from reconciler.drivers import Connections, driver_for, managing
-from reconciler.drivers.base import ManagingDriver
+from reconciler.drivers.api import ManagingDriver
+from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.ownership import ManagedElsewhere
 from reconciler.drivers.host.store import SqliteRecordStore, StoreError, open_store
 from reconciler.drivers.records import Records
+from reconciler.drivers.registry import driver_for, managing
 from reconciler.model import (
     Action,
     Desired,

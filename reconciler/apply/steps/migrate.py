@@ -28,7 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from reconciler.drivers.base import ManagingDriver, VolumeExists, check_unused
+from reconciler.drivers.api import ManagingDriver, VolumeExists, check_unused
+from reconciler.drivers.flows.qemuimg import compare_argv, convert_argv
 from reconciler.drivers.host.run import execute, last_line, run
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
@@ -166,10 +167,7 @@ class Migrator:
                 run(
                     # -W: out-of-order writes (the target is ours alone); -S 4k keeps
                     # runs of zeros unallocated; -n: into the volume the driver made.
-                    [
-                        *("qemu-img", "convert", "-n", "-W", "-S", "4k"),
-                        *("-f", s.format, "-O", t.format, s.filename, t.filename),
-                    ],
+                    convert_argv(s.format, t.format, s.filename, t.filename, out_of_order=True),
                     fds=s.fds + t.fds,
                     what=what,
                 )
@@ -184,10 +182,7 @@ class Migrator:
             # must read zeros past the original's end. 0: equal; 1: differs; else: failed.
             synced = syncing.submit(dst.finish_copy, mig.volume)
             res = execute(
-                [
-                    *("qemu-img", "compare", "-q"),
-                    *("-f", s.format, "-F", t.format, s.filename, t.filename),
-                ],
+                compare_argv(s.format, t.format, s.filename, t.filename),
                 s.fds + t.fds,
                 f"verify {what}",
             )

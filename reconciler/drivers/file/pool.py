@@ -32,12 +32,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import functools
 import json
 import os
 import stat
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,21 +44,29 @@ from typing import TYPE_CHECKING, Any
 
 import libvirt
 
-from reconciler.drivers.base import (
+from reconciler.drivers.api import (
+    Access,
     Inspected,
     ManagingDriver,
     MigrationFacts,
+    NoCopy,
     QemuImage,
     RecordCopies,
     VolumeExists,
 )
 from reconciler.drivers.flows import entries
+from reconciler.drivers.flows.copy import FileSink, FileSource, raw_copy
 from reconciler.drivers.flows.qemuimg import (
+    QEMU_FORMAT,
     NotAFile,
     convert_argv,
+    create_argv,
     fd_path,
+    info_argv,
     mkfs_argv,
     open_volume,
+    rebase_argv,
+    resize_argv,
 )
 from reconciler.drivers.host import copykey, ownership
 from reconciler.drivers.host.domains import Attachments, attachments
@@ -69,7 +76,7 @@ from reconciler.drivers.host.run import run
 from reconciler.drivers.host.store import RecordStore, SqliteRecordStore
 from reconciler.drivers.ingest.headers import file_header_format
 from reconciler.model.errors import PoolError, ReconcileError
-from reconciler.model.naming import TEMP_PREFIX, image_entry_name, template_entry_name
+from reconciler.model.naming import TEMP_PREFIX
 from reconciler.model.observed import ObservedPool
 from reconciler.model.record import DiskRecord, Migration, RecordKind, RecordState
 from reconciler.schema.bounded import check_json
@@ -98,63 +105,7 @@ TRUSTED_XATTR = "trusted.reconciler.record"
 RECORD_XATTR = "user.reconciler.record"
 
 
-# qemu-img's name for each recorded format (a ploop disk is qemu's `parallels` image).
-QEMU_FORMAT = {DiskFormat.RAW: "raw", DiskFormat.QCOW2: "qcow2", DiskFormat.PLOOP: "parallels"}
 FILE_LAYOUT_BACKENDS = (Backend.FLAT, Backend.QCOW2, Backend.PLOOP)
-
-
-# copy_file_range refuses some pairs of file systems (EXDEV) or files (EINVAL, ENOSYS,
-# EOPNOTSUPP); those ranges are copied through this process instead.
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range, do not wait
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range(2), which Python's os module lacks; None without one."""
-    import ctypes  # only when a copy is made
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a copied range to disk without waiting for it, so the copy goes to
-    disk while the rest is copied and its fsync has less left to wait for (20 migrations
-    of 128 MiB each between dir pools on ext4 here: 2.6 s -> 2.4 s; with removals outside
-    libvirt's pool lock, see _delete_in, 2.0 s). Only a hint: a write-back error is
-    reported by that fsync."""
-    fn = _sync_file_range()
-    if fn is not None:
-        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int, what: str) -> None:
-    """Copy [start, end) of `src` to the same offsets of `dst`, its write-back started."""
-    pos = start
-    while pos < end:
-        try:
-            n = os.copy_file_range(src, dst, end - pos, pos, pos)
-            _start_writeback(dst, pos, n)
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-            data = os.pread(src, min(end - pos, 1 << 20), pos)
-            n = len(data)
-            if n:
-                view = memoryview(data)
-                while view:
-                    view = view[os.pwrite(dst, view, pos + n - len(view)) :]
-        if n == 0:
-            raise ReconcileError(f"{what} shrank while it was copied")
-        pos += n
 
 
 @dataclass(frozen=True)
@@ -187,7 +138,9 @@ def _volume_xml(name: str, size: int, fmt: str, backing: str | None = None) -> s
     )
 
 
-class FilePoolDriver(entries.EntryCache):
+class FilePoolDriver:
+    access = Access.FILE
+
     def __init__(
         self,
         name: str,
@@ -203,6 +156,13 @@ class FilePoolDriver(entries.EntryCache):
         self.images = dict(images or {})
         self._info: PoolInfo | None = None
         self._locks: LockDir | None = None
+        self.cache = entries.Cache(
+            self,
+            Backend.FLAT,
+            store=self._store,
+            remove=self.delete_volume,
+            scratch=self._image_scratch,
+        )
 
     # -- the pool ---------------------------------------------------------------------
 
@@ -295,6 +255,9 @@ class FilePoolDriver(entries.EntryCache):
 
     def as_managing(self) -> FilePoolDriver:
         return self
+
+    def close(self) -> None:
+        pass  # a file pool holds nothing open
 
     def state_dir(self) -> Path:
         return Path(self.info().path) / STATE_DIR
@@ -414,33 +377,25 @@ class FilePoolDriver(entries.EntryCache):
     def record_copies(self) -> RecordCopies:
         """The trusted records the pool's volumes carry, and why the others carry none
         (read from the files' attributes only: never from a volume's bytes)."""
-        root = self.info().path
-        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
-        without: list[tuple[str, str]] = []
-        for name in sorted(self.list_volumes()):
-            if name.startswith(TEMP_PREFIX):
-                continue
-            path = os.path.join(root, name)
-            try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    without.append((name, "not a regular file"))
-                    continue
-                raw, why = self._trusted_copy(path)
-            except FileNotFoundError:
-                continue  # removed while we looked
-            except OSError as e:
-                without.append((name, e.strerror or str(e)))
-                continue
-            if raw is None:
-                without.append((name, why))
-                continue
-            try:
-                rec = DiskRecord.model_validate_json(check_json(raw, what="the copy"))
-            except ValueError as e:
-                without.append((name, f"its record copy is unreadable ({str(e).splitlines()[0]})"))
-                continue
-            found.append((name, rec))
-        return RecordCopies.checked(self.name, found, without)
+        names = sorted(n for n in self.list_volumes() if not n.startswith(TEMP_PREFIX))
+        return RecordCopies.read(self.name, names, self._copy_of)
+
+    def _copy_of(self, name: str) -> DiskRecord | None:
+        path = os.path.join(self.info().path, name)
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise NoCopy("not a regular file")
+            raw, why = self._trusted_copy(path)
+        except FileNotFoundError:
+            return None  # removed while we looked
+        except OSError as e:
+            raise NoCopy(e.strerror or str(e)) from None
+        if raw is None:
+            raise NoCopy(why)
+        try:
+            return DiskRecord.model_validate_json(check_json(raw, what="the copy"))
+        except ValueError as e:
+            raise NoCopy(f"its record copy is unreadable ({str(e).splitlines()[0]})") from None
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Write the trusted copy of each record whose volume lacks it (an older
@@ -493,6 +448,9 @@ class FilePoolDriver(entries.EntryCache):
 
     # -- making volumes ---------------------------------------------------------------
 
+    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        return entries.entry_for(self.images, spec)
+
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         """The cache entry a disk made to `spec` will depend on (qcow2 overlays), known
         before it is made so the record names it and the entry is never collected."""
@@ -534,8 +492,7 @@ class FilePoolDriver(entries.EntryCache):
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         """A disk with an image's content: fetched and checked once into the pool's cache,
         then an overlay on that entry (qcow2 backend) or a copy of it (flat)."""
-        entry = image_entry_name(image_id, self.images[image_id].sha256)
-        self._from_cache(rec, entry, lambda: self.ensure_image(entry, image_id, rec.virtual_size))
+        self.cache.from_image(rec, image_id, self._from_entry)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
         """A blank disk, or swap or an empty filesystem made once per (kind, size, label)
@@ -547,38 +504,12 @@ class FilePoolDriver(entries.EntryCache):
             self._create_xml(rec.volume, rec.virtual_size, rec.format.value)
             faults.point("volume.created")
             return
-        kind = template.template.value
-        entry = template_entry_name(kind, rec.virtual_size, template.label)
-        self._from_cache(
-            rec,
-            entry,
-            lambda: self.ensure_template(entry, kind, rec.virtual_size, template.label),
-        )
+        self.cache.from_template(rec, template, self._from_entry)
 
-    def _from_cache(self, rec: DiskRecord, entry: str, ensure: Callable[[], None]) -> None:
-        for attempt in range(4):
-            if attempt:
-                ensure()
-            # Hold the entry shared while using it, so garbage collection waits for us. The
-            # first look is optimistic (the entry is usually there); if it is missing or
-            # unfinished it is made (exclusively) and looked at again.
-            with self.lock(entry, shared=True):
-                cached = self._store().get(self.name, entry)
-                if cached is None or cached.state is not RecordState.READY:
-                    continue
-                if not self.volume_exists(entry):
-                    continue
-                if cached.virtual_size > rec.virtual_size:
-                    raise ReconcileError(
-                        f"{entry} holds {cached.virtual_size} bytes, more than the disk's "
-                        f"{rec.virtual_size}"
-                    )
-                self._from_entry(rec, entry)
-                self._touch(cached)
-                return
-        raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
-
-    def _from_entry(self, rec: DiskRecord, entry: str) -> None:
+    def _from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
+        """Make disk `rec` of ready cache entry `entry` (held shared by the caller)."""
+        if not self.volume_exists(entry):
+            raise entries.EntryGone
         fmt = rec.format.value
         if rec.backend is Backend.QCOW2:
             self._create_xml(rec.volume, rec.virtual_size, "qcow2", self.path(entry))
@@ -611,7 +542,7 @@ class FilePoolDriver(entries.EntryCache):
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             run(
-                ["qemu-img", "create", "-q", "-f", "parallels", fd_path(fd), str(size)],
+                create_argv("parallels", fd_path(fd), size),
                 fds=(fd,),
                 what=f"make ploop image {volume}",
             )
@@ -638,15 +569,7 @@ class FilePoolDriver(entries.EntryCache):
         faults.point("volume.created")
         self._call("refresh pool", lambda conn: self._pool(conn).refresh(0))
 
-    # -- cache entries (the flow is entries.EntryCache's) -----------------------------
-
-    ENTRY_BACKEND = Backend.FLAT
-
-    def _entry_store(self) -> RecordStore:
-        return self._store()
-
-    def _remove_entry(self, entry: str) -> None:
-        self.delete_volume(entry)
+    # -- cache entries (the flows are entries.Cache's) --------------------------------
 
     @contextmanager
     def _image_scratch(self, entry: str) -> Iterator[int]:
@@ -681,7 +604,7 @@ class FilePoolDriver(entries.EntryCache):
                     )
                     os.fsync(out_fd)
 
-        self._make_image_entry(entry, image_id, disk_size, store, filled="cache.volume.filled")
+        self.cache.make_image(entry, image_id, disk_size, store, filled="cache.volume.filled")
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists."""
@@ -698,7 +621,7 @@ class FilePoolDriver(entries.EntryCache):
                 os.fsync(fd)
             faults.point("cache.volume.filled")
 
-        self._make_template_entry(entry, kind, size, label, fill)
+        self.cache.make_template(entry, kind, size, label, fill)
 
     def _store(self) -> RecordStore:
         if self.store is None:
@@ -719,7 +642,7 @@ class FilePoolDriver(entries.EntryCache):
                 raise ReconcileError(f"not resizing {rec.volume}: {NOT_RESIZABLE[rec.format]}")
             elif rec.format is DiskFormat.QCOW2:
                 run(
-                    ["qemu-img", "resize", "-q", "-f", "qcow2", fd_path(fd), str(size)],
+                    resize_argv("qcow2", fd_path(fd), size),
                     fds=(fd,),
                     what=f"grow {rec.volume}",
                 )
@@ -803,7 +726,7 @@ class FilePoolDriver(entries.EntryCache):
             if fmt is DiskFormat.RAW:
                 return Inspected(os.fstat(fd).st_size, None, header)
             out = run_limited(
-                ["qemu-img", "info", "-f", QEMU_FORMAT[fmt], "--output=json", fd_path(fd)],
+                info_argv(QEMU_FORMAT[fmt], fd_path(fd)),
                 fds=(fd,),
                 what=f"qemu-img info -f {QEMU_FORMAT[fmt]} {self.name}/{volume}",
             )
@@ -897,10 +820,7 @@ class FilePoolDriver(entries.EntryCache):
     def point_overlay_at(self, path: str, entry: str) -> None:
         with open_volume(path) as fd:
             run(
-                [
-                    *("qemu-img", "rebase", "-u", "-f", "qcow2"),
-                    *("-b", self.path(entry), "-F", "raw", fd_path(fd)),
-                ],
+                rebase_argv("qcow2", fd_path(fd), self.path(entry), "raw"),
                 fds=(fd,),
                 what=f"point {path} at cache entry {entry}",
             )
@@ -961,36 +881,39 @@ class FilePoolDriver(entries.EntryCache):
             yield QemuImage(qfmt, "json:" + json.dumps(node, sort_keys=True), tuple(fds))
 
     def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
-        """raw to raw between file pools: the file's data extents (SEEK_DATA/SEEK_HOLE)
-        copied in the kernel (copy_file_range, a reflink where the file system shares
-        blocks), holes left holes; three times qemu-img's speed on ext4. Every other pair
-        (a format to convert, an overlay to flatten) is qemu-img's."""
+        """raw to raw from a pool of files (flows.copy: the data extents copied in the
+        kernel, a reflink where the file system shares blocks, holes left holes; three
+        times qemu-img's speed on ext4). Every other pair (a format to convert, an overlay
+        to flatten, an LV or an image to read) is qemu-img's."""
         if not (
-            isinstance(source, FilePoolDriver)
-            and rec.format is DiskFormat.RAW
+            source.access is Access.FILE
+            and source.raw_readable(rec)
             and to.format is DiskFormat.RAW
-            and rec.backing is None
         ):
             return False
-        with (
-            open_volume(source.path(rec.volume), write=False) as src,
-            open_volume(self.path(to.volume)) as dst,
-        ):
-            size = os.fstat(src).st_size
-            if size > to.virtual_size:
-                raise ReconcileError(f"{rec.volume} is larger than its copy; not copied")
-            at = 0
-            while at < size:
-                try:
-                    data = os.lseek(src, at, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:
-                        break  # only a hole remains
-                    raise
-                end = os.lseek(src, data, os.SEEK_HOLE)
-                _copy_range(src, dst, data, end, rec.volume)
-                at = end
+        with source.reader(rec.volume) as src, self.writer(to.volume) as dst:
+            raw_copy(src, dst, room=to.virtual_size)
         return True
+
+    # -- raw bytes (drivers/api.py's Volumes) -------------------------------------------
+
+    def create_empty(self, volume: str, size: int) -> None:
+        self._create_xml(volume, size, "raw")
+
+    def raw_readable(self, rec: DiskRecord) -> bool:
+        """Whether reader() gives disk `rec`'s bytes: a raw file without backing."""
+        return rec.format is DiskFormat.RAW and rec.backing is None
+
+    @contextmanager
+    def reader(self, volume: str, size: int | None = None) -> Iterator[FileSource]:
+        """The file's bytes (all of them: a raw file's size is its disk's)."""
+        with open_volume(self.path(volume), write=False) as fd:
+            yield FileSource(fd, f"{self.name}/{volume}")
+
+    @contextmanager
+    def writer(self, volume: str) -> Iterator[FileSink]:
+        with open_volume(self.path(volume)) as fd:
+            yield FileSink(fd, f"{self.name}/{volume}")
 
     def finish_copy(self, volume: str) -> None:
         with open_volume(self.path(volume)) as fd:

@@ -1,5 +1,7 @@
-"""qemu-img and mkfs command lines with explicit formats, on files opened without following
-links. The runner itself is reconciler/drivers/host/run.py."""
+"""Every qemu-img (and mkfs) command line the reconciler runs, built here and only here, on
+files opened without following links. Invariant 1: each names its formats (-f, and -O, -F
+or a backing format where there is one); nothing here lets qemu-img probe a format. The
+runner itself is reconciler/drivers/host/run.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from reconciler.model.errors import ReconcileError
+from reconciler.schema.common import DiskFormat
+
+# qemu-img's name for each recorded format (a ploop disk is qemu's `parallels` image).
+QEMU_FORMAT = {DiskFormat.RAW: "raw", DiskFormat.QCOW2: "qcow2", DiskFormat.PLOOP: "parallels"}
 
 
 class NotAFile(ReconcileError):
@@ -38,10 +44,41 @@ def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def convert_argv(src_fmt: str, dst_fmt: str, src: str, dst: str) -> list[str]:
+def convert_argv(
+    src_fmt: str, dst_fmt: str, src: str, dst: str, *, out_of_order: bool = False
+) -> list[str]:
     """qemu-img convert with both formats named, into an existing volume (-n, made by
-    libvirt at the disk's size), leaving runs of zeros unallocated (-S 4k)."""
-    return ["qemu-img", "convert", "-n", "-f", src_fmt, "-O", dst_fmt, "-S", "4k", src, dst]
+    libvirt or the driver at the disk's size), leaving runs of zeros unallocated (-S 4k,
+    qemu-img's default, named); `out_of_order` (-W) where the target is ours alone."""
+    return [
+        *("qemu-img", "convert", "-n", *(["-W"] if out_of_order else [])),
+        *("-f", src_fmt, "-O", dst_fmt, "-S", "4k", src, dst),
+    ]
+
+
+def compare_argv(src_fmt: str, dst_fmt: str, src: str, dst: str) -> list[str]:
+    """qemu-img compare, quiet (exit status 0: equal, 1: differ), both formats named."""
+    return ["qemu-img", "compare", "-q", "-f", src_fmt, "-F", dst_fmt, src, dst]
+
+
+def info_argv(fmt: str, target: str) -> list[str]:
+    """qemu-img info as JSON, of the declared format (never probed)."""
+    return ["qemu-img", "info", "-f", fmt, "--output=json", target]
+
+
+def create_argv(fmt: str, target: str, size: int) -> list[str]:
+    """qemu-img create of an image of `fmt` and `size` bytes, with no backing."""
+    return ["qemu-img", "create", "-q", "-f", fmt, target, str(size)]
+
+
+def resize_argv(fmt: str, target: str, size: int) -> list[str]:
+    """qemu-img resize (grow) of an image of the recorded `fmt`."""
+    return ["qemu-img", "resize", "-q", "-f", fmt, target, str(size)]
+
+
+def rebase_argv(fmt: str, target: str, backing: str, backing_fmt: str) -> list[str]:
+    """qemu-img rebase -u: rewrite only the header's backing and its format (no data)."""
+    return ["qemu-img", "rebase", "-u", "-f", fmt, "-b", backing, "-F", backing_fmt, target]
 
 
 def mkfs_argv(kind: str, label: str | None, target: str) -> list[str]:

@@ -217,28 +217,8 @@ class Connections:
                 result = fn(self.get(uri))
             except libvirt.libvirtError as e:
                 if is_connection_lost(e):
-                    self.drop(uri)
-                    wait = self._reconnect_wait(uri, lost)
-                    if wait is None and self._timeout(uri) < self.reconnect_timeout:
-                        raise PoolError(
-                            f"{what}: cannot connect to libvirt at {uri}: "
-                            f"{e.get_error_message() or e}; is libvirtd running at {uri}?"
-                        ) from e
-                    if wait is None:
-                        raise PoolError(
-                            f"{what}: lost the connection to libvirt at {uri} and could not "
-                            f"reconnect within {self.reconnect_timeout:g} s "
-                            f"(libvirt.reconnectTimeout): {e.get_error_message() or e}; "
-                            "is libvirtd running?"
-                        ) from e
-                    # The first loss is news; the retries after it are not, nor are the
-                    # quick tries of a first contact.
-                    first = lost == 0 and self._timeout(uri) == self.reconnect_timeout
-                    (log.warning if first else log.info)(
-                        "libvirt.reconnect", what=what, error=str(e), delay=round(wait, 3)
-                    )
+                    self.backoff.sleep(self._lost_wait(uri, what, e, lost))
                     lost += 1
-                    self.backoff.sleep(wait)
                     continue
                 self._reached(uri)
                 if is_pool_busy(e):
@@ -246,18 +226,7 @@ class Connections:
                     if busy_since is None:
                         busy_since = now
                     left = busy_since + self.busy_timeout - now
-                    if left <= 0:
-                        raise PoolError(
-                            f"{what}: {e.get_error_message() or e}: the pool was still busy "
-                            f"building a volume after {self.busy_timeout:g} s; run again once "
-                            "the other job has finished"
-                        ) from e
-                    wait = min(self.backoff.delay(waits), left)
-                    # The first wait is news; the ones after it are not.
-                    (log.info if waits == 0 else log.debug)(
-                        "libvirt.pool_busy", what=what, attempt=waits + 1, delay=round(wait, 3)
-                    )
-                    self.backoff.sleep(wait)
+                    self.backoff.sleep(self._busy_wait(what, e, left, waits))
                     waits += 1
                     continue
                 if not is_transient(e) or busy == len(delays):
@@ -270,6 +239,47 @@ class Connections:
                 continue
             self._reached(uri)
             return result
+
+    def _lost_wait(self, uri: str, what: str, e: libvirt.libvirtError, lost: int) -> float:
+        """How long to wait before re-opening a lost connection (the `lost`-th time in
+        this call), or PoolError once the reconnect deadline has passed."""
+        self.drop(uri)
+        wait = self._reconnect_wait(uri, lost)
+        if wait is None and self._timeout(uri) < self.reconnect_timeout:
+            raise PoolError(
+                f"{what}: cannot connect to libvirt at {uri}: "
+                f"{e.get_error_message() or e}; is libvirtd running at {uri}?"
+            ) from e
+        if wait is None:
+            raise PoolError(
+                f"{what}: lost the connection to libvirt at {uri} and could not "
+                f"reconnect within {self.reconnect_timeout:g} s "
+                f"(libvirt.reconnectTimeout): {e.get_error_message() or e}; "
+                "is libvirtd running?"
+            ) from e
+        # The first loss is news; the retries after it are not, nor are the quick tries
+        # of a first contact.
+        first = lost == 0 and self._timeout(uri) == self.reconnect_timeout
+        (log.warning if first else log.info)(
+            "libvirt.reconnect", what=what, error=str(e), delay=round(wait, 3)
+        )
+        return wait
+
+    def _busy_wait(self, what: str, e: libvirt.libvirtError, left: float, waits: int) -> float:
+        """How long to wait for a pool busy building a volume (the `waits`-th wait), or
+        PoolError once it has been busy for the busy deadline (`left`: what remains)."""
+        if left <= 0:
+            raise PoolError(
+                f"{what}: {e.get_error_message() or e}: the pool was still busy "
+                f"building a volume after {self.busy_timeout:g} s; run again once "
+                "the other job has finished"
+            ) from e
+        wait = min(self.backoff.delay(waits), left)
+        # The first wait is news; the ones after it are not.
+        (log.info if waits == 0 else log.debug)(
+            "libvirt.pool_busy", what=what, attempt=waits + 1, delay=round(wait, 3)
+        )
+        return wait
 
     def close(self) -> None:
         for uri in list(self._conns):

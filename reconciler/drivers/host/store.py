@@ -138,17 +138,19 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 """
 
 
+def invalid(e: ValidationError) -> str:
+    """What a stored record's first validation error says: `field: message`."""
+    first = e.errors()[0]
+    return ".".join(str(p) for p in first["loc"]) + f": {first['msg']}"
+
+
 def _parse(pool: str, volume: str, data: str) -> DiskRecord:
     try:
         rec = DiskRecord.model_validate_json(check_json(data, what="its JSON"))
     except UnsafeInput as e:
         raise RecordError(f"record for {pool}/{volume} is unreadable ({e})") from None
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RecordError(
-            f"record for {pool}/{volume} is unreadable ({where}: {first['msg']})"
-        ) from None
+        raise RecordError(f"record for {pool}/{volume} is unreadable ({invalid(e)})") from None
     if rec.pool != pool or rec.volume != volume:
         raise RecordError(f"record stored as {pool}/{volume} describes {rec.pool}/{rec.volume}")
     check_record(rec, pool, volume)  # what else can write the database is input too

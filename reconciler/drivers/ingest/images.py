@@ -15,7 +15,7 @@ A fetch is bounded in time (the config's `fetch` section, FetchConfig): one dead
 all its attempts, connectTimeout + slack + declared size / minRate, checked before every
 read, and no connect or read waits longer than connectTimeout; so a server that sends a
 byte every few seconds, or accepts and never answers, fails in bounded time, and the
-half-made entry is discarded as after any failed fetch (entries.EntryCache).
+half-made entry is discarded as after any failed fetch (entries.Cache).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from urllib.parse import unquote, urlparse
 
 from oslo_utils.imageutils import format_inspector as fi
 
+from reconciler.drivers.flows.qemuimg import info_argv
 from reconciler.drivers.host.run import execute, last_line
 from reconciler.model.errors import ReconcileError
 from reconciler.model.units import format_size
@@ -460,16 +461,7 @@ def _stream_once(
         kind = fi.get_inspector(declared) if declared != "raw" else None
         mine = kind() if kind is not None else None
         while True:
-            try:
-                chunk = wrapper.read(CHUNK)
-            except fi.ImageFormatError as e:
-                raise ImageRejected(f"the image is not {declared}: {e}") from None
-            except FetchFailed:  # past the deadline
-                raise
-            except (OSError, TimeoutError) as e:
-                raise FetchFailed(f"{image.location}: transfer failed: {e}") from None
-            except Exception as e:  # the inspector of the declared format choked on it
-                raise ImageRejected(f"the image is not a valid {declared}: {e}") from None
+            chunk = _next_chunk(wrapper, declared, image.location)
             if not chunk:
                 break
             total += len(chunk)
@@ -482,18 +474,7 @@ def _stream_once(
             if progress is not None:
                 progress.update(len(chunk))
             if mine is not None and not size_checked:
-                try:
-                    mine.eat_chunk(chunk)
-                except Exception:  # judged by the wrapper's verdict below
-                    size_checked = True
-            if not size_checked and mine is not None and mine.complete and mine.format_match:
-                # The header is in: refuse an oversized image before reading the rest.
-                if declared != "raw" and mine.virtual_size > max_virtual_size:
-                    raise ImageRejected(
-                        f"the image's virtual size {format_size(mine.virtual_size)} is larger "
-                        f"than the disk ({format_size(max_virtual_size)})"
-                    )
-                size_checked = True
+                size_checked = _header_checked(mine, chunk, declared, max_virtual_size)
         wrapper.close()
     if total != image.size:
         raise FetchFailed(
@@ -513,6 +494,40 @@ def _stream_once(
     os.ftruncate(fd, total)  # the length, where the image ends in skipped zeros
     os.fsync(fd)
     return Checked(sha, total, declared, virtual)
+
+
+def _next_chunk(wrapper: Any, declared: str, location: str) -> bytes:
+    """The next chunk through the format inspector, its failures said as a rejection (not
+    the declared format) or a failed fetch (the transfer)."""
+    try:
+        chunk: bytes = wrapper.read(CHUNK)
+    except fi.ImageFormatError as e:
+        raise ImageRejected(f"the image is not {declared}: {e}") from None
+    except FetchFailed:  # past the deadline
+        raise
+    except (OSError, TimeoutError) as e:
+        raise FetchFailed(f"{location}: transfer failed: {e}") from None
+    except Exception as e:  # the inspector of the declared format choked on it
+        raise ImageRejected(f"the image is not a valid {declared}: {e}") from None
+    return chunk
+
+
+def _header_checked(mine: Any, chunk: bytes, declared: str, max_virtual_size: int) -> bool:
+    """Feed `chunk` to the declared format's own inspector: True once it is done with
+    (the header is in and its virtual size fits, or it choked: the wrapper's verdict
+    judges that); an oversized image is refused before the rest is read."""
+    try:
+        mine.eat_chunk(chunk)
+    except Exception:  # judged by the wrapper's verdict
+        return True
+    if not (mine.complete and mine.format_match):
+        return False
+    if declared != "raw" and mine.virtual_size > max_virtual_size:
+        raise ImageRejected(
+            f"the image's virtual size {format_size(mine.virtual_size)} is larger "
+            f"than the disk ({format_size(max_virtual_size)})"
+        )
+    return True
 
 
 def _write_sparse(fd: int, data: bytes) -> None:
@@ -562,7 +577,7 @@ def run_limited(
 def qemu_img_agrees(path: str, declared: str, checked: Checked, fds: Sequence[int] = ()) -> None:
     """`qemu-img info -f DECLARED` must see the declared format, no backing, no data file."""
     out = run_limited(
-        ["qemu-img", "info", "-f", declared, "--output=json", path],
+        info_argv(declared, path),
         fds=fds,
         what="qemu-img info",
     )

@@ -53,29 +53,31 @@ import dataclasses
 import errno
 import json
 import os
-import stat
 import threading
 import xml.etree.ElementTree as ET
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import libvirt
 
-from reconciler.drivers.base import (
+from reconciler.drivers.api import (
+    Access,
     Inspected,
     ManagingDriver,
     MigrationFacts,
+    NoCopy,
     QemuImage,
     RecordCopies,
     VolumeExists,
 )
-from reconciler.drivers.file.pool import FilePoolDriver
 from reconciler.drivers.flows import entries
-from reconciler.drivers.flows.qemuimg import NotAFile, convert_argv, fd_path, mkfs_argv, open_volume
+from reconciler.drivers.flows.copy import FileSource, raw_copy
+from reconciler.drivers.flows.qemuimg import convert_argv, fd_path, mkfs_argv
+from reconciler.drivers.flows.takein import take_in
 from reconciler.drivers.host import ownership
 from reconciler.drivers.host.domains import Attachments, attachments
 from reconciler.drivers.host.libvirt import Connections
@@ -88,16 +90,16 @@ from reconciler.drivers.lvm.tools import (
     Lvm,
     LvmError,
     Piece,
-    copy,
-    file_reader,
+    PiecesSink,
+    PiecesSource,
     message,
     pieces_reader,
     zero,
 )
 from reconciler.model.errors import PoolError, ReconcileError
-from reconciler.model.naming import TEMP_PREFIX, image_entry_name, template_entry_name
+from reconciler.model.naming import TEMP_PREFIX
 from reconciler.model.observed import ObservedPool
-from reconciler.model.record import DiskRecord, Migration, RecordState
+from reconciler.model.record import DiskRecord, Migration
 from reconciler.schema.bounded import check_json, inflate, load_json
 from reconciler.schema.common import Backend, DiskFormat, lv_name_refusal
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
@@ -171,7 +173,9 @@ def decode_copy(tags: Sequence[str]) -> DiskRecord | None:
     return DiskRecord.model_validate_json(check_json(raw, what="the copy"))
 
 
-class LvmPoolDriver(entries.EntryCache):
+class LvmPoolDriver:
+    access = Access.DEVICE
+
     def __init__(
         self,
         name: str,
@@ -199,6 +203,13 @@ class LvmPoolDriver(entries.EntryCache):
         self._known: dict[str, bool] = {}
         self._tags: dict[str, list[str]] = {}
         self._libvirt_checked = False
+        self.cache = entries.Cache(
+            self,
+            Backend.LVM,
+            store=self._store,
+            remove=self.delete_volume,
+            scratch=self._tmp_file,
+        )
 
     # -- the pool ---------------------------------------------------------------------
 
@@ -302,6 +313,9 @@ class LvmPoolDriver(entries.EntryCache):
 
     def as_managing(self) -> LvmPoolDriver:
         return self
+
+    def close(self) -> None:
+        pass  # an lvm pool holds nothing open
 
     def record_store(self) -> RecordStore | None:
         return None  # an lvm pool's records are in the host's database, as a file pool's
@@ -434,20 +448,8 @@ class LvmPoolDriver(entries.EntryCache):
             log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
 
     def record_copies(self) -> RecordCopies:
-        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
-        without: list[tuple[str, str]] = []
-        for name, tags in sorted(self.lvm.lv_tags().items()):
-            try:
-                rec = decode_copy(tags)
-            except (ValueError, zlib.error) as e:
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                without.append((name, f"its record copy is unreadable ({why})"))
-                continue
-            if rec is None:
-                without.append((name, "no record copy"))
-                continue
-            found.append((name, rec))
-        return RecordCopies.checked(self.name, found, without)
+        tags = self.lvm.lv_tags()
+        return RecordCopies.read(self.name, sorted(tags), lambda lv: _copy_in(tags[lv]))
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Nothing to renew: an LV's tags are in the VG's metadata, which only root on
@@ -455,6 +457,9 @@ class LvmPoolDriver(entries.EntryCache):
         return 0
 
     # -- making volumes ---------------------------------------------------------------
+
+    def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        return entries.entry_for(self.images, spec)
 
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         return None  # a disk is a copy of its entry: it depends on none once made
@@ -504,8 +509,8 @@ class LvmPoolDriver(entries.EntryCache):
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         """A disk with an image's content: fetched and checked once into a cache entry LV,
         then copied into a new LV."""
-        entry = image_entry_name(image_id, self.images[image_id].sha256)
-        self._from_cache(rec, entry, lambda: self.ensure_image(entry, image_id, rec.virtual_size))
+        check_lv_name(rec.volume)
+        self.cache.from_image(rec, image_id, self._from_entry)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
         """A blank disk (its extents zeroed), or swap or an empty filesystem made once per
@@ -517,74 +522,47 @@ class LvmPoolDriver(entries.EntryCache):
                 zero(pieces)  # never a previous tenant's bytes, whatever volumeClear says
             faults.point("volume.filled")
             return
-        kind = template.template.value
-        entry = template_entry_name(kind, rec.virtual_size, template.label)
-        self._from_cache(
-            rec,
-            entry,
-            lambda: self.ensure_template(entry, kind, rec.virtual_size, template.label),
-        )
-
-    def _from_cache(self, rec: DiskRecord, entry: str, ensure: Callable[[], None]) -> None:
         check_lv_name(rec.volume)
+        self.cache.from_template(rec, template, self._from_entry)
+
+    def _from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
+        """A new LV for disk `rec` holding ready cache entry `entry`'s bytes (the caller
+        holds the entry shared)."""
         check_lv_name(entry)
-        for attempt in range(4):
-            if attempt:
-                ensure()
-            # Held shared while used, so garbage collection waits for us.
-            with self.lock(entry, shared=True):
-                cached = self._store().get(self.name, entry)
-                if cached is None or cached.state is not RecordState.READY:
-                    continue
-                if cached.virtual_size > rec.virtual_size:
-                    raise ReconcileError(
-                        f"{entry} holds {cached.virtual_size} bytes, more than the disk's "
-                        f"{rec.virtual_size}"
-                    )
-                self._lvcreate(rec.volume, rec.virtual_size)
-                faults.point("volume.created")
-                # All of the new LV (LVM rounds its size up to whole extents): the
-                # entry's bytes, then zeros, so no earlier tenant's byte is left in it.
-                # Opening the entry is what finds it missing (its record is ready, so it
-                # almost never is: one LVM call fewer per disk than asking first).
-                sizes = {entry: cached.virtual_size, rec.volume: None}
-                try:
-                    with self.data.open_many(sizes, write=True) as maps:
-                        copy(pieces_reader(maps[entry]), cached.virtual_size, maps[rec.volume])
-                except LvmError:
-                    if self.volume_exists(entry):
-                        raise
-                    self.delete_volume(rec.volume)  # made just now, from nothing yet
-                    continue
-                faults.point("volume.filled")
-                self._touch(cached)
-                return
-        raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
+        self._lvcreate(rec.volume, rec.virtual_size)
+        faults.point("volume.created")
+        # All of the new LV (LVM rounds its size up to whole extents): the entry's bytes,
+        # then zeros, so no earlier tenant's byte is left in it. Opening the entry is what
+        # finds it missing (its record is ready, so it almost never is: one LVM call fewer
+        # per disk than asking first).
+        sizes = {entry: cached.virtual_size, rec.volume: None}
+        try:
+            with self.data.open_many(sizes, write=True) as maps:
+                raw_copy(
+                    PiecesSource(maps[entry], f"{self.name}/{entry}", cached.virtual_size),
+                    PiecesSink(maps[rec.volume], f"{self.name}/{rec.volume}"),
+                )
+        except LvmError:
+            if self.volume_exists(entry):
+                raise
+            self.delete_volume(rec.volume)  # made just now, from nothing yet
+            raise entries.EntryGone from None
+        faults.point("volume.filled")
 
-    # -- cache entries (the flow is entries.EntryCache's) -----------------------------
-
-    ENTRY_BACKEND = Backend.LVM
-
-    def _entry_store(self) -> RecordStore:
-        return self._store()
-
-    def _remove_entry(self, entry: str) -> None:
-        self.delete_volume(entry)
-
-    def _image_scratch(self, entry: str) -> AbstractContextManager[int]:
-        return self._tmp_file(entry)
+    # -- cache entries (the flows are entries.Cache's) --------------------------------
 
     def _fill_entry(self, entry: str, src_fd: int, size: int) -> None:
         """Make the entry's LV and copy a checked raw file's bytes into it."""
         self._lvcreate(entry, size)
         faults.point("cache.volume.created")
         with self.data.open(entry, None, write=True) as pieces:
-            copy(file_reader(src_fd, size), size, pieces)
+            raw_copy(FileSource(src_fd, entry, size), PiecesSink(pieces, f"{self.name}/{entry}"))
         faults.point("cache.volume.filled")
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry LV, unless a ready one
         exists. The checks are those of every pool (reconciler/drivers/ingest/images.py)."""
+        check_lv_name(entry)  # before its record is written
 
         def store(fd: int, checked: Checked) -> None:
             fmt = self.images[image_id].format.value
@@ -602,11 +580,12 @@ class LvmPoolDriver(entries.EntryCache):
                 )
                 self._fill_entry(entry, raw_fd, size)
 
-        self._make_image_entry(entry, image_id, disk_size, store)
+        self.cache.make_image(entry, image_id, disk_size, store)
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists: mkfs on a temporary
         file of the template's size, copied into the entry's LV."""
+        check_lv_name(entry)  # before its record is written
 
         def fill() -> None:
             with self._tmp_file(entry, size) as fd:
@@ -617,7 +596,7 @@ class LvmPoolDriver(entries.EntryCache):
                 )
                 self._fill_entry(entry, fd, size)
 
-        self._make_template_entry(entry, kind, size, label, fill)
+        self.cache.make_template(entry, kind, size, label, fill)
 
     def _store(self) -> RecordStore:
         if self.store is None:
@@ -695,37 +674,17 @@ class LvmPoolDriver(entries.EntryCache):
         return Inspected(size, None, header)
 
     def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
-        """A host file's bytes, unchanged, into a new LV: made under a temporary name,
-        filled (zeros past the file's end to the LV's, which LVM rounds up to whole
-        extents), synced, then renamed to `volume`, so the name only ever holds a whole
-        copy; the source is removed last (unless kept). The caller holds the volume's
+        """A host file's bytes, unchanged, into a new LV (flows/takein.py: filled under the
+        temporary name `_tmp_VOLUME`, zeros past the file's end to the LV's, which LVM
+        rounds up to whole extents, synced, then renamed). The caller holds the volume's
         lock (temporary LVs are swept under it)."""
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotAFile(f"{path} is not a regular file; not imported")
-        if self.volume_exists(volume):
-            raise VolumeExists(f"volume {volume} exists in pool {self.name}; not replaced")
-        tmp = LV_TEMP_PREFIX + volume
-        self.delete_volume(tmp)  # a partial copy an interrupted run left (ours)
-        with open_volume(path, write=False) as fd:
-            size = os.fstat(fd).st_size
-            self._lvcreate(tmp, max(size, 512))
-            faults.point("volume.created")
-            try:
-                with self.data.open(tmp, None, write=True) as pieces:
-                    copy(file_reader(fd, size), size, pieces)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.delete_volume(tmp)
-                raise
-        try:
-            self.rename_volume(tmp, volume, replace=False)
-        except VolumeExists:
-            self.delete_volume(tmp)
-            raise
-        if not keep_source:
-            os.unlink(path)
-        faults.point("volume.imported")
+        take_in(self, path, volume, keep_source=keep_source)
+
+    def temp_name(self, volume: str) -> str:
+        return LV_TEMP_PREFIX + volume
+
+    def remove_temp(self, temp: str) -> None:
+        self.delete_volume(temp)  # cleared first, as any LV (volumeClear)
 
     def volume_at(self, path: str) -> str | None:
         """The LV at /dev/VG/LV of this pool's VG; None for any other path."""
@@ -810,38 +769,47 @@ class LvmPoolDriver(entries.EntryCache):
             yield QemuImage("raw", "json:" + json.dumps(raw, sort_keys=True), (p.fd,))
 
     def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
-        """Raw to raw through LvData: from a file pool's raw file (no backing) or another
-        (or this) lvm pool's LV, then zeros to the LV's end; nothing is read as a format.
-        A qcow2 or ploop source (a format to read) is qemu-img's."""
+        """Raw to raw (flows.copy) from a pool whose bytes are on this host (a raw file
+        without backing, or an LV of another or this pool), then zeros to the LV's end;
+        nothing is read as a format. A qcow2 or ploop source (a format to read) and an
+        image over the network are qemu-img's."""
         self._check_layout(to.volume, to.backend, to.format)
-        if rec.format is not DiskFormat.RAW or rec.backing is not None:
+        if not source.raw_readable(rec):
             return False
         if rec.virtual_size > to.virtual_size:
             raise ReconcileError(f"{rec.volume} is larger than its copy; not copied")
-        what = f"{source.name}/{rec.volume}"
-        if isinstance(source, FilePoolDriver):
-            with (
-                open_volume(source.path(rec.volume), write=False) as fd,
-                self.data.open(to.volume, None, write=True) as dst,
-            ):
-                size = os.fstat(fd).st_size
-                if size > to.virtual_size:
-                    raise ReconcileError(f"{what} is larger than its copy; not copied")
-                copy(file_reader(fd, size), size, dst)
-            return True
-        if isinstance(source, LvmPoolDriver):
+        if source.access is Access.REMOTE:
+            return False
+        if source is self:  # both LVs in one pair of reports
             n = rec.virtual_size
-            if source is self:
-                with self.data.open_many({rec.volume: n, to.volume: None}, write=True) as m:
-                    copy(pieces_reader(m[rec.volume]), n, m[to.volume])
-                return True
-            with (
-                source.data.open(rec.volume, n, write=False) as src,
-                self.data.open(to.volume, None, write=True) as dst,
-            ):
-                copy(pieces_reader(src), n, dst)
+            with self.data.open_many({rec.volume: n, to.volume: None}, write=True) as m:
+                raw_copy(
+                    PiecesSource(m[rec.volume], f"{self.name}/{rec.volume}", n),
+                    PiecesSink(m[to.volume], f"{self.name}/{to.volume}"),
+                )
             return True
-        return False
+        with source.reader(rec.volume, rec.virtual_size) as src, self.writer(to.volume) as dst:
+            raw_copy(src, dst, room=to.virtual_size)
+        return True
+
+    # -- raw bytes (drivers/api.py's Volumes) -------------------------------------------
+
+    def create_empty(self, volume: str, size: int) -> None:
+        self._lvcreate(volume, max(size, 512))  # LVM makes no empty LV
+
+    def raw_readable(self, rec: DiskRecord) -> bool:
+        return rec.format is DiskFormat.RAW and rec.backing is None  # always, in an lvm pool
+
+    @contextmanager
+    def reader(self, volume: str, size: int | None = None) -> Iterator[PiecesSource]:
+        with self.data.open(volume, size, write=False) as pieces:
+            yield PiecesSource(pieces, f"{self.name}/{volume}", size)
+
+    @contextmanager
+    def writer(self, volume: str) -> Iterator[PiecesSink]:
+        """All of the LV (whole extents), to be written whole."""
+        with self.data.open(volume, None, write=True) as pieces:
+            yield PiecesSink(pieces, f"{self.name}/{volume}")
 
     def finish_copy(self, volume: str) -> None:
         """fsync the device(s) the LV's bytes are on: /dev/VG/LV, or its PV(s)."""
@@ -867,6 +835,18 @@ class LvmPoolDriver(entries.EntryCache):
             raise LvmError(f"lvrename failed in {self.lvm.where(old)}: {msg}")
         self._note(old, False)
         self._note(new, True)
+
+
+def _copy_in(tags: Sequence[str]) -> DiskRecord:
+    """The record copy an LV's tags carry; NoCopy if none, or a damaged one."""
+    try:
+        rec = decode_copy(tags)
+    except (ValueError, zlib.error) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NoCopy(f"its record copy is unreadable ({why})") from None
+    if rec is None:
+        raise NoCopy("no record copy")
+    return rec
 
 
 def _beyond(pieces: Sequence[Piece], size: int) -> list[Piece]:

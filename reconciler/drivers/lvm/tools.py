@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from reconciler.drivers.flows.copy import pwrite_all
 from reconciler.drivers.host.run import execute
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.schema.config import LvmConfig
@@ -279,24 +280,11 @@ def zero(pieces: Sequence[Piece], limit: int | None = None) -> None:
             done = 0
             while done < n:
                 k = min(CHUNK, n - done)
-                _pwrite_all(p.fd, buf[:k], p.offset + done)
+                pwrite_all(p.fd, buf[:k], p.offset + done)
                 done += k
         left -= n
     for fd in {p.fd for p in pieces}:
         os.fsync(fd)
-
-
-def file_reader(fd: int, size: int) -> Callable[[int, int], bytes]:
-    """Reads of a raw file of `size` bytes (a cache entry's temporary file)."""
-
-    def read(pos: int, n: int) -> bytes:
-        want = min(n, size - pos)
-        data = os.pread(fd, want, pos)
-        if len(data) < want:
-            raise LvmError("the file ended early while copying it into an LV")
-        return data
-
-    return read
 
 
 def pieces_reader(pieces: Sequence[Piece]) -> Callable[[int, int], bytes]:
@@ -317,24 +305,52 @@ def pieces_reader(pieces: Sequence[Piece]) -> Callable[[int, int], bytes]:
     return read
 
 
-def copy(read: Callable[[int, int], bytes], size: int, dst: Sequence[Piece]) -> None:
-    """Copy `size` bytes from `read` into the pieces as they are (raw to raw: nothing is
-    read as a format), then zeros to the pieces' end. A run of zeros is zeroed by the
-    block layer (BLKZEROOUT) rather than written, where the device offers it."""
-    pos = 0
-    for p in dst:
-        done = 0
-        while done < p.length:
-            k = min(CHUNK, p.length - done)
-            data = read(pos, k) if pos < size else b""
-            if len(data) < k:
-                data += bytes(k - len(data))
-            if not (data.count(0) == k and _zero_range(p.fd, p.offset + done, k)):
-                _pwrite_all(p.fd, data, p.offset + done)
-            done += k
-            pos += k
-    for fd in {p.fd for p in dst}:
-        os.fsync(fd)
+class PiecesSource:
+    """An LV's first bytes, as pieces, as a RawSource (drivers/api.py): all of them are
+    read (an LV has no holes to know of)."""
+
+    fd: int | None = None
+
+    def __init__(self, pieces: Sequence[Piece], what: str, size: int | None = None) -> None:
+        self.what = what
+        self.size = sum(p.length for p in pieces) if size is None else size
+        self._read = pieces_reader(pieces)
+
+    def read(self, at: int, n: int) -> bytes:
+        return self._read(at, n)
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        yield 0, self.size
+
+
+class PiecesSink:
+    """An LV's bytes, as pieces, as a RawSink: not zeroed (its extents may hold an earlier
+    tenant's bytes), so a copy writes all of it. A run of zeros is zeroed by the block
+    layer (BLKZEROOUT) rather than written, where the device offers it; finish() fsyncs
+    the device(s)."""
+
+    fd: int | None = None
+    zeroed = False
+
+    def __init__(self, pieces: Sequence[Piece], what: str) -> None:
+        self.pieces = pieces
+        self.what = what
+        self.size = sum(p.length for p in pieces)
+
+    def write(self, data: bytes, at: int) -> None:
+        base = 0
+        for p in self.pieces:
+            lo, hi = max(at, base), min(at + len(data), base + p.length)
+            if lo < hi:
+                part = data[lo - at : hi - at]
+                offset = p.offset + lo - base
+                if not (part.count(0) == len(part) and _zero_range(p.fd, offset, len(part))):
+                    pwrite_all(p.fd, part, offset)
+            base += p.length
+
+    def finish(self) -> None:
+        for fd in {p.fd for p in self.pieces}:
+            os.fsync(fd)
 
 
 def _zero_range(fd: int, offset: int, length: int) -> bool:
@@ -348,11 +364,3 @@ def _zero_range(fd: int, offset: int, length: int) -> bool:
 def read_all(pieces: Sequence[Piece]) -> bytes:
     """Every byte of the pieces, in order (for tests and the benchmark's checks)."""
     return b"".join(os.pread(p.fd, p.length, p.offset) for p in pieces)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -83,25 +83,27 @@ import json
 import os
 import re
 import socket
-import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from reconciler.drivers.base import (
+from reconciler.drivers.api import (
+    Access,
     Inspected,
     ManagingDriver,
     MigrationFacts,
+    NoCopy,
     QemuImage,
     RecordCopies,
     VolumeExists,
 )
-from reconciler.drivers.file.pool import FilePoolDriver
 from reconciler.drivers.flows import entries
-from reconciler.drivers.flows.qemuimg import NotAFile, fd_path, mkfs_argv, open_volume
+from reconciler.drivers.flows.copy import FileSink, FileSource, raw_copy
+from reconciler.drivers.flows.qemuimg import convert_argv, fd_path, mkfs_argv
+from reconciler.drivers.flows.takein import take_in
 from reconciler.drivers.host import ownership
 from reconciler.drivers.host.domains import NO_DOMAIN_DRIVER, Attachments, all_domains
 from reconciler.drivers.host.libvirt import Connections
@@ -112,9 +114,9 @@ from reconciler.drivers.rbd.leases import LeaseLocks, LockBusy
 from reconciler.drivers.rbd.outage import Outage
 from reconciler.drivers.rbd.records import RadosRecordStore, client_conf
 from reconciler.model.errors import PoolError, ReconcileError
-from reconciler.model.naming import CACHE_PREFIX, TEMP_PREFIX, image_entry_name, template_entry_name
+from reconciler.model.naming import CACHE_PREFIX, TEMP_PREFIX
 from reconciler.model.observed import ObservedPool
-from reconciler.model.record import DiskRecord, Migration, RecordKind, RecordState
+from reconciler.model.record import DiskRecord, Migration, RecordKind
 from reconciler.schema.bounded import check_json, load_json
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import ImageConfig, PoolConfig
@@ -131,8 +133,6 @@ SNAP = "base"  # the snapshot of a cache entry that disks are cloned from
 RECORD_KEY = "reconciler.record"  # RBD metadata: the image's copy of its record
 OWNER_OBJECT = "reconciler.owner"  # in the pool's default namespace, beside the images
 WATCH_WAIT = 45.0  # seconds to wait for a dead client's watch on an image to expire
-WRITE_CHUNK = 4 << 20  # bytes per python-rbd write on import (the default object size)
-_ZERO = bytes(WRITE_CHUNK)
 LAYOUTS = frozenset({"rbd/raw"})  # what a migration copies out of and into an rbd pool
 RBD_LOCATION = re.compile(r"^rbd://([0-9a-fA-F-]{36})/([^/@]+)/([^/@]+)/([^/@]+)$")
 
@@ -240,8 +240,10 @@ class _Client:
         self.cluster.shutdown()
 
 
-class RbdPoolDriver(entries.EntryCache):
+class RbdPoolDriver:
     """A driver bound to one configured rbd pool (see the module docstring)."""
+
+    access = Access.REMOTE
 
     def __init__(
         self,
@@ -271,6 +273,13 @@ class RbdPoolDriver(entries.EntryCache):
         # the first failure: one deadline per step (drivers/ceph_outage.py).
         self.outage = Outage(self.ceph.op_timeout)
         self.where = f"Ceph pool {self.ceph.pool}"
+        self.cache = entries.Cache(
+            self,
+            Backend.RBD,
+            store=self.record_store,
+            remove=self._remove_entry,
+            scratch=lambda entry: _scratch(),
+        )
 
     # -- the cluster --------------------------------------------------------------------
 
@@ -587,23 +596,18 @@ class RbdPoolDriver(entries.EntryCache):
             )
 
     def record_copies(self) -> RecordCopies:
-        found: list[tuple[str, DiskRecord]] = []  # (volume, its copy), checked below
-        without: list[tuple[str, str]] = []
-        _, _rbd = _mods()
-        for name in sorted(self.list_volumes()):
-            if name.startswith(TEMP_PREFIX):
-                continue
-            try:
-                with self._image(name, read_only=True) as img:
-                    copy = self._own_copy(img, name)
-            except ReconcileError as e:
-                without.append((name, str(e)))
-                continue
-            if copy is None:
-                without.append((name, "no record copy"))
-                continue
-            found.append((name, copy))
-        return RecordCopies.checked(self.name, found, without)
+        names = sorted(n for n in self.list_volumes() if not n.startswith(TEMP_PREFIX))
+        return RecordCopies.read(self.name, names, self._image_copy)
+
+    def _image_copy(self, name: str) -> DiskRecord:
+        try:
+            with self._image(name, read_only=True) as img:
+                copy = self._own_copy(img, name)
+        except ReconcileError as e:
+            raise NoCopy(str(e)) from None
+        if copy is None:
+            raise NoCopy("no record copy")
+        return copy
 
     def renew_record_copies(self, records: Sequence[DiskRecord]) -> int:
         """Nothing to renew: image metadata is as trusted as the RADOS store (see the
@@ -632,7 +636,7 @@ class RbdPoolDriver(entries.EntryCache):
         image = spec["source"].get("image")
         if image in self.images and self._direct(image) is not None:
             return None  # cloned from the catalog's own snapshot: no cache entry
-        return super().entry_for(spec)
+        return entries.entry_for(self.images, spec)
 
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         """A clone depends on its entry for as long as it exists."""
@@ -641,21 +645,12 @@ class RbdPoolDriver(entries.EntryCache):
     # -- making disks -------------------------------------------------------------------
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
-        _, rbd = _mods()
         self._check_raw(rec)
         if template.template.value == "blank":
-            with self._ceph(f"creating image {rec.volume}"):
-                try:
-                    rbd.RBD().create(self._io(), rec.volume, rec.virtual_size, old_format=False)
-                except rbd.ImageExists:
-                    raise self._exists(rec.volume) from None
+            self.create_empty(rec.volume, rec.virtual_size)
             faults.point("volume.created")
             return
-        kind = template.template.value
-        entry = template_entry_name(kind, rec.virtual_size, template.label)
-        self._from_cache(
-            rec, entry, lambda: self.ensure_template(entry, kind, rec.virtual_size, template.label)
-        )
+        self.cache.from_template(rec, template, self._from_entry)
 
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         self._check_raw(rec)
@@ -663,9 +658,7 @@ class RbdPoolDriver(entries.EntryCache):
         if direct is not None:
             self._clone_direct(rec, image_id, *direct)
             return
-        image = self.images[image_id]
-        entry = image_entry_name(image_id, image.sha256)
-        self._from_cache(rec, entry, lambda: self.ensure_image(entry, image_id, rec.virtual_size))
+        self.cache.from_image(rec, image_id, self._from_entry)
 
     def _check_raw(self, rec: DiskRecord) -> None:
         if rec.format is not DiskFormat.RAW:
@@ -677,37 +670,22 @@ class RbdPoolDriver(entries.EntryCache):
             "is left untouched"
         )
 
-    def _from_cache(self, rec: DiskRecord, entry: str, ensure: Callable[[], None]) -> None:
+    def _from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
+        """Clone disk `rec` of ready cache entry `entry`, its reference added first. The
+        caller holds the entry's lock shared while the reference is added and the clone
+        made, so an import or a removal (both exclusive) never runs under a clone."""
         records = self.record_store()
-        for attempt in range(4):
-            if attempt:
-                ensure()
-            # The first look is optimistic (the entry is usually there). The entry's lock
-            # is held shared while the reference is added and the clone made, so an import
-            # or a removal (both exclusive) never runs under a clone.
-            with self.lock(entry, shared=True):
-                cached = records.get(self.name, entry)
-                if cached is None or cached.state is not RecordState.READY:
-                    continue
-                if cached.virtual_size > rec.virtual_size:
-                    raise ReconcileError(
-                        f"{entry} holds {cached.virtual_size} bytes, more than the disk's "
-                        f"{rec.virtual_size}"
-                    )
-                try:
-                    records.add_reference(self.name, entry, rec.volume)
-                except ConflictError:
-                    continue  # its record went meanwhile: made again
-                faults.point("cache.reference.added")
-                try:
-                    self._clone(self._io(), entry, SNAP, rec)
-                except BaseException:
-                    with contextlib.suppress(ReconcileError):
-                        records.drop_reference(self.name, entry, rec.volume)
-                    raise
-                self._touch(cached)
-                return
-        raise ReconcileError(f"cache entry {entry} kept disappearing while in use")
+        try:
+            records.add_reference(self.name, entry, rec.volume)
+        except ConflictError:
+            raise entries.EntryGone from None  # its record went meanwhile: made again
+        faults.point("cache.reference.added")
+        try:
+            self._clone(self._io(), entry, SNAP, rec)
+        except BaseException:
+            with contextlib.suppress(ReconcileError):
+                records.drop_reference(self.name, entry, rec.volume)
+            raise
 
     def _clone(self, parent_io: Any, parent: str, snap: str, rec: DiskRecord) -> None:
         """Clone parent@snap (v2) as the disk and grow it to the disk's size."""
@@ -781,37 +759,24 @@ class RbdPoolDriver(entries.EntryCache):
 
     # -- cache entries ------------------------------------------------------------------
 
-    ENTRY_BACKEND = Backend.RBD
-
-    def _entry_store(self) -> RecordStore:
-        return self.record_store()
-
     def _remove_entry(self, entry: str) -> None:
+        """Remove what a half-made or left-over entry consists of: its temporary image
+        (an import cut short) and its image with its snapshot."""
+        self.remove_temp(TEMP_PREFIX + entry)
         self._remove_entry_image(entry)
-
-    def _image_scratch(self, entry: str) -> AbstractContextManager[int]:
-        return _scratch()
-
-    def _discard(self, entry: str, rec: DiskRecord) -> None:
-        """Remove a half-made entry, its temporary image and its record after a failure."""
-        try:
-            self._remove_temp(TEMP_PREFIX + entry)
-            self._remove_entry_image(entry)
-            self.record_store().delete(self.name, entry, rec.generation)
-        except Exception as e:  # keep the original error; the next run cleans up
-            log.warning("cache.discard_failed", entry=entry, error=str(e))
 
     def _new_temp(self, entry: str, size: int) -> str:
         """A fresh temporary image for an import into `entry` (under its lock)."""
         _, rbd = _mods()
         tmp = TEMP_PREFIX + entry
-        self._remove_temp(tmp)  # left by an interrupted run
+        self.remove_temp(tmp)  # left by an interrupted run
         with self._ceph(f"creating temporary image {tmp}"):
             rbd.RBD().create(self._io(), tmp, size, old_format=False)
         faults.point("cache.temp.created")
         return tmp
 
-    def _remove_temp(self, tmp: str) -> None:
+    def remove_temp(self, tmp: str) -> None:
+        """Remove a temporary image (an import), its snapshots first; a missing one is fine."""
         _, rbd = _mods()
         with self._ceph(f"removing temporary image {tmp}"):
             try:
@@ -875,17 +840,8 @@ class RbdPoolDriver(entries.EntryCache):
 
     def _write_file(self, fd: int, tmp: str, length: int) -> None:
         """Copy `length` bytes of a local file into image `tmp`, skipping zero chunks."""
-        with self._image(tmp) as img, self._ceph(f"writing {tmp}"):
-            offset = 0
-            while offset < length:
-                n = min(WRITE_CHUNK, length - offset)
-                data = os.pread(fd, n, offset)
-                if not data:
-                    raise ReconcileError(f"{tmp}: the local copy ended at {offset} of {length}")
-                if data != (_ZERO if len(data) == WRITE_CHUNK else bytes(len(data))):
-                    img.write(data, offset)
-                offset += len(data)
-            img.flush()
+        with self.writer(tmp) as dst:
+            raw_copy(FileSource(fd, tmp, length), dst)
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""
@@ -901,10 +857,7 @@ class RbdPoolDriver(entries.EntryCache):
                 with _scratch() as raw_fd:
                     os.ftruncate(raw_fd, checked.virtual_size)
                     run_limited(
-                        [
-                            *("qemu-img", "convert", "-n", "-f", fmt, "-O", "raw"),
-                            *(fd_path(fd), fd_path(raw_fd)),
-                        ],
+                        convert_argv(fmt, "raw", fd_path(fd), fd_path(raw_fd)),
                         fds=(fd, raw_fd),
                         what=f"convert {image_id} to raw",
                     )
@@ -912,7 +865,7 @@ class RbdPoolDriver(entries.EntryCache):
             faults.point("cache.temp.filled")
             self._publish(tmp, entry)
 
-        self._make_image_entry(entry, image_id, disk_size, store)
+        self.cache.make_image(entry, image_id, disk_size, store)
 
     def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
         """Make the template cache entry unless a ready one exists."""
@@ -930,7 +883,7 @@ class RbdPoolDriver(entries.EntryCache):
                 faults.point("cache.temp.filled")
             self._publish(tmp, entry)
 
-        self._make_template_entry(entry, kind, size, label, fill)
+        self.cache.make_template(entry, kind, size, label, fill)
 
     # -- changing and removing ----------------------------------------------------------
 
@@ -1003,91 +956,51 @@ class RbdPoolDriver(entries.EntryCache):
                 if taken is None:
                     continue  # another reconciler is importing it right now
                 try:
-                    self._remove_temp(name)
+                    self.remove_temp(name)
                 except ReconcileError as e:  # the import that needs it removes it, or fails
                     log.warning("temp.sweep_failed", pool=self.name, image=name, error=str(e))
                     continue
                 removed.append(name)
         return removed
 
-    # -- image data: read out, written in (migrations, take_file) -----------------------
-
-    def _extents(self, img: Any, volume: str) -> list[tuple[int, int]]:
-        """The ranges of an open image whose RBD objects exist, its parent's included
-        (whole objects: the object map where the image has one); all else reads as zeros."""
-        out: list[tuple[int, int]] = []
-
-        def note(offset: int, length: int, exists: bool) -> int:
-            if exists:
-                if out and out[-1][0] + out[-1][1] == offset:
-                    out[-1] = (out[-1][0], out[-1][1] + length)
-                else:
-                    out.append((offset, length))
-            return 0
-
-        with self._ceph(f"listing {volume}'s data"):
-            img.diff_iterate(0, img.size(), None, note, include_parent=True, whole_object=True)
-        return out
-
-    def _read_into(self, img: Any, volume: str, write: Callable[[bytes, int], None]) -> None:
-        """Hand every chunk of an open image's data that is not all zeros to `write`."""
-        with self._ceph(f"reading {volume}'s size"):
-            size = int(img.size())
-        for start, length in self._extents(img, volume):
-            at, end = start, min(start + length, size)
-            while at < end:
-                n = min(WRITE_CHUNK, end - at)
-                with self._ceph(f"reading {volume}"):
-                    data = img.read(at, n)
-                if len(data) != n:
-                    raise ReconcileError(f"{self.name}/{volume}: short read at {at}")
-                if not _is_zero(data):
-                    write(data, at)
-                at += n
-
-    def _write_from(self, fd: int, length: int, img: Any, volume: str) -> None:
-        """The first `length` bytes of a local file into an open image that reads as zeros
-        (a new one): the file's data extents (SEEK_DATA), zero chunks skipped; flushed."""
-        at = 0
-        while at < length:
-            try:
-                start = os.lseek(fd, at, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break  # only a hole remains
-                raise
-            if start >= length:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), length)
-            while start < end:
-                data = os.pread(fd, min(WRITE_CHUNK, end - start), start)
-                if not data:
-                    raise ReconcileError(f"{volume}: the local file ended at {start} of {length}")
-                if not _is_zero(data):
-                    with self._ceph(f"writing {volume}"):
-                        img.write(data, start)
-                start += len(data)
-            at = end
-        with self._ceph(f"flushing {volume}"):
-            img.flush()
+    # -- image data: read out, written in (migrations, take_file, exports) --------------
 
     @contextmanager
     def _export(self, volume: str) -> Iterator[int]:
         """The image's bytes (its parent's data included) in an unnamed local file
         (O_TMPFILE: a crash leaves nothing), sparse: only data chunks are written."""
         with _scratch() as fd:
-            with self._image(volume, read_only=True) as img:
-                with self._ceph(f"reading {volume}'s size"):
-                    os.ftruncate(fd, int(img.size()))
-
-                def put(data: bytes, at: int) -> None:
-                    view = memoryview(data)
-                    while view:
-                        n = os.pwrite(fd, view, at)
-                        view, at = view[n:], at + n
-
-                self._read_into(img, volume, put)
+            with self.reader(volume) as src:
+                os.ftruncate(fd, src.size)
+                raw_copy(src, FileSink(fd, f"a local export of {self.name}/{volume}"))
             yield fd
+
+    # -- raw bytes (drivers/api.py's Volumes) -------------------------------------------
+
+    def create_empty(self, volume: str, size: int) -> None:
+        """A plain image (never a clone), made as a blank disk is (RBD's default
+        features), reading as zeros."""
+        _, rbd = _mods()
+        with self._ceph(f"creating image {volume}"):
+            try:
+                rbd.RBD().create(self._io(), volume, size, old_format=False)
+            except rbd.ImageExists:
+                raise self._exists(volume) from None
+
+    def raw_readable(self, rec: DiskRecord) -> bool:
+        return True  # a disk is raw, and a clone is read with its parent's data
+
+    @contextmanager
+    def reader(self, volume: str, size: int | None = None) -> Iterator[_ImageSource]:
+        """The image as a disk reads it (a clone's parent data included), all of it."""
+        with self._image(volume, read_only=True) as img:
+            yield _ImageSource(self, img, volume)
+
+    @contextmanager
+    def writer(self, volume: str) -> Iterator[_ImageSink]:
+        """A new image (reading as zeros), written with python-rbd, flushed at the end."""
+        with self._image(volume) as img:
+            yield _ImageSink(self, img, volume)
 
     # -- adoption and importing files ---------------------------------------------------
 
@@ -1121,38 +1034,14 @@ class RbdPoolDriver(entries.EntryCache):
         return Inspected(size, None, header_format(head))
 
     def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
-        """A host file's bytes, unchanged, into a new image: written (its data extents, zero
-        chunks skipped) into the temporary image `.reconciler-tmp-VOLUME`, flushed, then
-        renamed to `volume`, so the name only ever holds a whole copy; the source is removed
-        last (unless kept). The caller holds the volume's lock, under which sweep_temp
-        leaves that temporary image alone."""
-        _, rbd = _mods()
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            raise NotAFile(f"{path} is not a regular file; not imported")
-        if self.volume_exists(volume):
-            raise VolumeExists(f"volume {volume} exists in pool {self.name}; not replaced")
-        tmp = TEMP_PREFIX + volume
-        self._remove_temp(tmp)  # a partial copy an interrupted run left (ours)
-        with open_volume(path, write=False) as fd:
-            size = os.fstat(fd).st_size
-            with self._ceph(f"creating temporary image {tmp}"):
-                rbd.RBD().create(self._io(), tmp, size, old_format=False)
-            faults.point("volume.created")
-            try:
-                with self._image(tmp) as img:
-                    self._write_from(fd, size, img, tmp)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self._remove_temp(tmp)
-                raise
-        try:
-            self.rename_volume(tmp, volume, replace=False)
-        except VolumeExists:
-            self._remove_temp(tmp)
-            raise
-        if not keep_source:
-            os.unlink(path)
-        faults.point("volume.imported")
+        """A host file's bytes, unchanged, into a new image (flows/takein.py: its data
+        extents, zero chunks skipped, into the temporary image `.reconciler-tmp-VOLUME`,
+        flushed, then renamed). The caller holds the volume's lock, under which
+        sweep_temp leaves that temporary image alone."""
+        take_in(self, path, volume, keep_source=keep_source)
+
+    def temp_name(self, volume: str) -> str:
+        return TEMP_PREFIX + volume
 
     def volume_at(self, path: str) -> str | None:
         return None  # no image of this pool is a host path
@@ -1205,13 +1094,8 @@ class RbdPoolDriver(entries.EntryCache):
     def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
         """A plain image (never a clone: a copy is standalone), made as a blank disk is
         (RBD's default features), reading as zeros; its record copy follows its record."""
-        _, rbd = _mods()
         self._check_layout(volume, backend, fmt)
-        with self._ceph(f"creating image {volume}"):
-            try:
-                rbd.RBD().create(self._io(), volume, size, old_format=False)
-            except rbd.ImageExists:
-                raise self._exists(volume) from None
+        self.create_empty(volume, size)
         faults.point("volume.created")
 
     @contextmanager
@@ -1234,51 +1118,32 @@ class RbdPoolDriver(entries.EntryCache):
             yield QemuImage("raw", "json:" + json.dumps(node, sort_keys=True), (fd,))
 
     def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
-        """Always True: the copy's bytes are written with python-rbd, zero chunks skipped.
-        From another rbd pool, image to image (a clone read with its parent's data, so the
-        copy is flat); from a file pool's raw file without backing, its data extents; from
-        anything else, through a raw local file `qemu-img convert -f FMT -O raw` makes of
-        what the source's qemu_image() reaches (a qcow2 overlay is flattened so)."""
+        """Always True: the copy's bytes are written with python-rbd, zero chunks skipped
+        (flows.copy). From a source whose raw bytes are the disk's (an image, a clone read
+        with its parent's data so the copy is flat; a raw file without backing: its data
+        extents), through its reader(); from anything else, through a raw local file
+        `qemu-img convert -f FMT -O raw` makes of what the source's qemu_image() reaches
+        (a qcow2 overlay is flattened so; an LV is read so, as it always was)."""
         self._check_layout(to.volume, to.backend, to.format)
         if rec.virtual_size > to.virtual_size:
             raise ReconcileError(f"{rec.volume} is larger than its copy; not copied")
+        if source.access is not Access.DEVICE and source.raw_readable(rec):
+            with source.reader(rec.volume, rec.virtual_size) as src, self.writer(to.volume) as dst:
+                raw_copy(src, dst, room=to.virtual_size)
+            return True
         what = f"migrate {source.name}/{rec.volume} to {self.name}/{to.volume}"
-        with self._image(to.volume) as img:
-            if isinstance(source, RbdPoolDriver):
-
-                def put(data: bytes, at: int) -> None:
-                    with self._ceph(f"writing {to.volume}"):
-                        img.write(data, at)
-
-                with source._image(rec.volume, read_only=True) as src:
-                    source._read_into(src, rec.volume, put)
-                with self._ceph(f"flushing {to.volume}"):
-                    img.flush()
-            elif (
-                isinstance(source, FilePoolDriver)
-                and rec.format is DiskFormat.RAW
-                and rec.backing is None
-            ):
-                with open_volume(source.path(rec.volume), write=False) as fd:
-                    size = os.fstat(fd).st_size
-                    if size > to.virtual_size:
-                        raise ReconcileError(f"{what}: the file is larger than its copy")
-                    self._write_from(fd, size, img, to.volume)
-            else:
-                with (
-                    source.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
-                    _scratch() as raw,
-                ):
-                    os.ftruncate(raw, to.virtual_size)
-                    run(
-                        [
-                            *("qemu-img", "convert", "-n", "-W", "-S", "4k"),
-                            *("-f", s.format, "-O", "raw", s.filename, fd_path(raw)),
-                        ],
-                        fds=(*s.fds, raw),
-                        what=what,
-                    )
-                    self._write_from(raw, to.virtual_size, img, to.volume)
+        with (
+            source.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
+            _scratch() as raw,
+        ):
+            os.ftruncate(raw, to.virtual_size)
+            run(
+                convert_argv(s.format, "raw", s.filename, fd_path(raw), out_of_order=True),
+                fds=(*s.fds, raw),
+                what=what,
+            )
+            with self.writer(to.volume) as dst:
+                raw_copy(FileSource(raw, f"{what}: its raw copy"), dst)
         return True
 
     def finish_copy(self, volume: str) -> None:
@@ -1304,8 +1169,59 @@ class RbdPoolDriver(entries.EntryCache):
                 ) from None
 
 
-def _is_zero(data: bytes) -> bool:
-    return data == (_ZERO if len(data) == WRITE_CHUNK else bytes(len(data)))
+class _ImageSource:
+    """An open image's bytes as a RawSource: its data is where RBD objects exist (its
+    parent's included; whole objects, from the object map where the image has one)."""
+
+    fd: int | None = None
+
+    def __init__(self, pool: RbdPoolDriver, img: Any, volume: str) -> None:
+        self.pool, self.img, self.volume = pool, img, volume
+        self.what = f"{pool.name}/{volume}"
+        with pool._ceph(f"reading {volume}'s size"):
+            self.size = int(img.size())
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+
+        def note(offset: int, length: int, exists: bool) -> int:
+            if exists:
+                if out and out[-1][1] == offset:
+                    out[-1] = (out[-1][0], offset + length)
+                else:
+                    out.append((offset, offset + length))
+            return 0
+
+        with self.pool._ceph(f"listing {self.volume}'s data"):
+            self.img.diff_iterate(0, self.size, None, note, include_parent=True, whole_object=True)
+        for start, end in out:
+            if start < min(end, self.size):
+                yield start, min(end, self.size)
+
+    def read(self, at: int, n: int) -> bytes:
+        with self.pool._ceph(f"reading {self.volume}"):
+            return bytes(self.img.read(at, n))
+
+
+class _ImageSink:
+    """An open new image (reading as zeros) as a RawSink; flushed when finished."""
+
+    fd: int | None = None
+    zeroed = True
+
+    def __init__(self, pool: RbdPoolDriver, img: Any, volume: str) -> None:
+        self.pool, self.img, self.volume = pool, img, volume
+        self.what = f"{pool.name}/{volume}"
+        with pool._ceph(f"reading {volume}'s size"):
+            self.size = int(img.size())
+
+    def write(self, data: bytes, at: int) -> None:
+        with self.pool._ceph(f"writing {self.volume}"):
+            self.img.write(data, at)
+
+    def finish(self) -> None:
+        with self.pool._ceph(f"flushing {self.volume}"):
+            self.img.flush()
 
 
 @contextmanager

@@ -85,7 +85,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from reconciler.drivers.host.store import RELEASED, ConflictError, StoreError, StoreIdentity
+from reconciler.drivers.host.store import (
+    RELEASED,
+    ConflictError,
+    StoreError,
+    StoreIdentity,
+    invalid,
+)
 from reconciler.drivers.rbd.outage import CephUnreachable, Outage
 from reconciler.model.errors import RecordError
 from reconciler.model.record import BadRecord, DiskRecord, RecordKind
@@ -177,11 +183,7 @@ def decode(oid: str, data: bytes, where: str) -> Stored:
     try:
         rec = DiskRecord.model_validate(doc.get("record"))
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise RecordError(
-            f"record object {oid} in {where} is unreadable ({field}: {first['msg']})"
-        ) from None
+        raise RecordError(f"record object {oid} in {where} is unreadable ({invalid(e)})") from None
     if record_object(rec.pool, rec.volume) != oid:
         raise RecordError(
             f"record object {oid} in {where} describes {rec.pool}/{rec.volume}, whose record "

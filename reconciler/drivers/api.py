@@ -1,8 +1,22 @@
-"""What every backend driver provides. Nothing backend-specific lives above drivers/."""
+"""What every backend driver provides; nothing backend-specific lives above drivers/.
+
+Two layers. `Volumes` is the small core a backend implements for the shared flows
+(drivers/flows/: a cache entry made and used, a file taken in, raw copies): a volume's
+existence, its lock, an empty volume, its raw bytes read (`reader`) and written
+(`writer`), rename and delete, and how its bytes are reached (`access`). `PoolDriver` and
+`ManagingDriver` are what the layers above drivers/ call (observe, plan, apply, migrate,
+adopt, import, rebuild), grouped by concern; a backend says what it cannot do by raising
+(an lvm pool has no overlays) or by returning no layouts (no migrations).
+
+Invariants: a RawSource/RawSink carries raw bytes only (never read as a format: a
+format to convert is qemu-img's, with its formats named); a driver never reaches into
+another driver (a cross-backend copy is flows.copy.raw_copy(src.reader(), dst.writer())).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import enum
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +40,10 @@ class VolumeInUse(ReconcileError):
     """A domain uses the volume a step would destroy: the step fails, nothing is destroyed."""
 
 
+class NoCopy(Exception):
+    """A volume carries no trusted, readable record copy; the message says why."""
+
+
 @dataclass(frozen=True)
 class RecordCopies:
     """The copies of records a pool's volumes carry, and the volumes that carry none."""
@@ -33,6 +51,25 @@ class RecordCopies:
     records: tuple[DiskRecord, ...]
     without: tuple[tuple[str, str], ...]  # (volume, why): no trusted, readable copy
     refused: tuple[tuple[str, str], ...] = ()  # (volume, why): a copy that fails its checks
+
+    @classmethod
+    def read(
+        cls, pool: str, volumes: Iterable[str], copy_of: Callable[[str], DiskRecord | None]
+    ) -> RecordCopies:
+        """The copies of `volumes`, each read by the driver's `copy_of` (its record; None:
+        the volume went while they were read, so it is left out; NoCopy: it has none, with
+        why), then checked."""
+        found: list[tuple[str, DiskRecord]] = []
+        without: list[tuple[str, str]] = []
+        for volume in volumes:
+            try:
+                rec = copy_of(volume)
+            except NoCopy as e:
+                without.append((volume, str(e)))
+                continue
+            if rec is not None:
+                found.append((volume, rec))
+        return cls.checked(pool, found, without)
 
     @classmethod
     def checked(
@@ -84,6 +121,87 @@ class Inspected:
     header: str  # the format its first bytes announce (warnings only, never used)
 
 
+class Access(enum.Enum):
+    """How a pool's volumes' bytes are reached, which a destination's native copy looks at
+    to choose its way (never the driver's class)."""
+
+    FILE = "file"  # a regular file of this host (a kernel copy between two of them)
+    DEVICE = "device"  # ranges of this host's block devices (an LV)
+    REMOTE = "remote"  # over the network (an RBD image)
+
+
+class RawSource(Protocol):
+    """A volume's raw bytes, open for reading (a driver's reader())."""
+
+    what: str  # pool/volume, for messages
+    size: int  # bytes to copy
+    fd: int | None  # a regular file of this host holding them at these offsets, or None
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """(start, end) ranges that may hold data, in order; all else reads as zeros."""
+        ...
+
+    def read(self, at: int, n: int) -> bytes:
+        """`n` bytes at `at` (fewer only past `size`)."""
+        ...
+
+
+class RawSink(Protocol):
+    """A volume's raw bytes, open for writing (a driver's writer())."""
+
+    what: str
+    size: int  # bytes it holds
+    fd: int | None  # a regular file of this host, or None
+    zeroed: bool  # it reads as zeros until written (a new file or image): holes skipped
+
+    def write(self, data: bytes, at: int) -> None: ...
+
+    def finish(self) -> None:
+        """After the last write: flush, or make durable, what the sink needs to."""
+        ...
+
+
+class Volumes(Protocol):
+    """The core a backend implements for the shared flows (drivers/flows/)."""
+
+    name: str
+    access: Access
+
+    def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
+        """A lock shared by every reconciler using this pool (processes or hosts)."""
+        ...
+
+    def volume_exists(self, volume: str) -> bool: ...
+
+    def create_empty(self, volume: str, size: int) -> None:
+        """A new raw volume of at least `size` bytes (VolumeExists if the name is taken);
+        its bytes are the writer's to set (an LV's are not zeroed)."""
+        ...
+
+    def raw_readable(self, rec: DiskRecord) -> bool:
+        """Whether reader() gives disk `rec`'s bytes as the disk reads them (a raw volume,
+        without a backing file, or one whose reader includes its parent's data); if not,
+        qemu-img reads the disk, with its formats named (ManagingDriver.qemu_image)."""
+        ...
+
+    def reader(self, volume: str, size: int | None = None) -> AbstractContextManager[RawSource]:
+        """The raw bytes of a volume raw_readable() says yes to: its first `size` (the
+        recorded size; None: all the volume holds)."""
+        ...
+
+    def writer(self, volume: str) -> AbstractContextManager[RawSink]:
+        """The raw bytes of a volume, to write a copy into."""
+        ...
+
+    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
+        """Give `old` the name `new` at once (a migration within one pool, a volume filled
+        under a temporary name); `replace` lets it take the place of an existing `new`,
+        else VolumeExists is raised."""
+        ...
+
+    def delete_volume(self, volume: str) -> None: ...
+
+
 class PoolDriver(Protocol):
     """A driver bound to one configured pool."""
 
@@ -115,14 +233,8 @@ class PoolDriver(Protocol):
         ...
 
 
-class ManagingDriver(PoolDriver, Protocol):
-    """A driver that can change its pool: what the executor and `cache gc` use."""
-
-    def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
-        """A lock shared by every reconciler using this pool (processes or hosts)."""
-        ...
-
-    def volume_exists(self, volume: str) -> bool: ...
+class Ownership(Protocol):
+    """Which record store manages the pool (drivers/host/ownership.py)."""
 
     def check_owner(self) -> None:
         """Raise PoolError (ManagedElsewhere) if another record store manages the pool."""
@@ -132,6 +244,18 @@ class ManagingDriver(PoolDriver, Protocol):
         """Make this driver's record store the pool's manager before the first change;
         raises PoolError if another store manages the pool."""
         ...
+
+    def owner(self) -> Owner | None:
+        """The record store that manages the pool, if one has claimed it."""
+        ...
+
+    def take_over(self) -> None:
+        """Make this driver's store the pool's manager, whoever managed it before."""
+        ...
+
+
+class KeepsRecordCopies(Protocol):
+    """Each volume's copy of its record, beside it, for `records rebuild`."""
 
     def keep_record_copy(self, rec: DiskRecord) -> None:
         """Keep a copy of `rec` beside its volume, where the host (not a guest) can."""
@@ -148,13 +272,9 @@ class ManagingDriver(PoolDriver, Protocol):
         written."""
         ...
 
-    def owner(self) -> Owner | None:
-        """The record store that manages the pool, if one has claimed it."""
-        ...
 
-    def take_over(self) -> None:
-        """Make this driver's store the pool's manager, whoever managed it before."""
-        ...
+class MakesDisks(Protocol):
+    """Disks made the two ways of DESIGN (an image, a template), grown, removed."""
 
     def attachments(self) -> Attachments: ...
 
@@ -172,15 +292,22 @@ class ManagingDriver(PoolDriver, Protocol):
 
     def resize(self, rec: DiskRecord, size: int) -> None: ...
 
-    def delete_volume(self, volume: str) -> None: ...
-
     def sweep_temp(self) -> list[str]: ...
+
+
+class Adopts(Protocol):
+    """Taking a volume without a record under management (`reconcile adopt`)."""
 
     def inspect_unmanaged(self, volume: str, fmt: DiskFormat) -> Inspected:
         """Check a volume without a record as the format an operator declares (adopt):
         raise ReconcileError for what must not be managed (a backing file or data file
         outside the pool's own cache entries); never decide the format from its bytes."""
         ...
+
+
+class ImportsNova(Protocol):
+    """Taking a Nova instance's files into the pool (`reconcile import-nova`);
+    a pool without overlays (lvm, rbd) refuses point_overlay_at."""
 
     def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
         """Put a host file (a Nova instance's disk, or a `_base` file) into the pool as
@@ -199,8 +326,11 @@ class ManagingDriver(PoolDriver, Protocol):
         only; no data is read or written). Drivers without overlays raise."""
         ...
 
-    # -- migrations (apply/steps/migrate.py): the data path is qemu-img, or the driver's own.
-    # A driver that cannot migrate returns no layouts; the planner then says so as an error.
+
+class Migrates(Protocol):
+    """Migrations (apply/steps/migrate.py): the data path is qemu-img, or the
+    driver's own through flows.copy. A driver that cannot migrate returns no layouts; the
+    planner then says so as an error."""
 
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
         """Free space, what each of `volumes` (the managed ones) occupies, and the layouts
@@ -229,10 +359,20 @@ class ManagingDriver(PoolDriver, Protocol):
         """Make what was written into `volume` durable (before it is compared and used)."""
         ...
 
-    def rename_volume(self, old: str, new: str, *, replace: bool) -> None:
-        """Give `old` the name `new` at once (a migration within one pool); `replace` lets
-        it take the place of an existing `new`, else VolumeExists is raised."""
-        ...
+
+class ManagingDriver(
+    PoolDriver,
+    Volumes,
+    Ownership,
+    KeepsRecordCopies,
+    MakesDisks,
+    Adopts,
+    ImportsNova,
+    Migrates,
+    Protocol,
+):
+    """A driver that can change its pool: what the executor, migrations, adopt, import,
+    rebuild and `cache gc` use; each concern is one protocol above."""
 
 
 def check_unused(d: ManagingDriver, volume: str, doing: str) -> None:
