@@ -47,8 +47,8 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
-# The options every subcommand takes (common.add_common); given before a subcommand's name they are
-# moved after it. `-v` may be repeated (`-vv`).
+# The options every subcommand takes (common.add_common); given before a subcommand's name
+# they are moved after it. `-v` may be repeated (`-vv`).
 _GLOBAL_WITH_VALUE = ("--config",)
 _GLOBAL_FLAGS = re.compile(r"^(-v+|--verbose)$")
 # The default command's options that take a value: what follows them is not a path.
