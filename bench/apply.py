@@ -31,7 +31,7 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RECONCILE, SCRIPT, make_pool, start_daemon, timed
-from reconciler.commands.cli import DEFAULT_JOBS
+from reconciler.commands.plan import DEFAULT_JOBS
 
 SIZE = 256 << 20
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from reconciler.commands.cli import DEFAULT_JOBS
+from reconciler.commands.plan import DEFAULT_JOBS
 from tests.httpserver import ImageServer, serve
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -38,7 +38,7 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RECONCILE, ROOT, start_daemon, stop_daemon, timed
-from reconciler.commands.cli import DEFAULT_JOBS
+from reconciler.commands.plan import DEFAULT_JOBS
 from reconciler.drivers.flows.copy import raw_copy
 from reconciler.drivers.lvm.tools import LvData, Lvm, PiecesSink, PiecesSource, read_all
 from reconciler.schema.config import LvmConfig

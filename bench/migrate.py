@@ -54,7 +54,7 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RECONCILE, make_pool, start_daemon, stop_daemon, timed
-from reconciler.commands.cli import DEFAULT_JOBS
+from reconciler.commands.plan import DEFAULT_JOBS
 
 SIZE = 1 << 30
 # Data per disk: DATA_MIB runs of 1 MiB spread over the disk (mostly sparse, as most are).

@@ -197,7 +197,7 @@ def test_schema_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tb_dir = _traceback_dir(monkeypatch, tmp_path)
     monkeypatch.setattr(Manifest, "model_json_schema", boom)
     rc, _, err = Env.main(["schema"])
-    _check_one_line(rc, err, tb_dir, "cmd_schema")
+    _check_one_line(rc, err, tb_dir, "commands/schema.py")
 
 
 def _run_broken(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.commands.nova import nova_base_entry
+from reconciler.commands.nova_layout import nova_base_entry
 from reconciler.model.record import RecordKind
 from reconciler.schema.load import load_manifests
 from tests.conftest import Pools

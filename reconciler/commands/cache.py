@@ -8,14 +8,19 @@ naming the entry before that, so an entry in use is never removed, whatever its 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from reconciler.commands.common import EXIT_OK, human_age, parse, read_config
+from reconciler.control.session import Session
 from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, RecordKind
+from reconciler.model.units import format_size
 from reconciler.util import faults
 
 
@@ -118,3 +123,54 @@ def parse_duration(text: str) -> float:
     if value < 0:
         raise ValueError(f"duration {text!r} is negative")
     return value
+
+
+def run(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="reconcile cache", description="List or garbage-collect the pools' cache entries."
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    ls = sub.add_parser("ls", help="list cache entries with size, users and age")
+    g = sub.add_parser("gc", help="remove entries no disk uses")
+    g.add_argument(
+        "--min-age",
+        default="0s",
+        metavar="DURATION",
+        help="keep entries used more recently than this (e.g. 2h, 7d)",
+    )
+    args = parse(p, argv, common_on=(ls, g))
+    config = read_config(args)
+    now = datetime.datetime.now(datetime.UTC)
+    with Session(config) as s:
+        if args.what == "ls":
+            _list(s, now)
+        else:
+            _collect(s, args.min_age, now)
+    return EXIT_OK
+
+
+def _list(s: Session, now: datetime.datetime) -> None:
+    rows = entries(s.store, now)
+    print(f"{'POOL':<12} {'ENTRY':<56} {'SIZE':>10} {'USERS':>5} {'AGE':>8}  WHAT")
+    for e in rows:
+        shown = "-" if e.unused_for == float("inf") else human_age(e.unused_for)
+        state = "" if e.state == "ready" else f" [{e.state}]"
+        print(
+            f"{e.pool:<12} {e.volume:<56} {format_size(e.size):>10} {e.users:>5} "
+            f"{shown:>8}  {e.what}{state}"
+        )
+    print(f"{len(rows)} cache entr{'y' if len(rows) == 1 else 'ies'}")
+
+
+def _collect(s: Session, min_age_text: str, now: datetime.datetime) -> None:
+    try:
+        min_age = parse_duration(min_age_text)
+    except ValueError as e:
+        raise ReconcileError(str(e)) from None
+    s.store.check_writable()  # locked or read-only: stop before removing anything
+    removed, kept = gc(s.store, s.managing_drivers(), min_age, now)
+    for entry in removed:
+        print(f"removed {entry.pool}/{entry.volume} ({entry.what}, {format_size(entry.size)})")
+    for entry, why in kept:
+        print(f"kept {entry.pool}/{entry.volume}: {why}")
+    print(f"Cache gc: {len(removed)} removed, {len(kept)} kept.")

@@ -32,9 +32,12 @@ touches, until an operator adopts it.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from reconciler.commands.common import EXIT_ERROR, EXIT_OK, add_common, read_config, setup_logging
 from reconciler.control.session import Session, observe_managed
 from reconciler.diff import PlanOptions, plan
 from reconciler.drivers.api import ManagingDriver
@@ -43,6 +46,7 @@ from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.model.observed import Observed
 from reconciler.model.plan import ActionKind
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
+from reconciler.model.units import format_size
 from reconciler.schema.recordcheck import validate
 
 # What a restored record may make the next plan do to its disk: only a record-only change.
@@ -72,6 +76,111 @@ def _at_rest(rec: DiskRecord) -> str | None:
     if said != rec.virtual_size:
         return f"its spec says size {said!r} but the record {rec.virtual_size!r}"
     return None
+
+
+def run(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="reconcile records",
+        description="Work on the records database itself.",
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    rb = sub.add_parser(
+        "rebuild",
+        help="restore a pool's records from the trusted copies its volumes carry",
+        description="Restore the records of POOL from the copies its volumes carry (never "
+        "their bytes) into this config's records database, then make that database the "
+        "pool's manager. For a database that was lost or replaced. A copy is evidence, "
+        "never truth: only trusted copies are read (a file's trusted.* attribute, or a "
+        "user.* one sealed with this host's key; an LV's tags; an RBD image's metadata), "
+        "each checked as input, and only copies written at rest that agree with their own "
+        "spec are restored. Given the manifests (PATH...), a copy is restored only if the "
+        "next plan, with --prune and --allow-replace, would do nothing to its disk but a "
+        "record-only update: no delete, replace, migrate, resize or release. Without "
+        "them the plan cannot be checked; pass them to be sure. Each refusal is reported "
+        "and its volume left without a record (reported by the plan, never touched, "
+        "until adopted). Volumes that already have a record are left as they are.",
+    )
+    rb.add_argument("pool", metavar="POOL", help="a pool of the config")
+    rb.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="the manifests (files or directories) the next run plans with",
+    )
+    rb.add_argument("--dry-run", action="store_true", help="show what would be restored")
+    rb.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    add_common(rb)
+    # PATHs may follow the options too (`rebuild POOL --yes DIR`), which argparse's
+    # positionals, taken in one run, would refuse: parsed here, not by common.parse.
+    args, extra = p.parse_known_args(argv)
+    if any(x.startswith("-") for x in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.paths = [*args.paths, *extra]
+    setup_logging(args.verbose)
+    config = read_config(args)
+    with Session(config) as s:
+        return _rebuild(s, args.pool, args.paths, dry_run=args.dry_run, yes=args.yes)
+
+
+def _rebuild(s: Session, pool: str, paths: Sequence[str], *, dry_run: bool, yes: bool) -> int:
+    """The verdict shown, then (confirmed, unless dry_run) the records restored, synced,
+    and this store made the pool's manager: nothing is written before the confirmation."""
+    drv = s.managing_drivers().get(pool)
+    if drv is None:
+        known = ", ".join(sorted(s.managing_drivers())) or "none"
+        raise ReconcileError(f"no pool {pool!r} with a driver in the config (pools: {known})")
+    v = judge(s, pool, drv, paths)
+    _show(pool, v)
+    ident = s.store.identity()
+    owner = drv.owner()
+    if owner is not None and owner.store != ident.id:
+        print(
+            f"The pool is managed by record store {owner.store} ({owner.location} on "
+            f"{owner.host}); after the rebuild, {ident.location} on {ident.host} manages it."
+        )
+    verb = "would be" if dry_run else "will be"
+    print(
+        f"{len(v.restore)} record(s) {verb} restored into {ident.location}, "
+        f"{len(v.kept)} kept, {len(v.refused)} refused, "
+        f"{len(v.without)} volume(s) without a trusted copy."
+    )
+    if dry_run:
+        print("Dry run: nothing was changed.")
+        return EXIT_OK
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ReconcileError("confirm with --yes (standard input is not a terminal)")
+        answer = input(f"Type the pool name ({pool}) to go ahead: ")
+        if answer.strip() != pool:
+            print("Not confirmed; nothing was changed.")
+            return EXIT_ERROR
+    for r in v.restore:
+        s.store.put(r, None)
+    s.store.sync()
+    drv.take_over()
+    print(f"Restored {len(v.restore)} record(s); {ident.location} now manages pool {pool}.")
+    return EXIT_OK
+
+
+def _show(pool: str, v: Verdict) -> None:
+    """One line per volume: restored, kept, refused (why), or without a trusted copy."""
+    for r in v.restore:
+        what = f"disk {r.instance}/{r.disk}" if r.kind.value == "disk" else "cache entry"
+        print(
+            f"restore {pool}/{r.volume}: {what}, {r.format.value} {format_size(r.virtual_size)}, "
+            f"{r.state.value}, generation {r.generation}"
+        )
+    for r in v.kept:
+        print(f"keep {pool}/{r.volume}: the database already has its record")
+    for volume, why in v.refused:
+        print(f"refuse {pool}/{volume}: {why}; not restored")
+    for volume, why in v.without:
+        print(f"skip {pool}/{volume}: {why}; left alone")
+    if not v.planned:
+        print(
+            "No manifests given: each copy was checked against itself and the pool only; "
+            "pass the manifest directory to check it against the next plan."
+        )
 
 
 def judge(s: Session, pool: str, drv: ManagingDriver, paths: Sequence[str]) -> Verdict:

@@ -43,7 +43,7 @@ class ObservedPool:
     # never pruned, and `held` names the volumes whose records another host holds.
     shared: bool = False
     held: Mapping[str, Holder] = field(default_factory=dict)
-    # For migrations (see MigrationFacts in drivers/base.py): free bytes in the pool (None:
+    # For migrations (see MigrationFacts in drivers/api.py): free bytes in the pool (None:
     # unknown), bytes each managed volume occupies, and the `backend/format` layouts the
     # pool's driver can copy a disk out of and into. Empty: the driver cannot migrate.
     # `thick_unit`: 0 where a copy into the pool is sparse, else a copy takes its whole
