@@ -109,8 +109,9 @@ from reconciler.drivers.host.run import run
 from reconciler.drivers.host.store import ConflictError, RecordStore, StoreError, StoreIdentity
 from reconciler.drivers.ingest.headers import HEADER_BYTES, header_format
 from reconciler.drivers.rbd.leases import LeaseLocks, LockBusy
+from reconciler.drivers.rbd.namespace import client_conf
 from reconciler.drivers.rbd.outage import Outage
-from reconciler.drivers.rbd.records import RadosRecordStore, client_conf
+from reconciler.drivers.rbd.records import RadosRecordStore
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.model.naming import CACHE_PREFIX, TEMP_PREFIX, image_entry_name, template_entry_name
 from reconciler.model.observed import ObservedPool
