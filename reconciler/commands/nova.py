@@ -149,7 +149,7 @@ def _read_disk_info(inst: Path) -> dict[str, str]:
 def _info(path: Path, fmt: DiskFormat) -> dict[str, Any]:
     from reconciler.drivers.file.pool import QEMU_FORMAT
     from reconciler.drivers.flows.qemuimg import fd_path, open_volume
-    from reconciler.drivers.ingest.images import run_limited
+    from reconciler.drivers.ingest.check import run_limited
 
     with open_volume(str(path), write=False) as fd:
         out = run_limited(
@@ -453,7 +453,7 @@ def _place_entry(
     """A Nova `_base` file as a cache entry of the pool (linked or copied: other Nova
     instances may still use it), checked as raw first, recorded after it is in place."""
     from reconciler.drivers.flows.qemuimg import open_volume
-    from reconciler.drivers.ingest.images import check_local_raw
+    from reconciler.drivers.ingest.check import check_local_raw
 
     with driver.lock(entry):
         if store.get(pool, entry) is not None:
