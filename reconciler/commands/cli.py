@@ -25,7 +25,8 @@ from reconciler.model import Plan
 from reconciler.model.errors import ReconcileError
 from reconciler.model.units import format_size
 from reconciler.schema.config import Config, config_path
-from reconciler.schema.load import load_config, load_manifests
+from reconciler.schema.load import load_config
+from reconciler.schema.manifestdir import load_manifests
 from reconciler.schema.write import write_atomic
 from reconciler.util import logs
 
