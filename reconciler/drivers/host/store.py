@@ -91,7 +91,7 @@ RELEASED = "@released"
 
 @runtime_checkable
 class SharedRecordStore(RecordStore, Protocol):
-    """A store many hosts share (drivers/rados_records.py): each record has an owner
+    """A store many hosts share (drivers/rbd/records.py): each record has an owner
     host, and hosts hand records to one another by compare-and-swap."""
 
     host: str

@@ -69,6 +69,10 @@ class Hosts:
                         raise
             self.registered = True
 
+    def known(self) -> list[str]:
+        """Every host that has ever created a record in this namespace, sorted."""
+        return sorted(self.ns.omap_all(HOSTS_OBJECT))
+
     def _create_hosts(self, since: bytes) -> None:
         rados = rados_module()
         with rados.WriteOpCtx() as op:

@@ -1,6 +1,6 @@
-"""The objects of the RADOS record store and their stored formats: the only code that
-knows how a record, an index entry or a heartbeat is laid out (drivers/rbd/records.py is
-the store that reads and writes them).
+"""The objects of the RADOS record store, their names and stored formats: the only code
+that knows how a record and an index entry are laid out (drivers/rbd/records.py is the
+store that reads and writes them; a heartbeat's value is drivers/rbd/hosts.py's).
 
 Objects (all in namespace `reconciler` of the pool unless configured otherwise):
 

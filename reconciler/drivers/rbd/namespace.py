@@ -61,7 +61,11 @@ class Namespace:
     def open(self, open_ioctx: Callable[[], Any], namespace: str) -> None:
         with self.errors("opening the pool"):
             self.io = open_ioctx()
-        self.io.set_namespace(namespace)
+        try:
+            self.io.set_namespace(namespace)
+        except BaseException:
+            self.io.close()
+            raise
 
     # -- the store object: the namespace's format, identity and shard count --------------
 

@@ -57,7 +57,6 @@ from reconciler.drivers.rbd.hosts import DEFAULT_HEARTBEAT_EXPIRY, Hosts
 from reconciler.drivers.rbd.index import DEFAULT_STALE_AFTER, Index
 from reconciler.drivers.rbd.layout import (
     DEFAULT_SHARDS,
-    HOSTS_OBJECT,
     MAX_RECORD,
     SHARED,
     IndexEntry,
@@ -200,7 +199,7 @@ class RadosRecordStore:
         """Records of every host naming pool/volume as their cache entry. Reads every
         host's index and record: its cost grows with the namespace (a per-cache-entry
         reference index is the image cache's to keep)."""
-        hosts = [*sorted(self.ns.omap_all(HOSTS_OBJECT)), RELEASED]
+        hosts = [*self.hosts.known(), RELEASED]
         n = 0
         for host in hosts:
             good, _ = self.index.load(host, list(range(self.shards)), None, clean=False)
@@ -388,8 +387,8 @@ class RadosRecordStore:
         """Change a record's owner from `old` to `new`, its generation + 1. Order, so no
         record is ever unlisted by its owner: 1. list it in `new`'s index; 2. the record,
         guarded by generation, owner and instance; 3. unlist it from `old`'s index. A crash
-        after 1 or 2 leaves an entry whose record another host owns: `Index.load` ignores it and
-        the index's own host removes it."""
+        after 1 or 2 leaves an entry whose record another host owns: `Index.load` ignores
+        it and the index's own host removes it."""
         rados = rados_module()
         oid = record_object(pool, volume)
         stored = self._stored(pool, volume)
