@@ -74,7 +74,7 @@ def _describe(found: fi.FileInspector) -> str:
     return _partition_table(found) or str(found.NAME)
 
 
-def inspector_verdict(wrapper: fi.InspectWrapper, declared: str) -> fi.FileInspector:
+def _inspector_verdict(wrapper: fi.InspectWrapper, declared: str) -> fi.FileInspector:
     """The inspector's one verdict, which must be the declared format or, for raw, a
     partition table that passes its check; oslo's safety checks of it must pass."""
     try:
@@ -140,12 +140,6 @@ class _Hasher:
     def hexdigest(self) -> str:
         self.close()
         return self._digest.hexdigest()
-
-    def __enter__(self) -> _Hasher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class StreamChecks:
@@ -225,7 +219,7 @@ class StreamChecks:
         sha = self._digest.hexdigest()
         if sha != image.sha256:
             raise ImageRejected(f"sha256 mismatch: the catalog declares {image.sha256}, got {sha}")
-        found = inspector_verdict(self._wrapper, self.declared)
+        found = _inspector_verdict(self._wrapper, self.declared)
         virtual = total if self.declared == "raw" else int(found.virtual_size)
         if virtual > self.max_virtual_size:
             raise ImageRejected(
@@ -300,7 +294,7 @@ def check_local_raw(fd: int, what: str) -> str:
             digest.update(chunk)
         wrapper.close()
     try:
-        inspector_verdict(wrapper, "raw")
+        _inspector_verdict(wrapper, "raw")
     except ImageRejected as e:
         raise ImageRejected(f"{what}: {e}") from None
     return digest.hexdigest()
