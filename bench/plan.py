@@ -718,7 +718,7 @@ def stage_breakdown(s: Setup) -> None:
     from reconciler.diff import plan
     from reconciler.diff.render import to_json
     from reconciler.drivers.ingest.headers import file_header_format
-    from reconciler.schema.load import ManifestLoad, manifest_files
+    from reconciler.schema.manifestdir import ManifestLoad, manifest_files
     from reconciler.schema.yamlload import load_file
 
     def sequential() -> object:

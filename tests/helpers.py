@@ -10,8 +10,9 @@ from reconciler.model import Desired, Observed, ObservedPool
 from reconciler.model.record import DiskRecord, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import Config
-from reconciler.schema.load import load_config, load_manifests
+from reconciler.schema.load import load_config
 from reconciler.schema.manifest import DiskSpec
+from reconciler.schema.manifestdir import load_manifests
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

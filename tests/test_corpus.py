@@ -20,13 +20,8 @@ import yaml
 
 from reconciler.model.errors import ConfigError, InputError
 from reconciler.schema.config import Config
-from reconciler.schema.load import (
-    FailedManifest,
-    LoadedManifest,
-    load_config,
-    load_manifest,
-    load_manifests,
-)
+from reconciler.schema.load import FailedManifest, LoadedManifest, load_config, load_manifest
+from reconciler.schema.manifestdir import load_manifests
 from reconciler.schema.yamlload import MAX_DEPTH, MAX_FILE_BYTES, load_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from oslo_utils.imageutils import format_inspector as fi
 
-from reconciler.drivers.ingest.images import ImageRejected, run_limited
+from reconciler.drivers.ingest.check import ImageRejected, run_limited
 from reconciler.model.record import RecordKind
 from tests.env import ROOT, Env, disk
 from tests.httpserver import ImageServer, serve

@@ -17,7 +17,7 @@ import pytest
 
 from reconciler.commands.nova_layout import nova_base_entry
 from reconciler.model.record import RecordKind
-from reconciler.schema.load import load_manifests
+from reconciler.schema.manifestdir import load_manifests
 from tests.conftest import Pools
 from tests.env import ROOT, Env
 from tests.killpoints import at_each

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.schema.load import load_manifests
+from reconciler.schema.manifestdir import load_manifests
 from reconciler.schema.speed import mcache
 from reconciler.schema.speed.mcache import ManifestCache
 from tests.helpers import EXAMPLES, example_config

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.model.errors import InputError
-from reconciler.schema.load import FailedManifest, LoadedManifest, load_manifests
+from reconciler.schema.load import FailedManifest, LoadedManifest
+from reconciler.schema.manifestdir import load_manifests
 from reconciler.schema.readfile import read_regular
 from reconciler.schema.speed import mcache
 from reconciler.schema.speed.mcache import ManifestCache

@@ -23,16 +23,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler.schema import load
+from reconciler.schema import load, manifestdir
 from reconciler.schema.config import Config
-from reconciler.schema.load import (
-    FORK_THRESHOLD,
-    FailedManifest,
-    LoadedManifest,
-    ManifestLoad,
-    load_config,
-    load_manifest,
-)
+from reconciler.schema.load import FailedManifest, LoadedManifest, load_config, load_manifest
+from reconciler.schema.manifestdir import FORK_THRESHOLD, ManifestLoad
 from reconciler.schema.speed import worker
 from reconciler.schema.speed.mcache import ManifestCache
 from reconciler.schema.speed.worker import Worker
@@ -347,7 +341,7 @@ def test_a_worker_killed_while_writing_the_cache_is_reported(
     trust_new_files: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(load, "write_document", lambda path, doc: _crash())
+    monkeypatch.setattr(manifestdir, "write_document", lambda path, doc: _crash())
     path = tmp_path / "cache.json"
     cache = ManifestCache(path)
     with capture_logs() as logs, ManifestLoad([str(manifests)], config, cache) as loading:

@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from reconciler.drivers.host.store import RELEASED, ConflictError, StoreError
-from reconciler.drivers.rbd import records as rr
-from reconciler.drivers.rbd.records import RadosRecordStore, record_object
+from reconciler.drivers.rbd import layout as rr
+from reconciler.drivers.rbd.layout import record_object
+from reconciler.drivers.rbd.namespace import client_conf
+from reconciler.drivers.rbd.records import RadosRecordStore
 from reconciler.model.errors import RecordError
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
@@ -119,7 +121,7 @@ def namespace(ceph: Ceph) -> Iterator[str]:
 @pytest.fixture
 def make(ceph: Ceph, namespace: str) -> Iterator[Make]:
     """Stores in the test's namespace, on the shared client unless `own_client`; closed
-    after. `counting=True` wraps the ioctx (store._io) in a CountingIoctx."""
+    after. `counting=True` wraps the ioctx (store.ns.io) in a CountingIoctx."""
     stores: list[RadosRecordStore] = []
 
     def _make(
@@ -342,7 +344,7 @@ def test_a_host_reads_only_its_own_index_never_the_pool_listing(make: Make) -> N
             mine[h].append(rec)
 
     s = stores["h1"]
-    io: CountingIoctx = s._io
+    io: CountingIoctx = s.ns.io
     io.calls.clear()
     io.objects.clear()
     good, bad = s.load_all()
@@ -464,7 +466,7 @@ def test_the_client_bounds_every_wait(ceph: Ceph, namespace: str) -> None:
         s.close()
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError):
-            rr.client_conf(bad)
+            client_conf(bad)
 
 
 def test_faults_are_store_errors_naming_the_pool(ceph: Ceph, namespace: str) -> None:
@@ -478,7 +480,7 @@ def test_an_index_shard_larger_than_one_omap_page_is_read_whole(make: Make) -> N
     assert a.shards == 1
     for i in range(1200):
         a.put(record(f"vm-{i // 4}_disk-{i}", instance=f"vm-{i // 4}"), None)
-    io: CountingIoctx = a._io
+    io: CountingIoctx = a.ns.io
     io.calls.clear()
     good, bad = a.load_all()
     assert len({r.volume for r in good}) == 1200 and not bad
@@ -570,7 +572,7 @@ def test_heartbeats_and_a_take_from_a_host_that_is_gone_fences_it(make: Make, ce
     fenced: list[str] = []
     try:
         b.take("rbd", "vm-2_root", 1, "host-a")
-        fenced = sorted({a._addr(), a_too._addr()})
+        fenced = sorted({a.hosts.addr(), a_too.hosts.addr()})
         assert b.owner("rbd", "vm-2_root") == "host-b"
         assert [r.volume for r in b.for_instance("vm-2")] == ["vm-2_root"]
         # Both of A's processes are fenced: every operation fails, reads included.

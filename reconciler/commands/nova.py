@@ -284,7 +284,7 @@ def _place_entry(
     """A Nova `_base` file as a cache entry of the pool (linked or copied: other Nova
     instances may still use it), checked as raw first, recorded after it is in place."""
     from reconciler.drivers.flows.qemuimg import open_volume
-    from reconciler.drivers.ingest.images import check_local_raw
+    from reconciler.drivers.ingest.check import check_local_raw
 
     with driver.lock(entry):
         if store.get(pool, entry) is not None:

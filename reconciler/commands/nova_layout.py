@@ -137,7 +137,7 @@ def _read_disk_info(inst: Path) -> dict[str, str]:
 
 def _info(path: Path, fmt: DiskFormat) -> dict[str, Any]:
     from reconciler.drivers.flows.qemuimg import QEMU_FORMAT, fd_path, info_argv, open_volume
-    from reconciler.drivers.ingest.images import run_limited
+    from reconciler.drivers.ingest.check import run_limited
 
     with open_volume(str(path), write=False) as fd:
         out = run_limited(

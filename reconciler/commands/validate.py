@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from reconciler.commands.common import EXIT_ERROR, EXIT_OK, parse, read_config
-from reconciler.schema.load import load_manifests
+from reconciler.schema.manifestdir import load_manifests
 
 
 def run(argv: Sequence[str]) -> int:

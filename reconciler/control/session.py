@@ -30,8 +30,8 @@ from reconciler.model.errors import PoolError, ReconcileError, RecordError
 from reconciler.model.record import BadRecord, DiskRecord, RecordKind
 from reconciler.schema.common import Backend
 from reconciler.schema.config import Config
-from reconciler.schema.load import ManifestLoad, load_manifests
 from reconciler.schema.manifest import ImageSource
+from reconciler.schema.manifestdir import ManifestLoad, load_manifests
 from reconciler.schema.recordcheck import is_entry_name, validate
 from reconciler.schema.speed.mcache import ManifestCache
 

@@ -10,7 +10,7 @@ through here, so that no input costs unbounded work or ends in a traceback:
   is found as the link itself), that object's own fstat decides, and only then is the
   same inode opened for reading, without blocking (open_regular); it is read up to a
   byte limit (read_file, read_regular) or, for an image, streamed (open_stream). Every
-  opener of an input file (here, reconciler/schema/readfile.py, reconciler/drivers/ingest/images.py)
+  opener of an input file (here, reconciler/schema/readfile.py, reconciler/drivers/ingest/fetch.py)
   is this one;
 - gzip is inflated as a stream, stopping one byte past a limit (a small .gz that would
   inflate to gigabytes is refused after the limit, not after the gigabytes);

@@ -279,17 +279,7 @@ def _fill_lacking(doc: dict[str, Any], lacking: tuple[str, ...]) -> dict[str, di
 
 def load(path: str) -> tuple[Observed, StateInfo]:
     """Read and check a state file; StateError names the file and the field."""
-    try:
-        raw = read_regular(path, what=path, max_bytes=MAX_STATE_BYTES, follow_symlinks=True)
-        if path.endswith(".gz") or raw[:2] == b"\x1f\x8b":
-            raw = gunzip(raw, what=path, max_bytes=MAX_STATE_BYTES)
-        doc = load_json(raw, what=path, max_bytes=MAX_STATE_BYTES)
-    except FileNotFoundError:
-        raise StateError(f"{path}: cannot read the observed state: no such file") from None
-    except UnsafeInput as e:
-        raise StateError(str(e)) from None
-    if not isinstance(doc, dict):
-        raise StateError(f"{path}: not an observed state (expected a JSON object)")
+    doc = _read(path)
     version = doc.get("format_version")
     if version != FORMAT_VERSION and (type(version) is not int or version not in LACKS):
         known = ", ".join(str(v) for v in (*sorted(LACKS), FORMAT_VERSION))
@@ -304,12 +294,49 @@ def load(path: str) -> tuple[Observed, StateInfo]:
         first = e.errors(include_url=False)[0]
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise StateError(f"{path}: {_field(first['loc'])}: {first['msg']}{more}") from None
+    observed_at = _observed_at(path, state)
+    _check_consistent(path, state)
+    # Whoever wrote the file wrote its records: each is checked as the host's are (a
+    # record that fails is its volume's plan error, as it would be on the host).
+    records, refused = validate(
+        state.records, {n: p.backends for n, p in state.config.pools.items()}
+    )
+    bad = tuple(BadRecord(b.pool, b.volume, b.error) for b in state.bad_records)
+    return (
+        Observed(_pools(state, unknown), tuple(records), bad + tuple(refused)),
+        StateInfo(path, observed_at, state.host),
+    )
+
+
+def _read(path: str) -> dict[str, Any]:
+    """The file's JSON object, read within bounds (gzip inflated)."""
+    try:
+        raw = read_regular(path, what=path, max_bytes=MAX_STATE_BYTES, follow_symlinks=True)
+        if path.endswith(".gz") or raw[:2] == b"\x1f\x8b":
+            raw = gunzip(raw, what=path, max_bytes=MAX_STATE_BYTES)
+        doc = load_json(raw, what=path, max_bytes=MAX_STATE_BYTES)
+    except FileNotFoundError:
+        raise StateError(f"{path}: cannot read the observed state: no such file") from None
+    except UnsafeInput as e:
+        raise StateError(str(e)) from None
+    if not isinstance(doc, dict):
+        raise StateError(f"{path}: not an observed state (expected a JSON object)")
+    return doc
+
+
+def _observed_at(path: str, state: StateFile) -> datetime.datetime:
     try:
         observed_at = datetime.datetime.fromisoformat(state.observed_at)
     except ValueError:
         raise StateError(f"{path}: observed_at: {state.observed_at!r} is not a time") from None
     if observed_at.tzinfo is None:
         raise StateError(f"{path}: observed_at: {state.observed_at!r} has no time zone")
+    return observed_at
+
+
+def _check_consistent(path: str, state: StateFile) -> None:
+    """Records and pools that disagree with each other: one record per volume, every
+    configured pool that has records observed, every described volume among the volumes."""
     seen: set[tuple[str, str]] = set()
     for i, r in enumerate(state.records):
         where = f"{path}: records[{i}]"
@@ -326,7 +353,11 @@ def load(path: str) -> tuple[Observed, StateInfo]:
                 raise StateError(
                     f"{path}: pools.{name}: {vol} is described but is not among the volumes"
                 )
-    pools = {
+
+
+def _pools(state: StateFile, unknown: dict[str, dict[str, str]]) -> dict[str, ObservedPool]:
+    """The observed pools of a checked file; `unknown`: per pool, what its version lacks."""
+    return {
         name: ObservedPool(
             name,
             None if p.volumes is None else frozenset(p.volumes),
@@ -347,13 +378,3 @@ def load(path: str) -> tuple[Observed, StateInfo]:
         )
         for name, p in state.pools.items()
     }
-    # Whoever wrote the file wrote its records: each is checked as the host's are (a
-    # record that fails is its volume's plan error, as it would be on the host).
-    records, refused = validate(
-        state.records, {n: p.backends for n, p in state.config.pools.items()}
-    )
-    bad = tuple(BadRecord(b.pool, b.volume, b.error) for b in state.bad_records)
-    return (
-        Observed(pools, tuple(records), bad + tuple(refused)),
-        StateInfo(path, observed_at, state.host),
-    )

@@ -87,7 +87,7 @@ from reconciler.util import faults
 from reconciler.util.logs import get_logger
 
 if TYPE_CHECKING:
-    from reconciler.drivers.ingest.images import Checked
+    from reconciler.drivers.ingest.check import Checked
 
 log = get_logger(__name__)
 
@@ -593,7 +593,7 @@ class FilePoolDriver:
             if fmt == "raw":
                 os.rename(self.path(TEMP_PREFIX + entry), self.path(entry))  # the checked bytes
             else:
-                from reconciler.drivers.ingest.images import run_limited
+                from reconciler.drivers.ingest.check import run_limited
 
                 self._create_xml(entry, checked.virtual_size, "raw")
                 with open_volume(self.path(entry)) as out_fd:
@@ -718,7 +718,7 @@ class FilePoolDriver:
         that looks like another format is only reported); qcow2 and ploop are read by
         `qemu-img info -f FMT` under the untrusted-image limits, and a qcow2 may only be
         backed by a ready cache entry of this pool, named with backing format raw."""
-        from reconciler.drivers.ingest.images import run_limited  # oslo.utils: only when adopting
+        from reconciler.drivers.ingest.check import run_limited  # oslo.utils: only when adopting
 
         path = self.path(volume)
         header = file_header_format(path)

@@ -28,7 +28,7 @@ from reconciler.util import faults
 from reconciler.util.logs import get_logger
 
 if TYPE_CHECKING:
-    from reconciler.drivers.ingest.images import Checked
+    from reconciler.drivers.ingest.check import Checked
     from reconciler.schema.config import ImageConfig
 
 log = get_logger(__name__)
@@ -114,7 +114,8 @@ def fetch_checked(image_id: str, image: ImageConfig, fd: int, max_virtual_size: 
     # Imported here: oslo.utils takes a quarter of a second to import, which every run
     # that fetches nothing (the common, converged case) should not pay.
     from reconciler.drivers.flows.qemuimg import fd_path
-    from reconciler.drivers.ingest.images import Progress, qemu_img_agrees, stream_into
+    from reconciler.drivers.ingest.check import qemu_img_agrees
+    from reconciler.drivers.ingest.images import Progress, stream_into
 
     progress = Progress(f"fetch {image_id}", image.size)
     try:

@@ -29,6 +29,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
@@ -133,6 +134,17 @@ def is_pool_busy(err: libvirt.libvirtError) -> bool:
     return "asynchronous jobs running" in str(err)
 
 
+@dataclass
+class _Tries:
+    """One call's retries so far."""
+
+    delays: list[float]  # the backoff's delays for transient errors
+    busy: int = 0  # retries of a transient error other than a busy pool
+    waits: int = 0  # waits for a busy pool
+    busy_since: float | None = None  # when the call first found the pool busy
+    lost: int = 0  # re-opens of a lost connection in this call
+
+
 class Connections:
     """Open libvirt connections, one per URI, re-opened after a lost connection."""
 
@@ -207,44 +219,35 @@ class Connections:
         a busy pool waited on until the busy deadline; other transient errors are retried
         `backoff.attempts` times."""
         self.calls += 1
-        delays = self.backoff.delays()
-        busy = 0  # retries of a transient error other than a busy pool
-        waits = 0  # waits for a busy pool
-        busy_since: float | None = None
-        lost = 0  # re-opens of a lost connection in this call
+        tries = _Tries(self.backoff.delays())
         while True:
             try:
                 result = fn(self.get(uri))
             except libvirt.libvirtError as e:
                 if is_connection_lost(e):
-                    self.backoff.sleep(self._lost_wait(uri, what, e, lost))
-                    lost += 1
+                    self.drop(uri)
+                    self._wait_reconnect(uri, what, e, tries)
                     continue
                 self._reached(uri)
                 if is_pool_busy(e):
-                    now = self.clock()
-                    if busy_since is None:
-                        busy_since = now
-                    left = busy_since + self.busy_timeout - now
-                    self.backoff.sleep(self._busy_wait(what, e, left, waits))
-                    waits += 1
+                    self._wait_busy(what, e, tries)
                     continue
-                if not is_transient(e) or busy == len(delays):
+                if not is_transient(e) or tries.busy == len(tries.delays):
                     raise PoolError(f"{what}: {e.get_error_message() or e}") from e
+                delay = tries.delays[tries.busy]
                 log.warning(
-                    "libvirt.retry", what=what, error=str(e), attempt=busy + 1, delay=delays[busy]
+                    "libvirt.retry", what=what, error=str(e), attempt=tries.busy + 1, delay=delay
                 )
-                self.backoff.sleep(delays[busy])
-                busy += 1
+                self.backoff.sleep(delay)
+                tries.busy += 1
                 continue
             self._reached(uri)
             return result
 
-    def _lost_wait(self, uri: str, what: str, e: libvirt.libvirtError, lost: int) -> float:
-        """How long to wait before re-opening a lost connection (the `lost`-th time in
-        this call), or PoolError once the reconnect deadline has passed."""
-        self.drop(uri)
-        wait = self._reconnect_wait(uri, lost)
+    def _wait_reconnect(self, uri: str, what: str, e: libvirt.libvirtError, tries: _Tries) -> None:
+        """Wait before re-opening a lost connection; PoolError once its outage has lasted
+        its timeout (`_timeout`)."""
+        wait = self._reconnect_wait(uri, tries.lost)
         if wait is None and self._timeout(uri) < self.reconnect_timeout:
             raise PoolError(
                 f"{what}: cannot connect to libvirt at {uri}: "
@@ -259,27 +262,33 @@ class Connections:
             ) from e
         # The first loss is news; the retries after it are not, nor are the quick tries
         # of a first contact.
-        first = lost == 0 and self._timeout(uri) == self.reconnect_timeout
+        first = tries.lost == 0 and self._timeout(uri) == self.reconnect_timeout
         (log.warning if first else log.info)(
             "libvirt.reconnect", what=what, error=str(e), delay=round(wait, 3)
         )
-        return wait
+        tries.lost += 1
+        self.backoff.sleep(wait)
 
-    def _busy_wait(self, what: str, e: libvirt.libvirtError, left: float, waits: int) -> float:
-        """How long to wait for a pool busy building a volume (the `waits`-th wait), or
-        PoolError once it has been busy for the busy deadline (`left`: what remains)."""
+    def _wait_busy(self, what: str, e: libvirt.libvirtError, tries: _Tries) -> None:
+        """Wait for a pool busy building a volume; PoolError once the call has waited
+        `busy_timeout` seconds."""
+        now = self.clock()
+        if tries.busy_since is None:
+            tries.busy_since = now
+        left = tries.busy_since + self.busy_timeout - now
         if left <= 0:
             raise PoolError(
                 f"{what}: {e.get_error_message() or e}: the pool was still busy "
                 f"building a volume after {self.busy_timeout:g} s; run again once "
                 "the other job has finished"
             ) from e
-        wait = min(self.backoff.delay(waits), left)
+        wait = min(self.backoff.delay(tries.waits), left)
         # The first wait is news; the ones after it are not.
-        (log.info if waits == 0 else log.debug)(
-            "libvirt.pool_busy", what=what, attempt=waits + 1, delay=round(wait, 3)
+        (log.info if tries.waits == 0 else log.debug)(
+            "libvirt.pool_busy", what=what, attempt=tries.waits + 1, delay=round(wait, 3)
         )
-        return wait
+        self.backoff.sleep(wait)
+        tries.waits += 1
 
     def close(self) -> None:
         for uri in list(self._conns):

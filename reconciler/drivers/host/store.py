@@ -31,12 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import ValidationError
-
+from reconciler.drivers.host.decode import record_from_json
 from reconciler.model.errors import RecordError
 from reconciler.model.record import BadRecord, DiskRecord
-from reconciler.schema.bounded import UnsafeInput, check_json
-from reconciler.schema.recordcheck import check_record
 from reconciler.util.statedir import SQLITE_SIDE_FILES, private_dir, private_file
 
 
@@ -94,7 +91,7 @@ RELEASED = "@released"
 
 @runtime_checkable
 class SharedRecordStore(RecordStore, Protocol):
-    """A store many hosts share (drivers/rados_records.py): each record has an owner
+    """A store many hosts share (drivers/rbd/records.py): each record has an owner
     host, and hosts hand records to one another by compare-and-swap."""
 
     host: str
@@ -138,23 +135,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 """
 
 
-def invalid(e: ValidationError) -> str:
-    """What a stored record's first validation error says: `field: message`."""
-    first = e.errors()[0]
-    return ".".join(str(p) for p in first["loc"]) + f": {first['msg']}"
-
-
 def _parse(pool: str, volume: str, data: str) -> DiskRecord:
-    try:
-        rec = DiskRecord.model_validate_json(check_json(data, what="its JSON"))
-    except UnsafeInput as e:
-        raise RecordError(f"record for {pool}/{volume} is unreadable ({e})") from None
-    except ValidationError as e:
-        raise RecordError(f"record for {pool}/{volume} is unreadable ({invalid(e)})") from None
-    if rec.pool != pool or rec.volume != volume:
-        raise RecordError(f"record stored as {pool}/{volume} describes {rec.pool}/{rec.volume}")
-    check_record(rec, pool, volume)  # what else can write the database is input too
-    return rec
+    def misplaced(rec: DiskRecord) -> str | None:
+        if rec.pool != pool or rec.volume != volume:
+            return f"record stored as {pool}/{volume} describes {rec.pool}/{rec.volume}"
+        return None
+
+    return record_from_json(data, f"record for {pool}/{volume}", misplaced)
 
 
 class SqliteRecordStore:

@@ -1,2 +1,4 @@
-"""Bringing images from outside into a pool's cache: fetch under deadlines and size caps,
-check the bytes against the catalogue's sha256 and format, and read headers only to warn."""
+"""Bringing images from outside into a pool's cache: fetch (a location read under one
+deadline, retried while another try may help), check (the bytes against the catalogue's
+sha256, size and format, qemu-img under limits), images (one streamed into the other and
+written sparse), headers (read only to warn)."""

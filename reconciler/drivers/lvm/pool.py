@@ -109,7 +109,7 @@ from reconciler.util.logs import get_logger
 from reconciler.util.statedir import private_dir
 
 if TYPE_CHECKING:
-    from reconciler.drivers.ingest.images import Checked
+    from reconciler.drivers.ingest.check import Checked
 
 log = get_logger(__name__)
 
@@ -570,7 +570,7 @@ class LvmPoolDriver:
             if fmt == "raw":
                 self._fill_entry(entry, fd, size)
                 return
-            from reconciler.drivers.ingest.images import run_limited
+            from reconciler.drivers.ingest.check import run_limited
 
             with self._tmp_file(entry + ".raw", size) as raw_fd:
                 run_limited(

@@ -111,8 +111,9 @@ from reconciler.drivers.host.run import run
 from reconciler.drivers.host.store import ConflictError, RecordStore, StoreError, StoreIdentity
 from reconciler.drivers.ingest.headers import HEADER_BYTES, header_format
 from reconciler.drivers.rbd.leases import LeaseLocks, LockBusy
+from reconciler.drivers.rbd.namespace import client_conf
 from reconciler.drivers.rbd.outage import Outage
-from reconciler.drivers.rbd.records import RadosRecordStore, client_conf
+from reconciler.drivers.rbd.records import RadosRecordStore
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.model.naming import CACHE_PREFIX, TEMP_PREFIX
 from reconciler.model.observed import ObservedPool
@@ -125,7 +126,7 @@ from reconciler.util import faults
 from reconciler.util.logs import get_logger
 
 if TYPE_CHECKING:
-    from reconciler.drivers.ingest.images import Checked
+    from reconciler.drivers.ingest.check import Checked
 
 log = get_logger(__name__)
 
@@ -145,15 +146,10 @@ def _mods() -> tuple[Any, Any]:
         import rados
         import rbd
     except ImportError as e:
+        from reconciler.drivers.ingest.fetch import MISSING_BINDINGS
+
         raise PoolError(MISSING_BINDINGS.format(e=e)) from None
     return rados, rbd
-
-
-MISSING_BINDINGS = (
-    "Ceph's Python bindings are not importable ({e}): install Debian's python3-rbd (it "
-    "brings python3-rados), and run reconcile with the system's Python, or from a venv "
-    "made with `python3 -m venv --system-site-packages` so it sees them"
-)
 
 
 def parse_rbd_location(location: str) -> tuple[str, str, str, str] | None:
@@ -852,7 +848,7 @@ class RbdPoolDriver:
             if fmt == "raw":
                 self._write_file(fd, tmp, checked.size)
             else:
-                from reconciler.drivers.ingest.images import run_limited
+                from reconciler.drivers.ingest.check import run_limited
 
                 with _scratch() as raw_fd:
                     os.ftruncate(raw_fd, checked.virtual_size)

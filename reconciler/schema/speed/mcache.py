@@ -64,6 +64,7 @@ def _fingerprint() -> str:
         "schema/yamlload.py",
         "schema/speed/plainyaml.py",
         "schema/load.py",
+        "schema/manifestdir.py",
         "schema/speed/mcache.py",
         "model/units.py",
     ):
