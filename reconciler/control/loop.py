@@ -58,7 +58,7 @@ from reconciler.commands import internal
 from reconciler.control.index import DirectoryEvents, ManifestIndex, Settling
 from reconciler.control.metrics import Metrics
 from reconciler.control.outcome import Outcome
-from reconciler.control.reconcile import Reconciler
+from reconciler.control.reconcile import DeleteGuard, Reconciler
 from reconciler.control.session import Session
 from reconciler.control.status import StatusStore
 from reconciler.control.workqueue import WorkQueue
@@ -197,9 +197,9 @@ class Loop:
             status,
             self.enqueue,
             self.stop,
+            DeleteGuard(self.resync_interval),
             prune=self.prune,
             jobs=self.jobs,
-            resync_interval=self.resync_interval,
         )
         observer = Observer()
         events = DirectoryEvents(self.index.dir, self.settling.changed)

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from reconciler.apply.executor import ApplyResult, Executor
 from reconciler.control.index import ManifestIndex, Settling
@@ -97,38 +98,28 @@ class DeleteGuard:
         return None
 
 
+@dataclass
 class Reconciler:
     """One reconcile of an instance, and a resync of everything, against the session
     the loop runs with (a new one after each reload); `enqueue` queues an instance
     (after a delay)."""
 
-    def __init__(
-        self,
-        index: ManifestIndex,
-        settling: Settling,
-        queue: WorkQueue[str],
-        metrics: Metrics,
-        status: StatusStore,
-        enqueue: Callable[..., None],
-        stop: threading.Event,
-        *,
-        prune: bool,
-        jobs: int,
-        resync_interval: float,
-    ) -> None:
-        self.index = index
-        self.settling = settling
-        self.queue = queue
-        self.metrics = metrics
-        self.status = status
-        self.enqueue = enqueue
-        self.stop = stop
-        self.prune = prune
-        self.jobs = jobs
-        self.guard = DeleteGuard(resync_interval)
+    index: ManifestIndex
+    settling: Settling
+    queue: WorkQueue[str]
+    metrics: Metrics
+    status: StatusStore
+    enqueue: Callable[..., None]
+    stop: threading.Event
+    guard: DeleteGuard
+    prune: bool
+    jobs: int
+    opts: PlanOptions = field(init=False)
+
+    def __post_init__(self) -> None:
         # The loop has read every manifest: a disk of a pool many hosts share whose
         # manifest is gone is handed over (never deleted without --prune and a tombstone).
-        self.opts = PlanOptions(prune=prune, hand_over=True, force=True)
+        self.opts = PlanOptions(prune=self.prune, hand_over=True, force=True)
 
     # -- one reconcile ----------------------------------------------------------------
 

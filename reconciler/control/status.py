@@ -8,7 +8,8 @@ content changes). `lastError` and `nextRetry` say what failed and when it is tri
 a terminal error has no `nextRetry` (it waits for its manifest to change).
 
 One-shot applies write the status too (`record_run`): each instance the run acted on or
-found in error, with the loop's reasons; and an instance whose last status was not Ready
+found in error, with the loop's reasons (both compose the conditions with
+reconciler/control/outcome.py's `decide`, and the status with `status_of`); and an instance whose last status was not Ready
 and that the run found with nothing to do becomes Ready. Dry runs write nothing, and a
 run with nothing to do and no errors only reads the file (when there is one).
 
