@@ -9,8 +9,9 @@ a terminal error has no `nextRetry` (it waits for its manifest to change).
 
 One-shot applies write the status too (`record_run`): each instance the run acted on or
 found in error, with the loop's reasons (both compose the conditions with
-reconciler/control/outcome.py's `decide`, and the status with `status_of`); and an instance whose last status was not Ready
-and that the run found with nothing to do becomes Ready. Dry runs write nothing, and a
+reconciler/control/outcome.py's `decide`, and the status with `status_of`); and an
+instance whose last status was not Ready and that the run found with nothing to do
+becomes Ready. Dry runs write nothing, and a
 run with nothing to do and no errors only reads the file (when there is one).
 
 The status lives in its own SQLite file (`status.sqlite`, WAL) beside the records, so
