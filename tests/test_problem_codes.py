@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.control.loop import Outcome, QueueAction, Result, Settlement, settlement
+from reconciler.control.outcome import Outcome, QueueAction, Result, Settlement, settlement
 from reconciler.model import Handling, Problem, ProblemCode, Severity
 
 SOURCE = Path(__file__).resolve().parent.parent / "reconciler"
@@ -78,7 +78,7 @@ def test_every_member_is_emitted_somewhere() -> None:
 def test_every_member_has_one_outcome(code: ProblemCode) -> None:
     if code.handling is Handling.WARNING:
         # A warning never fails a reconcile; only owned-elsewhere names the status the
-        # loop writes for it (waiting, see Loop._outcome).
+        # loop writes for it (waiting, see outcome.decide).
         assert code.reason == ("OwnedElsewhere" if code is ProblemCode.OWNED_ELSEWHERE else "")
         return
     assert code.reason and code.reason[0].isupper() and code.reason.isalnum(), code.reason

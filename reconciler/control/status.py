@@ -8,8 +8,10 @@ content changes). `lastError` and `nextRetry` say what failed and when it is tri
 a terminal error has no `nextRetry` (it waits for its manifest to change).
 
 One-shot applies write the status too (`record_run`): each instance the run acted on or
-found in error, with the loop's reasons; and an instance whose last status was not Ready
-and that the run found with nothing to do becomes Ready. Dry runs write nothing, and a
+found in error, with the loop's reasons (both compose the conditions with
+reconciler/control/outcome.py's `decide`, and the status with `status_of`); and an
+instance whose last status was not Ready and that the run found with nothing to do
+becomes Ready. Dry runs write nothing, and a
 run with nothing to do and no errors only reads the file (when there is one).
 
 The status lives in its own SQLite file (`status.sqlite`, WAL) beside the records, so
@@ -29,6 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reconciler.control.outcome import Outcome, applied, apply_failed, decide
+from reconciler.model import ProblemCode
 from reconciler.model.errors import ReconcileError
 from reconciler.schema.bounded import load_json
 from reconciler.util.logs import get_logger
@@ -36,7 +40,7 @@ from reconciler.util.statedir import private_dir, private_file
 
 if TYPE_CHECKING:
     from reconciler.apply.executor import ApplyResult
-    from reconciler.model import Plan
+    from reconciler.model import Plan, Problem
 
 log = get_logger(__name__)
 
@@ -71,6 +75,10 @@ class InstanceStatus:
 
     def condition(self, kind: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == kind), None)
+
+    def is_ready(self) -> bool:
+        c = self.condition("Ready")
+        return c is not None and c.status == "True"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -158,7 +166,7 @@ class StatusStore:
                 (_READY_TRUE,),
             ).fetchall()
         out = [_parse(r[0]) for r in rows]
-        return [st for st in out if st is not None and not _is_ready(st)]
+        return [st for st in out if st is not None and not st.is_ready()]
 
     def put(self, status: InstanceStatus) -> None:
         self.put_many([status])
@@ -209,30 +217,15 @@ def tighten(state_dir: Path) -> None:
 
 def record_run(path: Path, p: Plan, result: ApplyResult | None, disks: dict[str, int]) -> None:
     """Write the status a one-shot apply of plan `p` (with `result`, None: nothing was
-    applied) gives each instance, as the loop would: Ready True (Converged) when all went
-    well, else Ready False with the reason of the first error that may pass by itself
-    (else the first error). `disks`: the disks each desired instance's manifests name.
-    A status that cannot be written is a warning: the disks were made all the same."""
-    from reconciler.model.plan import Handling, ProblemCode
-
+    applied) gives each instance, as the loop would (outcome.decide): Ready True
+    (Converged) when all went well, else Ready False with the reason of the first error
+    that may pass by itself (a failed step first, else the first). `disks`: the disks
+    each desired instance's manifests name. A one-shot run schedules no retry: it writes
+    neither `nextRetry` nor `terminal`, which are the loop's. A status that cannot be
+    written is a warning: the disks were made all the same."""
     touched = {a.instance for a in p.actions} | {e.instance for e in p.errors if e.instance}
     if not touched and not path.exists():
         return  # the no-op path: nothing to write, and no file to correct
-    failed: dict[str, list[tuple[str, str]]] = {}  # instance -> (reason, message)
-    for e in sorted(p.errors, key=lambda e: e.code.handling is Handling.TERMINAL):
-        if e.instance:
-            failed.setdefault(e.instance, []).append((e.code.reason, e.message))
-    for o in result.outcomes if result is not None else ():
-        if o.status == "failed":
-            msg = f"{o.action.disk}: {o.message}"
-            failed.setdefault(o.action.instance, []).insert(
-                0, (ProblemCode.APPLY_FAILED.reason, msg)
-            )
-    applied: dict[str, int] = {}
-    for o in result.outcomes if result is not None else ():
-        if o.status == "done":
-            applied[o.action.instance] = applied.get(o.action.instance, 0) + 1
-    elsewhere = {w.instance: w.message for w in p.warnings if w.code is ProblemCode.OWNED_ELSEWHERE}
     try:
         store = StatusStore(path)
         try:
@@ -243,37 +236,16 @@ def record_run(path: Path, p: Plan, result: ApplyResult | None, disks: dict[str,
                 st = store.get(inst)
                 if st is not None:
                     old[inst] = st
+            outcomes = _run_outcomes(p, result, touched | {i for i in disks if i in old})
             now = now_iso()
             new: list[InstanceStatus] = []
-            for inst in sorted(touched | {i for i in disks if i in old}):
+            for inst, o in sorted(outcomes.items()):
                 before = old.get(inst)
-                if inst not in disks and inst not in failed:
+                if inst not in disks and o.settled.label != "error":
                     store.delete(inst)  # no manifest names it, and its disks are gone
                     continue
-                if inst in failed:
-                    reason, msg = failed[inst][0]
-                    ready, degraded, error = ("False", reason, msg), ("True", reason, msg), msg
-                elif inst in elsewhere:
-                    ready = ("False", ProblemCode.OWNED_ELSEWHERE.reason, elsewhere[inst])
-                    degraded, error = ("False", "AsExpected", ""), ""
-                else:
-                    n = applied.get(inst, 0)
-                    done = f"{n} action(s) applied" if n else "nothing to do"
-                    ready = ("True", "Converged", f"{done} (one-shot run)")
-                    degraded, error = ("False", "AsExpected", ""), ""
-                status = InstanceStatus(
-                    inst,
-                    before.generation if before else 0,
-                    before.manifest_sha256 if before else "",
-                    disks.get(inst, 0),
-                    lastError=error,
-                )
-                conditions = {
-                    "Ready": ready,
-                    "Progressing": ("False", "Idle", ""),
-                    "Degraded": degraded,
-                }
-                new.append(with_conditions(before, status, conditions, now))
+                gen, sha = (before.generation, before.manifest_sha256) if before else (0, "")
+                new.append(status_of(before, inst, o, gen, sha, disks.get(inst, 0), now=now))
             if new:
                 store.put_many(new)
         finally:
@@ -282,6 +254,52 @@ def record_run(path: Path, p: Plan, result: ApplyResult | None, disks: dict[str,
         log.warning("status.not_written", path=str(path), error=str(e))
 
 
-def _is_ready(s: InstanceStatus) -> bool:
-    c = s.condition("Ready")
-    return c is not None and c.status == "True"
+def _run_outcomes(p: Plan, result: ApplyResult | None, instances: set[str]) -> dict[str, Outcome]:
+    """What a one-shot run did to each of `instances`: its errors (each failed step first,
+    the last first), its steps done and whether another host owns it."""
+    errors: dict[str, list[Problem]] = {}
+    done: dict[str, int] = {}
+    for o in result.outcomes if result is not None else ():
+        inst = o.action.instance
+        if o.status == "failed":
+            errors.setdefault(inst, []).insert(0, apply_failed(inst, o.action.disk, o.message))
+        elif o.status == "done":
+            done[inst] = done.get(inst, 0) + 1
+    for e in p.errors:
+        if e.instance:
+            errors.setdefault(e.instance, []).append(e)
+    elsewhere = {w.instance: w.message for w in p.warnings if w.code is ProblemCode.OWNED_ELSEWHERE}
+    return {
+        inst: decide(
+            errors.get(inst, ()),
+            done=f"{applied(done.get(inst, 0))} (one-shot run)",
+            elsewhere=elsewhere.get(inst),
+        )
+        for inst in instances
+    }
+
+
+def status_of(
+    old: InstanceStatus | None,
+    instance: str,
+    o: Outcome,
+    generation: int,
+    sha: str,
+    disks: int,
+    *,
+    now: str,
+    next_retry: str = "",
+    terminal: bool = False,
+) -> InstanceStatus:
+    """The status outcome `o` gives an instance whose last status was `old` (the loop's
+    and a one-shot run's, one composition)."""
+    new = InstanceStatus(
+        instance,
+        generation,
+        sha,
+        disks,
+        lastError=o.error,
+        nextRetry=next_retry,
+        terminal=terminal,
+    )
+    return with_conditions(old, new, o.conditions(), now)
