@@ -1,0 +1,31 @@
+"""The ownership steps of a pool whose records hosts share (Ceph): `take-over` and
+`hand-over`, under the volume's lock. Each is one compare-and-set write of the record's
+holder in the pool's shared store and touches no volume:
+
+  take-over: the record's holder set to this host (from the holder the plan saw).
+  hand-over: the record released, the disk kept; a host whose manifest names it may take it.
+
+Crash windows: before the write, nothing changed (the plan does it again); after it,
+the step is done. A write against a generation that changed meanwhile fails, so two hosts
+never both own a disk.
+"""
+
+from __future__ import annotations
+
+from reconciler.apply.steps.context import Held, StepContext, StepResult
+from reconciler.util import faults
+
+
+def take_over(ctx: StepContext, h: Held) -> StepResult:
+    a, rec = h.action, h.rec
+    assert rec is not None and a.holder is not None
+    ctx.records.take(rec, a.holder)
+    faults.point("record.taken")
+    return "done", f"this host now owns it (from {a.holder})"
+
+
+def hand_over(ctx: StepContext, h: Held) -> StepResult:
+    assert h.rec is not None
+    ctx.records.release(h.rec)
+    faults.point("record.handed-over")
+    return "done", "the disk is kept; a host whose manifest names it may take it"
