@@ -9,9 +9,9 @@ Delete, under the volume's lock:
 
 Crash windows (what the next run finds, and what its plan does):
   - before `deleting` is written: the record as it was and its volume; deleted again.
-  - `deleting` written, volume not yet removed: a `deleting` record and its volume, which
-    holds no one's data any more; the delete is finished (or, when the manifest names the
-    disk again, it is made again: create.py removes the volume first).
+  - `deleting` written, volume not yet removed: a `deleting` record and its volume, whose
+    data was given up when the delete began; the delete is finished (or, when the
+    manifest names the disk again, it is made again: replace.py removes the volume first).
   - volume removed, record not yet removed (or not yet durable at a power cut): a
     `deleting` record without a volume; the record is removed.
 A volume is only ever removed after a durable record says it is being deleted, and a

@@ -13,6 +13,19 @@ step is written down before it is taken:
 So a SIGKILL anywhere leaves, for the next run, either `copying` (the old volume is the
 disk; the partial copy is removed and made again, or removed for good where the manifest
 went back) or `switched` (the copy is the disk; what is left of the old one is finished).
+Window by window (the fault points' names in brackets):
+  - [record.migrating], [volume.copied], [volume.verified]: `copying`; the copy absent,
+    partial, or whole but not known to be durable and equal: it is removed and made again.
+  - [record.switched], same pool: the copy under its temporary name; the old volume is
+    renamed away or replaced next time ([volume.retained]: the old one kept under its
+    retained name, the copy not yet at the disk's name; [volume.switched]: the copy at the
+    disk's name) and the record written `ready` ([record.ready]).
+  - [record.switched], another pool: the record at the new location is written next time
+    ([record.moved], durable), then the old volume removed (Delete) and the old record
+    removed ([record.deleted]); between those two records name the disk, the old one
+    `switched` and pointing at the new one, so nothing is claimed twice.
+  - A failed copy or compare (not a crash) is rolled back at once: the copy removed, the
+    migration forgotten ([record.ready]).
 Never both lost (the old volume goes only after the switch is durable), never both claimed
 (one record names both until the old one is gone). The old disk's cache entry stays in its
 record (`backing`) until the old volume is gone, so `cache gc` cannot take it from under
@@ -227,7 +240,7 @@ class Migrator:
         mig = rec.migration
         assert mig is not None and mig.phase is MigrationPhase.SWITCHED
         retain = mig.spec.get("deletionPolicy") == "Retain"
-        moved: dict[str, Any] = {
+        layout: dict[str, Any] = {
             "backend": mig.backend,
             "format": mig.format,
             "virtual_size": mig.virtual_size,
@@ -252,7 +265,7 @@ class Migrator:
                 # One rename: the name holds the old disk, then the copy, never neither.
                 dst.rename_volume(mig.volume, mig.final_volume, replace=True)
                 faults.point("volume.switched")
-            new = self.records.change(rec, durable=False, **moved)
+            new = self.records.change(rec, durable=False, **layout)
             faults.point("record.ready")
             dst.keep_record_copy(new)
         else:
@@ -261,7 +274,7 @@ class Migrator:
                 # Before the record moves: a domain defined since the copy began keeps its
                 # disk, and the disk stays where that domain's definition says it is.
                 self._check_unused(src, rec)
-            new = self.records.get(mig.pool, mig.final_volume) or self._claim_target(rec, moved)
+            new = self.records.get(mig.pool, mig.final_volume) or self._claim_target(rec, layout)
             if new.instance != rec.instance or new.disk != rec.disk or new.spec != mig.spec:
                 raise ReconcileError(
                     f"{mig.pool}/{mig.final_volume} has a record of another disk; the "
@@ -277,7 +290,7 @@ class Migrator:
             return f"the old volume is kept as {rec.pool}/{kept} and no longer managed"
         return ""
 
-    def _claim_target(self, rec: DiskRecord, moved: dict[str, Any]) -> DiskRecord:
+    def _claim_target(self, rec: DiskRecord, layout: dict[str, Any]) -> DiskRecord:
         """The record at the new location, written (durably, before the old volume goes)."""
         mig = rec.migration
         assert mig is not None
@@ -288,7 +301,7 @@ class Migrator:
             instance=rec.instance,
             disk=rec.disk,
             generation=1,
-            **moved,
+            **layout,
         )
         self.records.add(new, None)
         faults.point("record.moved")

@@ -1,13 +1,17 @@
 """The ownership steps of a pool whose records hosts share (Ceph): `take-over` and
-`hand-over`, under the volume's lock. Each is one compare-and-set write of the record's
-holder in the pool's shared store and touches no volume:
+`hand-over`, under the volume's lock. Each is one compare-and-swap of the record's holder
+in the pool's shared store, guarded by the generation and holder the plan saw, and
+touches no volume:
 
-  take-over: the record's holder set to this host (from the holder the plan saw).
-  hand-over: the record released, the disk kept; a host whose manifest names it may take it.
+  take-over: the holder changed from `Action.holder` (released, or a host whose heartbeat
+  expired) to this host.
+  hand-over: the holder changed from this host to released; the disk is kept, and a host
+  whose manifest names it may take it.
 
-Crash windows: before the write, nothing changed (the plan does it again); after it,
-the step is done. A write against a generation that changed meanwhile fails, so two hosts
-never both own a disk.
+Crash windows: before the write, nothing changed (the plan does it again); after it, the
+step is done. The store's own order of writes within that one call, and what a crash
+between them leaves, is drivers/rbd/records.py's (`_move`). A record that changed since
+the plan fails the guard, so two hosts never both own a disk.
 """
 
 from __future__ import annotations
