@@ -36,7 +36,8 @@ from reconciler.schema.recordcheck import is_entry_name, validate
 from reconciler.schema.speed.mcache import ManifestCache
 
 if TYPE_CHECKING:
-    from reconciler.apply.executor import Executor, Replanner
+    from reconciler.apply.executor import Executor
+    from reconciler.apply.preconditions import Replanner
 
 
 @dataclass

@@ -13,10 +13,30 @@ step is written down before it is taken:
 So a SIGKILL anywhere leaves, for the next run, either `copying` (the old volume is the
 disk; the partial copy is removed and made again, or removed for good where the manifest
 went back) or `switched` (the copy is the disk; what is left of the old one is finished).
+Window by window (the fault points' names in brackets):
+  - [record.migrating], [volume.copied], [volume.verified]: `copying`; the copy absent,
+    partial, or whole but not known to be durable and equal: it is removed and made again.
+  - [record.switched], same pool: the copy under its temporary name; the old volume is
+    renamed away or replaced next time ([volume.retained]: the old one kept under its
+    retained name, the copy not yet at the disk's name; [volume.switched]: the copy at the
+    disk's name) and the record written `ready` ([record.ready]).
+  - [record.switched], another pool: the record at the new location is written next time
+    ([record.moved], durable), then the old volume removed (Delete) and the old record
+    removed ([record.deleted]); between those two records name the disk, the old one
+    `switched` and pointing at the new one, so nothing is claimed twice.
+  - A failed copy or compare (not a crash) is rolled back at once: the copy removed, the
+    migration forgotten ([record.ready]).
 Never both lost (the old volume goes only after the switch is durable), never both claimed
 (one record names both until the old one is gone). The old disk's cache entry stays in its
 record (`backing`) until the old volume is gone, so `cache gc` cannot take it from under
 the copy or the old disk.
+
+Checks, under the disk's lock (and, to another pool, the old volume's too): a migration
+begins only from a `ready` record, never shrinks, and never over a volume at the copy's
+name that has no record; before the old volume is copied (also when an earlier run began
+the migration), renamed away or replaced by the copy, or removed, libvirt is asked that no
+defined domain uses it (check_unused); a record already at the new location must be this
+disk's, or nothing is finished.
 
 Nothing here knows a backend: the drivers say how qemu-img reaches a volume (qemu_image)
 or copy by their own means (native_copy); see drivers/base.py.
@@ -24,14 +44,15 @@ or copy by their own means (native_copy); see drivers/base.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from reconciler.apply.preconditions import StalePlan
+from reconciler.apply.steps.context import Held, StepContext, StepResult, moved
 from reconciler.drivers.api import ManagingDriver, VolumeExists, check_unused
 from reconciler.drivers.flows.qemuimg import compare_argv, convert_argv
-from reconciler.drivers.host.run import execute, last_line, run
-from reconciler.drivers.host.store import RecordStore
+from reconciler.drivers.host.run import execute, last_line
+from reconciler.drivers.host.run import run as run_command
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import migration_name, retained_name
 from reconciler.model.plan import Action
@@ -50,29 +71,35 @@ from reconciler.util.logs import get_logger
 
 log = get_logger(__name__)
 
-# Write a record change (the executor's CAS put): (record, expected generation, durable,
-# changes) -> the record written.
-Put = Callable[..., DiskRecord]
-
 
 class CopyDiffers(ReconcileError):
     """The copy does not read back equal to the original: it is removed, nothing switched."""
 
 
-def _layout(spec: dict[str, Any] | Any) -> tuple[Any, ...]:
-    return (spec["pool"], spec["backend"], spec["format"])
+def run(ctx: StepContext, h: Held) -> StepResult:
+    """A `migrate` action; to another pool, the old volume is locked too (after the new
+    location's, which the executor holds), and its record read again under that lock."""
+    a, rec, rec_old = h.action, h.rec, h.rec_old
+    migrator = Migrator(ctx)
+    if a.replaces is None or not moved(a):
+        if rec is None:
+            raise ReconcileError(f"{a.pool}/{a.volume} has no record; nothing to migrate")
+        return "done", migrator.run(a, rec)
+    if rec_old is None:
+        return "skipped", "already migrated (the old location has no record)"
+    with ctx.lock(a.replaces):
+        fresh = ctx.records.get(*a.replaces)
+        if fresh is None or fresh.generation != rec_old.generation:
+            raise StalePlan("the disk's record changed while waiting for its lock")
+        return "done", migrator.run(a, fresh)
 
 
 class Migrator:
-    def __init__(
-        self,
-        store: RecordStore,
-        driver: Callable[[str], ManagingDriver],
-        put: Put,
-    ) -> None:
-        self.store = store
-        self.driver = driver
-        self.put = put
+    """One disk's migration, carried on from whatever step an earlier run reached."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.records = ctx.records
+        self.driver = ctx.driver
 
     def run(self, a: Action, rec: DiskRecord) -> str:
         """Carry `rec` (the disk's record at its old location) to where `a` says, from
@@ -106,10 +133,8 @@ class Migrator:
             except BaseException:
                 self._abandon(rec, mig, quiet=True)
                 raise
-            rec = self.put(
-                rec,
-                rec.generation,
-                migration=mig.model_copy(update={"phase": MigrationPhase.SWITCHED}),
+            rec = self.records.change(
+                rec, migration=mig.model_copy(update={"phase": MigrationPhase.SWITCHED})
             )
             faults.point("record.switched")
             src.keep_record_copy(rec)
@@ -146,7 +171,7 @@ class Migrator:
                 f"volume {mig.volume} exists in pool {a.pool} without a record; it is left "
                 "untouched and the disk is not migrated"
             )
-        rec = self.put(rec, rec.generation, migration=mig, schema_version=MIGRATING_SCHEMA_VERSION)
+        rec = self.records.change(rec, migration=mig, schema_version=MIGRATING_SCHEMA_VERSION)
         faults.point("record.migrating")
         src.keep_record_copy(rec)
         return rec
@@ -164,7 +189,7 @@ class Migrator:
                 src.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
                 dst.qemu_image(mig.volume, mig.format, None, write=True) as t,
             ):
-                run(
+                run_command(
                     # -W: out-of-order writes (the target is ours alone); -S 4k keeps
                     # runs of zeros unallocated; -n: into the volume the driver made.
                     convert_argv(s.format, t.format, s.filename, t.filename, out_of_order=True),
@@ -197,9 +222,7 @@ class Migrator:
         """Remove a copy that is not (yet) the disk and forget the migration."""
         try:
             self.driver(mig.pool).delete_volume(mig.volume)
-            rec = self.put(
-                rec, rec.generation, migration=None, schema_version=RECORD_SCHEMA_VERSION
-            )
+            rec = self.records.change(rec, migration=None, schema_version=RECORD_SCHEMA_VERSION)
             faults.point("record.ready")
             self.driver(rec.pool).keep_record_copy(rec)
         except Exception as e:
@@ -212,7 +235,7 @@ class Migrator:
         mig = rec.migration
         assert mig is not None and mig.phase is MigrationPhase.SWITCHED
         retain = mig.spec.get("deletionPolicy") == "Retain"
-        moved: dict[str, Any] = {
+        layout: dict[str, Any] = {
             "backend": mig.backend,
             "format": mig.format,
             "virtual_size": mig.virtual_size,
@@ -237,7 +260,7 @@ class Migrator:
                 # One rename: the name holds the old disk, then the copy, never neither.
                 dst.rename_volume(mig.volume, mig.final_volume, replace=True)
                 faults.point("volume.switched")
-            new = self.put(rec, rec.generation, durable=False, **moved)
+            new = self.records.change(rec, durable=False, **layout)
             faults.point("record.ready")
             dst.keep_record_copy(new)
         else:
@@ -246,7 +269,7 @@ class Migrator:
                 # Before the record moves: a domain defined since the copy began keeps its
                 # disk, and the disk stays where that domain's definition says it is.
                 self._check_unused(src, rec)
-            new = self.store.get(mig.pool, mig.final_volume) or self._claim_target(rec, moved)
+            new = self.records.get(mig.pool, mig.final_volume) or self._claim_target(rec, layout)
             if new.instance != rec.instance or new.disk != rec.disk or new.spec != mig.spec:
                 raise ReconcileError(
                     f"{mig.pool}/{mig.final_volume} has a record of another disk; the "
@@ -255,14 +278,14 @@ class Migrator:
             dst.keep_record_copy(new)
             if not retain and src.volume_exists(rec.volume):
                 src.delete_volume(rec.volume)
-            self.store.delete(rec.pool, rec.volume, rec.generation, durable=False)
+            self.records.remove(rec, durable=False)
             faults.point("record.deleted")
         if retain:
             kept = mig.retained_as or rec.volume
             return f"the old volume is kept as {rec.pool}/{kept} and no longer managed"
         return ""
 
-    def _claim_target(self, rec: DiskRecord, moved: dict[str, Any]) -> DiskRecord:
+    def _claim_target(self, rec: DiskRecord, layout: dict[str, Any]) -> DiskRecord:
         """The record at the new location, written (durably, before the old volume goes)."""
         mig = rec.migration
         assert mig is not None
@@ -273,19 +296,17 @@ class Migrator:
             instance=rec.instance,
             disk=rec.disk,
             generation=1,
-            **moved,
+            **layout,
         )
-        self.store.put(new, None)
+        self.records.add(new, None)
         faults.point("record.moved")
         return new
 
 
-def drop_partial_copy(
-    store: RecordStore, driver: Callable[[str], ManagingDriver], rec: DiskRecord
-) -> None:
+def drop_partial_copy(ctx: StepContext, rec: DiskRecord) -> None:
     """Before a migrating disk's record is removed (its instance deleted): remove its copy,
     unless a record at the copy's location already owns it."""
     mig = rec.migration
-    if mig is None or store.get(*mig.target()) is not None:
+    if mig is None or ctx.records.get(*mig.target()) is not None:
         return
-    driver(mig.pool).delete_volume(mig.volume)
+    ctx.driver(mig.pool).delete_volume(mig.volume)
