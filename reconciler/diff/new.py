@@ -1,0 +1,98 @@
+"""A disk made from its source: a new disk (no record), and a recorded disk made again.
+
+`disk` plans a manifest's disk that has no record and no other host's hold: created,
+unless a volume of its name already stands in the pool without a record (it is never
+touched: DESIGN 4) or the observed state cannot say whether another host holds its record.
+`make` is the one way any question plans a create or a replace: the cache entry the disk
+is made from must be usable first (apply would refuse it). `drifted` plans a recorded disk
+whose volume is gone from its pool: made again, with a warning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reconciler.diff import guards
+from reconciler.diff.draft import Draft, where_of
+from reconciler.diff.render import describe_source
+from reconciler.model.desired import DesiredDisk
+from reconciler.model.observed import ObservedPool
+from reconciler.model.plan import ActionKind, Precondition
+from reconciler.model.record import DiskRecord
+from reconciler.model.units import format_size
+
+
+def disk(
+    draft: Draft, d: DesiredDisk, spec: dict[str, Any], pool: ObservedPool, where: dict[str, Any]
+) -> None:
+    assert pool.volumes is not None
+    if d.volume in pool.volumes:
+        guards.unmanaged(
+            draft,
+            (d.spec.pool, d.volume),
+            f"volume {d.volume} exists in pool {d.spec.pool} but the reconciler has "
+            "no record of making it; it is left untouched (adopt it explicitly or "
+            "remove it by hand)",
+            pool=d.spec.pool,
+            volume=d.volume,
+            **where,
+        )
+        return
+    needs = "whether another host holds this disk's record"
+    if guards.incomplete(
+        draft, pool, frozenset({"shared", "held"}), needs, pool=pool.name, **where
+    ):
+        return
+    make(
+        draft,
+        ActionKind.CREATE,
+        d,
+        spec,
+        None,
+        f"new disk: {d.spec.format} {format_size(d.spec.size)} from "
+        f"{describe_source(spec['source'])}",
+        Precondition(None, False),
+    )
+
+
+def make(
+    draft: Draft,
+    kind: ActionKind,
+    d: DesiredDisk,
+    spec: dict[str, Any],
+    rec: DiskRecord | None,
+    reason: str,
+    pre: Precondition,
+    *,
+    destructive: bool = False,
+    replaces: tuple[str, str] | None = None,
+) -> None:
+    """A create or a replace, unless the cache entry it is made from cannot be used."""
+    assert kind in (ActionKind.CREATE, ActionKind.REPLACE)
+    if guards.entry_refused(draft, d, draft.observed.pools[d.spec.pool], where_of(d)):
+        return
+    draft.disk_action(kind, d, spec, rec, reason, pre, destructive=destructive, replaces=replaces)
+
+
+def drifted(
+    draft: Draft,
+    d: DesiredDisk,
+    spec: dict[str, Any],
+    rec: DiskRecord,
+    pre: Precondition,
+    where: dict[str, Any],
+    *,
+    then: str = "",
+    reason: str,
+    replaces: tuple[str, str] | None = None,
+) -> None:
+    """A recorded disk whose volume was removed outside the reconciler: made again."""
+    draft.warn(
+        "drift",
+        f"volume {rec.volume} is missing from pool {rec.pool}: it was removed outside "
+        f"the reconciler{then}",
+        pool=rec.pool,
+        volume=rec.volume,
+        **where,
+    )
+    make(draft, ActionKind.CREATE, d, spec, rec, reason, pre, replaces=replaces)
