@@ -6,7 +6,9 @@ unreadable records), what it has planned so far (actions, errors, warnings) and 
 bookkeeping that spans disks: volumes an error already names (not listed again as
 unmanaged), pools a disk could not use (reported once per pool), bytes earlier migrations
 claimed in each pool. The question modules (new, changed, removed, migration, ownership,
-guards) are functions of a Draft; none keeps state of its own.
+guards) are functions of a Draft; none keeps state of its own. `Recorded` bundles what
+changed.py and migration.py judge of one disk that has a record (its manifest entry, its
+record, the pools it is in and goes to), and builds the actions they plan for it.
 
 Invariant: nothing here does I/O or reads a clock; `finish` orders actions and problems
 by their contents alone, so the same inputs give the same Plan, byte for byte.
@@ -100,37 +102,6 @@ class Draft:
             return None
         return p
 
-    def disk_action(
-        self,
-        kind: ActionKind,
-        d: DesiredDisk,
-        spec: dict[str, Any],
-        rec: DiskRecord | None,
-        reason: str,
-        pre: Precondition,
-        *,
-        destructive: bool = False,
-        replaces: tuple[str, str] | None = None,
-    ) -> None:
-        """An action on a manifest's disk at its desired location (see new.make for the
-        check a create or a replace passes first)."""
-        self.actions.append(
-            Action(
-                action=kind,
-                instance=d.instance,
-                disk=d.spec.name,
-                pool=d.spec.pool,
-                volume=d.volume,
-                reason=reason,
-                patch=patch(rec.spec if rec else None, spec),
-                destructive=destructive,
-                precondition=pre,
-                spec=spec,
-                recorded=rec.spec if rec else None,
-                replaces=replaces,
-            )
-        )
-
     def finish(self) -> Plan:
         self.actions.sort(key=lambda a: (a.instance, a.disk, a.pool, a.action.value))
         return Plan(
@@ -138,6 +109,80 @@ class Draft:
             tuple(sorted(self.errors, key=Problem.sort_key)),
             tuple(sorted(self.warnings, key=Problem.sort_key)),
         )
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A manifest's disk that has a record, as changed.py and migration.py judge it: `pool`
+    is where the manifest wants it, `rpool` where its record is (the same pool unless it
+    moves), `spec` the manifest's spec as a record holds it, `where` what problems name."""
+
+    d: DesiredDisk
+    spec: dict[str, Any]
+    rec: DiskRecord
+    pool: ObservedPool
+    rpool: ObservedPool
+    where: dict[str, Any]
+
+    @property
+    def exists(self) -> bool:
+        """The recorded volume is in its pool."""
+        return self.rec.volume in (self.rpool.volumes or ())
+
+    @property
+    def pre(self) -> Precondition:
+        """What apply checks again: the record's generation and the volume's presence."""
+        return Precondition(self.rec.generation, self.exists)
+
+    @property
+    def moved(self) -> bool:
+        """The disk goes to another pool or volume name than the record's."""
+        return (self.rec.pool, self.rec.volume) != (self.d.spec.pool, self.d.volume)
+
+    @property
+    def at(self) -> dict[str, Any]:
+        """Where a problem about the recorded volume points."""
+        return {"pool": self.rec.pool, "volume": self.rec.volume, **self.where}
+
+    def action(
+        self,
+        kind: ActionKind,
+        reason: str,
+        *,
+        destructive: bool = False,
+        replaces: tuple[str, str] | None = None,
+    ) -> Action:
+        return disk_action(
+            kind, self.d, self.spec, self.rec, reason, self.pre, destructive, replaces
+        )
+
+
+def disk_action(
+    kind: ActionKind,
+    d: DesiredDisk,
+    spec: dict[str, Any],
+    rec: DiskRecord | None,
+    reason: str,
+    pre: Precondition,
+    destructive: bool = False,
+    replaces: tuple[str, str] | None = None,
+) -> Action:
+    """An action on a manifest's disk at its desired location (a create or a replace is
+    added through new.make, which checks its cache entry first)."""
+    return Action(
+        action=kind,
+        instance=d.instance,
+        disk=d.spec.name,
+        pool=d.spec.pool,
+        volume=d.volume,
+        reason=reason,
+        patch=patch(rec.spec if rec else None, spec),
+        destructive=destructive,
+        precondition=pre,
+        spec=spec,
+        recorded=rec.spec if rec else None,
+        replaces=replaces,
+    )
 
 
 def where_of(d: DesiredDisk) -> dict[str, Any]:

@@ -24,11 +24,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from reconciler.diff import guards, new
-from reconciler.diff.draft import Draft, patch, retained
-from reconciler.model.desired import DesiredDisk
+from reconciler.diff.draft import Draft, Recorded, patch, retained
 from reconciler.model.naming import migration_name
 from reconciler.model.observed import ObservedPool
-from reconciler.model.plan import Action, ActionKind, Precondition
+from reconciler.model.plan import Action, ActionKind
 from reconciler.model.record import DiskRecord, MigrationPhase
 from reconciler.model.units import format_size
 
@@ -78,114 +77,80 @@ def moving(recs: list[DiskRecord]) -> list[DiskRecord]:
     return recs
 
 
-def migrate(
-    draft: Draft,
-    d: DesiredDisk,
-    spec: dict[str, Any],
-    rec: DiskRecord,
-    pool: ObservedPool,
-    rpool: ObservedPool,
-    what: str,
-    pre: Precondition,
-    where: dict[str, Any],
-) -> bool:
-    """A disk whose pool, backend or format changed (`what`, for people), in `rpool` now
-    and going to `pool`: copied, verified, switched. False where no driver can copy it and
-    --allow-replace asks for a replace instead."""
-    assert pool.volumes is not None and rpool.volumes is not None
-    at = {"pool": rec.pool, "volume": rec.volume, **where}
-    if rec.volume not in rpool.volumes:
-        moved = (rec.pool, rec.volume) != (d.spec.pool, d.volume)
+def migrate(draft: Draft, r: Recorded, what: str) -> bool:
+    """A disk whose pool, backend or format changed (`what`, for people), in `r.rpool` now
+    and going to `r.pool`: copied, verified, switched. False where no driver can copy it
+    and --allow-replace asks for a replace instead."""
+    d, rec, pool = r.d, r.rec, r.pool
+    assert pool.volumes is not None
+    if not r.exists:
         new.drifted(
             draft,
-            d,
-            spec,
-            rec,
-            pre,
-            where,
+            r,
             then="; there is nothing to migrate, so the disk is made anew",
             reason=f"{what}: the volume is missing (drift); it is made again in the new layout",
-            replaces=(rec.pool, rec.volume) if moved else None,
+            replaces=(rec.pool, rec.volume) if r.moved else None,
         )
         return True
-    if _refused(draft, d, rec, rpool, where, at):
+    if _refused(draft, r):
         return True
-    copyable = _copyable(draft, spec, rec, pool, rpool, what, at)
+    copyable = _copyable(draft, r, what)
     if copyable is not None:
         return copyable
-    same_pool = rec.pool == d.spec.pool
     copy = migration_name(d.volume)
-    if same_pool and copy in pool.volumes:
+    if rec.pool == d.spec.pool and copy in pool.volumes:
         return guards.unmanaged(
             draft,
             (pool.name, copy),
             f"the disk would be copied to {copy} in pool {pool.name}, "
             "which exists without a record; it is left untouched",
-            **at,
+            **r.at,
         )
-    if not _room(draft, d, rec, pool, rpool, what, at):
+    if not _room(draft, r, what):
         return True
     fate = (
         "kept and no longer managed (deletionPolicy Retain)"
-        if retained(spec)
+        if retained(r.spec)
         else "removed once the copy is the disk"
     )
-    draft.disk_action(
-        ActionKind.MIGRATE,
-        d,
-        spec,
-        rec,
+    reason = (
         f"{what}: the data is copied into the new layout, compared with the original, "
-        f"and the record switched to the copy; the old volume is {fate}",
-        pre,
-        replaces=(rec.pool, rec.volume),
+        f"and the record switched to the copy; the old volume is {fate}"
     )
+    draft.actions.append(r.action(ActionKind.MIGRATE, reason, replaces=(rec.pool, rec.volume)))
     return True
 
 
-def _refused(
-    draft: Draft,
-    d: DesiredDisk,
-    rec: DiskRecord,
-    rpool: ObservedPool,
-    where: dict[str, Any],
-    at: dict[str, Any],
-) -> bool:
+def _refused(draft: Draft, r: Recorded) -> bool:
     """True (with an error) where the disk must not be copied as it stands: a domain uses
     it, or the new size is smaller."""
+    rec = r.rec
     # A running domain first, in those words; then any domain that names the volume
     # (its definition would point at a volume that is gone or changed format).
-    if guards.attached(draft, rpool, rec.volume, "migrated", running_only=True, **where):
+    if guards.attached(draft, r.rpool, rec.volume, "migrated", running_only=True, **r.where):
         return True
-    if guards.attached(draft, rpool, rec.volume, "migrated", **where):
+    if guards.attached(draft, r.rpool, rec.volume, "migrated", **r.where):
         return True
-    if d.spec.size < rec.virtual_size:
+    if r.d.spec.size < rec.virtual_size:
         draft.error(
             "shrink-refused",
-            f"size {format_size(d.spec.size)} is smaller than the disk's "
+            f"size {format_size(r.d.spec.size)} is smaller than the disk's "
             f"{format_size(rec.virtual_size)}; shrinking would cut off data and is refused",
-            **at,
+            **r.at,
         )
         return True
     return False
 
 
-def _copyable(
-    draft: Draft,
-    spec: Mapping[str, Any],
-    rec: DiskRecord,
-    pool: ObservedPool,
-    rpool: ObservedPool,
-    what: str,
-    at: dict[str, Any],
-) -> bool | None:
-    """None where both drivers can copy the disk (out of `rpool`, into `pool`); else what
-    `migrate` returns: True (with an error) or False (--allow-replace replaces it)."""
+def _copyable(draft: Draft, r: Recorded, what: str) -> bool | None:
+    """None where both drivers can copy the disk (out of `r.rpool`, into `r.pool`); else
+    what `migrate` returns: True (with an error) or False (--allow-replace replaces it)."""
     needs = "whether and how the disk's data can be kept"
-    for p, facts in ((rpool, SOURCE_FACTS), (pool, TARGET_FACTS)):
-        if guards.incomplete(draft, p, facts, needs, **at):
+    for p, facts in ((r.rpool, SOURCE_FACTS), (r.pool, TARGET_FACTS)):
+        if guards.incomplete(draft, p, facts, needs, **r.at):
             return True
-    for p, lay, way in ((rpool, layout(rec.spec), "out of"), (pool, layout(spec), "into")):
+    ways = ((r.rpool, layout(r.rec.spec), "out of"), (r.pool, layout(r.spec), "into"))
+    for p, lay, way in ways:
         if lay in p.layouts:
             continue
         if draft.options.allow_replace:
@@ -196,24 +161,17 @@ def _copyable(
             f"{what}: pool {p.name}'s driver cannot copy a {lay} disk {way} it "
             f"(it migrates {can}), so the data cannot be kept; the disk is left as "
             "it is (--allow-replace deletes it and makes it anew, destroying its data)",
-            **at,
+            **r.at,
         )
         return True
     return None
 
 
-def _room(
-    draft: Draft,
-    d: DesiredDisk,
-    rec: DiskRecord,
-    pool: ObservedPool,
-    rpool: ObservedPool,
-    what: str,
-    at: dict[str, Any],
-) -> bool:
+def _room(draft: Draft, r: Recorded, what: str) -> bool:
     """True, claiming the room, where the copy fits in its target pool beside the copies
     planned before it; else False with an error."""
-    need = migration_need(rec, rpool, d.spec.size, pool.thick_unit)
+    pool = r.pool
+    need = migration_need(r.rec, r.rpool, r.d.spec.size, pool.thick_unit)
     others = draft.claimed[pool.name]
     if pool.available is not None and others + need > pool.available:
         also = f" beside {format_size(others)} for other migrations" if others else ""
@@ -221,44 +179,38 @@ def _room(
             "migrate-no-space",
             f"{what}: the copy needs up to {format_size(need)} in pool {pool.name}{also}, "
             f"which has {format_size(pool.available)} free; nothing is copied",
-            **at,
+            **r.at,
         )
         return False
     draft.claimed[pool.name] += need
     return True
 
 
-def resume(
-    draft: Draft,
-    d: DesiredDisk,
-    spec: dict[str, Any],
-    rec: DiskRecord,
-    rpool: ObservedPool,
-    pre: Precondition,
-    where: dict[str, Any],
-) -> None:
+def resume(draft: Draft, r: Recorded) -> None:
     """A record that holds a migration a run left unfinished: finish it (switched: the
     copy is the disk) or carry on (copying: the partial copy is made again), or roll
     it back where the manifest now asks for the old layout."""
+    d, rec, spec = r.d, r.rec, r.spec
     mig = rec.migration
     assert mig is not None
     if draft.pool(mig.pool, f"{d.instance}/{d.spec.name}") is None:
         return
     if mig.phase is MigrationPhase.SWITCHED:
+        kept = "kept (deletionPolicy Retain)" if retained(mig.spec) else "removed"
         reason = (
             "an interrupted migration is finished: the verified copy is the disk, and the "
-            "old volume is " + ("kept (deletionPolicy Retain)" if retained(mig.spec) else "removed")
+            f"old volume is {kept}"
         )
-        _resumed(draft, d, mig.spec, rec, mig.target(), reason, pre)
+        _resumed(draft, r, mig.spec, mig.target(), reason)
         return
-    if guards.attached(draft, rpool, rec.volume, "migrated", **where):
+    if guards.attached(draft, r.rpool, rec.volume, "migrated", **r.where):
         return
     if spec == rec.spec:
         reason = (
             "an interrupted migration is rolled back (the manifest asks for the old layout "
             "again): its partial copy is removed"
         )
-        _resumed(draft, d, spec, rec, rec.key(), reason, pre)
+        _resumed(draft, r, spec, rec.key(), reason)
         return
     if spec != mig.spec:
         draft.error(
@@ -267,38 +219,30 @@ def resume(
             "run stopped, and the manifest now asks for another layout; set it back to "
             f"{layout(mig.spec)} in pool {mig.pool} (the migration is finished) or to the "
             "old one (it is rolled back) first",
-            pool=rec.pool,
-            volume=rec.volume,
-            **where,
+            **r.at,
         )
         return
     reason = "an interrupted migration is carried on: its partial copy is made again"
-    _resumed(draft, d, spec, rec, mig.target(), reason, pre)
+    _resumed(draft, r, spec, mig.target(), reason)
 
 
 def _resumed(
-    draft: Draft,
-    d: DesiredDisk,
-    spec: Mapping[str, Any],
-    rec: DiskRecord,
-    to: tuple[str, str],
-    reason: str,
-    pre: Precondition,
+    draft: Draft, r: Recorded, spec: Mapping[str, Any], to: tuple[str, str], reason: str
 ) -> None:
     """The migrate action that finishes, carries on or rolls back a migration, at `to`."""
     draft.actions.append(
         Action(
             action=ActionKind.MIGRATE,
-            instance=d.instance,
-            disk=d.spec.name,
+            instance=r.d.instance,
+            disk=r.d.spec.name,
             pool=to[0],
             volume=to[1],
             reason=reason,
-            patch=patch(rec.spec, spec),
+            patch=patch(r.rec.spec, spec),
             destructive=False,
-            precondition=pre,
+            precondition=r.pre,
             spec=dict(spec),
-            recorded=rec.spec,
-            replaces=rec.key(),
+            recorded=r.rec.spec,
+            replaces=r.rec.key(),
         )
     )

@@ -13,18 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 from reconciler.diff import guards
-from reconciler.diff.draft import Draft, where_of
+from reconciler.diff.draft import Draft, Recorded, disk_action, where_of
 from reconciler.diff.render import describe_source
 from reconciler.model.desired import DesiredDisk
 from reconciler.model.observed import ObservedPool
-from reconciler.model.plan import ActionKind, Precondition
-from reconciler.model.record import DiskRecord
+from reconciler.model.plan import Action, ActionKind, Precondition
 from reconciler.model.units import format_size
 
 
 def disk(
     draft: Draft, d: DesiredDisk, spec: dict[str, Any], pool: ObservedPool, where: dict[str, Any]
 ) -> None:
+    """A disk with no record that no other host holds, wanted in `pool`."""
     assert pool.volumes is not None
     if d.volume in pool.volumes:
         guards.unmanaged(
@@ -43,44 +43,25 @@ def disk(
         draft, pool, frozenset({"shared", "held"}), needs, pool=pool.name, **where
     ):
         return
-    make(
-        draft,
-        ActionKind.CREATE,
-        d,
-        spec,
-        None,
+    reason = (
         f"new disk: {d.spec.format} {format_size(d.spec.size)} from "
-        f"{describe_source(spec['source'])}",
-        Precondition(None, False),
+        f"{describe_source(spec['source'])}"
     )
+    pre = Precondition(None, False)
+    make(draft, d, disk_action(ActionKind.CREATE, d, spec, None, reason, pre))
 
 
-def make(
-    draft: Draft,
-    kind: ActionKind,
-    d: DesiredDisk,
-    spec: dict[str, Any],
-    rec: DiskRecord | None,
-    reason: str,
-    pre: Precondition,
-    *,
-    destructive: bool = False,
-    replaces: tuple[str, str] | None = None,
-) -> None:
-    """A create or a replace, unless the cache entry it is made from cannot be used."""
-    assert kind in (ActionKind.CREATE, ActionKind.REPLACE)
+def make(draft: Draft, d: DesiredDisk, action: Action) -> None:
+    """A create or a replace of `d`, unless the cache entry it is made from cannot be used."""
+    assert action.action in (ActionKind.CREATE, ActionKind.REPLACE)
     if guards.entry_refused(draft, d, draft.observed.pools[d.spec.pool], where_of(d)):
         return
-    draft.disk_action(kind, d, spec, rec, reason, pre, destructive=destructive, replaces=replaces)
+    draft.actions.append(action)
 
 
 def drifted(
     draft: Draft,
-    d: DesiredDisk,
-    spec: dict[str, Any],
-    rec: DiskRecord,
-    pre: Precondition,
-    where: dict[str, Any],
+    r: Recorded,
     *,
     then: str = "",
     reason: str,
@@ -89,10 +70,8 @@ def drifted(
     """A recorded disk whose volume was removed outside the reconciler: made again."""
     draft.warn(
         "drift",
-        f"volume {rec.volume} is missing from pool {rec.pool}: it was removed outside "
+        f"volume {r.rec.volume} is missing from pool {r.rec.pool}: it was removed outside "
         f"the reconciler{then}",
-        pool=rec.pool,
-        volume=rec.volume,
-        **where,
+        **r.at,
     )
-    make(draft, ActionKind.CREATE, d, spec, rec, reason, pre, replaces=replaces)
+    make(draft, r.d, r.action(ActionKind.CREATE, reason, replaces=replaces))

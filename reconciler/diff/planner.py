@@ -25,10 +25,10 @@ from collections import defaultdict
 from typing import Any
 
 from reconciler.diff import changed, guards, migration, new, ownership, removed
-from reconciler.diff.draft import Draft, PlanOptions, where_of
+from reconciler.diff.draft import Draft, PlanOptions, Recorded, where_of
 from reconciler.model.desired import Desired, DesiredDisk, DesiredInstance
 from reconciler.model.observed import Observed
-from reconciler.model.plan import Plan, Precondition
+from reconciler.model.plan import Plan
 from reconciler.model.record import DiskRecord
 
 
@@ -140,8 +140,8 @@ def _disk(draft: Draft, d: DesiredDisk, rec: DiskRecord | None) -> None:
     if rpool is None:
         return
     assert rpool.volumes is not None
-    pre = Precondition(rec.generation, rec.volume in rpool.volumes)
+    r = Recorded(d, spec, rec, pool, rpool, where)
     if rec.migration is not None:  # its copy is where the disk goes: ours
-        migration.resume(draft, d, spec, rec, rpool, pre, where)
+        migration.resume(draft, r)
     else:
-        changed.disk(draft, d, spec, rec, pool, rpool, pre, where)
+        changed.disk(draft, r)
