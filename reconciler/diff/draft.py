@@ -39,6 +39,9 @@ from reconciler.model.record import BadRecord, DiskRecord, RecordKind
 
 @dataclass(frozen=True)
 class PlanOptions:
+    """What the operator allows: replacing disks (destroys data), pruning orphans, going
+    past the delete threshold (`force`, `max_delete_percent`)."""
+
     allow_replace: bool = False
     prune: bool = False
     # Hand over (not delete) this host's disks in pools many hosts share when no manifest
@@ -50,6 +53,8 @@ class PlanOptions:
 
 @dataclass
 class Draft:
+    """The plan being built (see the module docstring); made by `start`, read by `finish`."""
+
     observed: Observed
     options: PlanOptions
     actions: list[Action] = field(default_factory=list)
