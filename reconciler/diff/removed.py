@@ -9,8 +9,9 @@ load may name it); in a pool many hosts share it is handed over instead, never d
 otherwise it is kept with a warning.
 
 Invariants (DESIGN 4, 7): a delete is destructive exactly when a volume with data goes
-(an interrupted create holds none); nothing a domain uses is deleted; a half-made or
-half-deleted disk is finished or rolled back whatever its deletionPolicy.
+(an interrupted create holds none), and no destructive delete is planned while a domain
+uses the volume (or while the domains cannot be listed); a half-made or half-deleted disk
+is finished or rolled back whatever its deletionPolicy.
 """
 
 from __future__ import annotations
