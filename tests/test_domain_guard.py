@@ -23,7 +23,7 @@ import libvirt
 import pytest
 
 from reconciler.control.session import Session
-from reconciler.diff.planner import PlanOptions
+from reconciler.diff import PlanOptions
 from reconciler.model.plan import Plan
 from reconciler.model.record import DiskRecord, MigrationPhase, RecordState
 from reconciler.schema.load import load_config

@@ -1,7 +1,8 @@
 """Every problem code has exactly one outcome in `reconcile watch`, declared with the code.
 
-The codes are read from the planner's sources (diff/) (every `self.error(...)` and `self.warn(...)`)
-and from the loop's (control/), so a code added there without its ProblemCode member, or a member
+The codes are read from the planner's sources (diff/) (every `draft.error(...)` and
+`draft.warn(...)`: every `.error`/`.warn` call there is made on the Draft, named `draft`) and
+from the loop's (control/), so a code added there without its ProblemCode member, or a member
 that nothing emits any more, fails here before any plan is made.
 """
 
@@ -16,6 +17,8 @@ from reconciler.control.outcome import Outcome, QueueAction, Result, Settlement,
 from reconciler.model import Handling, Problem, ProblemCode, Severity
 
 SOURCE = Path(__file__).resolve().parent.parent / "reconciler"
+# What the planner's modules call the plan being built (reconciler/diff/draft.py's Draft).
+RECEIVER = "draft"
 
 
 def planner_codes() -> dict[str, set[str]]:
@@ -32,10 +35,12 @@ def _scan(path: Path, found: dict[str, set[str]]) -> None:
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
             and node.func.attr in found
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id == "self"
         ):
             continue
+        # A problem reported through another name would escape the scan: there is one.
+        assert isinstance(node.func.value, ast.Name) and node.func.value.id == RECEIVER, (
+            f"{path.name}:{node.lineno}: report a problem as {RECEIVER}.{node.func.attr}(...)"
+        )
         first = node.args[0] if node.args else None
         # A code computed at run time would escape this test: every code is a literal.
         assert isinstance(first, ast.Constant) and isinstance(first.value, str), (

@@ -1,7 +1,8 @@
 """Render a Plan for people (text) and for programs (JSON).
 
 JSON is canonical (sorted keys, fixed separators) so the same plan gives the same bytes;
-snapshot tests and saved plans rely on that.
+snapshot tests and saved plans rely on that. `describe_source` and `show_value` are also
+how the planner's reasons name a source and a changed field, so both read the same.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from reconciler.diff.planner import describe_source
 from reconciler.model.plan import Action, ActionKind, Plan, Problem
 from reconciler.model.units import format_size
 
@@ -48,7 +48,16 @@ def to_json(plan: Plan, extra: Mapping[str, Any] | None = None) -> str:
     )
 
 
-def _value(field: str, value: Any) -> str:
+def describe_source(source: Mapping[str, Any]) -> str:
+    """A disk's source as people read it: `image ID` or `template KIND labelled 'L'`."""
+    if "image" in source:
+        return f"image {source['image']}"
+    label = f" labelled {source['label']!r}" if source.get("label") else ""
+    return f"template {source.get('template')}{label}"
+
+
+def show_value(field: str, value: Any) -> str:
+    """A spec field's value as people read it (in plan text and in an action's reason)."""
     if field == "size" and isinstance(value, int):
         return format_size(value)
     if field == "source" and isinstance(value, Mapping):
@@ -65,11 +74,11 @@ def _changes(a: Action) -> list[str]:
         if old == new:
             continue
         if old is None:
-            lines.append(f"+ {field}: {_value(field, new)}")
+            lines.append(f"+ {field}: {show_value(field, new)}")
         elif new is None:
-            lines.append(f"- {field}: {_value(field, old)}")
+            lines.append(f"- {field}: {show_value(field, old)}")
         else:
-            lines.append(f"~ {field}: {_value(field, old)} -> {_value(field, new)}")
+            lines.append(f"~ {field}: {show_value(field, old)} -> {show_value(field, new)}")
     return lines
 
 
@@ -101,7 +110,7 @@ def to_text(plan: Plan) -> str:
             sp = a.spec
             out.append(
                 f"    backend {sp['backend']}, format {sp['format']}, size "
-                f"{_value('size', sp['size'])}, {_value('source', sp['source'])}, "
+                f"{show_value('size', sp['size'])}, {show_value('source', sp['source'])}, "
                 f"deletionPolicy {sp['deletionPolicy']}"
             )
         else:

@@ -1,0 +1,147 @@
+"""A recorded disk the manifest still names: resized, replaced, migrated, updated, or redone.
+
+`disk` compares a disk's record with its manifest entry. A record a run left unfinished
+comes first: an interrupted create is redone (the partial volume holds no user data), an
+interrupted delete is made again from its source. Then a change of backend, pool, format
+or source, which cannot be made in place: a migration where a driver can copy the data
+(migration.py), else a replace, which destroys the data and needs --allow-replace. Then a
+volume gone from its pool (drift: made again). Then the size: grown (a resize, also one a
+run left unfinished), never shrunk, and refused for formats that cannot grow. Any other
+difference is a record-only update.
+
+Invariants (DESIGN 4, 7): a disk is only changed in place while no running domain uses
+it, and only replaced while no domain names it; shrinking is refused; where a disk moves,
+the volume at its new location must be the old record's to replace, never a volume
+without a record.
+"""
+
+from __future__ import annotations
+
+from reconciler.diff import guards, migration, new
+from reconciler.diff.draft import Draft, Recorded
+from reconciler.diff.render import show_value
+from reconciler.model.plan import ActionKind
+from reconciler.model.record import RecordState
+from reconciler.model.units import format_size
+from reconciler.schema.common import NOT_RESIZABLE
+
+# Fields whose change cannot be applied to an existing volume in place.
+REPLACE_FIELDS = ("backend", "pool", "format", "source")
+
+
+def disk(draft: Draft, r: Recorded) -> None:
+    """A disk recorded in `r.rpool` that the manifest wants in `r.pool`."""
+    d, rec = r.d, r.rec
+    assert r.pool.volumes is not None
+    # Where the disk goes is the old record's to replace, never another owner's volume.
+    if r.moved and d.volume in r.pool.volumes:
+        guards.unmanaged(
+            draft,
+            (d.spec.pool, d.volume),
+            f"the disk moves to pool {d.spec.pool}, where volume {d.volume} exists but "
+            "the reconciler has no record of making it; it is left untouched",
+            pool=d.spec.pool,
+            volume=d.volume,
+            **r.where,
+        )
+        return
+    if rec.state in (RecordState.CREATING, RecordState.DELETING):
+        _redo(draft, r)
+        return
+    fields = [f for f in REPLACE_FIELDS if rec.spec.get(f) != r.spec.get(f)]
+    if fields:
+        _relayout(draft, r, fields)
+        return
+    if not r.exists:
+        new.drifted(
+            draft, r, reason="the volume is missing from the pool (drift); it is made again"
+        )
+        return
+    _resize(draft, r)
+
+
+def _redo(draft: Draft, r: Recorded) -> None:
+    """A create or a delete a run left unfinished: the disk is made (again)."""
+    rec = r.rec
+    # The precondition describes the old location, so a moved action names it.
+    old = (rec.pool, rec.volume) if r.moved or r.exists else None
+    if rec.state is RecordState.CREATING:
+        reason = "an interrupted create is redone (the partial volume holds no user data)"
+        new.make(draft, r.d, r.action(ActionKind.CREATE, reason, replaces=old))
+        return
+    if r.exists and guards.attached(draft, r.rpool, rec.volume, "made again", **r.where):
+        return
+    draft.warn(
+        "interrupted-delete",
+        f"volume {rec.volume} was being deleted when a run stopped; it is made "
+        "again from its source",
+        **r.at,
+    )
+    reason = "an interrupted delete left the disk unusable; it is made again"
+    made = r.action(ActionKind.CREATE, reason, destructive=r.exists, replaces=old)
+    new.make(draft, r.d, made)
+
+
+def _relayout(draft: Draft, r: Recorded, fields: list[str]) -> None:
+    """A change of `fields` (of REPLACE_FIELDS): migrated where that keeps the data, else
+    replaced where --allow-replace says so."""
+    rec = r.rec
+    what = "; ".join(
+        f"{f} {show_value(f, rec.spec.get(f))} -> {show_value(f, r.spec.get(f))}" for f in fields
+    )
+    migratable = set(fields) <= migration.MIGRATE_FIELDS and rec.state is RecordState.READY
+    if migratable and migration.migrate(draft, r, what):
+        return
+    if not draft.options.allow_replace:
+        draft.error(
+            "replace-required",
+            f"{what}: this needs the disk deleted and made again, which destroys "
+            "its data; re-run with --allow-replace to do that",
+            **r.at,
+        )
+        return
+    if r.exists and guards.attached(draft, r.rpool, rec.volume, "replaced", **r.where):
+        return
+    reason = f"{what}: the disk is deleted and made again"
+    replace = r.action(
+        ActionKind.REPLACE, reason, destructive=r.exists, replaces=(rec.pool, rec.volume)
+    )
+    new.make(draft, r.d, replace)
+
+
+def _resize(draft: Draft, r: Recorded) -> None:
+    """Same layout, volume present: grown, refused, or a record-only update."""
+    rec = r.rec
+    target = r.d.spec.size
+    current = rec.virtual_size
+    interrupted = rec.state is RecordState.RESIZING
+    if interrupted and rec.pending_size is not None:
+        # The volume may already have grown before the run stopped.
+        current = max(current, rec.pending_size)
+    if target < current:
+        draft.error(
+            "shrink-refused",
+            f"size {format_size(target)} is smaller than the disk's {format_size(current)}; "
+            "shrinking would cut off data and is refused",
+            **r.at,
+        )
+        return
+    if target > current and rec.format in NOT_RESIZABLE:
+        draft.error(
+            "resize-unsupported",
+            f"size {format_size(current)} -> {format_size(target)}: "
+            f"{NOT_RESIZABLE[rec.format]}; make a new disk of the new size (a new disk "
+            f"name) and copy the data into it, or keep the size at {format_size(current)}",
+            **r.at,
+        )
+        return
+    if target > current or interrupted:
+        if guards.attached(draft, r.pool, rec.volume, "resized", running_only=True, **r.where):
+            return
+        note = " (completing an interrupted resize)" if interrupted else ""
+        reason = f"grow {format_size(rec.virtual_size)} -> {format_size(target)}{note}"
+        draft.actions.append(r.action(ActionKind.RESIZE, reason))
+        return
+    if rec.spec != r.spec:
+        reason = "record-only change (no change to the volume)"
+        draft.actions.append(r.action(ActionKind.UPDATE, reason))

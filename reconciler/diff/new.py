@@ -1,0 +1,77 @@
+"""A disk made from its source: a new disk (no record), and a recorded disk made again.
+
+`disk` plans a manifest's disk that has no record and no other host's hold: created,
+unless a volume of its name already stands in the pool without a record (it is never
+touched: DESIGN 4) or the observed state cannot say whether another host holds its record.
+`make` is the one way any question plans a create or a replace: the cache entry the disk
+is made from must be usable first (apply would refuse it). `drifted` plans a recorded disk
+whose volume is gone from its pool: made again, with a warning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reconciler.diff import guards
+from reconciler.diff.draft import Draft, Recorded, disk_action, where_of
+from reconciler.diff.render import describe_source
+from reconciler.model.desired import DesiredDisk
+from reconciler.model.observed import ObservedPool
+from reconciler.model.plan import Action, ActionKind, Precondition
+from reconciler.model.units import format_size
+
+
+def disk(
+    draft: Draft, d: DesiredDisk, spec: dict[str, Any], pool: ObservedPool, where: dict[str, Any]
+) -> None:
+    """A disk with no record that no other host holds, wanted in `pool`."""
+    assert pool.volumes is not None
+    if d.volume in pool.volumes:
+        guards.unmanaged(
+            draft,
+            (d.spec.pool, d.volume),
+            f"volume {d.volume} exists in pool {d.spec.pool} but the reconciler has "
+            "no record of making it; it is left untouched (adopt it explicitly or "
+            "remove it by hand)",
+            pool=d.spec.pool,
+            volume=d.volume,
+            **where,
+        )
+        return
+    needs = "whether another host holds this disk's record"
+    if guards.incomplete(
+        draft, pool, frozenset({"shared", "held"}), needs, pool=pool.name, **where
+    ):
+        return
+    reason = (
+        f"new disk: {d.spec.format} {format_size(d.spec.size)} from "
+        f"{describe_source(spec['source'])}"
+    )
+    pre = Precondition(None, False)
+    make(draft, d, disk_action(ActionKind.CREATE, d, spec, None, reason, pre))
+
+
+def make(draft: Draft, d: DesiredDisk, action: Action) -> None:
+    """A create or a replace of `d`, unless the cache entry it is made from cannot be used."""
+    assert action.action in (ActionKind.CREATE, ActionKind.REPLACE)
+    if guards.entry_refused(draft, d, draft.observed.pools[d.spec.pool], where_of(d)):
+        return
+    draft.actions.append(action)
+
+
+def drifted(
+    draft: Draft,
+    r: Recorded,
+    *,
+    then: str = "",
+    reason: str,
+    replaces: tuple[str, str] | None = None,
+) -> None:
+    """A recorded disk whose volume was removed outside the reconciler: made again."""
+    draft.warn(
+        "drift",
+        f"volume {r.rec.volume} is missing from pool {r.rec.pool}: it was removed outside "
+        f"the reconciler{then}",
+        **r.at,
+    )
+    make(draft, r.d, r.action(ActionKind.CREATE, reason, replaces=replaces))
