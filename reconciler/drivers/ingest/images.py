@@ -222,7 +222,7 @@ def open_rbd(location: str, image: ImageConfig | None) -> Iterator[IO[bytes]]:
             "catalog entry `cephConf` (that cluster's ceph.conf) so it can be fetched, or "
             "serve the image over http(s) or file://"
         )
-    from reconciler.drivers.rbd.pool import MISSING_BINDINGS
+    from reconciler.drivers.rbd.cluster import MISSING_BINDINGS
 
     try:
         import rados
