@@ -68,7 +68,7 @@ def conf_fsid(conffile: str) -> str | None:
     return None
 
 
-class Disks:
+class Clones:
     """How one rbd pool makes its disks: of its catalog (`images`), through its image
     cache (`cache`, flows/entries.py's, held by the driver)."""
 

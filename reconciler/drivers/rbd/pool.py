@@ -22,9 +22,9 @@ Where things are (Ceph pool P of the config's `ceph` section; N its `namespace`)
   entry's lock and removed by `sweep_temp` when nobody holds it; no disk is named so.
 - Pool ownership: claimed by the RADOS store, not by a host (owner.py).
 
-Order of a disk's steps and what a crash between them leaves: clone.py (create),
-disks.py (delete), cache.py (an entry), migrate.py (migrations in and out), adopt.py
-(adopting an image); an image's raw bytes are io.py's.
+Each module states the order of its steps and what a crash between them leaves: clone.py
+(a disk made), disks.py (deleted), cache.py (an entry made), migrate.py (migrations in and
+out), adopt.py (an image adopted); an image's raw bytes are io.py's.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from reconciler.drivers.host.domains import NO_DOMAIN_DRIVER, Attachments, all_d
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore
 from reconciler.drivers.rbd import adopt, cache, copies, disks, images, io, migrate, owner
-from reconciler.drivers.rbd.clone import Disks
+from reconciler.drivers.rbd.clone import Clones
 from reconciler.drivers.rbd.cluster import Cluster, RbdRecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import TEMP_PREFIX
@@ -96,7 +96,7 @@ class RbdPoolDriver:
             remove=lambda entry: cache.remove_entry(self.c, entry),
             scratch=lambda entry: io.scratch(),
         )
-        self.disks = Disks(self.c, self.images, self.cache)
+        self.clones = Clones(self.c, self.images, self.cache)
 
     # -- the cluster --------------------------------------------------------------------
 
@@ -218,17 +218,17 @@ class RbdPoolDriver:
     # -- making disks (clone.py) and the image cache (cache.py) -------------------------
 
     def entry_for(self, spec: Mapping[str, Any]) -> str | None:
-        return self.disks.entry_for(spec)
+        return self.clones.entry_for(spec)
 
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
         """A clone depends on its entry for as long as it exists."""
-        return self.disks.entry_for(spec)
+        return self.clones.entry_for(spec)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
-        self.disks.create_from_template(rec, template)
+        self.clones.create_from_template(rec, template)
 
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
-        self.disks.create_from_image(rec, image_id)
+        self.clones.create_from_image(rec, image_id)
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         cache.ensure_image(self.c, self.cache, self.images, entry, image_id, disk_size)
