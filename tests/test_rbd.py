@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.rbd.pool import RECORD_KEY, SNAP
+from reconciler.drivers.rbd.cache import SNAP
+from reconciler.drivers.rbd.copies import RECORD_KEY
 from reconciler.drivers.rbd.records import RadosRecordStore
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from tests.conftest_ceph import Ceph

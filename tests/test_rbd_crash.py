@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.rbd.pool import RbdRecordStore
+from reconciler.drivers.rbd.cluster import RbdRecordStore
 from reconciler.model.naming import TEMP_PREFIX
 from reconciler.model.record import RecordKind, RecordState
 from tests.conftest_ceph import Ceph

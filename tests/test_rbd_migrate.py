@@ -23,7 +23,8 @@ import pytest
 
 from reconciler.control.session import Session
 from reconciler.drivers.api import VolumeExists
-from reconciler.drivers.rbd.pool import RECORD_KEY, RbdRecordStore
+from reconciler.drivers.rbd.cluster import RbdRecordStore
+from reconciler.drivers.rbd.copies import RECORD_KEY
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import TEMP_PREFIX
 from reconciler.model.record import DiskRecord, MigrationPhase, RecordKind, RecordState

@@ -29,7 +29,7 @@ from reconciler.drivers.file import pool as filepool
 from reconciler.drivers.file.pool import RECORD_XATTR, TRUSTED_XATTR
 from reconciler.drivers.host import copykey
 from reconciler.drivers.lvm.pool import COPY_PREFIX, encode_copy
-from reconciler.drivers.rbd.pool import RECORD_KEY
+from reconciler.drivers.rbd.copies import RECORD_KEY
 from reconciler.model.naming import template_entry_name
 from reconciler.model.record import DiskRecord
 from tests.conftest_ceph import Ceph

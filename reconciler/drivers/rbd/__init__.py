@@ -1,2 +1,9 @@
 """Ceph RBD pools serving the rbd backend: disks, clones of cached images, the records kept in
-RADOS beside them, and leases every host sharing the pool sees."""
+RADOS beside them, and leases every host sharing the pool sees.
+
+pool.py is the driver (its face: observing, and each concern handed to its module, all
+through cluster.py's one client); clone.py makes disks, cache.py the image cache's
+entries, disks.py grows, deletes and renames images, images.py makes and removes plain
+images, io.py reads and writes an image's raw bytes, copies.py keeps each image's record
+copy, owner.py the pool's owner, migrate.py migrations, adopt.py adoption; records.py and
+leases.py are the RADOS record store and locks, outage.py one deadline per step."""

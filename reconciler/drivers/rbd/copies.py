@@ -1,0 +1,99 @@
+"""Each image's copy of its record, in its RBD metadata (`reconciler.record`), the
+back-pointer from an image to its record, read by `records rebuild` and checked before an
+image is deleted, resized or adopted.
+
+The host writes it; a guest writes only the image's data. Where it names another record
+than the one acting on it, delete and resize refuse and say so: a disagreement is
+reported, never repaired by deleting. Who can write it: any client with the Ceph pool's
+caps (a guest cannot: librbd gives it the image's data only). Those are the very clients
+that can write the RADOS records, which are the truth here, so the copy is not sealed (a
+MAC under a key shared by the hosts would stop no one the store itself does not); it is
+checked as input like every record (schema/recordcheck.py), and rebuild restores only what
+cannot make the next plan destroy something (reconciler/commands/rebuild.py).
+
+A clone starts with its parent's metadata, so with its cache entry's copy: until the
+clone's own is written (drivers/rbd/clone.py writes it first), that inherited one says
+nothing about the clone and is read as no copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reconciler.drivers.api import NoCopy, RecordCopies
+from reconciler.drivers.rbd.cluster import Cluster
+from reconciler.drivers.rbd.images import parent
+from reconciler.model.errors import ReconcileError
+from reconciler.model.naming import TEMP_PREFIX
+from reconciler.model.record import DiskRecord, RecordKind
+from reconciler.schema.bounded import check_json
+from reconciler.util.logs import get_logger
+
+log = get_logger(__name__)
+
+RECORD_KEY = "reconciler.record"  # RBD metadata: the image's copy of its record
+
+
+def keep_record_copy(c: Cluster, rec: DiskRecord) -> None:
+    """The image's copy of its record, in its RBD metadata (the back-pointer)."""
+    try:
+        with c.image(rec.volume) as img, c.op(f"writing {rec.volume}'s record"):
+            img.metadata_set(RECORD_KEY, rec.model_dump_json())
+    except ReconcileError as e:
+        log.warning("record_copy.failed", pool=c.name, volume=rec.volume, error=str(e))
+
+
+def _copy_of(c: Cluster, img: Any, volume: str) -> DiskRecord | None:
+    """The record copy an open image carries (None: none); a damaged one is an error."""
+    try:
+        raw = img.metadata_get(RECORD_KEY)
+    except KeyError:
+        return None
+    try:
+        return DiskRecord.model_validate_json(check_json(raw, what="the copy"))
+    except ValueError as e:
+        raise ReconcileError(
+            f"pool {c.name}: image {volume}'s record copy is unreadable ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def own_copy(c: Cluster, img: Any, volume: str) -> DiskRecord | None:
+    """The image's own record copy: a clone starts with its parent's (the entry's), and
+    until the clone's own is written that one says nothing about the clone."""
+    with c.op(f"reading {volume}'s record copy"):
+        copy = _copy_of(c, img, volume)
+    inherited = (
+        copy is not None
+        and copy.kind is RecordKind.CACHE
+        and copy.volume != volume
+        and copy.volume == parent(c, img, volume)
+    )
+    return None if inherited else copy
+
+
+def check_copy(c: Cluster, img: Any, volume: str, doing: str) -> None:
+    """Refuse to act on an image whose record copy names another record."""
+    copy = own_copy(c, img, volume)
+    if copy is not None and (copy.pool, copy.volume) != (c.name, volume):
+        raise ReconcileError(
+            f"not {doing} {c.name}/{volume}: the image's record copy describes "
+            f"{copy.pool}/{copy.volume} (instance {copy.instance or '-'}); record and image "
+            "disagree, so it is reported and left as it is"
+        )
+
+
+def record_copies(c: Cluster) -> RecordCopies:
+    """The copies the pool's images carry (temporary images left out), each checked."""
+    names = sorted(n for n in c.list_volumes() if not n.startswith(TEMP_PREFIX))
+    return RecordCopies.read(c.name, names, lambda name: _image_copy(c, name))
+
+
+def _image_copy(c: Cluster, name: str) -> DiskRecord:
+    try:
+        with c.image(name, read_only=True) as img:
+            copy = own_copy(c, img, name)
+    except ReconcileError as e:
+        raise NoCopy(str(e)) from None
+    if copy is None:
+        raise NoCopy("no record copy")
+    return copy
