@@ -5,5 +5,9 @@ pool.py is the driver (its face: observing, and each concern handed to its modul
 through cluster.py's one client); clone.py makes disks, cache.py the image cache's
 entries, disks.py grows, deletes and renames images, images.py makes and removes plain
 images, io.py reads and writes an image's raw bytes, copies.py keeps each image's record
-copy, owner.py the pool's owner, migrate.py migrations, adopt.py adoption; records.py and
-leases.py are the RADOS record store and locks, outage.py one deadline per step."""
+copy, owner.py the pool's owner, migrate.py migrations, adopt.py adoption. records.py is
+the RADOS record store's face (reads, compare-and-swap writes, hand-overs, its write order),
+over layout.py (object names, the stored format), namespace.py (every RADOS call, errors
+mapped once), index.py (each host's index shards), hosts.py (heartbeats, fencing),
+claims.py (instance claims) and refs.py (a cache entry's references); leases.py holds the
+locks every host sees, outage.py one deadline per step while the cluster does not answer."""
