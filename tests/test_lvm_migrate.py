@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from reconciler.control.session import Session
-from reconciler.drivers.lvm.pool import BACKPOINTER, LV_TEMP_PREFIX
+from reconciler.drivers.lvm.volumes import BACKPOINTER, LV_TEMP_PREFIX
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, MigrationPhase, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat

@@ -28,7 +28,7 @@ import pytest
 from reconciler.drivers.file import copies as filecopies
 from reconciler.drivers.file.copies import RECORD_XATTR, TRUSTED_XATTR
 from reconciler.drivers.host import copykey
-from reconciler.drivers.lvm.pool import COPY_PREFIX, encode_copy
+from reconciler.drivers.lvm.copies import COPY_PREFIX, encode_copy
 from reconciler.drivers.rbd.pool import RECORD_KEY
 from reconciler.model.naming import template_entry_name
 from reconciler.model.record import DiskRecord
