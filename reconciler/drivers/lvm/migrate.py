@@ -16,7 +16,7 @@ without activation a copy's LV is allocated contiguous, and qemu's locks are off
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -76,7 +76,7 @@ def prepare_copy(lvs: Lvs, volume: str, backend: Backend, fmt: DiskFormat, size:
 def qemu_image(
     lvs: Lvs,
     volume: str,
-    recorded_size: int | None,
+    recorded_size: Callable[[str], int | None],
     fmt: DiskFormat,
     backing: str | None,
     write: bool,
@@ -88,7 +88,7 @@ def qemu_image(
     address without device-mapper: refused (raw to raw copies do not need qemu-img)."""
     if fmt is not DiskFormat.RAW or backing is not None:
         raise ReconcileError(f"{lvs.name}/{volume}: an lvm disk is raw with no backing")
-    with lvs.data.open(volume, recorded_size, write=write) as pieces:
+    with lvs.data.open(volume, recorded_size(volume), write=write) as pieces:
         if len(pieces) != 1:
             raise ReconcileError(
                 f"{lvs.name}/{volume} lies in {len(pieces)} segments of its PVs and this "

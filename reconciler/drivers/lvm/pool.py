@@ -342,9 +342,11 @@ class LvmPoolDriver:
     def qemu_image(
         self, volume: str, fmt: DiskFormat, backing: str | None, *, write: bool
     ) -> AbstractContextManager[QemuImage]:
+        return migrate.qemu_image(self.lvs, volume, self._recorded_size, fmt, backing, write)
+
+    def _recorded_size(self, volume: str) -> int | None:
         rec = self._store().get(self.name, volume) if self.store is not None else None
-        size = None if rec is None else rec.virtual_size
-        return migrate.qemu_image(self.lvs, volume, size, fmt, backing, write)
+        return None if rec is None else rec.virtual_size
 
     def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
         return migrate.native_copy(self.lvs, source is self, source, rec, to)
