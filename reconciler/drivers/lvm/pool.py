@@ -325,12 +325,6 @@ class LvmPoolDriver:
             return None
         return os.path.basename(where) or None
 
-    def point_overlay_at(self, path: str, entry: str) -> None:
-        raise ReconcileError(
-            f"pool {self.name} is an lvm pool: its disks are raw LVs, so a qcow2 overlay "
-            f"({path}) cannot be taken into it"
-        )
-
     # -- migrations (lvm/migrate.py) ----------------------------------------------------
 
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
