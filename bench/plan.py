@@ -68,7 +68,7 @@ from typing import Any, TypeVar
 import libvirt
 import yaml
 
-from reconciler.drivers.file.pool import LIBVIRT_VOL_LIST_MAX
+from reconciler.drivers.file.volumes import LIBVIRT_VOL_LIST_MAX
 from reconciler.drivers.host.store import open_store
 from reconciler.model.naming import template_entry_name, volume_name
 from reconciler.model.record import DiskRecord, RecordKind, RecordState

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.drivers.file.pool import TRUSTED_XATTR
+from reconciler.drivers.file.copies import TRUSTED_XATTR
 from reconciler.schema.bounded import (
     UnsafeInput,
     gunzip,

@@ -19,7 +19,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from reconciler.drivers.lvm.pool import BACKPOINTER, OWNER_TAG, decode_copy
+from reconciler.drivers.lvm.copies import decode_copy
+from reconciler.drivers.lvm.owner import OWNER_TAG
+from reconciler.drivers.lvm.volumes import BACKPOINTER
 from reconciler.model.record import RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from tests.conftest import Pools, make_lvm_env

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from reconciler.control.session import Session
-from reconciler.drivers.lvm.pool import BACKPOINTER, LV_TEMP_PREFIX
+from reconciler.drivers.api import overlays_of
+from reconciler.drivers.lvm.volumes import BACKPOINTER, LV_TEMP_PREFIX
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, MigrationPhase, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
@@ -443,7 +444,7 @@ def test_take_file_fills_a_new_lv_and_never_replaces_one(
         assert drv.volume_at(f"/dev/{lvm_vg.vg}x/imported") is None
         assert drv.volume_at(str(env.pool_dir("local") / "imported")) is None
         with pytest.raises(ReconcileError, match="overlay"):
-            drv.point_overlay_at(str(tmp_path / "x.qcow2"), "_cache_x")
+            overlays_of(drv).point_overlay_at(str(tmp_path / "x.qcow2"), "_cache_x")
 
 
 def test_import_nova_into_an_lvm_pool_is_refused_before_anything_moves(

@@ -10,7 +10,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from reconciler.drivers.file import pool as filepool
+from reconciler.drivers.file import volumes as filevolumes
 from tests.env import Env, disk
 
 pytestmark = pytest.mark.libvirtd
@@ -77,7 +77,7 @@ def test_large_pool_is_listed_beyond_libvirts_rpc_limit(
     insts = [env.manifest(f"vm{i}", [disk("d", size="1MiB")]) for i in range(4)]
     assert env.run()[0] == 0
     # Pretend the pool holds more volumes than libvirt can return in one RPC.
-    monkeypatch.setattr(filepool, "LIBVIRT_VOL_LIST_MAX", 2)
+    monkeypatch.setattr(filevolumes, "LIBVIRT_VOL_LIST_MAX", 2)
     env.volume(insts[0], "d").unlink()
     plan = env.plan_json()
     assert [(a["action"], a["instance"]) for a in plan["actions"]] == [("create", insts[0])]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.drivers.file.pool import RECORD_XATTR, TRUSTED_XATTR
+from reconciler.drivers.file.copies import RECORD_XATTR, TRUSTED_XATTR
 from reconciler.drivers.host import ownership
 from reconciler.drivers.host.store import SqliteRecordStore, StoreIdentity
 from reconciler.model.naming import template_entry_name

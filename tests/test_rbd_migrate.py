@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from reconciler.control.session import Session
-from reconciler.drivers.api import VolumeExists
+from reconciler.drivers.api import VolumeExists, overlays_of
 from reconciler.drivers.rbd.cluster import RbdRecordStore
 from reconciler.drivers.rbd.copies import RECORD_KEY
 from reconciler.model.errors import ReconcileError
@@ -507,7 +507,7 @@ def test_take_file_fills_a_new_image_and_never_replaces_one(
         assert drv.volume_at(str(env.pool_dir("local") / "imported")) is None
         assert drv.volume_at("rbd/imported") is None
         with pytest.raises(ReconcileError, match="overlay"):
-            drv.point_overlay_at(str(tmp_path / "x.qcow2"), "_cache_x")
+            overlays_of(drv).point_overlay_at(str(tmp_path / "x.qcow2"), "_cache_x")
 
 
 # -- lvm <-> rbd ----------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.file import pool as filepool
-from reconciler.drivers.file.pool import RECORD_XATTR, TRUSTED_XATTR
+from reconciler.drivers.file import copies as filecopies
+from reconciler.drivers.file.copies import RECORD_XATTR, TRUSTED_XATTR
 from reconciler.drivers.host import copykey
-from reconciler.drivers.lvm.pool import COPY_PREFIX, encode_copy
+from reconciler.drivers.lvm.copies import COPY_PREFIX, encode_copy
 from reconciler.drivers.rbd.copies import RECORD_KEY
 from reconciler.model.naming import template_entry_name
 from reconciler.model.record import DiskRecord
@@ -258,7 +258,7 @@ def test_without_a_trusted_namespace_copies_are_sealed_with_a_root_only_key(
     """A file system with only user.* xattrs (NFS): the copy is sealed (HMAC-SHA256) with
     a 0600 key beside the database; an unsealed or tampered copy is not trusted."""
     # An xattr namespace the kernel does not know fails as NFS fails trusted.*.
-    monkeypatch.setattr(filepool, "TRUSTED_XATTR", "nonesuch.reconciler.record")
+    monkeypatch.setattr(filecopies, "TRUSTED_XATTR", "nonesuch.reconciler.record")
     a = env.manifest("a", [disk(n, size="16MiB") for n in ("x", "y", "z")])
     rc, out, err = env.run()
     assert rc == 0, out + err

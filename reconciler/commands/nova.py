@@ -42,7 +42,7 @@ from reconciler.commands.nova_layout import (
     scan,
 )
 from reconciler.control.session import Session
-from reconciler.drivers.api import ManagingDriver
+from reconciler.drivers.api import ManagingDriver, overlays_of
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import volume_name
@@ -255,7 +255,7 @@ def _import_disk(
             if entry is not None and not d.rebased:
                 # Before the move: Nova's disk then names the pool's copy of the same base
                 # (it still works), and a disk found moved already names its entry.
-                driver.point_overlay_at(str(d.path), entry)
+                overlays_of(driver).point_overlay_at(str(d.path), entry)
                 faults.point("nova.disk.pointed")
             driver.take_file(str(d.path), vol, keep_source=False)
         rec = DiskRecord(

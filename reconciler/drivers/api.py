@@ -5,8 +5,9 @@ Two layers. `Volumes` is the small core a backend implements for the shared flow
 existence, its lock, an empty volume, its raw bytes read (`reader`) and written
 (`writer`), rename and delete, and how its bytes are reached (`access`). `PoolDriver` and
 `ManagingDriver` are what the layers above drivers/ call (observe, plan, apply, migrate,
-adopt, import, rebuild), grouped by concern; a backend says what it cannot do by raising
-(an lvm pool has no overlays) or by returning no layouts (no migrations).
+adopt, import, rebuild), grouped by concern; a backend says what it cannot do by leaving
+out an opt-in capability (`Overlays`: an lvm pool has none; overlays_of() says so as an
+error), by raising, or by returning no layouts (no migrations).
 
 Invariants: a RawSource/RawSink carries raw bytes only (never read as a format: a
 format to convert is qemu-img's, with its formats named); a driver never reaches into
@@ -19,7 +20,7 @@ import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from reconciler.drivers.host.domains import Attachments
 from reconciler.drivers.host.ownership import Owner
@@ -306,8 +307,8 @@ class Adopts(Protocol):
 
 
 class ImportsNova(Protocol):
-    """Taking a Nova instance's files into the pool (`reconcile import-nova`);
-    a pool without overlays (lvm, rbd) refuses point_overlay_at."""
+    """Taking a Nova instance's files into the pool (`reconcile import-nova`); a qcow2
+    overlay's header is pointed at the pool's cache entry by the Overlays capability."""
 
     def take_file(self, path: str, volume: str, *, keep_source: bool) -> None:
         """Put a host file (a Nova instance's disk, or a `_base` file) into the pool as
@@ -320,11 +321,28 @@ class ImportsNova(Protocol):
         file's path in a header this pool's driver wrote); None otherwise."""
         ...
 
+
+@runtime_checkable
+class Overlays(Protocol):
+    """Opt-in: a pool whose disks can be qcow2 overlays on its own cache entries (a file
+    pool). A driver without overlays (lvm) does not have this method; overlays_of() is how
+    a caller asks for it."""
+
     def point_overlay_at(self, path: str, entry: str) -> None:
         """Rewrite the header of the qcow2 file at `path` (to be taken into the pool) so
         its backing is `entry` of this pool, named with backing format raw (the header
-        only; no data is read or written). Drivers without overlays raise."""
+        only; no data is read or written)."""
         ...
+
+
+def overlays_of(d: ManagingDriver) -> Overlays:
+    """`d`'s Overlays capability; ReconcileError if its pool has none."""
+    if isinstance(d, Overlays):
+        return d
+    raise ReconcileError(
+        f"pool {d.name} has no qcow2 overlays (its disks are standalone volumes), so a "
+        "qcow2 overlay cannot be taken into it"
+    )
 
 
 class Migrates(Protocol):

@@ -47,11 +47,3 @@ def inspect_unmanaged(c: Cluster, volume: str, fmt: DiskFormat) -> Inspected:
             "it first: rbd flatten)"
         )
     return Inspected(size, None, header_format(head))
-
-
-def no_overlays(c: Cluster, path: str) -> ReconcileError:
-    """The refusal of a qcow2 overlay to take into an rbd pool."""
-    return ReconcileError(
-        f"pool {c.name} is an rbd pool: its disks are raw images (clones of cache "
-        f"entries), so a qcow2 overlay ({path}) cannot be taken into it"
-    )

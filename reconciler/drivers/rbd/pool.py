@@ -288,9 +288,6 @@ class RbdPoolDriver:
     def volume_at(self, path: str) -> str | None:
         return None  # no image of this pool is a host path
 
-    def point_overlay_at(self, path: str, entry: str) -> None:
-        raise adopt.no_overlays(self.c, path)
-
     # -- migrations (migrate.py) --------------------------------------------------------
 
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:

@@ -1,0 +1,182 @@
+"""A file pool's disks made the two ways of DESIGN (an image, a template), grown; and its
+cache entries filled (the flows themselves are drivers/flows/entries.py's Cache).
+
+Templates (swap, ext4, xfs, vfat) are made once per (kind, size, label) as a cache entry in
+the same pool. A `qcow2`-backend disk is a qcow2 overlay on the entry (`-F raw`); a `flat`
+disk is a sparse copy of it in the disk's format (`qemu-img convert` with both formats
+named, on descriptors opened with O_NOFOLLOW); a `ploop` one is file/ploop.py's. Blank
+disks need no cache entry. Nothing is ever probed: a disk's format, size and backing come
+from its record, which is written as `creating` before any of this runs.
+
+Order and crash windows of a disk made of an entry: entry held shared (so it is not
+collected) -> volume made (`volume.created`) -> filled (`volume.filled`). A crash after
+the volume is made leaves a partial volume its `creating` record claims; the next run
+removes it and makes it again. An image entry is fetched into the pool's temporary file
+for it (under the entry's lock, swept otherwise) and renamed (raw) or converted into it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from reconciler.drivers.file import ploop
+from reconciler.drivers.file.volumes import PoolDir
+from reconciler.drivers.flows import entries
+from reconciler.drivers.flows.qemuimg import (
+    convert_argv,
+    fd_path,
+    mkfs_argv,
+    open_volume,
+    resize_argv,
+)
+from reconciler.drivers.host.run import run
+from reconciler.drivers.host.store import RecordStore
+from reconciler.model.errors import ReconcileError
+from reconciler.model.naming import TEMP_PREFIX
+from reconciler.model.record import DiskRecord
+from reconciler.schema.common import NOT_RESIZABLE, Backend, DiskFormat
+from reconciler.schema.config import ImageConfig
+from reconciler.schema.manifest import TemplateKind, TemplateSource
+from reconciler.util import faults
+
+if TYPE_CHECKING:
+    from reconciler.drivers.ingest.check import Checked
+
+
+class FileDisks:
+    """Disks and cache entries of one file pool."""
+
+    def __init__(
+        self,
+        pool: entries.EntryPool,
+        vols: PoolDir,
+        images: Mapping[str, ImageConfig],
+        store: Callable[[], RecordStore],
+    ) -> None:
+        self.vols = vols
+        self.images = images
+        self.cache = entries.Cache(
+            pool, Backend.FLAT, store=store, remove=vols.delete, scratch=vols.scratch
+        )
+
+    def backing_for(self, spec: Mapping[str, Any]) -> str | None:
+        """The cache entry a disk made to `spec` will depend on (qcow2 overlays), known
+        before it is made so the record names it and the entry is never collected."""
+        if spec["backend"] != Backend.QCOW2.value:
+            return None
+        return entries.entry_for(self.images, spec)
+
+    # The two ways a disk is made (DESIGN: "the two interfaces that replace cache()").
+    # Each is told everything in advance; its record is already written as `creating`.
+
+    def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
+        """A disk with an image's content: fetched and checked once into the pool's cache,
+        then an overlay on that entry (qcow2 backend) or a copy of it (flat)."""
+        self.cache.from_image(rec, image_id, self._from_entry)
+
+    def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
+        """A blank disk, or swap or an empty filesystem made once per (kind, size, label)
+        as a cache entry and overlaid or copied like an image."""
+        if template.template is TemplateKind.BLANK:
+            self.make_empty(rec.volume, rec.format, rec.virtual_size)
+            return
+        self.cache.from_template(rec, template, self._from_entry)
+
+    def make_empty(self, volume: str, fmt: DiskFormat, size: int) -> None:
+        """An empty sparse file of the format, standalone (a blank disk, a copy's target)."""
+        if fmt is DiskFormat.PLOOP:
+            ploop.make(self.vols, volume, size, None)  # its own step boundaries
+            return
+        self.vols.create_xml(volume, size, fmt.value)
+        faults.point("volume.created")
+
+    def _from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
+        """Make disk `rec` of ready cache entry `entry` (held shared by the caller)."""
+        vols = self.vols
+        if not os.path.lexists(vols.path(entry)):
+            raise entries.EntryGone
+        fmt = rec.format.value
+        if rec.backend is Backend.QCOW2:
+            vols.create_xml(rec.volume, rec.virtual_size, "qcow2", vols.path(entry))
+            faults.point("volume.created")
+            return
+        if rec.format is DiskFormat.PLOOP:
+            ploop.make(vols, rec.volume, rec.virtual_size, entry)
+            return
+        vols.create_xml(rec.volume, rec.virtual_size, fmt)
+        faults.point("volume.created")
+        with (
+            open_volume(vols.path(entry), write=False) as src_fd,
+            open_volume(vols.path(rec.volume)) as dst_fd,
+        ):
+            run(
+                convert_argv("raw", fmt, fd_path(src_fd), fd_path(dst_fd)),
+                fds=(src_fd, dst_fd),
+                what=f"copy {entry} into {rec.volume}",
+            )
+        faults.point("volume.filled")
+
+    # -- cache entries (the flows are entries.Cache's) --------------------------------
+
+    def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
+        """Fetch, check and store an image as a raw cache entry, unless a ready one exists."""
+        vols = self.vols
+
+        def store(fd: int, checked: Checked) -> None:
+            fmt = self.images[image_id].format.value
+            if fmt == "raw":
+                os.rename(vols.path(TEMP_PREFIX + entry), vols.path(entry))  # the checked bytes
+            else:
+                from reconciler.drivers.ingest.check import run_limited
+
+                vols.create_xml(entry, checked.virtual_size, "raw")
+                with open_volume(vols.path(entry)) as out_fd:
+                    run_limited(
+                        convert_argv(fmt, "raw", fd_path(fd), fd_path(out_fd)),
+                        fds=(fd, out_fd),
+                        what=f"convert {image_id} to raw",
+                    )
+                    os.fsync(out_fd)
+
+        self.cache.make_image(entry, image_id, disk_size, store, filled="cache.volume.filled")
+
+    def ensure_template(self, entry: str, kind: str, size: int, label: str | None) -> None:
+        """Make the template cache entry unless a ready one exists."""
+
+        def fill() -> None:
+            self.vols.create_xml(entry, size, "raw")
+            faults.point("cache.volume.created")
+            with open_volume(self.vols.path(entry)) as fd:
+                run(
+                    mkfs_argv(kind, label, fd_path(fd)),
+                    fds=(fd,),
+                    what=f"make {kind} template {entry}",
+                )
+                os.fsync(fd)
+            faults.point("cache.volume.filled")
+
+        self.cache.make_template(entry, kind, size, label, fill)
+
+    # -- changing volumes ---------------------------------------------------------------
+
+    def resize(self, rec: DiskRecord, size: int) -> None:
+        """Grow a volume using the format from its record, never a probed one."""
+        with open_volume(self.vols.path(rec.volume)) as fd:
+            if rec.format is DiskFormat.RAW:
+                if os.fstat(fd).st_size > size:
+                    raise ReconcileError(f"{rec.volume} is larger than {size} bytes; not shrunk")
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            elif rec.format in NOT_RESIZABLE:
+                raise ReconcileError(f"not resizing {rec.volume}: {NOT_RESIZABLE[rec.format]}")
+            elif rec.format is DiskFormat.QCOW2:
+                run(
+                    resize_argv("qcow2", fd_path(fd), size),
+                    fds=(fd,),
+                    what=f"grow {rec.volume}",
+                )
+            else:
+                raise ReconcileError(f"{rec.volume}: cannot resize format {rec.format}")
+        faults.point("volume.resized")

@@ -1,0 +1,90 @@
+"""The `ploop` backend's own parts: a ploop disk made, and a volume libvirt types ploop removed.
+
+A `ploop` disk is one file in qemu's `parallels` format, which libvirt lists as a volume of
+format ploop. libvirt 9 cannot make or remove one here: its createXML for format ploop makes
+a directory and runs `ploop init` (the ploop tools are absent, and segfault without the
+ploop kernel module), and its vol delete of a volume it typed ploop removes a directory tree
+(`virFileDeleteTree`), which fails on a file ("Not a directory"). So the driver writes the
+image itself, with `qemu-img create -f parallels` and `convert -n -f raw -O parallels` on a
+temporary file it made exclusively (O_EXCL|O_NOFOLLOW, swept like any temporary file),
+links it to the volume's name without replacing anything, and refreshes the pool; and it
+unlinks (after lstat shows a regular file) any file volume libvirt types as ploop, which
+includes a raw disk whose guest wrote the parallels magic at its start. qemu-img cannot
+resize parallels images, so a ploop disk is never grown: the planner says so as an error.
+
+Order and crash windows of a make: temporary file made and filled (`volume.filled`) ->
+fsynced -> linked to the volume's name (`volume.created`) -> temporary name unlinked ->
+pool refreshed. A crash before the link leaves only the temporary file (swept under the
+volume's lock); after it, a whole image under its name, which its `creating` record claims.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from typing import TYPE_CHECKING, Any
+
+from reconciler.drivers.api import VolumeExists
+from reconciler.drivers.flows.qemuimg import (
+    NotAFile,
+    convert_argv,
+    create_argv,
+    fd_path,
+    open_volume,
+)
+from reconciler.drivers.host.run import run
+from reconciler.model.naming import TEMP_PREFIX
+from reconciler.util import faults
+
+if TYPE_CHECKING:
+    from reconciler.drivers.file.volumes import PoolDir
+
+
+def make(vols: PoolDir, volume: str, size: int, entry: str | None) -> None:
+    """Write a parallels image of `size` bytes (holding `entry`'s raw bytes, if any)
+    into a temporary file, then give it the volume's name; the caller holds the
+    volume's lock, under which its temporary file is written and swept."""
+    path = vols.path(volume)
+    tmp = vols.path(TEMP_PREFIX + volume)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by an interrupted run
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        run(
+            create_argv("parallels", fd_path(fd), size),
+            fds=(fd,),
+            what=f"make ploop image {volume}",
+        )
+        if entry is not None:
+            with open_volume(vols.path(entry), write=False) as src_fd:
+                run(
+                    convert_argv("raw", "parallels", fd_path(src_fd), fd_path(fd)),
+                    fds=(src_fd, fd),
+                    what=f"copy {entry} into {volume}",
+                )
+        os.fsync(fd)
+        faults.point("volume.filled")
+        try:
+            os.link(tmp, path)  # unlike rename, never replaces a volume made meanwhile
+        except FileExistsError:
+            raise VolumeExists(
+                f"volume {volume} appeared in pool {vols.name} from elsewhere; it is "
+                "not ours and is left untouched"
+            ) from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    faults.point("volume.created")
+    vols.refresh()
+
+
+def unlink(pool: Any, path: str) -> None:
+    """Remove a file volume libvirt types ploop (libvirt would remove a directory tree
+    here, and fails on a file): a ploop disk, or a raw one whose guest wrote the
+    parallels magic at its start; then have libvirt forget it."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise NotAFile(f"{path} is not a regular file; refusing to delete")
+    os.unlink(path)
+    pool.refresh(0)
