@@ -25,7 +25,7 @@ from reconciler.control.session import plan_offline
 from reconciler.diff import PlanOptions
 from reconciler.diff.render import to_json, to_markdown, to_text
 from reconciler.model import Plan
-from reconciler.schema import exported as observed_state
+from reconciler.schema import exported
 from reconciler.schema.load import load_config
 
 
@@ -52,7 +52,7 @@ def plan_directory(
 ) -> Review:
     """Plan the manifests under `manifests` against the exported `state`, with `config`."""
     cfg = load_config(os.fspath(config))
-    observed, _ = observed_state.load(os.fspath(state))
+    observed, _ = exported.load(os.fspath(state))
     options = PlanOptions(
         allow_replace=allow_replace,
         prune=prune,

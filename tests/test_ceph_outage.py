@@ -1,4 +1,4 @@
-"""The one-deadline-per-step rule of drivers/ceph_outage.py, on a clock that moves only
+"""The one-deadline-per-step rule of drivers/rbd/outage.py, on a clock that moves only
 when told: after a timeout, calls fail at once naming the first failure for opTimeout
 seconds, then the cluster is tried again."""
 

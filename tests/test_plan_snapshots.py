@@ -15,7 +15,7 @@ from reconciler.diff.render import to_json, to_markdown, to_text
 from reconciler.model import Desired, Observed, ObservedPool
 from reconciler.model.naming import migration_name, volume_name
 from reconciler.model.record import Migration, MigrationPhase, RecordState
-from reconciler.schema import exported as observed_state
+from reconciler.schema import exported
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import DiskSpec
 from tests.helpers import (
@@ -331,14 +331,14 @@ def test_a_state_file_plans_as_the_state_it_holds(
     make, options = SCENARIOS[scenario]
     obs = make(desired)
     now = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
-    doc = observed_state.document(obs, example_config(tmp_path), now)
+    doc = exported.document(obs, example_config(tmp_path), now)
     want = to_json(plan(desired, obs, options))
     for name in ("state.json", "state.json.gz"):
         path = str(tmp_path / name)
-        observed_state.write(path, doc)
-        again, info = observed_state.load(path)
+        exported.write(path, doc)
+        again, info = exported.load(path)
         assert info.observed_at == now
         assert to_json(plan(desired, again, options)) == want
     first = (tmp_path / "state.json.gz").read_bytes()
-    observed_state.write(str(tmp_path / "state.json.gz"), doc)
+    exported.write(str(tmp_path / "state.json.gz"), doc)
     assert (tmp_path / "state.json.gz").read_bytes() == first  # deterministic bytes

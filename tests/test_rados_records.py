@@ -1,6 +1,6 @@
 """The RADOS record store against the real cluster: one winner per exclusive create, a
 stale compare-and-swap fenced, a host's reads limited to its own index, and the crash
-leftovers of drivers/rados_records.py's docstring found and cleaned.
+leftovers of drivers/rbd/records.py's docstring found and cleaned.
 
 Each test works in its own namespace (`unique()`), so tests never see each other's
 objects, and removes every object in it afterwards.

@@ -1,5 +1,5 @@
 """Honest plans on a Ceph pool many hosts share, for the disks of an instance another host
-owns (its claim, drivers/rados_records.py): a disk that has no record yet is planned like
+owns (its claim, drivers/rbd/records.py): a disk that has no record yet is planned like
 its siblings, never as a create that apply then refuses; a live owner is a warning (the
 peer host's one-shot runs and cron exit 0, or 2 with --detailed-exitcode when it has
 other work); an owner that is gone is taken over, its new disk made (as before).

@@ -1,4 +1,4 @@
-"""Leases on RADOS objects (drivers/rados_locks.py) and what they buy the rbd driver: two
+"""Leases on RADOS objects (drivers/rbd/leases.py) and what they buy the rbd driver: two
 hosts sharing a Ceph pool import an image once, a lease whose holder stops renewing expires
 while a renewed one holds, and a busy lock is reported for requeueing, not as a failure."""
 

@@ -88,7 +88,7 @@ def test_the_osd_stopped_mid_run(bluestore: Ceph, libvirt_uri: str, tmp_path: Pa
         assert "Traceback" not in out, out
         # Each failed step names the cause, the first Ceph call that timed out, not a
         # cleanup (a rollback, a lock's release) that failed after it: those are skipped
-        # within opTimeout of the first timeout (drivers/ceph_outage.py).
+        # within opTimeout of the first timeout (drivers/rbd/outage.py).
         failed = [line for line in out.splitlines() if line.startswith("FAILED ")]
         assert failed, out
         # "FAILED create I/D (P/V): why", and the run's last line if the store stopped it.

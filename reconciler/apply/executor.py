@@ -14,7 +14,7 @@ module opens with its order and crash windows):
   delete  record `deleting` -> volume removed -> record removed
 so a crash at any point leaves a record the next plan finishes or rolls back. Every step
 that destroys a volume first asks libvirt, under the volume's lock, whether a defined
-domain uses it (drivers/base.py: check_unused): a plan's own check is as old as the plan.
+domain uses it (drivers/api.py: check_unused): a plan's own check is as old as the plan.
 
 A fault of the records database itself (StoreError: locked, read-only, disk full, damaged)
 stops the whole apply: no step can go on without its record. The steps under way finish,

@@ -15,7 +15,7 @@ from reconciler.control.session import Session
 
 
 def run(argv: Sequence[str]) -> int:
-    from reconciler.schema import exported as observed_state
+    from reconciler.schema import exported
 
     p = argparse.ArgumentParser(
         prog="reconcile observe",
@@ -30,7 +30,7 @@ def run(argv: Sequence[str]) -> int:
     with Session(config) as s:
         observed = s.observe()
     now = datetime.datetime.now(datetime.UTC)
-    observed_state.write(args.out, observed_state.document(observed, config, now))
+    exported.write(args.out, exported.document(observed, config, now))
     n = sum(len(p.volumes or ()) for p in observed.pools.values())
     print(
         f"wrote {args.out}: {len(observed.pools)} pool(s), {n} volume(s), "

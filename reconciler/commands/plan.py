@@ -224,14 +224,14 @@ def _render(p: Plan, output: str, header: list[str]) -> str:
 def _plan_observed(args: argparse.Namespace, config: Config) -> int:
     """`--dry-run --observed STATE`: the plan the host would make from that state."""
     from reconciler.control.session import plan_offline
-    from reconciler.schema import exported as observed_state
+    from reconciler.schema import exported
 
     if not args.dry_run or args.plan_out:
         raise ReconcileError(
             "--observed plans for review only (with --dry-run, without --plan-out): a plan "
             "to apply is made on the host, against what its pools hold now"
         )
-    observed, info = observed_state.load(args.observed)
+    observed, info = exported.load(args.observed)
     now = datetime.datetime.now(datetime.UTC)
     age = info.age(now)
     header = [

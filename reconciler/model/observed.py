@@ -12,7 +12,7 @@ from reconciler.model.record import BadRecord, DiskRecord
 class Holder:
     """Another host's hold on the record of a volume in a pool many hosts share."""
 
-    host: str  # the owner; RELEASED (drivers/rados_records.py) when it let the disk go
+    host: str  # the owner; RELEASED (drivers/rbd/records.py) when it let the disk go
     generation: int  # the record's, for the compare-and-swap that takes it
     free: bool  # released, or its owner's heartbeat expired: this host may take it
     why: str  # for messages: who holds it and since when

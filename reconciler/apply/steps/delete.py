@@ -15,7 +15,7 @@ Crash windows (what the next run finds, and what its plan does):
   - volume removed, record not yet removed (or not yet durable at a power cut): a
     `deleting` record without a volume; the record is removed.
 A volume is only ever removed after a durable record says it is being deleted, and a
-volume some defined domain uses is never removed (drivers/base.py: check_unused, asked
+volume some defined domain uses is never removed (drivers/api.py: check_unused, asked
 now under the lock: the plan's own check is as old as the plan). A `creating` record's
 volume is partial, ours alone: it is removed without asking.
 

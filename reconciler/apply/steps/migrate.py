@@ -39,7 +39,7 @@ defined domain uses it (check_unused); a record already at the new location must
 disk's, or nothing is finished.
 
 Nothing here knows a backend: the drivers say how qemu-img reaches a volume (qemu_image)
-or copy by their own means (native_copy); see drivers/base.py.
+or copy by their own means (native_copy); see drivers/api.py.
 """
 
 from __future__ import annotations

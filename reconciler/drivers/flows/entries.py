@@ -109,7 +109,7 @@ def finish(store: RecordStore, rec: DiskRecord, virtual_size: int) -> DiskRecord
 
 
 def fetch_checked(image_id: str, image: ImageConfig, fd: int, max_virtual_size: int) -> Checked:
-    """Fetch `image_id` into `fd` with every check of drivers/ingest/images.py (digest, size,
+    """Fetch `image_id` into `fd` with every check of drivers/ingest/check.py (digest, size,
     the declared format under limits) and `qemu-img info -f DECLARED` agreeing."""
     # Imported here: oslo.utils takes a quarter of a second to import, which every run
     # that fetches nothing (the common, converged case) should not pay.

@@ -20,7 +20,7 @@ Two kinds of trouble are retried, differently:
 
 A call whose connection dropped after its request was sent may still have been carried
 out: libvirtd finishes a call whose client has gone. Callers of calls that are not
-idempotent (making a volume) deal with that; see filepool._create_xml.
+idempotent (making a volume) deal with that; see file/volumes.py (PoolDir.create_xml).
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class LvmDisks:
 
     def ensure_image(self, entry: str, image_id: str, disk_size: int) -> None:
         """Fetch, check and store an image as a raw cache entry LV, unless a ready one
-        exists. The checks are those of every pool (reconciler/drivers/ingest/images.py)."""
+        exists. The checks are those of every pool (reconciler/drivers/ingest/check.py)."""
         check_lv_name(entry)  # before its record is written
 
         def store(fd: int, checked: Checked) -> None:

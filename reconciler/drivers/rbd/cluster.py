@@ -49,7 +49,7 @@ def mods() -> tuple[Any, Any]:
 
 class RbdRecordStore(RadosRecordStore):
     """The RADOS store of an rbd pool, whose cache entries count their references in
-    their own records (ref keys, drivers/rados_records.py) rather than by reading every
+    their own records (ref keys, drivers/rbd/records.py) rather than by reading every
     host's records."""
 
     exists: Callable[[str], bool] = staticmethod(lambda volume: True)
@@ -131,7 +131,7 @@ class Cluster:
         self._setup = threading.Lock()
         self._gone: set[str] = set()  # images removed under a lock still held
         # After a timeout, this client's calls fail at once for opTimeout seconds, naming
-        # the first failure: one deadline per step (drivers/ceph_outage.py).
+        # the first failure: one deadline per step (drivers/rbd/outage.py).
         self.outage = Outage(ceph.op_timeout)
 
     def client(self) -> Client:
