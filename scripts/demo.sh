@@ -105,17 +105,17 @@ if command -v ceph-mon >/dev/null && [ "${RECONCILER_WITH_CEPH:-1}" != 0 ]; then
     virsh_ pool-start reconciler-demo-ceph >/dev/null
     say "rbd pool reconciler-demo-ceph on Ceph pool $CEPH_POOL ($ceph_conf)"
     # Add pool `ceph` to the config (JSON is YAML).
-    .venv/bin/python - "$config" "$uri" "$ceph_conf" "$CEPH_POOL" <<'PY'
+    .venv/bin/python - "$config" "$uri" "$ceph_conf" "$CEPH_POOL" "$secret_uuid" <<'PY'
 import json, sys
 import yaml
-path, uri, conf, pool = sys.argv[1:]
+path, uri, conf, pool, secret = sys.argv[1:]
 with open(path) as f:
     cfg = yaml.safe_load(f)
 cfg["pools"]["ceph"] = {
     "uri": uri,
     "libvirtPool": "reconciler-demo-ceph",
     "backends": ["rbd"],
-    "ceph": {"conf": conf, "pool": pool},
+    "ceph": {"conf": conf, "pool": pool, "secretUuid": secret},
 }
 with open(path + ".tmp", "w") as f:
     json.dump(cfg, f, indent=2)

@@ -17,6 +17,7 @@ from reconciler.commands import (
     adopt,
     apply_saved,
     cache,
+    disks,
     internal,
     nova,
     observe,
@@ -25,6 +26,7 @@ from reconciler.commands import (
     schema,
     status,
     validate,
+    wait,
     watch,
 )
 from reconciler.commands.common import EXIT_ERROR
@@ -44,6 +46,8 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "watch": watch.run,
     "observe": observe.run,
     "status": status.run,
+    "disks": disks.run,
+    "wait": wait.run,
 }
 
 

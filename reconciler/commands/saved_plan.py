@@ -145,7 +145,8 @@ def manifests_digest(desired: Desired) -> str:
                     {
                         "volume": d.volume,
                         "entry": d.entry,
-                        "spec": d.spec.model_dump(mode="json", by_alias=True),
+                        # How a domain attaches a disk changes no step of a plan.
+                        "spec": d.spec.model_dump(mode="json", by_alias=True, exclude={"attach"}),
                     }
                     for d in i.disks
                 ],

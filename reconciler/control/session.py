@@ -40,6 +40,16 @@ if TYPE_CHECKING:
     from reconciler.apply.preconditions import Replanner
 
 
+@dataclass(frozen=True)
+class InstanceRecords:
+    """One instance's checked records (and its entries'), those refused, and the pools
+    whose store could not be read (pool -> why)."""
+
+    records: tuple[DiskRecord, ...]
+    refused: tuple[BadRecord, ...]
+    unreadable: dict[str, str]
+
+
 @dataclass
 class Session:
     config: Config
@@ -198,10 +208,13 @@ class Session:
         wanted: Sequence[DesiredInstance],
         failed: Sequence[FailedInput] = (),
         options: PlanOptions | None = None,
+        checked: InstanceRecords | None = None,
     ) -> Plan:
-        """Plan one instance against its fresh records and the volumes it names: what it
-        costs grows with the instance, not with the pools (the loop, and apply's re-plan)."""
-        records, unreadable = self.store.for_instance_by_pool(instance)
+        """Plan one instance against its fresh records (`checked`, else read now) and the
+        volumes it names: what it costs grows with the instance, not with the pools (the
+        loop, apply's re-plan, and `reconcile disks`)."""
+        got = checked if checked is not None else self.instance_records(instance, wanted)
+        records, refused, unreadable = list(got.records), list(got.refused), got.unreadable
         names: dict[str, set[str]] = {p: set() for p in unreadable}
         for r in records:
             names.setdefault(r.pool, set()).add(r.volume)
@@ -210,10 +223,6 @@ class Session:
                 names.setdefault(d.spec.pool, set()).add(d.volume)
                 if d.entry is not None and d.spec.pool not in unreadable:
                     names[d.spec.pool].add(d.entry)
-                    rec = self.store.get(d.spec.pool, d.entry)
-                    if rec is not None and rec not in records:
-                        records.append(rec)
-        records, refused = self._validate(records)
         drivers = self.managing_drivers()
         pools = {}
         for pool, vols in names.items():
@@ -251,6 +260,19 @@ class Session:
             Observed(pools, tuple(records), tuple(bad)),
             opts,
         )
+
+    def instance_records(self, instance: str, wanted: Sequence[DesiredInstance]) -> InstanceRecords:
+        """An instance's records and those of the cache entries `wanted` names, read now
+        and checked (recordcheck): what a plan of the instance is made against."""
+        records, unreadable = self.store.for_instance_by_pool(instance)
+        for inst in wanted:
+            for d in inst.disks:
+                if d.entry is not None and d.spec.pool not in unreadable:
+                    rec = self.store.get(d.spec.pool, d.entry)
+                    if rec is not None and rec not in records:
+                        records.append(rec)
+        valid, refused = self._validate(records)
+        return InstanceRecords(tuple(valid), tuple(refused), dict(unreadable))
 
     def renew_record_copies(self, observed: Observed) -> int:
         """Give every valid record the run observed a trusted copy beside its volume where

@@ -274,6 +274,30 @@ class KeepsRecordCopies(Protocol):
         ...
 
 
+class AttachError(ReconcileError):
+    """A disk cannot be given to a domain (its pool's config lacks what that needs)."""
+
+
+@dataclass(frozen=True)
+class DiskSource:
+    """Where a domain opens a volume: libvirt's `<disk type=>` and its `<source>`, as the
+    pool's config says (never as libvirt or the volume would tell)."""
+
+    type: str  # "file", "block" or "network"
+    path: str  # file: its path; block: the device node; network: "POOL/IMAGE"
+    protocol: str | None = None  # network: "rbd"
+    hosts: tuple[tuple[str, int], ...] = ()  # network: the monitors
+    auth: tuple[str, str] | None = None  # network: (cephx user, libvirt secret UUID)
+
+
+class Attaches(Protocol):
+    """What a domain needs to open the pool's volumes (reconcile disks)."""
+
+    def disk_source(self, volume: str) -> DiskSource:
+        """Where `volume` is opened; AttachError when the pool's config lacks it."""
+        ...
+
+
 class MakesDisks(Protocol):
     """Disks made the two ways of DESIGN (an image, a template), grown, removed."""
 
@@ -387,6 +411,7 @@ class ManagingDriver(
     Adopts,
     ImportsNova,
     Migrates,
+    Attaches,
     Protocol,
 ):
     """A driver that can change its pool: what the executor, migrations, adopt, import,

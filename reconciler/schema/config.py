@@ -50,6 +50,23 @@ class CephConfig(BaseModel):
         alias="opTimeout",
         description="seconds any one Ceph operation may take before it fails (default 30)",
     )
+    # What a domain's rbd disk connects with (reconcile disks): qemu's librbd, not ours.
+    secret_uuid: str | None = Field(
+        None,
+        alias="secretUuid",
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="the libvirt secret (usage type ceph) holding `client`'s key, which a "
+        "domain's rbd disks authenticate with; needed by `reconcile disks` for this pool",
+    )
+    monitors: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$")]] = Field(
+        default_factory=list,
+        description="the monitors a domain's rbd disks connect to, as HOST:PORT (v1 "
+        "protocol); empty: the v1 addresses of `mon_host` in `conf`",
+    )
+
+    def client_id(self) -> str:
+        """The cephx id without its type: libvirt's `<auth username=>`."""
+        return self.client.removeprefix("client.")
 
 
 class LvmConfig(BaseModel):
@@ -84,6 +101,43 @@ class LvmConfig(BaseModel):
     )
 
 
+class DiskCache(StrEnum):
+    NONE = "none"
+    WRITETHROUGH = "writethrough"
+    WRITEBACK = "writeback"
+    DIRECTSYNC = "directsync"
+    UNSAFE = "unsafe"
+
+
+class DiskConfig(BaseModel):
+    """How domains open this pool's disks: the `<driver>` attributes of each `<disk>`
+    `reconcile disks` gives. Each left out is left to the hypervisor's default: a cache
+    mode that suits one file system can cripple another (cache none is O_DIRECT, which
+    tmpfs refuses and some NFS servers serve slowly)."""
+
+    model_config = STRICT
+    cache: DiskCache | None = Field(None, strict=False, description="libvirt's cache mode")
+    io: Literal["native", "threads", "io_uring"] | None = Field(
+        None, description="the I/O mode; native needs cache none or directsync (O_DIRECT)"
+    )
+    discard: Literal["unmap", "ignore"] | None = Field(
+        None, description="whether the guest's discards free the pool's space"
+    )
+    detect_zeroes: Literal["off", "on", "unmap"] | None = Field(
+        None, alias="detectZeroes", description="unmap needs discard unmap"
+    )
+
+    @model_validator(mode="after")
+    def _combinations(self) -> DiskConfig:
+        # qemu refuses both: "aio=native was specified, but it requires cache.direct=on",
+        # and detect-zeroes=unmap "is not allowed without setting discard operation to unmap".
+        if self.io == "native" and self.cache not in (DiskCache.NONE, DiskCache.DIRECTSYNC):
+            raise ValueError("io native needs cache none or directsync (qemu refuses it else)")
+        if self.detect_zeroes == "unmap" and self.discard != "unmap":
+            raise ValueError("detectZeroes unmap needs discard unmap (qemu refuses it else)")
+        return self
+
+
 class PoolConfig(BaseModel):
     """A libvirt storage pool the reconciler may place disks in."""
 
@@ -93,6 +147,10 @@ class PoolConfig(BaseModel):
     backends: list[Annotated[Backend, Strict(False)]] = Field(min_length=1)
     ceph: CephConfig | None = Field(None, description="required for the rbd backend")
     lvm: LvmConfig | None = Field(None, description="required for the lvm backend")
+    disk: DiskConfig = Field(
+        default_factory=lambda: DiskConfig(),
+        description="how domains open the pool's disks (reconcile disks)",
+    )
 
     @model_validator(mode="after")
     def _backend_sections(self) -> PoolConfig:

@@ -9,13 +9,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     Discriminator,
     Field,
+    PlainSerializer,
     Tag,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
+from reconciler.model.units import parse_rate
 from reconciler.schema.common import (
     BACKEND_FORMATS,
     STRICT,
@@ -104,6 +109,121 @@ class DeletionPolicy(StrEnum):
     RETAIN = "Retain"
 
 
+class Bus(StrEnum):
+    VIRTIO = "virtio"
+    SCSI = "scsi"
+    SATA = "sata"
+    IDE = "ide"
+    USB = "usb"
+
+
+# A target's name says its bus in libvirt's and the guest's naming: a `vd*` disk on a SCSI
+# bus (or an `sd*` on virtio) is accepted by libvirt and then named otherwise in the guest.
+DEV_BUSES: dict[str, frozenset[Bus]] = {
+    "vd": frozenset({Bus.VIRTIO}),
+    "sd": frozenset({Bus.SCSI, Bus.SATA, Bus.USB}),
+    "hd": frozenset({Bus.IDE}),
+}
+DEFAULT_BUS = {"vd": Bus.VIRTIO, "sd": Bus.SCSI, "hd": Bus.IDE}
+
+
+class DiskTarget(BaseModel):
+    """Where the guest sees the disk: libvirt's `<target dev= bus=>`."""
+
+    model_config = STRICT
+    dev: str = Field(
+        pattern=r"^(vd|sd|hd)[a-z]{1,3}$",
+        description="the guest's device name: vdX (virtio), sdX (scsi, sata, usb), hdX (ide)",
+    )
+    bus: Bus | None = Field(
+        None, strict=False, description="default: virtio for vd*, scsi for sd*, ide for hd*"
+    )
+
+    @model_validator(mode="after")
+    def _bus_fits(self) -> DiskTarget:
+        if self.bus is not None and self.bus not in DEV_BUSES[self.dev[:2]]:
+            fits = " or ".join(sorted(DEV_BUSES[self.dev[:2]]))
+            raise ValueError(f"target {self.dev} is on bus {fits}, not {self.bus}")
+        return self
+
+    def resolved_bus(self) -> Bus:
+        return self.bus or DEFAULT_BUS[self.dev[:2]]
+
+
+# Bytes per second, as an int or like '100MiB/s' (QoS limits).
+Rate = Annotated[
+    int,
+    BeforeValidator(parse_rate),
+    PlainSerializer(int),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": r"^\s*[0-9]+\s*(B|KiB|MiB|GiB|TiB)/s\s*$"},
+            ],
+            "description": "bytes per second, or like '100MiB/s'",
+        }
+    ),
+]
+
+
+class IoTune(BaseModel):
+    """A disk's QoS limits: libvirt's `<iotune>` (qemu throttles the guest's I/O to them).
+    A total limit and a read or write limit of the same kind cannot both be set
+    (libvirt refuses it)."""
+
+    model_config = STRICT
+    total_bytes_sec: Rate | None = Field(None, alias="totalBytesSec")
+    read_bytes_sec: Rate | None = Field(None, alias="readBytesSec")
+    write_bytes_sec: Rate | None = Field(None, alias="writeBytesSec")
+    total_iops_sec: int | None = Field(None, gt=0, alias="totalIopsSec")
+    read_iops_sec: int | None = Field(None, gt=0, alias="readIopsSec")
+    write_iops_sec: int | None = Field(None, gt=0, alias="writeIopsSec")
+
+    @model_validator(mode="after")
+    def _total_or_split(self) -> IoTune:
+        for kind in ("bytes", "iops"):
+            total = getattr(self, f"total_{kind}_sec")
+            split = [d for d in ("read", "write") if getattr(self, f"{d}_{kind}_sec") is not None]
+            if total is not None and split:
+                raise ValueError(
+                    f"total{kind.capitalize()}Sec cannot be set with "
+                    + " or ".join(f"{d}{kind.capitalize()}Sec" for d in split)
+                    + " (libvirt refuses both)"
+                )
+        return self
+
+    def limits(self) -> list[tuple[str, int]]:
+        """(libvirt element name, value) of each limit set, in libvirt's order."""
+        out = []
+        for kind in ("bytes", "iops"):
+            for d in ("total", "read", "write"):
+                v = getattr(self, f"{d}_{kind}_sec")
+                if v is not None:
+                    out.append((f"{d}_{kind}_sec", int(v)))
+        return out
+
+
+class AttachSpec(BaseModel):
+    """How a domain attaches the disk: not storage, so never recorded nor planned (changing
+    it changes only the `<disk>` element `reconcile disks` gives). A compute service may
+    override each field (reconciler.client)."""
+
+    model_config = STRICT
+    target: DiskTarget | None = Field(
+        None, description="default: the next free vdX in the manifest's order, bus virtio"
+    )
+    serial: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.+-]{1,20}$",
+        description="the serial the guest sees (virtio-blk shows at most 20 bytes)",
+    )
+    iotune: IoTune | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
 class DiskSpec(BaseModel):
     """One disk of an instance."""
 
@@ -125,6 +245,10 @@ class DiskSpec(BaseModel):
     ]
     deletion_policy: DeletionPolicy = Field(
         DeletionPolicy.DELETE, alias="deletionPolicy", strict=False
+    )
+    # Not part of spec_dict: the record and the plan never see it.
+    attach: AttachSpec | None = Field(
+        None, description="how a domain attaches the disk (reconcile disks); not planned"
     )
 
     @field_validator("format")
@@ -197,4 +321,12 @@ class Manifest(BaseModel):
             why = rule(f"{instance}_{d.name}") if rule and instance else None
             if why:
                 raise ValueError(f"disk {d.name}: {why}")
+        targets: dict[str, str] = {}
+        for d in disks:
+            dev = d.attach.target.dev if d.attach and d.attach.target else None
+            if dev is None:
+                continue
+            if dev in targets:
+                raise ValueError(f"disks {targets[dev]} and {d.name} both have target {dev}")
+            targets[dev] = d.name
         return disks

@@ -25,6 +25,7 @@ from typing import Any
 
 from reconciler.drivers.api import (
     Access,
+    DiskSource,
     Inspected,
     ManagingDriver,
     MigrationFacts,
@@ -77,6 +78,10 @@ class FilePoolDriver:
 
     def path(self, volume: str) -> str:
         return self.vols.path(volume)
+
+    def disk_source(self, volume: str) -> DiskSource:
+        """A file in the pool's directory (flat, qcow2 and ploop disks alike)."""
+        return DiskSource("file", self.path(volume))
 
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         return self.vols.locks().hold(name, shared=shared)

@@ -38,6 +38,7 @@ import libvirt
 
 from reconciler.drivers.api import (
     Access,
+    DiskSource,
     Inspected,
     ManagingDriver,
     MigrationFacts,
@@ -108,6 +109,11 @@ class LvmPoolDriver:
         if self.store is None:
             raise AssertionError("this driver was made without a record store")
         return self.store
+
+    def disk_source(self, volume: str) -> DiskSource:
+        """The LV's device node, /dev/VG/LV, where LVM makes it once the LV is active (a
+        domain needs device-mapper on its host, as activation does)."""
+        return DiskSource("block", f"/dev/{self.vg}/{volume}")
 
     # -- the pool ---------------------------------------------------------------------
 

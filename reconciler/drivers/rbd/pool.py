@@ -37,6 +37,8 @@ from typing import Any
 
 from reconciler.drivers.api import (
     Access,
+    AttachError,
+    DiskSource,
     Inspected,
     ManagingDriver,
     MigrationFacts,
@@ -52,6 +54,7 @@ from reconciler.drivers.host.store import RecordStore
 from reconciler.drivers.rbd import adopt, cache, copies, disks, images, io, migrate, owner
 from reconciler.drivers.rbd.clone import Clones
 from reconciler.drivers.rbd.cluster import Cluster, RbdRecordStore
+from reconciler.drivers.rbd.monitors import monitors_of_conf, split_monitor
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import TEMP_PREFIX
 from reconciler.model.observed import ObservedPool
@@ -110,6 +113,27 @@ class RbdPoolDriver:
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         """A lease on `name` (see Cluster.lock)."""
         return self.c.lock(name, shared=shared)
+
+    def disk_source(self, volume: str) -> DiskSource:
+        """The image in the Ceph pool's default namespace (where the images are), with the
+        monitors and the cephx user and libvirt secret the config names."""
+        if self.ceph.secret_uuid is None:
+            raise AttachError(
+                f"pool {self.name}: ceph.secretUuid is not set: a domain's rbd disk needs the "
+                f"libvirt secret holding {self.ceph.client}'s key"
+            )
+        hosts = (
+            [split_monitor(m) for m in self.ceph.monitors]
+            if self.ceph.monitors
+            else monitors_of_conf(self.ceph.conf)
+        )
+        return DiskSource(
+            "network",
+            f"{self.ceph.pool}/{volume}",
+            protocol="rbd",
+            hosts=tuple(hosts),
+            auth=(self.ceph.client_id(), self.ceph.secret_uuid),
+        )
 
     # -- observing --------------------------------------------------------------------
 

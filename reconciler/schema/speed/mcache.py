@@ -37,6 +37,7 @@ from reconciler.model.errors import InputError
 from reconciler.schema.bounded import load_json
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import (
+    AttachSpec,
     DeletionPolicy,
     DiskSpec,
     ImageSource,
@@ -108,8 +109,15 @@ def dump(manifest: Manifest) -> dict[str, Any]:
         "kind": manifest.kind,
         "instance": manifest.instance,
         "deleted": manifest.deleted,
-        "disks": [d.spec_dict() for d in manifest.disks],
+        "disks": [_disk_dump(d) for d in manifest.disks],
     }
+
+
+def _disk_dump(d: DiskSpec) -> dict[str, Any]:
+    spec = d.spec_dict()
+    if d.attach is not None:
+        spec["attach"] = d.attach.to_json()
+    return spec
 
 
 # Rebuilt disks by content. A disk spec names no instance, and a host's manifests repeat
@@ -119,6 +127,11 @@ _disks: dict[tuple[Any, ...], DiskSpec] = {}
 
 
 def _disk(d: dict[str, Any]) -> DiskSpec:
+    if "attach" in d:  # rare, and small: validated again rather than rebuilt by hand
+        plain = {k: v for k, v in d.items() if k != "attach"}
+        if d["attach"] is None:
+            return _disk(plain)
+        return _disk(plain).model_copy(update={"attach": AttachSpec.model_validate(d["attach"])})
     src = d["source"]
     key = (
         d["name"],
@@ -152,6 +165,7 @@ def _disk(d: dict[str, Any]) -> DiskSpec:
             "size": int(d["size"]),
             "source": source,
             "deletion_policy": _POLICIES[d["deletionPolicy"]],
+            "attach": None,
         },
     )
     if len(_disks) < 10_000:
