@@ -195,7 +195,16 @@ class Client:
         wanted = [i for i in instances if i.instance == instance]
         if not wanted:
             where = ", ".join(self.manifests)
-            return InstanceReadiness(instance, problem=f"no manifest in {where} names it"), []
+            problem = f"no manifest in {where} names it"
+            unknown = [f for f in failed if f.instance is None]  # one of them may be its
+            if unknown:
+                shown = "; ".join(
+                    f"{f.file}:{f.line}: {f.message}" if f.line else f"{f.file}: {f.message}"
+                    for f in unknown[:3]
+                )
+                more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+                problem += f" (unreadable, naming no instance: {shown}{more})"
+            return InstanceReadiness(instance, problem=problem), []
         if len(wanted) == 1 and wanted[0].deleted:
             return InstanceReadiness(
                 instance, problem=f"its manifest {wanted[0].file} marks it deleted"

@@ -36,6 +36,7 @@ class RbdSite:
                 "pool": self.pool,
                 "namespace": namespace,
                 "opTimeout": op_timeout,
+                "secretUuid": self.secret,  # what a domain's disks authenticate with
             },
         }
 

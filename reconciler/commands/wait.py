@@ -53,7 +53,8 @@ def run(argv: Sequence[str]) -> int:
                 print(f"reconcile wait: error: {e}", file=sys.stderr)
                 return EXIT_ERROR
             except WaitTimeout as e:
-                print(f"reconcile wait: {e}", file=sys.stderr)
+                left = e.readiness.describe()
+                print(f"reconcile wait: timed out after {args.timeout:g}s: {left}", file=sys.stderr)
                 return EXIT_TIMEOUT
             print(got.describe())
     return EXIT_OK

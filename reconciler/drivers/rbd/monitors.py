@@ -39,8 +39,12 @@ def parse_mon_host(value: str) -> list[tuple[str, int]]:
             pos += 1
             continue
         if c == "[" and not re.match(r"\[[0-9A-Fa-f:.]+\](:|$|[ ,;])", text[pos:]):
-            end = text.find("]", pos)
-            if end < 0:
+            end, depth = pos, 0  # the vector's own ']' (an IPv6 host has its brackets too)
+            for end in range(pos, len(text)):
+                depth += {"[": 1, "]": -1}.get(text[end], 0)
+                if depth == 0:
+                    break
+            if depth:
                 raise ValueError(f"unclosed '[' in {value!r}")
             tokens.append([a for a in re.split(r"[ ,;]+", text[pos + 1 : end]) if a])
             pos = end + 1
