@@ -18,7 +18,8 @@ dir=${2:?usage: libvirtd.sh start|stop|uri DIR}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 sock="$dir/sock/libvirt-sock"
-# The daemon serves storage and (for checks of what disks domains use) the qemu driver.
+# The daemon serves storage and the qemu driver (for checks of what disks domains use,
+# and to boot the tests' tiny guests, tests/guest.py).
 uri="qemu+unix:///system?socket=$sock"
 pidfile="$dir/libvirtd.pid"
 
@@ -48,11 +49,16 @@ lacks_rbd_backend() {
 # drops the cache when "KVM was enabled when probing, but it is not available now", which
 # it decides by whether the qemu user can open /dev/kvm. Where /dev/kvm is root's alone
 # (0600, as on this CI machine) while the probe found KVM, every domain define re-probed
-# every emulator: 16 qemu runs, 32 s per define. This daemon never starts a guest (tests
-# only define domains, to see which disks they use), so qemu runs as root: the check
-# agrees with the probe and the cache holds for the daemon's life.
+# every emulator: 16 qemu runs, 32 s per define. So qemu runs as root: the check agrees
+# with the probe and the cache holds for the daemon's life. Most tests only define
+# domains (to see which disks they use); tests/guest.py boots tiny test guests (TCG).
+# stdio_handler: by default libvirt hands a guest's qemu log to virtlogd through
+# /run/libvirt/virtlogd-sock, and this daemon's private /run/libvirt has no virtlogd, so
+# starting a domain failed ("Failed to connect socket to '/run/libvirt/virtlogd-sock'").
+# "file" makes libvirtd write the log itself (DIR/log/qemu/NAME.log); nothing else to run.
 qemu_conf='user = "root"
-group = "root"'
+group = "root"
+stdio_handler = "file"'
 
 # A daemon started with another qemu.conf (before the lines above) keeps its old one.
 stale_qemu_conf() {

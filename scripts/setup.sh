@@ -16,7 +16,8 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 # Debian packages: libvirtd with the dir/fs/logical storage backends, virsh, qemu-img,
 # what libvirt-python builds against, and the tools templates run (mkfs.*, mkswap).
 # qemu-system-x86 (43 MB, no recommends) lets the private libvirtd define domains, so the
-# tests can check that a disk a domain uses is never deleted; no guest is ever started.
+# tests can check that a disk a domain uses is never deleted, and boot a tiny guest (TCG)
+# that reports what it sees on each disk (tests/guest.py).
 # fdisk (sfdisk; bookworm ships it apart from util-linux) writes the partition tables of
 # the partitioned raw images the tests build. lvm2 makes and changes the lvm backend's
 # logical volumes (the tests make a private VG over a loop device, tests/conftest_lvm.py).
@@ -25,6 +26,13 @@ DEBIAN_PACKAGES=(
     libvirt-daemon libvirt-clients qemu-utils libvirt-dev pkg-config gcc
     e2fsprogs xfsprogs dosfstools util-linux fdisk qemu-system-x86 lvm2
     strace  # tests/test_record_trust.py: a traced apply opens nothing outside the pool
+    # scripts/guest.sh builds the test guest's boot disk from Debian packages, as a plain
+    # file (no loop mount): busybox-static is its initramfs's every tool; syslinux writes
+    # the boot sector, ldlinux.sys and ldlinux.c32 (all carried in the installer itself)
+    # into the FAT image through mtools, which also copies the kernel and initramfs in.
+    # Not syslinux-common (syslinux's recommends, the .c32 modules): traced, `syslinux
+    # --install` opens nothing of it, and the guest's syslinux.cfg loads no module.
+    busybox-static syslinux mtools
 )
 
 # Ceph (installed unless RECONCILER_WITH_CEPH=0): the one-node test cluster of
@@ -33,9 +41,12 @@ DEBIAN_PACKAGES=(
 # libvirt's rbd pool backend is a separate package, which libvirtd loads when it starts
 # (scripts/libvirtd.sh restarts a daemon started before it was installed). About 20 s and
 # 220 MB on a machine that has libvirt already; no ceph-mgr (nothing needs it).
+# qemu-block-extra holds qemu's rbd block driver (block-rbd.so, a module qemu loads on
+# demand): without it qemu cannot open a guest's `<source protocol='rbd'>` disk
+# (tests/test_guest_boot.py boots one).
 CEPH_PACKAGES=(
     ceph-mon ceph-osd ceph-common python3-rados python3-rbd
-    libvirt-daemon-driver-storage-rbd
+    libvirt-daemon-driver-storage-rbd qemu-block-extra
 )
 WITH_CEPH=${RECONCILER_WITH_CEPH:-1}
 case "$WITH_CEPH" in 0 | 1) ;; *) die "RECONCILER_WITH_CEPH must be 0 or 1, not '$WITH_CEPH'" ;; esac

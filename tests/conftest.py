@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest_ceph import Ceph, not_installed, start_ceph
+from tests.conftest_guest import guest_image
 from tests.conftest_libvirtd import start_libvirtd
 from tests.conftest_lvm import VolumeGroup, lvm_vg
 from tests.env import Env, qemu_uri
@@ -220,4 +221,4 @@ def own_daemon_pool(tmp_path: Path, name: str) -> Iterator[tuple[str, str, Path]
         subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
 
 
-__all__ = ["lvm_vg"]
+__all__ = ["guest_image", "lvm_vg"]
