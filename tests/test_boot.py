@@ -1,0 +1,173 @@
+"""A real guest (TCG) boots from disks the reconciler made, each attached only by the
+`<disk>` element `reconcile disks` (or reconciler.client) gives, and reports on its serial
+console what it read on each (tests/guest.py): the image's bytes through a flat raw disk,
+a qcow2 overlay, a ploop disk and an rbd clone; the labels and signatures of template
+disks in every format. A guest writes a qcow2 header naming a host file onto a raw disk;
+the element still says raw, the reconciler plans nothing, and the next boot (from the
+overlay, by a compute service's override) reads the header as the disk's own bytes.
+
+LVM disks cannot be activated on this kernel (no device-mapper), so no guest boots from
+one here: tests/test_attach.py tests their element's shape and libvirt's schema."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.client import Client
+from reconciler.schema.manifest import AttachSpec
+from tests.conftest_ceph import Ceph
+from tests.env import Env, disk
+from tests.guest import GuestImage, GuestReport, boot
+from tests.rbdsite import RbdSite, rbd_site
+
+pytestmark = pytest.mark.libvirtd
+
+MiB = 1 << 20
+
+
+def with_serial(d: dict[str, Any]) -> dict[str, Any]:
+    """The disk with its name as the serial the guest reports it by."""
+    return {**d, "attach": {"serial": d["name"]}}
+
+
+def catalog(guest_image: GuestImage, tmp_path: Path) -> dict[str, Any]:
+    copy = tmp_path / "images" / "guest.raw"  # never the cached image itself
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(guest_image.path, copy)
+    return {
+        "location": f"file://{copy}",
+        "format": "raw",
+        "sha256": guest_image.sha256,
+        "size": guest_image.size,
+    }
+
+
+def emitted(env: Env, instance: str) -> list[str]:
+    """The instance's `<disk>` elements as `reconcile disks --output json` gives them."""
+    rc, out, err = env.main(
+        ["disks", "--config", str(env.config_path), "-m", str(env.manifests),
+         "--output", "json", instance]
+    )  # fmt: skip
+    assert rc == 0, err
+    return [d["xml"] for d in json.loads(out)[0]["disks"]]
+
+
+def booted(uri: str, disks: list[str], timings: dict[str, float], what: str) -> GuestReport:
+    start = time.monotonic()
+    report = boot(uri, disks, name=f"boot-{uuid.uuid4().hex[:8]}")
+    timings[what] = time.monotonic() - start
+    assert report.done and report.errors == [], report.console
+    return report
+
+
+def test_a_guest_boots_from_file_disks_and_reads_each(
+    env: Env, guest_image: GuestImage, tmp_path: Path
+) -> None:
+    env.backends = ["flat", "qcow2", "ploop"]
+    env.images = {"guest": catalog(guest_image, tmp_path)}
+    env.write_config()
+    inst = env.manifest(
+        "vm",
+        [
+            with_serial(disk("root", image="guest", size="32MiB")),
+            with_serial(disk("over", backend="qcow2", fmt="qcow2", image="guest", size="32MiB")),
+            with_serial(disk("pl", backend="ploop", fmt="ploop", image="guest", size="32MiB")),
+            with_serial(disk("eph", template="ext4", label="eph0", size="32MiB")),
+            with_serial(disk("qswap", backend="qcow2", fmt="qcow2", template="swap", size="16MiB")),
+            with_serial(
+                disk(
+                    "plext",
+                    backend="ploop",
+                    fmt="ploop",
+                    template="ext4",
+                    label="plext",
+                    size="32MiB",
+                )
+            ),
+            with_serial(disk("cfg", fmt="qcow2", template="vfat", label="CFG", size="32MiB")),
+            with_serial(disk("scribble", template="blank", size="8MiB")),
+        ],
+    )
+    assert env.run()[0] == 0
+    timings: dict[str, float] = {}
+    xml = emitted(env, inst)
+    formats = [ET.fromstring(x).find("driver").get("type") for x in xml]  # type: ignore[union-attr]
+    assert formats == ["raw", "qcow2", "ploop", "raw", "qcow2", "ploop", "qcow2", "raw"]
+    first = booted(env.uri, xml, timings, "file disks")
+    seen = first.by_serial
+    assert sorted(seen) == sorted(
+        ["root", "over", "pl", "eph", "qswap", "plext", "cfg", "scribble"]
+    )
+    assert seen["root"].dev == "vda" and seen["root"].vfatlabel == guest_image.label
+    for name in ("root", "over", "pl"):  # the image's bytes, through each format
+        assert (seen[name].sha256, seen[name].size) == (guest_image.sha256, 32 * MiB), name
+    assert seen["eph"].ext4label == "eph0" and seen["plext"].ext4label == "plext"
+    assert seen["qswap"].swap and seen["qswap"].size == 16 * MiB
+    assert seen["cfg"].vfatlabel == "CFG"
+    assert first.scribbled == [seen["scribble"].dev]
+
+    # The guest wrote a qcow2 header naming a host file onto a raw disk. Its record still
+    # says raw: the plan has nothing to do and the element still says raw.
+    scribble = env.volume(inst, "scribble")
+    assert scribble.read_bytes()[:4] == b"QFI\xfb"
+    assert guest_image.header_backing.encode() in scribble.read_bytes()[:4096]
+    plan = env.plan_json()
+    assert plan["actions"] == [] and plan["errors"] == []
+    with Client(str(env.config_path), [str(env.manifests)]) as c:
+        # A compute service's overrides: boot from the overlay this time.
+        vda = AttachSpec.model_validate({"target": {"dev": "vda"}})
+        vdz = AttachSpec.model_validate({"target": {"dev": "vdz"}})
+        again = c.disks(inst, {"over": vda, "root": vdz})
+    by_name = {d.name: d for d in again}
+    assert by_name["scribble"].element.find("driver").get("type") == "raw"  # type: ignore[union-attr]
+    second = booted(env.uri, [d.xml for d in again], timings, "file disks, from the overlay")
+    seen = second.by_serial
+    assert seen["over"].dev == "vda" and seen["over"].vfatlabel == guest_image.label
+    s = seen["scribble"]
+    assert s.magic.startswith("514649fb") and s.size == 8 * MiB  # read raw, at its own size
+    print(f"boot times: {timings}")
+
+
+@pytest.fixture
+def site(ceph: Ceph, libvirt_uri: str) -> Iterator[RbdSite]:
+    with rbd_site(ceph, libvirt_uri) as s:
+        yield s
+
+
+def test_a_guest_boots_from_rbd_disks_and_reads_each(
+    site: RbdSite, guest_image: GuestImage, tmp_path: Path
+) -> None:
+    env = site.env(tmp_path / "env")
+    env.images = {"guest": catalog(guest_image, tmp_path)}
+    env.write_config()
+    inst = env.manifest(
+        "rvm",
+        [
+            with_serial(disk("root", backend="rbd", pool="ceph", image="guest", size="32MiB")),
+            with_serial(
+                disk(
+                    "eph", backend="rbd", pool="ceph", template="ext4", label="reph0", size="32MiB"
+                )
+            ),
+            with_serial(disk("swap", backend="rbd", pool="ceph", template="swap", size="16MiB")),
+        ],
+    )
+    assert env.run()[0] == 0
+    timings: dict[str, float] = {}
+    report = booted(site.uri, emitted(env, inst), timings, "rbd disks")
+    seen = report.by_serial
+    assert seen["root"].dev == "vda"
+    assert (seen["root"].sha256, seen["root"].size) == (guest_image.sha256, 32 * MiB)
+    assert seen["eph"].ext4label == "reph0" and seen["swap"].swap
+    # The root disk is a clone of the pool's cache entry (librbd reads through to it).
+    assert site.parent(f"{inst}_root") is not None
+    print(f"boot times: {timings}")
