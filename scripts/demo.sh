@@ -7,7 +7,11 @@
 #   - where Ceph is installed: this checkout's Ceph test cluster (scripts/ceph.sh), a libvirt
 #     secret with its client.admin key and an rbd pool reconciler-demo-ceph on its pool `rbd`,
 #     and pool `ceph` (backend rbd) added to the config, for examples/ceph;
-#   - `reconcile --dry-run`, then `reconcile`, over examples/manifests (and examples/ceph).
+#   - `reconcile --dry-run`, then `reconcile`, over examples/manifests (and examples/ceph);
+#   - last, a guest boots: scripts/guest.sh builds a tiny bootable image (Debian's kernel, a
+#     busybox initramfs), `reconcile` makes examples/boot's disks from it, `reconcile wait`
+#     and `reconcile disks` give their <disk> elements, and a transient domain made of only
+#     those boots under TCG; the guest's console lines say what it read on each disk.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -79,9 +83,30 @@ sed_escape() { printf '%s' "$1" | sed -e 's/[\\&|]/\\&/g'; }
 sed -e "s|@LIBVIRT_URI@|$(sed_escape "$uri")|g" -e "s|@RUN_DIR@|$(sed_escape "$run_dir")|g" \
     "$template" >"$config.tmp"
 mv "$config.tmp" "$config"
+
+# The guest image examples/boot's manifest names (`demo-guest`), added to the config.
+say "building the guest image (scripts/guest.sh; cached in .run/guest)"
+bash scripts/guest.sh "$run_dir/guest" >/dev/null
+# shellcheck disable=SC1091
+. "$run_dir/guest/guest.env"
+cp "$GUEST_IMAGE" "$run_dir/images/demo-guest.raw.tmp"
+mv "$run_dir/images/demo-guest.raw.tmp" "$run_dir/images/demo-guest.raw"
+.venv/bin/python - "$config" "$run_dir/images/demo-guest.raw" "$GUEST_SHA256" "$GUEST_SIZE" <<'PY'
+import json, sys
+import yaml
+path, image, sha, size = sys.argv[1:]
+with open(path) as f:
+    cfg = yaml.safe_load(f)
+cfg["images"]["demo-guest"] = {
+    "location": "file://" + image, "format": "raw", "sha256": sha, "size": int(size),
+}
+with open(path + ".tmp", "w") as f:
+    json.dump(cfg, f, indent=2)
+PY
+mv "$config.tmp" "$config"
 say "wrote $config"
 
-manifests=(examples/manifests)
+manifests=(examples/manifests examples/boot)
 if command -v ceph-mon >/dev/null && [ "${RECONCILER_WITH_CEPH:-1}" != 0 ]; then
     ceph_conf=$(bash scripts/ceph.sh start "$(bash scripts/ceph-dir.sh)" | tail -n 1)
     eval "$(bash scripts/ceph.sh env "$(bash scripts/ceph-dir.sh)")"
@@ -134,7 +159,61 @@ case $rc in
 *) die "dry run failed (exit $rc)" ;;
 esac
 run "$reconcile" --config "$config" "${manifests[@]}"
-if [ ${#manifests[@]} -gt 1 ]; then
+if [ ${#manifests[@]} -gt 2 ]; then  # examples/ceph is in
     run virsh -q -c "$uri" pool-refresh reconciler-demo-ceph
     run virsh -q -c "$uri" vol-list reconciler-demo-ceph
 fi
+
+# A guest boots from disks the reconciler made, attached only by `reconcile disks`.
+vm=7e57b007-0000-4000-8000-00000000d3e0
+run "$reconcile" wait --config "$config" -m examples/boot --timeout 60 "$vm"
+"$reconcile" disks --config "$config" -m examples/boot "$vm" >"$run_dir/demo-vm-disks.xml"
+say "the <disk> elements of $vm (.run/demo-vm-disks.xml):"
+cat "$run_dir/demo-vm-disks.xml"
+console="$run_dir/demo-vm.console"
+rm -f "$console"
+.venv/bin/python - "$run_dir/demo-vm-disks.xml" "$console" >"$run_dir/demo-vm.xml" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+devices = ET.parse(sys.argv[1]).getroot()  # <devices instance=...>: the disks only
+dom = ET.fromstring(
+    "<domain type='qemu'><name>reconciler-demo-vm</name><memory unit='MiB'>256</memory>"
+    "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
+    "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>"
+    "<on_crash>destroy</on_crash><devices/></domain>"
+)
+devs = dom.find("devices")
+devs.extend(list(devices))
+serial = ET.SubElement(devs, "serial", type="file")
+ET.SubElement(serial, "source", path=sys.argv[2])
+ET.SubElement(serial, "target", port="0")
+ET.SubElement(devs, "memballoon", model="none")
+print(ET.tostring(dom, encoding="unicode"))
+PY
+if virsh_ domstate reconciler-demo-vm >/dev/null 2>&1; then virsh_ destroy reconciler-demo-vm >/dev/null || true; fi
+run virsh -q -c "$uri" create "$run_dir/demo-vm.xml"
+# Wait for the guest's last line (it powers off after it), 120 s at most.
+deadline=$((SECONDS + 120))
+until grep -q "REPORT done" "$console" 2>/dev/null; do
+    if [ $SECONDS -ge $deadline ]; then
+        virsh_ destroy reconciler-demo-vm >/dev/null 2>&1 || true
+        tail -n 20 "$console" >&2 || true
+        die "the guest did not finish booting in 120 s (console: $console)"
+    fi
+    sleep 0.5
+done
+say "the guest's console ($console): what it read on each disk"
+.venv/bin/python - "$console" "$GUEST_SHA256" <<'PY'
+import sys
+sha = sys.argv[2]
+def text(v):
+    return "-" if v == "-" else bytes.fromhex(v).rstrip(b"\0 ").decode("utf-8", "replace")
+for line in open(sys.argv[1], errors="replace"):
+    if not line.startswith("REPORT dev="):
+        continue
+    f = dict(kv.split("=", 1) for kv in line.split()[1:])
+    what = "the guest image's bytes" if f["sha256"] == sha else f"ext4 label {text(f['ext4label'])}"
+    print(f"  {line.strip()}")
+    print(f"  -> {f['dev']} (serial {text(f['serial'])}): {int(f['size']) >> 20} MiB, {what}")
+PY
+if virsh_ domstate reconciler-demo-vm >/dev/null 2>&1; then virsh_ destroy reconciler-demo-vm >/dev/null 2>&1 || true; fi
