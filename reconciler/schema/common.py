@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ConfigDict, PlainSerializer, WithJsonSchema
 
-from reconciler.model.units import parse_size
+from reconciler.model.units import parse_rate, parse_size
 
 API_VERSION = "reconciler/v1"
 
@@ -130,6 +130,22 @@ Size = Annotated[
             "description": (
                 "bytes, or an IEC size such as '20GiB'; a multiple of 512, at most 64 TiB"
             ),
+        }
+    ),
+]
+
+# Bytes per second, as an int or like '100MiB/s' (QoS limits, fetch rates).
+Rate = Annotated[
+    int,
+    BeforeValidator(parse_rate),
+    PlainSerializer(int),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": r"^\s*[0-9]+\s*(B|KiB|MiB|GiB|TiB)/s\s*$"},
+            ],
+            "description": "bytes per second, or like '100MiB/s'",
         }
     ),
 ]

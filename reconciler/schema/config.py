@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     Field,
     PrivateAttr,
     Strict,
@@ -19,8 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from reconciler.model.units import parse_rate
-from reconciler.schema.common import STRICT, Backend, Name
+from reconciler.schema.common import STRICT, Backend, Name, Rate
 
 DEFAULT_CONFIG = "/etc/reconciler/config.yaml"
 CONFIG_ENV = "RECONCILER_CONFIG"
@@ -177,7 +175,7 @@ class FetchConfig(BaseModel):
     wait for one connect or one read is longer than connectTimeout."""
 
     model_config = STRICT
-    min_rate: Annotated[int, BeforeValidator(parse_rate)] = Field(
+    min_rate: Rate = Field(
         1 << 20,
         alias="minRate",
         description="the slowest transfer accepted, bytes per second or like '1MiB/s' "

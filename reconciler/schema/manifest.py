@@ -9,18 +9,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     Discriminator,
     Field,
-    PlainSerializer,
     Tag,
     ValidationInfo,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from reconciler.model.units import parse_rate
 from reconciler.schema.common import (
     BACKEND_FORMATS,
     STRICT,
@@ -28,6 +24,7 @@ from reconciler.schema.common import (
     Backend,
     DiskFormat,
     Name,
+    Rate,
     Size,
 )
 
@@ -148,23 +145,6 @@ class DiskTarget(BaseModel):
 
     def resolved_bus(self) -> Bus:
         return self.bus or DEFAULT_BUS[self.dev[:2]]
-
-
-# Bytes per second, as an int or like '100MiB/s' (QoS limits).
-Rate = Annotated[
-    int,
-    BeforeValidator(parse_rate),
-    PlainSerializer(int),
-    WithJsonSchema(
-        {
-            "oneOf": [
-                {"type": "integer", "minimum": 1},
-                {"type": "string", "pattern": r"^\s*[0-9]+\s*(B|KiB|MiB|GiB|TiB)/s\s*$"},
-            ],
-            "description": "bytes per second, or like '100MiB/s'",
-        }
-    ),
-]
 
 
 class IoTune(BaseModel):
