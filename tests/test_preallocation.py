@@ -235,14 +235,16 @@ def test_block_backends_record_copies_and_rados_records_refuse_a_preallocation()
 
     lvm = _record(backend="lvm", preallocation=Preallocation.FULL)
     back = decode_copy(encode_copy(lvm))
-    assert back == lvm
+    assert back is not None and back == lvm
     copies = RecordCopies.checked("p", [(lvm.volume, back)], [])
     assert copies.records == ()
     ((vol, why),) = copies.refused
     assert vol == lvm.volume and "only a file backend's, not lvm's" in why
     # A file disk's copy round-trips through the same encoding, and passes.
     flat = _record(preallocation=Preallocation.FALLOC)
-    assert RecordCopies.checked("p", [(flat.volume, decode_copy(encode_copy(flat)))], []).records
+    flat_back = decode_copy(encode_copy(flat))
+    assert flat_back == flat
+    assert RecordCopies.checked("p", [(flat.volume, flat_back)], []).records == (flat,)
     rbd = _record(backend="rbd", preallocation=Preallocation.FALLOC)
     oid = layout.record_object(rbd.pool, rbd.volume)
     with pytest.raises(RecordError, match="only a file backend's, not rbd's"):
