@@ -32,7 +32,7 @@ def example_config(
 
 def desired_from(paths: Iterable[str], config: Config) -> Desired:
     loaded, failed = load_manifests(paths, config)
-    return build_desired(loaded, failed)
+    return build_desired(loaded, failed, config.pools)
 
 
 def record_for(

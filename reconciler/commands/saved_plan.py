@@ -33,6 +33,7 @@ from reconciler.diff.render import FORMAT_VERSION
 from reconciler.model import Action, ActionKind, Desired, Plan
 from reconciler.model.errors import ReconcileError
 from reconciler.schema.bounded import UnsafeInput, load_json, read_regular, shown
+from reconciler.schema.common import Preallocation
 from reconciler.schema.config import Config
 
 # An action takes about 1 KiB as saved: a plan of 30,000 actions (bench/plan.py plans
@@ -90,6 +91,7 @@ class _Action(BaseModel):
     spec: dict[str, Any] | None = None
     replaces: _Location | None = None
     holder: _Name | None = None
+    preallocation: Preallocation | None = Field(None, strict=False)
 
 
 class _MadeFrom(BaseModel):

@@ -125,7 +125,7 @@ class Reconciler:
 
     def reconcile(self, session: Session, instance: str) -> None:
         loaded, failed, _ = self.index.desired_for(instance)
-        desired = session._with_entries(build_desired(loaded, failed))
+        desired = session._with_entries(build_desired(loaded, failed, session.config.pools))
         # Unreadable files that name no instance may be this one's: they block --prune.
         unknown = build_desired([], self.index.unknown_failures()).failed
         wanted: tuple[DesiredInstance, ...] = desired.instances
@@ -287,7 +287,7 @@ class Reconciler:
         start = time.monotonic()
         calls = session.conns.calls
         loaded, failed = self.index.everything()
-        desired = session._with_entries(build_desired(loaded, failed))
+        desired = session._with_entries(build_desired(loaded, failed, session.config.pools))
         observed = session.observe(desired)
         full = plan(desired, observed, self.opts)
         drift = [w for w in full.warnings if w.code is ProblemCode.DRIFT]

@@ -112,7 +112,7 @@ class Session:
             raise
         # Kept until close() or the next load: its worker may still be writing the cache.
         self._loading = loading
-        self.desired = self._with_entries(build_desired(loaded, failed))
+        self.desired = self._with_entries(build_desired(loaded, failed, self.config.pools))
         return None if observed is None else self._with_holds(observed, self.desired)
 
     def _end_loading(self) -> None:
@@ -408,5 +408,5 @@ def plan_offline(
         name: driver_for(name, pc, conns, None, config) for name, pc in sorted(config.pools.items())
     }
     loaded, failed = load_manifests(paths, config, None)
-    desired = with_entries(build_desired(loaded, failed), managing(drivers))
+    desired = with_entries(build_desired(loaded, failed, config.pools), managing(drivers))
     return desired, plan(desired, observed, options)

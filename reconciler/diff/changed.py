@@ -17,6 +17,8 @@ without a record.
 
 from __future__ import annotations
 
+import dataclasses
+
 from reconciler.diff import guards, migration, new
 from reconciler.diff.draft import Draft, Recorded
 from reconciler.diff.render import show_value
@@ -140,7 +142,9 @@ def _resize(draft: Draft, r: Recorded) -> None:
             return
         note = " (completing an interrupted resize)" if interrupted else ""
         reason = f"grow {format_size(rec.virtual_size)} -> {format_size(target)}{note}"
-        draft.actions.append(r.action(ActionKind.RESIZE, reason))
+        # It grows as it was made (the record's preallocation), whatever the pool says now.
+        grow = r.action(ActionKind.RESIZE, reason)
+        draft.actions.append(dataclasses.replace(grow, preallocation=rec.preallocation))
         return
     if rec.spec != r.spec:
         reason = "record-only change (no change to the volume)"

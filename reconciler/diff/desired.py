@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from reconciler.model.desired import Desired, DesiredDisk, DesiredInstance, FailedInput
 from reconciler.model.naming import volume_name
+from reconciler.schema.common import Preallocation
+from reconciler.schema.config import PoolConfig
 from reconciler.schema.load import FailedManifest, LoadedManifest
 
 
-def build_desired(loaded: Sequence[LoadedManifest], failed: Sequence[FailedManifest]) -> Desired:
+def build_desired(
+    loaded: Sequence[LoadedManifest],
+    failed: Sequence[FailedManifest],
+    pools: Mapping[str, PoolConfig] | None = None,
+) -> Desired:
+    """The planner's input; `pools` (the config's) says how each pool allocates a disk
+    made in it (`preallocation`), which the plan shows and apply records."""
+    modes = {
+        name: pc.preallocation
+        for name, pc in (pools or {}).items()
+        if pc.preallocation is not Preallocation.OFF
+    }
     instances = []
     for lm in loaded:
         m = lm.manifest
@@ -20,6 +33,7 @@ def build_desired(loaded: Sequence[LoadedManifest], failed: Sequence[FailedManif
                 volume=volume_name(m.instance, d.name),
                 file=lm.file,
                 line=lm.disk_line(i),
+                preallocation=modes.get(d.pool),
             )
             for i, d in enumerate(m.disks)
         )

@@ -20,6 +20,7 @@ migrations into one pool together never plan more than it has free.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ from reconciler.model.observed import ObservedPool
 from reconciler.model.plan import Action, ActionKind
 from reconciler.model.record import DiskRecord, MigrationPhase
 from reconciler.model.units import format_size
+from reconciler.schema.common import Preallocation
 
 # The fields of a disk whose change a migration carries out (a copy keeps the data; a
 # new source does not).
@@ -45,15 +47,26 @@ def layout(spec: Mapping[str, Any]) -> str:
     return f"{spec['backend']}/{spec['format']}"
 
 
-def migration_need(rec: DiskRecord, pool: ObservedPool, size: int, thick_unit: int = 0) -> int:
+# Preallocations that allocate a copy's whole size, whatever its data.
+THICK = frozenset({Preallocation.FALLOC, Preallocation.FULL})
+
+
+def migration_need(
+    rec: DiskRecord,
+    pool: ObservedPool,
+    size: int,
+    thick_unit: int = 0,
+    preallocation: Preallocation | None = None,
+) -> int:
     """Bytes a copy of `rec` (in `pool`) may take in its target, made `size` bytes large: what
     the volume and the cache entry it is backed by occupy (a flattened copy holds both),
     never more than its size, plus room for a qcow2's tables. Where the source pool could
     not say, the whole size. A target whose copies are thick (`thick_unit`, see
-    ObservedPool) takes the whole size, rounded up to its unit, whatever the data."""
+    ObservedPool) takes the whole size, rounded up to its unit, whatever the data; so
+    does a copy preallocated in full (falloc, full), with its tables."""
     if thick_unit > 0:
         return -(-size // thick_unit) * thick_unit
-    used = pool.allocated.get(rec.volume)
+    used = size if preallocation in THICK else pool.allocated.get(rec.volume)
     if used is not None and rec.backing is not None:
         entry = pool.allocated.get(rec.backing)
         used = None if entry is None else used + entry
@@ -106,6 +119,8 @@ def migrate(draft: Draft, r: Recorded, what: str) -> bool:
             "which exists without a record; it is left untouched",
             **r.at,
         )
+    if new.preallocation_refused(draft, d):
+        return True
     if not _room(draft, r, what):
         return True
     fate = (
@@ -117,7 +132,9 @@ def migrate(draft: Draft, r: Recorded, what: str) -> bool:
         f"{what}: the data is copied into the new layout, compared with the original, "
         f"and the record switched to the copy; the old volume is {fate}"
     )
-    draft.actions.append(r.action(ActionKind.MIGRATE, reason, replaces=(rec.pool, rec.volume)))
+    move = r.action(ActionKind.MIGRATE, reason, replaces=(rec.pool, rec.volume))
+    # The copy is a disk made in the new pool: allocated as that pool makes its disks.
+    draft.actions.append(dataclasses.replace(move, preallocation=d.preallocation))
     return True
 
 
@@ -171,7 +188,7 @@ def _room(draft: Draft, r: Recorded, what: str) -> bool:
     """True, claiming the room, where the copy fits in its target pool beside the copies
     planned before it; else False with an error."""
     pool = r.pool
-    need = migration_need(r.rec, r.rpool, r.d.spec.size, pool.thick_unit)
+    need = migration_need(r.rec, r.rpool, r.d.spec.size, pool.thick_unit, r.d.preallocation)
     others = draft.claimed[pool.name]
     if pool.available is not None and others + need > pool.available:
         also = f" beside {format_size(others)} for other migrations" if others else ""
@@ -201,7 +218,7 @@ def resume(draft: Draft, r: Recorded) -> None:
             "an interrupted migration is finished: the verified copy is the disk, and the "
             f"old volume is {kept}"
         )
-        _resumed(draft, r, mig.spec, mig.target(), reason)
+        _resumed(draft, r, mig.spec, mig.target(), reason, mig.preallocation)
         return
     if guards.attached(draft, r.rpool, rec.volume, "migrated", **r.where):
         return
@@ -223,13 +240,19 @@ def resume(draft: Draft, r: Recorded) -> None:
         )
         return
     reason = "an interrupted migration is carried on: its partial copy is made again"
-    _resumed(draft, r, spec, mig.target(), reason)
+    _resumed(draft, r, spec, mig.target(), reason, mig.preallocation)
 
 
 def _resumed(
-    draft: Draft, r: Recorded, spec: Mapping[str, Any], to: tuple[str, str], reason: str
+    draft: Draft,
+    r: Recorded,
+    spec: Mapping[str, Any],
+    to: tuple[str, str],
+    reason: str,
+    preallocation: Preallocation | None = None,
 ) -> None:
-    """The migrate action that finishes, carries on or rolls back a migration, at `to`."""
+    """The migrate action that finishes, carries on or rolls back a migration, at `to`
+    (a copy made, or made again, as the migration's record says: `preallocation`)."""
     draft.actions.append(
         Action(
             action=ActionKind.MIGRATE,
@@ -244,5 +267,6 @@ def _resumed(
             spec=dict(spec),
             recorded=r.rec.spec,
             replaces=r.rec.key(),
+            preallocation=preallocation,
         )
     )

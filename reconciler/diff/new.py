@@ -4,12 +4,15 @@
 unless a volume of its name already stands in the pool without a record (it is never
 touched: DESIGN 4) or the observed state cannot say whether another host holds its record.
 `make` is the one way any question plans a create or a replace: the cache entry the disk
-is made from must be usable first (apply would refuse it). `drifted` plans a recorded disk
-whose volume is gone from its pool: made again, with a warning.
+is made from must be usable first, and the pool's preallocation one the disk's format can
+be made with (apply would refuse either); the action carries that preallocation.
+`drifted` plans a recorded disk whose volume is gone from its pool: made again, with a
+warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from reconciler.diff import guards
@@ -19,6 +22,7 @@ from reconciler.model.desired import DesiredDisk
 from reconciler.model.observed import ObservedPool
 from reconciler.model.plan import Action, ActionKind, Precondition
 from reconciler.model.units import format_size
+from reconciler.schema.common import preallocation_refusal
 
 
 def disk(
@@ -52,11 +56,32 @@ def disk(
 
 
 def make(draft: Draft, d: DesiredDisk, action: Action) -> None:
-    """A create or a replace of `d`, unless the cache entry it is made from cannot be used."""
+    """A create or a replace of `d`, unless the cache entry it is made from cannot be used
+    or the pool's preallocation cannot make its format; made with that preallocation."""
     assert action.action in (ActionKind.CREATE, ActionKind.REPLACE)
     if guards.entry_refused(draft, d, draft.observed.pools[d.spec.pool], where_of(d)):
         return
-    draft.actions.append(action)
+    if preallocation_refused(draft, d):
+        return
+    draft.actions.append(dataclasses.replace(action, preallocation=d.preallocation))
+
+
+def preallocation_refused(draft: Draft, d: DesiredDisk) -> bool:
+    """True (with an error) where `d`'s pool allocates disks in a way its format cannot
+    be made (a raw disk with metadata, a ploop one with falloc or metadata)."""
+    why = preallocation_refusal(d.spec.format, d.preallocation)
+    if why is None:
+        return False
+    assert d.preallocation is not None
+    draft.error(
+        "preallocation-unsupported",
+        f"pool {d.spec.pool} has preallocation {d.preallocation.value}: {why}; the disk "
+        "is not made",
+        pool=d.spec.pool,
+        volume=d.volume,
+        **where_of(d),
+    )
+    return True
 
 
 def drifted(

@@ -13,6 +13,7 @@ from typing import Any
 
 from reconciler.model.plan import Action, ActionKind, Plan, Problem
 from reconciler.model.units import format_size
+from reconciler.schema.common import Preallocation
 
 FORMAT_VERSION = 1
 
@@ -82,6 +83,23 @@ def _changes(a: Action) -> list[str]:
     return lines
 
 
+# What each preallocation does to the volume an action makes or grows, as the plan says it.
+_PREALLOCATED = {
+    Preallocation.METADATA: "its qcow2 tables allocated",
+    Preallocation.FALLOC: "every block reserved (fallocate)",
+    Preallocation.FULL: "every block written with zeros",
+}
+
+
+def _allocated(a: Action) -> str:
+    """`MODE: what it does` for an action whose volume is preallocated."""
+    assert a.preallocation is not None
+    what = _PREALLOCATED[a.preallocation]
+    if a.action is ActionKind.RESIZE:
+        what = f"{what} in the new part, as the disk was made"
+    return f"{a.preallocation.value}: {what}"
+
+
 def _problem(p: Problem) -> str:
     where = ""
     if p.file:
@@ -115,6 +133,8 @@ def to_text(plan: Plan) -> str:
             )
         else:
             out.extend(f"    {line}" for line in _changes(a))
+        if a.preallocation is not None:
+            out.append(f"    preallocation {_allocated(a)}")
         out.append("")
     if plan.errors:
         out.append("Errors:")
@@ -185,6 +205,8 @@ def to_markdown(plan: Plan, header: list[str] | None = None) -> str:
                 verb = "from" if a.action is ActionKind.MIGRATE else "replaces"
                 out.append(f"  - {verb} `{a.replaces[0]}/{a.replaces[1]}`")
             out.append(f"  - reason: {_md(a.reason)}")
+            if a.preallocation is not None:
+                out.append(f"  - preallocation {_md(_allocated(a))}")
             out += ["", "  ```json"]
             out += [
                 f"  {line}"

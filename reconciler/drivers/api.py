@@ -28,7 +28,7 @@ from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.observed import ObservedPool
 from reconciler.model.record import DiskRecord, Migration
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.recordcheck import problem
 
@@ -379,9 +379,17 @@ class Migrates(Protocol):
         this driver can copy a disk out of and into."""
         ...
 
-    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+    def prepare_copy(
+        self,
+        volume: str,
+        backend: Backend,
+        fmt: DiskFormat,
+        size: int,
+        preallocation: Preallocation | None = None,
+    ) -> None:
         """Make an empty volume of `size` bytes in `fmt` (no backing) for a copy to be
-        written into; raises VolumeExists if the name is taken."""
+        written into, allocated as `preallocation` says (a file pool's; the others refuse
+        any); raises VolumeExists if the name is taken. It reads as zeros."""
         ...
 
     def qemu_image(
@@ -416,6 +424,16 @@ class ManagingDriver(
 ):
     """A driver that can change its pool: what the executor, migrations, adopt, import,
     rebuild and `cache gc` use; each concern is one protocol above."""
+
+
+def no_preallocation(pool: str, preallocation: Preallocation | None) -> None:
+    """Refuse a preallocation in a pool that is not a file pool (its config cannot set one,
+    and a record that names one is refused: this is only a last guard)."""
+    if preallocation is not None:
+        raise ReconcileError(
+            f"pool {pool} is not a file pool: it makes no volume with preallocation "
+            f"{preallocation.value}"
+        )
 
 
 def check_unused(d: ManagingDriver, volume: str, doing: str) -> None:

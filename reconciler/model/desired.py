@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reconciler.schema.common import Preallocation
 from reconciler.schema.manifest import DiskSpec
 
 
@@ -17,6 +18,9 @@ class DesiredDisk:
     # The cache entry (in the disk's pool) a create makes it from, as its driver names it;
     # None for a disk made from nothing (blank), or where no driver could say.
     entry: str | None = None
+    # How a disk made (or copied) into its pool is allocated: the pool's `preallocation`
+    # (a file pool's); None: off, or a pool the config lacks.
+    preallocation: Preallocation | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any, Self
 
+from reconciler.schema.common import Preallocation
+
 
 class ActionKind(StrEnum):
     CREATE = "create"
@@ -47,6 +49,9 @@ class Action:
     # (pool, volume) removed by a replace; for a migrate, the disk's old location
     replaces: tuple[str, str] | None = None
     holder: str | None = None  # take-over: the host the record is taken from
+    # How the volume the action makes or grows is allocated (a file pool's preallocation:
+    # a create's and a migration's copy the pool's, a resize the record's); None: off.
+    preallocation: Preallocation | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -66,6 +71,8 @@ class Action:
             out["replaces"] = {"pool": self.replaces[0], "volume": self.replaces[1]}
         if self.holder is not None:
             out["holder"] = self.holder
+        if self.preallocation is not None:
+            out["preallocation"] = self.preallocation.value
         return out
 
 
@@ -112,6 +119,12 @@ class ProblemCode(StrEnum):
     PRUNE_REFUSED = "prune-refused", "PruneRefused", Handling.TERMINAL
     MIGRATE_UNSUPPORTED = "migrate-unsupported", "MigrateUnsupported", Handling.TERMINAL
     MIGRATION_CHANGED = "migration-changed", "MigrationChanged", Handling.TERMINAL
+    # The pool's preallocation is one the disk's format cannot be made with.
+    PREALLOCATION_UNSUPPORTED = (
+        "preallocation-unsupported",
+        "PreallocationUnsupported",
+        Handling.TERMINAL,
+    )
     # Only from an exported state older than a fact the plan needs (never the loop's).
     STATE_INCOMPLETE = "state-incomplete", "StateIncomplete", Handling.TERMINAL
     # Only planned without --force (the loop plans with it): the operator decides.

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.common import Backend, DiskFormat, Preallocation
 
 RECORD_SCHEMA_VERSION: Literal[1] = 1
 # Version 2 is a record that carries a migration (below). A record without one is still
@@ -62,6 +62,12 @@ class Migration(BaseModel):
     phase: MigrationPhase
     # Same pool, deletionPolicy Retain: the name the old volume is kept under.
     retained_as: str | None = None
+    # How the copy is allocated (its pool's preallocation; a file pool's); None: sparse.
+    preallocation: Preallocation | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_off(self.preallocation, handler(self))
 
     def target(self) -> tuple[str, str]:
         return (self.pool, self.final_volume)
@@ -93,6 +99,15 @@ class DiskRecord(BaseModel):
     last_used: str | None = None
     # Set while the disk moves to another pool, backend or format (schema version 2).
     migration: Migration | None = None
+    # How the disk was allocated when made (its file pool's `preallocation` then), and so
+    # how it grows; None: sparse (off). Written only when set, so a record of a sparse disk
+    # is byte for byte what it was before the field existed (a reconciler that predates
+    # it refuses a record that has it, as it would any unknown field: never guessed).
+    preallocation: Preallocation | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_off(self.preallocation, handler(self))
 
     def key(self) -> tuple[str, str]:
         return (self.pool, self.volume)
@@ -102,6 +117,13 @@ class DiskRecord(BaseModel):
         if not self.last_used:
             return float("inf")
         return (now - datetime.datetime.fromisoformat(self.last_used)).total_seconds()
+
+
+def _drop_off(mode: Preallocation | None, data: dict[str, Any]) -> dict[str, Any]:
+    """A record (or migration) as stored: `preallocation` only where it is not off."""
+    if mode is None:
+        data.pop("preallocation", None)
+    return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,49 @@ NOT_RESIZABLE: dict[DiskFormat, str] = {
 }
 
 
+class Preallocation(StrEnum):
+    """How much of a file disk's virtual size is allocated when it is made and grown (a
+    file pool's `preallocation`; qemu-img's names): `off` sparse, `metadata` a qcow2's
+    tables only, `falloc` every block reserved (fallocate, not written), `full` every
+    block allocated and written with zeros."""
+
+    OFF = "off"
+    METADATA = "metadata"
+    FALLOC = "falloc"
+    FULL = "full"
+
+
+# The modes a format's disks cannot be made with, and why (planned as an error, refused by
+# apply and by the record check). Measured with qemu-img 7.2: `create -f raw -o
+# preallocation=metadata` is "Unsupported preallocation mode: metadata"; a parallels image
+# accepts falloc and full at create and ignores them (the option is the file protocol's,
+# applied to an empty file before the header is written) and allocates a cluster only when
+# it is written, so only writing every cluster (full) allocates it.
+PREALLOCATION_REFUSED: dict[tuple[DiskFormat, Preallocation], str] = {
+    (DiskFormat.RAW, Preallocation.METADATA): (
+        "a raw disk has no metadata to preallocate (qemu-img refuses preallocation=metadata "
+        "for raw); a raw disk needs a pool whose preallocation is off, falloc or full"
+    ),
+    (DiskFormat.PLOOP, Preallocation.METADATA): (
+        "a ploop (parallels) image's table is always whole, and qemu-img refuses "
+        "preallocation=metadata for it; a ploop disk needs a pool whose preallocation is "
+        "off or full"
+    ),
+    (DiskFormat.PLOOP, Preallocation.FALLOC): (
+        "qemu's parallels driver allocates a cluster only when it is written, so none can "
+        "be reserved without writing it (qemu-img accepts falloc for parallels and ignores "
+        "it); a ploop disk needs a pool whose preallocation is off or full"
+    ),
+}
+
+
+def preallocation_refusal(fmt: DiskFormat, mode: Preallocation | None) -> str | None:
+    """Why a disk of `fmt` cannot be made with preallocation `mode` (None: it can)."""
+    if mode is None or mode is Preallocation.OFF:
+        return None
+    return PREALLOCATION_REFUSED.get((fmt, mode))
+
+
 # Volume names a backend's storage refuses (a volume is `<instance>_<disk>`), so that a
 # manifest naming one fails validation instead of its disk failing at apply. LVM refuses
 # LV names over 127 characters and names containing the suffixes it keeps for sub-LVs

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from reconciler.schema.common import STRICT, Backend, Name, Rate
+from reconciler.schema.common import STRICT, Backend, Name, Preallocation, Rate
 
 DEFAULT_CONFIG = "/etc/reconciler/config.yaml"
 CONFIG_ENV = "RECONCILER_CONFIG"
@@ -149,6 +149,14 @@ class PoolConfig(BaseModel):
         default_factory=lambda: DiskConfig(),
         description="how domains open the pool's disks (reconcile disks)",
     )
+    preallocation: Preallocation = Field(
+        Preallocation.OFF,
+        strict=False,
+        description="file pools (flat, qcow2, ploop): how much of each disk made or grown "
+        "here is allocated: off (sparse, the default), metadata (a qcow2's tables), falloc "
+        "(every block reserved, not written), full (every block written with zeros); a "
+        "disk keeps the mode it was made with, which its record says",
+    )
 
     @model_validator(mode="after")
     def _backend_sections(self) -> PoolConfig:
@@ -165,6 +173,17 @@ class PoolConfig(BaseModel):
             raise ValueError("a `ceph` section is only for an rbd pool")
         if self.lvm is not None and Backend.LVM not in kinds:
             raise ValueError("an `lvm` section is only for an lvm pool")
+        return self
+
+    @model_validator(mode="after")
+    def _preallocation(self) -> PoolConfig:
+        # An LV holds all its extents and an RBD image allocates as Ceph does.
+        block = {Backend.LVM, Backend.RBD} & set(self.backends)
+        if self.preallocation is not Preallocation.OFF and block:
+            raise ValueError(
+                f"preallocation {self.preallocation.value} is only for file pools (flat, "
+                f"qcow2, ploop), not an {block.pop().value} pool; leave it off"
+            )
         return self
 
 

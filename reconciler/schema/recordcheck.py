@@ -23,7 +23,10 @@ What a record must be:
   source, and so is a migration's (the planner, the executor and a migration read them);
 - its format is one its backend holds, and its backend one its pool's kind holds (a file
   pool: flat, qcow2, ploop; an lvm pool: lvm; an rbd pool: rbd), and so is a migration's;
-  a migration's copy goes to the disk's own name or its staging name.
+  a migration's copy goes to the disk's own name or its staging name;
+- a preallocation (recorded only where it is not off) is a disk's of a file backend and
+  one its format can be made with (common.preallocation_refusal), and so is a migration's;
+  a cache entry has none.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from typing import Any
 from reconciler.model.errors import RecordError
 from reconciler.model.naming import CACHE_PREFIX, migration_name, volume_name
 from reconciler.model.record import BadRecord, DiskRecord, RecordKind, RecordState
-from reconciler.schema.common import BACKEND_FORMATS, Backend, DiskFormat, check_name
+from reconciler.schema.common import (
+    BACKEND_FORMATS,
+    Backend,
+    DiskFormat,
+    Preallocation,
+    check_name,
+    preallocation_refusal,
+)
 
 # What a cache entry's name may be: image-, template- and nova- entries are all this.
 _ENTRY_RE = re.compile(r"^" + re.escape(CACHE_PREFIX) + r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -69,6 +79,20 @@ def _family(backends: Iterable[str]) -> frozenset[Backend]:
     if Backend.LVM in kinds:
         return frozenset({Backend.LVM})
     return _FILE_BACKENDS
+
+
+def _preallocation_problem(
+    backend: Backend, fmt: DiskFormat, mode: Preallocation | None, whose: str
+) -> str | None:
+    """Why a disk of `backend` and `fmt` cannot have been made with `mode` (None: it can)."""
+    if mode is None:
+        return None
+    if mode is Preallocation.OFF:
+        return f"{whose} preallocation says off, which is never recorded (its absence is)"
+    if backend not in _FILE_BACKENDS:
+        return f"{whose} preallocation {mode.value} is only a file backend's, not {backend.value}'s"
+    why = preallocation_refusal(fmt, mode)
+    return None if why is None else f"{whose} preallocation {mode.value}: {why}"
 
 
 def _is_size(value: Any) -> bool:
@@ -143,6 +167,8 @@ def _problem(rec: DiskRecord) -> str | None:
                 return f"a cache entry's volume must be an entry name, not {rec.volume!r}"
             if rec.instance or rec.disk or rec.backing is not None or rec.migration:
                 return "a cache entry names no instance, disk, backing or migration"
+            if rec.preallocation is not None:
+                return "a cache entry has no preallocation (only a disk has)"
             return _entry_spec_problem(rec.spec)
         _name("instance", rec.instance)
         _name("disk", rec.disk)
@@ -157,11 +183,19 @@ def _problem(rec: DiskRecord) -> str | None:
                 f"its backing {rec.backing!r} is not a cache entry's name (a backing is "
                 "the name of a cache entry of the same pool, never a path)"
             )
+        why = _preallocation_problem(rec.backend, rec.format, rec.preallocation, "its")
+        if why is not None:
+            return why
         mig = rec.migration
         if mig is not None:
             _name("migration pool", mig.pool)
             if mig.format not in BACKEND_FORMATS[mig.backend]:
                 return f"its migration's backend {mig.backend.value} holds no {mig.format.value}"
+            why = _preallocation_problem(
+                mig.backend, mig.format, mig.preallocation, "its migration's"
+            )
+            if why is not None:
+                return why
             if mig.final_volume != want or mig.volume not in (want, migration_name(want)):
                 return (
                     f"its migration's volumes {mig.volume!r}/{mig.final_volume!r} are not {want}'s"

@@ -77,6 +77,8 @@ def make(ctx: StepContext, a: Action, d: ManagingDriver, rec: DiskRecord | None)
         backing=d.entry_for(spec),
         state=RecordState.CREATING,
         generation=(gen or 0) + 1,
+        # As planned (the pool's); the driver makes the disk as its record says.
+        preallocation=a.preallocation,
     )
     ctx.records.add(new, gen)
     faults.point("record.creating")

@@ -164,6 +164,7 @@ class Migrator:
             spec=spec,
             phase=MigrationPhase.COPYING,
             retained_as=retained_name(rec.volume, gen) if same_pool and retain else None,
+            preallocation=a.preallocation,
         )
         dst = self.driver(a.pool)
         if dst.volume_exists(mig.volume):
@@ -182,7 +183,7 @@ class Migrator:
     def _copy(self, src: ManagingDriver, rec: DiskRecord, mig: Migration) -> None:
         dst = self.driver(mig.pool)
         dst.delete_volume(mig.volume)  # a partial copy an interrupted run left (ours)
-        dst.prepare_copy(mig.volume, mig.backend, mig.format, mig.virtual_size)
+        dst.prepare_copy(mig.volume, mig.backend, mig.format, mig.virtual_size, mig.preallocation)
         what = f"migrate {rec.pool}/{rec.volume} to {mig.pool}/{mig.volume}"
         if not dst.native_copy(src, rec, mig):
             with (
@@ -191,8 +192,17 @@ class Migrator:
             ):
                 run_command(
                     # -W: out-of-order writes (the target is ours alone); -S 4k keeps
-                    # runs of zeros unallocated; -n: into the volume the driver made.
-                    convert_argv(s.format, t.format, s.filename, t.filename, out_of_order=True),
+                    # runs of zeros unallocated; -n: into the volume the driver made. A
+                    # preallocated copy reads as zeros: told so, qemu-img writes no zeros,
+                    # which it would otherwise write by unmapping what was allocated.
+                    convert_argv(
+                        s.format,
+                        t.format,
+                        s.filename,
+                        t.filename,
+                        out_of_order=True,
+                        target_is_zero=mig.preallocation is not None,
+                    ),
                     fds=s.fds + t.fds,
                     what=what,
                 )
@@ -246,6 +256,7 @@ class Migrator:
             "schema_version": RECORD_SCHEMA_VERSION,
             "state": RecordState.READY,
             "pending_size": None,
+            "preallocation": mig.preallocation,  # the copy is the disk, as it was made
         }
         dst = self.driver(mig.pool)
         if mig.pool == rec.pool:

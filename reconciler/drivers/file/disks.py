@@ -8,10 +8,19 @@ named, on descriptors opened with O_NOFOLLOW); a `ploop` one is file/ploop.py's.
 disks need no cache entry. Nothing is ever probed: a disk's format, size and backing come
 from its record, which is written as `creating` before any of this runs.
 
+A disk is allocated as its record's `preallocation` says (the pool's when it was made;
+None: off, sparse): a raw or qcow2 volume libvirt made is made again over the same file by
+`qemu-img create -o preallocation=MODE` (an overlay with extended L2 entries, the only way
+qemu-img takes a preallocation with a backing file), then filled with `convert -n
+--target-is-zero`, which writes no zeros and so unmaps nothing that was allocated; it grows
+with `qemu-img resize --preallocation=MODE`. A ploop disk is file/ploop.py's. A mode the
+format cannot be made with (common.preallocation_refusal) is refused before anything is
+made (the planner refuses it first).
+
 Order and crash windows of a disk made of an entry: entry held shared (so it is not
-collected) -> volume made (`volume.created`) -> filled (`volume.filled`). A crash after
-the volume is made leaves a partial volume its `creating` record claims; the next run
-removes it and makes it again. An image entry is fetched into the pool's temporary file
+collected) -> volume made (`volume.created`) and preallocated -> filled (`volume.filled`).
+A crash after the volume is made leaves a partial volume its `creating` record claims; the
+next run removes it and makes it again. An image entry is fetched into the pool's temporary file
 for it (under the entry's lock, swept otherwise) and renamed (raw) or converted into it.
 """
 
@@ -25,7 +34,9 @@ from reconciler.drivers.file import ploop
 from reconciler.drivers.file.volumes import PoolDir
 from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.qemuimg import (
+    QEMU_FORMAT,
     convert_argv,
+    create_argv,
     fd_path,
     mkfs_argv,
     open_volume,
@@ -36,7 +47,13 @@ from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import TEMP_PREFIX
 from reconciler.model.record import DiskRecord
-from reconciler.schema.common import NOT_RESIZABLE, Backend, DiskFormat
+from reconciler.schema.common import (
+    NOT_RESIZABLE,
+    Backend,
+    DiskFormat,
+    Preallocation,
+    preallocation_refusal,
+)
 from reconciler.schema.config import ImageConfig
 from reconciler.schema.manifest import TemplateKind, TemplateSource
 from reconciler.util import faults
@@ -74,23 +91,57 @@ class FileDisks:
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         """A disk with an image's content: fetched and checked once into the pool's cache,
         then an overlay on that entry (qcow2 backend) or a copy of it (flat)."""
+        _check_preallocation(rec.volume, rec.format, rec.preallocation)
         self.cache.from_image(rec, image_id, self._from_entry)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
         """A blank disk, or swap or an empty filesystem made once per (kind, size, label)
         as a cache entry and overlaid or copied like an image."""
         if template.template is TemplateKind.BLANK:
-            self.make_empty(rec.volume, rec.format, rec.virtual_size)
+            self.make_empty(rec.volume, rec.format, rec.virtual_size, rec.preallocation)
             return
+        _check_preallocation(rec.volume, rec.format, rec.preallocation)
         self.cache.from_template(rec, template, self._from_entry)
 
-    def make_empty(self, volume: str, fmt: DiskFormat, size: int) -> None:
-        """An empty sparse file of the format, standalone (a blank disk, a copy's target)."""
+    def make_empty(
+        self, volume: str, fmt: DiskFormat, size: int, preallocation: Preallocation | None = None
+    ) -> None:
+        """An empty file of the format, standalone (a blank disk, a copy's target), reading
+        as zeros, allocated as `preallocation` says (None: sparse)."""
+        _check_preallocation(volume, fmt, preallocation)
         if fmt is DiskFormat.PLOOP:
-            ploop.make(self.vols, volume, size, None)  # its own step boundaries
+            ploop.make(self.vols, volume, size, None, preallocation)  # its own boundaries
             return
         self.vols.create_xml(volume, size, fmt.value)
         faults.point("volume.created")
+        self._preallocate(volume, fmt, size, preallocation)
+
+    def _preallocate(
+        self,
+        volume: str,
+        fmt: DiskFormat,
+        size: int,
+        preallocation: Preallocation | None,
+        backing: str | None = None,
+    ) -> None:
+        """Make the volume libvirt just made again, over the same file, allocated as
+        `preallocation` says (libvirt's volume XML can ask for no more than falloc): the
+        file is empty, so nothing is lost; a crash meanwhile leaves a partial volume its
+        `creating` record claims."""
+        if preallocation is None:
+            return
+        with open_volume(self.vols.path(volume)) as fd:
+            run(
+                create_argv(
+                    QEMU_FORMAT[fmt],
+                    fd_path(fd),
+                    size,
+                    preallocation=preallocation,
+                    backing=backing,
+                ),
+                fds=(fd,),
+                what=f"preallocate {volume} ({preallocation.value})",
+            )
 
     def _from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
         """Make disk `rec` of ready cache entry `entry` (held shared by the caller)."""
@@ -98,21 +149,26 @@ class FileDisks:
         if not os.path.lexists(vols.path(entry)):
             raise entries.EntryGone
         fmt = rec.format.value
+        mode = rec.preallocation
         if rec.backend is Backend.QCOW2:
             vols.create_xml(rec.volume, rec.virtual_size, "qcow2", vols.path(entry))
             faults.point("volume.created")
+            self._preallocate(rec.volume, rec.format, rec.virtual_size, mode, vols.path(entry))
             return
         if rec.format is DiskFormat.PLOOP:
-            ploop.make(vols, rec.volume, rec.virtual_size, entry)
+            ploop.make(vols, rec.volume, rec.virtual_size, entry, mode)
             return
         vols.create_xml(rec.volume, rec.virtual_size, fmt)
         faults.point("volume.created")
+        self._preallocate(rec.volume, rec.format, rec.virtual_size, mode)
         with (
             open_volume(vols.path(entry), write=False) as src_fd,
             open_volume(vols.path(rec.volume)) as dst_fd,
         ):
             run(
-                convert_argv("raw", fmt, fd_path(src_fd), fd_path(dst_fd)),
+                convert_argv(
+                    "raw", fmt, fd_path(src_fd), fd_path(dst_fd), target_is_zero=mode is not None
+                ),
                 fds=(src_fd, dst_fd),
                 what=f"copy {entry} into {rec.volume}",
             )
@@ -162,21 +218,39 @@ class FileDisks:
     # -- changing volumes ---------------------------------------------------------------
 
     def resize(self, rec: DiskRecord, size: int) -> None:
-        """Grow a volume using the format from its record, never a probed one."""
+        """Grow a volume using the format from its record, never a probed one; the new part
+        allocated as the disk was made (its record's preallocation)."""
+        mode = rec.preallocation
         with open_volume(self.vols.path(rec.volume)) as fd:
             if rec.format is DiskFormat.RAW:
                 if os.fstat(fd).st_size > size:
                     raise ReconcileError(f"{rec.volume} is larger than {size} bytes; not shrunk")
-                os.ftruncate(fd, size)
+                if mode is None:
+                    os.ftruncate(fd, size)
+                else:
+                    _check_preallocation(rec.volume, rec.format, mode)
+                    run(
+                        resize_argv("raw", fd_path(fd), size, mode),
+                        fds=(fd,),
+                        what=f"grow {rec.volume} ({mode.value})",
+                    )
                 os.fsync(fd)
             elif rec.format in NOT_RESIZABLE:
                 raise ReconcileError(f"not resizing {rec.volume}: {NOT_RESIZABLE[rec.format]}")
             elif rec.format is DiskFormat.QCOW2:
                 run(
-                    resize_argv("qcow2", fd_path(fd), size),
+                    resize_argv("qcow2", fd_path(fd), size, mode),
                     fds=(fd,),
                     what=f"grow {rec.volume}",
                 )
             else:
                 raise ReconcileError(f"{rec.volume}: cannot resize format {rec.format}")
         faults.point("volume.resized")
+
+
+def _check_preallocation(volume: str, fmt: DiskFormat, mode: Preallocation | None) -> None:
+    """Refuse a preallocation `fmt` cannot be made with (the plan says so first)."""
+    why = preallocation_refusal(fmt, mode)
+    if why is not None:
+        assert mode is not None
+        raise ReconcileError(f"not making {volume} with preallocation {mode.value}: {why}")

@@ -79,9 +79,15 @@ def native_copy(vols: PoolDir, source: ManagingDriver, rec: DiskRecord, to: Migr
     """raw to raw from a pool of files (flows.copy: the data extents copied in the
     kernel, a reflink where the file system shares blocks, holes left holes; three
     times qemu-img's speed on ext4). Every other pair (a format to convert, an overlay
-    to flatten, an LV or an image to read) is qemu-img's."""
+    to flatten, an LV or an image to read) is qemu-img's, and so is a copy into a
+    preallocated volume: where the file system shares blocks (XFS, btrfs) the kernel's copy
+    would swap its allocated blocks for the source's shared ones, which a write then has
+    to copy again, so the room preallocation promised would not be held."""
     if not (
-        source.access is Access.FILE and source.raw_readable(rec) and to.format is DiskFormat.RAW
+        source.access is Access.FILE
+        and source.raw_readable(rec)
+        and to.format is DiskFormat.RAW
+        and to.preallocation is None
     ):
         return False
     with source.reader(rec.volume) as src, vols.writer(to.volume) as dst:

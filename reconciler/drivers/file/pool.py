@@ -46,7 +46,7 @@ from reconciler.drivers.ingest.headers import file_header_format
 from reconciler.model.errors import PoolError
 from reconciler.model.observed import ObservedPool
 from reconciler.model.record import DiskRecord, Migration
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
 
@@ -215,9 +215,17 @@ class FilePoolDriver:
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
         return migrate.migration_facts(self.vols, volumes)
 
-    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
-        """An empty sparse file of the format, standalone (a copy is always flattened)."""
-        self.disks.make_empty(volume, fmt, size)
+    def prepare_copy(
+        self,
+        volume: str,
+        backend: Backend,
+        fmt: DiskFormat,
+        size: int,
+        preallocation: Preallocation | None = None,
+    ) -> None:
+        """An empty file of the format, standalone (a copy is always flattened), allocated
+        as `preallocation` says (the migration's record's: this pool's when it began)."""
+        self.disks.make_empty(volume, fmt, size, preallocation)
 
     def qemu_image(
         self, volume: str, fmt: DiskFormat, backing: str | None, *, write: bool

@@ -1,17 +1,33 @@
 """Every qemu-img (and mkfs) command line the reconciler runs, built here and only here, on
 files opened without following links. Invariant 1: each names its formats (-f, and -O, -F
 or a backing format where there is one); nothing here lets qemu-img probe a format. The
-runner itself is reconciler/drivers/host/run.py."""
+runner itself is reconciler/drivers/host/run.py.
+
+Preallocation (a file pool's `preallocation`), as qemu-img 7.2 takes it, measured:
+- `create -o preallocation=`: raw takes off, falloc, full (metadata: "Unsupported
+  preallocation mode"); qcow2 takes all four; parallels refuses metadata and accepts
+  falloc and full but ignores them (the option is the file protocol's, applied before the
+  header is written: a 64 MiB image stays 1 MiB), so a ploop disk is allocated by writing
+  every cluster (`fill_argv`). A qcow2 with a backing file takes a preallocation only with
+  `extended_l2=on` ("Backing file and preallocation can only be used at the same time if
+  extended_l2 is on"): its preallocated clusters are subclusters marked unallocated, which
+  still read through to the backing file.
+- `resize --preallocation=`: raw off, falloc, full; qcow2 all four, overlays included;
+  parallels cannot resize at all.
+- `convert -n` into a preallocated target writes its zeros by unmapping (a falloc'd raw
+  file ends sparse again): told `--target-is-zero` (true of a volume just made), it writes
+  none, and what was allocated stays allocated."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from reconciler.model.errors import ReconcileError
-from reconciler.schema.common import DiskFormat
+from reconciler.schema.common import DiskFormat, Preallocation
 
 # qemu-img's name for each recorded format (a ploop disk is qemu's `parallels` image).
 QEMU_FORMAT = {DiskFormat.RAW: "raw", DiskFormat.QCOW2: "qcow2", DiskFormat.PLOOP: "parallels"}
@@ -45,15 +61,37 @@ def fd_path(fd: int) -> str:
 
 
 def convert_argv(
-    src_fmt: str, dst_fmt: str, src: str, dst: str, *, out_of_order: bool = False
+    src_fmt: str,
+    dst_fmt: str,
+    src: str,
+    dst: str,
+    *,
+    out_of_order: bool = False,
+    target_is_zero: bool = False,
 ) -> list[str]:
     """qemu-img convert with both formats named, into an existing volume (-n, made by
     libvirt or the driver at the disk's size), leaving runs of zeros unallocated (-S 4k,
-    qemu-img's default, named); `out_of_order` (-W) where the target is ours alone."""
+    qemu-img's default, named); `out_of_order` (-W) where the target is ours alone;
+    `target_is_zero` where the target is known to read as zeros (just made), so no zeros
+    are written to it (nor what it has allocated unmapped)."""
     return [
         *("qemu-img", "convert", "-n", *(["-W"] if out_of_order else [])),
+        *(["--target-is-zero"] if target_is_zero else []),
         *("-f", src_fmt, "-O", dst_fmt, "-S", "4k", src, dst),
     ]
+
+
+def zeros_source(size: int) -> str:
+    """A raw source of `size` bytes of zeros that opens no file (qemu's null-co driver)."""
+    node = {"driver": "raw", "file": {"driver": "null-co", "size": size, "read-zeroes": True}}
+    return "json:" + json.dumps(node, sort_keys=True)
+
+
+def fill_argv(dst_fmt: str, sources: list[str], dst: str) -> list[str]:
+    """qemu-img convert of raw `sources`, one after the other (qemu-img concatenates
+    them), into the existing volume `dst`, every byte written as data (-S 0: no run of
+    zeros skipped), so every cluster of `dst` is allocated (a ploop disk's `full`)."""
+    return ["qemu-img", "convert", "-n", "-S", "0", "-f", "raw", *sources, "-O", dst_fmt, dst]
 
 
 def compare_argv(src_fmt: str, dst_fmt: str, src: str, dst: str) -> list[str]:
@@ -66,14 +104,45 @@ def info_argv(fmt: str, target: str) -> list[str]:
     return ["qemu-img", "info", "-f", fmt, "--output=json", target]
 
 
-def create_argv(fmt: str, target: str, size: int) -> list[str]:
-    """qemu-img create of an image of `fmt` and `size` bytes, with no backing."""
-    return ["qemu-img", "create", "-q", "-f", fmt, target, str(size)]
+def create_argv(
+    fmt: str,
+    target: str,
+    size: int,
+    *,
+    preallocation: Preallocation | None = None,
+    backing: str | None = None,
+) -> list[str]:
+    """qemu-img create of an image of `fmt` and `size` bytes (over what `target` holds),
+    allocated as `preallocation` says (None: qemu-img's default, off). A qcow2 is
+    compat 1.1 (as libvirt makes one); with `backing` (a raw cache entry's path, never
+    opened: -u) it is an overlay, with extended L2 entries where it is preallocated
+    (qemu-img takes a preallocation with a backing file only so)."""
+    opts = []
+    if preallocation is not None:
+        opts.append(f"preallocation={preallocation.value}")
+    back: list[str] = []
+    if fmt == "qcow2":
+        opts.append("compat=1.1")
+        if backing is not None:
+            back = ["-u", "-b", backing, "-F", "raw"]
+            if preallocation is not None:
+                opts.append("extended_l2=on")
+    elif backing is not None:
+        raise ValueError(f"a {fmt} image has no backing file")
+    return [
+        *("qemu-img", "create", "-q", "-f", fmt, *back),
+        *(["-o", ",".join(opts)] if opts else []),
+        *(target, str(size)),
+    ]
 
 
-def resize_argv(fmt: str, target: str, size: int) -> list[str]:
-    """qemu-img resize (grow) of an image of the recorded `fmt`."""
-    return ["qemu-img", "resize", "-q", "-f", fmt, target, str(size)]
+def resize_argv(
+    fmt: str, target: str, size: int, preallocation: Preallocation | None = None
+) -> list[str]:
+    """qemu-img resize (grow) of an image of the recorded `fmt`, the new part allocated as
+    the disk was made (`preallocation`; None: off, qemu-img's default)."""
+    mode = [f"--preallocation={preallocation.value}"] if preallocation is not None else []
+    return ["qemu-img", "resize", "-q", "-f", fmt, *mode, target, str(size)]
 
 
 def rebase_argv(fmt: str, target: str, backing: str, backing_fmt: str) -> list[str]:

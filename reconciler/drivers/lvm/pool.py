@@ -44,6 +44,7 @@ from reconciler.drivers.api import (
     MigrationFacts,
     QemuImage,
     RecordCopies,
+    no_preallocation,
 )
 from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.takein import take_in
@@ -60,7 +61,7 @@ from reconciler.drivers.lvm.volumes import LV_TEMP_PREFIX, Lvs
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.model.observed import ObservedPool
 from reconciler.model.record import DiskRecord, Migration
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.config import ImageConfig, LvmConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
 from reconciler.util.logs import get_logger
@@ -336,7 +337,15 @@ class LvmPoolDriver:
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
         return migrate.migration_facts(self.lvs, volumes)
 
-    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+    def prepare_copy(
+        self,
+        volume: str,
+        backend: Backend,
+        fmt: DiskFormat,
+        size: int,
+        preallocation: Preallocation | None = None,
+    ) -> None:
+        no_preallocation(self.name, preallocation)
         migrate.prepare_copy(self.lvs, volume, backend, fmt, size)
 
     def qemu_image(

@@ -44,6 +44,7 @@ from reconciler.drivers.api import (
     MigrationFacts,
     QemuImage,
     RecordCopies,
+    no_preallocation,
 )
 from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.takein import take_in
@@ -59,7 +60,7 @@ from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import TEMP_PREFIX
 from reconciler.model.observed import ObservedPool
 from reconciler.model.record import DiskRecord, Migration
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
 
@@ -317,7 +318,15 @@ class RbdPoolDriver:
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
         return migrate.migration_facts(self.c)
 
-    def prepare_copy(self, volume: str, backend: Backend, fmt: DiskFormat, size: int) -> None:
+    def prepare_copy(
+        self,
+        volume: str,
+        backend: Backend,
+        fmt: DiskFormat,
+        size: int,
+        preallocation: Preallocation | None = None,
+    ) -> None:
+        no_preallocation(self.name, preallocation)
         migrate.prepare_copy(self.c, volume, backend, fmt, size)
 
     def qemu_image(
