@@ -71,6 +71,6 @@ def run(argv: Sequence[str]) -> int:
             )
     if args.output == "json":
         print(json.dumps(rows, indent=2))
-    else:
+    elif docs:
         print("\n\n".join(docs))
     return rc

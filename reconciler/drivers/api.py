@@ -5,7 +5,7 @@ Two layers. `Volumes` is the small core a backend implements for the shared flow
 existence, its lock, an empty volume, its raw bytes read (`reader`) and written
 (`writer`), rename and delete, and how its bytes are reached (`access`). `PoolDriver` and
 `ManagingDriver` are what the layers above drivers/ call (observe, plan, apply, migrate,
-adopt, import, rebuild), grouped by concern; a backend says what it cannot do by leaving
+adopt, import, rebuild, attach), grouped by concern; a backend says what it cannot do by leaving
 out an opt-in capability (`Overlays`: an lvm pool has none; overlays_of() says so as an
 error), by raising, or by returning no layouts (no migrations).
 
