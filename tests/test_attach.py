@@ -340,3 +340,22 @@ def test_rbd_disks_name_the_image_monitors_and_secret(
     env.config_path.write_text(json.dumps(cfg))
     rc, doc, err = disks(env, inst)
     assert rc == 1 and "ceph.secretUuid is not set" in err
+
+
+def test_a_disk_being_moved_is_not_given(file_env: Env) -> None:
+    env = file_env
+    inst = env.manifest("m", [disk("d", size="8MiB")])
+    assert env.run()[0] == 0
+    env.manifest("m", [disk("d", backend="qcow2", fmt="qcow2", size="8MiB")], instance=inst)
+    rc, doc, err = disks(env, inst)  # planned, not started: a change still to apply
+    assert rc == 1 and doc[0]["disks"][0]["state"] == "changing" and "migrate planned" in err
+    killed = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (rec,) = [r for r in env.store().load_all()[0] if r.instance == inst]
+    assert rec.migration is not None  # killed right after the record said where it goes
+    rc, doc, err = disks(env, inst)
+    assert rc == 1 and doc[0]["disks"][0]["state"] == "migrating"
+    assert f"moving to local/{inst}_d (qcow2, qcow2): copying" in err
+    assert env.run()[0] == 0
+    rc, doc, err = disks(env, inst)
+    assert rc == 0 and elements(doc[0])["d"].find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
