@@ -45,6 +45,7 @@ from reconciler.drivers.host.store import StoreError
 from reconciler.drivers.records import Records
 from reconciler.model.errors import ReconcileError
 from reconciler.model.plan import Action, ActionKind
+from reconciler.util import progress
 
 
 @dataclass
@@ -231,7 +232,8 @@ class Executor:
         start = time.monotonic()
         self.report.starting(a)
         try:
-            status, msg = self._one(a)
+            with progress.acting(a.action.value, a.instance, a.disk):
+                status, msg = self._one(a)
         except StoreError as e:
             if self._halted is None:
                 self._halted = e

@@ -64,7 +64,9 @@ from reconciler.control.status import StatusStore
 from reconciler.control.workqueue import WorkQueue
 from reconciler.model.errors import ReconcileError
 from reconciler.schema.load import load_config
+from reconciler.util import progress
 from reconciler.util.logs import get_logger
+from reconciler.util.progress import PROGRESS_FILE
 from reconciler.util.statedir import private_dir, private_file
 
 log = get_logger(__name__)
@@ -205,6 +207,7 @@ class Loop:
         events = DirectoryEvents(self.index.dir, self.settling.changed)
         observer.schedule(events, str(self.index.dir), recursive=False)
         observer.start()  # before the first read: a change during it is seen again
+        progress.publish_to(self.config.state_dir() / PROGRESS_FILE)  # for reconcile status
         threads: list[threading.Thread] = []
         metrics_server: tuple[Any, threading.Thread] | None = None
         try:
@@ -218,6 +221,9 @@ class Loop:
             self._serve()
         finally:
             self._shutdown(threads, observer, metrics_server, status)
+            progress.publish_to(None)
+            with contextlib.suppress(OSError):
+                (self.config.state_dir() / PROGRESS_FILE).unlink()
             for sig, old in handlers.items():
                 signal.signal(sig, old)
         log.info("stopped")

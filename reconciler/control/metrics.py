@@ -11,9 +11,35 @@ whose Ready is not True is the size of the set kept here, changed under one lock
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from reconciler.util import progress
+
+_STEP_LABELS = ["action", "instance", "disk", "step"]
+
+
+class StepBytes(Collector):
+    """Each long step under way (reconciler/util/progress.py): its bytes done and total,
+    read when scraped, so a step that ended is gone from the next scrape."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        done = GaugeMetricFamily(
+            "reconcile_step_bytes_done", "Bytes done of a long step under way", labels=_STEP_LABELS
+        )
+        total = GaugeMetricFamily(
+            "reconcile_step_bytes_total", "Bytes in all of a long step under way",
+            labels=_STEP_LABELS,
+        )  # fmt: skip
+        for s in progress.running():
+            labels = [s.action, s.instance, s.disk, s.step.split(" ", 1)[0]]
+            done.add_metric(labels, s.done)
+            total.add_metric(labels, s.total)
+        yield done
+        yield total
 
 
 class Metrics:
@@ -60,6 +86,7 @@ class Metrics:
             "reconcile_instances_not_ready", "Instances whose Ready is not True", registry=r
         )
         self.resyncs = Counter("reconcile_resyncs_total", "Resyncs done", registry=r)
+        r.register(StepBytes())
         for label in ("success", "error"):  # scraped as 0 before the first of each
             self.reconciles.labels("reconcile", label)
         self._not_ready: set[str] = set()  # instances whose Ready is not True

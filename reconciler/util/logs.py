@@ -62,6 +62,11 @@ def configure(level: int, *, json_lines: bool = False) -> None:
             _apply()
 
 
+def enabled(level: int) -> bool:
+    """Whether a line at `level` would be shown."""
+    return level >= _threshold
+
+
 def _apply() -> None:
     """Give the pending configuration to structlog (the caller holds _lock)."""
     global _pending

@@ -66,7 +66,7 @@ from reconciler.model.record import (
     RecordState,
 )
 from reconciler.schema.common import Backend, DiskFormat
-from reconciler.util import faults
+from reconciler.util import faults, progress
 from reconciler.util.logs import get_logger
 
 log = get_logger(__name__)
@@ -189,6 +189,7 @@ class Migrator:
             with (
                 src.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
                 dst.qemu_image(mig.volume, mig.format, None, write=True) as t,
+                progress.task(f"convert to {mig.pool}/{mig.volume}", rec.virtual_size),
             ):
                 run_command(
                     # -W: out-of-order writes (the target is ours alone); -S 4k keeps
@@ -211,6 +212,7 @@ class Migrator:
             ThreadPoolExecutor(1, thread_name_prefix="sync") as syncing,
             src.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
             dst.qemu_image(mig.volume, mig.format, None, write=False) as t,
+            progress.task(f"verify {mig.pool}/{mig.volume}", rec.virtual_size),
         ):
             # The copy is made durable while it is compared (both only read it); both end
             # before the switch. Without -s a larger copy (a migration that also grows)

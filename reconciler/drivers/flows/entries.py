@@ -24,7 +24,7 @@ from reconciler.model.naming import image_entry_name, template_entry_name
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
-from reconciler.util import faults
+from reconciler.util import faults, progress
 from reconciler.util.logs import get_logger
 
 if TYPE_CHECKING:
@@ -115,15 +115,12 @@ def fetch_checked(image_id: str, image: ImageConfig, fd: int, max_virtual_size: 
     # that fetches nothing (the common, converged case) should not pay.
     from reconciler.drivers.flows.qemuimg import fd_path
     from reconciler.drivers.ingest.check import qemu_img_agrees
-    from reconciler.drivers.ingest.images import Progress, stream_into
+    from reconciler.drivers.ingest.images import stream_into
 
-    progress = Progress(f"fetch {image_id}", image.size)
-    try:
+    with progress.task(f"fetch {image_id}", image.size) as fetching:
         checked = stream_into(
-            image_id, image, fd, max_virtual_size=max_virtual_size, progress=progress
+            image_id, image, fd, max_virtual_size=max_virtual_size, progress=fetching
         )
-    finally:
-        progress.finish()
     faults.point("cache.image.fetched")
     qemu_img_agrees(fd_path(fd), image.format.value, checked, fds=(fd,))
     return checked

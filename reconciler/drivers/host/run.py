@@ -4,14 +4,26 @@ and the image checks (images.py), which share it."""
 
 from __future__ import annotations
 
+import os
+import re
+import select
 import subprocess
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 from reconciler.model.errors import ReconcileError
+from reconciler.util import progress
 
 
 class ToolError(ReconcileError):
     pass
+
+
+# qemu-img's subcommands that report progress with -p ("    (42.00/100%)" lines ending in
+# a carriage return on stdout), and the option a quiet compare has, which -p cannot join.
+_PROGRESS_SUBCOMMANDS = frozenset({"convert", "compare"})
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 def execute(
@@ -23,15 +35,27 @@ def execute(
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a tool with a minimal environment (plus `env`) and only the descriptors it is
-    given; a tool still running after `timeout` seconds is killed and named."""
+    given; a tool still running after `timeout` seconds is killed and named. A qemu-img
+    convert or compare run while a progress task is open in this thread reports to it
+    (reconciler/util/progress.py)."""
+    argv = list(argv)
+    task = progress.current()
+    full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", **(env or {})}
     try:
+        if (
+            task is not None
+            and argv[:1] == ["qemu-img"]
+            and argv[1:2]
+            and (argv[1] in _PROGRESS_SUBCOMMANDS)
+        ):
+            return _with_progress(argv, fds, full_env, timeout, task)
         return subprocess.run(
-            list(argv),
+            argv,
             pass_fds=tuple(fds),
             capture_output=True,
             text=True,
             check=False,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", **(env or {})},
+            env=full_env,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
@@ -39,6 +63,66 @@ def execute(
         raise ToolError(f"{what}: {argv[0]} is not installed") from None
     except subprocess.TimeoutExpired:
         raise ToolError(f"{what}: {argv[0]} did not finish within {timeout:g} s") from None
+
+
+def _with_progress(
+    argv: list[str],
+    fds: Sequence[int],
+    env: Mapping[str, str],
+    timeout: float | None,
+    task: progress.Task,
+) -> subprocess.CompletedProcess[str]:
+    """`argv` with qemu-img's -p, its percentages read as they come (its other output
+    kept, without them, as subprocess.run would give it)."""
+    args = [argv[0], argv[1], "-p", *(a for a in argv[2:] if a != "-q")]
+    proc = subprocess.Popen(
+        args,
+        pass_fds=tuple(fds),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+    )
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None
+    err: list[bytes] = []
+    reader = threading.Thread(target=lambda: err.append(stderr.read()), daemon=True)
+    reader.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out = bytearray()
+    pending = b""
+    try:
+        while True:
+            wait = 1.0 if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                raise subprocess.TimeoutExpired(args, timeout or 0)
+            if not select.select([stdout], [], [], min(wait, 1.0))[0]:
+                continue
+            chunk = os.read(stdout.fileno(), 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = re.split(rb"[\r\n]", pending)
+            for line in lines:
+                m = _PERCENT.search(line)
+                if m is not None:
+                    task.reach(float(m.group(1)) / 100)
+                elif line.strip():
+                    out += line + b"\n"
+        out += pending
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        rc = proc.wait(left)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        stdout.close()
+    reader.join()
+    stderr.close()
+    return subprocess.CompletedProcess(
+        args, rc, out.decode("utf-8", "replace"), b"".join(err).decode("utf-8", "replace")
+    )
 
 
 def last_line(res: subprocess.CompletedProcess[str]) -> str:

@@ -12,65 +12,22 @@ a fetch's failure FetchFailed, retried if another try may change it.
 from __future__ import annotations
 
 import os
-import sys
-import time
 from typing import IO, cast
 
 from reconciler.drivers.ingest.check import CHUNK, Checked, StreamChecks
 from reconciler.drivers.ingest.fetch import (
     Deadline,
     DeadlineReader,
-    format_size_approx,
     open_location,
     with_retries,
 )
 from reconciler.schema.config import ImageConfig
 from reconciler.util.logs import get_logger
+from reconciler.util.progress import Task
 
 log = get_logger(__name__)
 
 _ZEROS = bytes(CHUNK)
-
-
-class Progress:
-    """Bytes and rate, on a terminal as one updating line, and in the log every 10%."""
-
-    def __init__(self, what: str, total: int, out: IO[str] | None = None) -> None:
-        self.what = what
-        self.total = total
-        self.out = out if out is not None else sys.stderr
-        self.tty = self.out.isatty()
-        self.start = time.monotonic()
-        self.done = 0
-        self._next_log = 0.1
-
-    def update(self, n: int) -> None:
-        self.done += n
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        rate = self.done / elapsed
-        frac = self.done / self.total if self.total else 1.0
-        if self.tty:
-            self.out.write(
-                f"\r\x1b[2K{self.what}: {format_size_approx(self.done)} of "
-                f"{format_size_approx(self.total)} ({frac:.0%}) at "
-                f"{format_size_approx(int(rate))}/s"
-            )
-            self.out.flush()
-        if frac >= self._next_log:
-            log.info(
-                "image.fetch.progress",
-                image=self.what,
-                bytes=self.done,
-                total=self.total,
-                rate_bytes_per_s=int(rate),
-            )
-            while self._next_log <= frac:
-                self._next_log += 0.1
-
-    def finish(self) -> None:
-        if self.tty:
-            self.out.write("\r\x1b[2K")
-            self.out.flush()
 
 
 def stream_into(
@@ -79,7 +36,7 @@ def stream_into(
     fd: int,
     *,
     max_virtual_size: int,
-    progress: Progress | None = None,
+    progress: Task | None = None,
 ) -> Checked:
     """Stream the image into `fd`, checking as it goes; retried for transient failures."""
 
@@ -95,7 +52,7 @@ def _stream_once(
     image: ImageConfig,
     fd: int,
     max_virtual_size: int,
-    progress: Progress | None,
+    progress: Task | None,
     deadline: Deadline,
 ) -> Checked:
     with open_location(image.location, image, deadline) as src:
@@ -104,7 +61,7 @@ def _stream_once(
             while chunk := checks.read():
                 _write_sparse(fd, chunk)
                 if progress is not None:
-                    progress.update(len(chunk))
+                    progress.advance(len(chunk))
                 checks.header(chunk)
     checked = checks.finish()
     os.ftruncate(fd, checked.size)  # the length, where the image ends in skipped zeros

@@ -40,6 +40,7 @@ from reconciler.drivers.flows.copy import pwrite_all
 from reconciler.drivers.host.run import execute
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.schema.config import LvmConfig
+from reconciler.util import progress
 
 TIMEOUT = 120.0  # seconds any one LVM2 command may take
 LVM_NOT_FOUND = 5  # LVM's exit status for "no such LV/VG" (ECMD_FAILED)
@@ -271,18 +272,22 @@ def zero(pieces: Sequence[Piece], limit: int | None = None) -> None:
     """Write zeros over the pieces (the first `limit` bytes of them, if given): the block
     layer's BLKZEROOUT where the device offers it, plain writes of zeros where not."""
     left = sum(p.length for p in pieces) if limit is None else limit
-    for p in pieces:
-        n = min(p.length, left)
-        if n <= 0:
-            break
-        if not _zero_range(p.fd, p.offset, n):
-            buf = bytes(CHUNK)
-            done = 0
-            while done < n:
-                k = min(CHUNK, n - done)
-                pwrite_all(p.fd, buf[:k], p.offset + done)
-                done += k
-        left -= n
+    with progress.task("wipe", left) as wiping:
+        for p in pieces:
+            n = min(p.length, left)
+            if n <= 0:
+                break
+            if not _zero_range(p.fd, p.offset, n):
+                buf = bytes(CHUNK)
+                done = 0
+                while done < n:
+                    k = min(CHUNK, n - done)
+                    pwrite_all(p.fd, buf[:k], p.offset + done)
+                    done += k
+                    wiping.advance(k)
+            else:
+                wiping.advance(n)
+            left -= n
     for fd in {p.fd for p in pieces}:
         os.fsync(fd)
 
