@@ -7,9 +7,11 @@ how the planner's reasons name a source and a changed field, so both read the sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from reconciler.model.plan import Action, ActionKind, Plan, Problem
@@ -226,25 +228,25 @@ def _size(text: str) -> int:
     return len(text.encode())
 
 
+@dataclass
 class _Part:
     """One unit the size limit keeps or leaves out whole: a problem's line, or an
-    instance's block of actions; `counts` says what it holds (code or action kind)."""
+    instance's block of actions; `counts` says what it holds (codes or action kinds)."""
 
-    __slots__ = ("counts", "folded", "text")
-
-    def __init__(self, text: str, counts: dict[str, int], folded: int = 0) -> None:
-        self.text = text
-        self.counts = counts
-        self.folded = folded  # actions whose details were left out to save room
+    text: str
+    counts: dict[str, int]
+    folded: int = 0  # actions whose volume and patch were left out to save room
 
 
+@dataclass
 class _Section:
-    def __init__(self, title: str, intro: str, parts: list[_Part], unit: str, of: str = "") -> None:
-        self.title = title
-        self.intro = intro
-        self.parts = parts
-        self.unit = unit  # what a part is, for the note of those left out
-        self.of = of  # what a part's counts count, where not the parts themselves
+    title: str
+    intro: str
+    parts: list[_Part]
+    unit: str  # what a part is, for the note of those left out
+    of: str = ""  # what a part's counts count, where not the parts themselves
+    blocks: bool = False  # parts are paragraphs and lists (else one list's items)
+    tail: str = ""  # what was left out of it
 
 
 def _md_head(plan: Plan, header: list[str]) -> list[str]:
@@ -297,8 +299,11 @@ def _md_sections(plan: Plan, *, full: bool) -> list[_Section]:
             held,
             "instance(s)",
             "held action(s)",
+            blocks=True,
         ),
-        _Section(f"Actions ({len(plan.actions)})", "", actions, "instance(s)", "action(s)"),
+        _Section(
+            f"Actions ({len(plan.actions)})", "", actions, "instance(s)", "action(s)", blocks=True
+        ),
         _Section(f"Warnings ({len(plan.warnings)})", "", warnings, "warning(s)"),
     ]
 
@@ -340,7 +345,7 @@ def _instance_parts(
                 lines += _folded(a)
             else:
                 folded += 1
-        parts.append(_Part("\n".join(lines).rstrip("\n") + "\n", counts, folded))
+        parts.append(_Part("\n".join(lines).rstrip("\n"), counts, folded))
     return parts
 
 
@@ -380,47 +385,39 @@ def _patch(a: Action) -> list[str]:
 
 
 def _md_fit(plan: Plan, head: list[str], sections: list[_Section], budget: int, limit: int) -> str:
-    """The comment with as many parts as fit in `budget`, in order, and a note counting
-    what was left out."""
+    """The comment with the parts that fit in `budget`, in order up to the first that does
+    not, and a note counting what was left out."""
     used = _size(_md_join(head, [], []))
     kept: list[_Section] = []
     full = True
-    left: list[tuple[_Section, list[_Part]]] = []
+    folded = 0
+    note = [f"> **Shortened to fit {limit:,} characters** (`--max-size`):"]
     for sec in sections:
         if not sec.parts:
-            kept.append(sec)
             continue
-        used += _size(f"#### {sec.title}\n\n{sec.intro}\n\n")
+        used += _size(f"\n#### {sec.title}\n\n{sec.intro}\n\n")
         take: list[_Part] = []
         for part in sec.parts:
-            if full and used + _size(part.text) + 1 <= budget:
+            if full and used + _size(part.text) + 2 <= budget:
                 take.append(part)
-                used += _size(part.text) + 1
+                used += _size(part.text) + 2
+                folded += part.folded
             else:
                 full = False
-        kept.append(_Section(sec.title, sec.intro, take, sec.unit, sec.of))
-        if len(take) < len(sec.parts):
-            left.append((sec, sec.parts[len(take) :]))
-    folded = sum(p.folded for sec in kept for p in sec.parts)
-    note = [
-        f"> **Shortened to fit {limit:,} characters** (`--max-size`):",
-    ]
+        left = sec.parts[len(take) :]
+        tail = f"… {_left_out(sec, left)}." if left else ""
+        if left:
+            note.append(f"> {_left_out(sec, left)};")
+        kept.append(dataclasses.replace(sec, parts=take, tail=tail))
     if folded:
-        note.append(
-            f"> the volume and patch of {folded} action(s) that destroy nothing are left out;"
+        note.insert(
+            1, f"> the volume and patch of {folded:,} action(s) that destroy nothing are left out;"
         )
-    for sec, parts in left:
-        note.append(f"> {_left_out(sec, parts)};")
     note += [
         "> the whole plan is the same command's `--output text` or `--output json`, or "
         "this with `--max-size 0`.",
         "",
     ]
-    for i, sec in enumerate(kept):
-        gone = [parts for s, parts in left if s.title == sec.title]
-        if gone:
-            sec.parts = [*sec.parts, _Part(f"… {_left_out(sec, gone[0])}.\n", {})]
-            kept[i] = sec
     return _md_join(head, note, kept)
 
 
@@ -441,18 +438,21 @@ def _left_out(sec: _Section, parts: list[_Part]) -> str:
 def _md_join(head: list[str], note: list[str], sections: list[_Section]) -> str:
     out = list(head) + note
     for sec in sections:
-        if not sec.parts:
+        if not sec.parts and not sec.tail:
             continue
         out += [f"#### {sec.title}", ""]
         if sec.intro:
             out += [sec.intro, ""]
-        out += [p.text for p in sec.parts]
+        if sec.parts:
+            out += [("\n\n" if sec.blocks else "\n").join(p.text for p in sec.parts), ""]
+        if sec.tail:
+            out += [sec.tail, ""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
 def _md_problem(p: Problem) -> str:
-    """`code`: `file:line` `instance/disk`: message, for a list item."""
-    bits = [f"{_code(p.code.value)}:"]
+    """`code`: `file:line`: `instance/disk`: message, for a list item (as the text says it)."""
+    bits = [_code(p.code.value)]
     if p.file:
         bits.append(_code(p.file + (f":{p.line}" if p.line else "")))
     if p.instance and p.disk:
@@ -461,7 +461,7 @@ def _md_problem(p: Problem) -> str:
         bits.append(_code(p.instance))
     elif p.pool and p.volume:
         bits.append(_code(f"{p.pool}/{p.volume}"))
-    return " ".join(bits) + f" {_md(p.message)}"
+    return ": ".join([*bits, _md(p.message)])
 
 
 def _longest_backticks(text: str) -> int:
