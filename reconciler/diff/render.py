@@ -1,5 +1,8 @@
-"""Render a Plan for people (text) and for programs (JSON).
+"""Render a Plan for people (text, and Markdown for a review comment) and for programs (JSON).
 
+An action's facts are written once: `_where` (its volumes) and `_details` (what it makes or
+changes, one line per field or fact) serve the text and the Markdown alike; a new field
+of a plan is one line in `_details` (and in `_changes`' list where a record can change it).
 JSON is canonical (sorted keys, fixed separators) so the same plan gives the same bytes;
 snapshot tests and saved plans rely on that. `describe_source` and `show_value` are also
 how the planner's reasons name a source and a changed field, so both read the same.
@@ -217,7 +220,7 @@ def to_markdown(plan: Plan, header: list[str] | None = None, max_size: int = MAX
     sections = _md_sections(plan, full=False)
     budget = max_size
     for _ in range(8):  # the notes of what was left out grow a little as more is left out
-        text = _md_fit(plan, head, sections, budget, max_size)
+        text = _md_fit(head, sections, budget, max_size)
         if _size(text) <= max_size:
             return text
         budget -= _size(text) - max_size
@@ -384,7 +387,7 @@ def _patch(a: Action) -> list[str]:
     return out
 
 
-def _md_fit(plan: Plan, head: list[str], sections: list[_Section], budget: int, limit: int) -> str:
+def _md_fit(head: list[str], sections: list[_Section], budget: int, limit: int) -> str:
     """The comment with the parts that fit in `budget`, in order up to the first that does
     not, and a note counting what was left out."""
     used = _size(_md_join(head, [], []))
