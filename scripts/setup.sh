@@ -33,6 +33,10 @@ DEBIAN_PACKAGES=(
     # Not syslinux-common (syslinux's recommends, the .c32 modules): traced, `syslinux
     # --install` opens nothing of it, and the guest's syslinux.cfg loads no module.
     busybox-static syslinux mtools
+    # tests/test_markdown_render.py renders `--output markdown` with cmark-gfm (the
+    # GitHub-flavoured Markdown renderer GitHub's own is built on; 0.29 in bookworm) and
+    # checks the HTML it makes, with raw HTML allowed and suppressed.
+    cmark-gfm
 )
 
 # Ceph (installed unless RECONCILER_WITH_CEPH=0): the one-node test cluster of

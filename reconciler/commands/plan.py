@@ -37,7 +37,7 @@ from reconciler.commands.common import (
 )
 from reconciler.control.session import Session
 from reconciler.diff import PlanOptions
-from reconciler.diff.render import to_json, to_markdown, to_text
+from reconciler.diff.render import MAX_MARKDOWN, MIN_MARKDOWN, to_json, to_markdown, to_text
 from reconciler.model import Action, Plan
 from reconciler.model.errors import ReconcileError
 from reconciler.schema.config import Config
@@ -97,7 +97,17 @@ def parser() -> argparse.ArgumentParser:
         "--output",
         choices=("text", "json", "markdown"),
         default="text",
-        help="markdown: a summary table and a section per instance, for a review comment",
+        help="markdown: a summary table, the errors, each instance's actions under its "
+        "manifest file, the warnings, for a review comment",
+    )
+    p.add_argument(
+        "--max-size",
+        type=max_size,
+        default=MAX_MARKDOWN,
+        metavar="N",
+        help="with --output markdown: at most N characters (default "
+        f"{MAX_MARKDOWN:,}; GitHub refuses a comment over 65,536); what does not fit is "
+        "counted instead of shown; 0: no limit",
     )
     p.add_argument(
         "--observed",
@@ -128,6 +138,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"reconcile {__version__}")
     add_common(p)
     return p
+
+
+def max_size(text: str) -> int:
+    """--max-size: 0 (no limit) or room for at least the summary and the notes."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n != 0 and n < MIN_MARKDOWN:
+        raise argparse.ArgumentTypeError(
+            f"expected 0 (no limit) or a whole number of at least {MIN_MARKDOWN:,}, not {text!r}"
+        )
+    return n
 
 
 def options(args: argparse.Namespace, config: Config) -> PlanOptions:
@@ -173,7 +196,7 @@ def _plan(argv: Sequence[str]) -> int:
             made = saved_plan.made_from(config, s.desired, s.options)
             write_atomic(args.plan_out, to_json(p, {"saved_plan": made}))
         if args.dry_run:
-            sys.stdout.write(_render(p, args.output, []))
+            sys.stdout.write(_render(p, args, []))
             return _exit(p, False, args.detailed_exitcode)
         if args.output != "text":
             raise ReconcileError(f"--output {args.output} is for --dry-run; apply prints its steps")
@@ -213,11 +236,12 @@ def record_status(s: Session, p: Plan, result: ApplyResult | None) -> None:
     record_run(s.config.state_dir() / "status.sqlite", p, result, disks)
 
 
-def _render(p: Plan, output: str, header: list[str]) -> str:
+def _render(p: Plan, args: argparse.Namespace, header: list[str]) -> str:
+    output = args.output
     if output == "json":
         return to_json(p)  # the header goes to stderr: the JSON is the host's, byte for byte
     if output == "markdown":
-        return to_markdown(p, header)
+        return to_markdown(p, header, args.max_size)
     return "".join(f"# {line}\n" for line in header) + to_text(p)
 
 
@@ -247,5 +271,5 @@ def _plan_observed(args: argparse.Namespace, config: Config) -> int:
     if args.output == "json":
         for line in header:
             print(f"reconcile: {line}", file=sys.stderr)
-    sys.stdout.write(_render(p, args.output, header))
+    sys.stdout.write(_render(p, args, header))
     return _exit(p, False, args.detailed_exitcode)

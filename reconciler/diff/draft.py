@@ -60,6 +60,8 @@ class Draft:
     actions: list[Action] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+    held: list[Action] = field(default_factory=list)  # what the delete guard took out
+    manifests: dict[str, str] = field(default_factory=dict)  # instance -> its manifest file
     # Indices of `observed`, read only once made (see `start`).
     bad: dict[tuple[str, str], BadRecord] = field(default_factory=dict)
     records: dict[str, list[DiskRecord]] = field(default_factory=lambda: defaultdict(list))
@@ -108,11 +110,15 @@ class Draft:
         return p
 
     def finish(self) -> Plan:
-        self.actions.sort(key=lambda a: (a.instance, a.disk, a.pool, a.action.value))
+        def order(a: Action) -> tuple[str, str, str, str]:
+            return (a.instance, a.disk, a.pool, a.action.value)
+
         return Plan(
-            tuple(self.actions),
+            tuple(sorted(self.actions, key=order)),
             tuple(sorted(self.errors, key=Problem.sort_key)),
             tuple(sorted(self.warnings, key=Problem.sort_key)),
+            tuple(sorted(self.held, key=order)),
+            dict(sorted(self.manifests.items())),
         )
 
 

@@ -8,7 +8,8 @@ goes (`unmanaged`). The plan-wide guards run once every disk is planned: pools t
 not be used (`blocked_pools`), volumes no record explains (`strangers`, never touched),
 headers that disagree with their record (`header_warnings`, the record wins), unreadable
 records, and the delete threshold, which takes destructive actions out of the plan when
-there are too many of them (`delete_threshold`, unless --force).
+there are too many of them (`delete_threshold`, unless --force; the plan keeps them apart,
+as `held`, for the review to show).
 
 Invariant (DESIGN 4, 7): a guard only ever removes or withholds an action, never adds one;
 what apply would refuse is an error here, before anything is changed.
@@ -227,3 +228,4 @@ def delete_threshold(draft: Draft) -> None:
     )
     keep = set(map(id, doomed))
     draft.actions = [a for a in draft.actions if id(a) not in keep]
+    draft.held = doomed  # not planned, but the review shows each (render.to_markdown)

@@ -42,6 +42,7 @@ def plan(desired: Desired, observed: Observed, options: PlanOptions | None = Non
     for uuid, insts in by_instance.items():
         if _claimed_twice(draft, uuid, insts, failed):
             continue
+        draft.manifests[uuid] = insts[0].file
         _instance(draft, insts[0])
     for uuid in sorted(draft.records.keys() - by_instance.keys() - failed):
         for rec in sorted(draft.records[uuid], key=lambda r: (r.disk, r.pool)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any, Self
 
@@ -185,6 +185,12 @@ class Plan:
     actions: tuple[Action, ...]
     errors: tuple[Problem, ...]
     warnings: tuple[Problem, ...]
+    # For people only (the Markdown review), never in the JSON, a saved plan or apply: the
+    # destructive actions the delete guard took out of the plan (its `delete-threshold`
+    # error), and each instance's manifest file (an instance several manifests claim, or
+    # none, has no entry).
+    held: tuple[Action, ...] = ()
+    manifests: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def has_changes(self) -> bool:
