@@ -37,6 +37,10 @@ DEBIAN_PACKAGES=(
     # GitHub-flavoured Markdown renderer GitHub's own is built on; 0.29 in bookworm) and
     # checks the HTML it makes, with raw HTML allowed and suppressed.
     cmark-gfm
+    # tests/test_metrics_promtool.py: `promtool check metrics` (only in Debian's prometheus
+    # package, about 19 MB; its own service is never started, nor needed) lints the loop's
+    # metrics as Prometheus reads them.
+    prometheus
 )
 
 # Ceph (installed unless RECONCILER_WITH_CEPH=0): the one-node test cluster of

@@ -148,7 +148,7 @@ def test_metrics_and_status_show_the_steps_under_way(
             got = {
                 (s.name, tuple(sorted(smp.labels.items())), smp.value)
                 for s in metrics.registry.collect()
-                if s.name.startswith("reconcile_step_bytes")
+                if s.name.startswith("reconcile_step_")
                 for smp in s.samples
             }
             labels = (
@@ -158,8 +158,8 @@ def test_metrics_and_status_show_the_steps_under_way(
                 ("step", "verify"),
             )
             assert got == {
-                ("reconcile_step_bytes_done", labels, 3 * MiB),
-                ("reconcile_step_bytes_total", labels, 10 * MiB),
+                ("reconcile_step_done_bytes", labels, 3 * MiB),
+                ("reconcile_step_size_bytes", labels, 10 * MiB),
             }
             published = progress.read_published(state / progress.PROGRESS_FILE)
             assert [(p["instance"], p["done"], p["total"]) for p in published] == [

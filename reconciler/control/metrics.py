@@ -28,10 +28,10 @@ class StepBytes(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         done = GaugeMetricFamily(
-            "reconcile_step_bytes_done", "Bytes done of a long step under way", labels=_STEP_LABELS
+            "reconcile_step_done_bytes", "Bytes done of a long step under way", labels=_STEP_LABELS
         )
         total = GaugeMetricFamily(
-            "reconcile_step_bytes_total", "Bytes in all of a long step under way",
+            "reconcile_step_size_bytes", "Bytes in all of a long step under way",
             labels=_STEP_LABELS,
         )  # fmt: skip
         for s in progress.running():

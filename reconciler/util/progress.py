@@ -11,7 +11,7 @@ applying (`acting`, set by the executor), so every sink names instance, disk and
   loop's journal), else a `progress key=value ...` line of its own on stderr (a one-shot
   run in a pipeline, whose log shows warnings only);
 - `running()`: a snapshot of every task under way, which the loop's metrics serve
-  (reconcile_step_bytes_done / _total) and publishes to its state directory for
+  (reconcile_step_done_bytes / _size_bytes) and publishes to its state directory for
   `reconcile status` (`publish_to`), rewritten at most every 2 s and at each task's end.
 
 Progress is never worth a failure: a sink that cannot write is skipped.
