@@ -118,7 +118,15 @@ if command -v ceph-mon >/dev/null && [ "${RECONCILER_WITH_CEPH:-1}" != 0 ]; then
             "$secret_uuid" >"$run_dir/demo-secret.xml"
         virsh_ secret-define "$run_dir/demo-secret.xml" >/dev/null
     fi
-    virsh_ secret-set-value "$secret_uuid" "$(ceph-authtool -p -n client.admin "$CEPH_KEYRING")" >/dev/null
+    # The key goes through a file only the owner reads, removed right after: on the command
+    # line it would show in `ps` (virsh says so: "Passing secret value as command-line
+    # argument is insecure!"). --file reads base64, which is what ceph-authtool -p prints.
+    key_file=$(umask 077 && mktemp "$run_dir/demo-secret-key.XXXXXX")
+    trap 'rm -f "$key_file"' EXIT
+    ceph-authtool -p -n client.admin "$CEPH_KEYRING" >"$key_file"
+    virsh_ secret-set-value "$secret_uuid" --file "$key_file" >/dev/null
+    rm -f "$key_file"
+    trap - EXIT
     # A new cluster (scripts/ceph.sh start after a stop) has a new port: define the pool anew.
     if pool_listed reconciler-demo-ceph --all; then
         if pool_listed reconciler-demo-ceph; then virsh_ pool-destroy reconciler-demo-ceph >/dev/null; fi

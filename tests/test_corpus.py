@@ -342,3 +342,54 @@ def test_examples_load_cleanly(tmp_path: Path) -> None:
     names = sorted(p.name for p in (examples / "manifests").iterdir() if p.suffix == ".yaml")
     assert sorted(Path(lm.file).name for lm in loaded) == names
     assert len(names) >= 4
+
+
+def test_config_byte_counts_take_the_manifests_units_and_the_schema_agrees(
+    tmp_path: Path,
+) -> None:
+    """Every byte count of the config (lvm volumeClearSize, an image's size) takes '2GiB'
+    as a manifest's size does, is held as bytes, and the config's JSON Schema accepts and
+    refuses what the loader does."""
+    from jsonschema import Draft202012Validator
+
+    text = (CORPUS / "configs" / "055-lvm-without-vg.yaml").read_text(encoding="utf-8")
+    text = text.replace("lvm: {activate: false}", "lvm: {vg: vg0, volumeClearSize: 2GiB}")
+    text = text.replace("size: 629145600", "size: 600MiB")
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    cfg = load_config(str(path))
+    lvm = cfg.pools["vg"].lvm
+    assert lvm is not None and lvm.volume_clear_size == 2 << 30
+    assert cfg.images["ubuntu"].size == 600 << 20
+    dumped = cfg.model_dump(by_alias=True, mode="json")
+    assert dumped["pools"]["vg"]["lvm"]["volumeClearSize"] == 2 << 30  # written as bytes
+
+    schema = Config.model_json_schema(by_alias=True)
+    Draft202012Validator.check_schema(schema)
+    v = Draft202012Validator(schema)
+    doc = yaml.safe_load(text)
+    assert list(v.iter_errors(doc)) == []
+    for where, value, loads in [
+        (("pools", "vg", "lvm", "volumeClearSize"), 0, True),
+        (("pools", "vg", "lvm", "volumeClearSize"), 1000, True),  # no sector rule
+        (("pools", "vg", "lvm", "volumeClearSize"), "512 B", True),
+        (("pools", "vg", "lvm", "volumeClearSize"), "2GB", False),
+        (("pools", "vg", "lvm", "volumeClearSize"), -1, False),
+        (("images", "ubuntu", "size"), "1KiB", True),
+        (("images", "ubuntu", "size"), 0, False),
+        (("images", "ubuntu", "size"), "0MiB", False),
+        (("images", "ubuntu", "size"), "1.5GiB", False),
+    ]:
+        changed = yaml.safe_load(text)
+        at = changed
+        for key in where[:-1]:
+            at = at[key]
+        at[where[-1]] = value
+        path.write_text(yaml.safe_dump(changed), encoding="utf-8")
+        try:
+            load_config(str(path))
+            loaded = True
+        except ConfigError:
+            loaded = False
+        assert loaded is loads, (where, value)
+        assert (not list(v.iter_errors(changed))) is loads, (where, value)

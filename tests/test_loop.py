@@ -7,6 +7,7 @@ wherever the watcher, not the resync, must do the work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -880,3 +881,91 @@ def test_sighup_reads_every_manifest_again_with_the_new_config(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_watchdog_is_fed_by_the_main_thread_and_starves_while_it_is_wedged(
+    env: Env, tmp_path: Path
+) -> None:
+    """WatchdogSec=: systemd's NOTIFY_SOCKET (a datagram socket bound here) gets READY=1,
+    then WATCHDOG=1 every half of WATCHDOG_USEC; with the main thread wedged (a hold
+    point) none comes, while the workers still reconcile, and they resume when it is
+    released. (systemd then restarts a starved service; no systemd runs here.)"""
+    import socket
+
+    addr = str(tmp_path / "notify")
+    wedge = tmp_path / "wedge"
+    held = tmp_path / "wedge.held"
+    usec = 200_000  # WATCHDOG=1 every 0.1 s
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(addr)
+        sock.settimeout(DEADLINE)
+        proc = _start(
+            env,
+            extra={
+                "NOTIFY_SOCKET": addr,
+                "WATCHDOG_USEC": str(usec),
+                "RECONCILER_HOLD_AT": f"loop.main:{wedge}",
+            },
+        )
+        log: list[str] = []  # drained, so a full pipe never wedges the loop instead
+        assert proc.stderr is not None
+        drain = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
+        drain.start()
+        try:
+            assert sock.recv(100) == b"READY=1"
+            for _ in range(3):  # fed, again and again
+                assert sock.recv(100) == b"WATCHDOG=1"
+
+            wedge.touch()
+            wait_until("the main thread to be wedged", held.exists)
+            # Whatever was sent came before the wedge, and is in the socket already.
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    assert sock.recv(100) == b"WATCHDOG=1"
+            wedged_at = time.monotonic()
+            # The workers still work: a manifest written now converges.
+            inst = write(env, "wd", [disk("disk", size="16MiB")])
+            # An absence is seen only over time: the reconcile, and at least five of the
+            # watchdog's intervals.
+            wait_until(
+                "the instance to converge with the main thread wedged",
+                lambda: ready(env, inst) and time.monotonic() - wedged_at > 5 * usec / 2e6,
+            )
+            assert held.exists()
+            with pytest.raises(BlockingIOError):
+                sock.recv(100)  # starved: systemd would restart the service
+
+            sock.settimeout(DEADLINE)
+            wedge.unlink()
+            assert sock.recv(100) == b"WATCHDOG=1"  # fed again
+            proc.send_signal(signal.SIGTERM)
+            while (got := sock.recv(100)) == b"WATCHDOG=1":
+                pass
+            assert got == b"STOPPING=1"
+            proc.wait(timeout=DEADLINE)
+            assert proc.returncode == 0, "".join(log)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    events = [json.loads(line).get("event") for line in log]
+    assert "watchdog" in events and "reconcile.crashed" not in events
+
+
+def test_the_watchdog_is_for_this_process_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconciler.control.loop import sd_notify, watchdog_interval
+
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # a parent's
+    assert watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_PID")
+    monkeypatch.setenv("WATCHDOG_USEC", "soon")
+    assert watchdog_interval() is None
+    # A notify socket that is gone is logged, not raised: the loop runs on.
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify")
+    assert sd_notify("WATCHDOG=1") is False

@@ -34,6 +34,9 @@ module owns the threads, the signals and the run:
 - SIGTERM and SIGINT start nothing new, let the steps under way finish and exit 0; SIGHUP
   reloads the config (a bad one is reported and the old one kept) and reads every manifest
   again, since whether one is valid depends on the config;
+- systemd (Type=notify) is told READY=1 once the loop is ready, STOPPING=1 on the way
+  out, and, when its unit sets WatchdogSec=, WATCHDOG=1 every half of it from the main
+  thread's cycle: a main thread that stops cycling stops them, and systemd restarts it;
 - one loop per state directory (`StateLock`); a stopped loop leaves no port open and no
   thread running.
 """
@@ -64,7 +67,7 @@ from reconciler.control.status import StatusStore
 from reconciler.control.workqueue import WorkQueue
 from reconciler.model.errors import ReconcileError
 from reconciler.schema.load import load_config
-from reconciler.util import progress
+from reconciler.util import faults, progress
 from reconciler.util.logs import get_logger
 from reconciler.util.progress import PROGRESS_FILE
 from reconciler.util.statedir import private_dir, private_file
@@ -104,15 +107,40 @@ class StateLock:
 
 
 def sd_notify(message: str) -> bool:
-    """Tell systemd (Type=notify) something, if it asked to be told; True if sent."""
+    """Tell systemd (Type=notify) something, if it asked to be told; True if sent. A send
+    that fails (the manager gone) is logged, never raised: the loop runs on."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message.encode(), addr)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(message.encode(), addr)
+    except OSError as e:
+        log.warning("sd_notify.failed", message=message, socket=addr, error=str(e))
+        return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between two WATCHDOG=1, half the WatchdogSec= systemd passes as
+    WATCHDOG_USEC (as sd_watchdog_enabled reads it: WATCHDOG_PID, where set, must be
+    this process); None when no watchdog is asked for."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec:
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None  # the variables were meant for another process (a parent)
+    try:
+        n = int(usec)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        log.warning("watchdog.ignored", WATCHDOG_USEC=usec, reason="not a positive integer")
+        return None
+    return n / 2e6
 
 
 class Loop:
@@ -242,19 +270,36 @@ class Loop:
         return threads
 
     def _serve(self) -> None:
-        """The main thread, once the loop is ready: signals, until one says stop."""
+        """The main thread, once the loop is ready: signals, until one says stop.
+
+        It is also the loop's heartbeat to systemd (WatchdogSec=): each cycle that finds
+        a WATCHDOG=1 due sends one, so a main thread that stops cycling (wedged in a
+        reload, a lock, a hung call) stops sending them and systemd restarts the service.
+        Long steps run on the workers and do not hold it up; a worker thread that dies
+        stops the whole loop (commands/watch.py)."""
         log.info("ready", instances=len(self.index.instances()), dir=str(self.index.dir))
         sd_notify("READY=1")
         self.ready.set()
+        every = watchdog_interval()
+        poll = SIGNAL_POLL if every is None else min(SIGNAL_POLL, every)
+        last_beat = time.monotonic()
+        if every is not None:
+            log.info("watchdog", interval=every)
+            sd_notify("WATCHDOG=1")
         while not self.stop.is_set():
             # With a timeout: Linux hands a signal to any thread, and Python runs its
             # handler only in the main thread once that executes again, which an
             # untimed wait never does (SIGTERM was lost about one time in ten).
-            self._wake.wait(SIGNAL_POLL)
+            self._wake.wait(poll)
             self._wake.clear()
             if self._reload:
                 self._reload = False
                 self._reload_config()
+            faults.hold("loop.main")  # tests wedge the main thread here
+            if every is not None and time.monotonic() - last_beat >= every:
+                last_beat = time.monotonic()
+                if not self.stop.is_set():
+                    sd_notify("WATCHDOG=1")
         log.info("stopping", reason="signal", working=sorted(self.queue.processing()))
         sd_notify("STOPPING=1")
 

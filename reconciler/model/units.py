@@ -75,6 +75,42 @@ def _parse_size(value: object) -> int:
     return n
 
 
+def parse_byte_count(value: object, *, positive: bool = False) -> int:
+    """Parse a count of bytes in the config (an image's size, how much of an LV is cleared):
+    an int or a string in the manifest's units ('2GiB', '512 B'); unlike a disk size any
+    whole number of bytes, 0 included unless `positive`. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(
+            f"a byte count is an integer or a string like '2GiB', not {type(value).__name__}"
+        )
+    if isinstance(value, int):
+        n = value
+    else:
+        s = value.strip()
+        m = _SIZE_RE.match(s)
+        if re.fullmatch(r"[0-9]+", s):
+            raise ValueError(
+                f"{value!r} is a string without a unit; write an integer of bytes or add an "
+                "IEC unit (B, KiB, MiB, GiB, TiB)"
+            )
+        if m is None:
+            raise ValueError(f"{value!r} is not a number of bytes or an IEC size like '2GiB'")
+        unit = m.group("unit")
+        if unit not in IEC:
+            hint = " (SI units are ambiguous; use IEC units like GiB)" if unit in _SI_UNITS else ""
+            raise ValueError(f"{value!r} has unknown unit {unit!r}{hint}")
+        n = int(m.group("num")) * IEC[unit]
+    if n < 0:
+        raise ValueError(f"a byte count must not be negative, got {n}")
+    if positive and n == 0:
+        raise ValueError("must be more than 0 bytes")
+    return n
+
+
+def parse_positive_byte_count(value: object) -> int:
+    return parse_byte_count(value, positive=True)
+
+
 def format_size(n: int) -> str:
     """Render bytes in the largest IEC unit that divides them exactly (so it round-trips)."""
     for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):

@@ -9,7 +9,12 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ConfigDict, PlainSerializer, WithJsonSchema
 
-from reconciler.model.units import parse_rate, parse_size
+from reconciler.model.units import (
+    parse_byte_count,
+    parse_positive_byte_count,
+    parse_rate,
+    parse_size,
+)
 
 API_VERSION = "reconciler/v1"
 
@@ -173,6 +178,39 @@ Size = Annotated[
             "description": (
                 "bytes, or an IEC size such as '20GiB'; a multiple of 512, at most 64 TiB"
             ),
+        }
+    ),
+]
+
+# A count of bytes in the config (how much of an LV is cleared, an image file's size): an
+# int or in the manifest's units ('2GiB'), any whole number (no sector rule, unlike a disk's
+# Size), always held and written as bytes. PositiveByteCount refuses 0.
+_IEC_UNITS = "(B|KiB|MiB|GiB|TiB|PiB)"
+ByteCount = Annotated[
+    int,
+    BeforeValidator(parse_byte_count),
+    PlainSerializer(int),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": rf"^\s*[0-9]+\s*{_IEC_UNITS}\s*$"},
+            ],
+            "description": "bytes, or in IEC units such as '2GiB'",
+        }
+    ),
+]
+PositiveByteCount = Annotated[
+    int,
+    BeforeValidator(parse_positive_byte_count),
+    PlainSerializer(int),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": rf"^\s*0*[1-9][0-9]*\s*{_IEC_UNITS}\s*$"},
+            ],
+            "description": "bytes (more than 0), or in IEC units such as '2GiB'",
         }
     ),
 ]

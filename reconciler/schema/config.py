@@ -18,7 +18,15 @@ from pydantic import (
     model_validator,
 )
 
-from reconciler.schema.common import STRICT, Backend, Name, Preallocation, Rate
+from reconciler.schema.common import (
+    STRICT,
+    Backend,
+    ByteCount,
+    Name,
+    PositiveByteCount,
+    Preallocation,
+    Rate,
+)
 
 DEFAULT_CONFIG = "/etc/reconciler/config.yaml"
 CONFIG_ENV = "RECONCILER_CONFIG"
@@ -91,11 +99,12 @@ class LvmConfig(BaseModel):
     volume_clear: Literal["zero", "none"] = Field(
         "zero", alias="volumeClear", description="how a deleted LV's extents are cleared"
     )
-    volume_clear_size: int = Field(
+    volume_clear_size: ByteCount = Field(
         0,
         ge=0,
         alias="volumeClearSize",
-        description="bytes cleared from the start of a deleted LV; 0: all of it",
+        description="how much is cleared from the start of a deleted LV, bytes or like "
+        "'2GiB'; 0: all of it",
     )
 
 
@@ -226,7 +235,9 @@ class ImageConfig(BaseModel):
     location: str
     format: ImageFormat = Field(strict=False)
     sha256: str
-    size: int = Field(gt=0, description="size of the image file in bytes")
+    size: PositiveByteCount = Field(
+        description="size of the image file, bytes or like '2GiB' (exactly)"
+    )
     # An rbd:// location in another Ceph cluster than a pool's is fetched (and checked like
     # any image) through a client of that cluster: its ceph.conf and cephx name.
     ceph_conf: str | None = Field(

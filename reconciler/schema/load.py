@@ -3,14 +3,16 @@ errors (a directory of manifests: schema/manifestdir.py)."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 
 from reconciler.model.errors import ConfigError, InputError, Location
 from reconciler.schema.common import API_VERSION
@@ -73,7 +75,77 @@ def _is_tag(part: Any, loc: Sequence[int | str], i: int) -> bool:
     return part in ("image", "template") and i > 0 and loc[i - 1] == "source"
 
 
-def validation_errors(doc: Document, err: ValidationError) -> list[InputError]:
+def _unwrap(t: Any) -> Any:
+    """The type under Annotated[...] and Optional[...] (X | None)."""
+    while True:
+        if get_origin(t) is Annotated:
+            t = get_args(t)[0]
+            continue
+        if get_origin(t) in (Union, UnionType):
+            args = [a for a in get_args(t) if a is not type(None)]
+            if len(args) == 1:
+                t = args[0]
+                continue
+        return t
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model whose mapping holds the field at pydantic location `loc` + one more
+    part: the model's fields are followed by alias, lists and dicts by their items, a
+    tagged union by its tag (`source.image`); None where the walk is lost."""
+    t: Any = model
+    for part in loc:
+        t = _unwrap(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            fields = t.model_fields
+            found = [f for n, f in fields.items() if (f.alias or n) == part]
+            if not found:
+                return None
+            t = found[0].annotation
+        elif get_origin(t) in (Union, UnionType):
+            tagged = [
+                get_args(a)[0]
+                for a in get_args(t)
+                if get_origin(a) is Annotated
+                and any(isinstance(m, Tag) and m.tag == part for m in get_args(a)[1:])
+            ]
+            if not tagged:
+                return None
+            t = tagged[0]
+        elif get_origin(t) is dict:
+            t = get_args(t)[1]
+        elif get_origin(t) is list and isinstance(part, int):
+            t = get_args(t)[0]
+        else:
+            return None
+    t = _unwrap(t)
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def unknown_field_message(model: type[BaseModel] | None, loc: Sequence[int | str]) -> str:
+    """ "unknown field", with the nearest field the mapping at `loc` takes (difflib; case
+    and '_' or '-' against camelCase count for little), or the fields it takes."""
+    at = _model_at(model, loc[:-1]) if model is not None and loc else None
+    if at is None:
+        return "unknown field"
+    known = [f.alias or n for n, f in at.model_fields.items()]
+    if not known:
+        return "unknown field: this mapping takes no fields"
+
+    def fold(k: str) -> str:
+        return re.sub(r"[_-]", "", k).lower()
+
+    key = str(loc[-1])
+    folded = {fold(k): k for k in known}
+    near = difflib.get_close_matches(fold(key), list(folded), n=1, cutoff=0.6)
+    if near:
+        return f"unknown field; did you mean {folded[near[0]]!r}?"
+    return "unknown field; it takes " + ", ".join(sorted(known, key=str.lower))
+
+
+def validation_errors(
+    doc: Document, err: ValidationError, model: type[BaseModel] | None = None
+) -> list[InputError]:
     out: list[InputError] = []
     for e in err.errors(include_url=False):
         path, name = _field_path(doc, e["loc"])
@@ -81,7 +153,7 @@ def validation_errors(doc: Document, err: ValidationError) -> list[InputError]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = unknown_field_message(model, e["loc"])
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] == "literal_error":
@@ -96,7 +168,7 @@ def _validate(model: type[M], doc: Document) -> M:
     try:
         return model.model_validate(doc.data)
     except ValidationError as e:
-        errors = validation_errors(doc, e)
+        errors = validation_errors(doc, e, model)
         raise InputErrors(errors) from None
 
 
