@@ -73,6 +73,12 @@ def test_a_config_with_disk_and_ceph_sections_passes(capsys: pytest.CaptureFixtu
     }
     errors = [e.message for e in v.iter_errors(cfg)]
     assert errors == []
-    cfg["pools"]["ceph"]["ceph"]["secretUuid"] = "not-a-uuid"
-    cfg["pools"]["demo"]["disk"]["cache"] = "nocache"
-    assert len(list(v.iter_errors(cfg))) == 2
+    for pool, section, key, bad in (
+        ("ceph", "ceph", "secretUuid", "not-a-uuid"),
+        ("demo", "disk", "cache", "nocache"),
+    ):
+        good = cfg["pools"][pool][section][key]
+        cfg["pools"][pool][section][key] = bad
+        assert not v.is_valid(cfg), (pool, key)
+        cfg["pools"][pool][section][key] = good
+    assert v.is_valid(cfg)
