@@ -7,6 +7,7 @@ listed), and the schema never refuses what `validate` accepts (hypothesis)."""
 from __future__ import annotations
 
 import json
+import re
 import string
 import uuid
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from reconciler.schema.config import Config
 from reconciler.schema.jsonschema import CONFIG_ID, MANIFEST_ID, config_schema, manifest_schema
 from reconciler.schema.load import FailedManifest, LoadedManifest, load_config, load_manifest
 from reconciler.schema.manifest import Manifest, TemplateSource
-from reconciler.schema.patterns import BYTE_STRING_MULTIPLE, size_json_schema
+from reconciler.schema.patterns import BYTE_STRING_MULTIPLE, WS, size_json_schema
 from reconciler.schema.yamlload import load_bytes
 from tests.test_validation_shortcuts import disk_data
 
@@ -382,3 +383,24 @@ def test_a_name_ending_in_a_newline_is_refused() -> None:
     with pytest.raises(ValueError, match="may only contain"):
         check_name("disk\n")
     assert check_name("disk") == "disk"
+
+
+def _patterns(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        return own + [p for v in node.values() for p in _patterns(v)]
+    if isinstance(node, list):
+        return [p for v in node for p in _patterns(v)]
+    return []
+
+
+def test_the_patterns_mean_the_same_to_an_editor() -> None:
+    """No class escape whose meaning differs between Python's re and ECMA-262 (an
+    editor's engine), and the white space of sizes is str.isspace's, every code point."""
+    patterns = _patterns(manifest_schema())
+    assert len(patterns) > 20
+    for p in patterns:
+        re.compile(p)
+        assert not re.search(r"\\[sSdDwWbBAZ]|\(\?P", p), p
+    spaces = [c for c in range(0x110000) if chr(c).isspace()]
+    assert [c for c in range(0x110000) if re.fullmatch(WS, chr(c))] == spaces
