@@ -15,6 +15,7 @@ from reconciler.model.units import (
     parse_rate,
     parse_size,
 )
+from reconciler.schema.patterns import rate_json_schema, size_json_schema
 
 API_VERSION = "reconciler/v1"
 
@@ -137,7 +138,7 @@ def check_name(value: Any) -> str:
         return value
     if not isinstance(value, str):
         raise ValueError(f"must be a string, not {type(value).__name__}")
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):  # match's $ would pass a final newline
         if len(value) > 100:
             raise ValueError(f"name is {len(value)} characters long; the limit is 100")
         if not value:
@@ -166,20 +167,7 @@ Name = Annotated[
 
 # Sizes are accepted as bytes or IEC strings and always held (and written) as bytes.
 Size = Annotated[
-    int,
-    BeforeValidator(parse_size),
-    PlainSerializer(int),
-    WithJsonSchema(
-        {
-            "oneOf": [
-                {"type": "integer", "minimum": 512, "maximum": 64 << 40, "multipleOf": 512},
-                {"type": "string", "pattern": r"^[0-9]+ ?(B|KiB|MiB|GiB|TiB)$"},
-            ],
-            "description": (
-                "bytes, or an IEC size such as '20GiB'; a multiple of 512, at most 64 TiB"
-            ),
-        }
-    ),
+    int, BeforeValidator(parse_size), PlainSerializer(int), WithJsonSchema(size_json_schema())
 ]
 
 # A count of bytes in the config (how much of an LV is cleared, an image file's size): an
@@ -217,16 +205,5 @@ PositiveByteCount = Annotated[
 
 # Bytes per second, as an int or like '100MiB/s' (QoS limits, fetch rates).
 Rate = Annotated[
-    int,
-    BeforeValidator(parse_rate),
-    PlainSerializer(int),
-    WithJsonSchema(
-        {
-            "oneOf": [
-                {"type": "integer", "minimum": 1},
-                {"type": "string", "pattern": r"^\s*[0-9]+\s*(B|KiB|MiB|GiB|TiB)/s\s*$"},
-            ],
-            "description": "bytes per second, or like '100MiB/s'",
-        }
-    ),
+    int, BeforeValidator(parse_rate), PlainSerializer(int), WithJsonSchema(rate_json_schema())
 ]
