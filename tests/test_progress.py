@@ -206,3 +206,26 @@ def test_a_migration_shows_its_convert_and_verify(env: Env) -> None:
     assert steps == {"convert", "verify"}, res.stderr
     assert all(f"action=migrate instance={inst} disk=d " in ln for ln in lines)
     assert any("percent=100.0" in ln for ln in lines)
+
+
+def test_qemu_img_progress_with_descriptors_numbered_past_1024(tmp_path: Path) -> None:
+    """apply raises its descriptor limit and may hold many open: select() cannot watch a
+    descriptor past 1024, so qemu-img's output is polled."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"the hard descriptor limit here is {hard}: this test needs 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(held) > 1024
+        src = data_file(tmp_path / "src.raw", 8 * MiB)
+        with progress.task("verify", 8 * MiB) as t:
+            res = execute(compare_argv("raw", "raw", str(src), str(src)), (), "compare")
+            assert res.returncode == 0, res.stderr
+            assert t.done == 8 * MiB
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

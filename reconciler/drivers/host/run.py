@@ -91,12 +91,16 @@ def _with_progress(
     deadline = None if timeout is None else time.monotonic() + timeout
     out = bytearray()
     pending = b""
+    # poll, not select: a process with many descriptors open (apply's, with its limit
+    # raised) has them numbered past select's 1024.
+    poller = select.poll()
+    poller.register(stdout.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
     try:
         while True:
             wait = 1.0 if deadline is None else deadline - time.monotonic()
             if wait <= 0:
                 raise subprocess.TimeoutExpired(args, timeout or 0)
-            if not select.select([stdout], [], [], min(wait, 1.0))[0]:
+            if not poller.poll(int(min(wait, 1.0) * 1000)):
                 continue
             chunk = os.read(stdout.fileno(), 65536)
             if not chunk:
