@@ -1,4 +1,4 @@
-"""Time to fail under Ceph faults, with opTimeout 5 s (README, rbd pools: the formula).
+"""Time to fail under Ceph faults, with opTimeout 5 s (docs/backends/rbd.md: the formula).
 
     .venv/bin/python bench/rbd_faults.py [--op-timeout 5]
 
@@ -11,8 +11,8 @@ stop; scripts/ceph.sh, started and removed here) and this checkout's private lib
   mon  the monitor stopped with SIGSTOP (connections accepted, never answered), then a
        one-shot run: how long it takes to fail, counted from its start (Python's own
        start-up included).
-Documented bound (README): a step fails within opTimeout + its local work of meeting the
-outage. Printed, not asserted (the suite asserts the causes: tests/test_rbd_osd.py).
+Documented bound (docs/backends/rbd.md): a step fails within opTimeout + its local work of
+meeting the outage. Printed, not asserted (the suite asserts the causes: tests/test_rbd_osd.py).
 """
 
 from __future__ import annotations
@@ -132,7 +132,10 @@ def main() -> None:
             for at, line in lines:
                 if "cannot connect" in line and "!" in line:
                     print(f"  {at:6.2f} s  {line.strip()[:220]}")
-    print(f"bound (README): opTimeout + local work = {args.op_timeout:g} s + local work per step")
+    print(
+        f"bound (docs/backends/rbd.md): opTimeout + local work = {args.op_timeout:g} s"
+        " + local work per step"
+    )
     bound = args.op_timeout + SLACK
     print(verdict("OSD stopped mid-apply, the run's end after the stop", *osd, bound))
     print(verdict("monitor unreachable, a one-shot run from its start", *mon, bound))

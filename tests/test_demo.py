@@ -1,4 +1,4 @@
-"""`make demo`'s script runs as README's quick start shows it: it reconciles the examples
+"""`make demo`'s script runs as README says (`make demo`): it reconciles the examples
 and ends with a guest booted from the disks it made, which read the image on its root
 disk and the ext4 label of its second."""
 

@@ -1,4 +1,4 @@
-"""The manifest directory is someone else's (DESIGN invariant 8; README: the manifest
+"""The manifest directory is someone else's (DESIGN invariant 8; docs/concepts.md: the manifest
 directory): only regular files are read, never through a symbolic link, nothing blocks,
 and nothing of a file that is not a manifest reaches an error, in validate, the dry run,
 the loop (`watch`) and `status`.

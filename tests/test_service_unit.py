@@ -16,7 +16,7 @@ import pytest
 from tests.env import ROOT
 
 UNIT = ROOT / "examples" / "reconcile-watch.service"
-INSTALLED = "/opt/reconciler/venv/bin/reconcile"  # README's production install
+INSTALLED = "/opt/reconciler/venv/bin/reconcile"  # docs/service.md's production install
 MAX_EXPOSURE = 4.0
 
 pytestmark = pytest.mark.skipif(

@@ -32,7 +32,8 @@ from typing import Any
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 # Identifiers, not locations: `.invalid` (RFC 2606) never resolves. An editor is given the
-# schema by file (the yaml-language-server modeline, see README); `v1` follows apiVersion.
+# schema by file (the yaml-language-server modeline, see docs/compute-service.md); `v1`
+# follows apiVersion.
 MANIFEST_ID = "https://reconciler.invalid/schema/manifest/v1.json"
 CONFIG_ID = "https://reconciler.invalid/schema/config/v1.json"
 

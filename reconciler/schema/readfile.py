@@ -36,7 +36,7 @@ def read_regular(
     naming `display` or `path`, quoting nothing of the file) for anything else.
 
     `follow` allows a symbolic link as the last component (the config, an argument of the
-    operator's); manifests are never read through one (README: the manifest directory).
+    operator's); manifests are never read through one (docs/concepts.md: the manifest directory).
     """
     where = Location(display or path)
     try:
