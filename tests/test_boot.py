@@ -137,6 +137,53 @@ def test_a_guest_boots_from_file_disks_and_reads_each(
     print(f"boot times: {timings}")
 
 
+def test_a_guest_boots_from_encrypted_disks(
+    env: Env, guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """A guest boots from a flat raw LUKS root and from a qcow2 overlay with LUKS inside
+    (over the plain cache entry), attached only by the emitted elements (libvirt hands
+    qemu the key from the private secret); what it reads is the image, and what it writes
+    onto an encrypted qcow2 is absent from the file at rest and there through the VM."""
+    env.images = {"guest": catalog(guest_image, tmp_path)}
+    env.write_config()
+    luks = {"encryption": {"format": "luks"}}
+    inst = env.manifest(
+        "crypt",
+        [
+            with_serial({**disk("root", image="guest", size="32MiB"), **luks}),
+            with_serial(
+                {**disk("over", backend="qcow2", fmt="qcow2", image="guest", size="32MiB"), **luks}
+            ),
+            with_serial({**disk("scribble", fmt="qcow2", template="blank", size="8MiB"), **luks}),
+        ],
+    )
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    xml = emitted(env, inst)
+    assert [ET.fromstring(x).find("source/encryption") is not None for x in xml] == [True] * 3
+    # At rest: the image's boot sector (syslinux's, with its label) is not in the volume.
+    boot_sector = guest_image.path.read_bytes()[:512]
+    root_file = env.volume(inst, "root").read_bytes()
+    assert boot_sector[:64] in guest_image.path.read_bytes()
+    assert boot_sector[:64] not in root_file and b"SYSLINUX" not in root_file
+    timings: dict[str, float] = {}
+    first = booted(env.uri, xml, timings, "encrypted disks")
+    seen = first.by_serial
+    assert seen["root"].dev == "vda" and seen["root"].vfatlabel == guest_image.label
+    for name in ("root", "over"):  # the image's bytes, decrypted by qemu
+        assert (seen[name].sha256, seen[name].size) == (guest_image.sha256, 32 * MiB), name
+    assert first.scribbled == [seen["scribble"].dev]
+    # The header the guest wrote (naming a host file) is not in the file at rest...
+    scribble = env.volume(inst, "scribble").read_bytes()
+    assert guest_image.header_backing.encode() not in scribble
+    # ...and is there through the VM.
+    second = booted(env.uri, emitted(env, inst), timings, "encrypted disks, again")
+    s = second.by_serial["scribble"]
+    assert s.magic.startswith("514649fb") and s.size == 8 * MiB
+    assert env.plan_json()["actions"] == []
+    print(f"boot times: {timings}")
+
+
 @pytest.fixture
 def site(ceph: Ceph, libvirt_uri: str) -> Iterator[RbdSite]:
     with rbd_site(ceph, libvirt_uri) as s:
