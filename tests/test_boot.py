@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from reconciler.client import Client
@@ -217,4 +218,60 @@ def test_a_guest_boots_from_rbd_disks_and_reads_each(
     assert seen["eph"].ext4label == "reph0" and seen["swap"].swap
     # The root disk is a clone of the pool's cache entry (librbd reads through to it).
     assert site.parent(f"{inst}_root") is not None
+    print(f"boot times: {timings}")
+
+
+def test_a_guest_boots_from_an_encrypted_rbd_root(
+    site: RbdSite, guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """An encrypted rbd disk is a full copy of the image into a LUKS payload (Pacific's
+    librbd cannot encrypt a clone): no parent, the image's boot sector absent from its
+    bytes at rest, the image's bytes through the VM (libvirt gives qemu the key); an
+    encrypted blank disk the guest scribbles on keeps its header only behind the key."""
+    env = site.env(tmp_path / "env")
+    env.images = {"guest": catalog(guest_image, tmp_path)}
+    env.write_config()
+    luks = {"encryption": {"format": "luks"}}
+    inst = env.manifest(
+        "crvm",
+        [
+            with_serial(
+                {**disk("root", backend="rbd", pool="ceph", image="guest", size="32MiB"), **luks}
+            ),
+            with_serial(
+                {
+                    **disk("scribble", backend="rbd", pool="ceph", template="blank", size="8MiB"),
+                    **luks,
+                }
+            ),
+        ],
+    )
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    xml = emitted(env, inst)
+    uuids = [ET.fromstring(x).find("source/encryption/secret").get("uuid") for x in xml]  # type: ignore[union-attr]
+    assert site.parent(f"{inst}_root") is None  # a full copy, not a clone
+    at_rest = site.read(f"{inst}_root", site.size(f"{inst}_root"))
+    assert len(at_rest) == 2068480 + 32 * MiB  # the LUKS header, then the payload
+    assert at_rest[:6] == b"LUKS\xba\xbe"
+    assert guest_image.path.read_bytes()[:64] not in at_rest and b"SYSLINUX" not in at_rest
+    timings: dict[str, float] = {}
+    first = booted(site.uri, xml, timings, "encrypted rbd disks")
+    seen = first.by_serial
+    assert seen["root"].dev == "vda" and seen["root"].vfatlabel == guest_image.label
+    assert (seen["root"].sha256, seen["root"].size) == (guest_image.sha256, 32 * MiB)
+    assert first.scribbled == [seen["scribble"].dev]
+    scribble = site.read(f"{inst}_scribble", site.size(f"{inst}_scribble"))
+    assert guest_image.header_backing.encode() not in scribble
+    conn = libvirt.open(site.uri)
+    secrets = {s.UUIDString(): s.XMLDesc(0) for s in conn.listAllSecrets(0)}
+    assert all("private='yes'" in secrets[u] and "rbd:" in secrets[u] for u in uuids)
+    # Deleted: the images go, then their secrets.
+    env.manifest("crvm", [], instance=inst, deleted=True)
+    rc, out, err = env.run("--force")
+    assert rc == 0, out + err
+    assert not {f"{inst}_root", f"{inst}_scribble"} & site.images()
+    left = {s.UUIDString() for s in conn.listAllSecrets(0)} & set(uuids)
+    conn.close()
+    assert left == set()  # crypto-erased
     print(f"boot times: {timings}")

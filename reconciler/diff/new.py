@@ -75,8 +75,8 @@ def encryption_refused(draft: Draft, d: DesiredDisk) -> bool:
         return False
     draft.error(
         "encryption-unsupported",
-        f"encryption on an {d.spec.backend.value} pool is not supported yet (only flat and "
-        "qcow2 disks of file pools are encrypted); the disk is not made",
+        f"encryption on an {d.spec.backend.value} pool is not supported yet (flat and qcow2 "
+        "disks of file pools and rbd disks are); the disk is not made",
         pool=d.spec.pool,
         volume=d.volume,
         **where_of(d),

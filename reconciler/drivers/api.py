@@ -379,12 +379,16 @@ class Encrypts(Protocol):
         """The key secrets of the pool's libvirt daemon."""
         ...
 
+    def key_usage(self, volume: str) -> str:
+        """What the secret of `volume`'s key names as its usage (libvirt keeps it unique)."""
+        ...
 
-def secrets_of(d: ManagingDriver) -> Secrets:
-    """`d`'s key secrets; ReconcileError if its backend makes no encrypted disks (the
-    planner refuses such a disk first)."""
+
+def encrypts_of(d: ManagingDriver) -> Encrypts:
+    """`d`'s Encrypts capability; ReconcileError if its backend makes no encrypted disks
+    (the planner refuses such a disk first)."""
     if isinstance(d, Encrypts):
-        return d.secrets()
+        return d
     raise ReconcileError(f"pool {d.name} makes no encrypted disks (its backend cannot yet)")
 
 

@@ -91,6 +91,10 @@ class FilePoolDriver:
         """Encrypted disks' keys: libvirt secrets on the pool's daemon (host/keys.py)."""
         return Secrets(self.conns, self.config.uri, self.name)
 
+    def key_usage(self, volume: str) -> str:
+        """The path a domain opens, as libvirt's own storage driver names a key's volume."""
+        return self.path(volume)
+
     # -- observing --------------------------------------------------------------------
 
     def list_volumes(self) -> frozenset[str]:
