@@ -41,6 +41,17 @@ def held(
             **where,
         )
         return
+    if d.spec.encryption is not None:
+        draft.error(
+            "encryption-unsupported",
+            f"{held.why}: taking over an encrypted disk needs its key, which only the other "
+            "host's private libvirt secret holds; key sources (README) are not built yet, "
+            "so this host does not take it",
+            pool=pool.name,
+            volume=d.volume,
+            **where,
+        )
+        return
     draft.actions.append(
         Action(
             action=ActionKind.TAKE_OVER,
