@@ -280,3 +280,37 @@ def test_kill_at_every_step_of_encrypted_create_and_delete(pools: Pools, tmp_pat
     points = kill_points(len(steps), 1)
     at_each(points, kill_at)
     print(f"encrypted create/delete kill points: {len(points)}: {steps}")
+
+
+def test_an_encrypted_lvm_disk_is_a_plan_error() -> None:
+    """Not built for lvm: the plan says so for that disk and makes the others (pure)."""
+    import dataclasses
+
+    from reconciler.diff import plan
+    from reconciler.schema.load import load_config
+    from reconciler.schema.manifest import EncryptionSpec
+    from tests.helpers import desired_from, observed
+
+    corpus = Path(__file__).resolve().parent / "corpus"
+    config = load_config(str(corpus / "config.yaml"))
+    desired = desired_from([str(corpus / "valid" / "db.yaml")], config)
+    luks = EncryptionSpec.model_validate({"format": "luks"})
+    instances = tuple(
+        dataclasses.replace(
+            i,
+            disks=tuple(
+                dataclasses.replace(d, spec=d.spec.model_copy(update={"encryption": luks}))
+                for d in i.disks
+            ),
+        )
+        for i in desired.instances
+    )
+    desired = dataclasses.replace(desired, instances=instances)
+    p = plan(desired, observed([], {p: set() for p in ("local", "fast", "ceph", "vg")}))
+    errors = {(e.code, e.pool) for e in p.errors}
+    assert ("encryption-unsupported", "vg") in errors
+    assert all(e.pool == "vg" for e in p.errors), p.errors
+    (e,) = [e for e in p.errors if e.pool == "vg"]
+    assert "encryption on an lvm pool is not supported yet" in e.message
+    assert p.actions and all(a.pool != "vg" for a in p.actions)
+    assert all(a.spec is not None and a.spec["encryption"] == {"format": "luks"} for a in p.actions)
