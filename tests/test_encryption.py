@@ -7,6 +7,7 @@ create and delete leaves no secret without a record and no ready record without 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -21,8 +22,11 @@ import pytest
 from reconciler.drivers.host import keys
 from reconciler.model.record import DiskRecord, RecordState
 from tests.conftest import Pools
+from tests.conftest_lvm import VolumeGroup
 from tests.env import Env, disk
+from tests.guest import domain_xml
 from tests.killpoints import at_each, kill_points
+from tests.test_images import catalog_entry
 
 pytestmark = pytest.mark.libvirtd
 
@@ -282,35 +286,78 @@ def test_kill_at_every_step_of_encrypted_create_and_delete(pools: Pools, tmp_pat
     print(f"encrypted create/delete kill points: {len(points)}: {steps}")
 
 
-def test_an_encrypted_lvm_disk_is_a_plan_error() -> None:
-    """Not built for lvm: the plan says so for that disk and makes the others (pure)."""
-    import dataclasses
-
-    from reconciler.diff import plan
-    from reconciler.schema.load import load_config
-    from reconciler.schema.manifest import EncryptionSpec
-    from tests.helpers import desired_from, observed
-
-    corpus = Path(__file__).resolve().parent / "corpus"
-    config = load_config(str(corpus / "config.yaml"))
-    desired = desired_from([str(corpus / "valid" / "db.yaml")], config)
-    luks = EncryptionSpec.model_validate({"format": "luks"})
-    instances = tuple(
-        dataclasses.replace(
-            i,
-            disks=tuple(
-                dataclasses.replace(d, spec=d.spec.model_copy(update={"encryption": luks}))
-                for d in i.disks
-            ),
-        )
-        for i in desired.instances
-    )
-    desired = dataclasses.replace(desired, instances=instances)
-    p = plan(desired, observed([], {p: set() for p in ("local", "fast", "ceph", "vg")}))
-    errors = {(e.code, e.pool) for e in p.errors}
-    assert ("encryption-unsupported", "vg") in errors
-    assert all(e.pool == "vg" for e in p.errors), p.errors
-    (e,) = [e for e in p.errors if e.pool == "vg"]
-    assert "encryption on an lvm pool is not supported yet" in e.message
-    assert p.actions and all(a.pool != "vg" for a in p.actions)
-    assert all(a.spec is not None and a.spec["encryption"] == {"format": "luks"} for a in p.actions)
+def test_encrypted_lvm_disks_hold_luks_and_decrypt_with_their_key(
+    lvm_env: Env, lvm_vg: VolumeGroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An lvm disk is qemu's luks over the LV (this kernel has no device-mapper, so no
+    guest boots from one: the LV's bytes are read from the PV and decrypted by qemu-img
+    with the key, which the test alone knows); grown by lvextend; crypto-erased."""
+    key = b"1eaf" + os.urandom(30).hex().encode()
+    monkeypatch.setattr(keys, "new_key", lambda: key)
+    env = lvm_env
+    image = tmp_path / "img.raw"
+    image.write_bytes(b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(98304)))
+    env.images = {"img": catalog_entry(image, "raw")}
+    env.safety = {"maxDeletePercent": 100}
+    env.write_config()
+    lvm = {"backend": "lvm", "fmt": "raw", "pool": "vg"}
+    disks = [
+        encrypted(disk("a", size="8MiB", image="img", template=None, **lvm)),
+        encrypted(disk("b", size="8MiB", **lvm)),
+    ]
+    inst = env.manifest("lvm", disks)
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    plan = env.plan_json()
+    assert plan["actions"] == [] and plan["warnings"] == [], plan
+    a = f"{inst}_a"
+    assert lvm_vg.lv_size(a) >= keys.LUKS_HEADER + 8 * MiB
+    at_rest = lvm_vg.segment_bytes(a)
+    assert at_rest[:6] == b"LUKS\xba\xbe" and image.read_bytes()[:4096] not in at_rest
+    # Decrypted with the key (given to qemu-img as a 0600 file here), it is the image.
+    keyfile = tmp_path / "key"
+    keyfile.touch(0o600)
+    keyfile.write_bytes(key)
+    (tmp_path / "a.lv").write_bytes(at_rest)
+    node = {"driver": "luks", "key-secret": "k", "file": {"driver": "file",
+            "filename": str(tmp_path / "a.lv")}}  # fmt: skip
+    subprocess.run(
+        ["qemu-img", "convert", "--object", f"secret,id=k,format=raw,file={keyfile}",
+         "-f", "luks", "-O", "raw", "json:" + json.dumps(node), str(tmp_path / "a.plain")],
+        check=True,
+    )  # fmt: skip
+    plain = (tmp_path / "a.plain").read_bytes()
+    assert plain[: image.stat().st_size] == image.read_bytes()
+    assert len(plain) == lvm_vg.lv_size(a) - keys.LUKS_HEADER  # the payload: the LV's rest
+    # The element: a block device with its encryption, as libvirt's schema takes it.
+    rc, out, err = env.main(
+        ["disks", "--config", str(env.config_path), "-m", str(env.manifests),
+         "--output", "json", inst]
+    )  # fmt: skip
+    assert rc == 0, err
+    conn = libvirt.open(env.uri)
+    for d in json.loads(out)[0]["disks"]:
+        el = ET.fromstring(d["xml"])
+        assert el.get("type") == "block" and el.find("source/encryption/secret") is not None
+    dom = conn.defineXMLFlags(
+        domain_xml("lvm-crypt", [d["xml"] for d in json.loads(out)[0]["disks"]],
+                   tmp_path / "console"),
+        libvirt.VIR_DOMAIN_DEFINE_VALIDATE,
+    )  # fmt: skip
+    dom.undefine()
+    # Grown without the key: the LV to header + size.
+    disks[0] = encrypted(disk("a", size="16MiB", image="img", template=None, **lvm))
+    env.manifest("lvm", disks, instance=inst)
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    assert lvm_vg.lv_size(a) >= keys.LUKS_HEADER + 16 * MiB
+    uuids = {r.encryption.secret for r in records(env) if r.encryption is not None}
+    assert len(uuids) == 2 and uuids <= {s.UUIDString() for s in conn.listAllSecrets(0)}
+    # Deleted: the LVs cleared and removed, then the secrets undefined.
+    env.manifest("lvm", [], instance=inst, deleted=True)
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    assert not [v for v in lvm_vg.lvs() if v.startswith(inst)]
+    assert not uuids & {s.UUIDString() for s in conn.listAllSecrets(0)}
+    conn.close()
+    assert key not in out.encode() + err.encode()

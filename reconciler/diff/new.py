@@ -75,8 +75,8 @@ def encryption_refused(draft: Draft, d: DesiredDisk) -> bool:
         return False
     draft.error(
         "encryption-unsupported",
-        f"encryption on an {d.spec.backend.value} pool is not supported yet (flat and qcow2 "
-        "disks of file pools and rbd disks are); the disk is not made",
+        f"encryption of a {d.spec.backend.value} disk is not supported (flat, qcow2, lvm "
+        "and rbd disks are); the disk is not made",
         pool=d.spec.pool,
         volume=d.volume,
         **where_of(d),

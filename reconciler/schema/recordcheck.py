@@ -55,7 +55,7 @@ from reconciler.schema.common import (
 _ENTRY_RE = re.compile(r"^" + re.escape(CACHE_PREFIX) + r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.PLOOP})
 # The backends whose drivers make encrypted disks (the planner refuses the others).
-ENCRYPTING_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.RBD})
+ENCRYPTING_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.LVM, Backend.RBD})
 
 
 def is_entry_name(name: str) -> bool:
