@@ -275,3 +275,57 @@ def test_a_guest_boots_from_an_encrypted_rbd_root(
     conn.close()
     assert left == set()  # crypto-erased
     print(f"boot times: {timings}")
+
+
+def test_an_encrypted_rbd_disk_moves_to_a_host_without_its_secret(
+    site: RbdSite, guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """Host A makes an encrypted rbd root with its key also in the pool's key directory
+    (config `keys`) and hands the instance over; host B's daemon has no secret for it
+    (undefined here, as on another machine): B's take-over defines it from the key
+    directory, and a guest boots from B's element and reads the image."""
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir(mode=0o700)
+    ns = f"crypt{uuid.uuid4().hex[:6]}"
+
+    def host(name: str) -> Env:
+        env = site.env(tmp_path / name, namespace=ns)
+        env.extra_pools["ceph"]["keys"] = {"directory": str(key_dir)}
+        env.host = name
+        env.images = {"guest": catalog(guest_image, tmp_path)}
+        env.safety = {"maxDeletePercent": 100}
+        env.write_config()
+        return env
+
+    a, b = host("host-a"), host("host-b")
+    root = {**disk("root", backend="rbd", pool="ceph", image="guest", size="32MiB")}
+    disks = [with_serial({**root, "encryption": {"format": "luks"}})]
+    inst = a.manifest("vm", disks)
+    rc, out, err = a.run()
+    assert rc == 0, out + err
+    (secret,) = [
+        ET.fromstring(x).find("source/encryption/secret").get("uuid")  # type: ignore[union-attr]
+        for x in emitted(a, inst)
+    ]
+    assert (key_dir / str(secret)).stat().st_mode & 0o777 == 0o600
+    a.remove_manifest("vm")
+    rc, out, err = a.run("--prune")
+    assert rc == 0 and "handed over" in out, out + err
+    conn = libvirt.open(site.uri)
+    conn.secretLookupByUUIDString(secret).undefine()  # B's daemon never had it
+    b.manifest("vm", disks, instance=inst)
+    rc, out, err = b.run()
+    assert rc == 0, out + err
+    assert conn.secretLookupByUUIDString(secret).UUIDString() == secret  # from the directory
+    rc, out, err = b.run()
+    assert rc == 0, out + err
+    report = booted(site.uri, emitted(b, inst), {}, "encrypted rbd, taken over")
+    seen = report.by_serial["root"]
+    assert (seen.sha256, seen.size) == (guest_image.sha256, 32 * MiB)
+    b.manifest("vm", [], instance=inst, deleted=True)
+    rc, out, err = b.run("--force")
+    assert rc == 0, out + err
+    assert list(key_dir.iterdir()) == []
+    with pytest.raises(libvirt.libvirtError):
+        conn.secretLookupByUUIDString(secret)
+    conn.close()

@@ -20,6 +20,7 @@ import libvirt
 import pytest
 
 from reconciler.drivers.host import keys
+from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, RecordState
 from tests.conftest import Pools
 from tests.conftest_lvm import VolumeGroup
@@ -64,13 +65,21 @@ def our_secrets(env: Env) -> dict[str, str]:
         conn.close()
 
 
-def check_keys(env: Env) -> None:
-    """No key without a record naming it; no ready record whose key is gone."""
+def check_keys(env: Env, key_dir: Path | None = None) -> None:
+    """No key without a record naming it; no ready record whose key is gone (in libvirt,
+    and in the key directory where the pool has one)."""
     named = {r.encryption.secret: r for r in records(env) if r.encryption is not None}
     defined = our_secrets(env)
     assert set(defined) <= set(named), ("secrets without a record", set(defined) - set(named))
     lost = [r.volume for s, r in named.items() if r.state is RecordState.READY and s not in defined]
     assert not lost, ("ready records whose key is gone", lost)
+    if key_dir is not None:
+        stored = {p.name for p in key_dir.iterdir() if not p.name.startswith(".tmp-")}
+        assert stored <= set(named), ("stored keys without a record", stored - set(named))
+        lost = [
+            r.volume for s, r in named.items() if r.state is RecordState.READY and s not in stored
+        ]
+        assert not lost, ("ready records whose stored key is gone", lost)
 
 
 def test_an_encrypted_disk_is_made_attached_grown_and_erased(
@@ -232,13 +241,78 @@ def test_encryption_is_refused_where_it_is_not_built(env: Env) -> None:
     assert rc == 1 and "a ploop disk (qemu's parallels format) cannot be encrypted" in out + err
 
 
+def test_a_key_directory_is_root_only_and_never_followed(tmp_path: Path) -> None:
+    d = tmp_path / "keys"
+    d.mkdir(mode=0o700)
+    src = keys.KeyDirectory(str(d))
+    uuid_ = "0f3c2b1a-1111-4222-8333-944445555666"
+    src.put(uuid_, b"k" * 64)
+    assert (d / uuid_).stat().st_mode & 0o777 == 0o600
+    assert src.get(uuid_) == b"k" * 64
+    src.put(uuid_, b"j" * 64)  # a redo replaces it
+    assert src.get(uuid_) == b"j" * 64 and sorted(p.name for p in d.iterdir()) == [uuid_]
+    (d / uuid_).chmod(0o644)
+    with pytest.raises(ReconcileError, match="mode 0600"):
+        src.get(uuid_)
+    (d / uuid_).unlink()
+    (d / uuid_).symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_bytes(b"x" * 64)
+    with pytest.raises(ReconcileError, match="not in key directory"):
+        src.get(uuid_)  # O_NOFOLLOW: a link is never read through
+    (d / uuid_).unlink()
+    src.delete(uuid_)  # gone already: fine
+    with pytest.raises(ReconcileError, match="not in key directory"):
+        src.get(uuid_)
+    d.chmod(0o755)
+    with pytest.raises(ReconcileError, match="mode 0700"):
+        src.put(uuid_, b"k" * 64)
+    assert list(d.iterdir()) == []
+
+
+def test_a_pool_with_a_key_directory_stores_and_erases_each_key(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = b"5eed" + os.urandom(30).hex().encode()
+    monkeypatch.setattr(keys, "new_key", lambda: key)
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir(mode=0o700)
+    lp, _ = env.pools["local"]
+    env.extra_pools = {
+        "local": {"uri": env.uri, "libvirtPool": lp, "backends": ["flat", "qcow2"],
+                  "keys": {"directory": str(key_dir)}}
+    }  # fmt: skip
+    env.write_config()
+    inst = env.manifest("vm", [encrypted(disk("d", size="8MiB"))])
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    (rec,) = [r for r in records(env) if r.instance == inst]
+    assert rec.encryption is not None
+    assert (key_dir / rec.encryption.secret).read_bytes() == key
+    assert rec.encryption.secret in our_secrets(env)
+    env.manifest("vm", [], instance=inst, deleted=True)
+    rc, out, err = env.run("--force")
+    assert rc == 0, out + err
+    assert list(key_dir.iterdir()) == [] and our_secrets(env) == {}
+    assert key not in (out + err).encode()
+
+
 # -- a kill at every step boundary of encrypted creates and deletes --------------------
 
 
-def crash_env(pools: Pools, root: Path) -> tuple[Env, str]:
+def crash_env(pools: Pools, root: Path, sourced: bool) -> tuple[Env, str]:
     pool = pools.make(root / "pool")
     env = Env(root / "env", pool.uri, {"local": (pool.name, pool.path)})
     env.safety = {"maxDeletePercent": 100}
+    if sourced:
+        (root / "keys").mkdir(mode=0o700)
+        env.extra_pools = {
+            "local": {
+                "uri": pool.uri,
+                "libvirtPool": pool.name,
+                "backends": ["flat", "qcow2"],
+                "keys": {"directory": str(root / "keys")},
+            }
+        }
     env.write_config()
     doomed = env.manifest("doomed", [encrypted(disk("d", size="4MiB"))])
     rc, out, err = env.run()
@@ -257,26 +331,32 @@ def crash_after(env: Env, doomed: str) -> None:
     )
 
 
-def test_kill_at_every_step_of_encrypted_create_and_delete(pools: Pools, tmp_path: Path) -> None:
-    env, doomed = crash_env(pools, tmp_path / "trace")
+@pytest.mark.parametrize("sourced", [False, True], ids=["libvirt", "key-directory"])
+def test_kill_at_every_step_of_encrypted_create_and_delete(
+    pools: Pools, tmp_path: Path, sourced: bool
+) -> None:
+    env, doomed = crash_env(pools, tmp_path / "trace", sourced)
     crash_after(env, doomed)
     steps = env.traced_steps("--jobs", "1")
-    assert {"record.creating", "secret.defined", "volume.created", "secret.undefined"} <= set(
-        steps
-    ), steps
-    check_keys(env)
+    want = {"record.creating", "secret.defined", "volume.created", "secret.undefined"}
+    if sourced:
+        want |= {"key.stored", "key.deleted"}
+    assert want <= set(steps), steps
+    key_dir = tmp_path / "trace" / "keys" if sourced else None
+    check_keys(env, key_dir)
     assert len(our_secrets(env)) == 2
 
     def kill_at(k: int) -> None:
-        env, doomed = crash_env(pools, tmp_path / f"k{k}")
+        env, doomed = crash_env(pools, tmp_path / f"k{k}", sourced)
+        key_dir = tmp_path / f"k{k}" / "keys" if sourced else None
         crash_after(env, doomed)
         killed = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": str(k)})
         assert killed.returncode == -signal.SIGKILL, f"{k}: {killed.stdout}{killed.stderr}"
-        check_keys(env)  # right after the kill, before any run repairs anything
+        check_keys(env, key_dir)  # right after the kill, before any run repairs anything
         rc, out, err = env.run()
         assert rc == 0, f"kill point {k} ({steps[k - 1]}): {out}{err}"
         assert env.plan_json()["actions"] == [], f"kill point {k} did not converge"
-        check_keys(env)
+        check_keys(env, key_dir)
         recs = records(env)
         assert all(r.state is RecordState.READY for r in recs)
         assert len(our_secrets(env)) == sum(1 for r in recs if r.encryption is not None) == 2

@@ -41,12 +41,12 @@ def held(
             **where,
         )
         return
-    if d.spec.encryption is not None:
+    if d.spec.encryption is not None and not d.key_source:
         draft.error(
             "encryption-unsupported",
             f"{held.why}: taking over an encrypted disk needs its key, which only the other "
-            "host's private libvirt secret holds; key sources (README) are not built yet, "
-            "so this host does not take it",
+            f"host's private libvirt secret holds; give pool {pool.name} a key source "
+            "(config `keys`) shared by the hosts, so this host can take it",
             pool=pool.name,
             volume=d.volume,
             **where,

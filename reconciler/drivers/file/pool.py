@@ -89,7 +89,7 @@ class FilePoolDriver:
 
     def secrets(self) -> Secrets:
         """Encrypted disks' keys: libvirt secrets on the pool's daemon (host/keys.py)."""
-        return Secrets(self.conns, self.config.uri, self.name)
+        return Secrets(self.conns, self.config.uri, self.name, self.config.keys)
 
     def key_usage(self, volume: str) -> str:
         """The path a domain opens, as libvirt's own storage driver names a key's volume."""

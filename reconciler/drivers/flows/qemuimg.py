@@ -31,9 +31,10 @@ Encryption (a disk's `encryption: {format: luks}`), as qemu-img 7.2 takes it, me
 - `iter-time` (the PBKDF's work per unlock) is LUKS_ITER_TIME_MS, not qemu's 2000: the
   passphrase is 256 random bits, which stretching cannot strengthen, and every open
   (each domain start) pays it. Whatever it is, create spends about 2.3 s measuring the
-  PBKDF's speed (two runs of over 500 ms of CPU), and that measurement fails now and then
-  on a host whose thread CPU time is counted in ticks ("Unable to get accurate CPU usage",
-  1 of 6 here): such a create is run again (CREATE_TRIES).
+  PBKDF's speed (two runs of over 500 ms of CPU), and that measurement fails on a host
+  whose thread CPU time reads 0 ms for a short run ("Unable to get accurate CPU usage"):
+  here 1 try in 6 when idle, 9 in 12 with both cores busy; a failed try ends within
+  10-50 ms, so such a create is run again, up to CREATE_TRIES times.
 - a LUKS payload is not zeros until written (it decrypts the file's zeros): a raw
   encrypted disk reads noise where nothing was written (past an image's end, a blank
   disk), as a fresh dm-crypt device does; so its fill writes every zero (no
@@ -57,7 +58,7 @@ QEMU_FORMAT = {DiskFormat.RAW: "raw", DiskFormat.QCOW2: "qcow2", DiskFormat.PLOO
 # qemu-img's name for each encrypted format (a raw disk is a LUKS volume).
 QEMU_ENCRYPTED_FORMAT = {DiskFormat.RAW: "luks", DiskFormat.QCOW2: "qcow2"}
 LUKS_ITER_TIME_MS = 10
-CREATE_TRIES = 5
+CREATE_TRIES = 30
 PBKDF_FLAKE = "Unable to get accurate CPU usage"
 
 

@@ -19,12 +19,22 @@ Consequences, by design:
 - a copy of an encrypted disk (a migration) needs the old key, so it is refused in the
   plan, for the same reason.
 
-Order (the create and delete steps): record with the secret's UUID (durable) -> secret
-defined with the key (`secret.defined`) -> volume made -> ready; delete: volume removed ->
-secret undefined (`secret.undefined`, crypto-erase: whatever of the volume's bytes
-survive, on a file system's free blocks or a snapshot, no longer decrypts) -> record
-removed. So a secret never outlives its record, and a record is never `ready` without its
-secret. The secret names its volume in its usage (libvirt's `volume` usage, the path a
+Order (the create and delete steps): record with the secret's UUID (durable) -> [a key
+source: the key stored there, `key.stored`] -> secret defined with the key
+(`secret.defined`) -> volume made -> ready; delete: volume removed -> secret undefined
+(`secret.undefined`, crypto-erase: whatever of the volume's bytes survive, on a file
+system's free blocks or a snapshot, no longer decrypts) -> [the source's key deleted,
+`key.deleted`] -> record removed. So neither a secret nor a stored key outlives its
+record, and a record is never `ready` without its secret.
+
+A key source (a pool's config `keys: {directory: DIR}`, `KeyDirectory`) is how another
+host sharing a Ceph pool gets a key: a take-over of an encrypted disk reads it there by
+the UUID its record names and defines the same secret on its own daemon (`restore`).
+DIR is root's and 0700, each key file root's and 0600 (anything else is refused, never
+read); files are opened relative to the directory's descriptor, without following links,
+written under a temporary name and renamed, and the directory fsynced.
+
+The secret names its volume in its usage (libvirt's `volume` usage, the path a
 domain opens), which libvirt keeps unique: a secret of someone else's for that path
 makes the define fail, never replaced.
 """
@@ -34,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 import threading
 import uuid
 import xml.etree.ElementTree as ET
@@ -46,6 +57,7 @@ from reconciler.drivers.host.libvirt import Connections
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, Encryption
 from reconciler.schema.common import DiskFormat
+from reconciler.schema.config import KeySourceConfig
 from reconciler.util import faults
 
 # The id qemu-img's `--object secret` has in every command line that names a key.
@@ -129,13 +141,103 @@ def secret_xml(uuid: str, usage: str, description: str) -> str:
 DESCRIPTION_PREFIX = "reconcile: key of "
 
 
-class Secrets:
-    """The libvirt secrets of one daemon (a pool's `uri`) that hold disk keys."""
+MAX_KEY_BYTES = 4096
 
-    def __init__(self, conns: Connections, uri: str, pool: str) -> None:
+
+class KeyDirectory:
+    """A directory of key files only root can read (see the module docstring)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def _dir(self) -> Iterator[int]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise ReconcileError(f"key directory {self.path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise ReconcileError(
+                    f"key directory {self.path} is refused: it must be owned by uid "
+                    f"{os.geteuid()} with mode 0700 (it is uid {st.st_uid}, mode "
+                    f"{stat.S_IMODE(st.st_mode):04o})"
+                )
+            yield fd
+        finally:
+            os.close(fd)
+
+    def put(self, uuid_: str, key: bytes) -> None:
+        """Store `key` as the file `uuid_` (replacing one of a redo)."""
+        tmp = f".tmp-{uuid_}"
+        with self._dir() as d:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=d)
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=d,
+            )
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, key)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, uuid_, src_dir_fd=d, dst_dir_fd=d)
+            os.fsync(d)
+        faults.point("key.stored")
+
+    def get(self, uuid_: str) -> bytes:
+        """The key stored as `uuid_`; ReconcileError (never a key) if it is not there or
+        its file is not root's alone."""
+        with self._dir() as d:
+            try:
+                fd = os.open(uuid_, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+            except OSError as e:
+                raise ReconcileError(
+                    f"the key of secret {uuid_} is not in key directory {self.path}: {e.strerror}"
+                ) from None
+            try:
+                st = os.fstat(fd)
+                if (
+                    not stat.S_ISREG(st.st_mode)
+                    or st.st_uid != os.geteuid()
+                    or st.st_mode & 0o077
+                    or not 0 < st.st_size <= MAX_KEY_BYTES
+                ):
+                    raise ReconcileError(
+                        f"key file {self.path}/{uuid_} is refused: it must be a regular file "
+                        f"of uid {os.geteuid()}, mode 0600, of 1-{MAX_KEY_BYTES} bytes"
+                    )
+                return os.read(fd, MAX_KEY_BYTES)
+            finally:
+                os.close(fd)
+
+    def delete(self, uuid_: str) -> None:
+        """Remove the key stored as `uuid_`, and a temporary file a crash in `put` left
+        (one already gone is fine: a redo)."""
+        with self._dir() as d:
+            for name in (uuid_, f".tmp-{uuid_}"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=d)
+            os.fsync(d)
+        faults.point("key.deleted")
+
+
+class Secrets:
+    """The libvirt secrets of one daemon (a pool's `uri`) that hold disk keys, and the
+    pool's key source, if its config names one."""
+
+    def __init__(
+        self, conns: Connections, uri: str, pool: str, source: KeySourceConfig | None = None
+    ) -> None:
         self.conns = conns
         self.uri = uri
         self.pool = pool
+        self.source = KeyDirectory(source.directory) if source is not None else None
 
     def _call(self, what: str, fn: Any) -> Any:
         return self.conns.call(self.uri, f"{what} (pool {self.pool})", fn)
@@ -201,6 +303,8 @@ def made_with_key(secrets_: Secrets, rec: DiskRecord, usage: str) -> Iterator[No
     assert enc is not None
     key = new_key()
     with held(enc.secret, key):
+        if secrets_.source is not None:
+            secrets_.source.put(enc.secret, key)
         secrets_.define(enc.secret, usage, rec.volume, key)
         yield
 
@@ -209,3 +313,18 @@ def erase(secrets_: Secrets, rec: DiskRecord) -> None:
     """Undefine the secret of `rec`, whose volume is gone (crypto-erase); none: nothing."""
     if rec.encryption is not None:
         secrets_.undefine(rec.encryption.secret, rec.volume)
+        if secrets_.source is not None:
+            secrets_.source.delete(rec.encryption.secret)
+
+
+def restore(secrets_: Secrets, rec: DiskRecord, usage: str) -> None:
+    """Define `rec`'s secret on this daemon from the pool's key source (a disk another
+    host made, taken over here); ReconcileError where there is no source or no key."""
+    enc = rec.encryption
+    assert enc is not None
+    if secrets_.source is None:
+        raise ReconcileError(
+            f"{rec.pool}/{rec.volume} is encrypted and its key is not on this host; pool "
+            f"{rec.pool} has no key source (config `keys`) to get it from"
+        )
+    secrets_.define(enc.secret, usage, rec.volume, secrets_.source.get(enc.secret))

@@ -158,7 +158,7 @@ class LvmPoolDriver:
 
     def secrets(self) -> Secrets:
         """Encrypted disks' keys: libvirt secrets on the pool's daemon (host/keys.py)."""
-        return Secrets(self.conns, self.config.uri, self.name)
+        return Secrets(self.conns, self.config.uri, self.name, self.config.keys)
 
     def key_usage(self, volume: str) -> str:
         """The LV's device node, the path a domain opens."""

@@ -119,7 +119,7 @@ class RbdPoolDriver:
     def secrets(self) -> Secrets:
         """Encrypted disks' keys: libvirt secrets on this host's daemon (host/keys.py);
         another host sharing the Ceph pool has none of them (README: key sources)."""
-        return Secrets(self.conns, self.config.uri, self.name)
+        return Secrets(self.conns, self.config.uri, self.name, self.config.keys)
 
     def key_usage(self, volume: str) -> str:
         return f"rbd:{self.ceph.pool}/{volume}"
