@@ -8,9 +8,12 @@ touches no volume:
   hand-over: the holder changed from this host to released; the disk is kept, and a host
   whose manifest names it may take it.
 
-An encrypted disk's secret is defined on this host's daemon from the pool's key source
-before the take-over's write (drivers/host/keys.py: restore); a crash between leaves a
-secret whose record another host still holds, which the next take-over defines again.
+An encrypted disk handed over loses its secret on this host's daemon before the release
+when the pool has a key source (which keeps the key for the next owner), never without
+one (the secret is then the key's only home). A disk taken over gets its secret on this
+host's daemon from the pool's key source before the take-over's write
+(drivers/host/keys.py: restore); a crash between leaves a secret whose record another
+host still holds, which the next take-over defines again.
 
 Crash windows: before the write, nothing changed (the plan does it again); after it, the
 step is done. The store's own order of writes within that one call, and what a crash
@@ -41,7 +44,16 @@ def take_over(ctx: StepContext, h: Held) -> StepResult:
 
 
 def hand_over(ctx: StepContext, h: Held) -> StepResult:
-    assert h.rec is not None
-    ctx.records.release(h.rec)
+    rec = h.rec
+    assert rec is not None
+    if rec.encryption is not None:
+        secrets = encrypts_of(h.driver).secrets()
+        if secrets.source is not None:
+            # The key stays in the pool's key source for the next owner; this host's copy
+            # goes first (a crash before the release leaves this host the owner of a disk
+            # whose key the source still holds, handed over again next run). Without a
+            # source the secret stays: it is the key's only home.
+            secrets.undefine(rec.encryption.secret, rec.volume)
+    ctx.records.release(rec)
     faults.point("record.handed-over")
     return "done", "the disk is kept; a host whose manifest names it may take it"

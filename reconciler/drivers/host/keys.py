@@ -279,21 +279,6 @@ class Secrets:
         self._call(f"undefine libvirt secret {uuid}, the key of {volume}", undefine)
         faults.point("secret.undefined")
 
-    def ours(self) -> dict[str, str]:
-        """Every secret on the daemon that holds a key the reconciler made: UUID ->
-        description (names its pool and volume)."""
-
-        def listed(conn: Any) -> dict[str, str]:
-            out: dict[str, str] = {}
-            for sec in conn.listAllSecrets(0):
-                desc = ET.fromstring(sec.XMLDesc(0)).findtext("description") or ""
-                if desc.startswith(DESCRIPTION_PREFIX):
-                    out[sec.UUIDString()] = desc
-            return out
-
-        result: dict[str, str] = self._call("list key secrets", listed)
-        return result
-
 
 @contextlib.contextmanager
 def made_with_key(secrets_: Secrets, rec: DiskRecord, usage: str) -> Iterator[None]:
