@@ -291,7 +291,11 @@ class Client:
             spec = specs[d.spec.name]
             dev, bus = targets[d.spec.name]
             element = disk_element(
-                Layer(drv.disk_source(rec.volume), rec.format),
+                Layer(
+                    drv.disk_source(rec.volume),
+                    rec.format,
+                    rec.encryption.secret if rec.encryption else None,
+                ),
                 backing,
                 self.config.pools[rec.pool].disk,
                 dev=dev,

@@ -17,6 +17,7 @@ from reconciler.model.observed import Holder
 from reconciler.model.plan import ActionKind
 from reconciler.schema.config import Config
 from reconciler.schema.load import load_config
+from reconciler.schema.manifest import EncryptionSpec
 from tests.helpers import converged, desired_from, observed
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -148,3 +149,35 @@ def test_a_file_pool_is_never_shared(corpus_config: Config) -> None:
     p = plan(Desired(()), observed(records, vols), PlanOptions(hand_over=True, force=True))
     assert p.actions == ()  # hand-over alone deletes nothing and hands nothing over
     assert ObservedPool("x", frozenset()).shared is False
+
+
+def test_an_encrypted_disk_held_elsewhere_is_not_taken_over(corpus_config: Config) -> None:
+    """Its key is only in the other host's private libvirt secret: a plan error, not a
+    take-over that would leave a disk no domain here can open (key sources: README)."""
+    desired = desired_from([DB], corpus_config)
+    inst, volume = ceph_disk(desired)
+    records, vols = converged(desired, POOLS)
+    mine = [r for r in records if r.volume != volume]
+    (i,) = [i for i in desired.instances if i.instance == inst]
+    disks = tuple(
+        dataclasses.replace(
+            d,
+            spec=d.spec.model_copy(update={"encryption": EncryptionSpec(format="luks")}),
+        )
+        if d.volume == volume
+        else d
+        for d in i.disks
+    )
+    desired = dataclasses.replace(
+        desired,
+        instances=tuple(
+            dataclasses.replace(i, disks=disks) if x is i else x for x in desired.instances
+        ),
+    )
+    why = "host host-a, whose heartbeat expired 400 s ago (limit 300 s)"
+    obs = shared(observed(mine, vols), **{volume: Holder("host-a", 4, True, why)})
+    p = plan(desired, obs)
+    assert p.actions == ()
+    (e,) = p.errors
+    assert (e.code, e.volume) == ("encryption-unsupported", volume)
+    assert "taking over an encrypted disk needs its key" in e.message

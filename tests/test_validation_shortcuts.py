@@ -84,6 +84,8 @@ def disk_data(draw: st.DrawFn) -> dict[str, Any]:
             data["source"]["label"] = FILESYSTEM_LABELS[kind]
     if draw(st.booleans()):
         data["deletionPolicy"] = draw(st.sampled_from(["Delete", "Retain"]))
+    if data["format"] != "ploop" and draw(st.integers(0, 3)) == 0:
+        data["encryption"] = {"format": "luks"}
     if draw(st.integers(0, 3)) == 0:  # how a domain attaches it: kept, never in spec_dict
         data["attach"] = draw(
             st.sampled_from(

@@ -4,8 +4,11 @@ Invariants (DESIGN: never guess a format): the element always names the format
 (`<driver type=>`) the record says, and always closes the backing chain: a qcow2 overlay
 lists its cache entry (format from the entry's record) in `<backingStore>`, and every
 chain ends in an empty `<backingStore/>`, so libvirt never probes a format or follows a
-backing file a guest may have written into a header. Values are set as attributes and
-text by ElementTree, which escapes them.
+backing file a guest may have written into a header. An encrypted disk's `<source>` holds
+`<encryption format='luks'>` naming its libvirt secret (type passphrase) from its record:
+libvirt gives qemu the key, a raw disk opens as qemu's `luks` over the volume, a qcow2
+with its own LUKS; an overlay's plain backing store has none. Values are set as
+attributes and text by ElementTree, which escapes them.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ class Layer:
 
     source: DiskSource
     format: DiskFormat
+    secret: str | None = None  # encrypted (LUKS): the libvirt secret holding its key
 
 
-def _source(parent: ET.Element, src: DiskSource) -> None:
+def _source(parent: ET.Element, src: DiskSource, secret: str | None = None) -> None:
     el = ET.SubElement(parent, "source")
     if src.type == "file":
         el.set("file", src.path)
@@ -43,9 +47,12 @@ def _source(parent: ET.Element, src: DiskSource) -> None:
         for host, port in src.hosts:
             ET.SubElement(el, "host", name=host, port=str(port))
         if src.auth is not None:
-            user, secret = src.auth
+            user, ceph_secret = src.auth
             auth = ET.SubElement(el, "auth", username=user)
-            ET.SubElement(auth, "secret", type="ceph", uuid=secret)
+            ET.SubElement(auth, "secret", type="ceph", uuid=ceph_secret)
+    if secret is not None:
+        enc = ET.SubElement(el, "encryption", format="luks")
+        ET.SubElement(enc, "secret", type="passphrase", uuid=secret)
 
 
 def disk_element(
@@ -70,12 +77,12 @@ def disk_element(
     ):
         if value is not None:
             driver.set(attr, value)
-    _source(disk, top.source)
+    _source(disk, top.source, top.secret)
     parent = disk
     for layer in backing:
         store = ET.SubElement(parent, "backingStore", type=layer.source.type)
         ET.SubElement(store, "format", type=LIBVIRT_FORMAT[layer.format])
-        _source(store, layer.source)
+        _source(store, layer.source, layer.secret)
         parent = store
     ET.SubElement(parent, "backingStore")  # the chain ends here: nothing to probe
     ET.SubElement(disk, "target", dev=dev, bus=bus.value)

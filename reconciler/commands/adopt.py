@@ -192,6 +192,9 @@ def _record(
         "format": fmt.value,
         "size": found.virtual_size,
     }
+    # An adopted volume is recorded as it is found: never as encrypted (the reconciler
+    # holds no key for it); a manifest that asks for encryption then plans that change.
+    recorded.pop("encryption", None)
     return DiskRecord(
         kind=RecordKind.DISK,
         backend=backend,

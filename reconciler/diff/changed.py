@@ -18,6 +18,7 @@ without a record.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from reconciler.diff import guards, migration, new
 from reconciler.diff.draft import Draft, Recorded
@@ -50,7 +51,25 @@ def disk(draft: Draft, r: Recorded) -> None:
     if rec.state in (RecordState.CREATING, RecordState.DELETING):
         _redo(draft, r)
         return
+    if rec.spec.get("encryption") != r.spec.get("encryption"):
+        draft.error(
+            "encryption-unsupported",
+            f"encryption {_encryption(rec.spec)} -> {_encryption(r.spec)}: changing a disk's "
+            "encryption is a migrate (a copy into the new layout, never in place and never "
+            "a replace), which is not built yet; the disk is left as it is",
+            **r.at,
+        )
+        return
     fields = [f for f in REPLACE_FIELDS if rec.spec.get(f) != r.spec.get(f)]
+    if fields and rec.encryption is not None:
+        draft.error(
+            "encryption-unsupported",
+            f"{', '.join(fields)} changed: moving an encrypted disk is a copy that needs its "
+            "key, which only its private libvirt secret holds; not supported yet, the disk "
+            "is left as it is",
+            **r.at,
+        )
+        return
     if fields:
         _relayout(draft, r, fields)
         return
@@ -60,6 +79,11 @@ def disk(draft: Draft, r: Recorded) -> None:
         )
         return
     _resize(draft, r)
+
+
+def _encryption(spec: dict[str, Any]) -> str:
+    enc = spec.get("encryption")
+    return "none" if not isinstance(enc, dict) else str(enc.get("format"))
 
 
 def _redo(draft: Draft, r: Recorded) -> None:
@@ -125,6 +149,16 @@ def _resize(draft: Draft, r: Recorded) -> None:
             "shrink-refused",
             f"size {format_size(target)} is smaller than the disk's {format_size(current)}; "
             "shrinking would cut off data and is refused",
+            **r.at,
+        )
+        return
+    if target > current and rec.encryption is not None and rec.encryption.header is None:
+        draft.error(
+            "resize-unsupported",
+            f"size {format_size(current)} -> {format_size(target)}: an encrypted "
+            f"{rec.format.value} disk is opened only with its key, which its private libvirt "
+            "secret never gives back, so it cannot grow here; keep the size at "
+            f"{format_size(current)}",
             **r.at,
         )
         return

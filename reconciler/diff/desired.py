@@ -23,6 +23,7 @@ def build_desired(
         for name, pc in (pools or {}).items()
         if pc.preallocation is not Preallocation.OFF
     }
+    sourced = {name for name, pc in (pools or {}).items() if pc.keys is not None}
     instances = []
     for lm in loaded:
         m = lm.manifest
@@ -34,6 +35,7 @@ def build_desired(
                 file=lm.file,
                 line=lm.disk_line(i),
                 preallocation=modes.get(d.pool),
+                key_source=d.pool in sourced,
             )
             for i, d in enumerate(m.disks)
         )

@@ -23,6 +23,7 @@ from reconciler.model.observed import ObservedPool
 from reconciler.model.plan import Action, ActionKind, Precondition
 from reconciler.model.units import format_size
 from reconciler.schema.common import preallocation_refusal
+from reconciler.schema.recordcheck import ENCRYPTING_BACKENDS
 
 
 def disk(
@@ -63,7 +64,24 @@ def make(draft: Draft, d: DesiredDisk, action: Action) -> None:
         return
     if preallocation_refused(draft, d):
         return
+    if encryption_refused(draft, d):
+        return
     draft.actions.append(dataclasses.replace(action, preallocation=d.preallocation))
+
+
+def encryption_refused(draft: Draft, d: DesiredDisk) -> bool:
+    """True (with an error) where `d` asks for encryption its backend cannot make yet."""
+    if d.spec.encryption is None or d.spec.backend in ENCRYPTING_BACKENDS:
+        return False
+    draft.error(
+        "encryption-unsupported",
+        f"encryption of a {d.spec.backend.value} disk is not supported (flat, qcow2, lvm "
+        "and rbd disks are); the disk is not made",
+        pool=d.spec.pool,
+        volume=d.volume,
+        **where_of(d),
+    )
+    return True
 
 
 def preallocation_refused(draft: Draft, d: DesiredDisk) -> bool:

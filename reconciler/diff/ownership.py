@@ -41,6 +41,17 @@ def held(
             **where,
         )
         return
+    if d.spec.encryption is not None and not d.key_source:
+        draft.error(
+            "encryption-unsupported",
+            f"{held.why}: taking over an encrypted disk needs its key, which only the other "
+            f"host's private libvirt secret holds; give pool {pool.name} a key source "
+            "(config `keys`) shared by the hosts, so this host can take it",
+            pool=pool.name,
+            volume=d.volume,
+            **where,
+        )
+        return
     draft.actions.append(
         Action(
             action=ActionKind.TAKE_OVER,

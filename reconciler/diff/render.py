@@ -106,6 +106,19 @@ def _allocated(a: Action) -> str:
     return f"{a.preallocation.value}: {what}"
 
 
+def _encrypted(a: Action) -> str | None:
+    """What the plan says of an action's encryption (None: its disk is not encrypted)."""
+    enc = a.spec.get("encryption") if a.spec is not None else None
+    if not isinstance(enc, dict):
+        return None
+    if a.action in (ActionKind.CREATE, ActionKind.REPLACE):
+        return (
+            f"{enc.get('format')}: a new random key, kept only in a private libvirt secret; "
+            "the secret is undefined when the disk is deleted"
+        )
+    return f"{enc.get('format')}"
+
+
 def _problem(p: Problem) -> str:
     where = ""
     if p.file:
@@ -144,6 +157,8 @@ def _details(a: Action) -> list[str]:
         out.extend(_changes(a))
     if a.preallocation is not None:
         out.append(f"preallocation {_allocated(a)}")
+    if (enc := _encrypted(a)) is not None:
+        out.append(f"encryption {enc}")
     return out
 
 

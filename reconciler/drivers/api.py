@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from reconciler.drivers.host.domains import Attachments
+from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.ownership import Owner
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
@@ -367,6 +368,28 @@ def overlays_of(d: ManagingDriver) -> Overlays:
         f"pool {d.name} has no qcow2 overlays (its disks are standalone volumes), so a "
         "qcow2 overlay cannot be taken into it"
     )
+
+
+@runtime_checkable
+class Encrypts(Protocol):
+    """Opt-in: a pool whose driver makes encrypted disks (host/keys.py): the libvirt
+    secrets of its daemon hold their keys. secrets_of() is how a caller asks for it."""
+
+    def secrets(self) -> Secrets:
+        """The key secrets of the pool's libvirt daemon."""
+        ...
+
+    def key_usage(self, volume: str) -> str:
+        """What the secret of `volume`'s key names as its usage (libvirt keeps it unique)."""
+        ...
+
+
+def encrypts_of(d: ManagingDriver) -> Encrypts:
+    """`d`'s Encrypts capability; ReconcileError if its backend makes no encrypted disks
+    (the planner refuses such a disk first)."""
+    if isinstance(d, Encrypts):
+        return d
+    raise ReconcileError(f"pool {d.name} makes no encrypted disks (its backend cannot yet)")
 
 
 class Migrates(Protocol):

@@ -21,6 +21,9 @@ class DesiredDisk:
     # How a disk made (or copied) into its pool is allocated: the pool's `preallocation`
     # (a file pool's); None: off, or a pool the config lacks.
     preallocation: Preallocation | None = None
+    # Its pool has a key source (config `keys`): an encrypted disk's key can be had on
+    # another host, so it may be taken over.
+    key_source: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,13 @@ class ProblemCode(StrEnum):
         "PreallocationUnsupported",
         Handling.TERMINAL,
     )
+    # An encryption the disk's backend cannot make yet, or a change of encryption (a
+    # migrate, not built yet), or what an encrypted disk needs its key for.
+    ENCRYPTION_UNSUPPORTED = (
+        "encryption-unsupported",
+        "EncryptionUnsupported",
+        Handling.TERMINAL,
+    )
     # Only from an exported state older than a fact the plan needs (never the loop's).
     STATE_INCOMPLETE = "state-incomplete", "StateIncomplete", Handling.TERMINAL
     # Only planned without --force (the loop plans with it): the operator decides.

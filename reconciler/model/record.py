@@ -73,6 +73,32 @@ class Migration(BaseModel):
         return (self.pool, self.final_volume)
 
 
+class Encryption(BaseModel):
+    """How a disk is encrypted: the format and the libvirt secret that holds its key.
+
+    Never the key: a record, its copies and an exported state are read by others. The
+    secret's UUID is chosen and written here (with the record, `creating`) before the
+    secret is defined or the volume made (invariant 2), so no crash leaves a key without a
+    record naming it; the secret is undefined only after the volume is gone (crypto-erase).
+    `header`: the bytes before the encrypted payload (qemu's `luks` header on a raw
+    volume), as made; the payload runs to the volume's end, so a disk grows by growing
+    the volume to header + size, without its key. None: not yet made, or a qcow2 (whose
+    encryption is inside the image)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["luks"]
+    secret: str = Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+    header: int | None = Field(None, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _without_header(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.header is None:
+            data.pop("header", None)
+        return data
+
+
 class DiskRecord(BaseModel):
     """What the reconciler knows about one volume it made."""
 
@@ -104,10 +130,16 @@ class DiskRecord(BaseModel):
     # is byte for byte what it was before the field existed (a reconciler that predates
     # it refuses a record that has it, as it would any unknown field: never guessed).
     preallocation: Preallocation | None = None
+    # How the disk is encrypted at rest (its spec's `encryption`); None: not encrypted.
+    # Written only when set, as `preallocation` is.
+    encryption: Encryption | None = None
 
     @model_serializer(mode="wrap")
     def _without_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _drop_off(self.preallocation, handler(self))
+        data = _drop_off(self.preallocation, handler(self))
+        if self.encryption is None:
+            data.pop("encryption", None)
+        return data
 
     def key(self) -> tuple[str, str]:
         return (self.pool, self.volume)

@@ -145,6 +145,19 @@ class DiskConfig(BaseModel):
         return self
 
 
+class KeySourceConfig(BaseModel):
+    """Where encrypted disks' keys are kept besides this host's libvirt secrets, so another
+    host (a take-over in a shared Ceph pool) gets them: a directory only root can read,
+    one file per key named by its secret's UUID (drivers/host/keys.py)."""
+
+    model_config = STRICT
+    directory: str = Field(
+        pattern=r"^/",
+        description="an absolute path; the directory must be root's, mode 0700; each key "
+        "file is root's, mode 0600",
+    )
+
+
 class PoolConfig(BaseModel):
     """A libvirt storage pool the reconciler may place disks in."""
 
@@ -157,6 +170,11 @@ class PoolConfig(BaseModel):
     disk: DiskConfig = Field(
         default_factory=lambda: DiskConfig(),
         description="how domains open the pool's disks (reconcile disks)",
+    )
+    keys: KeySourceConfig | None = Field(
+        None,
+        description="encrypted disks: a key source beside the libvirt secrets (a root-only "
+        "directory shared by the hosts), so another host can take a disk over",
     )
     preallocation: Preallocation = Field(
         Preallocation.OFF,

@@ -194,6 +194,10 @@ def _manifest_rules(root: Schema, defs: dict[str, Schema]) -> None:
     reserved = "|".join(re.escape(r.removeprefix("_")) for r in LVM_RESERVED)
     lv_name = {"maxLength": LV_NAME_MAX - 37, "not": {"pattern": f"(?:^|_)(?:{reserved})"}}
     _add(disk, _when("backend", {"const": Backend.LVM.value}, _props(name=lv_name)))
+    # qemu's parallels format has no encryption (manifest.DiskSpec refuses it too).
+    _add(
+        disk, _when("backend", {"const": Backend.PLOOP.value}, _props(encryption={"type": "null"}))
+    )
 
     template = defs["TemplateSource"]
     for kind in TemplateKind:

@@ -184,6 +184,26 @@ class IoTune(BaseModel):
         return out
 
 
+class EncryptionFormat(StrEnum):
+    LUKS = "luks"
+
+
+class EncryptionSpec(BaseModel):
+    """How the disk is encrypted at rest: `luks` (qemu's LUKS, a random key per disk kept
+    in a libvirt secret). Part of the spec: recorded and planned; changing it on a disk
+    that exists is a plan error (a migrate into the new layout, not built yet)."""
+
+    model_config = STRICT
+    format: EncryptionFormat = Field(
+        strict=False,
+        description="luks: qemu's LUKS (raw files, LVs and rbd images as qemu's luks format, "
+        "qcow2 with its native LUKS), a random key per disk kept in a private libvirt secret",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format.value}
+
+
 class AttachSpec(BaseModel):
     """How a domain attaches the disk: not storage, so never recorded nor planned (changing
     it changes only the `<disk>` element `reconcile disks` gives). A compute service may
@@ -226,6 +246,11 @@ class DiskSpec(BaseModel):
     deletion_policy: DeletionPolicy = Field(
         DeletionPolicy.DELETE, alias="deletionPolicy", strict=False
     )
+    # In spec_dict only when set, so the specs, records and plans of disks without it
+    # are byte for byte what they were before it existed.
+    encryption: EncryptionSpec | None = Field(
+        None, description="encryption at rest: {format: luks}; absent: not encrypted"
+    )
     # Not part of spec_dict: the record and the plan never see it.
     attach: AttachSpec | None = Field(
         None, description="how a domain attaches the disk (reconcile disks); not planned"
@@ -243,6 +268,15 @@ class DiskSpec(BaseModel):
             raise ValueError(f"backend {backend} cannot hold format {fmt}; it holds {want}")
         return fmt
 
+    @model_validator(mode="after")
+    def _encryptable(self) -> DiskSpec:
+        if self.encryption is not None and self.format is DiskFormat.PLOOP:
+            raise ValueError(
+                "encryption: a ploop disk (qemu's parallels format) cannot be encrypted; "
+                "use format raw or qcow2"
+            )
+        return self
+
     def spec_dict(self) -> dict[str, Any]:
         """The part of the disk the record keeps and JSON patches compare: the disk's JSON
         dump (by alias, without nulls). Written out because the planner asks once a disk
@@ -256,7 +290,7 @@ class DiskSpec(BaseModel):
             source = {"template": src.template.value}
         else:
             source = {"template": src.template.value, "label": src.label}
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "backend": self.backend.value,
             "pool": self.pool,
@@ -265,6 +299,9 @@ class DiskSpec(BaseModel):
             "source": source,
             "deletionPolicy": self.deletion_policy.value,
         }
+        if self.encryption is not None:
+            out["encryption"] = self.encryption.to_json()
+        return out
 
 
 class Manifest(BaseModel):

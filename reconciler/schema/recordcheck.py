@@ -26,7 +26,11 @@ What a record must be:
   a migration's copy goes to the disk's own name or its staging name;
 - a preallocation (recorded only where it is not off) is a disk's of a file backend and
   one its format can be made with (common.preallocation_refusal), and so is a migration's;
-  a cache entry has none.
+  a cache entry has none;
+- an encryption (recorded only where the spec asks for one) is a disk's, of a backend
+  that encrypts (ENCRYPTING_BACKENDS) and a format that can be (not ploop), the one its
+  spec names; a spec names no other encryption than `{format: luks}`; a record whose
+  spec asks for encryption without recording one (or the reverse) is refused.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from reconciler.schema.common import (
 # What a cache entry's name may be: image-, template- and nova- entries are all this.
 _ENTRY_RE = re.compile(r"^" + re.escape(CACHE_PREFIX) + r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.PLOOP})
+# The backends whose drivers make encrypted disks (the planner refuses the others).
+ENCRYPTING_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.LVM, Backend.RBD})
 
 
 def is_entry_name(name: str) -> bool:
@@ -95,6 +101,23 @@ def _preallocation_problem(
     return None if why is None else f"{whose} preallocation {mode.value}: {why}"
 
 
+def _encryption_problem(rec: DiskRecord) -> str | None:
+    """Why `rec`'s encryption is not one this reconciler records for its spec (None: it is)."""
+    asked = rec.spec.get("encryption")
+    enc = rec.encryption
+    if enc is None:
+        return None if asked is None else "its spec asks for encryption it does not record"
+    if asked != {"format": enc.format}:
+        return f"its encryption {enc.format} is not its spec's ({asked!r})"
+    if rec.backend not in ENCRYPTING_BACKENDS or rec.format is DiskFormat.PLOOP:
+        return f"a {rec.backend.value} {rec.format.value} disk is never encrypted"
+    if enc.header is not None and rec.format is not DiskFormat.RAW:
+        return "only a raw disk's encryption has a header before its payload"
+    if rec.migration is not None:
+        return "an encrypted disk is never migrated (its copy would need its key)"
+    return None
+
+
 def _is_size(value: Any) -> bool:
     return type(value) is int and value > 0
 
@@ -138,6 +161,8 @@ def _spec_problem(
         return f"{what} has no size in bytes"
     if get("deletionPolicy", "Delete") not in ("Delete", "Retain"):
         return f"{what} has no deletionPolicy Delete or Retain"
+    if "encryption" in spec and spec["encryption"] != {"format": "luks"}:
+        return f"{what} has an encryption other than {{format: luks}}"
     source = get("source")
     if type(source) is dict and len(source) == 1 and type(source.get("image")) is str:
         return None
@@ -169,6 +194,8 @@ def _problem(rec: DiskRecord) -> str | None:
                 return "a cache entry names no instance, disk, backing or migration"
             if rec.preallocation is not None:
                 return "a cache entry has no preallocation (only a disk has)"
+            if rec.encryption is not None:
+                return "a cache entry is never encrypted (only a disk is)"
             return _entry_spec_problem(rec.spec)
         _name("instance", rec.instance)
         _name("disk", rec.disk)
@@ -186,9 +213,14 @@ def _problem(rec: DiskRecord) -> str | None:
         why = _preallocation_problem(rec.backend, rec.format, rec.preallocation, "its")
         if why is not None:
             return why
+        why = _encryption_problem(rec)
+        if why is not None:
+            return why
         mig = rec.migration
         if mig is not None:
             _name("migration pool", mig.pool)
+            if mig.spec.get("encryption") is not None:
+                return "its migration's spec asks for encryption (a copy is never encrypted)"
             if mig.format not in BACKEND_FORMATS[mig.backend]:
                 return f"its migration's backend {mig.backend.value} holds no {mig.format.value}"
             why = _preallocation_problem(

@@ -3,7 +3,9 @@ new disk's place goes first, replace.py), under the volume's lock:
 
   [replace.py: the old location deleted, or the volume at this name removed after a
   durable `deleting`] -> record `creating` (durable; it names the cache entry the disk is
-  made from, so `cache gc` cannot take it meanwhile) -> volume made by the driver
+  made from, so `cache gc` cannot take it meanwhile, and an encrypted disk's new libvirt
+  secret UUID) -> [encrypted: a new key defined as that secret, `secret.defined`,
+  host/keys.py] -> volume made by the driver
   (create_from_image: cache entry filled, then a clone or copy; create_from_template) ->
   record `ready` (lazily; its backing now only what the disk depends on) -> the record's
   copy kept beside the volume.
@@ -14,6 +16,9 @@ Crash windows (what the next run finds):
     volume first, replace.py) or, when the manifest no longer names it, deletes it.
   - `ready` written, its copy not kept on the volume: the store is the record; the copy
     is renewed from it (drivers: renew_record_copies).
+  - an encrypted disk's secret defined, the volume not (wholly) made: a `creating` record
+    naming the secret; making it again (or deleting it) removes the volume, then the
+    secret, then writes a new secret UUID. So no secret outlives the record naming it.
 A create that fails (not a crash) is rolled back at once: the volume it made removed,
 then its record; never a volume it did not make (VolumeExists). Ctrl-C leaves the
 `creating` record for the next run, as a crash would.
@@ -26,7 +31,9 @@ from __future__ import annotations
 
 from reconciler.apply.steps import replace
 from reconciler.apply.steps.context import Held, StepContext, StepResult
+from reconciler.apply.steps.keyed import erase_key, keyed
 from reconciler.drivers.api import ManagingDriver, VolumeExists
+from reconciler.drivers.host import keys
 from reconciler.model.errors import ReconcileError
 from reconciler.model.plan import Action
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
@@ -60,6 +67,10 @@ def make(ctx: StepContext, a: Action, d: ManagingDriver, rec: DiskRecord | None)
         # of an interrupted delete): record the intent to remove it first, so a crash
         # here is finished next time.
         rec = replace.clear_in_place(ctx, d, a.volume, rec)
+    elif rec is not None:
+        # A create or delete stopped with no volume left: the secret its record names
+        # (if it was defined) goes before a new record names another.
+        erase_key(d, rec)
     gen = rec.generation if rec else None
     new = DiskRecord(
         kind=RecordKind.DISK,
@@ -79,14 +90,17 @@ def make(ctx: StepContext, a: Action, d: ManagingDriver, rec: DiskRecord | None)
         generation=(gen or 0) + 1,
         # As planned (the pool's); the driver makes the disk as its record says.
         preallocation=a.preallocation,
+        # A new secret UUID (never a key), recorded before the secret or volume exists.
+        encryption=keys.new_encryption(spec),
     )
     ctx.records.add(new, gen)
     faults.point("record.creating")
     try:
-        if "image" in new.source:
-            d.create_from_image(new, new.source["image"])
-        else:
-            d.create_from_template(new, TemplateSource.model_validate(new.source))
+        with keyed(d, new):
+            if "image" in new.source:
+                d.create_from_image(new, new.source["image"])
+            else:
+                d.create_from_template(new, TemplateSource.model_validate(new.source))
     except BaseException as e:
         _roll_back(ctx, d, new, e)
         raise
@@ -104,6 +118,7 @@ def _roll_back(ctx: StepContext, d: ManagingDriver, rec: DiskRecord, err: BaseEx
     try:
         if not isinstance(err, VolumeExists):  # never remove a volume we did not make
             d.delete_volume(rec.volume)
+        erase_key(d, rec)
         ctx.records.remove(rec)
     except Exception as e:
         log.warning("apply.rollback_failed", volume=rec.volume, error=str(e))

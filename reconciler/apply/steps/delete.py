@@ -5,7 +5,9 @@ Delete, under the volume's lock:
   check_unused (the volume exists and its record is not `creating`) -> record `deleting`
   (durable; skipped when the record already says so: the redo of an interrupted delete)
   -> a migrating disk's partial copy removed (migrate.drop_partial_copy) -> volume removed
-  -> record removed (lazily; the run's final sync makes it durable).
+  -> an encrypted disk's key secret undefined (`secret.undefined`: crypto-erase, whatever
+  of its bytes a file system or LVM still holds no longer decrypts) -> record removed
+  (lazily; the run's final sync makes it durable).
 
 Crash windows (what the next run finds, and what its plan does):
   - before `deleting` is written: the record as it was and its volume; deleted again.
@@ -13,7 +15,9 @@ Crash windows (what the next run finds, and what its plan does):
     data was given up when the delete began; the delete is finished (or, when the
     manifest names the disk again, it is made again: replace.py removes the volume first).
   - volume removed, record not yet removed (or not yet durable at a power cut): a
-    `deleting` record without a volume; the record is removed.
+    `deleting` record without a volume; its secret is undefined (again: one already gone
+    is fine) and the record removed. A secret is never undefined before its volume is
+    removed, and never left after its record is.
 A volume is only ever removed after a durable record says it is being deleted, and a
 volume some defined domain uses is never removed (drivers/api.py: check_unused, asked
 now under the lock: the plan's own check is as old as the plan). A `creating` record's
@@ -26,6 +30,7 @@ before the removal leaves the record, and the next plan releases it again.
 from __future__ import annotations
 
 from reconciler.apply.steps.context import Held, StepContext, StepResult
+from reconciler.apply.steps.keyed import erase_key
 from reconciler.apply.steps.migrate import drop_partial_copy
 from reconciler.drivers.api import ManagingDriver, check_unused
 from reconciler.model.record import DiskRecord, RecordState
@@ -48,6 +53,7 @@ def remove(ctx: StepContext, d: ManagingDriver, rec: DiskRecord) -> None:
     if rec.migration is not None:
         drop_partial_copy(ctx, rec)
     d.delete_volume(rec.volume)
+    erase_key(d, rec)
     ctx.records.remove(rec, durable=False)
     faults.point("record.deleted")
 

@@ -8,6 +8,13 @@ touches no volume:
   hand-over: the holder changed from this host to released; the disk is kept, and a host
   whose manifest names it may take it.
 
+An encrypted disk handed over loses its secret on this host's daemon before the release
+when the pool has a key source (which keeps the key for the next owner), never without
+one (the secret is then the key's only home). A disk taken over gets its secret on this
+host's daemon from the pool's key source before the take-over's write
+(drivers/host/keys.py: restore); a crash between leaves a secret whose record another
+host still holds, which the next take-over defines again.
+
 Crash windows: before the write, nothing changed (the plan does it again); after it, the
 step is done. The store's own order of writes within that one call, and what a crash
 between them leaves, is drivers/rbd/records.py's (`_move`). A record that changed since
@@ -17,19 +24,36 @@ the plan fails the guard, so two hosts never both own a disk.
 from __future__ import annotations
 
 from reconciler.apply.steps.context import Held, StepContext, StepResult
+from reconciler.drivers.api import encrypts_of
+from reconciler.drivers.host import keys
 from reconciler.util import faults
 
 
 def take_over(ctx: StepContext, h: Held) -> StepResult:
     a, rec = h.action, h.rec
     assert rec is not None and a.holder is not None
+    if rec.encryption is not None:
+        # Its key from the pool's key source into this daemon's secret, before the record
+        # is ours: a take-over that cannot have the key changes nothing (the plan refuses
+        # one without a source).
+        e = encrypts_of(h.driver)
+        keys.restore(e.secrets(), rec, e.key_usage(rec.volume))
     ctx.records.take(rec, a.holder)
     faults.point("record.taken")
     return "done", f"this host now owns it (from {a.holder})"
 
 
 def hand_over(ctx: StepContext, h: Held) -> StepResult:
-    assert h.rec is not None
-    ctx.records.release(h.rec)
+    rec = h.rec
+    assert rec is not None
+    if rec.encryption is not None:
+        secrets = encrypts_of(h.driver).secrets()
+        if secrets.source is not None:
+            # The key stays in the pool's key source for the next owner; this host's copy
+            # goes first (a crash before the release leaves this host the owner of a disk
+            # whose key the source still holds, handed over again next run). Without a
+            # source the secret stays: it is the key's only home.
+            secrets.undefine(rec.encryption.secret, rec.volume)
+    ctx.records.release(rec)
     faults.point("record.handed-over")
     return "done", "the disk is kept; a host whose manifest names it may take it"

@@ -11,7 +11,8 @@ time) or gone, and the new one not begun: the next plan makes the disk again.
 In place (a volume already at the disk's name, with a record):
 
   check_unused (unless the record is `creating`) -> record `deleting` (durable) -> volume
-  removed -> [create.py: record `creating` over it -> ...]
+  removed -> its key's secret undefined, if encrypted -> [create.py: record `creating`
+  over it -> ...]
 
 Crash windows: before `deleting`, the record and volume as they were (the plan is made
 again); after it, a `deleting` record, with or without its volume, which the next run
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from reconciler.apply.steps import delete
 from reconciler.apply.steps.context import Held, StepContext, moved
+from reconciler.apply.steps.keyed import erase_key
 from reconciler.drivers.api import ManagingDriver, check_unused
 from reconciler.model.record import DiskRecord, RecordState
 from reconciler.util import faults
@@ -49,4 +51,5 @@ def clear_in_place(ctx: StepContext, d: ManagingDriver, volume: str, rec: DiskRe
     rec = ctx.records.change(rec, state=RecordState.DELETING)
     faults.point("record.deleting")
     d.delete_volume(volume)
+    erase_key(d, rec)  # crypto-erase: the key goes with its volume
     return rec

@@ -17,6 +17,15 @@ with `qemu-img resize --preallocation=MODE`. A ploop disk is file/ploop.py's. A 
 format cannot be made with (common.preallocation_refusal) is refused before anything is
 made (the planner refuses it first).
 
+An encrypted disk (its record's `encryption`, flows/qemuimg.py says how qemu-img makes
+one) is made again over the file libvirt made, as a preallocated one is, by `qemu-img
+create` of a `luks` volume (raw) or a qcow2 with LUKS inside (an overlay of the plain
+entry: the image is not secret, what the guest writes is), with the key its create step
+holds (host/keys.py), then filled by `convert -n` into the encrypted image. A raw one
+grows by growing its file to its recorded header + size (the payload runs to the file's
+end: no key needed); an encrypted qcow2 does not grow (qemu-img opens it only with its
+key, which its private libvirt secret never gives back; the planner refuses it).
+
 Order and crash windows of a disk made of an entry: entry held shared (so it is not
 collected) -> volume made (`volume.created`) and preallocated -> filled (`volume.filled`).
 A crash after the volume is made leaves a partial volume its `creating` record claims; the
@@ -37,11 +46,15 @@ from reconciler.drivers.flows.qemuimg import (
     QEMU_FORMAT,
     convert_argv,
     create_argv,
+    encrypted_convert_argv,
+    encrypted_create_argv,
     fd_path,
     mkfs_argv,
     open_volume,
     resize_argv,
+    run_create,
 )
+from reconciler.drivers.host import keys
 from reconciler.drivers.host.run import run
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
@@ -98,6 +111,11 @@ class FileDisks:
         """A blank disk, or swap or an empty filesystem made once per (kind, size, label)
         as a cache entry and overlaid or copied like an image."""
         if template.template is TemplateKind.BLANK:
+            if rec.encryption is not None:
+                self.vols.create_xml(rec.volume, rec.virtual_size, rec.format.value)
+                faults.point("volume.created")
+                self._encrypt(rec)
+                return
             self.make_empty(rec.volume, rec.format, rec.virtual_size, rec.preallocation)
             return
         _check_preallocation(rec.volume, rec.format, rec.preallocation)
@@ -153,6 +171,9 @@ class FileDisks:
         if rec.backend is Backend.QCOW2:
             vols.create_xml(rec.volume, rec.virtual_size, "qcow2", vols.path(entry))
             faults.point("volume.created")
+            if rec.encryption is not None:
+                self._encrypt(rec, vols.path(entry))
+                return
             self._preallocate(rec.volume, rec.format, rec.virtual_size, mode, vols.path(entry))
             return
         if rec.format is DiskFormat.PLOOP:
@@ -160,6 +181,10 @@ class FileDisks:
             return
         vols.create_xml(rec.volume, rec.virtual_size, fmt)
         faults.point("volume.created")
+        if rec.encryption is not None:
+            self._encrypt(rec)
+            self._fill_encrypted(rec, entry)
+            return
         self._preallocate(rec.volume, rec.format, rec.virtual_size, mode)
         with (
             open_volume(vols.path(entry), write=False) as src_fd,
@@ -172,6 +197,53 @@ class FileDisks:
                 fds=(src_fd, dst_fd),
                 what=f"copy {entry} into {rec.volume}",
             )
+        faults.point("volume.filled")
+
+    def _encrypt(self, rec: DiskRecord, backing: str | None = None) -> None:
+        """Make the volume libvirt just made again, over the same file, as the encrypted
+        image its record says (its key held by the create step), allocated as
+        `preallocation` says; a raw one must then be its recorded header + size."""
+        enc = rec.encryption
+        assert enc is not None
+        with (
+            keys.secret_object(enc.secret) as (secret, key_fd),
+            open_volume(self.vols.path(rec.volume)) as fd,
+        ):
+            run_create(
+                encrypted_create_argv(
+                    rec.format,
+                    secret,
+                    fd_path(fd),
+                    rec.virtual_size,
+                    preallocation=rec.preallocation,
+                    backing=backing,
+                ),
+                fds=(key_fd, fd),
+                what=f"encrypt {rec.volume}",
+            )
+            if enc.header is not None and os.fstat(fd).st_size != enc.header + rec.virtual_size:
+                raise ReconcileError(
+                    f"{rec.volume}: qemu-img made a LUKS volume of {os.fstat(fd).st_size} "
+                    f"bytes, not its recorded header {enc.header} + {rec.virtual_size}; "
+                    "this qemu lays LUKS out otherwise, and the disk is not made"
+                )
+            os.fsync(fd)
+
+    def _fill_encrypted(self, rec: DiskRecord, entry: str) -> None:
+        """Write the raw entry's bytes into the encrypted image, every zero too."""
+        enc = rec.encryption
+        assert enc is not None
+        with (
+            keys.secret_object(enc.secret) as (secret, key_fd),
+            open_volume(self.vols.path(entry), write=False) as src_fd,
+            open_volume(self.vols.path(rec.volume)) as dst_fd,
+        ):
+            run(
+                encrypted_convert_argv(secret, "raw", rec.format, fd_path(src_fd), fd_path(dst_fd)),
+                fds=(key_fd, src_fd, dst_fd),
+                what=f"copy {entry} into {rec.volume} (encrypted)",
+            )
+            os.fsync(dst_fd)
         faults.point("volume.filled")
 
     # -- cache entries (the flows are entries.Cache's) --------------------------------
@@ -221,8 +293,28 @@ class FileDisks:
         """Grow a volume using the format from its record, never a probed one; the new part
         allocated as the disk was made (its record's preallocation)."""
         mode = rec.preallocation
+        enc = rec.encryption
+        if enc is not None and enc.header is None:
+            raise ReconcileError(
+                f"not resizing {rec.volume}: an encrypted {rec.format.value} disk is opened "
+                "only with its key, which its private libvirt secret never gives back"
+            )
         with open_volume(self.vols.path(rec.volume)) as fd:
-            if rec.format is DiskFormat.RAW:
+            if enc is not None and enc.header is not None:
+                # A LUKS payload runs to the file's end: the file grows, the key is not needed.
+                want = enc.header + size
+                if os.fstat(fd).st_size > want:
+                    raise ReconcileError(f"{rec.volume} is larger than {want} bytes; not shrunk")
+                if mode is None:
+                    os.ftruncate(fd, want)
+                else:
+                    run(
+                        resize_argv("raw", fd_path(fd), want, mode),
+                        fds=(fd,),
+                        what=f"grow {rec.volume} ({mode.value})",
+                    )
+                os.fsync(fd)
+            elif rec.format is DiskFormat.RAW:
                 if os.fstat(fd).st_size > size:
                     raise ReconcileError(f"{rec.volume} is larger than {size} bytes; not shrunk")
                 if mode is None:

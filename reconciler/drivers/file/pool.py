@@ -40,6 +40,7 @@ from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.copy import FileSink, FileSource
 from reconciler.drivers.host import ownership
 from reconciler.drivers.host.domains import Attachments
+from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore
 from reconciler.drivers.ingest.headers import file_header_format
@@ -86,6 +87,14 @@ class FilePoolDriver:
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         return self.vols.locks().hold(name, shared=shared)
 
+    def secrets(self) -> Secrets:
+        """Encrypted disks' keys: libvirt secrets on the pool's daemon (host/keys.py)."""
+        return Secrets(self.conns, self.config.uri, self.name, self.config.keys)
+
+    def key_usage(self, volume: str) -> str:
+        """The path a domain opens, as libvirt's own storage driver names a key's volume."""
+        return self.path(volume)
+
     # -- observing --------------------------------------------------------------------
 
     def list_volumes(self) -> frozenset[str]:
@@ -129,7 +138,10 @@ class FilePoolDriver:
         for rec in records:
             if rec.volume in pool.volumes:
                 fmt = file_header_format(os.path.join(root, rec.volume))
-                if fmt != rec.format.value:
+                # An encrypted raw disk starts with its LUKS header (the guest writes only
+                # the payload after it).
+                made = "luks" if rec.encryption and rec.format is DiskFormat.RAW else None
+                if fmt != (made or rec.format.value):
                     headers[rec.volume] = fmt
         return dataclasses.replace(pool, header_formats=headers)
 

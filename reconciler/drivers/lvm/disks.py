@@ -13,16 +13,33 @@ next LV): a disk is written whole, the entry's bytes then zeros to its last exte
 blank one is zeroed whatever volumeClear says. Order and crash windows of a disk made of
 an entry: entry held shared -> LV made (`volume.created`) -> filled (`volume.filled`); a
 crash between leaves an LV its `creating` record claims, removed and made again next run.
+
+An encrypted disk (its record's `encryption`) is qemu's `luks` over the LV: a LUKS volume
+of the disk's size made in an unnamed local file beside the records database (with the
+key its create step holds; flows/qemuimg.py), the entry's bytes (copied out of its LV into
+another such file) converted into it, then the whole file copied into a new LV of header
++ size (zeros to its last extent, whose payload the guest sees as noise). It grows with
+`lvextend` to header + size, without its key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from reconciler.drivers.flows import entries
-from reconciler.drivers.flows.copy import FileSource, raw_copy
-from reconciler.drivers.flows.qemuimg import convert_argv, fd_path, mkfs_argv
+from reconciler.drivers.flows.copy import FileSink, FileSource, raw_copy
+from reconciler.drivers.flows.qemuimg import (
+    convert_argv,
+    encrypted_convert_argv,
+    encrypted_create_argv,
+    fd_path,
+    mkfs_argv,
+    run_create,
+)
+from reconciler.drivers.host import keys
 from reconciler.drivers.host.run import run
 from reconciler.drivers.host.store import RecordStore
 from reconciler.drivers.lvm.tools import LvmError, PiecesSink, PiecesSource, zero
@@ -59,11 +76,19 @@ class LvmDisks:
         """A disk with an image's content: fetched and checked once into a cache entry LV,
         then copied into a new LV."""
         check_lv_name(rec.volume)
-        self.cache.from_image(rec, image_id, self._from_entry)
+        make = self._from_entry if rec.encryption is None else self._encrypted_from_entry
+        self.cache.from_image(rec, image_id, make)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
         """A blank disk (its extents zeroed), or swap or an empty filesystem made once per
         (kind, size, label) as a cache entry and copied like an image."""
+        if rec.encryption is not None:
+            check_lv_name(rec.volume)
+            if template.template is TemplateKind.BLANK:
+                self._encrypted(rec, None, None)
+            else:
+                self.cache.from_template(rec, template, self._encrypted_from_entry)
+            return
         if template.template is TemplateKind.BLANK:
             self.lvs.create(rec.volume, rec.virtual_size)
             faults.point("volume.created")
@@ -98,6 +123,63 @@ class LvmDisks:
             lvs.delete(rec.volume)  # made just now, from nothing yet
             raise entries.EntryGone from None
         faults.point("volume.filled")
+
+    def _encrypted_from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
+        check_lv_name(entry)
+        self._encrypted(rec, entry, cached.virtual_size)
+
+    def _encrypted(self, rec: DiskRecord, entry: str | None, entry_size: int | None) -> None:
+        """A new LV for encrypted disk `rec`: a LUKS volume holding entry `entry`'s bytes
+        (None: nothing, a blank disk), made locally and copied in whole."""
+        enc = rec.encryption
+        assert enc is not None and enc.header is not None
+        lvs = self.lvs
+        length = enc.header + rec.virtual_size
+        with keys.secret_object(enc.secret) as (secret, key_fd), self._unnamed() as fd:
+            run_create(
+                encrypted_create_argv(DiskFormat.RAW, secret, fd_path(fd), rec.virtual_size),
+                fds=(key_fd, fd),
+                what=f"encrypt {rec.volume}",
+            )
+            if os.fstat(fd).st_size != length:
+                raise ReconcileError(
+                    f"{rec.volume}: qemu-img made a LUKS volume of {os.fstat(fd).st_size} "
+                    f"bytes, not its recorded header {enc.header} + {rec.virtual_size}"
+                )
+            if entry is not None and entry_size is not None:
+                with self._unnamed() as src_fd:
+                    os.ftruncate(src_fd, entry_size)
+                    with lvs.data.open(entry, entry_size, write=False) as pieces:
+                        raw_copy(
+                            PiecesSource(pieces, f"{self.name}/{entry}", entry_size),
+                            FileSink(src_fd, f"a local copy of {self.name}/{entry}"),
+                        )
+                    run(
+                        encrypted_convert_argv(
+                            secret, "raw", DiskFormat.RAW, fd_path(src_fd), fd_path(fd)
+                        ),
+                        fds=(key_fd, src_fd, fd),
+                        what=f"copy {entry} into {rec.volume} (encrypted)",
+                    )
+            lvs.create(rec.volume, length)
+            faults.point("volume.created")
+            # All of the LV: the LUKS volume, then zeros to its last extent.
+            with lvs.data.open(rec.volume, None, write=True) as pieces:
+                raw_copy(
+                    FileSource(fd, rec.volume, length),
+                    PiecesSink(pieces, f"{self.name}/{rec.volume}"),
+                )
+        faults.point("volume.filled")
+
+    @contextlib.contextmanager
+    def _unnamed(self) -> Iterator[int]:
+        """An unnamed file (O_TMPFILE) beside the records database: a crash leaves nothing."""
+        root = self.lvs.tmp_dir()
+        fd = os.open(root, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     # -- cache entries (the flows are entries.Cache's) --------------------------------
 
@@ -154,6 +236,8 @@ class LvmDisks:
         to whole extents, or an interrupted run grew it) is left as it is."""
         if rec.format is not DiskFormat.RAW:
             raise ReconcileError(f"{rec.volume}: an lvm disk is raw, not {rec.format}")
+        if rec.encryption is not None and rec.encryption.header is not None:
+            size += rec.encryption.header  # the LUKS payload runs to the LV's end
         lvs = self.lvs
         if lvs.size(rec.volume) < size:
             lvs.lvm.run("lvextend", "-L", f"{size}b", f"{lvs.vg}/{rec.volume}", lv=rec.volume)

@@ -50,6 +50,7 @@ from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.takein import take_in
 from reconciler.drivers.host import ownership
 from reconciler.drivers.host.domains import Attachments, attachments
+from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore
 from reconciler.drivers.ingest.headers import HEADER_BYTES, header_format
@@ -155,6 +156,14 @@ class LvmPoolDriver:
             )
         self._libvirt_checked = True
 
+    def secrets(self) -> Secrets:
+        """Encrypted disks' keys: libvirt secrets on the pool's daemon (host/keys.py)."""
+        return Secrets(self.conns, self.config.uri, self.name, self.config.keys)
+
+    def key_usage(self, volume: str) -> str:
+        """The LV's device node, the path a domain opens."""
+        return self.disk_source(volume).path
+
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         return self.lvs.lock(name, shared=shared)
 
@@ -226,7 +235,10 @@ class LvmPoolDriver:
             with self.lvs.data.open_many({v: HEADER_BYTES for v in managed}, write=False) as maps:
                 for v, pieces in maps.items():
                     fmt = header_format(pieces_reader(pieces)(0, HEADER_BYTES))
-                    if fmt != managed[v].format.value:
+                    # An encrypted disk starts with its LUKS header (the guest writes
+                    # only the payload after it).
+                    made = "luks" if managed[v].encryption else managed[v].format.value
+                    if fmt != made:
                         headers[v] = fmt
         except (OSError, ReconcileError) as e:
             # Warnings only: an LV removed meanwhile, or not active, costs this look.

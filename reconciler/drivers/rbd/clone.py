@@ -17,17 +17,37 @@ pruned by `cache gc` when its disk has no record and no image) -> clone (carryin
 record copy before anything else) -> grow -> record `ready`. The entry's lock is held
 shared from the reference to the clone, so an import or a removal (both exclusive) never
 runs under a clone.
+
+An encrypted disk (its record's `encryption`) is no clone: Ceph Pacific's librbd (16.2)
+cannot encrypt a clone apart from its parent (layered encryption came in a later
+release), and qemu's `luks` over a clone of a plain entry would read the entry's bytes as
+ciphertext. So it is a full copy of the entry's bytes into a LUKS payload: the entry
+exported to an unnamed local file, a LUKS volume (flows/qemuimg.py) made in another with
+the key its create step holds, the entry converted into it, then written into a new plain
+image of header + size with python-rbd (`volume.created`, `volume.filled`). It holds no
+reference to the entry (it depends on none once made; the entry's lock, held shared by
+the caller, keeps it while it is read); a blank one holds only its LUKS header.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from reconciler.drivers.flows import entries
+from reconciler.drivers.flows.qemuimg import (
+    encrypted_convert_argv,
+    encrypted_create_argv,
+    fd_path,
+    run_create,
+)
+from reconciler.drivers.host import keys
+from reconciler.drivers.host.run import run
 from reconciler.drivers.host.store import ConflictError
+from reconciler.drivers.rbd import io
 from reconciler.drivers.rbd.cache import SNAP
 from reconciler.drivers.rbd.cluster import Cluster, mods
 from reconciler.drivers.rbd.copies import RECORD_KEY
@@ -105,6 +125,12 @@ class Clones:
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
         _check_raw(rec)
+        if rec.encryption is not None:
+            if template.template.value == "blank":
+                self._encrypted(rec, None)
+            else:
+                self.cache.from_template(rec, template, self._encrypted_from_entry)
+            return
         if template.template.value == "blank":
             create_empty(self.c, rec.volume, rec.virtual_size)
             faults.point("volume.created")
@@ -114,6 +140,15 @@ class Clones:
     def create_from_image(self, rec: DiskRecord, image_id: str) -> None:
         _check_raw(rec)
         direct = self._direct(image_id)
+        if rec.encryption is not None:
+            if direct is not None:
+                raise ReconcileError(
+                    f"{rec.volume}: an encrypted disk of a catalog rbd:// snapshot is not built "
+                    "yet (it would be copied from the snapshot); give the catalog another "
+                    "location, or leave the disk unencrypted"
+                )
+            self.cache.from_image(rec, image_id, self._encrypted_from_entry)
+            return
         if direct is not None:
             self._clone_direct(rec, image_id, *direct)
             return
@@ -136,6 +171,45 @@ class Clones:
             with contextlib.suppress(ReconcileError):
                 records.drop_reference(c.name, entry, rec.volume)
             raise
+
+    def _encrypted_from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
+        """A full copy of ready cache entry `entry` (held shared by the caller) into an
+        encrypted disk `rec`."""
+        with io.export(self.c, entry) as src_fd:
+            self._encrypted(rec, src_fd)
+
+    def _encrypted(self, rec: DiskRecord, src_fd: int | None) -> None:
+        """Image `rec.volume`: a LUKS volume of the disk's size holding `src_fd`'s raw
+        bytes (None: nothing, a blank disk), made locally, then written into the image."""
+        enc = rec.encryption
+        assert enc is not None and enc.header is not None
+        length = enc.header + rec.virtual_size
+        with keys.secret_object(enc.secret) as (secret, key_fd), io.scratch() as fd:
+            run_create(
+                encrypted_create_argv(DiskFormat.RAW, secret, fd_path(fd), rec.virtual_size),
+                fds=(key_fd, fd),
+                what=f"encrypt {rec.volume}",
+            )
+            if os.fstat(fd).st_size != length:
+                raise ReconcileError(
+                    f"{rec.volume}: qemu-img made a LUKS volume of {os.fstat(fd).st_size} "
+                    f"bytes, not its recorded header {enc.header} + {rec.virtual_size}; the "
+                    "disk is not made"
+                )
+            if src_fd is not None:
+                run(
+                    encrypted_convert_argv(
+                        secret, "raw", DiskFormat.RAW, fd_path(src_fd), fd_path(fd)
+                    ),
+                    fds=(key_fd, src_fd, fd),
+                    what=f"copy into {rec.volume} (encrypted)",
+                )
+            create_empty(self.c, rec.volume, length)
+            with self.c.image(rec.volume) as img, self.c.op(f"recording {rec.volume}"):
+                img.metadata_set(RECORD_KEY, rec.model_dump_json())
+            faults.point("volume.created")
+            io.write_file(self.c, fd, rec.volume, length)
+        faults.point("volume.filled")
 
     def _clone_direct(
         self, rec: DiskRecord, image_id: str, pool: str, name: str, snap: str

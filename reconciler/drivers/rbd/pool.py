@@ -50,6 +50,7 @@ from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.takein import take_in
 from reconciler.drivers.host import ownership
 from reconciler.drivers.host.domains import NO_DOMAIN_DRIVER, Attachments, all_domains
+from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore
 from reconciler.drivers.rbd import adopt, cache, copies, disks, images, io, migrate, owner
@@ -114,6 +115,14 @@ class RbdPoolDriver:
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         """A lease on `name` (see Cluster.lock)."""
         return self.c.lock(name, shared=shared)
+
+    def secrets(self) -> Secrets:
+        """Encrypted disks' keys: libvirt secrets on this host's daemon (host/keys.py);
+        another host sharing the Ceph pool has none of them (README: key sources)."""
+        return Secrets(self.conns, self.config.uri, self.name, self.config.keys)
+
+    def key_usage(self, volume: str) -> str:
+        return f"rbd:{self.ceph.pool}/{volume}"
 
     def disk_source(self, volume: str) -> DiskSource:
         """The image in the Ceph pool's default namespace (where the images are), with the
@@ -246,7 +255,10 @@ class RbdPoolDriver:
         return self.clones.entry_for(spec)
 
     def backing_for(self, spec: Mapping[str, Any]) -> str | None:
-        """A clone depends on its entry for as long as it exists."""
+        """A clone depends on its entry for as long as it exists; an encrypted disk is a
+        full copy (clone.py), which depends on none."""
+        if spec.get("encryption") is not None:
+            return None
         return self.clones.entry_for(spec)
 
     def create_from_template(self, rec: DiskRecord, template: TemplateSource) -> None:
@@ -264,7 +276,10 @@ class RbdPoolDriver:
     # -- changing and removing (disks.py) -----------------------------------------------
 
     def resize(self, rec: DiskRecord, size: int) -> None:
-        disks.resize(self.c, rec, size)
+        # An encrypted disk's LUKS payload runs to the image's end: the image is its
+        # recorded header + size, grown without the key.
+        header = rec.encryption.header if rec.encryption is not None else None
+        disks.resize(self.c, rec, size + (header or 0))
 
     def delete_volume(self, volume: str) -> None:
         disks.delete_volume(self.c, volume)

@@ -40,6 +40,8 @@ from reconciler.schema.manifest import (
     AttachSpec,
     DeletionPolicy,
     DiskSpec,
+    EncryptionFormat,
+    EncryptionSpec,
     ImageSource,
     Manifest,
     TemplateKind,
@@ -140,6 +142,7 @@ def _disk(d: dict[str, Any]) -> DiskSpec:
         d["format"],
         d["size"],
         d["deletionPolicy"],
+        (d.get("encryption") or {}).get("format"),
         src.get("image"),
         src.get("template"),
         src.get("label"),
@@ -165,12 +168,19 @@ def _disk(d: dict[str, Any]) -> DiskSpec:
             "size": int(d["size"]),
             "source": source,
             "deletion_policy": _POLICIES[d["deletionPolicy"]],
+            "encryption": _encryption(d.get("encryption")),
             "attach": None,
         },
     )
     if len(_disks) < 10_000:
         _disks[key] = spec
     return spec
+
+
+def _encryption(e: dict[str, Any] | None) -> EncryptionSpec | None:
+    if e is None:
+        return None
+    return _model(EncryptionSpec, {"format": EncryptionFormat(e["format"])})
 
 
 def construct(data: dict[str, Any]) -> Manifest:

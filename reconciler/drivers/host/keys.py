@@ -1,0 +1,315 @@
+"""Disk encryption keys: made here, kept only in a libvirt secret, handed to qemu-img only
+as a descriptor. Never logged, never in a record, a plan, an exported state or an argv.
+
+A disk's key is 32 random bytes written as 64 hex digits (the LUKS passphrase qemu and
+libvirt are given; text, so every tool that takes a passphrase takes it). Its only home is
+a libvirt secret on the daemon of the disk's pool (`<secret ephemeral='no'
+private='yes'>`): persistent across daemon restarts, and never given back through
+libvirt's API (virSecretGetValue refuses a private secret), so nothing that can reach the
+daemon's socket can read it; libvirt itself hands it to qemu when a domain opens the disk.
+
+Consequences, by design:
+- the key exists in the reconciler's memory only while it makes the disk (`held`): the
+  create step makes it, defines the secret and the driver's qemu-img calls read it from a
+  memfd (`secret_object`);
+- what grows a disk never needs it: a LUKS payload runs to its volume's end (a raw
+  disk grows by growing the volume to the recorded header + size), and a qcow2's
+  encryption is per cluster, but qemu-img opens an encrypted qcow2 only with its key, so
+  an encrypted qcow2 does not grow (a plan error) until a key source can give it back;
+- a copy of an encrypted disk (a migration) needs the old key, so it is refused in the
+  plan, for the same reason.
+
+Order (the create and delete steps): record with the secret's UUID (durable) -> [a key
+source: the key stored there, `key.stored`] -> secret defined with the key
+(`secret.defined`) -> volume made -> ready; delete: volume removed -> secret undefined
+(`secret.undefined`, crypto-erase: whatever of the volume's bytes survive, on a file
+system's free blocks or a snapshot, no longer decrypts) -> [the source's key deleted,
+`key.deleted`] -> record removed. So neither a secret nor a stored key outlives its
+record, and a record is never `ready` without its secret.
+
+A key source (a pool's config `keys: {directory: DIR}`, `KeyDirectory`) is how another
+host sharing a Ceph pool gets a key: a take-over of an encrypted disk reads it there by
+the UUID its record names and defines the same secret on its own daemon (`restore`).
+DIR is root's and 0700, each key file root's and 0600 (anything else is refused, never
+read); files are opened relative to the directory's descriptor, without following links,
+written under a temporary name and renamed, and the directory fsynced.
+
+The secret names its volume in its usage (libvirt's `volume` usage, the path a
+domain opens), which libvirt keeps unique: a secret of someone else's for that path
+makes the define fail, never replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+import threading
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import libvirt
+
+from reconciler.drivers.host.libvirt import Connections
+from reconciler.model.errors import ReconcileError
+from reconciler.model.record import DiskRecord, Encryption
+from reconciler.schema.common import DiskFormat
+from reconciler.schema.config import KeySourceConfig
+from reconciler.util import faults
+
+# The id qemu-img's `--object secret` has in every command line that names a key.
+SECRET_ID = "sec0"
+# Bytes before the payload of qemu's LUKS volume as made here (flows/qemuimg.py), recorded
+# in each raw encrypted disk's record before it is made; the create checks the volume.
+LUKS_HEADER = 2068480
+
+
+class KeyError_(ReconcileError):
+    """A disk's key is not where it must be (not held while its disk is made)."""
+
+
+def new_encryption(spec: Mapping[str, Any]) -> Encryption | None:
+    """The encryption a disk made to `spec` records before it is made: a new secret UUID
+    (the key comes later, with the secret), and a raw disk's LUKS header size."""
+    asked = spec.get("encryption")
+    if asked is None:
+        return None
+    header = LUKS_HEADER if spec["format"] == DiskFormat.RAW.value else None
+    return Encryption(format=asked["format"], secret=str(uuid.uuid4()), header=header)
+
+
+def new_key() -> bytes:
+    """A fresh disk key: 256 random bits as 64 hex digits."""
+    return secrets.token_hex(32).encode()
+
+
+_held: dict[str, bytes] = {}
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def held(uuid: str, key: bytes) -> Iterator[None]:
+    """`key` is the key of secret `uuid` while the block runs (its disk is made)."""
+    with _held_lock:
+        _held[uuid] = key
+    try:
+        yield
+    finally:
+        with _held_lock:
+            _held.pop(uuid, None)
+
+
+def key_of(uuid: str) -> bytes:
+    """The key of secret `uuid`, if it is held; raises otherwise (a private libvirt secret
+    cannot be read back, so a key is only at hand while its disk is made)."""
+    with _held_lock:
+        key = _held.get(uuid)
+    if key is None:
+        raise KeyError_(
+            f"the key of libvirt secret {uuid} is not at hand: it is kept only in that "
+            "private secret, which libvirt never gives back"
+        )
+    return key
+
+
+@contextlib.contextmanager
+def secret_object(uuid: str) -> Iterator[tuple[list[str], int]]:
+    """qemu-img's `--object secret` naming the held key of `uuid` through a memfd (no
+    file on any file system, no key in the argv): (argv words, descriptor to pass)."""
+    key = key_of(uuid)
+    fd = os.memfd_create("reconciler-key", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, key)
+        os.lseek(fd, 0, os.SEEK_SET)
+        yield ["--object", f"secret,id={SECRET_ID},format=raw,file=/proc/self/fd/{fd}"], fd
+    finally:
+        os.close(fd)
+
+
+def secret_xml(uuid: str, usage: str, description: str) -> str:
+    root = ET.Element("secret", ephemeral="no", private="yes")
+    ET.SubElement(root, "uuid").text = uuid
+    ET.SubElement(root, "description").text = description
+    use = ET.SubElement(root, "usage", type="volume")
+    ET.SubElement(use, "volume").text = usage
+    return ET.tostring(root, encoding="unicode")
+
+
+DESCRIPTION_PREFIX = "reconcile: key of "
+
+
+MAX_KEY_BYTES = 4096
+
+
+class KeyDirectory:
+    """A directory of key files only root can read (see the module docstring)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def _dir(self) -> Iterator[int]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise ReconcileError(f"key directory {self.path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise ReconcileError(
+                    f"key directory {self.path} is refused: it must be owned by uid "
+                    f"{os.geteuid()} with mode 0700 (it is uid {st.st_uid}, mode "
+                    f"{stat.S_IMODE(st.st_mode):04o})"
+                )
+            yield fd
+        finally:
+            os.close(fd)
+
+    def put(self, uuid_: str, key: bytes) -> None:
+        """Store `key` as the file `uuid_` (replacing one of a redo)."""
+        tmp = f".tmp-{uuid_}"
+        with self._dir() as d:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=d)
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=d,
+            )
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, key)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, uuid_, src_dir_fd=d, dst_dir_fd=d)
+            os.fsync(d)
+        faults.point("key.stored")
+
+    def get(self, uuid_: str) -> bytes:
+        """The key stored as `uuid_`; ReconcileError (never a key) if it is not there or
+        its file is not root's alone."""
+        with self._dir() as d:
+            try:
+                fd = os.open(uuid_, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+            except OSError as e:
+                raise ReconcileError(
+                    f"the key of secret {uuid_} is not in key directory {self.path}: {e.strerror}"
+                ) from None
+            try:
+                st = os.fstat(fd)
+                if (
+                    not stat.S_ISREG(st.st_mode)
+                    or st.st_uid != os.geteuid()
+                    or st.st_mode & 0o077
+                    or not 0 < st.st_size <= MAX_KEY_BYTES
+                ):
+                    raise ReconcileError(
+                        f"key file {self.path}/{uuid_} is refused: it must be a regular file "
+                        f"of uid {os.geteuid()}, mode 0600, of 1-{MAX_KEY_BYTES} bytes"
+                    )
+                return os.read(fd, MAX_KEY_BYTES)
+            finally:
+                os.close(fd)
+
+    def delete(self, uuid_: str) -> None:
+        """Remove the key stored as `uuid_`, and a temporary file a crash in `put` left
+        (one already gone is fine: a redo)."""
+        with self._dir() as d:
+            for name in (uuid_, f".tmp-{uuid_}"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=d)
+            os.fsync(d)
+        faults.point("key.deleted")
+
+
+class Secrets:
+    """The libvirt secrets of one daemon (a pool's `uri`) that hold disk keys, and the
+    pool's key source, if its config names one."""
+
+    def __init__(
+        self, conns: Connections, uri: str, pool: str, source: KeySourceConfig | None = None
+    ) -> None:
+        self.conns = conns
+        self.uri = uri
+        self.pool = pool
+        self.source = KeyDirectory(source.directory) if source is not None else None
+
+    def _call(self, what: str, fn: Any) -> Any:
+        return self.conns.call(self.uri, f"{what} (pool {self.pool})", fn)
+
+    def define(self, uuid: str, usage: str, volume: str, key: bytes) -> None:
+        """Define secret `uuid` (private, persistent) for the volume at `usage` and set
+        its value to `key`. Again over our own secret of that UUID is fine (a redo)."""
+        xml = secret_xml(uuid, usage, f"{DESCRIPTION_PREFIX}{self.pool}/{volume}")
+
+        def define(conn: Any) -> None:
+            sec = conn.secretDefineXML(xml, 0)
+            sec.setValue(key, 0)
+
+        self._call(f"define libvirt secret {uuid}, the key of {volume}", define)
+        faults.point("secret.defined")
+
+    def exists(self, uuid: str) -> bool:
+        def look(conn: Any) -> bool:
+            try:
+                conn.secretLookupByUUIDString(uuid)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                    return False
+                raise
+            return True
+
+        return bool(self._call("look up a key secret", look))
+
+    def undefine(self, uuid: str, volume: str) -> None:
+        """Undefine secret `uuid` (crypto-erase); one already gone is fine (a redo)."""
+
+        def undefine(conn: Any) -> None:
+            try:
+                conn.secretLookupByUUIDString(uuid).undefine()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_SECRET:
+                    raise
+
+        self._call(f"undefine libvirt secret {uuid}, the key of {volume}", undefine)
+        faults.point("secret.undefined")
+
+
+@contextlib.contextmanager
+def made_with_key(secrets_: Secrets, rec: DiskRecord, usage: str) -> Iterator[None]:
+    """While `rec`'s disk is made: a new key, defined as its recorded secret (the record
+    naming it is already durable) and held for the driver's qemu-img calls."""
+    enc = rec.encryption
+    assert enc is not None
+    key = new_key()
+    with held(enc.secret, key):
+        if secrets_.source is not None:
+            secrets_.source.put(enc.secret, key)
+        secrets_.define(enc.secret, usage, rec.volume, key)
+        yield
+
+
+def erase(secrets_: Secrets, rec: DiskRecord) -> None:
+    """Undefine the secret of `rec`, whose volume is gone (crypto-erase); none: nothing."""
+    if rec.encryption is not None:
+        secrets_.undefine(rec.encryption.secret, rec.volume)
+        if secrets_.source is not None:
+            secrets_.source.delete(rec.encryption.secret)
+
+
+def restore(secrets_: Secrets, rec: DiskRecord, usage: str) -> None:
+    """Define `rec`'s secret on this daemon from the pool's key source (a disk another
+    host made, taken over here); ReconcileError where there is no source or no key."""
+    enc = rec.encryption
+    assert enc is not None
+    if secrets_.source is None:
+        raise ReconcileError(
+            f"{rec.pool}/{rec.volume} is encrypted and its key is not on this host; pool "
+            f"{rec.pool} has no key source (config `keys`) to get it from"
+        )
+    secrets_.define(enc.secret, usage, rec.volume, secrets_.source.get(enc.secret))
