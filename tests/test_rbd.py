@@ -324,6 +324,17 @@ def test_an_rbd_snapshot_in_the_same_cluster_is_cloned_from_directly(
     inst = env.manifest("vm", [rdisk("root", size="16MiB", image="here", template=None)])
     far = env.manifest("far", [rdisk("root", size="16MiB", image="elsewhere", template=None)])
     deep = env.manifest("deep", [rdisk("root", size="16MiB", image="deep", template=None)])
+    # An encrypted disk would be a copy of the snapshot, which is not built: the plan says
+    # so (apply refuses it too), and nothing is made for it.
+    enc = env.manifest(
+        "enc",
+        [{**rdisk("root", size="16MiB", image="here", template=None),
+          "encryption": {"format": "luks"}}],
+    )  # fmt: skip
+    plan = env.plan_json()
+    (refused,) = [e for e in plan["errors"] if e.get("instance") == enc]
+    assert refused["code"] == "encryption-unsupported" and "rbd:// snapshot" in refused["message"]
+    assert not [a for a in plan["actions"] if a["instance"] == enc]
     before = site.images()
     rc, out = run(env)
     assert rc == 1, out

@@ -22,7 +22,8 @@ from reconciler.model.desired import DesiredDisk
 from reconciler.model.observed import ObservedPool
 from reconciler.model.plan import Action, ActionKind, Precondition
 from reconciler.model.units import format_size
-from reconciler.schema.common import preallocation_refusal
+from reconciler.schema.common import Backend, preallocation_refusal
+from reconciler.schema.manifest import ImageSource
 from reconciler.schema.recordcheck import ENCRYPTING_BACKENDS
 
 
@@ -71,7 +72,23 @@ def make(draft: Draft, d: DesiredDisk, action: Action) -> None:
 
 def encryption_refused(draft: Draft, d: DesiredDisk) -> bool:
     """True (with an error) where `d` asks for encryption its backend cannot make yet."""
-    if d.spec.encryption is None or d.spec.backend in ENCRYPTING_BACKENDS:
+    if d.spec.encryption is None:
+        return False
+    if d.spec.backend is Backend.RBD and isinstance(d.spec.source, ImageSource) and d.entry is None:
+        # The rbd driver names no cache entry for a catalog rbd:// snapshot of the pool's
+        # own cluster (its disks are cloned from it directly), and an encrypted disk is a
+        # copy, not a clone, which apply would refuse: said here, before anything is made.
+        draft.error(
+            "encryption-unsupported",
+            f"an encrypted disk of image {d.spec.source.image}, a catalog rbd:// snapshot "
+            "of this cluster, is not built yet (it would be copied from the snapshot); give "
+            "the catalog another location, or leave the disk unencrypted; the disk is not made",
+            pool=d.spec.pool,
+            volume=d.volume,
+            **where_of(d),
+        )
+        return True
+    if d.spec.backend in ENCRYPTING_BACKENDS:
         return False
     draft.error(
         "encryption-unsupported",
