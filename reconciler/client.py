@@ -25,6 +25,7 @@ from typing import Any
 from reconciler.attach.ready import DiskReadiness, DiskState, disk_readiness
 from reconciler.attach.xml import Layer, assign_targets, disk_element, to_text
 from reconciler.control.session import Session
+from reconciler.drivers.api import ManagingDriver, encrypts_of
 from reconciler.model.desired import DesiredInstance
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord
@@ -288,6 +289,8 @@ class Client:
                 if entry is None:  # recordcheck refuses a backing without its record
                     raise ReconcileError(f"disk {d.spec.name}: backing {rec.backing} has no record")
                 backing.append(Layer(drv.disk_source(entry.volume), entry.format))
+            if rec.encryption is not None:
+                _check_secret(drv, rec, d.spec.name)
             spec = specs[d.spec.name]
             dev, bus = targets[d.spec.name]
             element = disk_element(
@@ -318,3 +321,26 @@ class Client:
                 )
             )
         return out
+
+
+def _check_secret(drv: ManagingDriver, rec: DiskRecord, name: str) -> None:
+    """An encrypted disk's element names its libvirt secret: one missing from the pool's
+    daemon (a rebuilt daemon, a secret undefined by hand) would let the element through
+    and fail the domain's start, so it is an error here, naming what can bring it back."""
+    assert rec.encryption is not None
+    enc = encrypts_of(drv)
+    uuid = rec.encryption.secret
+    if enc.secrets().exists(uuid):
+        return
+    source = enc.secrets().source
+    fix = (
+        f"the pool's key directory keeps the key ({source.path}/{uuid}): define the "
+        "secret again from it (virsh secret-define, then secret-set-value --file)"
+        if source is not None
+        else "no key source keeps the key (only that secret held it), so the disk's data "
+        "cannot be decrypted"
+    )
+    raise ReconcileError(
+        f"disk {name} ({rec.pool}/{rec.volume}): its key's libvirt secret {uuid} is not "
+        f"defined on the pool's daemon, so a domain could not open it; {fix}"
+    )

@@ -464,3 +464,24 @@ def test_hostile_images_are_refused_for_encrypted_disks_too(env: Env, tmp_path: 
     )
     assert pool_contents(env) == [] and records(env) == []
     assert our_secrets(env) == {}
+
+
+def test_an_encrypted_disk_whose_secret_is_gone_gets_no_element(env: Env) -> None:
+    """A secret undefined behind the reconciler's back (by hand, or a rebuilt daemon): the
+    element would name it and the domain fail to start, so `disks` refuses, saying so."""
+    inst = env.manifest("gone", [encrypted(disk("d", size="4MiB", template="blank"))])
+    assert env.run()[0] == 0
+    argv = ["disks", "--config", str(env.config_path), "-m", str(env.manifests), inst]
+    rc, out, err = env.main(argv)
+    assert rc == 0, err
+    (uuid,) = our_secrets(env)
+    assert f'uuid="{uuid}"' in out
+    conn = libvirt.open(env.uri)
+    try:
+        conn.secretLookupByUUIDString(uuid).undefine()
+    finally:
+        conn.close()
+    rc, out, err = env.main(argv)
+    assert rc == 1 and out == ""
+    assert f"its key's libvirt secret {uuid} is not defined on the pool's daemon" in err
+    assert "cannot be decrypted" in err  # no key source: the key is gone with it
