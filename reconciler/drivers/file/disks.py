@@ -46,13 +46,12 @@ from reconciler.drivers.flows.qemuimg import (
     QEMU_FORMAT,
     convert_argv,
     create_argv,
+    create_encrypted,
     encrypted_convert_argv,
-    encrypted_create_argv,
     fd_path,
     mkfs_argv,
     open_volume,
     resize_argv,
-    run_create,
 )
 from reconciler.drivers.host import keys
 from reconciler.drivers.host.run import run
@@ -209,24 +208,7 @@ class FileDisks:
             keys.secret_object(enc.secret) as (secret, key_fd),
             open_volume(self.vols.path(rec.volume)) as fd,
         ):
-            run_create(
-                encrypted_create_argv(
-                    rec.format,
-                    secret,
-                    fd_path(fd),
-                    rec.virtual_size,
-                    preallocation=rec.preallocation,
-                    backing=backing,
-                ),
-                fds=(key_fd, fd),
-                what=f"encrypt {rec.volume}",
-            )
-            if enc.header is not None and os.fstat(fd).st_size != enc.header + rec.virtual_size:
-                raise ReconcileError(
-                    f"{rec.volume}: qemu-img made a LUKS volume of {os.fstat(fd).st_size} "
-                    f"bytes, not its recorded header {enc.header} + {rec.virtual_size}; "
-                    "this qemu lays LUKS out otherwise, and the disk is not made"
-                )
+            create_encrypted(rec, secret, key_fd, fd, backing=backing)
             os.fsync(fd)
 
     def _fill_encrypted(self, rec: DiskRecord, entry: str) -> None:

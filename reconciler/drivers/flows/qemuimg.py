@@ -51,6 +51,7 @@ from contextlib import contextmanager
 from reconciler.drivers.host.keys import SECRET_ID
 from reconciler.drivers.host.run import ToolError, execute, last_line
 from reconciler.model.errors import ReconcileError
+from reconciler.model.record import DiskRecord
 from reconciler.schema.common import DiskFormat, Preallocation
 
 # qemu-img's name for each recorded format (a ploop disk is qemu's `parallels` image).
@@ -211,6 +212,35 @@ def run_create(argv: list[str], *, fds: tuple[int, ...], what: str) -> None:
             return
         if PBKDF_FLAKE not in res.stderr or attempt == CREATE_TRIES:
             raise ToolError(f"{what}: {argv[0]} failed: {last_line(res)}")
+
+
+def create_encrypted(
+    rec: DiskRecord, secret: list[str], key_fd: int, fd: int, *, backing: str | None = None
+) -> None:
+    """Make `rec`'s encrypted image (its recorded format and preallocation) in the file
+    at descriptor `fd`, its key the held secret `secret` read from `key_fd`; a LUKS
+    volume (a raw disk) must then be exactly its recorded header + size, which growing it
+    without its key relies on."""
+    enc = rec.encryption
+    assert enc is not None
+    run_create(
+        encrypted_create_argv(
+            rec.format,
+            secret,
+            fd_path(fd),
+            rec.virtual_size,
+            preallocation=rec.preallocation,
+            backing=backing,
+        ),
+        fds=(key_fd, fd),
+        what=f"encrypt {rec.volume}",
+    )
+    if enc.header is not None and os.fstat(fd).st_size != enc.header + rec.virtual_size:
+        raise ReconcileError(
+            f"{rec.volume}: qemu-img made a LUKS volume of {os.fstat(fd).st_size} "
+            f"bytes, not its recorded header {enc.header} + {rec.virtual_size}; "
+            "this qemu lays LUKS out otherwise, and the disk is not made"
+        )
 
 
 def encrypted_image(fmt: DiskFormat, filename: str) -> str:

@@ -33,11 +33,10 @@ from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.copy import FileSink, FileSource, raw_copy
 from reconciler.drivers.flows.qemuimg import (
     convert_argv,
+    create_encrypted,
     encrypted_convert_argv,
-    encrypted_create_argv,
     fd_path,
     mkfs_argv,
-    run_create,
 )
 from reconciler.drivers.host import keys
 from reconciler.drivers.host.run import run
@@ -136,16 +135,7 @@ class LvmDisks:
         lvs = self.lvs
         length = enc.header + rec.virtual_size
         with keys.secret_object(enc.secret) as (secret, key_fd), self._unnamed() as fd:
-            run_create(
-                encrypted_create_argv(DiskFormat.RAW, secret, fd_path(fd), rec.virtual_size),
-                fds=(key_fd, fd),
-                what=f"encrypt {rec.volume}",
-            )
-            if os.fstat(fd).st_size != length:
-                raise ReconcileError(
-                    f"{rec.volume}: qemu-img made a LUKS volume of {os.fstat(fd).st_size} "
-                    f"bytes, not its recorded header {enc.header} + {rec.virtual_size}"
-                )
+            create_encrypted(rec, secret, key_fd, fd)
             if entry is not None and entry_size is not None:
                 with self._unnamed() as src_fd:
                     os.ftruncate(src_fd, entry_size)

@@ -32,17 +32,15 @@ the caller, keeps it while it is read); a blank one holds only its LUKS header.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.qemuimg import (
+    create_encrypted,
     encrypted_convert_argv,
-    encrypted_create_argv,
     fd_path,
-    run_create,
 )
 from reconciler.drivers.host import keys
 from reconciler.drivers.host.run import run
@@ -185,17 +183,7 @@ class Clones:
         assert enc is not None and enc.header is not None
         length = enc.header + rec.virtual_size
         with keys.secret_object(enc.secret) as (secret, key_fd), io.scratch() as fd:
-            run_create(
-                encrypted_create_argv(DiskFormat.RAW, secret, fd_path(fd), rec.virtual_size),
-                fds=(key_fd, fd),
-                what=f"encrypt {rec.volume}",
-            )
-            if os.fstat(fd).st_size != length:
-                raise ReconcileError(
-                    f"{rec.volume}: qemu-img made a LUKS volume of {os.fstat(fd).st_size} "
-                    f"bytes, not its recorded header {enc.header} + {rec.virtual_size}; the "
-                    "disk is not made"
-                )
+            create_encrypted(rec, secret, key_fd, fd)
             if src_fd is not None:
                 run(
                     encrypted_convert_argv(
