@@ -24,6 +24,7 @@ from tests.conftest_ceph import Ceph
 from tests.conftest_lvm import VolumeGroup
 from tests.env import Env, disk
 from tests.rbdsite import RbdSite, rbd_site
+from tests.test_images import catalog_entry
 
 
 def image_file(path: Path, n: int = 32768) -> Path:
@@ -32,16 +33,6 @@ def image_file(path: Path, n: int = 32768) -> Path:
         b"".join(hashlib.sha256(f"{path.name}{i}".encode()).digest() for i in range(n))
     )
     return path
-
-
-def catalog(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    return {
-        "location": f"file://{path}",
-        "format": "raw",
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-    }
 
 
 def disks(env: Env, *instances: str, output: str = "json") -> tuple[int, Any, str]:
@@ -84,7 +75,7 @@ def define(uri: str, disk_xml: list[str]) -> Any:
 @pytest.fixture
 def file_env(env: Env, tmp_path: Path) -> Env:
     env.backends = ["flat", "qcow2", "ploop"]
-    env.images = {"img": catalog(image_file(tmp_path / "images" / "img.raw"))}
+    env.images = {"img": catalog_entry(image_file(tmp_path / "images" / "img.raw"), "raw")}
     env.write_config()
     return env
 
@@ -308,7 +299,7 @@ def test_rbd_disks_name_the_image_monitors_and_secret(
     site: RbdSite, tmp_path: Path, ceph: Ceph
 ) -> None:
     env = site.env(tmp_path / "env")
-    env.images = {"img": catalog(image_file(tmp_path / "images" / "img.raw"))}
+    env.images = {"img": catalog_entry(image_file(tmp_path / "images" / "img.raw"), "raw")}
     env.write_config()
     inst = env.manifest(
         "c", [disk("root", backend="rbd", pool="ceph", image="img", size="4MiB"),
