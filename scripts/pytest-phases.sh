@@ -55,8 +55,13 @@ phase() {
     return $rc
 }
 
+# faulthandler_timeout only here: its watchdog is a thread, and the serial phase's
+# manifest-worker tests need a process of one thread (a forked worker starts only there).
+# Past it (a test stuck in C, deaf to pytest-timeout's SIGALRM at 600 s) the worker prints
+# its stacks and exits, and the run ends instead of waiting on it.
 phase parallel "${RECONCILER_PYTEST_TIMEOUT:-2400}" \
     -n "$workers" --dist loadfile --no-loadscope-reorder --max-worker-restart=0 \
+    -o faulthandler_timeout=720 -o faulthandler_exit_on_timeout=true \
     -m "not serial" "$@"
 rc1=$?
 phase serial "${RECONCILER_PYTEST_SERIAL_TIMEOUT:-1200}" -n 0 -m serial "$@"

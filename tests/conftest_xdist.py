@@ -16,8 +16,9 @@ takes in, does the rest:
   throwaway test calling os.abort()). The run then ends once the other workers finish the
   files they have, and the summary names the crash and every test it left unrun.
 - Per test: pytest-timeout fails a test after `timeout` seconds (SIGALRM, with every
-  thread's stack); faulthandler ends the worker after `faulthandler_timeout` seconds where
-  the test is stuck in C and never sees the signal (pyproject.toml).
+  thread's stack; pyproject.toml); in the parallel phase, faulthandler ends the worker
+  after `faulthandler_timeout` seconds where the test is stuck in C and never sees the
+  signal (reproduced with a test deadlocked in pthread_mutex_lock), and the run ends.
 - Per phase: scripts/pytest-phases.sh stops pytest past its limit, first sending SIGUSR1,
   on which every pytest process prints its threads' stacks (registered here), and prints
   which test each process was running ($RECONCILER_PYTEST_NOW, one file per process).
