@@ -10,7 +10,8 @@
 #   make test       setup, libvirtd, lint, the Ceph cluster, then pytest in two phases
 #                   (scripts/pytest-phases.sh: 3 parallel workers, then the `serial`
 #                   tests alone), each given $(PYTEST_ARGS); PYTEST_ARGS="-n 0 ..." runs
-#                   in one process
+#                   in one process; each phase is stopped, stacks printed, past
+#                   $RECONCILER_PYTEST_TIMEOUT s (2400; serial: ..._SERIAL_TIMEOUT, 1200)
 #   make demo       setup, libvirtd, then scripts/demo.sh (pools, config, reconcile)
 #   make stop       stop the private libvirtd and the Ceph cluster
 #   make clean      stop, then remove .run

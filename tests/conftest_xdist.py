@@ -44,25 +44,27 @@ import pytest
 # its end). Files not named here run after these, in collection order.
 HEAVY_FIRST = [
     "test_crash.py",
+    "test_lvm_migrate.py",
+    "test_lvm.py",
     "test_encryption.py",
     "test_boot.py",
     "test_rbd_crash.py",
     "test_loop.py",
+    "test_rbd.py",
+    "test_guest_boot.py",
     "test_crash_migrate.py",
     "test_rbd_hosts.py",
     "test_demo.py",
-    "test_guest_boot.py",
     "test_rbd_migrate.py",
-    "test_lvm_migrate.py",
+    "test_import_nova.py",
     "test_fuzz.py",
     "test_migrate.py",
     "test_images.py",
     "test_planner_properties.py",
     "test_rbd_osd.py",
     "test_docs.py",
-    "test_lvm.py",
-    "test_rbd.py",
     "test_json_schema.py",
+    "test_domain_guard.py",
 ]
 
 _stderr_copy: int | None = None
