@@ -7,7 +7,11 @@
 #   make libvirtd   start this checkout's private libvirtd; prints its URI
 #   make ceph       start this checkout's one-node Ceph cluster; prints its ceph.conf
 #   make lint       ruff check, ruff format --check, mypy
-#   make test       setup, libvirtd, lint, the Ceph cluster, then pytest $(PYTEST_ARGS)
+#   make test       setup, libvirtd, lint, the Ceph cluster, then pytest in two phases
+#                   (scripts/pytest-phases.sh: 3 parallel workers, then the `serial`
+#                   tests alone), each given $(PYTEST_ARGS); PYTEST_ARGS="-n 0 ..." runs
+#                   in one process; each phase is stopped, stacks printed, past
+#                   $RECONCILER_PYTEST_TIMEOUT s (2400; serial: ..._SERIAL_TIMEOUT, 1200)
 #   make demo       setup, libvirtd, then scripts/demo.sh (pools, config, reconcile)
 #   make stop       stop the private libvirtd and the Ceph cluster
 #   make clean      stop, then remove .run
@@ -66,7 +70,7 @@ test: setup libvirtd lint
 	$(START_CEPH); \
 	RECONCILER_LIBVIRT_URI="$$(bash scripts/libvirtd.sh uri "$$RECONCILER_LIBVIRT_DIR")" \
 	RECONCILER_CEPH_CONF="$$ceph_conf" \
-		$(VENV)/bin/pytest $(PYTEST_ARGS)
+		bash scripts/pytest-phases.sh $(PYTEST_ARGS)
 
 test-latest: setup libvirtd
 	$(START_CEPH); \

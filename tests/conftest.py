@@ -19,6 +19,16 @@ from tests.conftest_ceph import Ceph, not_installed, start_ceph
 from tests.conftest_guest import guest_image
 from tests.conftest_libvirtd import start_libvirtd
 from tests.conftest_lvm import VolumeGroup, lvm_vg
+from tests.conftest_xdist import (
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_logreport,
+    pytest_runtest_protocol,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_testnodedown,
+    pytest_xdist_node_collection_finished,
+)
 from tests.env import Env, qemu_uri
 
 # pytest started in the background of a non-interactive shell inherits SIGINT ignored,
@@ -137,8 +147,13 @@ class Pools:
             return name
 
     def close(self) -> None:
+        import libvirt
+
         for dom in self.conn.listAllDomains(0):
-            xml = dom.XMLDesc(0)
+            try:
+                xml = dom.XMLDesc(0)
+            except libvirt.libvirtError:  # another test's, undefined since it was listed
+                continue
             if any(str(path) in xml for _, path in self.made):
                 if dom.isActive():
                     dom.destroy()
@@ -221,4 +236,15 @@ def own_daemon_pool(tmp_path: Path, name: str) -> Iterator[tuple[str, str, Path]
         subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
 
 
-__all__ = ["guest_image", "lvm_vg"]
+__all__ = [
+    "guest_image",
+    "lvm_vg",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "pytest_runtest_logreport",
+    "pytest_runtest_protocol",
+    "pytest_sessionfinish",
+    "pytest_terminal_summary",
+    "pytest_testnodedown",
+    "pytest_xdist_node_collection_finished",
+]

@@ -1,13 +1,15 @@
 """A private LVM volume group over a loop device, for the lvm driver's tests and bench.
 
-One VG per checkout (named from the checkout's path, so two checkouts never collide) on a
-sparse file, made once per session and removed at its end; a VG or loop device left by an
-interrupted session is removed first. Every LVM command here names the loop device
-(`--devices`), so LVM never scans or touches the host's other block devices, and LVM's
-configuration, backups and archives live in a private directory (LVM_SYSTEM_DIR, which the
-reconciler's LVM runner passes on). Its lvm.conf sets `global/use_aio = 0`: with AIO, each
-LVM2 command here waits about 33 ms in io_destroy (measured with strace: the kernel's AIO
-teardown), three quarters of a typical `lvs`; production hosts may want the same.
+One VG per checkout and pytest process (named from the checkout's path and the xdist
+worker, so neither two checkouts nor two workers of one run ever share a VG: `reset`
+empties the whole VG between tests) on a sparse file, made once per session and removed at
+its end; a VG or loop device left by an interrupted session is removed first. Every LVM
+command here names the loop device (`--devices`), so LVM never scans or touches the host's
+other block devices, and LVM's configuration, backups and archives live in a private
+directory (LVM_SYSTEM_DIR, which the reconciler's LVM runner passes on). Its lvm.conf sets
+`global/use_aio = 0`: with AIO, each LVM2 command here waits about 33 ms in io_destroy
+(measured with strace: the kernel's AIO teardown), three quarters of a typical `lvs`;
+production hosts may want the same.
 
 This kernel has no device-mapper, so the VG's LVs are never activated: the pools made on
 it say `activate: false`, and tests reach an LV's bytes through its segment map
@@ -36,8 +38,13 @@ EXTENT = "1m"  # small extents: LVs of the tests' sizes, and several segments af
 LVM_CONF = "global {\n    use_aio = 0\n}\n"
 
 
-def vg_name(root: Path = ROOT) -> str:
-    return "rcl" + hashlib.sha256(str(root).encode()).hexdigest()[:10]
+def vg_name(root: Path = ROOT, worker: str | None = None) -> str:
+    """This checkout's VG for this pytest process: `worker` is pytest-xdist's worker id
+    ($PYTEST_XDIST_WORKER, e.g. gw1; empty in a run of one process)."""
+    if worker is None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    key = str(root) if not worker else f"{root}\0{worker}"
+    return "rcl" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def not_available() -> str | None:
@@ -203,7 +210,8 @@ def spare_vg(vg: VolumeGroup, suffix: str, size: int = 1 << 30) -> Iterator[Volu
 
 @pytest.fixture(scope="session")
 def lvm_vg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VolumeGroup]:
-    """This checkout's private VG, for the session; LVM_SYSTEM_DIR points at its config."""
+    """This checkout's private VG (this xdist worker's own), for the session;
+    LVM_SYSTEM_DIR points at its config."""
     why = not_available()
     if why:
         pytest.skip(why)

@@ -213,7 +213,11 @@ def rbd_site(ceph: Ceph, libvirt_uri: str) -> Iterator[RbdSite]:
         yield RbdSite(ceph, pool, name, libvirt_uri, sec_uuid, ioctx)
     finally:
         for dom in conn.listAllDomains(0):
-            if pool in dom.XMLDesc(0):
+            try:
+                xml = dom.XMLDesc(0)
+            except libvirt.libvirtError:  # another test's, undefined since it was listed
+                continue
+            if pool in xml:
                 if dom.isActive():
                     dom.destroy()
                 dom.undefine()

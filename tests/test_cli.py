@@ -83,3 +83,36 @@ def test_write_manifest_is_atomic_and_round_trips(tmp_path: Path) -> None:
     again = load_manifest(str(target), config)
     assert again.manifest == manifest  # type: ignore[union-attr]
     assert target.read_text() == manifest_yaml(manifest)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["validate", "--help"]])
+def test_version_and_validates_help_import_no_schema_and_no_other_command(
+    argv: list[str],
+) -> None:
+    """Start-up (issue 27): cli.py imports a subcommand's module only when it runs, and
+    validate imports the schema (pydantic's models, most of a second) only once its
+    arguments are parsed; in a fresh interpreter, nothing else is loaded."""
+    import subprocess
+    import sys
+
+    from reconciler.commands.cli import SUBCOMMANDS
+
+    code = (
+        "import sys\n"
+        "from reconciler.commands import cli\n"
+        "try:\n"
+        f"    rc = cli.main({argv!r})\n"
+        "except SystemExit as e:\n"
+        "    rc = e.code\n"
+        "print(rc, ' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    rc, modules = res.stderr.strip().splitlines()[-1].split(" ", 1)
+    loaded = set(modules.split())
+    assert rc == "0", res.stderr
+    assert res.stdout.startswith("reconcile 0" if argv == ["--version"] else "usage: reconcile")
+    assert not {"pydantic", "reconciler.schema.config", "reconciler.control.session"} & loaded
+    ran = {SUBCOMMANDS[argv[0]]} if argv[0] in SUBCOMMANDS else set()
+    assert set(SUBCOMMANDS.values()) & loaded == ran

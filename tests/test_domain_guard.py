@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,7 @@ def domain_using(env: Env, vol: Path, name: str) -> Iterator[str]:
 
 @contextmanager
 def defined(uri: str, name: str, disk_xml: str) -> Iterator[None]:
+    """Domain `name` (unique to its test: other files' tests define domains at once)."""
     conn = libvirt.open(uri)
     dom = conn.defineXML(
         f"""<domain type='qemu'><name>{name}</name><memory>65536</memory>
@@ -135,7 +137,7 @@ def test_a_replace_at_the_same_location_keeps_a_disk_a_domain_now_uses(
     assert a.action.value == "replace" and a.destructive and a.replaces == ("local", vol.name)
     rec = record(env, "local", vol.name)
 
-    with domain_using(env, vol, f"late-{inst[:8]}") as dom:
+    with domain_using(env, vol, f"late-{inst[:8]}-{uuid.uuid4().hex[:8]}") as dom:
         ((status, msg),) = apply_old(env, p)
         assert status == "failed", msg
         assert f"not replacing local/{vol.name}" in msg and dom in msg, msg
@@ -179,7 +181,7 @@ def test_the_redo_of_an_interrupted_delete_keeps_a_disk_a_domain_now_uses(
     (a,) = p.actions
     assert a.destructive and a.action.value == ("create" if manifest == "kept" else "delete")
 
-    with domain_using(env, vol, f"late-{inst[:8]}") as dom:
+    with domain_using(env, vol, f"late-{inst[:8]}-{uuid.uuid4().hex[:8]}") as dom:
         ((status, msg),) = apply_old(env, p)
         assert status == "failed", msg
         doing = "making again" if manifest == "kept" else "deleting"
@@ -230,7 +232,7 @@ def test_a_migrations_old_volume_is_kept_while_a_domain_now_uses_it(
     (a,) = p.actions
     assert a.action.value == "migrate"
 
-    with domain_using(env, vol, f"late-{inst[:8]}") as dom:
+    with domain_using(env, vol, f"late-{inst[:8]}-{uuid.uuid4().hex[:8]}") as dom:
         ((status, msg),) = apply_old(env, p)
         assert status == "failed", msg
         assert f"not migrating local/{vol.name}" in msg and dom in msg, msg
@@ -272,7 +274,7 @@ def test_an_rbd_disk_a_domain_now_uses_is_kept(
         p = plan_now(env, allow_replace=True)
         (a,) = p.actions
         assert a.destructive and a.action.value == ("replace" if step == "replace" else "create")
-        name = f"late-{inst[:8]}"
+        name = f"late-{inst[:8]}-{uuid.uuid4().hex[:8]}"
         with defined(
             site.uri,
             name,
@@ -315,7 +317,7 @@ def test_an_lv_a_domain_now_uses_is_kept(lvm_env: Env, lvm_vg: VolumeGroup, step
     p = plan_now(env, allow_replace=True)
     (a,) = p.actions
     assert a.destructive and a.action.value == ("replace" if step == "replace" else "create")
-    dom = f"late-{inst[:8]}"
+    dom = f"late-{inst[:8]}-{uuid.uuid4().hex[:8]}"
     with defined(
         env.uri,
         dom,

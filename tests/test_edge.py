@@ -307,8 +307,8 @@ def test_output_that_cannot_be_encoded_is_escaped(tmp_path: Path) -> None:
     what a command prints is shown escaped; strict UTF-8 would fail the run halfway."""
     code = (
         "import sys\n"
-        "from reconciler.commands import cli\n"
-        "cli.SUBCOMMANDS['schema'] = lambda argv: print('host \\ud800 here') or 0\n"
+        "from reconciler.commands import cli, schema\n"
+        "schema.run = lambda argv: print('host \\ud800 here') or 0\n"
         "sys.exit(cli.main(['schema']))\n"
     )
     p = _python(code, tmp_path, stdout=subprocess.PIPE)

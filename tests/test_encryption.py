@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -426,8 +427,9 @@ def test_encrypted_lvm_disks_hold_luks_and_decrypt_with_their_key(
     for d in json.loads(out)[0]["disks"]:
         el = ET.fromstring(d["xml"])
         assert el.get("type") == "block" and el.find("source/encryption/secret") is not None
+    name = f"lvm-crypt-{uuid.uuid4().hex[:12]}"  # unique: other files' tests define domains
     dom = conn.defineXMLFlags(
-        domain_xml("lvm-crypt", [d["xml"] for d in json.loads(out)[0]["disks"]],
+        domain_xml(name, [d["xml"] for d in json.loads(out)[0]["disks"]],
                    tmp_path / "console"),
         libvirt.VIR_DOMAIN_DEFINE_VALIDATE,
     )  # fmt: skip

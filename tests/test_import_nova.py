@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -254,7 +255,7 @@ def test_a_disk_on_another_file_system_is_copied(env: Env, tmp_path: Path) -> No
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == env.pool_dir().stat().st_dev:
         pytest.skip("no second file system (/dev/shm) on this host")
-    host = shm / f"nova-{tmp_path.name}"
+    host = shm / f"nova-{uuid.uuid4().hex[:12]}"  # tmp_path's name repeats across runs
     try:
         nova, want = nova_host(host)
         rc, out, err = run_import(env, nova)

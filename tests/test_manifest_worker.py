@@ -31,6 +31,10 @@ from reconciler.schema.speed import worker
 from reconciler.schema.speed.mcache import ManifestCache
 from reconciler.schema.speed.worker import Worker
 
+# Alone, in a process of one thread: a worker forks only where no other thread runs, and
+# an xdist worker has execnet's (can_fork() is False there, so nothing here would fork).
+pytestmark = pytest.mark.serial
+
 CORPUS = Path(__file__).resolve().parent / "corpus"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 Result = tuple[list[LoadedManifest], list[FailedManifest]]

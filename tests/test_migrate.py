@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -290,8 +291,8 @@ def test_a_disk_a_domain_uses_is_not_migrated(pools: Pools, tmp_path: Path) -> N
     apply_ok(env)
     vol = env.volume(inst, "d")
     conn = libvirt.open(env.uri)
-    dom = conn.defineXML(
-        f"""<domain type='qemu'><name>guest-{inst[:8]}</name><memory>65536</memory>
+    dom = conn.defineXML(  # a name of its own: other files' tests define domains at once
+        f"""<domain type='qemu'><name>guest-{uuid.uuid4().hex[:12]}</name><memory>65536</memory>
         <os><type arch='x86_64'>hvm</type></os><devices>
         <disk type='file' device='disk'><driver name='qemu' type='raw'/>
         <source file='{vol}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
@@ -344,7 +345,7 @@ def test_dry_run_shows_what_apply_does(pools: Pools, tmp_path: Path) -> None:
     conn = libvirt.open(env.uri)
     busy = env.volume(ids["busy"], "d")
     dom = conn.defineXML(
-        f"""<domain type='qemu'><name>busy-guest</name><memory>65536</memory>
+        f"""<domain type='qemu'><name>busy-{uuid.uuid4().hex[:12]}</name><memory>65536</memory>
         <os><type arch='x86_64'>hvm</type></os><devices>
         <disk type='file' device='disk'><driver name='qemu' type='raw'/>
         <source file='{busy}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 import libvirt
@@ -130,8 +131,9 @@ def test_attached_volume_is_never_deleted(env: Env) -> None:
     assert env.run()[0] == 0
     vol = env.volume(inst, "d")
     conn = libvirt.open(env.uri)
+    name = f"guest-{uuid.uuid4().hex[:12]}"  # unique: other files' tests define domains at once
     dom = conn.defineXML(
-        f"""<domain type='qemu'><name>guest-{inst[:8]}</name><memory>65536</memory>
+        f"""<domain type='qemu'><name>{name}</name><memory>65536</memory>
         <os><type arch='x86_64'>hvm</type></os><devices>
         <disk type='file' device='disk'><driver name='qemu' type='raw'/>
         <source file='{vol}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
@@ -141,7 +143,7 @@ def test_attached_volume_is_never_deleted(env: Env) -> None:
         plan = env.plan_json()
         assert plan["actions"] == []
         (err,) = plan["errors"]
-        assert err["code"] == "volume-in-use" and f"guest-{inst[:8]}" in err["message"]
+        assert err["code"] == "volume-in-use" and name in err["message"]
         rc, out, _ = env.run()
         assert rc == 1 and vol.exists()
     finally:
@@ -164,3 +166,36 @@ def test_storage_only_connection_refuses_deletes(env: Env) -> None:
     assert plan["actions"] == []
     assert [e["code"] for e in plan["errors"]] == ["attachments-unknown"]
     assert env.volume(inst, "d").exists()
+
+
+def test_a_domain_undefined_after_the_list_is_taken_uses_no_disk(env: Env) -> None:
+    """Other clients undefine domains while a pool is observed: one listed and then gone
+    counts as using nothing, and the domains still there are read as before."""
+    from reconciler.drivers.host.domains import attachments, domain_xmls
+
+    inst = env.manifest("vm", [disk("d", size="1MiB")])
+    assert env.run()[0] == 0
+    vol = env.volume(inst, "d")
+    conn = libvirt.open(env.uri)
+    doms = []
+    for n in range(2):
+        doms.append(
+            conn.defineXML(
+                f"""<domain type='qemu'><name>gone-{n}-{uuid.uuid4().hex[:12]}</name>
+                <memory>65536</memory><os><type arch='x86_64'>hvm</type></os><devices>
+                <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+                <source file='{vol}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+            )
+        )
+    try:
+        listed = {d.UUIDString(): d for d in conn.listAllDomains(0)}
+        gone, kept = (listed[d.UUIDString()] for d in doms)
+        doms[0].undefine()
+        assert domain_xmls(gone) is None
+        seen = domain_xmls(kept)
+        assert seen is not None and seen[0] == doms[1].name() and not seen[1]
+        att = attachments(conn, env.pools["local"][0], str(env.pool_dir()))
+        assert att.defined[vol.name] == (doms[1].name(),)
+    finally:
+        doms[1].undefine()
+        conn.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,8 +264,9 @@ def test_a_domain_using_an_rbd_disk_blocks_its_deletion(site: RbdSite, tmp_path:
     assert rc == 0, out
     vol = f"{inst}_d"
     conn = libvirt.open(site.uri)
+    name = f"guest-{uuid.uuid4().hex[:12]}"  # unique: other files' tests define domains at once
     dom = conn.defineXML(
-        f"""<domain type='qemu'><name>guest-{inst[:8]}</name><memory>65536</memory>
+        f"""<domain type='qemu'><name>{name}</name><memory>65536</memory>
         <os><type arch='x86_64'>hvm</type></os><devices>
         <disk type='network' device='disk'><driver name='qemu' type='raw'/>
         <source protocol='rbd' name='{site.pool}/{vol}'>
@@ -277,7 +279,7 @@ def test_a_domain_using_an_rbd_disk_blocks_its_deletion(site: RbdSite, tmp_path:
         plan = env.plan_json()
         assert plan["actions"] == []
         (err,) = plan["errors"]
-        assert err["code"] == "volume-in-use" and f"guest-{inst[:8]}" in err["message"], err
+        assert err["code"] == "volume-in-use" and name in err["message"], err
         assert err["pool"] == "ceph" and err["volume"] == vol
         rc, out = run(env)
         assert rc == 1 and vol in site.images()

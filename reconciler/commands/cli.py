@@ -7,48 +7,46 @@ traceback (commands/internal.py), each with its exit code."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import select
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from types import ModuleType
 
-from reconciler.commands import (
-    adopt,
-    apply_saved,
-    cache,
-    disks,
-    internal,
-    nova,
-    observe,
-    plan,
-    rebuild,
-    schema,
-    status,
-    validate,
-    wait,
-    watch,
-)
-from reconciler.commands.common import EXIT_ERROR
+from reconciler import __version__
+from reconciler.commands import internal
+from reconciler.commands.exits import EXIT_ERROR, EXIT_OK
 from reconciler.model.errors import ReconcileError
 
-# `reconcile NAME ARGS...`: each subcommand parses its own arguments. A first argument
-# that names none of them is a path of the default command (plan, and apply unless
-# --dry-run), so `reconcile --dry-run PATH` keeps working as it always has.
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "validate": validate.run,
-    "schema": schema.run,
-    "apply": apply_saved.run,
-    "cache": cache.run,
-    "records": rebuild.run,
-    "adopt": adopt.run,
-    "import-nova": nova.run,
-    "watch": watch.run,
-    "observe": observe.run,
-    "status": status.run,
-    "disks": disks.run,
-    "wait": wait.run,
+# `reconcile NAME ARGS...`: each subcommand is a module whose `run(argv)` parses its own
+# arguments. A module is imported only when its command runs, so `reconcile --version`
+# and `reconcile NAME --help` load only what they need (issue 27; all of them at once took
+# 2 s, python -X importtime). Add a subcommand here, one line, in this form.
+# A first argument that names none of them is a path of the default command
+# (commands/plan.py: plan, and apply unless --dry-run), so `reconcile --dry-run PATH` keeps
+# working as it always has.
+SUBCOMMANDS: dict[str, str] = {
+    "validate": "reconciler.commands.validate",
+    "schema": "reconciler.commands.schema",
+    "apply": "reconciler.commands.apply_saved",
+    "cache": "reconciler.commands.cache",
+    "records": "reconciler.commands.rebuild",
+    "adopt": "reconciler.commands.adopt",
+    "import-nova": "reconciler.commands.nova",
+    "watch": "reconciler.commands.watch",
+    "observe": "reconciler.commands.observe",
+    "status": "reconciler.commands.status",
+    "disks": "reconciler.commands.disks",
+    "wait": "reconciler.commands.wait",
 }
+DEFAULT_COMMAND = "reconciler.commands.plan"
+
+
+def command_module(name: str | None) -> ModuleType:
+    """The module of subcommand `name` (None: the default command), imported now."""
+    return importlib.import_module(SUBCOMMANDS[name] if name else DEFAULT_COMMAND)
 
 
 # The options every subcommand takes (common.add_common); given before a subcommand's name
@@ -87,7 +85,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
         elif _GLOBAL_FLAGS.match(arg) or arg.startswith("--config="):
             j += 1
         else:
-            plan.parser().error(
+            command_module(None).parser().error(
                 f"{arg} before '{argv[i]}': only --config and -v may come before a "
                 f"subcommand's name (try 'reconcile {argv[i]} --help')"
             )
@@ -104,9 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     _output_never_fails()
     try:
-        command = SUBCOMMANDS.get(argv[0]) if argv else None
+        if argv == ["--version"]:  # what the default command's parser prints, without it
+            print(f"reconcile {__version__}")
+            return EXIT_OK
+        name = argv[0] if argv and argv[0] in SUBCOMMANDS else None
         # Without a subcommand's name: `reconcile [--dry-run] PATH...`, the default.
-        rc = command(argv[1:]) if command is not None else plan.run(argv)
+        rc: int = command_module(name).run(argv[1:] if name else argv)
         sys.stdout.flush()  # here, where a closed pipe is handled, not at interpreter exit
         return rc
     except ReconcileError as e:

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 
 from reconciler.commands.common import EXIT_ERROR, EXIT_OK, parse, read_config
-from reconciler.schema.manifestdir import load_manifests
 
 
 def run(argv: Sequence[str]) -> int:
@@ -20,6 +19,8 @@ def run(argv: Sequence[str]) -> int:
     )
     p.add_argument("paths", nargs="+", metavar="PATH")
     args = parse(p, argv)
+    from reconciler.schema.manifestdir import load_manifests  # after parsing: --help is fast
+
     config = read_config(args)
     loaded, failed = load_manifests(args.paths, config)
     for f in failed:

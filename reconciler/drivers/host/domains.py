@@ -42,6 +42,24 @@ def all_domains(conn: Any) -> list[Any] | None:
     return domains
 
 
+def domain_xmls(dom: Any) -> tuple[str, bool, list[str]] | None:
+    """A listed domain's name, whether it runs, and its XML (the inactive definition, and
+    the live one where it runs); None where it was undefined after the list was taken (a
+    transient guest that stopped, another client's domain), which uses no disk now. Other
+    clients define and undefine domains while a pool is observed (measured: tests running
+    side by side on one libvirtd failed observing with "Domain not found")."""
+    try:
+        active = bool(dom.isActive())
+        xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
+        if active:
+            xmls.append(dom.XMLDesc(0))
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+    return dom.name(), active, xmls
+
+
 def attachments(conn: Any, pool_name: str, pool_path: str) -> Attachments:
     """Match every disk of every defined domain (running or not) against this file pool.
 
@@ -55,14 +73,16 @@ def attachments(conn: Any, pool_name: str, pool_path: str) -> Attachments:
     defined: dict[str, list[str]] = defaultdict(list)
     running: dict[str, list[str]] = defaultdict(list)
     for dom in domains:
-        name = dom.name()
-        active = bool(dom.isActive())
-        for vol in _volumes(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), pool_name, root):
+        seen = domain_xmls(dom)
+        if seen is None:
+            continue
+        name, active, xmls = seen
+        for vol in _volumes(xmls[0], pool_name, root):
             defined[vol].append(name)
             if active:
                 running[vol].append(name)
-        if active:
-            for vol in _volumes(dom.XMLDesc(0), pool_name, root):
+        for xml in xmls[1:]:
+            for vol in _volumes(xml, pool_name, root):
                 if name not in running[vol]:
                     running[vol].append(name)
                 if name not in defined[vol]:

@@ -49,7 +49,12 @@ from reconciler.drivers.api import (
 from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.takein import take_in
 from reconciler.drivers.host import ownership
-from reconciler.drivers.host.domains import NO_DOMAIN_DRIVER, Attachments, all_domains
+from reconciler.drivers.host.domains import (
+    NO_DOMAIN_DRIVER,
+    Attachments,
+    all_domains,
+    domain_xmls,
+)
 from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore
@@ -182,19 +187,16 @@ class RbdPoolDriver:
         return att
 
     def _attachments(self, conn: Any) -> Attachments:
-        import libvirt
-
         domains = all_domains(conn)
         if domains is None:
             return NO_DOMAIN_DRIVER
         defined: dict[str, set[str]] = {}
         running: dict[str, set[str]] = {}
         for dom in domains:
-            dname = dom.name()
-            active = bool(dom.isActive())
-            xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
-            if active:
-                xmls.append(dom.XMLDesc(0))
+            seen = domain_xmls(dom)
+            if seen is None:
+                continue
+            dname, active, xmls = seen
             for xml in xmls:
                 for vol in self._domain_volumes(xml):
                     defined.setdefault(vol, set()).add(dname)
