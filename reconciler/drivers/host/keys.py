@@ -49,10 +49,11 @@ import threading
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 
+from reconciler.drivers.host.keycommand import KeyCommand, check_key
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, Encryption
@@ -144,11 +145,39 @@ DESCRIPTION_PREFIX = "reconcile: key of "
 MAX_KEY_BYTES = 4096
 
 
+class KeySource(Protocol):
+    """Where a pool's disk keys are kept besides its daemon's libvirt secrets, by secret
+    UUID: a directory (`KeyDirectory`) or a KMS's command (keycommand.py: `KeyCommand`).
+    Each raises ReconcileError (never quoting a key) when it cannot do what it is asked."""
+
+    label: str  # for messages: "key directory DIR", "key command PROG"
+
+    def put(self, uuid_: str, key: bytes) -> None:
+        """Keep `key` as `uuid_` (replacing one of a redo), durably, before it returns."""
+
+    def get(self, uuid_: str) -> bytes:
+        """The key kept as `uuid_`; ReconcileError when there is none."""
+
+    def delete(self, uuid_: str) -> None:
+        """Forget `uuid_`'s key; one already gone is fine (a redo)."""
+
+
+def key_source(config: KeySourceConfig | None) -> KeySource | None:
+    """The key source a pool's config `keys` names, if any."""
+    if config is None:
+        return None
+    if config.command is not None:
+        return KeyCommand(config.command, config.timeout)
+    assert config.directory is not None
+    return KeyDirectory(config.directory)
+
+
 class KeyDirectory:
     """A directory of key files only root can read (see the module docstring)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.label = f"key directory {path}"
 
     @contextlib.contextmanager
     def _dir(self) -> Iterator[int]:
@@ -237,7 +266,7 @@ class Secrets:
         self.conns = conns
         self.uri = uri
         self.pool = pool
-        self.source = KeyDirectory(source.directory) if source is not None else None
+        self.source = key_source(source)
 
     def _call(self, what: str, fn: Any) -> Any:
         return self.conns.call(self.uri, f"{what} (pool {self.pool})", fn)
@@ -312,4 +341,5 @@ def restore(secrets_: Secrets, rec: DiskRecord, usage: str) -> None:
             f"{rec.pool}/{rec.volume} is encrypted and its key is not on this host; pool "
             f"{rec.pool} has no key source (config `keys`) to get it from"
         )
-    secrets_.define(enc.secret, usage, rec.volume, secrets_.source.get(enc.secret))
+    key = check_key(secrets_.source.get(enc.secret), f"the key {secrets_.source.label} gave")
+    secrets_.define(enc.secret, usage, rec.volume, key)
