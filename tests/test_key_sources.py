@@ -349,3 +349,103 @@ def test_an_encrypted_rbd_disk_is_taken_over_through_the_key_command(
             conn.secretLookupByUUIDString(secret)
     finally:
         conn.close()
+
+
+# -- a lost secret is planned --------------------------------------------------------------
+
+
+def undefine(uri: str, uuid_: str) -> None:
+    conn = libvirt.open(uri)
+    try:
+        conn.secretLookupByUUIDString(uuid_).undefine()
+    finally:
+        conn.close()
+
+
+def disks_argv(env: Env, inst: str) -> list[str]:
+    return ["disks", "--config", str(env.config_path), "-m", str(env.manifests), inst]
+
+
+@pytest.mark.libvirtd
+def test_a_lost_secret_is_restored_from_the_key_command(env: Env, tmp_path: Path) -> None:
+    """A made disk whose secret is gone (a rebuilt daemon, an undefine by hand) gets a
+    `restore-key` action, not destructive, planned dry as apply does it; a kill between
+    the secret's define and its value leaves a secret marked unset, which counts as
+    missing (libvirt says "secret is private" either way); then `disks` gives the element."""
+    argv, store = kms(tmp_path)
+    kms_env(env, argv)
+    inst = env.manifest("lost", [encrypted(disk("d", size="4MiB", template="blank"))])
+    assert env.run()[0] == 0
+    (rec,) = records(env)
+    assert rec.encryption is not None
+    secret = rec.encryption.secret
+    undefine(env.uri, secret)
+    rc, out, err = env.main(disks_argv(env, inst))
+    assert rc == 1 and "restore-key planned" in err, err
+    rc, text, err = env.run("--dry-run")
+    assert rc == 0, text + err
+    assert f"~ restore-key {inst}/d\n" in text and "1 key(s) to restore" in text
+    plan = env.plan_json()
+    (a,) = plan["actions"]
+    assert (a["action"], a["destructive"], a["patch"]) == ("restore-key", False, [])
+    assert plan["errors"] == [] and plan["summary"]["restore-key"] == 1
+    # Killed between the define (marked unset) and its value: a secret libvirt knows...
+    killed = env.subprocess("--jobs", "1", env={"RECONCILER_CRASH_AT": "1"})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    conn = libvirt.open(env.uri)
+    try:
+        desc = ET.fromstring(conn.secretLookupByUUIDString(secret).XMLDesc(0)).findtext(
+            "description"
+        )
+        assert desc is not None and desc.endswith("(value not yet set)")
+        with pytest.raises(libvirt.libvirtError, match="secret is private"):
+            conn.secretLookupByUUIDString(secret).value()
+    finally:
+        conn.close()
+    # ...but counted as missing: planned again, as dry run said, and applied.
+    assert env.plan_json()["actions"] == plan["actions"]
+    assert env.main(disks_argv(env, inst))[0] == 1
+    rc, out, err = env.run()
+    assert rc == 0 and "key restored" in out, out + err
+    assert secret in our_secrets(env) and "(value not yet set)" not in our_secrets(env)[secret]
+    assert env.plan_json()["actions"] == []
+    rc, out, err = env.main(disks_argv(env, inst))
+    assert rc == 0 and f'uuid="{secret}"' in out, err
+    assert (store / secret).read_bytes().decode() not in out + err
+
+
+@pytest.mark.libvirtd
+def test_a_lost_secret_without_a_key_source_is_a_terminal_error(env: Env, tmp_path: Path) -> None:
+    """No key source: only that secret held the key; the plan says so (key-lost) and apply
+    refuses the same, changing nothing. An export carries the secrets (format 3) and plans
+    as the host; a format 2 state does not say, so the disk is state-incomplete."""
+    inst = env.manifest("nokey", [encrypted(disk("d", size="4MiB", template="blank"))])
+    assert env.run()[0] == 0
+    (rec,) = records(env)
+    assert rec.encryption is not None
+    state = tmp_path / "state.json"
+    rc, out, err = env.main(["observe", "--config", str(env.config_path), "--out", str(state)])
+    assert rc == 0, err
+    doc = json.loads(state.read_text())
+    assert doc["format_version"] == 3 and doc["pools"]["local"]["secrets"] == [
+        rec.encryption.secret
+    ]
+    undefine(env.uri, rec.encryption.secret)
+    plan = env.plan_json()
+    assert plan["actions"] == [] and [e["code"] for e in plan["errors"]] == ["key-lost"]
+    assert "has no key source" in plan["errors"][0]["message"]
+    rc, out, err = env.run()
+    assert rc == 1 and "[key-lost]" in out + err, out + err
+    assert records(env) == [rec] and env.volume(inst, "d").exists()
+    # The export, taken when the secret was there, plans nothing; one taken now, key-lost.
+    assert env.plan_json("--observed", str(state))["errors"] == []
+    rc, out, err = env.main(["observe", "--config", str(env.config_path), "--out", str(state)])
+    assert rc == 0, err
+    assert env.plan_json("--observed", str(state)) == plan
+    doc = json.loads(state.read_text())
+    doc["format_version"] = 2
+    del doc["pools"]["local"]["secrets"]
+    state.write_text(json.dumps(doc))
+    old = env.plan_json("--observed", str(state))
+    assert [e["code"] for e in old["errors"]] == ["state-incomplete"], old
+    assert "does not say secrets of pool local" in old["errors"][0]["message"]
