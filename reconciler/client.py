@@ -334,8 +334,8 @@ def _check_secret(drv: ManagingDriver, rec: DiskRecord, name: str) -> None:
         return
     source = enc.secrets().source
     fix = (
-        f"the pool's key directory keeps the key ({source.path}/{uuid}): define the "
-        "secret again from it (virsh secret-define, then secret-set-value --file)"
+        f"the pool's {source.label} may keep the key: `reconcile apply` defines the "
+        "secret again from it"
         if source is not None
         else "no key source keeps the key (only that secret held it), so the disk's data "
         "cannot be decrypted"

@@ -190,7 +190,7 @@ def test_a_current_state_lacking_a_field_or_of_an_unknown_version_is_one_clear_e
     assert rc == 1 and out == ""
     assert err == (
         f"reconcile: error: {path}: format_version: {FORMAT_VERSION + 1} is not a state "
-        "format this reconciler knows (1, 2); export it again with this version's "
+        "format this reconciler knows (1, 2, 3); export it again with this version's "
         "'reconcile observe'\n"
     )
 

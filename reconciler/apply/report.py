@@ -27,6 +27,7 @@ _VERB = {
     ActionKind.TAKE_OVER: "taken over",
     ActionKind.HAND_OVER: "handed over",
     ActionKind.MIGRATE: "migrated",
+    ActionKind.RESTORE_KEY: "key restored",
 }
 
 

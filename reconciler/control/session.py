@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.control import status
 from reconciler.diff import PlanOptions, plan
 from reconciler.diff.desired import build_desired
-from reconciler.drivers.api import ManagingDriver
+from reconciler.drivers.api import Encrypts, ManagingDriver
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.ownership import ManagedElsewhere
 from reconciler.drivers.host.store import SqliteRecordStore, StoreError, open_store
@@ -143,10 +143,14 @@ class Session:
         for r in records:
             by_pool.setdefault(r.pool, []).append(r)
         pools = {
-            name: with_migration_facts(
-                self.drivers[name].check_headers(p, by_pool.get(name, [])),
+            name: with_secrets(
+                with_migration_facts(
+                    self.drivers[name].check_headers(p, by_pool.get(name, [])),
+                    self.drivers[name].as_managing(),
+                    [r.volume for r in by_pool.get(name, [])],
+                ),
                 self.drivers[name].as_managing(),
-                [r.volume for r in by_pool.get(name, [])],
+                by_pool.get(name, []),
             )
             for name, p in pools.items()
         }
@@ -345,7 +349,25 @@ def observe_managed(
     observed = ObservedPool(
         pool, present, None, {}, att.defined, att.running, att.known, att.why_unknown, **facts
     )
-    return with_migration_facts(observed, drv, [r.volume for r in records if r.pool == pool])
+    records = [r for r in records if r.pool == pool]
+    observed = with_migration_facts(observed, drv, [r.volume for r in records])
+    return with_secrets(observed, drv, records)
+
+
+def with_secrets(
+    pool: ObservedPool, driver: ManagingDriver | None, records: Iterable[DiskRecord]
+) -> ObservedPool:
+    """Add which of the secrets its records name the pool's libvirt daemon holds, for a
+    pool whose driver makes encrypted disks; left unknown (None: nothing is planned from
+    it) where the daemon cannot be asked."""
+    if driver is None or pool.volumes is None or not isinstance(driver, Encrypts):
+        return pool
+    uuids = [r.encryption.secret for r in records if r.encryption is not None]
+    try:
+        held = driver.secrets().held(uuids)
+    except ReconcileError:
+        return pool
+    return dataclasses.replace(pool, secrets=held)
 
 
 def with_migration_facts(

@@ -51,6 +51,8 @@ def disk(draft: Draft, r: Recorded) -> None:
     if rec.state in (RecordState.CREATING, RecordState.DELETING):
         _redo(draft, r)
         return
+    if _secret_lost(draft, r):
+        return
     if rec.spec.get("encryption") != r.spec.get("encryption"):
         draft.error(
             "encryption-unsupported",
@@ -79,6 +81,43 @@ def disk(draft: Draft, r: Recorded) -> None:
         )
         return
     _resize(draft, r)
+
+
+def _secret_lost(draft: Draft, r: Recorded) -> bool:
+    """A made encrypted disk whose libvirt secret the pool's daemon no longer holds (a
+    rebuilt daemon, a secret undefined by hand, a kill between its define and its value):
+    no domain could open it. With a key source its secret is defined again (`restore-key`,
+    the volume untouched); else it is an error: only that secret held the key. Anything
+    else the disk needs waits for the next pass, when its key is back."""
+    rec = r.rec
+    # Only where the disk stays: `key_source` is of the pool the manifest names (a move's
+    # key is the migration's to judge, diff/migration.py).
+    if rec.encryption is None or not r.exists or rec.state is not RecordState.READY or r.moved:
+        return False
+    needs = "whether the disk's key secret is defined"
+    if guards.incomplete(draft, r.rpool, frozenset({"secrets"}), needs, **r.at):
+        return True
+    held = r.rpool.secrets
+    if held is None or rec.encryption.secret in held:
+        return False
+    uuid = rec.encryption.secret
+    if not r.d.key_source:
+        draft.error(
+            "key-lost",
+            f"libvirt secret {uuid}, the disk's key, is not defined on the pool's daemon and "
+            f"pool {rec.pool} has no key source (config `keys`) to define it again from: only "
+            "that secret held the key, so no domain can open the disk",
+            **r.at,
+        )
+        return True
+    reason = (
+        f"libvirt secret {uuid}, the disk's key, is not defined on the pool's daemon; it is "
+        f"defined again from pool {rec.pool}'s key source (the disk is not touched)"
+    )
+    # The record's spec and no patch: the action changes no record and no volume.
+    action = r.action(ActionKind.RESTORE_KEY, reason)
+    draft.actions.append(dataclasses.replace(action, patch=(), spec=dict(rec.spec)))
+    return True
 
 
 def _encryption(spec: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ _SYMBOL = {
     ActionKind.TAKE_OVER: "<",
     ActionKind.HAND_OVER: ">",
     ActionKind.MIGRATE: "->",
+    ActionKind.RESTORE_KEY: "~",
 }
 
 
@@ -198,6 +199,7 @@ def _summary_line(plan: Plan) -> str:
             f"{s['replace']} to replace, {s['delete']} to delete, {s['update']} to update, "
             f"{s['release']} to release"
             + (f", {s['migrate']} to migrate" if s.get("migrate") else "")
+            + (f", {s['restore-key']} key(s) to restore" if s.get("restore-key") else "")
             + f" ({s['destructive']} destructive)."
         )
     return f"{head} {s['errors']} error(s), {s['warnings']} warning(s)."
@@ -275,6 +277,7 @@ def _md_head(plan: Plan, header: list[str]) -> list[str]:
     # A migrate column only where there are migrations (as in the summary).
     kinds = ["create", "resize", "replace", "update", "delete", "release"]
     kinds += ["migrate"] if "migrate" in s else []
+    kinds += ["restore-key"] if "restore-key" in s else []
     cells = [str(s[k]) for k in kinds]
     cells.append(f"**{s['destructive']}** {DESTRUCTIVE_MARK}" if s["destructive"] else "0")
     cells.append(f"**{s['errors']}** {ERROR_MARK}" if s["errors"] else "0")

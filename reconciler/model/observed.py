@@ -55,6 +55,10 @@ class ObservedPool:
     # Facts above (field name -> why, with what to do) that an exported state does not
     # carry: the planner refuses to plan what depends on them rather than read a default.
     unknown: Mapping[str, str] = field(default_factory=dict)
+    # Which of the secret UUIDs its records name the pool's libvirt daemon holds with their
+    # value (drivers/host/keys.py: Secrets.held); None: not looked at (a pool that makes
+    # no encrypted disks, a plan that does not need it), so nothing is planned from it.
+    secrets: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

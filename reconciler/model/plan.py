@@ -20,6 +20,9 @@ class ActionKind(StrEnum):
     TAKE_OVER = "take-over"  # a shared pool: become the owner of another host's record
     HAND_OVER = "hand-over"  # a shared pool: let another host take this host's record
     MIGRATE = "migrate"  # copy to a new pool, backend or format, verify, switch, remove old
+    # An encrypted disk of this host whose libvirt secret is gone: defined again from the
+    # pool's key source (the volume is not touched).
+    RESTORE_KEY = "restore-key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,8 @@ class ProblemCode(StrEnum):
         "EncryptionUnsupported",
         Handling.TERMINAL,
     )
+    # An encrypted disk whose libvirt secret is gone, with no key source to get it from.
+    KEY_LOST = "key-lost", "KeyLost", Handling.TERMINAL
     # Only from an exported state older than a fact the plan needs (never the loop's).
     STATE_INCOMPLETE = "state-incomplete", "StateIncomplete", Handling.TERMINAL
     # Only planned without --force (the loop plans with it): the operator decides.
@@ -204,9 +209,10 @@ class Plan:
         return bool(self.actions)
 
     def summary(self) -> dict[str, int]:
-        # `migrate` is counted only where a plan has one, so the summaries of plans
-        # without (and the documents pinned from them) stay as they were.
-        counts = {k.value: 0 for k in ActionKind if k is not ActionKind.MIGRATE}
+        # `migrate` and `restore-key` are counted only where a plan has one, so the
+        # summaries of plans without (and the documents pinned from them) stay as they were.
+        later = (ActionKind.MIGRATE, ActionKind.RESTORE_KEY)
+        counts = {k.value: 0 for k in ActionKind if k not in later}
         for a in self.actions:
             counts[a.action.value] = counts.get(a.action.value, 0) + 1
         counts["destructive"] = sum(1 for a in self.actions if a.destructive)

@@ -147,15 +147,48 @@ class DiskConfig(BaseModel):
 
 class KeySourceConfig(BaseModel):
     """Where encrypted disks' keys are kept besides this host's libvirt secrets, so another
-    host (a take-over in a shared Ceph pool) gets them: a directory only root can read,
-    one file per key named by its secret's UUID (drivers/host/keys.py)."""
+    host (a take-over in a shared Ceph pool) or this one (a lost secret) gets them back:
+    exactly one of a directory only root can read, one file per key named by its secret's
+    UUID, or a command speaking to a KMS (drivers/host/keys.py, keycommand.py)."""
 
     model_config = STRICT
-    directory: str = Field(
+    directory: str | None = Field(
+        None,
         pattern=r"^/",
         description="an absolute path; the directory must be root's, mode 0700; each key "
         "file is root's, mode 0600",
     )
+    command: (
+        list[Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]] | None
+    ) = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="a program (absolute path) and its first arguments, run as `PROG ARGS "
+        "get UUID` (the key on stdout), `PROG ARGS put UUID` (the key on stdin) and `PROG "
+        "ARGS delete UUID`; with only PATH and LC_ALL=C in its environment, in /, in its own "
+        "session, killed with its process group past `timeout` or past 4 KiB of output",
+    )
+    timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="command: seconds each call may take before its process group is "
+        "killed (default 10)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeySourceConfig:
+        if (self.directory is None) == (self.command is None):
+            raise ValueError("give exactly one of `directory` and `command`")
+        if self.command is not None and not self.command[0].startswith("/"):
+            raise ValueError(
+                f"command: the program must be an absolute path (not {self.command[0]!r}): "
+                "it runs with a minimal PATH"
+            )
+        if self.directory is not None and "timeout" in self.model_fields_set:
+            raise ValueError("`timeout` is for a `command` key source only")
+        return self
 
 
 class PoolConfig(BaseModel):
@@ -174,7 +207,8 @@ class PoolConfig(BaseModel):
     keys: KeySourceConfig | None = Field(
         None,
         description="encrypted disks: a key source beside the libvirt secrets (a root-only "
-        "directory shared by the hosts), so another host can take a disk over",
+        "directory shared by the hosts, or a command that asks a KMS), so another host "
+        "can take a disk over and a lost secret can be defined again",
     )
     preallocation: Preallocation = Field(
         Preallocation.OFF,

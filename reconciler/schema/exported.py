@@ -40,12 +40,14 @@ from reconciler.schema.config import Config
 from reconciler.schema.recordcheck import validate
 from reconciler.schema.write import write_atomic_bytes
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Per older version, the pool fields its files may lack: version 1 grew them without its
 # number growing (shared, held: take-over and hand-over; available, allocated, layouts:
 # migrations; thick_unit: LVM targets), so a version 1 file may have any of them or none.
+# Version 3 added `secrets` (which records' key secrets the daemon holds: restore-key).
 LACKS: dict[int, tuple[str, ...]] = {
-    1: ("shared", "held", "available", "allocated", "layouts", "thick_unit"),
+    1: ("shared", "held", "available", "allocated", "layouts", "thick_unit", "secrets"),
+    2: ("secrets",),
 }
 OLDER = "its format predates them; re-export it with `reconcile observe`"
 # An export is made without manifests, and the holds a host reads are those of the disks
@@ -63,6 +65,7 @@ _PLACEHOLDER: dict[str, Any] = {
     "allocated": {},
     "layouts": [],
     "thick_unit": 0,
+    "secrets": None,
 }
 # The most a state file may be, as read and as inflated: far above a host's (a record is
 # about 1 KiB), far below what would exhaust the memory of the machine planning from it.
@@ -124,6 +127,8 @@ class StatePool(_Strict):
     allocated: dict[str, int]
     layouts: list[str]
     thick_unit: int
+    # Which of the records' key secrets the daemon holds (None: not looked at).
+    secrets: list[str] | None
 
 
 class StateBadRecord(_Strict):
@@ -151,7 +156,7 @@ class StateConfig(_Strict):
 
 
 class StateFile(_Strict):
-    format_version: Literal[1, 2]
+    format_version: Literal[1, 2, 3]
     kind: Literal["ObservedState"]
     observed_at: str
     host: str
@@ -210,6 +215,7 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
             "allocated": dict(sorted(p.allocated.items())),
             "layouts": sorted(p.layouts),
             "thick_unit": p.thick_unit,
+            "secrets": None if p.secrets is None else sorted(p.secrets),
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -375,6 +381,7 @@ def _pools(state: StateFile, unknown: dict[str, dict[str, str]]) -> dict[str, Ob
             frozenset(p.layouts),
             p.thick_unit,
             {**unknown.get(name, {}), **({"held": NO_HOLDS} if p.shared else {})},
+            None if p.secrets is None else frozenset(p.secrets),
         )
         for name, p in state.pools.items()
     }

@@ -48,11 +48,12 @@ import stat
 import threading
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 import libvirt
 
+from reconciler.drivers.host.keycommand import KeyCommand, check_key
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, Encryption
@@ -139,9 +140,38 @@ def secret_xml(uuid: str, usage: str, description: str) -> str:
 
 
 DESCRIPTION_PREFIX = "reconcile: key of "
+# Ends the description of a secret defined but not yet given its value (Secrets.define).
+UNSET = " (value not yet set)"
 
 
 MAX_KEY_BYTES = 4096
+
+
+class KeySource(Protocol):
+    """Where a pool's disk keys are kept besides its daemon's libvirt secrets, by secret
+    UUID: a directory (`KeyDirectory`) or a KMS's command (keycommand.py: `KeyCommand`).
+    Each raises ReconcileError (never quoting a key) when it cannot do what it is asked."""
+
+    label: str  # for messages: "key directory DIR", "key command PROG"
+
+    def put(self, uuid_: str, key: bytes) -> None:
+        """Keep `key` as `uuid_` (replacing one of a redo), durably, before it returns."""
+
+    def get(self, uuid_: str) -> bytes:
+        """The key kept as `uuid_`; ReconcileError when there is none."""
+
+    def delete(self, uuid_: str) -> None:
+        """Forget `uuid_`'s key; one already gone is fine (a redo)."""
+
+
+def key_source(config: KeySourceConfig | None) -> KeySource | None:
+    """The key source a pool's config `keys` names, if any."""
+    if config is None:
+        return None
+    if config.command is not None:
+        return KeyCommand(config.command, config.timeout)
+    assert config.directory is not None
+    return KeyDirectory(config.directory)
 
 
 class KeyDirectory:
@@ -149,6 +179,7 @@ class KeyDirectory:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.label = f"key directory {path}"
 
     @contextlib.contextmanager
     def _dir(self) -> Iterator[int]:
@@ -237,34 +268,67 @@ class Secrets:
         self.conns = conns
         self.uri = uri
         self.pool = pool
-        self.source = KeyDirectory(source.directory) if source is not None else None
+        self.source = key_source(source)
 
     def _call(self, what: str, fn: Any) -> Any:
         return self.conns.call(self.uri, f"{what} (pool {self.pool})", fn)
 
     def define(self, uuid: str, usage: str, volume: str, key: bytes) -> None:
         """Define secret `uuid` (private, persistent) for the volume at `usage` and set
-        its value to `key`. Again over our own secret of that UUID is fine (a redo)."""
-        xml = secret_xml(uuid, usage, f"{DESCRIPTION_PREFIX}{self.pool}/{volume}")
+        its value to `key`. Again over our own secret of that UUID is fine (a redo).
 
-        def define(conn: Any) -> None:
-            sec = conn.secretDefineXML(xml, 0)
-            sec.setValue(key, 0)
+        Three calls, not two: libvirt's define and setValue are separate, and a private
+        secret answers "secret is private" whether or not it has a value (checked on
+        libvirt 9.0), so a kill between them would leave an empty secret that looks like
+        any other. So it is defined marked UNSET in its description, given its value,
+        then defined again unmarked (a redefinition with the same usage keeps the value);
+        a marked secret is counted as missing (`held`, `exists`)."""
+        desc = f"{DESCRIPTION_PREFIX}{self.pool}/{volume}"
+        marked = secret_xml(uuid, usage, desc + UNSET)
+        final = secret_xml(uuid, usage, desc)
 
-        self._call(f"define libvirt secret {uuid}, the key of {volume}", define)
+        def mark(conn: Any) -> None:
+            conn.secretDefineXML(marked, 0)
+
+        def set_value(conn: Any) -> None:
+            conn.secretLookupByUUIDString(uuid).setValue(key, 0)
+
+        def unmark(conn: Any) -> None:
+            conn.secretDefineXML(final, 0)
+
+        what = f"define libvirt secret {uuid}, the key of {volume}"
+        self._call(what, mark)
+        faults.point("secret.marked")
+        self._call(what, set_value)
+        self._call(what, unmark)
         faults.point("secret.defined")
 
-    def exists(self, uuid: str) -> bool:
-        def look(conn: Any) -> bool:
-            try:
-                conn.secretLookupByUUIDString(uuid)
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
-                    return False
-                raise
-            return True
+    def _state(self, conn: Any, uuid: str) -> str:
+        """`held` (defined, its value set), `unset` (defined marked UNSET) or `missing`."""
+        try:
+            xml = conn.secretLookupByUUIDString(uuid).XMLDesc(0)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return "missing"
+            raise
+        desc = ET.fromstring(xml).findtext("description") or ""
+        return "unset" if desc.endswith(UNSET) else "held"
 
-        return bool(self._call("look up a key secret", look))
+    def exists(self, uuid: str) -> bool:
+        """Secret `uuid` is defined with its value (a marked one is not: see `define`)."""
+        return bool(self._call("look up a key secret", lambda c: self._state(c, uuid) == "held"))
+
+    def held(self, uuids: Iterable[str]) -> frozenset[str]:
+        """Those of `uuids` whose secrets the daemon holds with their values."""
+        wanted = sorted(set(uuids))
+        if not wanted:
+            return frozenset()
+        return frozenset(
+            self._call(
+                "look up the key secrets of the pool's records",
+                lambda c: [u for u in wanted if self._state(c, u) == "held"],
+            )
+        )
 
     def undefine(self, uuid: str, volume: str) -> None:
         """Undefine secret `uuid` (crypto-erase); one already gone is fine (a redo)."""
@@ -312,4 +376,5 @@ def restore(secrets_: Secrets, rec: DiskRecord, usage: str) -> None:
             f"{rec.pool}/{rec.volume} is encrypted and its key is not on this host; pool "
             f"{rec.pool} has no key source (config `keys`) to get it from"
         )
-    secrets_.define(enc.secret, usage, rec.volume, secrets_.source.get(enc.secret))
+    key = check_key(secrets_.source.get(enc.secret), f"the key {secrets_.source.label} gave")
+    secrets_.define(enc.secret, usage, rec.volume, key)

@@ -4,13 +4,16 @@ and the image checks (images.py), which share it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from reconciler.model.errors import ReconcileError
 from reconciler.util import progress
@@ -140,3 +143,93 @@ def run(argv: Sequence[str], *, fds: Sequence[int] = (), what: str) -> str:
     if res.returncode != 0:
         raise ToolError(f"{what}: {argv[0]} failed: {last_line(res)}")
     return res.stdout
+
+
+# What a bounded program may write on each of stdout and stderr before its group is killed.
+BOUND = 4096
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """How a bounded program ended: its exit status (negative: the signal that killed it),
+    what it wrote, and whether this runner killed its group, and why."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    killed: str | None  # "timeout", "stdout" or "stderr" (past BOUND), or None
+
+
+def bounded(
+    argv: Sequence[str], *, stdin: bytes | None, timeout: float, what: str, limit: int = BOUND
+) -> Bounded:
+    """Run a program that is not ours (a KMS's command): only PATH and LC_ALL=C in its
+    environment, in /, no descriptors but its three pipes, in a session and process group
+    of its own. The whole group is killed past `timeout` seconds or past `limit` bytes on
+    stdout or on stderr (a child it left behind included: the group is killed when the
+    program ends, too, while its leader is still unreaped, so the group id cannot have been
+    reused). Raises ToolError only when the program cannot be started; its output is the
+    caller's to judge (and never to quote carelessly: it may be a key)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd="/",
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as e:
+        raise ToolError(f"{what}: {argv[0]} cannot be run: {e.strerror}") from None
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None and proc.stderr is not None
+    pidfd = os.pidfd_open(proc.pid)
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    names = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+    killed: str | None = None
+    try:
+        if proc.stdin is not None:
+            # A key is far smaller than a pipe's buffer: this never blocks, read or not.
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(stdin or b"")
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        poller = select.poll()
+        for fd in bufs:
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(pidfd, select.POLLIN)
+        open_fds, exited = set(bufs), False
+        while open_fds or not exited:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                killed = "timeout"
+                break
+            for fd, _ in poller.poll(max(1, int(wait * 1000))):
+                if fd == pidfd:
+                    exited = True
+                    poller.unregister(pidfd)
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    open_fds.discard(fd)
+                    poller.unregister(fd)
+                    continue
+                bufs[fd] += chunk
+                if len(bufs[fd]) > limit:
+                    killed = names[fd]
+            if killed:
+                break
+    finally:
+        # The leader is not reaped yet (a zombie at worst), so its group id is still its.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+        os.close(pidfd)
+        proc.stdout.close()
+        proc.stderr.close()
+    # At most `limit` plus one read past it each: bounded, and the byte counts honest.
+    out, err = (bytes(b) for b in bufs.values())
+    return Bounded(rc, out, err, killed)
