@@ -574,7 +574,8 @@ def test_encryption_changes_into_and_within_rbd(
             encrypted(disk("x", size="8MiB", template="ext4", label="dec")),
         ],
     )
-    run_ok(env)
+    rc, out, err = env.run()  # in this process: the spy sees the keys
+    assert rc == 0, out + err
     before = {r.disk: r for r in local_records(env) if r.instance == inst}
     k_bytes = env.volume(inst, "k").read_bytes()
     write_image_pattern(site, f"{inst}_n")
