@@ -135,7 +135,7 @@ def _migration_keying_problem(rec: DiskRecord) -> str | None:
         if mig.backend not in ENCRYPTING_BACKENDS or mig.format is DiskFormat.PLOOP:
             return f"a {mig.backend.value} {mig.format.value} copy is never encrypted"
         if (enc.header is not None) != (mig.format is DiskFormat.RAW):
-            return "only a raw copy's encryption has a header before its payload (and must)"
+            return "its migration's copy: only a raw one's encryption has a header (and must)"
     was, will = rec.encryption is not None, enc is not None
     ways: dict[Keying | None, bool] = {
         None: not was and not will,
