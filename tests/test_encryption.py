@@ -99,6 +99,16 @@ def test_an_encrypted_disk_is_made_attached_grown_and_erased(
         return real_run(argv, *args, **kwargs)
 
     monkeypatch.setattr(subprocess, "run", spy)
+    real_popen = subprocess.Popen
+
+    class SpyPopen(real_popen):  # type: ignore[misc,valid-type]
+        """Every child, also those run with qemu-img's progress read (a migration's)."""
+
+        def __init__(self, args: Any, *rest: Any, **kw: Any) -> None:
+            argvs.append([str(a) for a in args])
+            super().__init__(args, *rest, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", SpyPopen)
     inst = env.manifest(
         "vm",
         [
@@ -244,6 +254,8 @@ def test_an_encrypted_disk_is_made_attached_grown_and_erased(
     ]:
         assert key not in blob
     assert any("qemu-img" in a[0] and "--object" in a for a in argvs)
+    # The migration's copy ran with its new key as an object (a memfd), never in an argv.
+    assert any(a[:2] == ["qemu-img", "convert"] and "--object" in a for a in argvs)
     assert not [a for a in argvs if any(key.decode() in w for w in a)]
 
 

@@ -6,7 +6,8 @@ volume. The planner decides whether that can be done at all: every reason apply 
 refuse it (a domain uses the disk, a shrink, a layout either driver cannot copy, a volume
 without a record where the copy goes, too little room in the target pool, facts the
 observed state lacks) is an error here, before anything is copied. Where no driver can
-copy the disk, --allow-replace makes it a replace (changed.py) instead.
+copy the disk, --allow-replace makes it a replace (changed.py) instead, except for a disk
+whose encryption changes or an encrypted one (`keyed`, model/keying.py): never replaced.
 
 A run that stopped in the middle leaves the record holding its migration (`resume`):
 switched, the copy is the disk and the migration is finished; copying, the partial copy

@@ -38,6 +38,17 @@ the migration), renamed away or replaced by the copy, or removed, libvirt is ask
 defined domain uses it (check_unused); a record already at the new location must be this
 disk's, or nothing is finished.
 
+A disk whose encryption changes, or an encrypted disk that moves, is migrated as its
+keying says (model/keying.py; decided in `_begin` and recorded in the migration with the
+copy's encryption, a new secret's UUID among it, before anything else): `keep` copies the
+LUKS volume's header and ciphertext as raw bytes (the plain path above, over header +
+size); `new`, `rekey` and `decrypt` read the disk (with its old key from its pool's key
+source) and write the copy (under a new key) through drivers/flows/keyed.py. Their
+order: record `copying` (the new secret's UUID) -> key stored [key.stored] -> secret
+defined [secret.defined] -> copy -> `switched` -> old volume gone -> old secret undefined
+[secret.undefined] -> old stored key deleted [key.deleted] -> record moved or ready. A
+rollback removes the copy, then its new secret and stored key, then the migration.
+
 Nothing here knows a backend: the drivers say how qemu-img reaches a volume (qemu_image)
 or copy by their own means (native_copy); see drivers/api.py.
 """
