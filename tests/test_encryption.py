@@ -100,6 +100,16 @@ def test_an_encrypted_disk_is_made_attached_grown_and_erased(
         return real_run(argv, *args, **kwargs)
 
     monkeypatch.setattr(subprocess, "run", spy)
+    real_popen = subprocess.Popen
+
+    class SpyPopen(real_popen):  # type: ignore[misc,valid-type]
+        """Every child, also those run with qemu-img's progress read (a migration's)."""
+
+        def __init__(self, args: Any, *rest: Any, **kw: Any) -> None:
+            argvs.append([str(a) for a in args])
+            super().__init__(args, *rest, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", SpyPopen)
     inst = env.manifest(
         "vm",
         [
@@ -197,24 +207,36 @@ def test_an_encrypted_disk_is_made_attached_grown_and_erased(
     assert raw.stat().st_size == keys.LUKS_HEADER + 24 * MiB
     assert next(r for r in records(env) if r.disk == "raw").virtual_size == 24 * MiB
 
-    # A change of encryption is a migrate, not built yet: an honest plan error.
+    # A change of encryption is a migration: plain -> luks is done under a new key;
+    # luks -> plain reads the disk with its key, which only a key source could give back:
+    # a plan error naming the pool (--allow-replace does not make it a replace).
+    grown = [
+        encrypted(disk("q", fmt="qcow2", template="ext4", label=LABEL, size="16MiB")),
+        encrypted(disk("over", backend="qcow2", fmt="qcow2", template="swap", size="8MiB")),
+        encrypted(disk("plain", template="ext4", label=LABEL, size="16MiB")),
+    ]
     env.manifest(
-        "vm",
-        [
-            disk("raw", template="ext4", label=LABEL, size="24MiB"),
-            encrypted(disk("q", fmt="qcow2", template="ext4", label=LABEL, size="16MiB")),
-            encrypted(disk("over", backend="qcow2", fmt="qcow2", template="swap", size="8MiB")),
-            encrypted(disk("plain", template="ext4", label=LABEL, size="16MiB")),
-        ],
-        instance=inst,
+        "vm", [disk("raw", template="ext4", label=LABEL, size="24MiB"), *grown], instance=inst
     )
     plan = env.plan_json("--allow-replace")
-    assert plan["actions"] == []
-    assert sorted((e["code"], e["disk"]) for e in plan["errors"]) == [
-        ("encryption-unsupported", "plain"),
-        ("encryption-unsupported", "raw"),
-    ]
-    assert "changing a disk's encryption is a migrate" in plan["errors"][0]["message"]
+    outputs.append(json.dumps(plan))
+    assert [(a["action"], a["disk"]) for a in plan["actions"]] == [("migrate", "plain")]
+    assert [(e["code"], e["disk"]) for e in plan["errors"]] == [("encryption-unsupported", "raw")]
+    assert "give pool local a key source (config `keys`)" in plan["errors"][0]["message"]
+    env.manifest(
+        "vm",
+        [encrypted(disk("raw", template="ext4", label=LABEL, size="24MiB")), *grown],
+        instance=inst,
+    )
+    rc, text, err = env.run("--dry-run")
+    outputs += [text, err]
+    assert rc == 0 and "key (new)" in text, text + err
+    rc, out, err = env.run()
+    outputs += [out, err]
+    assert rc == 0, out + err
+    migrated = next(r for r in records(env) if r.disk == "plain")
+    assert migrated.encryption is not None and migrated.encryption.secret in our_secrets(env)
+    assert LABEL.encode() not in env.volume(inst, "plain").read_bytes()
 
     # Delete: the volumes go, then their secrets (crypto-erase).
     env.manifest("vm", [], instance=inst, deleted=True)
@@ -233,6 +255,8 @@ def test_an_encrypted_disk_is_made_attached_grown_and_erased(
     ]:
         assert key not in blob
     assert any("qemu-img" in a[0] and "--object" in a for a in argvs)
+    # The migration's copy ran with its new key as an object (a memfd), never in an argv.
+    assert any(a[:2] == ["qemu-img", "convert"] and "--object" in a for a in argvs)
     assert not [a for a in argvs if any(key.decode() in w for w in a)]
 
 

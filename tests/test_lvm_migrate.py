@@ -33,6 +33,7 @@ from tests.conftest import Pools, make_lvm_env
 from tests.conftest_lvm import VolumeGroup, spare_vg
 from tests.env import Env, disk
 from tests.killpoints import at_each_with
+from tests.test_encryption_migrate import KeySpy, decrypted, encrypted
 from tests.test_migrate import apply_ok, content, migrate_once, record, write_pattern
 
 pytestmark = pytest.mark.libvirtd
@@ -535,3 +536,52 @@ def test_a_copy_into_a_fragmented_vg_is_one_segment_or_refused(
     assert len(lvm_vg.segments(lv)) == 1
     assert sha(lvm_vg.segment_bytes(lv, 8 * MiB)) == want
     assert not vol.exists()
+
+
+# -- encryption (model/keying.py) ------------------------------------------------------
+
+
+def test_a_plain_lv_is_encrypted_and_a_luks_file_moves_in_as_it_is(
+    lvm_env: Env, lvm_vg: VolumeGroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plain LV -> luks (a new key: the LV read from its PV decrypts with it to the old
+    data); a raw LUKS file -> an LV on the same daemon (keep: its header and ciphertext
+    copied as they are, the same secret, no key read)."""
+    spy = KeySpy(monkeypatch)
+    env = lvm_env
+    env.safety = {"maxDeletePercent": 100}
+    env.write_config()
+    size = 8 * MiB
+    inst = env.manifest("vm", [lvm("p", size="8MiB"), encrypted(disk("f", size="8MiB"))])
+    apply_ok(env)
+    p_lv, f_vol = f"{inst}_p", f"{inst}_f"
+    write_lv_pattern(lvm_vg, p_lv)
+    want = lvm_vg.segment_bytes(p_lv, size)
+    f_rec = record(env, "local", f_vol)
+    assert f_rec is not None and f_rec.encryption is not None
+    f_bytes = env.volume(inst, "f").read_bytes()
+
+    env.manifest(
+        "vm",
+        [encrypted(lvm("p", size="8MiB")), encrypted(lvm("f", size="8MiB"))],
+        instance=inst,
+    )
+    plan = env.plan_json()
+    assert not plan["errors"], plan["errors"]
+    reasons = {a["disk"]: a["reason"] for a in plan["actions"]}
+    assert "key (new)" in reasons["p"] and "key (keep)" in reasons["f"], reasons
+    apply_ok(env)
+    assert env.plan_json()["actions"] == []
+
+    p = record(env, "vg", p_lv)
+    assert p is not None and p.encryption is not None and p.migration is None
+    at_rest = lvm_vg.segment_bytes(p_lv)
+    assert at_rest[:6] == b"LUKS\xba\xbe" and want[:65536] not in at_rest
+    (tmp_path / "p.lv").write_bytes(at_rest)
+    got = decrypted(tmp_path / "p.lv", p, spy.keys[p.encryption.secret], tmp_path)
+    assert got[:size] == want
+
+    f = record(env, "vg", f_vol)
+    assert f is not None and f.encryption == f_rec.encryption  # the same secret, kept
+    assert record(env, "local", f_vol) is None and not env.volume(inst, "f").exists()
+    assert lvm_vg.segment_bytes(f_vol, len(f_bytes)) == f_bytes

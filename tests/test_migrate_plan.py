@@ -8,8 +8,9 @@ from typing import Any
 from reconciler.diff import PlanOptions, plan
 from reconciler.model import Desired, Observed, ObservedPool
 from reconciler.model.desired import DesiredDisk, DesiredInstance
+from reconciler.model.keying import PoolKeys
 from reconciler.model.naming import migration_name, volume_name
-from reconciler.model.record import DiskRecord, Migration, MigrationPhase, RecordState
+from reconciler.model.record import DiskRecord, Encryption, Migration, MigrationPhase, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import DiskSpec
 from tests.helpers import record_for
@@ -200,3 +201,109 @@ def test_an_unfinished_resize_is_not_migrated() -> None:
     rec = rec_of(spec(), state=RecordState.RESIZING, pending_size=2 << 30)
     p = plan(desired(spec(format="qcow2", size=2 << 30)), Observed({"a": pool("a", {VOL})}, (rec,)))
     assert [e.code for e in p.errors] == ["replace-required"]
+
+
+# -- encryption: a change of it, or a move of an encrypted disk, is a migration ----------
+
+LUKS = {"format": "luks"}
+SECRET = "0f3c2b1a-1111-4222-8333-944445555666"
+
+
+def keyed_desired(s: DiskSpec, keys: dict[str, PoolKeys]) -> Desired:
+    d = DesiredDisk(
+        INST, s, VOL, "vm.yaml", 5, pool_keys=keys, key_source=keys[s.pool].source is not None
+    )
+    return Desired((DesiredInstance(INST, "vm.yaml", False, (d,)),))
+
+
+def enc_rec(s: DiskSpec) -> DiskRecord:
+    rec = rec_of(s)
+    if s.encryption is None:
+        return rec
+    header = 2068480 if s.format is DiskFormat.RAW else None
+    return rec.model_copy(
+        update={"encryption": Encryption(format="luks", secret=SECRET, header=header)}
+    )
+
+
+BARE = {"a": PoolKeys("qemu:///a", None), "b": PoolKeys("qemu:///a", None)}
+SOURCED = {
+    "a": PoolKeys("qemu:///a", '{"directory":"/k"}'),
+    "b": PoolKeys("qemu:///a", '{"directory":"/k"}'),
+}
+
+
+def keyed_plan(old: DiskSpec, new: DiskSpec, keys: dict[str, PoolKeys], *flags: bool) -> Any:
+    layouts = LAYOUTS | {"lvm/raw"}
+    pools = {"a": pool("a", {VOL}, layouts=layouts), "b": pool("b", set(), layouts=layouts)}
+    return plan(
+        keyed_desired(new, keys),
+        Observed(pools, (enc_rec(old),)),
+        PlanOptions(allow_replace=bool(flags and flags[0])),
+    )
+
+
+def test_plain_to_luks_is_a_new_key_migration_without_a_key_source() -> None:
+    p = keyed_plan(spec(), spec(encryption=LUKS), BARE, True)
+    (a,) = p.actions
+    assert a.action.value == "migrate" and not p.errors
+    assert (
+        "key (new)" in a.reason and "the old plain volume is removed, not overwritten" in a.reason
+    )
+
+
+def test_rekey_and_decrypt_need_the_pools_key_source() -> None:
+    need = "give pool a a key source (config `keys`) holding the disk's key"
+    for new in (
+        spec(encryption=LUKS, format="qcow2"),
+        spec(),
+        spec(encryption=LUKS, pool="b", backend="qcow2", format="qcow2"),
+    ):
+        p = keyed_plan(spec(encryption=LUKS), new, BARE, True)  # --allow-replace changes nothing
+        assert not p.actions and [e.code for e in p.errors] == ["encryption-unsupported"]
+        assert need in p.errors[0].message
+        p = keyed_plan(spec(encryption=LUKS), new, SOURCED)
+        (a,) = p.actions
+        assert a.action.value == "migrate" and not p.errors
+        assert ("key (decrypt)" if new.encryption is None else "key (rekey)") in a.reason
+
+
+def test_a_raw_luks_volume_moving_between_raw_layouts_keeps_its_key() -> None:
+    p = keyed_plan(spec(encryption=LUKS), spec(encryption=LUKS, pool="b"), BARE)
+    (a,) = p.actions
+    assert "key (keep)" in a.reason and not p.errors
+    # Another daemon: the secret cannot be kept; without a key source it is an error.
+    other = {**BARE, "b": PoolKeys("qemu:///b", None)}
+    p = keyed_plan(spec(encryption=LUKS), spec(encryption=LUKS, pool="b"), other)
+    assert [e.code for e in p.errors] == ["encryption-unsupported"]
+
+
+def test_retain_is_refused_for_an_encrypted_disk_that_moves() -> None:
+    p = keyed_plan(
+        spec(encryption=LUKS), spec(encryption=LUKS, pool="b", deletionPolicy="Retain"), SOURCED
+    )
+    assert not p.actions and "Retain" in p.errors[0].message
+    # A plain disk encrypted as it moves keeps its old (plain) volume.
+    p = keyed_plan(spec(), spec(encryption=LUKS, pool="b", deletionPolicy="Retain"), BARE)
+    assert [a.action.value for a in p.actions] == ["migrate"] and not p.errors
+
+
+def test_an_encrypted_disk_no_driver_can_copy_is_never_replaced() -> None:
+    layouts = frozenset({"flat/raw"})
+    pools = {"a": pool("a", {VOL}, layouts=layouts), "b": pool("b", set(), layouts=layouts)}
+    p = plan(
+        keyed_desired(spec(encryption=LUKS, pool="b", format="qcow2"), SOURCED),
+        Observed(pools, (enc_rec(spec(encryption=LUKS)),)),
+        PlanOptions(allow_replace=True),
+    )
+    assert not p.actions and [e.code for e in p.errors] == ["migrate-unsupported"]
+    assert "never a replace" in p.errors[0].message
+
+
+def test_an_encrypted_qcow2_grows_only_with_a_key_source() -> None:
+    q = spec(encryption=LUKS, format="qcow2")
+    p = keyed_plan(q, spec(encryption=LUKS, format="qcow2", size=2 << 30), BARE)
+    assert [e.code for e in p.errors] == ["resize-unsupported"]
+    assert "give pool a a key source" in p.errors[0].message
+    p = keyed_plan(q, spec(encryption=LUKS, format="qcow2", size=2 << 30), SOURCED)
+    assert [a.action.value for a in p.actions] == ["resize"] and not p.errors

@@ -35,6 +35,7 @@ from tests.conftest_lvm import VolumeGroup
 from tests.env import Env, disk
 from tests.killpoints import at_each
 from tests.rbdsite import RbdSite, rbd_site
+from tests.test_encryption_migrate import KeySpy, decrypted, encrypted
 from tests.test_migrate import content, files, write_pattern
 
 pytestmark = [pytest.mark.ceph, pytest.mark.libvirtd]
@@ -542,3 +543,80 @@ def test_lvm_to_rbd_and_back_keeps_the_data(
         assert plan(env)["actions"] == []
     finally:
         lvm_vg.reset()
+
+
+# -- encryption (model/keying.py) ------------------------------------------------------
+
+
+def test_encryption_changes_into_and_within_rbd(
+    pools: Pools, site: RbdSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one key directory for both pools on one daemon: a raw LUKS file -> rbd is
+    copied as it is (keep); a plain image -> luks (a new key); a LUKS file -> a plain
+    image, read with its key from the directory (decrypt), its secret and key erased."""
+    spy = KeySpy(monkeypatch)
+    env = make_env(pools, tmp_path, ("ceph", site))
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir(mode=0o700)
+    lp, _ = env.pools["local"]
+    env.extra_pools["local"] = {
+        "uri": env.uri, "libvirtPool": lp, "backends": ["flat", "qcow2"],
+        "keys": {"directory": str(key_dir)},
+    }  # fmt: skip
+    env.extra_pools["ceph"]["keys"] = {"directory": str(key_dir)}
+    env.write_config()
+    size = 8 * MiB
+    inst = env.manifest(
+        "vm",
+        [
+            encrypted(disk("k", size="8MiB")),
+            rdisk("n", size="8MiB"),
+            encrypted(disk("x", size="8MiB", template="ext4", label="dec")),
+        ],
+    )
+    rc, out, err = env.run()  # in this process: the spy sees the keys
+    assert rc == 0, out + err
+    before = {r.disk: r for r in local_records(env) if r.instance == inst}
+    k_bytes = env.volume(inst, "k").read_bytes()
+    write_image_pattern(site, f"{inst}_n")
+    n_want = site.read(f"{inst}_n", size)
+    x_old = before["x"].encryption
+    assert x_old is not None
+    x_want = decrypted(env.volume(inst, "x"), before["x"], spy.keys[x_old.secret], tmp_path)
+
+    env.manifest(
+        "vm",
+        [
+            encrypted(rdisk("k", size="8MiB")),
+            encrypted(rdisk("n", size="8MiB")),
+            rdisk("x", size="8MiB", template="ext4", label="dec"),
+        ],
+        instance=inst,
+    )
+    p = plan(env)
+    assert not p["errors"], p["errors"]
+    reasons = {a["disk"]: a["reason"] for a in p["actions"]}
+    assert "key (keep)" in reasons["k"] and "key (new)" in reasons["n"], reasons
+    assert "key (decrypt)" in reasons["x"], reasons
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    assert plan(env)["actions"] == []
+
+    recs = {r.disk: r for r in rados_records(site) if r.instance == inst}
+    assert recs["k"].encryption == before["k"].encryption  # kept: the same secret
+    assert site.read(f"{inst}_k", len(k_bytes)) == k_bytes
+    n = recs["n"]
+    assert n.encryption is not None and n.migration is None
+    at_rest = site.read(f"{inst}_n", site.size(f"{inst}_n"))
+    assert at_rest[:6] == b"LUKS\xba\xbe" and n_want[:65536] not in at_rest
+    (tmp_path / "n.img").write_bytes(at_rest)
+    assert (
+        decrypted(tmp_path / "n.img", n, spy.keys[n.encryption.secret], tmp_path)[:size] == n_want
+    )
+    assert recs["x"].encryption is None
+    assert site.read(f"{inst}_x", size) == x_want[:size]
+    assert not (key_dir / x_old.secret).exists()
+    assert sorted(p.name for p in key_dir.iterdir()) == sorted(
+        [n.encryption.secret, recs["k"].encryption.secret]  # type: ignore[union-attr]
+    )
+    assert not [i for i in site.images() if i.startswith(inst) and "+" in i]

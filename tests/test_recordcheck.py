@@ -182,3 +182,50 @@ def test_racing_first_copies_all_use_one_whole_key(tmp_path: Path) -> None:
     assert copykey.unseal(key, sealed) == b"{}"
     assert copykey.unseal(key, sealed.replace(b"{}", b"[]")) is None
     assert copykey.unseal(None, sealed) is None and copykey.unseal(key, b"{}") is None
+
+
+def keyed(old_enc: bool, keying: str | None, new_enc: dict[str, Any] | None) -> DiskRecord:
+    """A flat raw disk migrating to flat raw (same pool), with the given encryptions."""
+    secret = "0f3c2b1a-1111-4222-8333-944445555666"
+    spec = spec_of("root", "local", "flat", "raw")
+    new_spec = {**spec, "encryption": {"format": "luks"}} if new_enc else dict(spec)
+    if old_enc:
+        spec["encryption"] = {"format": "luks"}
+    mig: dict[str, Any] = {
+        "pool": "local",
+        "volume": migration_name(f"{INST}_root"),
+        "final_volume": f"{INST}_root",
+        "backend": "flat",
+        "format": "raw",
+        "virtual_size": 1 << 26,
+        "spec": new_spec,
+        "phase": "copying",
+    }
+    if keying is not None:
+        mig["keying"] = keying
+    if new_enc is not None:
+        mig["encryption"] = new_enc
+    enc = {"format": "luks", "secret": secret, "header": 2068480} if old_enc else None
+    return rec(
+        backend="flat", format="raw", backing=None, spec=spec, schema_version=2,
+        migration=mig, **({"encryption": enc} if enc else {}),
+    )  # fmt: skip
+
+
+OLD = {"format": "luks", "secret": "0f3c2b1a-1111-4222-8333-944445555666", "header": 2068480}
+NEW = {"format": "luks", "secret": "1f3c2b1a-1111-4222-8333-944445555666", "header": 2068480}
+
+
+def test_a_migrations_keying_must_fit_its_two_encryptions() -> None:
+    for r in (keyed(False, "new", NEW), keyed(True, "keep", OLD), keyed(True, "rekey", NEW),
+              keyed(True, "decrypt", None)):  # fmt: skip
+        assert problem(r, r.pool, r.volume) is None, r.migration
+        assert "keying" in r.model_dump_json()
+    for r in (keyed(True, "keep", NEW), keyed(True, "rekey", OLD), keyed(False, None, NEW),
+              keyed(True, None, None), keyed(False, "decrypt", None),
+              keyed(True, "new", {**NEW, "header": None})):  # fmt: skip
+        got = problem(r, r.pool, r.volume)
+        assert got is not None and "migration" in got, r.migration
+    plain = keyed(False, None, None)
+    assert problem(plain, plain.pool, plain.volume) is None
+    assert "keying" not in plain.model_dump_json()  # a plain migration's record is unchanged

@@ -21,8 +21,9 @@ import dataclasses
 from typing import Any
 
 from reconciler.diff import guards, migration, new
-from reconciler.diff.draft import Draft, Recorded
+from reconciler.diff.draft import Draft, Recorded, retained
 from reconciler.diff.render import show_value
+from reconciler.model import keying
 from reconciler.model.plan import ActionKind
 from reconciler.model.record import RecordState
 from reconciler.model.units import format_size
@@ -53,24 +54,10 @@ def disk(draft: Draft, r: Recorded) -> None:
         return
     if _secret_lost(draft, r):
         return
-    if rec.spec.get("encryption") != r.spec.get("encryption"):
-        draft.error(
-            "encryption-unsupported",
-            f"encryption {_encryption(rec.spec)} -> {_encryption(r.spec)}: changing a disk's "
-            "encryption is a migrate (a copy into the new layout, never in place and never "
-            "a replace), which is not built yet; the disk is left as it is",
-            **r.at,
-        )
-        return
     fields = [f for f in REPLACE_FIELDS if rec.spec.get(f) != r.spec.get(f)]
-    if fields and rec.encryption is not None:
-        draft.error(
-            "encryption-unsupported",
-            f"{', '.join(fields)} changed: moving an encrypted disk is a copy that needs its "
-            "key, which only its private libvirt secret holds; not supported yet, the disk "
-            "is left as it is",
-            **r.at,
-        )
+    keyed = keying.decide(rec.spec, r.spec, _same_keys(r))
+    if keyed is not None and (fields or rec.spec.get("encryption") != r.spec.get("encryption")):
+        _rekeyed(draft, r, fields, keyed)
         return
     if fields:
         _relayout(draft, r, fields)
@@ -118,6 +105,59 @@ def _secret_lost(draft: Draft, r: Recorded) -> bool:
     action = r.action(ActionKind.RESTORE_KEY, reason)
     draft.actions.append(dataclasses.replace(action, patch=(), spec=dict(rec.spec)))
     return True
+
+
+def _same_keys(r: Recorded) -> bool:
+    """Whether the disk's pool and the one it goes to share a libvirt daemon and a key
+    source (the config's, as apply's drivers see it)."""
+    have = r.d.pool_keys
+    old, new_ = have.get(r.rec.pool), have.get(r.d.spec.pool)
+    return old is not None and old == new_
+
+
+def _rekeyed(draft: Draft, r: Recorded, fields: list[str], keyed: keying.Keying) -> None:
+    """A change of encryption, or a move of an encrypted disk: a migration (keying.py says
+    what happens to the key), never a replace, whatever --allow-replace says."""
+    rec = r.rec
+    what = "; ".join(
+        [f"{f} {show_value(f, rec.spec.get(f))} -> {show_value(f, r.spec.get(f))}" for f in fields]
+        + (
+            [f"encryption {_encryption(rec.spec)} -> {_encryption(r.spec)}"]
+            if rec.spec.get("encryption") != r.spec.get("encryption")
+            else []
+        )
+    )
+    refusal = None
+    if not set(fields) <= migration.MIGRATE_FIELDS:
+        refusal = (
+            "a new source for an encrypted disk (or one to be encrypted) is a replace, "
+            "which is not built for encryption; change the source and the encryption apart"
+        )
+    elif rec.state is not RecordState.READY:
+        refusal = f"the disk's record is {rec.state.value}; it is migrated once it is ready"
+    elif rec.encryption is not None and retained(r.spec):
+        refusal = (
+            "deletionPolicy Retain would keep the old encrypted volume, whose key no "
+            "record would name once the disk moves; set deletionPolicy Delete to migrate it"
+        )
+    elif keying.needs_old_key(keyed) and not _sourced(r, rec.pool):
+        refusal = (
+            f"the copy reads the disk with its key, which its private libvirt secret never "
+            f"gives back; {keying.key_source_needed(rec.pool)}"
+        )
+    if refusal is not None:
+        draft.error(
+            "encryption-unsupported",
+            f"{what}: {refusal}; the disk is left as it is",
+            **r.at,
+        )
+        return
+    migration.migrate(draft, r, what, keyed)
+
+
+def _sourced(r: Recorded, pool: str) -> bool:
+    got = r.d.pool_keys.get(pool)
+    return got is not None and got.source is not None
 
 
 def _encryption(spec: dict[str, Any]) -> str:
@@ -191,13 +231,18 @@ def _resize(draft: Draft, r: Recorded) -> None:
             **r.at,
         )
         return
-    if target > current and rec.encryption is not None and rec.encryption.header is None:
+    if (
+        target > current
+        and rec.encryption is not None
+        and rec.encryption.header is None
+        and not _sourced(r, rec.pool)
+    ):
         draft.error(
             "resize-unsupported",
             f"size {format_size(current)} -> {format_size(target)}: an encrypted "
             f"{rec.format.value} disk is opened only with its key, which its private libvirt "
-            "secret never gives back, so it cannot grow here; keep the size at "
-            f"{format_size(current)}",
+            f"secret never gives back; {keying.key_source_needed(rec.pool)}, or keep the "
+            f"size at {format_size(current)}",
             **r.at,
         )
         return

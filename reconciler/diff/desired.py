@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from reconciler.model.desired import Desired, DesiredDisk, DesiredInstance, FailedInput
+from reconciler.model.keying import PoolKeys
 from reconciler.model.naming import volume_name
 from reconciler.schema.common import Preallocation
 from reconciler.schema.config import PoolConfig
@@ -24,6 +25,10 @@ def build_desired(
         if pc.preallocation is not Preallocation.OFF
     }
     sourced = {name for name, pc in (pools or {}).items() if pc.keys is not None}
+    pool_keys = {
+        name: PoolKeys(pc.uri, None if pc.keys is None else pc.keys.model_dump_json())
+        for name, pc in (pools or {}).items()
+    }
     instances = []
     for lm in loaded:
         m = lm.manifest
@@ -36,6 +41,7 @@ def build_desired(
                 line=lm.disk_line(i),
                 preallocation=modes.get(d.pool),
                 key_source=d.pool in sourced,
+                pool_keys=pool_keys,
             )
             for i, d in enumerate(m.disks)
         )

@@ -6,7 +6,8 @@ volume. The planner decides whether that can be done at all: every reason apply 
 refuse it (a domain uses the disk, a shrink, a layout either driver cannot copy, a volume
 without a record where the copy goes, too little room in the target pool, facts the
 observed state lacks) is an error here, before anything is copied. Where no driver can
-copy the disk, --allow-replace makes it a replace (changed.py) instead.
+copy the disk, --allow-replace makes it a replace (changed.py) instead, except for a disk
+whose encryption changes or an encrypted one (`keyed`, model/keying.py): never replaced.
 
 A run that stopped in the middle leaves the record holding its migration (`resume`):
 switched, the copy is the disk and the migration is finished; copying, the partial copy
@@ -26,6 +27,8 @@ from typing import Any
 
 from reconciler.diff import guards, new
 from reconciler.diff.draft import Draft, Recorded, patch, retained
+from reconciler.model import keying
+from reconciler.model.keying import Keying
 from reconciler.model.naming import migration_name
 from reconciler.model.observed import ObservedPool
 from reconciler.model.plan import Action, ActionKind
@@ -90,10 +93,11 @@ def moving(recs: list[DiskRecord]) -> list[DiskRecord]:
     return recs
 
 
-def migrate(draft: Draft, r: Recorded, what: str) -> bool:
-    """A disk whose pool, backend or format changed (`what`, for people), in `r.rpool` now
-    and going to `r.pool`: copied, verified, switched. False where no driver can copy it
-    and --allow-replace asks for a replace instead."""
+def migrate(draft: Draft, r: Recorded, what: str, keyed: Keying | None = None) -> bool:
+    """A disk whose pool, backend, format or encryption changed (`what`, for people), in
+    `r.rpool` now and going to `r.pool`: copied, verified, switched. False where no driver
+    can copy it and --allow-replace asks for a replace instead, which an encrypted disk
+    (or one to be: `keyed`, model/keying.py) never is."""
     d, rec, pool = r.d, r.rec, r.pool
     assert pool.volumes is not None
     if not r.exists:
@@ -107,7 +111,7 @@ def migrate(draft: Draft, r: Recorded, what: str) -> bool:
         return True
     if _refused(draft, r):
         return True
-    copyable = _copyable(draft, r, what)
+    copyable = _copyable(draft, r, what, replaceable=keyed is None)
     if copyable is not None:
         return copyable
     copy = migration_name(d.volume)
@@ -121,7 +125,7 @@ def migrate(draft: Draft, r: Recorded, what: str) -> bool:
         )
     if new.preallocation_refused(draft, d):
         return True
-    if not _room(draft, r, what):
+    if not _room(draft, r, what, encrypted=r.spec.get("encryption") is not None):
         return True
     fate = (
         "kept and no longer managed (deletionPolicy Retain)"
@@ -132,6 +136,8 @@ def migrate(draft: Draft, r: Recorded, what: str) -> bool:
         f"{what}: the data is copied into the new layout, compared with the original, "
         f"and the record switched to the copy; the old volume is {fate}"
     )
+    if keyed is not None:
+        reason += f"; key ({keyed.value}): {keying.describe(keyed)}"
     move = r.action(ActionKind.MIGRATE, reason, replaces=(rec.pool, rec.volume))
     # The copy is a disk made in the new pool: allocated as that pool makes its disks.
     draft.actions.append(dataclasses.replace(move, preallocation=d.preallocation))
@@ -159,9 +165,10 @@ def _refused(draft: Draft, r: Recorded) -> bool:
     return False
 
 
-def _copyable(draft: Draft, r: Recorded, what: str) -> bool | None:
+def _copyable(draft: Draft, r: Recorded, what: str, *, replaceable: bool = True) -> bool | None:
     """None where both drivers can copy the disk (out of `r.rpool`, into `r.pool`); else
-    what `migrate` returns: True (with an error) or False (--allow-replace replaces it)."""
+    what `migrate` returns: True (with an error) or False (--allow-replace replaces it,
+    where the disk is `replaceable`)."""
     needs = "whether and how the disk's data can be kept"
     for p, facts in ((r.rpool, SOURCE_FACTS), (r.pool, TARGET_FACTS)):
         if guards.incomplete(draft, p, facts, needs, **r.at):
@@ -170,25 +177,32 @@ def _copyable(draft: Draft, r: Recorded, what: str) -> bool | None:
     for p, lay, way in ways:
         if lay in p.layouts:
             continue
-        if draft.options.allow_replace:
+        if draft.options.allow_replace and replaceable:
             return False
         can = ", ".join(sorted(p.layouts)) or "none"
+        then = (
+            "(--allow-replace deletes it and makes it anew, destroying its data)"
+            if replaceable
+            else "(a change of encryption is never a replace)"
+        )
         draft.error(
             "migrate-unsupported",
             f"{what}: pool {p.name}'s driver cannot copy a {lay} disk {way} it "
             f"(it migrates {can}), so the data cannot be kept; the disk is left as "
-            "it is (--allow-replace deletes it and makes it anew, destroying its data)",
+            f"it is {then}",
             **r.at,
         )
         return True
     return None
 
 
-def _room(draft: Draft, r: Recorded, what: str) -> bool:
+def _room(draft: Draft, r: Recorded, what: str, *, encrypted: bool = False) -> bool:
     """True, claiming the room, where the copy fits in its target pool beside the copies
-    planned before it; else False with an error."""
+    planned before it (an `encrypted` copy: its LUKS header too); else False with an error."""
     pool = r.pool
     need = migration_need(r.rec, r.rpool, r.d.spec.size, pool.thick_unit, r.d.preallocation)
+    if encrypted:
+        need += keying.HEADER_ROOM
     others = draft.claimed[pool.name]
     if pool.available is not None and others + need > pool.available:
         also = f" beside {format_size(others)} for other migrations" if others else ""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+from reconciler.model.keying import PoolKeys
 from reconciler.schema.common import Preallocation
 from reconciler.schema.manifest import DiskSpec
 
@@ -24,6 +26,9 @@ class DesiredDisk:
     # Its pool has a key source (config `keys`): an encrypted disk's key can be had on
     # another host, so it may be taken over.
     key_source: bool = False
+    # Every configured pool's libvirt daemon and key source (one mapping shared by all
+    # disks): what a migration's keying is decided by (model/keying.py).
+    pool_keys: Mapping[str, PoolKeys] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

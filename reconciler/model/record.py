@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from reconciler.model.keying import Keying
 from reconciler.schema.common import Backend, DiskFormat, Preallocation
 
 RECORD_SCHEMA_VERSION: Literal[1] = 1
@@ -41,38 +42,6 @@ class MigrationPhase(StrEnum):
     SWITCHED = "switched"  # the copy is verified and is the disk; the old one is removed next
 
 
-class Migration(BaseModel):
-    """Where a disk is being moved to, held by the old disk's record while it moves.
-
-    Both locations are in one record, so no crash leaves a copy nobody owns or two records
-    claiming the disk: `copying` means the old volume is the disk (an interrupted copy is
-    removed and made again), `switched` means the copy is (the old volume is removed, or
-    released under deletionPolicy Retain, and the record moves to the new location).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    pool: str
-    volume: str  # where the copy is written (a staging name when the pool is the same)
-    final_volume: str  # the name the disk has once moved
-    backend: Backend
-    format: DiskFormat
-    virtual_size: int = Field(gt=0)
-    spec: dict[str, Any]  # the desired spec the copy is made to
-    phase: MigrationPhase
-    # Same pool, deletionPolicy Retain: the name the old volume is kept under.
-    retained_as: str | None = None
-    # How the copy is allocated (its pool's preallocation; a file pool's); None: sparse.
-    preallocation: Preallocation | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _drop_off(self.preallocation, handler(self))
-
-    def target(self) -> tuple[str, str]:
-        return (self.pool, self.final_volume)
-
-
 class Encryption(BaseModel):
     """How a disk is encrypted: the format and the libvirt secret that holds its key.
 
@@ -97,6 +66,48 @@ class Encryption(BaseModel):
         if self.header is None:
             data.pop("header", None)
         return data
+
+
+class Migration(BaseModel):
+    """Where a disk is being moved to, held by the old disk's record while it moves.
+
+    Both locations are in one record, so no crash leaves a copy nobody owns or two records
+    claiming the disk: `copying` means the old volume is the disk (an interrupted copy is
+    removed and made again), `switched` means the copy is (the old volume is removed, or
+    released under deletionPolicy Retain, and the record moves to the new location).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pool: str
+    volume: str  # where the copy is written (a staging name when the pool is the same)
+    final_volume: str  # the name the disk has once moved
+    backend: Backend
+    format: DiskFormat
+    virtual_size: int = Field(gt=0)
+    spec: dict[str, Any]  # the desired spec the copy is made to
+    phase: MigrationPhase
+    # Same pool, deletionPolicy Retain: the name the old volume is kept under.
+    retained_as: str | None = None
+    # How the copy is allocated (its pool's preallocation; a file pool's); None: sparse.
+    preallocation: Preallocation | None = None
+    # What happens to the disk's key (model/keying.py), decided when the migration began;
+    # None: neither side is encrypted. Written only when set.
+    keying: Keying | None = None
+    # The copy's encryption (None: a plain copy): `keep`, the disk's own; `new` and
+    # `rekey`, a new secret's UUID, recorded before its key is stored or defined.
+    encryption: Encryption | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = _drop_off(self.preallocation, handler(self))
+        for name in ("keying", "encryption"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+    def target(self) -> tuple[str, str]:
+        return (self.pool, self.final_volume)
 
 
 class DiskRecord(BaseModel):

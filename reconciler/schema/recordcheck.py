@@ -30,7 +30,9 @@ What a record must be:
 - an encryption (recorded only where the spec asks for one) is a disk's, of a backend
   that encrypts (ENCRYPTING_BACKENDS) and a format that can be (not ploop), the one its
   spec names; a spec names no other encryption than `{format: luks}`; a record whose
-  spec asks for encryption without recording one (or the reverse) is refused.
+  spec asks for encryption without recording one (or the reverse) is refused; a
+  migration's copy likewise, and its keying is the one model/keying.py decides for the
+  two encryptions (a keep keeps the very secret, a rekey names a new one).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from reconciler.model.errors import RecordError
+from reconciler.model.keying import Keying, raw_luks
 from reconciler.model.naming import CACHE_PREFIX, migration_name, volume_name
 from reconciler.model.record import BadRecord, DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import (
@@ -113,8 +116,44 @@ def _encryption_problem(rec: DiskRecord) -> str | None:
         return f"a {rec.backend.value} {rec.format.value} disk is never encrypted"
     if enc.header is not None and rec.format is not DiskFormat.RAW:
         return "only a raw disk's encryption has a header before its payload"
-    if rec.migration is not None:
-        return "an encrypted disk is never migrated (its copy would need its key)"
+    return None
+
+
+def _migration_keying_problem(rec: DiskRecord) -> str | None:
+    """Why a migration's keying and copy's encryption are not the ones model/keying.py
+    decides for its record's and its own specs (None: they are; a keep is only possible
+    between raw LUKS layouts, and it keeps the very secret)."""
+    mig = rec.migration
+    assert mig is not None
+    asked = mig.spec.get("encryption")
+    enc = mig.encryption
+    if (enc is None) != (asked is None):
+        return "its migration's encryption is not its migration's spec's"
+    if enc is not None:
+        if asked != {"format": enc.format}:
+            return f"its migration's encryption {enc.format} is not its spec's ({asked!r})"
+        if mig.backend not in ENCRYPTING_BACKENDS or mig.format is DiskFormat.PLOOP:
+            return f"a {mig.backend.value} {mig.format.value} copy is never encrypted"
+        if (enc.header is not None) != (mig.format is DiskFormat.RAW):
+            return "its migration's copy: only a raw one's encryption has a header (and must)"
+    was, will = rec.encryption is not None, enc is not None
+    ways: dict[Keying | None, bool] = {
+        None: not was and not will,
+        Keying.NEW: not was and will,
+        Keying.DECRYPT: was and not will,
+        Keying.KEEP: was
+        and will
+        and enc == rec.encryption
+        and raw_luks(rec.spec)
+        and raw_luks(mig.spec),
+        Keying.REKEY: was
+        and will
+        and rec.encryption is not None
+        and enc is not None
+        and enc.secret != rec.encryption.secret,
+    }
+    if not ways[mig.keying]:
+        return f"its migration's keying {mig.keying} does not fit its encryption and its copy's"
     return None
 
 
@@ -219,8 +258,9 @@ def _problem(rec: DiskRecord) -> str | None:
         mig = rec.migration
         if mig is not None:
             _name("migration pool", mig.pool)
-            if mig.spec.get("encryption") is not None:
-                return "its migration's spec asks for encryption (a copy is never encrypted)"
+            why = _migration_keying_problem(rec)
+            if why is not None:
+                return why
             if mig.format not in BACKEND_FORMATS[mig.backend]:
                 return f"its migration's backend {mig.backend.value} holds no {mig.format.value}"
             why = _preallocation_problem(

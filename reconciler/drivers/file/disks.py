@@ -23,8 +23,9 @@ create` of a `luks` volume (raw) or a qcow2 with LUKS inside (an overlay of the 
 entry: the image is not secret, what the guest writes is), with the key its create step
 holds (host/keys.py), then filled by `convert -n` into the encrypted image. A raw one
 grows by growing its file to its recorded header + size (the payload runs to the file's
-end: no key needed); an encrypted qcow2 does not grow (qemu-img opens it only with its
-key, which its private libvirt secret never gives back; the planner refuses it).
+end: no key needed); an encrypted qcow2 grows only with its key from the pool's key
+source (qemu-img opens it only with its key, which its private libvirt secret never gives
+back; without a source the planner refuses it).
 
 Order and crash windows of a disk made of an entry: entry held shared (so it is not
 collected) -> volume made (`volume.created`) and preallocated -> filled (`volume.filled`).
@@ -35,6 +36,7 @@ for it (under the entry's lock, swept otherwise) and renamed (raw) or converted 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.drivers.file import ploop
 from reconciler.drivers.file.volumes import PoolDir
 from reconciler.drivers.flows import entries
+from reconciler.drivers.flows.keyed import key_object
 from reconciler.drivers.flows.qemuimg import (
     QEMU_FORMAT,
     convert_argv,
@@ -271,11 +274,16 @@ class FileDisks:
 
     # -- changing volumes ---------------------------------------------------------------
 
-    def resize(self, rec: DiskRecord, size: int) -> None:
+    def resize(self, rec: DiskRecord, size: int, key: bytes | None = None) -> None:
         """Grow a volume using the format from its record, never a probed one; the new part
-        allocated as the disk was made (its record's preallocation)."""
+        allocated as the disk was made (its record's preallocation). An encrypted qcow2
+        grows only with its `key` (from the pool's key source), given to qemu-img as a
+        memfd (flows/keyed.py), the image opened as a `json:` node naming it."""
         mode = rec.preallocation
         enc = rec.encryption
+        if enc is not None and enc.header is None and key is not None:
+            self._resize_keyed(rec, size, key)
+            return
         if enc is not None and enc.header is None:
             raise ReconcileError(
                 f"not resizing {rec.volume}: an encrypted {rec.format.value} disk is opened "
@@ -319,6 +327,26 @@ class FileDisks:
                 )
             else:
                 raise ReconcileError(f"{rec.volume}: cannot resize format {rec.format}")
+        faults.point("volume.resized")
+
+    def _resize_keyed(self, rec: DiskRecord, size: int, key: bytes) -> None:
+        """Grow an encrypted qcow2 with its key: `qemu-img resize` of the image opened as
+        qcow2 over the file (no backing: growing reads none), its key the memfd's."""
+        mode = rec.preallocation
+        with (
+            open_volume(self.vols.path(rec.volume)) as fd,
+            key_object(key, keys.SECRET_ID) as (secret, key_fd),
+        ):
+            node = {
+                "driver": "qcow2",
+                "encrypt": {"key-secret": keys.SECRET_ID},
+                "backing": None,
+                "file": {"driver": "file", "filename": fd_path(fd)},
+            }
+            argv = resize_argv("qcow2", "json:" + json.dumps(node, sort_keys=True), size, mode)
+            argv[2:2] = secret
+            run(argv, fds=(key_fd, fd), what=f"grow {rec.volume} (encrypted)")
+            os.fsync(fd)
         faults.point("volume.resized")
 
 

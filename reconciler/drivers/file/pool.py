@@ -44,7 +44,7 @@ from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore
 from reconciler.drivers.ingest.headers import file_header_format
-from reconciler.model.errors import PoolError
+from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.model.observed import ObservedPool
 from reconciler.model.record import DiskRecord, Migration
 from reconciler.schema.common import Backend, DiskFormat, Preallocation
@@ -200,6 +200,18 @@ class FilePoolDriver:
         self.disks.ensure_template(entry, kind, size, label)
 
     def resize(self, rec: DiskRecord, size: int) -> None:
+        enc = rec.encryption
+        if enc is not None and enc.header is None:
+            # An encrypted qcow2 is opened only with its key: from the key source, if any.
+            source = self.secrets().source
+            if source is None:
+                raise ReconcileError(
+                    f"not resizing {rec.volume}: an encrypted {rec.format.value} disk is "
+                    "opened only with its key, which its private libvirt secret never gives "
+                    f"back; give pool {self.name} a key source (config `keys`) holding it"
+                )
+            self.disks.resize(rec, size, key=source.get(enc.secret))
+            return
         self.disks.resize(rec, size)
 
     def delete_volume(self, volume: str) -> None:

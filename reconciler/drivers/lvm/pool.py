@@ -366,8 +366,13 @@ class LvmPoolDriver:
         return migrate.qemu_image(self.lvs, volume, self._recorded_size, fmt, backing, write)
 
     def _recorded_size(self, volume: str) -> int | None:
+        """The bytes of the LV that are its disk: an encrypted disk's LUKS header too
+        (qemu-img reads a LUKS volume as raw bytes, e.g. a migration keeping its key)."""
         rec = self._store().get(self.name, volume) if self.store is not None else None
-        return None if rec is None else rec.virtual_size
+        if rec is None:
+            return None
+        header = rec.encryption.header if rec.encryption is not None else None
+        return rec.virtual_size + (header or 0)
 
     def native_copy(self, source: ManagingDriver, rec: DiskRecord, to: Migration) -> bool:
         return migrate.native_copy(self.lvs, source is self, source, rec, to)
