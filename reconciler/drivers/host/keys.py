@@ -12,12 +12,11 @@ Consequences, by design:
 - the key exists in the reconciler's memory only while it makes the disk (`held`): the
   create step makes it, defines the secret and the driver's qemu-img calls read it from a
   memfd (`secret_object`);
-- what grows a disk never needs it: a LUKS payload runs to its volume's end (a raw
-  disk grows by growing the volume to the recorded header + size), and a qcow2's
-  encryption is per cluster, but qemu-img opens an encrypted qcow2 only with its key, so
-  an encrypted qcow2 does not grow (a plan error) until a key source can give it back;
-- a copy of an encrypted disk (a migration) needs the old key, so it is refused in the
-  plan, for the same reason.
+- what grows a raw disk never needs it: a LUKS payload runs to its volume's end (a raw
+  disk grows by growing the volume to the recorded header + size); qemu-img opens an
+  encrypted qcow2 only with its key, so growing one needs the pool's key source, as
+  does a migration that reads the disk decrypted (rekey, decrypt: model/keying.py),
+  and each is a plan error without one.
 
 Order (the create and delete steps): record with the secret's UUID (durable) -> [a key
 source: the key stored there, `key.stored`] -> secret defined with the key
@@ -27,12 +26,13 @@ system's free blocks or a snapshot, no longer decrypts) -> [the source's key del
 `key.deleted`] -> record removed. So neither a secret nor a stored key outlives its
 record, and a record is never `ready` without its secret.
 
-A key source (a pool's config `keys: {directory: DIR}`, `KeyDirectory`) is how another
+A key source (a pool's config `keys`: a directory, or a command for a KMS) is how another
 host sharing a Ceph pool gets a key: a take-over of an encrypted disk reads it there by
-the UUID its record names and defines the same secret on its own daemon (`restore`).
-DIR is root's and 0700, each key file root's and 0600 (anything else is refused, never
-read); files are opened relative to the directory's descriptor, without following links,
-written under a temporary name and renamed, and the directory fsynced.
+the UUID its record names and defines the same secret on its own daemon (`restore`). A
+key directory (`keys: {directory: DIR}`, `KeyDirectory`) is root's and 0700, each key
+file root's and 0600 (anything else is refused, never read); files are opened relative to
+the directory's descriptor, without following links, written under a temporary name and
+renamed, and the directory fsynced.
 
 The secret names its volume in its usage (libvirt's `volume` usage, the path a
 domain opens), which libvirt keeps unique: a secret of someone else's for that path
