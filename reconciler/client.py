@@ -334,8 +334,8 @@ def _check_secret(drv: ManagingDriver, rec: DiskRecord, name: str) -> None:
         return
     source = enc.secrets().source
     fix = (
-        f"the pool's {source.label} may keep the key: `reconcile apply` defines the "
-        "secret again from it"
+        f"the pool's {source.label} may keep the key: a run of `reconcile` plans "
+        "restore-key, which defines the secret again from it"
         if source is not None
         else "no key source keeps the key (only that secret held it), so the disk's data "
         "cannot be decrypted"

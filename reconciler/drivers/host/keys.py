@@ -26,13 +26,14 @@ system's free blocks or a snapshot, no longer decrypts) -> [the source's key del
 `key.deleted`] -> record removed. So neither a secret nor a stored key outlives its
 record, and a record is never `ready` without its secret.
 
-A key source (a pool's config `keys`: a directory, or a command for a KMS) is how another
-host sharing a Ceph pool gets a key: a take-over of an encrypted disk reads it there by
-the UUID its record names and defines the same secret on its own daemon (`restore`). A
-key directory (`keys: {directory: DIR}`, `KeyDirectory`) is root's and 0700, each key
-file root's and 0600 (anything else is refused, never read); files are opened relative to
-the directory's descriptor, without following links, written under a temporary name and
-renamed, and the directory fsynced.
+A key source (a pool's config `keys`: a `KeySource`, `KeyDirectory` for `{directory: DIR}`
+or keycommand.py's `KeyCommand` for a KMS's `{command: [...]}`) is how another host
+sharing a Ceph pool gets a key: a take-over of an encrypted disk reads it there by the
+UUID its record names and defines the same secret on its own daemon (`restore`); the
+`restore-key` step does the same for a disk of this host whose secret is gone. DIR is
+root's and 0700, each key file root's and 0600 (anything else is refused, never read);
+files are opened relative to the directory's descriptor, without following links,
+written under a temporary name and renamed, and the directory fsynced.
 
 The secret names its volume in its usage (libvirt's `volume` usage, the path a
 domain opens), which libvirt keeps unique: a secret of someone else's for that path
