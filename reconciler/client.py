@@ -16,23 +16,34 @@ manifest's `attach` section; `overrides` replaces them field by field.
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from reconciler.attach.ready import DiskReadiness, DiskState, disk_readiness
 from reconciler.attach.xml import Layer, assign_targets, disk_element, to_text
-from reconciler.control.session import Session
+from reconciler.control.session import InstanceRecords, Session
 from reconciler.drivers.api import ManagingDriver, encrypts_of
-from reconciler.model.desired import DesiredInstance
+from reconciler.drivers.host.domains import Attachments
+from reconciler.model.desired import Desired, DesiredInstance
 from reconciler.model.errors import ReconcileError
+from reconciler.model.plan import Plan
 from reconciler.model.record import DiskRecord
 from reconciler.schema.common import DiskFormat
 from reconciler.schema.config import Config, config_path
 from reconciler.schema.load import load_config
 from reconciler.schema.manifest import AttachSpec, Bus
+from reconciler.schema.manifestdir import manifest_files
+from reconciler.schema.speed.mcache import Key, stat_key
+
+# How often a wait looks whether the record store changed (one SQLite pragma).
+POLL_S = 0.01
+# Plans of one instance in one look, at most, while records appear under it (_readiness).
+LOOKS = 3
 
 __all__ = [
     "AttachSpec",
@@ -168,6 +179,7 @@ class Client:
         self.config = config
         self.manifests = list(manifests)
         self.session = Session(config)
+        self._loaded: tuple[tuple[tuple[str, Key], ...], Desired] | None = None
 
     def close(self) -> None:
         self.session.close()
@@ -178,15 +190,46 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _load(self) -> Desired:
+        """The manifests as they are now, loaded again only if a file changed since the
+        last load: the same names, each the same regular file with the same device,
+        inode, size, mtime and ctime (what the manifest cache takes for unchanged). A
+        wait looks again as soon as a record changes; with 1,000 manifests, loading them
+        was nearly all of a look (0.15 s), against 10 ms for this check."""
+        files, errors = manifest_files(self.manifests)
+        seen: list[tuple[str, Key]] | None = [] if not errors else None
+        for f in files:
+            if seen is None:
+                break
+            try:
+                st = os.lstat(f)
+            except OSError:
+                seen = None
+                break
+            if not stat.S_ISREG(st.st_mode):  # read, and refused, every time
+                seen = None
+                break
+            seen.append((f, stat_key(st)))
+        if seen is not None and self._loaded is not None and self._loaded[0] == tuple(seen):
+            return self._loaded[1]
+        desired = self.session.load(self.manifests)
+        # What was seen before loading: a file changed since differs from it next time.
+        self._loaded = None if seen is None else (tuple(seen), desired)
+        return desired
+
     # -- readiness ----------------------------------------------------------------------
 
     def readiness(self, instances: Sequence[str]) -> list[InstanceReadiness]:
         """Each instance's readiness, from the manifests as they are now."""
-        desired = self.session.load(self.manifests)
+        desired = self._load()
         return [self._readiness(i, desired.instances, desired.failed)[0] for i in instances]
 
     def _readiness(
-        self, instance: str, instances: Sequence[DesiredInstance], failed: Sequence[Any]
+        self,
+        instance: str,
+        instances: Sequence[DesiredInstance],
+        failed: Sequence[Any],
+        seen: dict[str, Attachments] | None = None,
     ) -> tuple[InstanceReadiness, list[DiskRecord]]:
         broken = [f for f in failed if f.instance == instance]
         if broken:
@@ -210,13 +253,32 @@ class Client:
             return InstanceReadiness(
                 instance, problem=f"its manifest {wanted[0].file} marks it deleted"
             ), []
-        got = self.session.instance_records(instance, wanted)
-        plan = self.session.plan_instance(instance, wanted, checked=got)
+        for _ in range(LOOKS):
+            got = self.session.instance_records(instance, wanted)
+            plan = self.session.plan_instance(instance, wanted, checked=got, attachments=seen)
+            if not self._recorded_since(plan, got):
+                break
         disks = [d for inst in wanted[:1] for d in inst.disks]
         return (
             InstanceReadiness(instance, tuple(disk_readiness(disks, got.records, plan))),
             list(got.records),
         )
+
+    def _recorded_since(self, plan: Plan, got: InstanceRecords) -> bool:
+        """Whether a volume the plan found without a record has one now. The records were
+        read before the volumes were looked at, and apply writes a record before it makes
+        its volume: one made in between looks unrecorded (an error that would end a wait).
+        A wait looks right after each record is written, when that is most likely."""
+        have = {r.key() for r in got.records} | {(b.pool, b.volume) for b in got.refused}
+        for p in plan.errors:
+            if p.pool is None or p.volume is None or (p.pool, p.volume) in have:
+                continue
+            try:
+                if self.session.store.get(p.pool, p.volume) is not None:
+                    return True
+            except ReconcileError:
+                continue
+        return False
 
     def wait(
         self, instance: str, timeout: float, *, interval: float = 1.0, progress: Any = None
@@ -227,6 +289,7 @@ class Client:
         deadline = time.monotonic() + timeout
         last: str | None = None
         while True:
+            version = self.session.local_store.data_version()
             (now,) = self.readiness([instance])
             if progress is not None and now.describe() != last:
                 progress(now)
@@ -238,7 +301,19 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(now, timeout)
-            time.sleep(min(interval, left))
+            self._pause(min(interval, left), version)
+
+    def _pause(self, seconds: float, version: int) -> None:
+        """Sleep `seconds`, or less: until the host's record store has changed since it
+        was at `version` (looked at every POLL_S). Apply writes a disk's record READY as
+        its last step, so a wait returns within about POLL_S of it instead of at the next
+        interval (a disk whose records another store keeps, Ceph's, is looked at every
+        interval, as before)."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(POLL_S, left))
+            if self.session.local_store.data_version() != version:
+                return
 
     # -- disks -------------------------------------------------------------------------
 
@@ -247,8 +322,36 @@ class Client:
     ) -> list[AttachedDisk]:
         """Each disk of the instance's manifest, in its order, as a domain attaches it;
         NotReady unless every one is ready (nobody attaches half an instance)."""
-        desired = self.session.load(self.manifests)
-        readiness, records = self._readiness(instance, desired.instances, desired.failed)
+        return self._disks(instance, self._load(), overrides)
+
+    def disks_each(
+        self, instances: Sequence[str]
+    ) -> Iterator[tuple[str, list[AttachedDisk] | ReconcileError]]:
+        """disks() of each instance in turn, or the ReconcileError (NotReady among them)
+        it raised, from one load of the manifests: loading them for every instance made
+        `reconcile disks` of 100 instances out of 1,000 take 37 s, 98% of it loading."""
+        desired = self._load()
+        seen: dict[str, Attachments] = {}  # the pools' domains, listed once for them all
+        by_id: dict[str, list[DesiredInstance]] = {}
+        for inst in desired.instances:
+            by_id.setdefault(inst.instance, []).append(inst)
+        for instance in instances:
+            # Only the instance's own manifests (a scan of all of them per instance grew
+            # with the square of the instances).
+            own = Desired(tuple(by_id.get(instance, ())), desired.failed)
+            try:
+                yield instance, self._disks(instance, own, None, seen)
+            except ReconcileError as e:
+                yield instance, e
+
+    def _disks(
+        self,
+        instance: str,
+        desired: Desired,
+        overrides: Mapping[str, AttachSpec] | None,
+        seen: dict[str, Attachments] | None = None,
+    ) -> list[AttachedDisk]:
+        readiness, records = self._readiness(instance, desired.instances, desired.failed, seen)
         if not readiness.ready:
             raise NotReady(readiness)
         (inst,) = [i for i in desired.instances if i.instance == instance]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 
 from reconciler.drivers.api import DiskSource
@@ -97,7 +98,7 @@ def disk_element(
 
 def to_text(el: ET.Element) -> str:
     """The element as indented XML text, without a declaration."""
-    copy = ET.fromstring(ET.tostring(el))
+    copy = deepcopy(el)  # indented apart from `el` (a third of the time of a re-parse)
     ET.indent(copy, space="  ")
     return ET.tostring(copy, encoding="unicode")
 

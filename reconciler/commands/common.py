@@ -10,6 +10,8 @@ before any config is read.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,16 @@ from reconciler.util import logs
 
 if TYPE_CHECKING:
     from reconciler.schema.config import Config
+
+
+def fast_exit() -> None:
+    """Freeze the heap when the process exits, before the interpreter's final collections:
+    they walk every object (pydantic's schemas among them) and made a `reconcile wait` that
+    had printed its answer take 80-230 ms more to exit on a loaded machine (20-30 ms
+    frozen; atexit handlers run before them). What a command leaves is freed by the OS;
+    a command run in a longer-lived process (tests) changes nothing there until it
+    exits. For the commands a compute service waits on (wait, disks)."""
+    atexit.register(gc.freeze)
 
 
 def setup_logging(verbose: int, *, base: int = logs.WARNING, json_lines: bool = False) -> None:

@@ -16,7 +16,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
-from reconciler.commands.common import EXIT_ERROR, EXIT_OK, parse, read_config
+from reconciler.commands.common import EXIT_ERROR, EXIT_OK, fast_exit, parse, read_config
 
 
 def add_manifests(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,8 @@ def run(argv: Sequence[str]) -> int:
     from reconciler.client import Client, NotReady
     from reconciler.model.errors import ReconcileError
 
+    fast_exit()
+
     p = argparse.ArgumentParser(
         prog="reconcile disks",
         description="Each disk of the instances' manifests as a domain attaches it: the "
@@ -50,25 +52,26 @@ def run(argv: Sequence[str]) -> int:
     docs: list[str] = []
     rows: list[dict[str, object]] = []
     with Client(config, args.manifests) as client:
-        for instance in args.instances:
-            try:
-                disks = client.disks(instance)
-            except NotReady as e:
+        for instance, disks in client.disks_each(args.instances):  # one load of the manifests
+            if isinstance(disks, NotReady):
                 rc = EXIT_ERROR
-                print(f"reconcile disks: {e}", file=sys.stderr)
-                rows.append(e.readiness.to_json())
+                print(f"reconcile disks: {disks}", file=sys.stderr)
+                rows.append(disks.readiness.to_json())
                 continue
-            except ReconcileError as e:  # ready, but its pool's config lacks what a domain needs
+            if isinstance(disks, ReconcileError):
+                # Ready, but its pool's config lacks what a domain needs.
                 rc = EXIT_ERROR
-                print(f"reconcile disks: instance {instance}: {e}", file=sys.stderr)
-                rows.append({"instance": instance, "ready": True, "error": str(e)})
+                print(f"reconcile disks: instance {instance}: {disks}", file=sys.stderr)
+                rows.append({"instance": instance, "ready": True, "error": str(disks)})
+                continue
+            if args.output == "json":  # each disk's XML text is made for json only
+                rows.append(
+                    {"instance": instance, "ready": True, "disks": [d.to_json() for d in disks]}
+                )
                 continue
             devices = ET.Element("devices", instance=instance)
             devices.extend(d.element for d in disks)
             docs.append(to_text(devices))
-            rows.append(
-                {"instance": instance, "ready": True, "disks": [d.to_json() for d in disks]}
-            )
     if args.output == "json":
         print(json.dumps(rows, indent=2))
     elif docs:

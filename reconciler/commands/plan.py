@@ -29,6 +29,7 @@ from reconciler.commands.common import (
     EXIT_ERROR,
     EXIT_OK,
     add_common,
+    fast_exit,
     human_age,
     positive,
     read_config,
@@ -176,6 +177,7 @@ def run(argv: Sequence[str]) -> int:
     # Only here: a long-lived loop (`watch`) keeps the collector.
     gc.freeze()
     gc.disable()
+    fast_exit()  # and no walk of it all at exit either
     try:
         return _plan(argv)
     finally:

@@ -14,7 +14,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from reconciler.commands.common import EXIT_ERROR, EXIT_OK, parse, read_config, seconds
+from reconciler.commands.common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    fast_exit,
+    parse,
+    read_config,
+    seconds,
+)
 from reconciler.commands.disks import add_manifests
 
 EXIT_TIMEOUT = 2
@@ -22,6 +29,8 @@ EXIT_TIMEOUT = 2
 
 def run(argv: Sequence[str]) -> int:
     from reconciler.client import Client, InstanceReadiness, NotReady, WaitTimeout
+
+    fast_exit()
 
     p = argparse.ArgumentParser(
         prog="reconcile wait",

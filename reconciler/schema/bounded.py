@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import stat
 import zlib
 from dataclasses import dataclass
@@ -220,10 +219,8 @@ def inflate(data: bytes, *, what: str, max_bytes: int) -> bytes:
     return out
 
 
-# A JSON string, escapes included, or an unterminated one to the end of the input: the
-# pattern matches at every quote on its first, greedy try, so a scan never backtracks
-# (a pattern that could fail there would be quadratic on `"` followed by many `\"`).
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
+# What a scan keeps of JSON text: quotes (to tell strings apart), brackets and commas.
+_NOT_SCANNED = bytes(b for b in range(256) if b not in b'"[]{},')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _DELTA = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
 
@@ -239,11 +236,29 @@ def _values(bare: bytes) -> int:
     return bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
 
 
+def _bare(data: bytes) -> bytes:
+    """The brackets and commas of JSON text that are outside its strings, in order; what
+    follows an unterminated string is inside it. Every loop is C's (bytes.replace,
+    translate, split: a state of 25 MB in about 0.1 s, where a regular expression matching
+    each string took 3 s).
+
+    Escapes go first, paired left to right as a parser pairs them: every `\\\\`, then
+    every `\\"` (a backslash left before a quote after that escapes it), so each quote left
+    opens or closes a string, and every other piece of text between two of them is a
+    string. Where the text stops being JSON this may count differently, but the parser
+    stops there too: up to that point the count is exact, so it still bounds what nests."""
+    text = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_SCANNED)
+    pieces = text.split(b'"')
+    if not any(pieces[1::2]):  # the common case: no string holds a bracket or a comma
+        return text.replace(b'"', b"")
+    return b"".join(pieces[::2])
+
+
 def json_depth(data: bytes) -> int:
     """How deep brackets nest in `data`, outside strings. Never recurses; every loop is
     C's (a state of megabytes is scanned in milliseconds). What follows an unterminated
     string is inside it: the parser never nests into it."""
-    return _depth(_STRING.sub(b"", data))
+    return _depth(_bare(data))
 
 
 def check_json(
@@ -266,7 +281,7 @@ def check_json(
             if (
                 max_depth is not None
                 and data.count("[") + data.count("{") > max_depth
-                and _depth(_STRING.sub(b"", data.encode())) > max_depth
+                and _depth(_bare(data.encode())) > max_depth
             ):
                 raise UnsafeInput(f"{what}: JSON nested deeper than {max_depth} levels")
             return text
@@ -289,7 +304,7 @@ def check_json(
     deep = max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth
     many = max_values is not None and _values(raw) > max_values
     if deep or many:
-        bare = _STRING.sub(b"", raw)
+        bare = _bare(raw)
         if max_depth is not None and deep and _depth(bare) > max_depth:
             raise UnsafeInput(f"{what}: JSON nested deeper than {max_depth} levels")
         if max_values is not None and _values(bare) > max_values:

@@ -309,6 +309,12 @@ class SqliteRecordStore:
             self._identity = StoreIdentity(str(row[0]), str(self.path), socket.gethostname())
         return self._identity
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the database
+        (SQLite's PRAGMA data_version): a cheap "has anything changed" for a poller."""
+        with self._lock, self._errors():
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
     def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]:
         good: list[DiskRecord] = []
         bad: list[BadRecord] = []
