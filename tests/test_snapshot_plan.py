@@ -5,6 +5,7 @@ each must show, so a pinned plan that went wrong fails here too."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -328,3 +329,13 @@ def test_apply_refuses_a_replace_or_move_of_a_disk_with_snapshots_and_bad_restor
         with pytest.raises(ReconcileError, match=says):
             restore_source(ctx, "local", volume_name(NEW, "n"), bad)
     assert restore_source(ctx, "local", "x", spec("t").spec_dict()) is None
+
+
+def test_an_observed_state_that_does_not_say_whether_a_pool_snapshots_plans_none() -> None:
+    desired, obs = refused()
+    pools = {
+        n: dataclasses.replace(p, unknown={"snapshots": "too old"}) for n, p in obs.pools.items()
+    }
+    p = run(desired, dataclasses.replace(obs, pools=pools), allow_replace=True)
+    assert p.actions == ()
+    assert {e.disk for e in p.errors if e.code.value == "state-incomplete"} >= {"ok", "small"}

@@ -285,6 +285,14 @@ def _restores(
         if not makes:
             continue
         inst, disk, name = src.parts()
+        pool = draft.observed.pools.get(d.spec.pool)
+        if pool is not None and guards.incomplete(
+            draft, pool, frozenset({"snapshots"}), "a restore from a snapshot",
+            pool=d.spec.pool, volume=d.volume, **where_of(d),
+        ):  # fmt: skip
+            drop = set(map(id, makes))
+            draft.actions = [a for a in draft.actions if id(a) not in drop]
+            continue
         snap = next(
             (s for s in snaps.get((inst, disk), ()) if s.snapshot and s.snapshot.name == name),
             None,
