@@ -38,7 +38,16 @@ from typing import TextIO
 from reconciler.apply import preconditions
 from reconciler.apply.preconditions import Replanner, touches
 from reconciler.apply.report import Reporter
-from reconciler.apply.steps import create, delete, keyed, migrate, ownership, resize, update
+from reconciler.apply.steps import (
+    create,
+    delete,
+    keyed,
+    migrate,
+    ownership,
+    resize,
+    snapshot,
+    update,
+)
 from reconciler.apply.steps.context import Held, Key, RecordWriter, StepContext, StepResult
 from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.host.store import StoreError
@@ -77,6 +86,8 @@ _STEPS: dict[ActionKind, Callable[[StepContext, Held], StepResult]] = {
     ActionKind.TAKE_OVER: ownership.take_over,
     ActionKind.HAND_OVER: ownership.hand_over,
     ActionKind.RESTORE_KEY: keyed.restore_key,
+    ActionKind.SNAPSHOT: snapshot.take,
+    ActionKind.DELETE_SNAPSHOT: snapshot.delete,
 }
 
 

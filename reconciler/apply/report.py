@@ -28,6 +28,8 @@ _VERB = {
     ActionKind.HAND_OVER: "handed over",
     ActionKind.MIGRATE: "migrated",
     ActionKind.RESTORE_KEY: "key restored",
+    ActionKind.SNAPSHOT: "snapshot taken",
+    ActionKind.DELETE_SNAPSHOT: "snapshot deleted",
 }
 
 

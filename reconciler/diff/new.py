@@ -23,7 +23,7 @@ from reconciler.model.observed import ObservedPool
 from reconciler.model.plan import Action, ActionKind, Precondition
 from reconciler.model.units import format_size
 from reconciler.schema.common import Backend, preallocation_refusal
-from reconciler.schema.manifest import ImageSource
+from reconciler.schema.manifest import ImageSource, SnapshotSource
 from reconciler.schema.recordcheck import ENCRYPTING_BACKENDS
 
 
@@ -62,6 +62,11 @@ def make(draft: Draft, d: DesiredDisk, action: Action) -> None:
     or the pool's preallocation cannot make its format; made with that preallocation."""
     assert action.action in (ActionKind.CREATE, ActionKind.REPLACE)
     if guards.entry_refused(draft, d, draft.observed.pools[d.spec.pool], where_of(d)):
+        return
+    if isinstance(d.spec.source, SnapshotSource):
+        # A restore (diff/snapshots.py checks its snapshot): a sparse copy, never
+        # preallocated, and never encrypted (that pass refuses an encrypted one).
+        draft.actions.append(action)
         return
     if preallocation_refused(draft, d):
         return

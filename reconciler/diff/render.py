@@ -34,6 +34,8 @@ _SYMBOL = {
     ActionKind.HAND_OVER: ">",
     ActionKind.MIGRATE: "->",
     ActionKind.RESTORE_KEY: "~",
+    ActionKind.SNAPSHOT: "+@",
+    ActionKind.DELETE_SNAPSHOT: "-@",
 }
 
 
@@ -60,6 +62,8 @@ def describe_source(source: Mapping[str, Any]) -> str:
     """A disk's source as people read it: `image ID` or `template KIND labelled 'L'`."""
     if "image" in source:
         return f"image {source['image']}"
+    if "snapshot" in source:
+        return f"snapshot {source['snapshot']}"
     label = f" labelled {source['label']!r}" if source.get("label") else ""
     return f"template {source.get('template')}{label}"
 
@@ -200,6 +204,12 @@ def _summary_line(plan: Plan) -> str:
             f"{s['release']} to release"
             + (f", {s['migrate']} to migrate" if s.get("migrate") else "")
             + (f", {s['restore-key']} key(s) to restore" if s.get("restore-key") else "")
+            + (f", {s['snapshot']} snapshot(s) to take" if s.get("snapshot") else "")
+            + (
+                f", {s['delete-snapshot']} snapshot(s) to delete"
+                if s.get("delete-snapshot")
+                else ""
+            )
             + f" ({s['destructive']} destructive)."
         )
     return f"{head} {s['errors']} error(s), {s['warnings']} warning(s)."
@@ -276,8 +286,7 @@ def _md_head(plan: Plan, header: list[str]) -> list[str]:
         out += [f"> {_md(line)}" for line in header] + [""]
     # A migrate column only where there are migrations (as in the summary).
     kinds = ["create", "resize", "replace", "update", "delete", "release"]
-    kinds += ["migrate"] if "migrate" in s else []
-    kinds += ["restore-key"] if "restore-key" in s else []
+    kinds += [k for k in ("migrate", "restore-key", "snapshot", "delete-snapshot") if k in s]
     cells = [str(s[k]) for k in kinds]
     cells.append(f"**{s['destructive']}** {DESTRUCTIVE_MARK}" if s["destructive"] else "0")
     cells.append(f"**{s['errors']}** {ERROR_MARK}" if s["errors"] else "0")

@@ -59,6 +59,9 @@ class ObservedPool:
     # value (drivers/host/keys.py: Secrets.held); None: not looked at (a pool that makes
     # no encrypted disks, a plan that does not need it), so nothing is planned from it.
     secrets: frozenset[str] | None = None
+    # The pool's driver takes snapshots (drivers/api.py's Snapshots): a pool whose driver
+    # does lists each snapshot's key (VOLUME+snap-NAME) among its volumes.
+    snapshots: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,3 +69,6 @@ class Observed:
     pools: Mapping[str, ObservedPool]
     records: tuple[DiskRecord, ...] = ()
     bad_records: tuple[BadRecord, ...] = ()
+    # Running domains -> whether the guest agent answered (asked only where the plan
+    # takes a snapshot of a disk such a domain runs; drivers/host/freeze.py).
+    agents: Mapping[str, bool] = field(default_factory=dict)

@@ -23,6 +23,17 @@ class ActionKind(StrEnum):
     # An encrypted disk of this host whose libvirt secret is gone: defined again from the
     # pool's key source (the volume is not touched).
     RESTORE_KEY = "restore-key"
+    # One per instance, pool and snapshot name: the instance's disks of that pool taken at
+    # one moment (diff/snapshots.py); `volume` is the first disk's snapshot key.
+    SNAPSHOT = "snapshot"
+    DELETE_SNAPSHOT = "delete-snapshot"  # destructive: the snapshot's data is gone
+
+
+# Counted in a plan's summary only where a plan has one, so the summaries of plans without
+# (and the documents pinned from them) stay as they were.
+OPTIONAL_KINDS = frozenset(
+    {ActionKind.MIGRATE, ActionKind.RESTORE_KEY, ActionKind.SNAPSHOT, ActionKind.DELETE_SNAPSHOT}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +45,42 @@ class Precondition:
 
     def to_json(self) -> dict[str, Any]:
         return {"record_generation": self.record_generation, "volume_exists": self.volume_exists}
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMember:
+    """One disk of a snapshot action: its volume, the snapshot's key (VOLUME+snap-NAME)
+    and the disk record's generation the snapshot is of (apply checks it again)."""
+
+    disk: str
+    volume: str
+    key: str
+    generation: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"disk": self.disk, "volume": self.volume, "key": self.key,
+                "generation": self.generation}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotOp:
+    """What a `snapshot` or `delete-snapshot` action is about: the snapshot's name, its
+    disks (all of one instance and pool, taken at one moment), and for a take how
+    consistent it is planned to be (model.record.Consistency) with the running domains
+    whose guest agents freeze it."""
+
+    name: str
+    members: tuple[SnapshotMember, ...]
+    consistency: str = ""
+    domains: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "disks": [m.to_json() for m in self.members]}
+        if self.consistency:
+            out["consistency"] = self.consistency
+        if self.domains:
+            out["domains"] = list(self.domains)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +102,8 @@ class Action:
     # How the volume the action makes or grows is allocated (a file pool's preallocation:
     # a create's and a migration's copy the pool's, a resize the record's); None: off.
     preallocation: Preallocation | None = None
+    # A snapshot action's snapshot (its `volume` is its first disk's snapshot key).
+    snapshot: SnapshotOp | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -76,6 +125,8 @@ class Action:
             out["holder"] = self.holder
         if self.preallocation is not None:
             out["preallocation"] = self.preallocation.value
+        if self.snapshot is not None:
+            out["snapshot"] = self.snapshot.to_json()
         return out
 
 
@@ -137,6 +188,12 @@ class ProblemCode(StrEnum):
     )
     # An encrypted disk whose libvirt secret is gone, with no key source to get it from.
     KEY_LOST = "key-lost", "KeyLost", Handling.TERMINAL
+    # Another pool, layout or a smaller size; an encrypted disk; a driver without snapshots.
+    SNAPSHOT_UNSUPPORTED = "snapshot-unsupported", "SnapshotUnsupported", Handling.TERMINAL
+    # A snapshot restores depend on (named), or a disk with snapshots replaced or moved.
+    SNAPSHOT_IN_USE = "snapshot-in-use", "SnapshotInUse", Handling.TERMINAL
+    # A restore from a snapshot that has no ready record.
+    SNAPSHOT_MISSING = "snapshot-missing", "SnapshotMissing", Handling.TERMINAL
     # Only from an exported state older than a fact the plan needs (never the loop's).
     STATE_INCOMPLETE = "state-incomplete", "StateIncomplete", Handling.TERMINAL
     # Only planned without --force (the loop plans with it): the operator decides.
@@ -157,6 +214,8 @@ class ProblemCode(StrEnum):
     DRIFT = "drift"
     ORPHANED_RECORD = "orphaned-record"
     FORMAT_MISMATCH = "format-mismatch"
+    # A snapshot of a running guest whose agent did not answer: as after a power cut.
+    CRASH_CONSISTENT = "crash-consistent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +268,9 @@ class Plan:
         return bool(self.actions)
 
     def summary(self) -> dict[str, int]:
-        # `migrate` and `restore-key` are counted only where a plan has one, so the
-        # summaries of plans without (and the documents pinned from them) stay as they were.
-        later = (ActionKind.MIGRATE, ActionKind.RESTORE_KEY)
-        counts = {k.value: 0 for k in ActionKind if k not in later}
+        # OPTIONAL_KINDS are counted only where a plan has one, so the summaries of plans
+        # without (and the documents pinned from them) stay as they were.
+        counts = {k.value: 0 for k in ActionKind if k not in OPTIONAL_KINDS}
         for a in self.actions:
             counts[a.action.value] = counts.get(a.action.value, 0) + 1
         counts["destructive"] = sum(1 for a in self.actions if a.destructive)

@@ -44,11 +44,24 @@ FORMAT_VERSION = 3
 # Per older version, the pool fields its files may lack: version 1 grew them without its
 # number growing (shared, held: take-over and hand-over; available, allocated, layouts:
 # migrations; thick_unit: LVM targets), so a version 1 file may have any of them or none.
-# Version 3 added `secrets` (which records' key secrets the daemon holds: restore-key).
+# Version 3 added `secrets` (which records' key secrets the daemon holds: restore-key) and
+# `snapshots` (whether the pool's driver takes snapshots: restores).
 LACKS: dict[int, tuple[str, ...]] = {
-    1: ("shared", "held", "available", "allocated", "layouts", "thick_unit", "secrets"),
-    2: ("secrets",),
+    1: (
+        "shared",
+        "held",
+        "available",
+        "allocated",
+        "layouts",
+        "thick_unit",
+        "secrets",
+        "snapshots",
+    ),
+    2: ("secrets", "snapshots"),
 }
+# Pool fields a file of the current version may lack, having been written before they
+# existed (the version did not grow for them): read as unknown, as LACKS are. None now.
+GREW: tuple[str, ...] = ()
 OLDER = "its format predates them; re-export it with `reconcile observe`"
 # An export is made without manifests, and the holds a host reads are those of the disks
 # its manifests name (Session.observe): a state never says which of a shared pool's disks
@@ -66,6 +79,7 @@ _PLACEHOLDER: dict[str, Any] = {
     "layouts": [],
     "thick_unit": 0,
     "secrets": None,
+    "snapshots": False,
 }
 # The most a state file may be, as read and as inflated: far above a host's (a record is
 # about 1 KiB), far below what would exhaust the memory of the machine planning from it.
@@ -129,6 +143,8 @@ class StatePool(_Strict):
     thick_unit: int
     # Which of the records' key secrets the daemon holds (None: not looked at).
     secrets: list[str] | None
+    # Whether the pool's driver takes snapshots (diff/snapshots.py).
+    snapshots: bool
 
 
 class StateBadRecord(_Strict):
@@ -216,6 +232,7 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
             "layouts": sorted(p.layouts),
             "thick_unit": p.thick_unit,
             "secrets": None if p.secrets is None else sorted(p.secrets),
+            "snapshots": p.snapshots,
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -293,7 +310,7 @@ def load(path: str) -> tuple[Observed, StateInfo]:
             f"{path}: format_version: {version!r} is not a state format this reconciler "
             f"knows ({known}); export it again with this version's 'reconcile observe'"
         )
-    unknown = _fill_lacking(doc, LACKS.get(version, ()))
+    unknown = _fill_lacking(doc, LACKS.get(version, ()) + GREW)
     try:
         state = StateFile.model_validate(doc)
     except ValidationError as e:
@@ -383,6 +400,7 @@ def _pools(state: StateFile, unknown: dict[str, dict[str, str]]) -> dict[str, Ob
             p.thick_unit,
             {**unknown.get(name, {}), **({"held": NO_HOLDS} if p.shared else {})},
             None if p.secrets is None else frozenset(p.secrets),
+            p.snapshots,
         )
         for name, p in state.pools.items()
     }
