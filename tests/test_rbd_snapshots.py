@@ -1,0 +1,204 @@
+"""The rbd snapshot primitives (reconciler/drivers/rbd/snapshots.py) against the real Ceph
+(Pacific 16.2), and the facts of librbd their design stands on:
+
+- a snapshot is a user-namespace image snapshot, clone v2 of which needs no protect and
+  reads the disk's data at that moment, its parent's included, whatever the disk writes
+  after;
+- `remove_snap` of a snapshot with clones does not fail: it moves it to the trash, which is
+  why `delete` asks Ceph for clones first and refuses, naming them;
+- clone depth read from the parent chain, and a restore past `max_depth` flattened with
+  its data whole;
+- RBD's exclusive lock is no snapshot window: a writer holding the image open gets EROFS
+  (so the driver pauses domains instead: drivers/host/pause.py, tested on test:///).
+
+python-rbd calls that read images for assertions run through the site's helpers; nothing
+here opens a group-namespace snapshot.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from reconciler.drivers.rbd import snapshots
+from reconciler.drivers.rbd.cluster import Cluster
+from reconciler.model.errors import ReconcileError
+from reconciler.schema.config import CephConfig
+from tests.conftest_ceph import Ceph
+from tests.rbdsite import RbdSite, rbd_site
+
+pytestmark = [pytest.mark.ceph, pytest.mark.libvirtd]
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def site(ceph: Ceph, libvirt_uri: str) -> Iterator[RbdSite]:
+    with rbd_site(ceph, libvirt_uri) as s:
+        yield s
+
+
+@pytest.fixture
+def c(site: RbdSite) -> Iterator[Cluster]:
+    cfg = CephConfig.model_validate(
+        {"conf": str(site.ceph.conf), "pool": site.pool, "namespace": "reconciler"}
+    )
+    cl = Cluster("ceph", cfg, "host-a", offline=False, heartbeat_expiry=300.0)
+    try:
+        yield cl
+    finally:
+        cl.close()
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def disk_of_parent(site: RbdSite) -> tuple[str, str]:
+    """A parent image P (data 'P' at 0) with snapshot base, and a disk D cloned from it
+    that wrote 'D' at 4 MiB: the shape of a disk cloned from a cache entry."""
+    import rbd
+
+    parent, disk = name("par"), name("disk")
+    rbd.RBD().create(site.ioctx, parent, 8 * MiB, old_format=False)
+    with rbd.Image(site.ioctx, parent) as img:
+        img.write(b"P" * 4096, 0)
+        img.create_snap("base")
+    rbd.RBD().clone(site.ioctx, parent, "base", site.ioctx, disk)
+    site.write(disk, b"D" * 4096, 4 * MiB)
+    return parent, disk
+
+
+def test_a_restore_is_a_clone_of_the_snapshot_at_its_moment(site: RbdSite, c: Cluster) -> None:
+    _, disk = disk_of_parent(site)
+    ids = snapshots.take(c, [disk], "s1")
+    assert set(ids) == {disk}
+    assert snapshots.take(c, [disk], "s1") == ids  # a retry keeps the snapshot it made
+    site.write(disk, b"X" * 4096, 4 * MiB)  # the disk moves on
+
+    target = name("rest")
+    flat = snapshots.restore(c, disk, "s1", target, 16 * MiB, '{"r": 1}', max_depth=4)
+    assert not flat
+    assert site.parent(target) == (disk, "snap-s1")
+    assert site.size(target) == 16 * MiB
+    assert site.read(target, 4) == b"PPPP"  # the parent's data, read through
+    assert site.read(target, 4, 4 * MiB) == b"DDDD"  # the disk's, as it was
+    assert site.metadata(target, "reconciler.record") == '{"r": 1}'
+    assert snapshots.depth(c, target) == 2
+    assert snapshots.dependents(c, disk, "s1") == [target]
+    with pytest.raises(ReconcileError, match=r"exists|appeared"):
+        snapshots.restore(c, disk, "s1", target, 16 * MiB, "{}", max_depth=4)
+
+
+def test_delete_is_refused_while_clones_exist(site: RbdSite, c: Cluster) -> None:
+    import rbd
+
+    _, disk = disk_of_parent(site)
+    snapshots.take(c, [disk], "s1")
+    target = name("rest")
+    snapshots.restore(c, disk, "s1", target, 8 * MiB, "{}", max_depth=4)
+    with pytest.raises(snapshots.SnapshotInUse, match=target):
+        snapshots.delete(c, disk, "s1")
+    assert snapshots.exists(c, disk, "s1")
+
+    # What the refusal guards against: librbd itself accepts the removal and moves the
+    # snapshot to the trash namespace, out of reach by name, holding the disk.
+    other = name("disk")
+    rbd.RBD().create(site.ioctx, other, 4 * MiB, old_format=False)
+    snapshots.take(c, [other], "t")
+    child = name("child")
+    snapshots.restore(c, other, "t", child, 4 * MiB, "{}", max_depth=4)
+    with rbd.Image(site.ioctx, other) as img:
+        img.remove_snap("snap-t")
+        left = [(s["name"], s["namespace"]) for s in img.list_snaps()]
+    assert len(left) == 1 and left[0][0] != "snap-t"
+    assert left[0][1] == rbd.RBD_SNAP_NAMESPACE_TYPE_TRASH
+    assert snapshots.depth(c, child) == 1  # its parent's snapshot in the trash: name only
+
+    rbd.RBD().remove(site.ioctx, target)
+    assert snapshots.dependents(c, disk, "s1") == []
+    snapshots.delete(c, disk, "s1")
+    assert not snapshots.exists(c, disk, "s1")
+    snapshots.delete(c, disk, "s1")  # a missing snapshot is fine
+    snapshots.delete(c, name("gone"), "s1")  # and a missing image
+
+
+def test_a_restore_deeper_than_the_limit_is_flattened(site: RbdSite, c: Cluster) -> None:
+    _, disk = disk_of_parent(site)  # depth 1
+    snapshots.take(c, [disk], "a")
+    r1 = name("r1")
+    assert not snapshots.restore(c, disk, "a", r1, 8 * MiB, "{}", max_depth=2)  # depth 2
+    site.write(r1, b"1" * 4096, 2 * MiB)
+    snapshots.take(c, [r1], "b")
+    r2 = name("r2")
+    assert snapshots.restore(c, r1, "b", r2, 8 * MiB, "{}", max_depth=2)  # 3 > 2: flattened
+    assert site.parent(r2) is None
+    assert snapshots.depth(c, r2) == 0
+    assert (site.read(r2, 4), site.read(r2, 4, 2 * MiB), site.read(r2, 4, 4 * MiB)) == (
+        b"PPPP",
+        b"1111",
+        b"DDDD",
+    )
+    # flattened, it holds its snapshot's parent no more
+    assert snapshots.dependents(c, r1, "b") == []
+
+
+def test_snapshots_of_several_disks_and_a_missing_source(site: RbdSite, c: Cluster) -> None:
+    _, d1 = disk_of_parent(site)
+    _, d2 = disk_of_parent(site)
+    ids = snapshots.take(c, [d1, d2], "both")
+    assert sorted(ids) == sorted([d1, d2])
+    assert snapshots.exists(c, d1, "both") and snapshots.exists(c, d2, "both")
+    with pytest.raises(ReconcileError, match="gone"):
+        snapshots.restore(c, d1, "nope", name("r"), 8 * MiB, "{}", max_depth=4)
+
+
+# A writer in another client holds the image open and writes while this process takes
+# RBD's exclusive lock: its writes fail (EROFS), they are not held back.
+WRITER = """
+import sys, time, rados, rbd
+cluster = rados.Rados(conffile=sys.argv[1], name="client.admin"); cluster.connect()
+io = cluster.open_ioctx(sys.argv[2])
+errors = 0
+with rbd.Image(io, sys.argv[3]) as img:
+    img.write(b"w" * 4096, 0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for i in range(200):
+        try:
+            img.write(b"w" * 4096, i * 4096)
+        except rbd.ReadOnlyImage:
+            errors += 1
+print(errors, flush=True)
+"""
+
+
+def test_the_exclusive_lock_is_no_snapshot_window(site: RbdSite) -> None:
+    import rbd
+
+    image = name("lock")
+    rbd.RBD().create(site.ioctx, image, 4 * MiB, old_format=False)
+    w = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(site.ceph.conf), site.pool, image],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert w.stdout is not None and w.stdin is not None
+        assert w.stdout.readline().strip() == "ready"
+        with rbd.Image(site.ioctx, image) as img:
+            img.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            assert img.is_exclusive_lock_owner()
+            w.stdin.write("go\n")
+            w.stdin.flush()
+            errors = int(w.stdout.readline())
+            img.lock_release()
+        assert errors == 200
+    finally:
+        w.kill()
+        w.wait(timeout=60)
