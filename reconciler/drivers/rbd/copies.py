@@ -32,6 +32,9 @@ from reconciler.util.logs import get_logger
 log = get_logger(__name__)
 
 RECORD_KEY = "reconciler.record"  # RBD metadata: the image's copy of its record
+# RBD metadata of a disk's image: SNAPSHOT_KEY + NAME is the copy of its snapshot NAME's
+# record (drivers/rbd/snapshots.py); only a copy naming a snapshot of that very image counts.
+SNAPSHOT_KEY = "reconciler.snapshot."
 
 
 def keep_record_copy(c: Cluster, rec: DiskRecord) -> None:

@@ -39,11 +39,16 @@ a delete removes image snapshots one by one, each removal of a missing one fine.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+from reconciler.drivers.flows.copy import FileSink, raw_copy
+from reconciler.drivers.rbd import io
 from reconciler.drivers.rbd.cluster import Cluster, mods
 from reconciler.drivers.rbd.copies import RECORD_KEY
+from reconciler.drivers.rbd.copies import SNAPSHOT_KEY as COPY_PREFIX
 from reconciler.model.errors import ReconcileError
 from reconciler.util import faults
 
@@ -186,6 +191,7 @@ def restore(
         # A clone starts with its parent's metadata, so with the disk's record copy:
         # replace it by this disk's own before anything else.
         img.metadata_set(RECORD_KEY, record)
+        _drop_inherited(c, img, target)
         if img.size() < size:
             img.resize(size)
     faults.point("volume.created")
@@ -195,3 +201,53 @@ def restore(
         img.flatten()
     faults.point("volume.flattened")
     return True
+
+
+@contextmanager
+def export_at(c: Cluster, volume: str, name: str) -> Iterator[int]:
+    """`volume@snap-NAME`'s bytes (its parent's data included) in an unnamed local file,
+    sparse; the image opened read-only at the snapshot, in this thread."""
+    _, rbd = mods()
+    snap = snap_name(name)
+    with io.scratch() as fd:
+        with c.op(f"opening {volume}@{snap}"):
+            try:
+                img = rbd.Image(c.io(), volume, snapshot=snap, read_only=True)
+            except rbd.ImageNotFound:
+                raise ReconcileError(f"pool {c.name}: snapshot {volume}@{snap} is gone") from None
+        try:
+            src = io.ImageSource(c, img, f"{volume}@{snap}")
+            os.ftruncate(fd, src.size)
+            raw_copy(src, FileSink(fd, f"a local export of {c.name}/{volume}@{snap}"))
+        finally:
+            img.close()
+        yield fd
+
+
+# -- record copies ------------------------------------------------------------------------
+# A snapshot's record copy lives in its disk image's metadata, under COPY_PREFIX + NAME
+# (an RBD snapshot carries no metadata of its own). A clone starts with its parent's
+# metadata, so a restore inherits its source disk's snapshot copies: `restore` removes
+# them, and a copy is read only where it names a snapshot of the image carrying it.
+
+
+def keep_copy(c: Cluster, volume: str, name: str, record: str) -> None:
+    with c.image(volume) as img, c.op(f"writing {volume}'s copy of snapshot {name}'s record"):
+        img.metadata_set(COPY_PREFIX + name, record)
+
+
+def drop_copy(c: Cluster, volume: str, name: str) -> None:
+    _, rbd = mods()
+    with c.op(f"removing {volume}'s copy of snapshot {name}'s record"):
+        try:
+            with rbd.Image(c.io(), volume) as img, contextlib.suppress(KeyError):
+                img.metadata_remove(COPY_PREFIX + name)
+        except rbd.ImageNotFound:
+            pass
+
+
+def _drop_inherited(c: Cluster, img: Any, target: str) -> None:
+    with c.op(f"clearing {target}'s inherited snapshot copies"):
+        for k, _ in list(img.metadata_list()):
+            if str(k).startswith(COPY_PREFIX):
+                img.metadata_remove(k)
