@@ -245,3 +245,26 @@ def test_a_group_snapshot_cannot_be_cloned_on_this_ceph(site: RbdSite) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:4] == ["True", "not found", "not found", "not found"]
+
+
+def test_record_copies_and_an_export_at_the_snapshot(site: RbdSite, c: Cluster) -> None:
+    import os
+
+    _, disk = disk_of_parent(site)
+    snapshots.take(c, [disk], "s")
+    snapshots.keep_copy(c, disk, "s", '{"snap": 1}')
+    assert site.metadata(disk, "reconciler.snapshot.s") == '{"snap": 1}'
+    site.write(disk, b"X" * 4096, 4 * MiB)
+    with snapshots.export_at(c, disk, "s") as fd:
+        assert os.pread(fd, 4, 0) == b"PPPP"
+        assert os.pread(fd, 4, 4 * MiB) == b"DDDD"  # the disk as it was
+        assert os.fstat(fd).st_size == 8 * MiB
+    with pytest.raises(ReconcileError, match="gone"), snapshots.export_at(c, disk, "nope"):
+        pass
+    # A restore inherits its source disk's metadata: the snapshot copies are removed.
+    target = name("rest")
+    snapshots.restore(c, disk, "s", target, 8 * MiB, "{}", max_depth=4)
+    assert site.metadata(target, "reconciler.snapshot.s") is None
+    snapshots.drop_copy(c, disk, "s")
+    snapshots.drop_copy(c, disk, "s")  # a missing copy is fine
+    assert site.metadata(disk, "reconciler.snapshot.s") is None
