@@ -17,17 +17,25 @@ here opens a group-namespace snapshot.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
+from reconciler.drivers.host.libvirt import Connections
+from reconciler.drivers.host.store import open_store
 from reconciler.drivers.rbd import snapshots
 from reconciler.drivers.rbd.cluster import Cluster
+from reconciler.drivers.rbd.pool import RbdPoolDriver
 from reconciler.model.errors import ReconcileError
-from reconciler.schema.config import CephConfig
+from reconciler.model.naming import snapshot_name
+from reconciler.model.record import DiskRecord, RecordKind, RecordState
+from reconciler.schema.config import CephConfig, PoolConfig
 from tests.conftest_ceph import Ceph
 from tests.rbdsite import RbdSite, rbd_site
 
@@ -268,3 +276,147 @@ def test_record_copies_and_an_export_at_the_snapshot(site: RbdSite, c: Cluster) 
     snapshots.drop_copy(c, disk, "s")
     snapshots.drop_copy(c, disk, "s")  # a missing copy is fine
     assert site.metadata(disk, "reconciler.snapshot.s") is None
+
+
+# -- the driver's Snapshots (drivers/api.py) --------------------------------------------
+
+
+def snap_record(pool: str, instance: str, disk_name: str, snap: str) -> DiskRecord:
+    vol = f"{instance}_{disk_name}"
+    spec = {
+        "name": disk_name,
+        "backend": "rbd",
+        "pool": pool,
+        "format": "raw",
+        "size": 8 * MiB,
+        "source": {"template": "blank"},
+    }
+    return DiskRecord.model_validate(
+        {
+            "backend": "rbd",
+            "pool": pool,
+            "volume": snapshot_name(vol, snap),
+            "instance": instance,
+            "disk": disk_name,
+            "format": "raw",
+            "virtual_size": 8 * MiB,
+            "spec": spec,
+            "source": spec["source"],
+            "state": "creating",
+            "generation": 1,
+            "kind": "snapshot",
+            "snapshot": {"name": snap, "disk_generation": 1, "consistency": "crash"},
+        }
+    )
+
+
+@pytest.fixture
+def test_domains() -> Iterator[Connections]:
+    yield Connections()
+
+
+def driver(site: RbdSite, tmp_path: Path, uri: str, conns: Connections) -> RbdPoolDriver:
+    cfg = PoolConfig.model_validate(
+        {**site.pool_config(), "uri": uri, "ceph": {**site.pool_config()["ceph"]}}
+    )
+    store = open_store(tmp_path)
+    return RbdPoolDriver("ceph", cfg, conns, store, {}, "host-a")
+
+
+def test_the_driver_pauses_the_running_domain_across_several_disks(
+    site: RbdSite, tmp_path: Path, test_domains: Connections, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """take_snapshots on libvirt's test:/// driver, where a running domain's XML names the
+    instance's rbd disks: paused while the image snapshots are taken, running after."""
+    import libvirt
+    import rbd
+
+    inst = str(uuid.uuid4())
+    d = driver(site, tmp_path, "test:///default", test_domains)
+    try:
+        vols = [f"{inst}_root", f"{inst}_data"]
+        for v in vols:
+            rbd.RBD().create(site.ioctx, v, 8 * MiB, old_format=False)
+        disks = "".join(
+            f"<disk type='network' device='disk'><source protocol='rbd' name='{site.pool}/{v}'/>"
+            f"<target dev='vd{'ab'[i]}' bus='virtio'/></disk>"
+            for i, v in enumerate(vols)
+        )
+        conn = test_domains.get("test:///default")
+        dom = conn.defineXML(
+            f"<domain type='test'><name>vm-{inst}</name><memory>1024</memory><vcpu>1</vcpu>"
+            f"<os><type>hvm</type></os><devices>{disks}</devices></domain>"
+        )
+        dom.create()
+        seen: list[int] = []
+        take = snapshots.take
+
+        def spy(c: Cluster, volumes: Sequence[str], snap: str) -> dict[str, int]:
+            seen.append(int(dom.state()[0]))
+            return take(c, volumes, snap)
+
+        monkeypatch.setattr(snapshots, "take", spy)
+        recs = [snap_record("ceph", inst, n, "s") for n in ("root", "data")]
+        handles = d.take_snapshots(recs, "crash")
+        assert seen == [libvirt.VIR_DOMAIN_PAUSED]
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert handles == {r.volume: f"{inst}_{r.disk}@snap-s" for r in recs}
+        # One disk alone is one atomic snapshot: no pause.
+        seen.clear()
+        d.take_snapshots([snap_record("ceph", inst, "root", "t")], "crash")
+        assert seen == [libvirt.VIR_DOMAIN_RUNNING]
+        dom.destroy()
+        dom.undefine()
+    finally:
+        d.close()
+
+
+def test_the_driver_keeps_copies_restores_and_refuses_deletes(
+    site: RbdSite, tmp_path: Path, libvirt_uri: str
+) -> None:
+    import rbd
+
+    inst = str(uuid.uuid4())
+    d = driver(site, tmp_path, libvirt_uri, Connections())
+    try:
+        vol = f"{inst}_root"
+        rbd.RBD().create(site.ioctx, vol, 8 * MiB, old_format=False)
+        site.write(vol, b"S" * 4096, 0)
+        rec = snap_record("ceph", inst, "root", "s")
+        assert d.take_snapshots([rec], "idle") == {rec.volume: f"{vol}@snap-s"}
+        ready = rec.model_copy(update={"state": RecordState.READY})
+        d.keep_record_copy(ready)
+        site.write(vol, b"N" * 4096, 0)
+        with d.snapshot_image(ready) as qi:
+            assert qi.format == "raw" and os.pread(qi.fds[0], 4, 0) == b"SSSS"
+
+        other = str(uuid.uuid4())
+        target = DiskRecord.model_validate(
+            {
+                **json.loads(ready.model_dump_json()),
+                "kind": "disk",
+                "volume": f"{other}_root",
+                "instance": other,
+                "virtual_size": 16 * MiB,
+                "source": {"snapshot": f"{inst}/root@s"},
+                "snapshot": None,
+            }
+        )
+        d.restore_snapshot(ready, target)
+        assert site.read(f"{other}_root", 4) == b"SSSS" and site.size(f"{other}_root") == 16 * MiB
+        assert d.snapshot_dependents(ready) == [f"{other}_root"]
+        with pytest.raises(ReconcileError, match=f"{other}_root"):
+            d.delete_snapshot(ready)
+
+        copies = d.record_copies()
+        snaps = [r for r in copies.records if r.kind is RecordKind.SNAPSHOT]
+        assert snaps == [ready]  # the restore's inherited copy was removed
+        assert copies.refused == ()
+
+        rbd.RBD().remove(site.ioctx, f"{other}_root")
+        d.delete_snapshot(ready)
+        d.delete_snapshot(ready)  # again: gone is fine
+        assert not snapshots.exists(d.c, vol, "s")
+        assert [r for r in d.record_copies().records if r.kind is RecordKind.SNAPSHOT] == []
+    finally:
+        d.close()
