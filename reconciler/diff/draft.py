@@ -51,6 +51,12 @@ class PlanOptions:
     max_delete_percent: int = 10
 
 
+# Where plan order puts an action among its disk's (by its kind's name otherwise): a
+# snapshot goes before its disk is deleted (an rbd image with snapshots cannot be
+# removed), and is taken after anything else planned for the disk.
+_RANK = {ActionKind.DELETE_SNAPSHOT: " delete-snapshot", ActionKind.SNAPSHOT: "~snapshot"}
+
+
 @dataclass
 class Draft:
     """The plan being built (see the module docstring); made by `start`, read by `finish`."""
@@ -66,6 +72,7 @@ class Draft:
     bad: dict[tuple[str, str], BadRecord] = field(default_factory=dict)
     records: dict[str, list[DiskRecord]] = field(default_factory=lambda: defaultdict(list))
     disk_records: int = 0
+    snapshot_records: int = 0  # the delete guard counts snapshots as it counts disks
     # Every volume a record (readable or not) explains, disks and cache entries alike.
     recorded: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     # Volumes without a record that an error already names (not listed again).
@@ -90,6 +97,8 @@ class Draft:
             if r.kind is RecordKind.DISK:
                 draft.records[r.instance].append(r)
                 draft.disk_records += 1
+            elif r.kind is RecordKind.SNAPSHOT:
+                draft.snapshot_records += 1
         return draft
 
     # A code is a ProblemCode's value (a string not declared there fails here, and
@@ -111,7 +120,7 @@ class Draft:
 
     def finish(self) -> Plan:
         def order(a: Action) -> tuple[str, str, str, str]:
-            return (a.instance, a.disk, a.pool, a.action.value)
+            return (a.instance, a.disk, a.pool, _RANK.get(a.action, a.action.value))
 
         return Plan(
             tuple(sorted(self.actions, key=order)),
