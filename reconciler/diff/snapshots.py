@@ -236,6 +236,16 @@ def _delete(
     pool = draft.observed.pools.get(s.pool)
     if pool is None or pool.volumes is None:
         return
+    clones = pool.snapshot_users.get(s.volume)
+    if clones:
+        draft.error(
+            "snapshot-in-use",
+            f"snapshot {name} is not deleted: {', '.join(clones)} depend on it (made from "
+            "it, by this host or another); delete them first",
+            volume=s.volume,
+            **where,
+        )
+        return
     exists = s.volume in pool.volumes
     destructive = s.state is RecordState.READY and exists
     gone = "" if exists or s.state is not RecordState.READY else "; its volume is gone already"
