@@ -231,3 +231,37 @@ def test_only_the_claim_holder_takes_snapshots(site: RbdSite, tmp_path: Path) ->
         snapshot_name(f"{vm}_root", "t"),
         snapshot_name(f"{vm}_data", "t"),
     }
+
+
+def test_an_instance_moves_to_another_host_with_its_snapshots(
+    site: RbdSite, tmp_path: Path
+) -> None:
+    a, ns, images = setup(site, tmp_path, "host-a")
+    b = host_env(site, tmp_path / "host-b", "host-b", ns, images)
+    vm = a.manifest("vm", vm_disks(["s"], ["s"]))
+    run(a)
+    run(a)
+    keys = {snapshot_name(f"{vm}_root", "s"), snapshot_name(f"{vm}_data", "s")}
+    assert keys <= records(site, ns, "host-a").keys()
+
+    # A's manifest goes and A hands the instance over (--prune): its snapshots go with
+    # the disks, none is deleted.
+    b.manifest("vm", vm_disks(["s"], ["s"]), instance=vm)
+    a.remove_manifest("vm")
+    plan = a.plan_json("--prune")
+    assert sorted(x["action"] for x in plan["actions"]) == ["hand-over", "hand-over"]
+    run(a, "--prune")
+    assert [r for r in records(site, ns, "host-a").values() if r.instance == vm] == []
+    assert snaps_of(site, f"{vm}_root") == ["snap-s"] and snaps_of(site, f"{vm}_data") == ["snap-s"]
+
+    # B takes the disks, and their snapshot records with them; then has nothing to do.
+    run(b)
+    got = records(site, ns, "host-b")
+    assert keys <= got.keys()
+    assert all(got[k].state is RecordState.READY for k in keys)
+    plan = b.plan_json()
+    assert plan["actions"] == [] and plan["errors"] == []
+    # B, now the holder, deletes one.
+    b.manifest("vm", vm_disks([], ["s"]), instance=vm)
+    run(b, "--prune")
+    assert snaps_of(site, f"{vm}_root") == [] and snaps_of(site, f"{vm}_data") == ["snap-s"]

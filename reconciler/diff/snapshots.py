@@ -50,7 +50,9 @@ from reconciler.schema.common import NOT_RESIZABLE
 from reconciler.schema.manifest import SnapshotSource
 
 # Disk actions after which the disk is not the one its snapshots were taken of.
-_GOES = (ActionKind.DELETE, ActionKind.RELEASE, ActionKind.HAND_OVER)
+# A disk handed over keeps its snapshots: the hand-over releases their records with the
+# disk's (apply/steps/ownership.py), and the host that takes the disk takes them.
+_GOES = (ActionKind.DELETE, ActionKind.RELEASE)
 _REMADE = (ActionKind.REPLACE, ActionKind.MIGRATE)
 
 
