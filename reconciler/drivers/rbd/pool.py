@@ -419,6 +419,10 @@ class RbdPoolDriver:
         would be deeper than `ceph.maxCloneDepth` (snapshots.restore)."""
         _check_raw_unencrypted(rec)
         volume, name = self._snapshot_of(snap)
+        # The snapshot's record holds its disk's source: a disk not itself restored is a
+        # clone of a cache entry (or of a catalog snapshot, kept one deep: clone.py), or
+        # a plain image, so its restore is at most two deep; else the chain is walked.
+        at_most = None if "snapshot" in snap.source else 2
         snapshots.restore(
             self.c,
             volume,
@@ -427,6 +431,7 @@ class RbdPoolDriver:
             rec.virtual_size,
             rec.model_dump_json(),
             self.ceph.max_clone_depth,
+            at_most=at_most,
         )
 
     @contextmanager
