@@ -12,7 +12,12 @@ What each test proves:
 - lost snapshot records come back from the disk images (`records rebuild`) and the next
   plan has nothing to do;
 - only the host holding the instance's claim takes its snapshots: another host with the
-  same manifest plans none and makes none.
+  same manifest plans none and makes none; an instance handed to another host keeps its
+  snapshots, whose records the new host takes with the disks;
+- a run that deletes one snapshot, takes another of two disks and restores a third,
+  SIGKILLed at each of its 11 step boundaries, converges: every image snapshot has a
+  ready record and every record its image snapshot, the restore holds the snapshot's
+  bytes.
 Every plan is checked against what apply then does on the same state.
 """
 
@@ -265,3 +270,75 @@ def test_an_instance_moves_to_another_host_with_its_snapshots(
     b.manifest("vm", vm_disks([], ["s"]), instance=vm)
     run(b, "--prune")
     assert snaps_of(site, f"{vm}_root") == [] and snaps_of(site, f"{vm}_data") == ["snap-s"]
+
+
+# -- killed at step boundaries -------------------------------------------------------------
+
+
+def kill_scenario(site: RbdSite, root: Path) -> tuple[Env, str, str]:
+    """vm's root has snapshots keep and gone; the run to kill deletes gone, takes new of
+    both disks and restores a new instance from root@keep."""
+    root.mkdir(parents=True)
+    env, _, _ = setup(site, root)
+    vm = env.manifest("vm", vm_disks(["keep", "gone"], []))
+    run(env)
+    run(env)
+    site.write(f"{vm}_root", b"kept bytes", 0)  # after keep: a restore must not see them
+    env.manifest("vm", vm_disks(["keep", "new"], ["new"]), instance=vm)
+    rest = env.manifest(
+        "rest",
+        [rdisk("root", size="8MiB", template=None) | {"source": {"snapshot": f"{vm}/root@keep"}}],
+    )
+    return env, vm, rest
+
+
+def converged(site: RbdSite, env: Env, vm: str, rest: str) -> None:
+    """After a kill, runs converge; then every image snapshot has a ready record and
+    every snapshot record its image snapshot; the restore has keep's bytes."""
+    for _ in range(3):
+        rc, _, _ = env.run("--prune")
+        if rc == 0 and env.plan_json("--prune")["actions"] == []:
+            break
+    plan = env.plan_json("--prune")
+    assert plan["actions"] == [] and plan["errors"] == [], plan
+    assert snaps_of(site, f"{vm}_root") == ["snap-keep", "snap-new"]
+    assert snaps_of(site, f"{vm}_data") == ["snap-new"]
+    ns = env.extra_pools["ceph"]["ceph"]["namespace"]
+    recs = records(site, ns, "host-a")
+    snaps = {k for k, r in recs.items() if r.kind is RecordKind.SNAPSHOT}
+    assert snaps == {
+        snapshot_name(f"{vm}_root", "keep"),
+        snapshot_name(f"{vm}_root", "new"),
+        snapshot_name(f"{vm}_data", "new"),
+    }
+    assert all(recs[k].state is RecordState.READY for k in snaps)
+    assert site.read(f"{rest}_root", 10) != b"kept bytes"
+    assert site.parent(f"{rest}_root") == (f"{vm}_root", "snap-keep")
+    assert not [i for i in site.images() if i.startswith(".reconciler-tmp")]
+
+
+def test_killed_at_step_boundaries_it_converges(
+    ceph: Ceph, libvirt_uri: str, tmp_path: Path
+) -> None:
+    from tests.killpoints import at_each, kill_points
+
+    with rbd_site(ceph, libvirt_uri) as s:
+        env, vm, rest = kill_scenario(s, tmp_path / "trace")
+        trace = tmp_path / "trace" / "steps.txt"
+        # --jobs 1: the Nth boundary is the same step in every run, so each is killed at.
+        res = env.subprocess("--prune", "--jobs", "1", env={"RECONCILER_TRACE_STEPS": str(trace)})
+        assert res.returncode == 0, res.stdout + res.stderr
+        steps = [line.split()[1] for line in trace.read_text().splitlines()]
+        assert {"snapshot.creating", "snapshot.image.taken", "snapshot.ready"} <= set(steps)
+        assert {"snapshot.deleting", "snapshot.deleted", "volume.cloned"} <= set(steps)
+        converged(s, env, vm, rest)
+
+    def one(k: int) -> None:
+        with rbd_site(ceph, libvirt_uri) as s:
+            env, vm, rest = kill_scenario(s, tmp_path / f"k{k}")
+            killed = env.subprocess("--prune", "--jobs", "1", env={"RECONCILER_CRASH_AT": str(k)})
+            assert killed.returncode == -9, (k, killed.stdout + killed.stderr)
+            converged(s, env, vm, rest)
+
+    assert len(steps) == 11, steps
+    at_each(kill_points(len(steps), 1), one)
