@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import errno
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -85,7 +86,13 @@ def test_take_restore_and_delete(pools: Pools, tmp_path: Path) -> None:
     assert sorted(d["key"] for d in plan["actions"][0]["snapshot"]["disks"]) == sorted(keys)
     assert plan["actions"][0]["snapshot"]["consistency"] == "idle"
     present = {p.name for p in env.pool_dir().iterdir()}
-    rc, out, err = env.run()
+    # Applied as a saved plan: what was reviewed is what is done, or nothing.
+    saved = tmp_path / "plan.json"
+    rc, out, err = env.run("--dry-run", "--plan-out", str(saved))
+    assert rc == 0, out + err
+    rc, out, err = env.main(
+        ["apply", str(saved), "--config", str(env.config_path), str(env.manifests)]
+    )
     assert rc == 0, out + err
     assert {p.name for p in env.pool_dir().iterdir()} - present == set(keys)
     assert env.plan_json()["actions"] == []
@@ -217,8 +224,86 @@ def test_on_xfs_with_reflink_the_snapshot_shares_blocks(
             shared = subprocess.run(
                 ["xfs_io", "-r", "-c", "fiemap -v", str(snap)], capture_output=True, text=True
             )
-            if shared.returncode == 0:  # xfs_io present: the extents are shared (flag 0x2000)
+            assert shared.returncode == 0, shared.stderr  # FIEMAP_EXTENT_SHARED is 0x2000
+            if True:
                 flags = [ln.split()[-1] for ln in shared.stdout.splitlines()[2:] if ln.strip()]
                 assert any(int(f, 16) & 0x2000 for f in flags if f.startswith("0x")), shared.stdout
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_records_rebuild_restores_snapshot_records(pools: Pools, tmp_path: Path) -> None:
+    env = make_env(pools, tmp_path)
+    vm = env.manifest("vm", snap_disks(raw=["s"], ovl=["s", "t"]))
+    for _ in range(2):  # made, then taken
+        rc, out, err = env.run()
+        assert rc == 0, out + err
+    before = sorted((r.volume, r.kind, r.snapshot) for r in records(env).values())
+    assert sum(1 for _, kind, _ in before if kind is RecordKind.SNAPSHOT) == 3
+    for p in (env.root / "state").glob("records.sqlite*"):
+        p.unlink()
+    rc, out, err = env.main(
+        ["records", "rebuild", "--yes", "--config", str(env.config_path), "local"]
+    )
+    assert rc == 0, out + err
+    assert sorted((r.volume, r.kind, r.snapshot) for r in records(env).values()) == before
+    assert env.plan_json()["actions"] == []
+    # A copy someone else wrote on a snapshot is checked as input: refused, not restored.
+    key = snapshot_name(env.volume(vm, "raw").name, "s")
+    forged = records(env)[key].model_copy(update={"backing": "../../etc/shadow"})
+    os.setxattr(
+        env.pool_dir() / key, "trusted.reconciler.record", forged.model_dump_json().encode()
+    )
+    for p in (env.root / "state").glob("records.sqlite*"):
+        p.unlink()
+    rc, out, err = env.main(
+        ["records", "rebuild", "--yes", "--config", str(env.config_path), "local"]
+    )
+    assert key not in records(env) and "cache entry" in out + err, out + err
+
+
+def test_a_ploop_snapshot_and_an_exported_state_that_carries_snapshots(
+    pools: Pools, tmp_path: Path
+) -> None:
+    env = make_env(pools, tmp_path)
+    env.backends = ["flat", "qcow2", "ploop"]
+    env.write_config()
+    p = disk("p", backend="ploop", fmt="ploop", size="4MiB") | {"snapshots": ["s"]}
+    vm = env.manifest("vm", [p])
+    for _ in range(2):
+        rc, out, err = env.run()
+        assert rc == 0, out + err
+    vol = env.volume(vm, "p")
+    key = snapshot_name(vol.name, "s")
+    assert sha(env.pool_dir() / key) == sha(vol)
+    # A ploop disk cannot grow: a larger restore is refused in the plan, the same size made.
+    src = {"source": {"snapshot": f"{vm}/p@s"}}
+    env.manifest("big", [disk("p", backend="ploop", fmt="ploop", size="8MiB", template=None) | src])
+    assert [e["code"] for e in env.plan_json()["errors"]] == ["snapshot-unsupported"]
+    same = env.manifest(
+        "big", [disk("p", backend="ploop", fmt="ploop", size="4MiB", template=None) | src]
+    )
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    assert sha(env.volume(same, "p")) == sha(env.pool_dir() / key)
+
+    # An exported state carries the snapshot records, each checked as input when read.
+    state = tmp_path / "state.json"
+    rc, out, err = env.main(["observe", "--config", str(env.config_path), "--out", str(state)])
+    assert rc == 0, out + err
+    doc = json.loads(state.read_text())
+    assert doc["pools"]["local"]["snapshots"] is True
+    (rec,) = [r for r in doc["records"] if r["volume"] == key]
+    rc, out, err = env.run("--dry-run", "--observed", str(state))
+    assert rc == 0 and "No changes." in out, out + err
+    rec["snapshot"]["handle"] = "/etc/passwd"
+    state.write_text(json.dumps(doc))
+    rc, out, err = env.run("--dry-run", "--observed", str(state))
+    assert "record-unreadable" in out and "not a name" in out, out + err
+    # An older export that does not say whether the pool snapshots plans none from a default.
+    del doc["pools"]["local"]["snapshots"]
+    rec["snapshot"]["handle"] = key
+    env.manifest("vm", [p | {"snapshots": ["s", "t"]}], instance=vm)
+    state.write_text(json.dumps(doc))
+    rc, out, err = env.run("--dry-run", "--observed", str(state))
+    assert "state-incomplete" in out and "snapshots of pool local" in out, out + err
