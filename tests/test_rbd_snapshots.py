@@ -420,3 +420,42 @@ def test_the_driver_keeps_copies_restores_and_refuses_deletes(
         assert [r for r in d.record_copies().records if r.kind is RecordKind.SNAPSHOT] == []
     finally:
         d.close()
+
+
+def test_the_driver_flattens_past_max_clone_depth(site: RbdSite, tmp_path: Path) -> None:
+    """ceph.maxCloneDepth reaches the restore: a disk cloned from a parent (one deep),
+    restored with a limit of 1, is flattened; with the default (4), it stays a clone."""
+    cfg = site.pool_config()
+    shallow = PoolConfig.model_validate({**cfg, "ceph": {**cfg["ceph"], "maxCloneDepth": 1}})
+    assert shallow.ceph is not None and shallow.ceph.max_clone_depth == 1
+    inst = str(uuid.uuid4())
+    _, disk = disk_of_parent(site)
+    vol = f"{inst}_root"
+    import rbd
+
+    rbd.RBD().rename(site.ioctx, disk, vol)  # the disk, under its instance's name
+    rec = snap_record("ceph", inst, "root", "s")
+    outs = []
+    for config in (shallow, PoolConfig.model_validate(cfg)):
+        d = RbdPoolDriver("ceph", config, Connections(), open_store(tmp_path), {}, "host-a")
+        try:
+            d.take_snapshots([rec], "idle")
+            other = str(uuid.uuid4())
+            target = DiskRecord.model_validate(
+                {
+                    **json.loads(rec.model_dump_json()),
+                    "kind": "disk",
+                    "state": "creating",
+                    "volume": f"{other}_root",
+                    "instance": other,
+                    "source": {"snapshot": f"{inst}/root@s"},
+                    "snapshot": None,
+                }
+            )
+            d.restore_snapshot(rec, target)
+            outs.append(site.parent(f"{other}_root"))
+            assert site.read(f"{other}_root", 4) == b"PPPP"
+            assert site.read(f"{other}_root", 4, 4 * MiB) == b"DDDD"
+        finally:
+            d.close()
+    assert outs == [None, (vol, "snap-s")]
