@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.drivers.api import FreezesGuests, Snapshots
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import open_store
 from reconciler.drivers.rbd import snapshots
@@ -378,6 +379,8 @@ def test_the_driver_keeps_copies_restores_and_refuses_deletes(
 
     inst = str(uuid.uuid4())
     d = driver(site, tmp_path, libvirt_uri, Connections())
+    # What the executor asks of it: snapshots, and guests frozen where the plan says so.
+    assert isinstance(d, Snapshots) and isinstance(d, FreezesGuests)
     try:
         vol = f"{inst}_root"
         rbd.RBD().create(site.ioctx, vol, 8 * MiB, old_format=False)

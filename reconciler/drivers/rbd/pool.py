@@ -51,7 +51,7 @@ from reconciler.drivers.api import (
 from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.qemuimg import fd_path
 from reconciler.drivers.flows.takein import take_in
-from reconciler.drivers.host import ownership, pause
+from reconciler.drivers.host import freeze, ownership, pause
 from reconciler.drivers.host.domains import NO_DOMAIN_DRIVER, Attachments, all_domains
 from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
@@ -73,7 +73,14 @@ from reconciler.drivers.rbd.monitors import monitors_of_conf, split_monitor
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import SNAPSHOT_INFIX, TEMP_PREFIX, volume_name
 from reconciler.model.observed import ObservedPool
-from reconciler.model.record import DiskRecord, Migration, RecordKind, SnapshotRecord, snapshot_of
+from reconciler.model.record import (
+    Consistency,
+    DiskRecord,
+    Migration,
+    RecordKind,
+    SnapshotRecord,
+    snapshot_of,
+)
 from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
@@ -404,6 +411,13 @@ class RbdPoolDriver:
             s.volume: f"{v}@{snapshots.snap_name(name)}"
             for s, (v, _) in zip(snaps, parts, strict=True)
         }
+
+    def guests_frozen(
+        self, domains: Sequence[str], planned: str
+    ) -> AbstractContextManager[Consistency]:
+        """The guests' filesystems frozen by their agents (drivers/host/freeze.py) where
+        the plan found them answering; the pause window above is taken inside it."""
+        return freeze.frozen(self.conns, self.config.uri, domains, planned)
 
     def delete_snapshot(self, snap: SnapshotRecord) -> None:
         volume, name = self._snapshot_of(snap)
