@@ -283,3 +283,48 @@ def test_a_missing_snapshot_volume_is_drift_and_kept() -> None:
     s = snap_rec(r, "s")
     p = run([inst(VM, root)], observe([r, s], missing=(s.volume,)))
     assert p.actions == () and codes(p) == [("drift", "root")]
+
+
+# -- apply refuses what the plan refuses (apply/steps/snapshot.py), read under the locks --
+
+
+class _Records:
+    def __init__(self, recs: list[DiskRecord]) -> None:
+        self.recs = {r.key(): r for r in recs}
+
+    def get(self, pool: str, volume: str) -> DiskRecord | None:
+        return self.recs.get((pool, volume))
+
+    def snapshots(self, instance: str, disk: str) -> list[DiskRecord]:
+        return [
+            r for r in self.recs.values()
+            if r.kind is RecordKind.SNAPSHOT and (r.instance, r.disk) == (instance, disk)
+        ]  # fmt: skip
+
+
+def test_apply_refuses_a_replace_or_move_of_a_disk_with_snapshots_and_bad_restores() -> None:
+    from reconciler.apply.steps.snapshot import (
+        SnapshotInUse,
+        refuse_if_snapshotted,
+        restore_source,
+    )
+    from reconciler.model.errors import ReconcileError
+
+    r = disk_rec(VM, spec("d"))
+    ctx: Any = type("Ctx", (), {"records": _Records([r, snap_rec(r, "s")])})()
+    with pytest.raises(SnapshotInUse, match="has snapshot"):
+        refuse_if_snapshotted(ctx, r, "replacing")
+    other = disk_rec(VM, spec("e"))
+    refuse_if_snapshotted(ctx, other, "replacing")  # no snapshots: nothing to refuse
+    ok = spec("n", source={"snapshot": f"{VM}/d@s"}).spec_dict()
+    got = restore_source(ctx, "local", volume_name(NEW, "n"), ok)
+    assert got is not None and got.volume == snapshot_name(r.volume, "s")
+    for bad, says in (
+        (ok | {"source": {"snapshot": f"{VM}/d@gone"}}, "snapshot-missing"),
+        (ok | {"size": 1 << 20}, "snapshot-unsupported"),
+        (ok | {"backend": "flat", "format": "raw"}, "snapshot-unsupported"),
+        (ok | {"encryption": {"format": "luks"}}, "snapshot-unsupported"),
+    ):
+        with pytest.raises(ReconcileError, match=says):
+            restore_source(ctx, "local", volume_name(NEW, "n"), bad)
+    assert restore_source(ctx, "local", "x", spec("t").spec_dict()) is None

@@ -27,13 +27,14 @@ lost (a snapshot's data goes only after its durable `deleting`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from reconciler.apply.steps.context import Held, StepContext, StepResult
 from reconciler.drivers.api import FreezesGuests, ManagingDriver, snapshots_of
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import snapshot_name, volume_name
+from reconciler.model.plan import SnapshotMember
 from reconciler.model.record import (
     Consistency,
     DiskRecord,
@@ -106,8 +107,9 @@ def take(ctx: StepContext, h: Held) -> StepResult:
             ctx.records.add(new, old.generation if old else None)
             made.append(new)
         faults.point("snapshot.creating")
+        planned = _as_now(d, op.members, op.domains, op.consistency)
         try:
-            with _frozen(d, op.domains, op.consistency) as consistency:
+            with _frozen(d, op.domains, planned) as consistency:
                 handles = snaps.take_snapshots(made, consistency.value)
         except BaseException as e:
             _roll_back(ctx, d, made, e)
@@ -121,6 +123,21 @@ def take(ctx: StepContext, h: Held) -> StepResult:
             faults.point("snapshot.ready")
             d.keep_record_copy(ready)
     return "done", f"{consistency.value}"
+
+
+def _as_now(
+    d: ManagingDriver, members: Sequence[SnapshotMember], domains: Sequence[str], planned: str
+) -> str:
+    """The consistency planned, unless a domain the plan did not see runs the disks now
+    (or the domains cannot be listed): then crash, which the record says (never a claim
+    of `idle` or `frozen` the snapshot does not have)."""
+    att = d.attachments()
+    if not att.known:
+        return Consistency.CRASH.value
+    running = {dom for m in members for dom in att.running.get(m.volume, ())}
+    if running - set(domains):
+        return Consistency.CRASH.value
+    return planned
 
 
 @contextlib.contextmanager
