@@ -342,3 +342,29 @@ def test_killed_at_step_boundaries_it_converges(
 
     assert len(steps) == 11, steps
     at_each(kill_points(len(steps), 1), one)
+
+
+def test_a_disk_whose_snapshot_has_clones_is_not_deleted(site: RbdSite, tmp_path: Path) -> None:
+    """An instance that goes while a clone of one of its snapshots exists: the plan says
+    snapshot-in-use and deletes neither that snapshot nor its disk (RBD would refuse to
+    remove an image with a snapshot); apply does what the plan says."""
+    import rbd
+
+    env, _, _ = setup(site, tmp_path)
+    vm = env.manifest("vm", vm_disks(["s"], []))
+    run(env)
+    run(env)
+    clone = f"other-{uuid.uuid4().hex[:8]}"
+    rbd.RBD().clone(site.ioctx, f"{vm}_root", "snap-s", site.ioctx, clone)
+    env.manifest("vm", [], instance=vm, deleted=True)
+    plan = env.plan_json("--prune")
+    assert [e["code"] for e in plan["errors"]] == ["snapshot-in-use"]
+    planned = sorted((a["action"], a["volume"]) for a in plan["actions"])
+    assert ("delete", f"{vm}_root") not in planned
+    rc, out, err = env.run("--prune")
+    assert rc == 1, out + err
+    assert f"{vm}_root" in site.images() and snaps_of(site, f"{vm}_root") == ["snap-s"]
+    assert f"{vm}_data" not in site.images()  # the other disk went, as planned
+    rbd.RBD().remove(site.ioctx, clone)
+    run(env, "--prune")
+    assert not [i for i in site.images() if i.startswith(vm)]
