@@ -50,7 +50,9 @@ from reconciler.schema.common import NOT_RESIZABLE
 from reconciler.schema.manifest import SnapshotSource
 
 # Disk actions after which the disk is not the one its snapshots were taken of.
-_GOES = (ActionKind.DELETE, ActionKind.RELEASE, ActionKind.HAND_OVER)
+# A disk handed over keeps its snapshots: the hand-over releases their records with the
+# disk's (apply/steps/ownership.py), and the host that takes the disk takes them.
+_GOES = (ActionKind.DELETE, ActionKind.RELEASE)
 _REMADE = (ActionKind.REPLACE, ActionKind.MIGRATE)
 
 
@@ -88,6 +90,7 @@ def plan(draft: Draft, desired: Desired, settled: set[str], unsettled: set[str])
     _remade_refused(draft, by_disk, snaps, disks)
     takes: dict[tuple[str, str, str], list[tuple[DesiredDisk, DiskRecord, DiskRecord | None]]]
     takes = defaultdict(list)
+    kept: set[tuple[str, str]] = set()  # disks that go, kept while a snapshot is in use
     for key in sorted(set(snaps) | set(disks)):
         d = disks.get(key)
         have = {r.snapshot.name: r for r in snaps.get(key, ()) if r.snapshot}
@@ -107,7 +110,8 @@ def plan(draft: Draft, desired: Desired, settled: set[str], unsettled: set[str])
                     if goes or d is None
                     else f"snapshot {name} is no longer in the manifest's list"
                 )
-                _delete(draft, old, why, restores, d)
+                if not _delete(draft, old, why, restores, d) and goes:
+                    kept.add(key)
         if d is None or goes or rec is None:
             continue
         for name in wanted:
@@ -132,6 +136,15 @@ def plan(draft: Draft, desired: Desired, settled: set[str], unsettled: set[str])
             takes[(d.instance, rec.pool, name)].append((d, rec, s))
     for (instance, pool_name, name), members in sorted(takes.items()):
         _take(draft, instance, pool_name, name, members)
+    # A disk whose snapshot cannot be deleted yet (the error above says why) is not
+    # deleted either: a backend that keeps snapshots inside the disk's volume (rbd)
+    # would refuse, and elsewhere the snapshot would outlive the disk it was taken of.
+    if kept:
+        draft.actions = [
+            a
+            for a in draft.actions
+            if not (a.action is ActionKind.DELETE and (a.instance, a.disk) in kept)
+        ]
 
 
 def _can_take(draft: Draft, d: DesiredDisk, rec: DiskRecord) -> bool:
@@ -217,7 +230,7 @@ def _delete(
     why: str,
     restores: dict[tuple[str, str, str], list[str]],
     d: DesiredDisk | None,
-) -> None:
+) -> bool:
     assert s.snapshot is not None
     name = s.snapshot.name
     where: dict[str, Any] = {"instance": s.instance, "disk": s.disk, "pool": s.pool}
@@ -232,10 +245,20 @@ def _delete(
             volume=s.volume,
             **where,
         )
-        return
+        return False
     pool = draft.observed.pools.get(s.pool)
     if pool is None or pool.volumes is None:
-        return
+        return True
+    clones = pool.snapshot_users.get(s.volume)
+    if clones:
+        draft.error(
+            "snapshot-in-use",
+            f"snapshot {name} is not deleted: {', '.join(clones)} depend on it (made from "
+            "it, by this host or another); delete them first",
+            volume=s.volume,
+            **where,
+        )
+        return False
     exists = s.volume in pool.volumes
     destructive = s.state is RecordState.READY and exists
     gone = "" if exists or s.state is not RecordState.READY else "; its volume is gone already"
@@ -263,6 +286,7 @@ def _delete(
             ),
         )
     )
+    return True
 
 
 def _restores(

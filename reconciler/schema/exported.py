@@ -145,6 +145,9 @@ class StatePool(_Strict):
     secrets: list[str] | None
     # Whether the pool's driver takes snapshots (diff/snapshots.py).
     snapshots: bool
+    # Snapshot key -> the volumes depending on it (ObservedPool.snapshot_users): written
+    # only where a snapshot has any (an rbd clone), so states without any are unchanged.
+    snapshot_users: dict[str, list[str]] = {}
 
 
 class StateBadRecord(_Strict):
@@ -233,7 +236,11 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
             "thick_unit": p.thick_unit,
             "secrets": None if p.secrets is None else sorted(p.secrets),
             "snapshots": p.snapshots,
-        }
+        } | (
+            {"snapshot_users": {k: list(v) for k, v in sorted(p.snapshot_users.items())}}
+            if p.snapshot_users
+            else {}
+        )
     return {
         "format_version": FORMAT_VERSION,
         "kind": "ObservedState",
@@ -372,7 +379,7 @@ def _check_consistent(path: str, state: StateFile) -> None:
             raise StateError(f"{where}: pool {r.pool} is configured but was not observed")
     for name, p in state.pools.items():
         volumes = None if p.volumes is None else set(p.volumes)  # a list: 30,000 x 30,000
-        for vol in (*p.header_formats, *p.attached, *p.running, *p.allocated):
+        for vol in (*p.header_formats, *p.attached, *p.running, *p.allocated, *p.snapshot_users):
             if volumes is not None and vol not in volumes:
                 raise StateError(
                     f"{path}: pools.{name}: {vol} is described but is not among the volumes"
@@ -401,6 +408,7 @@ def _pools(state: StateFile, unknown: dict[str, dict[str, str]]) -> dict[str, Ob
             {**unknown.get(name, {}), **({"held": NO_HOLDS} if p.shared else {})},
             None if p.secrets is None else frozenset(p.secrets),
             p.snapshots,
+            {k: tuple(v) for k, v in p.snapshot_users.items()},
         )
         for name, p in state.pools.items()
     }
