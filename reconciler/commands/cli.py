@@ -48,6 +48,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "status": status.run,
     "disks": disks.run,
     "wait": wait.run,
+    "export": lambda argv: __import__("reconciler.commands.export", fromlist=["run"]).run(argv),
 }
 
 

@@ -1,0 +1,121 @@
+"""A disk's content written into a local file as a standalone image (`reconcile export`),
+read as its record says, written once for every backend.
+
+Invariant 1, as everywhere: the disk is read in its RECORDED format, never probed.
+- raw out of a disk whose driver's reader() gives its bytes (raw_readable: a raw file
+  without backing, an LV, an rbd image with its parent's data): a raw copy
+  (flows.copy.raw_copy), data extents only (SEEK_DATA/SEEK_HOLE where the source is a
+  file), zero chunks skipped, so the export stays sparse; no qemu-img, so nothing ever
+  reads the bytes as a format. A guest-written qcow2 header on a raw disk is exported as
+  the bytes it is.
+- everything else: `qemu-img convert -f FMT -O raw|qcow2` from what the driver's
+  qemu_image() gives (a `json:` filename over descriptors, an overlay's backing pinned to
+  its recorded cache entry and format), into the file (`-n`: a raw file truncated to the
+  disk's size, or a qcow2 made by `qemu-img create` at it first). A convert without `-B`
+  writes every byte the disk reads, so a qcow2 export of an overlay stands alone.
+A qcow2 export with a raw disk's guest-written header names that header's backing
+nowhere: the source is opened as `raw`, which reads no header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from reconciler.drivers.api import ManagingDriver
+from reconciler.drivers.flows.copy import FileSink, data_extents, raw_copy
+from reconciler.drivers.flows.qemuimg import convert_argv, create_argv, fd_path
+from reconciler.drivers.host.run import run as run_command
+from reconciler.model.errors import ReconcileError
+from reconciler.model.record import DiskRecord
+from reconciler.schema.config import ImageFormat
+from reconciler.util import progress
+
+HASH_CHUNK = 4 << 20
+# A block of zeros this long is left a hole in a raw export read in chunks (an LV, an rbd
+# image): flows.copy skips only whole 4 MiB chunks of zeros, too coarse for a file.
+HOLE = 64 << 10
+_ZEROS = bytes(HOLE)
+
+
+class SparseFileSink(FileSink):
+    """A new file of this host (reading as zeros) whose writes leave holes where a
+    HOLE-long block of zeros would go; the kernel's copy from a file keeps its holes."""
+
+    def write(self, data: bytes, at: int) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), HOLE):
+            block = view[i : i + HOLE]
+            if block != _ZEROS[: len(block)]:
+                super().write(bytes(block), at + i)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What an export wrote, as read back from its file."""
+
+    sha256: str
+    file_size: int
+    virtual_size: int
+    how: str  # "raw copy" or "qemu-img convert", for the operator
+
+
+def write_disk(d: ManagingDriver, rec: DiskRecord, fmt: ImageFormat, fd: int, to: str) -> str:
+    """Write disk `rec` of pool `d` into the empty file at `fd` (bound for path `to`, for
+    messages) as an image of `fmt`; how it was written ("raw copy" or "qemu-img convert")."""
+    what = f"{rec.pool}/{rec.volume}"
+    doing = f"export {what} to {to}"
+    if fmt is ImageFormat.RAW and d.raw_readable(rec):
+        os.ftruncate(fd, rec.virtual_size)
+        with d.reader(rec.volume, rec.virtual_size) as src:
+            if src.size > rec.virtual_size:
+                raise ReconcileError(
+                    f"{what} holds {src.size} bytes, more than its recorded size "
+                    f"{rec.virtual_size}; not exported"
+                )
+            raw_copy(src, SparseFileSink(fd, f"export of {what}"))
+        return "raw copy"
+    target = fd_path(fd)
+    if fmt is ImageFormat.RAW:
+        os.ftruncate(fd, rec.virtual_size)
+    else:
+        run_command(create_argv("qcow2", target, rec.virtual_size), fds=(fd,), what=doing)
+    with (
+        d.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
+        progress.task(doing, rec.virtual_size),
+    ):
+        # -n into the file made above (it reads as zeros: no zeros written); -S 4k keeps
+        # runs of zeros unallocated; -W: the file is ours alone.
+        run_command(
+            convert_argv(
+                s.format, fmt.value, s.filename, target, out_of_order=True, target_is_zero=True
+            ),
+            fds=(*s.fds, fd),
+            what=doing,
+        )
+    return "qemu-img convert"
+
+
+def digest(fd: int) -> tuple[str, int]:
+    """The sha256 and size of the file at `fd`, read back from it (holes hashed as the
+    zeros they read as, without reading them)."""
+    size = os.fstat(fd).st_size
+    h = hashlib.sha256()
+    zeros = bytes(HASH_CHUNK)
+    at = 0
+    with progress.task("sha256 of the export", max(size, 1)) as hashing:
+        for start, end in [*data_extents(fd, size), (size, size)]:
+            while at < start:  # a hole
+                n = min(HASH_CHUNK, start - at)
+                h.update(zeros[:n] if n < HASH_CHUNK else zeros)
+                at += n
+                hashing.advance(n)
+            while at < end:
+                data = os.pread(fd, min(HASH_CHUNK, end - at), at)
+                if not data:
+                    raise ReconcileError("the export shrank while it was read back")
+                h.update(data)
+                at += len(data)
+                hashing.advance(len(data))
+    return h.hexdigest(), size
