@@ -110,25 +110,28 @@ def test_exports_read_the_recorded_format_and_the_entry_makes_a_disk(
     env: Env, image: Path, tmp_path: Path
 ) -> None:
     env.images = {"base": catalog_entry(image, "raw")}
+    env.backends = ["flat", "qcow2", "ploop"]
     env.write_config()
+    formats = {"flat": "raw", "over": "qcow2", "ploop": "ploop"}
     inst = env.manifest(
         "vm",
         [
             disk("flat", size="16MiB"),
             disk("over", backend="qcow2", fmt="qcow2", size="16MiB", image="base", template=None),
+            disk("ploop", backend="ploop", fmt="ploop", size="16MiB", image="base", template=None),
         ],
     )
     rc, out, err = env.run()
     assert rc == 0, out + err
-    flat, over = env.volume(inst, "flat"), env.volume(inst, "over")
-    write_pattern(flat, "raw")
-    write_pattern(over, "qcow2")
-    want = {"flat": content(flat, "raw", tmp_path), "over": content(over, "qcow2", tmp_path)}
+    want = {}
+    for name, fmt in formats.items():
+        write_pattern(env.volume(inst, name), fmt)
+        want[name] = content(env.volume(inst, name), fmt, tmp_path)
     assert want["over"] != content(image, "raw", tmp_path)  # the backing's data and the guest's
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    for name in ("flat", "over"):
+    for name in formats:
         raw = out_dir / f"{name}.raw"
         doc = export_ok(env, f"{inst}/{name}", "--format", "raw", "--out", str(raw))
         assert doc["written_by"] == ("raw copy" if name == "flat" else "qemu-img convert")
