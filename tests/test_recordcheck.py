@@ -14,8 +14,13 @@ import pytest
 
 from reconciler.drivers.host import copykey
 from reconciler.model.errors import RecordError
-from reconciler.model.naming import migration_name, retained_name, template_entry_name
-from reconciler.model.record import DiskRecord
+from reconciler.model.naming import (
+    migration_name,
+    retained_name,
+    snapshot_name,
+    template_entry_name,
+)
+from reconciler.model.record import Consistency, DiskRecord, snapshot_of
 from reconciler.schema.recordcheck import check_record, is_entry_name, problem, validate
 
 INST = "4f3f2898-69e3-5a0d-820a-c4e87987dbce"
@@ -182,3 +187,70 @@ def test_racing_first_copies_all_use_one_whole_key(tmp_path: Path) -> None:
     assert copykey.unseal(key, sealed) == b"{}"
     assert copykey.unseal(key, sealed.replace(b"{}", b"[]")) is None
     assert copykey.unseal(None, sealed) is None and copykey.unseal(key, b"{}") is None
+
+
+# -- snapshot records (kind snapshot) ---------------------------------------------------
+
+
+def snap(name: str = "daily", **changes: Any) -> DiskRecord:
+    doc: dict[str, Any] = {
+        "kind": "snapshot",
+        "volume": snapshot_name(f"{INST}_root", name),
+        "snapshot": {"name": name, "disk_generation": 3, "consistency": "crash"},
+    }
+    doc.update(changes)
+    return rec(**doc)
+
+
+def test_a_snapshot_record_passes_and_round_trips() -> None:
+    s = snap(snapshot={"name": "daily", "disk_generation": 3, "consistency": "frozen",
+                       "handle": f"{INST}_root+snap-daily"})  # fmt: skip
+    assert problem(s, "local", s.volume) is None
+    assert snapshot_of(s).consistency is Consistency.FROZEN
+    assert DiskRecord.model_validate_json(s.model_dump_json()) == s
+    # A disk's record is stored as it was before snapshots existed: no `snapshot` key.
+    assert "snapshot" not in rec().model_dump()
+    assert validate([s, rec(kind="cache", volume=ENTRY, instance="", disk="", backing=None)],
+                    POOLS)[1] == []  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"volume": f"{INST}_root+snap-other"}, "is " + f"{INST}_root+snap-daily"),
+        ({"volume": f"{INST}_root"}, "not"),
+        ({"snapshot": None}, "has no snapshot"),
+        ({"kind": "disk", "volume": f"{INST}_root"}, "only a snapshot's record"),
+        ({"snapshot": {"name": "../x", "disk_generation": 1, "consistency": "idle"}}, "name"),
+        (
+            {
+                "snapshot": {
+                    "name": "daily",
+                    "disk_generation": 1,
+                    "consistency": "idle",
+                    "handle": "/etc/passwd",
+                }
+            },
+            "not a name",
+        ),
+        ({"backing": "../../etc/shadow"}, "cache entry"),
+        ({"state": "resizing"}, "never resizing"),
+        (
+            {"encryption": {"format": "luks", "secret": "4f3f2898-69e3-5a0d-820a-c4e87987dbce"}},
+            "never encrypted",
+        ),
+    ],
+)
+def test_a_snapshot_record_that_was_not_ours_is_refused(changes: dict[str, Any], why: str) -> None:
+    s = snap(**changes)
+    got = problem(s, "local", s.volume)
+    assert got is not None and why in got, got
+
+
+def test_a_restored_disk_records_its_snapshot_source() -> None:
+    spec = spec_of("root", "local", "qcow2", "qcow2") | {
+        "source": {"snapshot": f"{INST}/root@daily"}
+    }
+    assert problem(rec(spec=spec), "local", f"{INST}_root") is None
+    bad = spec | {"source": {"snapshot": f"{INST}/root@x/../y"}}
+    assert "INSTANCE/DISK@NAME" in (problem(rec(spec=bad), "local", f"{INST}_root") or "")

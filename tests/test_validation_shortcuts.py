@@ -75,8 +75,11 @@ def disk_data(draw: st.DrawFn) -> dict[str, Any]:
         "format": draw(st.sampled_from(sorted(BACKEND_FORMATS[backend]))).value,
         "size": draw(st.sampled_from([512, 1 << 30, "1GiB", "512 B", "64TiB"])),
     }
-    if draw(st.booleans()):
+    pick = draw(st.integers(0, 4))
+    if pick < 2:
         data["source"] = {"image": draw(st.sampled_from(["cirros", "ubuntu"]))}
+    elif pick == 2:  # a restore: recorded as the disk's source
+        data["source"] = {"snapshot": f"{uuid.UUID(int=3)}/{data['name']}@daily.1"}
     else:
         kind = draw(st.sampled_from(["blank", "swap", "ext4", "xfs", "vfat"]))
         data["source"] = {"template": kind}
@@ -86,6 +89,8 @@ def disk_data(draw: st.DrawFn) -> dict[str, Any]:
         data["deletionPolicy"] = draw(st.sampled_from(["Delete", "Retain"]))
     if data["format"] != "ploop" and draw(st.integers(0, 3)) == 0:
         data["encryption"] = {"format": "luks"}
+    if draw(st.integers(0, 3)) == 0:  # its snapshots: kept, never in spec_dict
+        data["snapshots"] = draw(st.sampled_from([[], ["daily"], ["a", "b-2", "c.3"]]))
     if draw(st.integers(0, 3)) == 0:  # how a domain attaches it: kept, never in spec_dict
         data["attach"] = draw(
             st.sampled_from(
@@ -104,7 +109,9 @@ def disk_data(draw: st.DrawFn) -> dict[str, Any]:
 @given(disk_data())
 def test_spec_dict_is_the_json_dump_without_nulls(data: dict[str, Any]) -> None:
     spec = DiskSpec.model_validate(data)
-    want = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"attach"})
+    want = spec.model_dump(
+        mode="json", by_alias=True, exclude_none=True, exclude={"attach", "snapshots"}
+    )
     for s in (spec, construct(_manifest_dump(spec)).disks[0]):
         got = s.spec_dict()
         assert list(got.items()) == list(want.items())
@@ -137,3 +144,4 @@ def test_the_cache_dump_rebuilds_the_manifest(disks: list[dict[str, Any]], delet
     assert rebuilt == m
     assert [d.spec_dict() for d in rebuilt.disks] == [d.spec_dict() for d in m.disks]
     assert [d.attach for d in rebuilt.disks] == [d.attach for d in m.disks]
+    assert [d.snapshots for d in rebuilt.disks] == [d.snapshots for d in m.disks]

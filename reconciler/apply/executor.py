@@ -38,7 +38,7 @@ from typing import TextIO
 from reconciler.apply import preconditions
 from reconciler.apply.preconditions import Replanner, touches
 from reconciler.apply.report import Reporter
-from reconciler.apply.steps import create, delete, migrate, ownership, resize, update
+from reconciler.apply.steps import create, delete, migrate, ownership, resize, snapshot, update
 from reconciler.apply.steps.context import Held, Key, RecordWriter, StepContext, StepResult
 from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.host.store import StoreError
@@ -76,6 +76,8 @@ _STEPS: dict[ActionKind, Callable[[StepContext, Held], StepResult]] = {
     ActionKind.RELEASE: delete.release,
     ActionKind.TAKE_OVER: ownership.take_over,
     ActionKind.HAND_OVER: ownership.hand_over,
+    ActionKind.SNAPSHOT: snapshot.take,
+    ActionKind.DELETE_SNAPSHOT: snapshot.delete,
 }
 
 

@@ -27,6 +27,8 @@ _VERB = {
     ActionKind.TAKE_OVER: "taken over",
     ActionKind.HAND_OVER: "handed over",
     ActionKind.MIGRATE: "migrated",
+    ActionKind.SNAPSHOT: "snapshot taken",
+    ActionKind.DELETE_SNAPSHOT: "snapshot deleted",
 }
 
 

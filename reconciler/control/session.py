@@ -30,7 +30,7 @@ from reconciler.model.errors import PoolError, ReconcileError, RecordError
 from reconciler.model.record import BadRecord, DiskRecord, RecordKind
 from reconciler.schema.common import Backend
 from reconciler.schema.config import Config
-from reconciler.schema.manifest import ImageSource
+from reconciler.schema.manifest import ImageSource, SnapshotSource
 from reconciler.schema.manifestdir import ManifestLoad, load_manifests
 from reconciler.schema.recordcheck import is_entry_name, validate
 from reconciler.schema.speed.mcache import ManifestCache
@@ -379,6 +379,10 @@ def with_entries(desired: Desired, drivers: Mapping[str, ManagingDriver]) -> Des
         for d in inst.disks:
             src = d.spec.source
             key: tuple[str, str, str | None, int]
+            if isinstance(src, SnapshotSource):
+                # A restore is made from its snapshot (whose record names any backing).
+                disks.append(d)
+                continue
             if isinstance(src, ImageSource):
                 key = (d.spec.pool, "image:" + src.image, None, 0)
             else:

@@ -33,6 +33,8 @@ _SYMBOL = {
     ActionKind.TAKE_OVER: "<",
     ActionKind.HAND_OVER: ">",
     ActionKind.MIGRATE: "->",
+    ActionKind.SNAPSHOT: "+@",
+    ActionKind.DELETE_SNAPSHOT: "-@",
 }
 
 
@@ -59,6 +61,8 @@ def describe_source(source: Mapping[str, Any]) -> str:
     """A disk's source as people read it: `image ID` or `template KIND labelled 'L'`."""
     if "image" in source:
         return f"image {source['image']}"
+    if "snapshot" in source:
+        return f"snapshot {source['snapshot']}"
     label = f" labelled {source['label']!r}" if source.get("label") else ""
     return f"template {source.get('template')}{label}"
 

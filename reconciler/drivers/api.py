@@ -28,7 +28,7 @@ from reconciler.drivers.host.ownership import Owner
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.observed import ObservedPool
-from reconciler.model.record import DiskRecord, Migration
+from reconciler.model.record import DiskRecord, Migration, SnapshotRecord
 from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.recordcheck import problem
@@ -390,6 +390,57 @@ def encrypts_of(d: ManagingDriver) -> Encrypts:
     if isinstance(d, Encrypts):
         return d
     raise ReconcileError(f"pool {d.name} makes no encrypted disks (its backend cannot yet)")
+
+
+@runtime_checkable
+class Snapshots(Protocol):
+    """Opt-in: a pool whose driver snapshots disks; snapshots_of() asks for it (a pool
+    whose driver lacks it: the planner says `snapshot-unsupported`).
+
+    A snapshot is a record of kind `snapshot` (model/record.py: a SnapshotRecord is a
+    DiskRecord with `snapshot` set), keyed VOLUME+snap-NAME in its disk's pool, written
+    `creating` by the executor before any method here is called and `ready` (with the
+    handle returned) after; the record, never the backend, says what a snapshot is. Every
+    method is idempotent over a crash at any point: called again with the same record it
+    finishes, or replaces what a killed call left (a partial copy holds no user data).
+    The caller holds the disk volume's lock. A driver that keeps record copies beside its
+    volumes keeps the snapshot's too (keep_record_copy is called with it).
+    """
+
+    def take_snapshots(self, snaps: Sequence[SnapshotRecord], consistency: str) -> dict[str, str]:
+        """Take the snapshots of one instance's disks of this pool, all of one name, at one
+        moment (rbd: one group snapshot; a file or lvm pool: one after another, while the
+        guest is frozen or idle, else crash-consistent per disk); each record is durable
+        `creating` already. `consistency` is a model.record.Consistency value.
+        Returns each record's volume (its key in the pool) -> its backend handle."""
+        ...
+
+    def delete_snapshot(self, snap: SnapshotRecord) -> None:
+        """Remove the snapshot (its record is durable `deleting`); one already gone is fine."""
+        ...
+
+    def snapshot_dependents(self, snap: SnapshotRecord) -> list[str]:
+        """Volumes made from the snapshot that still depend on it (rbd clones); [] where
+        copies are independent (a file or lvm pool)."""
+        ...
+
+    def restore_snapshot(self, snap: SnapshotRecord, rec: DiskRecord) -> None:
+        """Make rec's volume (record durable `creating`) from the snapshot, grown to rec's
+        size (rec's format and backend are the snapshot's; the planner checked)."""
+        ...
+
+    def snapshot_image(self, snap: SnapshotRecord) -> AbstractContextManager[QemuImage]:
+        """Read-only access to the snapshot's bytes in its recorded format (export): a
+        qcow2 overlay's over its recorded backing cache entry, never the header's."""
+        ...
+
+
+def snapshots_of(d: ManagingDriver) -> Snapshots:
+    """`d`'s Snapshots capability; ReconcileError if its driver takes no snapshots (the
+    planner refuses such a snapshot first, as `snapshot-unsupported`)."""
+    if isinstance(d, Snapshots):
+        return d
+    raise ReconcileError(f"pool {d.name} takes no snapshots (its driver cannot yet)")
 
 
 class Migrates(Protocol):

@@ -27,6 +27,15 @@ def retained_name(volume: str, generation: int) -> str:
     return f"{volume}+retained-g{generation}"
 
 
+SNAPSHOT_INFIX = "+snap-"
+
+
+def snapshot_name(volume: str, name: str) -> str:
+    """The key (and, where the backend keeps a volume per snapshot, the volume) of disk
+    `volume`'s snapshot `name`: `VOLUME+snap-NAME`."""
+    return f"{volume}{SNAPSHOT_INFIX}{name}"
+
+
 def image_entry_name(image_id: str, sha256: str) -> str:
     """The cache entry holding an image (as raw) in a pool: named by id and content."""
     return f"{CACHE_PREFIX}image-{image_id}-{sha256[:16]}"

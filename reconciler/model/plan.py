@@ -20,6 +20,15 @@ class ActionKind(StrEnum):
     TAKE_OVER = "take-over"  # a shared pool: become the owner of another host's record
     HAND_OVER = "hand-over"  # a shared pool: let another host take this host's record
     MIGRATE = "migrate"  # copy to a new pool, backend or format, verify, switch, remove old
+    # One per instance, pool and snapshot name: the instance's disks of that pool taken at
+    # one moment (diff/snapshots.py); `volume` is the first disk's snapshot key.
+    SNAPSHOT = "snapshot"
+    DELETE_SNAPSHOT = "delete-snapshot"  # destructive: the snapshot's data is gone
+
+
+# Counted in a plan's summary only where a plan has one, so the summaries of plans without
+# (and the documents pinned from them) stay as they were.
+OPTIONAL_KINDS = frozenset({ActionKind.MIGRATE, ActionKind.SNAPSHOT, ActionKind.DELETE_SNAPSHOT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,8 @@ class ProblemCode(StrEnum):
         "EncryptionUnsupported",
         Handling.TERMINAL,
     )
+    # Another pool, layout or a smaller size; an encrypted disk; a driver without snapshots.
+    SNAPSHOT_UNSUPPORTED = "snapshot-unsupported", "SnapshotUnsupported", Handling.TERMINAL
     # Only from an exported state older than a fact the plan needs (never the loop's).
     STATE_INCOMPLETE = "state-incomplete", "StateIncomplete", Handling.TERMINAL
     # Only planned without --force (the loop plans with it): the operator decides.
@@ -204,9 +215,9 @@ class Plan:
         return bool(self.actions)
 
     def summary(self) -> dict[str, int]:
-        # `migrate` is counted only where a plan has one, so the summaries of plans
-        # without (and the documents pinned from them) stay as they were.
-        counts = {k.value: 0 for k in ActionKind if k is not ActionKind.MIGRATE}
+        # `migrate` and the snapshot actions are counted only where a plan has one, so the
+        # summaries of plans without (and the documents pinned from them) stay as they were.
+        counts = {k.value: 0 for k in ActionKind if k not in OPTIONAL_KINDS}
         for a in self.actions:
             counts[a.action.value] = counts.get(a.action.value, 0) + 1
         counts["destructive"] = sum(1 for a in self.actions if a.destructive)

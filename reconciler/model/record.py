@@ -34,6 +34,15 @@ class RecordState(StrEnum):
 class RecordKind(StrEnum):
     DISK = "disk"
     CACHE = "cache"
+    SNAPSHOT = "snapshot"  # a disk's snapshot: `Snapshot` says which (SnapshotRecord)
+
+
+class Consistency(StrEnum):
+    """How consistent a snapshot's disks are with one another and with the guest."""
+
+    FROZEN = "frozen"  # the guest agent froze the filesystems (fsFreeze) while it was taken
+    IDLE = "idle"  # no domain ran the disks: nothing was writing
+    CRASH = "crash"  # a running guest was not frozen: as after a power cut (all disks at once)
 
 
 class MigrationPhase(StrEnum):
@@ -99,6 +108,27 @@ class Encryption(BaseModel):
         return data
 
 
+class Snapshot(BaseModel):
+    """What a snapshot record (kind `snapshot`) adds to the fields it shares with its disk's.
+
+    A snapshot record is a DiskRecord keyed `VOLUME+snap-NAME` (naming.snapshot_name) in
+    its disk's pool, naming its disk's instance and disk, holding the disk's backend,
+    format, virtual size, spec and (a qcow2 overlay's) backing cache entry as they were
+    when it was taken: so every record store, copy and check serves it unchanged, and a
+    reconciler that predates snapshots refuses it (an unknown kind and field), never
+    guesses. Written `creating` before the backend makes it, `ready` after (invariant 2).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str  # the manifest's snapshot name (NAME of VOLUME+snap-NAME)
+    disk_generation: int = Field(ge=1)  # the disk record's generation it was taken of
+    consistency: Consistency
+    # The backend's own name for it, once made (rbd: its group snapshot; a file, an LV:
+    # the snapshot volume itself); None while `creating`.
+    handle: str | None = None
+
+
 class DiskRecord(BaseModel):
     """What the reconciler knows about one volume it made."""
 
@@ -133,12 +163,17 @@ class DiskRecord(BaseModel):
     # How the disk is encrypted at rest (its spec's `encryption`); None: not encrypted.
     # Written only when set, as `preallocation` is.
     encryption: Encryption | None = None
+    # A snapshot record's own facts (kind `snapshot` only). Written only when set, so
+    # disk and cache records are byte for byte what they were before snapshots existed.
+    snapshot: Snapshot | None = None
 
     @model_serializer(mode="wrap")
     def _without_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = _drop_off(self.preallocation, handler(self))
         if self.encryption is None:
             data.pop("encryption", None)
+        if self.snapshot is None:
+            data.pop("snapshot", None)
         return data
 
     def key(self) -> tuple[str, str]:
@@ -149,6 +184,18 @@ class DiskRecord(BaseModel):
         if not self.last_used:
             return float("inf")
         return (now - datetime.datetime.fromisoformat(self.last_used)).total_seconds()
+
+
+# A snapshot's record is a DiskRecord of kind `snapshot` with `snapshot` set (above): one
+# type, so the stores, copies and checks that read records read snapshots unchanged.
+SnapshotRecord = DiskRecord
+
+
+def snapshot_of(rec: DiskRecord) -> Snapshot:
+    """`rec`'s snapshot facts; ValueError if it is not a snapshot record (checked ones are)."""
+    if rec.kind is not RecordKind.SNAPSHOT or rec.snapshot is None:
+        raise ValueError(f"record {rec.pool}/{rec.volume} is no snapshot's")
+    return rec.snapshot
 
 
 def _drop_off(mode: Preallocation | None, data: dict[str, Any]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def _field_path(doc: Document, loc: Sequence[int | str]) -> tuple[YPath, str]:
 
 
 def _is_tag(part: Any, loc: Sequence[int | str], i: int) -> bool:
-    return part in ("image", "template") and i > 0 and loc[i - 1] == "source"
+    return part in ("image", "template", "snapshot") and i > 0 and loc[i - 1] == "source"
 
 
 def _unwrap(t: Any) -> Any:

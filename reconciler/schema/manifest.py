@@ -9,14 +9,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     Discriminator,
     Field,
     Tag,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from reconciler.model.naming import snapshot_name
 from reconciler.schema.common import (
     BACKEND_FORMATS,
     STRICT,
@@ -27,6 +30,7 @@ from reconciler.schema.common import (
     Rate,
     Size,
 )
+from reconciler.schema.recordcheck import SNAPSHOT_NAME_RE, SNAPSHOT_REF_RE
 
 
 class TemplateKind(StrEnum):
@@ -86,18 +90,71 @@ class TemplateSource(BaseModel):
         return label
 
 
+def json_pattern(rx: re.Pattern[str]) -> str:
+    """`rx` (a fullmatch written as match + \\Z) as a JSON Schema pattern (a search)."""
+    return "^" + re.sub(r"\(\?P<\w+>", "(", rx.pattern).removesuffix("\\Z") + "$"
+
+
+MAX_SNAPSHOTS = 64  # a disk's snapshots: each is a whole copy on a file or lvm pool
+
+
+def check_snapshot_name(value: Any) -> str:
+    """A snapshot's name: safe at the end of a volume name (VOLUME+snap-NAME)."""
+    if not isinstance(value, str):
+        raise ValueError(f"a snapshot's name must be a string, not {type(value).__name__}")
+    if not SNAPSHOT_NAME_RE.match(value):
+        raise ValueError(
+            f"snapshot name {value!r} must be 1 to 63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+SnapshotName = Annotated[
+    str,
+    BeforeValidator(check_snapshot_name),
+    WithJsonSchema({"type": "string", "pattern": json_pattern(SNAPSHOT_NAME_RE)}),
+]
+
+
+class SnapshotSource(BaseModel):
+    """The disk is made from a snapshot of a disk (a restore): INSTANCE/DISK@NAME. It is
+    recorded as the disk's source, and only read when the disk is made."""
+
+    model_config = STRICT
+    snapshot: str = Field(
+        json_schema_extra={"pattern": json_pattern(SNAPSHOT_REF_RE)},
+        description="INSTANCE/DISK@NAME: a snapshot the reconciler took, in the same pool, "
+        "layout and no larger than this disk",
+    )
+
+    @field_validator("snapshot")
+    @classmethod
+    def _ref(cls, ref: str) -> str:
+        if not SNAPSHOT_REF_RE.match(ref):
+            raise ValueError(
+                f"snapshot {ref!r} must be INSTANCE/DISK@NAME (an instance UUID, a disk name "
+                "and a snapshot name)"
+            )
+        return ref
+
+    def parts(self) -> tuple[str, str, str]:
+        """(instance, disk, snapshot name)."""
+        m = SNAPSHOT_REF_RE.match(self.snapshot)
+        assert m is not None
+        return m["instance"], m["disk"], m["name"]
+
+
 def _source_tag(v: Any) -> str | None:
     if isinstance(v, ImageSource):
         return "image"
     if isinstance(v, TemplateSource):
         return "template"
+    if isinstance(v, SnapshotSource):
+        return "snapshot"
     if isinstance(v, dict):
-        if "image" in v and "template" in v:
-            return None
-        if "image" in v:
-            return "image"
-        if "template" in v:
-            return "template"
+        found = [k for k in ("image", "template", "snapshot") if k in v]
+        return found[0] if len(found) == 1 else None
     return None
 
 
@@ -234,12 +291,15 @@ class DiskSpec(BaseModel):
     format: DiskFormat = Field(strict=False)
     size: Size
     source: Annotated[
-        Annotated[ImageSource, Tag("image")] | Annotated[TemplateSource, Tag("template")],
+        Annotated[ImageSource, Tag("image")]
+        | Annotated[TemplateSource, Tag("template")]
+        | Annotated[SnapshotSource, Tag("snapshot")],
         Discriminator(
             _source_tag,
             custom_error_type="source",
             custom_error_message=(
-                "source needs exactly one of 'image: <catalog id>' or 'template: <kind>'"
+                "source needs exactly one of 'image: <catalog id>', 'template: <kind>' or "
+                "'snapshot: INSTANCE/DISK@NAME'"
             ),
         ),
     ]
@@ -250,6 +310,14 @@ class DiskSpec(BaseModel):
     # are byte for byte what they were before it existed.
     encryption: EncryptionSpec | None = Field(
         None, description="encryption at rest: {format: luks}; absent: not encrypted"
+    )
+    # Not part of spec_dict (a disk's record and patches never see it): the planner reads
+    # it to take and delete snapshot records (diff/snapshots.py).
+    snapshots: list[SnapshotName] | None = Field(
+        None,
+        max_length=MAX_SNAPSHOTS,
+        description=f"the disk's snapshots by name, each taken once (at most {MAX_SNAPSHOTS}); "
+        "a name dropped from the list is deleted",
     )
     # Not part of spec_dict: the record and the plan never see it.
     attach: AttachSpec | None = Field(
@@ -267,6 +335,17 @@ class DiskSpec(BaseModel):
             want = " or ".join(sorted(allowed))
             raise ValueError(f"backend {backend} cannot hold format {fmt}; it holds {want}")
         return fmt
+
+    @field_validator("snapshots")
+    @classmethod
+    def _unique(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None:
+            seen: set[str] = set()
+            for n in names:
+                if n in seen:
+                    raise ValueError(f"snapshot {n} is listed twice")
+                seen.add(n)
+        return names
 
     @model_validator(mode="after")
     def _encryptable(self) -> DiskSpec:
@@ -286,6 +365,8 @@ class DiskSpec(BaseModel):
         source: dict[str, Any]
         if isinstance(src, ImageSource):
             source = {"image": src.image}
+        elif isinstance(src, SnapshotSource):
+            source = {"snapshot": src.snapshot}
         elif src.label is None:
             source = {"template": src.template.value}
         else:
@@ -335,9 +416,15 @@ class Manifest(BaseModel):
         instance = info.data.get("instance")
         for d in disks:
             rule = VOLUME_NAME_RULES.get(d.backend)
-            why = rule(f"{instance}_{d.name}") if rule and instance else None
+            if rule is None or not instance:
+                continue
+            why = rule(f"{instance}_{d.name}")
             if why:
                 raise ValueError(f"disk {d.name}: {why}")
+            for n in d.snapshots or ():
+                why = rule(snapshot_name(f"{instance}_{d.name}", n))
+                if why:
+                    raise ValueError(f"disk {d.name}: snapshot {n}: {why}")
         targets: dict[str, str] = {}
         for d in disks:
             dev = d.attach.target.dev if d.attach and d.attach.target else None

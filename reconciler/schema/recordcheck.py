@@ -30,7 +30,12 @@ What a record must be:
 - an encryption (recorded only where the spec asks for one) is a disk's, of a backend
   that encrypts (ENCRYPTING_BACKENDS) and a format that can be (not ploop), the one its
   spec names; a spec names no other encryption than `{format: luks}`; a record whose
-  spec asks for encryption without recording one (or the reverse) is refused.
+  spec asks for encryption without recording one (or the reverse) is refused;
+- a snapshot's record (kind `snapshot`) is its disk's fields as taken plus `snapshot`:
+  its volume is `naming.snapshot_name(volume_name(instance, disk), NAME)` for a snapshot
+  name NAME (a manifest's), it is never encrypted, migrating or preallocated, its spec is
+  a disk's spec as above, and its handle (once made) is a name, never a path; only a
+  snapshot record has `snapshot`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from reconciler.model.errors import RecordError
-from reconciler.model.naming import CACHE_PREFIX, migration_name, volume_name
+from reconciler.model.naming import CACHE_PREFIX, migration_name, snapshot_name, volume_name
 from reconciler.model.record import BadRecord, DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import (
     BACKEND_FORMATS,
@@ -56,6 +61,49 @@ _ENTRY_RE = re.compile(r"^" + re.escape(CACHE_PREFIX) + r"[A-Za-z0-9][A-Za-z0-9.
 _FILE_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.PLOOP})
 # The backends whose drivers make encrypted disks (the planner refuses the others).
 ENCRYPTING_BACKENDS = frozenset({Backend.FLAT, Backend.QCOW2, Backend.LVM, Backend.RBD})
+
+
+# What a snapshot's name may be (a manifest's `snapshots` entry): a name safe as the end of
+# a file, LV and RBD snapshot name; '+' and '@' never, so VOLUME+snap-NAME and
+# INSTANCE/DISK@NAME are read back one way.
+SNAPSHOT_NAME_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+# A disk's source `{snapshot: INSTANCE/DISK@NAME}`: a snapshot of another (or the same)
+# instance's disk, named as the manifest names it.
+SNAPSHOT_REF_RE = re.compile(
+    r"(?P<instance>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/"
+    r"(?P<disk>(?![.-])(?!.*\.\.)[A-Za-z0-9._-]{1,100})@"
+    r"(?P<name>(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,62})\Z"
+)
+# A handle: a backend's own name for a snapshot (never a path).
+_HANDLE_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9._+@-]{0,299}\Z")
+
+
+def is_snapshot_name(name: str) -> bool:
+    """Whether `name` can be a snapshot's name (SNAPSHOT_NAME_RE)."""
+    return type(name) is str and bool(SNAPSHOT_NAME_RE.match(name))
+
+
+def _snapshot_problem(rec: DiskRecord) -> str | None:
+    """Why a record of kind snapshot is not one this reconciler writes (None: it is)."""
+    snap = rec.snapshot
+    if snap is None:
+        return "a snapshot's record has no snapshot"
+    if not is_snapshot_name(snap.name):
+        return f"its snapshot name {snap.name!r} is not a snapshot's name"
+    want = snapshot_name(volume_name(rec.instance, rec.disk), snap.name)
+    if rec.volume != want:
+        return f"snapshot {snap.name} of {rec.instance}/{rec.disk} is {want}, not {rec.volume!r}"
+    if rec.encryption is not None or rec.migration is not None or rec.preallocation is not None:
+        return "a snapshot is never encrypted, migrating or preallocated"
+    if rec.pending_size is not None or rec.last_used is not None:
+        return "a snapshot has no pending size or last use"
+    if rec.state not in (RecordState.CREATING, RecordState.READY, RecordState.DELETING):
+        return f"a snapshot is never {rec.state.value}"
+    if snap.handle is not None and not _HANDLE_RE.match(snap.handle):
+        return f"its snapshot handle {snap.handle!r} is not a name"
+    if rec.spec.get("encryption") is not None:
+        return "its spec asks for encryption (an encrypted disk is never snapshotted)"
+    return None
 
 
 def is_entry_name(name: str) -> bool:
@@ -134,7 +182,14 @@ def _source_problem(source: Any) -> str | None:
         and all(isinstance(v, str) for v in source.values())
     ):
         return None
-    return "its source is neither {image: ID} nor {template: KIND[, label: LABEL]}"
+    if set(source) == {"snapshot"} and type(source["snapshot"]) is str:
+        if SNAPSHOT_REF_RE.match(source["snapshot"]):
+            return None
+        return f"its source's snapshot {source['snapshot']!r} is not INSTANCE/DISK@NAME"
+    return (
+        "its source is neither {image: ID}, {template: KIND[, label: LABEL]} nor "
+        "{snapshot: INSTANCE/DISK@NAME}"
+    )
 
 
 def _spec_problem(
@@ -190,7 +245,7 @@ def _problem(rec: DiskRecord) -> str | None:
         if rec.kind is RecordKind.CACHE:
             if not is_entry_name(rec.volume):
                 return f"a cache entry's volume must be an entry name, not {rec.volume!r}"
-            if rec.instance or rec.disk or rec.backing is not None or rec.migration:
+            if rec.instance or rec.disk or rec.backing is not None or rec.migration or rec.snapshot:
                 return "a cache entry names no instance, disk, backing or migration"
             if rec.preallocation is not None:
                 return "a cache entry has no preallocation (only a disk has)"
@@ -199,6 +254,15 @@ def _problem(rec: DiskRecord) -> str | None:
             return _entry_spec_problem(rec.spec)
         _name("instance", rec.instance)
         _name("disk", rec.disk)
+        if rec.kind is RecordKind.SNAPSHOT or rec.snapshot is not None:
+            if rec.kind is not RecordKind.SNAPSHOT:
+                return "only a snapshot's record has a snapshot"
+            why = _snapshot_problem(rec)
+            if why is not None:
+                return why
+            if rec.backing is not None and not is_entry_name(rec.backing):
+                return f"its backing {rec.backing!r} is not a cache entry's name"
+            return _spec_problem(rec.spec, rec.disk, rec.pool, rec.backend, rec.format, "its spec")
         want = volume_name(rec.instance, rec.disk)
         if rec.volume != want:
             return (

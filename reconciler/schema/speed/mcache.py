@@ -117,6 +117,8 @@ def dump(manifest: Manifest) -> dict[str, Any]:
 
 def _disk_dump(d: DiskSpec) -> dict[str, Any]:
     spec = d.spec_dict()
+    if d.snapshots is not None:
+        spec["snapshots"] = list(d.snapshots)
     if d.attach is not None:
         spec["attach"] = d.attach.to_json()
     return spec
@@ -129,6 +131,12 @@ _disks: dict[tuple[Any, ...], DiskSpec] = {}
 
 
 def _disk(d: dict[str, Any]) -> DiskSpec:
+    if "snapshots" in d or "snapshot" in d["source"]:  # rare: validated again, as attach is
+        plain = {k: v for k, v in d.items() if k != "attach"}
+        valid = DiskSpec.model_validate(plain)
+        if d.get("attach") is None:
+            return valid
+        return valid.model_copy(update={"attach": AttachSpec.model_validate(d["attach"])})
     if "attach" in d:  # rare, and small: validated again rather than rebuilt by hand
         plain = {k: v for k, v in d.items() if k != "attach"}
         if d["attach"] is None:
@@ -169,6 +177,7 @@ def _disk(d: dict[str, Any]) -> DiskSpec:
             "source": source,
             "deletion_policy": _POLICIES[d["deletionPolicy"]],
             "encryption": _encryption(d.get("encryption")),
+            "snapshots": None,
             "attach": None,
         },
     )
