@@ -222,7 +222,8 @@ def test_refusals_are_one_line_and_leave_nothing(env: Env, tmp_path: Path) -> No
     refused(export(env, f"{inst}/nope", "--format", "raw", "--out", str(f)), "no record")
     other = str(uuid.uuid4())
     refused(export(env, f"{other}/d", "--format", "raw", "--out", str(f)), "no record")
-    refused(export(env, f"{inst}/d@snap1", "--format", "raw", "--out", str(f)), "snap")
+    refused(export(env, f"{inst}/d@snap1", "--format", "raw", "--out", str(f)), "no snapshot snap1")
+    refused(export(env, f"{inst}/nope@snap1", "--format", "raw", "--out", str(f)), "no record")
     refused(
         export(env, f"{inst}/d", "--format", "raw", "--out", str(tmp_path / "none" / "d.raw")),
         "does not exist",

@@ -2,7 +2,7 @@
 entry (an ext4 template) with guest data over it is exported raw (python-rbd, read-only,
 its parent's data read through) and qcow2 (qemu-img from the driver's read-only local
 raw export), both reading as the image does, both standalone; nothing is written to Ceph
-(no image, no snapshot is made). An @SNAP of an rbd disk is refused in one line."""
+(no image, no snapshot is made). An unknown @SNAP of an rbd disk is refused in one line."""
 
 from __future__ import annotations
 
@@ -53,4 +53,4 @@ def test_an_rbd_clone_is_exported_flat_as_the_image_reads(
     assert site.parent(image) is not None
 
     res = export(env, f"{inst}/d@s1", "--format", "raw", "--out", str(tmp_path / "s.raw"))
-    refused(res, "snapshot")
+    refused(res, "no snapshot s1")

@@ -1,14 +1,18 @@
-"""`reconcile export INSTANCE/DISK --format raw|qcow2 --out FILE`: a disk's content as a
-standalone image file, with its sha256, sizes and a catalog entry ready to paste into
-the config's `images:` (so the image can make new disks).
+"""`reconcile export INSTANCE/DISK[@SNAPSHOT] --format raw|qcow2 --out FILE`: a disk's
+(or one of its snapshots') content as a standalone image file, with its sha256, sizes
+and a catalog entry ready to paste into the config's `images:` (so the image can make
+new disks).
 
 The disk is found by its record on this host (the records database, or its pool's own
 store), without a manifest, and read in its recorded format (drivers/flows/export.py);
 the file is written whole or not at all (util/outfile.py). The disk's lock is held shared
 while it is read, so no step of this host changes it meanwhile (a resize, a delete, a
 migration); a running domain may still write to it, which makes the export only
-crash-consistent, and a warning says so. Encrypted disks are refused (an export would
-have to be decrypted with the pool's key; not built yet), as are disks not at rest.
+crash-consistent, and a warning says so. A snapshot is found by its record (kind
+`snapshot`) and read through its driver's Snapshots.snapshot_image(), in its recorded
+format; a pool whose driver takes no snapshots says so. Encrypted disks are refused (an
+export would have to be decrypted with the pool's key; not built yet), as are disks and
+snapshots not at rest.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconciler.commands.common import EXIT_OK, parse, read_config
+from reconciler.drivers.flows.export import digest
 from reconciler.model.errors import ReconcileError
+from reconciler.model.naming import snapshot_name, volume_name
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import check_name
 from reconciler.schema.config import ImageConfig, ImageFormat
+from reconciler.schema.recordcheck import is_snapshot_name
 
 if TYPE_CHECKING:
     from reconciler.control.session import Session
@@ -55,11 +62,15 @@ def target(text: str) -> Target:
             f"expected INSTANCE/DISK or INSTANCE/DISK@SNAPSHOT, not {text!r}"
         )
     try:
-        for part in m.group("instance", "disk", "snapshot"):
-            if part is not None:
-                check_name(part)
+        check_name(m["instance"])
+        check_name(m["disk"])
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if m["snapshot"] is not None and not is_snapshot_name(m["snapshot"]):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {m['snapshot']!r} is not a snapshot name (1 to 63 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit)"
+        )
     return Target(m["instance"], m["disk"], m["snapshot"])
 
 
@@ -77,7 +88,12 @@ def parser() -> argparse.ArgumentParser:
         "standalone raw or qcow2 image; print its sha256, sizes and a catalog entry for "
         "the config's `images:`.",
     )
-    p.add_argument("disk", type=target, metavar="INSTANCE/DISK", help="the disk, by its record")
+    p.add_argument(
+        "disk",
+        type=target,
+        metavar="INSTANCE/DISK[@SNAPSHOT]",
+        help="the disk, or its snapshot, by its record",
+    )
     p.add_argument("--format", required=True, choices=[f.value for f in ImageFormat])
     p.add_argument("--out", required=True, metavar="FILE", help="the image file to write")
     p.add_argument(
@@ -95,16 +111,14 @@ def parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str]) -> int:
     from reconciler.control.session import Session
-    from reconciler.drivers.flows.export import digest, write_disk
     from reconciler.util import outfile
 
     args = parse(parser(), argv)
     want: Target = args.disk
     fmt = ImageFormat(args.format)
     out = Path(args.out)
-    outfile.check_target(Path(out).absolute(), force=args.force)  # before anything is read
-    if want.snapshot is not None:
-        raise ReconcileError(f"{want}: exporting a snapshot is not supported yet")
+    outfile.check_target(out.absolute(), force=args.force)  # before anything is read
+    name = args.name or default_name(want)
     config = read_config(args)
     with Session(config) as s:
         rec = find_record(s, want)
@@ -112,7 +126,9 @@ def run(argv: Sequence[str]) -> int:
         if d is None:
             raise ReconcileError(f"{want}: pool {rec.pool} cannot be read on this host")
         with ExitStack() as held:
-            held.enter_context(d.lock(rec.volume, shared=True))
+            # The disk's lock, shared: what changes the disk or removes its snapshots
+            # holds it exclusively.
+            held.enter_context(d.lock(volume_name(want.instance, want.disk), shared=True))
             fresh = s.store.get(rec.pool, rec.volume)
             if fresh is None or fresh.generation != rec.generation:
                 raise ReconcileError(
@@ -122,18 +138,18 @@ def run(argv: Sequence[str]) -> int:
             if fresh.backing is not None:
                 # An entry in use is never removed (cache gc takes its lock exclusively).
                 held.enter_context(d.lock(fresh.backing, shared=True))
-            warn_if_running(d, fresh)
+            if want.snapshot is None:
+                warn_if_running(d, fresh)
             with outfile.written(out, force=args.force) as f:
-                how = write_disk(d, fresh, fmt, f.fd, str(f.target))
+                how = write(d, fresh, fmt, f.fd, f"export {want} to {f.target}")
                 sha, size = digest(f.fd)
             final = f.target
-    name = args.name or default_name(want)
     entry = catalog_entry(final, fmt, sha, size)
     report = {
         "disk": str(want),
-        "pool": rec.pool,
-        "volume": rec.volume,
-        "recorded_format": rec.format.value,
+        "pool": fresh.pool,
+        "volume": fresh.volume,
+        "recorded_format": fresh.format.value,
         "file": str(final),
         "format": fmt.value,
         "sha256": sha,
@@ -149,18 +165,39 @@ def run(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def write(d: ManagingDriver, rec: DiskRecord, fmt: ImageFormat, fd: int, doing: str) -> str:
+    """Write the disk or snapshot of `rec` into the file at `fd`; how it was written."""
+    from reconciler.drivers.api import snapshots_of
+    from reconciler.drivers.flows.export import write_disk, write_image
+
+    if rec.kind is RecordKind.DISK:
+        return write_disk(d, rec, fmt, fd, doing)
+    image = snapshots_of(d).snapshot_image(rec)
+    return write_image(image, rec.virtual_size, fmt, fd, doing)
+
+
 def find_record(s: Session, want: Target) -> DiskRecord:
-    """The disk's record on this host: exactly one, checked (recordcheck)."""
+    """The record of the disk (or of its snapshot) on this host: exactly one, checked
+    (recordcheck)."""
     found = s.instance_records(want.instance, ())
-    mine = [r for r in found.records if r.kind is RecordKind.DISK and r.disk == want.disk]
+    if want.snapshot is None:
+        kind, what = RecordKind.DISK, "this disk"
+        volume = volume_name(want.instance, want.disk)
+    else:
+        kind, what = RecordKind.SNAPSHOT, f"snapshot {want.snapshot} of this disk"
+        volume = snapshot_name(volume_name(want.instance, want.disk), want.snapshot)
+    mine = [
+        r
+        for r in found.records
+        if r.kind is kind
+        and r.disk == want.disk
+        and (r.snapshot.name if r.snapshot is not None else None) == want.snapshot
+    ]
     if len(mine) == 1:
         return mine[0]
     if len(mine) > 1:
         where = ", ".join(f"{r.pool}/{r.volume}" for r in mine)
-        raise ReconcileError(
-            f"{want}: more than one record names this disk ({where}); not exported"
-        )
-    volume = f"{want.instance}_{want.disk}"
+        raise ReconcileError(f"{want}: more than one record names {what} ({where}); not exported")
     for bad in found.refused:
         if bad.volume == volume:
             raise ReconcileError(f"{want}: {bad.error}; not exported")
@@ -168,7 +205,11 @@ def find_record(s: Session, want: Target) -> DiskRecord:
         f"; pool {p}'s records could not be read: {why}"
         for p, why in sorted(found.unreadable.items())
     )
-    raise ReconcileError(f"{want}: no record of this disk on this host{unreadable}")
+    if want.snapshot is not None and any(
+        r.kind is RecordKind.DISK and r.disk == want.disk for r in found.records
+    ):
+        raise ReconcileError(f"{want}: the disk has no snapshot {want.snapshot}{unreadable}")
+    raise ReconcileError(f"{want}: no record of {what} on this host{unreadable}")
 
 
 def default_name(want: Target) -> str:
@@ -180,9 +221,11 @@ def default_name(want: Target) -> str:
 
 
 def check_exportable(want: Target, rec: DiskRecord) -> None:
+    """Refuse a disk (or snapshot) that is not at rest, and an encrypted one."""
+    what = "disk" if want.snapshot is None else "snapshot"
     if rec.state is not RecordState.READY:
         raise ReconcileError(
-            f"{want}: the disk is {rec.state.value}, not ready; export it once apply has finished"
+            f"{want}: the {what} is {rec.state.value}, not ready; export it once apply has finished"
         )
     if rec.migration is not None:
         raise ReconcileError(

@@ -15,15 +15,17 @@ Invariant 1, as everywhere: the disk is read in its RECORDED format, never probe
   writes every byte the disk reads, so a qcow2 export of an overlay stands alone.
 A qcow2 export with a raw disk's guest-written header names that header's backing
 nowhere: the source is opened as `raw`, which reads no header.
+- a snapshot (`write_image`): qemu-img convert from what the driver's snapshot_image()
+  gives, in the snapshot's recorded format (Snapshots in drivers/api.py), raw or not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 
-from reconciler.drivers.api import ManagingDriver
+from reconciler.drivers.api import ManagingDriver, QemuImage
 from reconciler.drivers.flows.copy import FileSink, data_extents, raw_copy
 from reconciler.drivers.flows.qemuimg import convert_argv, create_argv, fd_path
 from reconciler.drivers.host.run import run as run_command
@@ -51,16 +53,6 @@ class SparseFileSink(FileSink):
                 super().write(bytes(block), at + i)
 
 
-@dataclass(frozen=True)
-class Written:
-    """What an export wrote, as read back from its file."""
-
-    sha256: str
-    file_size: int
-    virtual_size: int
-    how: str  # "raw copy" or "qemu-img convert", for the operator
-
-
 def write_disk(d: ManagingDriver, rec: DiskRecord, fmt: ImageFormat, fd: int, to: str) -> str:
     """Write disk `rec` of pool `d` into the empty file at `fd` (bound for path `to`, for
     messages) as an image of `fmt`; how it was written ("raw copy" or "qemu-img convert")."""
@@ -76,15 +68,26 @@ def write_disk(d: ManagingDriver, rec: DiskRecord, fmt: ImageFormat, fd: int, to
                 )
             raw_copy(src, SparseFileSink(fd, f"export of {what}"))
         return "raw copy"
+    return write_image(
+        d.qemu_image(rec.volume, rec.format, rec.backing, write=False),
+        rec.virtual_size,
+        fmt,
+        fd,
+        doing,
+    )
+
+
+def write_image(
+    source: AbstractContextManager[QemuImage], size: int, fmt: ImageFormat, fd: int, doing: str
+) -> str:
+    """`qemu-img convert` of what `source` opens (its format named, as its driver says)
+    into the empty file at `fd` as an image of `fmt` and `size` bytes."""
     target = fd_path(fd)
     if fmt is ImageFormat.RAW:
-        os.ftruncate(fd, rec.virtual_size)
+        os.ftruncate(fd, size)
     else:
-        run_command(create_argv("qcow2", target, rec.virtual_size), fds=(fd,), what=doing)
-    with (
-        d.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
-        progress.task(doing, rec.virtual_size),
-    ):
+        run_command(create_argv("qcow2", target, size), fds=(fd,), what=doing)
+    with source as s, progress.task(doing, size):
         # -n into the file made above (it reads as zeros: no zeros written); -S 4k keeps
         # runs of zeros unallocated; -W: the file is ours alone.
         run_command(
