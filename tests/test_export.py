@@ -228,6 +228,12 @@ def test_refusals_are_one_line_and_leave_nothing(env: Env, tmp_path: Path) -> No
         export(env, f"{inst}/d", "--format", "raw", "--out", str(tmp_path / "none" / "d.raw")),
         "does not exist",
     )
+    vol = env.volume(inst, "d")
+    before = sha(vol)
+    for into in (vol, env.pool_dir() / "new.raw"):  # a disk itself, or a new unmanaged volume
+        res = export(env, f"{inst}/d", "--format", "raw", "--out", str(into), "--force")
+        refused(res, "is in pool local")
+    assert sha(vol) == before and not (env.pool_dir() / "new.raw").exists()
     res = export(env, f"{inst}/d", "--format", "vmdk", "--out", str(f))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert list(out_dir.iterdir()) == []

@@ -18,7 +18,9 @@ snapshots not at rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import sys
 import urllib.parse
@@ -40,6 +42,11 @@ from reconciler.schema.recordcheck import is_snapshot_name
 if TYPE_CHECKING:
     from reconciler.control.session import Session
     from reconciler.drivers.api import ManagingDriver
+
+
+class ExportError(ReconcileError):
+    """An export refused before anything is written."""
+
 
 _TARGET = re.compile(r"^(?P<instance>[^/@]+)/(?P<disk>[^/@]+)(?:@(?P<snapshot>[^/@]+))?$")
 
@@ -122,6 +129,7 @@ def run(argv: Sequence[str]) -> int:
     config = read_config(args)
     with Session(config) as s:
         rec = find_record(s, want)
+        refuse_pool_paths(s, out)
         d = s.drivers[rec.pool].as_managing()
         if d is None:
             raise ReconcileError(f"{want}: pool {rec.pool} cannot be read on this host")
@@ -163,6 +171,20 @@ def run(argv: Sequence[str]) -> int:
     else:
         print(render(report))
     return EXIT_OK
+
+
+def refuse_pool_paths(s: Session, out: Path) -> None:
+    """FILE never lands where a pool keeps its volumes: there it would be an unmanaged
+    volume, or (with --force) replace a disk."""
+    where = str(Path(os.path.realpath(out.parent)) / out.name)
+    for name, d in s.managing_drivers().items():
+        inside = None
+        with contextlib.suppress(ReconcileError):  # a pool not reachable holds no path here
+            inside = d.volume_at(where)
+        if inside is not None:
+            raise ExportError(
+                f"{out} is in pool {name}, where its volumes are kept; export outside a pool"
+            )
 
 
 def write(d: ManagingDriver, rec: DiskRecord, fmt: ImageFormat, fd: int, doing: str) -> str:
