@@ -22,6 +22,8 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -47,9 +49,10 @@ def export_argv(env: Env, *args: str) -> list[str]:
 def export(
     e: Env, *args: str, prefix: tuple[str, ...] = (), **kw: Any
 ) -> subprocess.CompletedProcess[str]:
+    if "stderr" not in kw:
+        kw["capture_output"] = True
     return subprocess.run(
         [*prefix, *export_argv(e, *args)],
-        capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
@@ -316,3 +319,82 @@ def test_an_lvm_disk_is_exported_as_the_lv_reads(
     doc = export_ok(env, f"{inst}/d", "--format", "qcow2", "--out", str(qcow))
     assert doc["written_by"] == "qemu-img convert"
     assert content(qcow, "qcow2", tmp_path) == want
+
+
+def wait_for(cond: Any, what: str, deadline: float = 60) -> None:
+    """Poll `cond` until true, failing after `deadline` seconds (a condition, not a sleep)."""
+    end = time.monotonic() + deadline
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_second_export_to_the_same_file_is_refused_while_the_first_writes(
+    env: Env, tmp_path: Path
+) -> None:
+    inst = env.manifest("vm", [disk("d", size="8MiB")])
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    write_pattern(env.volume(inst, "d"), "raw")
+    f, flag = tmp_path / "d.qcow2", tmp_path / "paused"
+    first = subprocess.Popen(
+        export_argv(env, f"{inst}/d", "--format", "qcow2", "--out", str(f)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "RECONCILER_PAUSE_AT": f"1:{flag}"},  # outfile.created
+    )
+    try:
+        wait_for(flag.exists, "the first export to hold its temporary")
+        assert temp_path(f).exists() and not f.exists()
+        res = export(env, f"{inst}/d", "--format", "raw", "--out", str(f))
+        refused(res, "another export", "under way")
+        assert temp_path(f).exists()  # the first one's, left alone
+    finally:
+        flag.unlink(missing_ok=True)
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, out + err
+    assert content(f, "qcow2", tmp_path) == sha(env.volume(inst, "d"))
+    assert not temp_path(f).exists()
+
+
+def test_progress_is_shown_on_a_terminal(env: Env, tmp_path: Path) -> None:
+    inst = env.manifest("vm", [disk("d", size="8MiB")])
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    write_pattern(env.volume(inst, "d"), "raw")
+    master, slave = os.openpty()
+    seen = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other end is closed
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        res = export(
+            env,
+            f"{inst}/d",
+            "--format",
+            "qcow2",
+            "--out",
+            str(tmp_path / "d.qcow2"),
+            stderr=slave,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "RECONCILER_PROGRESS_EVERY": "0"},
+        )
+    finally:
+        os.close(slave)
+        reader.join(timeout=60)
+        os.close(master)
+    assert res.returncode == 0, res.stdout
+    text = seen.decode(errors="replace")
+    assert f"export {inst}/d to " in text and "of 8.0 MiB" in text, text
