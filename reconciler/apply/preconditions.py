@@ -39,6 +39,8 @@ def touches(a: Action) -> frozenset[Key]:
     keys = {(a.pool, a.volume)}
     if a.replaces:
         keys.add(a.replaces)
+    if a.snapshot is not None:  # its disks, and each disk's snapshot
+        keys.update((a.pool, v) for m in a.snapshot.members for v in (m.volume, m.key))
     return frozenset(keys)
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from reconciler.control import status
 from reconciler.diff import PlanOptions, plan
 from reconciler.diff.desired import build_desired
-from reconciler.drivers.api import ManagingDriver
+from reconciler.drivers.api import ManagingDriver, Snapshots
+from reconciler.drivers.host import freeze
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.ownership import ManagedElsewhere
 from reconciler.drivers.host.store import SqliteRecordStore, StoreError, open_store
@@ -27,6 +28,7 @@ from reconciler.model import (
     Plan,
 )
 from reconciler.model.errors import PoolError, ReconcileError, RecordError
+from reconciler.model.naming import snapshot_name, volume_name
 from reconciler.model.record import BadRecord, DiskRecord, RecordKind
 from reconciler.schema.common import Backend
 from reconciler.schema.config import Config
@@ -197,7 +199,28 @@ class Session:
 
     def plan(self, observed: Observed | None = None) -> Plan:
         """Plan the loaded manifests against `observed`, or against the pools as they are."""
-        return plan(self.desired, self.observe() if observed is None else observed, self.options)
+        seen = self.observe() if observed is None else observed
+        return self._asking_agents(seen, lambda o: plan(self.desired, o, self.options))
+
+    def _asking_agents(self, observed: Observed, make: Callable[[Observed], Plan]) -> Plan:
+        """`make(observed)`, made again with the guest agents' answers where it takes a
+        snapshot of disks a running domain uses (drivers/host/freeze.py): agents are asked
+        only then, and the plan says whether each snapshot is frozen or crash-consistent."""
+        first = make(observed)
+        need: dict[str, set[str]] = {}
+        for a in first.actions:
+            if a.snapshot is not None and a.snapshot.domains:
+                need.setdefault(a.pool, set()).update(a.snapshot.domains)
+        if not need or observed.agents:
+            return first
+        agents: dict[str, bool] = {}
+        for pool, domains in sorted(need.items()):
+            pc = self.config.pools.get(pool)
+            if pc is not None:
+                agents.update(freeze.agents_answering(self.conns, pc.uri, domains))
+        if not any(agents.values()):
+            return first  # as planned: crash-consistent
+        return make(dataclasses.replace(observed, agents=agents))
 
     def managing_drivers(self) -> dict[str, ManagingDriver]:
         return managing(self.drivers)
@@ -255,10 +278,9 @@ class Session:
         # The share of all disks a plan may destroy is the caller's to judge, not this
         # one instance's: a per-instance plan would refuse any tombstone.
         opts = dataclasses.replace(opts, force=True)
-        return plan(
-            Desired(tuple(wanted), tuple(failed)),
+        return self._asking_agents(
             Observed(pools, tuple(records), tuple(bad)),
-            opts,
+            lambda o: plan(Desired(tuple(wanted), tuple(failed)), o, opts),
         )
 
     def instance_records(self, instance: str, wanted: Sequence[DesiredInstance]) -> InstanceRecords:
@@ -269,6 +291,14 @@ class Session:
             for d in inst.disks:
                 if d.entry is not None and d.spec.pool not in unreadable:
                     rec = self.store.get(d.spec.pool, d.entry)
+                    if rec is not None and rec not in records:
+                        records.append(rec)
+                src = d.spec.source
+                if isinstance(src, SnapshotSource) and d.spec.pool not in unreadable:
+                    # A restore: the snapshot it is made from (another disk's record).
+                    inst_, disk_, name = src.parts()
+                    key = snapshot_name(volume_name(inst_, disk_), name)
+                    rec = self.store.get(d.spec.pool, key)
                     if rec is not None and rec not in records:
                         records.append(rec)
         valid, refused = self._validate(records)
@@ -361,6 +391,7 @@ def with_migration_facts(
         return pool  # unknown: no space check, and no migration (no layouts)
     return dataclasses.replace(
         pool,
+        snapshots=isinstance(driver, Snapshots),
         available=facts.available,
         allocated=facts.allocated,
         layouts=facts.layouts,

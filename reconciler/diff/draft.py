@@ -51,6 +51,12 @@ class PlanOptions:
     max_delete_percent: int = 10
 
 
+# Where plan order puts an action among its disk's (by its kind's name otherwise): a
+# snapshot goes before its disk is deleted (an rbd image with snapshots cannot be
+# removed), and is taken after anything else planned for the disk.
+_RANK = {ActionKind.DELETE_SNAPSHOT: " delete-snapshot", ActionKind.SNAPSHOT: "~snapshot"}
+
+
 @dataclass
 class Draft:
     """The plan being built (see the module docstring); made by `start`, read by `finish`."""
@@ -111,7 +117,7 @@ class Draft:
 
     def finish(self) -> Plan:
         def order(a: Action) -> tuple[str, str, str, str]:
-            return (a.instance, a.disk, a.pool, a.action.value)
+            return (a.instance, a.disk, a.pool, _RANK.get(a.action, a.action.value))
 
         return Plan(
             tuple(sorted(self.actions, key=order)),

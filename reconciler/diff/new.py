@@ -61,30 +61,18 @@ def make(draft: Draft, d: DesiredDisk, action: Action) -> None:
     """A create or a replace of `d`, unless the cache entry it is made from cannot be used
     or the pool's preallocation cannot make its format; made with that preallocation."""
     assert action.action in (ActionKind.CREATE, ActionKind.REPLACE)
-    if restore_refused(draft, d):
-        return
     if guards.entry_refused(draft, d, draft.observed.pools[d.spec.pool], where_of(d)):
+        return
+    if isinstance(d.spec.source, SnapshotSource):
+        # A restore (diff/snapshots.py checks its snapshot): a sparse copy, never
+        # preallocated, and never encrypted (that pass refuses an encrypted one).
+        draft.actions.append(action)
         return
     if preallocation_refused(draft, d):
         return
     if encryption_refused(draft, d):
         return
     draft.actions.append(dataclasses.replace(action, preallocation=d.preallocation))
-
-
-def restore_refused(draft: Draft, d: DesiredDisk) -> bool:
-    """True (with an error) where `d` is to be made from a snapshot, which is not planned yet."""
-    if not isinstance(d.spec.source, SnapshotSource):
-        return False
-    draft.error(
-        "snapshot-unsupported",
-        f"a disk made from snapshot {d.spec.source.snapshot} is not built yet; the disk is "
-        "not made",
-        pool=d.spec.pool,
-        volume=d.volume,
-        **where_of(d),
-    )
-    return True
 
 
 def encryption_refused(draft: Draft, d: DesiredDisk) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from reconciler.diff import changed, guards, migration, new, ownership, removed
+from reconciler.diff import changed, guards, migration, new, ownership, removed, snapshots
 from reconciler.diff.draft import Draft, PlanOptions, Recorded, where_of
 from reconciler.model.desired import Desired, DesiredDisk, DesiredInstance
 from reconciler.model.observed import Observed
@@ -39,14 +39,20 @@ def plan(desired: Desired, observed: Observed, options: PlanOptions | None = Non
     for inst in desired.instances:
         by_instance[inst.instance].append(inst)
     failed, unknown_failed = _failed_manifests(draft, desired)
+    settled: set[str] = set()
     for uuid, insts in by_instance.items():
         if _claimed_twice(draft, uuid, insts, failed):
             continue
         draft.manifests[uuid] = insts[0].file
+        settled.add(uuid)
         _instance(draft, insts[0])
     for uuid in sorted(draft.records.keys() - by_instance.keys() - failed):
         for rec in sorted(draft.records[uuid], key=lambda r: (r.disk, r.pool)):
             removed.orphan(draft, rec, unknown_failed)
+    unsettled = (set(by_instance) - settled) | failed
+    if unknown_failed:  # a manifest that named no instance may name any
+        unsettled |= {r.instance for r in draft.observed.records}
+    snapshots.plan(draft, desired, settled, unsettled)
     guards.unreadable_records(draft)
     guards.blocked_pools(draft)
     guards.strangers(draft)

@@ -28,7 +28,7 @@ from reconciler.drivers.host.ownership import Owner
 from reconciler.drivers.host.store import RecordStore
 from reconciler.model.errors import ReconcileError
 from reconciler.model.observed import ObservedPool
-from reconciler.model.record import DiskRecord, Migration, SnapshotRecord
+from reconciler.model.record import Consistency, DiskRecord, Migration, SnapshotRecord
 from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.manifest import TemplateSource
 from reconciler.schema.recordcheck import problem
@@ -432,6 +432,20 @@ class Snapshots(Protocol):
     def snapshot_image(self, snap: SnapshotRecord) -> AbstractContextManager[QemuImage]:
         """Read-only access to the snapshot's bytes in its recorded format (export): a
         qcow2 overlay's over its recorded backing cache entry, never the header's."""
+        ...
+
+
+@runtime_checkable
+class FreezesGuests(Protocol):
+    """Opt-in, beside Snapshots: the pool's libvirt daemon can freeze the filesystems of
+    the domains that run its disks (drivers/host/freeze.py), for a snapshot planned
+    `frozen`. A driver without it takes such a snapshot crash-consistent (recorded so)."""
+
+    def guests_frozen(
+        self, domains: Sequence[str], planned: str
+    ) -> AbstractContextManager[Consistency]:
+        """Freeze `domains` while the body runs where `planned` is `frozen`; yields the
+        consistency the snapshot then has (a freeze that fails: crash)."""
         ...
 
 

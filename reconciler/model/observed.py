@@ -55,6 +55,9 @@ class ObservedPool:
     # Facts above (field name -> why, with what to do) that an exported state does not
     # carry: the planner refuses to plan what depends on them rather than read a default.
     unknown: Mapping[str, str] = field(default_factory=dict)
+    # The pool's driver takes snapshots (drivers/api.py's Snapshots): a pool whose driver
+    # does lists each snapshot's key (VOLUME+snap-NAME) among its volumes.
+    snapshots: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,6 @@ class Observed:
     pools: Mapping[str, ObservedPool]
     records: tuple[DiskRecord, ...] = ()
     bad_records: tuple[BadRecord, ...] = ()
+    # Running domains -> whether the guest agent answered (asked only where the plan
+    # takes a snapshot of a disk such a domain runs; drivers/host/freeze.py).
+    agents: Mapping[str, bool] = field(default_factory=dict)

@@ -43,6 +43,42 @@ class Precondition:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotMember:
+    """One disk of a snapshot action: its volume, the snapshot's key (VOLUME+snap-NAME)
+    and the disk record's generation the snapshot is of (apply checks it again)."""
+
+    disk: str
+    volume: str
+    key: str
+    generation: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"disk": self.disk, "volume": self.volume, "key": self.key,
+                "generation": self.generation}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotOp:
+    """What a `snapshot` or `delete-snapshot` action is about: the snapshot's name, its
+    disks (all of one instance and pool, taken at one moment), and for a take how
+    consistent it is planned to be (model.record.Consistency) with the running domains
+    whose guest agents freeze it."""
+
+    name: str
+    members: tuple[SnapshotMember, ...]
+    consistency: str = ""
+    domains: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "disks": [m.to_json() for m in self.members]}
+        if self.consistency:
+            out["consistency"] = self.consistency
+        if self.domains:
+            out["domains"] = list(self.domains)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class Action:
     action: ActionKind
     instance: str
@@ -61,6 +97,8 @@ class Action:
     # How the volume the action makes or grows is allocated (a file pool's preallocation:
     # a create's and a migration's copy the pool's, a resize the record's); None: off.
     preallocation: Preallocation | None = None
+    # A snapshot action's snapshot (its `volume` is its first disk's snapshot key).
+    snapshot: SnapshotOp | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -82,6 +120,8 @@ class Action:
             out["holder"] = self.holder
         if self.preallocation is not None:
             out["preallocation"] = self.preallocation.value
+        if self.snapshot is not None:
+            out["snapshot"] = self.snapshot.to_json()
         return out
 
 
@@ -143,6 +183,10 @@ class ProblemCode(StrEnum):
     )
     # Another pool, layout or a smaller size; an encrypted disk; a driver without snapshots.
     SNAPSHOT_UNSUPPORTED = "snapshot-unsupported", "SnapshotUnsupported", Handling.TERMINAL
+    # A snapshot restores depend on (named), or a disk with snapshots replaced or moved.
+    SNAPSHOT_IN_USE = "snapshot-in-use", "SnapshotInUse", Handling.TERMINAL
+    # A restore from a snapshot that has no ready record.
+    SNAPSHOT_MISSING = "snapshot-missing", "SnapshotMissing", Handling.TERMINAL
     # Only from an exported state older than a fact the plan needs (never the loop's).
     STATE_INCOMPLETE = "state-incomplete", "StateIncomplete", Handling.TERMINAL
     # Only planned without --force (the loop plans with it): the operator decides.
@@ -163,6 +207,8 @@ class ProblemCode(StrEnum):
     DRIFT = "drift"
     ORPHANED_RECORD = "orphaned-record"
     FORMAT_MISMATCH = "format-mismatch"
+    # A snapshot of a running guest whose agent did not answer: as after a power cut.
+    CRASH_CONSISTENT = "crash-consistent"
 
 
 @dataclass(frozen=True, slots=True)

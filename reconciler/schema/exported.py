@@ -47,6 +47,9 @@ FORMAT_VERSION = 2
 LACKS: dict[int, tuple[str, ...]] = {
     1: ("shared", "held", "available", "allocated", "layouts", "thick_unit"),
 }
+# Pool fields a file of the current version may lack, having been written before they
+# existed (the version did not grow for them): read as unknown, as LACKS are.
+GREW: tuple[str, ...] = ("snapshots",)
 OLDER = "its format predates them; re-export it with `reconcile observe`"
 # An export is made without manifests, and the holds a host reads are those of the disks
 # its manifests name (Session.observe): a state never says which of a shared pool's disks
@@ -63,6 +66,7 @@ _PLACEHOLDER: dict[str, Any] = {
     "allocated": {},
     "layouts": [],
     "thick_unit": 0,
+    "snapshots": False,
 }
 # The most a state file may be, as read and as inflated: far above a host's (a record is
 # about 1 KiB), far below what would exhaust the memory of the machine planning from it.
@@ -124,6 +128,8 @@ class StatePool(_Strict):
     allocated: dict[str, int]
     layouts: list[str]
     thick_unit: int
+    # Whether the pool's driver takes snapshots (diff/snapshots.py).
+    snapshots: bool
 
 
 class StateBadRecord(_Strict):
@@ -210,6 +216,7 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
             "allocated": dict(sorted(p.allocated.items())),
             "layouts": sorted(p.layouts),
             "thick_unit": p.thick_unit,
+            "snapshots": p.snapshots,
         }
     return {
         "format_version": FORMAT_VERSION,
@@ -287,7 +294,7 @@ def load(path: str) -> tuple[Observed, StateInfo]:
             f"{path}: format_version: {version!r} is not a state format this reconciler "
             f"knows ({known}); export it again with this version's 'reconcile observe'"
         )
-    unknown = _fill_lacking(doc, LACKS.get(version, ()))
+    unknown = _fill_lacking(doc, LACKS.get(version, ()) + GREW)
     try:
         state = StateFile.model_validate(doc)
     except ValidationError as e:
@@ -375,6 +382,7 @@ def _pools(state: StateFile, unknown: dict[str, dict[str, str]]) -> dict[str, Ob
             frozenset(p.layouts),
             p.thick_unit,
             {**unknown.get(name, {}), **({"held": NO_HOLDS} if p.shared else {})},
+            p.snapshots,
         )
         for name, p in state.pools.items()
     }

@@ -21,7 +21,7 @@ from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.records import Records
 from reconciler.model.errors import ReconcileError
 from reconciler.model.plan import Action
-from reconciler.model.record import DiskRecord
+from reconciler.model.record import DiskRecord, RecordKind
 
 # A step's outcome: ("done" | "skipped", a message for the report).
 StepResult = tuple[str, str]
@@ -37,6 +37,14 @@ class RecordWriter:
 
     def get(self, pool: str, volume: str) -> DiskRecord | None:
         return self._records.get(pool, volume)
+
+    def snapshots(self, instance: str, disk: str) -> list[DiskRecord]:
+        """The snapshot records of an instance's disk (read now)."""
+        return [
+            r
+            for r in self._records.for_instance(instance)
+            if r.kind is RecordKind.SNAPSHOT and r.disk == disk
+        ]
 
     def change(self, rec: DiskRecord, *, durable: bool = True, **changes: Any) -> DiskRecord:
         """Write `rec` with `changes` over its own generation; returns the record written."""

@@ -29,13 +29,15 @@ left untouched (the create fails); replace.py asks whether a domain uses what it
 
 from __future__ import annotations
 
-from reconciler.apply.steps import replace
+from typing import Any
+
+from reconciler.apply.steps import replace, snapshot
 from reconciler.apply.steps.context import Held, StepContext, StepResult
 from reconciler.apply.steps.keyed import erase_key, keyed
-from reconciler.drivers.api import ManagingDriver, VolumeExists
+from reconciler.drivers.api import ManagingDriver, VolumeExists, snapshots_of
 from reconciler.drivers.host import keys
 from reconciler.model.errors import ReconcileError
-from reconciler.model.plan import Action
+from reconciler.model.plan import Action, ActionKind
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import TemplateSource
@@ -47,6 +49,10 @@ log = get_logger(__name__)
 
 def run(ctx: StepContext, h: Held) -> StepResult:
     """A `create` or a `replace`: the old location first, when the disk moves."""
+    if h.action.action is ActionKind.REPLACE:  # never a disk with snapshots (the plan's too)
+        for old in (h.rec, h.rec_old):
+            if old is not None and old.state is RecordState.READY:
+                snapshot.refuse_if_snapshotted(ctx, old, "replacing")
     replace.clear_old_location(ctx, h)
     make(ctx, h.action, h.driver, h.rec)
     return "done", ""
@@ -56,6 +62,26 @@ def make(ctx: StepContext, a: Action, d: ManagingDriver, rec: DiskRecord | None)
     """Make `a`'s disk at its own location, where `rec` is the record found there."""
     assert a.spec is not None
     spec = dict(a.spec)
+    # A restore: its snapshot checked before anything changes (apply refuses what the
+    # plan refuses), and locked while the disk is made from it.
+    snap = snapshot.restore_source(ctx, a.pool, a.volume, spec)
+    if snap is not None:
+        with d.lock(snap.volume):
+            snap = snapshot.restore_source(ctx, a.pool, a.volume, spec)
+            assert snap is not None
+            _make(ctx, a, d, rec, spec, snap)
+        return
+    _make(ctx, a, d, rec, spec, None)
+
+
+def _make(
+    ctx: StepContext,
+    a: Action,
+    d: ManagingDriver,
+    rec: DiskRecord | None,
+    spec: dict[str, Any],
+    snap: DiskRecord | None,
+) -> None:
     exists = d.volume_exists(a.volume)
     if rec is None and exists:
         raise ReconcileError(
@@ -85,7 +111,7 @@ def make(ctx: StepContext, a: Action, d: ManagingDriver, rec: DiskRecord | None)
         source=dict(spec["source"]),
         # While it is made, a disk references the cache entry it is made from, so the
         # entry cannot be collected under it; once ready, only what it depends on.
-        backing=d.entry_for(spec),
+        backing=snap.backing if snap is not None else d.entry_for(spec),
         state=RecordState.CREATING,
         generation=(gen or 0) + 1,
         # As planned (the pool's); the driver makes the disk as its record says.
@@ -97,16 +123,17 @@ def make(ctx: StepContext, a: Action, d: ManagingDriver, rec: DiskRecord | None)
     faults.point("record.creating")
     try:
         with keyed(d, new):
-            if "image" in new.source:
+            if snap is not None:
+                snapshots_of(d).restore_snapshot(snap, new)
+            elif "image" in new.source:
                 d.create_from_image(new, new.source["image"])
             else:
                 d.create_from_template(new, TemplateSource.model_validate(new.source))
     except BaseException as e:
         _roll_back(ctx, d, new, e)
         raise
-    ready = ctx.records.change(
-        new, durable=False, state=RecordState.READY, backing=d.backing_for(spec)
-    )
+    backing = snap.backing if snap is not None else d.backing_for(spec)
+    ready = ctx.records.change(new, durable=False, state=RecordState.READY, backing=backing)
     faults.point("record.ready")
     d.keep_record_copy(ready)
 

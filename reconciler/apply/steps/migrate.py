@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from reconciler.apply.preconditions import StalePlan
+from reconciler.apply.steps import snapshot
 from reconciler.apply.steps.context import Held, StepContext, StepResult, moved
 from reconciler.drivers.api import ManagingDriver, VolumeExists, check_unused
 from reconciler.drivers.flows.qemuimg import compare_argv, convert_argv
@@ -98,10 +99,13 @@ class Migrator:
     """One disk's migration, carried on from whatever step an earlier run reached."""
 
     def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
         self.records = ctx.records
         self.driver = ctx.driver
 
     def run(self, a: Action, rec: DiskRecord) -> str:
+        if rec.migration is None:  # a move begins: never of a disk with snapshots
+            snapshot.refuse_if_snapshotted(self.ctx, rec, "moving")
         """Carry `rec` (the disk's record at its old location) to where `a` says, from
         whatever step an earlier run reached; returns a message for the report."""
         assert a.spec is not None

@@ -35,10 +35,11 @@ from reconciler.drivers.api import (
 from reconciler.drivers.file import intake, migrate
 from reconciler.drivers.file.copies import XattrCopies
 from reconciler.drivers.file.disks import FileDisks
+from reconciler.drivers.file.snapshots import FileSnapshots
 from reconciler.drivers.file.volumes import PoolDir
 from reconciler.drivers.flows import entries
 from reconciler.drivers.flows.copy import FileSink, FileSource
-from reconciler.drivers.host import ownership
+from reconciler.drivers.host import freeze, ownership
 from reconciler.drivers.host.domains import Attachments
 from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
@@ -46,7 +47,7 @@ from reconciler.drivers.host.store import RecordStore
 from reconciler.drivers.ingest.headers import file_header_format
 from reconciler.model.errors import PoolError
 from reconciler.model.observed import ObservedPool
-from reconciler.model.record import DiskRecord, Migration
+from reconciler.model.record import Consistency, DiskRecord, Migration
 from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
@@ -71,6 +72,7 @@ class FilePoolDriver:
         self.vols = PoolDir(name, config, conns)
         self.copies = XattrCopies(self.vols, store)
         self.disks = FileDisks(self, self.vols, self.images, self._store)
+        self.snaps = FileSnapshots(self.vols, self.disks)
 
     def _store(self) -> RecordStore:
         if self.store is None:
@@ -221,6 +223,28 @@ class FilePoolDriver:
 
     def point_overlay_at(self, path: str, entry: str) -> None:
         intake.point_overlay_at(self.vols, path, entry)
+
+    # -- snapshots (file/snapshots.py) ---------------------------------------------------
+
+    def take_snapshots(self, snaps: Sequence[DiskRecord], consistency: str) -> dict[str, str]:
+        return self.snaps.take(snaps, consistency)
+
+    def delete_snapshot(self, snap: DiskRecord) -> None:
+        self.snaps.delete(snap)
+
+    def snapshot_dependents(self, snap: DiskRecord) -> list[str]:
+        return []  # a restore is a copy: nothing depends on the snapshot
+
+    def restore_snapshot(self, snap: DiskRecord, rec: DiskRecord) -> None:
+        self.snaps.restore(snap, rec)
+
+    def snapshot_image(self, snap: DiskRecord) -> AbstractContextManager[QemuImage]:
+        return self.snaps.image(snap)
+
+    def guests_frozen(
+        self, domains: Sequence[str], planned: str
+    ) -> AbstractContextManager[Consistency]:
+        return freeze.frozen(self.conns, self.config.uri, domains, planned)
 
     # -- migrations (file/migrate.py) ---------------------------------------------------
 
