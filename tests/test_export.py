@@ -35,7 +35,7 @@ from reconciler.util.outfile import temp_path
 from tests.conftest_lvm import VolumeGroup
 from tests.env import ROOT, Env, disk
 from tests.test_images import catalog_entry
-from tests.test_migrate import content, write_pattern
+from tests.test_migrate import QEMU_FMT, content, write_pattern
 
 pytestmark = pytest.mark.libvirtd
 
@@ -61,8 +61,18 @@ def export(
     )
 
 
+def exported(e: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    """`reconcile export ARGS` run in this process (Env.main), as a CompletedProcess."""
+    argv = ["export", "--config", str(e.config_path), *args]
+    try:
+        rc, out, err = e.main(argv)
+    except SystemExit as exit_:  # argparse's usage error
+        rc, out, err = int(exit_.code or 0), "", "usage error"
+    return subprocess.CompletedProcess(argv, rc, out, err)
+
+
 def export_ok(env: Env, *args: str) -> dict[str, Any]:
-    res = export(env, *args, "--output", "json")
+    res = exported(env, *args, "--output", "json")
     assert res.returncode == 0, res.stdout + res.stderr
     doc: dict[str, Any] = json.loads(res.stdout)
     return doc
@@ -190,13 +200,16 @@ def test_a_guest_written_header_is_exported_as_raw_bytes_opening_no_host_file(
     with open(vol, "r+b") as f:
         f.write(evil.read_bytes()[:65536])  # what the guest's `scribble` writes
     assert str(secret).encode() in vol.read_bytes()[:65536]
+    env.manifest("vm", [snapped(disk("guest", size="8MiB"), "s1")], instance=inst)
+    rc, out, err = env.run()  # a snapshot of the scribbled disk, as raw as the disk
+    assert rc == 0, out + err
 
-    for fmt in ("raw", "qcow2"):
-        out_file = tmp_path / f"guest.{fmt}"
-        trace = tmp_path / f"strace-{fmt}.log"
+    for fmt, which in (("raw", ""), ("qcow2", ""), ("raw", "@s1"), ("qcow2", "@s1")):
+        out_file = tmp_path / f"guest{which}.{fmt}"
+        trace = tmp_path / f"strace{which}-{fmt}.log"
         res = export(
             env,
-            f"{inst}/guest",
+            f"{inst}/guest{which}",
             "--format",
             fmt,
             "--out",
@@ -222,22 +235,24 @@ def test_refusals_are_one_line_and_leave_nothing(env: Env, tmp_path: Path) -> No
     out_dir.mkdir()
     f = out_dir / "d.raw"
 
-    refused(export(env, f"{inst}/nope", "--format", "raw", "--out", str(f)), "no record")
+    refused(exported(env, f"{inst}/nope", "--format", "raw", "--out", str(f)), "no record")
     other = str(uuid.uuid4())
-    refused(export(env, f"{other}/d", "--format", "raw", "--out", str(f)), "no record")
-    refused(export(env, f"{inst}/d@snap1", "--format", "raw", "--out", str(f)), "no snapshot snap1")
-    refused(export(env, f"{inst}/nope@snap1", "--format", "raw", "--out", str(f)), "no record")
+    refused(exported(env, f"{other}/d", "--format", "raw", "--out", str(f)), "no record")
     refused(
-        export(env, f"{inst}/d", "--format", "raw", "--out", str(tmp_path / "none" / "d.raw")),
+        exported(env, f"{inst}/d@snap1", "--format", "raw", "--out", str(f)), "no snapshot snap1"
+    )
+    refused(exported(env, f"{inst}/nope@snap1", "--format", "raw", "--out", str(f)), "no record")
+    refused(
+        exported(env, f"{inst}/d", "--format", "raw", "--out", str(tmp_path / "none" / "d.raw")),
         "does not exist",
     )
     vol = env.volume(inst, "d")
     before = sha(vol)
     for into in (vol, env.pool_dir() / "new.raw"):  # a disk itself, or a new unmanaged volume
-        res = export(env, f"{inst}/d", "--format", "raw", "--out", str(into), "--force")
+        res = exported(env, f"{inst}/d", "--format", "raw", "--out", str(into), "--force")
         refused(res, "is in pool local")
     assert sha(vol) == before and not (env.pool_dir() / "new.raw").exists()
-    res = export(env, f"{inst}/d", "--format", "vmdk", "--out", str(f))
+    res = exported(env, f"{inst}/d", "--format", "vmdk", "--out", str(f))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert list(out_dir.iterdir()) == []
 
@@ -252,7 +267,7 @@ def test_refusals_are_one_line_and_leave_nothing(env: Env, tmp_path: Path) -> No
         assert list(out_dir.iterdir()) == []
 
     first = export_ok(env, f"{inst}/d", "--format", "raw", "--out", str(f))
-    refused(export(env, f"{inst}/d", "--format", "qcow2", "--out", str(f)), "exists", "--force")
+    refused(exported(env, f"{inst}/d", "--format", "qcow2", "--out", str(f)), "exists", "--force")
     assert sha(f) == first["sha256"]
     forced = export_ok(env, f"{inst}/d", "--format", "qcow2", "--out", str(f), "--force")
     assert sha(f) == forced["sha256"] != first["sha256"]
@@ -398,3 +413,76 @@ def test_progress_is_shown_on_a_terminal(env: Env, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout
     text = seen.decode(errors="replace")
     assert f"export {inst}/d to " in text and "of 8.0 MiB" in text, text
+
+
+def snapped(d: dict[str, Any], *names: str) -> dict[str, Any]:
+    """A disk of the manifest with `snapshots: [NAMES]`."""
+    return {**d, "snapshots": list(names)}
+
+
+def scribble_after(path: Path, fmt: str) -> None:
+    """Guest data written after a snapshot: the disk changes, the snapshot must not."""
+    subprocess.run(
+        ["qemu-io", "-f", QEMU_FMT[fmt], "-c", "write -P 0x77 2M 64k", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_a_snapshot_is_exported_as_it_was_taken(env: Env, image: Path, tmp_path: Path) -> None:
+    env.images = {"base": catalog_entry(image, "raw")}
+    env.write_config()
+    disks = [
+        disk("flat", size="16MiB"),
+        disk("over", backend="qcow2", fmt="qcow2", size="16MiB", image="base", template=None),
+    ]
+    formats = {"flat": "raw", "over": "qcow2"}
+    inst = env.manifest("vm", disks)
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    want = {}
+    for name, fmt in formats.items():
+        write_pattern(env.volume(inst, name), fmt)
+        want[name] = content(env.volume(inst, name), fmt, tmp_path)
+    env.manifest("vm", [snapped(d, "s1") for d in disks], instance=inst)
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    for name, fmt in formats.items():
+        scribble_after(env.volume(inst, name), fmt)
+        assert content(env.volume(inst, name), fmt, tmp_path) != want[name]
+
+    for name in formats:
+        for fmt in ("raw", "qcow2"):
+            f = tmp_path / f"{name}-s1.{fmt}"
+            doc = export_ok(env, f"{inst}/{name}@s1", "--format", fmt, "--out", str(f))
+            assert doc["written_by"] == "qemu-img convert" and doc["sha256"] == sha(f)
+            assert doc["volume"] == f"{inst}_{name}+snap-s1"
+            assert content(f, fmt, tmp_path) == want[name], (name, fmt)
+            assert list(doc["catalog"]) == [f"{inst}-{name}-s1"]
+            if fmt == "qcow2":
+                assert "backing-filename" not in qemu_info(f, "qcow2")
+    res = export(env, f"{inst}/flat@s2", "--format", "raw", "--out", str(tmp_path / "s2.raw"))
+    refused(res, "no snapshot s2")
+
+
+def test_an_lvm_snapshot_is_exported_as_it_was_taken(
+    lvm_env: Env, lvm_vg: VolumeGroup, tmp_path: Path
+) -> None:
+    env = lvm_env
+    d = disk("d", backend="lvm", pool="vg", size="8MiB")
+    inst = env.manifest("vm", [d])
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    lv = f"{inst}_d"
+    lvm_vg.write_lv(lv, 1 * MiB, b"before" * 1000)
+    want = hashlib.sha256(lvm_vg.segment_bytes(lv, 8 * MiB)).hexdigest()
+    env.manifest("vm", [snapped(d, "s1")], instance=inst)
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    lvm_vg.write_lv(lv, 1 * MiB, b"after!" * 1000)
+    assert hashlib.sha256(lvm_vg.segment_bytes(lv, 8 * MiB)).hexdigest() != want
+    for fmt in ("raw", "qcow2"):
+        f = tmp_path / f"s1.{fmt}"
+        doc = export_ok(env, f"{inst}/d@s1", "--format", fmt, "--out", str(f))
+        assert content(f, fmt, tmp_path) == want
+        assert doc["sha256"] == sha(f) and (fmt == "qcow2" or sha(f) == want)
