@@ -409,7 +409,8 @@ class Snapshots(Protocol):
 
     def take_snapshots(self, snaps: Sequence[SnapshotRecord], consistency: str) -> dict[str, str]:
         """Take the snapshots of one instance's disks of this pool, all of one name, at one
-        moment (rbd: one group snapshot; a file or lvm pool: one after another, while the
+        moment (rbd: image snapshots taken while the domains running them here are
+        paused, drivers/rbd/snapshots.py; a file or lvm pool: one after another, while the
         guest is frozen or idle, else crash-consistent per disk); each record is durable
         `creating` already. `consistency` is a model.record.Consistency value.
         Returns each record's volume (its key in the pool) -> its backend handle."""

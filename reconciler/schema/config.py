@@ -56,6 +56,15 @@ class CephConfig(BaseModel):
         alias="opTimeout",
         description="seconds any one Ceph operation may take before it fails (default 30)",
     )
+    max_clone_depth: int = Field(
+        4,
+        ge=1,
+        le=16,
+        alias="maxCloneDepth",
+        description="how many parents deep a disk restored from a snapshot may be (a disk is "
+        "a clone of its cache entry, a restore a clone of a disk's snapshot); a deeper one "
+        "is flattened before it is ready (default 4)",
+    )
     # What a domain's rbd disk connects with (reconcile disks): qemu's librbd, not ours.
     secret_uuid: str | None = Field(
         None,

@@ -114,6 +114,8 @@ class Clones:
         return loc[1], loc[2], loc[3]
 
     def entry_for(self, spec: Mapping[str, Any]) -> str | None:
+        if "snapshot" in spec["source"]:
+            return None  # a clone of a disk's snapshot (snapshots.py): no cache entry
         image = spec["source"].get("image")
         if image in self.images and self._direct(image) is not None:
             return None  # cloned from the catalog's own snapshot: no cache entry

@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 from reconciler.drivers.api import NoCopy, RecordCopies
-from reconciler.drivers.rbd.cluster import Cluster
+from reconciler.drivers.rbd.cluster import Cluster, mods
 from reconciler.drivers.rbd.images import parent
 from reconciler.model.errors import ReconcileError
-from reconciler.model.naming import TEMP_PREFIX
+from reconciler.model.naming import TEMP_PREFIX, snapshot_name
 from reconciler.model.record import DiskRecord, RecordKind
 from reconciler.schema.bounded import check_json
 from reconciler.util.logs import get_logger
@@ -32,6 +32,9 @@ from reconciler.util.logs import get_logger
 log = get_logger(__name__)
 
 RECORD_KEY = "reconciler.record"  # RBD metadata: the image's copy of its record
+# RBD metadata of a disk's image: SNAPSHOT_KEY + NAME is the copy of its snapshot NAME's
+# record (drivers/rbd/snapshots.py); only a copy naming a snapshot of that very image counts.
+SNAPSHOT_KEY = "reconciler.snapshot."
 
 
 def keep_record_copy(c: Cluster, rec: DiskRecord) -> None:
@@ -64,7 +67,7 @@ def own_copy(c: Cluster, img: Any, volume: str) -> DiskRecord | None:
         copy = _copy_of(c, img, volume)
     inherited = (
         copy is not None
-        and copy.kind is RecordKind.CACHE
+        and copy.kind in (RecordKind.CACHE, RecordKind.DISK)
         and copy.volume != volume
         and copy.volume == parent(c, img, volume)
     )
@@ -83,9 +86,42 @@ def check_copy(c: Cluster, img: Any, volume: str, doing: str) -> None:
 
 
 def record_copies(c: Cluster) -> RecordCopies:
-    """The copies the pool's images carry (temporary images left out), each checked."""
+    """The copies the pool's images carry (temporary images left out), each checked: each
+    image's own, and the copies of its snapshots' records."""
     names = sorted(n for n in c.list_volumes() if not n.startswith(TEMP_PREFIX))
-    return RecordCopies.read(c.name, names, lambda name: _image_copy(c, name))
+    own = RecordCopies.read(c.name, names, lambda name: _image_copy(c, name))
+    found: list[tuple[str, DiskRecord]] = []
+    without: list[tuple[str, str]] = []
+    for name in names:
+        for snap, raw in _snapshot_copies(c, name).items():
+            key = snapshot_name(name, snap)
+            try:
+                rec = DiskRecord.model_validate_json(check_json(raw, what="the copy"))
+            except ValueError as e:
+                without.append((key, f"its record copy is unreadable ({str(e).splitlines()[0]})"))
+                continue
+            found.append((key, rec))
+    snaps = RecordCopies.checked(c.name, found, without)
+    return RecordCopies(
+        own.records + snaps.records, own.without + snaps.without, own.refused + snaps.refused
+    )
+
+
+def _snapshot_copies(c: Cluster, name: str) -> dict[str, str]:
+    """The snapshot record copies image `name` carries: snapshot name -> raw JSON (a
+    restore inherits its source disk's and removes them; a copy naming another image's
+    snapshot is refused by the check, as any copy naming another volume is)."""
+    _, rbd = mods()
+    with c.op(f"reading {name}'s snapshot record copies"):
+        try:
+            with rbd.Image(c.io(), name, read_only=True) as img:
+                return {
+                    str(k)[len(SNAPSHOT_KEY) :]: str(v)
+                    for k, v in img.metadata_list()
+                    if str(k).startswith(SNAPSHOT_KEY)
+                }
+        except rbd.ImageNotFound:
+            return {}
 
 
 def _image_copy(c: Cluster, name: str) -> DiskRecord:

@@ -29,10 +29,11 @@ out), adopt.py (an image adopted); an image's raw bytes are io.py's.
 
 from __future__ import annotations
 
+import json
 import socket
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from reconciler.drivers.api import (
@@ -47,23 +48,37 @@ from reconciler.drivers.api import (
     no_preallocation,
 )
 from reconciler.drivers.flows import entries
+from reconciler.drivers.flows.qemuimg import fd_path
 from reconciler.drivers.flows.takein import take_in
-from reconciler.drivers.host import ownership
+from reconciler.drivers.host import ownership, pause
 from reconciler.drivers.host.domains import NO_DOMAIN_DRIVER, Attachments, all_domains
 from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore
-from reconciler.drivers.rbd import adopt, cache, copies, disks, images, io, migrate, owner
+from reconciler.drivers.rbd import (
+    adopt,
+    cache,
+    copies,
+    disks,
+    images,
+    io,
+    migrate,
+    owner,
+    snapshots,
+)
 from reconciler.drivers.rbd.clone import Clones
 from reconciler.drivers.rbd.cluster import Cluster, RbdRecordStore
 from reconciler.drivers.rbd.monitors import monitors_of_conf, split_monitor
 from reconciler.model.errors import ReconcileError
-from reconciler.model.naming import TEMP_PREFIX
+from reconciler.model.naming import TEMP_PREFIX, volume_name
 from reconciler.model.observed import ObservedPool
-from reconciler.model.record import DiskRecord, Migration
+from reconciler.model.record import DiskRecord, Migration, RecordKind, SnapshotRecord, snapshot_of
 from reconciler.schema.common import Backend, DiskFormat, Preallocation
 from reconciler.schema.config import ImageConfig, PoolConfig
 from reconciler.schema.manifest import TemplateSource
+from reconciler.util.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class RbdPoolDriver:
@@ -239,6 +254,15 @@ class RbdPoolDriver:
     # -- record copies (RBD image metadata: copies.py) ----------------------------------
 
     def keep_record_copy(self, rec: DiskRecord) -> None:
+        """A disk's or entry's copy in its image's metadata; a snapshot's in its disk's
+        (snapshots.py: an RBD snapshot carries no metadata of its own)."""
+        if rec.kind is RecordKind.SNAPSHOT:
+            volume, name = self._snapshot_of(rec)
+            try:
+                snapshots.keep_copy(self.c, volume, name, rec.model_dump_json())
+            except ReconcileError as e:
+                log.warning("record_copy.failed", pool=self.name, volume=rec.volume, error=str(e))
+            return
         copies.keep_record_copy(self.c, rec)
 
     def record_copies(self) -> RecordCopies:
@@ -328,6 +352,69 @@ class RbdPoolDriver:
     def volume_at(self, path: str) -> str | None:
         return None  # no image of this pool is a host path
 
+    # -- snapshots (drivers/api.py's Snapshots: snapshots.py) ---------------------------
+
+    def _snapshot_of(self, snap: SnapshotRecord) -> tuple[str, str]:
+        """(the disk's image, the snapshot's name) of a checked snapshot record."""
+        return volume_name(snap.instance, snap.disk), snapshot_of(snap).name
+
+    def take_snapshots(self, snaps: Sequence[SnapshotRecord], consistency: str) -> dict[str, str]:
+        """Image snapshots `snap-NAME` of the instance's disks, all taken while the
+        domains running them on this host are paused when there is more than one disk
+        (drivers/host/pause.py: the window that makes them one moment, whatever
+        `consistency` the guest agent gave; one disk's snapshot is atomic by itself).
+        Another host never gets here: its `creating` record was refused by the instance's
+        claim (drivers/rbd/claims.py)."""
+        parts = [self._snapshot_of(s) for s in snaps]
+        names = {n for _, n in parts}
+        if len(names) != 1:
+            raise ReconcileError(f"pool {self.name}: one snapshot name at a time, not {names}")
+        volumes = [v for v, _ in parts]
+        domains: set[str] = set()
+        if len(volumes) > 1:
+            running = self.attachments().running
+            for v in volumes:
+                domains.update(running.get(v, ()))
+        name = names.pop()
+        with pause.paused(self.conns, self.config.uri, domains):
+            snapshots.take(self.c, volumes, name)
+        return {
+            s.volume: f"{v}@{snapshots.snap_name(name)}"
+            for s, (v, _) in zip(snaps, parts, strict=True)
+        }
+
+    def delete_snapshot(self, snap: SnapshotRecord) -> None:
+        volume, name = self._snapshot_of(snap)
+        snapshots.delete(self.c, volume, name)
+        snapshots.drop_copy(self.c, volume, name)
+
+    def snapshot_dependents(self, snap: SnapshotRecord) -> list[str]:
+        """The clones Ceph lists of the snapshot, whichever host made them."""
+        return snapshots.dependents(self.c, *self._snapshot_of(snap))
+
+    def restore_snapshot(self, snap: SnapshotRecord, rec: DiskRecord) -> None:
+        """A clone v2 of the snapshot, grown to the disk's size, flattened when its chain
+        would be deeper than `ceph.maxCloneDepth` (snapshots.restore)."""
+        _check_raw_unencrypted(rec)
+        volume, name = self._snapshot_of(snap)
+        snapshots.restore(
+            self.c,
+            volume,
+            name,
+            rec.volume,
+            rec.virtual_size,
+            rec.model_dump_json(),
+            self.ceph.max_clone_depth,
+        )
+
+    @contextmanager
+    def snapshot_image(self, snap: SnapshotRecord) -> Iterator[QemuImage]:
+        """The snapshot's raw bytes, its parent's included, as a local export (qemu-img
+        here has no rbd driver: migrate.qemu_image)."""
+        with snapshots.export_at(self.c, *self._snapshot_of(snap)) as fd:
+            node = {"driver": "raw", "file": {"driver": "file", "filename": fd_path(fd)}}
+            yield QemuImage("raw", "json:" + json.dumps(node, sort_keys=True), (fd,))
+
     # -- migrations (migrate.py) --------------------------------------------------------
 
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
@@ -357,3 +444,10 @@ class RbdPoolDriver:
 
 
 __all__ = ["RbdPoolDriver"]
+
+
+def _check_raw_unencrypted(rec: DiskRecord) -> None:
+    if rec.format is not DiskFormat.RAW or rec.encryption is not None:
+        raise ReconcileError(
+            f"{rec.volume}: a disk restored from an rbd snapshot is a raw, unencrypted clone"
+        )
