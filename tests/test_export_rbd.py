@@ -1,8 +1,9 @@
 """`reconcile export` of rbd disks against the real Ceph test cluster: a clone of a cache
 entry (an ext4 template) with guest data over it is exported raw (python-rbd, read-only,
 its parent's data read through) and qcow2 (qemu-img from the driver's read-only local
-raw export), both reading as the image does, both standalone; nothing is written to Ceph
-(no image, no snapshot is made). An unknown @SNAP of an rbd disk is refused in one line."""
+raw export), both reading as the image does, both standalone; a snapshot of such a clone
+(h-snaprbd's Snapshots.snapshot_image) is exported as it was taken, after the disk changed;
+no image or snapshot is made in Ceph by an export. An unknown @SNAP is refused in one line."""
 
 from __future__ import annotations
 
@@ -54,3 +55,26 @@ def test_an_rbd_clone_is_exported_flat_as_the_image_reads(
 
     res = export(env, f"{inst}/d@s1", "--format", "raw", "--out", str(tmp_path / "s.raw"))
     refused(res, "no snapshot s1")
+
+
+def test_an_rbd_snapshot_is_exported_as_it_was_taken(
+    pools: Pools, site: RbdSite, tmp_path: Path
+) -> None:
+    env = make_env(pools, tmp_path, ("ceph", site))
+    d = rdisk("d", size="16MiB", template="ext4", label="s")
+    inst = env.manifest("vm", [d])
+    run_ok(env)
+    image = f"{inst}_d"
+    write_image_pattern(site, image)
+    want = image_sha(site, image)
+    env.manifest("vm", [{**d, "snapshots": ["s1"]}], instance=inst)
+    run_ok(env)
+    site.write(image, b"after" * 1000, 2 << 20)  # the disk changes, its snapshot must not
+    assert image_sha(site, image) != want
+    before = sorted(site.images())
+    for fmt in ("raw", "qcow2"):
+        f = tmp_path / f"s1.{fmt}"
+        doc = export_ok(env, f"{inst}/d@s1", "--format", fmt, "--out", str(f))
+        assert doc["written_by"] == "qemu-img convert" and doc["sha256"] == sha(f)
+        assert content(f, fmt, tmp_path) == want
+    assert sorted(site.images()) == before  # nothing made in Ceph
