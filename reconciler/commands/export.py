@@ -8,11 +8,11 @@ store), without a manifest, and read in its recorded format (drivers/flows/expor
 the file is written whole or not at all (util/outfile.py). The disk's lock is held shared
 while it is read, so no step of this host changes it meanwhile (a resize, a delete, a
 migration); a running domain may still write to it, which makes the export only
-crash-consistent, and a warning says so. A snapshot is found by its record (kind
-`snapshot`) and read through its driver's Snapshots.snapshot_image(), in its recorded
-format; a pool whose driver takes no snapshots says so. Encrypted disks are refused (an
-export would have to be decrypted with the pool's key; not built yet), as are disks and
-snapshots not at rest.
+crash-consistent, and a warning says so. An encrypted disk is exported decrypted, with
+its key from its pool's key source (config `keys`); without one it is refused. A
+snapshot is found by its record (kind `snapshot`) and read through its driver's
+Snapshots.snapshot_image(), in its recorded format; a pool whose driver takes no
+snapshots says so. Disks and snapshots not at rest are refused.
 """
 
 from __future__ import annotations
@@ -190,8 +190,10 @@ def refuse_pool_paths(s: Session, out: Path) -> None:
 def write(d: ManagingDriver, rec: DiskRecord, fmt: ImageFormat, fd: int, doing: str) -> str:
     """Write the disk or snapshot of `rec` into the file at `fd`; how it was written."""
     from reconciler.drivers.api import snapshots_of
-    from reconciler.drivers.flows.export import write_disk, write_image
+    from reconciler.drivers.flows.export import write_decrypted, write_disk, write_image
 
+    if rec.encryption is not None:
+        return write_decrypted(d, rec, key_of(d, rec), fmt, fd, doing)
     if rec.kind is RecordKind.DISK:
         return write_disk(d, rec, fmt, fd, doing)
     image = snapshots_of(d).snapshot_image(rec)
@@ -254,10 +256,22 @@ def check_exportable(want: Target, rec: DiskRecord) -> None:
             f"{want}: the disk is being moved to {rec.migration.pool}/"
             f"{rec.migration.final_volume}; export it once the move has finished"
         )
-    if rec.encryption is not None:
+
+
+def key_of(d: ManagingDriver, rec: DiskRecord) -> bytes:
+    """An encrypted disk's key, from its pool's key source: its libvirt secret is private
+    (libvirt never gives its value back), so without a source there is no key to have."""
+    from reconciler.drivers.api import encrypts_of
+
+    assert rec.encryption is not None
+    source = encrypts_of(d).secrets().source
+    if source is None:
         raise ReconcileError(
-            f"{want}: the disk is encrypted; exporting an encrypted disk is not supported yet"
+            f"{rec.pool}/{rec.volume} is encrypted and pool {rec.pool} has no key source "
+            "(config `keys`): its key is only in a private libvirt secret, which libvirt "
+            "never gives back, so it cannot be exported decrypted"
         )
+    return source.get(rec.encryption.secret)
 
 
 def warn_if_running(d: ManagingDriver, rec: DiskRecord) -> None:
