@@ -564,3 +564,6 @@ def test_an_encrypted_disk_is_exported_decrypted_with_its_key_from_the_key_sourc
     res = exported(env, f"{inst}/raw", "--format", "raw", "--out", str(tmp_path / "no.raw"))
     refused(res, "no key source")
     assert not (tmp_path / "no.raw").exists()
+    env.manifest("vm", [], instance=inst, deleted=True)  # its secrets go with its disks
+    rc, out, err = env.run("--force")
+    assert rc == 0, out + err
