@@ -5,14 +5,15 @@ new disks).
 
 The disk is found by its record on this host (the records database, or its pool's own
 store), without a manifest, and read in its recorded format (drivers/flows/export.py);
-the file is written whole or not at all (util/outfile.py). The disk's lock is held shared
-while it is read, so no step of this host changes it meanwhile (a resize, a delete, a
-migration); a running domain may still write to it, which makes the export only
-crash-consistent, and a warning says so. An encrypted disk is exported decrypted, with
-its key from its pool's key source (config `keys`); without one it is refused. A
-snapshot is found by its record (kind `snapshot`) and read through its driver's
-Snapshots.snapshot_image(), in its recorded format; a pool whose driver takes no
-snapshots says so. Disks and snapshots not at rest are refused.
+the file is written whole or not at all (util/outfile.py). The disk's lock (a
+snapshot's: its key's) is held shared while it is read, so no step changes it meanwhile
+(a resize, a delete, a migration, a snapshot's delete); a running domain may still
+write to the disk, which makes the export only crash-consistent, and a warning says so.
+An encrypted disk is exported decrypted, with its key from its pool's key source
+(config `keys`); without one it is refused. A snapshot is found by its record (kind
+`snapshot`) and read through its driver's Snapshots.snapshot_image(), in its recorded
+format; a pool whose driver takes no snapshots says so. Disks and snapshots not at rest
+are refused.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
         "--name",
         type=image_name,
         metavar="ID",
-        help="the image's id in the printed catalog entry (default INSTANCE-DISK)",
+        help="the image's id in the printed catalog entry (default INSTANCE-DISK, or "
+        "INSTANCE-DISK-SNAPSHOT)",
     )
     p.add_argument("--output", choices=("text", "json"), default="text")
     return p
@@ -134,9 +136,10 @@ def run(argv: Sequence[str]) -> int:
         if d is None:
             raise ReconcileError(f"{want}: pool {rec.pool} cannot be read on this host")
         with ExitStack() as held:
-            # The disk's lock, shared: what changes the disk or removes its snapshots
-            # holds it exclusively.
-            held.enter_context(d.lock(volume_name(want.instance, want.disk), shared=True))
+            # The record's own key's lock (the disk's volume, or the snapshot's key),
+            # shared: what changes the disk, or deletes the snapshot, holds it
+            # exclusively; taken before a cache entry's, as apply takes them.
+            held.enter_context(d.lock(rec.volume, shared=True))
             fresh = s.store.get(rec.pool, rec.volume)
             if fresh is None or fresh.generation != rec.generation:
                 raise ReconcileError(
