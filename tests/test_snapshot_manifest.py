@@ -105,3 +105,14 @@ def test_an_lvm_snapshot_volume_name_is_checked_as_lvm_would(tmp_path: Path) -> 
     assert isinstance(got, FailedManifest) and "_rimage" in str(got.errors[0])
     ok = load(tmp_path, manifest(backend="lvm", pool="vg", format="raw", snapshots=["s" * 20]))
     assert isinstance(ok, LoadedManifest)
+
+
+def test_saved_plan_digests_see_snapshots_only_where_listed(tmp_path: Path) -> None:
+    from reconciler.commands.saved_plan import _spec
+
+    without = load(tmp_path, manifest())
+    listed = load(tmp_path, manifest(snapshots=["a"]))
+    assert isinstance(without, LoadedManifest) and isinstance(listed, LoadedManifest)
+    plain = _spec(without.manifest.disks[0])
+    assert "snapshots" not in plain  # as before the field existed: old digests hold
+    assert _spec(listed.manifest.disks[0]) == plain | {"snapshots": ["a"]}

@@ -50,7 +50,7 @@ from reconciler.model.units import format_size
 from reconciler.schema.recordcheck import validate
 
 # What a restored record may make the next plan do to its disk: only a record-only change.
-ALLOWED = frozenset({ActionKind.UPDATE})
+ALLOWED = frozenset({ActionKind.UPDATE, ActionKind.SNAPSHOT})  # non-destructive
 
 
 @dataclass

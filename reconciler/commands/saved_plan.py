@@ -24,7 +24,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,6 +35,7 @@ from reconciler.model.errors import ReconcileError
 from reconciler.schema.bounded import UnsafeInput, load_json, read_regular, shown
 from reconciler.schema.common import Preallocation
 from reconciler.schema.config import Config
+from reconciler.schema.manifest import DiskSpec
 
 # An action takes about 1 KiB as saved: a plan of 30,000 actions (bench/plan.py plans
 # 30,000 disks) about 30 MiB.
@@ -77,6 +78,22 @@ class _Location(BaseModel):
     volume: _Name
 
 
+class _SnapshotMember(BaseModel):
+    model_config = _STRICT
+    disk: _Name
+    volume: _Name
+    key: _Name
+    generation: Annotated[int, Field(ge=1)]
+
+
+class _Snapshot(BaseModel):
+    model_config = _STRICT
+    name: _Name
+    disks: list[_SnapshotMember]
+    consistency: Literal["frozen", "idle", "crash"] | None = None
+    domains: list[_Name] | None = None
+
+
 class _Action(BaseModel):
     model_config = _STRICT
     action: ActionKind = Field(strict=False)  # from its JSON string
@@ -92,6 +109,7 @@ class _Action(BaseModel):
     replaces: _Location | None = None
     holder: _Name | None = None
     preallocation: Preallocation | None = Field(None, strict=False)
+    snapshot: _Snapshot | None = None
 
 
 class _MadeFrom(BaseModel):
@@ -148,7 +166,7 @@ def manifests_digest(desired: Desired) -> str:
                         "volume": d.volume,
                         "entry": d.entry,
                         # How a domain attaches a disk changes no step of a plan.
-                        "spec": d.spec.model_dump(mode="json", by_alias=True, exclude={"attach"}),
+                        "spec": _spec(d.spec),
                     }
                     for d in i.disks
                 ],
@@ -162,6 +180,16 @@ def manifests_digest(desired: Desired) -> str:
         key=lambda x: json.dumps(x, sort_keys=True),
     )
     return _digest({"instances": instances, "failed": failed})
+
+
+def _spec(spec: DiskSpec) -> dict[str, Any]:
+    """A disk as its manifest has it, but how a domain attaches it (which changes no step
+    of a plan), and `snapshots` only where a manifest lists them (so the digests of plans
+    saved before the field existed are unchanged)."""
+    out: dict[str, Any] = spec.model_dump(mode="json", by_alias=True, exclude={"attach"})
+    if out.get("snapshots") is None:
+        out.pop("snapshots", None)
+    return out
 
 
 def made_from(config: Config, desired: Desired, options: PlanOptions) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class Draft:
     bad: dict[tuple[str, str], BadRecord] = field(default_factory=dict)
     records: dict[str, list[DiskRecord]] = field(default_factory=lambda: defaultdict(list))
     disk_records: int = 0
+    snapshot_records: int = 0  # the delete guard counts snapshots as it counts disks
     # Every volume a record (readable or not) explains, disks and cache entries alike.
     recorded: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     # Volumes without a record that an error already names (not listed again).
@@ -96,6 +97,8 @@ class Draft:
             if r.kind is RecordKind.DISK:
                 draft.records[r.instance].append(r)
                 draft.disk_records += 1
+            elif r.kind is RecordKind.SNAPSHOT:
+                draft.snapshot_records += 1
         return draft
 
     # A code is a ProblemCode's value (a string not declared there fails here, and

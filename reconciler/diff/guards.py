@@ -211,7 +211,7 @@ def delete_threshold(draft: Draft) -> None:
     """Where the plan would destroy more than max_delete_percent of the managed disks,
     every destructive action is taken out of it and one error names them (unless --force)."""
     doomed = [a for a in draft.actions if a.destructive]
-    managed = draft.disk_records + len(draft.observed.bad_records)
+    managed = draft.disk_records + draft.snapshot_records + len(draft.observed.bad_records)
     if not doomed or draft.options.force or managed == 0:
         return
     limit = draft.options.max_delete_percent
@@ -222,7 +222,9 @@ def delete_threshold(draft: Draft) -> None:
     more = f" and {len(doomed) - 10} more" if len(doomed) > 10 else ""
     draft.error(
         "delete-threshold",
-        f"the plan would destroy {len(doomed)} of {managed} managed disks, more than the "
+        f"the plan would destroy {len(doomed)} of {managed} managed disks"
+        + (" and snapshots" if draft.snapshot_records else "")
+        + f", more than the "
         f"{limit}% limit; those actions are left out ({names}{more}). Re-run with --force "
         "if this is intended",
     )

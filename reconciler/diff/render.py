@@ -202,6 +202,12 @@ def _summary_line(plan: Plan) -> str:
             f"{s['replace']} to replace, {s['delete']} to delete, {s['update']} to update, "
             f"{s['release']} to release"
             + (f", {s['migrate']} to migrate" if s.get("migrate") else "")
+            + (f", {s['snapshot']} snapshot(s) to take" if s.get("snapshot") else "")
+            + (
+                f", {s['delete-snapshot']} snapshot(s) to delete"
+                if s.get("delete-snapshot")
+                else ""
+            )
             + f" ({s['destructive']} destructive)."
         )
     return f"{head} {s['errors']} error(s), {s['warnings']} warning(s)."
@@ -278,7 +284,7 @@ def _md_head(plan: Plan, header: list[str]) -> list[str]:
         out += [f"> {_md(line)}" for line in header] + [""]
     # A migrate column only where there are migrations (as in the summary).
     kinds = ["create", "resize", "replace", "update", "delete", "release"]
-    kinds += ["migrate"] if "migrate" in s else []
+    kinds += [k for k in ("migrate", "snapshot", "delete-snapshot") if k in s]
     cells = [str(s[k]) for k in kinds]
     cells.append(f"**{s['destructive']}** {DESTRUCTIVE_MARK}" if s["destructive"] else "0")
     cells.append(f"**{s['errors']}** {ERROR_MARK}" if s["errors"] else "0")

@@ -85,7 +85,7 @@ def plan(draft: Draft, desired: Desired, settled: set[str], unsettled: set[str])
         (r.instance, r.disk): r for recs in draft.records.values() for r in recs
     }  # one per disk: several are the planner's record-conflict error
     restores = _restores(draft, disks, by_disk, snaps)
-    _remade_refused(draft, by_disk, snaps)
+    _remade_refused(draft, by_disk, snaps, disks)
     takes: dict[tuple[str, str, str], list[tuple[DesiredDisk, DiskRecord, DiskRecord | None]]]
     takes = defaultdict(list)
     for key in sorted(set(snaps) | set(disks)):
@@ -107,7 +107,7 @@ def plan(draft: Draft, desired: Desired, settled: set[str], unsettled: set[str])
                     if goes or d is None
                     else f"snapshot {name} is no longer in the manifest's list"
                 )
-                _delete(draft, old, why, restores)
+                _delete(draft, old, why, restores, d)
         if d is None or goes or rec is None:
             continue
         for name in wanted:
@@ -212,11 +212,17 @@ def _take(
 
 
 def _delete(
-    draft: Draft, s: DiskRecord, why: str, restores: dict[tuple[str, str, str], list[str]]
+    draft: Draft,
+    s: DiskRecord,
+    why: str,
+    restores: dict[tuple[str, str, str], list[str]],
+    d: DesiredDisk | None,
 ) -> None:
     assert s.snapshot is not None
     name = s.snapshot.name
     where: dict[str, Any] = {"instance": s.instance, "disk": s.disk, "pool": s.pool}
+    if d is not None:
+        where |= where_of(d)
     users = restores.get((s.instance, s.disk, name))
     if users and s.state is RecordState.READY:
         draft.error(
@@ -333,6 +339,7 @@ def _remade_refused(
     draft: Draft,
     by_disk: dict[tuple[str, str], list[Action]],
     snaps: dict[tuple[str, str], list[DiskRecord]],
+    disks: dict[tuple[str, str], DesiredDisk],
 ) -> None:
     """A disk with snapshots is never replaced or moved (its snapshots are of the disk
     as it is, in its pool): the replace or migration is taken out with an error."""
@@ -343,15 +350,15 @@ def _remade_refused(
             if a.action not in _REMADE or not have:
                 continue
             names = ", ".join(s.snapshot.name for s in have if s.snapshot)
+            d = disks.get(key)
             draft.error(
                 "snapshot-in-use",
                 f"the disk would be {'replaced' if a.action is ActionKind.REPLACE else 'moved'}"
                 f", but it has snapshot(s) {names}, which are of the disk as it is: delete "
                 "them first (drop them from its `snapshots` list)",
-                instance=a.instance,
-                disk=a.disk,
                 pool=a.pool,
                 volume=a.volume,
+                **(where_of(d) if d else {"instance": a.instance, "disk": a.disk}),
             )
             drop.add(id(a))
     if drop:

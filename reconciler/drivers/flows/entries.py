@@ -160,6 +160,8 @@ class EntryPool(Protocol):
 def entry_for(images: Mapping[str, ImageConfig], spec: Mapping[str, Any]) -> str | None:
     """The cache entry a disk made to `spec` is made from (none for blank disks)."""
     src = spec["source"]
+    if "snapshot" in src:
+        return None  # a restore is a copy of its snapshot (whose record names its backing)
     if "image" in src:
         image = images.get(src["image"])
         if image is None:
