@@ -72,6 +72,7 @@ class Reconciler:
 
     def __init__(self, work: Path, pool: dict[str, Any], image: Path, backend: str) -> None:
         self.work = work
+        work.mkdir(parents=True)
         self.backend = backend
         data = image.read_bytes()
         cfg = {

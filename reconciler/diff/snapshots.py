@@ -50,7 +50,9 @@ from reconciler.schema.common import NOT_RESIZABLE
 from reconciler.schema.manifest import SnapshotSource
 
 # Disk actions after which the disk is not the one its snapshots were taken of.
-_GOES = (ActionKind.DELETE, ActionKind.RELEASE, ActionKind.HAND_OVER)
+# A disk handed over keeps its snapshots: the hand-over releases their records with the
+# disk's (apply/steps/ownership.py), and the host that takes the disk takes them.
+_GOES = (ActionKind.DELETE, ActionKind.RELEASE)
 _REMADE = (ActionKind.REPLACE, ActionKind.MIGRATE)
 
 
@@ -235,6 +237,16 @@ def _delete(
         return
     pool = draft.observed.pools.get(s.pool)
     if pool is None or pool.volumes is None:
+        return
+    clones = pool.snapshot_users.get(s.volume)
+    if clones:
+        draft.error(
+            "snapshot-in-use",
+            f"snapshot {name} is not deleted: {', '.join(clones)} depend on it (made from "
+            "it, by this host or another); delete them first",
+            volume=s.volume,
+            **where,
+        )
         return
     exists = s.volume in pool.volumes
     destructive = s.state is RecordState.READY and exists

@@ -260,6 +260,10 @@ class Records:
     def release(self, pool: str, volume: str, expect_generation: int) -> None:
         self._must_share(pool).release(pool, volume, expect_generation)
 
+    def released_for_instance(self, pool: str, instance: str) -> list[DiskRecord]:
+        """A shared pool's records of `instance` that no host holds."""
+        return [r for r in self._must_share(pool).released_for_instance(instance) if r.pool == pool]
+
     def _must_share(self, pool: str) -> SharedRecordStore:
         store = self.shared(pool)
         if store is None:

@@ -58,6 +58,9 @@ class ObservedPool:
     # The pool's driver takes snapshots (drivers/api.py's Snapshots): a pool whose driver
     # does lists each snapshot's key (VOLUME+snap-NAME) among its volumes.
     snapshots: bool = False
+    # Snapshot key -> the volumes the backend lists as depending on it, made by any host
+    # (rbd: clones of its image snapshot); a snapshot with users is never deleted.
+    snapshot_users: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

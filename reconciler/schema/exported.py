@@ -130,6 +130,9 @@ class StatePool(_Strict):
     thick_unit: int
     # Whether the pool's driver takes snapshots (diff/snapshots.py).
     snapshots: bool
+    # Snapshot key -> the volumes depending on it (ObservedPool.snapshot_users): written
+    # only where a snapshot has any (an rbd clone), so states without any are unchanged.
+    snapshot_users: dict[str, list[str]] = {}
 
 
 class StateBadRecord(_Strict):
@@ -217,7 +220,11 @@ def document(observed: Observed, config: Config, now: datetime.datetime) -> dict
             "layouts": sorted(p.layouts),
             "thick_unit": p.thick_unit,
             "snapshots": p.snapshots,
-        }
+        } | (
+            {"snapshot_users": {k: list(v) for k, v in sorted(p.snapshot_users.items())}}
+            if p.snapshot_users
+            else {}
+        )
     return {
         "format_version": FORMAT_VERSION,
         "kind": "ObservedState",
@@ -355,7 +362,7 @@ def _check_consistent(path: str, state: StateFile) -> None:
         if r.pool not in state.pools and r.pool in state.config.pools:
             raise StateError(f"{where}: pool {r.pool} is configured but was not observed")
     for name, p in state.pools.items():
-        for vol in (*p.header_formats, *p.attached, *p.running, *p.allocated):
+        for vol in (*p.header_formats, *p.attached, *p.running, *p.allocated, *p.snapshot_users):
             if p.volumes is not None and vol not in p.volumes:
                 raise StateError(
                     f"{path}: pools.{name}: {vol} is described but is not among the volumes"
@@ -383,6 +390,7 @@ def _pools(state: StateFile, unknown: dict[str, dict[str, str]]) -> dict[str, Ob
             p.thick_unit,
             {**unknown.get(name, {}), **({"held": NO_HOLDS} if p.shared else {})},
             p.snapshots,
+            {k: tuple(v) for k, v in p.snapshot_users.items()},
         )
         for name, p in state.pools.items()
     }

@@ -67,6 +67,14 @@ class RecordWriter:
         """Leave a shared pool's record to whichever host's manifest names it."""
         self._records.release(rec.pool, rec.volume, rec.generation)
 
+    def released_snapshots(self, pool: str, instance: str, disk: str) -> list[DiskRecord]:
+        """The snapshot records of a shared pool's disk that no host holds (read now)."""
+        return [
+            r
+            for r in self._records.released_for_instance(pool, instance)
+            if r.kind is RecordKind.SNAPSHOT and r.disk == disk
+        ]
+
 
 @dataclass(frozen=True)
 class StepContext:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from reconciler.apply.steps.context import Held, StepContext, StepResult
 from reconciler.drivers.api import encrypts_of
 from reconciler.drivers.host import keys
+from reconciler.drivers.host.store import RELEASED
 from reconciler.util import faults
 
 
@@ -40,6 +41,12 @@ def take_over(ctx: StepContext, h: Held) -> StepResult:
         keys.restore(e.secrets(), rec, e.key_usage(rec.volume))
     ctx.records.take(rec, a.holder)
     faults.point("record.taken")
+    # Its snapshots come with it: their records were released by the hand-over before
+    # the disk's (RELEASED holds them); one taken from a host that was gone stays its
+    # until that host's records are taken one by one, as disks' are.
+    for snap in ctx.records.released_snapshots(rec.pool, rec.instance, rec.disk):
+        ctx.records.take(snap, RELEASED)
+        faults.point("record.snapshot.taken")
     return "done", f"this host now owns it (from {a.holder})"
 
 
@@ -54,6 +61,13 @@ def hand_over(ctx: StepContext, h: Held) -> StepResult:
             # whose key the source still holds, handed over again next run). Without a
             # source the secret stays: it is the key's only home.
             secrets.undefine(rec.encryption.secret, rec.volume)
+    # The disk's snapshots go with it, released before the disk: a crash between leaves
+    # the disk this host's, handed over again by the next run, never a snapshot record
+    # this host holds of a disk it no longer has (which its next plan would delete).
+    for snap in ctx.records.snapshots(rec.instance, rec.disk):
+        if snap.pool == rec.pool:
+            ctx.records.release(snap)
+            faults.point("record.snapshot.handed-over")
     ctx.records.release(rec)
     faults.point("record.handed-over")
     return "done", "the disk is kept; a host whose manifest names it may take it"

@@ -113,6 +113,10 @@ class SharedRecordStore(RecordStore, Protocol):
 
     def take(self, pool: str, volume: str, expect_generation: int, from_host: str) -> None: ...
 
+    def released_for_instance(self, instance: str) -> list[Any]:
+        """The instance's records no host holds (released by a hand-over)."""
+        ...
+
 
 # Layout 2 added the `meta` table (the store's identity); a layout-1 database is upgraded.
 DB_VERSION = 2

@@ -29,6 +29,7 @@ out), adopt.py (an image adopted); an image's raw bytes are io.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import xml.etree.ElementTree as ET
@@ -70,7 +71,7 @@ from reconciler.drivers.rbd.clone import Clones
 from reconciler.drivers.rbd.cluster import Cluster, RbdRecordStore
 from reconciler.drivers.rbd.monitors import monitors_of_conf, split_monitor
 from reconciler.model.errors import ReconcileError
-from reconciler.model.naming import TEMP_PREFIX, volume_name
+from reconciler.model.naming import SNAPSHOT_INFIX, TEMP_PREFIX, volume_name
 from reconciler.model.observed import ObservedPool
 from reconciler.model.record import DiskRecord, Migration, RecordKind, SnapshotRecord, snapshot_of
 from reconciler.schema.common import Backend, DiskFormat, Preallocation
@@ -185,9 +186,30 @@ class RbdPoolDriver:
         )
 
     def check_headers(self, pool: ObservedPool, records: Sequence[DiskRecord]) -> ObservedPool:
-        return pool  # reading a disk's first bytes from Ceph buys nothing: nothing is probed
+        """Nothing is probed (reading a disk's first bytes from Ceph buys nothing). The
+        snapshots the records name are added to the volumes where their image snapshots
+        exist (an image listing names no snapshot), with the clones Ceph lists of each,
+        whichever host made them (`snapshot_users`: the plan refuses to delete those): one
+        read-only open per image that has snapshot records, none for the others."""
+        if pool.volumes is None:
+            return pool
+        wanted: dict[str, set[str]] = {}
+        for r in records:
+            if r.kind is RecordKind.SNAPSHOT and r.snapshot is not None and r.pool == self.name:
+                wanted.setdefault(volume_name(r.instance, r.disk), set()).add(r.snapshot.name)
+        if not wanted:
+            return pool
+        try:
+            present, users = snapshots.present(self.c, wanted)
+        except ReconcileError as e:
+            return ObservedPool(self.name, None, str(e))
+        return dataclasses.replace(pool, volumes=pool.volumes | present, snapshot_users=users)
 
     def volume_exists(self, volume: str) -> bool:
+        """An image, or a snapshot's key (VOLUME+snap-NAME: its image snapshot)."""
+        if SNAPSHOT_INFIX in volume:
+            image, name = volume.split(SNAPSHOT_INFIX, 1)
+            return snapshots.exists(self.c, image, name)
         return self.c.volume_exists(volume)
 
     def attachments(self) -> Attachments:

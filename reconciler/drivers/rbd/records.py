@@ -195,6 +195,14 @@ class RadosRecordStore:
             raise RecordError(bad[0].error)
         return good
 
+    def released_for_instance(self, instance: str) -> list[DiskRecord]:
+        """The instance's records no host holds: a hand-over released them (its disks'
+        snapshots go with the disk, apply/steps/ownership.py)."""
+        good, bad = self.index.load(RELEASED, [shard_of(instance, self.shards)], instance, False)
+        if bad:
+            raise RecordError(bad[0].error)
+        return good
+
     def references(self, pool: str, volume: str) -> int:
         """Records of every host naming pool/volume as their cache entry. Reads every
         host's index and record: its cost grows with the namespace (a per-cache-entry

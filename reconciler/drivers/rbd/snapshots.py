@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,6 +50,7 @@ from reconciler.drivers.rbd.cluster import Cluster, mods
 from reconciler.drivers.rbd.copies import RECORD_KEY
 from reconciler.drivers.rbd.copies import SNAPSHOT_KEY as COPY_PREFIX
 from reconciler.model.errors import ReconcileError
+from reconciler.model.naming import snapshot_name
 from reconciler.util import faults
 
 PREFIX = "snap-"
@@ -95,6 +96,45 @@ def exists(c: Cluster, volume: str, name: str) -> bool:
             return False
 
 
+def present(
+    c: Cluster, wanted: Mapping[str, Collection[str]]
+) -> tuple[frozenset[str], dict[str, tuple[str, ...]]]:
+    """Of `wanted` (image -> snapshot names): the snapshot keys (VOLUME+snap-NAME) whose
+    image snapshots exist, and per key the clones Ceph lists of it (none: left out). Each
+    image opened read-only once, in this thread; its user snapshots listed (a group's or
+    the trash's are never named snap-NAME) and only those set to."""
+    _, rbd = mods()
+    out: set[str] = set()
+    users: dict[str, tuple[str, ...]] = {}
+    for volume in sorted(wanted):
+        with c.op(f"listing {volume}'s snapshots"):
+            try:
+                with rbd.Image(c.io(), volume, read_only=True) as img:
+                    have = {str(s["name"]) for s in img.list_snaps()}
+                    for n in sorted(wanted[volume]):
+                        if snap_name(n) not in have:
+                            continue
+                        key = snapshot_name(volume, n)
+                        out.add(key)
+                        img.set_snap(snap_name(n))
+                        clones = _children(img)
+                        if clones:
+                            users[key] = tuple(clones)
+            except rbd.ImageNotFound:
+                continue
+    return frozenset(out), users
+
+
+def _children(img: Any) -> list[str]:
+    """The clones of the snapshot an open image is set to, sorted, trash clones named so."""
+    out = []
+    for child in list(img.list_children2()):
+        where = child.get("pool_namespace") or ""
+        tag = " (in the trash)" if child.get("trash") else ""
+        out.append(f"{where + '/' if where else ''}{child['image']}{tag}")
+    return sorted(out)
+
+
 def dependents(c: Cluster, volume: str, name: str) -> list[str]:
     """The images Ceph lists as clones of `volume@snap-NAME`, sorted, trash clones
     included (a trashed clone still holds its parent); none when either is missing."""
@@ -106,12 +146,7 @@ def dependents(c: Cluster, volume: str, name: str) -> list[str]:
                 if not img.snap_exists(snap):
                     return []
                 img.set_snap(snap)
-                out = []
-                for child in list(img.list_children2()):
-                    where = child.get("pool_namespace") or ""
-                    tag = " (in the trash)" if child.get("trash") else ""
-                    out.append(f"{where + '/' if where else ''}{child['image']}{tag}")
-                return sorted(out)
+                return _children(img)
         except rbd.ImageNotFound:
             return []
 
