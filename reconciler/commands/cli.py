@@ -40,6 +40,7 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "reconciler.commands.status",
     "disks": "reconciler.commands.disks",
     "wait": "reconciler.commands.wait",
+    "export": "reconciler.commands.export",
 }
 DEFAULT_COMMAND = "reconciler.commands.plan"
 

@@ -299,3 +299,15 @@ def mkfs_argv(kind: str, label: str | None, target: str) -> list[str]:
     if kind == "vfat":
         return ["mkfs.vfat", *(["-n", label] if label else []), target]
     raise ValueError(f"no filesystem tool for template {kind}")
+
+
+def keyed_convert_argv(
+    secret: list[str], src_fmt: str, dst_fmt: str, src: str, dst: str
+) -> list[str]:
+    """qemu-img convert of the encrypted `src` (a `json:` node naming its key secret,
+    keys.secret_object's `secret`) into the existing plain file `dst` (-n), which reads
+    as zeros (--target-is-zero), runs of zeros left unallocated (-S 4k)."""
+    return [
+        *("qemu-img", "convert", "-n", "-W", "--target-is-zero", *secret),
+        *("-f", src_fmt, "-O", dst_fmt, "-S", "4k", src, dst),
+    ]
