@@ -300,8 +300,11 @@ def test_a_ploop_snapshot_and_an_exported_state_that_carries_snapshots(
     state.write_text(json.dumps(doc))
     rc, out, err = env.run("--dry-run", "--observed", str(state))
     assert "record-unreadable" in out and "not a name" in out, out + err
-    # An older export that does not say whether the pool snapshots plans none from a default.
+    # An older export (format 2: no `snapshots`, no `secrets`) does not say whether the
+    # pool snapshots: nothing is planned from a default.
+    doc["format_version"] = 2
     del doc["pools"]["local"]["snapshots"]
+    del doc["pools"]["local"]["secrets"]
     rec["snapshot"]["handle"] = key
     env.manifest("vm", [p | {"snapshots": ["s", "t"]}], instance=vm)
     state.write_text(json.dumps(doc))

@@ -43,6 +43,7 @@ class DesiredDisk:
             entry,
             self.preallocation,
             self.key_source,
+            self.pool_keys,
         )
 
 

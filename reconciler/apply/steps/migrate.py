@@ -71,8 +71,8 @@ from reconciler.drivers.api import (
     check_unused,
     encrypts_of,
 )
-from reconciler.drivers.flows.copy import FileSource, raw_copy
-from reconciler.drivers.flows.keyed import OLD_ID, file_image, key_object, keyed_view, scratch
+from reconciler.drivers.flows.copy import FileSource, raw_copy, scratch
+from reconciler.drivers.flows.keyed import OLD_ID, file_image, key_object, keyed_view
 from reconciler.drivers.flows.qemuimg import (
     QEMU_FORMAT,
     compare_argv,

@@ -19,6 +19,7 @@ partial volume that its caller removes (a migration's copy, a temporary volume).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -187,3 +188,18 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[int]:
+    """An unnamed local file (O_TMPFILE under TMPDIR, default /var/tmp) for a fetch, a
+    template or an encrypted copy: a crash leaves nothing to sweep."""
+    base = os.environ.get("TMPDIR", "/var/tmp")
+    try:
+        fd = os.open(base, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ReconcileError(f"cannot make a scratch file in {base}: {e.strerror}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)

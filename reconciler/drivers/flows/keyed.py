@@ -47,20 +47,6 @@ def key_object(key: bytes, secret_id: str) -> Iterator[tuple[list[str], int]]:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def scratch() -> Iterator[int]:
-    """An unnamed local file (O_TMPFILE): a crash leaves nothing to sweep."""
-    base = os.environ.get("TMPDIR", "/var/tmp")
-    try:
-        fd = os.open(base, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise ReconcileError(f"cannot make a scratch file in {base}: {e.strerror}") from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def _node(img: QemuImage) -> dict[str, Any]:
     if not img.filename.startswith("json:"):
         raise ReconcileError(f"{img.filename}: a volume is opened by its json: node only")

@@ -28,11 +28,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from reconciler.drivers.flows import entries
+from reconciler.drivers.flows.copy import scratch
 from reconciler.drivers.flows.qemuimg import convert_argv, fd_path, mkfs_argv
 from reconciler.drivers.host.run import run
 from reconciler.drivers.rbd.cluster import Cluster, mods
 from reconciler.drivers.rbd.images import remove_image, remove_temp
-from reconciler.drivers.rbd.io import scratch, write_file
+from reconciler.drivers.rbd.io import write_file
 from reconciler.model.errors import ReconcileError
 from reconciler.model.naming import TEMP_PREFIX
 from reconciler.schema.config import ImageConfig

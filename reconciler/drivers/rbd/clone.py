@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from reconciler.drivers.flows import entries
+from reconciler.drivers.flows.copy import scratch
 from reconciler.drivers.flows.qemuimg import (
     create_encrypted,
     encrypted_convert_argv,
@@ -184,7 +185,7 @@ class Clones:
         enc = rec.encryption
         assert enc is not None and enc.header is not None
         length = enc.header + rec.virtual_size
-        with keys.secret_object(enc.secret) as (secret, key_fd), io.scratch() as fd:
+        with keys.secret_object(enc.secret) as (secret, key_fd), scratch() as fd:
             create_encrypted(rec, secret, key_fd, fd)
             if src_fd is not None:
                 run(

@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from reconciler.drivers.flows.copy import FileSink, FileSource, raw_copy
+from reconciler.drivers.flows.copy import FileSink, FileSource, raw_copy, scratch
 from reconciler.drivers.rbd.cluster import Cluster
-from reconciler.model.errors import ReconcileError
 
 
 class ImageSource:
@@ -106,17 +105,3 @@ def export(c: Cluster, volume: str) -> Iterator[int]:
             os.ftruncate(fd, src.size)
             raw_copy(src, FileSink(fd, f"a local export of {c.name}/{volume}"))
         yield fd
-
-
-@contextmanager
-def scratch() -> Iterator[int]:
-    """An unnamed local file (O_TMPFILE) for a fetch or a template: a crash leaves nothing."""
-    base = os.environ.get("TMPDIR", "/var/tmp")
-    try:
-        fd = os.open(base, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise ReconcileError(f"cannot make a scratch file in {base}: {e.strerror}") from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)

@@ -24,12 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from reconciler.drivers.api import Access, ManagingDriver, MigrationFacts, QemuImage
-from reconciler.drivers.flows.copy import FileSource, raw_copy
+from reconciler.drivers.flows.copy import FileSource, raw_copy, scratch
 from reconciler.drivers.flows.qemuimg import convert_argv, fd_path
 from reconciler.drivers.host.run import run
 from reconciler.drivers.rbd.cluster import Cluster, mods
 from reconciler.drivers.rbd.images import create_empty
-from reconciler.drivers.rbd.io import export, scratch, writer
+from reconciler.drivers.rbd.io import export, writer
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord, Migration
 from reconciler.schema.common import Backend, DiskFormat

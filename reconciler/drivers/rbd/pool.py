@@ -49,6 +49,7 @@ from reconciler.drivers.api import (
     no_preallocation,
 )
 from reconciler.drivers.flows import entries
+from reconciler.drivers.flows.copy import scratch
 from reconciler.drivers.flows.qemuimg import fd_path
 from reconciler.drivers.flows.takein import take_in
 from reconciler.drivers.host import freeze, ownership, pause
@@ -127,7 +128,7 @@ class RbdPoolDriver:
             Backend.RBD,
             store=self.record_store,
             remove=lambda entry: cache.remove_entry(self.c, entry),
-            scratch=lambda entry: io.scratch(),
+            scratch=lambda entry: scratch(),
         )
         self.clones = Clones(self.c, self.images, self.cache)
 

@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from reconciler.drivers.flows.copy import FileSink, raw_copy
+from reconciler.drivers.flows.copy import FileSink, raw_copy, scratch
 from reconciler.drivers.rbd import io
 from reconciler.drivers.rbd.cluster import Cluster, mods
 from reconciler.drivers.rbd.copies import RECORD_KEY
@@ -270,7 +270,7 @@ def export_at(c: Cluster, volume: str, name: str) -> Iterator[int]:
     sparse; the image opened read-only at the snapshot, in this thread."""
     _, rbd = mods()
     snap = snap_name(name)
-    with io.scratch() as fd:
+    with scratch() as fd:
         with c.op(f"opening {volume}@{snap}"):
             try:
                 img = rbd.Image(c.io(), volume, snapshot=snap, read_only=True)
