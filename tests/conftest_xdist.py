@@ -41,34 +41,40 @@ from typing import Any
 import pytest
 
 # Slowest first, as measured (`make test` prints the slowest files at its end; seconds in
-# the parallel phase of a full run, 2026-12-07, load average 9-15). Files not named here
-# run after these, in collection order: name a new file that takes over a minute.
+# the parallel phase of a full run of this round's code, 2026-12-07, load average 7-13).
+# Files not named here run after these, in collection order: name a new file that takes
+# over a minute.
 HEAVY_FIRST = [
-    "test_encryption.py",  # 733 s: it alone sets the phase's shortest possible time
-    "test_rbd_crash.py",  # 382
-    "test_lvm.py",  # 338
-    "test_boot.py",  # 310
-    "test_lvm_migrate.py",  # 262
-    "test_rbd_migrate.py",  # 148
-    "test_loop.py",  # 84
-    "test_rbd.py",  # 83
-    "test_guest_boot.py",  # 80
-    "test_rbd_hosts.py",  # 80
-    "test_crash.py",  # 80
-    "test_crash_migrate.py",  # 59
-    "test_store_faults.py",  # 53
-    "test_images.py",  # 53
-    "test_ploop.py",  # 48
-    "test_saved_plan.py",  # 48
-    "test_plainyaml.py",  # 46
-    "test_planner_properties.py",  # 41
-    "test_retry_libvirt.py",  # 38
-    "test_rbd_osd.py",  # 33
-    "test_import_nova.py",  # 33
-    "test_docs.py",  # 26
-    "test_observed_state.py",  # 26
-    "test_demo.py",  # 25
-    "test_json_schema.py",  # 22
+    "test_encryption.py",  # 641 s: it alone sets the phase's shortest possible time
+    "test_rbd_crash.py",  # 311
+    "test_lvm.py",  # 228
+    "test_boot.py",  # 226
+    "test_lvm_migrate.py",  # 199
+    "test_rbd_migrate.py",  # 156
+    "test_encryption_kill.py",  # 128
+    "test_rbd_hosts.py",  # 97
+    "test_loop.py",  # 95
+    "test_crash_migrate.py",  # 86
+    "test_encryption_migrate.py",  # 83
+    "test_guest_boot.py",  # 82
+    "test_crash.py",  # 76
+    "test_plainyaml.py",  # 72
+    "test_rbd.py",  # 70
+    "test_ploop.py",  # 56
+    "test_rbd_snapshot_apply.py",  # 47
+    "test_import_nova.py",  # 44
+    "test_images.py",  # 43
+    "test_export.py",  # 42
+    "test_key_sources.py",  # 39
+    "test_demo.py",  # 38
+    "test_planner_properties.py",  # 35
+    "test_retry_libvirt.py",  # 34
+    "test_saved_plan.py",  # 34
+    "test_store_faults.py",
+    "test_rbd_osd.py",
+    "test_docs.py",
+    "test_observed_state.py",
+    "test_json_schema.py",
 ]
 
 _stderr_copy: int | None = None
