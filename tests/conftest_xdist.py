@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 # Slowest first, as measured (`make test` prints the slowest files at its end; seconds in
-# the parallel phase of a full run, 2026-12-07, load average 9-15). Files not named here
+# the parallel phase of a full run, 2026-12-07, load average 7-15). Files not named here
 # run after these, in collection order: name a new file that takes over a minute.
 HEAVY_FIRST = [
     "test_encryption.py",  # 733 s: it alone sets the phase's shortest possible time
