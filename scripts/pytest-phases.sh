@@ -23,7 +23,7 @@ workers=${RECONCILER_PYTEST_WORKERS:-3}
 run=$(pwd -P)/.run/pytest
 export RECONCILER_PYTEST_NOW="$run/now" RECONCILER_PYTEST_COUNTS="$run/counts"
 rm -rf "$run"
-mkdir -p "$run"
+mkdir -p "$run" "$RECONCILER_PYTEST_COUNTS"
 
 # phase NAME LIMIT PYTEST_ARGS...: its exit status.
 phase() {
