@@ -339,3 +339,23 @@ def test_an_observed_state_that_does_not_say_whether_a_pool_snapshots_plans_none
     p = run(desired, dataclasses.replace(obs, pools=pools), allow_replace=True)
     assert p.actions == ()
     assert {e.disk for e in p.errors if e.code.value == "state-incomplete"} >= {"ok", "small"}
+
+
+def test_a_running_instances_rbd_disks_are_paused_for_their_snapshots_and_the_plan_says_so() -> (
+    None
+):
+    """rbd takes image snapshots one by one: the plan says which domains its driver pauses
+    for that window (more than one disk, a domain running them), and says nothing where
+    none is paused."""
+    a = spec("root", backend="rbd", format="raw", snapshots=["s"])
+    b = spec("data", backend="rbd", format="raw", snapshots=["s"])
+    recs = [disk_rec(VM, a), disk_rec(VM, b)]
+    running = {volume_name(VM, "root"): ("vm",), volume_name(VM, "data"): ("vm",)}
+    p = run([inst(VM, a, b)], observe(recs, running=running, agents={"vm": True}))
+    (snap,) = [x for x in p.actions if x.action is ActionKind.SNAPSHOT]
+    assert "domain(s) vm paused while its image snapshots are taken" in snap.reason
+    one = run([inst(VM, a)], observe(recs[:1], running=running, agents={"vm": True}))
+    idle = run([inst(VM, a, b)], observe(recs))
+    for quiet in (one, idle):
+        assert [x.action for x in quiet.actions] == [ActionKind.SNAPSHOT]
+        assert all("paused" not in x.reason for x in quiet.actions)

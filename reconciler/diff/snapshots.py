@@ -46,7 +46,7 @@ from reconciler.model.plan import (
     SnapshotOp,
 )
 from reconciler.model.record import Consistency, DiskRecord, RecordKind, RecordState
-from reconciler.schema.common import NOT_RESIZABLE
+from reconciler.schema.common import NOT_RESIZABLE, Backend
 from reconciler.schema.manifest import SnapshotSource
 
 # Disk actions after which the disk is not the one its snapshots were taken of.
@@ -208,6 +208,11 @@ def _take(
     )
     disks = ", ".join(m.disk for m in ms)
     again = " (again: a run left it unfinished)" if any(s for _, _, s in members) else ""
+    # rbd takes image snapshots one by one: with more than one disk, the domains running
+    # them are paused for that window (drivers/rbd/pool.py take_snapshots), which the plan
+    # says rather than a reviewer learning it from the guests.
+    if domains and len(ms) > 1 and all(rec.backend is Backend.RBD for _, rec, _ in members):
+        again += f"; domain(s) {', '.join(domains)} paused while its image snapshots are taken"
     draft.actions.append(
         Action(
             action=ActionKind.SNAPSHOT,
