@@ -72,7 +72,7 @@ from reconciler.drivers.api import (
     encrypts_of,
 )
 from reconciler.drivers.flows.copy import FileSource, raw_copy, scratch
-from reconciler.drivers.flows.keyed import OLD_ID, file_image, key_object, keyed_view
+from reconciler.drivers.flows.keyed import OLD_ID, file_image, keyed_view
 from reconciler.drivers.flows.qemuimg import (
     QEMU_FORMAT,
     compare_argv,
@@ -345,13 +345,15 @@ class Migrator:
                     )
                 old = source.get(rec.encryption.secret)
                 self._held[rec.encryption.secret] = old
-                argv, fd = stack.enter_context(key_object(old, OLD_ID))
+                argv, fd = stack.enter_context(keys.key_object(old, OLD_ID))
                 objects += argv
                 key_fds.append(fd)
             enc = mig.encryption
             if keying.makes_new_key(mig.keying):
                 assert enc is not None
-                argv, fd = stack.enter_context(key_object(self._new_key(dst, mig), keys.SECRET_ID))
+                argv, fd = stack.enter_context(
+                    keys.key_object(self._new_key(dst, mig), keys.SECRET_ID)
+                )
                 objects += argv
                 key_fds.append(fd)
             made = stack.enter_context(scratch())
@@ -434,7 +436,7 @@ class Migrator:
                 key = self._held.get(enc.secret)
                 if key is None:
                     raise ReconcileError(f"{what}: the key of secret {enc.secret} is not at hand")
-                argv, fd = stack.enter_context(key_object(key, sid))
+                argv, fd = stack.enter_context(keys.key_object(key, sid))
                 objects += argv
                 fds.append(fd)
             syncing = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sync"))

@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 from reconciler.drivers.file import ploop
 from reconciler.drivers.file.volumes import PoolDir
 from reconciler.drivers.flows import entries
-from reconciler.drivers.flows.keyed import key_object
 from reconciler.drivers.flows.qemuimg import (
     QEMU_FORMAT,
     convert_argv,
@@ -335,7 +334,7 @@ class FileDisks:
         mode = rec.preallocation
         with (
             open_volume(self.vols.path(rec.volume)) as fd,
-            key_object(key, keys.SECRET_ID) as (secret, key_fd),
+            keys.key_object(key, keys.SECRET_ID) as (secret, key_fd),
         ):
             node = {
                 "driver": "qcow2",

@@ -17,7 +17,7 @@ A qcow2 export with a raw disk's guest-written header names that header's backin
 nowhere: the source is opened as `raw`, which reads no header.
 - an encrypted disk (`write_decrypted`): its key from the pool's key source (a private
   libvirt secret never gives it back), to qemu-img through a memfd; the driver's node
-  with qemu's encryption layered on (`keyed`), converted to a plain image.
+  with qemu's encryption layered on (flows/keyed.py's `keyed_view`), converted to a plain image.
 - a snapshot (`write_image`): qemu-img convert from what the driver's snapshot_image()
   gives, in the snapshot's recorded format (Snapshots in drivers/api.py), raw or not.
 """
@@ -25,15 +25,13 @@ nowhere: the source is opened as `raw`, which reads no header.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from contextlib import AbstractContextManager
-from typing import Any
 
 from reconciler.drivers.api import ManagingDriver, QemuImage
 from reconciler.drivers.flows.copy import FileSink, data_extents, raw_copy
+from reconciler.drivers.flows.keyed import keyed_view
 from reconciler.drivers.flows.qemuimg import (
-    QEMU_ENCRYPTED_FORMAT,
     convert_argv,
     create_argv,
     fd_path,
@@ -44,7 +42,6 @@ from reconciler.drivers.host.keys import SECRET_ID
 from reconciler.drivers.host.run import run as run_command
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord
-from reconciler.schema.common import DiskFormat
 from reconciler.schema.config import ImageFormat
 from reconciler.util import progress
 
@@ -116,27 +113,6 @@ def write_image(
     return "qemu-img convert"
 
 
-def keyed(img: QemuImage, rec: DiskRecord) -> QemuImage:
-    """The encrypted disk `rec` in the volume its driver's node `img` reaches (that node
-    unchanged: a file, an LV's range of its PV, an rbd export), opened with the key
-    secret keys.SECRET_ID: qemu's `luks` over the node (a raw disk) or the qcow2 node's
-    `encrypt.key-secret`, then cut to the recorded size by a raw node, which qemu refuses
-    to open when what is under it is smaller (so a driver whose node holds less than the
-    whole LUKS volume fails the export, never truncates it)."""
-    if not img.filename.startswith("json:"):
-        raise ReconcileError(f"{rec.pool}/{rec.volume}: its driver gives no json: node")
-    node: dict[str, Any] = json.loads(img.filename[len("json:") :])
-    top: dict[str, Any]
-    if rec.format is DiskFormat.RAW:
-        top = {"driver": QEMU_ENCRYPTED_FORMAT[rec.format], "key-secret": SECRET_ID, "file": node}
-    elif rec.format is DiskFormat.QCOW2:
-        top = {**node, "encrypt": {"key-secret": SECRET_ID}}
-    else:
-        raise ReconcileError(f"a {rec.format.value} disk is never encrypted")
-    cut = {"driver": "raw", "size": rec.virtual_size, "file": top}
-    return QemuImage("raw", "json:" + json.dumps(cut, sort_keys=True), img.fds)
-
-
 def write_decrypted(
     d: ManagingDriver, rec: DiskRecord, key: bytes, fmt: ImageFormat, fd: int, doing: str
 ) -> str:
@@ -156,7 +132,10 @@ def write_decrypted(
         d.qemu_image(rec.volume, rec.format, rec.backing, write=False) as s,
         progress.task(doing, rec.virtual_size),
     ):
-        view = keyed(s, rec)
+        # Cut to the recorded size by a raw node, which qemu refuses to open when what is
+        # under it is smaller: a driver whose node holds less than the whole LUKS volume
+        # fails the export, never truncates it.
+        view = keyed_view(s, rec.format, SECRET_ID, rec.virtual_size)
         run_command(
             keyed_convert_argv(secret, view.format, fmt.value, view.filename, target),
             fds=(*view.fds, key_fd, fd),

@@ -3,10 +3,9 @@ a disk's encryption or moves it under a new key (apply/steps/migrate.py; which c
 model/keying.py's), and growing an encrypted qcow2 with its key from a key source.
 
 - A key reaches qemu-img only as `--object secret,id=ID,format=raw,file=/proc/self/fd/N`
-  of a memfd (no file on any file system, nothing in an argv), as host/keys.py's
-  secret_object does for a create; here two can be named at once: the new key as
-  keys.SECRET_ID (`sec0`, what flows/qemuimg.py's encrypted create and images name) and
-  the old one as OLD_ID (`sec1`).
+  of a memfd (host/keys.py's key_object, as secret_object does for a create); here two
+  can be named at once: the new key as keys.SECRET_ID (`sec0`, what flows/qemuimg.py's
+  encrypted create and images name) and the old one as OLD_ID (`sec1`).
 - A volume is opened as its driver's qemu_image() says (a `json:` node naming its format
   and, for an overlay, its recorded backing), with the encryption layered on top: qemu's
   `luks` over the raw node (a raw disk), or the qcow2 node's `encrypt.key-secret`. So the
@@ -20,10 +19,7 @@ model/keying.py's), and growing an encrypted qcow2 with its key from a key sourc
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from typing import Any
 
 from reconciler.drivers.api import QemuImage
@@ -32,19 +28,6 @@ from reconciler.model.errors import ReconcileError
 from reconciler.schema.common import DiskFormat
 
 OLD_ID = "sec1"
-
-
-@contextlib.contextmanager
-def key_object(key: bytes, secret_id: str) -> Iterator[tuple[list[str], int]]:
-    """qemu-img's `--object secret` of `key` as `secret_id`, through a memfd: (argv words,
-    the descriptor to pass)."""
-    fd = os.memfd_create("reconciler-key", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, key)
-        os.lseek(fd, 0, os.SEEK_SET)
-        yield ["--object", f"secret,id={secret_id},format=raw,file=/proc/self/fd/{fd}"], fd
-    finally:
-        os.close(fd)
 
 
 def _node(img: QemuImage) -> dict[str, Any]:

@@ -118,17 +118,23 @@ def key_of(uuid: str) -> bytes:
 
 
 @contextlib.contextmanager
-def secret_object(uuid: str) -> Iterator[tuple[list[str], int]]:
-    """qemu-img's `--object secret` naming the held key of `uuid` through a memfd (no
-    file on any file system, no key in the argv): (argv words, descriptor to pass)."""
-    key = key_of(uuid)
+def key_object(key: bytes, secret_id: str) -> Iterator[tuple[list[str], int]]:
+    """qemu-img's `--object secret` of `key` as `secret_id`, through a memfd (no file on
+    any file system, no key in the argv): (argv words, the descriptor to pass)."""
     fd = os.memfd_create("reconciler-key", os.MFD_CLOEXEC)
     try:
         os.write(fd, key)
         os.lseek(fd, 0, os.SEEK_SET)
-        yield ["--object", f"secret,id={SECRET_ID},format=raw,file=/proc/self/fd/{fd}"], fd
+        yield ["--object", f"secret,id={secret_id},format=raw,file=/proc/self/fd/{fd}"], fd
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def secret_object(uuid: str) -> Iterator[tuple[list[str], int]]:
+    """key_object of the held key of `uuid`, as SECRET_ID."""
+    with key_object(key_of(uuid), SECRET_ID) as obj:
+        yield obj
 
 
 def secret_xml(uuid: str, usage: str, description: str) -> str:
