@@ -145,6 +145,24 @@ class Side:
         self.times.setdefault(phase, []).append(took)
 
 
+def reconciler_round(rc: Reconciler, side: Side, ids: list[str], jobs: int, rnd: int) -> None:
+    """One round of the reconciler's side, the same on every backend: each instance's
+    manifest lists one snapshot more (`r{rnd}`), then a new instance per disk restores it."""
+    n = len(ids)
+    snaps = [f"r{k}" for k in range(rnd + 1)]
+    for i, inst in enumerate(ids):
+        rc.manifest(f"vm{i}", inst, {"image": "img"}, snaps)
+    side.note("snapshot reconciler", rc.run(jobs, "snapshot ", n))
+    for i, inst in enumerate(ids):
+        rc.manifest(
+            f"r{rnd}-{i}",
+            str(uuid.UUID(int=(rnd + 1) * 100000 + i)),
+            {"snapshot": f"{inst}/root@r{rnd}"},
+            [],
+        )
+    side.note("restore reconciler", rc.run(jobs, "created ", n))
+
+
 def rbd_side(conf: str, uri: str, cluster: Any, n: int, jobs: int, work: Path) -> Side:
     import libvirt
     import rbd
@@ -185,18 +203,7 @@ def rbd_side(conf: str, uri: str, cluster: Any, n: int, jobs: int, work: Path) -
             r.clone(io, "bare-base", "base", io, f"bare-{i}")
 
         def reconciler(rnd: int) -> None:
-            snaps = [f"r{k}" for k in range(rnd + 1)]
-            for i, inst in enumerate(ids):
-                rc.manifest(f"vm{i}", inst, {"image": "img"}, snaps)
-            side.note("snapshot reconciler", rc.run(jobs, "snapshot ", n))
-            for i, inst in enumerate(ids):
-                rc.manifest(
-                    f"r{rnd}-{i}",
-                    str(uuid.UUID(int=(rnd + 1) * 100000 + i)),
-                    {"snapshot": f"{inst}/root@r{rnd}"},
-                    [],
-                )
-            side.note("restore reconciler", rc.run(jobs, "created ", n))
+            reconciler_round(rc, side, ids, jobs, rnd)
 
         def baseline(rnd: int) -> None:
             t = time.perf_counter()
@@ -255,18 +262,7 @@ def file_side(uri: str, n: int, jobs: int, work: Path) -> Side:
         subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(src), str(dst)], check=True)
 
     def reconciler(rnd: int) -> None:
-        snaps = [f"r{k}" for k in range(rnd + 1)]
-        for i, inst in enumerate(ids):
-            rc.manifest(f"vm{i}", inst, {"image": "img"}, snaps)
-        side.note("snapshot reconciler", rc.run(jobs, "snapshot ", n))
-        for i, inst in enumerate(ids):
-            rc.manifest(
-                f"r{rnd}-{i}",
-                str(uuid.UUID(int=(rnd + 1) * 100000 + i)),
-                {"snapshot": f"{inst}/root@r{rnd}"},
-                [],
-            )
-        side.note("restore reconciler", rc.run(jobs, "created ", n))
+        reconciler_round(rc, side, ids, jobs, rnd)
 
     def baseline(rnd: int) -> None:
         t = time.perf_counter()

@@ -27,7 +27,7 @@ from tests.conftest_lvm import VolumeGroup, spare_vg
 from tests.env import Env, disk
 from tests.killpoints import at_each, at_each_with
 from tests.rbdsite import RbdSite, rbd_site
-from tests.test_encryption import encrypted
+from tests.test_encryption import encrypted, records
 from tests.test_key_sources import kms
 
 pytestmark = pytest.mark.libvirtd
@@ -232,16 +232,6 @@ def lvm_kill_env(pools: Pools, root: Path, vg: VolumeGroup) -> tuple[Env, Path]:
     return env, key_dir
 
 
-def lvm_records(env: Env) -> list[DiskRecord]:
-    store = env.store()
-    try:
-        recs, bad = store.load_all()
-    finally:
-        store.close()
-    assert not bad
-    return list(recs)
-
-
 LVM = {"backend": "lvm", "pool": "vg", "fmt": "raw", "template": "blank"}
 
 
@@ -258,7 +248,7 @@ def test_kill_encrypted_lvm_create_and_delete_with_a_key_directory(
         inst = scenario(env, run, LVM)
         kill_and_converge(
             env, run, k, what, inst,
-            lambda: lvm_records(env), lambda: stored_keys(key_dir), lambda: set(vg.lvs()),
+            lambda: records(env), lambda: stored_keys(key_dir), lambda: set(vg.lvs()),
         )  # fmt: skip
 
     at_each_with(range(len(points)), [lvm_vg, second_vg], kill_at)

@@ -22,25 +22,12 @@ from reconciler.model.record import DiskRecord, RecordState
 from tests.conftest import Pools
 from tests.env import Env, disk
 from tests.killpoints import at_each
+from tests.test_encryption import encrypted, records
 from tests.test_images import catalog_entry
 
 pytestmark = pytest.mark.libvirtd
 
 MiB = 1 << 20
-
-
-def encrypted(d: dict[str, Any]) -> dict[str, Any]:
-    return {**d, "encryption": {"format": "luks"}}
-
-
-def records(env: Env) -> list[DiskRecord]:
-    store = env.store()
-    try:
-        recs, bad = store.load_all()
-    finally:
-        store.close()
-    assert not bad
-    return recs
 
 
 def secrets_of(env: Env) -> set[str]:

@@ -36,6 +36,7 @@ from tests.conftest_lvm import VolumeGroup
 from tests.env import ROOT, Env, disk
 from tests.test_images import catalog_entry
 from tests.test_migrate import QEMU_FMT, content, write_pattern
+from tests.test_preallocation import qemu_info
 
 pytestmark = pytest.mark.libvirtd
 
@@ -88,17 +89,6 @@ def refused(res: subprocess.CompletedProcess[str], *words: str) -> str:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def qemu_info(path: Path, fmt: str) -> dict[str, Any]:
-    out = subprocess.run(
-        ["qemu-img", "info", "-f", fmt, "--output=json", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    info: dict[str, Any] = json.loads(out)
-    return info
 
 
 def pasted_entry(text: str) -> dict[str, Any]:

@@ -15,9 +15,10 @@ import pytest
 from tests.conftest import Pools
 from tests.conftest_ceph import Ceph
 from tests.rbdsite import RbdSite, rbd_site
-from tests.test_export import export, export_ok, qemu_info, refused, sha
+from tests.test_export import export, export_ok, refused, sha
 from tests.test_images import catalog_entry
 from tests.test_migrate import content
+from tests.test_preallocation import qemu_info
 from tests.test_rbd_migrate import image_sha, make_env, rdisk, run_ok, write_image_pattern
 
 pytestmark = [pytest.mark.ceph, pytest.mark.libvirtd]

@@ -33,7 +33,8 @@ from tests.conftest import Pools, make_lvm_env
 from tests.conftest_lvm import VolumeGroup, spare_vg
 from tests.env import Env, disk
 from tests.killpoints import at_each_with
-from tests.test_encryption_migrate import KeySpy, decrypted, encrypted
+from tests.test_encryption import encrypted
+from tests.test_encryption_migrate import KeySpy, decrypted
 from tests.test_migrate import apply_ok, content, migrate_once, record, write_pattern
 
 pytestmark = pytest.mark.libvirtd

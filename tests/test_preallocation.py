@@ -551,7 +551,7 @@ def test_each_mode_allocates_what_the_plan_says_when_made_and_when_grown(
             src.write_bytes(b"")
         assert same_data(vol, _qemu_format(fmt), src), name
         if backend == "qcow2" and "image" in source:
-            info = _info(vol, "qcow2")
+            info = qemu_info(vol, "qcow2")
             assert info["backing-filename"] == str(env.pool_dir() / entries["img"])
             assert info["backing-filename-format"] == "raw"
             # A preallocated overlay has extended L2 entries (qemu-img's condition).
@@ -579,12 +579,12 @@ def test_each_mode_allocates_what_the_plan_says_when_made_and_when_grown(
     for name in grown:
         vol = env.volume(inst, name)
         fmt = DISKS[name][1]
-        assert _info(vol, _qemu_format(fmt))["virtual-size"] == GROWN
+        assert qemu_info(vol, _qemu_format(fmt))["virtual-size"] == GROWN
         _check_allocation(mode, vol, fmt, GROWN)
     assert env.plan_json()["actions"] == []
 
 
-def _info(path: Path, fmt: str) -> dict[str, Any]:
+def qemu_info(path: Path, fmt: str) -> dict[str, Any]:
     out = subprocess.run(
         ["qemu-img", "info", "-f", fmt, "--output=json", str(path)],
         capture_output=True,

@@ -35,7 +35,8 @@ from tests.conftest_lvm import VolumeGroup
 from tests.env import Env, disk
 from tests.killpoints import at_each
 from tests.rbdsite import RbdSite, rbd_site
-from tests.test_encryption_migrate import KeySpy, decrypted, encrypted
+from tests.test_encryption import encrypted
+from tests.test_encryption_migrate import KeySpy, decrypted
 from tests.test_migrate import content, files, write_pattern
 
 pytestmark = [pytest.mark.ceph, pytest.mark.libvirtd]
