@@ -13,12 +13,15 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from reconciler.drivers.host.store import RELEASED, ConflictError, StoreError
 from reconciler.drivers.rbd import layout as rr
+from reconciler.drivers.rbd import records as records_module
+from reconciler.drivers.rbd.changes import ChangeMark
 from reconciler.drivers.rbd.layout import record_object
 from reconciler.drivers.rbd.namespace import client_conf
 from reconciler.drivers.rbd.records import RadosRecordStore
@@ -351,8 +354,10 @@ def test_a_host_reads_only_its_own_index_never_the_pool_listing(make: Make) -> N
     assert sorted(good, key=lambda r: r.volume) == sorted(mine["h1"], key=lambda r: r.volume)
     assert not bad
     assert io.calls["list_objects"] == 0
-    # One omap read per shard (< 1000 keys), and one of the cache entries' shared index.
-    assert io.calls["operate_read_op"] == s.shards + 1
+    # One omap read per shard (< 1000 keys), and one of the cache entries' shared index,
+    # all in flight at once.
+    assert io.calls["operate_aio_read_op"] == s.shards + 1
+    assert io.calls["operate_read_op"] == 0
     assert io.calls["aio_read"] == 200  # the records, by name
     assert io.calls["operate_write_op"] == 0  # nothing to clean
     read = set(io.objects) - {""}  # "": get_omap_vals' start_after
@@ -366,7 +371,7 @@ def test_a_host_reads_only_its_own_index_never_the_pool_listing(make: Make) -> N
         f"h1-vm-7_disk-{i}" for i in range(28, 32)
     ]
     assert io.calls["list_objects"] == 0
-    assert io.calls["operate_read_op"] == 1  # one shard
+    assert io.calls["operate_aio_read_op"] + io.calls["operate_read_op"] == 1  # one shard
     assert io.calls["aio_read"] == 4
     assert s.for_instance("h0-vm-7") == []  # another host's instance is not in h1's index
 
@@ -474,6 +479,58 @@ def test_faults_are_store_errors_naming_the_pool(ceph: Ceph, namespace: str) -> 
         RadosRecordStore.connect(str(ceph.conf), "no-such-pool", host="h", namespace=namespace)
 
 
+def test_a_load_reads_again_only_records_that_may_have_changed(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived process (`reconcile watch`) loading its records again reads the index,
+    not the records, while no process of the host wrote one (drivers/rbd/changes.py): its
+    RADOS reads do not grow with its disks. Any write by a process of the host with the
+    same state directory makes the next load read all; a create, delete or hand-over
+    changes the index, which every load reads; nothing else is kept past FULL_EVERY."""
+    mark = tmp_path / "rados-changes"
+    a = make("host-a", counting=True, changes=ChangeMark(mark))
+    other = make("host-a", changes=ChangeMark(mark))  # another process of the host
+    unmarked = make("host-a")  # a writer that died before it marked its write
+    recs = [record(f"vm-{i}_root", instance=f"vm-{i}") for i in range(20)]
+    for r in recs:
+        a.put(r, None)
+    io: CountingIoctx = a.ns.io
+
+    def load() -> dict[str, DiskRecord]:
+        io.calls.clear()
+        good, bad = a.load_all()
+        assert not bad
+        return {r.volume: r for r in good}
+
+    assert load() == {r.volume: r for r in recs} and io.calls["aio_read"] == 20
+    assert load() == {r.volume: r for r in recs} and io.calls["aio_read"] == 0
+    assert io.calls["operate_aio_read_op"] == a.shards + 1  # the index, every time
+
+    changed = record("vm-3_root", instance="vm-3", generation=2, note="changed")
+    other.put(changed, 1)
+    assert load()["vm-3_root"] == changed and io.calls["aio_read"] == 20
+    assert load()["vm-3_root"] == changed and io.calls["aio_read"] == 0
+
+    made = record("vm-20_root", instance="vm-20")
+    unmarked.put(made, None)  # a new index entry: read, whoever made it
+    unmarked.delete("rbd", "vm-5_root", 1)  # its index entry is gone
+    got = load()
+    assert got["vm-20_root"] == made and "vm-5_root" not in got
+    assert io.calls["aio_read"] == 1
+
+    stale = record("vm-4_root", instance="vm-4", generation=2, note="unmarked")
+    unmarked.put(stale, 1)
+    assert load()["vm-4_root"] == recs[4]  # kept: nothing marked the write
+    monkeypatch.setattr(records_module, "FULL_EVERY", 0.0)
+    assert load()["vm-4_root"] == stale and io.calls["aio_read"] == 20
+
+    plain = make("host-a", counting=True)  # no mark: every load reads every record
+    plain_io: CountingIoctx = plain.ns.io
+    for _ in range(2):
+        plain_io.calls.clear()
+        assert len(plain.load_all()[0]) == 20 and plain_io.calls["aio_read"] == 20
+
+
 def test_an_index_shard_larger_than_one_omap_page_is_read_whole(make: Make) -> None:
     """Index shards are read in pages of 1,000 keys; one shard of 1,200 is read whole."""
     a = make("host-a", shards=1, counting=True)
@@ -484,7 +541,9 @@ def test_an_index_shard_larger_than_one_omap_page_is_read_whole(make: Make) -> N
     io.calls.clear()
     good, bad = a.load_all()
     assert len({r.volume for r in good}) == 1200 and not bad
-    assert io.calls["operate_read_op"] == 3  # two pages, and the cache entries' index
+    # The first page and the cache entries' index at once, then the second page.
+    assert io.calls["operate_aio_read_op"] == 2
+    assert io.calls["operate_read_op"] == 1
     assert len(a.for_instance("vm-299")) == 4
 
 

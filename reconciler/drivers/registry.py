@@ -56,12 +56,15 @@ def _file(
 def _rbd(
     name: str, config: PoolConfig, conns: Connections, store: RecordStore | None, cfg: Config | None
 ) -> PoolDriver:
+    from reconciler.drivers.rbd.changes import FILE
     from reconciler.drivers.rbd.pool import RbdPoolDriver
 
     if cfg is None:
         return RbdPoolDriver(name, config, conns, store, {}, None, 300.0)
     host, expiry = cfg.host_id(), cfg.ownership.heartbeat_expiry
-    return RbdPoolDriver(name, config, conns, store, cfg.images, host, expiry)
+    # Only beside the host's own store: a driver without one plans from a file.
+    changes = cfg.state_dir() / FILE if store is not None else None
+    return RbdPoolDriver(name, config, conns, store, cfg.images, host, expiry, changes)
 
 
 def _lvm(

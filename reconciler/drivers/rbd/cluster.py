@@ -19,10 +19,12 @@ import errno
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from reconciler.drivers.api import VolumeExists
 from reconciler.drivers.host.store import StoreError
+from reconciler.drivers.rbd.changes import ChangeMark
 from reconciler.drivers.rbd.leases import LeaseLocks
 from reconciler.drivers.rbd.namespace import client_conf
 from reconciler.drivers.rbd.outage import Outage
@@ -118,8 +120,10 @@ class Cluster:
         *,
         offline: bool,
         heartbeat_expiry: float,
+        changes: Path | None = None,
     ) -> None:
         self.name = name
+        self.changes = changes  # this host's mark of record writes (drivers/rbd/changes.py)
         self.ceph = ceph
         self.host = host
         self.offline = offline  # planning from a file: never connect
@@ -164,6 +168,7 @@ class Cluster:
                     op_timeout=self.ceph.op_timeout,
                     heartbeat_expiry=self.heartbeat_expiry,
                     outage=self.outage,
+                    changes=ChangeMark(self.changes),
                 )
                 store.exists = self.volume_exists
                 self._records = store

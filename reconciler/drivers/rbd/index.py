@@ -17,8 +17,16 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Mapping
 
-from reconciler.drivers.rbd.layout import SHARED, IndexEntry, decode, index_object, shard_of
+from reconciler.drivers.rbd.layout import (
+    SHARED,
+    IndexEntry,
+    Stored,
+    decode,
+    index_object,
+    shard_of,
+)
 from reconciler.drivers.rbd.namespace import Namespace, rados_module
 from reconciler.model.errors import RecordError
 from reconciler.model.record import BadRecord, DiskRecord
@@ -45,26 +53,54 @@ class Index:
         self, host: str, shards: list[int], instance: str | None, clean: bool
     ) -> tuple[list[DiskRecord], list[BadRecord]]:
         """The records `host`'s index lists in `shards` (of `instance`, if given)."""
-        listed: dict[str, tuple[int, IndexEntry | None]] = {}
-        for shard in shards:
-            for oid, entry in self.entries(host, shard).items():
+        return self.load_from([(host, s) for s in shards], instance, clean)
+
+    def load_from(
+        self,
+        where: list[tuple[str, int]],
+        instance: str | None,
+        clean: bool,
+        kept: Mapping[str, tuple[str, Stored]] | None = None,
+        seen: dict[str, tuple[str, Stored]] | None = None,
+    ) -> tuple[list[DiskRecord], list[BadRecord]]:
+        """The records the index shards `where` ((host, shard) pairs) list (of `instance`,
+        if given): every shard read at once, then every record they list at once. A record
+        whose entry is in `kept` (object -> (the entry's stored value, the record read
+        with it)) with the same value is not read again (drivers/rbd/changes.py says when
+        that is safe); `seen`, if given, gets each record returned with its entry's value."""
+        objects = {index_object(h, s): (h, s) for h, s in where}
+        shards = self.ns.omap_many(list(objects), "reading the index")
+        listed: list[tuple[str, str, int, IndexEntry | None]] = []
+        for ioid, (host, shard) in objects.items():
+            for oid, raw in shards.get(ioid, {}).items():
+                entry = IndexEntry.parse(raw)
                 if instance is None or (entry is not None and entry.instance == instance):
-                    listed[oid] = (shard, entry)
-        datas = self.ns.read_many(sorted(listed))
+                    listed.append((oid, host, shard, entry))
+        kept = kept or {}
+
+        def unchanged(oid: str, entry: IndexEntry | None) -> Stored | None:
+            got = kept.get(oid)
+            return got[1] if got is not None and entry is not None and got[0] == entry.raw else None
+
+        datas = self.ns.read_many(
+            sorted({oid for oid, _, _, entry in listed if unchanged(oid, entry) is None})
+        )
         good: list[DiskRecord] = []
         bad: list[BadRecord] = []
-        for oid, (shard, entry) in listed.items():
-            data = datas.get(oid)
-            if data is None:
-                if clean and entry is not None and time.time() - entry.at >= self.stale_after:
-                    self.remove(shard, oid, entry, host)  # a crash after the index entry
-                continue
-            try:
-                stored = decode(oid, data, self.ns.where)
-            except RecordError as e:
-                where = (entry.pool, entry.volume) if entry else ("?", oid)
-                bad.append(BadRecord(*where, str(e)))
-                continue
+        for oid, host, shard, entry in listed:
+            stored = unchanged(oid, entry)
+            if stored is None:
+                data = datas.get(oid)
+                if data is None:
+                    if clean and entry is not None and time.time() - entry.at >= self.stale_after:
+                        self.remove(shard, oid, entry, host)  # a crash after the index entry
+                    continue
+                try:
+                    stored = decode(oid, data, self.ns.where)
+                except RecordError as e:
+                    at = (entry.pool, entry.volume) if entry else ("?", oid)
+                    bad.append(BadRecord(*at, str(e)))
+                    continue
             rec = stored.record
             if stored.host != host or (entry is not None and rec.instance != entry.instance):
                 # Another host owns it (we lost a create race, or it was deleted and made
@@ -73,6 +109,8 @@ class Index:
                     self.remove(shard, oid, entry, host)
                 continue
             good.append(rec)
+            if seen is not None and entry is not None:
+                seen[oid] = (entry.raw, stored)
         return good, bad
 
     def remove(self, shard: int, oid: str, entry: IndexEntry, holder: str | None = None) -> None:

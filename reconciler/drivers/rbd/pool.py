@@ -35,6 +35,7 @@ import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 from reconciler.drivers.api import (
@@ -109,7 +110,10 @@ class RbdPoolDriver:
         images: Mapping[str, ImageConfig] | None = None,
         host: str | None = None,
         heartbeat_expiry: float = 300.0,
+        changes: Path | None = None,
     ) -> None:
+        """`changes`: the host's mark of record writes, in its state directory
+        (drivers/rbd/changes.py); None: every load of the records reads them all."""
         assert config.ceph is not None  # the config's validator requires it for rbd
         self.name = name
         self.config = config
@@ -122,6 +126,7 @@ class RbdPoolDriver:
             host or (store.identity().host if store is not None else socket.gethostname()),
             offline=store is None,  # planning from a file: never connect
             heartbeat_expiry=heartbeat_expiry,
+            changes=changes,
         )
         self.cache = entries.Cache(
             self,

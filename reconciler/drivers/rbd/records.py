@@ -48,10 +48,13 @@ nothing to do here.
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from reconciler.drivers.host.store import RELEASED, ConflictError, StoreError, StoreIdentity
+from reconciler.drivers.rbd.changes import FULL_EVERY, ChangeMark
 from reconciler.drivers.rbd.claims import Claims
 from reconciler.drivers.rbd.hosts import DEFAULT_HEARTBEAT_EXPIRY, Hosts
 from reconciler.drivers.rbd.index import DEFAULT_STALE_AFTER, Index
@@ -98,6 +101,7 @@ class RadosRecordStore:
         heartbeat_expiry: float = DEFAULT_HEARTBEAT_EXPIRY,
         on_close: Callable[[], None] | None = None,
         outage: Outage | None = None,
+        changes: ChangeMark | None = None,
     ) -> None:
         """`open_ioctx` gives an Ioctx of `pool` (the store sets its namespace); `shards`
         applies only when this store creates the namespace; `op_timeout` is for messages
@@ -116,6 +120,13 @@ class RadosRecordStore:
         # address; None: the store cannot fence (and its heartbeats name no address).
         self.cluster: Any = cluster
         self.last_beat: float | None = None  # when this store last renewed the heartbeat
+        # This host's record writes (drivers/rbd/changes.py): while none is seen, a load
+        # reads again only the records whose index entries changed.
+        self.changes = changes or ChangeMark(None)
+        self._kept: dict[str, tuple[str, Stored]] = {}
+        self._kept_token: bytes | None = None
+        self._kept_since = 0.0
+        self._kept_lock = threading.Lock()
         self.ns.open(open_ioctx, namespace)
         try:
             self._id, self.shards = self.ns.open_store(shards)
@@ -184,10 +195,23 @@ class RadosRecordStore:
     def load_all(self) -> tuple[list[DiskRecord], list[BadRecord]]:
         """This host's records and the pool's cache entries, through their indexes (never
         by listing the pool)."""
-        every = list(range(self.shards))
-        good, bad = self.index.load(self.host, every, None, clean=True)
-        cache_good, cache_bad = self.index.load(SHARED, [0], None, clean=True)
-        return good + cache_good, bad + cache_bad
+        every = [(self.host, s) for s in range(self.shards)]
+        token = self.changes.read()  # before any read: a write after it changes it
+        now = time.monotonic()
+        with self._kept_lock:
+            fresh = token is not None and token == self._kept_token
+            kept = self._kept if fresh and now - self._kept_since < FULL_EVERY else {}
+        seen: dict[str, tuple[str, Stored]] = {}
+        good, bad = self.index.load_from(
+            [*every, (SHARED, 0)], None, clean=True, kept=kept, seen=seen
+        )
+        with self._kept_lock:
+            # Only this host's records: every host changes the cache entries' (SHARED).
+            self._kept = {k: v for k, v in seen.items() if v[1].host == self.host}
+            self._kept_token = token
+            if not kept:
+                self._kept_since = now
+        return good, bad
 
     def for_instance(self, instance: str) -> list[DiskRecord]:
         good, bad = self.index.load(self.host, [shard_of(instance, self.shards)], instance, True)
@@ -247,10 +271,13 @@ class RadosRecordStore:
         oid = record_object(record.pool, record.volume)
         if len(data) >= MAX_RECORD:
             raise RecordError(f"record {record.pool}/{record.volume} is too large to store")
-        if expect_generation is None:
-            self._create(record, oid, data)
-        else:
-            self._update(record, oid, data, expect_generation)
+        try:
+            if expect_generation is None:
+                self._create(record, oid, data)
+            else:
+                self._update(record, oid, data, expect_generation)
+        finally:
+            self.changes.bump()  # after the write (or its failure: it may have landed)
 
     def _create(self, record: DiskRecord, oid: str, data: bytes) -> None:
         rados = rados_module()
@@ -338,6 +365,12 @@ class RadosRecordStore:
     def delete(
         self, pool: str, volume: str, expect_generation: int, *, durable: bool = True
     ) -> None:
+        try:
+            self._delete(pool, volume, expect_generation)
+        finally:
+            self.changes.bump()
+
+    def _delete(self, pool: str, volume: str, expect_generation: int) -> None:
         rados = rados_module()
         oid = record_object(pool, volume)
         stored = self._stored(pool, volume)  # its instance names the index shard
@@ -382,14 +415,20 @@ class RadosRecordStore:
         """Let another host take this host's record of pool/volume (its manifest is gone
         here, and may have appeared there): a compare-and-swap from this host to RELEASED.
         The image is untouched."""
-        self._move(pool, volume, expect_generation, self.host, RELEASED)
+        try:
+            self._move(pool, volume, expect_generation, self.host, RELEASED)
+        finally:
+            self.changes.bump()
 
     def take(self, pool: str, volume: str, expect_generation: int, from_host: str) -> None:
         """Make this host the owner of a record that `from_host` released, or whose
         heartbeat expired: a compare-and-swap from `from_host` to this host. A host whose
         heartbeat expired is fenced first (`fence`), so if it was only paused its next
         operation fails; and its next record write would fail its guard anyway."""
-        self._move(pool, volume, expect_generation, from_host, self.host)
+        try:
+            self._move(pool, volume, expect_generation, from_host, self.host)
+        finally:
+            self.changes.bump()
 
     def _move(self, pool: str, volume: str, expect: int, old: str, new: str) -> None:
         """Change a record's owner from `old` to `new`, its generation + 1. Order, so no
@@ -451,6 +490,7 @@ class RadosRecordStore:
         """Nothing to do: every acknowledged RADOS write is already durable."""
 
     def close(self) -> None:
+        self.changes.close()
         try:
             self.ns.io.close()
         finally:
