@@ -12,10 +12,11 @@ Then one `reconcile watch` per host runs at the same time, idle (nothing to do),
 client admin socket of its own (a copy of the cluster's conf naming it), and the OSD
 operations its librados client sends (the objecter's `op` counter: every read, write and
 omap call to an OSD; monitor commands are not RADOS operations) are counted over --windows
-windows of --window seconds each, the windows starting together for both hosts once each has
-finished two resyncs. The loop's periods are shortened so a window sees several of each:
---resync-interval (default 15 s) and ownership.heartbeatExpiry (default 60 s: a heartbeat
-every 15 s); the figure is given per minute. Reported: the median and range of each host's
+windows, each from just after one resync to just after the --resyncs-th next (the same
+number of resyncs in every window), once each watch has finished two resyncs. The loop's
+periods are shortened so a window sees several of each: --resync-interval (default 10 s)
+and ownership.heartbeatExpiry (default 40 s: a heartbeat every 10 s); the figure is given
+per minute. Reported: the median and range of each host's
 operations per minute; the target is that the large host's figure is the small one's.
 """
 
@@ -31,6 +32,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -44,7 +46,8 @@ sys.path.insert(0, str(_HERE.parent))
 from bench.rbd import drop_pool, mon_v1_port, new_pool, start_daemons  # noqa: E402
 
 ROOT = _HERE.parent
-RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
+# $BENCH_RECONCILE: another reconciler's command line (e.g. a baseline checkout's).
+RECONCILE = os.environ.get("BENCH_RECONCILE", str(ROOT / ".venv" / "bin" / "reconcile")).split()
 MiB = 1 << 20
 
 
@@ -129,7 +132,7 @@ class Host:
     def populate(self) -> float:
         t = time.monotonic()
         res = subprocess.run(
-            [str(RECONCILE), "--config", str(self.config), "--jobs", "8", str(self.manifests)],
+            [*RECONCILE, "--config", str(self.config), "--jobs", "8", str(self.manifests)],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -144,7 +147,7 @@ class Host:
         self.out = open(self.log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [
-                str(RECONCILE),
+                *RECONCILE,
                 "--config",
                 str(self.config),
                 "watch",
@@ -168,6 +171,17 @@ class Host:
             if doc.get("event") == "resync":
                 n += 1
         return n
+
+    def wait_resyncs(self, n: int) -> int:
+        """Wait until the watch has logged `n` resyncs; how many it has."""
+        deadline = time.monotonic() + 600
+        while (got := self.resyncs()) < n:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise SystemExit(f"{self.name}: watch exited:\n{self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.name}: no resync in 600 s")
+            time.sleep(0.05)  # polling a log file a process writes: nothing to wait on
+        return got
 
     def ops(self) -> int:
         dump = asok_command(self.asok, "perf dump")
@@ -202,9 +216,9 @@ def main() -> None:
     p.add_argument("--small", type=int, default=100)
     p.add_argument("--large", type=int, default=1000)
     p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--window", type=float, default=45.0, help="seconds per window")
-    p.add_argument("--resync-interval", type=float, default=15.0)
-    p.add_argument("--heartbeat-expiry", type=float, default=60.0)
+    p.add_argument("--resyncs", type=int, default=4, help="resyncs per window")
+    p.add_argument("--resync-interval", type=float, default=10.0)
+    p.add_argument("--heartbeat-expiry", type=float, default=40.0)
     args = p.parse_args()
     import libvirt
     import rados
@@ -240,20 +254,33 @@ def main() -> None:
                 raise SystemExit("the watches did not finish two resyncs in 600 s")
             time.sleep(0.5)  # polling a log file a process writes: nothing to wait on
         per_min: dict[str, list[float]] = {h.label: [] for h in hosts}
-        for _ in range(args.windows):
-            # Both windows over the same seconds: the load on the machine is the same.
-            start = {h.label: h.ops() for h in hosts}
-            t0 = time.monotonic()
-            time.sleep(args.window)  # the measurement window itself
-            took = time.monotonic() - t0
-            for h in hosts:
-                per_min[h.label].append((h.ops() - start[h.label]) * 60.0 / took)
+        per_resync: dict[str, list[float]] = {h.label: [] for h in hosts}
+
+        def measure(h: Host) -> None:
+            # Each window runs from just after one resync to just after the --resyncs-th
+            # next one, so every window holds the same number of resyncs.
+            for _ in range(args.windows):
+                first = h.wait_resyncs(h.resyncs() + 1)
+                start, t0 = h.ops(), time.monotonic()
+                h.wait_resyncs(first + args.resyncs)
+                took = time.monotonic() - t0
+                ops = h.ops() - start
+                per_min[h.label].append(ops * 60.0 / took)
+                per_resync[h.label].append(ops / args.resyncs)
+
+        threads = [threading.Thread(target=measure, args=(h,)) for h in hosts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if any(len(v) < args.windows for v in per_min.values()):
+            raise SystemExit("a measurement failed (see above)")
         for h in hosts:
             h.check_idle()
         load = os.getloadavg()
         print(
             f"idle watch, resync every {args.resync_interval:g} s, heartbeat every "
-            f"{args.heartbeat_expiry / 4:g} s, {args.windows} windows of {args.window:g} s "
+            f"{args.heartbeat_expiry / 4:g} s, {args.windows} windows of {args.resyncs} resyncs "
             f"(load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}):"
         )
         med = {}
@@ -262,7 +289,8 @@ def main() -> None:
             med[h.label] = statistics.median(xs)
             print(
                 f"  {h.name}: {h.instances} instances: {med[h.label]:.1f} RADOS ops/min "
-                f"[{min(xs):.1f}-{max(xs):.1f}]"
+                f"[{min(xs):.1f}-{max(xs):.1f}], "
+                f"{statistics.median(per_resync[h.label]):.1f} per resync with its heartbeats"
             )
         ratio = med["large"] / med["small"] if med["small"] else float("inf")
         # "The same": within one heartbeat's or one resync's jitter of a window, 10 %.
