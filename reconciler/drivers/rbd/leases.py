@@ -258,6 +258,12 @@ class LeaseLocks:
                             LIBRADOS_LOCK_FLAG_MUST_RENEW,
                         )
                 except rados.Error as e:
+                    with self._held_lock:
+                        released = cookie not in self._held
+                    if released:
+                        # Released (and its object maybe removed) while this renewal was
+                        # on its way: nothing was lost.
+                        continue
                     log.error("lock.lease_lost", cookie=cookie, where=self.where, error=str(e))
 
     def close(self) -> None:
