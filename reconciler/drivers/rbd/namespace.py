@@ -140,6 +140,15 @@ class Namespace:
             why = f"failed ({e}); run again, and check `ceph -s` if it fails again"
         return StoreError(f"{self.where}: {doing} {why}")
 
+    def _aio_fault(self, doing: str, oid: str, ret: int) -> StoreError:
+        """The error of an aio operation that returned `ret` (< 0); a timeout is noted in
+        the outage, as `errors` notes a synchronous one."""
+        err = OSError(-ret, f"{errno.errorcode.get(-ret, ret)} reading {oid}")
+        fault = self.fault(doing, err)
+        if self.outage is not None and -ret == errno.ETIMEDOUT:
+            self.outage.note(str(fault))
+        return fault
+
     # -- primitives -------------------------------------------------------------------------
 
     def omap(self, oid: str, *keys: str) -> dict[str, bytes] | None:
@@ -214,9 +223,7 @@ class Namespace:
                 finally:
                     op.__exit__(None, None, None)
         if failed is not None:
-            oid, ret = failed
-            err = OSError(-ret, f"{errno.errorcode.get(-ret, ret)} reading {oid}")
-            raise self.fault(doing, err)
+            raise self._aio_fault(doing, *failed)
         for oid, page in out.items():
             if len(page) >= _OMAP_PAGE:  # more than one page: the rest in order
                 out[oid] = self.omap_pages(oid, doing, page) or {}
@@ -284,9 +291,7 @@ class Namespace:
             while pending:  # never leave a read in flight behind us
                 finish()
         if failed is not None:
-            oid, ret = failed
-            err = OSError(-ret, f"{errno.errorcode.get(-ret, ret)} reading {oid}")
-            raise self.fault(f"reading record {oid}", err)
+            raise self._aio_fault(f"reading record {failed[0]}", *failed)
         for oid, data in out.items():
             if data is not None:
                 self.check_size(oid, data)
