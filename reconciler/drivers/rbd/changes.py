@@ -27,6 +27,8 @@ import secrets
 import threading
 from pathlib import Path
 
+from reconciler.util.statedir import private_file
+
 FILE = "rados-changes"  # in the state directory
 FULL_EVERY = 3600.0  # seconds: every record read again at least this often
 TOKEN = 16
@@ -60,8 +62,8 @@ class ChangeMark:
             return
         with self._lock, contextlib.suppress(OSError):
             if self._fd is None:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-                self._fd = os.open(self.path, flags, 0o600)
+                private_file(self.path, ())  # 0600 exactly, as the state directory's files
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             os.pwrite(self._fd, secrets.token_bytes(TOKEN), 0)
 
     def close(self) -> None:
