@@ -160,9 +160,14 @@ class AttachedDisk:
         }
 
 
+# What a disk without an `attach` section gets (frozen: one for them all, not a model
+# built per disk).
+_NO_ATTACH = AttachSpec()
+
+
 def merged(base: AttachSpec | None, override: AttachSpec | None) -> AttachSpec:
     """`base` with each field `override` sets replaced by its value."""
-    spec = base or AttachSpec()
+    spec = base or _NO_ATTACH
     if override is None:
         return spec
     return spec.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
