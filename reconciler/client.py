@@ -30,7 +30,7 @@ from reconciler.control.session import InstanceRecords, Session
 from reconciler.drivers.api import ManagingDriver, encrypts_of
 from reconciler.drivers.host.domains import Attachments
 from reconciler.model.desired import Desired, DesiredInstance
-from reconciler.model.errors import ReconcileError
+from reconciler.model.errors import ReconcileError, RecordError
 from reconciler.model.plan import Plan
 from reconciler.model.record import DiskRecord
 from reconciler.schema.common import DiskFormat
@@ -160,9 +160,14 @@ class AttachedDisk:
         }
 
 
+# What a disk without an `attach` section gets (frozen: one for them all, not a model
+# built per disk).
+_NO_ATTACH = AttachSpec()
+
+
 def merged(base: AttachSpec | None, override: AttachSpec | None) -> AttachSpec:
     """`base` with each field `override` sets replaced by its value."""
-    spec = base or AttachSpec()
+    spec = base or _NO_ATTACH
     if override is None:
         return spec
     return spec.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
@@ -230,7 +235,10 @@ class Client:
         instances: Sequence[DesiredInstance],
         failed: Sequence[Any],
         seen: dict[str, Attachments] | None = None,
+        read: InstanceRecords | RecordError | None = None,
     ) -> tuple[InstanceReadiness, list[DiskRecord]]:
+        """`read`: the instance's records as read just before (Session.instances_records),
+        for its first look; else they are read now."""
         broken = [f for f in failed if f.instance == instance]
         if broken:
             f = broken[0]
@@ -253,8 +261,13 @@ class Client:
             return InstanceReadiness(
                 instance, problem=f"its manifest {wanted[0].file} marks it deleted"
             ), []
-        for _ in range(LOOKS):
-            got = self.session.instance_records(instance, wanted)
+        for look in range(LOOKS):
+            if look == 0 and read is not None:
+                if isinstance(read, RecordError):
+                    raise read
+                got = read
+            else:
+                got = self.session.instance_records(instance, wanted)
             plan = self.session.plan_instance(instance, wanted, checked=got, attachments=seen)
             if not self._recorded_since(plan, got):
                 break
@@ -335,12 +348,22 @@ class Client:
         by_id: dict[str, list[DesiredInstance]] = {}
         for inst in desired.instances:
             by_id.setdefault(inst.instance, []).append(inst)
+        # Every instance's records at one moment, before any volume is looked at (as each
+        # instance's own read was): one read of the host's database, each cache entry
+        # read and checked once, not once per instance. A failed read of the database
+        # leaves each instance to read (and fail) on its own, as before.
+        try:
+            read: Mapping[str, InstanceRecords | RecordError] = self.session.instances_records(
+                {i: by_id[i] for i in dict.fromkeys(instances) if i in by_id}
+            )
+        except ReconcileError:
+            read = {}
         for instance in instances:
             # Only the instance's own manifests (a scan of all of them per instance grew
             # with the square of the instances).
             own = Desired(tuple(by_id.get(instance, ())), desired.failed)
             try:
-                yield instance, self._disks(instance, own, None, seen)
+                yield instance, self._disks(instance, own, None, seen, read.get(instance))
             except ReconcileError as e:
                 yield instance, e
 
@@ -350,8 +373,11 @@ class Client:
         desired: Desired,
         overrides: Mapping[str, AttachSpec] | None,
         seen: dict[str, Attachments] | None = None,
+        read: InstanceRecords | RecordError | None = None,
     ) -> list[AttachedDisk]:
-        readiness, records = self._readiness(instance, desired.instances, desired.failed, seen)
+        readiness, records = self._readiness(
+            instance, desired.instances, desired.failed, seen, read
+        )
         if not readiness.ready:
             raise NotReady(readiness)
         (inst,) = [i for i in desired.instances if i.instance == instance]

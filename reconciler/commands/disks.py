@@ -71,7 +71,7 @@ def run(argv: Sequence[str]) -> int:
                 continue
             devices = ET.Element("devices", instance=instance)
             devices.extend(d.element for d in disks)
-            docs.append(to_text(devices))
+            docs.append(to_text(devices, in_place=True))  # the disks are not used again
     if args.output == "json":
         print(json.dumps(rows, indent=2))
     elif docs:

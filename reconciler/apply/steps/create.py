@@ -62,11 +62,13 @@ def make(ctx: StepContext, a: Action, d: ManagingDriver, rec: DiskRecord | None)
     """Make `a`'s disk at its own location, where `rec` is the record found there."""
     assert a.spec is not None
     spec = dict(a.spec)
-    # A restore: its snapshot checked before anything changes (apply refuses what the
-    # plan refuses), and locked while the disk is made from it.
-    snap = snapshot.restore_source(ctx, a.pool, a.volume, spec)
-    if snap is not None:
-        with d.lock(snap.volume):
+    # A restore: its snapshot locked while the disk is made from it, and checked under
+    # that lock before anything changes (apply refuses what the plan refuses). The lock's
+    # name is the snapshot's key, which the source names: its record is read once, under
+    # the lock (a read before it as well cost a round trip per restore in a Ceph pool).
+    key = snapshot.restore_key(spec)
+    if key is not None:
+        with d.lock(key):
             snap = snapshot.restore_source(ctx, a.pool, a.volume, spec)
             assert snap is not None
             _make(ctx, a, d, rec, spec, snap)

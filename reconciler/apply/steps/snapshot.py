@@ -185,18 +185,32 @@ def delete(ctx: StepContext, h: Held) -> StepResult:
     return "done", ""
 
 
+def _restore_of(spec: Mapping[str, Any]) -> tuple[SnapshotSource, str] | None:
+    source = spec.get("source")
+    if not isinstance(source, dict) or "snapshot" not in source:
+        return None
+    src = SnapshotSource.model_validate(source)
+    inst, disk, name = src.parts()
+    return src, snapshot_name(volume_name(inst, disk), name)
+
+
+def restore_key(spec: Mapping[str, Any]) -> str | None:
+    """The key (VOLUME+snap-NAME: its record's volume, its lock's name) of the snapshot
+    the disk `spec` describes is restored from; None: its source is no snapshot."""
+    got = _restore_of(spec)
+    return None if got is None else got[1]
+
+
 def restore_source(
     ctx: StepContext, pool: str, volume: str, spec: Mapping[str, Any]
 ) -> DiskRecord | None:
     """The ready snapshot record the disk `spec` describes is restored from (None: its
     source is no snapshot); ReconcileError where it cannot be (apply refuses what the
     plan refuses: snapshot-missing, snapshot-unsupported)."""
-    source = spec.get("source")
-    if not isinstance(source, dict) or "snapshot" not in source:
+    got = _restore_of(spec)
+    if got is None:
         return None
-    src = SnapshotSource.model_validate(source)
-    inst, disk, name = src.parts()
-    key = snapshot_name(volume_name(inst, disk), name)
+    src, key = got
     snap = ctx.records.get(pool, key)
     where = f"{pool}/{volume}"
     if snap is None or snap.kind is not RecordKind.SNAPSHOT or snap.state is not RecordState.READY:

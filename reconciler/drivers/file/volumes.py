@@ -238,9 +238,12 @@ class PoolDir:
         with open_volume(self.path(volume)) as fd:
             yield FileSink(fd, f"{self.name}/{volume}")
 
-    def rename(self, old: str, new: str, *, replace: bool) -> None:
+    def rename(self, old: str, new: str, *, replace: bool, refresh: bool = True) -> None:
         """rename(2) in the pool's directory: atomic, so the name always holds one whole
-        volume. Without `replace`, link then unlink, which never takes an existing name."""
+        volume. Without `replace`, link then unlink, which never takes an existing name.
+        `refresh`: have libvirt re-read the pool's directory after (False: it sees the new
+        name at the pool's next listing, list_volumes; a volume it has not seen is
+        deleted without it, _delete_in)."""
         src, dst = self.path(old), self.path(new)
         if not stat.S_ISREG(os.lstat(src).st_mode):
             raise NotAFile(f"{src} is not a regular file; refusing to rename it")
@@ -266,7 +269,8 @@ class PoolDir:
             os.fsync(root_fd)  # the new name is durable before the record says so
         finally:
             os.close(root_fd)
-        self.refresh()
+        if refresh:
+            self.refresh()
 
     def delete(self, volume: str) -> None:
         """Remove a volume the caller has a record for; a missing one is fine."""

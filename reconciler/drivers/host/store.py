@@ -26,7 +26,7 @@ import socket
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -120,6 +120,8 @@ class SharedRecordStore(RecordStore, Protocol):
 
 # Layout 2 added the `meta` table (the store's identity); a layout-1 database is upgraded.
 DB_VERSION = 2
+# Instances per query of for_instances (well under SQLite's limit of bound parameters).
+_IN_CHUNK = 500
 DEFAULT_LOCK_TIMEOUT = 30.0  # seconds to wait for another process's write (state.lockTimeout)
 REBUILD = (
     "restore it from a backup, or rebuild the records from the pools with "
@@ -352,6 +354,35 @@ class SqliteRecordStore:
                 "SELECT pool, volume, data FROM records WHERE instance=?", (instance,)
             ).fetchall()
         return [_parse(pool, volume, data) for pool, volume, data in rows]
+
+    def for_instances(self, instances: Sequence[str]) -> dict[str, list[DiskRecord] | RecordError]:
+        """for_instance() of each of `instances`, read in one transaction (a few queries
+        of many instances each, not one per instance) and in the same order; an instance
+        whose record cannot be parsed gets that RecordError, as for_instance would raise
+        it, and the others their records."""
+        rows: dict[str, list[tuple[str, str, str]]] = {i: [] for i in instances}
+        wanted = list(rows)
+        with self._lock, self._errors():
+            self._db.execute("BEGIN")
+            try:
+                for at in range(0, len(wanted), _IN_CHUNK):
+                    chunk = wanted[at : at + _IN_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    for instance, pool, volume, data in self._db.execute(
+                        "SELECT instance, pool, volume, data FROM records "
+                        f"WHERE instance IN ({marks}) ORDER BY instance, pool, volume",
+                        chunk,
+                    ):
+                        rows[instance].append((pool, volume, data))
+            finally:
+                self._db.execute("COMMIT")
+        out: dict[str, list[DiskRecord] | RecordError] = {}
+        for instance, got in rows.items():
+            try:
+                out[instance] = [_parse(pool, volume, data) for pool, volume, data in got]
+            except RecordError as e:
+                out[instance] = e
+        return out
 
     def put(
         self, record: DiskRecord, expect_generation: int | None, *, durable: bool = True
