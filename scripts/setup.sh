@@ -130,6 +130,12 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "$want" >"$stamp"
 fi
 
+# This package is installed editable: its modules are compiled here, as pip compiles an
+# installed package, so a command does not compile ~100 modules on every start wherever
+# the environment forbids writing __pycache__ (PYTHONDONTWRITEBYTECODE; 0.5 s of CPU,
+# measured on `reconcile disks`). Only what changed since the last run is compiled again.
+.venv/bin/python -m compileall -q -j 0 reconciler >/dev/null || die "compiling reconciler/ failed"
+
 # Debian builds rados/rbd for its own python3 (3.11): another venv python cannot load them,
 # and the rbd tests then skip, saying why.
 if [ "$WITH_CEPH" = 1 ] && ! link_debian_ceph .venv; then
