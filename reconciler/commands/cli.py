@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from reconciler import __version__
-from reconciler.commands import internal
 from reconciler.commands.exits import EXIT_ERROR, EXIT_OK
 from reconciler.model.errors import ReconcileError
 
@@ -156,6 +155,11 @@ def _verbose(argv: Sequence[str]) -> bool:
 
 
 def _internal_error(e: BaseException, *, verbose: bool) -> int:
+    # Imported only on the way out of a failed run: tempfile and traceback are not small,
+    # and a run that does not fail (every run the start-up figures of issue 27 time) needs
+    # neither.
+    from reconciler.commands import internal
+
     line = f"reconcile: internal error: {internal.one_line(e)}"
     tb = internal.traceback_text(e)
     where = None if verbose or not tb else internal.keep_traceback(tb)
