@@ -116,3 +116,31 @@ def test_version_and_validates_help_import_no_schema_and_no_other_command(
     assert not {"pydantic", "reconciler.schema.config", "reconciler.control.session"} & loaded
     ran = {SUBCOMMANDS[argv[0]]} if argv[0] in SUBCOMMANDS else set()
     assert set(SUBCOMMANDS.values()) & loaded == ran
+
+
+@pytest.mark.parametrize("setting", [None, "__all__", "some-plugin"])
+def test_no_pydantic_plugins_unless_asked_for(setting: str | None) -> None:
+    """Start-up (issue 27): the CLI has pydantic find no plugins, without importing
+    importlib.metadata to look for them; PYDANTIC_DISABLE_PLUGINS set to anything but
+    "disable all" leaves pydantic's own lookup in place."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from reconciler.commands import cli\n"
+        "cli.no_pydantic_plugins()\n"
+        "from pydantic import BaseModel\n"
+        "class M(BaseModel):\n"
+        "    x: int\n"
+        "assert M.model_validate({'x': 1}).x == 1\n"
+        "print('importlib.metadata' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    if setting is not None:
+        env["PYDANTIC_DISABLE_PLUGINS"] = setting
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(setting == "some-plugin")

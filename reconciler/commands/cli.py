@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from reconciler import __version__
-from reconciler.commands import internal
 from reconciler.commands.exits import EXIT_ERROR, EXIT_OK
 from reconciler.model.errors import ReconcileError
 
@@ -43,6 +42,24 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "reconciler.commands.export",
 }
 DEFAULT_COMMAND = "reconciler.commands.plan"
+
+
+def no_pydantic_plugins() -> None:
+    """Load no pydantic plugin: pydantic looks its plugins up as entry points of every
+    installed distribution when it builds its first model, and importing
+    importlib.metadata for that (email, zipfile, csv) and the scan were 6% of the
+    instructions of a no-op re-run over 500 disks (cachegrind; issue 27). The reconciler
+    uses none, and its validation of input others can write runs no third-party hook.
+    PYDANTIC_DISABLE_PLUGINS set to anything but pydantic's "disable all" values (`__all__`,
+    `1`, `true`) loads them as pydantic would; with it unset or set to one of those, the
+    lookup is replaced by one that finds none (pydantic itself returns none then, but only
+    after the import). Only before pydantic has built a model: after, nothing changes."""
+    if os.environ.get("PYDANTIC_DISABLE_PLUGINS", "__all__") not in ("__all__", "1", "true"):
+        return
+    if "pydantic.plugin._loader" not in sys.modules:
+        loader = ModuleType("pydantic.plugin._loader", "No pydantic plugins (reconciler CLI).")
+        loader.get_plugins = lambda: ()  # type: ignore[attr-defined]
+        sys.modules["pydantic.plugin._loader"] = loader
 
 
 def command_module(name: str | None) -> ModuleType:
@@ -102,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run quietly, as other Unix tools do."""
     argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     _output_never_fails()
+    no_pydantic_plugins()
     try:
         if argv == ["--version"]:  # what the default command's parser prints, without it
             print(f"reconcile {__version__}")
@@ -156,6 +174,11 @@ def _verbose(argv: Sequence[str]) -> bool:
 
 
 def _internal_error(e: BaseException, *, verbose: bool) -> int:
+    # Imported only on the way out of a failed run: tempfile and traceback are not small,
+    # and a run that does not fail (every run the start-up figures of issue 27 time) needs
+    # neither.
+    from reconciler.commands import internal
+
     line = f"reconcile: internal error: {internal.one_line(e)}"
     tb = internal.traceback_text(e)
     where = None if verbose or not tb else internal.keep_traceback(tb)

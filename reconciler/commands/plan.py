@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from reconciler import __version__
-from reconciler.commands import saved_plan
 from reconciler.commands.common import (
     EXIT_CHANGES,
     EXIT_ERROR,
@@ -195,6 +194,10 @@ def _plan(argv: Sequence[str]) -> int:
         observed = s.load_and_observe(args.paths)
         p = s.plan(observed)
         if args.plan_out:
+            # Imported only here: its schema of a saved plan is built when its module is
+            # imported, and a plan that is not saved (every apply) needs none of it.
+            from reconciler.commands import saved_plan
+
             made = saved_plan.made_from(config, s.desired, s.options)
             write_atomic(args.plan_out, to_json(p, {"saved_plan": made}))
         if args.dry_run:

@@ -7,7 +7,7 @@ import re
 import socket
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -30,6 +30,18 @@ from reconciler.schema.common import (
 
 DEFAULT_CONFIG = "/etc/reconciler/config.yaml"
 CONFIG_ENV = "RECONCILER_CONFIG"
+
+
+# Default factories written in Python, not `list`/`dict`: pydantic asks each factory for
+# its signature when it builds a model, and a builtin's comes from parsing its text
+# signature with tokenize, whose first use compiles a large regular expression: 14M
+# instructions, 1% of a no-op re-run over 500 disks (cachegrind; issue 27).
+def _empty_list() -> list[Any]:
+    return []
+
+
+def _empty_dict() -> dict[Any, Any]:
+    return {}
 
 
 class ImageFormat(StrEnum):
@@ -74,7 +86,7 @@ class CephConfig(BaseModel):
         "domain's rbd disks authenticate with; needed by `reconcile disks` for this pool",
     )
     monitors: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$")]] = Field(
-        default_factory=list,
+        default_factory=_empty_list,
         description="the monitors a domain's rbd disks connect to, as HOST:PORT (v1 "
         "protocol); empty: the v1 addresses of `mon_host` in `conf`",
     )
@@ -94,7 +106,7 @@ class LvmConfig(BaseModel):
         description="the LVM volume group holding the disks",
     )
     devices: list[Annotated[str, Field(pattern=r"^/dev/[^,\s]+$")]] = Field(
-        default_factory=list,
+        default_factory=_empty_list,
         description="the VG's physical volumes: LVM then scans and opens only these "
         "(`--devices`), never the host's other block devices; empty: the host's own LVM "
         "device configuration decides",
@@ -398,7 +410,7 @@ class Config(BaseModel):
     state: StateConfig
     ownership: OwnershipConfig = Field(default_factory=lambda: OwnershipConfig())
     pools: dict[Name, PoolConfig] = Field(min_length=1)
-    images: dict[Name, ImageConfig] = Field(default_factory=dict)
+    images: dict[Name, ImageConfig] = Field(default_factory=_empty_dict)
     safety: SafetyConfig = Field(default_factory=lambda: SafetyConfig())
     libvirt: LibvirtConfig = Field(default_factory=lambda: LibvirtConfig())
     fetch: FetchConfig = Field(default_factory=lambda: FetchConfig())

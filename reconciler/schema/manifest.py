@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -32,6 +33,12 @@ from reconciler.schema.common import (
 )
 from reconciler.schema.recordcheck import SNAPSHOT_NAME_RE, SNAPSHOT_REF_RE
 
+# STRICT, with each model's validator built when it first validates rather than when its
+# class is made: a run whose manifests all come from the manifest cache (every re-run of a
+# converged host, schema/speed/mcache.py) validates none and was building them all at
+# import (issue 27).
+MANIFEST = ConfigDict(**STRICT, defer_build=True)
+
 
 class TemplateKind(StrEnum):
     BLANK = "blank"
@@ -51,14 +58,14 @@ _VFAT_LABEL_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-!#$%&'()@^`{}
 class ImageSource(BaseModel):
     """The disk's content comes from an image in the config's catalog."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     image: Name
 
 
 class TemplateSource(BaseModel):
     """The disk is made from a template: blank, swap, or an empty filesystem."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     template: TemplateKind = Field(strict=False)
     label: str | None = None
 
@@ -121,7 +128,7 @@ class SnapshotSource(BaseModel):
     """The disk is made from a snapshot of a disk (a restore): INSTANCE/DISK@NAME. It is
     recorded as the disk's source, and only read when the disk is made."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     snapshot: str = Field(
         json_schema_extra={"pattern": json_pattern(SNAPSHOT_REF_RE)},
         description="INSTANCE/DISK@NAME: a snapshot the reconciler took, in the same pool, "
@@ -184,7 +191,7 @@ DEFAULT_BUS = {"vd": Bus.VIRTIO, "sd": Bus.SCSI, "hd": Bus.IDE}
 class DiskTarget(BaseModel):
     """Where the guest sees the disk: libvirt's `<target dev= bus=>`."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     dev: str = Field(
         pattern=r"^(vd|sd|hd)[a-z]{1,3}$",
         description="the guest's device name: vdX (virtio), sdX (scsi, sata, usb), hdX (ide)",
@@ -209,7 +216,7 @@ class IoTune(BaseModel):
     A total limit and a read or write limit of the same kind cannot both be set
     (libvirt refuses it)."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     total_bytes_sec: Rate | None = Field(None, alias="totalBytesSec")
     read_bytes_sec: Rate | None = Field(None, alias="readBytesSec")
     write_bytes_sec: Rate | None = Field(None, alias="writeBytesSec")
@@ -250,7 +257,7 @@ class EncryptionSpec(BaseModel):
     in a libvirt secret). Part of the spec: recorded and planned; changing it on a disk
     that exists is a plan error (a migrate into the new layout, not built yet)."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     format: EncryptionFormat = Field(
         strict=False,
         description="luks: qemu's LUKS (raw files, LVs and rbd images as qemu's luks format, "
@@ -266,7 +273,7 @@ class AttachSpec(BaseModel):
     it changes only the `<disk>` element `reconcile disks` gives). A compute service may
     override each field (reconciler.client)."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     target: DiskTarget | None = Field(
         None, description="default: the next free vdX in the manifest's order, bus virtio"
     )
@@ -284,7 +291,7 @@ class AttachSpec(BaseModel):
 class DiskSpec(BaseModel):
     """One disk of an instance."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     name: Name
     backend: Backend = Field(strict=False)
     pool: Name
@@ -388,7 +395,7 @@ class DiskSpec(BaseModel):
 class Manifest(BaseModel):
     """The storage manifest of one instance."""
 
-    model_config = STRICT
+    model_config = MANIFEST
     api_version: Literal["reconciler/v1"] = Field(alias="apiVersion")
     kind: Literal["InstanceStorage"]
     instance: str
