@@ -310,7 +310,8 @@ def _clone(
     # A clone starts with its parent's metadata, so with the entry's record copy: replace
     # it by this disk's own (its intent) before anything else. Written on the header
     # (copies.py), so librbd's own metadata_set does not make the open below refresh.
-    copies.write_copy(c, rec.volume, rec.model_dump_json())
+    # Not grown: the snapshot's size was the disk's, as its header says.
+    copies.write_copy(c, rec.volume, rec.model_dump_json(), size=None if grow else rec.virtual_size)
     if grow:
         with c.image(rec.volume) as img, c.op(f"growing {rec.volume}"):
             if img.size() < rec.virtual_size:

@@ -54,15 +54,25 @@ def _enc(b: bytes) -> bytes:
     return struct.pack("<I", len(b)) + b
 
 
-def write_copy(c: Cluster, volume: str, record: str) -> None:
+def write_copy(c: Cluster, volume: str, record: str, *, size: int | None = None) -> None:
     """Set image `volume`'s record copy (see the module docstring: one read of its id,
-    one guarded write on its header); ReconcileError if the image is gone."""
+    one guarded write on its header); ReconcileError if the image is gone, or if `size`
+    is given and the image is not that size (read from its header first: a clone that
+    is never opened)."""
     rados, _ = mods()
     io = c.io()
     with c.op(f"writing {volume}'s record"):
         _, out = io.execute(f"rbd_id.{volume}", "rbd", "get_id", b"")
         (n,) = struct.unpack_from("<I", out)
         image_id = bytes(out[4 : 4 + n]).decode()
+        if size is not None:
+            _, out = io.execute(f"rbd_header.{image_id}", "rbd", "get_size", _NOSNAP)
+            _, has = struct.unpack_from("<BQ", out)  # its order, its size
+            if has != size:
+                raise ReconcileError(
+                    f"pool {c.name}: image {volume} holds {has} bytes, not its record's "
+                    f"{size}: the snapshot it was cloned from was not made by this reconciler"
+                )
         data = struct.pack("<I", 1) + _enc(RECORD_KEY.encode()) + _enc(record.encode())
         with rados.WriteOpCtx() as op:
             op.execute("rbd", "get_size", _NOSNAP)  # the header exists: never made again
