@@ -1,6 +1,9 @@
 """An rbd pool's image cache, in the pool (DESIGN invariant 5): cache entries are RBD images
-`_cache_image-…` and `_cache_template-…` (names as for file pools), each with one snapshot
-`base` that the disks are cloned from (drivers/rbd/clone.py). An entry is never a clone,
+`_cache_image-…` and `_cache_template-…` (names as for file pools), each with a snapshot
+`base` that the disks of its size are cloned from (drivers/rbd/clone.py), and one
+`base-<size>` per larger disk size in use (`make_sized`: the same data, zeros past it), so
+a clone needs no grow: a grow opens the clone and its parent (two librbd image contexts,
+most of a disk's client CPU) and takes the clone's lock. An entry is never a clone,
 so every disk has clone depth 1 by construction and nothing ever needs flattening. The
 flows around an entry (its record first, its lock, the uses that retry) are
 drivers/flows/entries.py's; this module says where an entry's bytes go.
@@ -18,7 +21,11 @@ Order of steps and what a crash between them leaves (each found and finished or 
 the next run): entry record `creating` -> temporary image `.reconciler-tmp-<entry>`
 (written under the entry's lock; swept) -> snapshot -> renamed to the entry (a `creating`
 entry with an image: removed and made again) -> record `ready`. An entry's image is never
-removed while RBD reports clones of it.
+removed while RBD reports clones of it. A sized snapshot (under the entry's lock held
+shared, and its sizing lock): head grown -> snapshot -> head shrunk back to `base`'s size;
+a crash leaves at most a larger head (nothing reads the head: an encrypted copy reads
+`base`), made right by the next maker; the entry's removal takes its sized snapshots and
+its sizing lock's object.
 """
 
 from __future__ import annotations
