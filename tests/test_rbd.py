@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.drivers.rbd.cache import SNAP
+from reconciler.drivers.rbd.cache import SNAP, sized_snap, sizing_lock
 from reconciler.drivers.rbd.copies import RECORD_KEY
+from reconciler.drivers.rbd.leases import lock_object
 from reconciler.drivers.rbd.records import RadosRecordStore
 from reconciler.model.record import DiskRecord, RecordKind, RecordState
 from tests.conftest_ceph import Ceph
@@ -105,14 +106,24 @@ def test_whole_cycle_through_the_cli(site: RbdSite, tmp_path: Path) -> None:
     # One entry per image (raw and qcow2) and per (template, size, label): swap 8M, ext4,
     # swap 4M of the keeper.
     assert len(entries) == 5, entries
-    # Each disk but the blank one is a clone (depth 1) of an entry's snapshot, grown to size.
-    for name in ("root", "other", "swap", "data"):
+    # Each disk but the blank one is a clone (depth 1) of an entry's snapshot: `base`
+    # where the disk is the entry's size (a template's), else the entry's snapshot of the
+    # disk's size (no grow), whose head stays the entry's size.
+    sizes = {"root": 16 * MiB, "other": 8 * MiB, "swap": 8 * MiB, "data": 8 * MiB}
+    for name, snap in [
+        ("root", sized_snap(16 * MiB)),
+        ("other", sized_snap(8 * MiB)),
+        ("swap", SNAP),
+        ("data", SNAP),
+    ]:
         parent = site.parent(vol[name])
-        assert parent is not None and parent[0] in entries and parent[1] == SNAP, (name, parent)
+        assert parent is not None and parent[0] in entries and parent[1] == snap, (name, parent)
         assert site.parent(parent[0]) is None  # an entry is never a clone
+        assert site.size(vol[name]) == sizes[name]
     assert site.parent(vol["blank"]) is None
-    assert site.size(vol["root"]) == 16 * MiB
     data = raw.read_bytes()
+    root_entry = site.parent(vol["root"])[0]  # type: ignore[index]
+    assert site.size(root_entry) == len(data)
     assert site.read(vol["root"], len(data)) == data
     assert site.read(vol["other"], len(data)) == data  # qcow2 converted to raw
     assert site.read(vol["root"], MiB, 15 * MiB) == bytes(MiB)
@@ -176,6 +187,16 @@ def test_whole_cycle_through_the_cli(site: RbdSite, tmp_path: Path) -> None:
     assert left == {keeper_entry[0]}, (left, out)
     recs = {r.volume: r for r in records(site, ns, "host-a")}
     assert {v for v in recs if v.startswith("_cache_")} == left
+    # An entry removed takes its sized snapshots and their lock object with it.
+    import rados
+
+    ioctx = site.ceph.cluster.open_ioctx(site.pool)
+    try:
+        ioctx.set_namespace(ns)
+        with pytest.raises(rados.ObjectNotFound):
+            ioctx.stat(lock_object(sizing_lock(root_entry)))
+    finally:
+        ioctx.close()
 
 
 def run_cache(env: Env, *args: str) -> tuple[int, str]:

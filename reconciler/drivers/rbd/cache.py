@@ -1,6 +1,9 @@
 """An rbd pool's image cache, in the pool (DESIGN invariant 5): cache entries are RBD images
-`_cache_image-…` and `_cache_template-…` (names as for file pools), each with one snapshot
-`base` that the disks are cloned from (drivers/rbd/clone.py). An entry is never a clone,
+`_cache_image-…` and `_cache_template-…` (names as for file pools), each with a snapshot
+`base` that the disks of its size are cloned from (drivers/rbd/clone.py), and one
+`base-<size>` per larger disk size in use (`make_sized`: the same data, zeros past it), so
+a clone needs no grow: a grow opens the clone and its parent (two librbd image contexts,
+most of a disk's client CPU) and takes the clone's lock. An entry is never a clone,
 so every disk has clone depth 1 by construction and nothing ever needs flattening. The
 flows around an entry (its record first, its lock, the uses that retry) are
 drivers/flows/entries.py's; this module says where an entry's bytes go.
@@ -18,7 +21,11 @@ Order of steps and what a crash between them leaves (each found and finished or 
 the next run): entry record `creating` -> temporary image `.reconciler-tmp-<entry>`
 (written under the entry's lock; swept) -> snapshot -> renamed to the entry (a `creating`
 entry with an image: removed and made again) -> record `ready`. An entry's image is never
-removed while RBD reports clones of it.
+removed while RBD reports clones of it. A sized snapshot (under the entry's lock held
+shared, and its sizing lock): head grown -> snapshot -> head shrunk back to `base`'s size;
+a crash leaves at most a larger head (nothing reads the head: an encrypted copy reads
+`base`), made right by the next maker; the entry's removal takes its sized snapshots and
+its sizing lock's object.
 """
 
 from __future__ import annotations
@@ -43,6 +50,51 @@ if TYPE_CHECKING:
     from reconciler.drivers.ingest.check import Checked
 
 SNAP = "base"  # the snapshot of a cache entry that disks are cloned from
+SIZE_WAIT = 5.0  # seconds to wait for another maker of a sized snapshot before growing
+
+
+def sized_snap(size: int) -> str:
+    """The snapshot of an entry holding its data at `size` bytes (zeros past its own)."""
+    return f"{SNAP}-{size}"
+
+
+def sizing_lock(entry: str) -> str:
+    """The lock under which an entry's sized snapshots are made (see make_sized)."""
+    return f"{entry}@sizes"
+
+
+def make_sized(c: Cluster, entry: str, size: int) -> bool:
+    """Snapshot `sized_snap(size)` of ready entry `entry` (held shared by the caller),
+    made unless present: the entry's head grown to `size`, snapshotted and shrunk back,
+    under the entry's sizing lock so two makers never snapshot each other's size. A disk
+    of that size is then a clone of it with no grow (clone.py). False if another maker
+    held the lock past SIZE_WAIT: the caller grows instead."""
+    from reconciler.drivers.rbd.leases import LockBusy
+
+    snap = sized_snap(size)
+    try:
+        with c.locks().hold(sizing_lock(entry), wait=SIZE_WAIT):
+            with c.image(entry) as img, c.op(f"making snapshot {entry}@{snap}"):
+                sizes = {str(s["name"]): int(s["size"]) for s in img.list_snaps()}
+                base = sizes.get(SNAP)
+                if base is None or size < base:
+                    raise ReconcileError(f"pool {c.name}: {entry}@{SNAP} is gone or larger")
+                if snap not in sizes:
+                    # The head is `base` (nothing is written after it): grown, snapshotted,
+                    # and back to base's size, so the head reads as the entry again.
+                    img.resize(size)
+                    img.create_snap(snap)
+                    img.resize(base, allow_shrink=True)
+                    sizes = {str(s["name"]): int(s["size"]) for s in img.list_snaps()}
+            if sizes.get(snap) != size:
+                raise ReconcileError(
+                    f"pool {c.name}: snapshot {entry}@{snap} holds {sizes.get(snap)} bytes, "
+                    f"not {size}; it was not made by this reconciler: remove it"
+                )
+    except LockBusy:
+        return False
+    faults.point("cache.sized.created")
+    return True
 
 
 def remove_entry(c: Cluster, entry: str) -> None:
@@ -53,7 +105,7 @@ def remove_entry(c: Cluster, entry: str) -> None:
 
 
 def remove_entry_image(c: Cluster, entry: str) -> None:
-    """Remove an entry's image with its snapshot; refused while clones exist."""
+    """Remove an entry's image with its snapshots; refused while clones exist."""
     _, rbd = mods()
     with c.op(f"removing cache entry image {entry}"):
         try:
@@ -65,12 +117,19 @@ def remove_entry_image(c: Cluster, entry: str) -> None:
                 raise ReconcileError(
                     f"not removing cache entry {c.name}/{entry}: RBD reports clones of it"
                 )
-            for s in list(img.list_snaps()) if img is not None else []:
-                img.remove_snap(s["name"])
+            snaps = [str(s["name"]) for s in img.list_snaps()] if img is not None else []
+            for snap in snaps:
+                img.remove_snap(snap)
         finally:
             if img is not None:
                 img.close()
     remove_image(c, entry, "cache entry")
+    if any(s != SNAP for s in snaps):
+        # Its sizing lock's object goes with it, if free (a maker holds the entry shared,
+        # and the caller holds it exclusively: only a dead maker's lease can be left).
+        with c.locks().attempt(sizing_lock(entry)) as h:
+            if h is not None:
+                h.remove = True
 
 
 def _new_temp(c: Cluster, entry: str, size: int) -> str:

@@ -46,10 +46,9 @@ from reconciler.drivers.flows.qemuimg import (
 from reconciler.drivers.host import keys
 from reconciler.drivers.host.run import run
 from reconciler.drivers.host.store import ConflictError
-from reconciler.drivers.rbd import io
-from reconciler.drivers.rbd.cache import SNAP
+from reconciler.drivers.rbd import copies, io
+from reconciler.drivers.rbd.cache import SNAP, make_sized, sized_snap
 from reconciler.drivers.rbd.cluster import Cluster, mods
-from reconciler.drivers.rbd.copies import RECORD_KEY
 from reconciler.drivers.rbd.images import create_empty
 from reconciler.model.errors import ReconcileError
 from reconciler.model.record import DiskRecord
@@ -167,16 +166,35 @@ class Clones:
             raise entries.EntryGone from None  # its record went meanwhile: made again
         faults.point("cache.reference.added")
         try:
-            _clone(c, c.io(), entry, SNAP, rec)
+            self._clone_entry(rec, entry, cached)
         except BaseException:
             with contextlib.suppress(ReconcileError):
                 records.drop_reference(c.name, entry, rec.volume)
             raise
 
+    def _clone_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
+        """The clone of entry@base when the disk is the entry's size; else of the entry's
+        snapshot of the disk's size, which needs no grow (a grow opens the clone and its
+        parent again and takes the clone's lock): made once per size, and while another
+        maker holds it too long, entry@base and a grow."""
+        c = self.c
+        try:
+            if cached.virtual_size == rec.virtual_size:
+                _clone(c, c.io(), entry, SNAP, rec, grow=False)
+                return
+            try:
+                _clone(c, c.io(), entry, sized_snap(rec.virtual_size), rec, grow=False)
+            except _NoParent:
+                sized = make_sized(c, entry, rec.virtual_size)
+                snap = sized_snap(rec.virtual_size) if sized else SNAP
+                _clone(c, c.io(), entry, snap, rec, grow=not sized)
+        except _NoParent:
+            raise ReconcileError(f"pool {c.name}: cache entry {entry} is gone") from None
+
     def _encrypted_from_entry(self, rec: DiskRecord, entry: str, cached: DiskRecord) -> None:
         """A full copy of ready cache entry `entry` (held shared by the caller) into an
         encrypted disk `rec`."""
-        with io.export(self.c, entry) as src_fd:
+        with io.export(self.c, entry, SNAP) as src_fd:
             self._encrypted(rec, src_fd)
 
     def _encrypted(self, rec: DiskRecord, src_fd: int | None) -> None:
@@ -196,8 +214,7 @@ class Clones:
                     what=f"copy into {rec.volume} (encrypted)",
                 )
             create_empty(self.c, rec.volume, length)
-            with self.c.image(rec.volume) as img, self.c.op(f"recording {rec.volume}"):
-                img.metadata_set(RECORD_KEY, rec.model_dump_json())
+            copies.write_copy(self.c, rec.volume, rec.model_dump_json())
             faults.point("volume.created")
             io.write_file(self.c, fd, rec.volume, length)
         faults.point("volume.filled")
@@ -236,7 +253,10 @@ class Clones:
                     f"image {image_id}: {where} ({size} bytes) is larger than the disk "
                     f"({rec.virtual_size})"
                 )
-            _clone(c, pio, name, snap, rec)
+            try:
+                _clone(c, pio, name, snap, rec, grow=True)
+            except _NoParent:
+                raise ReconcileError(f"image {image_id}: {where} is gone") from None
         finally:
             pio.close()
 
@@ -270,19 +290,30 @@ def _look_at(
     return size, has_parent
 
 
-def _clone(c: Cluster, parent_io: Any, parent: str, snap: str, rec: DiskRecord) -> None:
-    """Clone parent@snap (v2) as the disk and grow it to the disk's size."""
+class _NoParent(Exception):
+    """The image or snapshot a clone was to be made of does not exist."""
+
+
+def _clone(
+    c: Cluster, parent_io: Any, parent: str, snap: str, rec: DiskRecord, *, grow: bool
+) -> None:
+    """Clone parent@snap (v2) as the disk and, if `grow`, grow it to the disk's size."""
     _, rbd = mods()
     with c.op(f"cloning {parent}@{snap} as {rec.volume}"):
         try:
             rbd.RBD().clone(parent_io, parent, snap, c.io(), rec.volume)
         except rbd.ImageExists:
             raise c.appeared(rec.volume) from None
+        except rbd.ImageNotFound:
+            raise _NoParent from None
     faults.point("volume.cloned")
-    with c.image(rec.volume) as img, c.op(f"growing {rec.volume}"):
-        # A clone starts with its parent's metadata, so with the entry's record copy:
-        # replace it by this disk's own (its intent) before anything else.
-        img.metadata_set(RECORD_KEY, rec.model_dump_json())
-        if img.size() < rec.virtual_size:
-            img.resize(rec.virtual_size)
+    # A clone starts with its parent's metadata, so with the entry's record copy: replace
+    # it by this disk's own (its intent) before anything else. Written on the header
+    # (copies.py), so librbd's own metadata_set does not make the open below refresh.
+    # Not grown: the snapshot's size was the disk's, as its header says.
+    copies.write_copy(c, rec.volume, rec.model_dump_json(), size=None if grow else rec.virtual_size)
+    if grow:
+        with c.image(rec.volume) as img, c.op(f"growing {rec.volume}"):
+            if img.size() < rec.virtual_size:
+                img.resize(rec.virtual_size)
     faults.point("volume.created")

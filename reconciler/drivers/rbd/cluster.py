@@ -233,10 +233,12 @@ class Cluster:
             self._gone.add(volume)
 
     @contextmanager
-    def image(self, volume: str, *, read_only: bool = False) -> Iterator[Any]:
+    def image(
+        self, volume: str, *, read_only: bool = False, snapshot: str | None = None
+    ) -> Iterator[Any]:
         _, rbd = mods()
         with self.op(f"opening image {volume}"):
-            img = rbd.Image(self.io(), volume, read_only=read_only)
+            img = rbd.Image(self.io(), volume, snapshot=snapshot, read_only=read_only)
         try:
             yield img
         finally:

@@ -14,10 +14,20 @@ cannot make the next plan destroy something (reconciler/commands/rebuild.py).
 A clone starts with its parent's metadata, so with its cache entry's copy: until the
 clone's own is written (drivers/rbd/clone.py writes it first), that inherited one says
 nothing about the clone and is read as no copy.
+
+A copy is written with one RADOS call on the image's header object (cls_rbd
+`metadata_set`, what librbd's own metadata_set sends), after one read of the image's id:
+opening the image through librbd would build two image contexts (the clone's and its
+parent's, each a copy of the whole client configuration) and take its exclusive lock, some
+forty round trips and most of a disk's client CPU, for one omap key. The write is guarded
+in the same op by a read of the header (`get_size`), so an image removed meanwhile fails
+it instead of a header object being made again. librbd caches no metadata but `conf_`
+keys, so a client with the image open (a running guest) sees nothing stale.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from reconciler.drivers.api import NoCopy, RecordCopies
@@ -37,11 +47,43 @@ RECORD_KEY = "reconciler.record"  # RBD metadata: the image's copy of its record
 SNAPSHOT_KEY = "reconciler.snapshot."
 
 
+_NOSNAP = struct.pack("<Q", 0xFFFFFFFFFFFFFFFE)  # CEPH_NOSNAP: the image's head
+
+
+def _enc(b: bytes) -> bytes:
+    return struct.pack("<I", len(b)) + b
+
+
+def write_copy(c: Cluster, volume: str, record: str, *, size: int | None = None) -> None:
+    """Set image `volume`'s record copy (see the module docstring: one read of its id,
+    one guarded write on its header); ReconcileError if the image is gone, or if `size`
+    is given and the image is not that size (read from its header first: a clone that
+    is never opened)."""
+    rados, _ = mods()
+    io = c.io()
+    with c.op(f"writing {volume}'s record"):
+        _, out = io.execute(f"rbd_id.{volume}", "rbd", "get_id", b"")
+        (n,) = struct.unpack_from("<I", out)
+        image_id = bytes(out[4 : 4 + n]).decode()
+        if size is not None:
+            _, out = io.execute(f"rbd_header.{image_id}", "rbd", "get_size", _NOSNAP)
+            _, has = struct.unpack_from("<BQ", out)  # its order, its size
+            if has != size:
+                raise ReconcileError(
+                    f"pool {c.name}: image {volume} holds {has} bytes, not its record's "
+                    f"{size}: the snapshot it was cloned from was not made by this reconciler"
+                )
+        data = struct.pack("<I", 1) + _enc(RECORD_KEY.encode()) + _enc(record.encode())
+        with rados.WriteOpCtx() as op:
+            op.execute("rbd", "get_size", _NOSNAP)  # the header exists: never made again
+            op.execute("rbd", "metadata_set", data)
+            io.operate_write_op(op, f"rbd_header.{image_id}")
+
+
 def keep_record_copy(c: Cluster, rec: DiskRecord) -> None:
     """The image's copy of its record, in its RBD metadata (the back-pointer)."""
     try:
-        with c.image(rec.volume) as img, c.op(f"writing {rec.volume}'s record"):
-            img.metadata_set(RECORD_KEY, rec.model_dump_json())
+        write_copy(c, rec.volume, rec.model_dump_json())
     except ReconcileError as e:
         log.warning("record_copy.failed", pool=c.name, volume=rec.volume, error=str(e))
 

@@ -77,9 +77,10 @@ class ImageSink:
 
 
 @contextmanager
-def reader(c: Cluster, volume: str) -> Iterator[ImageSource]:
-    """The image as a disk reads it (a clone's parent data included), all of it."""
-    with c.image(volume, read_only=True) as img:
+def reader(c: Cluster, volume: str, snapshot: str | None = None) -> Iterator[ImageSource]:
+    """The image (at `snapshot`, if given) as a disk reads it (a clone's parent data
+    included), all of it."""
+    with c.image(volume, read_only=True, snapshot=snapshot) as img:
         yield ImageSource(c, img, volume)
 
 
@@ -97,11 +98,12 @@ def write_file(c: Cluster, fd: int, tmp: str, length: int) -> None:
 
 
 @contextmanager
-def export(c: Cluster, volume: str) -> Iterator[int]:
-    """The image's bytes (its parent's data included) in an unnamed local file
-    (O_TMPFILE: a crash leaves nothing), sparse: only data chunks are written."""
+def export(c: Cluster, volume: str, snapshot: str | None = None) -> Iterator[int]:
+    """The image's bytes (at `snapshot`, if given; its parent's data included) in an
+    unnamed local file (O_TMPFILE: a crash leaves nothing), sparse: only data chunks are
+    written."""
     with scratch() as fd:
-        with reader(c, volume) as src:
+        with reader(c, volume, snapshot) as src:
             os.ftruncate(fd, src.size)
             raw_copy(src, FileSink(fd, f"a local export of {c.name}/{volume}"))
         yield fd
