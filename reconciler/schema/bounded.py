@@ -39,6 +39,7 @@ from reconciler.model.errors import ReconcileError
 MAX_JSON_DEPTH = 64
 MAX_JSON_BYTES = 128 << 20
 _READ = 1 << 20
+_SMALL_READ = 1 << 16  # below malloc's mmap threshold: no mmap and munmap per read
 
 
 class UnsafeInput(ReconcileError, ValueError):
@@ -160,15 +161,19 @@ def read_file(path: str, *, what: str, max_bytes: int, follow_symlinks: bool = F
     try:
         parts: list[bytes] = []
         got = 0
+        # First the size fstat gave, and one byte to see growth: a read allocates what it
+        # asks for, and a 1 MiB buffer per small file was a third of reading a manifest.
+        want = st.st_size + 1
         while got <= max_bytes:  # the size may have grown since fstat
             try:
-                chunk = os.read(fd, min(_READ, max_bytes + 1 - got))
+                chunk = os.read(fd, min(want, _READ, max_bytes + 1 - got))
             except OSError as e:
                 raise NotRead(what, f"cannot read: {e.strerror}") from None
             if not chunk:
                 break
             parts.append(chunk)
             got += len(chunk)
+            want = max(st.st_size + 1 - got, _SMALL_READ)
         if got > max_bytes:
             raise NotRead(what, f"more than the {max_bytes} bytes allowed")
         return FileRead(b"".join(parts), st)
