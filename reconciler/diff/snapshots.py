@@ -91,7 +91,8 @@ def plan(draft: Draft, desired: Desired, settled: set[str], unsettled: set[str])
     takes: dict[tuple[str, str, str], list[tuple[DesiredDisk, DiskRecord, DiskRecord | None]]]
     takes = defaultdict(list)
     kept: set[tuple[str, str]] = set()  # disks that go, kept while a snapshot is in use
-    for key in sorted(set(snaps) | set(disks)):
+    # A disk with no snapshot records and none in its list has nothing here: most disks.
+    for key in sorted(set(snaps) | {k for k, d in disks.items() if d.spec.snapshots}):
         d = disks.get(key)
         have = {r.snapshot.name: r for r in snaps.get(key, ()) if r.snapshot}
         wanted = list(d.spec.snapshots or ()) if d is not None else []
