@@ -29,6 +29,22 @@ made whatever was timed first in a run the slowest. Each phase starts with nothi
 (os.sync). Targets (issue 27): the reconciler's throughput >= 1.0x the baseline's, from
 the medians of the rounds, at each data size. Printed, not asserted.
 
+Where a migration's time went (issue 27, 2 CPUs shared with other jobs, load 10-25; a
+wall-clock sampler over the worker threads, strace -f, timings per disk alternated within
+one run):
+  128 MiB  the copy (copy_file_range + write-back) ~40% of a worker's time; freeing the old
+           volume's blocks ~1/3 (unlink(2) of a file with 128 extents on ext4 mounted with
+           `discard`: 0.2-0.7 s, in proportion to its extents: 16 runs 30 ms); the
+           comparison (qemu-img compare: ~0.35 s with its process start) ~1/6; records
+           and libvirt calls the rest. Now the unlink returns at once (its blocks freed on
+           a thread) and the comparison is made in the process.
+  16 MiB   the records database ~40% (three durable commits per disk, each fdatasync made
+           under the store's one lock, so the four workers wait for each other's), the
+           copy and comparison ~45%; and the process's start-up (imports: 0.5-3 s under
+           load, of which compiling this checkout's modules where __pycache__ may not be
+           written, PYTHONDONTWRITEBYTECODE) is a no-op run's time, as long as the 20 bare
+           copies take. Both are outside the migrate step.
+
 `--reconcile` runs another command as the reconciler (e.g. another checkout's), for a
 before/after in one run.
 """
