@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -173,6 +174,41 @@ def test_one_dir_pool_to_another(pools: Pools, tmp_path: Path, backend: str, fmt
     assert rec is not None and rec.pool == "fast" and rec.migration is None
     assert content(moved, fmt, tmp_path) == want
     assert env.plan_json()["actions"] == []
+
+
+@pytest.mark.parametrize("where", ["data", "hole"])
+def test_a_copy_that_differs_is_removed_and_nothing_switched(
+    pools: Pools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A raw file copied to another pool's raw file is compared in this process
+    (flows/copy.py files_equal): a copy that reads otherwise than the original, at a byte
+    of its data or in one of its holes, is removed, and the disk stays where it was."""
+    from reconciler.drivers.file import migrate as file_migrate
+    from reconciler.drivers.flows.copy import raw_copy
+
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", size="16MiB")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    write_pattern(vol, "raw")
+    want = content(vol, "raw", tmp_path)
+
+    def spoiled(src: Any, dst: Any, **kw: Any) -> None:
+        raw_copy(src, dst, **kw)
+        at = 1 << 20 if where == "data" else 3 << 20  # write_pattern's data, or a hole
+        os.pwrite(dst.fd, b"\xee", at)
+
+    monkeypatch.setattr(file_migrate, "raw_copy", spoiled)
+    migrate_once(env, "vm", inst, disk("d", size="16MiB", pool="fast"))
+    rc, out, err = env.run()
+    assert rc == 1 and "differs from the original" in out + err
+    assert files(env, "fast") == set()  # the copy is gone
+    rec = record(env, "local", vol.name)
+    assert rec is not None and rec.migration is None and rec.state.value == "ready"
+    assert content(vol, "raw", tmp_path) == want
+    monkeypatch.undo()
+    apply_ok(env)  # a good copy, next time
+    assert not vol.exists() and content(env.volume(inst, "d", "fast"), "raw", tmp_path) == want
 
 
 def test_a_migration_may_also_grow_the_disk(pools: Pools, tmp_path: Path) -> None:

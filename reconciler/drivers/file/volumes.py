@@ -23,8 +23,10 @@ Crash windows and retries:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +86,45 @@ def _volume_xml(name: str, size: int, fmt: str, backing: str | None = None) -> s
         f"<allocation unit='bytes'>0</allocation><target><format type='{fmt}'/>{compat}"
         f"<permissions><mode>0600</mode></permissions></target>{back}</volume>"
     )
+
+
+def unlink_freeing_later(path: str) -> None:
+    """unlink(2) the regular file `path` (a missing one is fine), its blocks freed on a
+    thread of this process. The name goes now; the blocks go when the last descriptor on
+    the file closes, here one opened just before, closed by that thread. Freeing a file's
+    blocks takes time in proportion to its extents, not its size, and waits for the
+    journal: on ext4 with online discard 0.2-0.4 s for a 1 GiB file with 128 runs of 1 MiB
+    (16 runs: 30 ms), which a migration's worker spent waiting before its next copy (20
+    migrations of 128 MiB each: a third of the workers' time). The process waits for its
+    threads before it exits, so what a run removed is freed when it ends; a crash before
+    that frees it too (the kernel closes the descriptor; after a power cut ext4's orphan
+    list does)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotAFile(f"{path} is a symlink; refusing to delete") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"{path} is not a regular file; refusing to delete")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    if st.st_blocks == 0:
+        os.close(fd)  # nothing to free
+        return
+    threading.Thread(target=_close_quietly, args=(fd,), name="free", daemon=False).start()
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class PoolDir:
@@ -318,8 +359,7 @@ class PoolDir:
         # while the file system frees their blocks, and every other call on the pool waits
         # behind them (20 migrations of 128 MiB each: 2.4 s -> 2.0 s). The same unlink(2)
         # as libvirt's: a process that still has the file open keeps it until it closes it.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        unlink_freeing_later(path)
         try:
             vol.delete(0)
         except libvirt.libvirtError as e:
