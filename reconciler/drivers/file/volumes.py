@@ -100,6 +100,9 @@ def unlink_freeing_later(path: str) -> None:
     that frees it too (the kernel closes the descriptor; after a power cut ext4's orphan
     list does)."""
     try:
+        # Never open what is not a regular file (a device's open can act: a tape rewinds).
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise NotAFile(f"{path} is not a regular file; refusing to delete")
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return
