@@ -17,8 +17,9 @@ LVs' bytes are reached through their segment maps):
               zeros) from an identical entry LV, each fsync'ed.
 The two run in ABBA order (half the reconciler's disks, half the baseline's, the other half
 of the baseline's, the reconciler's other half), so the host's changing load weighs on
-both alike. Target (issue 12): reconciler throughput >= 0.8x the baseline's. Printed, not
-asserted.
+both alike. Target (issue 27): reconciler throughput >= 1.2x the baseline's (the bare
+loop is sequential; the reconciler runs 3 LVM commands per disk against its 2). Printed,
+not asserted.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from reconciler.schema.config import LvmConfig
 from tests.conftest_lvm import make_vg, not_available
 
 MiB = 1 << 20
+TARGET_RATIO = 1.2
 
 
 def manifest(d: Path, i: int, disk_size: int) -> None:
@@ -198,9 +200,10 @@ def main() -> None:
             print(f"{label:<28}{rec_s:>10.2f}{n / rec_s:>10.1f}")
             print(f"{'bare lvcreate + copy':<28}{bare_s:>10.2f}{n / bare_s:>10.1f}")
             print(f"{'reconciler no-op re-run':<28}{noop_s:>10.2f}   (a fixed cost of each run)")
+            print(f"load average at the end: {os.getloadavg()[0]:.2f}")
             print(
-                f"target: throughput against bare lvcreate + copy: {ratio:.2f}x (want >= 0.80x) "
-                f"-> {'PASS' if ratio >= 0.8 else 'FAIL'}"
+                f"target: throughput against bare lvcreate + copy: {ratio:.2f}x "
+                f"(want >= {TARGET_RATIO:.1f}x) -> {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}"
             )
     finally:
         stop_daemon(daemon)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tests.conftest import Pools, make_lvm_env
 from tests.conftest_lvm import VolumeGroup, spare_vg
 from tests.env import Env, disk
 from tests.killpoints import at_each_with
+from tests.test_busy_pool import wait_for
 from tests.test_images import catalog_entry, hostile_refused, qemu_img, records
 
 pytestmark = pytest.mark.libvirtd
@@ -559,3 +561,34 @@ def test_two_processes_make_every_disk_once(lvm_env: Env, lvm_vg: VolumeGroup, i
     for r in recs:
         if r.disk == "root":
             assert lvm_vg.segment_bytes(r.volume, len(raw)) == raw
+
+
+def test_lv_appearing_after_the_plan_is_left_untouched(lvm_env: Env, lvm_vg: VolumeGroup) -> None:
+    """A new disk's LV is not looked up under its lock before `lvcreate` (which refuses a
+    taken name itself, changing nothing: steps/context.py volume_exists): an LV of that
+    name made by someone else after the plan fails the create, keeps its bytes and tags,
+    and leaves no record behind."""
+    env = lvm_env
+    inst = env.manifest("vm", [lvm("blank", size=4 * MiB, template="blank")])
+    vol = lv(inst, "blank")
+    flag = env.root / "paused"
+    # Boundary 1: the disk's `creating` record is written; nothing is made yet.
+    p = env.start("--jobs", "1", env={**os.environ, "RECONCILER_PAUSE_AT": f"1:{flag}"})
+    try:
+        wait_for("the run to pause", flag.exists, p)
+        lvm_vg.lvm(
+            "lvcreate", "-an", "-Zn", "-Wn", "-L", "4m", "-n", vol, "--addtag", "theirs", lvm_vg.vg
+        )
+        lvm_vg.write_lv(vol, 0, b"theirs")
+        flag.unlink()
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, out + err
+    assert "Traceback" not in out + err
+    assert f"volume {vol} appeared in pool vg from elsewhere" in out, out
+    assert lvm_vg.lvs()[vol] == ["theirs"]
+    assert lvm_vg.segment_bytes(vol, 6) == b"theirs"
+    assert [r for r in lvm_records(env) if r.volume == vol] == []

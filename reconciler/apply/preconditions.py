@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from reconciler.apply.steps.context import Held, Key, StepContext, moved
+from reconciler.apply.steps.context import Held, Key, StepContext, moved, volume_exists
 from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.host.store import StoreError
 from reconciler.model.errors import ReconcileError
@@ -107,7 +107,7 @@ def under_lock(
     (another run did it). A changed state raises StalePlan for a saved plan (`replan`
     None); a live run re-plans the instance and goes on only with the same action."""
     rec = ctx.records.get(a.pool, a.volume)
-    exists = d.volume_exists(a.volume)
+    exists = volume_exists(d, a, rec)
     if a.replaces and moved(a):
         # The old location is what the precondition describes.
         old = ctx.driver(a.replaces[0])

@@ -27,7 +27,7 @@ import json
 import os
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +81,10 @@ class InstanceStatus:
         return c is not None and c.status == "True"
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["conditions"] = [asdict(c) for c in self.conditions]
+        # What asdict() gives (every field is a plain value), without its deep copies: a
+        # one-shot apply of 500 instances spent 0.75 s of 26 in asdict under cProfile.
+        d = dict(vars(self))
+        d["conditions"] = [dict(vars(c)) for c in self.conditions]
         return d
 
     @classmethod

@@ -20,7 +20,7 @@ from typing import Any
 from reconciler.drivers.api import ManagingDriver
 from reconciler.drivers.records import Records
 from reconciler.model.errors import ReconcileError
-from reconciler.model.plan import Action
+from reconciler.model.plan import Action, ActionKind
 from reconciler.model.record import DiskRecord, RecordKind
 
 # A step's outcome: ("done" | "skipped", a message for the report).
@@ -92,6 +92,22 @@ class StepContext:
     def lock(self, key: Key) -> AbstractContextManager[None]:
         """The lock of another volume than the action's own (a move's old location)."""
         return self.driver(key[0]).lock(key[1])
+
+
+def volume_exists(d: ManagingDriver, a: Action, rec: DiskRecord | None) -> bool:
+    """Whether `a.volume` exists, asked under its lock; not asked of a new disk (no record,
+    planned where no volume was) in a pool whose create itself refuses a taken name, at
+    once and changing nothing (VolumeExists: `lvcreate` in a VG): its `creating` record is
+    then removed again, and the volume, someone else's, left untouched, as when asked
+    first. In an lvm pool that is one LVM command fewer per disk (3 instead of 4)."""
+    if (
+        a.action is ActionKind.CREATE
+        and rec is None
+        and not a.precondition.volume_exists
+        and getattr(d, "creates_exclusively", False)
+    ):
+        return False
+    return d.volume_exists(a.volume)
 
 
 def moved(a: Action) -> bool:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from reconciler.apply.steps import replace, snapshot
-from reconciler.apply.steps.context import Held, StepContext, StepResult
+from reconciler.apply.steps.context import Held, StepContext, StepResult, volume_exists
 from reconciler.apply.steps.keyed import erase_key, keyed
 from reconciler.drivers.api import ManagingDriver, VolumeExists, snapshots_of
 from reconciler.drivers.host import keys
@@ -84,7 +84,7 @@ def _make(
     spec: dict[str, Any],
     snap: DiskRecord | None,
 ) -> None:
-    exists = d.volume_exists(a.volume)
+    exists = volume_exists(d, a, rec)
     if rec is None and exists:
         raise ReconcileError(
             f"volume {a.pool}/{a.volume} exists but the reconciler has no record of making "

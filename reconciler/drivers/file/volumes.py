@@ -139,21 +139,43 @@ class PoolDir:
         self.conns = conns
         self._info: PoolInfo | None = None
         self._locks: LockDir | None = None
+        # The libvirt pool's handle on the connection it was looked up on: one lookup per
+        # connection rather than one round trip per call (the lookup also waits for the
+        # pool's lock in libvirtd, which every volume made in the pool takes).
+        self._pool: tuple[Any, Any] | None = None
 
     # -- the pool ---------------------------------------------------------------------
 
     def pool(self, conn: Any) -> Any:
+        cached = self._pool
+        if cached is not None and cached[0] is conn:
+            return cached[1]
         try:
-            return conn.storagePoolLookupByName(self.config.libvirt_pool)
+            pool = conn.storagePoolLookupByName(self.config.libvirt_pool)
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
                 raise PoolError(
                     f"libvirt pool {self.config.libvirt_pool!r} is not defined at {self.config.uri}"
                 ) from None
             raise
+        self._pool = (conn, pool)
+        return pool
 
     def call(self, what: str, fn: Any) -> Any:
-        return self.conns.call(self.config.uri, f"{what} (pool {self.name})", fn)
+        def once_more_if_stale(conn: Any) -> Any:
+            try:
+                return fn(conn)
+            except libvirt.libvirtError as e:
+                # A kept handle names the pool by its UUID: a pool undefined and defined
+                # again under the same name (a long-running loop sees that) is looked up
+                # again, once; a pool that is gone is then a PoolError saying so. The call
+                # failed on the pool, so it changed nothing and may be made again.
+                if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL or self._pool is None:
+                    raise
+                self._pool = None
+                return fn(conn)
+
+        return self.conns.call(self.config.uri, f"{what} (pool {self.name})", once_more_if_stale)
 
     def refresh(self) -> None:
         self.call("refresh pool", lambda conn: self.pool(conn).refresh(0))

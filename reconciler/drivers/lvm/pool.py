@@ -88,6 +88,9 @@ def device_mapper_present() -> bool:
 
 class LvmPoolDriver:
     access = Access.DEVICE
+    # `lvcreate` (and `lvrename`) refuse a taken name under the VG's lock, changing
+    # nothing (VolumeExists): a new disk's create need not ask first (steps/context.py).
+    creates_exclusively = True
 
     def __init__(
         self,
