@@ -43,29 +43,35 @@ RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
 MiB = 1 << 20
 
 
+def write_manifests(d: Path, host: str, n: int) -> None:
+    """`n` manifests in the new directory `d`, one instance each (uuid5 of `host` and its
+    number) with a 4 MiB blank raw rbd root disk in pool `ceph`."""
+    d.mkdir(parents=True)
+    for i in range(n):
+        doc = {
+            "apiVersion": "reconciler/v1",
+            "kind": "InstanceStorage",
+            "instance": str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{host}-vm{i}")),
+            "disks": [
+                {
+                    "name": "root",
+                    "backend": "rbd",
+                    "pool": "ceph",
+                    "format": "raw",
+                    "size": 4 * MiB,
+                    "source": {"template": "blank"},
+                }
+            ],
+        }
+        (d / f"vm{i}.yaml").write_text(json.dumps(doc))
+
+
 class Host:
     def __init__(self, work: Path, index: int, disks: int) -> None:
         self.name = f"host-{index}"
         self.work = work / self.name
         self.manifests = self.work / "manifests"
-        self.manifests.mkdir(parents=True)
-        for i in range(disks):
-            doc = {
-                "apiVersion": "reconciler/v1",
-                "kind": "InstanceStorage",
-                "instance": str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{self.name}-vm{i}")),
-                "disks": [
-                    {
-                        "name": "root",
-                        "backend": "rbd",
-                        "pool": "ceph",
-                        "format": "raw",
-                        "size": 4 * MiB,
-                        "source": {"template": "blank"},
-                    }
-                ],
-            }
-            (self.manifests / f"vm{i}.yaml").write_text(json.dumps(doc))
+        write_manifests(self.manifests, self.name, disks)
 
     def config(self, variant: str, uri: str, conf: str, pool: str, lv_pool: str) -> Path:
         cfg = {

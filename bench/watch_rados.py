@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from bench.rbd import drop_pool, mon_v1_port, new_pool, start_daemons  # noqa: E402
+from bench.rbd_hosts import write_manifests  # noqa: E402
 
 ROOT = _HERE.parent
 # $BENCH_RECONCILE: another reconciler's command line (e.g. a baseline checkout's).
@@ -81,27 +81,10 @@ class Host:
         self.instances = instances
         self.work = work / label
         self.manifests = self.work / "manifests"
-        self.manifests.mkdir(parents=True)
+        write_manifests(self.manifests, self.name, instances)
         self.asok = str(self.work / "client.asok")
         self.proc: subprocess.Popen[str] | None = None
         self.log = self.work / "watch.log"
-        for i in range(instances):
-            doc = {
-                "apiVersion": "reconciler/v1",
-                "kind": "InstanceStorage",
-                "instance": str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{self.name}-vm{i}")),
-                "disks": [
-                    {
-                        "name": "root",
-                        "backend": "rbd",
-                        "pool": "ceph",
-                        "format": "raw",
-                        "size": 4 * MiB,
-                        "source": {"template": "blank"},
-                    }
-                ],
-            }
-            (self.manifests / f"vm{i}.yaml").write_text(json.dumps(doc))
 
     def configure(self, uri: str, conf: str, pool: str, lv_pool: str, expiry: float) -> None:
         # The cluster's conf, with a client admin socket of this host's own.

@@ -162,14 +162,25 @@ class Records:
         """An instance's records in every store, and the pools whose store failed."""
         failed = self._resolve()
         out = [r for r in self.local.for_instance(instance) if self._is_local(r.pool)]
-        for store, pools in self._stores(p for p in self.own_pools() if p not in failed)[1:]:
+        own = self._stores(p for p in self.own_pools() if p not in failed)[1:]
+        out.extend(self._own_records(instance, own, failed))
+        return out, failed
+
+    @staticmethod
+    def _own_records(
+        instance: str, own: list[tuple[RecordStore, list[str]]], failed: dict[str, str]
+    ) -> list[DiskRecord]:
+        """An instance's records in the pools' own stores `own`; a store that fails adds
+        its pools to `failed` (a RecordError passes)."""
+        out: list[DiskRecord] = []
+        for store, pools in own:
             try:
                 got = store.for_instance(instance)
             except StoreError as e:
                 failed.update({p: _pool_message(p, e) for p in pools})
                 continue
             out.extend(r for r in got if r.pool in pools)
-        return out, failed
+        return out
 
     def for_instances_by_pool(
         self, instances: Sequence[str]
@@ -188,13 +199,7 @@ class Records:
             records = [r for r in got if self._is_local(r.pool)]
             why = dict(failed)
             try:
-                for store, pools in own:
-                    try:
-                        theirs = store.for_instance(instance)
-                    except StoreError as e:
-                        why.update({p: _pool_message(p, e) for p in pools})
-                        continue
-                    records.extend(r for r in theirs if r.pool in pools)
+                records.extend(self._own_records(instance, own, why))
             except RecordError as e:
                 out[instance] = e
                 continue
