@@ -147,7 +147,8 @@ def sweep(target: Path) -> bool:
     return not os.path.lexists(temp)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync(2) the directory `path`: the names made or removed in it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -182,7 +183,7 @@ def written(target: Path, *, force: bool = False) -> Iterator[OutFile]:
             faults.point("outfile.linked")
             if not force:
                 os.unlink(temp)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             faults.point("outfile.done")
         except FileExistsError:
             raise OutFileError(f"{target} exists; not overwritten (--force replaces it)") from None

@@ -26,6 +26,7 @@ from pathlib import Path
 from reconciler.drivers.host.store import StoreIdentity
 from reconciler.model.errors import PoolError
 from reconciler.schema.bounded import load_json
+from reconciler.util.outfile import fsync_dir
 
 OWNER_FILE = "owner"
 FORMAT = 1
@@ -131,7 +132,7 @@ def claim(state_dir: Path, pool: str, ident: StoreIdentity) -> None:
     except FileExistsError:
         check(state_dir, pool, ident)  # raises unless the winner is this store
     else:
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -143,21 +144,13 @@ def take_over(state_dir: Path, ident: StoreIdentity) -> None:
     tmp = state_dir / f".{OWNER_FILE}.{os.getpid()}.{ident.id}"
     _write(tmp, Owner.of(ident))
     os.rename(tmp, state_dir / OWNER_FILE)
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
 
 
 def _write(path: Path, owner: Owner) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, owner.to_json().encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
