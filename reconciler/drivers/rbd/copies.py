@@ -63,11 +63,24 @@ def write_copy(c: Cluster, volume: str, record: str, *, size: int | None = None)
     io = c.io()
     with c.op(f"writing {volume}'s record"):
         _, out = io.execute(f"rbd_id.{volume}", "rbd", "get_id", b"")
-        (n,) = struct.unpack_from("<I", out)
-        image_id = bytes(out[4 : 4 + n]).decode()
+        try:
+            (n,) = struct.unpack_from("<I", out)
+            image_id = bytes(out[4 : 4 + n]).decode("ascii")
+        except (struct.error, UnicodeDecodeError):
+            # A pool's objects are others' writing too: a damaged id object is an error.
+            raise ReconcileError(
+                f"pool {c.name}: image {volume}'s id object rbd_id.{volume} is damaged "
+                f"({len(out)} bytes); check it with `rbd info`"
+            ) from None
         if size is not None:
             _, out = io.execute(f"rbd_header.{image_id}", "rbd", "get_size", _NOSNAP)
-            _, has = struct.unpack_from("<BQ", out)  # its order, its size
+            try:
+                _, has = struct.unpack_from("<BQ", out)  # its order, its size
+            except struct.error:
+                raise ReconcileError(
+                    f"pool {c.name}: image {volume}'s header answered get_size with "
+                    f"{len(out)} bytes; check it with `rbd info`"
+                ) from None
             if has != size:
                 raise ReconcileError(
                     f"pool {c.name}: image {volume} holds {has} bytes, not its record's "
