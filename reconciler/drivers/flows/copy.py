@@ -40,6 +40,8 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range, do not
 
 
 def is_zero(data: bytes) -> bool:
+    """Whether every byte is zero: one memcmp, which stops at the first other byte (and
+    none at all for _ZERO itself, which a bytes comparison knows by identity)."""
     return data == (_ZERO if len(data) == CHUNK else bytes(len(data)))
 
 
@@ -125,7 +127,11 @@ def raw_copy(src: RawSource, dst: RawSink, *, room: int | None = None) -> None:
                 data = src.read(at, min(n, src.size - at)) if at < src.size else b""
                 if at + len(data) < min(at + n, src.size):
                     raise ReconcileError(f"{src.what}: short read at {at}")
-                dst.write(data + bytes(n - len(data)), at)
+                if not data:
+                    data = _ZERO if n == CHUNK else bytes(n)  # past the source: zeros
+                elif len(data) < n:
+                    data += bytes(n - len(data))
+                dst.write(data, at)
                 copying.reach(min(at + n, src.size) / max(src.size, 1))
         dst.finish()
 

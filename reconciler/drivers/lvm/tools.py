@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from reconciler.drivers.flows.copy import pwrite_all
+from reconciler.drivers.flows.copy import is_zero, pwrite_all
 from reconciler.drivers.host.run import execute
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.schema.config import LvmConfig
@@ -296,6 +296,11 @@ def pieces_reader(pieces: Sequence[Piece]) -> Callable[[int, int], bytes]:
     """Reads of an LV's bytes (a cache entry), through its pieces."""
 
     def read(pos: int, n: int) -> bytes:
+        base = 0
+        for p in pieces:  # within one piece (almost always): one pread, no copy
+            if base <= pos and pos + n <= base + p.length:
+                return os.pread(p.fd, n, p.offset + pos - base)
+            base += p.length
         out = bytearray()
         base = 0
         for p in pieces:
@@ -347,9 +352,11 @@ class PiecesSink:
         for p in self.pieces:
             lo, hi = max(at, base), min(at + len(data), base + p.length)
             if lo < hi:
-                part = data[lo - at : hi - at]
+                # The whole of `data` (almost always) is not copied; a run of zeros is
+                # found by one comparison (raw_copy passes the same zero chunk each time).
+                part = data if (lo, hi) == (at, at + len(data)) else data[lo - at : hi - at]
                 offset = p.offset + lo - base
-                if not (part.count(0) == len(part) and _zero_range(p.fd, offset, len(part))):
+                if not (is_zero(part) and _zero_range(p.fd, offset, len(part))):
                     pwrite_all(p.fd, part, offset)
             base += p.length
 
