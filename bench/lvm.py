@@ -176,10 +176,11 @@ def main() -> None:
             # ABBA: each side makes half the disks before and half after the other's, so
             # a change of the host's load during the run weighs on both alike.
             half = n // 2
-            rec_s = reconciler(0, half)
-            bare_s = bare(0, half)
-            bare_s += bare(half, n)
-            rec_s += reconciler(half, n)
+            rec_a = reconciler(0, half)
+            bare_a = bare(0, half)
+            bare_b = bare(half, n)
+            rec_b = reconciler(half, n)
+            rec_s, bare_s = rec_a + rec_b, bare_a + bare_b
             noop_s, _ = timed([str(RECONCILE), "--config", str(cfg), str(mdir)])
 
             # Every disk holds the image, then zeros (checked outside the timing).
@@ -200,6 +201,10 @@ def main() -> None:
             print(f"{label:<28}{rec_s:>10.2f}{n / rec_s:>10.1f}")
             print(f"{'bare lvcreate + copy':<28}{bare_s:>10.2f}{n / bare_s:>10.1f}")
             print(f"{'reconciler no-op re-run':<28}{noop_s:>10.2f}   (a fixed cost of each run)")
+            print(
+                f"each half alone (the same disks on both sides): {bare_a / rec_a:.2f}x, "
+                f"{bare_b / rec_b:.2f}x"
+            )
             print(f"load average at the end: {os.getloadavg()[0]:.2f}")
             print(
                 f"target: throughput against bare lvcreate + copy: {ratio:.2f}x "
