@@ -51,8 +51,10 @@ DEFAULT_MAX_STATE_AGE = 3600.0
 
 
 def add_jobs(p: argparse.ArgumentParser) -> None:
-    # 4: libvirtd serves 5 calls of one client at once (max_client_requests), and making
-    # disks from a cache entry gains little beyond 4 at a time on small hosts.
+    # 4: making disks from a cache entry gains little beyond 4 at a time on small hosts
+    # (2 CPUs, loaded: LVM 1.12x/0.90x at 4 against 1.13x/0.72x at 8). More jobs are
+    # spread over more libvirt connections (Connections.spread), as libvirtd serves 5
+    # calls of one connection at once (max_client_requests).
     p.add_argument(
         "-j",
         "--jobs",

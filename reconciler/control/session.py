@@ -417,6 +417,9 @@ class Session:
     def executor(self, *, saved: bool, jobs: int = 1) -> Executor:
         from reconciler.apply.executor import Executor  # not needed (nor imported) by --dry-run
 
+        # The actions' threads over enough libvirt connections that none waits in the
+        # daemon for another's call (max_client_requests).
+        self.conns.spread(jobs)
         return Executor(
             self.store,
             self.managing_drivers(),

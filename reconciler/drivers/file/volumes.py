@@ -139,15 +139,17 @@ class PoolDir:
         self.conns = conns
         self._info: PoolInfo | None = None
         self._locks: LockDir | None = None
-        # The libvirt pool's handle on the connection it was looked up on: one lookup per
-        # connection rather than one round trip per call (the lookup also waits for the
-        # pool's lock in libvirtd, which every volume made in the pool takes).
-        self._pool: tuple[Any, Any] | None = None
+        # The libvirt pool's handle on each connection it was looked up on (threads of a
+        # parallel apply use a few, Connections.spread): one lookup per connection rather
+        # than one round trip per call (the lookup also waits for the pool's lock in
+        # libvirtd, which every volume made in the pool takes). id(connection) -> (the
+        # connection, kept so that its id is not reused while cached; its pool handle).
+        self._pools: dict[int, tuple[Any, Any]] = {}
 
     # -- the pool ---------------------------------------------------------------------
 
     def pool(self, conn: Any) -> Any:
-        cached = self._pool
+        cached = self._pools.get(id(conn))
         if cached is not None and cached[0] is conn:
             return cached[1]
         try:
@@ -158,7 +160,11 @@ class PoolDir:
                     f"libvirt pool {self.config.libvirt_pool!r} is not defined at {self.config.uri}"
                 ) from None
             raise
-        self._pool = (conn, pool)
+        pools = dict(self._pools)  # copied: other threads read it without a lock
+        if len(pools) >= 8:  # connections re-opened after losses: forget the old ones
+            pools.clear()
+        pools[id(conn)] = (conn, pool)
+        self._pools = pools
         return pool
 
     def call(self, what: str, fn: Any) -> Any:
@@ -170,9 +176,9 @@ class PoolDir:
                 # again under the same name (a long-running loop sees that) is looked up
                 # again, once; a pool that is gone is then a PoolError saying so. The call
                 # failed on the pool, so it changed nothing and may be made again.
-                if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL or self._pool is None:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL or not self._pools:
                     raise
-                self._pool = None
+                self._pools = {}
                 return fn(conn)
 
         return self.conns.call(self.config.uri, f"{what} (pool {self.name})", once_more_if_stale)

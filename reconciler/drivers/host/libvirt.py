@@ -1,5 +1,11 @@
-"""libvirt connections: one per URI, re-opened after a lost connection, with capped
-exponential backoff on transient errors.
+"""libvirt connections: per URI one, or a few when actions run in parallel (`spread`),
+re-opened after a lost connection, with capped exponential backoff on transient errors.
+
+A daemon serves at most `max_client_requests` calls of one connection at once (5 in a
+stock libvirtd.conf); a call beyond them waits in the daemon, unread, until one ends. So
+`--jobs 8` on one connection ran 5 volume builds at a time, not 8. Each thread keeps to
+one connection of its URI (a libvirt object belongs to the connection it came from), and
+threads are dealt over `ceil(jobs / CALLS_PER_CONNECTION)` connections.
 
 Two kinds of trouble are retried, differently:
 - a lost connection (the daemon restarting, or down: then libvirt.open itself fails) is
@@ -118,6 +124,14 @@ class Backoff:
 
 
 DEFAULT_RECONNECT_TIMEOUT = 30.0  # seconds (libvirt.reconnectTimeout in the config)
+# Calls one thread's connection carries at once, at most, when threads share it: a stock
+# libvirtd serves 5 calls of a client at once (max_client_requests), and one is left for the
+# applying process's own thread (observing, refreshing).
+CALLS_PER_CONNECTION = 4
+# Connections per URI, at most, however many jobs: a stock libvirtd serves 20 calls at
+# once in all (max_workers) and 5 clients unauthenticated (max_anonymous_clients).
+MAX_CONNECTIONS = 4
+
 # Seconds a URI never reached yet is tried for: a daemon starting up answers within them,
 # and an operator whose libvirtd is not running hears it at once, not after the timeout.
 FIRST_CONTACT = 2.5
@@ -146,7 +160,8 @@ class _Tries:
 
 
 class Connections:
-    """Open libvirt connections, one per URI, re-opened after a lost connection."""
+    """Open libvirt connections, one per URI and thread slot (`spread`), re-opened after
+    a lost connection."""
 
     def __init__(
         self,
@@ -156,8 +171,11 @@ class Connections:
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._conns: dict[str, Any] = {}
+        self._conns: dict[tuple[str, int], Any] = {}  # (URI, slot) -> connection
         self._lock = threading.Lock()
+        self._per_uri = 1  # connections per URI (spread)
+        self._thread = threading.local()  # this thread's slot
+        self._slots = 0  # slots dealt to threads so far
         self.backoff = backoff or Backoff()
         self.calls = 0  # calls made through call(), for the loop's resync log
         self.reconnect_timeout = reconnect_timeout
@@ -166,23 +184,46 @@ class Connections:
         self._lost_since: dict[str, float] = {}  # URI -> when its connection was found lost
         self._reached_once: set[str] = set()  # URIs this process has had a connection to
 
-    def get(self, uri: str) -> Any:
+    def spread(self, jobs: int) -> None:
+        """Deal the threads of `jobs` parallel actions over enough connections per URI
+        that none carries more than CALLS_PER_CONNECTION calls at once (MAX_CONNECTIONS
+        at most). Connections are opened as threads first use them."""
+        per_uri = min(MAX_CONNECTIONS, max(1, -(-jobs // CALLS_PER_CONNECTION)))
         with self._lock:
-            c = self._conns.get(uri)
+            self._per_uri = per_uri
+
+    def _key(self, uri: str) -> tuple[str, int]:
+        """This thread's connection of `uri`: its slot, dealt when it first asked, over
+        the connections per URI there are now."""
+        slot: int | None = getattr(self._thread, "slot", None)
+        if slot is None:
+            with self._lock:
+                slot = self._slots
+                self._slots += 1
+            self._thread.slot = slot
+        return uri, slot % self._per_uri
+
+    def get(self, uri: str) -> Any:
+        key = self._key(uri)
+        with self._lock:
+            c = self._conns.get(key)
             if c is not None:
                 try:
                     if c.isAlive():
                         return c
                 except libvirt.libvirtError:
                     pass
-                self._conns.pop(uri, None)
+                self._conns.pop(key, None)
             c = libvirt.open(uri)
-            self._conns[uri] = c
+            self._conns[key] = c
             return c
 
     def drop(self, uri: str) -> None:
+        """Close this thread's connection of `uri` (one found lost; the others are found
+        lost, and dropped, by the threads that use them)."""
+        key = self._key(uri)
         with self._lock:
-            c = self._conns.pop(uri, None)
+            c = self._conns.pop(key, None)
         if c is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 c.close()
@@ -291,5 +332,9 @@ class Connections:
         tries.waits += 1
 
     def close(self) -> None:
-        for uri in list(self._conns):
-            self.drop(uri)
+        with self._lock:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for c in conns:
+            with contextlib.suppress(libvirt.libvirtError):
+                c.close()
