@@ -111,9 +111,12 @@ class RbdPoolDriver:
         host: str | None = None,
         heartbeat_expiry: float = 300.0,
         changes: Path | None = None,
+        listing: Path | None = None,
     ) -> None:
         """`changes`: the host's mark of record writes, in its state directory
-        (drivers/rbd/changes.py); None: every load of the records reads them all."""
+        (drivers/rbd/changes.py); None: every load of the records reads them all.
+        `listing`: where the pool's image names are kept between runs
+        (drivers/rbd/listing.py); None: every observe lists the pool."""
         assert config.ceph is not None  # the config's validator requires it for rbd
         self.name = name
         self.config = config
@@ -127,6 +130,7 @@ class RbdPoolDriver:
             offline=store is None,  # planning from a file: never connect
             heartbeat_expiry=heartbeat_expiry,
             changes=changes,
+            listing=listing,
         )
         self.cache = entries.Cache(
             self,
