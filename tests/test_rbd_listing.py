@@ -149,6 +149,11 @@ def test_another_key_a_damaged_or_foreign_file_is_listed_again(
     os.chmod(path, 0o620)  # another may write it: never trusted
     names, calls = kept(path, io, {"pool": "p", "id": 2})
     assert "forged" not in names and calls == 1
+    assert (os.stat(path).st_mode & 0o777) == 0o600  # made anew, not the one others wrote
+
+    os.chmod(path, 0o644)  # readable by others: tightened, as the state directory's files
+    assert kept(path, io, {"pool": "p", "id": 2}) == (names, 0)
+    assert (os.stat(path).st_mode & 0o777) == 0o600
 
     path.write_text('{"format": 1, "key": ')  # torn by a crash
     os.chmod(path, 0o600)

@@ -15,9 +15,10 @@ volumes are still observed before its records (control/session.py), and the name
 the pool's at that moment, as a listing's are.
 
 The file (`rbd-listing-<pool>.json`, 0600 in the 0700 state directory) is this host's own;
-it is read only if this user owns it and nobody else can write it, and anything wrong with
-it (missing, damaged, another cluster's) makes a listing, never an error: it is only a
-cache. The versions are read on a private ioctx (`get_last_version` is per ioctx).
+it is read only if this user owns it and nobody else can write it (one others could write
+is removed; one others can read is tightened to 0600), and anything wrong with it
+(missing, damaged, another cluster's) makes a listing, never an error: it is only a cache.
+The versions are read on a private ioctx (`get_last_version` is per ioctx).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from reconciler.model.errors import InputError
 from reconciler.schema.bounded import load_json
 from reconciler.schema.readfile import read_regular
 from reconciler.util.logs import get_logger
-from reconciler.util.statedir import private_dir
+from reconciler.util.statedir import private_dir, private_file
 
 log = get_logger(__name__)
 
@@ -107,7 +108,13 @@ class KeptListing:
                 path=str(self.path),
                 why=f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}",
             )
+            if st.st_uid == os.geteuid():  # others could write it: listed and made anew
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             return None
+        if st.st_mode & 0o077:
+            with contextlib.suppress(OSError):
+                private_file(self.path, ())  # 0600, as every file of the state directory
         try:
             # Its own private file (above): its nesting is not scanned first (mcache.py).
             doc = load_json(read.data, what=str(self.path), max_depth=None, max_bytes=MAX_BYTES)
