@@ -36,7 +36,13 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from bench.rbd import drop_pool, mon_v1_port, new_pool, start_daemons  # noqa: E402
+from bench.rbd import (  # noqa: E402
+    compile_checkout,
+    drop_pool,
+    mon_v1_port,
+    new_pool,
+    start_daemons,
+)
 
 ROOT = _HERE.parent
 RECONCILE = ROOT / ".venv" / "bin" / "reconcile"
@@ -139,6 +145,7 @@ def main() -> None:
     import libvirt
     import rados
 
+    compile_checkout()
     conf, uri = start_daemons()
     cluster = rados.Rados(conffile=conf, name="client.admin")
     cluster.connect()

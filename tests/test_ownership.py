@@ -249,5 +249,8 @@ def test_strangers_are_reported_once_per_pool_and_never_touched(env: Env) -> Non
     assert w["pool"] == "local"
     assert "holds 25 volume(s)" in w["message"]
     assert "stranger-00.img" in w["message"] and "and 15 more" in w["message"]
+    # The first ten by name, in order, whatever order the pool lists them in.
+    shown = ", ".join(f"stranger-{i:02d}.img" for i in range(10))
+    assert w["message"].endswith(f": {shown} and 15 more")
     assert "lost+found" not in w["message"]
     assert all((pool / f"stranger-{i:02d}.img").read_bytes() == b"x" for i in range(25))

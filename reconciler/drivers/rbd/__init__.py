@@ -6,7 +6,8 @@ through cluster.py's one client); clone.py makes disks, cache.py the image cache
 entries, disks.py grows, deletes and renames images, images.py makes and removes plain
 images, io.py reads and writes an image's raw bytes, copies.py keeps each image's record
 copy, owner.py the pool's owner, migrate.py migrations, adopt.py adoption, monitors.py the
-monitors a domain's rbd disk is given (reconcile disks). records.py is
+monitors a domain's rbd disk is given (reconcile disks), listing.py the pool's image names
+kept between runs while the pool's directory is unchanged. records.py is
 the RADOS record store's face (reads, compare-and-swap writes, hand-overs, its write order),
 over layout.py (object names, the stored format), namespace.py (every RADOS call, errors
 mapped once), index.py (each host's index shards), hosts.py (heartbeats, fencing),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from reconciler.drivers.api import VolumeExists
 from reconciler.drivers.host.store import StoreError
 from reconciler.drivers.rbd.changes import ChangeMark
 from reconciler.drivers.rbd.leases import LeaseLocks
+from reconciler.drivers.rbd.listing import KeptListing, versions
 from reconciler.drivers.rbd.namespace import client_conf
 from reconciler.drivers.rbd.outage import Outage
 from reconciler.drivers.rbd.records import RadosRecordStore
@@ -37,16 +39,30 @@ def mods() -> tuple[Any, Any]:
     """Debian's rados and rbd modules (untyped, a system dependency): imported only here
     and only when an rbd pool is used. Missing (a venv that does not see the system's
     packages): the pool's error, as for an unreachable pool; the other pools go on."""
+    rados = rados_only()
     try:
-        import rados
         import rbd
     except ImportError as e:
-        # Imported here: ingest's fetch brings urllib and http.client, which an rbd pool
-        # whose bindings are present never needs.
-        from reconciler.drivers.ingest.fetch import MISSING_BINDINGS
-
-        raise PoolError(MISSING_BINDINGS.format(e=e)) from None
+        raise _missing(e) from None
     return rados, rbd
+
+
+def rados_only() -> Any:
+    """Debian's rados module alone, for what needs no librbd: loading librbd costs 6-12 ms
+    of a run, which a plan that changes nothing does not need (listing.py)."""
+    try:
+        import rados
+    except ImportError as e:
+        raise _missing(e) from None
+    return rados
+
+
+def _missing(e: ImportError) -> PoolError:
+    # Imported here: ingest's fetch brings urllib and http.client, which an rbd pool
+    # whose bindings are present never needs.
+    from reconciler.drivers.ingest.fetch import MISSING_BINDINGS
+
+    return PoolError(MISSING_BINDINGS.format(e=e))
 
 
 class RbdRecordStore(RadosRecordStore):
@@ -75,7 +91,7 @@ class Client:
     """The driver's one rados.Rados client and its ioctxs, connected on first use."""
 
     def __init__(self, c: Cluster) -> None:
-        rados, _ = mods()
+        rados = rados_only()
         ceph = c.ceph
         self.where = f"Ceph pool {ceph.pool} (pool {c.name})"
         conf = {**client_conf(ceph.op_timeout), "rbd_default_clone_format": "2"}
@@ -121,9 +137,11 @@ class Cluster:
         offline: bool,
         heartbeat_expiry: float,
         changes: Path | None = None,
+        listing: Path | None = None,
     ) -> None:
         self.name = name
         self.changes = changes  # this host's mark of record writes (drivers/rbd/changes.py)
+        self.listing = KeptListing(listing)  # the pool's image names (drivers/rbd/listing.py)
         self.ceph = ceph
         self.host = host
         self.offline = offline  # planning from a file: never connect
@@ -198,13 +216,19 @@ class Cluster:
     @contextmanager
     def op(self, doing: str) -> Iterator[None]:
         """Turn the bindings' errors into ones naming the pool and what was being done."""
-        rados, rbd = mods()
+        rados = rados_only()
         self.outage.check()
         try:
             yield
-        except (rados.Error, rbd.Error) as e:
+        except Exception as e:
+            # rbd's errors only once something imported it: a call of it did (mods()).
+            rbd = sys.modules.get("rbd")
+            errors = (rados.Error,) if rbd is None else (rados.Error, rbd.Error)
+            if not isinstance(e, errors):
+                raise
+            timeout = (rados.TimedOut,) if rbd is None else (rados.TimedOut, rbd.Timeout)
             code = getattr(e, "errno", None)
-            if isinstance(e, rados.TimedOut | rbd.Timeout) or code in (
+            if isinstance(e, timeout) or code in (
                 errno.ETIMEDOUT,
                 -errno.ETIMEDOUT,
             ):
@@ -245,15 +269,32 @@ class Cluster:
             img.close()
 
     def list_volumes(self) -> frozenset[str]:
-        _, rbd = mods()
-        with self.op("listing images"):
-            return frozenset(str(n) for n in rbd.RBD().list(self.io()))
+        """The pool's image names, as `rbd ls` lists them; the names kept from an earlier
+        listing while the objects they are listed from are unchanged (listing.py)."""
+        rados = rados_only()
+        c = self.client()
+
+        def now() -> list[int]:
+            with self.op("listing images"):
+                io = c.cluster.open_ioctx(self.ceph.pool)  # its own: versions are per ioctx
+                try:
+                    return versions(rados, io)
+                finally:
+                    io.close()
+
+        def listing() -> frozenset[str]:
+            _, rbd = mods()
+            with self.op("listing images"):
+                return frozenset(str(n) for n in rbd.RBD().list(c.io))
+
+        key = {"fsid": c.fsid, "pool": self.ceph.pool, "id": int(c.io.get_pool_id())}
+        return self.listing.names(key, now, listing)
 
     def volume_exists(self, volume: str) -> bool:
         """Whether anything of the image exists: its entry in `rbd_directory` (what listing
         reads) or its `rbd_id.` object, in one read each and no image open. Either alone is
         what an interrupted RBD.remove leaves, and it counts as existing until removed."""
-        rados, _ = mods()
+        rados = rados_only()
         io = self.io()
         with self.op(f"looking up image {volume}"):
             try:

@@ -27,7 +27,7 @@ from reconciler.drivers.api import Access, ManagingDriver, MigrationFacts, QemuI
 from reconciler.drivers.flows.copy import FileSource, raw_copy, scratch
 from reconciler.drivers.flows.qemuimg import convert_argv, fd_path
 from reconciler.drivers.host.run import run
-from reconciler.drivers.rbd.cluster import Cluster, mods
+from reconciler.drivers.rbd.cluster import Cluster, rados_only
 from reconciler.drivers.rbd.images import create_empty
 from reconciler.drivers.rbd.io import export, writer
 from reconciler.model.errors import ReconcileError
@@ -50,7 +50,7 @@ def _available(c: Cluster) -> int | None:
     """`ceph df`'s MAX AVAIL for the pool (replication and the full ratio counted), or
     None (no space check) where Ceph has no real figure: without a ceph-mgr the
     monitors report every statistic, cluster and pool, as zero and list no pools."""
-    rados, _ = mods()
+    rados = rados_only()
     try:
         ret, out, _ = c.client().cluster.mon_command(
             json.dumps({"prefix": "df", "format": "json"}), b""

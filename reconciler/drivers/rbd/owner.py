@@ -18,7 +18,7 @@ import contextlib
 
 from reconciler.drivers.host import ownership
 from reconciler.drivers.host.store import StoreIdentity
-from reconciler.drivers.rbd.cluster import Cluster, mods
+from reconciler.drivers.rbd.cluster import Cluster, rados_only
 from reconciler.model.errors import PoolError
 from reconciler.schema.bounded import load_json
 
@@ -30,7 +30,7 @@ def _identity(c: Cluster) -> StoreIdentity:
 
 
 def owner(c: Cluster) -> ownership.Owner | None:
-    rados, _ = mods()
+    rados = rados_only()
     with c.op("reading the pool's owner"):
         try:
             raw = c.io().read(OWNER_OBJECT, 1 << 16, 0)
@@ -69,7 +69,7 @@ def check_owner(c: Cluster) -> None:
 
 
 def claim(c: Cluster) -> None:
-    rados, _ = mods()
+    rados = rados_only()
     ident = _identity(c)
     if owner(c) is None:
         data = ownership.Owner.of(ident).to_json().encode()

@@ -32,8 +32,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,12 @@ class RbdPoolDriver:
         host: str | None = None,
         heartbeat_expiry: float = 300.0,
         changes: Path | None = None,
+        listing: Path | None = None,
     ) -> None:
         """`changes`: the host's mark of record writes, in its state directory
-        (drivers/rbd/changes.py); None: every load of the records reads them all."""
+        (drivers/rbd/changes.py); None: every load of the records reads them all.
+        `listing`: where the pool's image names are kept between runs
+        (drivers/rbd/listing.py); None: every observe lists the pool."""
         assert config.ceph is not None  # the config's validator requires it for rbd
         self.name = name
         self.config = config
@@ -127,6 +131,7 @@ class RbdPoolDriver:
             offline=store is None,  # planning from a file: never connect
             heartbeat_expiry=heartbeat_expiry,
             changes=changes,
+            listing=listing,
         )
         self.cache = entries.Cache(
             self,
@@ -188,17 +193,23 @@ class RbdPoolDriver:
         return self.c.list_volumes()
 
     def observe(self) -> ObservedPool:
-        """The pool's images by name and which domains use them; never raises."""
+        """The pool's images by name and which domains use them; never raises. libvirt is
+        asked for the domains in a thread while Ceph is asked for the owner and the images
+        (each is round trips of its own: the Ceph client's connect alone is 10-40 ms), and
+        its answer or error is taken after theirs, as when asked one after the other."""
         if self.c.offline:
             return ObservedPool(self.name, None, "not observed (planning from a file)")
+        domains = _Asked(self.attachments)
         try:
             self.check_owner()
             volumes = self.list_volumes()
-            att = self.attachments()
+            att = domains.answer()
         except ownership.ManagedElsewhere as e:
             return ObservedPool(self.name, None, str(e), managed_elsewhere=True)
         except ReconcileError as e:
             return ObservedPool(self.name, None, str(e))
+        finally:
+            domains.join()  # never left running behind a failed observe
         return ObservedPool(
             self.name, volumes, None, {}, att.defined, att.running, att.known, att.why_unknown
         )
@@ -493,6 +504,33 @@ class RbdPoolDriver:
 
 
 __all__ = ["RbdPoolDriver"]
+
+
+class _Asked:
+    """`ask()` running in a thread of its own; answer() is its result or its exception."""
+
+    def __init__(self, ask: Callable[[], Attachments]) -> None:
+        self._ask = ask
+        self._result: Attachments | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rbd-observe-domains", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self._ask()
+        except BaseException as e:  # raised in the caller's thread by answer()
+            self._error = e
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def answer(self) -> Attachments:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _check_raw_unencrypted(rec: DiskRecord) -> None:
