@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 import os
 import stat
 import time
@@ -242,7 +243,7 @@ def pack(entries: dict[str, list[Any]]) -> tuple[list[Any], dict[str, list[Any]]
     """Entries whose manifests hold their disks' dumps, as a table of the distinct dumps
     and entries naming theirs by number (what a cache file holds)."""
     table: list[Any] = []
-    numbers: dict[str, int] = {}
+    numbers: dict[bytes, int] = {}
     by_id: dict[int, int] = {}  # the same dump object (a table entry read) is numbered once
     out: dict[str, list[Any]] = {}
     for path, (key, data, lines) in entries.items():
@@ -250,7 +251,9 @@ def pack(entries: dict[str, list[Any]]) -> tuple[list[Any], dict[str, list[Any]]
         for d in data["disks"]:
             n = by_id.get(id(d))
             if n is None:
-                text = json.dumps(d, sort_keys=True, separators=(",", ":"))
+                # The same dump, key for key in the same order, is the same bytes (a
+                # dump made in another order is only kept twice).
+                text = marshal.dumps(d, 2)  # version 2: no references, only values
                 n = numbers.get(text)
                 if n is None:
                     n = numbers[text] = len(table)
