@@ -13,7 +13,9 @@ the other so that a busy machine slows them alike, in alternating order (ABBA: c
 repeat, observed, floor; then floor, observed, cold and repeat):
 
   * cold: the CLI as a new process with no manifest cache, as a change review's CI job
-    runs it (its checkout is new): every manifest is parsed and validated;
+    runs it (its checkout is new): every manifest is parsed and validated. What the state
+    directory keeps of the host itself (the volumes' headers, the records judged) stays,
+    as it would on the host: neither changed;
   * repeat: the CLI again, with the manifest cache the cold run wrote;
   * observed: the CLI planning against the state `reconcile observe` exported once
     before the rounds (`--observed STATE`: no connection, no manifest cache, as a review's

@@ -417,14 +417,24 @@ def _fuzz(
     `leave_out` (the input file itself, where it lives on the host) and the manifest
     cache: a cache of parsed manifests keyed by their files' identity, which every plan,
     a dry run's too, may rewrite (a manifest is cached once it is two seconds old), and
-    from which no decision is taken that the file itself would not give."""
+    from which no decision is taken that the file itself would not give. The same holds
+    for the header caches (drivers/file/headercache.py: what each volume's first bytes
+    announced, for warnings only) and the judged rows (drivers/host/checked.py)."""
+    state = world.env.root / "state"
+    caches = ("header-cache-", "records-checked.bin")
 
     def snapshot() -> dict[str, Any]:
         snap = world.snapshot()
-        for path in (leave_out, world.env.root / "state" / "manifest-cache.json"):
+        for path in (leave_out, state / "manifest-cache.json"):
             for root, files in snap.items():
                 if path is not None and path.is_relative_to(root):
                     files.pop(str(path.relative_to(root)), None)
+        for root, files in snap.items():
+            if state.is_relative_to(root):
+                inside = state.relative_to(root)
+                for name in [n for n in files if Path(n).parent == inside]:
+                    if Path(name).name.startswith(caches):
+                        files.pop(name)
         return snap
 
     capfd.readouterr()

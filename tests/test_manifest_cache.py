@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -57,9 +59,9 @@ def test_a_changed_file_is_parsed_again(tmp_path: Path, monkeypatch: pytest.Monk
     parsed: list[str] = []
     real = mcache.construct
 
-    def spy(data: dict[str, object]) -> object:
+    def spy(data: dict[str, object], *table: object) -> object:
         parsed.append(str(data["instance"]))
-        return real(data)
+        return real(data, *table)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mcache, "construct", spy)
     loaded, _ = load_manifests([str(d)], config, ManifestCache(cache_path))
@@ -119,3 +121,36 @@ def test_a_cache_over_the_json_bounds_is_ignored(tmp_path: Path) -> None:
     assert ManifestCache(cache_path).entries == {}
     cache_path.write_text("[" * 100_000)
     assert ManifestCache(cache_path).entries == {}
+
+
+def test_the_file_holds_each_disk_once_and_a_bad_number_is_not_used(tmp_path: Path) -> None:
+    config = example_config(tmp_path)
+    d = copy_examples(tmp_path)
+    for i in range(3):  # manifests that share their disks, as a host's do
+        shutil.copy(d / "web-1.yaml", d / f"web-copy-{i}.yaml")
+        text = (d / f"web-copy-{i}.yaml").read_text()
+        (d / f"web-copy-{i}.yaml").write_text(text.replace("0b0e7f1c", f"0b0e7f1{i}"))
+    cache_path = tmp_path / "cache.json"
+    fresh, failed = load_manifests([str(d)], config, ManifestCache(cache_path))
+    assert not failed
+    doc = json.loads(cache_path.read_text())
+    disks = sum(len(e[1]["disks"]) for e in doc["entries"].values())
+    assert len(doc["disks"]) < disks
+    assert all(type(n) is int for e in doc["entries"].values() for n in e[1]["disks"])
+    # A cache written after a cached run (some entries as read, one added) is the same.
+    (d / "web-copy-0.yaml").write_text((d / "web-copy-0.yaml").read_text() + "\n")
+    load_manifests([str(d)], config, ManifestCache(cache_path))
+    again = ManifestCache(cache_path)
+    second, _ = load_manifests([str(d)], config, again)
+    assert len(again.fresh) == len(fresh) and again.unsaved() is None
+    assert [x.manifest for x in second] == [x.manifest for x in fresh]
+    # Numbers that are no disk of the table: that manifest is parsed from its file.
+    doc = json.loads(cache_path.read_text())
+    web = os.path.abspath(d / "web-1.yaml")
+    for bad in (len(doc["disks"]), -1, True, "0", None):
+        doc["entries"][web][1]["disks"][0] = bad
+        cache_path.write_text(json.dumps(doc))
+        cache = ManifestCache(cache_path)
+        loaded, failed = load_manifests([str(d)], config, cache)
+        assert not failed and cache.dirty  # parsed (and cached again)
+        assert [x.manifest for x in loaded] == [x.manifest for x in fresh]

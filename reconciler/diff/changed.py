@@ -55,7 +55,10 @@ def disk(draft: Draft, r: Recorded) -> None:
     if _secret_lost(draft, r):
         return
     fields = [f for f in REPLACE_FIELDS if rec.spec.get(f) != r.spec.get(f)]
-    keyed = keying.decide(rec.spec, r.spec, _same_keys(r))
+    keyed = None
+    if rec.spec.get("encryption") is not None or r.spec.get("encryption") is not None:
+        # keying.decide is None where neither is encrypted: most disks, not asked.
+        keyed = keying.decide(rec.spec, r.spec, _same_keys(r))
     if keyed is not None and (fields or rec.spec.get("encryption") != r.spec.get("encryption")):
         _rekeyed(draft, r, fields, keyed)
         return

@@ -50,7 +50,13 @@ class UnsupportedPool:
 def _file(
     name: str, config: PoolConfig, conns: Connections, store: RecordStore | None, cfg: Config | None
 ) -> PoolDriver:
-    return FilePoolDriver(name, config, conns, store, cfg.images if cfg is not None else {})
+    from reconciler.drivers.file.headercache import cache_path
+
+    if cfg is None:
+        return FilePoolDriver(name, config, conns, store, {})
+    # Only beside the host's own store, whose state directory keeps it.
+    headers = cache_path(cfg.state_dir(), name) if store is not None else None
+    return FilePoolDriver(name, config, conns, store, cfg.images, headers)
 
 
 def _rbd(

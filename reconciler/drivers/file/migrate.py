@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -29,15 +29,24 @@ from reconciler.schema.common import BACKEND_FORMATS, Backend, DiskFormat
 FILE_LAYOUT_BACKENDS = (Backend.FLAT, Backend.QCOW2, Backend.PLOOP)
 
 
-def migration_facts(vols: PoolDir, volumes: Iterable[str]) -> MigrationFacts:
+def migration_facts(
+    vols: PoolDir, volumes: Iterable[str], seen: Mapping[str, os.stat_result] | None = None
+) -> MigrationFacts:
     """The file system's free space and the blocks each managed file occupies (lstat:
-    the host's view of the file, never its bytes)."""
+    the host's view of the file, never its bytes); `seen`, lstats of some of `volumes`
+    just taken."""
     root = vols.info().path
     st = os.statvfs(root)
+    prefix = os.path.join(root, "")
+    seen = seen or {}
     allocated: dict[str, int] = {}
     for v in volumes:
+        got = seen.get(v)
+        if got is not None:
+            allocated[v] = got.st_blocks * 512
+            continue
         with contextlib.suppress(OSError):
-            allocated[v] = os.lstat(os.path.join(root, v)).st_blocks * 512
+            allocated[v] = os.lstat(prefix + v).st_blocks * 512
     layouts = frozenset(
         f"{b.value}/{f.value}"
         for b in vols.config.backends

@@ -21,6 +21,7 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 from reconciler.drivers.api import (
@@ -35,6 +36,7 @@ from reconciler.drivers.api import (
 from reconciler.drivers.file import intake, migrate
 from reconciler.drivers.file.copies import XattrCopies
 from reconciler.drivers.file.disks import FileDisks
+from reconciler.drivers.file.headercache import HeaderCache
 from reconciler.drivers.file.snapshots import FileSnapshots
 from reconciler.drivers.file.volumes import PoolDir
 from reconciler.drivers.flows import entries
@@ -44,7 +46,7 @@ from reconciler.drivers.host.domains import Attachments
 from reconciler.drivers.host.keys import Secrets
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.host.store import RecordStore
-from reconciler.drivers.ingest.headers import file_header_format
+from reconciler.drivers.ingest.headers import file_header
 from reconciler.model.errors import PoolError, ReconcileError
 from reconciler.model.observed import ObservedPool
 from reconciler.model.record import Consistency, DiskRecord, Migration
@@ -63,8 +65,15 @@ class FilePoolDriver:
         conns: Connections,
         store: RecordStore | None = None,
         images: Mapping[str, ImageConfig] | None = None,
+        header_cache: Path | None = None,
     ) -> None:
+        """`header_cache`: the file keeping what the volumes' headers announced between
+        runs (file/headercache.py; None: every header is read every time)."""
         self.name = name
+        self.header_cache = header_cache
+        # The lstat of each volume check_headers took, for the migration_facts that follows
+        # it in the same observation (one lstat per volume, not two); taken once.
+        self._lstats: dict[str, os.stat_result] = {}
         self.config = config
         self.conns = conns
         self.store = store
@@ -132,19 +141,42 @@ class FilePoolDriver:
         )
 
     def check_headers(self, pool: ObservedPool, records: Sequence[DiskRecord]) -> ObservedPool:
-        """Note managed volumes whose first bytes announce another format than recorded."""
+        """Note managed volumes whose first bytes announce another format than recorded.
+
+        A header unchanged since it was last read (the name's lstat is the regular file it
+        was read from, with the same identity and times: file/headercache.py) is not read
+        again."""
+        self._lstats = {}
         if pool.volumes is None:
             return pool
-        root = self.vols.info().path
+        prefix = os.path.join(self.vols.info().path, "")
+        cache = HeaderCache(self.header_cache) if self.header_cache is not None else None
+        stats: dict[str, os.stat_result] = {}
         headers: dict[str, str] = {}
         for rec in records:
             if rec.volume in pool.volumes:
-                fmt = file_header_format(os.path.join(root, rec.volume))
+                path = prefix + rec.volume
+                fmt = None
+                if cache is not None:
+                    try:
+                        st = os.lstat(path)
+                    except OSError:
+                        pass
+                    else:
+                        stats[rec.volume] = st
+                        fmt = cache.get(rec.volume, st)
+                if fmt is None:
+                    fmt, read = file_header(path)
+                    if cache is not None and read is not None:
+                        cache.put(rec.volume, read, fmt)
                 # An encrypted raw disk starts with its LUKS header (the guest writes only
                 # the payload after it).
                 made = "luks" if rec.encryption and rec.format is DiskFormat.RAW else None
-                if fmt != (made or rec.format.value):
+                if fmt != (made or rec.format):  # a StrEnum: equal to its value
                     headers[rec.volume] = fmt
+        if cache is not None:
+            cache.save()
+        self._lstats = stats
         return dataclasses.replace(pool, header_formats=headers)
 
     def volume_exists(self, volume: str) -> bool:
@@ -261,7 +293,10 @@ class FilePoolDriver:
     # -- migrations (file/migrate.py) ---------------------------------------------------
 
     def migration_facts(self, volumes: Iterable[str]) -> MigrationFacts:
-        return migrate.migration_facts(self.vols, volumes)
+        """The lstats check_headers just took serve here, once (Session observes the
+        headers, then these facts, of the same volumes at one moment)."""
+        seen, self._lstats = self._lstats, {}
+        return migrate.migration_facts(self.vols, volumes, seen)
 
     def prepare_copy(
         self,

@@ -49,19 +49,25 @@ def header_format(head: bytes) -> str:
 
 def file_header_format(path: str) -> str:
     """Open without following links or blocking, read the first bytes, classify them."""
+    return file_header(path)[0]
+
+
+def file_header(path: str) -> tuple[str, os.stat_result | None]:
+    """file_header_format, with the fstat of the descriptor the bytes were read from (None
+    where nothing was read: a link, not a file, unreadable)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            return SYMLINK
-        return UNREADABLE
+            return SYMLINK, None
+        return UNREADABLE, None
     try:
         st = os.fstat(fd)
         if not _is_regular(st.st_mode):
-            return NOT_A_FILE
-        return header_format(os.pread(fd, HEADER_BYTES, 0))
+            return NOT_A_FILE, None
+        return header_format(os.pread(fd, HEADER_BYTES, 0)), st
     except OSError:
-        return UNREADABLE
+        return UNREADABLE, None
     finally:
         os.close(fd)
 

@@ -8,7 +8,9 @@ times were at least two seconds in the past when the entry was written are ever 
 otherwise look unchanged; git's index has the same rule). The cache is keyed to the exact
 source of the schema code, so any change to validation empties it. Reference checks
 against the config (pools, images) are never cached. The file lives in the state
-directory and is replaced atomically; losing it only costs one slow run.
+directory and is replaced atomically; losing it only costs one slow run. It holds each
+distinct disk once (a host's manifests repeat a few), which the manifests name by number:
+a number that is no disk of the table is damage, and that manifest is parsed again.
 
 The manifest directory is someone else's, so the identity is that of what was read: an
 entry is stored under the fstat of the opened file its bytes came from
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 import os
 import stat
 import time
@@ -192,10 +195,12 @@ def _encryption(e: dict[str, Any] | None) -> EncryptionSpec | None:
     return _model(EncryptionSpec, {"format": EncryptionFormat(e["format"])})
 
 
-def construct(data: dict[str, Any]) -> Manifest:
-    """Rebuild a Manifest from its own validated dump, without validating it again.
+def construct(data: dict[str, Any], table: DiskTable | None = None) -> Manifest:
+    """Rebuild a Manifest from its own validated dump, without validating it again; its
+    disks are dumps, or, with `table`, numbers in the table of the file it was read from.
 
     Raises KeyError, ValueError or TypeError on data that is not such a dump."""
+    disks = data["disks"]
     return _model(
         Manifest,
         {
@@ -203,17 +208,70 @@ def construct(data: dict[str, Any]) -> Manifest:
             "kind": data["kind"],
             "instance": data["instance"],
             "deleted": bool(data.get("deleted", False)),
-            "disks": [_disk(d) for d in data["disks"]],
+            "disks": [_disk(d) for d in disks] if table is None else table.specs(disks),
         },
     )
+
+
+class DiskTable:
+    """The distinct disk dumps a cache file holds: its manifests name their disks by number
+    in this table (a host's manifests repeat a few disks: the file is a third the size,
+    and each disk is rebuilt once, not once per manifest)."""
+
+    def __init__(self, dumps: list[Any]) -> None:
+        if type(dumps) is not list:
+            raise TypeError("the disks of a manifest cache are a list")
+        self.dumps = dumps
+        self._built: dict[int, DiskSpec] = {}
+
+    def specs(self, numbers: list[Any]) -> list[DiskSpec]:
+        out = []
+        for i in numbers:
+            spec = self._built.get(i) if type(i) is int else None
+            if spec is None:
+                if type(i) is not int or not 0 <= i < len(self.dumps):
+                    raise IndexError(f"no disk {i!r} in the table")
+                spec = self._built[i] = _disk(self.dumps[i])
+            out.append(spec)
+        return out
+
+    def dumps_of(self, numbers: list[int]) -> list[Any]:
+        return [self.dumps[i] for i in numbers]
+
+
+def pack(entries: dict[str, list[Any]]) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Entries whose manifests hold their disks' dumps, as a table of the distinct dumps
+    and entries naming theirs by number (what a cache file holds)."""
+    table: list[Any] = []
+    numbers: dict[bytes, int] = {}
+    by_id: dict[int, int] = {}  # the same dump object (a table entry read) is numbered once
+    out: dict[str, list[Any]] = {}
+    for path, (key, data, lines) in entries.items():
+        refs = []
+        for d in data["disks"]:
+            n = by_id.get(id(d))
+            if n is None:
+                # The same dump, key for key in the same order, is the same bytes (a
+                # dump made in another order is only kept twice).
+                text = marshal.dumps(d, 2)  # version 2: no references, only values
+                n = numbers.get(text)
+                if n is None:
+                    n = numbers[text] = len(table)
+                    table.append(d)
+                by_id[id(d)] = n
+            refs.append(n)
+        out[path] = [key, {**data, "disks": refs}, lines]
+    return table, out
 
 
 class ManifestCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fingerprint = _fingerprint()
-        self.entries: dict[str, list[Any]] = {}
-        self.fresh: dict[str, list[Any]] = {}
+        self.entries: dict[str, list[Any]] = {}  # as read: disks by number in `table`
+        self.table = DiskTable([])
+        self.fresh: dict[str, list[Any]] = {}  # the entries used (as read) or added (dumps)
+        self._added: set[str] = set()
         self.dirty = False
         try:
             read = read_regular(str(path), limit=MAX_CACHE_BYTES)
@@ -238,6 +296,7 @@ class ManifestCache:
             # that recurses too deep is refused as damaged, never a RecursionError.
             doc = load_json(read.data, what=str(path), max_depth=None, max_bytes=MAX_CACHE_BYTES)
             if doc.get("fingerprint") == self.fingerprint:
+                self.table = DiskTable(doc.get("disks", []))
                 self.entries = doc["entries"]
         except (ValueError, KeyError, TypeError, AttributeError):
             self.entries = {}  # damaged (even nested absurdly): it is only a cache
@@ -247,16 +306,18 @@ class ManifestCache:
             e = self.entries.get(path)
             if e is None or tuple(e[0]) != key:
                 return None
-            manifest, lines = construct(e[1]), tuple(e[2])
+            manifest, lines = construct(e[1], self.table), tuple(e[2])
         except (KeyError, ValueError, TypeError, AttributeError, IndexError):
             return None  # damaged: parse the file
         self.fresh[path] = e
+        self._added.discard(path)
         return manifest, lines
 
     def put(self, path: str, key: Key, data: dict[str, Any], lines: Sequence[int | None]) -> None:
         """Keep a manifest's dump (see dump()) for the next run, if its file is old enough."""
         if self.trusts(key):
             self.fresh[path] = [list(key), data, list(lines)]
+            self._added.add(path)
             self.dirty = True
 
     @staticmethod
@@ -270,7 +331,13 @@ class ManifestCache:
         out); None when that is what the file holds already."""
         if not self.dirty and set(self.fresh) == set(self.entries):
             return None
-        return {"fingerprint": self.fingerprint, "entries": self.fresh}
+        entries = {
+            path: e
+            if path in self._added
+            else [e[0], {**e[1], "disks": self.table.dumps_of(e[1]["disks"])}, e[2]]
+            for path, e in self.fresh.items()
+        }
+        return {"fingerprint": self.fingerprint, "entries": entries}
 
     def save(self, doc: dict[str, Any] | None = None) -> None:
         """Write `doc` (default: unsaved()); a failure is logged, as losing the cache only
@@ -289,4 +356,6 @@ def write_document(path: Path, doc: dict[str, Any]) -> None:
     from reconciler.schema.write import write_atomic
 
     private_dir(path.parent)  # the state directory: 0700 (the file is mkstemp's, 0600)
-    write_atomic(str(path), json.dumps(doc, separators=(",", ":")))
+    table, entries = pack(doc["entries"])
+    packed = {"fingerprint": doc["fingerprint"], "disks": table, "entries": entries}
+    write_atomic(str(path), json.dumps(packed, separators=(",", ":")))
