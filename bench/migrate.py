@@ -44,6 +44,13 @@ one run):
            load, of which compiling this checkout's modules where __pycache__ may not be
            written, PYTHONDONTWRITEBYTECODE) is a no-op run's time, as long as the 20 bare
            copies take. Both are outside the migrate step.
+Again after those changes (session 13, load 10-16, sampled and timed per step): at 16 MiB
+libvirt calls were over half of the workers' time (a removal's look-up, vol.info() and
+delete: 38%; the domain listings of check_unused, two per disk: 15%), the copy 13%, the
+comparison 18%, the records 6% (68 fdatasyncs per run); at 128 MiB the copy 42%, the
+comparison 26% (its CPU: ~90 ms per disk, 256 MiB read from the page cache), and the run
+ended waiting ~1 s for the last old volume's blocks. Now `switched` and the record at the
+new location are one commit (48 fdatasyncs per run) and a removal asks libvirt no type.
 
 `--reconcile` runs another command as the reconciler (e.g. another checkout's), for a
 before/after in one run.

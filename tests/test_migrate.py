@@ -307,6 +307,41 @@ def test_a_retain_rename_cut_between_link_and_unlink_is_finished(
     assert other.read_bytes() == b"\x42" * 4096 and content(kept, "raw", tmp_path) == want
 
 
+def test_a_move_to_another_pool_is_two_durable_commits(
+    pools: Pools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both pools' records are in the host's database: `copying`, then `switched` with
+    the disk's record at the new location in one commit (no third); the old record's
+    removal is a completion, made durable by the run's closing sync."""
+    from reconciler.drivers.host.store import SqliteRecordStore
+
+    env = two_pools(pools, tmp_path)
+    inst = env.manifest("vm", [disk("d", size="16MiB")])
+    apply_ok(env)
+    vol = env.volume(inst, "d")
+    write_pattern(vol, "raw")
+    want = content(vol, "raw", tmp_path)
+    migrate_once(env, "vm", inst, disk("d", size="16MiB", pool="fast"))
+    before = record(env, "local", vol.name)
+    assert before is not None
+    gen = before.generation
+    written: list[list[tuple[str, str, int]]] = []
+    real_put_many = SqliteRecordStore.put_many
+
+    def put_many(self: SqliteRecordStore, writes: Any, *, durable: bool = True) -> None:
+        if durable:
+            written.append([(r.pool, r.volume, r.generation) for r, _ in writes])
+        real_put_many(self, writes, durable=durable)
+
+    monkeypatch.setattr(SqliteRecordStore, "put_many", put_many)
+    apply_ok(env)
+    monkeypatch.undo()
+    name = vol.name
+    assert written == [[("local", name, gen + 1)], [("local", name, gen + 2), ("fast", name, 1)]]
+    assert not vol.exists() and record(env, "local", name) is None
+    assert content(env.volume(inst, "d", "fast"), "raw", tmp_path) == want
+
+
 def test_retain_to_another_pool_keeps_the_old_volume(pools: Pools, tmp_path: Path) -> None:
     env = two_pools(pools, tmp_path)
     inst = env.manifest("vm", [disk("d", size="16MiB", policy="Retain")])

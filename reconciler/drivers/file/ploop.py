@@ -7,9 +7,10 @@ ploop kernel module), and its vol delete of a volume it typed ploop removes a di
 (`virFileDeleteTree`), which fails on a file ("Not a directory"). So the driver writes the
 image itself, with `qemu-img create -f parallels` and `convert -n -f raw -O parallels` on a
 temporary file it made exclusively (O_EXCL|O_NOFOLLOW, swept like any temporary file),
-links it to the volume's name without replacing anything, and refreshes the pool; and it
-unlinks (after lstat shows a regular file) any file volume libvirt types as ploop, which
-includes a raw disk whose guest wrote the parallels magic at its start. qemu-img cannot
+links it to the volume's name without replacing anything, and refreshes the pool. A file
+volume is removed by unlinking it before libvirt's delete (file/volumes.py), which then
+finds no tree to remove: so a ploop disk goes as any other, and so does a raw disk whose
+guest wrote the parallels magic at its start (libvirt types it ploop). qemu-img cannot
 resize parallels images, so a ploop disk is never grown: the planner says so as an error.
 
 Allocation (the record's preallocation): qemu's parallels driver allocates a cluster only
@@ -29,12 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from reconciler.drivers.api import VolumeExists
 from reconciler.drivers.flows.qemuimg import (
-    NotAFile,
     convert_argv,
     create_argv,
     fd_path,
@@ -125,13 +124,3 @@ def _fill(vols: PoolDir, volume: str, size: int, entry: str | None, fd: int) -> 
             fds=tuple(fds),
             what=f"write every cluster of {volume} (preallocation full)",
         )
-
-
-def unlink(pool: Any, path: str) -> None:
-    """Remove a file volume libvirt types ploop (libvirt would remove a directory tree
-    here, and fails on a file): a ploop disk, or a raw one whose guest wrote the
-    parallels magic at its start; then have libvirt forget it."""
-    if not stat.S_ISREG(os.lstat(path).st_mode):
-        raise NotAFile(f"{path} is not a regular file; refusing to delete")
-    os.unlink(path)
-    pool.refresh(0)

@@ -8,8 +8,8 @@ O_NOFOLLOW. Nothing is ever probed: a volume's format, size and backing come fro
 The driver is composed of one part per concern, each in its own module (no hooks to
 override): file/volumes.py (the pool's directory and libvirt pool: volumes made, named,
 listed, opened, removed; the pool's locks), file/disks.py (disks made of images and
-templates, the cache entries they use, growth), file/ploop.py (ploop's own make and
-removal), file/copies.py (each volume's record copy in its extended attributes),
+templates, the cache entries they use, growth), file/ploop.py (ploop's own
+make), file/copies.py (each volume's record copy in its extended attributes),
 file/intake.py (adopt's check and import-nova's take-in), file/migrate.py (migrations).
 Here: observing the pool, its ownership (drivers/host/ownership.py: a file in the pool's
 `.reconciler` directory) and the raw-bytes core the shared flows use.

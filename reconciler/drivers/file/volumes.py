@@ -12,8 +12,8 @@ Crash windows and retries:
   before the first try, claims the name: it is removed and made again (as the next run
   would after a crash). A name taken by anyone else is VolumeExists, left untouched.
 - delete: the file is unlinked here (after lstat shows a regular file), then libvirt is
-  told to forget it; a volume libvirt types ploop is unlinked by us (file/ploop.py says
-  why). A volume gone already is fine: a lost reply, or a refresh meanwhile.
+  told to forget it (also a volume libvirt types ploop: file/ploop.py says why that
+  matters). A volume gone already is fine: a lost reply, or a refresh meanwhile.
 - rename: rename(2) with `replace` (the name always holds one whole volume); without it,
   link then unlink, never taking an existing name; a crash between the two leaves both
   names on the one file, which the next try finishes. The directory is fsynced before
@@ -37,7 +37,6 @@ from typing import Any
 import libvirt
 
 from reconciler.drivers.api import VolumeExists
-from reconciler.drivers.file import ploop
 from reconciler.drivers.flows.copy import FileSink, FileSource
 from reconciler.drivers.flows.qemuimg import NotAFile, open_volume
 from reconciler.drivers.host.domains import Attachments, attachments
@@ -380,12 +379,14 @@ class PoolDir:
             except FileNotFoundError:
                 pass
             return
-        if vol.info()[0] == libvirt.VIR_STORAGE_VOL_PLOOP:
-            ploop.unlink(pool, path)
-            return
         # The file is unlinked here, then libvirt's delete finds it gone, which it ignores
         # for a file volume, and forgets it (virStorageBackendVolDeleteLocal: "Silently
-        # ignore failures where the vol has already gone away"). libvirtd unlinks with the
+        # ignore failures where the vol has already gone away"). A file libvirt types
+        # ploop (a ploop disk, or a raw one whose guest wrote the parallels magic) it
+        # would remove as a directory tree, which fails on a file; with the file gone that
+        # tree is missing, which virFileDeleteTree takes as removed: so no type is asked
+        # first (vol.info(), a round trip that waits for the pool's lock, as each call
+        # here does; tests/test_ploop.py deletes both kinds). libvirtd unlinks with the
         # pool locked (storageVolDelete), so removals in one pool wait for each other
         # while the file system frees their blocks, and every other call on the pool waits
         # behind them (20 migrations of 128 MiB each: 2.4 s -> 2.0 s). The same unlink(2)
