@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,62 @@ def test_a_disk_a_domain_uses_is_not_migrated(pools: Pools, tmp_path: Path) -> N
         conn.close()
     apply_ok(env)
     assert not vol.exists() and env.volume(inst, "d", "fast").exists()
+
+
+def test_a_domain_defined_while_the_copy_is_made_keeps_the_disk_where_it_is(
+    pools: Pools, tmp_path: Path
+) -> None:
+    """A move to another pool of the host's database switches and moves the record in one
+    commit; a domain defined while the copy was made (after the check that began the
+    migration) stops it before that commit: the record stays at the old pool, `copying`,
+    the old volume untouched, and the migration is made once the domain is gone."""
+    env = two_pools(pools, tmp_path)
+    first = env.manifest("first", [disk("d", size="8MiB")])
+    second = env.manifest("second", [disk("d", size="8MiB")])
+    apply_ok(env)
+    # Where a one-disk move pauses after its copy is compared: learnt from the first.
+    migrate_once(env, "first", first, disk("d", size="8MiB", pool="fast"))
+    steps = env.traced_steps()
+    at = steps.index("volume.verified") + 1
+    vol = env.volume(second, "d")
+    write_pattern(vol, "raw")
+    want = content(vol, "raw", tmp_path)
+    migrate_once(env, "second", second, disk("d", size="8MiB", pool="fast"))
+    flag = tmp_path / "paused"
+    p = env.start(env={**os.environ, "RECONCILER_PAUSE_AT": f"{at}:{flag}"})
+    conn = libvirt.open(env.uri)
+    dom = None
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert time.monotonic() < deadline and p.poll() is None, "the run did not pause"
+            time.sleep(0.01)
+        dom = conn.defineXML(
+            f"""<domain type='qemu'><name>late-{uuid.uuid4().hex[:12]}</name><memory>65536</memory>
+            <os><type arch='x86_64'>hvm</type></os><devices>
+            <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+            <source file='{vol}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+        )
+        flag.unlink()
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 1, out + err
+        assert "Traceback" not in out + err
+        assert "it is used by domain(s) late-" in out, out + err
+        rec = record(env, "local", vol.name)
+        assert rec is not None and rec.migration is not None
+        assert rec.migration.phase.value == "copying"
+        assert record(env, "fast", vol.name) is None
+        assert content(vol, "raw", tmp_path) == want
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if dom is not None:
+            dom.undefine()
+        conn.close()
+    apply_ok(env)
+    assert not vol.exists() and record(env, "local", vol.name) is None
+    assert content(env.volume(second, "d", "fast"), "raw", tmp_path) == want
 
 
 def test_a_stranger_where_the_copy_goes_stops_the_migration(pools: Pools, tmp_path: Path) -> None:

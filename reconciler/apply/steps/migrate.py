@@ -8,10 +8,10 @@ step is written down before it is taken:
   compared (qemu-img compare, both formats named; a raw file and its raw copy, both files
   of this host, byte for byte in this process) -> record: migration `switched` (durable;
   to another pool whose records are in the same database, in one commit with the disk's
-  record at the new location) -> same pool: the old volume renamed away (Retain) or
-  replaced by the copy in one rename; another pool: the record written at the new
-  location, if not with `switched` -> old volume removed (Delete) or released (Retain) ->
-  old record removed.
+  record at the new location, once no domain is found using the old volume) -> same
+  pool: the old volume renamed away (Retain) or replaced by the copy in one rename;
+  another pool: the record written at the new location, if not with `switched` -> old
+  volume removed (Delete) or released (Retain) -> old record removed.
 
 So a SIGKILL anywhere leaves, for the next run, either `copying` (the old volume is the
 disk; the partial copy is removed and made again, or removed for good where the manifest
@@ -193,7 +193,8 @@ class Migrator:
             except BaseException:
                 self._abandon(rec, mig, quiet=True)
                 raise
-            rec = self._switch(src, rec, mig)
+            rec, checked = self._switch(src, rec, mig)
+            return self._finish(rec, checked=checked)
         return self._finish(rec)
 
     # -- the steps --------------------------------------------------------------------
@@ -521,11 +522,17 @@ class Migrator:
             log.warning("migrate.rollback_failed", volume=rec.volume, error=str(e))
         return rec
 
-    def _switch(self, src: ManagingDriver, rec: DiskRecord, mig: Migration) -> DiskRecord:
+    def _switch(
+        self, src: ManagingDriver, rec: DiskRecord, mig: Migration
+    ) -> tuple[DiskRecord, bool]:
         """The copy (durable, equal) made the disk: the record `switched`, durably. To
         another pool whose records are in the same database as the old one's, that
         record and the disk's record at the new location are one commit (one fdatasync
-        where there were two); see the module docstring for what a power cut leaves."""
+        where there were two); see the module docstring for what a power cut leaves.
+        That commit moves the disk's record, so no domain may use the old volume then
+        (_finish's check, made here first: a domain defined while the copy was made
+        leaves the record `copying`, the disk where its domain has it). Returns the
+        record and whether that check was just made."""
         switched = rec.model_copy(
             update={
                 "migration": mig.model_copy(update={"phase": MigrationPhase.SWITCHED}),
@@ -537,15 +544,24 @@ class Migrator:
             and self.records.one_commit(rec.pool, mig.pool)
             and self.records.get(*mig.target()) is None
         ):
+            checked = mig.spec.get("deletionPolicy") == "Retain" or not src.volume_exists(
+                rec.volume
+            )
+            if not checked:
+                self._check_unused(src, rec)
             claimed = self._target_record(switched, _layout(mig))
             self.records.write_together([(switched, rec.generation), (claimed, None)])
+            checked = True
         else:
             self.records.add(switched, rec.generation)
+            checked = False
         faults.point("record.switched")
         src.keep_record_copy(switched)
-        return switched
+        return switched, checked
 
-    def _finish(self, rec: DiskRecord) -> str:
+    def _finish(self, rec: DiskRecord, *, checked: bool = False) -> str:
+        """The switched migration finished; `checked`: _switch has just found no domain
+        using the old volume (and moved the record), so that is not asked again."""
         mig = rec.migration
         assert mig is not None and mig.phase is MigrationPhase.SWITCHED
         retain = mig.spec.get("deletionPolicy") == "Retain"
@@ -569,7 +585,7 @@ class Migrator:
             dst.keep_record_copy(new)
         else:
             src = self.driver(rec.pool)
-            if not retain and src.volume_exists(rec.volume):
+            if not checked and not retain and src.volume_exists(rec.volume):
                 # Before the record moves: a domain defined since the copy began keeps its
                 # disk, and the disk stays where that domain's definition says it is.
                 self._check_unused(src, rec)
