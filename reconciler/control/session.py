@@ -353,7 +353,7 @@ class Session:
             for d in inst.disks:
                 if d.entry is not None and d.spec.pool not in unreadable:
                     rec = get(d.spec.pool, d.entry)
-                    if rec is not None and rec not in records:
+                    if rec is not None and not _listed(records, rec):
                         records.append(rec)
                 src = d.spec.source
                 if isinstance(src, SnapshotSource) and d.spec.pool not in unreadable:
@@ -361,7 +361,7 @@ class Session:
                     inst_, disk_, name = src.parts()
                     key = snapshot_name(volume_name(inst_, disk_), name)
                     rec = get(d.spec.pool, key)
-                    if rec is not None and rec not in records:
+                    if rec is not None and not _listed(records, rec):
                         records.append(rec)
         valid, refused = self._validate(records, get)
         return InstanceRecords(tuple(valid), tuple(refused), dict(unreadable))
@@ -423,6 +423,14 @@ class Session:
             replan=None if saved else self.replanner(),
             jobs=jobs,
         )
+
+
+def _listed(records: Sequence[DiskRecord], rec: DiskRecord) -> bool:
+    """`rec in records`, comparing whole records (pydantic's __eq__, ~30 us) only where
+    the keys match: equal records have equal keys (`reconcile disks` asked this 7,000
+    times for 1,000 instances; issue 27)."""
+    key = rec.key()
+    return any(r is rec or (r.key() == key and r == rec) for r in records)
 
 
 def observe_managed(
