@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -289,7 +290,7 @@ class Session:
         opts = options or self.options
         # The share of all disks a plan may destroy is the caller's to judge, not this
         # one instance's: a per-instance plan would refuse any tombstone.
-        opts = dataclasses.replace(opts, force=True)
+        opts = _forced(opts)
         return self._asking_agents(
             Observed(pools, tuple(records), tuple(bad)),
             lambda o: plan(Desired(tuple(wanted), tuple(failed)), o, opts),
@@ -423,6 +424,13 @@ class Session:
             replan=None if saved else self.replanner(),
             jobs=jobs,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _forced(options: PlanOptions) -> PlanOptions:
+    """`options` with force set: one copy per options, not one per instance planned
+    (`reconcile disks` plans 1,000; issue 27)."""
+    return dataclasses.replace(options, force=True)
 
 
 def _listed(records: Sequence[DiskRecord], rec: DiskRecord) -> bool:
