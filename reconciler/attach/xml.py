@@ -14,7 +14,7 @@ attributes and text by ElementTree, which escapes them.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -97,12 +97,71 @@ def disk_element(
 
 
 def to_text(el: ET.Element, *, in_place: bool = False) -> str:
-    """The element as indented XML text, without a declaration. `in_place`: indent `el`
-    itself (its whitespace changes) rather than a copy, for an element made only to be
-    printed."""
+    """The element as indented XML text, without a declaration: exactly what
+    ET.indent(space="  ") and ET.tostring(encoding="unicode") make of it. `in_place`:
+    indent `el` itself (its whitespace changes) where ElementTree has to write it, rather
+    than a copy, for an element made only to be printed; the elements built here are
+    written without indenting them (`el` is left as it is)."""
+    out: list[str] = []
+    if _plain(el):
+        _write(out, el, 0)
+        if el.tail:
+            out.append(_escape_cdata(el.tail))
+        return "".join(out)
     copy = el if in_place else deepcopy(el)  # apart from `el`: a third of a re-parse's time
     ET.indent(copy, space="  ")
     return ET.tostring(copy, encoding="unicode")
+
+
+# ElementTree's own escaping, so the text is the same to the byte.
+_escape_cdata: Callable[[str], str] = ET._escape_cdata  # type: ignore[attr-defined]
+_escape_attrib: Callable[[str], str] = ET._escape_attrib  # type: ignore[attr-defined]
+_INDENT = "  "
+
+
+def _plain(el: ET.Element) -> bool:
+    """Whether the tree has only what _write writes as ElementTree would: string tags and
+    attributes outside any namespace, string text and tails (no comment, processing
+    instruction or QName, which ElementTree writes its own way)."""
+    for e in el.iter():
+        tag = e.tag
+        if type(tag) is not str or tag[:1] == "{":
+            return False
+        if not (e.text is None or type(e.text) is str):
+            return False
+        if not (e.tail is None or type(e.tail) is str):
+            return False
+        for k, v in e.attrib.items():
+            if type(k) is not str or k[:1] == "{" or type(v) is not str:
+                return False
+    return True
+
+
+def _write(out: list[str], el: ET.Element, level: int) -> None:
+    """`el` as ET.indent(space="  ") at `level` and then ElementTree's serializer write it
+    (short empty elements), its tail excepted."""
+    out.append("<" + el.tag)
+    for k, v in el.attrib.items():
+        out.append(f' {k}="{_escape_attrib(v)}"')
+    children = list(el)
+    text = el.text
+    if not children:
+        if text:
+            out.append(">" + _escape_cdata(text) + "</" + el.tag + ">")
+        else:
+            out.append(" />")
+        return
+    inner = "\n" + _INDENT * (level + 1)
+    out.append(">" + (_escape_cdata(text) if text and text.strip() else inner))
+    last = len(children) - 1
+    for i, child in enumerate(children):
+        _write(out, child, level + 1)
+        tail = child.tail
+        if tail and tail.strip():
+            out.append(_escape_cdata(tail))
+        else:
+            out.append(inner if i < last else "\n" + _INDENT * level)
+    out.append("</" + el.tag + ">")
 
 
 def dev_name(prefix: str, index: int) -> str:

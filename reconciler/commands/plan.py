@@ -41,7 +41,6 @@ from reconciler.diff.render import MAX_MARKDOWN, MIN_MARKDOWN, to_json, to_markd
 from reconciler.model import Action, Plan
 from reconciler.model.errors import ReconcileError
 from reconciler.schema.config import Config
-from reconciler.schema.write import write_atomic
 
 if TYPE_CHECKING:
     from reconciler.apply.executor import ApplyResult
@@ -199,6 +198,7 @@ def _plan(argv: Sequence[str]) -> int:
             # Imported only here: its schema of a saved plan is built when its module is
             # imported, and a plan that is not saved (every apply) needs none of it.
             from reconciler.commands import saved_plan
+            from reconciler.schema.write import write_atomic  # tempfile: only to write
 
             made = saved_plan.made_from(config, s.desired, s.options)
             write_atomic(args.plan_out, to_json(p, {"saved_plan": made}))

@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonpatch
-
 from reconciler.model.desired import DesiredDisk
 from reconciler.model.observed import Observed, ObservedPool
 from reconciler.model.plan import (
@@ -213,6 +211,8 @@ def where_of(d: DesiredDisk) -> dict[str, Any]:
 def patch(
     before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
 ) -> tuple[dict[str, Any], ...]:
+    import jsonpatch  # at the first action: a plan with none (a no-op) never needs it
+
     return tuple(jsonpatch.make_patch(dict(before or {}), dict(after or {})).patch)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -433,7 +432,9 @@ class Config(BaseModel):
 
     def host_id(self) -> str:
         """This host's identity: `host`, else the machine's hostname."""
-        return self.host or socket.gethostname()
+        # os.uname's node name is what socket.gethostname() returns on Linux (glibc's
+        # gethostname reads it), without importing socket at every start (issue 27).
+        return self.host or os.uname().nodename
 
 
 def config_path(explicit: str | None) -> str:

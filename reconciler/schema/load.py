@@ -3,7 +3,6 @@ errors (a directory of manifests: schema/manifestdir.py)."""
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Sequence
@@ -137,6 +136,8 @@ def unknown_field_message(model: type[BaseModel] | None, loc: Sequence[int | str
 
     key = str(loc[-1])
     folded = {fold(k): k for k in known}
+    import difflib  # only for a bad input's message, never at start-up (issue 27)
+
     near = difflib.get_close_matches(fold(key), list(folded), n=1, cutoff=0.6)
     if near:
         return f"unknown field; did you mean {folded[near[0]]!r}?"

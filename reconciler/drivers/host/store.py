@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
 import sqlite3
 import threading
 import uuid
@@ -340,7 +339,8 @@ class SqliteRecordStore:
                 row = self._db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
             if row is None:
                 raise StoreError(f"records database {self.path} has no store identity; {REBUILD}")
-            self._identity = StoreIdentity(str(row[0]), str(self.path), socket.gethostname())
+            # The node name is socket.gethostname() on Linux, without importing socket.
+            self._identity = StoreIdentity(str(row[0]), str(self.path), os.uname().nodename)
         return self._identity
 
     def data_version(self) -> int:
