@@ -221,6 +221,12 @@ def test_overlay_bytes_are_made_once_per_entry_and_size(monkeypatch: pytest.Monk
         got = list(ex.map(lambda a: fd._overlay_image(*a), asks))
     assert sorted(made) == sorted(set(asks))
     assert got == [(((0, b.encode()),), s) for b, s in asks]
+    # A long-running loop keeps a bounded number of them: past it, they are made afresh.
+    monkeypatch.setattr(disks, "OVERLAYS_KEPT", 3)
+    made.clear()
+    for ask in [("/p/e3", 1 << 20), ("/p/e1", 1 << 20)]:
+        fd._overlay_image(*ask)
+    assert made == [("/p/e3", 1 << 20), ("/p/e1", 1 << 20)]
 
 
 def test_two_processes_one_fetch(env: Env, server: ImageServer, images: Path) -> None:

@@ -227,6 +227,8 @@ class FileDisks:
         with self._overlays_lock:
             made = self._overlays.get((backing, size))
             if made is None:
+                if len(self._overlays) >= OVERLAYS_KEPT:  # a long `reconcile watch`
+                    self._overlays.clear()
                 made = self._overlays[(backing, size)] = overlay_image(backing, size)
         return made
 
@@ -386,6 +388,8 @@ Overlay = tuple[tuple[tuple[int, bytes], ...], int]
 OVERLAY_BLOCK = 4096
 # A fresh overlay is its header and empty tables: about 192 KiB, 1.2 MiB at 64 TiB (L1).
 OVERLAY_MAX = 16 << 20
+# Kept per (entry, size): about 12 KiB each; a long-running loop starts afresh past this.
+OVERLAYS_KEPT = 256
 
 
 def overlay_image(backing: str, size: int) -> Overlay:
