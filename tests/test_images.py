@@ -12,14 +12,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import libvirt
 import pytest
 from oslo_utils.imageutils import format_inspector as fi
 
+from reconciler.drivers.file import disks
+from reconciler.drivers.file.volumes import _volume_xml
 from reconciler.drivers.ingest.check import ImageRejected, run_limited
 from reconciler.model.record import RecordKind
+from tests.conftest import DirPool
 from tests.env import ROOT, Env, disk
 from tests.httpserver import ImageServer, serve
 
@@ -164,6 +170,63 @@ def test_many_disks_one_fetch(env: Env, server: ImageServer, images: Path, jobs:
     for inst in ids:
         assert same_data(env.volume(inst, "root"), "qcow2", images / "good.raw")
     assert env.plan_json()["actions"] == []
+
+
+def test_overlays_are_the_bytes_libvirt_makes_from_one_qemu_img_run(
+    env: Env, dir_pool: DirPool, images: Path
+) -> None:
+    """A plain overlay is written from bytes made once per (entry, size) in a run: each
+    is byte for byte what libvirt's createXML of the overlay makes (its qemu-img run, the
+    size rounded up to a KiB as libvirt's command line gives it), and reads as the image."""
+    env.images = {"img": catalog_entry(images / "good.raw", "raw")}
+    env.write_config()
+    sizes = {"a": 16 << 20, "b": 16 << 20, "c": (16 << 20) + 512, "d": 1 << 40}
+    inst = env.manifest(
+        "vm",
+        [
+            disk(name, backend="qcow2", fmt="qcow2", size=f"{size} B", image="img", template=None)
+            for name, size in sizes.items()
+        ],
+    )
+    rc, out, err = env.run()
+    assert rc == 0, out + err
+    (entry,) = [r.volume for r in records(env) if r.kind is RecordKind.CACHE]
+    conn = libvirt.open(dir_pool.uri)
+    try:
+        pool = conn.storagePoolLookupByName(dir_pool.name)
+        for name, size in sizes.items():
+            ref = f"ref-{name}"
+            pool.createXML(_volume_xml(ref, size, "qcow2", str(env.pool_dir() / entry)), 0)
+            made = env.volume(inst, name)
+            assert made.read_bytes() == (env.pool_dir() / ref).read_bytes(), name
+            assert os.stat(made).st_mode & 0o777 == 0o600
+            assert same_data(made, "qcow2", images / "good.raw")
+    finally:
+        conn.close()
+    assert env.plan_json()["actions"] == []
+
+
+def test_overlay_bytes_are_made_once_per_entry_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[tuple[str, int]] = []
+
+    def overlay_image(backing: str, size: int) -> disks.Overlay:
+        made.append((backing, size))
+        return ((0, backing.encode()),), size
+
+    monkeypatch.setattr(disks, "overlay_image", overlay_image)
+    parts = SimpleNamespace(delete=None, scratch=None)
+    fd = disks.FileDisks(cast(Any, SimpleNamespace()), cast(Any, parts), {}, cast(Any, None))
+    asks = [("/p/e1", 1 << 20), ("/p/e1", 2 << 20), ("/p/e2", 1 << 20)] * 8
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(lambda a: fd._overlay_image(*a), asks))
+    assert sorted(made) == sorted(set(asks))
+    assert got == [(((0, b.encode()),), s) for b, s in asks]
+    # A long-running loop keeps a bounded number of them: past it, they are made afresh.
+    monkeypatch.setattr(disks, "OVERLAYS_KEPT", 3)
+    made.clear()
+    for ask in [("/p/e3", 1 << 20), ("/p/e1", 1 << 20)]:
+        fd._overlay_image(*ask)
+    assert made == [("/p/e3", 1 << 20), ("/p/e1", 1 << 20)]
 
 
 def test_two_processes_one_fetch(env: Env, server: ImageServer, images: Path) -> None:

@@ -1,7 +1,8 @@
 """File pools (libvirt `dir`, `fs`, `netfs`) serving the `flat`, `qcow2` and `ploop` backends:
 the driver's face, which the layers above drivers/ call (drivers/api.py's ManagingDriver).
 
-Volumes are created through libvirt with their format stated in the volume XML, and filled
+Volumes are created through libvirt with their format stated in the volume XML (a plain
+qcow2 overlay as a raw volume, then written with an overlay's bytes: file/disks.py), and filled
 by mkfs or `qemu-img convert` run with explicit formats on a file descriptor opened with
 O_NOFOLLOW. Nothing is ever probed: a volume's format, size and backing come from its record.
 
