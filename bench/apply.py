@@ -8,8 +8,11 @@ In one run, on one private libvirtd (started and stopped here):
               cache entry made (mkfs, once), then 500 overlays, each with its record written
               before and after, its volume lock, planning and observation included;
   baseline    the same 500 overlays on an identical entry through bare libvirt
-              createXML calls in a sequential loop (what the reconciler does, minus
-              everything else), into an emptied pool;
+              createXML calls in a sequential loop (the plain libvirt way to make them:
+              libvirtd runs one qemu-img per overlay), into an emptied pool. The
+              reconciler no longer asks libvirt for qcow2 overlays: it has libvirt make a
+              raw volume and writes the overlay's bytes, made once a run by qemu-img
+              (drivers/file/disks.py, overlay_image);
               the two alternate in --apply-rounds rounds (ABBA: odd rounds reversed), each
               side's median and range reported, the ratio of the medians judged;
   no-op       `reconcile` run again right after: it must plan nothing. Then --rounds
