@@ -32,8 +32,7 @@ from typing import Any
 
 from reconciler import __version__
 from reconciler.drivers.ingest import headers
-from reconciler.model.errors import InputError
-from reconciler.schema.readfile import read_regular
+from reconciler.schema.speed.owncache import read_own
 from reconciler.util.logs import get_logger
 from reconciler.util.statedir import private_dir
 
@@ -72,20 +71,9 @@ class HeaderCache:
         self.entries: dict[str, Any] = {}
         self.fresh: dict[str, list[Any]] = {}
         self.dirty = False
-        try:
-            read = read_regular(str(path), limit=MAX_BYTES)
-        except InputError as e:
-            if os.path.lexists(path):
-                log.warning("header_cache.ignored", path=str(path), why=e.message)
+        read = read_own(path, limit=MAX_BYTES, event="header_cache")
+        if read is None:
             return  # missing or unusable: it is only a cache
-        st = read.stat
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            log.warning(
-                "header_cache.ignored",
-                path=str(path),
-                why=f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}",
-            )
-            return
         try:
             doc = json.loads(read.data)
             if (

@@ -22,15 +22,12 @@ gains nothing and keeps its state directory as it was.
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from pathlib import Path
 
 import pydantic_core
 
 from reconciler import __version__
-from reconciler.model.errors import InputError
-from reconciler.schema.readfile import read_regular
+from reconciler.schema.speed.owncache import read_own
 from reconciler.util.logs import get_logger
 
 log = get_logger(__name__)
@@ -78,20 +75,9 @@ class CheckedRows:
         self.fingerprint = _fingerprint()
         self.known: frozenset[bytes] = frozenset()
         self.seen: set[bytes] = set()
-        try:
-            read = read_regular(str(path), limit=MAX_BYTES)
-        except InputError as e:
-            if os.path.lexists(path):
-                log.warning("checked_rows.ignored", path=str(path), why=e.message)
+        read = read_own(path, limit=MAX_BYTES, event="checked_rows")
+        if read is None:
             return  # missing or unusable: it is only a cache
-        st = read.stat
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            log.warning(
-                "checked_rows.ignored",
-                path=str(path),
-                why=f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}",
-            )
-            return
         data = read.data
         head = len(MAGIC) + DIGEST
         if (

@@ -27,7 +27,6 @@ import hashlib
 import json
 import marshal
 import os
-import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,6 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from reconciler import __version__
-from reconciler.model.errors import InputError
 from reconciler.schema.bounded import load_json
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.manifest import (
@@ -50,7 +48,7 @@ from reconciler.schema.manifest import (
     TemplateKind,
     TemplateSource,
 )
-from reconciler.schema.readfile import read_regular
+from reconciler.schema.speed.owncache import read_own
 from reconciler.util.logs import get_logger
 from reconciler.util.statedir import private_dir
 
@@ -273,22 +271,11 @@ class ManifestCache:
         self.fresh: dict[str, list[Any]] = {}  # the entries used (as read) or added (dumps)
         self._added: set[str] = set()
         self.dirty = False
-        try:
-            read = read_regular(str(path), limit=MAX_CACHE_BYTES)
-        except InputError as e:
-            if os.path.lexists(path):
-                log.warning("manifest_cache.ignored", path=str(path), why=e.message)
-            return  # missing or unusable: it is only a cache
-        st = read.stat
         # Its entries are trusted as validated manifests: only a file this process's user
         # owns and nobody else can write is read (the state directory is 0700 as well).
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            log.warning(
-                "manifest_cache.ignored",
-                path=str(path),
-                why=f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}",
-            )
-            return
+        read = read_own(path, limit=MAX_CACHE_BYTES, event="manifest_cache")
+        if read is None:
+            return  # missing or unusable: it is only a cache
         try:
             # Bounded in size and UTF-8 (bounded.load_json; UnsafeInput is a ValueError).
             # The file is this user's own and private (above), so its nesting is not
