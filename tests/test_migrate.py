@@ -308,41 +308,6 @@ def test_a_retain_rename_cut_between_link_and_unlink_is_finished(
     assert other.read_bytes() == b"\x42" * 4096 and content(kept, "raw", tmp_path) == want
 
 
-def test_a_move_to_another_pool_is_two_durable_commits(
-    pools: Pools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Both pools' records are in the host's database: `copying`, then `switched` with
-    the disk's record at the new location in one commit (no third); the old record's
-    removal is a completion, made durable by the run's closing sync."""
-    from reconciler.drivers.host.store import SqliteRecordStore
-
-    env = two_pools(pools, tmp_path)
-    inst = env.manifest("vm", [disk("d", size="16MiB")])
-    apply_ok(env)
-    vol = env.volume(inst, "d")
-    write_pattern(vol, "raw")
-    want = content(vol, "raw", tmp_path)
-    migrate_once(env, "vm", inst, disk("d", size="16MiB", pool="fast"))
-    before = record(env, "local", vol.name)
-    assert before is not None
-    gen = before.generation
-    written: list[list[tuple[str, str, int]]] = []
-    real_put_many = SqliteRecordStore.put_many
-
-    def put_many(self: SqliteRecordStore, writes: Any, *, durable: bool = True) -> None:
-        if durable:
-            written.append([(r.pool, r.volume, r.generation) for r, _ in writes])
-        real_put_many(self, writes, durable=durable)
-
-    monkeypatch.setattr(SqliteRecordStore, "put_many", put_many)
-    apply_ok(env)
-    monkeypatch.undo()
-    name = vol.name
-    assert written == [[("local", name, gen + 1)], [("local", name, gen + 2), ("fast", name, 1)]]
-    assert not vol.exists() and record(env, "local", name) is None
-    assert content(env.volume(inst, "d", "fast"), "raw", tmp_path) == want
-
-
 def test_retain_to_another_pool_keeps_the_old_volume(pools: Pools, tmp_path: Path) -> None:
     env = two_pools(pools, tmp_path)
     inst = env.manifest("vm", [disk("d", size="16MiB", policy="Retain")])
@@ -387,10 +352,10 @@ def test_a_disk_a_domain_uses_is_not_migrated(pools: Pools, tmp_path: Path) -> N
 def test_a_domain_defined_while_the_copy_is_made_keeps_the_disk_where_it_is(
     pools: Pools, tmp_path: Path
 ) -> None:
-    """A move to another pool of the host's database switches and moves the record in one
-    commit; a domain defined while the copy was made (after the check that began the
-    migration) stops it before that commit: the record stays at the old pool, `copying`,
-    the old volume untouched, and the migration is made once the domain is gone."""
+    """A domain defined while the copy was made (after the check that began the
+    migration) stops the move before the record moves: the record stays at the old pool,
+    `switched`, no record at the new one, the old volume untouched; the migration is
+    finished once the domain is gone."""
     env = two_pools(pools, tmp_path)
     first = env.manifest("first", [disk("d", size="8MiB")])
     second = env.manifest("second", [disk("d", size="8MiB")])
@@ -425,7 +390,7 @@ def test_a_domain_defined_while_the_copy_is_made_keeps_the_disk_where_it_is(
         assert "it is used by domain(s) late-" in out, out + err
         rec = record(env, "local", vol.name)
         assert rec is not None and rec.migration is not None
-        assert rec.migration.phase.value == "copying"
+        assert rec.migration.phase.value == "switched"
         assert record(env, "fast", vol.name) is None
         assert content(vol, "raw", tmp_path) == want
     finally:

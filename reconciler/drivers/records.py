@@ -316,20 +316,6 @@ class Records:
     ) -> None:
         self.store_for(record.pool).put(record, expect_generation, durable=durable)
 
-    def one_commit(self, pools: Iterable[str]) -> bool:
-        """Whether the records of all `pools` can be written in one transaction
-        (put_many): all are kept in the host's database."""
-        return all(self.store_for(p) is self.local for p in pools)
-
-    def put_many(
-        self, writes: Sequence[tuple[DiskRecord, int | None]], *, durable: bool = True
-    ) -> None:
-        """put() of each (record, expected generation) in one transaction, all or none;
-        only where one_commit() of their pools says so."""
-        if not self.one_commit(r.pool for r, _ in writes):
-            raise AssertionError("put_many of records that are not all in the host's database")
-        self.local.put_many(writes, durable=durable)
-
     def delete(
         self, pool: str, volume: str, expect_generation: int, *, durable: bool = True
     ) -> None:

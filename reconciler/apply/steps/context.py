@@ -12,7 +12,7 @@ its volume) lazily, made durable by the executor's sync at the end of the run
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -55,15 +55,6 @@ class RecordWriter:
     def add(self, new: DiskRecord, expect: int | None, *, durable: bool = True) -> None:
         """Write a record made whole (`expect`: the generation it replaces, None if none)."""
         self._records.put(new, expect, durable=durable)
-
-    def one_commit(self, *pools: str) -> bool:
-        """Whether records of all `pools` can be written together (write_together)."""
-        return self._records.one_commit(pools)
-
-    def write_together(self, writes: Sequence[tuple[DiskRecord, int | None]]) -> None:
-        """Write each (record, the generation it replaces, None if none) in one durable
-        commit: all of them or none, even across a power cut (only where one_commit())."""
-        self._records.put_many(writes)
 
     def remove(self, rec: DiskRecord, *, durable: bool = True) -> None:
         self._records.delete(rec.pool, rec.volume, rec.generation, durable=durable)

@@ -6,12 +6,10 @@ step is written down before it is taken:
   record: migration `copying` (durable) -> copy made empty -> data copied (qemu-img convert
   with both formats named, or the target driver's own path) -> copy made durable ->
   compared (qemu-img compare, both formats named; a raw file and its raw copy, both files
-  of this host, byte for byte in this process) -> record: migration `switched` (durable;
-  to another pool whose records are in the same database, in one commit with the disk's
-  record at the new location, once no domain is found using the old volume) -> same
-  pool: the old volume renamed away (Retain) or replaced by the copy in one rename;
-  another pool: the record written at the new location, if not with `switched` -> old
-  volume removed (Delete) or released (Retain) -> old record removed.
+  of this host, byte for byte in this process) -> record: migration `switched` (durable)
+  -> same pool: the old volume renamed away (Retain) or replaced by the copy in one
+  rename; another pool: the record written at the new location -> old volume removed
+  (Delete) or released (Retain) -> old record removed.
 
 So a SIGKILL anywhere leaves, for the next run, either `copying` (the old volume is the
 disk; the partial copy is removed and made again, or removed for good where the manifest
@@ -23,26 +21,12 @@ Window by window (the fault points' names in brackets):
     renamed away or replaced next time ([volume.retained]: the old one kept under its
     retained name, the copy not yet at the disk's name; [volume.switched]: the copy at the
     disk's name) and the record written `ready` ([record.ready]).
-  - [record.switched], another pool: where both pools' records are in the host's
-    database (file and LVM pools), the record at the new location was written in the
-    same commit; elsewhere (an rbd pool keeps its own) it is written next time
-    ([record.moved], durable). Then the old volume removed (Delete) and the old record
+  - [record.switched], another pool: the record at the new location is written next time
+    ([record.moved], durable), then the old volume removed (Delete) and the old record
     removed ([record.deleted]); between those two records name the disk, the old one
     `switched` and pointing at the new one, so nothing is claimed twice.
   - A failed copy or compare (not a crash) is rolled back at once: the copy removed, the
     migration forgotten ([record.ready]).
-A power cut leaves what a SIGKILL at the last durable write would: every intent above
-(`copying`, `switched`, the record at the new location) is committed and its WAL
-fdatasynced (drivers/host/store.py) before the step after it acts, and the copy is fsynced
-(finish_copy, awaited) before `switched` is written. The one commit of `switched` and the
-new location's record is one SQLite transaction: recovery replays a transaction from the
-WAL only up to a whole commit frame (checksummed, chained to the frames before it), so it
-brings back both records or neither. Neither: `copying`, the copy made again, as after a
-kill at [volume.verified]. Both: old `switched` and new `ready`, as after a kill at
-[record.moved] when they were two commits; the state in between (`switched`, no record at
-the new location), which a store of the pool's own still passes through, is finished the
-same way. Completions (`ready`, the old record removed) are lazy: lost, they leave the
-intent before them, whose step the next run finishes again (a volume gone already is fine).
 Never both lost (the old volume goes only after the switch is durable), never both claimed
 (one record names both until the old one is gone). The old disk's cache entry stays in its
 record (`backing`) until the old volume is gone, so `cache gc` cannot take it from under
@@ -193,8 +177,11 @@ class Migrator:
             except BaseException:
                 self._abandon(rec, mig, quiet=True)
                 raise
-            rec, checked = self._switch(src, rec, mig)
-            return self._finish(rec, checked=checked)
+            rec = self.records.change(
+                rec, migration=mig.model_copy(update={"phase": MigrationPhase.SWITCHED})
+            )
+            faults.point("record.switched")
+            src.keep_record_copy(rec)
         return self._finish(rec)
 
     # -- the steps --------------------------------------------------------------------
@@ -522,50 +509,24 @@ class Migrator:
             log.warning("migrate.rollback_failed", volume=rec.volume, error=str(e))
         return rec
 
-    def _switch(
-        self, src: ManagingDriver, rec: DiskRecord, mig: Migration
-    ) -> tuple[DiskRecord, bool]:
-        """The copy (durable, equal) made the disk: the record `switched`, durably. To
-        another pool whose records are in the same database as the old one's, that
-        record and the disk's record at the new location are one commit (one fdatasync
-        where there were two); see the module docstring for what a power cut leaves.
-        That commit moves the disk's record, so no domain may use the old volume then
-        (_finish's check, made here first: a domain defined while the copy was made
-        leaves the record `copying`, the disk where its domain has it). Returns the
-        record and whether that check was just made."""
-        switched = rec.model_copy(
-            update={
-                "migration": mig.model_copy(update={"phase": MigrationPhase.SWITCHED}),
-                "generation": rec.generation + 1,
-            }
-        )
-        if (
-            mig.pool != rec.pool
-            and self.records.one_commit(rec.pool, mig.pool)
-            and self.records.get(*mig.target()) is None
-        ):
-            checked = mig.spec.get("deletionPolicy") == "Retain" or not src.volume_exists(
-                rec.volume
-            )
-            if not checked:
-                self._check_unused(src, rec)
-            claimed = self._target_record(switched, _layout(mig))
-            self.records.write_together([(switched, rec.generation), (claimed, None)])
-            checked = True
-        else:
-            self.records.add(switched, rec.generation)
-            checked = False
-        faults.point("record.switched")
-        src.keep_record_copy(switched)
-        return switched, checked
-
-    def _finish(self, rec: DiskRecord, *, checked: bool = False) -> str:
-        """The switched migration finished; `checked`: _switch has just found no domain
-        using the old volume (and moved the record), so that is not asked again."""
+    def _finish(self, rec: DiskRecord) -> str:
         mig = rec.migration
         assert mig is not None and mig.phase is MigrationPhase.SWITCHED
         retain = mig.spec.get("deletionPolicy") == "Retain"
-        layout = _layout(mig)
+        layout: dict[str, Any] = {
+            "backend": mig.backend,
+            "format": mig.format,
+            "virtual_size": mig.virtual_size,
+            "spec": dict(mig.spec),
+            "source": dict(mig.spec["source"]),
+            "backing": None,  # a copy is standalone (flattened)
+            "migration": None,
+            "schema_version": RECORD_SCHEMA_VERSION,
+            "state": RecordState.READY,
+            "pending_size": None,
+            "preallocation": mig.preallocation,  # the copy is the disk, as it was made
+            "encryption": mig.encryption,
+        }
         dst = self.driver(mig.pool)
         if mig.pool == rec.pool:
             if dst.volume_exists(mig.volume):  # not renamed yet
@@ -585,7 +546,7 @@ class Migrator:
             dst.keep_record_copy(new)
         else:
             src = self.driver(rec.pool)
-            if not checked and not retain and src.volume_exists(rec.volume):
+            if not retain and src.volume_exists(rec.volume):
                 # Before the record moves: a domain defined since the copy began keeps its
                 # disk, and the disk stays where that domain's definition says it is.
                 self._check_unused(src, rec)
@@ -616,17 +577,9 @@ class Migrator:
 
     def _claim_target(self, rec: DiskRecord, layout: dict[str, Any]) -> DiskRecord:
         """The record at the new location, written (durably, before the old volume goes)."""
-        new = self._target_record(rec, layout)
-        self.records.add(new, None)
-        faults.point("record.moved")
-        return new
-
-    @staticmethod
-    def _target_record(rec: DiskRecord, layout: dict[str, Any]) -> DiskRecord:
-        """The disk's record at the new location: the copy, ready."""
         mig = rec.migration
         assert mig is not None
-        return DiskRecord(
+        new = DiskRecord(
             kind=RecordKind.DISK,
             pool=mig.pool,
             volume=mig.final_volume,
@@ -635,6 +588,9 @@ class Migrator:
             generation=1,
             **layout,
         )
+        self.records.add(new, None)
+        faults.point("record.moved")
+        return new
 
 
 def drop_partial_copy(ctx: StepContext, rec: DiskRecord) -> None:
@@ -660,24 +616,6 @@ def _same_source(a: Secrets, b: Secrets) -> bool:
     if a.source is None or b.source is None:
         return a.source is None and b.source is None
     return type(a.source) is type(b.source) and vars(a.source) == vars(b.source)
-
-
-def _layout(mig: Migration) -> dict[str, Any]:
-    """The fields of the disk's record once the copy is the disk."""
-    return {
-        "backend": mig.backend,
-        "format": mig.format,
-        "virtual_size": mig.virtual_size,
-        "spec": dict(mig.spec),
-        "source": dict(mig.spec["source"]),
-        "backing": None,  # a copy is standalone (flattened)
-        "migration": None,
-        "schema_version": RECORD_SCHEMA_VERSION,
-        "state": RecordState.READY,
-        "pending_size": None,
-        "preallocation": mig.preallocation,  # the copy is the disk, as it was made
-        "encryption": mig.encryption,
-    }
 
 
 def _host_files(src: ManagingDriver, rec: DiskRecord, dst: ManagingDriver, mig: Migration) -> bool:

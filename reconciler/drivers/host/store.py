@@ -436,32 +436,23 @@ class SqliteRecordStore:
         self, record: DiskRecord, expect_generation: int | None, *, durable: bool = True
     ) -> None:
         """Write `record`; `expect_generation` None means it must not exist yet."""
-        self.put_many([(record, expect_generation)], durable=durable)
-
-    def put_many(
-        self, writes: Sequence[tuple[DiskRecord, int | None]], *, durable: bool = True
-    ) -> None:
-        """put() of each (record, expected generation) in one transaction: every record
-        is written, or (a ConflictError, any fault) none is; a durable one is one commit
-        and one fdatasync, after which all of them are durable together."""
-        rows = [(r, expect, r.model_dump_json()) for r, expect in writes]
+        data = record.model_dump_json()
         with self._tx(durable) as db:
-            for record, expect_generation, data in rows:
-                row = db.execute(
-                    "SELECT generation FROM records WHERE pool=? AND volume=?",
-                    (record.pool, record.volume),
-                ).fetchone()
-                current = None if row is None else int(row[0])
-                if current != expect_generation:
-                    raise ConflictError(
-                        f"record {record.pool}/{record.volume} is at generation {current}, "
-                        f"expected {expect_generation}: another reconciler changed it"
-                    )
-                db.execute(
-                    "INSERT OR REPLACE INTO records (pool, volume, instance, generation, data) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (record.pool, record.volume, record.instance, record.generation, data),
+            row = db.execute(
+                "SELECT generation FROM records WHERE pool=? AND volume=?",
+                (record.pool, record.volume),
+            ).fetchone()
+            current = None if row is None else int(row[0])
+            if current != expect_generation:
+                raise ConflictError(
+                    f"record {record.pool}/{record.volume} is at generation {current}, "
+                    f"expected {expect_generation}: another reconciler changed it"
                 )
+            db.execute(
+                "INSERT OR REPLACE INTO records (pool, volume, instance, generation, data) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (record.pool, record.volume, record.instance, record.generation, data),
+            )
 
     def delete(
         self, pool: str, volume: str, expect_generation: int, *, durable: bool = True
