@@ -7,6 +7,7 @@ from pathlib import Path
 
 from reconciler.diff.desired import build_desired
 from reconciler.model import Desired, Observed, ObservedPool
+from reconciler.model.naming import volume_name
 from reconciler.model.record import DiskRecord, RecordState
 from reconciler.schema.common import Backend, DiskFormat
 from reconciler.schema.config import Config
@@ -65,6 +66,33 @@ def record_for(
         state=state,
         pending_size=pending_size,
         generation=generation,
+    )
+
+
+def blank_raw_record(instance: str, disk: str) -> DiskRecord:
+    """The READY record of a 1 MiB flat raw blank disk in pool `local`, as apply writes it."""
+    size = 1 << 20
+    spec = {
+        "name": disk,
+        "backend": "flat",
+        "pool": "local",
+        "format": "raw",
+        "size": size,
+        "source": {"template": "blank"},
+        "deletionPolicy": "Delete",
+    }
+    return DiskRecord(
+        backend=Backend.FLAT,
+        pool="local",
+        volume=volume_name(instance, disk),
+        instance=instance,
+        disk=disk,
+        format=DiskFormat.RAW,
+        virtual_size=size,
+        spec=spec,
+        source={"template": "blank"},
+        state=RecordState.READY,
+        generation=1,
     )
 
 

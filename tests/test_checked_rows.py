@@ -12,36 +12,14 @@ import pytest
 from reconciler.drivers.host import checked, store
 from reconciler.drivers.host.store import SqliteRecordStore, open_store
 from reconciler.model.naming import volume_name
-from reconciler.model.record import DiskRecord, RecordState
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.model.record import DiskRecord
+from tests.helpers import blank_raw_record
 
 INSTANCE = "00000000-0000-0000-0000-000000000001"
 
 
 def record(disk: str) -> DiskRecord:
-    size = 1 << 20
-    spec = {
-        "name": disk,
-        "backend": "flat",
-        "pool": "local",
-        "format": "raw",
-        "size": size,
-        "source": {"template": "blank"},
-        "deletionPolicy": "Delete",
-    }
-    return DiskRecord(
-        backend=Backend.FLAT,
-        pool="local",
-        volume=volume_name(INSTANCE, disk),
-        instance=INSTANCE,
-        disk=disk,
-        format=DiskFormat.RAW,
-        virtual_size=size,
-        spec=spec,
-        source={"template": "blank"},
-        state=RecordState.READY,
-        generation=1,
-    )
+    return blank_raw_record(INSTANCE, disk)
 
 
 @pytest.fixture

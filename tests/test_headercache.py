@@ -18,40 +18,17 @@ from reconciler.drivers.file.pool import FilePoolDriver
 from reconciler.drivers.file.volumes import PoolInfo
 from reconciler.drivers.host.libvirt import Connections
 from reconciler.drivers.ingest.headers import file_header
-from reconciler.model.naming import volume_name
 from reconciler.model.observed import ObservedPool
-from reconciler.model.record import DiskRecord, RecordState
-from reconciler.schema.common import Backend, DiskFormat
+from reconciler.model.record import DiskRecord
 from reconciler.schema.config import PoolConfig
+from tests.helpers import blank_raw_record
 
 INSTANCE = "00000000-0000-0000-0000-000000000001"
 QCOW2_HEADER = b"QFI\xfb\x00\x00\x00\x03" + b"\x00" * 96
 
 
 def raw_record(disk: str) -> DiskRecord:
-    size = 1 << 20
-    spec = {
-        "name": disk,
-        "backend": "flat",
-        "pool": "local",
-        "format": "raw",
-        "size": size,
-        "source": {"template": "blank"},
-        "deletionPolicy": "Delete",
-    }
-    return DiskRecord(
-        backend=Backend.FLAT,
-        pool="local",
-        volume=volume_name(INSTANCE, disk),
-        instance=INSTANCE,
-        disk=disk,
-        format=DiskFormat.RAW,
-        virtual_size=size,
-        spec=spec,
-        source={"template": "blank"},
-        state=RecordState.READY,
-        generation=1,
-    )
+    return blank_raw_record(INSTANCE, disk)
 
 
 @pytest.fixture
