@@ -22,6 +22,7 @@ fingerprint), is ignored. Losing it costs one run its speed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ FORMATS = frozenset(
 )
 
 
+@functools.cache  # once a process: the code that runs, not what is on disk later
 def _fingerprint() -> str:
     h = hashlib.sha256(__version__.encode())
     h.update(Path(headers.__file__).read_bytes())

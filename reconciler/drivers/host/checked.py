@@ -21,6 +21,7 @@ gains nothing and keeps its state directory as it was.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -49,6 +50,7 @@ _SOURCES = (
 )
 
 
+@functools.cache  # once a process: the code that runs, not what is on disk later
 def _fingerprint() -> bytes:
     h = hashlib.sha256(__version__.encode() + b"\0" + pydantic_core.__version__.encode())
     package = Path(__file__).resolve().parent.parent.parent  # reconciler/

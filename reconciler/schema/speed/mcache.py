@@ -23,6 +23,7 @@ write, in the 0700 state directory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import marshal
@@ -59,6 +60,7 @@ MAX_CACHE_BYTES = 1 << 30  # some 2 million manifests: far past any host
 Key = tuple[int, int, int, int, int]
 
 
+@functools.cache  # once a process: the code that runs, not what is on disk later
 def _fingerprint() -> str:
     h = hashlib.sha256(__version__.encode())
     package = Path(__file__).resolve().parent.parent.parent  # reconciler/
